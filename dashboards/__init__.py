@@ -1,0 +1,1 @@
+"""Versioned dashboard definitions (SQL per panel + layout)."""

@@ -1,0 +1,1 @@
+"""The ingress gateway: WebSocket and REST door for clients, publishing to Kafka."""

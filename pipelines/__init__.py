@@ -1,0 +1,1 @@
+"""How imstream processes are assembled and operated: settings, the CLI, the local stack."""

@@ -1,0 +1,188 @@
+"""The ``imstream`` command: the operator's entry point to every process and tool."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from pipelines.settings import Settings
+from pipelines.stack.errors import StackError
+from pipelines.stack.manager import LocalStack, ServiceState, ServiceStatus
+from pipelines.stack.process import last_lines
+
+app = typer.Typer(
+    help="imstream: an instant-messaging backend built as a stream-processing pipeline on Kafka.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+stack_app = typer.Typer(help="The embedded local stack: Kafka, Cassandra and ClickHouse (chDB).")
+app.add_typer(stack_app, name="stack")
+
+
+class ProgressLine:
+    """One updating line on a terminal; on a pipe, a line at most every few seconds."""
+
+    def __init__(self, min_interval: float = 3.0) -> None:
+        self.tty = sys.stderr.isatty()
+        self.min_interval = min_interval
+        self.last_emit = 0.0
+        self.pending: str | None = None
+        self.width = 0
+
+    def __call__(self, text: str) -> None:
+        transient = text.startswith("fetching ") and ":" in text
+        if self.tty:
+            padding = " " * max(0, self.width - len(text))
+            end = "" if transient else "\n"
+            sys.stderr.write(f"\r{text}{padding}{end}")
+            sys.stderr.flush()
+            self.width = len(text) if transient else 0
+            return
+        now = time.monotonic()
+        if transient and now - self.last_emit < self.min_interval:
+            self.pending = text
+            return
+        self.pending = None
+        self.last_emit = now
+        typer.echo(text, err=True)
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as error:
+        problems = "; ".join(
+            f"IM_{'__'.join(str(part).upper() for part in problem['loc'])}: {problem['msg']}"
+            for problem in error.errors()
+        )
+        typer.echo(f"error: [settings-invalid] {problems}", err=True)
+        raise typer.Exit(2) from error
+
+
+def fail(error: StackError) -> typer.Exit:
+    typer.echo(f"error: {error}", err=True)
+    return typer.Exit(1)
+
+
+def _megabytes(value: int | None) -> str:
+    return "-" if value is None else f"{value / 1_048_576:.0f} MB"
+
+
+def render_statuses(statuses: list[ServiceStatus]) -> str:
+    header = ("SERVICE", "STATE", "ENDPOINT", "PID", "RSS", "DATA", "LOG")
+    rows = [header]
+    for status in statuses:
+        rows.append(
+            (
+                status.name,
+                status.state.value,
+                status.endpoint,
+                ",".join(map(str, status.pids)) or "-",
+                _megabytes(status.rss_bytes),
+                str(status.data_path) if status.data_path else "-",
+                str(status.log_path) if status.log_path else "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
+    details = [f"  {status.name}: {status.detail}" for status in statuses if status.detail]
+    return "\n".join([*lines, *details])
+
+
+@stack_app.command("up")
+def stack_up() -> None:
+    """Start Kafka and Cassandra (fetching their jars on first use) and check ClickHouse."""
+    settings = load_settings()
+    began = time.monotonic()
+    try:
+        statuses = LocalStack(settings, progress=ProgressLine()).up()
+    except StackError as error:
+        raise fail(error) from error
+    typer.echo(render_statuses(statuses))
+    typer.echo(f"stack up in {time.monotonic() - began:.1f}s (state dir {settings.stack.state_dir})")
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop every process the stack started; nothing of it is left running."""
+    settings = load_settings()
+    for line in LocalStack(settings).down():
+        typer.echo(line)
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Show up/down per service; exits 1 when any service is not up."""
+    settings = load_settings()
+    statuses = LocalStack(settings).status()
+    typer.echo(render_statuses(statuses))
+    if any(status.state is not ServiceState.UP for status in statuses):
+        raise typer.Exit(1)
+
+
+@stack_app.command("logs")
+def stack_logs(
+    service: Annotated[str, typer.Argument(help="kafka or cassandra")],
+    lines: Annotated[int, typer.Option("--lines", "-n", help="how many lines to show")] = 50,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new lines")] = False,
+) -> None:
+    """Print the last lines of a service's log (ClickHouse runs in-process and has none)."""
+    settings = load_settings()
+    try:
+        log_path = LocalStack(settings).server(service).log_path
+    except KeyError as error:
+        typer.echo(f"error: [unknown-service] {error.args[0]}", err=True)
+        raise typer.Exit(2) from error
+    for line in last_lines(log_path, lines):
+        typer.echo(line)
+    if follow:
+        _follow(log_path)
+
+
+def _follow(path: Path) -> None:
+    with path.open("r", encoding="utf-8", errors="replace") as handle:
+        handle.seek(0, 2)
+        while True:
+            line = handle.readline()
+            if line:
+                typer.echo(line.rstrip("\n"))
+            else:
+                time.sleep(0.5)
+
+
+@app.command("up")
+def up() -> None:
+    """Run the main job on the local stack until Ctrl-C, then stop everything it started."""
+    settings = load_settings()
+    stack = LocalStack(settings, progress=ProgressLine())
+    try:
+        statuses = stack.up()
+    except StackError as error:
+        raise fail(error) from error
+    typer.echo(render_statuses(statuses))
+    typer.echo("imstream is up. Press Ctrl-C to stop.")
+    stopping = threading.Event()
+
+    def _request_stop(signum: int, _frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, _request_stop)
+    signal.signal(signal.SIGTERM, _request_stop)
+    while not stopping.wait(5.0):
+        down = [status.name for status in stack.status() if status.state is not ServiceState.UP]
+        if down:
+            typer.echo(f"warning: not up: {', '.join(down)}", err=True)
+    typer.echo("stopping …")
+    for line in stack.down():
+        typer.echo(line)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,65 @@
+"""How a process reaches Kafka, the CQL store and ClickHouse, built from the one settings object.
+
+These factories are the only places that turn settings into client objects, so that the stack's
+health checks, the tests and the processes connect exactly the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import clickhouse_connect
+from cassandra.auth import PlainTextAuthProvider
+from cassandra.cluster import Cluster
+from cassandra.policies import DCAwareRoundRobinPolicy
+from clickhouse_connect.driver.client import Client
+
+from pipelines.settings import Settings
+
+_kafka_log = logging.getLogger("imstream.kafka")
+
+
+def kafka_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    """Base librdkafka configuration; callers add role-specific keys (group.id, acks, …)."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": settings.kafka.bootstrap_servers,
+        "client.id": settings.kafka.client_id_prefix,
+        "logger": _kafka_log,
+    }
+    config.update(overrides)
+    return config
+
+
+def cql_cluster(settings: Settings, *, connect_timeout: float = 10.0) -> Cluster:
+    """A scylla-driver cluster object (not yet connected) for Cassandra or ScyllaDB."""
+    auth = None
+    if settings.cql.username is not None:
+        password = settings.cql.password.get_secret_value() if settings.cql.password else ""
+        auth = PlainTextAuthProvider(username=settings.cql.username, password=password)
+    return Cluster(
+        contact_points=settings.cql.contact_points,
+        port=settings.cql.port,
+        auth_provider=auth,
+        load_balancing_policy=DCAwareRoundRobinPolicy(local_dc=settings.cql.local_datacenter),
+        connect_timeout=connect_timeout,
+        control_connection_timeout=connect_timeout,
+        protocol_version=5,
+    )
+
+
+def clickhouse_client(settings: Settings) -> Client:
+    """A clickhouse-connect client: chDB in-process by default, HTTP when a server URL is set.
+
+    chDB allows one data path per process and has no async client: callers run queries through a
+    thread executor and keep to the one path that ``settings.chdb_path`` names.
+    """
+    if settings.clickhouse.url:
+        return clickhouse_connect.get_client(
+            dsn=settings.clickhouse.url,
+            username=settings.clickhouse.username,
+            password=settings.clickhouse.password.get_secret_value(),
+        )
+    path = settings.chdb_path.resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return clickhouse_connect.get_client(dsn=f"chdb://{path}")

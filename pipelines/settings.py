@@ -1,0 +1,149 @@
+"""The one settings object of imstream.
+
+Only this module reads the environment. Every variable starts with ``IM_``; nested groups use a
+double underscore, e.g. ``IM_KAFKA__BOOTSTRAP_SERVERS`` or ``IM_STACK__STATE_DIR``. Processes build a
+:class:`Settings` once at start-up and hand explicit values to the constructors they call.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Self
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Secrets that ship as defaults so that a developer can start the stack with no set-up. They are
+#: refused in any profile but ``dev``.
+PLACEHOLDER_SECRETS = frozenset({"dev-only-insecure-jwt-secret-change-me", ""})
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class Profile(StrEnum):
+    DEV = "dev"
+    TEST = "test"
+    PROD = "prod"
+
+
+class KafkaSettings(BaseModel):
+    """How every process reaches Kafka."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id_prefix: str = "imstream"
+    topic_prefix: str = ""
+    replication_factor: Annotated[int, Field(ge=1)] = 1
+
+
+class CqlSettings(BaseModel):
+    """How every process reaches the CQL store (Cassandra locally, ScyllaDB in production)."""
+
+    contact_points: list[str] = ["127.0.0.1"]
+    port: Port = 9042
+    keyspace: str = "imstream"
+    replication_factor: Annotated[int, Field(ge=1)] = 1
+    local_datacenter: str = "datacenter1"
+    username: str | None = None
+    password: SecretStr | None = None
+
+
+class ClickHouseSettings(BaseModel):
+    """Where ClickHouse lives: in-process chDB by default, a server over HTTP when ``url`` is set."""
+
+    url: str | None = None
+    database: str = "imstream"
+    username: str = "default"
+    password: SecretStr = SecretStr("")
+    chdb_path: Path | None = Field(
+        default=None,
+        description="chDB data path; defaults to <stack.state_dir>/clickhouse",
+    )
+
+
+class AuthSettings(BaseModel):
+    jwt_algorithm: str = "HS256"
+    jwt_secret: SecretStr = SecretStr("dev-only-insecure-jwt-secret-change-me")
+    jwt_public_key_path: Path | None = None
+    jwt_issuer: str = "imstream"
+    jwt_audience: str = "imstream-clients"
+
+
+class PushSettings(BaseModel):
+    apns_key_path: Path | None = None
+    apns_key_id: str | None = None
+    apns_team_id: str | None = None
+    apns_topic: str | None = None
+    apns_use_sandbox: bool = True
+    fcm_credentials_path: Path | None = None
+    fcm_project_id: str | None = None
+
+
+class IngressSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    node_id: str = "ingress-1"
+    max_frame_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024
+
+
+class StackSettings(BaseModel):
+    """The embedded local stack started by ``imstream stack up``."""
+
+    state_dir: Path = Field(default=Path(".imstream"), validate_default=True)
+    java_home: Path | None = None
+    maven_executable: str = "mvn"
+    maven_repository_url: str = "https://repo.maven.apache.org/maven2"
+    maven_local_repository: Path | None = None
+    kafka_version: str = "4.1.1"
+    kafka_controller_port: Port = 9093
+    kafka_heap: str = "512m"
+    cassandra_version: str = "5.0.6"
+    cassandra_storage_port: Port = 7000
+    cassandra_jmx_port: Port = 7199
+    cassandra_heap: str = "1g"
+    start_timeout_seconds: Annotated[float, Field(gt=0)] = 240.0
+    stop_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+    @field_validator("state_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+
+class Settings(BaseSettings):
+    """Everything imstream can be told, grouped by concern."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="IM_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    profile: Profile = Profile.DEV
+    kafka: KafkaSettings = KafkaSettings()
+    cql: CqlSettings = CqlSettings()
+    clickhouse: ClickHouseSettings = ClickHouseSettings()
+    auth: AuthSettings = AuthSettings()
+    push: PushSettings = PushSettings()
+    ingress: IngressSettings = IngressSettings()
+    stack: StackSettings = StackSettings()
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secrets(self) -> Self:
+        if self.profile is Profile.DEV:
+            return self
+        if (
+            self.auth.jwt_algorithm.startswith("HS")
+            and self.auth.jwt_secret.get_secret_value() in PLACEHOLDER_SECRETS
+        ):
+            raise ValueError(
+                f"IM_AUTH__JWT_SECRET still holds the development placeholder; profile "
+                f"'{self.profile}' needs a real secret (or IM_AUTH__JWT_ALGORITHM=RS256 with "
+                f"IM_AUTH__JWT_PUBLIC_KEY_PATH)"
+            )
+        return self
+
+    @property
+    def chdb_path(self) -> Path:
+        """The chDB data path, resolved against the stack state dir when not set explicitly."""
+        return self.clickhouse.chdb_path or self.stack.state_dir / "clickhouse"

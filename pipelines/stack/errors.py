@@ -1,0 +1,25 @@
+"""Errors an operator can cause while running the local stack, each saying what to do."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class StackErrorCode(StrEnum):
+    JAVA_MISSING = "java-missing"
+    JAVA_TOO_OLD = "java-too-old"
+    MAVEN_MISSING = "maven-missing"
+    MAVEN_FETCH_FAILED = "maven-fetch-failed"
+    PORT_IN_USE = "port-in-use"
+    BAD_ADDRESS = "bad-address"
+    HEALTH_CHECK_FAILED = "health-check-failed"
+    CLICKHOUSE_UNAVAILABLE = "clickhouse-unavailable"
+
+
+class StackError(Exception):
+    """A stack operation failed; ``str(error)`` tells the operator what happened and what to do."""
+
+    def __init__(self, code: StackErrorCode, message: str) -> None:
+        super().__init__(f"[{code}] {message}")
+        self.code = code
+        self.message = message

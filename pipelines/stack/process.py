@@ -1,0 +1,131 @@
+"""Detached server processes owned by the stack: start, find, stop — and never leave one behind.
+
+Every process gets a marker on its command line (``-Dimstream.service=<name>@<state dir>``) so that
+the stack recognises its own processes even after a lost pid file, and never signals a stranger
+that happens to have reused a pid.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def marker(name: str, state_dir: Path) -> str:
+    return f"-Dimstream.service={name}@{state_dir.resolve()}"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace")
+
+
+def find_pids(tag: str) -> list[int]:
+    """Pids of live processes whose command line carries ``tag``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and tag in _cmdline(int(entry.name)):
+            state = _proc_state(int(entry.name))
+            if state not in {"Z", "X", ""}:
+                pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return status.rsplit(")", 1)[-1].split()[0]
+
+
+def rss_bytes(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def start_detached(command: Sequence[str], *, cwd: Path, log_path: Path) -> int:
+    """Start ``command`` in its own session with output appended to ``log_path``; return its pid."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            list(command),
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return process.pid
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return _proc_state(pid) not in {"Z", "X", ""}
+
+
+def reap(pid: int) -> None:
+    """Collect ``pid`` if it is our child, so it does not linger as a zombie."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def stop(pids: Sequence[int], timeout: float) -> list[int]:
+    """SIGTERM ``pids``, wait up to ``timeout`` seconds, then SIGKILL; return those that were killed."""
+    for pid in pids:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in pids:
+            reap(pid)
+        if not any(is_alive(pid) for pid in pids):
+            return []
+        time.sleep(0.2)
+    killed = [pid for pid in pids if is_alive(pid)]
+    for pid in killed:
+        _signal(pid, signal.SIGKILL)
+    for pid in killed:
+        for _ in range(50):
+            reap(pid)
+            if not is_alive(pid):
+                break
+            time.sleep(0.1)
+    return killed
+
+
+def _signal(pid: int, signum: signal.Signals) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def last_lines(path: Path, count: int = 20) -> list[str]:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 64 * 1024))
+            text = handle.read().decode(errors="replace")
+    except OSError:
+        return []
+    return text.splitlines()[-count:]

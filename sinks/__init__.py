@@ -1,0 +1,1 @@
+"""Where events leave Kafka: ScyllaDB/Cassandra, ClickHouse, APNs and FCM."""

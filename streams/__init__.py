@@ -1,0 +1,1 @@
+"""Stream processors (faust-streaming agents): sequencing, dedupe, fan-out, routing."""
