@@ -91,7 +91,10 @@ def render_statuses(statuses: list[ServiceStatus]) -> str:
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        for row in rows
+    ]
     details = [f"  {status.name}: {status.detail}" for status in statuses if status.detail]
     return "\n".join([*lines, *details])
 
@@ -106,7 +109,9 @@ def stack_up() -> None:
     except StackError as error:
         raise fail(error) from error
     typer.echo(render_statuses(statuses))
-    typer.echo(f"stack up in {time.monotonic() - began:.1f}s (state dir {settings.stack.state_dir})")
+    typer.echo(
+        f"stack up in {time.monotonic() - began:.1f}s (state dir {settings.stack.state_dir})"
+    )
 
 
 @stack_app.command("down")

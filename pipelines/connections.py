@@ -11,7 +11,7 @@ from typing import Any
 
 import clickhouse_connect
 from cassandra.auth import PlainTextAuthProvider
-from cassandra.cluster import Cluster
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
 from cassandra.policies import DCAwareRoundRobinPolicy
 from clickhouse_connect.driver.client import Client
 
@@ -31,7 +31,9 @@ def kafka_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     return config
 
 
-def cql_cluster(settings: Settings, *, connect_timeout: float = 10.0) -> Cluster:
+def cql_cluster(
+    settings: Settings, *, connect_timeout: float = 10.0, request_timeout: float = 10.0
+) -> Cluster:
     """A scylla-driver cluster object (not yet connected) for Cassandra or ScyllaDB."""
     auth = None
     if settings.cql.username is not None:
@@ -41,7 +43,14 @@ def cql_cluster(settings: Settings, *, connect_timeout: float = 10.0) -> Cluster
         contact_points=settings.cql.contact_points,
         port=settings.cql.port,
         auth_provider=auth,
-        load_balancing_policy=DCAwareRoundRobinPolicy(local_dc=settings.cql.local_datacenter),
+        execution_profiles={
+            EXEC_PROFILE_DEFAULT: ExecutionProfile(
+                load_balancing_policy=DCAwareRoundRobinPolicy(
+                    local_dc=settings.cql.local_datacenter
+                ),
+                request_timeout=request_timeout,
+            )
+        },
         connect_timeout=connect_timeout,
         control_connection_timeout=connect_timeout,
         protocol_version=5,

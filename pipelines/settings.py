@@ -1,17 +1,19 @@
 """The one settings object of imstream.
 
 Only this module reads the environment. Every variable starts with ``IM_``; nested groups use a
-double underscore, e.g. ``IM_KAFKA__BOOTSTRAP_SERVERS`` or ``IM_STACK__STATE_DIR``. Processes build a
-:class:`Settings` once at start-up and hand explicit values to the constructors they call.
+double underscore, e.g. ``IM_KAFKA__BOOTSTRAP_SERVERS`` or ``IM_STACK__STATE_DIR``.
+Processes build a :class:`Settings` once at start-up and pass explicit values to
+the constructors they call.
 """
 
 from __future__ import annotations
 
+import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Self
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Secrets that ship as defaults so that a developer can start the stack with no set-up. They are
@@ -27,7 +29,13 @@ class Profile(StrEnum):
     PROD = "prod"
 
 
-class KafkaSettings(BaseModel):
+class _Group(BaseModel):
+    """A nested settings group; an unknown ``IM_GROUP__KEY`` is an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class KafkaSettings(_Group):
     """How every process reaches Kafka."""
 
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -36,7 +44,7 @@ class KafkaSettings(BaseModel):
     replication_factor: Annotated[int, Field(ge=1)] = 1
 
 
-class CqlSettings(BaseModel):
+class CqlSettings(_Group):
     """How every process reaches the CQL store (Cassandra locally, ScyllaDB in production)."""
 
     contact_points: list[str] = ["127.0.0.1"]
@@ -48,8 +56,8 @@ class CqlSettings(BaseModel):
     password: SecretStr | None = None
 
 
-class ClickHouseSettings(BaseModel):
-    """Where ClickHouse lives: in-process chDB by default, a server over HTTP when ``url`` is set."""
+class ClickHouseSettings(_Group):
+    """Where ClickHouse lives: in-process chDB by default, a server over HTTP if ``url`` is set."""
 
     url: str | None = None
     database: str = "imstream"
@@ -61,7 +69,7 @@ class ClickHouseSettings(BaseModel):
     )
 
 
-class AuthSettings(BaseModel):
+class AuthSettings(_Group):
     jwt_algorithm: str = "HS256"
     jwt_secret: SecretStr = SecretStr("dev-only-insecure-jwt-secret-change-me")
     jwt_public_key_path: Path | None = None
@@ -69,7 +77,7 @@ class AuthSettings(BaseModel):
     jwt_audience: str = "imstream-clients"
 
 
-class PushSettings(BaseModel):
+class PushSettings(_Group):
     apns_key_path: Path | None = None
     apns_key_id: str | None = None
     apns_team_id: str | None = None
@@ -79,14 +87,14 @@ class PushSettings(BaseModel):
     fcm_project_id: str | None = None
 
 
-class IngressSettings(BaseModel):
+class IngressSettings(_Group):
     host: str = "127.0.0.1"
     port: Port = 8080
     node_id: str = "ingress-1"
     max_frame_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024
 
 
-class StackSettings(BaseModel):
+class StackSettings(_Group):
     """The embedded local stack started by ``imstream stack up``."""
 
     state_dir: Path = Field(default=Path(".imstream"), validate_default=True)
@@ -127,6 +135,20 @@ class Settings(BaseSettings):
     push: PushSettings = PushSettings()
     ingress: IngressSettings = IngressSettings()
     stack: StackSettings = StackSettings()
+
+    @model_validator(mode="after")
+    def _refuse_unknown_variables(self) -> Self:
+        known = {f"IM_{name.upper()}" for name in type(self).model_fields}
+        unknown = sorted(
+            key
+            for key in os.environ
+            if key.startswith("IM_") and key.split("__", 1)[0] not in known
+        )
+        if unknown:
+            raise ValueError(
+                f"unknown setting(s) {', '.join(unknown)}; known groups: {', '.join(sorted(known))}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Self:

@@ -1,8 +1,9 @@
 """Fetching the official server jars from Maven Central with ``mvn``, cached in the state dir.
 
 A bundle (e.g. Kafka 4.1.1) is a folder ``<state>/jars/<name>-<version>/`` holding a generated
-``pom.xml``, the runtime classpath in ``libs/`` and a ``.complete`` marker. Once the marker exists the
-bundle is used as it is and Maven is not called again, so a second ``stack up`` needs no network.
+``pom.xml``, the runtime classpath in ``libs/`` and a ``.complete`` marker. Once the marker
+exists the bundle is used as it is and Maven is not called again: a second ``stack up``
+needs no network.
 """
 
 from __future__ import annotations
@@ -159,7 +160,9 @@ def _run_maven(
                 files += 1
                 size += float(match.group("size")) * _UNITS.get(match.group("unit"), 1)
                 if progress is not None:
-                    progress(f"fetching {label} jars: {files} files, {size / 1e6:.1f} MB downloaded")
+                    progress(
+                        f"fetching {label} jars: {files} files, {size / 1e6:.1f} MB downloaded"
+                    )
         code = process.wait()
     if code != 0:
         tail = log_path.read_text(encoding="utf-8").splitlines()[-15:]

@@ -7,6 +7,7 @@ that happens to have reused a pid.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -83,14 +84,12 @@ def is_alive(pid: int) -> bool:
 
 def reap(pid: int) -> None:
     """Collect ``pid`` if it is our child, so it does not linger as a zombie."""
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def stop(pids: Sequence[int], timeout: float) -> list[int]:
-    """SIGTERM ``pids``, wait up to ``timeout`` seconds, then SIGKILL; return those that were killed."""
+    """SIGTERM ``pids``, wait up to ``timeout`` seconds, then SIGKILL; return the killed ones."""
     for pid in pids:
         _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
@@ -113,10 +112,8 @@ def stop(pids: Sequence[int], timeout: float) -> list[int]:
 
 
 def _signal(pid: int, signum: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
 
 
 def last_lines(path: Path, count: int = 20) -> list[str]:

@@ -68,7 +68,7 @@ CASSANDRA_JDK17_FLAGS = (
 
 
 def loopback_port(address: str, what: str) -> int:
-    """The port of ``host:port`` when host is a loopback address; the local stack binds nothing else."""
+    """The port of ``host:port`` if host is loopback; the local stack binds nothing else."""
     host, _, port_text = address.rpartition(":")
     if "," in address or host not in {LOOPBACK, "localhost"} or not port_text.isdigit():
         raise StackError(

@@ -1,0 +1,92 @@
+"""Session fixtures over the real local stack: Kafka, Cassandra and chDB — never mocks.
+
+The stack is started once per test session if it is not already running (and left running, so that
+the next run is fast; ``.ci/run`` stops it at the end). Every test gets its own topic names,
+keyspaces and ClickHouse databases, so tests never see each other's data.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from cassandra.cluster import Session
+from clickhouse_connect.driver.client import Client
+from confluent_kafka import NewTopic
+from confluent_kafka.admin import AdminClient
+
+from pipelines.connections import clickhouse_client, cql_cluster, kafka_config
+from pipelines.settings import Settings
+from pipelines.stack.manager import LocalStack
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    return Settings()
+
+
+@pytest.fixture(scope="session")
+def local_stack(settings: Settings) -> LocalStack:
+    """The running local stack; started here when it is not up yet."""
+    stack = LocalStack(settings)
+    if not stack.is_up():
+        stack.up()
+    return stack
+
+
+@pytest.fixture
+def unique_name(request: pytest.FixtureRequest) -> str:
+    """A name no other test uses: the test's name, shortened, plus a random suffix."""
+    base = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower()).strip("_")[:30]
+    return f"t_{base}_{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def kafka_admin(local_stack: LocalStack, settings: Settings) -> AdminClient:
+    return AdminClient(kafka_config(settings))
+
+
+@pytest.fixture
+def kafka_topic(kafka_admin: AdminClient, unique_name: str) -> Iterator[str]:
+    """A fresh single-partition topic, deleted after the test."""
+    futures = kafka_admin.create_topics([NewTopic(unique_name, num_partitions=1)])
+    futures[unique_name].result(timeout=30)
+    yield unique_name
+    kafka_admin.delete_topics([unique_name])[unique_name].result(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def cql_session(local_stack: LocalStack, settings: Settings) -> Iterator[Session]:
+    cluster = cql_cluster(settings)
+    session = cluster.connect()
+    yield session
+    cluster.shutdown()
+
+
+@pytest.fixture
+def keyspace(cql_session: Session, unique_name: str) -> Iterator[str]:
+    """A fresh keyspace (replication factor 1), dropped after the test."""
+    cql_session.execute(
+        f"CREATE KEYSPACE {unique_name} WITH replication = "
+        "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+    )
+    yield unique_name
+    cql_session.execute(f"DROP KEYSPACE IF EXISTS {unique_name}")
+
+
+@pytest.fixture(scope="session")
+def clickhouse(local_stack: LocalStack, settings: Settings) -> Iterator[Client]:
+    """The one ClickHouse client of this process (chDB allows one data path per process)."""
+    client = clickhouse_client(settings)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def clickhouse_database(clickhouse: Client, unique_name: str) -> Iterator[str]:
+    """A fresh ClickHouse database, dropped after the test."""
+    clickhouse.command(f"CREATE DATABASE {unique_name}")
+    yield unique_name
+    clickhouse.command(f"DROP DATABASE IF EXISTS {unique_name}")
