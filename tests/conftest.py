@@ -14,8 +14,7 @@ from collections.abc import Iterator
 import pytest
 from cassandra.cluster import Session
 from clickhouse_connect.driver.client import Client
-from confluent_kafka import NewTopic
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from pipelines.connections import clickhouse_client, cql_cluster, kafka_config
 from pipelines.settings import Settings
