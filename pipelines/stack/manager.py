@@ -62,8 +62,18 @@ class LocalStack:
 
     def up(self) -> list[ServiceStatus]:
         """Start whatever is not running and wait until every service answers; idempotent."""
-        java: JavaRuntime | None = None
         started: dict[str, int] = {}
+        try:
+            self._start_missing(started)
+            self._wait_until_healthy(started)
+        except StackError:
+            self._stop_started(started)
+            raise
+        self._check_clickhouse()
+        return self.status()
+
+    def _start_missing(self, started: dict[str, int]) -> None:
+        java: JavaRuntime | None = None
         for server in self.servers:
             if process.find_pids(server.marker):
                 self.progress(f"{server.name}: already running")
@@ -87,9 +97,14 @@ class LocalStack:
             )
             started[server.name] = pid
             self.progress(f"{server.name}: started (pid {pid}), waiting until it answers …")
-        self._wait_until_healthy(started)
-        self._check_clickhouse()
-        return self.status()
+
+    def _stop_started(self, started: dict[str, int]) -> None:
+        """After a failed start, stop what this call started so that no process is left behind."""
+        for server in self.servers:
+            if server.name in started:
+                process.stop(
+                    process.find_pids(server.marker), self.settings.stack.stop_timeout_seconds
+                )
 
     def _wait_until_healthy(self, started: dict[str, int]) -> None:
         deadline = time.monotonic() + self.settings.stack.start_timeout_seconds
