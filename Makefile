@@ -1,0 +1,41 @@
+# imstream — the two commands the README promises, and the pieces they are made of.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install run test lint stack-up stack-down clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "imstream needs Python 3.11+, found " + sys.version.split()[0])'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --constraint constraints.txt --editable ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job on the embedded local stack (Ctrl-C stops everything it started).
+run: install
+	$(BIN)/imstream up
+
+# Lint, types, then the whole suite against the real local stack (started if it is not running).
+test: install lint
+	$(BIN)/imstream stack up
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	@if docker compose version >/dev/null 2>&1; then \
+		IM_AUTH__JWT_SECRET=x IM_CLICKHOUSE__PASSWORD=x GRAFANA_ADMIN_PASSWORD=x docker compose config --quiet; \
+	else echo "docker compose plugin not installed: compose.yaml checked by tests/test_compose.py only"; fi
+
+stack-up: install
+	$(BIN)/imstream stack up
+
+stack-down: install
+	$(BIN)/imstream stack down
+
+clean: stack-down
+	rm -rf .imstream $(VENV)

@@ -1,0 +1,89 @@
+"""compose.yaml cannot run here (no Docker engine), so this test keeps it honest instead."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from pipelines.settings import CqlSettings, KafkaSettings, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+INFRASTRUCTURE = {
+    "kafka-1",
+    "kafka-2",
+    "kafka-3",
+    "scylla-1",
+    "scylla-2",
+    "scylla-3",
+    "clickhouse",
+    "prometheus",
+    "grafana",
+}
+_REQUIRED = re.compile(r"\$\{(?P<name>[A-Z0-9_]+):\?[^}]*\}")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    loaded = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def resolved(value: str) -> str:
+    """Compose interpolation of required variables, filled with a long dummy secret."""
+    return _REQUIRED.sub(lambda _: "x" * 48, value)
+
+
+def imstream_environment(compose: dict[str, Any]) -> dict[str, str]:
+    return {key: resolved(str(value)) for key, value in compose["x-imstream-env"].items()}
+
+
+def test_every_infrastructure_service_is_there(compose: dict[str, Any]) -> None:
+    assert set(compose["services"]) >= INFRASTRUCTURE
+
+
+def test_im_variables_are_valid_settings(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    environment = imstream_environment(compose)
+    assert environment, "x-imstream-env must hold the processes' IM_ variables"
+    for service in compose["services"].values():
+        for key, value in (service.get("environment") or {}).items():
+            if key.startswith("IM_"):
+                environment.setdefault(key, resolved(str(value)))
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert settings.profile == "prod"
+    assert settings.kafka.replication_factor == 3
+    assert settings.cql.replication_factor == 3
+
+
+def test_addresses_and_ports_match_the_settings(compose: dict[str, Any]) -> None:
+    environment = imstream_environment(compose)
+    services = compose["services"]
+    kafka_port = int(KafkaSettings().bootstrap_servers.rsplit(":", 1)[1])
+    brokers = environment["IM_KAFKA__BOOTSTRAP_SERVERS"].split(",")
+    assert {broker.rsplit(":", 1)[0] for broker in brokers} == {"kafka-1", "kafka-2", "kafka-3"}
+    assert {int(broker.rsplit(":", 1)[1]) for broker in brokers} == {kafka_port}
+    for name in ("kafka-1", "kafka-2", "kafka-3"):
+        advertised = services[name]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+        assert advertised == f"PLAINTEXT://{name}:{kafka_port}"
+
+    contact_points = json.loads(environment["IM_CQL__CONTACT_POINTS"])
+    assert set(contact_points) == {"scylla-1", "scylla-2", "scylla-3"}
+    assert int(environment["IM_CQL__PORT"]) == CqlSettings().port
+
+    clickhouse_url = urlsplit(environment["IM_CLICKHOUSE__URL"])
+    assert clickhouse_url.hostname == "clickhouse"
+    assert f"{clickhouse_url.port}:{clickhouse_url.port}" in services["clickhouse"]["ports"]
+    assert (
+        services["clickhouse"]["environment"]["CLICKHOUSE_USER"]
+        == (environment["IM_CLICKHOUSE__USERNAME"])
+    )
