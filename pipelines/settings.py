@@ -75,6 +75,7 @@ class AuthSettings(_Group):
     jwt_public_key_path: Path | None = None
     jwt_issuer: str = "imstream"
     jwt_audience: str = "imstream-clients"
+    jwt_leeway_seconds: Annotated[float, Field(ge=0)] = 30.0
 
 
 class PushSettings(_Group):
@@ -92,6 +93,18 @@ class IngressSettings(_Group):
     port: Port = 8080
     node_id: str = "ingress-1"
     max_frame_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024
+    kafka_message_timeout_ms: Annotated[int, Field(ge=100)] = 5000
+    kafka_linger_ms: Annotated[int, Field(ge=0)] = 2
+    kafka_max_queued_messages: Annotated[int, Field(ge=1)] = 100_000
+    unavailable_retry_after_ms: Annotated[int, Field(ge=0)] = 1000
+    readyz_timeout_seconds: Annotated[float, Field(gt=0)] = 2.0
+    shutdown_flush_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+    rate_limit_per_second: Annotated[float, Field(gt=0)] = 20.0
+    rate_limit_burst: Annotated[float, Field(ge=1)] = 40.0
+    rate_limit_max_keys: Annotated[int, Field(ge=1)] = 100_000
+    outbound_queue_frames: Annotated[int, Field(ge=1)] = 256
+    idle_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    auth_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
 
 
 class StackSettings(_Group):

@@ -1,0 +1,214 @@
+"""The auth matrix: who gets in, and with which error code everybody else is refused."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from ingress.auth import AuthError, AuthErrorCode, Claims, TokenVerifier, issue_token
+
+SECRET = "test-secret-of-at-least-thirty-two-bytes"
+ISSUER = "imstream-test"
+AUDIENCE = "imstream-clients"
+TENANT = "tenant-a"
+
+
+@pytest.fixture(scope="module")
+def rsa_private_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def rsa_public_pem(rsa_private_key: rsa.RSAPrivateKey) -> bytes:
+    return rsa_private_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+@pytest.fixture
+def hs256() -> TokenVerifier:
+    return TokenVerifier(secret=SECRET, issuer=ISSUER, audience=AUDIENCE, leeway_seconds=5)
+
+
+@pytest.fixture
+def rs256(rsa_public_pem: bytes) -> TokenVerifier:
+    return TokenVerifier(
+        algorithm="RS256", public_key_pem=rsa_public_pem, issuer=ISSUER, audience=AUDIENCE
+    )
+
+
+def claims(**overrides: Any) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    payload: dict[str, Any] = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "user-1",
+        "tid": TENANT,
+        "did": "device-1",
+        "roles": ["member"],
+        "iat": now,
+        "exp": now + timedelta(minutes=5),
+    }
+    payload.update(overrides)
+    return {key: value for key, value in payload.items() if value is not None}
+
+
+def refused(verifier: TokenVerifier, token: str | None, tenant: str = TENANT) -> AuthErrorCode:
+    with pytest.raises(AuthError) as error:
+        verifier.verify(token, tenant)
+    return error.value.code
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def b64_json(payload: dict[str, Any]) -> str:
+    """A JWT segment by hand, with datetimes as NumericDate like PyJWT writes them."""
+    numeric = {
+        key: int(value.timestamp()) if isinstance(value, datetime) else value
+        for key, value in payload.items()
+    }
+    return b64(json.dumps(numeric).encode())
+
+
+def test_valid_hs256_token(hs256: TokenVerifier) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    token = issue_token(
+        SECRET,
+        user_id="user-1",
+        tenant_id=TENANT,
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        device_id="device-1",
+        roles=["member", "operator"],
+        ttl=timedelta(minutes=10),
+        now=now,
+    )
+    assert hs256.verify(token, TENANT) == Claims(
+        user_id="user-1",
+        tenant_id=TENANT,
+        device_id="device-1",
+        roles=frozenset({"member", "operator"}),
+        expires_at=now + timedelta(minutes=10),
+    )
+
+
+def test_valid_rs256_token(rs256: TokenVerifier, rsa_private_key: rsa.RSAPrivateKey) -> None:
+    token = jwt.encode(claims(did=None, roles=None), rsa_private_key, algorithm="RS256")
+    verified = rs256.verify(token, TENANT)
+    assert (verified.user_id, verified.tenant_id) == ("user-1", TENANT)
+    assert verified.device_id is None
+    assert verified.roles == frozenset()
+
+
+def test_expired_token(hs256: TokenVerifier) -> None:
+    past = datetime.now(UTC) - timedelta(hours=2)
+    token = jwt.encode(claims(iat=past, exp=past + timedelta(hours=1)), SECRET, algorithm="HS256")
+    assert refused(hs256, token) is AuthErrorCode.TOKEN_EXPIRED
+
+
+def test_expiry_within_leeway_is_tolerated(hs256: TokenVerifier) -> None:
+    just_expired = datetime.now(UTC) - timedelta(seconds=2)
+    token = jwt.encode(claims(exp=just_expired), SECRET, algorithm="HS256")
+    assert hs256.verify(token, TENANT).user_id == "user-1"
+
+
+def test_token_for_another_tenant(hs256: TokenVerifier) -> None:
+    token = jwt.encode(claims(tid="tenant-b"), SECRET, algorithm="HS256")
+    assert refused(hs256, token, tenant=TENANT) is AuthErrorCode.TENANT_MISMATCH
+    assert hs256.verify(token, "tenant-b").tenant_id == "tenant-b"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({"sub": None}, id="no-sub"),
+        pytest.param({"tid": None}, id="no-tid"),
+        pytest.param({"exp": None}, id="no-exp"),
+        pytest.param({"iss": None}, id="no-iss"),
+        pytest.param({"aud": None}, id="no-aud"),
+        pytest.param({"sub": ""}, id="empty-sub"),
+        pytest.param({"tid": ""}, id="empty-tid"),
+        pytest.param({"tid": 7}, id="numeric-tid"),
+        pytest.param({"did": ["device-1"]}, id="did-not-a-string"),
+        pytest.param({"roles": "admin"}, id="roles-not-a-list"),
+        pytest.param({"roles": ["member", 1]}, id="roles-not-strings"),
+        pytest.param({"iss": "someone-else"}, id="wrong-issuer"),
+        pytest.param({"aud": "another-service"}, id="wrong-audience"),
+        pytest.param({"iat": datetime.now(UTC) + timedelta(hours=1)}, id="issued-in-the-future"),
+    ],
+)
+def test_bad_claims_are_invalid(hs256: TokenVerifier, overrides: dict[str, Any]) -> None:
+    token = jwt.encode(claims(**overrides), SECRET, algorithm="HS256")
+    assert refused(hs256, token) is AuthErrorCode.TOKEN_INVALID
+
+
+def test_forged_signature(hs256: TokenVerifier) -> None:
+    forged = jwt.encode(claims(), "another-secret-that-is-long-enough-too!", algorithm="HS256")
+    assert refused(hs256, forged) is AuthErrorCode.TOKEN_INVALID
+
+
+def test_tampered_payload(hs256: TokenVerifier) -> None:
+    header, _payload, signature = jwt.encode(claims(), SECRET, algorithm="HS256").split(".")
+    promoted = b64_json(claims(roles=["operator"]))
+    assert refused(hs256, f"{header}.{promoted}.{signature}") is AuthErrorCode.TOKEN_INVALID
+
+
+def test_rs256_token_from_another_key(rs256: TokenVerifier) -> None:
+    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    token = jwt.encode(claims(), stranger, algorithm="RS256")
+    assert refused(rs256, token) is AuthErrorCode.TOKEN_INVALID
+
+
+def test_hs256_token_signed_with_the_rs256_public_key(
+    rs256: TokenVerifier, rsa_public_pem: bytes
+) -> None:
+    """The classic algorithm-confusion forgery: anyone holding the public key could sign this."""
+    header = b64_json({"alg": "HS256", "typ": "JWT"})
+    payload = b64_json(claims())
+    signature = hmac.new(rsa_public_pem, f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    assert refused(rs256, f"{header}.{payload}.{b64(signature)}") is AuthErrorCode.TOKEN_INVALID
+
+
+def test_unsigned_token(hs256: TokenVerifier) -> None:
+    token = jwt.encode(claims(), "", algorithm="none")
+    assert refused(hs256, token) is AuthErrorCode.TOKEN_INVALID
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        pytest.param(None, id="missing"),
+        pytest.param("", id="empty"),
+        pytest.param("garbage", id="garbage"),
+        pytest.param("a.b.c", id="three-garbage-segments"),
+        pytest.param("é.ü.ß", id="non-ascii"),
+        pytest.param("x" * 20_000, id="oversized"),
+    ],
+)
+def test_garbage_tokens_are_invalid(hs256: TokenVerifier, token: str | None) -> None:
+    assert refused(hs256, token) is AuthErrorCode.TOKEN_INVALID
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        pytest.param({"algorithm": "HS512", "secret": SECRET}, "unsupported", id="algorithm"),
+        pytest.param({"secret": None}, "needs the shared secret", id="no-secret"),
+        pytest.param({"secret": "short"}, "at least 32", id="short-secret"),
+        pytest.param({"algorithm": "RS256"}, "PEM public key", id="no-public-key"),
+    ],
+)
+def test_misconfiguration_fails_at_start_up(arguments: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TokenVerifier(issuer=ISSUER, audience=AUDIENCE, **arguments)

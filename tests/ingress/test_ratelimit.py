@@ -1,0 +1,116 @@
+"""Token buckets on an injected clock: burst, refill, retry-after and bounded memory."""
+
+from __future__ import annotations
+
+import pytest
+
+from ingress.ratelimit import TokenBucketLimiter, retry_after_ms
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def test_burst_then_refused_with_time_until_next_token(clock: FakeClock) -> None:
+    limiter = TokenBucketLimiter(rate_per_second=2, burst=3, clock=clock)
+    assert [limiter.try_acquire("device-1") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.try_acquire("device-1") == pytest.approx(0.5)
+    clock.now += 0.2
+    assert limiter.try_acquire("device-1") == pytest.approx(0.3)
+
+
+def test_refill_at_the_configured_rate_up_to_the_burst(clock: FakeClock) -> None:
+    limiter = TokenBucketLimiter(rate_per_second=10, burst=5, clock=clock)
+    for _ in range(5):
+        assert limiter.try_acquire("device-1") == 0.0
+    clock.now += 0.1
+    assert limiter.try_acquire("device-1") == 0.0
+    assert limiter.try_acquire("device-1") > 0
+    clock.now += 60  # a long pause refills to the burst, not beyond
+    assert [limiter.try_acquire("device-1") for _ in range(6)].count(0.0) == 5
+
+
+def test_refused_attempts_take_nothing(clock: FakeClock) -> None:
+    limiter = TokenBucketLimiter(rate_per_second=1, burst=1, clock=clock)
+    assert limiter.try_acquire("device-1") == 0.0
+    for _ in range(10):
+        assert limiter.try_acquire("device-1") == pytest.approx(1.0)
+    clock.now += 1.0
+    assert limiter.try_acquire("device-1") == 0.0
+
+
+def test_explicit_now_and_cost(clock: FakeClock) -> None:
+    limiter = TokenBucketLimiter(rate_per_second=4, burst=8, clock=clock)
+    assert limiter.try_acquire("device-1", now=5.0, cost=6) == 0.0
+    assert limiter.try_acquire("device-1", now=5.0, cost=4) == pytest.approx(0.5)
+    assert limiter.try_acquire("device-1", now=5.5, cost=4) == 0.0
+    with pytest.raises(ValueError, match="exceeds the burst"):
+        limiter.try_acquire("device-1", cost=9)
+
+
+def test_keys_do_not_share_tokens(clock: FakeClock) -> None:
+    limiter = TokenBucketLimiter(rate_per_second=1, burst=1, clock=clock)
+    assert limiter.try_acquire("device-1") == 0.0
+    assert limiter.try_acquire("device-1") > 0
+    assert limiter.try_acquire("device-2") == 0.0
+
+
+def test_refilled_buckets_are_evicted(clock: FakeClock) -> None:
+    limiter = TokenBucketLimiter(rate_per_second=10, burst=5, clock=clock)
+    for index in range(1000):
+        limiter.try_acquire(f"device-{index}")
+    assert len(limiter) == 1000
+    clock.now += 0.05  # 0.5 tokens back: every bucket still remembers its spent token
+    limiter.try_acquire("late-device")
+    assert len(limiter) == 1001
+    clock.now += 0.06  # the old buckets are full again and carry no information; the late one not
+    limiter.try_acquire("another-device")
+    assert len(limiter) == 2
+    assert limiter.try_acquire("late-device", cost=5) == pytest.approx(0.04)
+
+
+def test_memory_is_bounded_even_when_every_key_is_busy(clock: FakeClock) -> None:
+    limiter = TokenBucketLimiter(rate_per_second=1, burst=2, max_keys=100, clock=clock)
+    for index in range(10_000):
+        limiter.try_acquire(f"device-{index}")
+        assert len(limiter) <= 100
+    assert len(limiter) == 100
+
+
+def test_recently_used_buckets_survive_eviction(clock: FakeClock) -> None:
+    limiter = TokenBucketLimiter(rate_per_second=1, burst=1, max_keys=3, clock=clock)
+    limiter.try_acquire("flooder")
+    limiter.try_acquire("device-1")
+    limiter.try_acquire("flooder")  # refused, but marks the bucket as recently used
+    limiter.try_acquire("device-2")
+    limiter.try_acquire("device-3")  # evicts device-1, the least recently used
+    assert limiter.try_acquire("flooder") > 0
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"rate_per_second": 0, "burst": 1}, "rate_per_second"),
+        ({"rate_per_second": 1, "burst": 0.5}, "burst"),
+        ({"rate_per_second": 1, "burst": 1, "max_keys": 0}, "max_keys"),
+    ],
+)
+def test_impossible_limits_are_refused(arguments: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TokenBucketLimiter(**arguments)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "milliseconds"), [(0.0, 0), (0.0001, 1), (0.5, 500), (0.2501, 251), (2, 2000)]
+)
+def test_retry_after_is_rounded_up(seconds: float, milliseconds: int) -> None:
+    assert retry_after_ms(seconds) == milliseconds
