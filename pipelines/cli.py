@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 
-from pipelines.settings import Settings
+from pipelines.console import load_settings
 from pipelines.stack.errors import StackError
 from pipelines.stack.manager import LocalStack, ServiceState, ServiceStatus
 from pipelines.stack.process import last_lines
+from pipelines.topics_cli import topics_app
 
 app = typer.Typer(
     help="imstream: an instant-messaging backend built as a stream-processing pipeline on Kafka.",
@@ -24,6 +24,7 @@ app = typer.Typer(
 )
 stack_app = typer.Typer(help="The embedded local stack: Kafka, Cassandra and ClickHouse (chDB).")
 app.add_typer(stack_app, name="stack")
+app.add_typer(topics_app, name="topics")
 
 
 class ProgressLine:
@@ -52,18 +53,6 @@ class ProgressLine:
         self.pending = None
         self.last_emit = now
         typer.echo(text, err=True)
-
-
-def load_settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as error:
-        problems = "; ".join(
-            f"IM_{'__'.join(str(part).upper() for part in problem['loc'])}: {problem['msg']}"
-            for problem in error.errors()
-        )
-        typer.echo(f"error: [settings-invalid] {problems}", err=True)
-        raise typer.Exit(2) from error
 
 
 def fail(error: StackError) -> typer.Exit:

@@ -16,6 +16,7 @@ from cassandra.policies import DCAwareRoundRobinPolicy
 from clickhouse_connect.driver.client import Client
 
 from pipelines.settings import Settings
+from schemas.topics import KAFKA_PARTITIONER
 
 _kafka_log = logging.getLogger("imstream.kafka")
 
@@ -29,6 +30,11 @@ def kafka_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     }
     config.update(overrides)
     return config
+
+
+def kafka_producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    """Producer configuration: keys land on the partitions the Java client and faust pick."""
+    return kafka_config(settings, partitioner=KAFKA_PARTITIONER, **overrides)
 
 
 def cql_cluster(

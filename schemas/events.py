@@ -1,0 +1,622 @@
+"""Every event that crosses Kafka: one envelope, a typed payload per ``type``, one parser.
+
+An event is a fact that happened (a message was sent, a member was added), written once by the
+ingress (or a processor) and read by any number of processors and sinks, possibly years apart
+during a replay. Hence the versioning rule, which docs/events.md states for users of the schemas:
+
+* ``schema_version`` is ``"MAJOR.MINOR"``. Within a major version changes are additive only: a new
+  optional field, a new event type, a new enum value a reader may ignore. Renaming, removing or
+  re-typing a field, or tightening a limit, needs a new major version (and new topics).
+* Readers accept unknown fields (``extra="ignore"``) and serialize only the fields they know, so an
+  older reader passes a newer event on without the fields it does not understand. A reader refuses
+  an event of another major version (a ``SchemaError``; processors dead-letter it).
+
+Identifiers are bounded strings of a safe character set (no ``/``, no spaces): they become Kafka
+keys, CQL partition keys and log fields, and the ``/`` separates the parts of a composite key.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Generic, Literal, Self, TypeVar, get_args
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    NonNegativeInt,
+    PositiveInt,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError, to_json
+
+from schemas.errors import schema_error
+
+#: The version every event written by this code carries.
+SCHEMA_VERSION = "1.0"
+#: The major version this code reads; an event of another major version is refused.
+SCHEMA_MAJOR = 1
+
+MAX_ID_CHARS = 64
+MAX_NAME_CHARS = 256
+MAX_URL_CHARS = 2048
+MAX_PUSH_TOKEN_CHARS = 4096
+#: Upper bound of a message body in UTF-8 bytes: the text of a text body, the compact JSON of a
+#: custom body's ``data``. Well inside the default 64 KiB frame limit, so that a body over the
+#: limit gets ``body-too-large`` rather than ``frame-too-large``.
+MAX_BODY_BYTES = 32 * 1024
+#: How many users one event may name (a conversation created with its first members).
+MAX_MEMBERS_PER_EVENT = 1000
+
+_ID_PATTERN = r"^[A-Za-z0-9._:@+=-]+$"
+#: Namespace of the deterministic message event ids, fixed forever: changing it changes every id.
+_MESSAGE_ID_NAMESPACE = uuid.UUID("9f36bda4-9861-4cc5-b3ba-a49e2f633296")
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS, pattern=_ID_PATTERN)]
+TenantId = Id
+UserId = Id
+DeviceId = Id
+ConversationId = Id
+NodeId = Id
+ClientMsgId = Id
+EventId = Annotated[
+    str,
+    StringConstraints(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"),
+    Field(description="A UUID in canonical lower-case form (random, or derived: see message ids)"),
+]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
+Url = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_URL_CHARS, pattern=r"^https?://\S+$")
+]
+
+
+def _to_utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)
+
+
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
+
+
+def _needs_muted(muted_until: datetime | None, info: ValidationInfo) -> datetime | None:
+    if muted_until is not None and info.data.get("muted") is False:
+        raise ValueError("muted_until is only meaningful with muted=true")
+    return muted_until
+
+
+#: The end of a mute, shared by the event and the ``mute`` frame (both declare ``muted`` first).
+MutedUntil = Annotated[
+    UtcDatetime | None,
+    AfterValidator(_needs_muted),
+    Field(description="When the mute ends; null while muted means until unmuted"),
+]
+
+
+def _readable_version(value: str) -> str:
+    major = int(value.split(".", 1)[0])
+    if major != SCHEMA_MAJOR:
+        raise ValueError(
+            f"schema major version {major} cannot be read by this code, which reads "
+            f"{SCHEMA_MAJOR}.x"
+        )
+    return value
+
+
+SchemaVersion = Annotated[
+    str, StringConstraints(pattern=r"^[0-9]{1,4}\.[0-9]{1,4}$"), AfterValidator(_readable_version)
+]
+
+
+def _require_type(schema: dict[str, Any]) -> None:
+    """``type`` has a default for Python callers, but on the wire it is always present."""
+    required = schema.setdefault("required", [])
+    if "type" not in required:
+        required.insert(0, "type")
+
+
+class WireModel(BaseModel):
+    """Base of everything on the wire: unknown fields are ignored on read, never written."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class TaggedModel(WireModel):
+    """A wire model that is one member of a union discriminated by ``type``."""
+
+    model_config = ConfigDict(json_schema_extra=_require_type)
+
+    type: str
+
+
+class Platform(StrEnum):
+    ANDROID = "android"
+    IOS = "ios"
+    WEB = "web"
+    DESKTOP = "desktop"
+
+
+class ConversationKind(StrEnum):
+    DIRECT = "direct"
+    GROUP = "group"
+
+
+class Role(StrEnum):
+    OWNER = "owner"
+    ADMIN = "admin"
+    MEMBER = "member"
+
+
+class PushProvider(StrEnum):
+    APNS = "apns"
+    FCM = "fcm"
+
+
+class PushTokenRemovalReason(StrEnum):
+    CLIENT = "client"
+    """The device unregistered (logout, uninstall reported by the app)."""
+    PROVIDER_REJECTED = "provider-rejected"
+    """APNs or FCM answered that the token is no longer valid."""
+
+
+def _body_too_large(size: int) -> PydanticCustomError:
+    return PydanticCustomError(
+        "body_too_large",
+        "the body is {size} bytes; the limit is {limit} bytes",
+        {"size": size, "limit": MAX_BODY_BYTES},
+    )
+
+
+class TextBody(TaggedModel):
+    type: Literal["text"] = "text"
+    text: Annotated[
+        str,
+        Field(min_length=1, description=f"At most {MAX_BODY_BYTES} bytes once encoded as UTF-8"),
+    ]
+
+    @field_validator("text")
+    @classmethod
+    def _bounded(cls, text: str) -> str:
+        # A character is at most 4 bytes in UTF-8: only long texts need encoding to be measured.
+        if len(text) * 4 > MAX_BODY_BYTES and (size := len(text.encode())) > MAX_BODY_BYTES:
+            raise _body_too_large(size)
+        return text
+
+
+class CustomBody(TaggedModel):
+    """Structured content the server does not interpret (cards, locations, stickers …)."""
+
+    type: Literal["custom"] = "custom"
+    kind: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=MAX_ID_CHARS, pattern=_ID_PATTERN),
+        Field(description="Application-defined kind, e.g. `location` or `card`"),
+    ]
+    data: Annotated[
+        dict[str, JsonValue],
+        Field(description=f"At most {MAX_BODY_BYTES} bytes as compact JSON"),
+    ]
+
+    @field_validator("data")
+    @classmethod
+    def _bounded(cls, data: dict[str, JsonValue]) -> dict[str, JsonValue]:
+        if (size := len(to_json(data))) > MAX_BODY_BYTES:
+            raise _body_too_large(size)
+        return data
+
+
+class MediaBody(TaggedModel):
+    """A reference to media the client uploaded elsewhere; Kafka never carries the bytes."""
+
+    type: Literal["media"] = "media"
+    url: Url
+    mime: Annotated[
+        str, StringConstraints(max_length=127, pattern=r"^[A-Za-z0-9.+_-]+/[A-Za-z0-9.+_-]+$")
+    ]
+    size_bytes: NonNegativeInt
+    width: PositiveInt | None = None
+    height: PositiveInt | None = None
+    duration_ms: NonNegativeInt | None = None
+    thumbnail_url: Url | None = None
+
+
+MessageBody = Annotated[TextBody | CustomBody | MediaBody, Field(discriminator="type")]
+
+
+class Actor(WireModel):
+    """Who caused an event; absent for system events (an operator tool, a processor)."""
+
+    user_id: UserId
+    device_id: DeviceId | None = None
+
+
+P = TypeVar("P", bound=WireModel)
+
+
+class EventEnvelope(TaggedModel, Generic[P]):
+    """The envelope every event shares; subclasses fix ``type`` and the payload model."""
+
+    event_id: EventId
+    schema_version: SchemaVersion
+    tenant_id: TenantId
+    occurred_at: UtcDatetime
+    actor: Actor | None = None
+    payload: P
+
+    @classmethod
+    def new(
+        cls,
+        *,
+        tenant_id: str,
+        payload: P,
+        actor: Actor | None = None,
+        event_id: str | None = None,
+        occurred_at: datetime | None = None,
+    ) -> Self:
+        """A new event of the current schema version, with a random id unless one is given."""
+        return cls(
+            type=cls.model_fields["type"].default,
+            event_id=event_id or str(uuid.uuid4()),
+            schema_version=SCHEMA_VERSION,
+            tenant_id=tenant_id,
+            occurred_at=occurred_at or datetime.now(UTC),
+            actor=actor,
+            payload=payload,
+        )
+
+
+def message_event_id(tenant_id: str, sender_id: str, client_msg_id: str) -> str:
+    """The event id of a ``message.sent``, derived from what makes a send unique.
+
+    A client retries a send with the same ``client_msg_id``; deriving the id (UUID v5) gives every
+    retry the same id, so the id the ingress reports in ``accepted`` is the message's id whichever
+    attempt the sequencer keeps.
+    """
+    return str(uuid.uuid5(_MESSAGE_ID_NAMESPACE, f"{tenant_id}/{sender_id}/{client_msg_id}"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages: conversation-keyed, sequenced, then re-published with conversation_seq set
+# ---------------------------------------------------------------------------------------------
+
+ConversationSeq = Annotated[
+    PositiveInt | None,
+    Field(description="Position in the conversation; null until the sequencer assigns it"),
+]
+
+
+class MessageSentPayload(WireModel):
+    conversation_id: ConversationId
+    client_msg_id: ClientMsgId
+    body: MessageBody
+    conversation_seq: ConversationSeq = None
+
+
+class MessageSent(EventEnvelope[MessageSentPayload]):
+    """A user sent a message. The message's id is this event's ``event_id``."""
+
+    type: Literal["message.sent"] = "message.sent"
+    actor: Actor
+
+
+class MessageRecalledPayload(WireModel):
+    conversation_id: ConversationId
+    message_id: EventId
+    conversation_seq: ConversationSeq = None
+
+
+class MessageRecalled(EventEnvelope[MessageRecalledPayload]):
+    """The sender (or a conversation admin) withdrew a message."""
+
+    type: Literal["message.recalled"] = "message.recalled"
+    actor: Actor
+
+
+class MessageEditedPayload(WireModel):
+    conversation_id: ConversationId
+    message_id: EventId
+    body: MessageBody
+    conversation_seq: ConversationSeq = None
+
+
+class MessageEdited(EventEnvelope[MessageEditedPayload]):
+    """The sender replaced the body of a message."""
+
+    type: Literal["message.edited"] = "message.edited"
+    actor: Actor
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversations: lifecycle and membership, conversation-keyed
+# ---------------------------------------------------------------------------------------------
+
+
+class ConversationCreatedPayload(WireModel):
+    conversation_id: ConversationId
+    kind: ConversationKind
+    members: Annotated[
+        list[UserId],
+        Field(
+            min_length=1,
+            max_length=MAX_MEMBERS_PER_EVENT,
+            description="Every member, the creator included; a direct conversation has two",
+        ),
+    ]
+    owner_id: UserId | None = Field(
+        default=None, description="The group's first owner (a member); null for direct"
+    )
+    name: Name | None = None
+
+    @field_validator("members")
+    @classmethod
+    def _members_fit_kind(cls, members: list[str], info: ValidationInfo) -> list[str]:
+        if len(set(members)) != len(members):
+            raise ValueError("members must not repeat a user")
+        if info.data.get("kind") is ConversationKind.DIRECT and len(members) != 2:
+            raise ValueError("a direct conversation has exactly two members")
+        return members
+
+    @field_validator("owner_id")
+    @classmethod
+    def _owner_is_member(cls, owner_id: str | None, info: ValidationInfo) -> str | None:
+        if owner_id is None:
+            return None
+        if info.data.get("kind") is ConversationKind.DIRECT:
+            raise ValueError("a direct conversation has no owner")
+        if owner_id not in info.data.get("members", [owner_id]):
+            raise ValueError("the owner must be one of the members")
+        return owner_id
+
+
+class ConversationCreated(EventEnvelope[ConversationCreatedPayload]):
+    type: Literal["conversation.created"] = "conversation.created"
+
+
+class ConversationRenamedPayload(WireModel):
+    conversation_id: ConversationId
+    name: Name
+
+
+class ConversationRenamed(EventEnvelope[ConversationRenamedPayload]):
+    type: Literal["conversation.renamed"] = "conversation.renamed"
+
+
+class ConversationMemberAddedPayload(WireModel):
+    conversation_id: ConversationId
+    user_id: UserId
+    role: Role = Role.MEMBER
+
+
+class ConversationMemberAdded(EventEnvelope[ConversationMemberAddedPayload]):
+    type: Literal["conversation.member_added"] = "conversation.member_added"
+
+
+class ConversationMemberRemovedPayload(WireModel):
+    conversation_id: ConversationId
+    user_id: UserId
+
+
+class ConversationMemberRemoved(EventEnvelope[ConversationMemberRemovedPayload]):
+    """A member was removed by someone else (leaving is ``conversation.left``)."""
+
+    type: Literal["conversation.member_removed"] = "conversation.member_removed"
+
+
+class ConversationMemberRoleChangedPayload(WireModel):
+    conversation_id: ConversationId
+    user_id: UserId
+    role: Role
+
+
+class ConversationMemberRoleChanged(EventEnvelope[ConversationMemberRoleChangedPayload]):
+    type: Literal["conversation.member_role_changed"] = "conversation.member_role_changed"
+
+
+class ConversationLeftPayload(WireModel):
+    conversation_id: ConversationId
+    user_id: UserId
+
+
+class ConversationLeft(EventEnvelope[ConversationLeftPayload]):
+    type: Literal["conversation.left"] = "conversation.left"
+
+
+class ConversationDeletedPayload(WireModel):
+    conversation_id: ConversationId
+
+
+class ConversationDeleted(EventEnvelope[ConversationDeletedPayload]):
+    type: Literal["conversation.deleted"] = "conversation.deleted"
+
+
+# ---------------------------------------------------------------------------------------------
+# A user's own state: user-keyed by the actor
+# ---------------------------------------------------------------------------------------------
+
+
+class ReceiptReadPayload(WireModel):
+    conversation_id: ConversationId
+    conversation_seq: Annotated[
+        PositiveInt, Field(description="The actor has read every message up to this one")
+    ]
+
+
+class ReceiptRead(EventEnvelope[ReceiptReadPayload]):
+    type: Literal["receipt.read"] = "receipt.read"
+    actor: Actor
+
+
+class ConversationMuteChangedPayload(WireModel):
+    conversation_id: ConversationId
+    muted: bool
+    muted_until: MutedUntil = None
+
+
+class ConversationMuteChanged(EventEnvelope[ConversationMuteChangedPayload]):
+    type: Literal["conversation.mute_changed"] = "conversation.mute_changed"
+    actor: Actor
+
+
+class BadgeClearedPayload(WireModel):
+    conversation_id: ConversationId | None = Field(
+        default=None, description="The conversation whose unread badge is cleared; null for all"
+    )
+
+
+class BadgeCleared(EventEnvelope[BadgeClearedPayload]):
+    type: Literal["badge.cleared"] = "badge.cleared"
+    actor: Actor
+
+
+# ---------------------------------------------------------------------------------------------
+# Ephemeral: routed to online devices, never stored
+# ---------------------------------------------------------------------------------------------
+
+
+class TypingChangedPayload(WireModel):
+    conversation_id: ConversationId
+    active: bool
+
+
+class TypingChanged(EventEnvelope[TypingChangedPayload]):
+    type: Literal["typing.changed"] = "typing.changed"
+    actor: Actor
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices: device-keyed, compacted to the latest state per device
+# ---------------------------------------------------------------------------------------------
+
+
+class DevicePresencePayload(WireModel):
+    user_id: UserId
+    device_id: DeviceId
+    platform: Platform
+    node_id: Annotated[NodeId, Field(description="The ingress node holding the connection")]
+    connection_id: Annotated[
+        Id,
+        Field(description="Unique per connection, so a late disconnect of an old one is ignored"),
+    ]
+
+
+class DeviceConnected(EventEnvelope[DevicePresencePayload]):
+    type: Literal["device.connected"] = "device.connected"
+
+
+class DeviceDisconnected(EventEnvelope[DevicePresencePayload]):
+    type: Literal["device.disconnected"] = "device.disconnected"
+
+
+class PushTokenRegisteredPayload(WireModel):
+    user_id: UserId
+    device_id: DeviceId
+    provider: PushProvider
+    token: Annotated[str, StringConstraints(min_length=1, max_length=MAX_PUSH_TOKEN_CHARS)]
+    app_id: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=MAX_NAME_CHARS),
+        Field(description="APNs bundle id (topic) or FCM application id"),
+    ]
+
+
+class PushTokenRegistered(EventEnvelope[PushTokenRegisteredPayload]):
+    type: Literal["push_token.registered"] = "push_token.registered"
+
+
+class PushTokenRemovedPayload(PushTokenRegisteredPayload):
+    reason: PushTokenRemovalReason = PushTokenRemovalReason.CLIENT
+
+
+class PushTokenRemoved(EventEnvelope[PushTokenRemovedPayload]):
+    type: Literal["push_token.removed"] = "push_token.removed"
+
+
+# ---------------------------------------------------------------------------------------------
+# The union and its parser
+# ---------------------------------------------------------------------------------------------
+
+Event = Annotated[
+    MessageSent
+    | MessageRecalled
+    | MessageEdited
+    | ConversationCreated
+    | ConversationRenamed
+    | ConversationMemberAdded
+    | ConversationMemberRemoved
+    | ConversationMemberRoleChanged
+    | ConversationLeft
+    | ConversationDeleted
+    | ReceiptRead
+    | ConversationMuteChanged
+    | BadgeCleared
+    | TypingChanged
+    | DeviceConnected
+    | DeviceDisconnected
+    | PushTokenRegistered
+    | PushTokenRemoved,
+    Field(discriminator="type"),
+]
+
+#: Every event model by its ``type``, in catalog order.
+EVENT_MODELS: dict[str, type[EventEnvelope[Any]]] = {
+    model.model_fields["type"].default: model for model in get_args(get_args(Event)[0])
+}
+EVENT_TYPES: tuple[str, ...] = tuple(EVENT_MODELS)
+
+_EVENT = TypeAdapter[Event](Event)
+
+
+def parse_event(raw: bytes | str) -> Event:
+    """Decode any event; raises ``SchemaError`` naming the code and the offending field path."""
+    try:
+        return _EVENT.validate_json(raw)
+    except ValidationError as error:
+        raise schema_error(error, raw, what="event", known_types=EVENT_TYPES) from None
+
+
+def encode_event(event: Event) -> bytes:
+    """The event as compact JSON bytes, the value of its Kafka record."""
+    return _EVENT.dump_json(event)
+
+
+# ---------------------------------------------------------------------------------------------
+# Records that carry events without being events
+# ---------------------------------------------------------------------------------------------
+
+
+class LiveDelivery(WireModel):
+    """A record of the live-delivery topic: hand ``event`` to these devices on ``node_id``.
+
+    Live delivery is an optimisation over the sync queue: a lost record is recovered by the
+    device's next sync, so the ingress node consumes it without a dead-letter topic.
+    """
+
+    node_id: NodeId
+    tenant_id: TenantId
+    user_id: UserId
+    device_ids: list[DeviceId] | None = Field(
+        default=None, description="The devices to reach; null for all of the user's devices"
+    )
+    sync_id: PositiveInt | None = Field(
+        default=None, description="The event's place in the user's sync queue; null if ephemeral"
+    )
+    event: Event
+
+
+def parse_live_delivery(raw: bytes | str) -> LiveDelivery:
+    """Decode a live-delivery record; raises ``SchemaError`` like ``parse_event``."""
+    try:
+        return LiveDelivery.model_validate_json(raw)
+    except ValidationError as error:
+        raise schema_error(error, raw, what="record", known_types=()) from None
+
+
+def encode_live_delivery(delivery: LiveDelivery) -> bytes:
+    return delivery.model_dump_json().encode()

@@ -1,0 +1,376 @@
+"""Every frame that crosses the WebSocket, in both directions, and their parsers.
+
+A frame is one JSON text message with a ``type``. Every client command carries a request ``id``
+(chosen by the client, unique among its outstanding commands) and gets exactly one reply that
+echoes it: ``hello_ok`` for ``hello``, ``accepted`` for ``send``, ``sync_page`` for ``sync``,
+``pong`` for ``ping``, ``ok`` for the rest, or ``error`` for any of them. Frames follow the same
+versioning rule as events (schemas/events.py): unknown fields are ignored, changes within protocol
+version 1 are additive.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal, get_args
+
+from pydantic import (
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from schemas.errors import ErrorCode, SchemaError, schema_error
+from schemas.events import (
+    MAX_MEMBERS_PER_EVENT,
+    ClientMsgId,
+    ConversationId,
+    ConversationKind,
+    DeviceId,
+    Event,
+    EventId,
+    Id,
+    MessageBody,
+    MutedUntil,
+    Name,
+    NodeId,
+    Platform,
+    Role,
+    TaggedModel,
+    TenantId,
+    UserId,
+    WireModel,
+)
+
+#: The most events one ``sync`` may ask for; a client pages with ``next_cursor``.
+MAX_SYNC_LIMIT = 500
+DEFAULT_SYNC_LIMIT = 100
+MAX_TOKEN_CHARS = 8192
+
+RequestId = Annotated[Id, Field(description="Chosen by the client; echoed by the reply")]
+SyncId = Annotated[NonNegativeInt, Field(description="A position in the user's sync queue")]
+
+
+class Frame(TaggedModel):
+    """Base of every frame; subclasses fix ``type``."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Client → server
+# ---------------------------------------------------------------------------------------------
+
+
+class ClientCommand(Frame):
+    id: RequestId
+
+
+class Hello(ClientCommand):
+    """The first frame of a connection: who is connecting and from where it resumes."""
+
+    type: Literal["hello"] = "hello"
+    token: Annotated[str, StringConstraints(min_length=1, max_length=MAX_TOKEN_CHARS)]
+    tenant_id: TenantId
+    device_id: DeviceId
+    platform: Platform
+    sync_cursor: SyncId = Field(
+        default=0, description="The highest sync id the device holds; 0 for a new device"
+    )
+
+
+class Send(ClientCommand):
+    type: Literal["send"] = "send"
+    conversation_id: ConversationId
+    client_msg_id: Annotated[
+        ClientMsgId, Field(description="Chosen by the client; a retry reuses it")
+    ]
+    body: MessageBody
+
+
+class Recall(ClientCommand):
+    type: Literal["recall"] = "recall"
+    conversation_id: ConversationId
+    message_id: EventId
+
+
+class Edit(ClientCommand):
+    type: Literal["edit"] = "edit"
+    conversation_id: ConversationId
+    message_id: EventId
+    body: MessageBody
+
+
+class Read(ClientCommand):
+    type: Literal["read"] = "read"
+    conversation_id: ConversationId
+    conversation_seq: Annotated[
+        PositiveInt, Field(description="Every message up to this one has been read")
+    ]
+
+
+class Typing(ClientCommand):
+    """Ephemeral: routed to the other members' online devices, never stored."""
+
+    type: Literal["typing"] = "typing"
+    conversation_id: ConversationId
+    active: bool = True
+
+
+class Mute(ClientCommand):
+    type: Literal["mute"] = "mute"
+    conversation_id: ConversationId
+    muted: bool
+    muted_until: MutedUntil = None
+
+
+class ClearBadge(ClientCommand):
+    type: Literal["clear_badge"] = "clear_badge"
+    conversation_id: ConversationId | None = Field(
+        default=None, description="The conversation to clear; null for all"
+    )
+
+
+class CreateConversation(ClientCommand):
+    type: Literal["conversation.create"] = "conversation.create"
+    conversation_id: ConversationId | None = Field(
+        default=None,
+        description="Chosen by the client to make a retry harmless; assigned by the server if null",
+    )
+    kind: ConversationKind
+    members: Annotated[
+        list[UserId],
+        Field(
+            min_length=1,
+            max_length=MAX_MEMBERS_PER_EVENT - 1,
+            description="The other members; the creator is implied",
+        ),
+    ]
+    name: Name | None = None
+
+    @field_validator("members")
+    @classmethod
+    def _members_fit_kind(cls, members: list[str], info: ValidationInfo) -> list[str]:
+        if len(set(members)) != len(members):
+            raise ValueError("members must not repeat a user")
+        if info.data.get("kind") is ConversationKind.DIRECT and len(members) != 1:
+            raise ValueError("a direct conversation names exactly one other member")
+        return members
+
+
+class RenameConversation(ClientCommand):
+    type: Literal["conversation.rename"] = "conversation.rename"
+    conversation_id: ConversationId
+    name: Name
+
+
+class AddMember(ClientCommand):
+    type: Literal["conversation.add_member"] = "conversation.add_member"
+    conversation_id: ConversationId
+    user_id: UserId
+    role: Role = Role.MEMBER
+
+
+class RemoveMember(ClientCommand):
+    type: Literal["conversation.remove_member"] = "conversation.remove_member"
+    conversation_id: ConversationId
+    user_id: UserId
+
+
+class ChangeRole(ClientCommand):
+    type: Literal["conversation.change_role"] = "conversation.change_role"
+    conversation_id: ConversationId
+    user_id: UserId
+    role: Role
+
+
+class LeaveConversation(ClientCommand):
+    type: Literal["conversation.leave"] = "conversation.leave"
+    conversation_id: ConversationId
+
+
+class DeleteConversation(ClientCommand):
+    type: Literal["conversation.delete"] = "conversation.delete"
+    conversation_id: ConversationId
+
+
+class Ack(ClientCommand):
+    """The device holds every event up to ``sync_id``; the server stops re-sending them."""
+
+    type: Literal["ack"] = "ack"
+    sync_id: SyncId
+
+
+class Sync(ClientCommand):
+    """Ask for the events after ``cursor``, oldest first."""
+
+    type: Literal["sync"] = "sync"
+    cursor: SyncId
+    limit: Annotated[int, Field(ge=1, le=MAX_SYNC_LIMIT)] = DEFAULT_SYNC_LIMIT
+
+
+class Ping(ClientCommand):
+    type: Literal["ping"] = "ping"
+
+
+ClientFrame = Annotated[
+    Hello
+    | Send
+    | Recall
+    | Edit
+    | Read
+    | Typing
+    | Mute
+    | ClearBadge
+    | CreateConversation
+    | RenameConversation
+    | AddMember
+    | RemoveMember
+    | ChangeRole
+    | LeaveConversation
+    | DeleteConversation
+    | Ack
+    | Sync
+    | Ping,
+    Field(discriminator="type"),
+]
+
+# ---------------------------------------------------------------------------------------------
+# Server → client
+# ---------------------------------------------------------------------------------------------
+
+
+class HelloOk(Frame):
+    type: Literal["hello_ok"] = "hello_ok"
+    id: RequestId
+    tenant_id: TenantId
+    user_id: UserId
+    device_id: DeviceId
+    node_id: NodeId
+    idle_timeout_ms: PositiveInt
+    max_frame_bytes: PositiveInt
+
+
+class Accepted(Frame):
+    """Sent only once Kafka has durably written the message (``acks=all``)."""
+
+    type: Literal["accepted"] = "accepted"
+    id: RequestId
+    conversation_id: ConversationId
+    client_msg_id: ClientMsgId
+    event_id: Annotated[EventId, Field(description="The message's id")]
+
+
+class Ok(Frame):
+    type: Literal["ok"] = "ok"
+    id: RequestId
+    conversation_id: ConversationId | None = Field(
+        default=None, description="Set in reply to conversation.create"
+    )
+
+
+class SyncedEvent(WireModel):
+    """An event at its place in the user's sync queue."""
+
+    sync_id: PositiveInt
+    event: Event
+
+
+class EventFrame(Frame):
+    """An event pushed to the device as it happens; the device acks it by ``sync_id``."""
+
+    type: Literal["event"] = "event"
+    sync_id: PositiveInt | None = Field(
+        description="Null for ephemeral events (typing), which are neither stored nor acked"
+    )
+    event: Event
+
+
+class SyncPage(Frame):
+    type: Literal["sync_page"] = "sync_page"
+    id: RequestId
+    events: list[SyncedEvent]
+    has_more: bool
+    next_cursor: Annotated[SyncId, Field(description="The cursor of the next sync")]
+
+
+class ErrorFrame(Frame):
+    type: Literal["error"] = "error"
+    id: RequestId | None = Field(description="The request's id; null if it could not be read")
+    code: ErrorCode
+    message: str
+    retry_after_ms: NonNegativeInt | None = None
+    field: str | None = Field(default=None, description="The path of the offending field")
+
+    @classmethod
+    def from_schema_error(cls, error: SchemaError) -> ErrorFrame:
+        """The reply to a frame that could not be parsed."""
+        return cls(id=error.request_id, code=error.code, message=error.message, field=error.field)
+
+
+class Pong(Frame):
+    type: Literal["pong"] = "pong"
+    id: RequestId
+
+
+ServerFrame = Annotated[
+    HelloOk | Accepted | Ok | EventFrame | SyncPage | ErrorFrame | Pong,
+    Field(discriminator="type"),
+]
+
+CLIENT_FRAME_MODELS: dict[str, type[ClientCommand]] = {
+    model.model_fields["type"].default: model for model in get_args(get_args(ClientFrame)[0])
+}
+SERVER_FRAME_MODELS: dict[str, type[Frame]] = {
+    model.model_fields["type"].default: model for model in get_args(get_args(ServerFrame)[0])
+}
+
+CLIENT_FRAME_TYPES: tuple[str, ...] = tuple(CLIENT_FRAME_MODELS)
+SERVER_FRAME_TYPES: tuple[str, ...] = tuple(SERVER_FRAME_MODELS)
+
+_CLIENT_FRAME = TypeAdapter[ClientFrame](ClientFrame)
+_SERVER_FRAME = TypeAdapter[ServerFrame](ServerFrame)
+_REQUEST_ID = TypeAdapter[str](RequestId)
+
+
+def parse_client_frame(raw: str | bytes) -> ClientFrame:
+    """Decode a client frame; raises ``SchemaError`` with the code, field path and request id."""
+    try:
+        return _CLIENT_FRAME.validate_json(raw)
+    except ValidationError as error:
+        problem = schema_error(error, raw, what="frame", known_types=CLIENT_FRAME_TYPES)
+        problem.request_id = _request_id(raw)
+        raise problem from None
+
+
+def _request_id(raw: str | bytes) -> str | None:
+    """The ``id`` of a frame that failed to parse, if it has a valid one, to echo in the error."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    try:
+        return _REQUEST_ID.validate_python(data.get("id"))
+    except ValidationError:
+        return None
+
+
+def encode_client_frame(frame: ClientFrame) -> str:
+    return _CLIENT_FRAME.dump_json(frame).decode()
+
+
+def parse_server_frame(raw: str | bytes) -> ServerFrame:
+    """Decode a server frame (for clients, tests and benchmarks)."""
+    try:
+        return _SERVER_FRAME.validate_json(raw)
+    except ValidationError as error:
+        raise schema_error(error, raw, what="frame", known_types=SERVER_FRAME_TYPES) from None
+
+
+def encode_server_frame(frame: ServerFrame) -> str:
+    """The frame as the text of one WebSocket message."""
+    return _SERVER_FRAME.dump_json(frame).decode()

@@ -1,0 +1,411 @@
+"""The topic catalog: every Kafka topic, its key, partitions, retention and dead-letter topic.
+
+This module is the only place a topic name is spelled; code asks the catalog
+(``topic_catalog(settings).messages_in.name``). ``pipelines/topics.py`` applies the catalog to a
+cluster and docs/events.md explains it.
+
+Keys and placement
+  Keys are UTF-8 strings whose parts are joined by ``/`` (identifiers never contain one, see
+  schemas/events.py) and always start with the tenant, so that keys of different tenants never
+  merge in a compacted topic. Records are placed with Kafka's murmur2 partitioner (the Java
+  client's default, faust's and aiokafka's default): confluent-kafka producers must set
+  ``partitioner=KAFKA_PARTITIONER``, or a key would land on a different partition than the one a
+  faust agent expects.
+
+Co-partitioning
+  All conversation-keyed topics share one partition count, and so do all user-keyed ones: a
+  conversation's (or user's) records then sit in partitions with the same number in every topic
+  of its group, which is what lets one faust agent join them with a table. The catalog refuses
+  overrides that break this.
+
+Live delivery
+  One topic keyed by the ingress node id. The node that holds the sockets consumes only the
+  partition its id hashes to (``partition_for_key(gateway_key(node_id), partitions)``, assigned
+  without a consumer group) and skips records keyed for other nodes that share the partition.
+  One topic keeps the catalog static as nodes come and go (a topic per node would not), and
+  hashing needs no registry of node numbers; give the topic more partitions than nodes to keep
+  sharing rare. It is best-effort: a device recovers anything it missed by syncing.
+
+Dead letters
+  One dead-letter topic per source topic (``<name>.dlq``), holding the original key and value
+  with the reason in headers. Per-source topics keep replay simple (fix the cause, re-publish the
+  dead-letter topic into its source) and keep retention and access per source. The two ephemeral
+  topics (typing, live delivery) have none: a poison record there is logged and dropped, since
+  re-delivering it later would have no meaning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields, replace
+from datetime import timedelta
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from schemas.events import Event
+
+if TYPE_CHECKING:
+    from pipelines.settings import Settings
+
+#: librdkafka's name for Kafka's murmur2 partitioner (null keys spread at random).
+KAFKA_PARTITIONER = "murmur2_random"
+KEY_SEPARATOR = "/"
+DEAD_LETTER_SUFFIX = ".dlq"
+
+#: Partition counts sized for one machine; override per topic through ``topic_catalog``.
+CONVERSATION_PARTITIONS = 6
+USER_PARTITIONS = 6
+GATEWAY_PARTITIONS = 4
+DEVICE_PARTITIONS = 3
+DEAD_LETTER_PARTITIONS = 1
+DEAD_LETTER_RETENTION = timedelta(days=30)
+#: The topic-level configs the catalog sets; every other config keeps the broker's default.
+MANAGED_CONFIGS = frozenset({"cleanup.policy", "retention.ms", "min.insync.replicas", "segment.ms"})
+
+
+class KeyKind(StrEnum):
+    """What a topic's record key is, which decides what is ordered and what is compacted."""
+
+    CONVERSATION = "conversation"
+    """``tenant/conversation``: one conversation's records stay in order."""
+    USER = "user"
+    """``tenant/user``: one user's records stay in order (the sync queue)."""
+    DEVICE = "device"
+    """``tenant/user/device``: compaction keeps the latest state of each device."""
+    GATEWAY = "gateway"
+    """``node``: records go to the ingress node that holds the device's socket."""
+    NONE = "none"
+    """Dead letters keep the original key, but nothing depends on their placement."""
+
+
+class CleanupPolicy(StrEnum):
+    DELETE = "delete"
+    COMPACT = "compact"
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    """One topic as the catalog wants it on the cluster."""
+
+    logical_name: str
+    name: str
+    key: KeyKind
+    partitions: int
+    replication: int
+    cleanup: CleanupPolicy
+    retention: timedelta | None
+    """How long records are kept; ``None`` keeps them forever (compacted state)."""
+    dead_letter: str | None
+    """The full name of this topic's dead-letter topic, if it has one."""
+    description: str
+    events: tuple[str, ...] = ()
+    """The event types carried, by ``type``."""
+    ingress: bool = False
+    """Written by the ingress (client commands and device state) rather than by a processor."""
+    segment: timedelta | None = None
+    """Segment roll time, for short-lived topics: retention only deletes whole, closed segments."""
+
+    @property
+    def min_insync_replicas(self) -> int:
+        """How many replicas must have a write before ``acks=all`` succeeds: the durable accept
+        of the delivery contract survives one broker loss at replication 3."""
+        return max(1, min(2, self.replication - 1))
+
+    def configs(self) -> dict[str, str]:
+        """This topic's values of ``MANAGED_CONFIGS`` (``segment.ms`` only when it is set)."""
+        configs = {
+            "cleanup.policy": self.cleanup.value,
+            "retention.ms": str(_millis(self.retention)),
+            "min.insync.replicas": str(self.min_insync_replicas),
+        }
+        if self.segment is not None:
+            configs["segment.ms"] = str(_millis(self.segment))
+        return configs
+
+
+def _millis(duration: timedelta | None) -> int:
+    return -1 if duration is None else int(duration.total_seconds() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicCatalog:
+    """Every topic of imstream, by role."""
+
+    messages_in: Topic
+    conversations_in: Topic
+    user_state_in: Topic
+    typing_in: Topic
+    presence: Topic
+    push_tokens: Topic
+    messages_sequenced: Topic
+    sync_events: Topic
+    live_delivery: Topic
+    push_jobs: Topic
+    dead_letters: tuple[Topic, ...]
+
+    def sources(self) -> tuple[Topic, ...]:
+        """Every topic but the dead-letter topics, in catalog order."""
+        return tuple(
+            getattr(self, field.name) for field in fields(self) if field.name != "dead_letters"
+        )
+
+    def __iter__(self) -> Iterator[Topic]:
+        """Every topic: the sources, then their dead-letter topics."""
+        yield from self.sources()
+        yield from self.dead_letters
+
+    def by_name(self, name: str) -> Topic:
+        """The topic with this full name."""
+        for topic in self:
+            if topic.name == name:
+                return topic
+        raise KeyError(f"no topic named {name!r} in the catalog")
+
+    def dead_letter_of(self, topic: Topic) -> Topic:
+        if topic.dead_letter is None:
+            raise ValueError(f"{topic.logical_name} has no dead-letter topic (it is ephemeral)")
+        return self.by_name(topic.dead_letter)
+
+    def route(self, event: Event) -> tuple[Topic, bytes]:
+        """Where the ingress publishes ``event``: its inbound topic and the record key."""
+        for topic in self.sources():
+            if topic.ingress and event.type in topic.events:
+                return topic, event_key(event, topic.key)
+        raise ValueError(f"no inbound topic carries {event.type}")
+
+
+def conversation_key(tenant_id: str, conversation_id: str) -> bytes:
+    return f"{tenant_id}{KEY_SEPARATOR}{conversation_id}".encode()
+
+
+def user_key(tenant_id: str, user_id: str) -> bytes:
+    return f"{tenant_id}{KEY_SEPARATOR}{user_id}".encode()
+
+
+def device_key(tenant_id: str, user_id: str, device_id: str) -> bytes:
+    return f"{tenant_id}{KEY_SEPARATOR}{user_id}{KEY_SEPARATOR}{device_id}".encode()
+
+
+def gateway_key(node_id: str) -> bytes:
+    return node_id.encode()
+
+
+def event_key(event: Event, kind: KeyKind) -> bytes:
+    """The key of ``event`` in a topic keyed by ``kind``.
+
+    A user-keyed event belongs to its actor (a user's own read position, mute, badge); a
+    device-keyed one to the device its payload names.
+    """
+    conversation_id = getattr(event.payload, "conversation_id", None)
+    user_id = getattr(event.payload, "user_id", None)
+    device_id = getattr(event.payload, "device_id", None)
+    if kind is KeyKind.CONVERSATION and conversation_id is not None:
+        return conversation_key(event.tenant_id, conversation_id)
+    if kind is KeyKind.USER and event.actor is not None:
+        return user_key(event.tenant_id, event.actor.user_id)
+    if kind is KeyKind.DEVICE and user_id is not None and device_id is not None:
+        return device_key(event.tenant_id, user_id, device_id)
+    raise ValueError(f"a {event.type} event has no {kind} key")
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 hash (``org.apache.kafka.common.utils.Utils.murmur2``), unsigned."""
+    multiplier, shift, mask = 0x5BD1E995, 24, 0xFFFFFFFF
+    length = len(data)
+    hashed = (0x9747B28C ^ length) & mask
+    tail_start = length - length % 4
+    for offset in range(0, tail_start, 4):
+        k = int.from_bytes(data[offset : offset + 4], "little")
+        k = (k * multiplier) & mask
+        k ^= k >> shift
+        k = (k * multiplier) & mask
+        hashed = ((hashed * multiplier) & mask) ^ k
+    tail = data[tail_start:]
+    if len(tail) == 3:
+        hashed ^= tail[2] << 16
+    if len(tail) >= 2:
+        hashed ^= tail[1] << 8
+    if tail:
+        hashed ^= tail[0]
+        hashed = (hashed * multiplier) & mask
+    hashed ^= hashed >> 13
+    hashed = (hashed * multiplier) & mask
+    hashed ^= hashed >> 15
+    return hashed
+
+
+def partition_for_key(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner (``KAFKA_PARTITIONER``) gives ``key``."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def topic_catalog(
+    settings: Settings, *, partitions: Mapping[str, int] | None = None
+) -> TopicCatalog:
+    """The catalog for this deployment: names carry ``settings.kafka.topic_prefix`` (prepended as
+    is), replication is ``settings.kafka.replication_factor``, and ``partitions`` overrides the
+    partition count of topics by logical name (e.g. ``{"im.presence": 12}``)."""
+    prefix = settings.kafka.topic_prefix
+    replication = settings.kafka.replication_factor
+    overrides = dict(partitions or {})
+
+    def topic(
+        logical_name: str,
+        *,
+        key: KeyKind,
+        partitions: int,
+        retention: timedelta | None,
+        description: str,
+        events: tuple[str, ...] = (),
+        ingress: bool = False,
+        cleanup: CleanupPolicy = CleanupPolicy.DELETE,
+        dead_letter: bool = True,
+        segment: timedelta | None = None,
+    ) -> Topic:
+        return Topic(
+            logical_name=logical_name,
+            name=f"{prefix}{logical_name}",
+            key=key,
+            partitions=overrides.pop(logical_name, partitions),
+            replication=replication,
+            cleanup=cleanup,
+            retention=retention,
+            dead_letter=f"{prefix}{logical_name}{DEAD_LETTER_SUFFIX}" if dead_letter else None,
+            description=description,
+            events=events,
+            ingress=ingress,
+            segment=segment,
+        )
+
+    week, month = timedelta(days=7), timedelta(days=30)
+    message_events = ("message.sent", "message.recalled", "message.edited")
+    catalog = TopicCatalog(
+        messages_in=topic(
+            "im.messages.in",
+            key=KeyKind.CONVERSATION,
+            partitions=CONVERSATION_PARTITIONS,
+            retention=week,
+            events=message_events,
+            ingress=True,
+            description="Message commands as accepted from clients, before sequencing",
+        ),
+        conversations_in=topic(
+            "im.conversations.in",
+            key=KeyKind.CONVERSATION,
+            partitions=CONVERSATION_PARTITIONS,
+            retention=week,
+            events=(
+                "conversation.created",
+                "conversation.renamed",
+                "conversation.member_added",
+                "conversation.member_removed",
+                "conversation.member_role_changed",
+                "conversation.left",
+                "conversation.deleted",
+            ),
+            ingress=True,
+            description="Conversation lifecycle and membership commands",
+        ),
+        user_state_in=topic(
+            "im.user-state.in",
+            key=KeyKind.USER,
+            partitions=USER_PARTITIONS,
+            retention=week,
+            events=("receipt.read", "conversation.mute_changed", "badge.cleared"),
+            ingress=True,
+            description="A user's own per-conversation state: read position, mute, badge",
+        ),
+        typing_in=topic(
+            "im.typing.in",
+            key=KeyKind.CONVERSATION,
+            partitions=CONVERSATION_PARTITIONS,
+            retention=timedelta(hours=1),
+            segment=timedelta(hours=1),
+            events=("typing.changed",),
+            ingress=True,
+            dead_letter=False,
+            description="Typing indicators: routed to online devices, never stored",
+        ),
+        presence=topic(
+            "im.presence",
+            key=KeyKind.DEVICE,
+            partitions=DEVICE_PARTITIONS,
+            retention=None,
+            cleanup=CleanupPolicy.COMPACT,
+            events=("device.connected", "device.disconnected"),
+            ingress=True,
+            description="Which ingress node holds each device's connection (latest per device)",
+        ),
+        push_tokens=topic(
+            "im.push.tokens",
+            key=KeyKind.DEVICE,
+            partitions=DEVICE_PARTITIONS,
+            retention=None,
+            cleanup=CleanupPolicy.COMPACT,
+            events=("push_token.registered", "push_token.removed"),
+            ingress=True,
+            description="Each device's APNs/FCM token (latest per device)",
+        ),
+        messages_sequenced=topic(
+            "im.messages.sequenced",
+            key=KeyKind.CONVERSATION,
+            partitions=CONVERSATION_PARTITIONS,
+            retention=month,
+            events=message_events,
+            description="Message events once deduplicated, with conversation_seq assigned",
+        ),
+        sync_events=topic(
+            "im.sync.events",
+            key=KeyKind.USER,
+            partitions=USER_PARTITIONS,
+            retention=month,
+            description="Each user's sync queue: every event concerning the user, with sync_id",
+        ),
+        live_delivery=topic(
+            "im.delivery.live",
+            key=KeyKind.GATEWAY,
+            partitions=GATEWAY_PARTITIONS,
+            retention=timedelta(hours=1),
+            segment=timedelta(hours=1),
+            dead_letter=False,
+            description="Events to push now to the devices an ingress node holds",
+        ),
+        push_jobs=topic(
+            "im.push.jobs",
+            key=KeyKind.USER,
+            partitions=USER_PARTITIONS,
+            retention=timedelta(days=1),
+            description="Notifications to send through APNs/FCM to users with no online device",
+        ),
+        dead_letters=(),
+    )
+    dead_letters = tuple(
+        topic(
+            source.logical_name + DEAD_LETTER_SUFFIX,
+            key=KeyKind.NONE,
+            partitions=DEAD_LETTER_PARTITIONS,
+            retention=DEAD_LETTER_RETENTION,
+            dead_letter=False,
+            description=f"Records of {source.logical_name} that could not be processed",
+        )
+        for source in catalog.sources()
+        if source.dead_letter is not None
+    )
+    if overrides:
+        raise ValueError(
+            f"partition override for unknown topic(s) {', '.join(sorted(overrides))}; known: "
+            + ", ".join(t.logical_name for t in (*catalog.sources(), *dead_letters))
+        )
+    catalog = replace(catalog, dead_letters=dead_letters)
+    _check_co_partitioned(catalog)
+    return catalog
+
+
+def _check_co_partitioned(catalog: TopicCatalog) -> None:
+    for kind in (KeyKind.CONVERSATION, KeyKind.USER):
+        group = [topic for topic in catalog.sources() if topic.key is kind]
+        if len({topic.partitions for topic in group}) > 1:
+            counts = ", ".join(f"{topic.logical_name}={topic.partitions}" for topic in group)
+            raise ValueError(
+                f"{kind}-keyed topics are co-partitioned and need one partition count: {counts}"
+            )

@@ -1,0 +1,222 @@
+"""One valid instance of every event and frame type, for round trips and other packages' tests."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from schemas import events as ev
+from schemas import frames as fr
+from schemas.errors import ErrorCode
+
+TENANT = "acme"
+OCCURRED_AT = datetime(2025, 3, 1, 12, 30, 15, 123456, tzinfo=UTC)
+ALICE = ev.Actor(user_id="alice", device_id="alice-phone")
+
+
+def _event(model: type[ev.EventEnvelope[ev.P]], payload: ev.P, actor: ev.Actor | None) -> ev.Event:
+    event: ev.Event = model.new(  # type: ignore[assignment]
+        tenant_id=TENANT, payload=payload, actor=actor, occurred_at=OCCURRED_AT
+    )
+    return event
+
+
+def sample_events() -> dict[str, ev.Event]:
+    """Every event type, with most optional fields set so that a round trip covers them."""
+    message_id = ev.message_event_id(TENANT, "alice", "m-1")
+    presence = ev.DevicePresencePayload(
+        user_id="alice",
+        device_id="alice-phone",
+        platform=ev.Platform.IOS,
+        node_id="ingress-1",
+        connection_id="conn-1",
+    )
+    token = ev.PushTokenRegisteredPayload(
+        user_id="alice",
+        device_id="alice-phone",
+        provider=ev.PushProvider.APNS,
+        token="a" * 64,
+        app_id="dev.imstream.app",
+    )
+    samples = [
+        _event(
+            ev.MessageSent,
+            ev.MessageSentPayload(
+                conversation_id="c-1",
+                client_msg_id="m-1",
+                body=ev.TextBody(text="hello 👋"),
+                conversation_seq=7,
+            ),
+            ALICE,
+        ),
+        _event(
+            ev.MessageRecalled,
+            ev.MessageRecalledPayload(conversation_id="c-1", message_id=message_id),
+            ALICE,
+        ),
+        _event(
+            ev.MessageEdited,
+            ev.MessageEditedPayload(
+                conversation_id="c-1",
+                message_id=message_id,
+                body=ev.MediaBody(
+                    url="https://cdn.example/p/1.jpg",
+                    mime="image/jpeg",
+                    size_bytes=123_456,
+                    width=800,
+                    height=600,
+                    thumbnail_url="https://cdn.example/p/1.thumb.jpg",
+                ),
+            ),
+            ALICE,
+        ),
+        _event(
+            ev.ConversationCreated,
+            ev.ConversationCreatedPayload(
+                conversation_id="c-2",
+                kind=ev.ConversationKind.GROUP,
+                members=["alice", "bob", "carol"],
+                owner_id="alice",
+                name="Team",
+            ),
+            ALICE,
+        ),
+        _event(
+            ev.ConversationRenamed,
+            ev.ConversationRenamedPayload(conversation_id="c-2", name="Team ✨"),
+            ALICE,
+        ),
+        _event(
+            ev.ConversationMemberAdded,
+            ev.ConversationMemberAddedPayload(
+                conversation_id="c-2", user_id="dave", role=ev.Role.ADMIN
+            ),
+            ALICE,
+        ),
+        _event(
+            ev.ConversationMemberRemoved,
+            ev.ConversationMemberRemovedPayload(conversation_id="c-2", user_id="dave"),
+            ALICE,
+        ),
+        _event(
+            ev.ConversationMemberRoleChanged,
+            ev.ConversationMemberRoleChangedPayload(
+                conversation_id="c-2", user_id="bob", role=ev.Role.OWNER
+            ),
+            ALICE,
+        ),
+        _event(
+            ev.ConversationLeft,
+            ev.ConversationLeftPayload(conversation_id="c-2", user_id="carol"),
+            ev.Actor(user_id="carol"),
+        ),
+        _event(ev.ConversationDeleted, ev.ConversationDeletedPayload(conversation_id="c-2"), None),
+        _event(
+            ev.ReceiptRead,
+            ev.ReceiptReadPayload(conversation_id="c-1", conversation_seq=7),
+            ALICE,
+        ),
+        _event(
+            ev.ConversationMuteChanged,
+            ev.ConversationMuteChangedPayload(
+                conversation_id="c-1", muted=True, muted_until=datetime(2025, 4, 1, tzinfo=UTC)
+            ),
+            ALICE,
+        ),
+        _event(ev.BadgeCleared, ev.BadgeClearedPayload(conversation_id=None), ALICE),
+        _event(
+            ev.TypingChanged,
+            ev.TypingChangedPayload(conversation_id="c-1", active=True),
+            ALICE,
+        ),
+        _event(ev.DeviceConnected, presence, ALICE),
+        _event(ev.DeviceDisconnected, presence, None),
+        _event(ev.PushTokenRegistered, token, ALICE),
+        _event(
+            ev.PushTokenRemoved,
+            ev.PushTokenRemovedPayload(
+                **token.model_dump(), reason=ev.PushTokenRemovalReason.PROVIDER_REJECTED
+            ),
+            None,
+        ),
+    ]
+    return {event.type: event for event in samples}
+
+
+def sample_client_frames() -> dict[str, fr.ClientFrame]:
+    body = ev.CustomBody(kind="location", data={"lat": 52.5, "lon": 13.4, "tags": ["x", None]})
+    frames: list[fr.ClientFrame] = [
+        fr.Hello(
+            id="r1",
+            token="header.payload.signature",
+            tenant_id=TENANT,
+            device_id="alice-phone",
+            platform=ev.Platform.ANDROID,
+            sync_cursor=41,
+        ),
+        fr.Send(id="r2", conversation_id="c-1", client_msg_id="m-1", body=body),
+        fr.Recall(id="r3", conversation_id="c-1", message_id=ev.message_event_id(TENANT, "a", "m")),
+        fr.Edit(
+            id="r4",
+            conversation_id="c-1",
+            message_id=ev.message_event_id(TENANT, "a", "m"),
+            body=ev.TextBody(text="fixed"),
+        ),
+        fr.Read(id="r5", conversation_id="c-1", conversation_seq=9),
+        fr.Typing(id="r6", conversation_id="c-1", active=False),
+        fr.Mute(id="r7", conversation_id="c-1", muted=True, muted_until=OCCURRED_AT),
+        fr.ClearBadge(id="r8", conversation_id="c-1"),
+        fr.CreateConversation(
+            id="r9", conversation_id="c-3", kind=ev.ConversationKind.DIRECT, members=["bob"]
+        ),
+        fr.RenameConversation(id="r10", conversation_id="c-2", name="Renamed"),
+        fr.AddMember(id="r11", conversation_id="c-2", user_id="erin"),
+        fr.RemoveMember(id="r12", conversation_id="c-2", user_id="erin"),
+        fr.ChangeRole(id="r13", conversation_id="c-2", user_id="bob", role=ev.Role.ADMIN),
+        fr.LeaveConversation(id="r14", conversation_id="c-2"),
+        fr.DeleteConversation(id="r15", conversation_id="c-2"),
+        fr.Ack(id="r16", sync_id=42),
+        fr.Sync(id="r17", cursor=40, limit=fr.MAX_SYNC_LIMIT),
+        fr.Ping(id="r18"),
+    ]
+    return {frame.type: frame for frame in frames}
+
+
+def sample_server_frames() -> dict[str, fr.ServerFrame]:
+    events = sample_events()
+    frames: list[fr.ServerFrame] = [
+        fr.HelloOk(
+            id="r1",
+            tenant_id=TENANT,
+            user_id="alice",
+            device_id="alice-phone",
+            node_id="ingress-1",
+            idle_timeout_ms=60_000,
+            max_frame_bytes=65_536,
+        ),
+        fr.Accepted(
+            id="r2",
+            conversation_id="c-1",
+            client_msg_id="m-1",
+            event_id=events["message.sent"].event_id,
+        ),
+        fr.Ok(id="r9", conversation_id="c-3"),
+        fr.EventFrame(sync_id=None, event=events["typing.changed"]),
+        fr.SyncPage(
+            id="r17",
+            events=[
+                fr.SyncedEvent(sync_id=41, event=events["message.sent"]),
+                fr.SyncedEvent(sync_id=44, event=events["receipt.read"]),
+            ],
+            has_more=True,
+            next_cursor=44,
+        ),
+        fr.ErrorFrame(
+            id="r2",
+            code=ErrorCode.RATE_LIMITED,
+            message="slow down",
+            retry_after_ms=250,
+            field=None,
+        ),
+        fr.Pong(id="r18"),
+    ]
+    return {frame.type: frame for frame in frames}

@@ -1,0 +1,253 @@
+"""Events: every type round-trips; bad input gets a stable code and the field path."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from schemas import events as ev
+from schemas.errors import ErrorCode, SchemaError
+from tests.schemas.samples import ALICE, TENANT, sample_events
+
+
+def sent_json(**payload_changes: Any) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(ev.encode_event(sample_events()["message.sent"]))
+    data["payload"].update(payload_changes)
+    return data
+
+
+def test_samples_cover_every_event_type() -> None:
+    assert list(sample_events()) == list(ev.EVENT_TYPES)
+    assert len(ev.EVENT_TYPES) == len(set(ev.EVENT_TYPES)) == 18
+
+
+@pytest.mark.parametrize("event_type", ev.EVENT_TYPES)
+def test_every_event_type_round_trips(event_type: str) -> None:
+    event = sample_events()[event_type]
+    raw = ev.encode_event(event)
+    decoded = ev.parse_event(raw)
+    assert type(decoded) is ev.EVENT_MODELS[event_type]
+    assert decoded == event
+    assert ev.encode_event(decoded) == raw
+    assert json.loads(raw)["schema_version"] == ev.SCHEMA_VERSION
+
+
+def test_new_fills_id_version_and_time() -> None:
+    before = datetime.now(UTC)
+    event = ev.ReceiptRead.new(
+        tenant_id=TENANT,
+        actor=ALICE,
+        payload=ev.ReceiptReadPayload(conversation_id="c-1", conversation_seq=3),
+    )
+    other = ev.ReceiptRead.new(tenant_id=TENANT, actor=ALICE, payload=event.payload)
+    assert event.type == "receipt.read"
+    assert event.event_id != other.event_id
+    assert event.schema_version == ev.SCHEMA_VERSION
+    assert before <= event.occurred_at <= datetime.now(UTC)
+
+
+def test_message_event_id_is_stable_per_send_and_distinct_across_sends() -> None:
+    first = ev.message_event_id(TENANT, "alice", "m-1")
+    assert first == ev.message_event_id(TENANT, "alice", "m-1")
+    assert first != ev.message_event_id(TENANT, "bob", "m-1")
+    assert first != ev.message_event_id(TENANT, "alice", "m-2")
+    assert first != ev.message_event_id("other", "alice", "m-1")
+    assert json.loads(json.dumps({"id": first}))["id"] == first
+
+
+def test_unknown_fields_are_accepted_and_not_written_back() -> None:
+    data = sent_json(added_in_1_1="x")
+    data["schema_version"] = "1.7"
+    data["trace"] = {"span": 1}
+    data["payload"]["body"]["format"] = "markdown"
+    event = ev.parse_event(json.dumps(data))
+    written = json.loads(ev.encode_event(event))
+    assert "trace" not in written
+    assert "added_in_1_1" not in written["payload"]
+    assert "format" not in written["payload"]["body"]
+    assert written["schema_version"] == "1.7"
+
+
+def test_another_major_version_is_refused() -> None:
+    data = sent_json()
+    data["schema_version"] = "2.0"
+    with pytest.raises(SchemaError) as caught:
+        ev.parse_event(json.dumps(data))
+    assert caught.value.code is ErrorCode.SCHEMA_INVALID
+    assert caught.value.field == "schema_version"
+    assert "major version 2" in caught.value.message
+
+
+def test_occurred_at_is_normalised_to_utc_and_needs_an_offset() -> None:
+    data = sent_json()
+    data["occurred_at"] = "2025-03-01T14:30:15+02:00"
+    event = ev.parse_event(json.dumps(data))
+    assert event.occurred_at == datetime(2025, 3, 1, 12, 30, 15, tzinfo=UTC)
+    assert json.loads(ev.encode_event(event))["occurred_at"] == "2025-03-01T12:30:15Z"
+    data["occurred_at"] = "2025-03-01T14:30:15"
+    with pytest.raises(SchemaError) as caught:
+        ev.parse_event(json.dumps(data))
+    assert caught.value.field == "occurred_at"
+
+
+def _mutate(change: Any) -> bytes:
+    data = sent_json()
+    change(data)
+    return json.dumps(data).encode()
+
+
+BAD_EVENTS: list[tuple[str, bytes, ErrorCode, str | None]] = [
+    ("not json", b'{"type": "message.sent",', ErrorCode.MALFORMED_JSON, None),
+    ("not utf-8", b'{"type": "\xff\xfe"}', ErrorCode.INVALID_UTF8, None),
+    ("not an object", b"[1, 2]", ErrorCode.SCHEMA_INVALID, None),
+    ("no type", b'{"event_id": "x"}', ErrorCode.SCHEMA_INVALID, "type"),
+    ("unknown type", b'{"type": "message.exploded"}', ErrorCode.UNKNOWN_TYPE, "type"),
+    (
+        "text not a string",
+        _mutate(lambda d: d["payload"]["body"].update(text=5)),
+        ErrorCode.SCHEMA_INVALID,
+        "payload.body.text",
+    ),
+    (
+        "text missing",
+        _mutate(lambda d: d["payload"]["body"].pop("text")),
+        ErrorCode.SCHEMA_INVALID,
+        "payload.body.text",
+    ),
+    (
+        "unknown body type",
+        _mutate(lambda d: d["payload"].update(body={"type": "hologram"})),
+        ErrorCode.SCHEMA_INVALID,
+        "payload.body.type",
+    ),
+    (
+        "media size negative",
+        _mutate(
+            lambda d: d["payload"].update(
+                body={"type": "media", "url": "https://x/y", "mime": "a/b", "size_bytes": -1}
+            )
+        ),
+        ErrorCode.SCHEMA_INVALID,
+        "payload.body.size_bytes",
+    ),
+    (
+        "client_msg_id too long",
+        _mutate(lambda d: d["payload"].update(client_msg_id="m" * 65)),
+        ErrorCode.SCHEMA_INVALID,
+        "payload.client_msg_id",
+    ),
+    (
+        "id with a slash",
+        _mutate(lambda d: d["payload"].update(conversation_id="a/b")),
+        ErrorCode.SCHEMA_INVALID,
+        "payload.conversation_id",
+    ),
+    (
+        "actor required",
+        _mutate(lambda d: d.update(actor=None)),
+        ErrorCode.SCHEMA_INVALID,
+        "actor",
+    ),
+    (
+        "event id not a uuid",
+        _mutate(lambda d: d.update(event_id="123")),
+        ErrorCode.SCHEMA_INVALID,
+        "event_id",
+    ),
+    (
+        "text body over the limit",
+        _mutate(lambda d: d["payload"]["body"].update(text="é" * ev.MAX_BODY_BYTES)),
+        ErrorCode.BODY_TOO_LARGE,
+        "payload.body.text",
+    ),
+    (
+        "custom body over the limit",
+        _mutate(
+            lambda d: d["payload"].update(
+                body={"type": "custom", "kind": "blob", "data": {"x": "y" * ev.MAX_BODY_BYTES}}
+            )
+        ),
+        ErrorCode.BODY_TOO_LARGE,
+        "payload.body.data",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "code", "field"),
+    [case[1:] for case in BAD_EVENTS],
+    ids=[case[0] for case in BAD_EVENTS],
+)
+def test_bad_events_name_the_code_and_field(raw: bytes, code: ErrorCode, field: str | None) -> None:
+    with pytest.raises(SchemaError) as caught:
+        ev.parse_event(raw)
+    assert caught.value.code is code
+    assert caught.value.field == field
+    assert caught.value.message
+
+
+def test_text_body_limit_counts_utf8_bytes_not_characters() -> None:
+    fits = "é" * (ev.MAX_BODY_BYTES // 2)
+    assert ev.TextBody(text=fits).text == fits
+    with pytest.raises(ValidationError, match=f"the limit is {ev.MAX_BODY_BYTES} bytes"):
+        ev.TextBody(text=fits + "é")
+
+
+@pytest.mark.parametrize(
+    ("payload", "field", "message"),
+    [
+        (
+            {"kind": "direct", "members": ["a", "b", "c"]},
+            "payload.members",
+            "exactly two members",
+        ),
+        ({"kind": "group", "members": ["a", "a"]}, "payload.members", "repeat"),
+        (
+            {"kind": "group", "members": ["a", "b"], "owner_id": "z"},
+            "payload.owner_id",
+            "one of the members",
+        ),
+        (
+            {"kind": "direct", "members": ["a", "b"], "owner_id": "a"},
+            "payload.owner_id",
+            "no owner",
+        ),
+    ],
+)
+def test_conversation_created_rules(payload: dict[str, Any], field: str, message: str) -> None:
+    data = json.loads(ev.encode_event(sample_events()["conversation.created"]))
+    data["payload"] = {"conversation_id": "c-9", **payload}
+    with pytest.raises(SchemaError) as caught:
+        ev.parse_event(json.dumps(data))
+    assert caught.value.field == field
+    assert message in caught.value.message
+
+
+def test_muted_until_needs_muted() -> None:
+    data = json.loads(ev.encode_event(sample_events()["conversation.mute_changed"]))
+    data["payload"]["muted"] = False
+    with pytest.raises(SchemaError) as caught:
+        ev.parse_event(json.dumps(data))
+    assert caught.value.field == "payload.muted_until"
+
+
+def test_live_delivery_round_trips_and_reports_paths_inside_the_event() -> None:
+    delivery = ev.LiveDelivery(
+        node_id="ingress-2",
+        tenant_id=TENANT,
+        user_id="bob",
+        device_ids=["bob-web"],
+        sync_id=12,
+        event=sample_events()["message.sent"],
+    )
+    raw = ev.encode_live_delivery(delivery)
+    assert ev.parse_live_delivery(raw) == delivery
+    data = json.loads(raw)
+    data["event"]["payload"]["body"]["text"] = ""
+    with pytest.raises(SchemaError) as caught:
+        ev.parse_live_delivery(json.dumps(data))
+    assert caught.value.field == "event.payload.body.text"

@@ -1,0 +1,198 @@
+"""The topic catalog: names, keys, co-partitioning, dead letters and Kafka-compatible placement."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from pipelines.connections import kafka_config
+from pipelines.settings import Settings
+from schemas.events import EVENT_TYPES
+from schemas.topics import (
+    DEAD_LETTER_SUFFIX,
+    KAFKA_PARTITIONER,
+    CleanupPolicy,
+    KeyKind,
+    gateway_key,
+    murmur2,
+    partition_for_key,
+    topic_catalog,
+)
+from tests.schemas.samples import sample_events
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def with_kafka(settings: Settings, **changes: object) -> Settings:
+    return settings.model_copy(update={"kafka": settings.kafka.model_copy(update=changes)})
+
+
+def test_names_carry_the_prefix_and_replication_comes_from_settings(settings: Settings) -> None:
+    catalog = topic_catalog(with_kafka(settings, topic_prefix="staging.", replication_factor=3))
+    for topic in catalog:
+        assert topic.name == "staging." + topic.logical_name
+        assert topic.replication == 3
+        assert topic.min_insync_replicas == 2
+        assert topic.configs()["min.insync.replicas"] == "2"
+    plain = topic_catalog(with_kafka(settings, topic_prefix="", replication_factor=1))
+    assert all(topic.name == topic.logical_name for topic in plain)
+    assert {topic.min_insync_replicas for topic in plain} == {1}
+
+
+def test_every_event_type_has_exactly_one_inbound_topic(settings: Settings) -> None:
+    catalog = topic_catalog(settings)
+    inbound = [t for topic in catalog.sources() if topic.ingress for t in topic.events]
+    assert sorted(inbound) == sorted(EVENT_TYPES)
+    carried = {t for topic in catalog for t in topic.events}
+    assert carried <= set(EVENT_TYPES)
+
+
+@pytest.mark.parametrize(
+    ("event_type", "role", "key"),
+    [
+        ("message.sent", "messages_in", b"acme/c-1"),
+        ("message.edited", "messages_in", b"acme/c-1"),
+        ("conversation.created", "conversations_in", b"acme/c-2"),
+        ("conversation.deleted", "conversations_in", b"acme/c-2"),
+        ("receipt.read", "user_state_in", b"acme/alice"),
+        ("badge.cleared", "user_state_in", b"acme/alice"),
+        ("typing.changed", "typing_in", b"acme/c-1"),
+        ("device.disconnected", "presence", b"acme/alice/alice-phone"),
+        ("push_token.removed", "push_tokens", b"acme/alice/alice-phone"),
+    ],
+)
+def test_route_gives_the_inbound_topic_and_key(
+    settings: Settings, event_type: str, role: str, key: bytes
+) -> None:
+    catalog = topic_catalog(settings)
+    topic, routed_key = catalog.route(sample_events()[event_type])
+    assert topic is getattr(catalog, role)
+    assert routed_key == key
+
+
+def test_every_sample_event_routes(settings: Settings) -> None:
+    catalog = topic_catalog(settings)
+    for event in sample_events().values():
+        topic, key = catalog.route(event)
+        assert event.type in topic.events
+        assert key.startswith(b"acme/")
+
+
+def test_dead_letters(settings: Settings) -> None:
+    catalog = topic_catalog(with_kafka(settings, topic_prefix="p."))
+    ephemeral = {catalog.typing_in.name, catalog.live_delivery.name}
+    for topic in catalog.sources():
+        if topic.name in ephemeral:
+            assert topic.dead_letter is None
+            with pytest.raises(ValueError, match="ephemeral"):
+                catalog.dead_letter_of(topic)
+            continue
+        dead_letter = catalog.dead_letter_of(topic)
+        assert dead_letter.name == topic.name + DEAD_LETTER_SUFFIX
+        assert dead_letter.key is KeyKind.NONE
+        assert dead_letter.dead_letter is None
+    assert len(catalog.dead_letters) == len(catalog.sources()) - len(ephemeral)
+    names = [topic.name for topic in catalog]
+    assert len(names) == len(set(names))
+
+
+def test_compacted_state_is_device_keyed_and_kept_forever(settings: Settings) -> None:
+    catalog = topic_catalog(settings)
+    compacted = [topic for topic in catalog if topic.cleanup is CleanupPolicy.COMPACT]
+    assert compacted == [catalog.presence, catalog.push_tokens]
+    for topic in compacted:
+        assert topic.key is KeyKind.DEVICE
+        assert topic.configs()["retention.ms"] == "-1"
+    assert catalog.live_delivery.key is KeyKind.GATEWAY
+    assert catalog.sync_events.key is KeyKind.USER
+    assert catalog.messages_sequenced.key is KeyKind.CONVERSATION
+
+
+def test_short_lived_topics_roll_segments_as_often_as_they_expire(settings: Settings) -> None:
+    catalog = topic_catalog(settings)
+    for topic in (catalog.typing_in, catalog.live_delivery):
+        assert topic.configs()["segment.ms"] == topic.configs()["retention.ms"]
+    assert "segment.ms" not in catalog.messages_in.configs()
+
+
+def test_partition_overrides(settings: Settings) -> None:
+    default = topic_catalog(settings)
+    grown = topic_catalog(settings, partitions={default.presence.logical_name: 12})
+    assert grown.presence.partitions == 12
+    assert grown.push_tokens.partitions == default.push_tokens.partitions
+    conversation_topics = [t for t in default.sources() if t.key is KeyKind.CONVERSATION]
+    together = topic_catalog(
+        settings, partitions={topic.logical_name: 24 for topic in conversation_topics}
+    )
+    assert {t.partitions for t in together.sources() if t.key is KeyKind.CONVERSATION} == {24}
+    with pytest.raises(ValueError, match="co-partitioned"):
+        topic_catalog(settings, partitions={default.messages_in.logical_name: 24})
+    with pytest.raises(ValueError, match="unknown topic"):
+        topic_catalog(settings, partitions={"no.such.topic": 2})
+
+
+def test_murmur2_matches_the_java_client() -> None:
+    # Test vectors of org.apache.kafka.common.utils.UtilsTest#testMurmur2.
+    vectors = {
+        b"21": -973932308,
+        b"foobar": -790332482,
+        b"a-little-bit-long-string": -985981536,
+        b"a-little-bit-longer-string": -1486304829,
+        b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
+        b"abc": 479470107,
+    }
+    for data, signed in vectors.items():
+        assert murmur2(data) == signed & 0xFFFFFFFF
+
+
+@pytest.fixture
+def six_partitions(kafka_admin: AdminClient, unique_name: str) -> Iterator[str]:
+    kafka_admin.create_topics([NewTopic(unique_name, num_partitions=6)])[unique_name].result(30)
+    yield unique_name
+    kafka_admin.delete_topics([unique_name])[unique_name].result(timeout=30)
+
+
+def test_partition_for_key_is_where_librdkafka_puts_the_key(
+    settings: Settings, six_partitions: str
+) -> None:
+    producer = Producer(kafka_config(settings, partitioner=KAFKA_PARTITIONER))
+    placed: dict[bytes, int] = {}
+
+    def on_delivery(error: object, message: object) -> None:
+        assert error is None
+        placed[message.key()] = message.partition()  # type: ignore[attr-defined]
+
+    keys = [gateway_key(f"ingress-{n}") for n in range(20)] + [
+        f"acme/conversation-{n}".encode() for n in range(40)
+    ]
+    for key in keys:
+        producer.produce(six_partitions, key=key, value=b"x", on_delivery=on_delivery)
+    assert producer.flush(30) == 0
+    assert placed == {key: partition_for_key(key, 6) for key in keys}
+    assert len(set(placed.values())) == 6
+
+
+def test_no_topic_name_is_spelled_outside_the_catalog(settings: Settings) -> None:
+    """Topic names live in schemas/topics.py; code elsewhere asks the catalog."""
+    names = {topic.logical_name for topic in topic_catalog(settings)}
+    quoted = re.compile(r"""["']([a-z0-9._-]+)["']""")
+    offenders = []
+    sources = [
+        path
+        for folder in ("streams", "ingress", "sinks", "schemas", "pipelines", "dashboards", "tests")
+        for path in (REPO / folder).rglob("*.py")
+    ]
+    sources += list((REPO / "bench").rglob("*.py")) if (REPO / "bench").is_dir() else []
+    for path in sources:
+        relative = path.relative_to(REPO)
+        if relative == Path("schemas/topics.py"):
+            continue
+        for match in quoted.finditer(path.read_text(encoding="utf-8")):
+            if match.group(1) in names:
+                offenders.append(f"{relative}: {match.group(1)}")
+    assert offenders == []
