@@ -1,0 +1,418 @@
+"""The conversation processor's rules, as a pure function of (state, command) → outcome.
+
+Every conversation-scoped command — messages, recalls, edits, read receipts, typing, and the
+conversation's own lifecycle and membership — is decided here, one conversation at a time and in
+the order of its (conversation-keyed) Kafka partition. Nothing in this module does I/O: the agent
+that wires it (``streams.agents``) loads the state from its tables, calls :func:`decide`, and writes
+the outcome — new state, sequenced events, per-user deliveries — in one Kafka transaction. Because
+the same state and command always give the same outcome, re-processing after a crash reproduces
+exactly what the aborted transaction would have written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+from schemas.events import (
+    ConversationCreated,
+    ConversationDeleted,
+    ConversationKind,
+    ConversationLeft,
+    ConversationMemberAdded,
+    ConversationMemberRemoved,
+    ConversationMemberRoleChanged,
+    ConversationRenamed,
+    Event,
+    MessageEdited,
+    MessageRecalled,
+    MessageSent,
+    ReceiptRead,
+    Role,
+    TypingChanged,
+)
+
+#: Roles that may manage a group: rename it, add and remove members.
+MANAGERS = frozenset({Role.OWNER, Role.ADMIN})
+
+
+class RejectReason(StrEnum):
+    """Why a command changed nothing; sent back to the requesting user's devices."""
+
+    CONVERSATION_NOT_FOUND = "conversation-not-found"
+    CONVERSATION_EXISTS = "conversation-exists"
+    CONVERSATION_DELETED = "conversation-deleted"
+    NOT_A_MEMBER = "not-a-member"
+    NOT_ALLOWED = "not-allowed"
+    ALREADY_A_MEMBER = "already-a-member"
+    OWNER_MUST_HAND_OVER = "owner-must-hand-over"
+    NOT_FOR_DIRECT = "not-for-direct-conversations"
+    MESSAGE_NOT_FOUND = "message-not-found"
+    NOT_THE_SENDER = "not-the-sender"
+    MESSAGE_RECALLED = "message-recalled"
+    GROUP_FULL = "group-full"
+
+
+def direct_conversation_id(tenant_id: str, first_user: str, second_user: str) -> str:
+    """The one id of the direct conversation between two users, whichever of them creates it."""
+    low, high = sorted((first_user, second_user))
+    digest = hashlib.sha256(f"{tenant_id}\0{low}\0{high}".encode()).hexdigest()[:32]
+    return f"d.{digest}"
+
+
+@dataclass(slots=True)
+class ConversationState:
+    """What the processor remembers of one conversation (a table value, JSON-serialised)."""
+
+    kind: ConversationKind
+    members: dict[str, Role]
+    name: str | None = None
+    last_seq: int = 0
+    deleted: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind.value,
+            "members": {user: role.value for user, role in self.members.items()},
+            "name": self.name,
+            "last_seq": self.last_seq,
+            "deleted": self.deleted,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ConversationState:
+        return cls(
+            kind=ConversationKind(data["kind"]),
+            members={user: Role(role) for user, role in data["members"].items()},
+            name=data.get("name"),
+            last_seq=int(data.get("last_seq", 0)),
+            deleted=bool(data.get("deleted", False)),
+        )
+
+    @property
+    def owner(self) -> str | None:
+        return next((user for user, role in self.members.items() if role is Role.OWNER), None)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRecord:
+    """What the processor remembers of one message, to authorise recalls and edits."""
+
+    sender_id: str
+    conversation_seq: int
+    recalled: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sender_id": self.sender_id,
+            "seq": self.conversation_seq,
+            "recalled": self.recalled,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MessageRecord:
+        return cls(data["sender_id"], int(data["seq"]), bool(data.get("recalled", False)))
+
+
+class DeliveryKind(StrEnum):
+    """How an event reaches one user's sync queue."""
+
+    #: The whole event is appended to the user's queue (write diffusion).
+    FULL = "full"
+    #: Large groups: only "the conversation advanced to seq N" (read diffusion for the body).
+    ADVANCED = "advanced"
+    #: Routed to online devices and never stored (typing).
+    EPHEMERAL = "ephemeral"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One event for one user; the user processor gives it a ``sync_id`` unless ephemeral."""
+
+    user_id: str
+    event: Event
+    kind: DeliveryKind = DeliveryKind.FULL
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    user_id: str
+    reason: RejectReason
+    command: Event
+
+
+@dataclass(slots=True)
+class Outcome:
+    """Everything one command causes; empty lists mean nothing to write."""
+
+    state: ConversationState | None = None
+    state_changed: bool = False
+    sequenced: list[Event] = field(default_factory=list)
+    deliveries: list[Delivery] = field(default_factory=list)
+    messages: dict[str, MessageRecord] = field(default_factory=dict)
+    rejection: Rejection | None = None
+
+
+def _reject(command: Event, user_id: str, reason: RejectReason) -> Outcome:
+    return Outcome(rejection=Rejection(user_id=user_id, reason=reason, command=command))
+
+
+def _to_all(
+    event: Event, members: dict[str, Role] | list[str], kind: DeliveryKind = DeliveryKind.FULL
+) -> list[Delivery]:
+    return [Delivery(user_id=user, event=event, kind=kind) for user in members]
+
+
+def _requester(command: Event) -> str:
+    return command.actor.user_id if command.actor is not None else ""
+
+
+def decide(
+    state: ConversationState | None,
+    command: Event,
+    *,
+    messages: dict[str, MessageRecord] | None = None,
+    large_group_threshold: int = 500,
+    max_members: int = 100_000,
+) -> Outcome:
+    """The outcome of ``command`` on a conversation whose current state is ``state``.
+
+    ``messages`` holds the records of the messages the command refers to (recall, edit), looked up
+    by the caller. Sequenced events carry ``conversation_seq``; a message to a group larger than
+    ``large_group_threshold`` reaches members as :attr:`DeliveryKind.ADVANCED`.
+    """
+    requester = _requester(command)
+    if isinstance(command, ConversationCreated):
+        return _create(state, command, requester)
+    if state is None:
+        return _reject(command, requester, RejectReason.CONVERSATION_NOT_FOUND)
+    if state.deleted:
+        return _reject(command, requester, RejectReason.CONVERSATION_DELETED)
+    if requester and requester not in state.members:
+        return _reject(command, requester, RejectReason.NOT_A_MEMBER)
+    match command:
+        case MessageSent():
+            return _sequence(state, command, requester, large_group_threshold)
+        case MessageRecalled() | MessageEdited():
+            record = (messages or {}).get(command.payload.message_id)
+            return _amend(state, command, requester, record, large_group_threshold)
+        case ReceiptRead():
+            return _read(state, command, requester)
+        case TypingChanged():
+            others = [user for user in state.members if user != requester]
+            return Outcome(deliveries=_to_all(command, others, DeliveryKind.EPHEMERAL))
+        case ConversationRenamed():
+            return _rename(state, command, requester)
+        case ConversationMemberAdded():
+            return _add_member(state, command, requester, max_members)
+        case ConversationMemberRemoved():
+            return _remove_member(state, command, requester)
+        case ConversationMemberRoleChanged():
+            return _change_role(state, command, requester)
+        case ConversationLeft():
+            return _leave(state, command, requester)
+        case ConversationDeleted():
+            return _delete(state, command, requester)
+    return _reject(command, requester, RejectReason.NOT_ALLOWED)
+
+
+def _create(
+    state: ConversationState | None, command: ConversationCreated, requester: str
+) -> Outcome:
+    payload = command.payload
+    if state is not None:
+        same_members = set(state.members) == set(payload.members)
+        if payload.kind is ConversationKind.DIRECT and same_members and not state.deleted:
+            # Direct conversations have a deterministic id: creating one twice is not an error.
+            return Outcome()
+        return _reject(command, requester, RejectReason.CONVERSATION_EXISTS)
+    if requester and requester not in payload.members:
+        return _reject(command, requester, RejectReason.NOT_A_MEMBER)
+    if payload.kind is ConversationKind.DIRECT:
+        members = dict.fromkeys(payload.members, Role.MEMBER)
+    else:
+        owner = payload.owner_id or requester or payload.members[0]
+        members = {user: Role.OWNER if user == owner else Role.MEMBER for user in payload.members}
+    new_state = ConversationState(kind=payload.kind, members=members, name=payload.name)
+    return Outcome(
+        state=new_state,
+        state_changed=True,
+        sequenced=[command],
+        deliveries=_to_all(command, members),
+    )
+
+
+def _sequence(
+    state: ConversationState, command: MessageSent, requester: str, threshold: int
+) -> Outcome:
+    seq = state.last_seq + 1
+    sequenced = command.model_copy(
+        update={"payload": command.payload.model_copy(update={"conversation_seq": seq})}
+    )
+    new_state = replace(state, last_seq=seq)
+    return Outcome(
+        state=new_state,
+        state_changed=True,
+        sequenced=[sequenced],
+        deliveries=_fan_out(sequenced, state.members, threshold),
+        messages={command.event_id: MessageRecord(sender_id=requester, conversation_seq=seq)},
+    )
+
+
+def _fan_out(event: Event, members: dict[str, Role], threshold: int) -> list[Delivery]:
+    kind = DeliveryKind.ADVANCED if len(members) > threshold else DeliveryKind.FULL
+    return _to_all(event, members, kind)
+
+
+def _amend(
+    state: ConversationState,
+    command: MessageRecalled | MessageEdited,
+    requester: str,
+    record: MessageRecord | None,
+    threshold: int,
+) -> Outcome:
+    if record is None:
+        return _reject(command, requester, RejectReason.MESSAGE_NOT_FOUND)
+    if record.recalled:
+        return _reject(command, requester, RejectReason.MESSAGE_RECALLED)
+    may_recall_others = (
+        state.kind is ConversationKind.GROUP and state.members.get(requester) in MANAGERS
+    )
+    if record.sender_id != requester and not (
+        isinstance(command, MessageRecalled) and may_recall_others
+    ):
+        return _reject(command, requester, RejectReason.NOT_THE_SENDER)
+    seq = state.last_seq + 1
+    sequenced: MessageRecalled | MessageEdited = command.model_copy(
+        update={"payload": command.payload.model_copy(update={"conversation_seq": seq})}
+    )
+    updated = replace(record, recalled=isinstance(command, MessageRecalled))
+    return Outcome(
+        state=replace(state, last_seq=seq),
+        state_changed=True,
+        sequenced=[sequenced],
+        deliveries=_fan_out(sequenced, state.members, threshold),
+        messages={command.payload.message_id: updated},
+    )
+
+
+def _read(state: ConversationState, command: ReceiptRead, requester: str) -> Outcome:
+    seq = min(command.payload.conversation_seq, state.last_seq)
+    if seq <= 0:
+        return Outcome()
+    clamped = command
+    if seq != command.payload.conversation_seq:
+        clamped = command.model_copy(
+            update={"payload": command.payload.model_copy(update={"conversation_seq": seq})}
+        )
+    # The reader's own devices get the read position; the others get a receipt. Both are the
+    # same event: a device tells them apart by the actor.
+    return Outcome(deliveries=_to_all(clamped, state.members))
+
+
+def _managed(state: ConversationState, command: Event, requester: str) -> Outcome | None:
+    """A rejection unless the requester may manage this group; None when allowed."""
+    if state.kind is ConversationKind.DIRECT:
+        return _reject(command, requester, RejectReason.NOT_FOR_DIRECT)
+    if requester and state.members.get(requester) not in MANAGERS:
+        return _reject(command, requester, RejectReason.NOT_ALLOWED)
+    return None
+
+
+def _changed(state: ConversationState, command: Event, audience: list[str]) -> Outcome:
+    return Outcome(
+        state=state,
+        state_changed=True,
+        sequenced=[command],
+        deliveries=_to_all(command, audience),
+    )
+
+
+def _rename(state: ConversationState, command: ConversationRenamed, requester: str) -> Outcome:
+    if (refused := _managed(state, command, requester)) is not None:
+        return refused
+    return _changed(replace(state, name=command.payload.name), command, list(state.members))
+
+
+def _add_member(
+    state: ConversationState, command: ConversationMemberAdded, requester: str, max_members: int
+) -> Outcome:
+    if (refused := _managed(state, command, requester)) is not None:
+        return refused
+    user = command.payload.user_id
+    if user in state.members:
+        return _reject(command, requester, RejectReason.ALREADY_A_MEMBER)
+    if len(state.members) >= max_members:
+        return _reject(command, requester, RejectReason.GROUP_FULL)
+    role = command.payload.role
+    if role is Role.OWNER or (
+        role is Role.ADMIN and state.members.get(requester) is not Role.OWNER
+    ):
+        return _reject(command, requester, RejectReason.NOT_ALLOWED)
+    members = {**state.members, user: role}
+    return _changed(replace(state, members=members), command, list(members))
+
+
+def _remove_member(
+    state: ConversationState, command: ConversationMemberRemoved, requester: str
+) -> Outcome:
+    if (refused := _managed(state, command, requester)) is not None:
+        return refused
+    user = command.payload.user_id
+    target_role = state.members.get(user)
+    if target_role is None:
+        return _reject(command, requester, RejectReason.NOT_A_MEMBER)
+    # The owner is never removed; admins are removed by the owner only.
+    if target_role is Role.OWNER or (
+        target_role is Role.ADMIN and state.members.get(requester) is not Role.OWNER
+    ):
+        return _reject(command, requester, RejectReason.NOT_ALLOWED)
+    audience = list(state.members)
+    members = {member: role for member, role in state.members.items() if member != user}
+    return _changed(replace(state, members=members), command, audience)
+
+
+def _change_role(
+    state: ConversationState, command: ConversationMemberRoleChanged, requester: str
+) -> Outcome:
+    if state.kind is ConversationKind.DIRECT:
+        return _reject(command, requester, RejectReason.NOT_FOR_DIRECT)
+    if requester and state.members.get(requester) is not Role.OWNER:
+        return _reject(command, requester, RejectReason.NOT_ALLOWED)
+    user, role = command.payload.user_id, command.payload.role
+    if user not in state.members:
+        return _reject(command, requester, RejectReason.NOT_A_MEMBER)
+    members = dict(state.members)
+    if role is Role.OWNER:
+        # Handing over: the new owner takes the role, the old owner becomes an admin.
+        for member, current in members.items():
+            if current is Role.OWNER:
+                members[member] = Role.ADMIN
+    elif members[user] is Role.OWNER:
+        return _reject(command, requester, RejectReason.OWNER_MUST_HAND_OVER)
+    members[user] = role
+    return _changed(replace(state, members=members), command, list(members))
+
+
+def _leave(state: ConversationState, command: ConversationLeft, requester: str) -> Outcome:
+    user = command.payload.user_id
+    if requester and user != requester:
+        return _reject(command, requester, RejectReason.NOT_ALLOWED)
+    if state.kind is ConversationKind.DIRECT:
+        return _reject(command, requester, RejectReason.NOT_FOR_DIRECT)
+    if state.members.get(user) is Role.OWNER and len(state.members) > 1:
+        return _reject(command, requester, RejectReason.OWNER_MUST_HAND_OVER)
+    audience = list(state.members)
+    members = {member: role for member, role in state.members.items() if member != user}
+    deleted = not members
+    return _changed(replace(state, members=members, deleted=deleted), command, audience)
+
+
+def _delete(state: ConversationState, command: ConversationDeleted, requester: str) -> Outcome:
+    if state.kind is ConversationKind.DIRECT:
+        return _reject(command, requester, RejectReason.NOT_FOR_DIRECT)
+    if requester and state.members.get(requester) is not Role.OWNER:
+        return _reject(command, requester, RejectReason.NOT_ALLOWED)
+    return _changed(replace(state, deleted=True), command, list(state.members))

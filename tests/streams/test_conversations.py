@@ -1,0 +1,306 @@
+"""The conversation rules, decided without I/O: authorization, sequencing, fan-out modes."""
+
+from __future__ import annotations
+
+import pytest
+
+from schemas.events import (
+    Actor,
+    ConversationCreated,
+    ConversationCreatedPayload,
+    ConversationDeleted,
+    ConversationDeletedPayload,
+    ConversationKind,
+    ConversationLeft,
+    ConversationLeftPayload,
+    ConversationMemberAdded,
+    ConversationMemberAddedPayload,
+    ConversationMemberRemoved,
+    ConversationMemberRemovedPayload,
+    ConversationMemberRoleChanged,
+    ConversationMemberRoleChangedPayload,
+    ConversationRenamed,
+    ConversationRenamedPayload,
+    Event,
+    MessageEdited,
+    MessageEditedPayload,
+    MessageRecalled,
+    MessageRecalledPayload,
+    MessageSent,
+    MessageSentPayload,
+    ReceiptRead,
+    ReceiptReadPayload,
+    Role,
+    TextBody,
+    TypingChanged,
+    TypingChangedPayload,
+    message_event_id,
+)
+from streams.conversations import (
+    ConversationState,
+    DeliveryKind,
+    MessageRecord,
+    Outcome,
+    RejectReason,
+    decide,
+    direct_conversation_id,
+)
+
+TENANT = "acme"
+CONVERSATION = "c-1"
+
+
+def by(user: str) -> Actor:
+    return Actor(user_id=user, device_id=f"{user}-phone")
+
+
+def send(user: str, client_msg_id: str, text: str = "hi") -> MessageSent:
+    return MessageSent.new(
+        tenant_id=TENANT,
+        actor=by(user),
+        event_id=message_event_id(TENANT, user, client_msg_id),
+        payload=MessageSentPayload(
+            conversation_id=CONVERSATION, client_msg_id=client_msg_id, body=TextBody(text=text)
+        ),
+    )
+
+
+def group(owner: str = "alice", *others: str) -> ConversationState:
+    members = {owner: Role.OWNER, **dict.fromkeys(others or ("bob", "carol"), Role.MEMBER)}
+    return ConversationState(kind=ConversationKind.GROUP, members=members, name="team")
+
+
+def rejected(outcome: Outcome) -> RejectReason | None:
+    return outcome.rejection.reason if outcome.rejection else None
+
+
+def test_direct_conversation_id_is_the_same_whoever_creates_it() -> None:
+    assert direct_conversation_id(TENANT, "alice", "bob") == direct_conversation_id(
+        TENANT, "bob", "alice"
+    )
+    assert direct_conversation_id(TENANT, "alice", "bob") != direct_conversation_id(
+        "other", "alice", "bob"
+    )
+
+
+def test_creating_a_group_makes_the_creator_owner_and_tells_every_member() -> None:
+    command = ConversationCreated.new(
+        tenant_id=TENANT,
+        actor=by("alice"),
+        payload=ConversationCreatedPayload(
+            conversation_id=CONVERSATION,
+            kind=ConversationKind.GROUP,
+            members=["alice", "bob", "carol"],
+            name="team",
+        ),
+    )
+    outcome = decide(None, command)
+    assert outcome.state is not None
+    assert outcome.state.members == {"alice": Role.OWNER, "bob": Role.MEMBER, "carol": Role.MEMBER}
+    assert {delivery.user_id for delivery in outcome.deliveries} == {"alice", "bob", "carol"}
+    assert rejected(decide(outcome.state, command)) is RejectReason.CONVERSATION_EXISTS
+
+
+def test_creating_a_direct_conversation_twice_is_harmless() -> None:
+    command = ConversationCreated.new(
+        tenant_id=TENANT,
+        actor=by("alice"),
+        payload=ConversationCreatedPayload(
+            conversation_id=direct_conversation_id(TENANT, "alice", "bob"),
+            kind=ConversationKind.DIRECT,
+            members=["alice", "bob"],
+        ),
+    )
+    first = decide(None, command)
+    assert first.state is not None
+    again = decide(first.state, command)
+    assert again.rejection is None and not again.state_changed and not again.deliveries
+
+
+def test_messages_get_strictly_increasing_seqs_and_reach_every_member() -> None:
+    state = group()
+    seqs = []
+    for index in range(5):
+        outcome = decide(state, send("bob", f"m{index}"))
+        assert outcome.state is not None
+        state = outcome.state
+        (sequenced,) = outcome.sequenced
+        assert isinstance(sequenced, MessageSent)
+        seqs.append(sequenced.payload.conversation_seq)
+        assert {delivery.user_id for delivery in outcome.deliveries} == {"alice", "bob", "carol"}
+        assert {delivery.kind for delivery in outcome.deliveries} == {DeliveryKind.FULL}
+    assert seqs == [1, 2, 3, 4, 5]
+
+
+def test_only_members_send() -> None:
+    assert rejected(decide(group(), send("mallory", "m1"))) is RejectReason.NOT_A_MEMBER
+    assert rejected(decide(None, send("bob", "m1"))) is RejectReason.CONVERSATION_NOT_FOUND
+
+
+def test_large_groups_get_the_light_advanced_event() -> None:
+    outcome = decide(group(), send("bob", "m1"), large_group_threshold=2)
+    assert {delivery.kind for delivery in outcome.deliveries} == {DeliveryKind.ADVANCED}
+
+
+def amend(kind: type[Event], user: str, message_id: str) -> Event:
+    if kind is MessageRecalled:
+        return MessageRecalled.new(
+            tenant_id=TENANT,
+            actor=by(user),
+            payload=MessageRecalledPayload(conversation_id=CONVERSATION, message_id=message_id),
+        )
+    return MessageEdited.new(
+        tenant_id=TENANT,
+        actor=by(user),
+        payload=MessageEditedPayload(
+            conversation_id=CONVERSATION, message_id=message_id, body=TextBody(text="fixed")
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "user", "reason"),
+    [
+        (MessageRecalled, "bob", None),
+        (MessageRecalled, "alice", None),
+        (MessageRecalled, "carol", RejectReason.NOT_THE_SENDER),
+        (MessageEdited, "bob", None),
+        (MessageEdited, "alice", RejectReason.NOT_THE_SENDER),
+    ],
+)
+def test_recall_and_edit_rules(kind: type[Event], user: str, reason: RejectReason | None) -> None:
+    sent = decide(group(), send("bob", "m1"))
+    assert sent.state is not None
+    records = sent.messages
+    (message_id,) = records
+    outcome = decide(sent.state, amend(kind, user, message_id), messages=records)
+    assert rejected(outcome) is reason
+    if reason is None:
+        (sequenced,) = outcome.sequenced
+        assert sequenced.payload.conversation_seq == 2  # type: ignore[union-attr]
+
+
+def test_a_recalled_message_cannot_be_recalled_or_edited_again() -> None:
+    message_id = message_event_id(TENANT, "bob", "m1")
+    records = {message_id: MessageRecord(sender_id="bob", conversation_seq=1, recalled=True)}
+    for kind in (MessageRecalled, MessageEdited):
+        outcome = decide(group(), amend(kind, "bob", message_id), messages=records)
+        assert rejected(outcome) is RejectReason.MESSAGE_RECALLED
+    unknown = decide(group(), amend(MessageEdited, "bob", message_id))
+    assert rejected(unknown) is RejectReason.MESSAGE_NOT_FOUND
+
+
+def test_read_position_is_clamped_to_the_last_seq() -> None:
+    state = group()
+    state.last_seq = 3
+    read = ReceiptRead.new(
+        tenant_id=TENANT,
+        actor=by("carol"),
+        payload=ReceiptReadPayload(conversation_id=CONVERSATION, conversation_seq=99),
+    )
+    outcome = decide(state, read)
+    assert {delivery.user_id for delivery in outcome.deliveries} == {"alice", "bob", "carol"}
+    assert {delivery.event.payload.conversation_seq for delivery in outcome.deliveries} == {3}  # type: ignore[union-attr]
+
+
+def test_typing_is_ephemeral_and_not_sent_back_to_the_typist() -> None:
+    typing = TypingChanged.new(
+        tenant_id=TENANT,
+        actor=by("bob"),
+        payload=TypingChangedPayload(conversation_id=CONVERSATION, active=True),
+    )
+    outcome = decide(group(), typing)
+    assert {delivery.user_id for delivery in outcome.deliveries} == {"alice", "carol"}
+    assert {delivery.kind for delivery in outcome.deliveries} == {DeliveryKind.EPHEMERAL}
+    assert not outcome.sequenced
+
+
+def rename(user: str) -> ConversationRenamed:
+    return ConversationRenamed.new(
+        tenant_id=TENANT,
+        actor=by(user),
+        payload=ConversationRenamedPayload(conversation_id=CONVERSATION, name="new name"),
+    )
+
+
+def test_only_owner_or_admin_renames() -> None:
+    state = group()
+    assert rejected(decide(state, rename("bob"))) is RejectReason.NOT_ALLOWED
+    renamed = decide(state, rename("alice"))
+    assert renamed.state is not None and renamed.state.name == "new name"
+
+
+def test_membership_changes_and_their_rules() -> None:
+    state = group()
+    add = ConversationMemberAdded.new(
+        tenant_id=TENANT,
+        actor=by("alice"),
+        payload=ConversationMemberAddedPayload(conversation_id=CONVERSATION, user_id="dave"),
+    )
+    added = decide(state, add)
+    assert added.state is not None and "dave" in added.state.members
+    assert "dave" in {delivery.user_id for delivery in added.deliveries}
+    assert rejected(decide(added.state, add)) is RejectReason.ALREADY_A_MEMBER
+
+    remove_owner = ConversationMemberRemoved.new(
+        tenant_id=TENANT,
+        actor=by("alice"),
+        payload=ConversationMemberRemovedPayload(conversation_id=CONVERSATION, user_id="alice"),
+    )
+    assert rejected(decide(added.state, remove_owner)) is RejectReason.NOT_ALLOWED
+
+    remove = ConversationMemberRemoved.new(
+        tenant_id=TENANT,
+        actor=by("alice"),
+        payload=ConversationMemberRemovedPayload(conversation_id=CONVERSATION, user_id="dave"),
+    )
+    removed = decide(added.state, remove)
+    assert removed.state is not None and "dave" not in removed.state.members
+    # The removed member hears about it too.
+    assert "dave" in {delivery.user_id for delivery in removed.deliveries}
+
+
+def test_the_owner_cannot_leave_without_handing_over() -> None:
+    state = group()
+    leave = ConversationLeft.new(
+        tenant_id=TENANT,
+        actor=by("alice"),
+        payload=ConversationLeftPayload(conversation_id=CONVERSATION, user_id="alice"),
+    )
+    assert rejected(decide(state, leave)) is RejectReason.OWNER_MUST_HAND_OVER
+    hand_over = ConversationMemberRoleChanged.new(
+        tenant_id=TENANT,
+        actor=by("alice"),
+        payload=ConversationMemberRoleChangedPayload(
+            conversation_id=CONVERSATION, user_id="bob", role=Role.OWNER
+        ),
+    )
+    handed = decide(state, hand_over)
+    assert handed.state is not None
+    assert handed.state.members["bob"] is Role.OWNER
+    assert handed.state.members["alice"] is Role.ADMIN
+    left = decide(handed.state, leave)
+    assert left.rejection is None and left.state is not None
+    assert "alice" not in left.state.members
+
+
+def test_only_the_owner_deletes_and_nothing_happens_afterwards() -> None:
+    state = group()
+    delete = ConversationDeleted.new(
+        tenant_id=TENANT,
+        actor=by("bob"),
+        payload=ConversationDeletedPayload(conversation_id=CONVERSATION),
+    )
+    assert rejected(decide(state, delete)) is RejectReason.NOT_ALLOWED
+    by_owner = delete.model_copy(update={"actor": by("alice")})
+    deleted = decide(state, by_owner)
+    assert deleted.state is not None and deleted.state.deleted
+    assert rejected(decide(deleted.state, send("bob", "late"))) is RejectReason.CONVERSATION_DELETED
+
+
+def test_state_survives_its_json_form() -> None:
+    state = group()
+    state.last_seq = 42
+    assert ConversationState.from_json(state.to_json()) == state
+    record = MessageRecord(sender_id="bob", conversation_seq=7, recalled=True)
+    assert MessageRecord.from_json(record.to_json()) == record
