@@ -1,0 +1,312 @@
+"""The user processor's rules: one sync queue per user, read positions, unread counts, presence,
+live routing and push triggers — a pure function of (user state, input) → outcome.
+
+Inputs arrive on user-keyed partitions in order: deliveries decided by the conversation
+processor, the user's own state commands (mute, badge cleared) and presence changes of the user's
+devices. The agent wiring this module stores :class:`UserState` in a changelog-backed table and
+writes each :class:`UserOutcome` in the same Kafka transaction as the input's offset, so a sync id
+is handed out exactly once per event even when a worker dies mid-batch.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from schemas.events import (
+    BadgeCleared,
+    ConversationCreated,
+    ConversationDeleted,
+    ConversationLeft,
+    ConversationMemberRemoved,
+    ConversationMuteChanged,
+    DeviceConnected,
+    DeviceDisconnected,
+    Event,
+    MessageRecalled,
+    MessageSent,
+    ReceiptRead,
+)
+from streams.conversations import Delivery, DeliveryKind
+
+#: Unread seqs tracked one by one per conversation; beyond this only the count grows.
+MAX_TRACKED_UNREAD = 10_000
+
+
+@dataclass(slots=True)
+class ConversationView:
+    """One conversation as one user sees it."""
+
+    last_seq: int = 0
+    read_seq: int = 0
+    #: Seqs of other members' messages after ``read_seq``, ascending.
+    unread_seqs: list[int] = field(default_factory=list)
+    #: Unread messages beyond ``MAX_TRACKED_UNREAD`` (counted, not tracked).
+    unread_overflow: int = 0
+    muted: bool = False
+    muted_until: datetime | None = None
+    last_push_at: datetime | None = None
+    merged_since_push: int = 0
+
+    @property
+    def unread(self) -> int:
+        return len(self.unread_seqs) + self.unread_overflow
+
+    def is_muted(self, now: datetime) -> bool:
+        return self.muted and (self.muted_until is None or now < self.muted_until)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "last_seq": self.last_seq,
+            "read_seq": self.read_seq,
+            "unread_seqs": self.unread_seqs,
+            "unread_overflow": self.unread_overflow,
+            "muted": self.muted,
+            "muted_until": self.muted_until.isoformat() if self.muted_until else None,
+            "last_push_at": self.last_push_at.isoformat() if self.last_push_at else None,
+            "merged_since_push": self.merged_since_push,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ConversationView:
+        def when(key: str) -> datetime | None:
+            value = data.get(key)
+            return datetime.fromisoformat(value) if value else None
+
+        return cls(
+            last_seq=int(data.get("last_seq", 0)),
+            read_seq=int(data.get("read_seq", 0)),
+            unread_seqs=[int(seq) for seq in data.get("unread_seqs", [])],
+            unread_overflow=int(data.get("unread_overflow", 0)),
+            muted=bool(data.get("muted", False)),
+            muted_until=when("muted_until"),
+            last_push_at=when("last_push_at"),
+            merged_since_push=int(data.get("merged_since_push", 0)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OnlineDevice:
+    node_id: str
+    connection_id: str
+
+
+@dataclass(slots=True)
+class UserState:
+    """Everything the user processor keeps for one user (a table value, JSON-serialised)."""
+
+    last_sync_id: int = 0
+    conversations: dict[str, ConversationView] = field(default_factory=dict)
+    devices: dict[str, OnlineDevice] = field(default_factory=dict)
+
+    def view(self, conversation_id: str) -> ConversationView:
+        return self.conversations.setdefault(conversation_id, ConversationView())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "last_sync_id": self.last_sync_id,
+            "conversations": {cid: view.to_json() for cid, view in self.conversations.items()},
+            "devices": {
+                device: [online.node_id, online.connection_id]
+                for device, online in self.devices.items()
+            },
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> UserState:
+        return cls(
+            last_sync_id=int(data.get("last_sync_id", 0)),
+            conversations={
+                cid: ConversationView.from_json(view)
+                for cid, view in data.get("conversations", {}).items()
+            },
+            devices={
+                device: OnlineDevice(node_id=pair[0], connection_id=pair[1])
+                for device, pair in data.get("devices", {}).items()
+            },
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """An event appended to the user's sync queue at ``sync_id``."""
+
+    sync_id: int
+    event: Event
+    kind: DeliveryKind
+
+
+@dataclass(frozen=True, slots=True)
+class PushJob:
+    """Ask the push sender to notify the user's devices about a conversation."""
+
+    conversation_id: str
+    conversation_seq: int
+    message_id: str
+    sender_id: str
+    merged_count: int
+    unread_total: int
+
+
+@dataclass(slots=True)
+class UserOutcome:
+    appended: list[Appended] = field(default_factory=list)
+    #: Ephemeral events for online devices only.
+    ephemeral: list[Event] = field(default_factory=list)
+    #: node id → devices there, for everything appended or ephemeral above.
+    live_nodes: dict[str, list[str]] = field(default_factory=dict)
+    push: PushJob | None = None
+    changed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PushPolicy:
+    #: At most one push per (user, conversation) per window; the rest are merged into the next.
+    collapse_window: timedelta = timedelta(seconds=30)
+
+
+def _live_nodes(state: UserState) -> dict[str, list[str]]:
+    nodes: dict[str, list[str]] = {}
+    for device, online in sorted(state.devices.items()):
+        nodes.setdefault(online.node_id, []).append(device)
+    return nodes
+
+
+def _append(state: UserState, outcome: UserOutcome, event: Event, kind: DeliveryKind) -> None:
+    state.last_sync_id += 1
+    outcome.appended.append(Appended(sync_id=state.last_sync_id, event=event, kind=kind))
+    outcome.changed = True
+
+
+def apply_delivery(
+    state: UserState,
+    user_id: str,
+    delivery: Delivery,
+    *,
+    now: datetime,
+    policy: PushPolicy = PushPolicy(),
+) -> UserOutcome:
+    """Append a conversation's event to the user's queue and update what the user sees."""
+    outcome = UserOutcome()
+    event = delivery.event
+    if delivery.kind is DeliveryKind.EPHEMERAL:
+        if state.devices:
+            outcome.ephemeral.append(event)
+            outcome.live_nodes = _live_nodes(state)
+        return outcome
+    _append(state, outcome, event, delivery.kind)
+    match event:
+        case MessageSent():
+            _on_message(state, user_id, event, outcome=outcome, now=now, policy=policy)
+        case MessageRecalled():
+            view = state.view(event.payload.conversation_id)
+            seq = event.payload.conversation_seq or 0
+            view.last_seq = max(view.last_seq, seq)
+        case ReceiptRead() if event.actor is not None and event.actor.user_id == user_id:
+            _on_own_read(state.view(event.payload.conversation_id), event.payload.conversation_seq)
+        case ConversationCreated():
+            state.view(event.payload.conversation_id)
+        case ConversationLeft() | ConversationMemberRemoved() if event.payload.user_id == user_id:
+            state.conversations.pop(event.payload.conversation_id, None)
+        case ConversationDeleted():
+            state.conversations.pop(event.payload.conversation_id, None)
+        case _:
+            pass
+    if state.devices:
+        outcome.live_nodes = _live_nodes(state)
+    return outcome
+
+
+def _on_message(
+    state: UserState,
+    user_id: str,
+    event: MessageSent,
+    *,
+    outcome: UserOutcome,
+    now: datetime,
+    policy: PushPolicy,
+) -> None:
+    payload = event.payload
+    view = state.view(payload.conversation_id)
+    seq = payload.conversation_seq or view.last_seq + 1
+    view.last_seq = max(view.last_seq, seq)
+    sender = event.actor.user_id
+    if sender == user_id:
+        # A user's own message is read on every device that sent or synced it.
+        _on_own_read(view, seq)
+        return
+    if seq > view.read_seq:
+        if len(view.unread_seqs) < MAX_TRACKED_UNREAD:
+            bisect.insort(view.unread_seqs, seq)
+        else:
+            view.unread_overflow += 1
+    if state.devices or view.is_muted(now):
+        return
+    view.merged_since_push += 1
+    if view.last_push_at is not None and now - view.last_push_at < policy.collapse_window:
+        return
+    outcome.push = PushJob(
+        conversation_id=payload.conversation_id,
+        conversation_seq=seq,
+        message_id=event.event_id,
+        sender_id=sender,
+        merged_count=view.merged_since_push,
+        unread_total=sum(other.unread for other in state.conversations.values()),
+    )
+    view.last_push_at = now
+    view.merged_since_push = 0
+
+
+def _on_own_read(view: ConversationView, seq: int) -> None:
+    """Read positions only move forward."""
+    if seq <= view.read_seq:
+        return
+    view.read_seq = seq
+    cut = bisect.bisect_right(view.unread_seqs, seq)
+    del view.unread_seqs[:cut]
+    if not view.unread_seqs:
+        view.unread_overflow = 0
+
+
+def apply_own_command(state: UserState, command: Event) -> UserOutcome:
+    """The user's own state commands: mute and badge cleared. Appended so every device converges."""
+    outcome = UserOutcome()
+    match command:
+        case ConversationMuteChanged():
+            view = state.view(command.payload.conversation_id)
+            view.muted = command.payload.muted
+            view.muted_until = command.payload.muted_until
+        case BadgeCleared():
+            targets = (
+                [command.payload.conversation_id]
+                if command.payload.conversation_id is not None
+                else list(state.conversations)
+            )
+            for conversation_id in targets:
+                view = state.view(conversation_id)
+                _on_own_read(view, view.last_seq)
+        case _:
+            return outcome
+    _append(state, outcome, command, DeliveryKind.FULL)
+    if state.devices:
+        outcome.live_nodes = _live_nodes(state)
+    return outcome
+
+
+def apply_presence(state: UserState, event: DeviceConnected | DeviceDisconnected) -> bool:
+    """Track which node holds each online device; a late disconnect of an old connection is
+    ignored (the connection id tells them apart). Returns whether anything changed."""
+    payload = event.payload
+    current = state.devices.get(payload.device_id)
+    if isinstance(event, DeviceConnected):
+        online = OnlineDevice(node_id=payload.node_id, connection_id=payload.connection_id)
+        if current == online:
+            return False
+        state.devices[payload.device_id] = online
+        return True
+    if current is None or current.connection_id != payload.connection_id:
+        return False
+    del state.devices[payload.device_id]
+    return True

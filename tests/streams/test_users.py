@@ -1,0 +1,182 @@
+"""The user rules: sync ids, unread counts, read positions, presence, push collapsing, mute."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from schemas.events import (
+    Actor,
+    BadgeCleared,
+    BadgeClearedPayload,
+    ConversationMuteChanged,
+    ConversationMuteChangedPayload,
+    DeviceConnected,
+    DeviceDisconnected,
+    DevicePresencePayload,
+    MessageSent,
+    MessageSentPayload,
+    Platform,
+    ReceiptRead,
+    ReceiptReadPayload,
+    TextBody,
+    TypingChanged,
+    TypingChangedPayload,
+    message_event_id,
+)
+from streams.conversations import Delivery, DeliveryKind
+from streams.users import (
+    PushPolicy,
+    UserState,
+    apply_delivery,
+    apply_own_command,
+    apply_presence,
+)
+
+TENANT = "acme"
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+
+
+def message(sender: str, seq: int, conversation: str = "c-1") -> Delivery:
+    event = MessageSent.new(
+        tenant_id=TENANT,
+        actor=Actor(user_id=sender),
+        event_id=message_event_id(TENANT, sender, f"m{seq}"),
+        payload=MessageSentPayload(
+            conversation_id=conversation,
+            client_msg_id=f"m{seq}",
+            body=TextBody(text="hi"),
+            conversation_seq=seq,
+        ),
+    )
+    return Delivery(user_id="alice", event=event)
+
+
+def read(user: str, seq: int) -> Delivery:
+    event = ReceiptRead.new(
+        tenant_id=TENANT,
+        actor=Actor(user_id=user),
+        payload=ReceiptReadPayload(conversation_id="c-1", conversation_seq=seq),
+    )
+    return Delivery(user_id="alice", event=event)
+
+
+def presence(connected: bool, connection: str = "conn-1") -> DeviceConnected | DeviceDisconnected:
+    payload = DevicePresencePayload(
+        user_id="alice",
+        device_id="phone",
+        platform=Platform.IOS,
+        node_id="ingress-1",
+        connection_id=connection,
+    )
+    model = DeviceConnected if connected else DeviceDisconnected
+    return model.new(tenant_id=TENANT, payload=payload)
+
+
+def test_sync_ids_strictly_increase_and_unread_counts_follow_reads() -> None:
+    state = UserState()
+    sync_ids: list[int] = []
+    for seq in (1, 2, 3):
+        outcome = apply_delivery(state, "alice", message("bob", seq), now=NOW)
+        sync_ids.extend(appended.sync_id for appended in outcome.appended)
+    outcome = apply_delivery(state, "alice", message("alice", 4), now=NOW)
+    sync_ids.extend(appended.sync_id for appended in outcome.appended)
+    assert sync_ids == [1, 2, 3, 4]
+    view = state.conversations["c-1"]
+    assert view.unread == 0  # her own message marks everything before it read
+    assert view.read_seq == 4
+
+    apply_delivery(state, "alice", message("bob", 5), now=NOW)
+    apply_delivery(state, "alice", message("bob", 6), now=NOW)
+    assert view.unread == 2
+    apply_delivery(state, "alice", read("alice", 5), now=NOW)
+    assert (view.read_seq, view.unread) == (5, 1)
+    apply_delivery(state, "alice", read("alice", 3), now=NOW)
+    assert (view.read_seq, view.unread) == (5, 1), "read positions never move backward"
+    apply_delivery(state, "alice", read("bob", 6), now=NOW)
+    assert view.unread == 1, "another member's receipt does not change alice's unread count"
+
+
+def test_badge_cleared_reads_everything_and_is_appended_for_other_devices() -> None:
+    state = UserState()
+    for seq in (1, 2):
+        apply_delivery(state, "alice", message("bob", seq), now=NOW)
+    outcome = apply_own_command(
+        state,
+        BadgeCleared.new(
+            tenant_id=TENANT, actor=Actor(user_id="alice"), payload=BadgeClearedPayload()
+        ),
+    )
+    assert state.conversations["c-1"].unread == 0
+    assert [appended.sync_id for appended in outcome.appended] == [3]
+
+
+def test_offline_user_gets_one_push_per_window_with_merged_count() -> None:
+    state = UserState()
+    policy = PushPolicy(collapse_window=timedelta(seconds=30))
+    first = apply_delivery(state, "alice", message("bob", 1), now=NOW, policy=policy)
+    assert first.push is not None and first.push.merged_count == 1
+    second = apply_delivery(
+        state, "alice", message("bob", 2), now=NOW + timedelta(seconds=5), policy=policy
+    )
+    assert second.push is None
+    third = apply_delivery(
+        state, "alice", message("bob", 3), now=NOW + timedelta(seconds=31), policy=policy
+    )
+    assert third.push is not None
+    assert third.push.merged_count == 2
+    assert third.push.unread_total == 3
+
+
+def test_muted_conversations_and_online_users_get_no_push() -> None:
+    state = UserState()
+    apply_own_command(
+        state,
+        ConversationMuteChanged.new(
+            tenant_id=TENANT,
+            actor=Actor(user_id="alice"),
+            payload=ConversationMuteChangedPayload(conversation_id="c-1", muted=True),
+        ),
+    )
+    assert apply_delivery(state, "alice", message("bob", 1), now=NOW).push is None
+    assert apply_delivery(state, "alice", message("bob", 1, "c-2"), now=NOW).push is not None
+
+    online = UserState()
+    assert apply_presence(online, presence(connected=True))
+    outcome = apply_delivery(online, "alice", message("bob", 1), now=NOW)
+    assert outcome.push is None
+    assert outcome.live_nodes == {"ingress-1": ["phone"]}
+
+
+def test_a_late_disconnect_of_an_old_connection_is_ignored() -> None:
+    state = UserState()
+    apply_presence(state, presence(connected=True, connection="old"))
+    apply_presence(state, presence(connected=True, connection="new"))
+    assert not apply_presence(state, presence(connected=False, connection="old"))
+    assert "phone" in state.devices
+    assert apply_presence(state, presence(connected=False, connection="new"))
+    assert not state.devices
+
+
+def test_typing_reaches_online_devices_only_and_takes_no_sync_id() -> None:
+    typing = TypingChanged.new(
+        tenant_id=TENANT,
+        actor=Actor(user_id="bob"),
+        payload=TypingChangedPayload(conversation_id="c-1", active=True),
+    )
+    delivery = Delivery(user_id="alice", event=typing, kind=DeliveryKind.EPHEMERAL)
+    offline = UserState()
+    assert apply_delivery(offline, "alice", delivery, now=NOW).ephemeral == []
+    online = UserState()
+    apply_presence(online, presence(connected=True))
+    outcome = apply_delivery(online, "alice", delivery, now=NOW)
+    assert outcome.ephemeral == [typing] and not outcome.appended
+    assert online.last_sync_id == 0
+
+
+def test_user_state_survives_its_json_form() -> None:
+    state = UserState()
+    apply_presence(state, presence(connected=True))
+    for seq in (1, 2):
+        apply_delivery(state, "alice", message("bob", seq), now=NOW)
+    restored = UserState.from_json(state.to_json())
+    assert restored == state
