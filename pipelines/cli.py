@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import re
 import signal
 import sys
 import threading
@@ -23,8 +26,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 stack_app = typer.Typer(help="The embedded local stack: Kafka, Cassandra and ClickHouse (chDB).")
+run_app = typer.Typer(
+    help="Run one imstream process in the foreground until SIGTERM or Ctrl-C.",
+    no_args_is_help=True,
+)
 app.add_typer(stack_app, name="stack")
 app.add_typer(topics_app, name="topics")
+app.add_typer(run_app, name="run")
+
+#: Process logs: one line per event, to stderr, for whatever collects the process's output.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class ProgressLine:
@@ -176,6 +187,56 @@ def up() -> None:
     typer.echo("stopping …")
     for line in stack.down():
         typer.echo(line)
+
+
+class RepeatFilter(logging.Filter):
+    """Lets a message through at most once per ``window`` seconds (numbers ignored).
+
+    librdkafka reports every reconnect attempt, and a missing topic is retried every second:
+    during an outage the same line would otherwise bury everything else in the log.
+    """
+
+    def __init__(self, window: float = 60.0) -> None:
+        super().__init__()
+        self.window = window
+        self._last_seen: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = f"{record.name}:{re.sub(r'[0-9]+', '#', record.getMessage())}"
+        now = time.monotonic()
+        last = self._last_seen.get(key)
+        if last is not None and now - last < self.window:
+            return False
+        if len(self._last_seen) > 10_000:
+            self._last_seen.clear()
+        self._last_seen[key] = now
+        return True
+
+
+def configure_process_logging() -> None:
+    """Logging for a long-running process: INFO from imstream, warnings from libraries."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    # uvicorn logs every accepted WebSocket at INFO: one line per client is noise at 10k sockets.
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    logging.getLogger("imstream.kafka").setLevel(logging.WARNING)
+    repeats = RepeatFilter()
+    for name in ("imstream.kafka", "ingress.live", "ingress.producer"):
+        logging.getLogger(name).addFilter(repeats)
+
+
+@run_app.command("ingress")
+def run_ingress() -> None:
+    """The WebSocket/REST gateway: IM_INGRESS__HOST, IM_INGRESS__PORT, IM_INGRESS__NODE_ID."""
+    # Imported here: FastAPI and uvicorn add half a second to every other imstream command.
+    from ingress.server import IngressStartError, serve  # noqa: PLC0415
+
+    settings = load_settings()
+    configure_process_logging()
+    try:
+        asyncio.run(serve(settings))
+    except IngressStartError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from error
 
 
 def main() -> None:

@@ -105,6 +105,11 @@ class IngressSettings(_Group):
     outbound_queue_frames: Annotated[int, Field(ge=1)] = 256
     idle_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     auth_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+    close_timeout_seconds: Annotated[float, Field(gt=0)] = Field(
+        default=10.0,
+        description="How long a closed socket's peer gets to read what is left and answer the "
+        "close frame before the connection is reset (a reader that stopped reading never does)",
+    )
 
 
 class StackSettings(_Group):

@@ -78,6 +78,7 @@ class CloseCode(IntEnum):
     IDLE_TIMEOUT = 4008
     SLOW_CONSUMER = 4009
     SERVER_DRAINING = 4010
+    REPLACED = 4011
 
     @property
     def description(self) -> str:
@@ -98,6 +99,9 @@ _CLOSE_DESCRIPTIONS: dict[CloseCode, str] = {
     ),
     CloseCode.SERVER_DRAINING: (
         "This node is shutting down; reconnect (to another node) and sync from the cursor."
+    ),
+    CloseCode.REPLACED: (
+        "A newer connection of the same device took over; do not reconnect automatically."
     ),
 }
 

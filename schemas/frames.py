@@ -345,6 +345,12 @@ def parse_client_frame(raw: str | bytes) -> ClientFrame:
         raise problem from None
 
 
+def request_id_of(raw: str | bytes) -> str | None:
+    """The ``id`` of a frame refused before parsing (too large, rate-limited), if it has a valid
+    one, so that the ``error`` reply can echo it."""
+    return _request_id(raw)
+
+
 def _request_id(raw: str | bytes) -> str | None:
     """The ``id`` of a frame that failed to parse, if it has a valid one, to echo in the error."""
     try:

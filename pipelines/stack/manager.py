@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -15,6 +16,8 @@ from pipelines.stack.java import JavaRuntime, find_java
 from pipelines.stack.maven import Progress, fetch_bundle
 from pipelines.stack.services import CassandraServer, JavaServer, KafkaServer
 
+#: Every service of the local stack, in start order.
+SERVICES: tuple[str, ...] = ("kafka", "cassandra", "clickhouse")
 HEALTH_POLL_SECONDS = 0.5
 LOG_LINES_ON_FAILURE = 25
 
@@ -44,14 +47,28 @@ def _silent(_: str) -> None:
 class LocalStack:
     """Kafka and Cassandra as detached JVMs under ``stack.state_dir``, plus ClickHouse via chDB."""
 
-    def __init__(self, settings: Settings, progress: Progress | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        progress: Progress | None = None,
+        *,
+        services: Collection[str] | None = None,
+    ) -> None:
+        """``services`` limits the stack to some of ``SERVICES`` (all by default), e.g. a test's
+        second Kafka that it stops and starts without touching the shared stack."""
+        unknown = set(services or ()) - set(SERVICES)
+        if unknown:
+            raise ValueError(f"unknown service(s) {sorted(unknown)}; known: {', '.join(SERVICES)}")
+        self.services = tuple(services) if services is not None else SERVICES
         self.settings = settings
         self.progress = progress or _silent
         self.state_dir = settings.stack.state_dir
         self.jars_dir = self.state_dir / "jars"
         self.kafka = KafkaServer(settings)
         self.cassandra = CassandraServer(settings)
-        self.servers: tuple[JavaServer, ...] = (self.kafka, self.cassandra)
+        self.servers: tuple[JavaServer, ...] = tuple(
+            server for server in (self.kafka, self.cassandra) if server.name in self.services
+        )
 
     def server(self, name: str) -> JavaServer:
         for server in self.servers:
@@ -69,7 +86,8 @@ class LocalStack:
         except StackError:
             self._stop_started(started)
             raise
-        self._check_clickhouse()
+        if "clickhouse" in self.services:
+            self._check_clickhouse()
         return self.status()
 
     def _start_missing(self, started: dict[str, int]) -> None:
@@ -195,7 +213,8 @@ class LocalStack:
                     detail=f"{server.bundle.name} {server.bundle.version}",
                 )
             )
-        statuses.append(self.clickhouse_status())
+        if "clickhouse" in self.services:
+            statuses.append(self.clickhouse_status())
         return statuses
 
     def is_up(self) -> bool:

@@ -236,8 +236,8 @@ class KafkaServer(JavaServer):
                 classpath,
                 "kafka.tools.StorageTool",
                 "format",
-                "--cluster-id",
-                cluster_id,
+                # One argument: a random id may start with "-", which would read as an option.
+                f"--cluster-id={cluster_id}",
                 "--config",
                 str((self.home / "server.properties").resolve()),
             ],

@@ -1,0 +1,268 @@
+"""The connections one ingress node holds: who each one is, its outbound queue, and the registry.
+
+Memory is the design constraint. A node holds tens of thousands of mostly idle connections and
+the bar is 40 KB each, measured as process RSS, most of which uvicorn and wsproto take. So a
+connection is one small object with ``__slots__``; its outbound queue (a deque) and its writer
+task exist only while frames are waiting to be written, so an idle connection has neither; and
+no timer is kept per connection (one sweeper task checks every connection's idle time).
+
+Outbound queue: every frame sent after ``hello_ok`` (replies, live events) is put into the
+connection's queue without waiting and written in order by its writer task. A reader that falls
+``max_frames`` behind while the socket's write buffer is full (the writer waits for the peer to
+read) overflows: its queued frames are dropped and the connection is closed with slow-consumer
+(4009). Other connections never share a queue, a lock or a wait with it. Nothing is
+lost by dropping: queued events are copies of what the user's sync queue holds, and a reply not
+delivered is recovered by re-sending the command with the same ids (sends are idempotent by
+``client_msg_id``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, Final
+
+from starlette.types import Send
+
+from schemas.errors import CloseCode
+from schemas.events import Platform
+
+_log = logging.getLogger(__name__)
+
+#: A close reason travels in the close frame, which holds at most 123 bytes of it.
+MAX_CLOSE_REASON_BYTES: Final = 123
+
+
+class Principal:
+    """Who sends a command: verified from the token (and, on a socket, the ``hello``)."""
+
+    __slots__ = ("device_id", "roles", "tenant_id", "user_id")
+
+    def __init__(
+        self,
+        tenant_id: str,
+        user_id: str,
+        device_id: str | None,
+        roles: tuple[str, ...] = (),
+    ) -> None:
+        # Interned: thousands of connections of one tenant then share one string.
+        self.tenant_id = sys.intern(tenant_id)
+        self.user_id = user_id
+        self.device_id = device_id
+        self.roles = roles
+
+
+class ConnectionHub:
+    """What all connections of a gateway share: limits, metrics hooks, and the close task set."""
+
+    def __init__(
+        self,
+        *,
+        max_frames: int,
+        frame_sent: Callable[[str], None],
+        queue_depth: Callable[[int], None],
+        closed: Callable[[CloseCode], None],
+    ) -> None:
+        self.max_frames = max_frames
+        self.frame_sent = frame_sent
+        self.queue_depth = queue_depth
+        self.closed = closed
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run ``coroutine`` as a task the gateway holds on to (and awaits on shutdown)."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+class Connection:
+    """One authenticated WebSocket connection (after a successful ``hello``)."""
+
+    __slots__ = (
+        "_frames",
+        "_hub",
+        "_send",
+        "_sending",
+        "_writer",
+        "acked_sync_id",
+        "closing",
+        "connection_id",
+        "last_frame_at",
+        "platform",
+        "principal",
+        "replaced",
+    )
+
+    def __init__(
+        self,
+        hub: ConnectionHub,
+        send: Send,
+        principal: Principal,
+        platform: Platform,
+        connection_id: str,
+        *,
+        sync_cursor: int,
+        now: float,
+    ) -> None:
+        self._hub = hub
+        self._send = send
+        self.principal = principal
+        self.platform = platform
+        self.connection_id = connection_id
+        #: The highest sync id the device holds: its ``hello`` cursor, then its highest ``ack``.
+        self.acked_sync_id = sync_cursor
+        #: ``loop.time()`` of the last frame received; the sweeper closes idle connections.
+        self.last_frame_at = now
+        #: Set once a close was decided; nothing is queued or sent after it.
+        self.closing = False
+        #: Set when a newer connection of the same device took over (no disconnect presence).
+        self.replaced = False
+        self._frames: deque[str] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._sending = False
+
+    @property
+    def queued(self) -> int:
+        """Frames waiting to be written."""
+        return len(self._frames) if self._frames is not None else 0
+
+    def enqueue(self, text: str, frame_type: str) -> bool:
+        """Queue one frame for writing, never waiting; ``False`` if it was dropped.
+
+        A frame is dropped when the connection is closing, or when the queue is full, which
+        closes the connection as a slow consumer.
+        """
+        if self.closing:
+            return False
+        frames = self._frames
+        if frames is None:
+            frames = self._frames = deque()
+        if len(frames) >= self._hub.max_frames and self._sending:
+            # Only a writer waiting in send() proves the reader slow (the socket's buffer is
+            # full). Frames queued while the writer has merely not run yet (a burst of live
+            # events in one batch, pipelined commands read in one chunk) are flushed at once.
+            self.close(
+                CloseCode.SLOW_CONSUMER,
+                f"outbound queue overflowed ({self._hub.max_frames} frames); reconnect and sync",
+            )
+            return False
+        frames.append(text)
+        self._hub.queue_depth(1)
+        self._hub.frame_sent(frame_type)
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+        return True
+
+    def close(self, code: CloseCode, reason: str) -> None:
+        """Close the socket with ``code``; frames not yet written are dropped (see module doc)."""
+        if self.closing:
+            return
+        self.closing = True
+        self._drop_frames()
+        if self._writer is not None:
+            # The writer may be stuck on a reader that stopped reading; the close must not wait.
+            self._writer.cancel()
+            self._writer = None
+        self._hub.closed(code)
+        self._hub.spawn(self._send_close(code, reason))
+
+    def forget(self) -> None:
+        """The socket is gone: drop queued frames and stop the writer."""
+        self.closing = True
+        self._drop_frames()
+        if self._writer is not None:
+            self._writer.cancel()
+            self._writer = None
+
+    async def _send_close(self, code: CloseCode, reason: str) -> None:
+        try:
+            await self._send(
+                {"type": "websocket.close", "code": int(code), "reason": truncate_reason(reason)}
+            )
+        except Exception as error:  # the peer is already gone; nothing is left to close
+            _log.debug("close %s of %s not sent: %r", code, self.connection_id, error)
+
+    async def _write(self) -> None:
+        frames = self._frames
+        try:
+            while frames:
+                text = frames.popleft()
+                self._hub.queue_depth(-1)
+                # True while other code runs only if send() is waiting for the socket to drain.
+                self._sending = True
+                await self._send({"type": "websocket.send", "text": text})
+                self._sending = False
+        except Exception as error:  # the socket went away mid-write; the handler cleans up
+            _log.debug("write to %s failed: %r", self.connection_id, error)
+            self._writer = None  # this task ends here: forget() must not cancel it
+            self.forget()
+        finally:
+            self._sending = False
+            if self._writer is asyncio.current_task():
+                self._writer = None
+                if not frames:
+                    # An idle connection keeps no deque (a few hundred bytes each).
+                    self._frames = None
+
+    def _drop_frames(self) -> None:
+        if self._frames:
+            self._hub.queue_depth(-len(self._frames))
+            self._frames.clear()
+        self._frames = None
+
+
+def truncate_reason(reason: str) -> str:
+    """``reason`` cut to what a close frame can carry, on a character boundary."""
+    encoded = reason.encode()
+    if len(encoded) <= MAX_CLOSE_REASON_BYTES:
+        return reason
+    return encoded[: MAX_CLOSE_REASON_BYTES - 3].decode(errors="ignore") + "..."
+
+
+class ConnectionRegistry:
+    """Every authenticated connection of this node: user → device → connection.
+
+    One connection per device: registering a device's second connection returns the first,
+    which the gateway closes as replaced.
+    """
+
+    def __init__(self) -> None:
+        self._users: dict[tuple[str, str], dict[str, Connection]] = {}
+        self._count = 0
+
+    def register(self, connection: Connection, device_id: str) -> Connection | None:
+        """Add ``connection``; returns the connection it replaced, if any."""
+        principal = connection.principal
+        devices = self._users.setdefault((principal.tenant_id, principal.user_id), {})
+        replaced = devices.get(device_id)
+        devices[device_id] = connection
+        if replaced is None:
+            self._count += 1
+        return replaced
+
+    def unregister(self, connection: Connection, device_id: str) -> bool:
+        """Remove ``connection`` if it is still its device's current one."""
+        key = (connection.principal.tenant_id, connection.principal.user_id)
+        devices = self._users.get(key)
+        if devices is None or devices.get(device_id) is not connection:
+            return False
+        del devices[device_id]
+        if not devices:
+            del self._users[key]
+        self._count -= 1
+        return True
+
+    def devices(self, tenant_id: str, user_id: str) -> dict[str, Connection]:
+        """The user's connections on this node by device id (empty if none)."""
+        return self._users.get((tenant_id, user_id), {})
+
+    def __iter__(self) -> Iterator[Connection]:
+        for devices in list(self._users.values()):
+            yield from list(devices.values())
+
+    def __len__(self) -> int:
+        return self._count

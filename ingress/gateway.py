@@ -1,0 +1,645 @@
+"""The gateway: authenticates sockets, turns client commands into events, and delivers live ones.
+
+One ``Gateway`` per ingress process, shared by the WebSocket endpoint (:meth:`serve_websocket`, a
+plain ASGI handler) and the REST routes (:meth:`execute`). docs/protocol.md is the contract; this
+module is its implementation.
+
+Delivery guarantees
+  * ``accepted`` (and ``ok`` for the other publishing commands) is sent only after
+    :class:`~ingress.producer.DurableProducer` returned, i.e. after Kafka acknowledged the event
+    with ``acks=all`` from an idempotent producer. Any failure answers ``error`` instead
+    (``unavailable`` with ``retry_after_ms`` when Kafka did not acknowledge in time); the client
+    retries with the same ids, and the stream processors deduplicate on them.
+  * Events go where the topic catalog routes them (``TopicCatalog.route``), keyed by
+    conversation (messages, conversations, typing), by the actor (their own read position, mute,
+    badge) or by device (presence, push tokens).
+  * Presence (``device.connected`` / ``device.disconnected``, key ``tenant/user/device``, with
+    this node's id) is at least once: published when a ``hello`` succeeds and when its socket
+    closes; a connection replaced by a newer one of the same device publishes no disconnect.
+  * Live delivery is best effort (see ``ingress/live.py``); a device recovers by syncing.
+
+Concurrency: every socket's frames are handled on the event loop in the order they arrive.
+Commands that publish run as tasks, so a client may pipeline them; each is handed to Kafka in
+arrival order (the produce call happens before the task first waits) and answered, by ``id``,
+when Kafka acknowledged it. Nothing blocks the loop: Kafka's clients run in their own threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from prometheus_client import Counter
+from pydantic import TypeAdapter, ValidationError
+from starlette.types import Message, Receive, Scope, Send
+
+from ingress.auth import AuthError, AuthErrorCode, Claims, TokenVerifier
+from ingress.commands import PublishingCommand, event_for, is_publishing, reply_for
+from ingress.connection import (
+    Connection,
+    ConnectionHub,
+    ConnectionRegistry,
+    Principal,
+    truncate_reason,
+)
+from ingress.live import LiveDeliveryConsumer, LiveFrame, LiveMetrics
+from ingress.metrics import IngressMetrics
+from ingress.producer import DurableProducer, KafkaUnavailable, PublishRejectedError
+from ingress.ratelimit import TokenBucketLimiter, retry_after_ms
+from ingress.wsprotocol import DRAIN_REASON
+from pipelines.connections import kafka_config, kafka_producer_config
+from pipelines.settings import AuthSettings, Settings
+from schemas import frames as fr
+from schemas.errors import CloseCode, ErrorCode, SchemaError
+from schemas.events import (
+    Actor,
+    DeviceConnected,
+    DeviceDisconnected,
+    DevicePresencePayload,
+    Event,
+    NodeId,
+    UserId,
+    encode_event,
+)
+from schemas.topics import topic_catalog
+
+_log = logging.getLogger(__name__)
+
+#: The WebSocket endpoint's path.
+WEBSOCKET_PATH: Final = "/v1/ws"
+#: Frames above ``max_frame_bytes`` get ``frame-too-large``; frames above this many times it
+#: close the socket with 1009 (the WebSocket layer refuses to buffer them).
+HARD_LIMIT_FACTOR: Final = 4
+SYNC_NOT_DEPLOYED: Final = (
+    "sync is not available: this build of imstream does not deploy the sync-queue store yet; "
+    "the device keeps its cursor (hello.sync_cursor, ack) and syncs once the store is deployed"
+)
+_AUTH_CLOSE_CODES: Final = {
+    AuthErrorCode.TOKEN_INVALID: CloseCode.TOKEN_INVALID,
+    AuthErrorCode.TOKEN_EXPIRED: CloseCode.TOKEN_EXPIRED,
+    AuthErrorCode.TENANT_MISMATCH: CloseCode.TENANT_MISMATCH,
+}
+_NODE_ID = TypeAdapter[str](NodeId)
+_USER_ID = TypeAdapter[str](UserId)
+#: What the frame-type metric labels may be: every frame type there is.
+_FRAME_TYPES: Final = (*fr.CLIENT_FRAME_TYPES, *fr.SERVER_FRAME_TYPES)
+
+
+class RefusalError(Exception):
+    """A frame that cannot be answered with anything but this error frame (REST and sockets)."""
+
+    def __init__(self, frame: fr.ErrorFrame) -> None:
+        super().__init__(frame.message)
+        self.frame = frame
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """What ``/readyz`` reports."""
+
+    kafka: bool
+    live_delivery: bool
+    draining: bool
+
+    @property
+    def ready(self) -> bool:
+        return self.kafka and self.live_delivery and not self.draining
+
+
+def token_verifier(auth: AuthSettings) -> TokenVerifier:
+    """The verifier the settings describe; a misconfiguration raises ``ValueError`` at start-up."""
+    public_key = None
+    if auth.jwt_public_key_path is not None:
+        try:
+            public_key = auth.jwt_public_key_path.read_bytes()
+        except OSError as error:
+            raise ValueError(
+                f"IM_AUTH__JWT_PUBLIC_KEY_PATH={auth.jwt_public_key_path} cannot be read: {error}"
+            ) from error
+    return TokenVerifier(
+        algorithm=auth.jwt_algorithm,
+        secret=auth.jwt_secret.get_secret_value() if auth.jwt_algorithm == "HS256" else None,
+        public_key_pem=public_key,
+        issuer=auth.jwt_issuer,
+        audience=auth.jwt_audience,
+        leeway_seconds=auth.jwt_leeway_seconds,
+    )
+
+
+def error_frame(
+    code: ErrorCode,
+    message: str,
+    request_id: str | None = None,
+    *,
+    field: str | None = None,
+    retry_after: int | None = None,
+) -> fr.ErrorFrame:
+    return fr.ErrorFrame(
+        id=request_id, code=code, message=message, field=field, retry_after_ms=retry_after
+    )
+
+
+class Gateway:
+    """Everything one ingress node does between its sockets and Kafka."""
+
+    def __init__(self, settings: Settings, *, metrics: IngressMetrics | None = None) -> None:
+        """Builds every client from ``settings``; nothing is contacted before :meth:`start`.
+
+        Raises ``ValueError`` for a misconfiguration (JWT keys, node id) so that the process
+        refuses to start rather than refusing every client.
+        """
+        ingress = settings.ingress
+        try:
+            self.node_id: str = _NODE_ID.validate_python(ingress.node_id)
+        except ValidationError:
+            raise ValueError(
+                f"IM_INGRESS__NODE_ID={ingress.node_id!r} is not a valid node id: 1-64 "
+                "characters of A-Z a-z 0-9 . _ : @ + = -"
+            ) from None
+        #: This node's settings (limits, timeouts).
+        self.ingress = ingress
+        self.max_frame_bytes = ingress.max_frame_bytes
+        self.catalog = topic_catalog(settings)
+        self.verifier = token_verifier(settings.auth)
+        self.metrics = metrics or IngressMetrics(frame_types=_FRAME_TYPES)
+        self.closes = Counter(
+            "imstream_ingress_closes",
+            "WebSockets closed by the server, by close code name.",
+            ["code"],
+            registry=self.metrics.registry,
+        )
+        self.live_metrics = LiveMetrics(self.metrics.registry)
+        client_id = f"{settings.kafka.client_id_prefix}-ingress-{self.node_id}"
+        self.producer = DurableProducer(
+            kafka_producer_config(settings, **{"client.id": client_id}),
+            message_timeout_ms=ingress.kafka_message_timeout_ms,
+            linger_ms=ingress.kafka_linger_ms,
+            max_queued_messages=ingress.kafka_max_queued_messages,
+            retry_after_ms=ingress.unavailable_retry_after_ms,
+            latency_observer=self.metrics.produce_latency.observe,
+        )
+        self.metrics.kafka_queued_records.set_function(lambda: self.producer.queued)
+        self.live = LiveDeliveryConsumer(
+            kafka_config(settings, **{"client.id": f"{client_id}-live"}),
+            topic=self.catalog.live_delivery.name,
+            node_id=self.node_id,
+            deliver=self.deliver,
+            metrics=self.live_metrics,
+        )
+        self.limiter = TokenBucketLimiter(
+            rate_per_second=ingress.rate_limit_per_second,
+            burst=ingress.rate_limit_burst,
+            max_keys=ingress.rate_limit_max_keys,
+        )
+        self.registry = ConnectionRegistry()
+        self.hub = ConnectionHub(
+            max_frames=ingress.outbound_queue_frames,
+            frame_sent=self._frame_sent,
+            queue_depth=self.metrics.outbound_queued_frames.inc,
+            closed=lambda code: self.closes.labels(code.name.lower().replace("_", "-")).inc(),
+        )
+        self.draining = False
+        self._handlers = 0
+        self._no_handlers = asyncio.Event()
+        self._no_handlers.set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the producer, the live-delivery consumer and the idle sweeper.
+
+        Kafka need not be reachable: sends then answer ``unavailable`` and ``/readyz`` says so.
+        """
+        await self.producer.start()
+        self.live.start()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle())
+        _log.info("ingress node %s started; live delivery from %s", self.node_id, self.live.topic)
+
+    async def stop(self) -> None:
+        """Drain: close every socket with server-draining (4010), let their handlers publish
+        ``device.disconnected``, then flush the producer (bounded by the shutdown timeout)."""
+        self.draining = True
+        timeout = self.ingress.shutdown_flush_timeout_seconds
+        for connection in self.registry:
+            connection.close(CloseCode.SERVER_DRAINING, DRAIN_REASON)
+        try:
+            async with asyncio.timeout(timeout):
+                await self._no_handlers.wait()
+                while self.hub.tasks:  # a finishing task may have started another
+                    await asyncio.wait(set(self.hub.tasks))
+        except TimeoutError:
+            _log.warning(
+                "%d socket handler(s) and %d task(s) still running at the drain deadline",
+                self._handlers,
+                len(self.hub.tasks),
+            )
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await self.live.stop()
+        unacknowledged = await self.producer.close(timeout)
+        _log.info(
+            "ingress node %s drained (%d record(s) unacknowledged at shutdown)",
+            self.node_id,
+            unacknowledged,
+        )
+
+    def verify_token(self, token: str | None, tenant_id: str) -> Claims:
+        """The token's claims, or ``AuthError``; the ids it names must be valid ids, since they
+        become event fields and Kafka keys."""
+        claims = self.verifier.verify(token, tenant_id)
+        try:
+            _USER_ID.validate_python(claims.user_id)
+            if claims.device_id is not None:
+                _USER_ID.validate_python(claims.device_id)
+        except ValidationError:
+            raise AuthError(
+                AuthErrorCode.TOKEN_INVALID,
+                "the token's 'sub' or 'did' is not a valid id (1-64 characters of "
+                "A-Z a-z 0-9 . _ : @ + = -)",
+            ) from None
+        return claims
+
+    async def readiness(self) -> Readiness:
+        kafka = await self.producer.ready(self.ingress.readyz_timeout_seconds)
+        return Readiness(kafka=kafka, live_delivery=self.live.assigned, draining=self.draining)
+
+    # -- the WebSocket endpoint ------------------------------------------------------------------
+
+    async def serve_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI handler of ``/v1/ws``: hello, then frames until the socket closes."""
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        await send({"type": "websocket.accept"})
+        self._handlers += 1
+        self._no_handlers.clear()
+        try:
+            if self.draining:
+                await self._refuse(send, None, CloseCode.SERVER_DRAINING, DRAIN_REASON)
+                return
+            connection = await self._authenticate(receive, send)
+            if connection is not None:
+                await self._serve(connection, receive)
+        finally:
+            self._handlers -= 1
+            if not self._handlers:
+                self._no_handlers.set()
+
+    async def _authenticate(self, receive: Receive, send: Send) -> Connection | None:
+        """Wait for a valid ``hello``; register the connection, or refuse and close."""
+        timeout = self.ingress.auth_timeout_seconds
+        try:
+            async with asyncio.timeout(timeout):
+                message = await receive()
+        except TimeoutError:
+            problem = error_frame(ErrorCode.AUTH_REQUIRED, f"no hello within {timeout:g} s")
+            await self._refuse(send, problem, CloseCode.AUTH_REQUIRED)
+            return None
+        if message["type"] == "websocket.disconnect":
+            return None
+        try:
+            hello = self._hello(message)
+            claims = self.verify_token(hello.token, hello.tenant_id)
+        except RefusalError as refusal:
+            await self._refuse(send, refusal.frame, CloseCode.AUTH_REQUIRED)
+            return None
+        except AuthError as error:
+            problem = error_frame(ErrorCode(error.code.value), error.message, hello.id)
+            await self._refuse(send, problem, _AUTH_CLOSE_CODES[error.code])
+            return None
+        if claims.device_id is not None and claims.device_id != hello.device_id:
+            problem = error_frame(
+                ErrorCode.TOKEN_INVALID,
+                f"the token was issued to device {claims.device_id!r}, not {hello.device_id!r}",
+                hello.id,
+            )
+            await self._refuse(send, problem, CloseCode.TOKEN_INVALID)
+            return None
+        if self.draining:
+            await self._refuse(send, None, CloseCode.SERVER_DRAINING, DRAIN_REASON)
+            return None
+        principal = Principal(
+            hello.tenant_id, claims.user_id, hello.device_id, tuple(sorted(claims.roles))
+        )
+        connection = Connection(
+            self.hub,
+            send,
+            principal,
+            hello.platform,
+            secrets.token_hex(8),
+            sync_cursor=hello.sync_cursor,
+            now=asyncio.get_running_loop().time(),
+        )
+        replaced = self.registry.register(connection, hello.device_id)
+        if replaced is not None:
+            replaced.replaced = True
+            replaced.close(CloseCode.REPLACED, "a newer connection of this device took over")
+        self._reply(
+            connection,
+            fr.HelloOk(
+                id=hello.id,
+                tenant_id=principal.tenant_id,
+                user_id=principal.user_id,
+                device_id=hello.device_id,
+                node_id=self.node_id,
+                idle_timeout_ms=round(self.ingress.idle_timeout_seconds * 1000),
+                max_frame_bytes=self.max_frame_bytes,
+            ),
+        )
+        self.metrics.frame_in("hello")
+        self.metrics.connections.inc()
+        # Not awaited: hello_ok must not wait for Kafka. The produce call still happens before
+        # this handler's first wait, so the disconnect (published later) follows it in Kafka.
+        self.hub.spawn(self._publish_presence(connection, connected=True))
+        return connection
+
+    def _hello(self, message: Message) -> fr.Hello:
+        """The first frame as a ``hello``, or a ``RefusalError`` saying why it is not one."""
+        text = self._text(message, request_id_known=False)
+        try:
+            frame = fr.parse_client_frame(text)
+        except SchemaError as error:
+            raise RefusalError(fr.ErrorFrame.from_schema_error(error)) from None
+        if not isinstance(frame, fr.Hello):
+            raise RefusalError(
+                error_frame(
+                    ErrorCode.AUTH_REQUIRED,
+                    f"the first frame must be hello, not {frame.type}",
+                    frame.id,
+                )
+            )
+        return frame
+
+    async def _refuse(
+        self,
+        send: Send,
+        problem: fr.ErrorFrame | None,
+        code: CloseCode,
+        reason: str | None = None,
+    ) -> None:
+        """Tell the client why (an ``error`` frame), then close with ``code``."""
+        try:
+            if problem is not None:
+                self.metrics.error(problem.code)
+                self.metrics.frame_out("error")
+                await send({"type": "websocket.send", "text": problem.model_dump_json()})
+            self.hub.closed(code)
+            await send(
+                {
+                    "type": "websocket.close",
+                    "code": int(code),
+                    "reason": truncate_reason(reason or (problem.message if problem else "")),
+                }
+            )
+        except OSError as error:  # the client left first
+            _log.debug("refusal %s not delivered: %r", code, error)
+
+    async def _serve(self, connection: Connection, receive: Receive) -> None:
+        loop = asyncio.get_running_loop()
+        device_id = connection.principal.device_id
+        assert device_id is not None
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                connection.last_frame_at = loop.time()
+                if connection.closing:
+                    continue
+                try:
+                    self._on_frame(connection, message)
+                except Exception:
+                    # A bug must cost one reply, never the socket or the node.
+                    _log.exception("unexpected error handling a frame")
+                    self._reply(
+                        connection, error_frame(ErrorCode.INTERNAL, "unexpected server error")
+                    )
+        finally:
+            connection.forget()
+            self.metrics.connections.dec()
+            self.registry.unregister(connection, device_id)
+        if not connection.replaced:
+            await self._publish_presence(connection, connected=False)
+
+    def _on_frame(self, connection: Connection, message: Message) -> None:
+        """Answer one frame (exactly one reply); publishing commands answer from a task."""
+        principal = connection.principal
+        try:
+            # Every frame costs a token, invalid ones too: a flood of garbage is still a flood.
+            wait_ms = self.rate_limit(principal)
+            if wait_ms is not None:
+                raw = message.get("text") or message.get("bytes") or ""
+                raise RefusalError(self.rate_limited(fr.request_id_of(raw), wait_ms))
+            text = self._text(message, request_id_known=True)
+            try:
+                frame = fr.parse_client_frame(text)
+            except SchemaError as error:
+                raise RefusalError(fr.ErrorFrame.from_schema_error(error)) from None
+        except RefusalError as refusal:
+            self.metrics.frame_in("invalid")
+            self._reply(connection, refusal.frame)
+            return
+        self.metrics.frame_in(frame.type)
+        if is_publishing(frame):
+            self.hub.spawn(self._publish_and_reply(connection, frame))
+        else:
+            self._reply(connection, self.answer_now(frame, connection))
+
+    def _text(self, message: Message, *, request_id_known: bool) -> str:
+        """The frame's text within the size limit, or a ``RefusalError``."""
+        text: str | None = message.get("text")
+        if text is None:
+            data: bytes = message.get("bytes") or b""
+            if len(data) > self.max_frame_bytes:
+                raise RefusalError(self._too_large(len(data), data if request_id_known else None))
+            try:
+                return data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise RefusalError(
+                    error_frame(ErrorCode.INVALID_UTF8, "the binary frame is not valid UTF-8")
+                ) from None
+        # A character is 1-4 bytes: only texts near the limit need encoding to be measured.
+        if len(text) * 4 > self.max_frame_bytes:
+            size = len(text) if len(text) > self.max_frame_bytes else len(text.encode())
+            if size > self.max_frame_bytes:
+                raise RefusalError(self._too_large(size, text if request_id_known else None))
+        return text
+
+    def _too_large(self, size: int, raw: str | bytes | None) -> fr.ErrorFrame:
+        return error_frame(
+            ErrorCode.FRAME_TOO_LARGE,
+            f"the frame is at least {size} bytes; the limit is {self.max_frame_bytes} bytes",
+            fr.request_id_of(raw) if raw is not None else None,
+        )
+
+    def _reply(self, connection: Connection, frame: fr.ServerFrame) -> None:
+        if isinstance(frame, fr.ErrorFrame):
+            self.metrics.error(frame.code)
+        connection.enqueue(frame.model_dump_json(), frame.type)
+
+    def _frame_sent(self, frame_type: str) -> None:
+        self.metrics.frame_out(frame_type)
+
+    async def _publish_and_reply(self, connection: Connection, command: PublishingCommand) -> None:
+        self._reply(connection, await self.publish_command(connection.principal, command))
+
+    async def _sweep_idle(self) -> None:
+        """Close sockets that sent nothing for ``idle_timeout_seconds`` (one task, no timers)."""
+        idle = self.ingress.idle_timeout_seconds
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, idle / 4))
+            deadline = loop.time() - idle
+            for connection in self.registry:
+                if connection.last_frame_at < deadline and not connection.closing:
+                    connection.close(CloseCode.IDLE_TIMEOUT, f"no frame for {idle:g} s")
+
+    async def _publish_presence(self, connection: Connection, *, connected: bool) -> None:
+        principal = connection.principal
+        assert principal.device_id is not None
+        payload = DevicePresencePayload(
+            user_id=principal.user_id,
+            device_id=principal.device_id,
+            platform=connection.platform,
+            node_id=self.node_id,
+            connection_id=connection.connection_id,
+        )
+        actor = Actor(user_id=principal.user_id, device_id=principal.device_id)
+        event: Event = (
+            DeviceConnected.new(tenant_id=principal.tenant_id, payload=payload, actor=actor)
+            if connected
+            else DeviceDisconnected.new(tenant_id=principal.tenant_id, payload=payload)
+        )
+        try:
+            await self._publish(event)
+        except (KafkaUnavailable, PublishRejectedError) as error:
+            _log.warning(
+                "%s of %s/%s/%s not published: %s",
+                event.type,
+                principal.tenant_id,
+                principal.user_id,
+                principal.device_id,
+                error,
+            )
+        except Exception:
+            _log.exception("unexpected error publishing %s", event.type)
+
+    # -- live delivery ------------------------------------------------------------------------
+
+    def deliver(self, frames: Sequence[LiveFrame]) -> None:
+        """Put live ``event`` frames into the addressed connections' queues (on the loop)."""
+        outcomes = self.live_metrics.records
+        for frame in frames:
+            devices = self.registry.devices(frame.tenant_id, frame.user_id)
+            targets = (
+                list(devices.values())
+                if frame.device_ids is None
+                else [devices[device] for device in frame.device_ids if device in devices]
+            )
+            delivered = False
+            for connection in targets:
+                delivered |= connection.enqueue(frame.text, "event")
+            outcomes.labels("delivered" if delivered else "offline").inc()
+
+    # -- commands, for both doors ----------------------------------------------------------------
+
+    def answer_now(self, frame: fr.ClientFrame, connection: Connection | None) -> fr.ServerFrame:
+        """The reply to a command that publishes nothing (``connection`` is None on REST)."""
+        match frame:
+            case fr.Ping():
+                return fr.Pong(id=frame.id)
+            case fr.Ack() if connection is not None:
+                connection.acked_sync_id = max(connection.acked_sync_id, frame.sync_id)
+                return fr.Ok(id=frame.id)
+            case fr.Ack():
+                return error_frame(
+                    ErrorCode.SCHEMA_INVALID,
+                    "ack acknowledges events received on a WebSocket; it has no meaning here",
+                    frame.id,
+                    field="type",
+                )
+            case fr.Sync():
+                return error_frame(ErrorCode.UNAVAILABLE, SYNC_NOT_DEPLOYED, frame.id)
+            case fr.Hello():
+                return error_frame(
+                    ErrorCode.SCHEMA_INVALID,
+                    "hello is only valid as the first frame of a WebSocket connection",
+                    frame.id,
+                    field="type",
+                )
+        raise ValueError(f"{frame.type} is answered by publishing, not directly")
+
+    def rate_limit(self, principal: Principal) -> int | None:
+        """Spend one command of the principal's device: ``None`` if it may proceed, otherwise
+        the milliseconds until it may."""
+        wait = self.limiter.try_acquire(
+            (principal.tenant_id, principal.user_id, principal.device_id)
+        )
+        return retry_after_ms(wait) if wait > 0 else None
+
+    def rate_limited(self, request_id: str | None, wait_ms: int) -> fr.ErrorFrame:
+        return error_frame(
+            ErrorCode.RATE_LIMITED,
+            f"more than {self.ingress.rate_limit_per_second:g} commands per second (burst "
+            f"{self.ingress.rate_limit_burst:g}) from this device; retry in {wait_ms} ms",
+            request_id,
+            retry_after=wait_ms,
+        )
+
+    async def execute(self, principal: Principal, frame: fr.ClientFrame) -> fr.ServerFrame:
+        """The one reply to ``frame`` sent by ``principal`` outside a socket (the REST door)."""
+        if is_publishing(frame):
+            return await self.publish_command(principal, frame)
+        return self.answer_now(frame, None)
+
+    async def publish_command(
+        self, principal: Principal, command: PublishingCommand
+    ) -> fr.Accepted | fr.Ok | fr.ErrorFrame:
+        """Publish the event ``command`` stands for; the reply only once Kafka acknowledged it."""
+        try:
+            event = event_for(command, principal)
+        except SchemaError as error:
+            return fr.ErrorFrame.from_schema_error(error)
+        try:
+            await self._publish(event)
+        except KafkaUnavailable as error:
+            return error_frame(
+                ErrorCode.UNAVAILABLE,
+                f"not accepted: {error}; retry with the same ids",
+                command.id,
+                retry_after=error.retry_after_ms,
+            )
+        except PublishRejectedError as error:
+            _log.error("Kafka rejected a %s for good: %s", event.type, error)
+            return error_frame(
+                ErrorCode.INTERNAL,
+                f"Kafka refused the command for good ({error.reason}); retrying will not help",
+                command.id,
+            )
+        except Exception:
+            _log.exception("unexpected error publishing a %s", event.type)
+            return error_frame(ErrorCode.INTERNAL, "unexpected server error", command.id)
+        return reply_for(command, event)
+
+    async def publish_event(self, event: Event) -> None:
+        """Publish an event the REST door built itself (push tokens); raises on failure."""
+        await self._publish(event)
+
+    async def _publish(self, event: Event) -> None:
+        topic, key = self.catalog.route(event)
+        await self.producer.publish(topic.name, key, encode_event(event))
+
+
+def describe(readiness: Readiness) -> dict[str, Any]:
+    """``/readyz``'s body."""
+    return {
+        "ready": readiness.ready,
+        "kafka": readiness.kafka,
+        "live_delivery": readiness.live_delivery,
+        "draining": readiness.draining,
+    }

@@ -1,0 +1,236 @@
+"""Live delivery: the records of ``im.delivery.live`` addressed to this node, turned into frames.
+
+Key: the ingress node id (``gateway_key``). Placement: the router (a stream processor) writes a
+record for a device to the node that holds its connection, as the presence topic says; Kafka's
+murmur2 partitioner puts it on partition ``partition_for_key(gateway_key(node_id), partitions)``.
+This node reads that one partition only, assigned without a consumer group, and skips records of
+other nodes that hash to the same partition.
+
+Delivery guarantee: at most once, best effort. Reading starts at the partition's end when the node
+starts (what was addressed to a previous incarnation has no socket to go to) and no offset is
+ever committed. A device recovers whatever it missed — a restart, a record lost, a full outbound
+queue — by syncing from its cursor. A poison record (not JSON, wrong schema) is logged, counted
+and skipped; it never stops the consumer, and there is no dead-letter topic for an ephemeral one.
+
+Threading: confluent-kafka's consumer blocks, so it runs in a thread of its own, which also
+decodes the records and encodes the ``event`` frames. The event loop only gets batches of ready
+frames (``call_soon_threadsafe``) and puts each into the addressed connection's outbound queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from prometheus_client import CollectorRegistry, Counter
+
+from schemas.events import parse_live_delivery
+from schemas.frames import EventFrame
+from schemas.topics import gateway_key, partition_for_key
+
+_log = logging.getLogger(__name__)
+
+#: How long one ``consume`` blocks; it bounds how fast :meth:`LiveDeliveryConsumer.stop` returns.
+_POLL_SECONDS: Final = 0.2
+_BATCH: Final = 500
+#: How long one metadata or offset request may block the thread (and so ``stop``).
+_REQUEST_SECONDS: Final = 1.0
+#: How often the topic's partition count is checked (an operator may add partitions, which
+#: moves this node's records to another partition).
+_METADATA_REFRESH_SECONDS: Final = 30.0
+_RETRY_SECONDS: Final = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class LiveFrame:
+    """An ``event`` frame, encoded, for some or all devices of one user on this node."""
+
+    tenant_id: str
+    user_id: str
+    device_ids: tuple[str, ...] | None
+    text: str
+
+
+class LiveMetrics:
+    """What happens to live-delivery records (registered in the ingress's registry)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.records = Counter(
+            "imstream_ingress_live_records",
+            "Live-delivery records read, by outcome: delivered (to at least one socket), "
+            "offline (no addressed device is connected here), other-node, poison.",
+            ["outcome"],
+            registry=registry,
+        )
+
+
+class LiveDeliveryConsumer:
+    """Reads this node's partition of the live-delivery topic and hands frames to ``deliver``."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        topic: str,
+        node_id: str,
+        deliver: Callable[[Sequence[LiveFrame]], None],
+        metrics: LiveMetrics,
+    ) -> None:
+        """``config`` is a librdkafka consumer configuration (``kafka_config``); ``deliver`` is
+        called on the event loop with each batch of frames."""
+        self._config = {
+            **config,
+            # Required by the client, never used: the partition is assigned, nothing committed.
+            "group.id": f"imstream-ingress-live-{node_id}",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "latest",
+        }
+        self._topic = topic
+        self._node_id = node_id
+        self._key = gateway_key(node_id)
+        self._deliver = deliver
+        self._metrics = metrics
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._assigned = threading.Event()
+        self.partition: int | None = None
+
+    @property
+    def topic(self) -> str:
+        return self._topic
+
+    @property
+    def assigned(self) -> bool:
+        """Whether the node's partition is assigned and positioned (for /readyz and tests)."""
+        return self._assigned.is_set()
+
+    def start(self) -> None:
+        """Start the consumer thread; Kafka is contacted there, so this never blocks."""
+        if self._thread is not None:
+            raise RuntimeError("LiveDeliveryConsumer.start() called twice")
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="kafka-live-delivery", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Stop reading and close the consumer."""
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    # -- on the consumer thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        consumer = Consumer(self._config)
+        try:
+            partitions = 0
+            checked_at = 0.0
+            while not self._stop.is_set():
+                if time.monotonic() - checked_at > _METADATA_REFRESH_SECONDS or not partitions:
+                    current = self._partition_count(consumer)
+                    checked_at = time.monotonic()
+                    if current and current != partitions:
+                        if not self._assign(consumer, current):
+                            checked_at = 0.0
+                            self._stop.wait(_RETRY_SECONDS)
+                            continue
+                        partitions = current
+                    if not partitions:
+                        self._stop.wait(_RETRY_SECONDS)
+                        continue
+                self._consume(consumer)
+        except Exception:
+            _log.exception("live-delivery consumer stopped by an unexpected error")
+            self._assigned.clear()
+        finally:
+            consumer.close()
+
+    def _partition_count(self, consumer: Consumer) -> int:
+        try:
+            metadata = consumer.list_topics(self._topic, timeout=_REQUEST_SECONDS)
+        except KafkaException as error:
+            _log.warning("live delivery: cannot read metadata of %s: %s", self._topic, error)
+            return 0
+        topic = metadata.topics.get(self._topic)
+        if topic is None or topic.error is not None:
+            reason = topic.error.str() if topic is not None and topic.error else "missing"
+            _log.warning(
+                "live delivery: topic %s is not usable (%s); run `imstream topics apply`",
+                self._topic,
+                reason,
+            )
+            return 0
+        return len(topic.partitions)
+
+    def _assign(self, consumer: Consumer, partitions: int) -> bool:
+        """Assign this node's partition at its current end offset."""
+        partition = partition_for_key(self._key, partitions)
+        try:
+            _low, high = consumer.get_watermark_offsets(
+                TopicPartition(self._topic, partition), timeout=_REQUEST_SECONDS, cached=False
+            )
+        except KafkaException as error:
+            _log.warning("live delivery: cannot read the end of %s: %s", self._topic, error)
+            return False
+        # An explicit offset rather than OFFSET_END: every record written after this point
+        # reaches the sockets, with no window while the client resolves "end" on its own.
+        consumer.assign([TopicPartition(self._topic, partition, high)])
+        self.partition = partition
+        self._assigned.set()
+        _log.info(
+            "live delivery: node %s reads %s[%d] from offset %d",
+            self._node_id,
+            self._topic,
+            partition,
+            high,
+        )
+        return True
+
+    def _consume(self, consumer: Consumer) -> None:
+        messages = consumer.consume(num_messages=_BATCH, timeout=_POLL_SECONDS)
+        frames = [frame for message in messages if (frame := self._frame(message)) is not None]
+        if frames and self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._deliver, frames)
+            except RuntimeError:
+                _log.debug("event loop closed; %d live frame(s) dropped", len(frames))
+
+    def _frame(self, message: Message) -> LiveFrame | None:
+        error = message.error()
+        if error is not None:
+            if error.code() != KafkaError._PARTITION_EOF:
+                _log.warning("live delivery: consumer error: %s", error.str())
+            return None
+        if message.key() != self._key:
+            self._metrics.records.labels("other-node").inc()
+            return None
+        try:
+            delivery = parse_live_delivery(message.value() or b"")
+            if delivery.node_id != self._node_id:
+                self._metrics.records.labels("other-node").inc()
+                return None
+            text = EventFrame(sync_id=delivery.sync_id, event=delivery.event).model_dump_json()
+        except Exception as error:  # a poison record must never stop live delivery
+            self._metrics.records.labels("poison").inc()
+            _log.warning(
+                "live delivery: skipped poison record at %s[%s]@%s: %s",
+                message.topic(),
+                message.partition(),
+                message.offset(),
+                error,
+            )
+            return None
+        return LiveFrame(
+            tenant_id=delivery.tenant_id,
+            user_id=delivery.user_id,
+            device_ids=tuple(delivery.device_ids) if delivery.device_ids is not None else None,
+            text=text,
+        )

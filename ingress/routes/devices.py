@@ -1,0 +1,154 @@
+"""``/v1/tenants/{tenant_id}/devices/{device_id}/push-token``: a device's APNs/FCM token.
+
+``PUT`` registers it (``push_token.registered``), ``DELETE`` removes it
+(``push_token.removed``, reason ``client``); both answer ``ok`` only once Kafka acknowledged the
+event, on the compacted ``im.push.tokens`` topic keyed ``tenant/user/device``. A token bound to a
+device (``did``) may only change that device's token.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Response
+from pydantic import Field, StringConstraints
+
+from ingress.connection import Principal
+from ingress.deps import GatewayDep, PrincipalDep, RequestIdDep
+from ingress.gateway import Gateway, error_frame
+from ingress.producer import KafkaUnavailable, PublishRejectedError
+from ingress.routes.replies import ERROR_RESPONSES, frame_response
+from schemas import frames as fr
+from schemas.errors import ErrorCode
+from schemas.events import (
+    MAX_NAME_CHARS,
+    MAX_PUSH_TOKEN_CHARS,
+    Actor,
+    DeviceId,
+    PushProvider,
+    PushTokenRegistered,
+    PushTokenRegisteredPayload,
+    PushTokenRemovalReason,
+    PushTokenRemoved,
+    PushTokenRemovedPayload,
+    WireModel,
+)
+
+router = APIRouter(prefix="/v1/tenants/{tenant_id}/devices/{device_id}", tags=["devices"])
+
+DevicePath = Annotated[DeviceId, Path(description="The device whose token this is")]
+
+
+class PushToken(WireModel):
+    """A device's push token as the app got it from APNs or FCM."""
+
+    provider: PushProvider
+    token: Annotated[str, StringConstraints(min_length=1, max_length=MAX_PUSH_TOKEN_CHARS)]
+    app_id: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=MAX_NAME_CHARS),
+        Field(description="APNs bundle id (topic) or FCM application id"),
+    ]
+
+
+@router.put(
+    "/push-token",
+    summary="Register the device's push token",
+    response_model=fr.Ok,
+    responses={**ERROR_RESPONSES, 403: {"model": fr.ErrorFrame}},
+)
+async def register_push_token(
+    device_id: DevicePath,
+    token: PushToken,
+    principal: PrincipalDep,
+    gateway: GatewayDep,
+    request_id: RequestIdDep,
+) -> Response:
+    """Publishes `push_token.registered`; `ok` once Kafka acknowledged it."""
+    refusal = _refuse_other_device(gateway, principal.device_id, device_id, request_id)
+    if refusal is not None:
+        return refusal
+    payload = PushTokenRegisteredPayload(
+        user_id=principal.user_id, device_id=device_id, **token.model_dump()
+    )
+    event = PushTokenRegistered.new(
+        tenant_id=principal.tenant_id,
+        payload=payload,
+        actor=Actor(user_id=principal.user_id, device_id=device_id),
+    )
+    return await _publish(gateway, event, request_id)
+
+
+@router.delete(
+    "/push-token",
+    summary="Remove the device's push token",
+    response_model=fr.Ok,
+    responses={**ERROR_RESPONSES, 403: {"model": fr.ErrorFrame}},
+)
+async def remove_push_token(
+    device_id: DevicePath,
+    token: PushToken,
+    principal: PrincipalDep,
+    gateway: GatewayDep,
+    request_id: RequestIdDep,
+) -> Response:
+    """Publishes `push_token.removed` (reason `client`) for exactly this token, so that a newer
+    token of the device is not removed by a late request; `ok` once Kafka acknowledged it."""
+    refusal = _refuse_other_device(gateway, principal.device_id, device_id, request_id)
+    if refusal is not None:
+        return refusal
+    payload = PushTokenRemovedPayload(
+        user_id=principal.user_id,
+        device_id=device_id,
+        reason=PushTokenRemovalReason.CLIENT,
+        **token.model_dump(),
+    )
+    event = PushTokenRemoved.new(
+        tenant_id=principal.tenant_id,
+        payload=payload,
+        actor=Actor(user_id=principal.user_id, device_id=device_id),
+    )
+    return await _publish(gateway, event, request_id)
+
+
+def _refuse_other_device(
+    gateway: Gateway, bound_device: str | None, device_id: str, request_id: str
+) -> Response | None:
+    if bound_device is None or bound_device == device_id:
+        return None
+    return frame_response(
+        gateway,
+        error_frame(
+            ErrorCode.FORBIDDEN,
+            f"the token is bound to device {bound_device!r}; it cannot change {device_id!r}",
+            request_id,
+        ),
+    )
+
+
+async def _publish(
+    gateway: Gateway, event: PushTokenRegistered | PushTokenRemoved, request_id: str
+) -> Response:
+    actor = event.actor
+    assert actor is not None
+    wait_ms = gateway.rate_limit(Principal(event.tenant_id, actor.user_id, actor.device_id))
+    if wait_ms is not None:
+        return frame_response(gateway, gateway.rate_limited(request_id, wait_ms))
+    try:
+        await gateway.publish_event(event)
+    except KafkaUnavailable as error:
+        return frame_response(
+            gateway,
+            error_frame(
+                ErrorCode.UNAVAILABLE,
+                f"not recorded: {error}; retry",
+                request_id,
+                retry_after=error.retry_after_ms,
+            ),
+        )
+    except PublishRejectedError as error:
+        return frame_response(
+            gateway,
+            error_frame(ErrorCode.INTERNAL, f"Kafka refused it ({error.reason})", request_id),
+        )
+    return frame_response(gateway, fr.Ok(id=request_id))

@@ -1,0 +1,43 @@
+"""Fixtures of the gateway tests: per-module topics and a real ingress process on them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from confluent_kafka.admin import AdminClient
+
+from pipelines.settings import Settings
+from pipelines.stack.manager import LocalStack
+from tests.ingress.support import Gateway, create_topics, delete_topics, start_gateway, unique
+
+#: The main gateway's settings: a short hello timeout so that its test is quick, and a rate limit
+#: no functional test reaches (tests/ingress/test_limits.py runs a gateway with a tight one).
+MAIN_GATEWAY = {
+    "auth_timeout_seconds": 2.0,
+    "rate_limit_per_second": 100_000.0,
+    "rate_limit_burst": 100_000.0,
+}
+
+
+@pytest.fixture(scope="module")
+def ingress_settings(
+    local_stack: LocalStack, settings: Settings, kafka_admin: AdminClient
+) -> Iterator[Settings]:
+    """Settings naming this module's own topics (the whole catalog, applied), deleted after."""
+    prefixed = create_topics(kafka_admin, settings, unique("t-ingress") + ".")
+    yield prefixed
+    delete_topics(kafka_admin, prefixed)
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    ingress_settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    """``imstream run ingress`` on this module's topics, ready (Kafka answers, live delivery
+    assigned); stopped with SIGTERM after the module, which must drain and exit 0."""
+    running = start_gateway(
+        ingress_settings, tmp_path_factory.mktemp("gateway"), ingress=MAIN_GATEWAY
+    )
+    yield running
+    assert running.stop() == 0, running.log()

@@ -1,0 +1,380 @@
+"""Helpers for the gateway tests: a real ingress process, a real WebSocket client, Kafka reads.
+
+Every gateway here is ``imstream run ingress`` in a subprocess on a free port, configured the
+way an operator would configure it (``IM_`` variables), talking to the real local Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from ingress.auth import issue_token
+from pipelines.connections import kafka_config
+from pipelines.settings import Settings
+from pipelines.topics import apply_topics
+from schemas.topics import TopicCatalog, partition_for_key, topic_catalog
+
+TENANT = "acme"
+IMSTREAM = Path(sys.executable).parent / "imstream"
+JsonObject = dict[str, Any]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def wait_for(condition: Callable[[], bool], *, timeout: float = 20.0, what: str = "it") -> None:
+    """Poll ``condition`` until it holds (blocking); fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+async def wait_until(
+    condition: Callable[[], bool], *, within: float = 20.0, what: str = "it"
+) -> None:
+    """Poll ``condition`` until it holds, without blocking the event loop."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within:g} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+# -- topics ------------------------------------------------------------
+
+
+def create_topics(admin: AdminClient, settings: Settings, prefix: str) -> Settings:
+    """Apply the catalog under ``prefix``; returns the settings that name those topics."""
+    kafka = settings.kafka.model_copy(update={"topic_prefix": prefix})
+    prefixed = settings.model_copy(update={"kafka": kafka})
+    apply_topics(admin, topic_catalog(prefixed))
+    return prefixed
+
+
+def delete_topics(admin: AdminClient, settings: Settings) -> None:
+    names = [topic.name for topic in topic_catalog(settings)]
+    for future in admin.delete_topics(names, operation_timeout=30).values():
+        future.result(timeout=30)
+
+
+# -- the gateway process ------------------------------------------------------------
+
+
+@dataclass
+class Gateway:
+    """A running ``imstream run ingress``."""
+
+    settings: Settings
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def port(self) -> int:
+        return self.settings.ingress.port
+
+    @property
+    def node_id(self) -> str:
+        return self.settings.ingress.node_id
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/ws"
+
+    @property
+    def catalog(self) -> TopicCatalog:
+        return topic_catalog(self.settings)
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | str | JsonObject | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 30.0,
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        """One HTTP request (blocking): status, headers (lower-case names), body."""
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        if isinstance(data, str):
+            data = data.encode()
+        request = urllib.request.Request(
+            self.http + path, data=data, method=method, headers=dict(headers or {})
+        )
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, _lower(response.headers.items()), response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, _lower(error.headers.items()), error.read()
+
+    def ready(self) -> bool:
+        try:
+            status, _, _ = self.request("GET", "/readyz", timeout=5)
+        except OSError:
+            return False
+        return status == 200
+
+    def alive(self) -> bool:
+        try:
+            status, _, _ = self.request("GET", "/healthz", timeout=5)
+        except OSError:
+            return False
+        return status == 200
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        _, _, body = self.request("GET", "/metrics")
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(body.decode())
+            for sample in family.samples
+        }
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def holds_socket_of(self, client_port: int) -> bool:
+        """Whether the node still has a TCP socket to the client at ``client_port``."""
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in Path(table).read_text().splitlines()[1:]:
+                local, remote = line.split()[1:3]
+                local_port = int(local.rsplit(":", 1)[1], 16)
+                remote_port = int(remote.rsplit(":", 1)[1], 16)
+                if (local_port, remote_port) == (self.port, client_port):
+                    return True
+        return False
+
+    def stop(self, signum: signal.Signals = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+            raise AssertionError(
+                f"the gateway did not stop on {signum.name}:\n{self.log()}"
+            ) from None
+
+
+def _lower(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    return {name.lower(): value for name, value in headers}
+
+
+def start_gateway(
+    settings: Settings,
+    log_dir: Path,
+    *,
+    kafka: Mapping[str, Any] | None = None,
+    ingress: Mapping[str, Any] | None = None,
+    wait: Callable[[Gateway], bool] = Gateway.ready,
+) -> Gateway:
+    """Start ``imstream run ingress`` with these overrides and wait until ``wait`` holds."""
+    ingress_values = {"port": free_port(), "node_id": unique("node"), **(ingress or {})}
+    kafka_values = {
+        "bootstrap_servers": settings.kafka.bootstrap_servers,
+        "topic_prefix": settings.kafka.topic_prefix,
+        **(kafka or {}),
+    }
+    environment = dict(os.environ)
+    for group, values in (("KAFKA", kafka_values), ("INGRESS", ingress_values)):
+        for key, value in values.items():
+            environment[f"IM_{group}__{key.upper()}"] = str(value)
+    configured = settings.model_copy(
+        update={
+            "kafka": settings.kafka.model_copy(update=kafka_values),
+            "ingress": settings.ingress.model_copy(update=ingress_values),
+        }
+    )
+    log_path = log_dir / f"{ingress_values['node_id']}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [str(IMSTREAM), "run", "ingress"],
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    gateway = Gateway(configured, process, log_path)
+    deadline = time.monotonic() + 60
+    while not wait(gateway):
+        if process.poll() is not None or time.monotonic() > deadline:
+            gateway.stop(signal.SIGKILL)
+            raise AssertionError(f"the gateway did not become ready:\n{gateway.log()}")
+        time.sleep(0.05)
+    return gateway
+
+
+# -- the client side ------------------------------------------------------------
+
+
+def token(
+    settings: Settings,
+    user: str,
+    *,
+    tenant: str = TENANT,
+    device: str | None = None,
+    ttl: timedelta = timedelta(hours=1),
+    secret: str | None = None,
+) -> str:
+    return issue_token(
+        secret or settings.auth.jwt_secret.get_secret_value(),
+        user_id=user,
+        tenant_id=tenant,
+        issuer=settings.auth.jwt_issuer,
+        audience=settings.auth.jwt_audience,
+        device_id=device,
+        ttl=ttl,
+    )
+
+
+def hello(
+    settings: Settings,
+    user: str,
+    device: str,
+    *,
+    tenant: str = TENANT,
+    token_text: str | None = None,
+    cursor: int = 0,
+) -> JsonObject:
+    return {
+        "type": "hello",
+        "id": "hello-1",
+        "token": token_text if token_text is not None else token(settings, user, tenant=tenant),
+        "tenant_id": tenant,
+        "device_id": device,
+        "platform": "android",
+        "sync_cursor": cursor,
+    }
+
+
+async def open_socket(gateway: Gateway, **options: Any) -> ClientConnection:
+    return await connect(
+        gateway.ws, compression=None, ping_interval=None, open_timeout=20, **options
+    )
+
+
+async def open_device(
+    gateway: Gateway, user: str, device: str | None = None, *, tenant: str = TENANT
+) -> tuple[ClientConnection, JsonObject]:
+    """A socket past ``hello``, and its ``hello_ok``."""
+    socket_ = await open_socket(gateway)
+    await socket_.send(json.dumps(hello(gateway.settings, user, device or "phone", tenant=tenant)))
+    reply = await receive(socket_)
+    assert reply["type"] == "hello_ok", reply
+    return socket_, reply
+
+
+async def receive(socket_: ClientConnection, within: float = 20.0) -> JsonObject:
+    """The next frame, decoded."""
+    raw = await asyncio.wait_for(socket_.recv(), within)
+    frame = json.loads(raw)
+    assert isinstance(frame, dict)
+    return frame
+
+
+async def request(socket_: ClientConnection, frame: JsonObject | str | bytes) -> JsonObject:
+    """Send one frame and return the next frame received (its reply on a quiet socket)."""
+    await socket_.send(frame if isinstance(frame, str | bytes) else json.dumps(frame))
+    return await receive(socket_)
+
+
+async def close_code(socket_: ClientConnection, within: float = 20.0) -> int:
+    """Read until the server closes the socket; its close code (1006 if none arrived)."""
+    async with asyncio.timeout(within):
+        try:
+            while True:
+                await socket_.recv()
+        except ConnectionClosed as closed:
+            return closed.rcvd.code if closed.rcvd is not None else 1006
+
+
+# -- reading Kafka ------------------------------------------------------------
+
+
+def _consumer(settings: Settings) -> Consumer:
+    return Consumer(
+        kafka_config(settings, **{"group.id": unique("test"), "enable.auto.commit": False})
+    )
+
+
+def end_offset(settings: Settings, topic: str, key: bytes) -> tuple[int, int]:
+    """The partition ``key`` goes to and its end offset now (blocking)."""
+    partitions = topic_catalog(settings).by_name(topic).partitions
+    partition = partition_for_key(key, partitions)
+    consumer = _consumer(settings)
+    try:
+        _, high = consumer.get_watermark_offsets(
+            TopicPartition(topic, partition), timeout=10, cached=False
+        )
+    finally:
+        consumer.close()
+    return partition, int(high)
+
+
+def read_records(
+    settings: Settings, topic: str, partition: int, offset: int, count: int
+) -> list[tuple[bytes | None, JsonObject]]:
+    """``count`` records of a partition from ``offset`` on, as (key, decoded JSON value)."""
+    consumer = _consumer(settings)
+    consumer.assign([TopicPartition(topic, partition, offset)])
+    records: list[tuple[bytes | None, JsonObject]] = []
+    deadline = time.monotonic() + 20
+    try:
+        while len(records) < count and time.monotonic() < deadline:
+            message = consumer.poll(0.2)
+            if message is None or message.error() is not None:
+                continue
+            records.append((message.key(), json.loads(message.value() or b"null")))
+    finally:
+        consumer.close()
+    return records
+
+
+def read_to_end(
+    settings: Settings, topic: str, partition: int, offset: int
+) -> list[tuple[bytes | None, JsonObject]]:
+    """Every record of a partition from ``offset`` to its current end."""
+    consumer = _consumer(settings)
+    try:
+        _, high = consumer.get_watermark_offsets(
+            TopicPartition(topic, partition), timeout=10, cached=False
+        )
+    finally:
+        consumer.close()
+    return read_records(settings, topic, partition, offset, int(high) - offset)

@@ -1,0 +1,126 @@
+"""Bad input over a real socket: each kind gets its stable error code (and the request id and
+field path when they can be known) and the connection keeps working, or, past the hard limits
+of the WebSocket layer, the socket is closed with the RFC 6455 code."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from schemas.events import MAX_BODY_BYTES
+from tests.ingress.support import Gateway, JsonObject, close_code, open_device, request, unique
+
+
+def send(**changes: Any) -> JsonObject:
+    frame: JsonObject = {
+        "type": "send",
+        "id": "req-1",
+        "conversation_id": "c-1",
+        "client_msg_id": "m-1",
+        "body": {"type": "text", "text": "hi"},
+    }
+    frame.update(changes)
+    return {key: value for key, value in frame.items() if value is not None}
+
+
+SOFT_LIMIT = 64 * 1024
+
+#: (frame as sent, error code, field, request id echoed)
+BAD_FRAMES: dict[str, tuple[str | bytes, str, str | None, str | None]] = {
+    "malformed json": ('{"type": "ping", "id": ', "malformed-json", None, None),
+    "not an object": ("[1, 2, 3]", "schema-invalid", None, None),
+    "unknown type": ('{"type": "teleport", "id": "t1"}', "unknown-type", "type", "t1"),
+    "missing type": ('{"id": "t2"}', "schema-invalid", "type", "t2"),
+    "missing field": (json.dumps(send(body=None)), "schema-invalid", "body", "req-1"),
+    "empty text": (
+        json.dumps(send(body={"type": "text", "text": ""})),
+        "schema-invalid",
+        "body.text",
+        "req-1",
+    ),
+    "bad id pattern": (
+        json.dumps(send(conversation_id="has space")),
+        "schema-invalid",
+        "conversation_id",
+        "req-1",
+    ),
+    "unknown body type": (
+        json.dumps(send(body={"type": "hologram"})),
+        "schema-invalid",
+        "body.type",
+        "req-1",
+    ),
+    "wrong value type": (
+        '{"type": "read", "id": "r1", "conversation_id": "c", "conversation_seq": "seven"}',
+        "schema-invalid",
+        "conversation_seq",
+        "r1",
+    ),
+    "text body over the body limit": (
+        json.dumps(send(body={"type": "text", "text": "x" * (MAX_BODY_BYTES + 1)})),
+        "body-too-large",
+        "body.text",
+        "req-1",
+    ),
+    "custom body over the body limit": (
+        json.dumps(
+            send(body={"type": "custom", "kind": "blob", "data": {"x": "y" * MAX_BODY_BYTES}})
+        ),
+        "body-too-large",
+        "body.data",
+        "req-1",
+    ),
+    "frame over the soft limit": (
+        # Fewer characters than the limit, more bytes: the limit is in UTF-8 bytes.
+        json.dumps(
+            send(id="big", body={"type": "text", "text": "é" * (SOFT_LIMIT // 2)}),
+            ensure_ascii=False,
+        ),
+        "frame-too-large",
+        None,
+        "big",
+    ),
+    "binary frame, not UTF-8": (b'{"type": "ping", "id": "\xff\xfe"}', "invalid-utf8", None, None),
+    "binary frame over the soft limit": (b"x" * (SOFT_LIMIT + 1), "frame-too-large", None, None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FRAMES))
+async def test_bad_frame_gets_its_error_and_the_socket_goes_on(gateway: Gateway, case: str) -> None:
+    raw, code, field, request_id = BAD_FRAMES[case]
+    socket_, _ = await open_device(gateway, unique("user"))
+    reply = await request(socket_, raw)
+    assert reply["type"] == "error"
+    assert (reply["code"], reply["field"], reply["id"]) == (code, field, request_id)
+    assert reply["message"]
+    # Exactly one reply: the next frame received answers the next command.
+    assert await request(socket_, {"type": "ping", "id": "after"}) == {
+        "type": "pong",
+        "id": "after",
+    }
+
+
+async def test_errors_are_counted_by_code(gateway: Gateway) -> None:
+    before = gateway.metric("imstream_ingress_errors_total", code="unknown-type")
+    socket_, _ = await open_device(gateway, unique("user"))
+    await request(socket_, '{"type": "teleport", "id": "t"}')
+    assert gateway.metric("imstream_ingress_errors_total", code="unknown-type") == before + 1
+
+
+async def test_a_binary_frame_of_utf8_json_is_a_frame(gateway: Gateway) -> None:
+    socket_, _ = await open_device(gateway, unique("user"))
+    assert await request(socket_, b'{"type": "ping", "id": "bin"}') == {"type": "pong", "id": "bin"}
+
+
+async def test_a_frame_over_the_hard_limit_closes_with_1009(gateway: Gateway) -> None:
+    socket_, _ = await open_device(gateway, unique("user"))
+    await socket_.send("x" * (4 * SOFT_LIMIT + 1))
+    assert await close_code(socket_) == 1009
+
+
+async def test_a_text_frame_of_invalid_utf8_closes_with_1007(gateway: Gateway) -> None:
+    socket_, _ = await open_device(gateway, unique("user"))
+    await socket_.send(b'{"type": "ping", "id": "\xff"}', text=True)
+    assert await close_code(socket_) == 1007

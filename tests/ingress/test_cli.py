@@ -1,0 +1,45 @@
+"""``imstream run ingress`` refuses to start with an error that says what to do."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+
+from tests.ingress.support import IMSTREAM
+
+
+def run_ingress(**variables: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(IMSTREAM), "run", "ingress"],
+        env={**os.environ, **variables},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_port_in_use_is_reported() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = run_ingress(IM_INGRESS__PORT=str(port))
+    assert result.returncode == 1
+    assert f"[port-in-use] cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "IM_INGRESS__PORT" in result.stderr
+
+
+def test_an_invalid_node_id_is_reported() -> None:
+    result = run_ingress(IM_INGRESS__NODE_ID="node one")
+    assert result.returncode == 1
+    assert "[settings-invalid] IM_INGRESS__NODE_ID='node one' is not a valid node id" in (
+        result.stderr
+    )
+
+
+def test_an_unknown_setting_is_reported() -> None:
+    result = run_ingress(IM_INGRESS__PROT="8080")
+    assert result.returncode == 2
+    assert "[settings-invalid]" in result.stderr

@@ -1,0 +1,255 @@
+"""The REST door: the same commands and replies as the socket, push tokens, health, OpenAPI."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from schemas.events import MAX_BODY_BYTES, message_event_id
+from schemas.topics import conversation_key, device_key
+from tests.ingress.support import (
+    TENANT,
+    Gateway,
+    JsonObject,
+    end_offset,
+    read_records,
+    token,
+    unique,
+)
+
+COMMANDS = f"/v1/tenants/{TENANT}/commands"
+
+
+def bearer(gateway: Gateway, user: str, **options: Any) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(gateway.settings, user, **options)}"}
+
+
+def post(
+    gateway: Gateway, body: JsonObject | str | bytes, headers: dict[str, str], path: str = COMMANDS
+) -> tuple[int, dict[str, str], JsonObject]:
+    status, response_headers, raw = gateway.request("POST", path, body, headers)
+    return status, dict(response_headers), json.loads(raw)
+
+
+def send(conversation: str, client_msg_id: str = "m-1", text: str = "hi") -> JsonObject:
+    return {
+        "type": "send",
+        "id": "r1",
+        "conversation_id": conversation,
+        "client_msg_id": client_msg_id,
+        "body": {"type": "text", "text": text},
+    }
+
+
+def test_send_is_accepted_once_in_kafka(gateway: Gateway) -> None:
+    user, conversation = unique("user"), unique("conv")
+    topic = gateway.catalog.messages_in.name
+    key = conversation_key(TENANT, conversation)
+    partition, before = end_offset(gateway.settings, topic, key)
+    headers = {**bearer(gateway, user), "X-Device-Id": "laptop"}
+
+    status, _, reply = post(gateway, send(conversation), headers)
+
+    assert status == 200
+    assert reply == {
+        "type": "accepted",
+        "id": "r1",
+        "conversation_id": conversation,
+        "client_msg_id": "m-1",
+        "event_id": message_event_id(TENANT, user, "m-1"),
+    }
+    assert end_offset(gateway.settings, topic, key)[1] == before + 1
+    [(_, event)] = read_records(gateway.settings, topic, partition, before, 1)
+    assert event["event_id"] == reply["event_id"]
+    assert event["actor"] == {"user_id": user, "device_id": "laptop"}
+
+
+def test_other_commands_answer_like_the_socket(gateway: Gateway) -> None:
+    headers = bearer(gateway, unique("user"))
+    status, _, created = post(
+        gateway,
+        {"type": "conversation.create", "id": "c1", "kind": "direct", "members": ["bob"]},
+        headers,
+    )
+    assert (status, created["type"], created["id"]) == (200, "ok", "c1")
+    assert created["conversation_id"].startswith("dm-")
+    assert post(gateway, {"type": "ping", "id": "p"}, headers)[::2] == (
+        200,
+        {"type": "pong", "id": "p"},
+    )
+    status, _, sync = post(gateway, {"type": "sync", "id": "s", "cursor": 0}, headers)
+    assert (status, sync["code"]) == (503, "unavailable")
+
+
+REFUSALS: dict[str, tuple[Any, int, str, str | None]] = {
+    "malformed json": ('{"type": ', 400, "malformed-json", None),
+    "unknown type": ({"type": "teleport", "id": "t"}, 400, "unknown-type", "type"),
+    "schema violation": (
+        {**send("c-1"), "body": {"type": "text"}},
+        422,
+        "schema-invalid",
+        "body.text",
+    ),
+    "body too large": (
+        send("c-1", text="x" * (MAX_BODY_BYTES + 1)),
+        413,
+        "body-too-large",
+        "body.text",
+    ),
+    "frame too large": (send("c-1", text="x" * 70_000), 413, "frame-too-large", None),
+    "invalid utf-8": (b'{"type": "ping", "id": "\xff"}', 400, "invalid-utf8", None),
+    "hello": (
+        {
+            "type": "hello",
+            "id": "h",
+            "token": "t",
+            "tenant_id": TENANT,
+            "device_id": "d",
+            "platform": "web",
+        },
+        422,
+        "schema-invalid",
+        "type",
+    ),
+    "ack": ({"type": "ack", "id": "a", "sync_id": 3}, 422, "schema-invalid", "type"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_bad_commands_get_their_code_and_status(gateway: Gateway, case: str) -> None:
+    body, expected_status, code, field = REFUSALS[case]
+    status, _, reply = post(gateway, body, bearer(gateway, unique("user")))
+    assert (status, reply["type"], reply["code"], reply["field"]) == (
+        expected_status,
+        "error",
+        code,
+        field,
+    )
+
+
+def test_the_auth_matrix(gateway: Gateway) -> None:
+    user = unique("user")
+    ping = {"type": "ping", "id": "p"}
+    cases: list[tuple[dict[str, str], int, str]] = [
+        ({}, 401, "auth-required"),
+        ({"Authorization": "Basic dXNlcjpwYXNz"}, 401, "token-invalid"),
+        ({"Authorization": "Bearer not.a.jwt"}, 401, "token-invalid"),
+        (bearer(gateway, user, ttl=timedelta(hours=-1)), 401, "token-expired"),
+        (bearer(gateway, user, tenant="globex"), 403, "tenant-mismatch"),
+        ({**bearer(gateway, user, device="phone"), "X-Device-Id": "tablet"}, 403, "forbidden"),
+    ]
+    for headers, expected_status, code in cases:
+        status, _, reply = post(gateway, ping, headers)
+        assert (status, reply["code"]) == (expected_status, code), headers
+    assert post(gateway, ping, bearer(gateway, user, device="phone"))[0] == 200
+
+
+def test_a_malformed_tenant_in_the_path_is_refused(gateway: Gateway) -> None:
+    status, _, reply = post(
+        gateway, {"type": "ping", "id": "p"}, bearer(gateway, "u"), "/v1/tenants/a%20b/commands"
+    )
+    assert (status, reply["code"], reply["field"]) == (422, "schema-invalid", "tenant_id")
+
+
+def test_push_tokens_are_registered_and_removed(gateway: Gateway) -> None:
+    user = unique("user")
+    topic = gateway.catalog.push_tokens.name
+    key = device_key(TENANT, user, "phone")
+    partition, before = end_offset(gateway.settings, topic, key)
+    path = f"/v1/tenants/{TENANT}/devices/phone/push-token"
+    body = {"provider": "apns", "token": "a" * 64, "app_id": "dev.imstream.app"}
+    headers = {**bearer(gateway, user, device="phone"), "X-Request-Id": "reg-1"}
+
+    status, _, raw = gateway.request("PUT", path, body, headers)
+    assert status == 200
+    assert json.loads(raw) == {"type": "ok", "id": "reg-1", "conversation_id": None}
+    status, _, raw = gateway.request("DELETE", path, body, headers)
+    assert status == 200
+
+    records = read_records(gateway.settings, topic, partition, before, 2)
+    assert [record_key for record_key, _ in records] == [key, key]
+    registered, removed = (event for _, event in records)
+    assert registered["type"] == "push_token.registered"
+    assert registered["payload"] == {"user_id": user, "device_id": "phone", **body}
+    assert removed["type"] == "push_token.removed"
+    assert removed["payload"]["reason"] == "client"
+
+
+PUSH_TOKEN_REFUSALS: dict[str, tuple[Any, str, int, str, str | None]] = {
+    "other device": (
+        {"provider": "apns", "token": "t", "app_id": "a"},
+        "tablet",
+        403,
+        "forbidden",
+        None,
+    ),
+    "missing token": ({"provider": "apns", "app_id": "a"}, "phone", 422, "schema-invalid", "token"),
+    "unknown provider": (
+        {"provider": "pager", "token": "t", "app_id": "a"},
+        "phone",
+        422,
+        "schema-invalid",
+        "provider",
+    ),
+    "malformed": ('{"provider": ', "phone", 400, "malformed-json", None),
+}
+
+
+@pytest.mark.parametrize("case", list(PUSH_TOKEN_REFUSALS))
+def test_push_token_refusals(gateway: Gateway, case: str) -> None:
+    body, device, status, code, field = PUSH_TOKEN_REFUSALS[case]
+    headers = bearer(gateway, unique("user"), device="phone")
+    got, _, raw = gateway.request(
+        "PUT", f"/v1/tenants/{TENANT}/devices/{device}/push-token", body, headers
+    )
+    reply = json.loads(raw)
+    assert (got, reply["code"], reply["field"]) == (status, code, field)
+
+
+def test_health_readiness_and_metrics(gateway: Gateway) -> None:
+    status, _, raw = gateway.request("GET", "/healthz")
+    assert (status, json.loads(raw)["node_id"]) == (200, gateway.node_id)
+    status, _, raw = gateway.request("GET", "/readyz")
+    assert (status, json.loads(raw)) == (
+        200,
+        {"ready": True, "kafka": True, "live_delivery": True, "draining": False},
+    )
+    post(gateway, send(unique("conv")), bearer(gateway, unique("user")))
+    metrics = gateway.metrics()
+    names = {name for name, _ in metrics}
+    assert {
+        "imstream_ingress_connections",
+        "imstream_ingress_frames_in_total",
+        "imstream_ingress_frames_out_total",
+        "imstream_ingress_outbound_queued_frames",
+        "imstream_ingress_kafka_queued_records",
+        "process_resident_memory_bytes",
+    } <= names
+    assert metrics[("imstream_ingress_produce_latency_seconds_count", ())] >= 1
+    assert metrics[("imstream_ingress_frames_out_total", (("type", "accepted"),))] >= 1
+
+
+def test_openapi_documents_every_route(gateway: Gateway) -> None:
+    status, _, raw = gateway.request("GET", "/openapi.json")
+    document = json.loads(raw)
+    assert status == 200
+    paths = {path: set(methods) for path, methods in document["paths"].items()}
+    assert paths == {
+        "/v1/tenants/{tenant_id}/commands": {"post"},
+        "/v1/tenants/{tenant_id}/devices/{device_id}/push-token": {"put", "delete"},
+        "/healthz": {"get"},
+        "/readyz": {"get"},
+        "/metrics": {"get"},
+    }
+    command = document["paths"]["/v1/tenants/{tenant_id}/commands"]["post"]
+    body = command["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/RestCommand"}
+    schemas = document["components"]["schemas"]
+    mapping = schemas["RestCommand"]["discriminator"]["mapping"]
+    assert {"send", "conversation.create", "ping"} <= set(mapping)
+    assert "hello" not in mapping
+    for reference in mapping.values():
+        assert reference.removeprefix("#/components/schemas/") in schemas
