@@ -13,12 +13,17 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from confluent_kafka.admin import AdminClient
 
+from pipelines.connections import kafka_config
 from pipelines.console import load_settings
 from pipelines.stack.errors import StackError
 from pipelines.stack.manager import LocalStack, ServiceState, ServiceStatus
 from pipelines.stack.process import last_lines
+from pipelines.supervisor import Supervisor
+from pipelines.topics import ChangeAction, apply_topics
 from pipelines.topics_cli import topics_app
+from schemas.topics import topic_catalog
 
 app = typer.Typer(
     help="imstream: an instant-messaging backend built as a stream-processing pipeline on Kafka.",
@@ -164,7 +169,11 @@ def _follow(path: Path) -> None:
 
 @app.command("up")
 def up() -> None:
-    """Run the main job on the local stack until Ctrl-C, then stop everything it started."""
+    """Run the main job on the local stack until Ctrl-C, then stop everything it started.
+
+    Starts the local stack, applies the topic catalog, then runs every process kind as a child
+    process (restarted when it crashes).
+    """
     settings = load_settings()
     stack = LocalStack(settings, progress=ProgressLine())
     try:
@@ -172,7 +181,12 @@ def up() -> None:
     except StackError as error:
         raise fail(error) from error
     typer.echo(render_statuses(statuses))
-    typer.echo("imstream is up. Press Ctrl-C to stop.")
+    catalog = topic_catalog(settings)
+    changes = apply_topics(AdminClient(kafka_config(settings)), catalog)
+    created = sum(change.action is ChangeAction.CREATED for change in changes)
+    typer.echo(f"topics: {len(changes)} in the catalog, {created} created")
+    kinds = [command.name for command in run_app.registered_commands if command.name]
+    supervisor = Supervisor(kinds, settings.stack.state_dir / "logs", report=typer.echo)
     stopping = threading.Event()
 
     def _request_stop(signum: int, _frame: object) -> None:
@@ -180,11 +194,18 @@ def up() -> None:
 
     signal.signal(signal.SIGINT, _request_stop)
     signal.signal(signal.SIGTERM, _request_stop)
-    while not stopping.wait(5.0):
-        down = [status.name for status in stack.status() if status.state is not ServiceState.UP]
-        if down:
-            typer.echo(f"warning: not up: {', '.join(down)}", err=True)
+    supervisor.start_all()
+    ingress = settings.ingress
+    typer.echo(
+        f"clients: ws://{ingress.host}:{ingress.port}/v1/ws · REST and OpenAPI: "
+        f"http://{ingress.host}:{ingress.port}/docs"
+    )
+    typer.echo("imstream is up. Press Ctrl-C to stop.")
+    while not stopping.wait(1.0):
+        supervisor.check()
     typer.echo("stopping …")
+    for line in supervisor.stop_all(settings.stack.stop_timeout_seconds):
+        typer.echo(line)
     for line in stack.down():
         typer.echo(line)
 

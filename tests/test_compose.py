@@ -11,7 +11,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from pipelines.settings import CqlSettings, KafkaSettings, Settings
+from pipelines.cli import run_app
+from pipelines.settings import CqlSettings, IngressSettings, KafkaSettings, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRASTRUCTURE = {
@@ -24,6 +25,7 @@ INFRASTRUCTURE = {
     "clickhouse",
     "prometheus",
     "grafana",
+    "setup",
 }
 _REQUIRED = re.compile(r"\$\{(?P<name>[A-Z0-9_]+):\?[^}]*\}")
 
@@ -87,3 +89,30 @@ def test_addresses_and_ports_match_the_settings(compose: dict[str, Any]) -> None
         services["clickhouse"]["environment"]["CLICKHOUSE_USER"]
         == (environment["IM_CLICKHOUSE__USERNAME"])
     )
+
+
+def process_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Services that run an imstream process: ``imstream run <kind>``, named after the kind."""
+    return {
+        name: service
+        for name, service in compose["services"].items()
+        if service.get("command", [None])[0] == "run"
+    }
+
+
+def test_one_service_per_process_kind_named_like_the_readme(compose: dict[str, Any]) -> None:
+    kinds = {command.name for command in run_app.registered_commands}
+    services = process_services(compose)
+    assert set(services) == kinds
+    for name, service in services.items():
+        assert service["command"] == ["run", name]
+    readme = (ROOT / "README.md").read_text()
+    for kind in kinds:
+        assert f"`imstream run {kind}`" in readme, f"README's process table lacks {kind}"
+
+
+def test_ingress_port_matches_the_settings(compose: dict[str, Any]) -> None:
+    ingress = compose["services"]["ingress"]
+    port = int(ingress["environment"]["IM_INGRESS__PORT"])
+    assert port == IngressSettings().port
+    assert f"{port}:{port}" in ingress["ports"]
