@@ -210,6 +210,20 @@ def up() -> None:
         typer.echo(line)
 
 
+@run_app.command("stream-worker")
+def run_stream_worker() -> None:
+    """The stream processors (faust agents): sequencing, fan-out, sync ids, routing, push jobs."""
+    # Imported here: faust's import cost is paid only by the process that runs it.
+    import faust  # noqa: PLC0415
+
+    from streams.app import create_app  # noqa: PLC0415
+
+    settings = load_settings()
+    configure_process_logging()
+    worker = faust.Worker(create_app(settings), loglevel="info", quiet=True)
+    worker.execute_from_commandline()
+
+
 class RepeatFilter(logging.Filter):
     """Lets a message through at most once per ``window`` seconds (numbers ignored).
 

@@ -112,6 +112,21 @@ class IngressSettings(_Group):
     )
 
 
+class StreamsSettings(_Group):
+    """The stream worker (``imstream run stream-worker``): batching, fan-out and push policy."""
+
+    app_id: str = "imstream-streams"
+    batch_size: Annotated[int, Field(ge=1)] = 500
+    batch_window_seconds: Annotated[float, Field(gt=0)] = 0.005
+    commit_interval_seconds: Annotated[float, Field(gt=0)] = 0.5
+    session_timeout_seconds: Annotated[float, Field(ge=6)] = 10.0
+    producer_linger_seconds: Annotated[float, Field(ge=0)] = 0.002
+    large_group_threshold: Annotated[int, Field(ge=2)] = 500
+    max_members: Annotated[int, Field(ge=2)] = 100_000
+    message_retention_days: Annotated[float, Field(gt=0)] = 7.0
+    push_collapse_seconds: Annotated[float, Field(ge=0)] = 30.0
+
+
 class StackSettings(_Group):
     """The embedded local stack started by ``imstream stack up``."""
 
@@ -152,6 +167,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     push: PushSettings = PushSettings()
     ingress: IngressSettings = IngressSettings()
+    streams: StreamsSettings = StreamsSettings()
     stack: StackSettings = StackSettings()
 
     @model_validator(mode="after")

@@ -60,6 +60,8 @@ MAX_MEMBERS_PER_EVENT = 1000
 _ID_PATTERN = r"^[A-Za-z0-9._:@+=-]+$"
 #: Namespace of the deterministic message event ids, fixed forever: changing it changes every id.
 _MESSAGE_ID_NAMESPACE = uuid.UUID("9f36bda4-9861-4cc5-b3ba-a49e2f633296")
+#: Namespace of the ids processors derive from an input event's id, fixed forever likewise.
+_DERIVED_ID_NAMESPACE = uuid.UUID("0b6f1f4e-5b0e-4f6a-9d7c-2f3c1a8e4d55")
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS, pattern=_ID_PATTERN)]
 TenantId = Id
@@ -539,6 +541,55 @@ class PushTokenRemoved(EventEnvelope[PushTokenRemovedPayload]):
 
 
 # ---------------------------------------------------------------------------------------------
+# Written by the stream processors into users' sync queues
+# ---------------------------------------------------------------------------------------------
+
+
+class ConversationAdvancedPayload(WireModel):
+    """Large groups (read diffusion): the conversation has a new entry; read it from history."""
+
+    conversation_id: ConversationId
+    conversation_seq: PositiveInt
+    message_id: EventId
+    sender_id: UserId
+    entry_type: Annotated[
+        Literal["message.sent", "message.recalled", "message.edited"],
+        Field(description="The type of the timeline entry at conversation_seq"),
+    ]
+
+
+class ConversationAdvanced(EventEnvelope[ConversationAdvancedPayload]):
+    """Instead of the whole message, members of a group above the large-group threshold get this
+    light event and page the conversation's history for the body."""
+
+    type: Literal["conversation.advanced"] = "conversation.advanced"
+
+
+class CommandRejectedPayload(WireModel):
+    command_event_id: EventId
+    command_type: Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)]
+    conversation_id: ConversationId | None = None
+    reason: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=MAX_ID_CHARS),
+        Field(description="A stable reason code, e.g. not-a-member (see docs/events.md)"),
+    ]
+
+
+class CommandRejected(EventEnvelope[CommandRejectedPayload]):
+    """A command the ingress accepted was refused by a processor (authorization, state); it
+    reaches the requesting user's devices through the sync queue."""
+
+    type: Literal["command.rejected"] = "command.rejected"
+
+
+def derived_event_id(source_event_id: str, role: str) -> str:
+    """The id of an event a processor derives from ``source_event_id`` (UUID v5): processing the
+    same input again derives the same id, which is what makes re-processing harmless."""
+    return str(uuid.uuid5(_DERIVED_ID_NAMESPACE, f"{source_event_id}/{role}"))
+
+
+# ---------------------------------------------------------------------------------------------
 # The union and its parser
 # ---------------------------------------------------------------------------------------------
 
@@ -560,7 +611,9 @@ Event = Annotated[
     | DeviceConnected
     | DeviceDisconnected
     | PushTokenRegistered
-    | PushTokenRemoved,
+    | PushTokenRemoved
+    | ConversationAdvanced
+    | CommandRejected,
     Field(discriminator="type"),
 ]
 
@@ -620,3 +673,46 @@ def parse_live_delivery(raw: bytes | str) -> LiveDelivery:
 
 def encode_live_delivery(delivery: LiveDelivery) -> bytes:
     return delivery.model_dump_json().encode()
+
+
+class InboxRecord(WireModel):
+    """A record of the user inbox topic: one event the conversation processor addresses to one
+    user. ``position`` increases per conversation; the user processor applies each position once."""
+
+    tenant_id: TenantId
+    user_id: UserId
+    conversation_id: ConversationId
+    position: NonNegativeInt = Field(
+        description="0 for ephemeral events, which are not deduplicated"
+    )
+    ephemeral: bool = False
+    event: Event
+
+
+class SyncRecord(WireModel):
+    """A record of the sync-events topic: the user's queue entry ``sync_id``."""
+
+    tenant_id: TenantId
+    user_id: UserId
+    sync_id: PositiveInt
+    event: Event
+
+
+class PushJob(WireModel):
+    """A record of the push-jobs topic: notify a user with no online device. Its schema is final:
+    the push sender (APNs/FCM) consumes it. ``job_id`` is derived, so a re-emitted job is
+    recognisable."""
+
+    job_id: EventId
+    tenant_id: TenantId
+    user_id: UserId
+    conversation_id: ConversationId
+    conversation_seq: PositiveInt
+    message_id: EventId
+    sender_id: UserId
+    body: MessageBody | None = Field(
+        default=None, description="The message, for previews; null in large groups"
+    )
+    merged_count: PositiveInt = Field(description="Messages this push stands for (collapsed)")
+    unread_total: NonNegativeInt = Field(description="The user's unread count: the badge")
+    occurred_at: UtcDatetime

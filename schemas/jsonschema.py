@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from schemas.events import EVENT_MODELS, LiveDelivery
+from schemas.events import EVENT_MODELS, InboxRecord, LiveDelivery, PushJob, SyncRecord
 from schemas.frames import CLIENT_FRAME_MODELS, SERVER_FRAME_MODELS
 
 #: Where the committed files live.
@@ -85,6 +85,9 @@ def generate() -> dict[Path, str]:
     for frame_type, server_model in SERVER_FRAME_MODELS.items():
         models[Path("frames") / "server" / f"{frame_type}.json"] = server_model
     models[Path("records") / "live-delivery.json"] = LiveDelivery
+    models[Path("records") / "inbox.json"] = InboxRecord
+    models[Path("records") / "sync.json"] = SyncRecord
+    models[Path("records") / "push-job.json"] = PushJob
     return {relative: _render(model, relative) for relative, model in models.items()}
 
 

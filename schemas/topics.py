@@ -132,12 +132,12 @@ class TopicCatalog:
     """Every topic of imstream, by role."""
 
     messages_in: Topic
-    conversations_in: Topic
     user_state_in: Topic
     typing_in: Topic
     presence: Topic
     push_tokens: Topic
     messages_sequenced: Topic
+    user_inbox: Topic
     sync_events: Topic
     live_delivery: Topic
     push_jobs: Topic
@@ -193,14 +193,17 @@ def gateway_key(node_id: str) -> bytes:
 def event_key(event: Event, kind: KeyKind) -> bytes:
     """The key of ``event`` in a topic keyed by ``kind``.
 
-    A user-keyed event belongs to its actor (a user's own read position, mute, badge); a
-    device-keyed one to the device its payload names.
+    A user-keyed event belongs to its actor (a user's own mute, badge), a device's presence to
+    the device's user; a device-keyed one to the device its payload names.
     """
     conversation_id = getattr(event.payload, "conversation_id", None)
     user_id = getattr(event.payload, "user_id", None)
     device_id = getattr(event.payload, "device_id", None)
     if kind is KeyKind.CONVERSATION and conversation_id is not None:
         return conversation_key(event.tenant_id, conversation_id)
+    if kind is KeyKind.USER and user_id is not None and device_id is not None:
+        # A device's presence belongs to the device's user, whoever (or nothing) caused it.
+        return user_key(event.tenant_id, user_id)
     if kind is KeyKind.USER and event.actor is not None:
         return user_key(event.tenant_id, event.actor.user_id)
     if kind is KeyKind.DEVICE and user_id is not None and device_id is not None:
@@ -279,41 +282,35 @@ def topic_catalog(
 
     week, month = timedelta(days=7), timedelta(days=30)
     message_events = ("message.sent", "message.recalled", "message.edited")
+    conversation_events = (
+        "conversation.created",
+        "conversation.renamed",
+        "conversation.member_added",
+        "conversation.member_removed",
+        "conversation.member_role_changed",
+        "conversation.left",
+        "conversation.deleted",
+    )
     catalog = TopicCatalog(
         messages_in=topic(
             "im.messages.in",
             key=KeyKind.CONVERSATION,
             partitions=CONVERSATION_PARTITIONS,
             retention=week,
-            events=message_events,
+            events=(*message_events, *conversation_events, "receipt.read"),
             ingress=True,
-            description="Message commands as accepted from clients, before sequencing",
-        ),
-        conversations_in=topic(
-            "im.conversations.in",
-            key=KeyKind.CONVERSATION,
-            partitions=CONVERSATION_PARTITIONS,
-            retention=week,
-            events=(
-                "conversation.created",
-                "conversation.renamed",
-                "conversation.member_added",
-                "conversation.member_removed",
-                "conversation.member_role_changed",
-                "conversation.left",
-                "conversation.deleted",
-            ),
-            ingress=True,
-            description="Conversation lifecycle and membership commands",
+            description="Every conversation-scoped command as accepted from clients, in the "
+            "order the conversation processor applies them: messages, recalls, edits, "
+            "lifecycle and membership, read receipts",
         ),
         user_state_in=topic(
             "im.user-state.in",
             key=KeyKind.USER,
             partitions=USER_PARTITIONS,
             retention=week,
-            events=("receipt.read", "conversation.mute_changed", "badge.cleared"),
+            events=("conversation.mute_changed", "badge.cleared"),
             ingress=True,
-            description="A user's own per-conversation state: read position, mute, badge",
+            description="A user's own per-conversation state: mute, badge cleared",
         ),
         typing_in=topic(
             "im.typing.in",
@@ -328,13 +325,13 @@ def topic_catalog(
         ),
         presence=topic(
             "im.presence",
-            key=KeyKind.DEVICE,
-            partitions=DEVICE_PARTITIONS,
-            retention=None,
-            cleanup=CleanupPolicy.COMPACT,
+            key=KeyKind.USER,
+            partitions=USER_PARTITIONS,
+            retention=week,
             events=("device.connected", "device.disconnected"),
             ingress=True,
-            description="Which ingress node holds each device's connection (latest per device)",
+            description="Devices connecting to and leaving ingress nodes, in order per user; the "
+            "user processor keeps who is online where",
         ),
         push_tokens=topic(
             "im.push.tokens",
@@ -351,8 +348,17 @@ def topic_catalog(
             key=KeyKind.CONVERSATION,
             partitions=CONVERSATION_PARTITIONS,
             retention=month,
-            events=message_events,
-            description="Message events once deduplicated, with conversation_seq assigned",
+            events=(*message_events, *conversation_events),
+            description="The conversation log: messages with conversation_seq assigned and "
+            "the conversation's state changes, once each",
+        ),
+        user_inbox=topic(
+            "im.user.inbox",
+            key=KeyKind.USER,
+            partitions=USER_PARTITIONS,
+            retention=week,
+            description="Inbox records: what the conversation processor addresses to each user, "
+            "with the conversation's position, before the user processor assigns sync ids",
         ),
         sync_events=topic(
             "im.sync.events",

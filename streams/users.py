@@ -17,6 +17,7 @@ from typing import Any
 
 from schemas.events import (
     BadgeCleared,
+    ConversationAdvanced,
     ConversationCreated,
     ConversationDeleted,
     ConversationLeft,
@@ -199,7 +200,24 @@ def apply_delivery(
     _append(state, outcome, event, delivery.kind)
     match event:
         case MessageSent():
-            _on_message(state, user_id, event, outcome=outcome, now=now, policy=policy)
+            message = _Message(
+                conversation_id=event.payload.conversation_id,
+                seq=event.payload.conversation_seq,
+                message_id=event.event_id,
+                sender_id=event.actor.user_id,
+            )
+            _on_message(state, user_id, message, outcome=outcome, now=now, policy=policy)
+        case ConversationAdvanced() if event.payload.entry_type == "message.sent":
+            message = _Message(
+                conversation_id=event.payload.conversation_id,
+                seq=event.payload.conversation_seq,
+                message_id=event.payload.message_id,
+                sender_id=event.payload.sender_id,
+            )
+            _on_message(state, user_id, message, outcome=outcome, now=now, policy=policy)
+        case ConversationAdvanced():
+            view = state.view(event.payload.conversation_id)
+            view.last_seq = max(view.last_seq, event.payload.conversation_seq)
         case MessageRecalled():
             view = state.view(event.payload.conversation_id)
             seq = event.payload.conversation_seq or 0
@@ -219,21 +237,27 @@ def apply_delivery(
     return outcome
 
 
+@dataclass(frozen=True, slots=True)
+class _Message:
+    conversation_id: str
+    seq: int | None
+    message_id: str
+    sender_id: str
+
+
 def _on_message(
     state: UserState,
     user_id: str,
-    event: MessageSent,
+    message: _Message,
     *,
     outcome: UserOutcome,
     now: datetime,
     policy: PushPolicy,
 ) -> None:
-    payload = event.payload
-    view = state.view(payload.conversation_id)
-    seq = payload.conversation_seq or view.last_seq + 1
+    view = state.view(message.conversation_id)
+    seq = message.seq or view.last_seq + 1
     view.last_seq = max(view.last_seq, seq)
-    sender = event.actor.user_id
-    if sender == user_id:
+    if message.sender_id == user_id:
         # A user's own message is read on every device that sent or synced it.
         _on_own_read(view, seq)
         return
@@ -248,10 +272,10 @@ def _on_message(
     if view.last_push_at is not None and now - view.last_push_at < policy.collapse_window:
         return
     outcome.push = PushJob(
-        conversation_id=payload.conversation_id,
+        conversation_id=message.conversation_id,
         conversation_seq=seq,
-        message_id=event.event_id,
-        sender_id=sender,
+        message_id=message.message_id,
+        sender_id=message.sender_id,
         merged_count=view.merged_since_push,
         unread_total=sum(other.unread for other in state.conversations.values()),
     )

@@ -138,6 +138,27 @@ def sample_events() -> dict[str, ev.Event]:
             ),
             None,
         ),
+        _event(
+            ev.ConversationAdvanced,
+            ev.ConversationAdvancedPayload(
+                conversation_id="c-big",
+                conversation_seq=9,
+                message_id=message_id,
+                sender_id="alice",
+                entry_type="message.sent",
+            ),
+            ALICE,
+        ),
+        _event(
+            ev.CommandRejected,
+            ev.CommandRejectedPayload(
+                command_event_id=message_id,
+                command_type="message.sent",
+                conversation_id="c-1",
+                reason="not-a-member",
+            ),
+            ALICE,
+        ),
     ]
     return {event.type: event for event in samples}
 

@@ -1,0 +1,509 @@
+"""The two stream processors as batch functions: input records + table state → outputs + writes.
+
+Both follow docs/streams.md: decisions are pure (``streams.conversations``, ``streams.users``);
+each state value records the input offset it has applied, so a re-delivered input is skipped; and
+every record sent downstream carries what the next stage needs to apply it once — the
+conversation's ``position`` for the user processor, the user's ``sync_id`` for sinks and devices.
+
+Delivery guarantee of each processor: every input is applied to the state exactly once and its
+outputs are in Kafka at least once, byte-identical if repeated. The agents that drive these
+processors (``streams.app``) send a batch's outputs, wait for Kafka's acknowledgements, and only
+then write the batch's :class:`StateWrite` values to the tables.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from schemas.errors import SchemaError
+from schemas.events import (
+    CommandRejected,
+    CommandRejectedPayload,
+    ConversationAdvanced,
+    ConversationAdvancedPayload,
+    DeviceConnected,
+    DeviceDisconnected,
+    Event,
+    InboxRecord,
+    LiveDelivery,
+    MessageEdited,
+    MessageRecalled,
+    MessageSent,
+    PushJob,
+    SyncRecord,
+    derived_event_id,
+    encode_event,
+    parse_event,
+)
+from schemas.topics import Topic, TopicCatalog, conversation_key, gateway_key, user_key
+from streams.conversations import (
+    ConversationState,
+    Delivery,
+    DeliveryKind,
+    MessageRecord,
+    Outcome,
+    decide,
+)
+from streams.records import InputRecord, OutputRecord, StateWrite
+from streams.users import (
+    Appended,
+    PushPolicy,
+    UserOutcome,
+    UserState,
+    apply_delivery,
+    apply_own_command,
+    apply_presence,
+)
+
+log = logging.getLogger(__name__)
+
+CONVERSATIONS_TABLE = "conversations"
+MESSAGES_TABLE = "messages"
+USERS_TABLE = "users"
+
+StateReader = Callable[[str, str], dict[str, Any] | None]
+"""``read(table, key)``: the current value of a table key, or None."""
+
+
+@dataclass(slots=True)
+class BatchResult:
+    outputs: list[OutputRecord] = field(default_factory=list)
+    writes: list[StateWrite] = field(default_factory=list)
+    skipped: int = 0
+    dead_lettered: int = 0
+
+
+def dead_letter(
+    catalog: TopicCatalog, source: Topic, record: InputRecord, code: str, message: str
+) -> OutputRecord:
+    """The poison record, unchanged, on its source's dead-letter topic; the reason in headers."""
+    target = catalog.dead_letter_of(source)
+    headers = [
+        ("imstream.error.code", code.encode()),
+        ("imstream.error.message", message.encode()[:1000]),
+        ("imstream.source.topic", record.topic.encode()),
+        ("imstream.source.partition", str(record.partition).encode()),
+        ("imstream.source.offset", str(record.offset).encode()),
+    ]
+    return OutputRecord(topic=target.name, key=record.key, value=record.value, headers=headers)
+
+
+class _Overlay:
+    """Table values as they stand within a batch: later inputs see earlier inputs' writes."""
+
+    def __init__(self, read: StateReader) -> None:
+        self._read = read
+        self._pending: dict[tuple[str, str], tuple[dict[str, Any] | None, int]] = {}
+
+    def get(self, table: str, key: str) -> dict[str, Any] | None:
+        if (table, key) in self._pending:
+            return self._pending[(table, key)][0]
+        return self._read(table, key)
+
+    def put(self, table: str, key: str, value: dict[str, Any] | None, partition: int) -> None:
+        self._pending[(table, key)] = (value, partition)
+
+    def writes(self) -> list[StateWrite]:
+        return [
+            StateWrite(table=table, key=key, value=value, partition=partition)
+            for (table, key), (value, partition) in self._pending.items()
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationSettings:
+    large_group_threshold: int = 500
+    max_members: int = 100_000
+    #: How long message records are kept for dedupe and for authorising recalls and edits.
+    message_retention: timedelta = timedelta(days=7)
+
+
+class ConversationProcessor:
+    """Per-conversation commands → the conversation log and per-user inbox records.
+
+    Reads ``messages_in`` (and ``typing_in``), keyed by conversation; writes
+    ``messages_sequenced`` (keyed by conversation), ``user_inbox`` (keyed by user) and the
+    dead-letter topic. State: ``conversations`` (per conversation key) and ``messages`` (per
+    message id, for dedupe of ``(sender, client_msg_id)`` and recall/edit rules).
+    """
+
+    def __init__(self, catalog: TopicCatalog, settings: ConversationSettings) -> None:
+        self.catalog = catalog
+        self.settings = settings
+
+    def process(self, batch: Sequence[InputRecord], read: StateReader) -> BatchResult:
+        result = BatchResult()
+        overlay = _Overlay(read)
+        for record in batch:
+            self._one(record, overlay, result)
+        result.writes = overlay.writes()
+        return result
+
+    def _one(self, record: InputRecord, overlay: _Overlay, result: BatchResult) -> None:
+        source = self.catalog.by_name(record.topic)
+        try:
+            command = parse_event(record.value or b"")
+        except SchemaError as error:
+            result.outputs.append(
+                dead_letter(self.catalog, source, record, error.code, error.message)
+            )
+            result.dead_lettered += 1
+            return
+        conversation_id = getattr(command.payload, "conversation_id", None)
+        if command.type not in source.events or conversation_id is None:
+            if source.dead_letter is not None:
+                result.outputs.append(
+                    dead_letter(
+                        self.catalog,
+                        source,
+                        record,
+                        "unexpected-type",
+                        f"{command.type} does not belong on {source.logical_name}",
+                    )
+                )
+                result.dead_lettered += 1
+            return
+        key = conversation_key(command.tenant_id, conversation_id).decode()
+        stored = overlay.get(CONVERSATIONS_TABLE, key)
+        if stored is not None and record.offset <= stored.get("applied", {}).get(record.topic, -1):
+            result.skipped += 1
+            return
+        state = ConversationState.from_json(stored["conversation"]) if stored else None
+        position = int(stored["position"]) if stored else 0
+        if isinstance(command, MessageSent) and overlay.get(MESSAGES_TABLE, command.event_id):
+            # A retried send: the message exists with its id and seq; nothing new is created.
+            result.skipped += 1
+            self._mark_applied(overlay, key, stored, record)
+            return
+        records = self._referenced_messages(command, overlay)
+        outcome = decide(
+            state,
+            command,
+            messages=records,
+            large_group_threshold=self.settings.large_group_threshold,
+            max_members=self.settings.max_members,
+        )
+        self._emit(
+            command,
+            conversation_id=str(conversation_id),
+            key=key,
+            state=state,
+            position=position,
+            outcome=outcome,
+            record=record,
+            overlay=overlay,
+            result=result,
+        )
+
+    def _referenced_messages(self, command: Event, overlay: _Overlay) -> dict[str, MessageRecord]:
+        if not isinstance(command, MessageRecalled | MessageEdited):
+            return {}
+        stored = overlay.get(MESSAGES_TABLE, command.payload.message_id)
+        if stored is None:
+            return {}
+        return {command.payload.message_id: MessageRecord.from_json(stored)}
+
+    def _mark_applied(
+        self, overlay: _Overlay, key: str, stored: dict[str, Any] | None, record: InputRecord
+    ) -> None:
+        if stored is None:
+            return
+        applied = {**stored.get("applied", {}), record.topic: record.offset}
+        overlay.put(CONVERSATIONS_TABLE, key, {**stored, "applied": applied}, record.partition)
+
+    def _emit(
+        self,
+        command: Event,
+        *,
+        conversation_id: str,
+        key: str,
+        state: ConversationState | None,
+        position: int,
+        outcome: Outcome,
+        record: InputRecord,
+        overlay: _Overlay,
+        result: BatchResult,
+    ) -> None:
+        stored_deliveries = [d for d in outcome.deliveries if d.kind is not DeliveryKind.EPHEMERAL]
+        new_position = position + 1 if (stored_deliveries or outcome.rejection) else position
+        for sequenced in outcome.sequenced:
+            result.outputs.append(
+                OutputRecord(
+                    topic=self.catalog.messages_sequenced.name,
+                    key=key.encode(),
+                    value=encode_event(sequenced),
+                )
+            )
+        advanced: dict[str, Event] = {}
+        for delivery in outcome.deliveries:
+            event = delivery.event
+            if delivery.kind is DeliveryKind.ADVANCED and isinstance(event, _SEQUENCED):
+                event = advanced.setdefault(event.event_id, _advanced(event))
+            ephemeral = delivery.kind is DeliveryKind.EPHEMERAL
+            result.outputs.append(
+                self._inbox(
+                    command.tenant_id,
+                    delivery.user_id,
+                    conversation_id,
+                    event,
+                    position=0 if ephemeral else new_position,
+                    ephemeral=ephemeral,
+                )
+            )
+        if outcome.rejection is not None:
+            rejected = CommandRejected.new(
+                tenant_id=command.tenant_id,
+                event_id=derived_event_id(command.event_id, "rejected"),
+                occurred_at=command.occurred_at,
+                actor=command.actor,
+                payload=CommandRejectedPayload(
+                    command_event_id=command.event_id,
+                    command_type=command.type,
+                    conversation_id=conversation_id,
+                    reason=outcome.rejection.reason.value,
+                ),
+            )
+            result.outputs.append(
+                self._inbox(
+                    command.tenant_id,
+                    outcome.rejection.user_id,
+                    conversation_id,
+                    rejected,
+                    position=new_position,
+                    ephemeral=False,
+                )
+            )
+        for message_id, message in outcome.messages.items():
+            value = {
+                **message.to_json(),
+                "at": command.occurred_at.timestamp(),
+                "partition": record.partition,
+            }
+            overlay.put(MESSAGES_TABLE, message_id, value, record.partition)
+        if new_position == position and not outcome.state_changed:
+            return
+        new_state = outcome.state if outcome.state is not None else state
+        if new_state is None:
+            return
+        stored = overlay.get(CONVERSATIONS_TABLE, key) or {}
+        applied = {**stored.get("applied", {}), record.topic: record.offset}
+        overlay.put(
+            CONVERSATIONS_TABLE,
+            key,
+            {"conversation": new_state.to_json(), "position": new_position, "applied": applied},
+            record.partition,
+        )
+
+    def _inbox(
+        self,
+        tenant_id: str,
+        user_id: str,
+        conversation_id: str,
+        event: Event,
+        *,
+        position: int,
+        ephemeral: bool,
+    ) -> OutputRecord:
+        inbox = InboxRecord(
+            tenant_id=tenant_id,
+            user_id=user_id,
+            conversation_id=conversation_id,
+            position=position,
+            ephemeral=ephemeral,
+            event=event,
+        )
+        return OutputRecord(
+            topic=self.catalog.user_inbox.name,
+            key=user_key(tenant_id, user_id),
+            value=inbox.model_dump_json().encode(),
+        )
+
+
+_SEQUENCED = (MessageSent, MessageRecalled, MessageEdited)
+
+
+def _advanced(event: MessageSent | MessageRecalled | MessageEdited) -> ConversationAdvanced:
+    """The light event members of a large group get instead of ``event``."""
+    payload = event.payload
+    message_id = event.event_id if isinstance(event, MessageSent) else event.payload.message_id
+    return ConversationAdvanced.new(
+        tenant_id=event.tenant_id,
+        event_id=derived_event_id(event.event_id, "advanced"),
+        occurred_at=event.occurred_at,
+        actor=event.actor,
+        payload=ConversationAdvancedPayload(
+            conversation_id=payload.conversation_id,
+            conversation_seq=payload.conversation_seq or 1,
+            message_id=message_id,
+            sender_id=event.actor.user_id,
+            entry_type=event.type,
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class UserSettings:
+    push: PushPolicy = field(default_factory=PushPolicy)
+
+
+class UserProcessor:
+    """Per-user inputs → the sync queue, live deliveries and push jobs.
+
+    Reads ``user_inbox`` (inbox records), ``user_state_in`` (mute, badge) and ``presence``, all
+    placed by user; writes ``sync_events`` (keyed by user), ``live_delivery`` (keyed by ingress
+    node), ``push_jobs`` (keyed by user) and dead letters. State: ``users`` (per user key).
+    """
+
+    def __init__(self, catalog: TopicCatalog, settings: UserSettings) -> None:
+        self.catalog = catalog
+        self.settings = settings
+
+    def process(self, batch: Sequence[InputRecord], read: StateReader) -> BatchResult:
+        result = BatchResult()
+        overlay = _Overlay(read)
+        for record in batch:
+            self._one(record, overlay, result)
+        result.writes = overlay.writes()
+        return result
+
+    def _one(self, record: InputRecord, overlay: _Overlay, result: BatchResult) -> None:
+        source = self.catalog.by_name(record.topic)
+        try:
+            if source is self.catalog.user_inbox or source.name == self.catalog.user_inbox.name:
+                inbox = InboxRecord.model_validate_json(record.value or b"")
+                tenant_id, user_id, event = inbox.tenant_id, inbox.user_id, inbox.event
+            else:
+                inbox = None
+                event = parse_event(record.value or b"")
+                tenant_id = event.tenant_id
+                user_id = _owner(event)
+        except (SchemaError, ValueError) as error:
+            code = getattr(error, "code", "schema-invalid")
+            result.outputs.append(dead_letter(self.catalog, source, record, str(code), str(error)))
+            result.dead_lettered += 1
+            return
+        key = user_key(tenant_id, user_id).decode()
+        stored = overlay.get(USERS_TABLE, key) or {}
+        if record.offset <= stored.get("applied", {}).get(record.topic, -1):
+            result.skipped += 1
+            return
+        state = UserState.from_json(stored["user"]) if "user" in stored else UserState()
+        positions: dict[str, int] = dict(stored.get("positions", {}))
+        outcome: UserOutcome | None = None
+        if inbox is not None:
+            if not inbox.ephemeral:
+                if inbox.position <= positions.get(inbox.conversation_id, 0):
+                    result.skipped += 1
+                    return
+                positions[inbox.conversation_id] = inbox.position
+            kind = DeliveryKind.EPHEMERAL if inbox.ephemeral else DeliveryKind.FULL
+            outcome = apply_delivery(
+                state,
+                user_id,
+                Delivery(user_id=user_id, event=event, kind=kind),
+                now=event.occurred_at,
+                policy=self.settings.push,
+            )
+        elif isinstance(event, DeviceConnected | DeviceDisconnected):
+            apply_presence(state, event)
+        else:
+            outcome = apply_own_command(state, event)
+        if outcome is not None:
+            self._emit(tenant_id, user_id, event, outcome, result)
+        if inbox is not None and inbox.ephemeral:
+            return
+        applied = {**stored.get("applied", {}), record.topic: record.offset}
+        overlay.put(
+            USERS_TABLE,
+            key,
+            {"user": state.to_json(), "positions": positions, "applied": applied},
+            record.partition,
+        )
+
+    def _emit(
+        self, tenant_id: str, user_id: str, source: Event, outcome: UserOutcome, result: BatchResult
+    ) -> None:
+        key = user_key(tenant_id, user_id)
+        for appended in outcome.appended:
+            sync = SyncRecord(
+                tenant_id=tenant_id, user_id=user_id, sync_id=appended.sync_id, event=appended.event
+            )
+            result.outputs.append(
+                OutputRecord(
+                    topic=self.catalog.sync_events.name,
+                    key=key,
+                    value=sync.model_dump_json().encode(),
+                )
+            )
+        for node_id, devices in outcome.live_nodes.items():
+            for appended in outcome.appended:
+                result.outputs.append(self._live(tenant_id, user_id, node_id, devices, appended))
+            for event in outcome.ephemeral:
+                delivery = LiveDelivery(
+                    node_id=node_id,
+                    tenant_id=tenant_id,
+                    user_id=user_id,
+                    device_ids=devices,
+                    event=event,
+                )
+                result.outputs.append(
+                    OutputRecord(
+                        topic=self.catalog.live_delivery.name,
+                        key=gateway_key(node_id),
+                        value=delivery.model_dump_json().encode(),
+                    )
+                )
+        if outcome.push is not None:
+            push = outcome.push
+            body = source.payload.body if isinstance(source, MessageSent) else None
+            job = PushJob(
+                job_id=derived_event_id(push.message_id, f"push/{user_id}"),
+                tenant_id=tenant_id,
+                user_id=user_id,
+                conversation_id=push.conversation_id,
+                conversation_seq=push.conversation_seq,
+                message_id=push.message_id,
+                sender_id=push.sender_id,
+                body=body,
+                merged_count=push.merged_count,
+                unread_total=push.unread_total,
+                occurred_at=source.occurred_at,
+            )
+            result.outputs.append(
+                OutputRecord(
+                    topic=self.catalog.push_jobs.name,
+                    key=key,
+                    value=job.model_dump_json().encode(),
+                )
+            )
+
+    def _live(
+        self, tenant_id: str, user_id: str, node_id: str, devices: list[str], appended: Appended
+    ) -> OutputRecord:
+        delivery = LiveDelivery(
+            node_id=node_id,
+            tenant_id=tenant_id,
+            user_id=user_id,
+            device_ids=devices,
+            sync_id=appended.sync_id,
+            event=appended.event,
+        )
+        return OutputRecord(
+            topic=self.catalog.live_delivery.name,
+            key=gateway_key(node_id),
+            value=delivery.model_dump_json().encode(),
+        )
+
+
+def _owner(event: Event) -> str:
+    """The user a user-keyed input belongs to: the device's user for presence, else the actor."""
+    user_id = getattr(event.payload, "user_id", None)
+    if isinstance(event, DeviceConnected | DeviceDisconnected) and user_id:
+        return str(user_id)
+    if event.actor is None:
+        raise ValueError(f"a {event.type} event needs an actor to find its user")
+    return event.actor.user_id

@@ -1,0 +1,362 @@
+"""The batch processors without Kafka: dedupe, positions, sync ids, and replays after crashes.
+
+A crash is modelled the way docs/streams.md describes it: a batch's outputs may reach Kafka while
+its state writes are lost, and processing resumes from an earlier committed offset. The final sync
+queues must hold every message exactly once, in order, whatever the crash points.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from pipelines.settings import Settings
+from schemas.events import (
+    Actor,
+    CommandRejected,
+    ConversationCreated,
+    ConversationCreatedPayload,
+    ConversationKind,
+    DeviceConnected,
+    DevicePresencePayload,
+    Event,
+    InboxRecord,
+    LiveDelivery,
+    MessageSent,
+    MessageSentPayload,
+    Platform,
+    PushJob,
+    SyncRecord,
+    TextBody,
+    encode_event,
+    message_event_id,
+)
+from schemas.topics import TopicCatalog, conversation_key, topic_catalog, user_key
+from streams.processors import (
+    BatchResult,
+    ConversationProcessor,
+    ConversationSettings,
+    UserProcessor,
+    UserSettings,
+)
+from streams.records import InputRecord, OutputRecord, StateWrite
+
+TENANT = "acme"
+CATALOG = topic_catalog(Settings())
+
+
+class Tables:
+    """Table state as the processors read it, written only when a batch 'commits' its state."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+
+    def read(self, table: str, key: str) -> dict[str, Any] | None:
+        return self.data[table].get(key)
+
+    def write(self, writes: Sequence[StateWrite]) -> None:
+        for write in writes:
+            if write.value is None:
+                self.data[write.table].pop(write.key, None)
+            else:
+                self.data[write.table][write.key] = write.value
+
+
+def create_group(conversation_id: str, members: list[str]) -> ConversationCreated:
+    return ConversationCreated.new(
+        tenant_id=TENANT,
+        actor=Actor(user_id=members[0]),
+        event_id=message_event_id(TENANT, members[0], f"create-{conversation_id}"),
+        payload=ConversationCreatedPayload(
+            conversation_id=conversation_id, kind=ConversationKind.GROUP, members=members
+        ),
+    )
+
+
+def send(conversation_id: str, sender: str, client_msg_id: str) -> MessageSent:
+    return MessageSent.new(
+        tenant_id=TENANT,
+        actor=Actor(user_id=sender, device_id=f"{sender}-phone"),
+        event_id=message_event_id(TENANT, sender, client_msg_id),
+        payload=MessageSentPayload(
+            conversation_id=conversation_id,
+            client_msg_id=client_msg_id,
+            body=TextBody(text=f"hello {client_msg_id}"),
+        ),
+    )
+
+
+def command_records(events: Sequence[Event], catalog: TopicCatalog = CATALOG) -> list[InputRecord]:
+    return [
+        InputRecord(
+            topic=catalog.messages_in.name,
+            partition=0,
+            offset=offset,
+            key=conversation_key(TENANT, str(getattr(event.payload, "conversation_id", ""))),
+            value=encode_event(event),
+        )
+        for offset, event in enumerate(events)
+    ]
+
+
+def as_inputs(outputs: Sequence[OutputRecord], topic: str, first_offset: int) -> list[InputRecord]:
+    chosen = [output for output in outputs if output.topic == topic]
+    return [
+        InputRecord(topic=topic, partition=0, offset=first_offset + index, key=o.key, value=o.value)
+        for index, o in enumerate(chosen)
+    ]
+
+
+def test_messages_are_sequenced_and_fanned_out_with_positions() -> None:
+    tables = Tables()
+    processor = ConversationProcessor(CATALOG, ConversationSettings())
+    events: list[Event] = [create_group("c-1", ["alice", "bob", "carol"])]
+    events += [send("c-1", "bob", f"m{index}") for index in range(3)]
+    result = processor.process(command_records(events), tables.read)
+    sequenced = [o for o in result.outputs if o.topic == CATALOG.messages_sequenced.name]
+    inbox = [
+        InboxRecord.model_validate_json(o.value or b"")
+        for o in result.outputs
+        if o.topic == CATALOG.user_inbox.name
+    ]
+    assert len(sequenced) == 4
+    assert len(inbox) == 4 * 3
+    alice = [record for record in inbox if record.user_id == "alice"]
+    assert [record.position for record in alice] == [1, 2, 3, 4]
+    seqs = [
+        record.event.payload.conversation_seq
+        for record in alice
+        if isinstance(record.event, MessageSent)
+    ]
+    assert seqs == [1, 2, 3]
+    assert all(
+        o.key == user_key(TENANT, "alice") for o in result.outputs if b"alice" in (o.key or b"")
+    )
+
+
+def test_a_replayed_batch_is_skipped_once_its_state_is_written() -> None:
+    tables = Tables()
+    processor = ConversationProcessor(CATALOG, ConversationSettings())
+    records = command_records([create_group("c-1", ["alice", "bob"]), send("c-1", "bob", "m1")])
+    first = processor.process(records, tables.read)
+    tables.write(first.writes)
+    again = processor.process(records, tables.read)
+    assert again.outputs == []
+    assert again.skipped == len(records)
+
+
+def test_a_replayed_batch_without_its_state_gives_identical_outputs() -> None:
+    processor = ConversationProcessor(CATALOG, ConversationSettings())
+    records = command_records([create_group("c-1", ["alice", "bob"]), send("c-1", "bob", "m1")])
+    first = processor.process(records, Tables().read)
+    again = processor.process(records, Tables().read)
+    assert again.outputs == first.outputs
+
+
+def test_a_retried_send_creates_nothing() -> None:
+    tables = Tables()
+    processor = ConversationProcessor(CATALOG, ConversationSettings())
+    events: list[Event] = [create_group("c-1", ["alice", "bob"]), send("c-1", "bob", "m1")]
+    tables.write(processor.process(command_records(events), tables.read).writes)
+    retry = InputRecord(
+        topic=CATALOG.messages_in.name,
+        partition=0,
+        offset=10,
+        key=conversation_key(TENANT, "c-1"),
+        value=encode_event(send("c-1", "bob", "m1")),
+    )
+    result = processor.process([retry], tables.read)
+    assert result.outputs == []
+
+
+def test_poison_records_go_to_the_dead_letter_topic_and_the_batch_goes_on() -> None:
+    processor = ConversationProcessor(CATALOG, ConversationSettings())
+    good = command_records([create_group("c-1", ["alice", "bob"])])
+    poison = InputRecord(
+        topic=CATALOG.messages_in.name, partition=0, offset=7, key=b"acme/c-1", value=b"{not json"
+    )
+    result = processor.process([poison, *good], Tables().read)
+    (dead,) = [o for o in result.outputs if o.topic == CATALOG.messages_in.dead_letter]
+    assert dead.value == b"{not json"
+    headers = dict(dead.headers)
+    assert headers["imstream.error.code"] == b"malformed-json"
+    assert headers["imstream.source.offset"] == b"7"
+    assert result.dead_lettered == 1
+    assert any(o.topic == CATALOG.user_inbox.name for o in result.outputs)
+
+
+def test_non_members_get_a_rejection_in_their_queue() -> None:
+    tables = Tables()
+    processor = ConversationProcessor(CATALOG, ConversationSettings())
+    events: list[Event] = [create_group("c-1", ["alice", "bob"]), send("c-1", "mallory", "m1")]
+    result = processor.process(command_records(events), tables.read)
+    (rejection,) = [
+        InboxRecord.model_validate_json(o.value or b"")
+        for o in result.outputs
+        if o.topic == CATALOG.user_inbox.name and o.key == user_key(TENANT, "mallory")
+    ]
+    assert isinstance(rejection.event, CommandRejected)
+    assert rejection.event.payload.reason == "not-a-member"
+
+
+def test_large_groups_get_one_shared_advanced_event() -> None:
+    processor = ConversationProcessor(CATALOG, ConversationSettings(large_group_threshold=2))
+    events: list[Event] = [create_group("c-1", ["alice", "bob", "carol"]), send("c-1", "bob", "m1")]
+    result = processor.process(command_records(events), Tables().read)
+    advanced = [
+        InboxRecord.model_validate_json(o.value or b"").event
+        for o in result.outputs
+        if o.topic == CATALOG.user_inbox.name
+    ][3:]
+    assert {event.type for event in advanced} == {"conversation.advanced"}
+    assert len({event.event_id for event in advanced}) == 1
+
+
+def presence_record(offset: int) -> InputRecord:
+    event = DeviceConnected.new(
+        tenant_id=TENANT,
+        payload=DevicePresencePayload(
+            user_id="alice",
+            device_id="alice-phone",
+            platform=Platform.IOS,
+            node_id="ingress-2",
+            connection_id="conn-1",
+        ),
+    )
+    return InputRecord(
+        topic=CATALOG.presence.name,
+        partition=0,
+        offset=offset,
+        key=user_key(TENANT, "alice"),
+        value=encode_event(event),
+    )
+
+
+def test_user_processor_assigns_sync_ids_routes_live_and_pushes_offline() -> None:
+    conversations = ConversationProcessor(CATALOG, ConversationSettings())
+    conversation_tables = Tables()
+    events: list[Event] = [create_group("c-1", ["alice", "bob"]), send("c-1", "bob", "m1")]
+    first = conversations.process(command_records(events), conversation_tables.read)
+    conversation_tables.write(first.writes)
+    inbox = as_inputs(first.outputs, CATALOG.user_inbox.name, 0)
+    users = UserProcessor(CATALOG, UserSettings())
+    tables = Tables()
+    offline = users.process(inbox, tables.read)
+    tables.write(offline.writes)
+    pushes = [
+        PushJob.model_validate_json(o.value or b"")
+        for o in offline.outputs
+        if o.topic == CATALOG.push_jobs.name
+    ]
+    assert [(job.user_id, job.merged_count) for job in pushes] == [("alice", 1)]
+    assert not [o for o in offline.outputs if o.topic == CATALOG.live_delivery.name]
+
+    tables.write(users.process([presence_record(0)], tables.read).writes)
+    more = as_inputs(
+        conversations.process(
+            command_records([*events, send("c-1", "bob", "m2")])[2:],
+            conversation_tables.read,
+        ).outputs,
+        CATALOG.user_inbox.name,
+        len(inbox),
+    )
+    online = users.process(more, tables.read)
+    (live,) = [
+        LiveDelivery.model_validate_json(o.value or b"")
+        for o in online.outputs
+        if o.topic == CATALOG.live_delivery.name
+    ]
+    assert (live.node_id, live.device_ids, live.user_id) == ("ingress-2", ["alice-phone"], "alice")
+    assert not [o for o in online.outputs if o.topic == CATALOG.push_jobs.name]
+
+
+def run_with_crashes(
+    commands: list[Event], seed: int, batch_size: int = 7
+) -> dict[str, list[SyncRecord]]:
+    """Both processors over Kafka-like logs, crashing at random: outputs may land, state is lost,
+    and consumption restarts from the last committed offset."""
+    rng = random.Random(seed)
+    conversations = ConversationProcessor(CATALOG, ConversationSettings())
+    users = UserProcessor(CATALOG, UserSettings())
+    command_log = command_records(commands)
+    inbox_log: list[InputRecord] = []
+    sync_log: list[SyncRecord] = []
+    conversation_tables, user_tables = Tables(), Tables()
+
+    def drive(
+        log: list[InputRecord],
+        processor: ConversationProcessor | UserProcessor,
+        tables: Tables,
+        sink: Any,
+    ) -> None:
+        committed = 0
+        position = 0
+        while position < len(log):
+            batch = log[position : position + batch_size]
+            result: BatchResult = processor.process(batch, tables.read)
+            sink(result.outputs)
+            if rng.random() < 0.3:
+                # Crash: this batch's state is lost (maybe some earlier too); resume at commit.
+                position = committed
+                continue
+            tables.write(result.writes)
+            position += len(batch)
+            if rng.random() < 0.5:
+                committed = position
+
+    def to_inbox(outputs: list[OutputRecord]) -> None:
+        start = len(inbox_log)
+        inbox_log.extend(as_inputs(outputs, CATALOG.user_inbox.name, start))
+
+    def to_sync(outputs: list[OutputRecord]) -> None:
+        sync_log.extend(
+            SyncRecord.model_validate_json(o.value or b"")
+            for o in outputs
+            if o.topic == CATALOG.sync_events.name
+        )
+
+    drive(command_log, conversations, conversation_tables, to_inbox)
+    drive(inbox_log, users, user_tables, to_sync)
+    queues: dict[str, dict[int, SyncRecord]] = defaultdict(dict)
+    for record in sync_log:
+        previous = queues[record.user_id].get(record.sync_id)
+        assert previous is None or previous == record, "one sync id, two different events"
+        queues[record.user_id][record.sync_id] = record
+    return {user: [queue[key] for key in sorted(queue)] for user, queue in queues.items()}
+
+
+def test_crashes_never_lose_or_double_a_message_in_any_sync_queue() -> None:
+    members = ["alice", "bob", "carol"]
+    commands: list[Event] = [create_group("c-1", members), create_group("c-2", members[:2])]
+    for index in range(60):
+        conversation = "c-1" if index % 3 else "c-2"
+        sender = members[index % 2]
+        commands.append(send(conversation, sender, f"m{index}"))
+        if index % 10 == 0:
+            commands.append(send(conversation, sender, f"m{index}"))  # a client's retry
+    expected = {
+        user: sorted(
+            event.event_id
+            for event in commands
+            if isinstance(event, MessageSent)
+            and (user in members[:2] or event.payload.conversation_id == "c-1")
+        )
+        for user in members
+    }
+    for seed in range(20):
+        queues = run_with_crashes(commands, seed)
+        for user in members:
+            messages = [r.event for r in queues[user] if isinstance(r.event, MessageSent)]
+            assert sorted({event.event_id for event in messages}) == sorted(set(expected[user]))
+            assert len(messages) == len({event.event_id for event in messages}), f"seed {seed}"
+            sync_ids = [record.sync_id for record in queues[user]]
+            assert sync_ids == sorted(set(sync_ids))
+            for conversation in ("c-1", "c-2"):
+                seqs = [
+                    event.payload.conversation_seq or 0
+                    for event in messages
+                    if event.payload.conversation_id == conversation
+                ]
+                assert seqs == sorted(set(seqs)), f"seed {seed}: order broken in {conversation}"
