@@ -1,0 +1,483 @@
+"""What the benchmarks share: the server processes they start, the topics they create, what they
+read from /proc, the facts about the machine, and where the results go."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+import confluent_kafka
+from confluent_kafka.admin import AdminClient
+
+from pipelines.connections import kafka_config
+from pipelines.settings import Settings
+from pipelines.stack import process as stack_process
+from pipelines.stack.manager import LocalStack
+from pipelines.topics import apply_topics
+from schemas.topics import TopicCatalog, topic_catalog
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_PATH = REPO_ROOT / "docs" / "bench" / "ingress.json"
+LOOPBACK = "127.0.0.1"
+#: The benchmark's tenant; every user and device it makes up belongs to it.
+BENCH_TENANT = "bench"
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot go on; the message says what failed and what to do."""
+
+
+class Progress:
+    """One line that updates in place on a terminal; on a pipe, a line every few seconds."""
+
+    def __init__(self, stream: TextIO = sys.stderr, min_interval: float = 5.0) -> None:
+        self._stream = stream
+        self._tty = stream.isatty()
+        self._min_interval = min_interval
+        self._last = 0.0
+        self._width = 0
+
+    def update(self, text: str) -> None:
+        """A transient status; on a pipe only one every ``min_interval`` seconds is written."""
+        if self._tty:
+            self._stream.write("\r" + text.ljust(self._width))
+            self._width = len(text)
+            self._stream.flush()
+            return
+        now = time.monotonic()
+        if now - self._last >= self._min_interval:
+            self._last = now
+            self._stream.write(text + "\n")
+            self._stream.flush()
+
+    def done(self, text: str) -> None:
+        """A line that stays."""
+        if self._tty:
+            self._stream.write("\r" + text.ljust(self._width) + "\n")
+            self._width = 0
+        else:
+            self._stream.write(text + "\n")
+        self._stream.flush()
+
+
+def interrupt_on_sigterm() -> None:
+    """Turn SIGTERM into KeyboardInterrupt so that every ``finally`` cleans up as on Ctrl-C."""
+
+    def _raise(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
+def raise_open_file_limit(wanted: int) -> int:
+    """Raise this process's soft open-file limit (inherited by its children) towards ``wanted``.
+
+    Returns the new soft limit; the hard limit caps it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
+
+
+def free_port() -> int:
+    """A TCP port on the loopback address that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((LOOPBACK, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+# ---------------------------------------------------------------------------------------------
+# /proc
+# ---------------------------------------------------------------------------------------------
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """/proc/<pid>/status: ``VmRSS``, ``RssAnon``, ``RssFile``, ``VmHWM`` (kB), ``Threads``."""
+    wanted = {"VmRSS", "RssAnon", "RssFile", "VmHWM", "Threads"}
+    values: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in wanted:
+            values[key] = int(rest.split()[0])
+    return values
+
+
+def _stat_cpu_seconds(stat_path: Path) -> float:
+    # The command name in parentheses may hold spaces: the fields after it are what we want.
+    fields = stat_path.read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a whole process (all its threads), in seconds."""
+    return _stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds of a process's threads, grouped: the main thread (the event loop of an asyncio
+    server), librdkafka's threads (named ``rdk:…``) and the rest."""
+    groups = {"main thread": 0.0, "librdkafka threads": 0.0, "other threads": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            seconds = _stat_cpu_seconds(task / "stat")
+            name = (task / "comm").read_text().strip()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended while we looked
+        if task.name == str(pid):
+            groups["main thread"] += seconds
+        elif name.startswith("rdk:"):
+            groups["librdkafka threads"] += seconds
+        else:
+            groups["other threads"] += seconds
+    return groups
+
+
+def system_cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, summed over its cores."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return (total - idle) / _CLOCK_TICKS, total / _CLOCK_TICKS
+
+
+@dataclass(frozen=True, slots=True)
+class CpuSnapshot:
+    at: float
+    processes: dict[str, float]
+    threads: dict[str, float]
+    system_busy: float
+    system_total: float
+
+
+class CpuMeter:
+    """CPU use of named processes (and the threads of one of them) between two snapshots."""
+
+    def __init__(self, pids: Mapping[str, int], threads_of: int | None = None) -> None:
+        self._pids = dict(pids)
+        self._threads_of = threads_of
+
+    def snapshot(self) -> CpuSnapshot:
+        processes = {}
+        for name, pid in self._pids.items():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                processes[name] = cpu_seconds(pid)
+        threads = thread_cpu_seconds(self._threads_of) if self._threads_of is not None else {}
+        busy, total = system_cpu_seconds()
+        return CpuSnapshot(time.monotonic(), processes, threads, busy, total)
+
+    @staticmethod
+    def percent(start: CpuSnapshot, end: CpuSnapshot) -> dict[str, Any]:
+        """Per process and thread group: percent of one core; machine: percent of all cores."""
+        wall = end.at - start.at
+
+        def share(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
+            return {
+                name: round(100 * (after[name] - before[name]) / wall, 1)
+                for name in after
+                if name in before
+            }
+
+        total = end.system_total - start.system_total
+        busy = end.system_busy - start.system_busy
+        processes = share(start.processes, end.processes)
+        return {
+            "processes_pct_of_one_core": processes,
+            "server_threads_pct_of_one_core": share(start.threads, end.threads),
+            "machine_busy_pct_of_all_cores": round(100 * busy / total, 1) if total else None,
+            # Everything else on the machine (other jobs, the kernel's softirqs): the noise.
+            "unmeasured_pct_of_one_core": round(100 * busy / wall - sum(processes.values()), 1),
+        }
+
+
+def kafka_broker_pid(settings: Settings) -> int | None:
+    """The local stack's Kafka process, if this machine runs it (for its CPU use)."""
+    pids = stack_process.find_pids(LocalStack(settings).server("kafka").marker)
+    return pids[0] if pids else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings, topics, server processes
+# ---------------------------------------------------------------------------------------------
+
+
+def run_prefix(kind: str) -> str:
+    """A topic prefix no other run uses: ``bench.<kind>.<unix time>.<pid>.``."""
+    return f"bench.{kind}.{int(time.time())}.{os.getpid()}."
+
+
+def with_topic_prefix(settings: Settings, prefix: str) -> Settings:
+    """The same settings with the catalog's topics under ``prefix``."""
+    kafka = settings.kafka.model_copy(update={"topic_prefix": prefix})
+    return settings.model_copy(update={"kafka": kafka})
+
+
+@contextlib.contextmanager
+def bench_topics(settings: Settings, progress: Progress) -> Iterator[TopicCatalog]:
+    """Create the catalog's topics under the settings' prefix; delete them all on the way out."""
+    catalog = topic_catalog(settings)
+    admin = AdminClient(kafka_config(settings))
+    try:
+        apply_topics(admin, catalog, timeout=30.0)
+    except confluent_kafka.KafkaException as error:
+        raise BenchError(
+            f"cannot create topics on {settings.kafka.bootstrap_servers}: {error}. Start the local "
+            "stack with `imstream stack up` or point IM_KAFKA__BOOTSTRAP_SERVERS at a cluster."
+        ) from error
+    progress.done(f"created {len(list(catalog))} topics under prefix {settings.kafka.topic_prefix}")
+    try:
+        yield catalog
+    finally:
+        names = [topic.name for topic in catalog]
+        failures = []
+        for name, future in admin.delete_topics(names, operation_timeout=30).items():
+            try:
+                future.result(timeout=60)
+            except Exception as error:
+                failures.append(f"{name}: {error}")
+        if failures:
+            progress.done("could not delete topic(s): " + "; ".join(failures))
+        else:
+            progress.done(f"deleted the {len(names)} topics under {settings.kafka.topic_prefix}")
+
+
+def ingress_env(
+    settings: Settings, *, port: int, node_id: str, extra: Mapping[str, str] = {}
+) -> dict[str, str]:
+    """The environment of an ``imstream run ingress`` serving ``settings`` on the loopback."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "IM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+            "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
+            "IM_KAFKA__REPLICATION_FACTOR": str(settings.kafka.replication_factor),
+            "IM_AUTH__JWT_ALGORITHM": "HS256",
+            "IM_AUTH__JWT_SECRET": settings.auth.jwt_secret.get_secret_value(),
+            "IM_AUTH__JWT_ISSUER": settings.auth.jwt_issuer,
+            "IM_AUTH__JWT_AUDIENCE": settings.auth.jwt_audience,
+            "IM_INGRESS__HOST": LOOPBACK,
+            "IM_INGRESS__PORT": str(port),
+            "IM_INGRESS__NODE_ID": node_id,
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def imstream_command(*args: str) -> list[str]:
+    """The ``imstream`` console script of the interpreter running the benchmark."""
+    script = Path(sys.executable).with_name("imstream")
+    if not script.exists():
+        raise BenchError(f"{script} not found; install imstream first (`make install`)")
+    return [str(script), *args]
+
+
+class ServerProcess:
+    """A server the benchmark starts, waits for and stops (SIGTERM, then SIGKILL)."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None,
+        port: int,
+        log_path: Path,
+        ready_paths: Sequence[str] = ("/readyz", "/healthz"),
+    ) -> None:
+        self.name = name
+        self.port = port
+        self.log_path = log_path
+        self._argv = list(argv)
+        self._env = dict(env) if env is not None else None
+        self._ready_paths = ready_paths
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise RuntimeError(f"{self.name} is not started")
+        return self._process.pid
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *_exc_info: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the server and return once it answers HTTP on its port."""
+        with self.log_path.open("wb") as log:
+            self._process = subprocess.Popen(
+                self._argv,
+                cwd=REPO_ROOT,
+                env=self._env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                # Its own session: Ctrl-C on the benchmark must not reach it before we stop it.
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise BenchError(
+                    f"{self.name} exited with code {self._process.returncode} during start-up; "
+                    f"its log: {self.log_path}\n{self.log_tail()}"
+                )
+            if self._answers():
+                return
+            time.sleep(0.2)
+        raise BenchError(
+            f"{self.name} did not answer on {LOOPBACK}:{self.port} within {timeout:.0f} s; "
+            f"its log: {self.log_path}\n{self.log_tail()}"
+        )
+
+    def _answers(self) -> bool:
+        for path in self._ready_paths:
+            url = f"http://{LOOPBACK}:{self.port}{path}"
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return True
+            except urllib.error.HTTPError as error:
+                if error.code != 404:
+                    return False  # e.g. /readyz 503 while Kafka is not reachable yet
+            except OSError:
+                return False
+        return False
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout`` s; returns the exit code."""
+        process = self._process
+        if process is None or process.poll() is not None:
+            return None if process is None else process.returncode
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait(10)
+
+
+def prometheus_value(url: str, name: str) -> float | None:
+    """The sum of a metric's samples on a Prometheus text page, or ``None`` if it is absent."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            page = response.read().decode()
+    except OSError:
+        return None
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in page.splitlines()
+        if line.startswith((name + " ", name + "{"))
+    ]
+    return sum(values) if values else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers and results
+# ---------------------------------------------------------------------------------------------
+
+
+def percentiles_ms(seconds: Sequence[float]) -> dict[str, float | None]:
+    """p50/p95/p99/max of latencies given in seconds, in milliseconds (nearest rank)."""
+    if not seconds:
+        return {"p50": None, "p95": None, "p99": None, "max": None}
+    ordered = sorted(seconds)
+
+    def rank(fraction: float) -> float:
+        index = min(len(ordered) - 1, max(0, int(fraction * len(ordered) + 0.5) - 1))
+        return round(ordered[index] * 1000, 2)
+
+    return {"p50": rank(0.50), "p95": rank(0.95), "p99": rank(0.99), "max": rank(1.0)}
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_facts(settings: Settings) -> dict[str, Any]:
+    """What a reader needs to judge the numbers: the machine, the runtimes and the libraries."""
+    cpu_model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        None,
+    )
+    memory_total_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "memory_total_mb": memory_total_kb // 1024,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "kafka_version": settings.stack.kafka_version,
+        "kafka_bootstrap_servers": settings.kafka.bootstrap_servers,
+        "librdkafka": confluent_kafka.libversion()[0],
+        "libraries": {
+            name: _version(name)
+            for name in (
+                "confluent-kafka",
+                "uvicorn",
+                "fastapi",
+                "starlette",
+                "wsproto",
+                "websockets",
+                "pydantic",
+                "uvloop",
+                "httptools",
+            )
+        },
+        "load_average_at_start": list(os.getloadavg()),
+    }
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def write_results(section: str, results: Mapping[str, Any], path: Path = RESULTS_PATH) -> None:
+    """Store one benchmark's results as ``section`` of the results file, keeping the others."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document: dict[str, Any] = {}
+    if path.exists():
+        document = json.loads(path.read_text())
+    document[section] = results
+    path.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
