@@ -11,10 +11,10 @@ Delivery guarantees
     (``unavailable`` with ``retry_after_ms`` when Kafka did not acknowledge in time); the client
     retries with the same ids, and the stream processors deduplicate on them.
   * Events go where the topic catalog routes them (``TopicCatalog.route``), keyed by
-    conversation (messages, conversations, typing), by the actor (their own read position, mute,
-    badge) or by device (presence, push tokens).
-  * Presence (``device.connected`` / ``device.disconnected``, key ``tenant/user/device``, with
-    this node's id) is at least once: published when a ``hello`` succeeds and when its socket
+    conversation (messages, conversation commands, read receipts, typing), by user (their own
+    mute and badge, and their devices' presence) or by device (push tokens).
+  * Presence (``device.connected`` / ``device.disconnected``, key ``tenant/user``, with this
+    node's id) is at least once: published when a ``hello`` succeeds and when its socket
     closes; a connection replaced by a newer one of the same device publishes no disconnect.
   * Live delivery is best effort (see ``ingress/live.py``); a device recovers by syncing.
 

@@ -439,7 +439,7 @@ class ConversationDeleted(EventEnvelope[ConversationDeletedPayload]):
 
 
 # ---------------------------------------------------------------------------------------------
-# A user's own state: user-keyed by the actor
+# Read receipts (conversation-keyed) and a user's own state (user-keyed by the actor)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -493,7 +493,7 @@ class TypingChanged(EventEnvelope[TypingChangedPayload]):
 
 
 # ---------------------------------------------------------------------------------------------
-# Devices: device-keyed, compacted to the latest state per device
+# Devices: presence (user-keyed, in order per user) and push tokens (device-keyed, compacted)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -79,7 +79,6 @@ def create_app(settings: Settings, *, catalog: TopicCatalog | None = None) -> fa
             name,
             partitions=partitions,
             key_type=str,
-            value_type=dict,
         )
         for name, partitions in (
             (CONVERSATIONS_TABLE, catalog.messages_in.partitions),

@@ -92,6 +92,34 @@ def dead_letter(
     return OutputRecord(topic=target.name, key=record.key, value=record.value, headers=headers)
 
 
+def _process_each(
+    catalog: TopicCatalog,
+    batch: Sequence[InputRecord],
+    read: StateReader,
+    one: Callable[[InputRecord, _Overlay, BatchResult], None],
+) -> BatchResult:
+    """Apply ``one`` to each record; a record that raises is dead-lettered, the batch goes on."""
+    result = BatchResult()
+    overlay = _Overlay(read)
+    for record in batch:
+        outcome = BatchResult()
+        try:
+            one(record, overlay, outcome)
+        except Exception as error:  # a record the rules cannot handle must not stop the stage
+            log.exception("record %s[%d]@%d failed", record.topic, record.partition, record.offset)
+            outcome = BatchResult(dead_lettered=1)
+            source = catalog.by_name(record.topic)
+            if source.dead_letter is not None:
+                outcome.outputs.append(
+                    dead_letter(catalog, source, record, "processing-failed", repr(error))
+                )
+        result.outputs.extend(outcome.outputs)
+        result.skipped += outcome.skipped
+        result.dead_lettered += outcome.dead_lettered
+    result.writes = overlay.writes()
+    return result
+
+
 class _Overlay:
     """Table values as they stand within a batch: later inputs see earlier inputs' writes."""
 
@@ -136,12 +164,7 @@ class ConversationProcessor:
         self.settings = settings
 
     def process(self, batch: Sequence[InputRecord], read: StateReader) -> BatchResult:
-        result = BatchResult()
-        overlay = _Overlay(read)
-        for record in batch:
-            self._one(record, overlay, result)
-        result.writes = overlay.writes()
-        return result
+        return _process_each(self.catalog, batch, read, self._one)
 
     def _one(self, record: InputRecord, overlay: _Overlay, result: BatchResult) -> None:
         source = self.catalog.by_name(record.topic)
@@ -229,7 +252,8 @@ class ConversationProcessor:
         result: BatchResult,
     ) -> None:
         stored_deliveries = [d for d in outcome.deliveries if d.kind is not DeliveryKind.EPHEMERAL]
-        new_position = position + 1 if (stored_deliveries or outcome.rejection) else position
+        told = outcome.rejection is not None and bool(outcome.rejection.user_id)
+        new_position = position + 1 if (stored_deliveries or told) else position
         for sequenced in outcome.sequenced:
             result.outputs.append(
                 OutputRecord(
@@ -254,7 +278,7 @@ class ConversationProcessor:
                     ephemeral=ephemeral,
                 )
             )
-        if outcome.rejection is not None:
+        if outcome.rejection is not None and outcome.rejection.user_id:
             rejected = CommandRejected.new(
                 tenant_id=command.tenant_id,
                 event_id=derived_event_id(command.event_id, "rejected"),
@@ -326,6 +350,13 @@ class ConversationProcessor:
 _SEQUENCED = (MessageSent, MessageRecalled, MessageEdited)
 
 
+def _assigned_seq(event: MessageSent | MessageRecalled | MessageEdited) -> int:
+    seq = event.payload.conversation_seq
+    if seq is None:
+        raise ValueError(f"{event.type} {event.event_id} reached fan-out without a seq")
+    return seq
+
+
 def _advanced(event: MessageSent | MessageRecalled | MessageEdited) -> ConversationAdvanced:
     """The light event members of a large group get instead of ``event``."""
     payload = event.payload
@@ -337,7 +368,7 @@ def _advanced(event: MessageSent | MessageRecalled | MessageEdited) -> Conversat
         actor=event.actor,
         payload=ConversationAdvancedPayload(
             conversation_id=payload.conversation_id,
-            conversation_seq=payload.conversation_seq or 1,
+            conversation_seq=_assigned_seq(event),
             message_id=message_id,
             sender_id=event.actor.user_id,
             entry_type=event.type,
@@ -363,12 +394,7 @@ class UserProcessor:
         self.settings = settings
 
     def process(self, batch: Sequence[InputRecord], read: StateReader) -> BatchResult:
-        result = BatchResult()
-        overlay = _Overlay(read)
-        for record in batch:
-            self._one(record, overlay, result)
-        result.writes = overlay.writes()
-        return result
+        return _process_each(self.catalog, batch, read, self._one)
 
     def _one(self, record: InputRecord, overlay: _Overlay, result: BatchResult) -> None:
         source = self.catalog.by_name(record.topic)

@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from pipelines.settings import Settings
-from schemas.topics import device_key
+from schemas.topics import user_key
 from tests.ingress.support import (
     TENANT,
     close_code,
@@ -29,7 +29,7 @@ async def test_a_signal_drains_every_socket_with_4010(
     gateway = start_gateway(ingress_settings, tmp_path_factory.mktemp("drain"))
     users = [unique("user") for _ in range(3)]
     topic = gateway.catalog.presence.name
-    keys = [device_key(TENANT, user, "phone") for user in users]
+    keys = [user_key(TENANT, user) for user in users]
     offsets = [await asyncio.to_thread(end_offset, gateway.settings, topic, key) for key in keys]
     sockets = [(await open_device(gateway, user, "phone"))[0] for user in users]
     waiting_for_hello = await open_socket(gateway)
@@ -44,3 +44,4 @@ async def test_a_signal_drains_every_socket_with_4010(
         records = await asyncio.to_thread(read_to_end, gateway.settings, topic, partition, offset)
         events = [event for record_key, event in records if record_key == key]
         assert [event["type"] for event in events] == ["device.connected", "device.disconnected"]
+        assert {event["payload"]["device_id"] for event in events} == {"phone"}

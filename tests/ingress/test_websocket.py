@@ -18,7 +18,7 @@ import pytest
 
 from ingress.commands import direct_conversation_id
 from schemas.events import message_event_id
-from schemas.topics import conversation_key, device_key, user_key
+from schemas.topics import conversation_key, user_key
 from tests.ingress.support import (
     TENANT,
     Gateway,
@@ -92,8 +92,8 @@ COMMANDS: list[Case] = [
     Case(
         "read",
         lambda _, c: {"conversation_id": c, "conversation_seq": 7},
-        "user_state_in",
-        "user",
+        "messages_in",
+        "conversation",
         lambda _, c: {"conversation_id": c, "conversation_seq": 7},
     ),
     Case(
@@ -120,7 +120,7 @@ COMMANDS: list[Case] = [
     Case(
         "conversation.create",
         lambda _, c: {"conversation_id": c, "kind": "group", "members": ["bob"], "name": "Team"},
-        "conversations_in",
+        "messages_in",
         "conversation",
         lambda u, c: {
             "conversation_id": c,
@@ -133,42 +133,42 @@ COMMANDS: list[Case] = [
     Case(
         "conversation.rename",
         lambda _, c: {"conversation_id": c, "name": "Renamed"},
-        "conversations_in",
+        "messages_in",
         "conversation",
         lambda _, c: {"conversation_id": c, "name": "Renamed"},
     ),
     Case(
         "conversation.add_member",
         lambda _, c: {"conversation_id": c, "user_id": "erin", "role": "admin"},
-        "conversations_in",
+        "messages_in",
         "conversation",
         lambda _, c: {"conversation_id": c, "user_id": "erin", "role": "admin"},
     ),
     Case(
         "conversation.remove_member",
         lambda _, c: {"conversation_id": c, "user_id": "erin"},
-        "conversations_in",
+        "messages_in",
         "conversation",
         lambda _, c: {"conversation_id": c, "user_id": "erin"},
     ),
     Case(
         "conversation.change_role",
         lambda _, c: {"conversation_id": c, "user_id": "bob", "role": "owner"},
-        "conversations_in",
+        "messages_in",
         "conversation",
         lambda _, c: {"conversation_id": c, "user_id": "bob", "role": "owner"},
     ),
     Case(
         "conversation.leave",
         lambda _, c: {"conversation_id": c},
-        "conversations_in",
+        "messages_in",
         "conversation",
         lambda u, c: {"conversation_id": c, "user_id": u},
     ),
     Case(
         "conversation.delete",
         lambda _, c: {"conversation_id": c},
-        "conversations_in",
+        "messages_in",
         "conversation",
         lambda _, c: {"conversation_id": c},
     ),
@@ -349,7 +349,7 @@ async def test_commands_answered_without_kafka(gateway: Gateway) -> None:
 async def test_presence_follows_the_connection(gateway: Gateway) -> None:
     user = unique("user")
     topic = gateway.catalog.presence.name
-    key = device_key(TENANT, user, "phone")
+    key = user_key(TENANT, user)
     partition, before = await asyncio.to_thread(end_offset, gateway.settings, topic, key)
 
     first, hello_ok = await open_device(gateway, user, "phone")
@@ -379,4 +379,8 @@ async def test_presence_follows_the_connection(gateway: Gateway) -> None:
     first_id, second_id, gone_id = (event["payload"]["connection_id"] for event in events)
     assert first_id != second_id == gone_id
     assert {event["payload"]["node_id"] for event in events} == {gateway.node_id}
+    # Keyed by the user; the payload names the device.
+    assert {(e["payload"]["user_id"], e["payload"]["device_id"]) for e in events} == {
+        (user, "phone")
+    }
     assert events[0]["payload"]["platform"] == "android"

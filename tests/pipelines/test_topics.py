@@ -100,8 +100,11 @@ def test_drifted_configs_are_set_back(kafka_admin: AdminClient, catalog: TopicCa
         catalog.messages_in.name: ConfigEntry(
             "retention.ms", "3600000", incremental_operation=AlterConfigOpType.SET
         ),
-        catalog.presence.name: ConfigEntry(
+        catalog.push_tokens.name: ConfigEntry(
             "cleanup.policy", "delete", incremental_operation=AlterConfigOpType.SET
+        ),
+        catalog.presence.name: ConfigEntry(
+            "cleanup.policy", "compact", incremental_operation=AlterConfigOpType.SET
         ),
     }
     resources = [
@@ -115,11 +118,13 @@ def test_drifted_configs_are_set_back(kafka_admin: AdminClient, catalog: TopicCa
     changes = {change.topic.name: change for change in apply_topics(kafka_admin, catalog)}
     assert changes[catalog.messages_in.name].action is ChangeAction.UPDATED
     assert changes[catalog.messages_in.name].configs == {"retention.ms": ("3600000", "604800000")}
-    assert changes[catalog.presence.name].configs == {"cleanup.policy": ("delete", "compact")}
+    assert changes[catalog.push_tokens.name].configs == {"cleanup.policy": ("delete", "compact")}
+    assert changes[catalog.presence.name].configs == {"cleanup.policy": ("compact", "delete")}
     updated = {name for name, change in changes.items() if change.action is ChangeAction.UPDATED}
     assert updated == set(drift)
     assert broker_configs(kafka_admin, catalog.messages_in.name)["retention.ms"] == "604800000"
-    assert broker_configs(kafka_admin, catalog.presence.name)["cleanup.policy"] == "compact"
+    assert broker_configs(kafka_admin, catalog.push_tokens.name)["cleanup.policy"] == "compact"
+    assert broker_configs(kafka_admin, catalog.presence.name)["cleanup.policy"] == "delete"
 
 
 def test_a_catalog_change_is_applied(kafka_admin: AdminClient, catalog: TopicCatalog) -> None:
@@ -136,18 +141,22 @@ def test_partitions_grow_but_never_shrink(
 ) -> None:
     catalog = topic_catalog(prefixed(settings, prefix))
     apply_topics(kafka_admin, catalog)
-    presence = catalog.presence.logical_name
-    grown = topic_catalog(prefixed(settings, prefix), partitions={presence: 5})
+    # Push tokens are device-keyed, outside the co-partitioned groups: they grow on their own.
+    tokens = catalog.push_tokens
+    assert tokens.partitions < 5
+    grown = topic_catalog(prefixed(settings, prefix), partitions={tokens.logical_name: 5})
 
     changes = {change.topic.name: change for change in apply_topics(kafka_admin, grown)}
-    assert changes[grown.presence.name].action is ChangeAction.UPDATED
-    assert changes[grown.presence.name].partitions_from == catalog.presence.partitions
-    assert partition_count(kafka_admin, grown.presence.name) == 5
+    assert changes[tokens.name].action is ChangeAction.UPDATED
+    assert changes[tokens.name].partitions_from == tokens.partitions
+    assert partition_count(kafka_admin, tokens.name) == 5
+    updated = {name for name, change in changes.items() if change.action is ChangeAction.UPDATED}
+    assert updated == {tokens.name}
 
     back = {change.topic.name: change for change in apply_topics(kafka_admin, catalog)}
-    assert back[catalog.presence.name].action is ChangeAction.UNCHANGED
-    assert "keeps 5 partitions" in back[catalog.presence.name].warnings[0]
-    assert partition_count(kafka_admin, catalog.presence.name) == 5
+    assert back[tokens.name].action is ChangeAction.UNCHANGED
+    assert "keeps 5 partitions" in back[tokens.name].warnings[0]
+    assert partition_count(kafka_admin, tokens.name) == 5
 
 
 def test_replication_beyond_the_cluster_is_refused_before_anything_is_created(
@@ -170,7 +179,7 @@ def test_describe_reports_partitions_and_end_offsets(
     events = sample_events()
     for event in (
         [events["message.sent"]] * 4
-        + [events["message.edited"]]
+        + [events["message.edited"], events["conversation.created"], events["receipt.read"]]
         + [
             events["device.connected"],
             events["device.disconnected"],
@@ -181,7 +190,7 @@ def test_describe_reports_partitions_and_end_offsets(
     assert producer.flush(30) == 0
 
     states = {state.topic.name: state for state in describe_topics(kafka_admin, catalog)}
-    assert states[catalog.messages_in.name].end_offsets == 5
+    assert states[catalog.messages_in.name].end_offsets == 7
     assert states[catalog.presence.name].end_offsets == 2
     untouched = set(states) - {catalog.messages_in.name, catalog.presence.name}
     assert {states[name].end_offsets for name in untouched} == {0}
@@ -216,7 +225,9 @@ def test_cli_apply_and_list(kafka_admin: AdminClient, catalog: TopicCatalog, pre
     assert lines[0].split() == header
     rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
     assert rows[catalog.messages_in.name] == ["conversation", "6", "delete", "7d", "0"]
-    assert rows[catalog.presence.name] == ["device", "3", "compact", "forever", "0"]
+    assert rows[catalog.presence.name] == ["user", "6", "delete", "7d", "0"]
+    assert rows[catalog.push_tokens.name] == ["device", "3", "compact", "forever", "0"]
+    assert rows[catalog.user_inbox.name] == ["user", "6", "delete", "7d", "0"]
     assert rows[catalog.live_delivery.name] == ["gateway", "4", "delete", "1h", "0"]
     assert len(rows) == len(list(catalog))
 

@@ -11,6 +11,9 @@ from schemas.errors import ErrorCode
 TENANT = "acme"
 OCCURRED_AT = datetime(2025, 3, 1, 12, 30, 15, 123456, tzinfo=UTC)
 ALICE = ev.Actor(user_id="alice", device_id="alice-phone")
+#: Event types the stream processors write into users' sync queues (through the user inbox
+#: topic); the ingress never publishes them, so they have no inbound topic.
+PROCESSOR_EVENT_TYPES = ("conversation.advanced", "command.rejected")
 
 
 def _event(model: type[ev.EventEnvelope[ev.P]], payload: ev.P, actor: ev.Actor | None) -> ev.Event:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,7 +23,9 @@ def sent_json(**payload_changes: Any) -> dict[str, Any]:
 
 def test_samples_cover_every_event_type() -> None:
     assert list(sample_events()) == list(ev.EVENT_TYPES)
-    assert len(ev.EVENT_TYPES) == len(set(ev.EVENT_TYPES)) == 18
+    assert len(ev.EVENT_TYPES) == len(set(ev.EVENT_TYPES)) == 20
+    # The events the stream processors write come last, after everything clients cause.
+    assert ev.EVENT_TYPES[-2:] == ("conversation.advanced", "command.rejected")
 
 
 @pytest.mark.parametrize("event_type", ev.EVENT_TYPES)
@@ -57,6 +60,49 @@ def test_message_event_id_is_stable_per_send_and_distinct_across_sends() -> None
     assert first != ev.message_event_id(TENANT, "alice", "m-2")
     assert first != ev.message_event_id("other", "alice", "m-1")
     assert json.loads(json.dumps({"id": first}))["id"] == first
+
+
+def test_derived_event_id_is_stable_per_source_and_role() -> None:
+    source = ev.message_event_id(TENANT, "alice", "m-1")
+    first = ev.derived_event_id(source, "rejected")
+    assert first == ev.derived_event_id(source, "rejected")
+    assert first != ev.derived_event_id(source, "advanced")
+    assert first != ev.derived_event_id(ev.message_event_id(TENANT, "alice", "m-2"), "rejected")
+    assert first != source
+    assert uuid.UUID(first).version == 5
+    assert str(uuid.UUID(first)) == first
+    # A derived id is a valid event id.
+    rejected = sample_events()["command.rejected"]
+    derived = rejected.model_copy(update={"event_id": first})
+    assert ev.parse_event(ev.encode_event(derived)).event_id == first
+
+
+def test_conversation_advanced_names_a_timeline_entry_only() -> None:
+    data = json.loads(ev.encode_event(sample_events()["conversation.advanced"]))
+    for entry_type in ("message.recalled", "message.edited"):
+        data["payload"]["entry_type"] = entry_type
+        assert ev.parse_event(json.dumps(data)).payload.entry_type == entry_type  # type: ignore[union-attr]
+    data["payload"]["entry_type"] = "typing.changed"
+    with pytest.raises(SchemaError) as caught:
+        ev.parse_event(json.dumps(data))
+    assert caught.value.field == "payload.entry_type"
+    data["payload"]["entry_type"] = "message.sent"
+    data["payload"]["conversation_seq"] = 0
+    with pytest.raises(SchemaError) as caught:
+        ev.parse_event(json.dumps(data))
+    assert caught.value.field == "payload.conversation_seq"
+
+
+def test_command_rejected_needs_a_reason_and_may_omit_the_conversation() -> None:
+    data = json.loads(ev.encode_event(sample_events()["command.rejected"]))
+    data["payload"].pop("conversation_id")
+    event = ev.parse_event(json.dumps(data))
+    assert isinstance(event, ev.CommandRejected)
+    assert event.payload.conversation_id is None
+    data["payload"]["reason"] = ""
+    with pytest.raises(SchemaError) as caught:
+        ev.parse_event(json.dumps(data))
+    assert caught.value.field == "payload.reason"
 
 
 def test_unknown_fields_are_accepted_and_not_written_back() -> None:
@@ -251,3 +297,66 @@ def test_live_delivery_round_trips_and_reports_paths_inside_the_event() -> None:
     with pytest.raises(SchemaError) as caught:
         ev.parse_live_delivery(json.dumps(data))
     assert caught.value.field == "event.payload.body.text"
+
+
+def test_inbox_and_sync_records_round_trip_and_report_paths_inside_the_event() -> None:
+    events = sample_events()
+    inbox = ev.InboxRecord(
+        tenant_id=TENANT,
+        user_id="bob",
+        conversation_id="c-1",
+        position=3,
+        event=events["message.sent"],
+    )
+    assert inbox.ephemeral is False
+    assert ev.InboxRecord.model_validate_json(inbox.model_dump_json()) == inbox
+    typing = ev.InboxRecord(
+        tenant_id=TENANT,
+        user_id="bob",
+        conversation_id="c-1",
+        position=0,
+        ephemeral=True,
+        event=events["typing.changed"],
+    )
+    assert ev.InboxRecord.model_validate_json(typing.model_dump_json()) == typing
+    sync = ev.SyncRecord(
+        tenant_id=TENANT, user_id="bob", sync_id=12, event=events["command.rejected"]
+    )
+    assert ev.SyncRecord.model_validate_json(sync.model_dump_json()) == sync
+
+    data = json.loads(inbox.model_dump_json())
+    data["position"] = -1
+    data["event"]["payload"]["body"]["text"] = ""
+    with pytest.raises(ValidationError) as caught:
+        ev.InboxRecord.model_validate_json(json.dumps(data))
+    assert [error["loc"] for error in caught.value.errors()] == [
+        ("position",),
+        ("event", "message.sent", "payload", "body", "text", "text"),
+    ]
+    with pytest.raises(ValidationError, match="sync_id"):
+        ev.SyncRecord.model_validate({**json.loads(sync.model_dump_json()), "sync_id": 0})
+
+
+def test_push_job_round_trips_with_and_without_a_preview() -> None:
+    message = sample_events()["message.sent"]
+    assert isinstance(message, ev.MessageSent)
+    job = ev.PushJob(
+        job_id=ev.derived_event_id(message.event_id, "push/bob"),
+        tenant_id=TENANT,
+        user_id="bob",
+        conversation_id="c-1",
+        conversation_seq=7,
+        message_id=message.event_id,
+        sender_id="alice",
+        body=message.payload.body,
+        merged_count=2,
+        unread_total=5,
+        occurred_at=message.occurred_at,
+    )
+    assert ev.PushJob.model_validate_json(job.model_dump_json()) == job
+    large_group = job.model_copy(update={"body": None})
+    assert json.loads(large_group.model_dump_json())["body"] is None
+    assert ev.PushJob.model_validate_json(large_group.model_dump_json()) == large_group
+    for field, bad in (("merged_count", 0), ("unread_total", -1), ("job_id", "job-1")):
+        with pytest.raises(ValidationError, match=field):
+            ev.PushJob.model_validate({**json.loads(job.model_dump_json()), field: bad})

@@ -21,7 +21,16 @@ def test_one_file_per_event_and_frame_type() -> None:
     assert {f"events/{t}.json" for t in EVENT_TYPES} <= names
     assert {f"frames/client/{t}.json" for t in CLIENT_FRAME_TYPES} <= names
     assert {f"frames/server/{t}.json" for t in SERVER_FRAME_TYPES} <= names
-    assert len(names) == len(EVENT_TYPES) + len(CLIENT_FRAME_TYPES) + len(SERVER_FRAME_TYPES) + 1
+    records = {name for name in names if name.startswith("records/")}
+    assert records == {
+        "records/live-delivery.json",
+        "records/inbox.json",
+        "records/sync.json",
+        "records/push-job.json",
+    }
+    assert len(names) == (
+        len(EVENT_TYPES) + len(CLIENT_FRAME_TYPES) + len(SERVER_FRAME_TYPES) + len(records)
+    )
 
 
 def test_drift_is_detected_and_write_repairs_it(tmp_path: Path) -> None:
@@ -50,6 +59,23 @@ def test_frames_refer_to_event_files_that_exist() -> None:
     }
     assert targets == {f"events/{t}.json" for t in EVENT_TYPES}
     assert targets <= {path.as_posix() for path in files}
+
+
+def test_records_refer_to_event_files_that_exist() -> None:
+    files = jsonschema.generate()
+    for name in ("live-delivery", "inbox", "sync"):
+        record = Path("records") / f"{name}.json"
+        schema = json.loads(files[record])
+        assert "event" in schema["required"], record
+        mapping = schema["properties"]["event"]["discriminator"]["mapping"]
+        targets = {
+            posixpath.normpath(posixpath.join(record.parent.as_posix(), reference))
+            for reference in mapping.values()
+        }
+        assert targets == {f"events/{t}.json" for t in EVENT_TYPES}, record
+    push_job = json.loads(files[Path("records/push-job.json")])
+    assert "event" not in push_job["properties"]
+    assert set(push_job["required"]) >= {"job_id", "user_id", "message_id", "unread_total"}
 
 
 def test_type_is_required_on_the_wire() -> None:

@@ -12,18 +12,19 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from pipelines.connections import kafka_config
 from pipelines.settings import Settings
-from schemas.events import EVENT_TYPES
+from schemas.events import EVENT_TYPES, Actor, DeviceConnected
 from schemas.topics import (
     DEAD_LETTER_SUFFIX,
     KAFKA_PARTITIONER,
     CleanupPolicy,
     KeyKind,
+    event_key,
     gateway_key,
     murmur2,
     partition_for_key,
     topic_catalog,
 )
-from tests.schemas.samples import sample_events
+from tests.schemas.samples import PROCESSOR_EVENT_TYPES, sample_events
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,12 +45,36 @@ def test_names_carry_the_prefix_and_replication_comes_from_settings(settings: Se
     assert {topic.min_insync_replicas for topic in plain} == {1}
 
 
-def test_every_event_type_has_exactly_one_inbound_topic(settings: Settings) -> None:
+def test_every_client_event_type_has_exactly_one_inbound_topic(settings: Settings) -> None:
     catalog = topic_catalog(settings)
     inbound = [t for topic in catalog.sources() if topic.ingress for t in topic.events]
-    assert sorted(inbound) == sorted(EVENT_TYPES)
+    assert set(PROCESSOR_EVENT_TYPES) <= set(EVENT_TYPES)
+    assert sorted(inbound) == sorted(set(EVENT_TYPES) - set(PROCESSOR_EVENT_TYPES))
     carried = {t for topic in catalog for t in topic.events}
     assert carried <= set(EVENT_TYPES)
+    assert carried.isdisjoint(PROCESSOR_EVENT_TYPES)
+
+
+@pytest.mark.parametrize("event_type", PROCESSOR_EVENT_TYPES)
+def test_processor_events_have_no_inbound_topic(settings: Settings, event_type: str) -> None:
+    with pytest.raises(ValueError, match=f"no inbound topic carries {event_type}"):
+        topic_catalog(settings).route(sample_events()[event_type])
+
+
+def test_the_conversation_processor_sees_a_conversation_in_one_order(settings: Settings) -> None:
+    """Messages, lifecycle and membership commands and read receipts share one conversation-keyed
+    topic; the conversation log carries the messages and the conversation's changes."""
+    catalog = topic_catalog(settings)
+    conversation_commands = [
+        t for t in EVENT_TYPES if t.startswith("conversation.") and t != "conversation.advanced"
+    ]
+    conversation_commands.remove("conversation.mute_changed")
+    messages = ["message.sent", "message.recalled", "message.edited"]
+    assert catalog.messages_in.key is KeyKind.CONVERSATION
+    assert set(catalog.messages_in.events) == {*messages, *conversation_commands, "receipt.read"}
+    assert catalog.user_state_in.events == ("conversation.mute_changed", "badge.cleared")
+    assert set(catalog.messages_sequenced.events) == {*messages, *conversation_commands}
+    assert not catalog.messages_sequenced.ingress
 
 
 @pytest.mark.parametrize(
@@ -57,12 +82,16 @@ def test_every_event_type_has_exactly_one_inbound_topic(settings: Settings) -> N
     [
         ("message.sent", "messages_in", b"acme/c-1"),
         ("message.edited", "messages_in", b"acme/c-1"),
-        ("conversation.created", "conversations_in", b"acme/c-2"),
-        ("conversation.deleted", "conversations_in", b"acme/c-2"),
-        ("receipt.read", "user_state_in", b"acme/alice"),
+        ("conversation.created", "messages_in", b"acme/c-2"),
+        ("conversation.member_removed", "messages_in", b"acme/c-2"),
+        ("conversation.left", "messages_in", b"acme/c-2"),
+        ("conversation.deleted", "messages_in", b"acme/c-2"),
+        ("receipt.read", "messages_in", b"acme/c-1"),
+        ("conversation.mute_changed", "user_state_in", b"acme/alice"),
         ("badge.cleared", "user_state_in", b"acme/alice"),
         ("typing.changed", "typing_in", b"acme/c-1"),
-        ("device.disconnected", "presence", b"acme/alice/alice-phone"),
+        ("device.connected", "presence", b"acme/alice"),
+        ("device.disconnected", "presence", b"acme/alice"),
         ("push_token.removed", "push_tokens", b"acme/alice/alice-phone"),
     ],
 )
@@ -78,6 +107,8 @@ def test_route_gives_the_inbound_topic_and_key(
 def test_every_sample_event_routes(settings: Settings) -> None:
     catalog = topic_catalog(settings)
     for event in sample_events().values():
+        if event.type in PROCESSOR_EVENT_TYPES:
+            continue
         topic, key = catalog.route(event)
         assert event.type in topic.events
         assert key.startswith(b"acme/")
@@ -101,16 +132,58 @@ def test_dead_letters(settings: Settings) -> None:
     assert len(names) == len(set(names))
 
 
-def test_compacted_state_is_device_keyed_and_kept_forever(settings: Settings) -> None:
+def test_only_push_tokens_are_compacted_device_keyed_and_kept_forever(settings: Settings) -> None:
     catalog = topic_catalog(settings)
     compacted = [topic for topic in catalog if topic.cleanup is CleanupPolicy.COMPACT]
-    assert compacted == [catalog.presence, catalog.push_tokens]
-    for topic in compacted:
-        assert topic.key is KeyKind.DEVICE
-        assert topic.configs()["retention.ms"] == "-1"
+    assert compacted == [catalog.push_tokens]
+    assert [topic for topic in catalog if topic.key is KeyKind.DEVICE] == [catalog.push_tokens]
+    assert catalog.push_tokens.configs()["retention.ms"] == "-1"
     assert catalog.live_delivery.key is KeyKind.GATEWAY
     assert catalog.sync_events.key is KeyKind.USER
     assert catalog.messages_sequenced.key is KeyKind.CONVERSATION
+
+
+def test_presence_is_user_keyed_and_co_partitioned_with_the_user_processor_inputs(
+    settings: Settings,
+) -> None:
+    catalog = topic_catalog(settings)
+    presence = catalog.presence
+    assert (presence.key, presence.cleanup) == (KeyKind.USER, CleanupPolicy.DELETE)
+    assert presence.configs()["retention.ms"] == str(7 * 24 * 3600 * 1000)
+    assert presence.ingress
+    for other in (catalog.user_inbox, catalog.user_state_in):
+        assert other.key is KeyKind.USER
+        assert presence.partitions == other.partitions
+
+
+def test_a_devices_presence_is_keyed_by_the_devices_user_whoever_the_actor(
+    settings: Settings,
+) -> None:
+    catalog = topic_catalog(settings)
+    connected = sample_events()["device.connected"]
+    assert isinstance(connected, DeviceConnected)
+    for actor in (Actor(user_id="admin"), None):
+        event = connected.model_copy(update={"actor": actor})
+        assert event_key(event, KeyKind.USER) == b"acme/alice"
+        assert catalog.route(event) == (catalog.presence, b"acme/alice")
+    # The push-token topic stays device-keyed.
+    token = sample_events()["push_token.registered"]
+    assert event_key(token, KeyKind.DEVICE) == b"acme/alice/alice-phone"
+
+
+def test_the_user_inbox_is_internal_user_keyed_with_a_dead_letter_topic(
+    settings: Settings,
+) -> None:
+    catalog = topic_catalog(with_kafka(settings, topic_prefix="p."))
+    inbox = catalog.user_inbox
+    assert inbox.name == "p." + inbox.logical_name
+    assert inbox.key is KeyKind.USER
+    assert inbox.cleanup is CleanupPolicy.DELETE
+    assert not inbox.ingress
+    assert inbox.events == ()
+    assert catalog.dead_letter_of(inbox).name == inbox.name + DEAD_LETTER_SUFFIX
+    # Read by the user processor together with the user's own commands and presence.
+    assert inbox.partitions == catalog.user_state_in.partitions == catalog.presence.partitions
 
 
 def test_short_lived_topics_roll_segments_as_often_as_they_expire(settings: Settings) -> None:
@@ -122,9 +195,16 @@ def test_short_lived_topics_roll_segments_as_often_as_they_expire(settings: Sett
 
 def test_partition_overrides(settings: Settings) -> None:
     default = topic_catalog(settings)
-    grown = topic_catalog(settings, partitions={default.presence.logical_name: 12})
-    assert grown.presence.partitions == 12
-    assert grown.push_tokens.partitions == default.push_tokens.partitions
+    grown = topic_catalog(settings, partitions={default.push_tokens.logical_name: 12})
+    assert grown.push_tokens.partitions == 12
+    assert grown.presence.partitions == default.presence.partitions
+    with pytest.raises(ValueError, match="co-partitioned"):
+        topic_catalog(settings, partitions={default.presence.logical_name: 12})
+    user_topics = [t for t in default.sources() if t.key is KeyKind.USER]
+    assert default.presence in user_topics
+    assert default.user_inbox in user_topics
+    users = topic_catalog(settings, partitions={topic.logical_name: 12 for topic in user_topics})
+    assert {t.partitions for t in users.sources() if t.key is KeyKind.USER} == {12}
     conversation_topics = [t for t in default.sources() if t.key is KeyKind.CONVERSATION]
     together = topic_catalog(
         settings, partitions={topic.logical_name: 24 for topic in conversation_topics}

@@ -18,6 +18,8 @@ from schemas.events import (
     CommandRejected,
     ConversationCreated,
     ConversationCreatedPayload,
+    ConversationDeleted,
+    ConversationDeletedPayload,
     ConversationKind,
     DeviceConnected,
     DevicePresencePayload,
@@ -360,3 +362,28 @@ def test_crashes_never_lose_or_double_a_message_in_any_sync_queue() -> None:
                     if event.payload.conversation_id == conversation
                 ]
                 assert seqs == sorted(set(seqs)), f"seed {seed}: order broken in {conversation}"
+
+
+def test_a_rejected_command_without_an_actor_tells_no_one_and_stops_nothing() -> None:
+    orphan = ConversationDeleted.new(
+        tenant_id=TENANT, payload=ConversationDeletedPayload(conversation_id="nowhere")
+    )
+    processor = ConversationProcessor(CATALOG, ConversationSettings())
+    records = command_records([orphan, create_group("c-1", ["alice", "bob"])])
+    result = processor.process(records, Tables().read)
+    inbox = [o for o in result.outputs if o.topic == CATALOG.user_inbox.name]
+    assert {o.key for o in inbox} == {user_key(TENANT, "alice"), user_key(TENANT, "bob")}
+    assert result.dead_lettered == 0
+
+
+def test_a_record_the_rules_cannot_handle_is_dead_lettered() -> None:
+    processor = ConversationProcessor(CATALOG, ConversationSettings())
+    good = command_records([create_group("c-1", ["alice", "bob"])])
+
+    def failing_read(table: str, key: str) -> dict[str, Any] | None:
+        raise RuntimeError("state store broke")
+
+    result = processor.process(good, failing_read)
+    (dead,) = result.outputs
+    assert dead.topic == CATALOG.messages_in.dead_letter
+    assert dict(dead.headers)["imstream.error.code"] == b"processing-failed"

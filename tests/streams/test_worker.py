@@ -1,0 +1,241 @@
+"""The stream worker as a real process against the real local Kafka, including SIGKILL crashes.
+
+Each test module gets its own topic prefix (so its own faust app id, consumer group and
+changelog topics) and deletes every topic of that prefix afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient
+
+from pipelines.connections import kafka_config, kafka_producer_config
+from pipelines.settings import KafkaSettings, Settings
+from pipelines.stack.manager import LocalStack
+from pipelines.topics import apply_topics
+from schemas.events import (
+    Actor,
+    ConversationCreated,
+    ConversationCreatedPayload,
+    ConversationKind,
+    Event,
+    MessageSent,
+    MessageSentPayload,
+    SyncRecord,
+    TextBody,
+    encode_event,
+    message_event_id,
+)
+from schemas.topics import TopicCatalog, conversation_key, topic_catalog
+from streams.conversations import direct_conversation_id
+
+TENANT = "acme"
+READY_LINE = "Worker]: Ready"
+
+
+class Worker:
+    """``imstream run stream-worker`` as a child process with its own log file."""
+
+    def __init__(self, environment: dict[str, str], log_path: Path) -> None:
+        self.environment = environment
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self, ready_timeout: float = 90.0) -> None:
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "pipelines", "run", "stream-worker"],
+                env=self.environment,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        self.starts += 1
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            with self.log_path.open("rb") as log:
+                log.seek(offset)
+                if READY_LINE.encode() in log.read():
+                    return
+            assert self.process.poll() is None, self.tail()
+            time.sleep(0.2)
+        raise AssertionError(f"worker not ready in {ready_timeout}s:\n{self.tail()}")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture(scope="module")
+def stream_settings(settings: Settings, local_stack: LocalStack) -> Iterator[Settings]:
+    prefix = f"t-sw-{uuid.uuid4().hex[:8]}-"
+    prefixed = settings.model_copy(
+        update={
+            "kafka": KafkaSettings(
+                bootstrap_servers=settings.kafka.bootstrap_servers, topic_prefix=prefix
+            )
+        }
+    )
+    admin = AdminClient(kafka_config(prefixed))
+    apply_topics(admin, topic_catalog(prefixed))
+    yield prefixed
+    names = [name for name in admin.list_topics(timeout=30).topics if name.startswith(prefix)]
+    if names:
+        for future in admin.delete_topics(names).values():
+            future.result(timeout=60)
+
+
+@pytest.fixture
+def worker(stream_settings: Settings, tmp_path: Path) -> Iterator[Worker]:
+    environment = {
+        **os.environ,
+        "IM_KAFKA__BOOTSTRAP_SERVERS": stream_settings.kafka.bootstrap_servers,
+        "IM_KAFKA__TOPIC_PREFIX": stream_settings.kafka.topic_prefix,
+        "IM_STREAMS__SESSION_TIMEOUT_SECONDS": "6",
+        "IM_STREAMS__COMMIT_INTERVAL_SECONDS": "0.5",
+    }
+    process = Worker(environment, tmp_path / "stream-worker.log")
+    yield process
+    process.stop()
+
+
+def produce(settings: Settings, catalog: TopicCatalog, events: Sequence[Event]) -> None:
+    producer = Producer(kafka_producer_config(settings, **{"enable.idempotence": True}))
+    for event in events:
+        conversation_id = str(getattr(event.payload, "conversation_id", ""))
+        producer.produce(
+            catalog.messages_in.name,
+            key=conversation_key(event.tenant_id, conversation_id),
+            value=encode_event(event),
+        )
+        producer.poll(0)
+    assert producer.flush(60) == 0
+
+
+def read_topic(settings: Settings, topic: str, *, idle_seconds: float = 5.0) -> list[bytes]:
+    """Every record of ``topic`` from the beginning, until nothing new arrives for a while."""
+    consumer = Consumer(
+        kafka_config(
+            settings,
+            **{
+                "group.id": f"t-read-{uuid.uuid4().hex}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            },
+        )
+    )
+    consumer.subscribe([topic])
+    values: list[bytes] = []
+    last = time.monotonic()
+    try:
+        while time.monotonic() - last < idle_seconds:
+            message = consumer.poll(0.5)
+            if message is None or message.error() is not None:
+                continue
+            values.append(message.value() or b"")
+            last = time.monotonic()
+    finally:
+        consumer.close()
+    return values
+
+
+def wait_for_sync(
+    settings: Settings, catalog: TopicCatalog, expected_distinct: int, timeout: float
+) -> dict[str, dict[int, SyncRecord]]:
+    """The sync queues once ``expected_distinct`` distinct (user, sync_id) entries exist."""
+    deadline = time.monotonic() + timeout
+    queues: dict[str, dict[int, SyncRecord]] = defaultdict(dict)
+    while True:
+        queues.clear()
+        for value in read_topic(settings, catalog.sync_events.name, idle_seconds=3.0):
+            record = SyncRecord.model_validate_json(value)
+            previous = queues[record.user_id].get(record.sync_id)
+            assert previous is None or previous == record, "one sync id, two events"
+            queues[record.user_id][record.sync_id] = record
+        if sum(len(queue) for queue in queues.values()) >= expected_distinct:
+            return queues
+        assert time.monotonic() < deadline, "the sync queues did not fill up in time"
+
+
+def direct_pairs(count: int) -> list[tuple[str, str, str]]:
+    return [
+        (f"u{index}", f"u{index + 1}", direct_conversation_id(TENANT, f"u{index}", f"u{index + 1}"))
+        for index in range(0, 2 * count, 2)
+    ]
+
+
+def created(sender: str, other: str, conversation_id: str) -> ConversationCreated:
+    return ConversationCreated.new(
+        tenant_id=TENANT,
+        actor=Actor(user_id=sender),
+        event_id=message_event_id(TENANT, sender, f"create-{conversation_id}"),
+        payload=ConversationCreatedPayload(
+            conversation_id=conversation_id, kind=ConversationKind.DIRECT, members=[sender, other]
+        ),
+    )
+
+
+def message(sender: str, conversation_id: str, client_msg_id: str) -> MessageSent:
+    return MessageSent.new(
+        tenant_id=TENANT,
+        actor=Actor(user_id=sender, device_id=f"{sender}-phone"),
+        event_id=message_event_id(TENANT, sender, client_msg_id),
+        payload=MessageSentPayload(
+            conversation_id=conversation_id,
+            client_msg_id=client_msg_id,
+            body=TextBody(text=f"message {client_msg_id}"),
+        ),
+    )
+
+
+def test_the_worker_fans_a_group_out_to_every_members_sync_queue(
+    worker: Worker, stream_settings: Settings
+) -> None:
+    catalog = topic_catalog(stream_settings)
+    members = ["alice", "bob", "carol"]
+    group = ConversationCreated.new(
+        tenant_id=TENANT,
+        actor=Actor(user_id="alice"),
+        event_id=message_event_id(TENANT, "alice", "create-g1"),
+        payload=ConversationCreatedPayload(
+            conversation_id="g1", kind=ConversationKind.GROUP, members=members
+        ),
+    )
+    sends = [message(members[index % 3], "g1", f"g{index}") for index in range(60)]
+    stranger = message("mallory", "g1", "intrusion")
+    worker.start()
+    produce(stream_settings, catalog, [group, *sends, sends[5], stranger])
+    queues = wait_for_sync(stream_settings, catalog, 3 * 61 + 1, timeout=120)
+    expected = [send.event_id for send in sends]
+    for user in members:
+        queued = [queues[user][sync_id].event for sync_id in sorted(queues[user])]
+        assert [e.event_id for e in queued if isinstance(e, MessageSent)] == expected
+        assert sorted(queues[user]) == list(range(1, 62))
+    (rejection,) = queues["mallory"].values()
+    assert rejection.event.type == "command.rejected"
