@@ -27,8 +27,6 @@ from schemas import frames as fr
 from schemas.errors import ErrorCode, SchemaError, field_path
 
 #: Namespace of derived direct-conversation ids, fixed forever: changing it changes every id.
-_DIRECT_CONVERSATION_NAMESPACE: Final = uuid.UUID("0d6f5a0e-3c1b-4a57-9a55-3f4c2b1e7d90")
-DIRECT_CONVERSATION_PREFIX: Final = "dm-"
 
 #: Commands that the ingress turns into an event and publishes; the rest are answered directly.
 PublishingCommand = (
@@ -53,13 +51,6 @@ _PUBLISHING_MODELS: Final = get_args(PublishingCommand)
 def is_publishing(frame: fr.ClientFrame) -> TypeGuard[PublishingCommand]:
     """Whether ``frame`` is a command the ingress answers by publishing an event."""
     return isinstance(frame, _PUBLISHING_MODELS)
-
-
-def direct_conversation_id(tenant_id: str, user_a: str, user_b: str) -> str:
-    """The id of the direct conversation between two users of a tenant, whoever creates it."""
-    first, second = sorted((user_a, user_b))
-    derived = uuid.uuid5(_DIRECT_CONVERSATION_NAMESPACE, f"{tenant_id}/{first}/{second}")
-    return f"{DIRECT_CONVERSATION_PREFIX}{derived.hex}"
 
 
 def event_for(command: PublishingCommand, principal: Principal) -> ev.Event:
@@ -217,7 +208,7 @@ def _created(command: fr.CreateConversation, principal: Principal) -> ev.Convers
             request_id=command.id,
         )
     if command.kind is ev.ConversationKind.DIRECT:
-        derived = direct_conversation_id(principal.tenant_id, creator, command.members[0])
+        derived = ev.direct_conversation_id(principal.tenant_id, creator, command.members[0])
         if command.conversation_id not in (None, derived):
             raise SchemaError(
                 ErrorCode.SCHEMA_INVALID,

@@ -60,6 +60,9 @@ MAX_MEMBERS_PER_EVENT = 1000
 _ID_PATTERN = r"^[A-Za-z0-9._:@+=-]+$"
 #: Namespace of the deterministic message event ids, fixed forever: changing it changes every id.
 _MESSAGE_ID_NAMESPACE = uuid.UUID("9f36bda4-9861-4cc5-b3ba-a49e2f633296")
+#: Namespace of direct conversation ids (fixed forever) and their prefix.
+_DIRECT_CONVERSATION_NAMESPACE = uuid.UUID("0d6f5a0e-3c1b-4a57-9a55-3f4c2b1e7d90")
+DIRECT_CONVERSATION_PREFIX = "dm-"
 #: Namespace of the ids processors derive from an input event's id, fixed forever likewise.
 _DERIVED_ID_NAMESPACE = uuid.UUID("0b6f1f4e-5b0e-4f6a-9d7c-2f3c1a8e4d55")
 
@@ -272,6 +275,14 @@ class EventEnvelope(TaggedModel, Generic[P]):
             actor=actor,
             payload=payload,
         )
+
+
+def direct_conversation_id(tenant_id: str, user_a: str, user_b: str) -> str:
+    """The one id of the direct conversation between two users of a tenant, whoever creates it:
+    creating it twice (or from both sides at once) names the same conversation."""
+    first, second = sorted((user_a, user_b))
+    derived = uuid.uuid5(_DIRECT_CONVERSATION_NAMESPACE, f"{tenant_id}/{first}/{second}")
+    return f"{DIRECT_CONVERSATION_PREFIX}{derived.hex}"
 
 
 def message_event_id(tenant_id: str, sender_id: str, client_msg_id: str) -> str:

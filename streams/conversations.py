@@ -11,7 +11,6 @@ exactly what the aborted transaction would have written.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -53,13 +52,6 @@ class RejectReason(StrEnum):
     NOT_THE_SENDER = "not-the-sender"
     MESSAGE_RECALLED = "message-recalled"
     GROUP_FULL = "group-full"
-
-
-def direct_conversation_id(tenant_id: str, first_user: str, second_user: str) -> str:
-    """The one id of the direct conversation between two users, whichever of them creates it."""
-    low, high = sorted((first_user, second_user))
-    digest = hashlib.sha256(f"{tenant_id}\0{low}\0{high}".encode()).hexdigest()[:32]
-    return f"d.{digest}"
 
 
 @dataclass(slots=True)

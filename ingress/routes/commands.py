@@ -12,6 +12,7 @@ from typing import Annotated, Any, Final
 from fastapi import APIRouter, Request, Response
 from pydantic import Field, TypeAdapter
 
+from ingress.commands import PublishingCommand
 from ingress.deps import GatewayDep, PrincipalDep
 from ingress.gateway import RefusalError
 from ingress.routes.replies import ERROR_RESPONSES, frame_response, read_body
@@ -23,22 +24,7 @@ router = APIRouter(prefix="/v1/tenants/{tenant_id}", tags=["commands"])
 #: What the REST door takes, for the OpenAPI document (parsing uses ``parse_client_frame``, so
 #: that both doors answer bad input with the same error codes).
 RestCommand = Annotated[
-    fr.Send
-    | fr.Recall
-    | fr.Edit
-    | fr.Read
-    | fr.Typing
-    | fr.Mute
-    | fr.ClearBadge
-    | fr.CreateConversation
-    | fr.RenameConversation
-    | fr.AddMember
-    | fr.RemoveMember
-    | fr.ChangeRole
-    | fr.LeaveConversation
-    | fr.DeleteConversation
-    | fr.Sync
-    | fr.Ping,
+    PublishingCommand | fr.Sync | fr.Ping,
     Field(discriminator="type"),
 ]
 REF_TEMPLATE: Final = "#/components/schemas/{model}"

@@ -16,8 +16,7 @@ from typing import Any
 
 import pytest
 
-from ingress.commands import direct_conversation_id
-from schemas.events import message_event_id
+from schemas.events import direct_conversation_id, message_event_id
 from schemas.topics import conversation_key, user_key
 from tests.ingress.support import (
     TENANT,

@@ -34,6 +34,7 @@ from schemas.events import (
     TextBody,
     TypingChanged,
     TypingChangedPayload,
+    direct_conversation_id,
     message_event_id,
 )
 from streams.conversations import (
@@ -43,7 +44,6 @@ from streams.conversations import (
     Outcome,
     RejectReason,
     decide,
-    direct_conversation_id,
 )
 
 TENANT = "acme"

@@ -34,11 +34,11 @@ from schemas.events import (
     MessageSentPayload,
     SyncRecord,
     TextBody,
+    direct_conversation_id,
     encode_event,
     message_event_id,
 )
 from schemas.topics import TopicCatalog, conversation_key, topic_catalog
-from streams.conversations import direct_conversation_id
 
 TENANT = "acme"
 READY_LINE = "Worker]: Ready"
