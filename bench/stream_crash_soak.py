@@ -34,7 +34,7 @@ from confluent_kafka.admin import AdminClient
 from pipelines.connections import kafka_config
 from pipelines.settings import KafkaSettings, Settings
 from pipelines.topics import apply_topics
-from schemas.events import MessageSent, parse_event
+from schemas.events import MessageSent, SyncRecord, parse_event
 from schemas.topics import topic_catalog
 from tests.streams.test_worker import (
     TENANT,
@@ -78,12 +78,26 @@ def latest_user_states(settings: Settings) -> dict[str, dict[str, Any]]:
     return states
 
 
+def read_queues(settings: Settings, topic: str) -> dict[str, dict[int, SyncRecord]]:
+    """The sync queues as they stand; a sync id holding two different events is logged."""
+    queues: dict[str, dict[int, SyncRecord]] = defaultdict(dict)
+    for value in read_topic(settings, topic, idle_seconds=3.0):
+        record = SyncRecord.model_validate_json(value)
+        previous = queues[record.user_id].get(record.sync_id)
+        if previous is not None and previous != record:
+            log.error("%s: sync id %d holds two different events", record.user_id, record.sync_id)
+        queues[record.user_id][record.sync_id] = record
+    return queues
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=10_000)
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--pairs", type=int, default=50)
     parser.add_argument("--seed", type=int, default=4)
+    parser.add_argument("--instance-id", default=None, help="static group membership id")
+    parser.add_argument("--timeout", type=float, default=480, help="seconds to wait for the queues")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     base = Settings()
@@ -103,6 +117,7 @@ def main() -> int:
         "IM_KAFKA__TOPIC_PREFIX": prefix,
         "IM_STREAMS__SESSION_TIMEOUT_SECONDS": "6",
         "IM_STREAMS__COMMIT_INTERVAL_SECONDS": "0.5",
+        **({"IM_STREAMS__INSTANCE_ID": args.instance_id} if args.instance_id else {}),
     }
     log_path = Path(tempfile.mkdtemp(prefix="soak-")) / "stream-worker.log"
     worker = Worker(environment, log_path)
@@ -132,12 +147,29 @@ def main() -> int:
             worker.start()
         feeder.join()
         expected = 2 * (len(sends) + len(pairs))
+        stop = threading.Event()
+
+        def supervise() -> None:
+            while not stop.wait(1.0):
+                if worker.restart_if_exited():
+                    log.info("worker exited on its own; restarted")
+
+        supervisor = threading.Thread(target=supervise)
+        supervisor.start()
         try:
-            queues = wait_for_sync(settings, catalog, expected, timeout=180)
+            queues = wait_for_sync(settings, catalog, expected, timeout=args.timeout)
         except AssertionError as error:
             log.error("sync queues incomplete: %s", error)
             violations += 1
-            queues = wait_for_sync(settings, catalog, 0, timeout=1)
+            queues = read_queues(settings, catalog.sync_events.name)
+        finally:
+            stop.set()
+            supervisor.join()
+        log.info(
+            "distinct sync entries: %d of %d expected",
+            sum(len(queue) for queue in queues.values()),
+            expected,
+        )
         seqs: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
         for value in read_topic(settings, catalog.messages_sequenced.name):
             event = parse_event(value)

@@ -116,6 +116,9 @@ class StreamsSettings(_Group):
     """The stream worker (``imstream run stream-worker``): batching, fan-out and push policy."""
 
     app_id: str = "imstream-streams"
+    #: A stable id per worker replica (Kafka static group membership): a restarted worker takes
+    #: its old place in the group at once instead of waiting out the session timeout.
+    instance_id: str | None = None
     batch_size: Annotated[int, Field(ge=1)] = 500
     batch_window_seconds: Annotated[float, Field(gt=0)] = 0.005
     commit_interval_seconds: Annotated[float, Field(gt=0)] = 0.5

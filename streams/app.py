@@ -18,6 +18,7 @@ from datetime import timedelta
 from typing import Any, cast
 
 import faust
+from faust.serializers import codecs
 from faust.types import StreamT
 
 from pipelines.settings import Settings
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: Exit code of a worker that stopped because Kafka refused an output (EX_SOFTWARE).
 EXIT_SEND_FAILED = 70
+#: Exit code of a worker that stopped because a rebalance overlapped a batch (EX_TEMPFAIL).
+EXIT_REBALANCED = 75
 
 
 def create_app(settings: Settings, *, catalog: TopicCatalog | None = None) -> faust.App:
@@ -63,6 +66,7 @@ def create_app(settings: Settings, *, catalog: TopicCatalog | None = None) -> fa
         broker_rebalance_timeout=streams.session_timeout_seconds * 2,
         producer_linger=streams.producer_linger_seconds,
         stream_wait_empty=True,
+        consumer_group_instance_id=streams.instance_id,
     )
     raw: dict[str, Any] = {
         "key_type": bytes,
@@ -121,9 +125,19 @@ def create_app(settings: Settings, *, catalog: TopicCatalog | None = None) -> fa
                 )
                 for event in events
             ]
+            generation = await _steady(app)
             result = processor.process(batch, read)
             await _send_all(app, result.outputs)
-            _write_state(tables, result)
+            if app.rebalancing or app.consumer_generation_id != generation:
+                # The partitions may have moved, and recovery may be replaying the changelog
+                # into the very tables this batch would write: neither can be reconciled safely
+                # here. Exit; the restart recovers state and offsets that agree (docs/streams.md).
+                log.warning(
+                    "rebalance during a batch; restarting to keep state and offsets in step"
+                )
+                logging.shutdown()
+                os._exit(EXIT_REBALANCED)
+            await _write_state(app, tables, result)
 
     @app.agent(conversation_topics, name="conversation-processor")
     async def conversation_processor(stream: StreamT[Any]) -> None:
@@ -134,6 +148,18 @@ def create_app(settings: Settings, *, catalog: TopicCatalog | None = None) -> fa
         await run(stream, users)
 
     return app
+
+
+async def _steady(app: faust.App) -> int:
+    """Wait until no rebalance (and so no table recovery) is running; return its generation.
+
+    Events fetched before a rebalance can still reach the agent while recovery replays the
+    changelog into the tables; processing them then would read state that recovery is about to
+    overwrite with older values.
+    """
+    while app.rebalancing:  # noqa: ASYNC110 - faust exposes a flag, not an event, for this
+        await asyncio.sleep(0.05)
+    return int(app.consumer_generation_id)
 
 
 async def _send_all(app: faust.App, outputs: Sequence[OutputRecord]) -> None:
@@ -155,11 +181,30 @@ async def _send_all(app: faust.App, outputs: Sequence[OutputRecord]) -> None:
         os._exit(EXIT_SEND_FAILED)
 
 
-def _write_state(tables: dict[str, Any], result: BatchResult) -> None:
+async def _write_state(app: faust.App, tables: dict[str, Any], result: BatchResult) -> None:
+    """Write the batch's state to the tables' changelogs, wait for Kafka, then update memory.
+
+    The records are produced and acknowledged here, inside the agent's loop body, so faust cannot
+    commit the batch's input offsets before its state is durable. (faust's own ``send_soon``
+    buffer can hand its last record to the client after a flush has already returned.)
+    """
+    changelog = []
+    for write in result.writes:
+        table = tables[write.table]
+        # Encoded exactly as faust encodes its own changelog records, which recovery decodes.
+        value = None if write.value is None else codecs.dumps(table.value_serializer, write.value)
+        changelog.append(
+            OutputRecord(
+                topic=table.changelog_topic.get_topic_name(),
+                key=codecs.dumps(table.key_serializer, write.key),
+                value=value,
+                partition=write.partition,
+            )
+        )
+    await _send_all(app, changelog)
     for write in result.writes:
         table = tables[write.table]
         if write.value is None:
             table.data.pop(write.key, None)
         else:
             table.data[write.key] = write.value
-        table.send_changelog(write.partition, write.key, write.value)

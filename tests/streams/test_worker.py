@@ -74,6 +74,13 @@ class Worker:
             time.sleep(0.2)
         raise AssertionError(f"worker not ready in {ready_timeout}s:\n{self.tail()}")
 
+    def restart_if_exited(self) -> bool:
+        """Start the worker again if it exited on its own (as a supervisor would)."""
+        if self.process is not None and self.process.poll() is not None:
+            self.start()
+            return True
+        return False
+
     def kill(self) -> None:
         assert self.process is not None
         self.process.send_signal(signal.SIGKILL)
