@@ -7,9 +7,8 @@ checks the delivery contract afterwards: one seq per message and no seq used twi
 sync queue holding every message once in order, unread counts matching the messages. It prints
 each finding and exits 1 on any violation.
 
-Status (see docs/streams.md, "Open problem"): with 10,000 messages and 5 kills this finds a
-conversation seq reused for two messages in a few conversations — the conversation state regressed
-after a restart — so it is a soak run here, not yet a test.
+Status (see docs/streams.md, "Open problem"): not clean yet — after the restarts some sync
+entries do not appear — so it is a soak run here, not yet a test.
 """
 
 from __future__ import annotations
@@ -98,6 +97,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=4)
     parser.add_argument("--instance-id", default=None, help="static group membership id")
     parser.add_argument("--timeout", type=float, default=480, help="seconds to wait for the queues")
+    parser.add_argument("--keep", action="store_true", help="keep the topics for inspection")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     base = Settings()
@@ -205,7 +205,7 @@ def main() -> int:
     finally:
         worker.stop()
         names = [n for n in admin.list_topics(timeout=30).topics if n.startswith(prefix)]
-        if names:
+        if names and not args.keep:
             for future in admin.delete_topics(names).values():
                 future.result(timeout=60)
     return 1 if violations else 0

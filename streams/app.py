@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 
 #: Exit code of a worker that stopped because Kafka refused an output (EX_SOFTWARE).
 EXIT_SEND_FAILED = 70
-#: Exit code of a worker that stopped because a rebalance overlapped a batch (EX_TEMPFAIL).
-EXIT_REBALANCED = 75
 
 
 def create_app(settings: Settings, *, catalog: TopicCatalog | None = None) -> faust.App:
@@ -125,18 +123,8 @@ def create_app(settings: Settings, *, catalog: TopicCatalog | None = None) -> fa
                 )
                 for event in events
             ]
-            generation = await _steady(app)
             result = processor.process(batch, read)
             await _send_all(app, result.outputs)
-            if app.rebalancing or app.consumer_generation_id != generation:
-                # The partitions may have moved, and recovery may be replaying the changelog
-                # into the very tables this batch would write: neither can be reconciled safely
-                # here. Exit; the restart recovers state and offsets that agree (docs/streams.md).
-                log.warning(
-                    "rebalance during a batch; restarting to keep state and offsets in step"
-                )
-                logging.shutdown()
-                os._exit(EXIT_REBALANCED)
             await _write_state(app, tables, result)
 
     @app.agent(conversation_topics, name="conversation-processor")
@@ -148,18 +136,6 @@ def create_app(settings: Settings, *, catalog: TopicCatalog | None = None) -> fa
         await run(stream, users)
 
     return app
-
-
-async def _steady(app: faust.App) -> int:
-    """Wait until no rebalance (and so no table recovery) is running; return its generation.
-
-    Events fetched before a rebalance can still reach the agent while recovery replays the
-    changelog into the tables; processing them then would read state that recovery is about to
-    overwrite with older values.
-    """
-    while app.rebalancing:  # noqa: ASYNC110 - faust exposes a flag, not an event, for this
-        await asyncio.sleep(0.05)
-    return int(app.consumer_generation_id)
 
 
 async def _send_all(app: faust.App, outputs: Sequence[OutputRecord]) -> None:
