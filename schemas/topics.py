@@ -145,9 +145,7 @@ class TopicCatalog:
 
     def sources(self) -> tuple[Topic, ...]:
         """Every topic but the dead-letter topics, in catalog order."""
-        return tuple(
-            getattr(self, field.name) for field in fields(self) if field.name != "dead_letters"
-        )
+        return tuple(getattr(self, name) for name in _SOURCE_FIELDS)
 
     def __iter__(self) -> Iterator[Topic]:
         """Every topic: the sources, then their dead-letter topics."""
@@ -172,6 +170,11 @@ class TopicCatalog:
             if topic.ingress and event.type in topic.events:
                 return topic, event_key(event, topic.key)
         raise ValueError(f"no inbound topic carries {event.type}")
+
+
+#: The catalog's source-topic fields, computed once: ``route`` runs for every client command,
+#: and ``dataclasses.fields`` there cost the gateway a tenth of its CPU.
+_SOURCE_FIELDS = tuple(field.name for field in fields(TopicCatalog) if field.name != "dead_letters")
 
 
 def conversation_key(tenant_id: str, conversation_id: str) -> bytes:

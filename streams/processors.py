@@ -120,6 +120,19 @@ def _process_each(
     return result
 
 
+class _BatchProcessor:
+    """What both processors share: one record at a time, failures dead-lettered (``_one``)."""
+
+    def __init__(self, catalog: TopicCatalog) -> None:
+        self.catalog = catalog
+
+    def process(self, batch: Sequence[InputRecord], read: StateReader) -> BatchResult:
+        return _process_each(self.catalog, batch, read, self._one)
+
+    def _one(self, record: InputRecord, overlay: _Overlay, result: BatchResult) -> None:
+        raise NotImplementedError
+
+
 class _Overlay:
     """Table values as they stand within a batch: later inputs see earlier inputs' writes."""
 
@@ -150,7 +163,7 @@ class ConversationSettings:
     message_retention: timedelta = timedelta(days=7)
 
 
-class ConversationProcessor:
+class ConversationProcessor(_BatchProcessor):
     """Per-conversation commands → the conversation log and per-user inbox records.
 
     Reads ``messages_in`` (and ``typing_in``), keyed by conversation; writes
@@ -160,11 +173,8 @@ class ConversationProcessor:
     """
 
     def __init__(self, catalog: TopicCatalog, settings: ConversationSettings) -> None:
-        self.catalog = catalog
+        super().__init__(catalog)
         self.settings = settings
-
-    def process(self, batch: Sequence[InputRecord], read: StateReader) -> BatchResult:
-        return _process_each(self.catalog, batch, read, self._one)
 
     def _one(self, record: InputRecord, overlay: _Overlay, result: BatchResult) -> None:
         source = self.catalog.by_name(record.topic)
@@ -381,7 +391,7 @@ class UserSettings:
     push: PushPolicy = field(default_factory=PushPolicy)
 
 
-class UserProcessor:
+class UserProcessor(_BatchProcessor):
     """Per-user inputs → the sync queue, live deliveries and push jobs.
 
     Reads ``user_inbox`` (inbox records), ``user_state_in`` (mute, badge) and ``presence``, all
@@ -390,11 +400,8 @@ class UserProcessor:
     """
 
     def __init__(self, catalog: TopicCatalog, settings: UserSettings) -> None:
-        self.catalog = catalog
+        super().__init__(catalog)
         self.settings = settings
-
-    def process(self, batch: Sequence[InputRecord], read: StateReader) -> BatchResult:
-        return _process_each(self.catalog, batch, read, self._one)
 
     def _one(self, record: InputRecord, overlay: _Overlay, result: BatchResult) -> None:
         source = self.catalog.by_name(record.topic)
