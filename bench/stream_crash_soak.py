@@ -35,7 +35,7 @@ from pipelines.settings import KafkaSettings, Settings
 from pipelines.topics import apply_topics
 from schemas.events import MessageSent, SyncRecord, parse_event
 from schemas.topics import topic_catalog
-from tests.streams.test_worker import (
+from tests.streams.support import (
     TENANT,
     Worker,
     created,
@@ -50,7 +50,7 @@ log = logging.getLogger("bench.stream_crash_soak")
 
 
 def latest_user_states(settings: Settings) -> dict[str, dict[str, Any]]:
-    changelog = f"{settings.kafka.topic_prefix}{settings.streams.app_id}-users-changelog"
+    changelog = topic_catalog(settings).user_state.name
     states: dict[str, dict[str, Any]] = {}
     consumer = Consumer(
         kafka_config(
@@ -116,7 +116,6 @@ def main() -> int:
         **os.environ,
         "IM_KAFKA__TOPIC_PREFIX": prefix,
         "IM_STREAMS__SESSION_TIMEOUT_SECONDS": "6",
-        "IM_STREAMS__COMMIT_INTERVAL_SECONDS": "0.5",
         **({"IM_STREAMS__INSTANCE_ID": args.instance_id} if args.instance_id else {}),
     }
     log_path = Path(tempfile.mkdtemp(prefix="soak-")) / "stream-worker.log"

@@ -211,17 +211,28 @@ def up() -> None:
 
 
 @run_app.command("stream-worker")
-def run_stream_worker() -> None:
-    """The stream processors (faust agents): sequencing, fan-out, sync ids, routing, push jobs."""
-    # Imported here: faust's import cost is paid only by the process that runs it.
-    import faust  # noqa: PLC0415
+def run_stream_worker(
+    processor: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--processor",
+            help="Run only this processor (conversations or users); repeatable. Default: both.",
+        ),
+    ] = None,
+) -> None:
+    """The stream processors: sequencing, fan-out, sync ids, routing, push jobs (transactional)."""
+    from streams.runtime import run_worker  # noqa: PLC0415
 
-    from streams.app import create_app  # noqa: PLC0415
-
+    chosen = processor or ["conversations", "users"]
+    unknown = sorted(set(chosen) - {"conversations", "users"})
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown processor {', '.join(unknown)}; choose conversations or users",
+            param_hint="--processor",
+        )
     settings = load_settings()
     configure_process_logging()
-    worker = faust.Worker(create_app(settings), loglevel="info", quiet=True)
-    worker.execute_from_commandline()
+    raise typer.Exit(run_worker(settings, processors=chosen))
 
 
 class RepeatFilter(logging.Filter):

@@ -116,13 +116,18 @@ class StreamsSettings(_Group):
     """The stream worker (``imstream run stream-worker``): batching, fan-out and push policy."""
 
     app_id: str = "imstream-streams"
-    #: A stable id per worker replica (Kafka static group membership): a restarted worker takes
-    #: its old place in the group at once instead of waiting out the session timeout.
+    #: A stable id per worker replica. The transactional ids (one per processor) and the static
+    #: group membership derive from it, so that a restarted worker aborts its predecessor's open
+    #: transaction and takes its old place in the group at once. Replicas need distinct ids;
+    #: the default is the host name (one replica per host).
     instance_id: str | None = None
-    batch_size: Annotated[int, Field(ge=1)] = 500
-    batch_window_seconds: Annotated[float, Field(gt=0)] = 0.005
-    commit_interval_seconds: Annotated[float, Field(gt=0)] = 0.5
+    #: Kafka static group membership (``group.instance.id``) for the processors' consumers.
+    static_membership: bool = True
+    batch_size: Annotated[int, Field(ge=1)] = 1000
+    #: After the first record of a batch, how long to wait for more (one transaction per batch).
+    batch_window_seconds: Annotated[float, Field(ge=0)] = 0.005
     session_timeout_seconds: Annotated[float, Field(ge=6)] = 10.0
+    transaction_timeout_seconds: Annotated[float, Field(ge=1)] = 30.0
     producer_linger_seconds: Annotated[float, Field(ge=0)] = 0.002
     large_group_threshold: Annotated[int, Field(ge=2)] = 500
     max_members: Annotated[int, Field(ge=2)] = 100_000

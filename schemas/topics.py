@@ -74,6 +74,8 @@ class KeyKind(StrEnum):
     """``tenant/user/device``: compaction keeps the latest state of each device."""
     GATEWAY = "gateway"
     """``node``: records go to the ingress node that holds the device's socket."""
+    MESSAGE = "message"
+    """A message id, placed explicitly on its conversation's partition (the message state)."""
     NONE = "none"
     """Dead letters keep the original key, but nothing depends on their placement."""
 
@@ -81,6 +83,7 @@ class KeyKind(StrEnum):
 class CleanupPolicy(StrEnum):
     DELETE = "delete"
     COMPACT = "compact"
+    COMPACT_DELETE = "compact,delete"
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +144,9 @@ class TopicCatalog:
     sync_events: Topic
     live_delivery: Topic
     push_jobs: Topic
+    conversation_state: Topic
+    message_state: Topic
+    user_state: Topic
     dead_letters: tuple[Topic, ...]
 
     def sources(self) -> tuple[Topic, ...]:
@@ -253,6 +259,7 @@ def topic_catalog(
     partition count of topics by logical name (e.g. ``{"im.presence": 12}``)."""
     prefix = settings.kafka.topic_prefix
     replication = settings.kafka.replication_factor
+    message_retention_days = settings.streams.message_retention_days
     overrides = dict(partitions or {})
 
     def topic(
@@ -386,6 +393,39 @@ def topic_catalog(
             retention=timedelta(days=1),
             description="Notifications to send through APNs/FCM to users with no online device",
         ),
+        conversation_state=topic(
+            "im.state.conversations",
+            key=KeyKind.CONVERSATION,
+            partitions=CONVERSATION_PARTITIONS,
+            retention=None,
+            cleanup=CleanupPolicy.COMPACT,
+            dead_letter=False,
+            description="The conversation processor's state per conversation (members, roles, "
+            "last seq, position, applied offsets), written in the same transaction as its "
+            "outputs; a restarted worker restores from it",
+        ),
+        message_state=topic(
+            "im.state.messages",
+            key=KeyKind.MESSAGE,
+            partitions=CONVERSATION_PARTITIONS,
+            retention=timedelta(days=message_retention_days),
+            cleanup=CleanupPolicy.COMPACT_DELETE,
+            dead_letter=False,
+            description="One record per sequenced message (sender, seq, recalled): the dedupe "
+            "table of (sender, client_msg_id) and the recall/edit rules; kept for the dedupe "
+            "window",
+        ),
+        user_state=topic(
+            "im.state.users",
+            key=KeyKind.USER,
+            partitions=USER_PARTITIONS,
+            retention=None,
+            cleanup=CleanupPolicy.COMPACT,
+            dead_letter=False,
+            description="The user processor's state per user (sync id, read positions, "
+            "unread counts, mute, online devices, push collapsing), written in the same "
+            "transaction as its outputs",
+        ),
         dead_letters=(),
     )
     dead_letters = tuple(
@@ -413,6 +453,9 @@ def topic_catalog(
 def _check_co_partitioned(catalog: TopicCatalog) -> None:
     for kind in (KeyKind.CONVERSATION, KeyKind.USER):
         group = [topic for topic in catalog.sources() if topic.key is kind]
+        if kind is KeyKind.CONVERSATION:
+            # The message state sits on its conversation's partition.
+            group.append(catalog.message_state)
         if len({topic.partitions for topic in group}) > 1:
             counts = ", ".join(f"{topic.logical_name}={topic.partitions}" for topic in group)
             raise ValueError(

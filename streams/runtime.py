@@ -1,0 +1,614 @@
+"""The stream worker: each processor as a Kafka-transactional consume → process → produce loop.
+
+``imstream run stream-worker`` runs two loops, each in its own thread with its own consumer and
+transactional producer: the conversation processor and the user processor. One loop iteration is
+one Kafka transaction:
+
+1. take a batch of input records (``read_committed``: only committed outputs of earlier stages);
+2. hand it to the processor (``streams.processors``), a pure function of the batch and the state;
+3. in one transaction, produce the outputs, the state changes (to the processor's compacted state
+   topics) and the batch's input offsets (``send_offsets_to_transaction`` with the consumer's
+   group metadata, KIP-447);
+4. commit the transaction, and only then apply the state changes to the in-memory tables.
+
+Either all of a batch's effects are in Kafka — outputs, new state and consumed offsets — or none
+is. Delivery guarantee: exactly once for every input, as read by ``read_committed`` consumers
+(every imstream consumer is one; it is librdkafka's default). docs/streams.md gives the argument.
+
+State is a dict per table in memory, restored from the state topic's partitions when the group
+assigns the matching input partitions (state topics are co-partitioned with the inputs), and
+dropped for partitions taken away. A crashed worker restarts from the last committed transaction:
+the state topics and the committed offsets always describe the same point.
+
+Errors: a transaction Kafka asks us to abort is aborted and the batch is read again from its first
+offset (the in-memory state was not touched). Anything else fatal — the producer fenced by a newer
+instance with the same id, a commit that cannot be retried — ends the process with exit code 70
+(the supervisor restarts it; the restart resumes from the last committed transaction).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Protocol
+
+import pydantic_core
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+
+from pipelines.connections import kafka_config, kafka_producer_config
+from pipelines.settings import Settings
+from schemas.topics import Topic, TopicCatalog, topic_catalog
+from streams.processors import (
+    CONVERSATIONS_TABLE,
+    MESSAGES_TABLE,
+    USERS_TABLE,
+    BatchResult,
+    ConversationProcessor,
+    ConversationSettings,
+    UserProcessor,
+    UserSettings,
+)
+from streams.records import InputRecord, StateWrite
+from streams.users import PushPolicy
+
+log = logging.getLogger(__name__)
+
+#: Exit code of a worker that stopped on an error it cannot recover from (EX_SOFTWARE).
+EXIT_FATAL = 70
+READY_MESSAGE = "stream worker ready"
+#: How long a blocking Kafka call (init, send offsets, commit, abort) may take before we give up.
+KAFKA_CALL_TIMEOUT = 60.0
+PROGRESS_INTERVAL = 10.0
+
+
+class Processor(Protocol):
+    def process(
+        self, batch: Sequence[InputRecord], read: Callable[[str, str], dict[str, Any] | None]
+    ) -> BatchResult: ...
+
+
+class FatalError(Exception):
+    """The loop cannot go on; the process must restart from the last committed transaction."""
+
+
+def encode_state(value: dict[str, Any] | None) -> bytes | None:
+    return None if value is None else pydantic_core.to_json(value)
+
+
+def decode_state(value: bytes | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    decoded = pydantic_core.from_json(value)
+    return decoded if isinstance(decoded, dict) else None
+
+
+class Tables:
+    """The in-memory tables of one loop: ``table → key → value``, owned per input partition."""
+
+    def __init__(self, topics: Mapping[str, Topic]) -> None:
+        self.topics = dict(topics)
+        self._data: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in topics}
+        self._owned: dict[tuple[str, int], set[str]] = defaultdict(set)
+        self.partitions: set[int] = set()
+
+    def read(self, table: str, key: str) -> dict[str, Any] | None:
+        return self._data[table].get(key)
+
+    def put(self, table: str, key: str, value: dict[str, Any] | None, partition: int) -> None:
+        if value is None:
+            self._data[table].pop(key, None)
+            self._owned[(table, partition)].discard(key)
+        else:
+            self._data[table][key] = value
+            self._owned[(table, partition)].add(key)
+
+    def apply(self, writes: Sequence[StateWrite]) -> None:
+        for write in writes:
+            self.put(write.table, write.key, write.value, write.partition)
+
+    def drop(self, partitions: set[int]) -> None:
+        for partition in partitions:
+            for table, data in self._data.items():
+                for key in self._owned.pop((table, partition), set()):
+                    data.pop(key, None)
+        self.partitions -= partitions
+
+    def size(self) -> int:
+        return sum(len(data) for data in self._data.values())
+
+    def prune(self, table: str, older_than: float) -> int:
+        """Forget values whose ``at`` (epoch seconds) is before ``older_than``; returns how many.
+
+        For tables whose state topic deletes by time as well as compacting (the message table):
+        Kafka drops the same records from the topic, so a restore would not bring them back.
+        """
+        data = self._data[table]
+        expired = [key for key, value in data.items() if float(value.get("at", 0)) < older_than]
+        for key in expired:
+            partition = data.pop(key).get("partition")
+            if isinstance(partition, int):
+                self._owned[(table, partition)].discard(key)
+        return len(expired)
+
+
+@dataclass
+class LoopStats:
+    records: int = 0
+    batches: int = 0
+    outputs: int = 0
+    skipped: int = 0
+    dead_lettered: int = 0
+    aborted: int = 0
+    restored: int = 0
+    last_error: str | None = None
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    name: str
+    inputs: tuple[Topic, ...]
+    tables: Mapping[str, Topic]
+    #: Tables pruned by age (``at`` in the value), with their retention.
+    retention: Mapping[str, timedelta] = field(default_factory=dict)
+
+
+class ProcessorLoop:
+    """One processor's transactional loop; ``run`` blocks until ``stop`` is set or a fatal error."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        config: LoopConfig,
+        processor: Processor,
+        stop: threading.Event,
+        *,
+        instance_id: str,
+    ) -> None:
+        self.settings = settings
+        self.config = config
+        self.processor = processor
+        self.stop = stop
+        self.tables = Tables(config.tables)
+        self.stats = LoopStats()
+        self.ready = threading.Event()
+        streams = settings.streams
+        prefix = settings.kafka.topic_prefix
+        self.group_id = f"{prefix}{streams.app_id}-{config.name}"
+        self._epoch = 0
+        self._log = logging.getLogger(f"{__name__}.{config.name}")
+        self.producer = Producer(
+            kafka_producer_config(
+                settings,
+                **{
+                    "transactional.id": f"{self.group_id}-{instance_id}",
+                    "transaction.timeout.ms": int(streams.transaction_timeout_seconds * 1000),
+                    "linger.ms": streams.producer_linger_seconds * 1000,
+                    "enable.idempotence": True,
+                    "acks": "all",
+                },
+            )
+        )
+        consumer_config: dict[str, Any] = {
+            "group.id": self.group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "isolation.level": "read_committed",
+            "auto.offset.reset": "earliest",
+            # range keeps equal partition numbers of co-partitioned inputs on one member.
+            "partition.assignment.strategy": "range",
+            "session.timeout.ms": int(streams.session_timeout_seconds * 1000),
+            "heartbeat.interval.ms": int(min(3.0, streams.session_timeout_seconds / 3) * 1000),
+            "max.poll.interval.ms": max(
+                int(streams.session_timeout_seconds * 1000), int(KAFKA_CALL_TIMEOUT * 4 * 1000)
+            ),
+        }
+        if streams.static_membership:
+            consumer_config["group.instance.id"] = f"{instance_id}-{config.name}"
+        self.consumer = Consumer(kafka_config(settings, **consumer_config))
+
+    # -- rebalance callbacks (called by librdkafka inside consume/poll, between transactions) --
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._epoch += 1
+        numbers = {tp.partition for tp in partitions} - self.tables.partitions
+        if numbers:
+            self._restore(numbers)
+        self._log.info(
+            "assigned %s; %d state values in memory", _describe(partitions), self.tables.size()
+        )
+        self.ready.set()
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._epoch += 1
+        kept = {tp.partition for tp in consumer.assignment()} - {tp.partition for tp in partitions}
+        gone = self.tables.partitions - kept
+        self.tables.drop(gone)
+        self._log.info(
+            "revoked %s; dropped state partitions %s", _describe(partitions), sorted(gone)
+        )
+
+    def _restore(self, partitions: set[int]) -> None:
+        """Read the state topics' ``partitions`` from the beginning to their end."""
+        if not self.config.tables:
+            self.tables.partitions |= partitions
+            return
+        started = time.monotonic()
+        restorer = Consumer(
+            kafka_config(
+                self.settings,
+                **{
+                    "group.id": f"{self.group_id}-restore",
+                    "enable.auto.commit": False,
+                    "isolation.level": "read_committed",
+                    "enable.partition.eof": True,
+                    "fetch.max.bytes": 64 * 1024 * 1024,
+                },
+            )
+        )
+        by_topic = {topic.name: name for name, topic in self.config.tables.items()}
+        assignment = [
+            TopicPartition(topic.name, partition, OFFSET_BEGINNING)
+            for topic in self.config.tables.values()
+            for partition in sorted(partitions)
+        ]
+        pending = {(tp.topic, tp.partition) for tp in assignment}
+        restorer.assign(assignment)
+        count = 0
+        last_progress = started
+        try:
+            while pending:
+                if self.stop.is_set():
+                    raise FatalError("stopped during restore")
+                for message in restorer.consume(10_000, timeout=0.1):
+                    error = message.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            pending.discard((message.topic() or "", message.partition() or 0))
+                            continue
+                        raise FatalError(f"restoring {message.topic()}: {error}")
+                    table = by_topic[message.topic() or ""]
+                    key = (message.key() or b"").decode()
+                    self.tables.put(
+                        table, key, decode_state(message.value()), message.partition() or 0
+                    )
+                    count += 1
+                now = time.monotonic()
+                if now - last_progress > PROGRESS_INTERVAL:
+                    last_progress = now
+                    self._log.info("restoring: %d state records read so far", count)
+        finally:
+            restorer.close()
+        self.tables.partitions |= partitions
+        self.stats.restored += count
+        self._log.info(
+            "restored %d state records for partitions %s in %.2fs",
+            count,
+            sorted(partitions),
+            time.monotonic() - started,
+        )
+
+    # -- the loop --
+
+    def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            self.consumer.close()
+            self.producer.flush(10)
+
+    def _run(self) -> None:
+        streams = self.settings.streams
+        self._call(self.producer.init_transactions, "init_transactions", KAFKA_CALL_TIMEOUT)
+        self.consumer.subscribe(
+            [topic.name for topic in self.config.inputs],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
+        self._log.info(
+            "consuming %s as group %s", ", ".join(t.name for t in self.config.inputs), self.group_id
+        )
+        last_progress = time.monotonic()
+        last_prune = last_progress
+        reported = LoopStats()
+        while not self.stop.is_set():
+            epoch = self._epoch
+            messages = self.consumer.consume(1, timeout=0.2)
+            if messages and streams.batch_size > 1:
+                messages += self.consumer.consume(
+                    streams.batch_size - 1, timeout=streams.batch_window_seconds
+                )
+            if self._epoch != epoch:
+                # A rebalance ran inside consume: every position went back to its committed
+                # offset, so these records will come again; process none of them now.
+                continue
+            records = self._records(messages)
+            if records:
+                self._process(records)
+            now = time.monotonic()
+            if now - last_progress >= PROGRESS_INTERVAL:
+                self._report(reported, now - last_progress)
+                reported = LoopStats(**{**self.stats.__dict__, "extra": {}})
+                last_progress = now
+            if self.config.retention and now - last_prune >= 60.0:
+                last_prune = now
+                for table, retention in self.config.retention.items():
+                    pruned = self.tables.prune(table, time.time() - retention.total_seconds())
+                    if pruned:
+                        self._log.info("pruned %d %s older than %s", pruned, table, retention)
+
+    def _records(self, messages: list[Message]) -> list[InputRecord]:
+        records = []
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.fatal():
+                    raise FatalError(f"consumer: {error}")
+                self._log.warning("consumer: %s", error)
+                self.stats.last_error = str(error)
+                continue
+            records.append(
+                InputRecord(
+                    topic=message.topic() or "",
+                    partition=message.partition() or 0,
+                    offset=message.offset() or 0,
+                    key=message.key(),
+                    value=message.value(),
+                )
+            )
+        return records
+
+    def _process(self, records: list[InputRecord]) -> None:
+        result = self.processor.process(records, self.tables.read)
+        producer = self.producer
+        self._call(producer.begin_transaction, "begin_transaction")
+        try:
+            for output in result.outputs:
+                self._produce(
+                    output.topic, output.key, output.value, output.partition, output.headers
+                )
+            for write in result.writes:
+                self._produce(
+                    self.config.tables[write.table].name,
+                    write.key.encode(),
+                    encode_state(write.value),
+                    write.partition,
+                    None,
+                )
+            offsets: dict[tuple[str, int], int] = {}
+            for record in records:
+                tp = (record.topic, record.partition)
+                offsets[tp] = max(offsets.get(tp, -1), record.offset + 1)
+            producer.send_offsets_to_transaction(
+                [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                self.consumer.consumer_group_metadata(),
+                KAFKA_CALL_TIMEOUT,
+            )
+            self._commit()
+        except KafkaException as exc:
+            error = exc.args[0]
+            if not isinstance(error, KafkaError) or not error.txn_requires_abort():
+                raise FatalError(f"transaction: {exc}") from exc
+            self._log.warning("transaction aborted, the batch will be read again: %s", error)
+            self.stats.aborted += 1
+            self.stats.last_error = str(error)
+            self._call(producer.abort_transaction, "abort_transaction", KAFKA_CALL_TIMEOUT)
+            self._rewind(records)
+            return
+        self.tables.apply(result.writes)
+        stats = self.stats
+        stats.records += len(records)
+        stats.batches += 1
+        stats.outputs += len(result.outputs)
+        stats.skipped += result.skipped
+        stats.dead_lettered += result.dead_lettered
+
+    def _produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        headers: list[tuple[str, bytes]] | None,
+    ) -> None:
+        kwargs: dict[str, Any] = {"key": key, "value": value}
+        if partition is not None:
+            kwargs["partition"] = partition
+        if headers:
+            kwargs["headers"] = headers
+        while True:
+            try:
+                self.producer.produce(topic, **kwargs)
+                return
+            except BufferError:  # the local queue is full: let librdkafka send some
+                self.producer.poll(0.05)
+
+    def _commit(self) -> None:
+        while True:
+            try:
+                self.producer.commit_transaction(KAFKA_CALL_TIMEOUT)
+                return
+            except KafkaException as exc:
+                error = exc.args[0]
+                if isinstance(error, KafkaError) and error.retriable():
+                    self._log.warning("commit_transaction: %s; retrying", error)
+                    continue
+                raise
+
+    def _rewind(self, records: list[InputRecord]) -> None:
+        first: dict[tuple[str, int], int] = {}
+        for record in records:
+            tp = (record.topic, record.partition)
+            first[tp] = min(first.get(tp, record.offset), record.offset)
+        for (topic, partition), offset in first.items():
+            self.consumer.seek(TopicPartition(topic, partition, offset))
+
+    def _call(self, call: Callable[..., Any], what: str, *args: Any) -> None:
+        """A blocking transactional call: retried while Kafka says retriable, else fatal."""
+        while True:
+            try:
+                call(*args)
+                return
+            except KafkaException as exc:
+                error = exc.args[0]
+                if isinstance(error, KafkaError) and error.retriable():
+                    self._log.warning("%s: %s; retrying", what, error)
+                    continue
+                raise FatalError(f"{what}: {exc}") from exc
+
+    def _report(self, before: LoopStats, seconds: float) -> None:
+        done = self.stats.records - before.records
+        self._log.info(
+            "%d records in %d batches (%.0f/s), %d outputs, %d skipped, %d dead-lettered, "
+            "%d aborted; %d state values",
+            done,
+            self.stats.batches - before.batches,
+            done / seconds if seconds else 0.0,
+            self.stats.outputs - before.outputs,
+            self.stats.skipped - before.skipped,
+            self.stats.dead_lettered - before.dead_lettered,
+            self.stats.aborted - before.aborted,
+            self.tables.size(),
+        )
+
+
+def _describe(partitions: Sequence[TopicPartition]) -> str:
+    """``topic[0,1,2]`` per topic, for the log."""
+    by_topic: dict[str, list[int]] = defaultdict(list)
+    for tp in partitions:
+        by_topic[tp.topic].append(tp.partition)
+    return (
+        ", ".join(f"{topic}{sorted(numbers)}" for topic, numbers in sorted(by_topic.items()))
+        or "nothing"
+    )
+
+
+def default_instance_id() -> str:
+    return socket.gethostname()
+
+
+def build_loops(
+    settings: Settings,
+    stop: threading.Event,
+    *,
+    catalog: TopicCatalog | None = None,
+    processors: Sequence[str] = ("conversations", "users"),
+) -> list[ProcessorLoop]:
+    """The worker's loops: the conversation processor and/or the user processor."""
+    catalog = catalog or topic_catalog(settings)
+    streams = settings.streams
+    instance_id = streams.instance_id or default_instance_id()
+    loops = []
+    if "conversations" in processors:
+        retention = timedelta(days=streams.message_retention_days)
+        loops.append(
+            ProcessorLoop(
+                settings,
+                LoopConfig(
+                    name="conversations",
+                    inputs=(catalog.messages_in, catalog.typing_in),
+                    tables={
+                        CONVERSATIONS_TABLE: catalog.conversation_state,
+                        MESSAGES_TABLE: catalog.message_state,
+                    },
+                    retention={MESSAGES_TABLE: retention},
+                ),
+                ConversationProcessor(
+                    catalog,
+                    ConversationSettings(
+                        large_group_threshold=streams.large_group_threshold,
+                        max_members=streams.max_members,
+                        message_retention=retention,
+                    ),
+                ),
+                stop,
+                instance_id=instance_id,
+            )
+        )
+    if "users" in processors:
+        loops.append(
+            ProcessorLoop(
+                settings,
+                LoopConfig(
+                    name="users",
+                    inputs=(catalog.user_inbox, catalog.user_state_in, catalog.presence),
+                    tables={USERS_TABLE: catalog.user_state},
+                ),
+                UserProcessor(
+                    catalog,
+                    UserSettings(
+                        push=PushPolicy(
+                            collapse_window=timedelta(seconds=streams.push_collapse_seconds)
+                        )
+                    ),
+                ),
+                stop,
+                instance_id=instance_id,
+            )
+        )
+    return loops
+
+
+def run_worker(
+    settings: Settings, *, processors: Sequence[str] = ("conversations", "users")
+) -> int:
+    """Run the loops until SIGINT/SIGTERM; returns the process exit code."""
+    stop = threading.Event()
+    loops = build_loops(settings, stop, processors=processors)
+    failures: list[BaseException] = []
+
+    def guarded(loop: ProcessorLoop) -> None:
+        try:
+            loop.run()
+        except BaseException as error:  # reported and turned into the exit code below
+            log.critical("%s processor failed: %s", loop.config.name, error, exc_info=True)
+            failures.append(error)
+            stop.set()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: finishing the current transactions and stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    threads = [
+        threading.Thread(target=guarded, args=(loop,), name=loop.config.name, daemon=True)
+        for loop in loops
+    ]
+    for thread in threads:
+        thread.start()
+    announced = False
+    while any(thread.is_alive() for thread in threads):
+        if not announced and all(loop.ready.is_set() for loop in loops):
+            announced = True
+            log.info(
+                "%s: %s",
+                READY_MESSAGE,
+                "; ".join(f"{loop.config.name} as {loop.group_id}" for loop in loops),
+            )
+        for thread in threads:
+            thread.join(0.1)
+        if failures:
+            # A failed loop must not leave the other committing on its own: exit now, the
+            # restart resumes both from their last committed transactions.
+            logging.shutdown()
+            os._exit(EXIT_FATAL)
+    log.info("stream worker stopped")
+    return EXIT_FATAL if failures else 0

@@ -1,0 +1,54 @@
+"""Fixtures for the stream worker tests: a topic prefix per test module, the worker process.
+
+Each test module gets its own topic prefix (so its own consumer groups, transactional ids and
+state topics) and deletes every topic of that prefix afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka.admin import AdminClient
+
+from pipelines.connections import kafka_config
+from pipelines.settings import KafkaSettings, Settings
+from pipelines.stack.manager import LocalStack
+from pipelines.topics import apply_topics
+from schemas.topics import topic_catalog
+from tests.streams.support import Worker
+
+
+@pytest.fixture(scope="module")
+def stream_settings(settings: Settings, local_stack: LocalStack) -> Iterator[Settings]:
+    prefix = f"t-sw-{uuid.uuid4().hex[:8]}-"
+    prefixed = settings.model_copy(
+        update={
+            "kafka": KafkaSettings(
+                bootstrap_servers=settings.kafka.bootstrap_servers, topic_prefix=prefix
+            )
+        }
+    )
+    admin = AdminClient(kafka_config(prefixed))
+    apply_topics(admin, topic_catalog(prefixed))
+    yield prefixed
+    names = [name for name in admin.list_topics(timeout=30).topics if name.startswith(prefix)]
+    if names:
+        for future in admin.delete_topics(names).values():
+            future.result(timeout=60)
+
+
+@pytest.fixture
+def worker(stream_settings: Settings, tmp_path: Path) -> Iterator[Worker]:
+    environment = {
+        **os.environ,
+        "IM_KAFKA__BOOTSTRAP_SERVERS": stream_settings.kafka.bootstrap_servers,
+        "IM_KAFKA__TOPIC_PREFIX": stream_settings.kafka.topic_prefix,
+        "IM_STREAMS__SESSION_TIMEOUT_SECONDS": "6",
+    }
+    process = Worker(environment, tmp_path / "stream-worker.log")
+    yield process
+    process.stop()

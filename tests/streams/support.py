@@ -1,0 +1,196 @@
+"""Helpers for the stream worker tests (and the crash soak in bench/): the worker as a real
+process, producing commands, reading topics back."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from confluent_kafka import Consumer, Producer
+
+from pipelines.connections import kafka_config, kafka_producer_config
+from pipelines.settings import Settings
+from schemas.events import (
+    Actor,
+    ConversationCreated,
+    ConversationCreatedPayload,
+    ConversationKind,
+    Event,
+    MessageSent,
+    MessageSentPayload,
+    SyncRecord,
+    TextBody,
+    direct_conversation_id,
+    encode_event,
+    message_event_id,
+)
+from schemas.topics import TopicCatalog, conversation_key
+from streams.records import InputRecord
+
+TENANT = "acme"
+READY_LINE = "stream worker ready"
+
+
+class Worker:
+    """``imstream run stream-worker`` as a child process with its own log file."""
+
+    def __init__(self, environment: dict[str, str], log_path: Path) -> None:
+        self.environment = environment
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self, ready_timeout: float = 90.0) -> None:
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "pipelines", "run", "stream-worker"],
+                env=self.environment,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        self.starts += 1
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            with self.log_path.open("rb") as log:
+                log.seek(offset)
+                if READY_LINE.encode() in log.read():
+                    return
+            assert self.process.poll() is None, self.tail()
+            time.sleep(0.2)
+        raise AssertionError(f"worker not ready in {ready_timeout}s:\n{self.tail()}")
+
+    def restart_if_exited(self) -> bool:
+        """Start the worker again if it exited on its own (as a supervisor would)."""
+        if self.process is not None and self.process.poll() is not None:
+            self.start()
+            return True
+        return False
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def produce(settings: Settings, catalog: TopicCatalog, events: Sequence[Event]) -> None:
+    producer = Producer(kafka_producer_config(settings, **{"enable.idempotence": True}))
+    for event in events:
+        conversation_id = str(getattr(event.payload, "conversation_id", ""))
+        producer.produce(
+            catalog.messages_in.name,
+            key=conversation_key(event.tenant_id, conversation_id),
+            value=encode_event(event),
+        )
+        producer.poll(0)
+    assert producer.flush(60) == 0
+
+
+def read_records(settings: Settings, topic: str, *, idle_seconds: float = 5.0) -> list[InputRecord]:
+    """Every record of ``topic`` from the beginning, in partition order, until nothing new
+    arrives for a while; read committed (as every imstream consumer reads)."""
+    consumer = Consumer(
+        kafka_config(
+            settings,
+            **{
+                "group.id": f"t-read-{uuid.uuid4().hex}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+            },
+        )
+    )
+    consumer.subscribe([topic])
+    records: list[InputRecord] = []
+    last = time.monotonic()
+    try:
+        while time.monotonic() - last < idle_seconds:
+            message = consumer.poll(0.5)
+            if message is None or message.error() is not None:
+                continue
+            records.append(
+                InputRecord(
+                    topic=topic,
+                    partition=message.partition() or 0,
+                    offset=message.offset() or 0,
+                    key=message.key(),
+                    value=message.value(),
+                )
+            )
+            last = time.monotonic()
+    finally:
+        consumer.close()
+    return records
+
+
+def read_topic(settings: Settings, topic: str, *, idle_seconds: float = 5.0) -> list[bytes]:
+    """The values of every record of ``topic`` (see :func:`read_records`)."""
+    return [r.value or b"" for r in read_records(settings, topic, idle_seconds=idle_seconds)]
+
+
+def wait_for_sync(
+    settings: Settings, catalog: TopicCatalog, expected_distinct: int, timeout: float
+) -> dict[str, dict[int, SyncRecord]]:
+    """The sync queues once ``expected_distinct`` distinct (user, sync_id) entries exist."""
+    deadline = time.monotonic() + timeout
+    queues: dict[str, dict[int, SyncRecord]] = defaultdict(dict)
+    while True:
+        queues.clear()
+        for value in read_topic(settings, catalog.sync_events.name, idle_seconds=3.0):
+            record = SyncRecord.model_validate_json(value)
+            previous = queues[record.user_id].get(record.sync_id)
+            assert previous is None or previous == record, "one sync id, two events"
+            queues[record.user_id][record.sync_id] = record
+        if sum(len(queue) for queue in queues.values()) >= expected_distinct:
+            return queues
+        assert time.monotonic() < deadline, "the sync queues did not fill up in time"
+
+
+def direct_pairs(count: int) -> list[tuple[str, str, str]]:
+    return [
+        (f"u{index}", f"u{index + 1}", direct_conversation_id(TENANT, f"u{index}", f"u{index + 1}"))
+        for index in range(0, 2 * count, 2)
+    ]
+
+
+def created(sender: str, other: str, conversation_id: str) -> ConversationCreated:
+    return ConversationCreated.new(
+        tenant_id=TENANT,
+        actor=Actor(user_id=sender),
+        event_id=message_event_id(TENANT, sender, f"create-{conversation_id}"),
+        payload=ConversationCreatedPayload(
+            conversation_id=conversation_id, kind=ConversationKind.DIRECT, members=[sender, other]
+        ),
+    )
+
+
+def message(sender: str, conversation_id: str, client_msg_id: str) -> MessageSent:
+    return MessageSent.new(
+        tenant_id=TENANT,
+        actor=Actor(user_id=sender, device_id=f"{sender}-phone"),
+        event_id=message_event_id(TENANT, sender, client_msg_id),
+        payload=MessageSentPayload(
+            conversation_id=conversation_id,
+            client_msg_id=client_msg_id,
+            body=TextBody(text=f"message {client_msg_id}"),
+        ),
+    )
