@@ -305,8 +305,12 @@ class ServerProcess:
         port: int,
         log_path: Path,
         ready_paths: Sequence[str] = ("/readyz", "/healthz"),
+        ready_log_text: str | None = None,
     ) -> None:
+        """``ready_log_text``: the server is ready once its log holds this text (for processes
+        without HTTP, such as the stream worker); otherwise once a ``ready_paths`` URL answers."""
         self.name = name
+        self.ready_log_text = ready_log_text
         self.port = port
         self.log_path = log_path
         self._argv = list(argv)
@@ -350,11 +354,17 @@ class ServerProcess:
                 return
             time.sleep(0.2)
         raise BenchError(
-            f"{self.name} did not answer on {LOOPBACK}:{self.port} within {timeout:.0f} s; "
+            f"{self.name} was not ready (on {LOOPBACK}:{self.port} or in its log) within "
+            f"{timeout:.0f} s; "
             f"its log: {self.log_path}\n{self.log_tail()}"
         )
 
     def _answers(self) -> bool:
+        if self.ready_log_text is not None:
+            try:
+                return self.ready_log_text in self.log_path.read_text(errors="replace")
+            except FileNotFoundError:
+                return False
         for path in self._ready_paths:
             url = f"http://{LOOPBACK}:{self.port}{path}"
             try:

@@ -26,6 +26,7 @@ _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)
 _AREAS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("imstream ingress/", (str(REPO_ROOT / "ingress") + "/",)),
     ("imstream schemas/", (str(REPO_ROOT / "schemas") + "/",)),
+    ("imstream streams/", (str(REPO_ROOT / "streams") + "/",)),
     ("imstream pipelines/", (str(REPO_ROOT / "pipelines") + "/",)),
     ("pydantic", ("/site-packages/pydantic/", "/site-packages/pydantic_core/")),
     ("uvicorn", ("/site-packages/uvicorn/",)),
@@ -100,7 +101,9 @@ def _short(file: str) -> str:
     return _STDLIB.sub("", file)
 
 
-def summarise(raw_profile: Path, top: int = 15) -> dict[str, Any]:
+def summarise(
+    raw_profile: Path, top: int = 15, *, threads: tuple[str, ...] = (_LOOP_THREAD,)
+) -> dict[str, Any]:
     """Samples per thread and, for the event-loop thread, in % of its samples:
 
     - ``self_by_area_pct``: the innermost frame's area, where the CPU was;
@@ -123,7 +126,7 @@ def summarise(raw_profile: Path, top: int = 15) -> dict[str, Any]:
         # "thread (1234): MainThread" -> "MainThread"
         thread_name = thread.partition(": ")[2] or thread
         by_thread[thread_name] += count
-        if thread_name != _LOOP_THREAD:
+        if thread_name not in threads:
             continue
         loop_samples += count
         parsed = [match for frame in frames if (match := _FRAME.match(frame)) is not None]
@@ -152,7 +155,8 @@ def summarise(raw_profile: Path, top: int = 15) -> dict[str, Any]:
         "samples": total,
         "rate_hz": 100,
         "samples_by_thread_pct": percent(by_thread, total),
-        "event_loop_thread": {
+        "profiled_threads": list(threads),
+        "event_loop_thread" if threads == (_LOOP_THREAD,) else "profiled_thread_samples": {
             "samples": loop_samples,
             "self_by_area_pct": percent(self_area, loop_samples),
             "inclusive_by_area_pct": percent(inclusive_area, loop_samples),

@@ -33,7 +33,7 @@ def kafka_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
 
 
 def kafka_producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
-    """Producer configuration: keys land on the partitions the Java client and faust pick."""
+    """Producer configuration: keys land on the partitions the Java client picks."""
     return kafka_config(settings, partitioner=KAFKA_PARTITIONER, **overrides)
 
 

@@ -700,6 +700,40 @@ class InboxRecord(WireModel):
     event: Event
 
 
+def encode_inbox(
+    *,
+    tenant_id: str,
+    user_id: str,
+    conversation_id: str,
+    position: int,
+    ephemeral: bool,
+    event_json: bytes,
+) -> bytes:
+    """``InboxRecord(...).model_dump_json()`` with the event already encoded (``encode_event``).
+
+    Fan-out addresses one event to every member: encoding it once instead of once per member is
+    most of the conversation processor's time for groups. The output is byte-identical to the
+    model's (tested), and the identifiers are validated where they enter the system.
+    """
+    return b"".join(
+        (
+            b'{"tenant_id":',
+            to_json(tenant_id),
+            b',"user_id":',
+            to_json(user_id),
+            b',"conversation_id":',
+            to_json(conversation_id),
+            b',"position":',
+            str(int(position)).encode(),
+            b',"ephemeral":',
+            b"true" if ephemeral else b"false",
+            b',"event":',
+            event_json,
+            b"}",
+        )
+    )
+
+
 class SyncRecord(WireModel):
     """A record of the sync-events topic: the user's queue entry ``sync_id``."""
 

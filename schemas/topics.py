@@ -8,14 +8,15 @@ Keys and placement
   Keys are UTF-8 strings whose parts are joined by ``/`` (identifiers never contain one, see
   schemas/events.py) and always start with the tenant, so that keys of different tenants never
   merge in a compacted topic. Records are placed with Kafka's murmur2 partitioner (the Java
-  client's default, faust's and aiokafka's default): confluent-kafka producers must set
-  ``partitioner=KAFKA_PARTITIONER``, or a key would land on a different partition than the one a
-  faust agent expects.
+  client's default): confluent-kafka producers must set
+  ``partitioner=KAFKA_PARTITIONER``, or a key would land on a different partition than the one
+  other clients (and the processors' state partitions) expect.
 
 Co-partitioning
   All conversation-keyed topics share one partition count, and so do all user-keyed ones: a
   conversation's (or user's) records then sit in partitions with the same number in every topic
-  of its group, which is what lets one faust agent join them with a table. The catalog refuses
+  of its group, which is what lets one processor join them with its state (the
+  ``im.state.*`` topics, co-partitioned the same way). The catalog refuses
   overrides that break this.
 
 Live delivery
@@ -358,9 +359,10 @@ def topic_catalog(
             key=KeyKind.CONVERSATION,
             partitions=CONVERSATION_PARTITIONS,
             retention=month,
-            events=(*message_events, *conversation_events),
-            description="The conversation log: messages with conversation_seq assigned and "
-            "the conversation's state changes, once each",
+            events=(*message_events, *conversation_events, "receipt.read"),
+            description="The conversation log: messages with conversation_seq assigned, the "
+            "conversation's state changes and (up to the large-group threshold) read receipts, "
+            "once each",
         ),
         user_inbox=topic(
             "im.user.inbox",

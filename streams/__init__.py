@@ -1,1 +1,1 @@
-"""Stream processors (faust-streaming agents): sequencing, dedupe, fan-out, routing."""
+"""Stream processors (Kafka-transactional loops): sequencing, dedupe, fan-out, routing."""

@@ -2,8 +2,9 @@
 
 Every conversation-scoped command — messages, recalls, edits, read receipts, typing, and the
 conversation's own lifecycle and membership — is decided here, one conversation at a time and in
-the order of its (conversation-keyed) Kafka partition. Nothing in this module does I/O: the agent
-that wires it (``streams.agents``) loads the state from its tables, calls :func:`decide`, and writes
+the order of its (conversation-keyed) Kafka partition. Nothing in this module does I/O: the
+processor (``streams.processors``, run by ``streams.runtime``) reads the state, calls
+:func:`decide`, and writes
 the outcome — new state, sequenced events, per-user deliveries — in one Kafka transaction. Because
 the same state and command always give the same outcome, re-processing after a crash reproduces
 exactly what the aborted transaction would have written.
@@ -191,7 +192,7 @@ def decide(
             record = (messages or {}).get(command.payload.message_id)
             return _amend(state, command, requester, record, large_group_threshold)
         case ReceiptRead():
-            return _read(state, command, requester)
+            return _read(state, command, requester, large_group_threshold)
         case TypingChanged():
             others = [user for user in state.members if user != requester]
             return Outcome(deliveries=_to_all(command, others, DeliveryKind.EPHEMERAL))
@@ -290,7 +291,9 @@ def _amend(
     )
 
 
-def _read(state: ConversationState, command: ReceiptRead, requester: str) -> Outcome:
+def _read(
+    state: ConversationState, command: ReceiptRead, requester: str, threshold: int
+) -> Outcome:
     seq = min(command.payload.conversation_seq, state.last_seq)
     if seq <= 0:
         return Outcome()
@@ -299,9 +302,14 @@ def _read(state: ConversationState, command: ReceiptRead, requester: str) -> Out
         clamped = command.model_copy(
             update={"payload": command.payload.model_copy(update={"conversation_seq": seq})}
         )
+    if len(state.members) > threshold:
+        # Large groups: the read position reaches the reader's own devices only; no receipts
+        # to the other members and no who-read.
+        return Outcome(deliveries=[Delivery(user_id=requester, event=clamped)])
     # The reader's own devices get the read position; the others get a receipt. Both are the
-    # same event: a device tells them apart by the actor.
-    return Outcome(deliveries=_to_all(clamped, state.members))
+    # same event: a device tells them apart by the actor. The conversation log carries it too,
+    # for the who-read store (issue 5's sinks).
+    return Outcome(sequenced=[clamped], deliveries=_to_all(clamped, state.members))
 
 
 def _managed(state: ConversationState, command: Event, requester: str) -> Outcome | None:

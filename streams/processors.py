@@ -1,14 +1,14 @@
 """The two stream processors as batch functions: input records + table state → outputs + writes.
 
-Both follow docs/streams.md: decisions are pure (``streams.conversations``, ``streams.users``);
-each state value records the input offset it has applied, so a re-delivered input is skipped; and
-every record sent downstream carries what the next stage needs to apply it once — the
-conversation's ``position`` for the user processor, the user's ``sync_id`` for sinks and devices.
+Both follow docs/streams.md: decisions are pure (``streams.conversations``, ``streams.users``), so
+the same state and batch always give the same outputs and writes. The runtime
+(``streams.runtime``) commits a batch's outputs, its :class:`StateWrite` values (to the state
+topics) and its input offsets in one Kafka transaction: exactly once for every input.
 
-Delivery guarantee of each processor: every input is applied to the state exactly once and its
-outputs are in Kafka at least once, byte-identical if repeated. The agents that drive these
-processors (``streams.app``) send a batch's outputs, wait for Kafka's acknowledgements, and only
-then write the batch's :class:`StateWrite` values to the tables.
+Defence in depth, should a duplicate ever reach them (a hand-made replay): each state value
+records the input offset it has applied, so a re-delivered input is skipped; and every record
+sent downstream carries the conversation's ``position``, so the user processor applies each
+conversation's records to a user once.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from schemas.events import (
     SyncRecord,
     derived_event_id,
     encode_event,
+    encode_inbox,
     parse_event,
 )
 from schemas.topics import Topic, TopicCatalog, conversation_key, gateway_key, user_key
@@ -207,9 +208,17 @@ class ConversationProcessor(_BatchProcessor):
             return
         state = ConversationState.from_json(stored["conversation"]) if stored else None
         position = int(stored["position"]) if stored else 0
-        if isinstance(command, MessageSent) and overlay.get(MESSAGES_TABLE, command.event_id):
+        original = (
+            overlay.get(MESSAGES_TABLE, command.event_id)
+            if isinstance(command, MessageSent)
+            else None
+        )
+        if isinstance(command, MessageSent) and original is not None:
             # A retried send: the message exists with its id and seq; nothing new is created.
+            # The sender's online devices are told the original id and seq (live only: their
+            # sync queues already hold the message).
             result.skipped += 1
+            result.outputs.append(self._duplicate_answer(command, str(conversation_id), original))
             self._mark_applied(overlay, key, stored, record)
             return
         records = self._referenced_messages(command, overlay)
@@ -230,6 +239,28 @@ class ConversationProcessor(_BatchProcessor):
             record=record,
             overlay=overlay,
             result=result,
+        )
+
+    def _duplicate_answer(
+        self, command: MessageSent, conversation_id: str, original: dict[str, Any]
+    ) -> OutputRecord:
+        record = MessageRecord.from_json(original)
+        answer = ConversationAdvanced.new(
+            tenant_id=command.tenant_id,
+            event_id=derived_event_id(command.event_id, "duplicate"),
+            occurred_at=command.occurred_at,
+            actor=command.actor,
+            payload=ConversationAdvancedPayload(
+                conversation_id=conversation_id,
+                conversation_seq=record.conversation_seq,
+                message_id=command.event_id,
+                sender_id=record.sender_id,
+                entry_type=command.type,
+            ),
+        )
+        sender = command.actor.user_id if command.actor else record.sender_id
+        return self._inbox(
+            command.tenant_id, sender, conversation_id, answer, position=0, ephemeral=True
         )
 
     def _referenced_messages(self, command: Event, overlay: _Overlay) -> dict[str, MessageRecord]:
@@ -273,6 +304,7 @@ class ConversationProcessor(_BatchProcessor):
                 )
             )
         advanced: dict[str, Event] = {}
+        encoded: dict[int, bytes] = {}
         for delivery in outcome.deliveries:
             event = delivery.event
             if delivery.kind is DeliveryKind.ADVANCED and isinstance(event, _SEQUENCED):
@@ -286,6 +318,7 @@ class ConversationProcessor(_BatchProcessor):
                     event,
                     position=0 if ephemeral else new_position,
                     ephemeral=ephemeral,
+                    encoded=encoded,
                 )
             )
         if outcome.rejection is not None and outcome.rejection.user_id:
@@ -341,19 +374,26 @@ class ConversationProcessor(_BatchProcessor):
         *,
         position: int,
         ephemeral: bool,
+        encoded: dict[int, bytes] | None = None,
     ) -> OutputRecord:
-        inbox = InboxRecord(
-            tenant_id=tenant_id,
-            user_id=user_id,
-            conversation_id=conversation_id,
-            position=position,
-            ephemeral=ephemeral,
-            event=event,
-        )
+        """The inbox record for one user; ``encoded`` caches each event's JSON across the
+        members it is fanned out to (keyed by object identity within one ``_emit``)."""
+        event_json = encoded.get(id(event)) if encoded is not None else None
+        if event_json is None:
+            event_json = encode_event(event)
+            if encoded is not None:
+                encoded[id(event)] = event_json
         return OutputRecord(
             topic=self.catalog.user_inbox.name,
             key=user_key(tenant_id, user_id),
-            value=inbox.model_dump_json().encode(),
+            value=encode_inbox(
+                tenant_id=tenant_id,
+                user_id=user_id,
+                conversation_id=conversation_id,
+                position=position,
+                ephemeral=ephemeral,
+                event_json=event_json,
+            ),
         )
 
 

@@ -3,9 +3,9 @@ live routing and push triggers — a pure function of (user state, input) → ou
 
 Inputs arrive on user-keyed partitions in order: deliveries decided by the conversation
 processor, the user's own state commands (mute, badge cleared) and presence changes of the user's
-devices. The agent wiring this module stores :class:`UserState` in a changelog-backed table and
-writes each :class:`UserOutcome` in the same Kafka transaction as the input's offset, so a sync id
-is handed out exactly once per event even when a worker dies mid-batch.
+devices. The runtime stores :class:`UserState` in the ``im.state.users`` topic and writes each
+:class:`UserOutcome` in the same Kafka transaction as the new state and the input's offset, so
+a sync id is handed out exactly once per event even when a worker dies mid-batch.
 """
 
 from __future__ import annotations

@@ -360,3 +360,19 @@ def test_push_job_round_trips_with_and_without_a_preview() -> None:
     for field, bad in (("merged_count", 0), ("unread_total", -1), ("job_id", "job-1")):
         with pytest.raises(ValidationError, match=field):
             ev.PushJob.model_validate({**json.loads(job.model_dump_json()), field: bad})
+
+
+@pytest.mark.parametrize("event_type", sorted(sample_events()))
+@pytest.mark.parametrize("ephemeral", [False, True])
+def test_encode_inbox_is_byte_identical_to_the_model(event_type: str, ephemeral: bool) -> None:
+    event = sample_events()[event_type]
+    fields: dict[str, Any] = {
+        "tenant_id": "acme",
+        "user_id": "zoe.1@x",
+        "conversation_id": "c-1:x",
+        "position": 0 if ephemeral else 42,
+        "ephemeral": ephemeral,
+    }
+    model = ev.InboxRecord(**fields, event=event).model_dump_json().encode()
+    assert ev.encode_inbox(**fields, event_json=ev.encode_event(event)) == model
+    assert ev.InboxRecord.model_validate_json(model).event == event

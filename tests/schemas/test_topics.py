@@ -63,7 +63,7 @@ def test_processor_events_have_no_inbound_topic(settings: Settings, event_type: 
 
 def test_the_conversation_processor_sees_a_conversation_in_one_order(settings: Settings) -> None:
     """Messages, lifecycle and membership commands and read receipts share one conversation-keyed
-    topic; the conversation log carries the messages and the conversation's changes."""
+    topic; the conversation log carries the messages, the conversation's changes and receipts."""
     catalog = topic_catalog(settings)
     conversation_commands = [
         t for t in EVENT_TYPES if t.startswith("conversation.") and t != "conversation.advanced"
@@ -73,7 +73,11 @@ def test_the_conversation_processor_sees_a_conversation_in_one_order(settings: S
     assert catalog.messages_in.key is KeyKind.CONVERSATION
     assert set(catalog.messages_in.events) == {*messages, *conversation_commands, "receipt.read"}
     assert catalog.user_state_in.events == ("conversation.mute_changed", "badge.cleared")
-    assert set(catalog.messages_sequenced.events) == {*messages, *conversation_commands}
+    assert set(catalog.messages_sequenced.events) == {
+        *messages,
+        *conversation_commands,
+        "receipt.read",
+    }
     assert not catalog.messages_sequenced.ingress
 
 
@@ -117,8 +121,11 @@ def test_every_sample_event_routes(settings: Settings) -> None:
 def test_dead_letters(settings: Settings) -> None:
     catalog = topic_catalog(with_kafka(settings, topic_prefix="p."))
     ephemeral = {catalog.typing_in.name, catalog.live_delivery.name}
+    state = {
+        t.name for t in (catalog.conversation_state, catalog.message_state, catalog.user_state)
+    }
     for topic in catalog.sources():
-        if topic.name in ephemeral:
+        if topic.name in ephemeral | state:
             assert topic.dead_letter is None
             with pytest.raises(ValueError, match="ephemeral"):
                 catalog.dead_letter_of(topic)
@@ -127,15 +134,25 @@ def test_dead_letters(settings: Settings) -> None:
         assert dead_letter.name == topic.name + DEAD_LETTER_SUFFIX
         assert dead_letter.key is KeyKind.NONE
         assert dead_letter.dead_letter is None
-    assert len(catalog.dead_letters) == len(catalog.sources()) - len(ephemeral)
+    assert len(catalog.dead_letters) == len(catalog.sources()) - len(ephemeral) - len(state)
     names = [topic.name for topic in catalog]
     assert len(names) == len(set(names))
 
 
-def test_only_push_tokens_are_compacted_device_keyed_and_kept_forever(settings: Settings) -> None:
+def test_push_tokens_and_processor_state_are_the_compacted_topics(settings: Settings) -> None:
     catalog = topic_catalog(settings)
     compacted = [topic for topic in catalog if topic.cleanup is CleanupPolicy.COMPACT]
-    assert compacted == [catalog.push_tokens]
+    assert compacted == [catalog.push_tokens, catalog.conversation_state, catalog.user_state]
+    # The message state is the dedupe table: compacted, and deleted after the dedupe window.
+    messages = catalog.message_state
+    assert messages.cleanup is CleanupPolicy.COMPACT_DELETE
+    assert messages.configs()["cleanup.policy"] == "compact,delete"
+    assert messages.configs()["retention.ms"] == str(7 * 24 * 3600 * 1000)
+    assert messages.partitions == catalog.messages_in.partitions
+    assert (catalog.conversation_state.key, catalog.user_state.key) == (
+        KeyKind.CONVERSATION,
+        KeyKind.USER,
+    )
     assert [topic for topic in catalog if topic.key is KeyKind.DEVICE] == [catalog.push_tokens]
     assert catalog.push_tokens.configs()["retention.ms"] == "-1"
     assert catalog.live_delivery.key is KeyKind.GATEWAY
@@ -207,7 +224,11 @@ def test_partition_overrides(settings: Settings) -> None:
     assert {t.partitions for t in users.sources() if t.key is KeyKind.USER} == {12}
     conversation_topics = [t for t in default.sources() if t.key is KeyKind.CONVERSATION]
     together = topic_catalog(
-        settings, partitions={topic.logical_name: 24 for topic in conversation_topics}
+        settings,
+        partitions={
+            **{topic.logical_name: 24 for topic in conversation_topics},
+            default.message_state.logical_name: 24,
+        },
     )
     assert {t.partitions for t in together.sources() if t.key is KeyKind.CONVERSATION} == {24}
     with pytest.raises(ValueError, match="co-partitioned"):

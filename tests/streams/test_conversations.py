@@ -201,6 +201,23 @@ def test_read_position_is_clamped_to_the_last_seq() -> None:
     outcome = decide(state, read)
     assert {delivery.user_id for delivery in outcome.deliveries} == {"alice", "bob", "carol"}
     assert {delivery.event.payload.conversation_seq for delivery in outcome.deliveries} == {3}  # type: ignore[union-attr]
+    # Up to the large-group threshold the receipt is on the conversation log, for who-read.
+    (logged,) = outcome.sequenced
+    assert isinstance(logged, ReceiptRead)
+    assert logged.payload.conversation_seq == 3
+
+
+def test_in_large_groups_a_read_reaches_only_the_readers_devices() -> None:
+    state = group("alice", "bob", "carol", "dave")
+    state.last_seq = 5
+    read = ReceiptRead.new(
+        tenant_id=TENANT,
+        actor=by("carol"),
+        payload=ReceiptReadPayload(conversation_id=CONVERSATION, conversation_seq=4),
+    )
+    outcome = decide(state, read, large_group_threshold=3)
+    assert [delivery.user_id for delivery in outcome.deliveries] == ["carol"]
+    assert outcome.sequenced == []
 
 
 def test_typing_is_ephemeral_and_not_sent_back_to_the_typist() -> None:

@@ -1,8 +1,10 @@
 """The batch processors without Kafka: dedupe, positions, sync ids, and replays after crashes.
 
-A crash is modelled the way docs/streams.md describes it: a batch's outputs may reach Kafka while
-its state writes are lost, and processing resumes from an earlier committed offset. The final sync
-queues must hold every message exactly once, in order, whatever the crash points.
+The runtime commits outputs, state and offsets in one transaction, so in production a batch's
+outputs never survive without its state. These tests hold the processors to more than that (the
+"defence in depth" of docs/streams.md): a batch's outputs may reach Kafka while its state writes
+are lost, and processing resumes from an earlier committed offset — the final sync queues must
+still hold every message exactly once, in order, whatever the crash points.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pipelines.settings import Settings
 from schemas.events import (
     Actor,
     CommandRejected,
+    ConversationAdvanced,
     ConversationCreated,
     ConversationCreatedPayload,
     ConversationDeleted,
@@ -157,7 +160,7 @@ def test_a_replayed_batch_without_its_state_gives_identical_outputs() -> None:
     assert again.outputs == first.outputs
 
 
-def test_a_retried_send_creates_nothing() -> None:
+def test_a_retried_send_creates_nothing_and_returns_the_original_seq() -> None:
     tables = Tables()
     processor = ConversationProcessor(CATALOG, ConversationSettings())
     events: list[Event] = [create_group("c-1", ["alice", "bob"]), send("c-1", "bob", "m1")]
@@ -170,7 +173,21 @@ def test_a_retried_send_creates_nothing() -> None:
         value=encode_event(send("c-1", "bob", "m1")),
     )
     result = processor.process([retry], tables.read)
-    assert result.outputs == []
+    # Nothing is sequenced or queued; the sender's online devices hear the original id and seq.
+    (answer,) = result.outputs
+    assert answer.topic == CATALOG.user_inbox.name
+    assert answer.key == user_key(TENANT, "bob")
+    inbox = InboxRecord.model_validate_json(answer.value or b"")
+    assert inbox.ephemeral
+    assert isinstance(inbox.event, ConversationAdvanced)
+    assert inbox.event.payload.message_id == send("c-1", "bob", "m1").event_id
+    assert inbox.event.payload.conversation_seq == 1
+    before = tables.read("conversations", conversation_key(TENANT, "c-1").decode())
+    assert before is not None
+    (write,) = result.writes
+    assert write.value is not None
+    assert write.value["position"] == before["position"]
+    assert write.value["conversation"] == before["conversation"]
 
 
 def test_poison_records_go_to_the_dead_letter_topic_and_the_batch_goes_on() -> None:
