@@ -734,6 +734,18 @@ def encode_inbox(
     )
 
 
+class ConversationSummary(WireModel):
+    """How one conversation stands for one user right after a sync entry was applied: what a
+    conversation list shows. The user processor computes it; sinks store the latest one."""
+
+    conversation_id: ConversationId
+    last_seq: NonNegativeInt = Field(description="The conversation's last seq the user knows of")
+    read_seq: NonNegativeInt = Field(description="The user has read up to this seq")
+    unread: NonNegativeInt = Field(description="Messages from others after read_seq")
+    muted: bool = False
+    muted_until: datetime | None = None
+
+
 class SyncRecord(WireModel):
     """A record of the sync-events topic: the user's queue entry ``sync_id``."""
 
@@ -741,6 +753,11 @@ class SyncRecord(WireModel):
     user_id: UserId
     sync_id: PositiveInt
     event: Event
+    conversation: ConversationSummary | None = Field(
+        default=None,
+        description="The entry's conversation as the user sees it after this entry; null for "
+        "entries that concern no conversation",
+    )
 
 
 class PushJob(WireModel):

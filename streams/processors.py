@@ -25,6 +25,7 @@ from schemas.events import (
     CommandRejectedPayload,
     ConversationAdvanced,
     ConversationAdvancedPayload,
+    ConversationSummary,
     DeviceConnected,
     DeviceDisconnected,
     Event,
@@ -486,7 +487,7 @@ class UserProcessor(_BatchProcessor):
         else:
             outcome = apply_own_command(state, event)
         if outcome is not None:
-            self._emit(tenant_id, user_id, event, outcome, result)
+            self._emit(tenant_id, user_id, event, outcome, result, state=state)
         if inbox is not None and inbox.ephemeral:
             return
         applied = {**stored.get("applied", {}), record.topic: record.offset}
@@ -498,12 +499,23 @@ class UserProcessor(_BatchProcessor):
         )
 
     def _emit(
-        self, tenant_id: str, user_id: str, source: Event, outcome: UserOutcome, result: BatchResult
+        self,
+        tenant_id: str,
+        user_id: str,
+        source: Event,
+        outcome: UserOutcome,
+        result: BatchResult,
+        *,
+        state: UserState,
     ) -> None:
         key = user_key(tenant_id, user_id)
         for appended in outcome.appended:
             sync = SyncRecord(
-                tenant_id=tenant_id, user_id=user_id, sync_id=appended.sync_id, event=appended.event
+                tenant_id=tenant_id,
+                user_id=user_id,
+                sync_id=appended.sync_id,
+                event=appended.event,
+                conversation=_summary(state, appended.event),
             )
             result.outputs.append(
                 OutputRecord(
@@ -570,6 +582,22 @@ class UserProcessor(_BatchProcessor):
             key=gateway_key(node_id),
             value=delivery.model_dump_json().encode(),
         )
+
+
+def _summary(state: UserState, event: Event) -> ConversationSummary | None:
+    """The conversation list entry of ``event``'s conversation as ``state`` has it now."""
+    conversation_id = getattr(event.payload, "conversation_id", None)
+    view = state.conversations.get(conversation_id) if conversation_id else None
+    if view is None or conversation_id is None:
+        return None
+    return ConversationSummary(
+        conversation_id=conversation_id,
+        last_seq=view.last_seq,
+        read_seq=view.read_seq,
+        unread=view.unread,
+        muted=view.muted,
+        muted_until=view.muted_until,
+    )
 
 
 def _owner(event: Event) -> str:

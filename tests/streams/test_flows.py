@@ -283,6 +283,10 @@ def test_direct_chat_receipts_unread_counts_and_live_routing_to_two_devices(
     view = state.conversations[conversation_id]
     assert (view.read_seq, view.unread, view.last_seq) == (2, 1, 3)
     assert kafka.user_state(ann).conversations[conversation_id].unread == 0
+    # Every entry carries the conversation as the user sees it then: the list view for sinks.
+    summaries = [r.conversation for r in kafka.queue(ben) if r.conversation is not None]
+    assert [(c.read_seq, c.unread) for c in summaries[-3:]] == [(0, 3), (2, 1), (2, 1)]
+    assert {c.conversation_id for c in summaries} == {conversation_id}
     # Live routing: every one of ben's stored events went to each node holding one of his devices.
     live = [d for d in kafka.live() if d.user_id == ben]
     by_node = {(d.node_id, tuple(d.device_ids or ())) for d in live}
