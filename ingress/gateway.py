@@ -50,6 +50,7 @@ from ingress.live import LiveDeliveryConsumer, LiveFrame, LiveMetrics
 from ingress.metrics import IngressMetrics
 from ingress.producer import DurableProducer, KafkaUnavailable, PublishRejectedError
 from ingress.ratelimit import TokenBucketLimiter, retry_after_ms
+from ingress.reads import ReadFrame, Reads, is_reading
 from ingress.wsprotocol import DRAIN_REASON
 from pipelines.connections import kafka_config, kafka_producer_config
 from pipelines.settings import AuthSettings, Settings
@@ -74,10 +75,6 @@ WEBSOCKET_PATH: Final = "/v1/ws"
 #: Frames above ``max_frame_bytes`` get ``frame-too-large``; frames above this many times it
 #: close the socket with 1009 (the WebSocket layer refuses to buffer them).
 HARD_LIMIT_FACTOR: Final = 4
-SYNC_NOT_DEPLOYED: Final = (
-    "sync is not available: this build of imstream does not deploy the sync-queue store yet; "
-    "the device keeps its cursor (hello.sync_cursor, ack) and syncs once the store is deployed"
-)
 _AUTH_CLOSE_CODES: Final = {
     AuthErrorCode.TOKEN_INVALID: CloseCode.TOKEN_INVALID,
     AuthErrorCode.TOKEN_EXPIRED: CloseCode.TOKEN_EXPIRED,
@@ -104,6 +101,8 @@ class Readiness:
     kafka: bool
     live_delivery: bool
     draining: bool
+    #: Reads only: sends never depend on the serving store, so it does not decide readiness.
+    serving_store: bool = False
 
     @property
     def ready(self) -> bool:
@@ -195,6 +194,7 @@ class Gateway:
             burst=ingress.rate_limit_burst,
             max_keys=ingress.rate_limit_max_keys,
         )
+        self.reads = Reads(settings)
         self.registry = ConnectionRegistry()
         self.hub = ConnectionHub(
             max_frames=ingress.outbound_queue_frames,
@@ -217,6 +217,7 @@ class Gateway:
         """
         await self.producer.start()
         self.live.start()
+        self.reads.start()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle())
         _log.info("ingress node %s started; live delivery from %s", self.node_id, self.live.topic)
 
@@ -241,6 +242,7 @@ class Gateway:
         if self._sweeper is not None:
             self._sweeper.cancel()
         await self.live.stop()
+        await self.reads.stop()
         unacknowledged = await self.producer.close(timeout)
         _log.info(
             "ingress node %s drained (%d record(s) unacknowledged at shutdown)",
@@ -266,7 +268,12 @@ class Gateway:
 
     async def readiness(self) -> Readiness:
         kafka = await self.producer.ready(self.ingress.readyz_timeout_seconds)
-        return Readiness(kafka=kafka, live_delivery=self.live.assigned, draining=self.draining)
+        return Readiness(
+            kafka=kafka,
+            live_delivery=self.live.assigned,
+            draining=self.draining,
+            serving_store=self.reads.connected,
+        )
 
     # -- the WebSocket endpoint ------------------------------------------------------------------
 
@@ -447,6 +454,8 @@ class Gateway:
         self.metrics.frame_in(frame.type)
         if is_publishing(frame):
             self.hub.spawn(self._publish_and_reply(connection, frame))
+        elif is_reading(frame):
+            self.hub.spawn(self._read_and_reply(connection, frame))
         else:
             self._reply(connection, self.answer_now(frame, connection))
 
@@ -487,6 +496,9 @@ class Gateway:
 
     async def _publish_and_reply(self, connection: Connection, command: PublishingCommand) -> None:
         self._reply(connection, await self.publish_command(connection.principal, command))
+
+    async def _read_and_reply(self, connection: Connection, frame: ReadFrame) -> None:
+        self._reply(connection, await self.reads.answer(connection.principal, frame))
 
     async def _sweep_idle(self) -> None:
         """Close sockets that sent nothing for ``idle_timeout_seconds`` (one task, no timers)."""
@@ -563,8 +575,6 @@ class Gateway:
                     frame.id,
                     field="type",
                 )
-            case fr.Sync():
-                return error_frame(ErrorCode.UNAVAILABLE, SYNC_NOT_DEPLOYED, frame.id)
             case fr.Hello():
                 return error_frame(
                     ErrorCode.SCHEMA_INVALID,
@@ -595,6 +605,8 @@ class Gateway:
         """The one reply to ``frame`` sent by ``principal`` outside a socket (the REST door)."""
         if is_publishing(frame):
             return await self.publish_command(principal, frame)
+        if is_reading(frame):
+            return await self.reads.answer(principal, frame)
         return self.answer_now(frame, None)
 
     async def publish_command(
@@ -642,4 +654,5 @@ def describe(readiness: Readiness) -> dict[str, Any]:
         "kafka": readiness.kafka,
         "live_delivery": readiness.live_delivery,
         "draining": readiness.draining,
+        "serving_store": readiness.serving_store,
     }

@@ -38,6 +38,8 @@ run_app = typer.Typer(
 app.add_typer(stack_app, name="stack")
 app.add_typer(topics_app, name="topics")
 app.add_typer(run_app, name="run")
+db_app = typer.Typer(help="The CQL serving store: schema migrations.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 
 #: Process logs: one line per event, to stderr, for whatever collects the process's output.
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -171,8 +173,8 @@ def _follow(path: Path) -> None:
 def up() -> None:
     """Run the main job on the local stack until Ctrl-C, then stop everything it started.
 
-    Starts the local stack, applies the topic catalog, then runs every process kind as a child
-    process (restarted when it crashes).
+    Starts the local stack, applies the topic catalog and the CQL migrations, then runs every
+    process kind as a child process (restarted when it crashes).
     """
     settings = load_settings()
     stack = LocalStack(settings, progress=ProgressLine())
@@ -185,6 +187,11 @@ def up() -> None:
     changes = apply_topics(AdminClient(kafka_config(settings)), catalog)
     created = sum(change.action is ChangeAction.CREATED for change in changes)
     typer.echo(f"topics: {len(changes)} in the catalog, {created} created")
+    from sinks.cql.migrate import migrate_command  # noqa: PLC0415
+
+    if migrate_command(settings, dry_run=False, echo=lambda line: typer.echo(f"schema: {line}")):
+        stack.down()
+        raise typer.Exit(1)
     kinds = [command.name for command in run_app.registered_commands if command.name]
     supervisor = Supervisor(kinds, settings.stack.state_dir / "logs", report=typer.echo)
     stopping = threading.Event()
@@ -283,6 +290,47 @@ def run_ingress() -> None:
     except IngressStartError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from error
+
+
+@run_app.command("cql-sink")
+def run_cql_sink() -> None:
+    """The CQL sink: timelines, sync queues, conversation lists, members, devices, who-read."""
+    from sinks.cql.sink import run_cql_sink as run  # noqa: PLC0415
+
+    settings = load_settings()
+    configure_process_logging()
+    raise typer.Exit(run(settings))
+
+
+@run_app.command("clickhouse-sink")
+def run_clickhouse_sink() -> None:
+    """The ClickHouse sink: the audit log of every topic and the analytics built on it; serves
+    analytics queries over HTTP (IM_SINKS__ANALYTICS_HOST, IM_SINKS__ANALYTICS_PORT)."""
+    from sinks.clickhouse.sink import run_clickhouse_sink as run  # noqa: PLC0415
+
+    settings = load_settings()
+    configure_process_logging()
+    raise typer.Exit(run(settings))
+
+
+@db_app.command("migrate")
+def db_migrate(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would be applied; change nothing.")
+    ] = False,
+) -> None:
+    """Create the keyspace if needed and apply every migration not yet applied (idempotent)."""
+    from sinks.cql.migrate import migrate_command  # noqa: PLC0415
+
+    raise typer.Exit(migrate_command(load_settings(), dry_run=dry_run, echo=typer.echo))
+
+
+@db_app.command("status")
+def db_status() -> None:
+    """The applied and pending migrations of the keyspace."""
+    from sinks.cql.migrate import status_command  # noqa: PLC0415
+
+    raise typer.Exit(status_command(load_settings(), echo=typer.echo))
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import clickhouse_connect
 from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
-from cassandra.policies import DCAwareRoundRobinPolicy
+from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from clickhouse_connect.driver.client import Client
 
 from pipelines.settings import Settings
@@ -45,21 +45,25 @@ def cql_cluster(
     if settings.cql.username is not None:
         password = settings.cql.password.get_secret_value() if settings.cql.password else ""
         auth = PlainTextAuthProvider(username=settings.cql.username, password=password)
+    options: dict[str, Any] = {}
+    if settings.cql.protocol_version is not None:
+        options["protocol_version"] = settings.cql.protocol_version
     return Cluster(
         contact_points=settings.cql.contact_points,
         port=settings.cql.port,
         auth_provider=auth,
         execution_profiles={
             EXEC_PROFILE_DEFAULT: ExecutionProfile(
-                load_balancing_policy=DCAwareRoundRobinPolicy(
-                    local_dc=settings.cql.local_datacenter
+                # Token-aware: a statement goes straight to a replica of its partition.
+                load_balancing_policy=TokenAwarePolicy(
+                    DCAwareRoundRobinPolicy(local_dc=settings.cql.local_datacenter)
                 ),
                 request_timeout=request_timeout,
             )
         },
         connect_timeout=connect_timeout,
         control_connection_timeout=connect_timeout,
-        protocol_version=5,
+        **options,
     )
 
 

@@ -52,6 +52,9 @@ class CqlSettings(_Group):
     keyspace: str = "imstream"
     replication_factor: Annotated[int, Field(ge=1)] = 1
     local_datacenter: str = "datacenter1"
+    #: The native protocol version; unset, the driver negotiates the highest both sides speak
+    #: (v5 with Cassandra 5, v4 with ScyllaDB).
+    protocol_version: Annotated[int, Field(ge=3, le=5)] | None = None
     username: str | None = None
     password: SecretStr | None = None
 
@@ -135,6 +138,29 @@ class StreamsSettings(_Group):
     push_collapse_seconds: Annotated[float, Field(ge=0)] = 30.0
 
 
+class SinkSettings(_Group):
+    """The sinks (``imstream run cql-sink``, ``imstream run clickhouse-sink``) and the serving
+    store's layout."""
+
+    #: Seqs per timeline partition and sync ids per sync-queue partition (bounded partitions).
+    timeline_bucket_size: Annotated[int, Field(ge=10)] = 1000
+    sync_bucket_size: Annotated[int, Field(ge=10)] = 1000
+    #: How long sync-queue rows live (CQL TTL); older entries come from a full resync.
+    sync_retention_days: Annotated[float, Field(gt=0, le=7300)] = 30.0
+    #: CQL requests in flight per sink process, and retry backoff for timeouts/unavailability.
+    cql_max_in_flight: Annotated[int, Field(ge=1)] = 64
+    cql_retry_initial_seconds: Annotated[float, Field(gt=0)] = 0.2
+    cql_retry_max_seconds: Annotated[float, Field(gt=0)] = 10.0
+    #: Records per Kafka poll batch for the CQL sink.
+    cql_batch_size: Annotated[int, Field(ge=1)] = 500
+    #: ClickHouse inserts: at most this many rows or this many seconds per insert.
+    clickhouse_batch_rows: Annotated[int, Field(ge=1)] = 5000
+    clickhouse_batch_seconds: Annotated[float, Field(gt=0)] = 1.0
+    #: The analytics HTTP endpoint of the process that owns the ClickHouse data path.
+    analytics_host: str = "127.0.0.1"
+    analytics_port: Port = 8091
+
+
 class StackSettings(_Group):
     """The embedded local stack started by ``imstream stack up``."""
 
@@ -176,6 +202,7 @@ class Settings(BaseSettings):
     push: PushSettings = PushSettings()
     ingress: IngressSettings = IngressSettings()
     streams: StreamsSettings = StreamsSettings()
+    sinks: SinkSettings = SinkSettings()
     stack: StackSettings = StackSettings()
 
     @model_validator(mode="after")

@@ -48,6 +48,8 @@ _SETTLING = frozenset(
         KafkaError.LEADER_NOT_AVAILABLE,
         KafkaError.UNKNOWN_LEADER_EPOCH,
         KafkaError.UNKNOWN_TOPIC_OR_PART,
+        # librdkafka's own metadata has not seen a new partition yet.
+        KafkaError._UNKNOWN_PARTITION,
     }
 )
 

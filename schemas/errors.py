@@ -57,8 +57,8 @@ _ERROR_DESCRIPTIONS: dict[ErrorCode, tuple[str, int]] = {
     ErrorCode.TENANT_MISMATCH: ("The token belongs to a different tenant than requested.", 403),
     ErrorCode.RATE_LIMITED: ("Too many commands; retry after `retry_after_ms`.", 429),
     ErrorCode.UNAVAILABLE: (
-        "The command was not durably accepted (Kafka unreachable); retry after `retry_after_ms` "
-        "with the same ids.",
+        "The command was not durably accepted (Kafka unreachable), or a read found the store "
+        "unreachable; retry after `retry_after_ms` with the same ids.",
         503,
     ),
     ErrorCode.FORBIDDEN: ("The user may not do this (role or membership).", 403),

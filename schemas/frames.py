@@ -3,14 +3,16 @@
 A frame is one JSON text message with a ``type``. Every client command carries a request ``id``
 (chosen by the client, unique among its outstanding commands) and gets exactly one reply that
 echoes it: ``hello_ok`` for ``hello``, ``accepted`` for ``send``, ``sync_page`` for ``sync``,
-``pong`` for ``ping``, ``ok`` for the rest, or ``error`` for any of them. Frames follow the same
-versioning rule as events (schemas/events.py): unknown fields are ignored, changes within protocol
-version 1 are additive.
+``history_page`` for ``history``, ``conversation_list`` for ``conversations``, ``read_by`` for
+``who_read``, ``pong`` for ``ping``, ``ok`` for the rest, or ``error`` for any of them. Frames
+follow the same versioning rule as events (schemas/events.py): unknown fields are ignored,
+changes within protocol version 1 are additive.
 """
 
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Annotated, Literal, get_args
 
 from pydantic import (
@@ -49,6 +51,11 @@ from schemas.events import (
 #: The most events one ``sync`` may ask for; a client pages with ``next_cursor``.
 MAX_SYNC_LIMIT = 500
 DEFAULT_SYNC_LIMIT = 100
+#: The most timeline entries one ``history`` may ask for.
+MAX_HISTORY_LIMIT = 200
+DEFAULT_HISTORY_LIMIT = 50
+MAX_CONVERSATIONS_LIMIT = 1000
+DEFAULT_CONVERSATIONS_LIMIT = 100
 MAX_TOKEN_CHARS = 8192
 
 RequestId = Annotated[Id, Field(description="Chosen by the client; echoed by the reply")]
@@ -211,6 +218,41 @@ class Sync(ClientCommand):
     limit: Annotated[int, Field(ge=1, le=MAX_SYNC_LIMIT)] = DEFAULT_SYNC_LIMIT
 
 
+class History(ClientCommand):
+    """A page of a conversation's timeline, for members: the ``limit`` entries before
+    ``before_seq`` (the newest first chosen), or after ``after_seq``; the latest without either.
+    Entries come in ascending seq order."""
+
+    type: Literal["history"] = "history"
+    conversation_id: ConversationId
+    before_seq: PositiveInt | None = None
+    after_seq: NonNegativeInt | None = None
+    limit: Annotated[int, Field(ge=1, le=MAX_HISTORY_LIMIT)] = DEFAULT_HISTORY_LIMIT
+
+    @field_validator("after_seq")
+    @classmethod
+    def _one_direction(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("before_seq") is not None:
+            raise ValueError("give before_seq or after_seq, not both")
+        return value
+
+
+class Conversations(ClientCommand):
+    """The user's conversation list, latest activity first, with unread counts."""
+
+    type: Literal["conversations"] = "conversations"
+    limit: Annotated[int, Field(ge=1, le=MAX_CONVERSATIONS_LIMIT)] = DEFAULT_CONVERSATIONS_LIMIT
+
+
+class WhoRead(ClientCommand):
+    """Who has read a message: members whose read position is at or past ``seq`` (1:1 and
+    groups up to the large-group threshold; larger groups keep no receipts)."""
+
+    type: Literal["who_read"] = "who_read"
+    conversation_id: ConversationId
+    seq: PositiveInt
+
+
 class Ping(ClientCommand):
     type: Literal["ping"] = "ping"
 
@@ -233,6 +275,9 @@ ClientFrame = Annotated[
     | DeleteConversation
     | Ack
     | Sync
+    | History
+    | Conversations
+    | WhoRead
     | Ping,
     Field(discriminator="type"),
 ]
@@ -294,6 +339,70 @@ class SyncPage(Frame):
     events: list[SyncedEvent]
     has_more: bool
     next_cursor: Annotated[SyncId, Field(description="The cursor of the next sync")]
+    expired: bool = Field(
+        default=False,
+        description="The queue no longer holds the entries after the cursor (older than the "
+        "retention): rebuild from `conversations` and `history`, then sync from `next_cursor`, "
+        "the queue's head",
+    )
+
+
+class TimelineEntry(WireModel):
+    """One entry of a conversation's timeline, with what later entries did to it."""
+
+    seq: PositiveInt
+    event: Event = Field(description="The sequenced entry: a message, a recall or an edit")
+    recalled: bool = Field(default=False, description="A later entry recalled this message")
+    edited: Event | None = Field(
+        default=None, description="The latest edit of this message (a message.edited event)"
+    )
+
+
+class HistoryPage(Frame):
+    type: Literal["history_page"] = "history_page"
+    id: RequestId
+    conversation_id: ConversationId
+    entries: list[TimelineEntry] = Field(description="Ascending by seq")
+    has_more: bool = Field(description="More entries lie further in the page's direction")
+
+
+class ConversationItem(WireModel):
+    """One conversation in the user's list."""
+
+    conversation_id: ConversationId
+    kind: ConversationKind | None = None
+    name: str | None = None
+    role: Role | None = None
+    last_seq: NonNegativeInt = 0
+    read_seq: NonNegativeInt = 0
+    unread: NonNegativeInt = 0
+    muted: bool = False
+    muted_until: MutedUntil = None
+    pinned: bool = False
+    last_message_id: EventId | None = None
+    last_sender_id: UserId | None = None
+    last_preview: str | None = None
+    last_activity_at: datetime | None = None
+
+
+class ConversationList(Frame):
+    type: Literal["conversation_list"] = "conversation_list"
+    id: RequestId
+    conversations: list[ConversationItem] = Field(description="Latest activity first")
+
+
+class Reader(WireModel):
+    user_id: UserId
+    read_seq: PositiveInt = Field(description="The reader's read position (at or past the seq)")
+    read_at: datetime | None = None
+
+
+class ReadBy(Frame):
+    type: Literal["read_by"] = "read_by"
+    id: RequestId
+    conversation_id: ConversationId
+    seq: PositiveInt
+    readers: list[Reader] = Field(description="In the order they read it")
 
 
 class ErrorFrame(Frame):
@@ -316,7 +425,16 @@ class Pong(Frame):
 
 
 ServerFrame = Annotated[
-    HelloOk | Accepted | Ok | EventFrame | SyncPage | ErrorFrame | Pong,
+    HelloOk
+    | Accepted
+    | Ok
+    | EventFrame
+    | SyncPage
+    | HistoryPage
+    | ConversationList
+    | ReadBy
+    | ErrorFrame
+    | Pong,
     Field(discriminator="type"),
 ]
 

@@ -21,11 +21,13 @@ from schemas.events import (
     ConversationCreated,
     ConversationDeleted,
     ConversationLeft,
+    ConversationMemberAdded,
     ConversationMemberRemoved,
     ConversationMuteChanged,
     DeviceConnected,
     DeviceDisconnected,
     Event,
+    MessageEdited,
     MessageRecalled,
     MessageSent,
     ReceiptRead,
@@ -218,13 +220,17 @@ def apply_delivery(
         case ConversationAdvanced():
             view = state.view(event.payload.conversation_id)
             view.last_seq = max(view.last_seq, event.payload.conversation_seq)
-        case MessageRecalled():
+        case MessageRecalled() | MessageEdited():
+            # Recalls and edits take seqs of their own: the conversation's last seq moves on.
             view = state.view(event.payload.conversation_id)
             seq = event.payload.conversation_seq or 0
             view.last_seq = max(view.last_seq, seq)
         case ReceiptRead() if event.actor is not None and event.actor.user_id == user_id:
             _on_own_read(state.view(event.payload.conversation_id), event.payload.conversation_seq)
         case ConversationCreated():
+            state.view(event.payload.conversation_id)
+        case ConversationMemberAdded() if event.payload.user_id == user_id:
+            # A new member's list gets the conversation now, with its summary.
             state.view(event.payload.conversation_id)
         case ConversationLeft() | ConversationMemberRemoved() if event.payload.user_id == user_id:
             state.conversations.pop(event.payload.conversation_id, None)

@@ -28,8 +28,11 @@ def settings() -> Settings:
 
 @pytest.fixture(scope="session")
 def local_stack(settings: Settings) -> LocalStack:
-    """The running local stack; started here when it is not up yet."""
-    stack = LocalStack(settings)
+    """The running local stack's servers (Kafka, Cassandra); started here when not up yet.
+
+    chDB is not checked here: it allows one process per data path, and the ``clickhouse`` fixture
+    opens it for the tests that need it (a sink process under test may own another path)."""
+    stack = LocalStack(settings, services=("kafka", "cassandra"))
     if not stack.is_up():
         stack.up()
     return stack

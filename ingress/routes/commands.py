@@ -24,7 +24,7 @@ router = APIRouter(prefix="/v1/tenants/{tenant_id}", tags=["commands"])
 #: What the REST door takes, for the OpenAPI document (parsing uses ``parse_client_frame``, so
 #: that both doors answer bad input with the same error codes).
 RestCommand = Annotated[
-    PublishingCommand | fr.Sync | fr.Ping,
+    PublishingCommand | fr.Sync | fr.History | fr.Conversations | fr.WhoRead | fr.Ping,
     Field(discriminator="type"),
 ]
 REF_TEMPLATE: Final = "#/components/schemas/{model}"
@@ -48,14 +48,21 @@ _BODY: Final = {
 @router.post(
     "/commands",
     summary="Run one client command",
-    response_model=fr.Accepted | fr.Ok | fr.SyncPage | fr.Pong,
+    response_model=fr.Accepted
+    | fr.Ok
+    | fr.SyncPage
+    | fr.HistoryPage
+    | fr.ConversationList
+    | fr.ReadBy
+    | fr.Pong,
     responses={**ERROR_RESPONSES, 500: {"model": fr.ErrorFrame}},
     openapi_extra=_BODY,
 )
 async def post_command(request: Request, principal: PrincipalDep, gateway: GatewayDep) -> Response:
     """The reply frame: `accepted` for `send` (only once Kafka acknowledged it), `ok` for the
-    other write commands (with the `conversation_id` for `conversation.create`), `pong` for
-    `ping`, or `error`. `sync` answers `unavailable` in this build (no sync store yet)."""
+    other write commands (with the `conversation_id` for `conversation.create`), the page for a
+    read (`sync`, `history`, `conversations`, `who_read`; also as GET routes), `pong` for
+    `ping`, or `error`."""
     body = await read_body(request, gateway.max_frame_bytes)
     # Like a socket's frames, every request counts against the device's rate, invalid ones too.
     wait_ms = gateway.rate_limit(principal)

@@ -1,15 +1,24 @@
-"""Fixtures of the gateway tests: per-module topics and a real ingress process on them."""
+"""Fixtures of the gateway tests: per-module topics, a per-module serving keyspace (migrated by
+``imstream db migrate``) and a real ingress process on them."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
+from cassandra.cluster import Session
 from confluent_kafka.admin import AdminClient
 
 from pipelines.settings import Settings
 from pipelines.stack.manager import LocalStack
-from tests.ingress.support import Gateway, create_topics, delete_topics, start_gateway, unique
+from tests.ingress.support import (
+    Gateway,
+    create_topics,
+    delete_topics,
+    migrated_keyspace,
+    start_gateway,
+    unique,
+)
 
 #: The main gateway's settings: a short hello timeout so that its test is quick, and a rate limit
 #: no functional test reaches (tests/ingress/test_limits.py runs a gateway with a tight one).
@@ -31,13 +40,27 @@ def ingress_settings(
 
 
 @pytest.fixture(scope="module")
+def serving_keyspace(ingress_settings: Settings, cql_session: Session) -> Iterator[str]:
+    """A keyspace with the serving store's schema, for this module's gateway; dropped after."""
+    with migrated_keyspace(ingress_settings, cql_session) as name:
+        yield name
+
+
+@pytest.fixture(scope="module")
 def gateway(
-    ingress_settings: Settings, tmp_path_factory: pytest.TempPathFactory
+    ingress_settings: Settings,
+    serving_keyspace: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Gateway]:
-    """``imstream run ingress`` on this module's topics, ready (Kafka answers, live delivery
-    assigned); stopped with SIGTERM after the module, which must drain and exit 0."""
+    """``imstream run ingress`` on this module's topics and keyspace, ready (Kafka answers, live
+    delivery assigned, serving store connected); stopped with SIGTERM after the module, which
+    must drain and exit 0."""
     running = start_gateway(
-        ingress_settings, tmp_path_factory.mktemp("gateway"), ingress=MAIN_GATEWAY
+        ingress_settings,
+        tmp_path_factory.mktemp("gateway"),
+        ingress=MAIN_GATEWAY,
+        cql={"keyspace": serving_keyspace},
+        wait=Gateway.serving,
     )
     yield running
     assert running.stop() == 0, running.log()

@@ -7,6 +7,7 @@ way an operator would configure it (``IM_`` variables), talking to the real loca
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -17,12 +18,13 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from cassandra.cluster import Session
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -85,6 +87,31 @@ def delete_topics(admin: AdminClient, settings: Settings) -> None:
     names = [topic.name for topic in topic_catalog(settings)]
     for future in admin.delete_topics(names, operation_timeout=30).values():
         future.result(timeout=30)
+
+
+@contextlib.contextmanager
+def migrated_keyspace(settings: Settings, session: Session) -> Iterator[str]:
+    """A fresh keyspace migrated by ``imstream db migrate`` (the operator's command); dropped
+    on the way out."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    environment = {
+        **os.environ,
+        "IM_CQL__KEYSPACE": name,
+        "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
+    }
+    done = subprocess.run(
+        [str(IMSTREAM), "db", "migrate"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    try:
+        yield name
+    finally:
+        session.execute(f"DROP KEYSPACE IF EXISTS {name}", timeout=60)
 
 
 # -- the gateway process ------------------------------------------------------------
@@ -151,6 +178,14 @@ class Gateway:
             return False
         return status == 200
 
+    def serving(self) -> bool:
+        """Ready, and its serving store (reads) connected."""
+        try:
+            status, _, raw = self.request("GET", "/readyz", timeout=5)
+        except OSError:
+            return False
+        return status == 200 and bool(json.loads(raw).get("serving_store"))
+
     def alive(self) -> bool:
         try:
             status, _, _ = self.request("GET", "/healthz", timeout=5)
@@ -203,6 +238,7 @@ def start_gateway(
     *,
     kafka: Mapping[str, Any] | None = None,
     ingress: Mapping[str, Any] | None = None,
+    cql: Mapping[str, Any] | None = None,
     wait: Callable[[Gateway], bool] = Gateway.ready,
 ) -> Gateway:
     """Start ``imstream run ingress`` with these overrides and wait until ``wait`` holds."""
@@ -213,13 +249,19 @@ def start_gateway(
         **(kafka or {}),
     }
     environment = dict(os.environ)
-    for group, values in (("KAFKA", kafka_values), ("INGRESS", ingress_values)):
+    cql_values = dict(cql or {})
+    for group, values in (
+        ("KAFKA", kafka_values),
+        ("INGRESS", ingress_values),
+        ("CQL", cql_values),
+    ):
         for key, value in values.items():
             environment[f"IM_{group}__{key.upper()}"] = str(value)
     configured = settings.model_copy(
         update={
             "kafka": settings.kafka.model_copy(update=kafka_values),
             "ingress": settings.ingress.model_copy(update=ingress_values),
+            "cql": settings.cql.model_copy(update=cql_values),
         }
     )
     log_path = log_dir / f"{ingress_values['node_id']}.log"

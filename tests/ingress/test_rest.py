@@ -81,7 +81,17 @@ def test_other_commands_answer_like_the_socket(gateway: Gateway) -> None:
         {"type": "pong", "id": "p"},
     )
     status, _, sync = post(gateway, {"type": "sync", "id": "s", "cursor": 0}, headers)
-    assert (status, sync["code"]) == (503, "unavailable")
+    assert (status, sync) == (
+        200,
+        {
+            "type": "sync_page",
+            "id": "s",
+            "events": [],
+            "has_more": False,
+            "next_cursor": 0,
+            "expired": False,
+        },
+    )
 
 
 REFUSALS: dict[str, tuple[Any, int, str, str | None]] = {
@@ -215,7 +225,13 @@ def test_health_readiness_and_metrics(gateway: Gateway) -> None:
     status, _, raw = gateway.request("GET", "/readyz")
     assert (status, json.loads(raw)) == (
         200,
-        {"ready": True, "kafka": True, "live_delivery": True, "draining": False},
+        {
+            "ready": True,
+            "kafka": True,
+            "live_delivery": True,
+            "draining": False,
+            "serving_store": True,
+        },
     )
     post(gateway, send(unique("conv")), bearer(gateway, unique("user")))
     metrics = gateway.metrics()
@@ -240,6 +256,10 @@ def test_openapi_documents_every_route(gateway: Gateway) -> None:
     assert paths == {
         "/v1/tenants/{tenant_id}/commands": {"post"},
         "/v1/tenants/{tenant_id}/devices/{device_id}/push-token": {"put", "delete"},
+        "/v1/tenants/{tenant_id}/sync": {"get"},
+        "/v1/tenants/{tenant_id}/conversations": {"get"},
+        "/v1/tenants/{tenant_id}/conversations/{conversation_id}/messages": {"get"},
+        "/v1/tenants/{tenant_id}/conversations/{conversation_id}/messages/{seq}/read-by": {"get"},
         "/healthz": {"get"},
         "/readyz": {"get"},
         "/metrics": {"get"},

@@ -200,6 +200,9 @@ def sample_client_frames() -> dict[str, fr.ClientFrame]:
         fr.DeleteConversation(id="r15", conversation_id="c-2"),
         fr.Ack(id="r16", sync_id=42),
         fr.Sync(id="r17", cursor=40, limit=fr.MAX_SYNC_LIMIT),
+        fr.History(id="r19", conversation_id="c-1", before_seq=120, limit=fr.MAX_HISTORY_LIMIT),
+        fr.Conversations(id="r20", limit=20),
+        fr.WhoRead(id="r21", conversation_id="c-1", seq=7),
         fr.Ping(id="r18"),
     ]
     return {frame.type: frame for frame in frames}
@@ -233,6 +236,46 @@ def sample_server_frames() -> dict[str, fr.ServerFrame]:
             ],
             has_more=True,
             next_cursor=44,
+        ),
+        fr.HistoryPage(
+            id="r19",
+            conversation_id="c-1",
+            entries=[
+                fr.TimelineEntry(
+                    seq=7,
+                    event=events["message.sent"],
+                    recalled=False,
+                    edited=events["message.edited"],
+                ),
+                fr.TimelineEntry(seq=8, event=events["message.recalled"]),
+            ],
+            has_more=True,
+        ),
+        fr.ConversationList(
+            id="r20",
+            conversations=[
+                fr.ConversationItem(
+                    conversation_id="c-1",
+                    kind=ev.ConversationKind.GROUP,
+                    name="Team",
+                    role=ev.Role.ADMIN,
+                    last_seq=9,
+                    read_seq=7,
+                    unread=2,
+                    muted=True,
+                    muted_until=OCCURRED_AT,
+                    last_message_id=events["message.sent"].event_id,
+                    last_sender_id="bob",
+                    last_preview="hello",
+                    last_activity_at=OCCURRED_AT,
+                )
+            ],
+        ),
+        fr.ReadBy(
+            id="r21",
+            conversation_id="c-1",
+            seq=7,
+            readers=[fr.Reader(user_id="bob", read_seq=9, read_at=OCCURRED_AT)],
         ),
         fr.ErrorFrame(
             id="r2",

@@ -8,11 +8,15 @@ from schemas.events import (
     Actor,
     BadgeCleared,
     BadgeClearedPayload,
+    ConversationMemberAdded,
+    ConversationMemberAddedPayload,
     ConversationMuteChanged,
     ConversationMuteChangedPayload,
     DeviceConnected,
     DeviceDisconnected,
     DevicePresencePayload,
+    MessageEdited,
+    MessageEditedPayload,
     MessageSent,
     MessageSentPayload,
     Platform,
@@ -180,3 +184,27 @@ def test_user_state_survives_its_json_form() -> None:
         apply_delivery(state, "alice", message("bob", seq), now=NOW)
     restored = UserState.from_json(state.to_json())
     assert restored == state
+
+
+def test_recalls_and_edits_move_the_last_seq_and_a_new_member_gets_a_view() -> None:
+    state = UserState()
+    apply_delivery(state, "alice", message("bob", 1), now=NOW)
+    edit = MessageEdited.new(
+        tenant_id=TENANT,
+        actor=Actor(user_id="bob"),
+        payload=MessageEditedPayload(
+            conversation_id="c-1",
+            message_id=message_event_id(TENANT, "bob", "m1"),
+            body=TextBody(text="fixed"),
+            conversation_seq=2,
+        ),
+    )
+    apply_delivery(state, "alice", Delivery(user_id="alice", event=edit), now=NOW)
+    assert state.conversations["c-1"].last_seq == 2
+    added = ConversationMemberAdded.new(
+        tenant_id=TENANT,
+        actor=Actor(user_id="bob"),
+        payload=ConversationMemberAddedPayload(conversation_id="c-9", user_id="alice"),
+    )
+    apply_delivery(state, "alice", Delivery(user_id="alice", event=added), now=NOW)
+    assert "c-9" in state.conversations

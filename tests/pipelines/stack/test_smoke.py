@@ -86,8 +86,9 @@ def test_clickhouse_merge_tree_insert_and_aggregate(
     assert result.result_rows == [("t1", 3, 6), ("t2", 1, 4)]
 
 
-def test_status_reports_every_service_up(local_stack: LocalStack) -> None:
-    statuses = {status.name: status for status in local_stack.status()}
+def test_status_reports_every_service_up(local_stack: LocalStack, settings: Settings) -> None:
+    # The whole stack, chDB included (the session's fixture covers only the servers).
+    statuses = {status.name: status for status in LocalStack(settings).status()}
     assert set(statuses) == {"kafka", "cassandra", "clickhouse"}
     assert all(status.state is ServiceState.UP for status in statuses.values())
     assert statuses["kafka"].pids and statuses["cassandra"].pids

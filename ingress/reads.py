@@ -1,0 +1,226 @@
+"""Clients' reads, answered from the serving store: sync, history, the conversation list, who-read.
+
+Both doors use it (the WebSocket's ``sync``/``history``/``conversations``/``who_read`` frames and
+the REST ``GET`` routes). Authorization: a user syncs only their own queue (the principal's), and
+reads a conversation's history and who-read only as a current member (``members`` table).
+
+The CQL session is opened in the background at start and re-tried until the cluster answers; until
+then, and whenever a query fails, a read answers ``unavailable`` with a retry hint — a read is
+always safe to repeat. Writes (sends) never depend on the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Final, TypeGuard
+
+from cassandra.cluster import Cluster
+from pydantic import ValidationError
+
+from ingress.connection import Principal
+from pipelines.connections import cql_cluster
+from pipelines.settings import Settings
+from schemas import frames as fr
+from schemas.errors import ErrorCode
+from schemas.events import parse_event
+from sinks.cql.store import (
+    ConversationRow,
+    CursorExpiredError,
+    ServingStore,
+    StoreUnavailableError,
+    TimelineRow,
+)
+
+_log = logging.getLogger(__name__)
+
+ReadFrame = fr.Sync | fr.History | fr.Conversations | fr.WhoRead
+READ_FRAMES: Final = (fr.Sync, fr.History, fr.Conversations, fr.WhoRead)
+#: How long a client should wait before repeating a read the store could not answer.
+RETRY_AFTER_MS: Final = 1000
+_CONNECT_RETRY_SECONDS: Final = 5.0
+
+
+def is_reading(frame: fr.ClientFrame) -> TypeGuard[ReadFrame]:
+    return isinstance(frame, READ_FRAMES)
+
+
+class Reads:
+    """The read side of one ingress node."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store: ServingStore | None = None
+        self._cluster: Cluster | None = None
+        self._connecting: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Connect in the background; reads answer ``unavailable`` until connected."""
+        self._connecting = asyncio.get_running_loop().create_task(self._connect())
+
+    async def stop(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self._cluster is not None:
+            await asyncio.to_thread(self._cluster.shutdown)
+
+    @property
+    def connected(self) -> bool:
+        return self.store is not None
+
+    async def _connect(self) -> None:
+        while True:
+            cluster = cql_cluster(self.settings)
+            try:
+                session = await asyncio.to_thread(cluster.connect)
+                self.store = await asyncio.to_thread(ServingStore, session, self.settings)
+            except Exception as error:  # the driver raises several kinds; all mean "not yet"
+                _log.warning(
+                    "serving store not reachable (%s); reads answer unavailable, retrying in %gs",
+                    error,
+                    _CONNECT_RETRY_SECONDS,
+                )
+                await asyncio.to_thread(cluster.shutdown)
+                await asyncio.sleep(_CONNECT_RETRY_SECONDS)
+                continue
+            self._cluster = cluster
+            _log.info("serving store connected (keyspace %s)", self.settings.cql.keyspace)
+            return
+
+    async def answer(self, principal: Principal, frame: ReadFrame) -> fr.ServerFrame:
+        """The reply to one read; never raises."""
+        store = self.store
+        if store is None:
+            return _unavailable(frame.id, "the serving store is not connected yet")
+        try:
+            match frame:
+                case fr.Sync():
+                    return await self._sync(store, principal, frame)
+                case fr.History():
+                    return await self._history(store, principal, frame)
+                case fr.Conversations():
+                    return await self._conversations(store, principal, frame)
+                case fr.WhoRead():
+                    return await self._who_read(store, principal, frame)
+        except StoreUnavailableError as error:
+            _log.warning("a %s read failed: %s", frame.type, error)
+            return _unavailable(frame.id, f"the serving store did not answer ({error})")
+        except Exception:
+            _log.exception("unexpected error answering a %s", frame.type)
+            return fr.ErrorFrame(id=frame.id, code=ErrorCode.INTERNAL, message="unexpected error")
+
+    async def _sync(self, store: ServingStore, principal: Principal, frame: fr.Sync) -> fr.SyncPage:
+        try:
+            page = await store.sync(
+                principal.tenant_id, principal.user_id, cursor=frame.cursor, limit=frame.limit
+            )
+        except CursorExpiredError as expired:
+            return fr.SyncPage(
+                id=frame.id, events=[], has_more=False, next_cursor=expired.head, expired=True
+            )
+        events = []
+        for row in page.rows:
+            try:
+                events.append(fr.SyncedEvent(sync_id=row.sync_id, event=parse_event(row.event)))
+            except Exception:
+                # A row the store holds but this build cannot read: skip it, say so loudly.
+                _log.exception("sync entry %d of %s unreadable", row.sync_id, principal.user_id)
+        return fr.SyncPage(
+            id=frame.id, events=events, has_more=page.has_more, next_cursor=page.next_cursor
+        )
+
+    async def _history(
+        self, store: ServingStore, principal: Principal, frame: fr.History
+    ) -> fr.HistoryPage | fr.ErrorFrame:
+        if not await store.is_member(principal.tenant_id, frame.conversation_id, principal.user_id):
+            return _not_a_member(frame.id, frame.conversation_id)
+        page = await store.history(
+            principal.tenant_id,
+            frame.conversation_id,
+            before=frame.before_seq,
+            after=frame.after_seq,
+            limit=frame.limit,
+        )
+        return fr.HistoryPage(
+            id=frame.id,
+            conversation_id=frame.conversation_id,
+            entries=[_entry(row) for row in page.rows],
+            has_more=page.has_more,
+        )
+
+    async def _conversations(
+        self, store: ServingStore, principal: Principal, frame: fr.Conversations
+    ) -> fr.ConversationList:
+        rows = await store.conversations(principal.tenant_id, principal.user_id, limit=frame.limit)
+        items = []
+        for row in rows:
+            try:
+                items.append(_item(row))
+            except ValidationError:
+                _log.exception(
+                    "conversation %s of %s unreadable", row.conversation_id, principal.user_id
+                )
+        return fr.ConversationList(id=frame.id, conversations=items)
+
+    async def _who_read(
+        self, store: ServingStore, principal: Principal, frame: fr.WhoRead
+    ) -> fr.ReadBy | fr.ErrorFrame:
+        if not await store.is_member(principal.tenant_id, frame.conversation_id, principal.user_id):
+            return _not_a_member(frame.id, frame.conversation_id)
+        readers = await store.who_read(principal.tenant_id, frame.conversation_id, frame.seq)
+        return fr.ReadBy(
+            id=frame.id,
+            conversation_id=frame.conversation_id,
+            seq=frame.seq,
+            readers=[
+                fr.Reader(user_id=r.user_id, read_seq=r.read_seq, read_at=r.read_at)
+                for r in readers
+            ],
+        )
+
+
+def _entry(row: TimelineRow) -> fr.TimelineEntry:
+    return fr.TimelineEntry(
+        seq=row.seq,
+        event=parse_event(row.event),
+        recalled=row.recalled,
+        edited=parse_event(row.edited_event) if row.edited_event else None,
+    )
+
+
+def _item(row: ConversationRow) -> fr.ConversationItem:
+    return fr.ConversationItem.model_validate(
+        {
+            "conversation_id": row.conversation_id,
+            "kind": row.kind,
+            "name": row.name,
+            "role": row.role,
+            "last_seq": row.last_seq,
+            "read_seq": row.read_seq,
+            "unread": row.unread,
+            "muted": row.muted,
+            "muted_until": row.muted_until,
+            "pinned": row.pinned,
+            "last_message_id": row.last_message_id,
+            "last_sender_id": row.last_sender_id,
+            "last_preview": row.last_preview,
+            "last_activity_at": row.last_activity_at,
+        }
+    )
+
+
+def _unavailable(request_id: str, why: str) -> fr.ErrorFrame:
+    return fr.ErrorFrame(
+        id=request_id,
+        code=ErrorCode.UNAVAILABLE,
+        message=f"{why}; the read is safe to repeat",
+        retry_after_ms=RETRY_AFTER_MS,
+    )
+
+
+def _not_a_member(request_id: str, conversation_id: str) -> fr.ErrorFrame:
+    return fr.ErrorFrame(
+        id=request_id,
+        code=ErrorCode.FORBIDDEN,
+        message=f"only members read conversation {conversation_id}",
+    )

@@ -1,0 +1,328 @@
+"""The named analytics queries: parameterised SQL over the replay-safe views (schema.py).
+
+Dashboards ask for a query by name with at most three parameters — ``tenant`` (optional; all
+tenants when absent), ``from`` and ``to`` (RFC 3339 with an offset; the rows whose period starts
+in ``[from, to)``). No SQL comes from a client: the SQL is fixed here, the parameters are
+validated and bound by ClickHouse (``{name:Type}``), and bad ones are refused with a stable code
+(:class:`AnalyticsErrorCode`) before anything runs.
+
+Every view reads ``audit_events FINAL``, so the answers count every Kafka record once however
+often it was inserted (docs/analytics.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sinks.clickhouse.schema import quote_identifier
+from sinks.clickhouse.store import ClickHouseStore
+
+log = logging.getLogger(__name__)
+
+#: The most rows one answer holds; more are cut and the answer says ``truncated``.
+MAX_ROWS = 10_000
+_TENANT = re.compile(r"^[A-Za-z0-9._:@+=-]{1,64}$")
+_EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
+_LATEST = datetime(2299, 12, 31, tzinfo=UTC)
+PARAMETERS = ("tenant", "from", "to")
+
+
+class AnalyticsErrorCode(StrEnum):
+    """The ``code`` of an analytics error body; never changes meaning once released."""
+
+    UNKNOWN_QUERY = "unknown-query"
+    UNKNOWN_PARAMETER = "unknown-parameter"
+    INVALID_PARAMETER = "invalid-parameter"
+    UNAVAILABLE = "unavailable"
+
+    @property
+    def http_status(self) -> int:
+        return _STATUS[self]
+
+
+_STATUS = {
+    AnalyticsErrorCode.UNKNOWN_QUERY: 404,
+    AnalyticsErrorCode.UNKNOWN_PARAMETER: 400,
+    AnalyticsErrorCode.INVALID_PARAMETER: 400,
+    AnalyticsErrorCode.UNAVAILABLE: 503,
+}
+
+
+class AnalyticsError(Exception):
+    """A refused or failed analytics request: a stable code, a readable message, the field."""
+
+    def __init__(self, code: AnalyticsErrorCode, message: str, field: str | None = None) -> None:
+        super().__init__(f"[{code}] {message}")
+        self.code = code
+        self.message = message
+        self.field = field
+
+    def body(self) -> dict[str, Any]:
+        return {"code": str(self.code), "message": self.message, "field": self.field}
+
+
+@dataclass(frozen=True, slots=True)
+class NamedQuery:
+    """One query a dashboard may ask for: a view, its columns and its time column."""
+
+    name: str
+    description: str
+    view: str
+    columns: tuple[str, ...]
+    #: The column that places a row in time; rows whose period starts in [from, to) answer.
+    period: str
+    #: How far back ``from`` defaults to from ``to``, and the widest window allowed.
+    default_window: timedelta
+    max_window: timedelta
+    order_by: tuple[str, ...]
+
+    def sql(self, database: str) -> str:
+        period = f"toDateTime({self.period}, 'UTC')"
+        return (
+            f"SELECT {', '.join(self.columns)} "
+            f"FROM {quote_identifier(database)}.{self.view} "
+            "WHERE ({tenant:Nullable(String)} IS NULL OR tenant_id = {tenant:Nullable(String)}) "
+            f"AND {period} >= {{start:DateTime64(6, 'UTC')}} "
+            f"AND {period} < {{end:DateTime64(6, 'UTC')}} "
+            f"ORDER BY {', '.join(self.order_by)} "
+            f"LIMIT {MAX_ROWS + 1}"
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "columns": list(self.columns),
+            "period": self.period,
+            "parameters": list(PARAMETERS),
+            "default_window_seconds": int(self.default_window.total_seconds()),
+            "max_window_seconds": int(self.max_window.total_seconds()),
+        }
+
+
+_DAY = timedelta(days=1)
+_LATENCY_COLUMNS = ("tenant_id", "minute", "messages", "p50_ms", "p90_ms", "p99_ms", "max_ms")
+
+QUERIES: dict[str, NamedQuery] = {
+    query.name: query
+    for query in (
+        NamedQuery(
+            name="messages_per_minute",
+            description="Messages sequenced per minute of sending, by tenant and conversation "
+            "kind (direct or group)",
+            view="messages_per_minute",
+            columns=("tenant_id", "minute", "conversation_kind", "messages"),
+            period="minute",
+            default_window=_DAY,
+            max_window=timedelta(days=31),
+            order_by=("tenant_id", "minute", "conversation_kind"),
+        ),
+        NamedQuery(
+            name="daily_active_users",
+            description="Distinct users who sent a command or connected a device, per UTC day",
+            view="daily_active_users",
+            columns=("tenant_id", "day", "active_users"),
+            period="day",
+            default_window=timedelta(days=30),
+            max_window=timedelta(days=3660),
+            order_by=("tenant_id", "day"),
+        ),
+        NamedQuery(
+            name="monthly_active_users",
+            description="Distinct users who sent a command or connected a device, per UTC "
+            "calendar month",
+            view="monthly_active_users",
+            columns=("tenant_id", "month", "active_users"),
+            period="month",
+            default_window=timedelta(days=366),
+            max_window=timedelta(days=3660),
+            order_by=("tenant_id", "month"),
+        ),
+        NamedQuery(
+            name="send_to_sequenced_latency",
+            description="Milliseconds from a message's occurred_at (accepted by the ingress) to "
+            "its sequenced record's Kafka timestamp, per minute of sending",
+            view="send_to_sequenced_latency",
+            columns=_LATENCY_COLUMNS,
+            period="minute",
+            default_window=_DAY,
+            max_window=timedelta(days=31),
+            order_by=("tenant_id", "minute"),
+        ),
+        NamedQuery(
+            name="sequenced_to_stored_latency",
+            description="Milliseconds from a message's sequenced record's Kafka timestamp to its "
+            "audit row being stored in ClickHouse, per minute of sequencing",
+            view="sequenced_to_stored_latency",
+            columns=_LATENCY_COLUMNS,
+            period="minute",
+            default_window=_DAY,
+            max_window=timedelta(days=31),
+            order_by=("tenant_id", "minute"),
+        ),
+        NamedQuery(
+            name="push_jobs_per_minute",
+            description="Push jobs planned per minute (of their latest message), the messages "
+            "they stand for and the users they notify",
+            view="push_jobs_per_minute",
+            columns=("tenant_id", "minute", "jobs", "merged_messages", "users"),
+            period="minute",
+            default_window=_DAY,
+            max_window=timedelta(days=31),
+            order_by=("tenant_id", "minute"),
+        ),
+        NamedQuery(
+            name="push_outcomes_per_minute",
+            description="Push delivery attempts per minute by provider and outcome (written by "
+            "the push sender)",
+            view="push_outcomes_per_minute",
+            columns=("tenant_id", "minute", "provider", "outcome", "attempts", "jobs"),
+            period="minute",
+            default_window=_DAY,
+            max_window=timedelta(days=31),
+            order_by=("tenant_id", "minute", "provider", "outcome"),
+        ),
+        NamedQuery(
+            name="dead_letters_per_minute",
+            description="Records dead-lettered per minute, by source topic and reason code; a "
+            "record dead-lettered more than once counts once",
+            view="dead_letters_per_minute",
+            columns=("tenant_id", "minute", "source_topic", "error_code", "dead_letters"),
+            period="minute",
+            default_window=_DAY,
+            max_window=timedelta(days=31),
+            order_by=("minute", "source_topic", "error_code", "tenant_id"),
+        ),
+    )
+}
+
+
+@dataclass(frozen=True, slots=True)
+class QueryParameters:
+    tenant: str | None
+    start: datetime
+    end: datetime
+
+
+def parse_parameters(
+    query: NamedQuery, items: Sequence[tuple[str, str]], *, now: datetime
+) -> QueryParameters:
+    """The request's query-string items, validated; raises :class:`AnalyticsError`."""
+    values: dict[str, str] = {}
+    for name, value in items:
+        if name not in PARAMETERS:
+            raise AnalyticsError(
+                AnalyticsErrorCode.UNKNOWN_PARAMETER,
+                f"unknown parameter {name!r}; {query.name} takes {', '.join(PARAMETERS)}",
+                name,
+            )
+        if name in values:
+            raise AnalyticsError(
+                AnalyticsErrorCode.INVALID_PARAMETER, f"{name} is given more than once", name
+            )
+        values[name] = value
+    tenant = values.get("tenant") or None
+    if tenant is not None and not _TENANT.match(tenant):
+        raise AnalyticsError(
+            AnalyticsErrorCode.INVALID_PARAMETER,
+            "tenant must be 1-64 characters of A-Z a-z 0-9 . _ : @ + = -",
+            "tenant",
+        )
+    end = _time(values.get("to"), "to") or now.astimezone(UTC)
+    start = _time(values.get("from"), "from") or end - query.default_window
+    if start >= end:
+        raise AnalyticsError(AnalyticsErrorCode.INVALID_PARAMETER, "from must be before to", "from")
+    if end - start > query.max_window:
+        raise AnalyticsError(
+            AnalyticsErrorCode.INVALID_PARAMETER,
+            f"{query.name} answers at most {query.max_window.days} days at a time",
+            "from",
+        )
+    return QueryParameters(tenant=tenant, start=start, end=end)
+
+
+def _time(value: str | None, name: str) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None:
+        raise AnalyticsError(
+            AnalyticsErrorCode.INVALID_PARAMETER,
+            f"{name} must be an RFC 3339 time with an offset, e.g. 2026-01-31T12:00:00Z",
+            name,
+        )
+    parsed = parsed.astimezone(UTC)
+    if not _EARLIEST <= parsed <= _LATEST:
+        raise AnalyticsError(
+            AnalyticsErrorCode.INVALID_PARAMETER, f"{name} must be between 1900 and 2299", name
+        )
+    return parsed
+
+
+def json_value(value: Any) -> Any:
+    """A ClickHouse value as JSON: times in UTC with ``Z``, dates as ``YYYY-MM-DD``."""
+    if isinstance(value, datetime):
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value.isoformat().replace("+00:00", "Z")
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return value
+
+
+class Analytics:
+    """Runs the named queries against one store (its database)."""
+
+    def __init__(self, store: ClickHouseStore) -> None:
+        self.store = store
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [query.describe() for query in QUERIES.values()]
+
+    async def run(
+        self, name: str, items: Sequence[tuple[str, str]], *, now: datetime | None = None
+    ) -> dict[str, Any]:
+        """The answer to query ``name``: its parameters as understood and its rows."""
+        query = QUERIES.get(name)
+        if query is None:
+            raise AnalyticsError(
+                AnalyticsErrorCode.UNKNOWN_QUERY,
+                f"no analytics query named {name!r}; known: {', '.join(QUERIES)}",
+            )
+        parameters = parse_parameters(query, items, now=now or datetime.now(UTC))
+        bound: dict[str, Any] = {
+            "tenant": parameters.tenant,
+            "start": parameters.start,
+            "end": parameters.end,
+        }
+        try:
+            result = await self.store.query_async(query.sql(self.store.database), bound)
+        except Exception as error:  # the client's errors have no common base worth naming
+            log.exception("analytics query %s failed", name)
+            raise AnalyticsError(
+                AnalyticsErrorCode.UNAVAILABLE, f"ClickHouse did not answer: {error}"
+            ) from error
+        rows = [
+            {column: json_value(value) for column, value in zip(query.columns, row, strict=True)}
+            for row in result.result_rows[:MAX_ROWS]
+        ]
+        return {
+            "query": name,
+            "tenant": parameters.tenant,
+            "from": json_value(parameters.start),
+            "to": json_value(parameters.end),
+            "columns": list(query.columns),
+            "rows": rows,
+            "truncated": len(result.result_rows) > MAX_ROWS,
+        }

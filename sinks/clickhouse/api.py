@@ -1,0 +1,145 @@
+"""The analytics HTTP endpoint of the process that owns the ClickHouse data path.
+
+chDB allows one data path per process, so the ClickHouse sink process answers dashboards'
+analytics queries for everyone else:
+
+- ``GET /healthz`` — 200 while the sink loop runs, 503 once it stopped;
+- ``GET /v1/analytics`` — the named queries, their columns and parameters;
+- ``GET /v1/analytics/{name}?tenant=&from=&to=`` — the rows as JSON; errors as
+  ``{"code", "message", "field"}`` with the code's status (``sinks.clickhouse.analytics``).
+
+The server is uvicorn in a thread of its own with its own event loop (``AnalyticsServer``): the
+consumer loop keeps the main thread and its signal handlers, and queries reach ClickHouse through
+the store's one thread without blocking either.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from sinks.clickhouse.analytics import Analytics, AnalyticsError
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_SECONDS = 10.0
+STOP_TIMEOUT_SECONDS = 10.0
+
+
+class AnalyticsServerError(Exception):
+    """The endpoint cannot serve (address in use, not started in time): what to fix."""
+
+
+def _analytics(request: Request) -> Analytics:
+    analytics = request.app.state.analytics
+    assert isinstance(analytics, Analytics)
+    return analytics
+
+
+AnalyticsDep = Annotated[Analytics, Depends(_analytics)]
+
+
+def analytics_app(analytics: Analytics, *, healthy: Callable[[], bool] = lambda: True) -> FastAPI:
+    """The analytics API over ``analytics``; ``healthy`` says whether the sink still runs."""
+    app = FastAPI(
+        title="imstream analytics",
+        version="1",
+        description="Named, replay-safe analytics over the ClickHouse audit log "
+        "(docs/analytics.md).",
+    )
+    app.state.analytics = analytics
+
+    @app.get("/healthz", summary="Liveness: 200 while the sink loop runs")
+    async def healthz() -> JSONResponse:
+        running = healthy()
+        return JSONResponse(
+            {"status": "ok" if running else "stopped"}, status_code=200 if running else 503
+        )
+
+    @app.get("/v1/analytics", summary="The named analytics queries")
+    async def list_queries(service: AnalyticsDep) -> dict[str, Any]:
+        return {"queries": service.describe()}
+
+    @app.get(
+        "/v1/analytics/{name}",
+        summary="Run a named query: ?tenant=&from=&to= (RFC 3339 with an offset)",
+        responses={
+            400: {"description": "unknown-parameter or invalid-parameter"},
+            404: {"description": "unknown-query"},
+            503: {"description": "unavailable: ClickHouse did not answer"},
+        },
+    )
+    async def run_query(name: str, request: Request, service: AnalyticsDep) -> dict[str, Any]:
+        return await service.run(name, request.query_params.multi_items())
+
+    async def refused(_request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, AnalyticsError)
+        return JSONResponse(error.body(), status_code=error.code.http_status)
+
+    app.add_exception_handler(AnalyticsError, refused)
+    return app
+
+
+class AnalyticsServer:
+    """uvicorn serving ``app`` on ``host:port`` from a daemon thread.
+
+    The socket is bound in the constructor, so an address in use is reported before anything
+    starts (``AnalyticsServerError`` naming the settings to change); port 0 picks a free port
+    (``port`` tells which).
+    """
+
+    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+        try:
+            family, kind, protocol, _, address = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM
+            )[0]
+            self._socket = socket.socket(family, kind, protocol)
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._socket.bind(address)
+        except OSError as error:
+            raise AnalyticsServerError(
+                f"the analytics endpoint cannot listen on {host}:{port} ({error}); set "
+                "IM_SINKS__ANALYTICS_HOST / IM_SINKS__ANALYTICS_PORT to a free address"
+            ) from error
+        self.host = host
+        self.port = int(self._socket.getsockname()[1])
+        self._server = uvicorn.Server(
+            uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
+        )
+        self._thread = threading.Thread(
+            target=self._server.run,
+            kwargs={"sockets": [self._socket]},
+            name="analytics-http",
+            daemon=True,
+        )
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> None:
+        """Serve, and return once the server accepts connections."""
+        self._thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise AnalyticsServerError(
+                    f"the analytics endpoint on {self.host}:{self.port} did not start"
+                )
+            time.sleep(0.02)
+        log.info("analytics endpoint on %s", self.url)
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(STOP_TIMEOUT_SECONDS)
+        self._socket.close()

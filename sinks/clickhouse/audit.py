@@ -1,0 +1,350 @@
+"""Kafka records as audit rows: what the ClickHouse sink writes for each record, and why a record
+is poison. Pure functions — no Kafka, no ClickHouse — so the row of a record is a function of the
+record alone, which is what makes a replayed copy collapse with the first one (schema.py).
+
+A record is decoded by the format of its topic (an event, an ``InboxRecord``, a ``SyncRecord``, a
+``LiveDelivery``, a ``PushJob``); a dead-letter topic holds its source's records, so it is decoded
+by its source's format, and its reason headers fill the ``error_*`` columns. A record that does not
+decode is still audited — ``event_type`` ``undecodable``, the raw value kept, the reason in
+``error_code``/``error_message`` — and reported as poison so the sink can dead-letter it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from schemas.errors import ErrorCode, SchemaError, schema_error
+from schemas.events import (
+    Event,
+    InboxRecord,
+    LiveDelivery,
+    PushJob,
+    SyncRecord,
+    parse_event,
+)
+from schemas.topics import CleanupPolicy, Topic, TopicCatalog
+from sinks.clickhouse.schema import PUSH_JOB, TOMBSTONE, UNDECODABLE
+
+ERROR_CODE_HEADER = "imstream.error.code"
+ERROR_MESSAGE_HEADER = "imstream.error.message"
+SOURCE_TOPIC_HEADER = "imstream.source.topic"
+SOURCE_PARTITION_HEADER = "imstream.source.partition"
+SOURCE_OFFSET_HEADER = "imstream.source.offset"
+
+log = logging.getLogger(__name__)
+
+#: The reason code of a record whose decoding raised something else than a schema error (the
+#: stream stage uses the same code for a record its rules raise on).
+PROCESSING_FAILED = "processing-failed"
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: The range ClickHouse's DateTime64 supports: a time outside it is stored as nonsense (and
+#: opens a partition of its own); an integer beyond UInt64 fails the whole insert.
+_EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
+_LATEST = datetime(2299, 12, 31, 23, 59, 59, tzinfo=UTC)
+_MAX_UINT32 = 2**32 - 1
+_MAX_UINT64 = 2**64 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaRecord:
+    """One consumed record, as plain data."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int | None
+    headers: Sequence[tuple[str, bytes | None]] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What the audit knows about a decoded record."""
+
+    event_id: str | None
+    event_type: str
+    tenant_id: str
+    conversation_id: str | None
+    user_id: str | None
+    sync_id: int | None
+    conversation_seq: int | None
+    occurred_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Poison:
+    """Why a record could not be decoded: a stable code and a readable message."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRow:
+    """One row of ``audit_events``; ``values()`` follows ``schema.AUDIT_COLUMNS``."""
+
+    topic: str
+    partition: int
+    offset: int
+    record_key: bytes | None
+    record_timestamp: datetime
+    event_id: str | None
+    event_type: str
+    tenant_id: str
+    conversation_id: str | None
+    user_id: str | None
+    sync_id: int | None
+    conversation_seq: int | None
+    occurred_at: datetime
+    error_code: str | None
+    error_message: str | None
+    error_source_topic: str | None
+    error_source_partition: int | None
+    error_source_offset: int | None
+    raw: bytes
+
+    def values(self) -> tuple[Any, ...]:
+        return (
+            self.topic,
+            self.partition,
+            self.offset,
+            self.record_key,
+            self.record_timestamp,
+            self.event_id,
+            self.event_type,
+            self.tenant_id,
+            self.conversation_id,
+            self.user_id,
+            self.sync_id,
+            self.conversation_seq,
+            self.occurred_at,
+            self.error_code,
+            self.error_message,
+            self.error_source_topic,
+            self.error_source_partition,
+            self.error_source_offset,
+            self.raw,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Audited:
+    """A record's audit row, and the reason it is poison if it could not be decoded."""
+
+    row: AuditRow
+    poison: Poison | None
+
+
+Decoder = Callable[[bytes], Facts]
+M = TypeVar("M", bound=BaseModel)
+
+
+def event_facts(event: Event) -> Facts:
+    """An event's columns. ``user_id`` is the actor, except for device events (presence, push
+    tokens), whose user is the device's user whoever caused them — as in the topic key."""
+    payload = event.payload
+    device_user = getattr(payload, "user_id", None) if hasattr(payload, "device_id") else None
+    actor = event.actor.user_id if event.actor is not None else None
+    return Facts(
+        event_id=event.event_id,
+        event_type=event.type,
+        tenant_id=event.tenant_id,
+        conversation_id=getattr(payload, "conversation_id", None),
+        user_id=device_user or actor,
+        sync_id=None,
+        conversation_seq=getattr(payload, "conversation_seq", None),
+        occurred_at=event.occurred_at,
+    )
+
+
+def _decode_event(raw: bytes) -> Facts:
+    return event_facts(parse_event(raw))
+
+
+def _decode_model(model: type[M], raw: bytes) -> M:
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as error:
+        raise schema_error(error, raw, what="record", known_types=()) from None
+
+
+def _decode_inbox(raw: bytes) -> Facts:
+    record = _decode_model(InboxRecord, raw)
+    return replace(
+        event_facts(record.event),
+        tenant_id=record.tenant_id,
+        conversation_id=record.conversation_id,
+        user_id=record.user_id,
+    )
+
+
+def _decode_sync(raw: bytes) -> Facts:
+    record = _decode_model(SyncRecord, raw)
+    return replace(
+        event_facts(record.event),
+        tenant_id=record.tenant_id,
+        user_id=record.user_id,
+        sync_id=record.sync_id,
+    )
+
+
+def _decode_live(raw: bytes) -> Facts:
+    record = _decode_model(LiveDelivery, raw)
+    return replace(
+        event_facts(record.event),
+        tenant_id=record.tenant_id,
+        user_id=record.user_id,
+        sync_id=record.sync_id,
+    )
+
+
+def _decode_push_job(raw: bytes) -> Facts:
+    job = _decode_model(PushJob, raw)
+    return Facts(
+        event_id=job.job_id,
+        event_type=PUSH_JOB,
+        tenant_id=job.tenant_id,
+        conversation_id=job.conversation_id,
+        user_id=job.user_id,
+        sync_id=None,
+        conversation_seq=job.conversation_seq,
+        occurred_at=job.occurred_at,
+    )
+
+
+class AuditDecoder:
+    """Decodes any record of an audited topic into its row (``audit``)."""
+
+    def __init__(self, catalog: TopicCatalog) -> None:
+        self.catalog = catalog
+        by_source: dict[str, Decoder] = {
+            catalog.user_inbox.name: _decode_inbox,
+            catalog.sync_events.name: _decode_sync,
+            catalog.live_delivery.name: _decode_live,
+            catalog.push_jobs.name: _decode_push_job,
+        }
+        self._decoders: dict[str, Decoder] = {}
+        self._sources: dict[str, Topic] = {}
+        for source in catalog.sources():
+            decoder = by_source.get(source.name, _decode_event)
+            self._decoders[source.name] = decoder
+            self._sources[source.name] = source
+            if source.dead_letter is not None:
+                self._decoders[source.dead_letter] = decoder
+                self._sources[source.dead_letter] = source
+
+    def source_of(self, topic: str) -> Topic | None:
+        """The source topic a record of ``topic`` came from (itself, or a dead letter's source)."""
+        return self._sources.get(topic)
+
+    def audit(self, record: KafkaRecord) -> Audited:
+        """The record's row; never raises for bad input (that is what ``poison`` is for)."""
+        timestamp = _record_time(record.timestamp_ms)
+        source = self._sources.get(record.topic)
+        dead_letter = source is not None and source.name != record.topic
+        facts: Facts | None = None
+        poison: Poison | None = None
+        if record.value is None:
+            if source is not None and source.cleanup is not CleanupPolicy.DELETE:
+                facts = _tombstone(timestamp)
+            else:
+                poison = Poison(str(ErrorCode.MALFORMED_JSON), "the record has no value")
+        else:
+            decoder = self._decoders.get(record.topic, _decode_event)
+            try:
+                facts = decoder(record.value)
+            except SchemaError as error:
+                field = f"{error.field}: " if error.field else ""
+                poison = Poison(str(error.code), f"{field}{error.message}")
+            except Exception as error:  # a record the decoder cannot handle must not stop the sink
+                log.exception("record %s[%d]@%d", record.topic, record.partition, record.offset)
+                poison = Poison(PROCESSING_FAILED, repr(error))
+            if facts is not None and (problem := _out_of_range(facts)) is not None:
+                facts, poison = None, Poison(str(ErrorCode.SCHEMA_INVALID), problem)
+        if facts is None:
+            facts = _undecodable(timestamp)
+        headers = _headers(record.headers) if dead_letter else {}
+        error_code = headers.get(ERROR_CODE_HEADER)
+        error_message = headers.get(ERROR_MESSAGE_HEADER)
+        if not dead_letter and poison is not None:
+            error_code, error_message = poison.code, poison.message
+        row = AuditRow(
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            record_key=record.key,
+            record_timestamp=timestamp,
+            event_id=facts.event_id,
+            event_type=facts.event_type,
+            tenant_id=facts.tenant_id,
+            conversation_id=facts.conversation_id,
+            user_id=facts.user_id,
+            sync_id=facts.sync_id,
+            conversation_seq=facts.conversation_seq,
+            occurred_at=facts.occurred_at,
+            error_code=error_code,
+            error_message=error_message,
+            error_source_topic=headers.get(SOURCE_TOPIC_HEADER),
+            error_source_partition=_int_or_none(headers.get(SOURCE_PARTITION_HEADER), _MAX_UINT32),
+            error_source_offset=_int_or_none(headers.get(SOURCE_OFFSET_HEADER), _MAX_UINT64),
+            raw=record.value or b"",
+        )
+        return Audited(row=row, poison=poison)
+
+
+def _tombstone(timestamp: datetime) -> Facts:
+    return Facts(None, TOMBSTONE, "", None, None, None, None, timestamp)
+
+
+def _undecodable(timestamp: datetime) -> Facts:
+    return Facts(None, UNDECODABLE, "", None, None, None, None, timestamp)
+
+
+def _headers(headers: Sequence[tuple[str, bytes | None]]) -> dict[str, str]:
+    """The headers as text (the last value of a repeated header wins)."""
+    return {
+        name: value.decode("utf-8", errors="replace")
+        for name, value in headers
+        if value is not None
+    }
+
+
+def _record_time(timestamp_ms: int | None) -> datetime:
+    """The Kafka timestamp; the epoch when there is none or it is beyond what ClickHouse
+    supports."""
+    if timestamp_ms is None or timestamp_ms < 0:
+        return _EPOCH
+    try:
+        timestamp = _EPOCH + timedelta(milliseconds=timestamp_ms)
+    except OverflowError:
+        return _EPOCH
+    return timestamp if timestamp <= _LATEST else _EPOCH
+
+
+def _out_of_range(facts: Facts) -> str | None:
+    """Why ClickHouse could not store these facts faithfully, if it could not (pydantic's bounds
+    are wider: such an event is valid JSON but no real one)."""
+    if not _EARLIEST <= facts.occurred_at <= _LATEST:
+        return "occurred_at: outside the years 1900-2299 that the audit stores"
+    for name, value in (("sync_id", facts.sync_id), ("conversation_seq", facts.conversation_seq)):
+        if value is not None and value > _MAX_UINT64:
+            return f"{name}: larger than the audit stores (2^64 - 1)"
+    return None
+
+
+def _int_or_none(value: str | None, maximum: int) -> int | None:
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        return None
+    return number if 0 <= number <= maximum else None

@@ -1,0 +1,483 @@
+"""The ClickHouse sink (``imstream run clickhouse-sink``): the audit log of every topic, and the
+analytics endpoint of the process that owns the chDB data path.
+
+Reads every catalog topic that carries events or records — every source but the three processor
+state topics — and every dead-letter topic, as consumer group
+``<prefix>imstream-clickhouse-sink``, ``read_committed``; writes one ``audit_events`` row per
+Kafka record (schema.py, audit.py), in batches of at most ``IM_SINKS__CLICKHOUSE_BATCH_ROWS``
+rows or ``IM_SINKS__CLICKHOUSE_BATCH_SECONDS`` seconds.
+
+Delivery guarantee: **exactly once per Kafka record in the audit as read with ``FINAL``** (or
+after ``OPTIMIZE … FINAL``). The sink itself is at-least-once — offsets are committed only after
+the insert that holds their records succeeded, a failed insert is retried with backoff and never
+committed past, and a crash or a replay inserts records again — and the table's key, the
+record's ``(topic, partition, offset)`` plus columns derived from the record alone, collapses
+every copy of a record into one row. Key: ``(topic, partition, offset)``.
+
+Poison: a record that does not decode is audited anyway (``event_type`` ``undecodable``, raw value
+and reason kept) and logged; the loop goes on. The audit sink never dead-letters: every topic
+with a dead-letter topic has a processing consumer (a stream processor, the CQL sink, the push
+sender) that dead-letters its poison, and a second dead letter would be a duplicate.
+
+The process also serves the analytics endpoint (``sinks.clickhouse.api``) on
+``IM_SINKS__ANALYTICS_HOST:IM_SINKS__ANALYTICS_PORT``: uvicorn runs in its own thread with its
+own event loop, the consumer loop runs in the main thread (as the stream worker's loops do), and
+both use the one ClickHouse client through the store's thread. SIGTERM/SIGINT: the current batch
+is flushed and committed, the HTTP server stops, the process exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    IsolationLevel,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, OffsetSpec
+
+from pipelines.connections import clickhouse_client, kafka_config
+from pipelines.settings import Settings
+from schemas.topics import DEAD_LETTER_SUFFIX, TopicCatalog, topic_catalog
+from sinks.clickhouse.analytics import Analytics
+from sinks.clickhouse.api import AnalyticsServer, AnalyticsServerError, analytics_app
+from sinks.clickhouse.audit import (
+    AuditDecoder,
+    Audited,
+    KafkaRecord,
+)
+from sinks.clickhouse.schema import SchemaNameError, audited_topics
+from sinks.clickhouse.store import ClickHouseStore
+
+log = logging.getLogger(__name__)
+
+#: Exit codes: ClickHouse or the analytics port unavailable (EX_UNAVAILABLE), Kafka fatal
+#: (EX_SOFTWARE, as the stream worker).
+EXIT_UNAVAILABLE = 69
+EXIT_FATAL = 70
+GROUP_SUFFIX = "imstream-clickhouse-sink"
+READY_MESSAGE = "clickhouse sink ready"
+PROGRESS_INTERVAL = 10.0
+#: How long consume waits for the first record of a batch before the loop looks around.
+IDLE_POLL_SECONDS = 0.2
+#: Records per consume call (a batch may take several calls).
+CONSUME_CHUNK = 10_000
+#: How long a dead letter may take to be acknowledged before it is produced again.
+#: Source records dead-lettered by this process, remembered so that a batch read again (after a
+#: rebalance) does not dead-letter them twice before their dead letters reach the audit.
+#: The ends a caught-up check compares positions with (list_offsets specs).
+_LATEST: OffsetSpec = OffsetSpec.latest()  # type: ignore[no-untyped-call]
+_EARLIEST: OffsetSpec = OffsetSpec.earliest()  # type: ignore[no-untyped-call]
+
+
+class FatalError(Exception):
+    """The consumer cannot go on (a fatal Kafka error); the process exits and is restarted."""
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Retry delays for inserts and dead letters: ``initial``, doubling up to ``maximum``."""
+
+    initial: float = 0.5
+    maximum: float = 30.0
+
+
+@dataclass
+class SinkStats:
+    records: int = 0
+    batches: int = 0
+    rows_inserted: int = 0
+    undecodable: int = 0
+    insert_failures: int = 0
+    commit_failures: int = 0
+
+
+def group_id_for(settings: Settings) -> str:
+    return f"{settings.kafka.topic_prefix}{GROUP_SUFFIX}"
+
+
+class ClickHouseSink:
+    """The audit loop: consume a batch, insert its rows (poison as ``undecodable``), commit.
+
+    Delivery guarantee: exactly once per Kafka record in ``audit_events`` read with ``FINAL``
+    (inserts are at-least-once; the table's key collapses the copies). Key: the record's
+    ``(topic, partition, offset)``.
+
+    ``run`` applies the schema, then blocks until ``stop`` is set or, with ``until_caught_up``,
+    until every assigned partition is consumed to its end (tests, one-off replays). One ``run``
+    per instance: it closes the consumer when it returns.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: ClickHouseStore,
+        stop: threading.Event,
+        *,
+        catalog: TopicCatalog | None = None,
+        group_id: str | None = None,
+        backoff: Backoff = Backoff(),
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.stop = stop
+        self.catalog = catalog or topic_catalog(settings)
+        self.group_id = group_id or group_id_for(settings)
+        self.backoff = backoff
+        self.decoder = AuditDecoder(self.catalog)
+        self.topics = [topic.name for topic in audited_topics(self.catalog)]
+        self.stats = SinkStats()
+        self.ready = threading.Event()
+        self.running = False
+        self._pending: list[tuple[KafkaRecord, Audited]] = []
+        self._admin: AdminClient | None = None
+        self.consumer = Consumer(
+            kafka_config(
+                settings,
+                **{
+                    "group.id": self.group_id,
+                    "enable.auto.commit": False,
+                    "enable.auto.offset.store": False,
+                    "isolation.level": "read_committed",
+                    "auto.offset.reset": "earliest",
+                },
+            )
+        )
+
+    # -- the loop --
+
+    def run(
+        self, *, until_caught_up: bool = False, on_started: Callable[[], None] | None = None
+    ) -> SinkStats:
+        """Apply the schema, then consume, insert and commit until stopped (see the class)."""
+        self.running = True
+        try:
+            if not self._apply_schema():
+                return self.stats
+            if on_started is not None:
+                on_started()
+            self.consumer.subscribe(
+                self.topics,
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_revoke,
+            )
+            log.info(
+                "consuming %d topics as group %s into %s",
+                len(self.topics),
+                self.group_id,
+                self.store.database,
+            )
+            self._loop(until_caught_up)
+        finally:
+            self.running = False
+            self.consumer.close()
+        return self.stats
+
+    def _apply_schema(self) -> bool:
+        """Create or update the schema, retrying while ClickHouse is unavailable; False if the
+        sink was stopped first."""
+        delay = self.backoff.initial
+        while True:
+            try:
+                self.store.apply_schema(self.catalog)
+                return True
+            except Exception as error:  # e.g. the server is not up yet: wait for it
+                if self.stop.is_set():
+                    return False
+                log.warning(
+                    "could not apply the ClickHouse schema to %s, retrying in %.1fs: %s",
+                    self.store.database,
+                    delay,
+                    error,
+                )
+                self.stop.wait(delay)
+                delay = min(delay * 2, self.backoff.maximum)
+
+    def _loop(self, until_caught_up: bool) -> None:
+        last_report = time.monotonic()
+        reported = replace(self.stats)
+        while True:
+            self._collect()
+            if self._pending:
+                self._flush()
+            elif self.stop.is_set():
+                break
+            elif until_caught_up and self._caught_up():
+                log.info("caught up with every assigned partition; stopping")
+                break
+            now = time.monotonic()
+            if now - last_report >= PROGRESS_INTERVAL:
+                self._report(reported, now - last_report)
+                reported = replace(self.stats)
+                last_report = now
+        self._report(reported, max(time.monotonic() - last_report, 1e-9))
+
+    def _collect(self) -> None:
+        """Add records to the pending batch until it is full, its time is up, the topics are
+        idle (nothing pending after a short wait) or the sink is stopping."""
+        limit = self.settings.sinks.clickhouse_batch_rows
+        window = self.settings.sinks.clickhouse_batch_seconds
+        deadline: float | None = None
+        while len(self._pending) < limit and not self.stop.is_set():
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return
+            timeout = IDLE_POLL_SECONDS if deadline is None else deadline - now
+            messages = self.consumer.consume(
+                min(limit - len(self._pending), CONSUME_CHUNK), timeout=timeout
+            )
+            for message in messages:
+                record = self._record(message)
+                if record is not None:
+                    self._pending.append((record, self.decoder.audit(record)))
+            if not self._pending:
+                return
+            if deadline is None:
+                deadline = now + window
+
+    def _record(self, message: Message) -> KafkaRecord | None:
+        error = message.error()
+        if error is not None:
+            if error.fatal():
+                raise FatalError(f"consumer: {error}")
+            log.warning("consumer: %s", error)
+            return None
+        timestamp_type, timestamp = message.timestamp()
+        return KafkaRecord(
+            topic=message.topic() or "",
+            partition=message.partition() or 0,
+            offset=message.offset() or 0,
+            key=message.key(),
+            value=message.value(),
+            timestamp_ms=None if timestamp_type == TIMESTAMP_NOT_AVAILABLE else timestamp,
+            headers=_headers(message),
+        )
+
+    def _flush(self) -> None:
+        """Insert the batch's rows (poison included, as ``undecodable``), then commit."""
+        batch, self._pending = self._pending, []
+        self._log_poison(batch)
+        if not self._insert(batch):
+            return
+        self._commit(batch)
+        stats = self.stats
+        stats.records += len(batch)
+        stats.batches += 1
+        stats.rows_inserted += len(batch)
+        stats.undecodable += sum(1 for _, audited in batch if audited.poison is not None)
+
+    def _insert(self, batch: list[tuple[KafkaRecord, Audited]]) -> bool:
+        """Insert the batch's rows, retrying with backoff; False if the sink stopped first (the
+        batch is then neither inserted nor committed, and will be read again)."""
+        rows = [audited.row for _, audited in batch]
+        delay = self.backoff.initial
+        while True:
+            try:
+                self.store.insert_audit(rows)
+                return True
+            except Exception as error:  # any failure is retried: nothing is committed past it
+                self.stats.insert_failures += 1
+                if self.stop.is_set():
+                    log.warning(
+                        "insert of %d rows failed while stopping (%s); not committed, they will "
+                        "be read again",
+                        len(rows),
+                        error,
+                    )
+                    return False
+                log.warning(
+                    "insert of %d rows failed, retrying in %.1fs: %s", len(rows), delay, error
+                )
+                self.stop.wait(delay)
+                delay = min(delay * 2, self.backoff.maximum)
+
+    def _log_poison(self, batch: list[tuple[KafkaRecord, Audited]]) -> None:
+        """Poison is audited, not dead-lettered: every topic with a dead-letter topic has a
+        processing consumer (a stream processor, the CQL sink, the push sender) that
+        dead-letters it; a second dead letter from the audit would be a duplicate."""
+        for record, audited in batch:
+            if audited.poison is not None and not record.topic.endswith(DEAD_LETTER_SUFFIX):
+                log.warning(
+                    "undecodable record %s[%d]@%d audited as such: %s",
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                    audited.poison.message,
+                )
+
+    def _commit(self, batch: list[tuple[KafkaRecord, Audited]]) -> None:
+        offsets: dict[tuple[str, int], int] = {}
+        for record, _ in batch:
+            key = (record.topic, record.partition)
+            offsets[key] = max(offsets.get(key, -1), record.offset + 1)
+        # The consumer's position can be past the batch's last record only by transaction
+        # markers and aborted records (every record consumed is in the batch): committing it
+        # keeps the group's lag at zero on the stream stage's transactional topics.
+        positions = self.consumer.position([TopicPartition(t, p) for t, p in offsets])
+        for tp in positions:
+            key = (tp.topic, tp.partition)
+            offsets[key] = max(offsets[key], tp.offset)
+        try:
+            self.consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                asynchronous=False,
+            )
+        except KafkaException as exc:
+            # E.g. the partitions moved to another member: it reads them from the last committed
+            # offsets, and the rows inserted again collapse with these.
+            self.stats.commit_failures += 1
+            log.warning("offset commit failed, the batch will be read again: %s", exc)
+
+    # -- rebalances and progress --
+
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("assigned %d partitions", len(partitions))
+        if not self.ready.is_set():
+            self.ready.set()
+            log.info("%s: group %s, database %s", READY_MESSAGE, self.group_id, self.store.database)
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Records of partitions taken away are dropped, not inserted: their next owner reads
+        # them from the committed offsets (and a copy inserted anyway would collapse).
+        revoked = {(tp.topic, tp.partition) for tp in partitions}
+        before = len(self._pending)
+        self._pending = [
+            entry for entry in self._pending if (entry[0].topic, entry[0].partition) not in revoked
+        ]
+        log.info(
+            "revoked %d partitions; dropped %d uncommitted records of theirs",
+            len(partitions),
+            before - len(self._pending),
+        )
+
+    def _caught_up(self) -> bool:
+        """Whether every assigned partition is consumed to its end: its last stable offset, the
+        end a read_committed consumer reaches (one batched request per check)."""
+        assignment = self.consumer.assignment()
+        if not assignment:
+            return False
+        positions = {
+            (tp.topic, tp.partition): tp.offset for tp in self.consumer.position(assignment)
+        }
+        unknown = [TopicPartition(t, p) for (t, p), offset in positions.items() if offset < 0]
+        if unknown:
+            # Nothing consumed there yet: caught up if the committed offset is the end, or if
+            # the partition is empty.
+            for tp in self.consumer.committed(unknown, timeout=10):
+                positions[(tp.topic, tp.partition)] = tp.offset
+        ends = self._list_offsets(positions, _LATEST)
+        starts = self._list_offsets(
+            {key: offset for key, offset in positions.items() if offset < 0}, _EARLIEST
+        )
+        for key, end in ends.items():
+            position = positions[key] if positions[key] >= 0 else starts[key]
+            if position < end:
+                log.debug("not caught up: %s[%d] at %d of %d", *key, position, end)
+                return False
+        return True
+
+    def _list_offsets(
+        self, partitions: Mapping[tuple[str, int], int], spec: OffsetSpec
+    ) -> dict[tuple[str, int], int]:
+        if not partitions:
+            return {}
+        if self._admin is None:
+            self._admin = AdminClient(kafka_config(self.settings))
+        futures = self._admin.list_offsets(
+            {TopicPartition(t, p): spec for t, p in partitions},
+            isolation_level=IsolationLevel.READ_COMMITTED,
+            request_timeout=10,
+        )
+        return {(tp.topic, tp.partition): future.result().offset for tp, future in futures.items()}
+
+    def _report(self, before: SinkStats, seconds: float) -> None:
+        stats = self.stats
+        done = stats.records - before.records
+        log.info(
+            "%d records in %d batches (%.0f/s) inserted into %s; %d undecodable, "
+            "%d insert failures, %d commit failures",
+            done,
+            stats.batches - before.batches,
+            done / seconds,
+            self.store.database,
+            stats.undecodable - before.undecodable,
+            stats.insert_failures - before.insert_failures,
+            stats.commit_failures - before.commit_failures,
+        )
+
+
+def _headers(message: Message) -> list[tuple[str, bytes | None]]:
+    raw = message.headers() or []
+    items = raw.items() if isinstance(raw, dict) else raw
+    headers: list[tuple[str, bytes | None]] = []
+    for name, value in items:
+        headers.append((name, value.encode() if isinstance(value, str) else value))
+    return headers
+
+
+def run_clickhouse_sink(settings: Settings) -> int:
+    """The sink process: the audit loop and the analytics endpoint until SIGTERM/SIGINT; returns
+    the exit code."""
+    catalog = topic_catalog(settings)
+    where = settings.clickhouse.url or f"chDB at {settings.chdb_path}"
+    try:
+        store = ClickHouseStore(clickhouse_client(settings), settings.clickhouse.database)
+    except SchemaNameError as error:
+        log.error("%s", error)
+        return EXIT_UNAVAILABLE
+    except Exception as error:  # reported as what the operator should check
+        log.error(
+            "cannot open ClickHouse (%s): %s — check IM_CLICKHOUSE__URL and that the server is "
+            "up, or that no other process holds the chDB path (chDB allows one per process)",
+            where,
+            error,
+        )
+        return EXIT_UNAVAILABLE
+    stop = threading.Event()
+    try:
+        sink = ClickHouseSink(settings, store, stop, catalog=catalog)
+        analytics = Analytics(store)
+        server = AnalyticsServer(
+            analytics_app(analytics, healthy=lambda: sink.running),
+            settings.sinks.analytics_host,
+            settings.sinks.analytics_port,
+        )
+    except AnalyticsServerError as error:
+        log.error("%s", error)
+        store.close()
+        return EXIT_UNAVAILABLE
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        log.info("signal %d: flushing the current batch and stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    code = 0
+    try:
+        sink.run(on_started=server.start)
+    except FatalError as error:
+        log.critical("clickhouse sink failed: %s", error)
+        code = EXIT_FATAL
+    except AnalyticsServerError as error:
+        log.error("%s", error)
+        code = EXIT_UNAVAILABLE
+    except Exception:  # a bug: say so with the traceback; the supervisor restarts the process
+        log.critical("clickhouse sink failed", exc_info=True)
+        code = EXIT_FATAL
+    finally:
+        server.stop()
+        store.close()
+    log.info("clickhouse sink stopped")
+    return code

@@ -1,0 +1,359 @@
+"""The serving store's read side: history pages, sync pages, conversation lists, who-read.
+
+The ingress answers clients' reads from here; the CQL sink (``sinks.cql.sink``) writes the
+tables (``sinks/cql/migrations``, docs/storage.md). Every query reads one partition, and pages
+walk the bucketed partitions in order:
+
+- timelines are bucketed by ``seq // timeline_bucket_size`` and seqs are dense (every sequenced
+  entry takes the next one), so a page that runs out of a bucket continues in the neighbouring
+  bucket, and an empty bucket is the end of the conversation;
+- sync queues are bucketed by ``sync_id // sync_bucket_size``; sync ids may have gaps, so a page
+  continues up to the bucket of the user's head (``sync_heads``), not to the first empty bucket.
+  The sink moves a user's head only once every entry up to it is written, and pages stop at the
+  head: a device never pages past an entry that is still on its way.
+
+The driver's futures are bridged to asyncio; a store that cannot reach the cluster raises
+:class:`StoreUnavailableError` and the ingress answers ``unavailable`` with a retry hint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from cassandra.cluster import ResponseFuture, Session
+from cassandra.query import PreparedStatement
+
+from pipelines.settings import Settings
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: Empty sync buckets a page walks over before it declares the cursor's entries expired.
+MAX_EMPTY_SYNC_BUCKETS = 64
+
+
+class StoreUnavailableError(Exception):
+    """The CQL cluster did not answer (timeout, unavailable, no host): retry later."""
+
+
+class CursorExpiredError(Exception):
+    """The sync queue no longer holds entries after this cursor (they outlived the retention);
+    ``head`` is the queue's newest sync id, where a rebuilt device resumes."""
+
+    def __init__(self, head: int, message: str) -> None:
+        super().__init__(message)
+        self.head = head
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineRow:
+    seq: int
+    entry_type: str
+    event: str
+    """The sequenced event's JSON, as on ``im.messages.sequenced``."""
+    recalled: bool
+    recalled_seq: int | None
+    edited_event: str | None
+    edited_seq: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TimelinePage:
+    rows: list[TimelineRow]
+    """Ascending by seq."""
+    has_more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRow:
+    sync_id: int
+    event: str
+
+
+@dataclass(frozen=True, slots=True)
+class SyncQueuePage:
+    rows: list[SyncRow]
+    has_more: bool
+    next_cursor: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationRow:
+    conversation_id: str
+    kind: str | None
+    name: str | None
+    role: str | None
+    last_seq: int
+    last_message_id: str | None
+    last_sender_id: str | None
+    last_preview: str | None
+    last_activity_at: datetime | None
+    read_seq: int
+    unread: int
+    muted: bool
+    muted_until: datetime | None
+    pinned: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderRow:
+    user_id: str
+    read_seq: int
+    read_at: datetime | None
+
+
+class ServingStore:
+    """Reads for the ingress. Create with :meth:`connect`; every method is a coroutine."""
+
+    def __init__(self, session: Session, settings: Settings) -> None:
+        self.session = session
+        self.timeline_bucket = settings.sinks.timeline_bucket_size
+        self.sync_bucket = settings.sinks.sync_bucket_size
+        keyspace = settings.cql.keyspace
+        prepare = session.prepare
+        self._timeline_before = prepare(
+            f"SELECT seq, entry_type, event, recalled, recalled_seq, edited_event, edited_seq "
+            f"FROM {keyspace}.timeline WHERE tenant_id = ? AND conversation_id = ? "
+            f"AND bucket = ? AND seq < ? ORDER BY seq DESC LIMIT ?"
+        )
+        self._timeline_after = prepare(
+            f"SELECT seq, entry_type, event, recalled, recalled_seq, edited_event, edited_seq "
+            f"FROM {keyspace}.timeline WHERE tenant_id = ? AND conversation_id = ? "
+            f"AND bucket = ? AND seq > ? ORDER BY seq ASC LIMIT ?"
+        )
+        self._sync = prepare(
+            f"SELECT sync_id, event FROM {keyspace}.sync_queue WHERE tenant_id = ? "
+            f"AND user_id = ? AND bucket = ? AND sync_id > ? ORDER BY sync_id ASC LIMIT ?"
+        )
+        self._head = prepare(
+            f"SELECT last_sync_id FROM {keyspace}.sync_heads WHERE tenant_id = ? AND user_id = ?"
+        )
+        self._conversations = prepare(
+            f"SELECT conversation_id, kind, name, role, member, last_seq, last_message_id, "
+            f"last_sender_id, last_preview, last_activity_at, read_seq, unread, muted, "
+            f"muted_until, pinned FROM {keyspace}.user_conversations "
+            f"WHERE tenant_id = ? AND user_id = ?"
+        )
+        self._member = prepare(
+            f"SELECT role FROM {keyspace}.members WHERE tenant_id = ? AND conversation_id = ? "
+            f"AND user_id = ?"
+        )
+        self._readers = prepare(
+            f"SELECT user_id, read_seq, read_at FROM {keyspace}.read_positions "
+            f"WHERE tenant_id = ? AND conversation_id = ?"
+        )
+
+    async def is_member(self, tenant_id: str, conversation_id: str, user_id: str) -> bool:
+        rows = await self._run(self._member, (tenant_id, conversation_id, user_id))
+        return bool(rows)
+
+    async def history(
+        self,
+        tenant_id: str,
+        conversation_id: str,
+        *,
+        before: int | None,
+        after: int | None,
+        limit: int,
+        last_seq_hint: int = 0,
+    ) -> TimelinePage:
+        """Up to ``limit`` entries with seq < ``before`` (the newest of them), or with seq >
+        ``after`` (the oldest of them); the latest entries when neither is given
+        (``last_seq_hint``, e.g. the reader's conversation-list entry, saves the search for the
+        end of the timeline)."""
+        if after is not None:
+            return await self._history_after(tenant_id, conversation_id, after, limit)
+        if before is None:
+            before = await self._end_of_timeline(tenant_id, conversation_id, last_seq_hint) + 1
+        rows: list[TimelineRow] = []
+        bucket = max(0, before - 1) // self.timeline_bucket
+        while bucket >= 0 and len(rows) < limit:
+            found = await self._run(
+                self._timeline_before,
+                (tenant_id, conversation_id, bucket, before, limit - len(rows)),
+            )
+            rows.extend(_timeline_row(row) for row in found)
+            bucket -= 1
+        rows.reverse()
+        oldest = rows[0].seq if rows else before
+        return TimelinePage(rows=rows, has_more=oldest > 1)
+
+    async def _history_after(
+        self, tenant_id: str, conversation_id: str, after: int, limit: int
+    ) -> TimelinePage:
+        rows: list[TimelineRow] = []
+        bucket = (after + 1) // self.timeline_bucket
+        while len(rows) < limit:
+            found = await self._run(
+                self._timeline_after,
+                (tenant_id, conversation_id, bucket, after, limit - len(rows) + 1),
+            )
+            if not found:
+                break  # seqs are dense: an empty bucket ends the timeline
+            rows.extend(_timeline_row(row) for row in found)
+            bucket += 1
+        has_more = len(rows) > limit
+        if not has_more and rows:
+            # The page may end exactly at a bucket's end: look one entry further.
+            last = rows[-1].seq
+            following = await self._run(
+                self._timeline_after,
+                (tenant_id, conversation_id, (last + 1) // self.timeline_bucket, last, 1),
+            )
+            has_more = bool(following)
+        return TimelinePage(rows=rows[:limit], has_more=has_more)
+
+    async def _end_of_timeline(self, tenant_id: str, conversation_id: str, hint: int) -> int:
+        """The conversation's last seq: the highest row of the last non-empty bucket, searched
+        from the hint's bucket up (or down, should the hint be past the end)."""
+
+        async def highest(bucket: int) -> int | None:
+            found = await self._run(
+                self._timeline_before,
+                (tenant_id, conversation_id, bucket, (bucket + 1) * self.timeline_bucket, 1),
+            )
+            return int(found[0].seq) if found else None
+
+        bucket = max(0, hint) // self.timeline_bucket
+        last = await highest(bucket)
+        while last is None and bucket > 0:
+            bucket -= 1
+            last = await highest(bucket)
+        if last is None:
+            return 0
+        while (following := await highest(bucket + 1)) is not None:
+            last, bucket = following, bucket + 1
+        return last
+
+    async def sync(self, tenant_id: str, user_id: str, *, cursor: int, limit: int) -> SyncQueuePage:
+        """The user's queue entries after ``cursor``, oldest first."""
+        heads = await self._run(self._head, (tenant_id, user_id))
+        head = int(heads[0].last_sync_id) if heads and heads[0].last_sync_id else 0
+        if head <= cursor:
+            return SyncQueuePage(rows=[], has_more=False, next_cursor=cursor)
+        rows: list[SyncRow] = []
+        bucket = (cursor + 1) // self.sync_bucket
+        last_bucket = head // self.sync_bucket
+        empty = 0
+        while bucket <= last_bucket and len(rows) < limit:
+            after = rows[-1].sync_id if rows else cursor
+            found = await self._run(
+                self._sync, (tenant_id, user_id, bucket, after, limit - len(rows))
+            )
+            if found:
+                empty = 0
+                # Only up to the head: the sink moves the head after every entry up to it is
+                # written, so a page never skips an entry that is still being written.
+                rows.extend(
+                    SyncRow(sync_id=int(r.sync_id), event=r.event)
+                    for r in found
+                    if int(r.sync_id) <= head
+                )
+            else:
+                empty += 1
+                if not rows and empty >= MAX_EMPTY_SYNC_BUCKETS:
+                    raise CursorExpiredError(
+                        head,
+                        f"no sync entries after {cursor} in {empty} buckets although the queue "
+                        f"reaches {head}: they expired; resync from the conversation list",
+                    )
+            bucket += 1
+        if not rows:
+            raise CursorExpiredError(
+                head,
+                f"the queue reaches {head} but holds no entry after {cursor}: the entries "
+                "expired; resync from the conversation list",
+            )
+        next_cursor = rows[-1].sync_id
+        return SyncQueuePage(rows=rows, has_more=next_cursor < head, next_cursor=next_cursor)
+
+    async def conversations(
+        self, tenant_id: str, user_id: str, *, limit: int
+    ) -> list[ConversationRow]:
+        """The user's conversations (those the user is a member of), latest activity first."""
+        found = await self._run(self._conversations, (tenant_id, user_id))
+        rows = [_conversation_row(row) for row in found if row.member is not False]
+        rows.sort(key=lambda r: (r.last_activity_at or _EPOCH, r.conversation_id), reverse=True)
+        return rows[:limit]
+
+    async def who_read(self, tenant_id: str, conversation_id: str, seq: int) -> list[ReaderRow]:
+        """Members whose read position is at or past ``seq``."""
+        found = await self._run(self._readers, (tenant_id, conversation_id))
+        readers = [
+            ReaderRow(user_id=row.user_id, read_seq=int(row.read_seq), read_at=_utc(row.read_at))
+            for row in found
+            if row.read_seq is not None and row.read_seq >= seq
+        ]
+        return sorted(readers, key=lambda r: (r.read_at or _EPOCH, r.user_id))
+
+    async def _run(self, statement: PreparedStatement, values: Sequence[Any]) -> list[Any]:
+        """Execute on the driver's threads; resolve on this event loop."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[Any]] = loop.create_future()
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            if done.done():
+                return
+            if error is not None:
+                done.set_exception(StoreUnavailableError(f"{type(error).__name__}: {error}"))
+            else:
+                done.set_result(result)
+
+        try:
+            future: ResponseFuture = self.session.execute_async(statement, values)
+        except Exception as error:  # e.g. NoHostAvailable raised at once
+            raise StoreUnavailableError(f"{type(error).__name__}: {error}") from error
+        rows: list[Any] = []
+
+        def on_page(page: list[Any]) -> None:
+            rows.extend(page)
+            if future.has_more_pages:
+                future.start_fetching_next_page()
+            else:
+                loop.call_soon_threadsafe(settle, rows, None)
+
+        def on_error(error: BaseException) -> None:
+            loop.call_soon_threadsafe(settle, None, error)
+
+        future.add_callbacks(on_page, on_error)
+        return await done
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """The driver returns CQL timestamps as naive datetimes in UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def _timeline_row(row: Any) -> TimelineRow:
+    return TimelineRow(
+        seq=int(row.seq),
+        entry_type=row.entry_type,
+        event=row.event,
+        recalled=bool(row.recalled),
+        recalled_seq=row.recalled_seq,
+        edited_event=row.edited_event,
+        edited_seq=row.edited_seq,
+    )
+
+
+def _conversation_row(row: Any) -> ConversationRow:
+    return ConversationRow(
+        conversation_id=row.conversation_id,
+        kind=row.kind,
+        name=row.name,
+        role=row.role,
+        last_seq=int(row.last_seq or 0),
+        last_message_id=row.last_message_id,
+        last_sender_id=row.last_sender_id,
+        last_preview=row.last_preview,
+        last_activity_at=_utc(row.last_activity_at),
+        read_seq=int(row.read_seq or 0),
+        unread=int(row.unread or 0),
+        muted=bool(row.muted),
+        muted_until=_utc(row.muted_until),
+        pinned=bool(row.pinned),
+    )
