@@ -313,6 +313,42 @@ def run_clickhouse_sink() -> None:
     raise typer.Exit(run(settings))
 
 
+@app.command("demo")
+def demo(  # noqa: PLR0917 - typer maps each parameter to an option
+    url: Annotated[
+        str | None, typer.Option(help="The ingress WebSocket URL; default from the settings")
+    ] = None,
+    users: Annotated[int, typer.Option(min=2, help="Simulated users")] = 20,
+    conversations: Annotated[int, typer.Option(min=1, help="Conversations (half 1:1)")] = 10,
+    group_size: Annotated[int, typer.Option(min=2, help="Members per group")] = 5,
+    rate: Annotated[float, typer.Option(min=0.1, help="Messages per second in all")] = 20.0,
+    duration: Annotated[float, typer.Option(min=1, help="Seconds of sending")] = 30.0,
+    tenant: Annotated[str, typer.Option(help="The tenant the users belong to")] = "demo",
+) -> None:
+    """Simulated users chatting through a running imstream (start it with `imstream up`), then
+    a summary: sent, accepted, delivered live and by sync, duplicates and lost (both must be 0),
+    send→deliver latency. Exits 1 when anything was lost or doubled."""
+    from pipelines.demo import DemoOptions, main_demo  # noqa: PLC0415
+
+    settings = load_settings()
+    ingress = settings.ingress
+    target = url or f"ws://{ingress.host}:{ingress.port}/v1/ws"
+    options = DemoOptions(
+        url=target,
+        tenant=tenant,
+        users=users,
+        conversations=conversations,
+        group_size=group_size,
+        rate=rate,
+        duration=duration,
+    )
+    raise typer.Exit(
+        main_demo(
+            settings, options, echo=typer.echo, progress=lambda line: typer.echo(line, err=True)
+        )
+    )
+
+
 @db_app.command("migrate")
 def db_migrate(
     dry_run: Annotated[

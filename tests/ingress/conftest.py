@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -12,6 +14,7 @@ from confluent_kafka.admin import AdminClient
 from pipelines.settings import Settings
 from pipelines.stack.manager import LocalStack
 from tests.ingress.support import (
+    IMSTREAM,
     Gateway,
     create_topics,
     delete_topics,
@@ -19,6 +22,7 @@ from tests.ingress.support import (
     start_gateway,
     unique,
 )
+from tests.streams.support import Worker
 
 #: The main gateway's settings: a short hello timeout so that its test is quick, and a rate limit
 #: no functional test reaches (tests/ingress/test_limits.py runs a gateway with a tight one).
@@ -64,3 +68,41 @@ def gateway(
     )
     yield running
     assert running.stop() == 0, running.log()
+
+
+@pytest.fixture(scope="module")
+def pipeline(
+    ingress_settings: Settings,
+    serving_keyspace: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Gateway]:
+    """Ingress, stream worker and CQL sink on this module's topics and keyspace."""
+    logs = tmp_path_factory.mktemp("pipeline")
+    environment = {
+        **os.environ,
+        "IM_KAFKA__BOOTSTRAP_SERVERS": ingress_settings.kafka.bootstrap_servers,
+        "IM_KAFKA__TOPIC_PREFIX": ingress_settings.kafka.topic_prefix,
+        "IM_CQL__KEYSPACE": serving_keyspace,
+        "IM_STREAMS__SESSION_TIMEOUT_SECONDS": "6",
+    }
+    worker = Worker(environment, logs / "stream-worker.log")
+    worker.start()
+    with (logs / "cql-sink.log").open("wb") as log:
+        sink = subprocess.Popen(
+            [str(IMSTREAM), "run", "cql-sink"],
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    gateway = start_gateway(
+        ingress_settings,
+        logs,
+        ingress={"rate_limit_per_second": 100_000.0, "rate_limit_burst": 100_000.0},
+        cql={"keyspace": serving_keyspace},
+        wait=Gateway.serving,
+    )
+    yield gateway
+    gateway.stop()
+    sink.terminate()
+    sink.wait(timeout=30)
+    worker.stop()

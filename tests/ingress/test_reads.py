@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from confluent_kafka import Producer
 
 from pipelines.connections import kafka_producer_config
@@ -33,56 +29,15 @@ from schemas.events import (
 )
 from schemas.topics import topic_catalog, user_key
 from tests.ingress.support import (
-    IMSTREAM,
     TENANT,
     Gateway,
     open_device,
     receive,
-    start_gateway,
     token,
     unique,
 )
-from tests.streams.support import Worker
 
 JsonObject = dict[str, Any]
-
-
-@pytest.fixture(scope="module")
-def pipeline(
-    ingress_settings: Settings,
-    serving_keyspace: str,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Gateway]:
-    """Ingress, stream worker and CQL sink on this module's topics and keyspace."""
-    logs = tmp_path_factory.mktemp("pipeline")
-    environment = {
-        **os.environ,
-        "IM_KAFKA__BOOTSTRAP_SERVERS": ingress_settings.kafka.bootstrap_servers,
-        "IM_KAFKA__TOPIC_PREFIX": ingress_settings.kafka.topic_prefix,
-        "IM_CQL__KEYSPACE": serving_keyspace,
-        "IM_STREAMS__SESSION_TIMEOUT_SECONDS": "6",
-    }
-    worker = Worker(environment, logs / "stream-worker.log")
-    worker.start()
-    with (logs / "cql-sink.log").open("wb") as log:
-        sink = subprocess.Popen(
-            [str(IMSTREAM), "run", "cql-sink"],
-            env=environment,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    gateway = start_gateway(
-        ingress_settings,
-        logs,
-        ingress={"rate_limit_per_second": 100_000.0, "rate_limit_burst": 100_000.0},
-        cql={"keyspace": serving_keyspace},
-        wait=Gateway.serving,
-    )
-    yield gateway
-    gateway.stop()
-    sink.terminate()
-    sink.wait(timeout=30)
-    worker.stop()
 
 
 async def read(socket_: Any, frame: JsonObject) -> JsonObject:

@@ -1,0 +1,544 @@
+"""The Python client SDK: one device of one user, over the public WebSocket protocol.
+
+    async with Client("ws://127.0.0.1:8080/v1/ws", tenant_id="acme", device_id="phone",
+                      token=my_token, platform="ios") as client:
+        accepted = await client.send("dm-…", "hello")        # re-sent until accepted
+        async for item in client.events():                     # each stored event exactly once
+            print(item.sync_id, item.event.type)
+            client.ack(item.sync_id)                           # or ack=True in Client(...)
+
+What it guarantees to its user (docs/protocol.md, "The delivery contract, as a client sees it"):
+
+- **Each stored event once, in ``sync_id`` order.** Live events and sync pages may overlap; the
+  client keeps the highest ``sync_id`` it has surfaced (its cursor) and drops anything at or
+  below it. A live event that skips ahead is held back while the client syncs the gap from the
+  store; only if the store still has nothing in between after ``gap_wait`` (sync ids may have
+  gaps) does it go on. Ephemeral events (typing, duplicate answers) have no ``sync_id`` and are
+  surfaced as they come.
+- **Resume.** Start from a stored cursor (``cursor=``, or ``cursor_store=`` to load and save it);
+  on every (re)connect the client syncs from its cursor before surfacing live events.
+- **Sends are retried until accepted**, with the same ``client_msg_id`` (generated if not given),
+  through ``unavailable``, ``rate-limited`` and lost connections: the server makes a re-send
+  harmless (one message per ``(sender, client_msg_id)``).
+- **Reconnects** with exponential backoff and jitter after a lost connection, a drain (4010) or a
+  slow-consumer close (4009); it does not reconnect after ``replaced`` (4011) or an
+  authentication close (4001-4004): :class:`ClientClosedError` says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from schemas import frames as fr
+from schemas.errors import CloseCode, ErrorCode
+from schemas.events import Event, MessageBody, TextBody
+
+_log = logging.getLogger(__name__)
+
+TokenSource = str | Callable[[], Awaitable[str]]
+_NO_RECONNECT = {
+    CloseCode.REPLACED,
+    CloseCode.AUTH_REQUIRED,
+    CloseCode.TOKEN_INVALID,
+    CloseCode.TENANT_MISMATCH,
+}
+
+
+class ClientClosedError(Exception):
+    """The client stopped for good: closed by its user, replaced by a newer connection of the
+    same device, or refused authentication. ``code`` is the close code, if any."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class CommandError(Exception):
+    """The server answered a command with an ``error`` frame that retrying will not fix."""
+
+    def __init__(self, frame: fr.ErrorFrame) -> None:
+        super().__init__(f"{frame.code}: {frame.message}")
+        self.frame = frame
+
+
+class CursorStore(Protocol):
+    """Where a device keeps its sync cursor between runs."""
+
+    def load(self) -> int: ...
+
+    def save(self, cursor: int) -> None: ...
+
+
+class FileCursorStore:
+    """A cursor in a small file (written atomically)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> int:
+        try:
+            return int(self.path.read_text().strip() or 0)
+        except FileNotFoundError:
+            return 0
+
+    def save(self, cursor: int) -> None:
+        temporary = self.path.with_suffix(".tmp")
+        temporary.write_text(str(cursor))
+        temporary.replace(self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    initial: float = 0.2
+    maximum: float = 10.0
+
+    def delay(self, attempt: int) -> float:
+        """Full jitter: uniform in [0, min(maximum, initial · 2^attempt)]."""
+        return random.uniform(0, min(self.maximum, self.initial * 2**attempt))
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """An event surfaced to the user: ``sync_id`` None for ephemeral events."""
+
+    sync_id: int | None
+    event: Event
+    live: bool
+    """Pushed as it happened (True) or fetched by a sync (False)."""
+
+
+class Client:
+    """One device's connection; see the module docstring. Use as an async context manager."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        tenant_id: str,
+        device_id: str,
+        token: TokenSource,
+        platform: str = "web",
+        cursor: int = 0,
+        cursor_store: CursorStore | None = None,
+        ack: bool = True,
+        backoff: Backoff = Backoff(),
+        sync_page: int = fr.MAX_SYNC_LIMIT,
+        gap_wait: float = 2.0,
+        request_timeout: float = 30.0,
+    ) -> None:
+        self.url = url
+        self.tenant_id = tenant_id
+        self.device_id = device_id
+        self.platform = platform
+        self.ack_automatically = ack
+        self.backoff = backoff
+        self.sync_page = sync_page
+        self.gap_wait = gap_wait
+        self.request_timeout = request_timeout
+        self._token = token
+        self._cursor_store = cursor_store
+        self.cursor = cursor_store.load() if cursor_store is not None else cursor
+        self.hello: fr.HelloOk | None = None
+        self.reconnects = 0
+        self.duplicates_dropped = 0
+        self._socket: ClientConnection | None = None
+        self._connected = asyncio.Event()
+        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._events: asyncio.Queue[Received | BaseException] = asyncio.Queue()
+        self._held: dict[int, Received] = {}
+        self._syncing = asyncio.Lock()
+        self._runner: asyncio.Task[None] | None = None
+        self._closed: ClientClosedError | None = None
+        self._acked = self.cursor
+
+    # -- lifecycle --
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        _type: type[BaseException] | None,
+        _error: BaseException | None,
+        _tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Connect (with retries), say hello, sync from the cursor; returns once connected."""
+        if self._runner is None:
+            self._runner = asyncio.get_running_loop().create_task(self._run())
+        waiter = asyncio.ensure_future(self._connected.wait())
+        done, _ = await asyncio.wait({waiter, self._runner}, return_when=asyncio.FIRST_COMPLETED)
+        if waiter not in done:
+            waiter.cancel()
+            raise self._closed or ClientClosedError("the client stopped before connecting")
+
+    async def close(self) -> None:
+        """Close the connection for good; pending commands fail with ClientClosedError."""
+        self._stop(ClientClosedError("closed by the client"))
+        if self._socket is not None:
+            await self._socket.close()
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ClientClosedError):
+                await self._runner
+
+    # -- what the user reads --
+
+    async def events(self) -> AsyncIterator[Received]:
+        """Every event, stored ones exactly once in ``sync_id`` order; ends when closed.
+
+        With ``ack=True`` an event counts as held once the loop asks for the next one: the
+        cursor store is saved and the server acknowledged then, not before.
+        """
+        held: int | None = None
+        while True:
+            if held is not None and self.ack_automatically:
+                self.ack(held)
+            item = await self._events.get()
+            if isinstance(item, BaseException):
+                self._events.put_nowait(item)  # every iterator sees the end
+                if isinstance(item, ClientClosedError) and item.code is None:
+                    return
+                raise item
+            yield item
+            held = item.sync_id if item.sync_id is not None else held
+
+    def ack(self, sync_id: int) -> None:
+        """The device holds every event up to ``sync_id``: save the cursor (if there is a store)
+        and tell the server (best effort; the cursor is what resuming relies on)."""
+        if sync_id <= self._acked:
+            return
+        self._acked = sync_id
+        if self._cursor_store is not None:
+            self._cursor_store.save(sync_id)
+        if self._socket is None or not self._connected.is_set():
+            return
+        frame = {"type": "ack", "id": f"ack-{uuid.uuid4().hex[:12]}", "sync_id": sync_id}
+        asyncio.get_running_loop().create_task(self._fire(frame))
+
+    # -- commands --
+
+    async def send(
+        self,
+        conversation_id: str,
+        body: str | MessageBody,
+        *,
+        client_msg_id: str | None = None,
+    ) -> fr.Accepted:
+        """Send a message; re-sent with the same ``client_msg_id`` until accepted."""
+        message_body = TextBody(text=body) if isinstance(body, str) else body
+        frame = {
+            "type": "send",
+            "conversation_id": conversation_id,
+            "client_msg_id": client_msg_id or uuid.uuid4().hex,
+            "body": message_body.model_dump(mode="json"),
+        }
+        reply = await self._until_answered(frame)
+        assert isinstance(reply, fr.Accepted)
+        return reply
+
+    async def read(self, conversation_id: str, seq: int) -> None:
+        await self._until_answered(
+            {"type": "read", "conversation_id": conversation_id, "conversation_seq": seq}
+        )
+
+    async def typing(self, conversation_id: str, *, active: bool = True) -> None:
+        await self._until_answered(
+            {"type": "typing", "conversation_id": conversation_id, "active": active}
+        )
+
+    async def create_conversation(
+        self,
+        members: list[str],
+        *,
+        kind: str = "group",
+        name: str | None = None,
+        conversation_id: str | None = None,
+    ) -> str:
+        """Create a conversation (a retry with the same id is harmless); returns its id."""
+        frame: dict[str, Any] = {
+            "type": "conversation.create",
+            "kind": kind,
+            "members": members,
+            "conversation_id": conversation_id or (None if kind == "direct" else uuid.uuid4().hex),
+        }
+        if name is not None:
+            frame["name"] = name
+        reply = await self._until_answered(frame)
+        assert isinstance(reply, fr.Ok) and reply.conversation_id is not None
+        return reply.conversation_id
+
+    async def history(
+        self,
+        conversation_id: str,
+        *,
+        before_seq: int | None = None,
+        after_seq: int | None = None,
+        limit: int = fr.DEFAULT_HISTORY_LIMIT,
+    ) -> fr.HistoryPage:
+        reply = await self._until_answered(
+            {
+                "type": "history",
+                "conversation_id": conversation_id,
+                "before_seq": before_seq,
+                "after_seq": after_seq,
+                "limit": limit,
+            }
+        )
+        assert isinstance(reply, fr.HistoryPage)
+        return reply
+
+    async def conversations(
+        self, limit: int = fr.DEFAULT_CONVERSATIONS_LIMIT
+    ) -> fr.ConversationList:
+        reply = await self._until_answered({"type": "conversations", "limit": limit})
+        assert isinstance(reply, fr.ConversationList)
+        return reply
+
+    async def who_read(self, conversation_id: str, seq: int) -> fr.ReadBy:
+        reply = await self._until_answered(
+            {"type": "who_read", "conversation_id": conversation_id, "seq": seq}
+        )
+        assert isinstance(reply, fr.ReadBy)
+        return reply
+
+    async def sync(self) -> int:
+        """Fetch the stored events after the cursor into :meth:`events`; the new cursor."""
+        async with self._syncing:
+            while True:
+                reply = await self._until_answered(
+                    {"type": "sync", "cursor": self.cursor, "limit": self.sync_page}
+                )
+                assert isinstance(reply, fr.SyncPage)
+                if reply.expired:
+                    _log.warning(
+                        "the queue's entries after %d expired; resuming at %d (rebuild the "
+                        "conversation list and timelines)",
+                        self.cursor,
+                        reply.next_cursor,
+                    )
+                    self._advance(reply.next_cursor)
+                    self.ack(reply.next_cursor)
+                    return self.cursor
+                for synced in reply.events:
+                    self._surface(Received(synced.sync_id, synced.event, live=False))
+                if not reply.has_more:
+                    return self.cursor
+
+    # -- inside --
+
+    async def _until_answered(self, fields: dict[str, Any]) -> fr.ServerFrame:
+        """Send a command (one request id per attempt) until it gets a final answer."""
+        attempt = 0
+        while True:
+            if self._closed is not None:
+                raise self._closed
+            frame = {
+                "id": uuid.uuid4().hex[:16],
+                **{k: v for k, v in fields.items() if v is not None},
+            }
+            try:
+                raw = await self._request(frame)
+            except (ConnectionClosed, OSError, TimeoutError):
+                await self._pause(attempt)
+                attempt += 1
+                continue
+            reply = fr.parse_server_frame(json.dumps(raw))
+            if isinstance(reply, fr.ErrorFrame):
+                if reply.code in (ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED):
+                    wait = (reply.retry_after_ms or 0) / 1000
+                    await asyncio.sleep(max(wait, self.backoff.delay(attempt)))
+                    attempt += 1
+                    continue
+                raise CommandError(reply)
+            return reply
+
+    async def _pause(self, attempt: int) -> None:
+        await asyncio.sleep(self.backoff.delay(attempt))
+        await self._wait_connected()
+
+    async def _wait_connected(self) -> None:
+        while not self._connected.is_set():
+            if self._closed is not None:
+                raise self._closed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._connected.wait(), 1.0)
+
+    async def _request(self, frame: dict[str, Any]) -> dict[str, Any]:
+        await self._wait_connected()
+        socket_ = self._socket
+        assert socket_ is not None
+        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[frame["id"]] = answer
+        try:
+            await socket_.send(json.dumps(frame))
+            return await asyncio.wait_for(answer, self.request_timeout)
+        finally:
+            self._pending.pop(frame["id"], None)
+
+    async def _fire(self, frame: dict[str, Any]) -> None:
+        with contextlib.suppress(Exception):
+            await self._request(frame)
+
+    async def _token_text(self) -> str:
+        return self._token if isinstance(self._token, str) else await self._token()
+
+    async def _run(self) -> None:
+        """Connect, hello, read frames; reconnect with backoff until closed for good."""
+        attempt = 0
+        while not self.stopped():
+            try:
+                async with connect(
+                    self.url, compression=None, ping_interval=None, open_timeout=20
+                ) as socket_:
+                    await socket_.send(
+                        json.dumps(
+                            {
+                                "type": "hello",
+                                "id": "hello",
+                                "token": await self._token_text(),
+                                "tenant_id": self.tenant_id,
+                                "device_id": self.device_id,
+                                "platform": self.platform,
+                                "sync_cursor": self.cursor,
+                            }
+                        )
+                    )
+                    hello = fr.parse_server_frame(await asyncio.wait_for(socket_.recv(), 20))
+                    if isinstance(hello, fr.ErrorFrame):
+                        raise CommandError(hello)
+                    assert isinstance(hello, fr.HelloOk)
+                    self.hello = hello
+                    self._socket = socket_
+                    attempt = 0
+                    self._connected.set()
+                    keepalive = asyncio.get_running_loop().create_task(self._keepalive(hello))
+                    resync = asyncio.get_running_loop().create_task(self._resync())
+                    try:
+                        async for raw in socket_:
+                            self._on_frame(json.loads(raw))
+                    finally:
+                        keepalive.cancel()
+                        resync.cancel()
+                    code = socket_.close_code
+            except ConnectionClosed as closed:
+                code = closed.rcvd.code if closed.rcvd is not None else None
+            except (OSError, InvalidHandshake, TimeoutError) as error:
+                _log.info("connecting to %s failed: %s", self.url, error)
+                code = None
+            except CommandError as error:
+                self._stop(ClientClosedError(f"hello refused: {error}", None))
+                return
+            finally:
+                self._connected.clear()
+                self._socket = None
+                for answer in self._pending.values():
+                    if not answer.done():
+                        answer.set_exception(ConnectionError("connection lost"))
+            if self.stopped():
+                return
+            if code in _NO_RECONNECT or (
+                code == CloseCode.TOKEN_EXPIRED and isinstance(self._token, str)
+            ):
+                self._stop(ClientClosedError(f"closed by the server with {code}", code))
+                return
+            self.reconnects += 1
+            await asyncio.sleep(self.backoff.delay(attempt))
+            attempt += 1
+
+    async def _keepalive(self, hello: fr.HelloOk) -> None:
+        """A ping every half idle timeout, so the server never closes an idle client."""
+        while True:
+            await asyncio.sleep(hello.idle_timeout_ms / 2000)
+            await self._fire({"type": "ping", "id": f"ping-{uuid.uuid4().hex[:12]}"})
+
+    async def _resync(self) -> None:
+        with contextlib.suppress(ClientClosedError, CommandError):
+            await self.sync()
+            await self._release_held()
+
+    def _on_frame(self, frame: dict[str, Any]) -> None:
+        if frame.get("type") == "event":
+            parsed = fr.parse_server_frame(json.dumps(frame))
+            assert isinstance(parsed, fr.EventFrame)
+            self._on_live(parsed)
+            return
+        answer = self._pending.get(str(frame.get("id")))
+        if answer is not None and not answer.done():
+            answer.set_result(frame)
+
+    def _on_live(self, frame: fr.EventFrame) -> None:
+        if frame.sync_id is None:
+            self._events.put_nowait(Received(None, frame.event, live=True))
+            return
+        if frame.sync_id <= self.cursor:
+            self.duplicates_dropped += 1
+            return
+        if frame.sync_id == self.cursor + 1 and not self._held:
+            self._surface(Received(frame.sync_id, frame.event, live=True))
+            return
+        # Ahead of the cursor: hold it while a sync fills what lies between.
+        self._held[frame.sync_id] = Received(frame.sync_id, frame.event, live=True)
+        if not self._syncing.locked():
+            asyncio.get_running_loop().create_task(self._resync())
+
+    async def _release_held(self) -> None:
+        """Surface held live events once the store has had ``gap_wait`` to fill the gaps."""
+        deadline = asyncio.get_running_loop().time() + self.gap_wait
+        while self._held:
+            ready = sorted(sync_id for sync_id in self._held if sync_id <= self.cursor + 1)
+            for sync_id in ready:
+                item = self._held.pop(sync_id)
+                if sync_id > self.cursor:
+                    self._surface(item)
+                else:
+                    self.duplicates_dropped += 1
+            if not self._held:
+                return
+            if asyncio.get_running_loop().time() >= deadline:
+                for sync_id in sorted(self._held):
+                    self._surface(self._held.pop(sync_id))  # a gap the store does not fill
+                return
+            await asyncio.sleep(0.2)
+            await self.sync()
+
+    def _surface(self, item: Received) -> None:
+        assert item.sync_id is not None
+        if item.sync_id <= self.cursor:
+            self.duplicates_dropped += 1
+            return
+        self._held.pop(item.sync_id, None)
+        self._advance(item.sync_id)
+        self._events.put_nowait(item)
+
+    def _advance(self, cursor: int) -> None:
+        """The dedupe mark: the highest sync id surfaced to :meth:`events`."""
+        self.cursor = max(self.cursor, cursor)
+
+    def stopped(self) -> bool:
+        """Closed for good (by the user, or by the server with a code that forbids retrying)."""
+        return self._closed is not None
+
+    def _stop(self, reason: ClientClosedError) -> None:
+        if self._closed is None:
+            self._closed = reason
+            self._events.put_nowait(reason)
+        for answer in self._pending.values():
+            if not answer.done():
+                answer.set_exception(reason)
