@@ -16,7 +16,9 @@ What it guarantees to its user (docs/protocol.md, "The delivery contract, as a c
   gaps) does it go on. Ephemeral events (typing, duplicate answers) have no ``sync_id`` and are
   surfaced as they come.
 - **Resume.** Start from a stored cursor (``cursor=``, or ``cursor_store=`` to load and save it);
-  on every (re)connect the client syncs from its cursor before surfacing live events.
+  on every (re)connect the client syncs from its cursor, and again every ``sync_interval``
+  seconds while connected (live delivery is best effort: an event can reach the queue without a
+  live push, e.g. while the stream stage has not yet seen the device's new connection).
 - **Sends are retried until accepted**, with the same ``client_msg_id`` (generated if not given),
   through ``unavailable``, ``rate-limited`` and lost connections: the server makes a re-send
   harmless (one message per ``(sender, client_msg_id)``).
@@ -137,6 +139,7 @@ class Client:
         backoff: Backoff = Backoff(),
         sync_page: int = fr.MAX_SYNC_LIMIT,
         gap_wait: float = 2.0,
+        sync_interval: float = 5.0,
         request_timeout: float = 30.0,
     ) -> None:
         self.url = url
@@ -147,6 +150,7 @@ class Client:
         self.backoff = backoff
         self.sync_page = sync_page
         self.gap_wait = gap_wait
+        self.sync_interval = sync_interval
         self.request_timeout = request_timeout
         self._token = token
         self._cursor_store = cursor_store
@@ -429,7 +433,7 @@ class Client:
                     attempt = 0
                     self._connected.set()
                     keepalive = asyncio.get_running_loop().create_task(self._keepalive(hello))
-                    resync = asyncio.get_running_loop().create_task(self._resync())
+                    resync = asyncio.get_running_loop().create_task(self._resync(repeat=True))
                     try:
                         async for raw in socket_:
                             self._on_frame(json.loads(raw))
@@ -468,10 +472,18 @@ class Client:
             await asyncio.sleep(hello.idle_timeout_ms / 2000)
             await self._fire({"type": "ping", "id": f"ping-{uuid.uuid4().hex[:12]}"})
 
-    async def _resync(self) -> None:
-        with contextlib.suppress(ClientClosedError, CommandError):
-            await self.sync()
-            await self._release_held()
+    async def _resync(self, *, repeat: bool = False) -> None:
+        """Sync from the cursor and release held live events; with ``repeat``, again every
+        ``sync_interval`` seconds while connected: live delivery is best effort (an event for a
+        device whose presence the stream stage has not seen yet goes only to its queue), so a
+        quiet device still catches up."""
+        while True:
+            with contextlib.suppress(ClientClosedError, CommandError):
+                await self.sync()
+                await self._release_held()
+            if not repeat:
+                return
+            await asyncio.sleep(self.sync_interval)
 
     def _on_frame(self, frame: dict[str, Any]) -> None:
         if frame.get("type") == "event":

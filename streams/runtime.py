@@ -75,6 +75,7 @@ READY_MESSAGE = "stream worker ready"
 #: How long a blocking Kafka call (init, send offsets, commit, abort) may take before we give up.
 KAFKA_CALL_TIMEOUT = 60.0
 PROGRESS_INTERVAL = 10.0
+FETCH_WAIT_MS = 20
 
 
 class Processor(Protocol):
@@ -200,6 +201,11 @@ class ProcessorLoop:
                     "transactional.id": f"{self.group_id}-{instance_id}",
                     "transaction.timeout.ms": int(streams.transaction_timeout_seconds * 1000),
                     "linger.ms": streams.producer_linger_seconds * 1000,
+                    # Adding the offsets right after the batch's partitions gets
+                    # CONCURRENT_TRANSACTIONS until the partitions are added; librdkafka retries
+                    # after retry.backoff.ms (100 ms by default: every batch paid it).
+                    "retry.backoff.ms": 5,
+                    "retry.backoff.max.ms": 200,
                     "enable.idempotence": True,
                     "acks": "all",
                 },
@@ -211,6 +217,9 @@ class ProcessorLoop:
             "enable.auto.offset.store": False,
             "isolation.level": "read_committed",
             "auto.offset.reset": "earliest",
+            # A fetch returns as soon as records are committed, but a read_committed fetch is
+            # not always woken when a transaction's marker lands: bound the wait (latency).
+            "fetch.wait.max.ms": FETCH_WAIT_MS,
             # range keeps equal partition numbers of co-partitioned inputs on one member.
             "partition.assignment.strategy": "range",
             "session.timeout.ms": int(streams.session_timeout_seconds * 1000),
