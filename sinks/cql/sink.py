@@ -226,8 +226,16 @@ class CqlSink:
     def _next_messages(self) -> list[Message]:
         batch_size = self.settings.sinks.cql_batch_size
         messages, self._carry = self._carry, []
+        if not messages:
+            # Wait for the first record only (``consume(n, timeout)`` would wait for n records
+            # or the whole timeout: half a second of latency at low rates), then take what is
+            # already fetched.
+            first = self.consumer.poll(POLL_SECONDS)
+            if first is None:
+                return []
+            messages = [first]
         if len(messages) < batch_size:
-            messages += self.consumer.consume(batch_size - len(messages), timeout=POLL_SECONDS)
+            messages += self.consumer.consume(batch_size - len(messages), timeout=0)
         return messages
 
     def _records(self, messages: Sequence[Message]) -> list[InputRecord]:
