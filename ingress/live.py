@@ -199,12 +199,7 @@ class LiveDeliveryConsumer:
         return True
 
     def _consume(self, consumer: Consumer) -> None:
-        # Wait for the first record only: ``consume(n, timeout)`` waits for n records or the
-        # whole timeout, which at low rates held every live event back by up to _POLL_SECONDS.
-        first = consumer.poll(_POLL_SECONDS)
-        if first is None:
-            return
-        messages = [first, *consumer.consume(num_messages=_BATCH - 1, timeout=0)]
+        messages = consumer.consume(num_messages=_BATCH, timeout=_POLL_SECONDS)
         frames = [frame for message in messages if (frame := self._frame(message)) is not None]
         if frames and self._loop is not None:
             try:

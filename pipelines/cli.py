@@ -20,7 +20,7 @@ from pipelines.console import load_settings
 from pipelines.stack.errors import StackError
 from pipelines.stack.manager import LocalStack, ServiceState, ServiceStatus
 from pipelines.stack.process import last_lines
-from pipelines.supervisor import Supervisor
+from pipelines.supervisor import ChildSpec, Supervisor
 from pipelines.topics import ChangeAction, apply_topics
 from pipelines.topics_cli import topics_app
 from schemas.topics import topic_catalog
@@ -170,11 +170,21 @@ def _follow(path: Path) -> None:
 
 
 @app.command("up")
-def up() -> None:
+def up(
+    ingress_nodes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=8,
+            help="Ingress nodes, on consecutive ports from IM_INGRESS__PORT (ingress-1, -2 …)",
+        ),
+    ] = 2,
+) -> None:
     """Run the main job on the local stack until Ctrl-C, then stop everything it started.
 
     Starts the local stack, applies the topic catalog and the CQL migrations, then runs every
-    process kind as a child process (restarted when it crashes).
+    process kind as a child process (restarted when it crashes) — the ingress as several nodes,
+    so that a message sent to one node reaches a device on another.
     """
     settings = load_settings()
     stack = LocalStack(settings, progress=ProgressLine())
@@ -192,8 +202,25 @@ def up() -> None:
     if migrate_command(settings, dry_run=False, echo=lambda line: typer.echo(f"schema: {line}")):
         stack.down()
         raise typer.Exit(1)
-    kinds = [command.name for command in run_app.registered_commands if command.name]
-    supervisor = Supervisor(kinds, settings.stack.state_dir / "logs", report=typer.echo)
+    ingress = settings.ingress
+    specs: list[ChildSpec] = []
+    for kind in (command.name for command in run_app.registered_commands if command.name):
+        if kind != "ingress":
+            specs.append(ChildSpec(name=kind, kind=kind))
+            continue
+        for index in range(ingress_nodes):
+            node = f"ingress-{index + 1}"
+            specs.append(
+                ChildSpec(
+                    name=node,
+                    kind=kind,
+                    env={
+                        "IM_INGRESS__PORT": str(ingress.port + index),
+                        "IM_INGRESS__NODE_ID": node,
+                    },
+                )
+            )
+    supervisor = Supervisor(specs, settings.stack.state_dir / "logs", report=typer.echo)
     stopping = threading.Event()
 
     def _request_stop(signum: int, _frame: object) -> None:
@@ -202,11 +229,14 @@ def up() -> None:
     signal.signal(signal.SIGINT, _request_stop)
     signal.signal(signal.SIGTERM, _request_stop)
     supervisor.start_all()
-    ingress = settings.ingress
-    typer.echo(
-        f"clients: ws://{ingress.host}:{ingress.port}/v1/ws · REST and OpenAPI: "
-        f"http://{ingress.host}:{ingress.port}/docs"
-    )
+    for index in range(ingress_nodes):
+        port = ingress.port + index
+        typer.echo(
+            f"ingress-{index + 1}: ws://{ingress.host}:{port}/v1/ws · REST and OpenAPI: "
+            f"http://{ingress.host}:{port}/docs"
+        )
+    sinks = settings.sinks
+    typer.echo(f"analytics: http://{sinks.analytics_host}:{sinks.analytics_port}/v1/analytics")
     typer.echo("imstream is up. Press Ctrl-C to stop.")
     while not stopping.wait(1.0):
         supervisor.check()
@@ -311,6 +341,14 @@ def run_clickhouse_sink() -> None:
     settings = load_settings()
     configure_process_logging()
     raise typer.Exit(run(settings))
+
+
+@app.command("status")
+def status() -> None:
+    """Every process `imstream up` runs: up or down, restarts, consumer lag, last error."""
+    from pipelines.status import status_command  # noqa: PLC0415
+
+    raise typer.Exit(status_command(load_settings(), typer.echo))
 
 
 @app.command("demo")

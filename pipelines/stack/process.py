@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
@@ -57,13 +57,21 @@ def rss_bytes(pid: int) -> int | None:
     return None
 
 
-def start_detached(command: Sequence[str], *, cwd: Path, log_path: Path) -> int:
-    """Start ``command`` in its own session with output appended to ``log_path``; return its pid."""
+def start_detached(
+    command: Sequence[str],
+    *,
+    cwd: Path,
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+) -> int:
+    """Start ``command`` in its own session with output appended to ``log_path`` (and ``env``
+    added to this process's environment); return its pid."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             list(command),
             cwd=cwd,
+            env={**os.environ, **env} if env else None,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
