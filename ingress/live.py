@@ -91,10 +91,8 @@ class LiveDeliveryConsumer:
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": "latest",
-            # The user processor writes live deliveries in transactions; a read_committed fetch
-            # is not always woken when the commit marker lands, so bound its wait (latency).
+            # The user processor writes live deliveries in transactions.
             "isolation.level": "read_committed",
-            "fetch.wait.max.ms": 20,
         }
         self._topic = topic
         self._node_id = node_id

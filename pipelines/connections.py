@@ -32,6 +32,24 @@ def kafka_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     return config
 
 
+def kafka_consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict[str, Any]:
+    """A pipeline consumer's configuration: group ``group_id``, offsets committed by the caller
+    only after the work they cover is done, from the beginning when the group is new, and
+    ``read_committed`` (the stream stage writes in transactions: an aborted batch is never
+    read)."""
+    return kafka_config(
+        settings,
+        **{
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "isolation.level": "read_committed",
+            "auto.offset.reset": "earliest",
+            **overrides,
+        },
+    )
+
+
 def kafka_producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     """Producer configuration: keys land on the partitions the Java client picks."""
     return kafka_config(settings, partitioner=KAFKA_PARTITIONER, **overrides)

@@ -51,7 +51,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from pipelines.connections import kafka_config, kafka_producer_config
+from pipelines.connections import kafka_config, kafka_consumer_config, kafka_producer_config
 from pipelines.settings import Settings
 from schemas.topics import Topic, TopicCatalog, topic_catalog
 from streams.processors import (
@@ -75,7 +75,6 @@ READY_MESSAGE = "stream worker ready"
 #: How long a blocking Kafka call (init, send offsets, commit, abort) may take before we give up.
 KAFKA_CALL_TIMEOUT = 60.0
 PROGRESS_INTERVAL = 10.0
-FETCH_WAIT_MS = 20
 
 
 class Processor(Protocol):
@@ -212,14 +211,6 @@ class ProcessorLoop:
             )
         )
         consumer_config: dict[str, Any] = {
-            "group.id": self.group_id,
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "isolation.level": "read_committed",
-            "auto.offset.reset": "earliest",
-            # A fetch returns as soon as records are committed, but a read_committed fetch is
-            # not always woken when a transaction's marker lands: bound the wait (latency).
-            "fetch.wait.max.ms": FETCH_WAIT_MS,
             # range keeps equal partition numbers of co-partitioned inputs on one member.
             "partition.assignment.strategy": "range",
             "session.timeout.ms": int(streams.session_timeout_seconds * 1000),
@@ -230,7 +221,7 @@ class ProcessorLoop:
         }
         if streams.static_membership:
             consumer_config["group.instance.id"] = f"{instance_id}-{config.name}"
-        self.consumer = Consumer(kafka_config(settings, **consumer_config))
+        self.consumer = Consumer(kafka_consumer_config(settings, self.group_id, **consumer_config))
 
     # -- rebalance callbacks (called by librdkafka inside consume/poll, between transactions) --
 

@@ -54,7 +54,11 @@ from cassandra.query import BoundStatement
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from pydantic import ValidationError
 
-from pipelines.connections import cql_cluster, kafka_config, kafka_producer_config
+from pipelines.connections import (
+    cql_cluster,
+    kafka_consumer_config,
+    kafka_producer_config,
+)
 from pipelines.settings import Settings
 from schemas.errors import SchemaError, schema_error
 from schemas.events import Event, SyncRecord, parse_event
@@ -156,17 +160,7 @@ class CqlSink:
             sync_ttl_seconds=int(timedelta(days=sinks.sync_retention_days).total_seconds()),
         )
         self.consumer = Consumer(
-            kafka_config(
-                settings,
-                **{
-                    "group.id": self.group_id,
-                    "enable.auto.commit": False,
-                    "enable.auto.offset.store": False,
-                    "isolation.level": "read_committed",
-                    "auto.offset.reset": "earliest",
-                    "enable.partition.eof": True,
-                },
-            )
+            kafka_consumer_config(settings, self.group_id, **{"enable.partition.eof": True})
         )
         self.producer = Producer(
             kafka_producer_config(settings, **{"enable.idempotence": True, "acks": "all"})
