@@ -7,10 +7,13 @@ task exist only while frames are waiting to be written, so an idle connection ha
 no timer is kept per connection (one sweeper task checks every connection's idle time).
 
 Outbound queue: every frame sent after ``hello_ok`` (replies, live events) is put into the
-connection's queue without waiting and written in order by its writer task. A reader that falls
-``max_frames`` behind while the socket's write buffer is full (the writer waits for the peer to
-read) overflows: its queued frames are dropped and the connection is closed with slow-consumer
-(4009). Other connections never share a queue, a lock or a wait with it. Nothing is
+connection's queue without waiting and written in order by its writer task. A reader is slow when
+at least ``max_frames`` frames wait while the writer has been stuck for ``stall_seconds`` on a
+socket whose buffers are full (the peer does not read): its queued frames are dropped and the
+connection is closed with slow-consumer (4009). The check runs when a frame is queued and in the
+gateway's sweeper (:meth:`Connection.check_stalled`), so a reader is closed even when nothing more
+is sent to it. A reader that merely lags for a moment — a burst larger than the queue arriving
+while it reads a big frame — is not closed; the stall time bounds how much a burst can queue. Other connections never share a queue, a lock or a wait with it. Nothing is
 lost by dropping: queued events are copies of what the user's sync queue holds, and a reply not
 delivered is recovered by re-sending the command with the same ids (sends are idempotent by
 ``client_msg_id``).
@@ -62,11 +65,13 @@ class ConnectionHub:
         self,
         *,
         max_frames: int,
+        stall_seconds: float,
         frame_sent: Callable[[str], None],
         queue_depth: Callable[[int], None],
         closed: Callable[[CloseCode], None],
     ) -> None:
         self.max_frames = max_frames
+        self.stall_seconds = stall_seconds
         self.frame_sent = frame_sent
         self.queue_depth = queue_depth
         self.closed = closed
@@ -86,7 +91,7 @@ class Connection:
         "_frames",
         "_hub",
         "_send",
-        "_sending",
+        "_send_started",
         "_writer",
         "acked_sync_id",
         "closing",
@@ -123,7 +128,8 @@ class Connection:
         self.replaced = False
         self._frames: deque[str] | None = None
         self._writer: asyncio.Task[None] | None = None
-        self._sending = False
+        #: ``loop.time()`` when the writer's current ``send()`` began; ``None`` when not in one.
+        self._send_started: float | None = None
 
     @property
     def queued(self) -> int:
@@ -141,20 +147,35 @@ class Connection:
         frames = self._frames
         if frames is None:
             frames = self._frames = deque()
-        if len(frames) >= self._hub.max_frames and self._sending:
-            # Only a writer waiting in send() proves the reader slow (the socket's buffer is
-            # full). Frames queued while the writer has merely not run yet (a burst of live
-            # events in one batch, pipelined commands read in one chunk) are flushed at once.
-            self.close(
-                CloseCode.SLOW_CONSUMER,
-                f"outbound queue overflowed ({self._hub.max_frames} frames); reconnect and sync",
-            )
+        if len(frames) >= self._hub.max_frames and self.check_stalled():
             return False
         frames.append(text)
         self._hub.queue_depth(1)
         self._hub.frame_sent(frame_type)
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._write())
+        return True
+
+    def check_stalled(self, now: float | None = None) -> bool:
+        """Close the connection as a slow consumer if its reader is stalled; ``True`` if closed.
+
+        Stalled: ``max_frames`` or more frames wait and the writer has been waiting in
+        ``send()`` — which only waits while the socket's buffers are full — for at least
+        ``stall_seconds``. Frames queued while the writer has merely not run yet (a burst of
+        live events in one batch, pipelined commands read in one chunk) never count.
+        """
+        started = self._send_started
+        if self.closing or started is None or self.queued < self._hub.max_frames:
+            return False
+        if now is None:
+            now = asyncio.get_running_loop().time()
+        if now - started < self._hub.stall_seconds:
+            return False
+        self.close(
+            CloseCode.SLOW_CONSUMER,
+            f"outbound queue overflowed ({self._hub.max_frames} frames, no read for "
+            f"{self._hub.stall_seconds:g} s); reconnect and sync",
+        )
         return True
 
     def close(self, code: CloseCode, reason: str) -> None:
@@ -188,20 +209,21 @@ class Connection:
 
     async def _write(self) -> None:
         frames = self._frames
+        loop = asyncio.get_running_loop()
         try:
             while frames:
                 text = frames.popleft()
                 self._hub.queue_depth(-1)
-                # True while other code runs only if send() is waiting for the socket to drain.
-                self._sending = True
+                # Seen by other code only while send() waits for the socket to drain.
+                self._send_started = loop.time()
                 await self._send({"type": "websocket.send", "text": text})
-                self._sending = False
+                self._send_started = None
         except Exception as error:  # the socket went away mid-write; the handler cleans up
             _log.debug("write to %s failed: %r", self.connection_id, error)
             self._writer = None  # this task ends here: forget() must not cancel it
             self.forget()
         finally:
-            self._sending = False
+            self._send_started = None
             if self._writer is asyncio.current_task():
                 self._writer = None
                 if not frames:

@@ -198,6 +198,7 @@ class Gateway:
         self.registry = ConnectionRegistry()
         self.hub = ConnectionHub(
             max_frames=ingress.outbound_queue_frames,
+            stall_seconds=ingress.slow_consumer_seconds,
             frame_sent=self._frame_sent,
             queue_depth=self.metrics.outbound_queued_frames.inc,
             closed=lambda code: self.closes.labels(code.name.lower().replace("_", "-")).inc(),
@@ -501,13 +502,17 @@ class Gateway:
         self._reply(connection, await self.reads.answer(connection.principal, frame))
 
     async def _sweep_idle(self) -> None:
-        """Close sockets that sent nothing for ``idle_timeout_seconds`` (one task, no timers)."""
+        """Close sockets that sent nothing for ``idle_timeout_seconds`` and readers stalled for
+        ``slow_consumer_seconds`` (one task, no timers)."""
         idle = self.ingress.idle_timeout_seconds
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(min(1.0, idle / 4))
-            deadline = loop.time() - idle
+            await asyncio.sleep(min(1.0, idle / 4, self.ingress.slow_consumer_seconds / 2))
+            now = loop.time()
+            deadline = now - idle
             for connection in self.registry:
+                if connection.check_stalled(now):
+                    continue
                 if connection.last_frame_at < deadline and not connection.closing:
                     connection.close(CloseCode.IDLE_TIMEOUT, f"no frame for {idle:g} s")
 

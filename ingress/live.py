@@ -197,7 +197,12 @@ class LiveDeliveryConsumer:
         return True
 
     def _consume(self, consumer: Consumer) -> None:
-        messages = consumer.consume(num_messages=_BATCH, timeout=_POLL_SECONDS)
+        # Wait for the first record only, then take what else is already fetched: consume(n,
+        # timeout) alone waits for n records or the whole timeout (up to 200 ms per event).
+        first = consumer.poll(_POLL_SECONDS)
+        if first is None:
+            return
+        messages = [first, *consumer.consume(num_messages=_BATCH - 1, timeout=0)]
         frames = [frame for message in messages if (frame := self._frame(message)) is not None]
         if frames and self._loop is not None:
             try:

@@ -32,7 +32,7 @@ from tests.ingress.support import (
     wait_until,
 )
 
-RATE, BURST, IDLE, QUEUE, CLOSE_TIMEOUT = 2.0, 5.0, 1.5, 8, 3.0
+RATE, BURST, IDLE, QUEUE, CLOSE_TIMEOUT, STALL = 2.0, 5.0, 1.5, 8, 3.0, 1.0
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,7 @@ def tight(
             "idle_timeout_seconds": IDLE,
             "outbound_queue_frames": QUEUE,
             "close_timeout_seconds": CLOSE_TIMEOUT,
+            "slow_consumer_seconds": STALL,
         },
     )
     yield running
