@@ -179,6 +179,15 @@ def up(
             help="Ingress nodes, on consecutive ports from IM_INGRESS__PORT (ingress-1, -2 …)",
         ),
     ] = 2,
+    sink_nice: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=19,
+            help="CPU priority steps below the rest for the sinks (0: same): on one machine the "
+            "delivery path (ingress, stream worker) gets the CPU first, the sinks catch up",
+        ),
+    ] = 10,
 ) -> None:
     """Run the main job on the local stack until Ctrl-C, then stop everything it started.
 
@@ -206,7 +215,8 @@ def up(
     specs: list[ChildSpec] = []
     for kind in (command.name for command in run_app.registered_commands if command.name):
         if kind != "ingress":
-            specs.append(ChildSpec(name=kind, kind=kind))
+            nice = sink_nice if kind.endswith("-sink") else 0
+            specs.append(ChildSpec(name=kind, kind=kind, nice=nice))
             continue
         for index in range(ingress_nodes):
             node = f"ingress-{index + 1}"

@@ -81,6 +81,7 @@ def cql_cluster(
         },
         connect_timeout=connect_timeout,
         control_connection_timeout=connect_timeout,
+        compression=settings.cql.compression,
         **options,
     )
 

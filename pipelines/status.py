@@ -22,6 +22,7 @@ from pipelines.settings import Settings
 from pipelines.stack import process
 from pipelines.supervisor import load_state
 from schemas.topics import topic_catalog
+from sinks.clickhouse.schema import audited_topics
 
 _ERROR_LINE = re.compile(r" (ERROR|CRITICAL) ")
 
@@ -57,6 +58,9 @@ def consumer_groups(settings: Settings) -> dict[str, dict[str, list[str]]]:
                 catalog.sync_events.name,
                 catalog.push_tokens.name,
             ]
+        },
+        "clickhouse-sink": {
+            f"{prefix}imstream-clickhouse-sink": [topic.name for topic in audited_topics(catalog)]
         },
     }
 

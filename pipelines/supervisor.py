@@ -23,11 +23,13 @@ BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 @dataclass(frozen=True, slots=True)
 class ChildSpec:
-    """One process to run: ``imstream run <kind>`` as ``name`` with ``env`` added."""
+    """One process to run: ``imstream run <kind>`` as ``name`` with ``env`` added, ``nice``
+    steps below the supervisor's CPU priority."""
 
     name: str
     kind: str
     env: dict[str, str] = field(default_factory=dict)
+    nice: int = 0
 
 
 @dataclass(slots=True)
@@ -36,6 +38,7 @@ class Child:
     kind: str
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    nice: int = 0
     pid: int | None = None
     started_at: float = 0.0
     crashes: int = 0
@@ -64,6 +67,7 @@ class Supervisor:
                     kind=spec.kind,
                     log_path=log_dir / f"{spec.name}.log",
                     env=dict(spec.env),
+                    nice=spec.nice,
                 )
             )
         self.report = report
@@ -76,7 +80,7 @@ class Supervisor:
 
     def _start(self, child: Child) -> None:
         child.pid = process.start_detached(
-            child.argv, cwd=Path.cwd(), log_path=child.log_path, env=child.env
+            child.argv, cwd=Path.cwd(), log_path=child.log_path, env=child.env, nice=child.nice
         )
         child.started_at = time.monotonic()
         child.restart_at = None

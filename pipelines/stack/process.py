@@ -63,9 +63,11 @@ def start_detached(
     cwd: Path,
     log_path: Path,
     env: Mapping[str, str] | None = None,
+    nice: int = 0,
 ) -> int:
     """Start ``command`` in its own session with output appended to ``log_path`` (and ``env``
-    added to this process's environment); return its pid."""
+    added to this process's environment), ``nice`` steps below this process's CPU priority;
+    return its pid."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         process = subprocess.Popen(
@@ -77,6 +79,11 @@ def start_detached(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    if nice:
+        # Set from here (a preexec function is not safe in a threaded parent); the child's
+        # first milliseconds run at the parent's priority, which matters to nobody.
+        own = os.getpriority(os.PRIO_PROCESS, 0)
+        os.setpriority(os.PRIO_PROCESS, process.pid, min(19, own + nice))
     return process.pid
 
 

@@ -1,0 +1,853 @@
+"""The whole system under load: send → deliver through real WebSockets, Kafka, the stream worker
+and the sinks, all on this machine, against a raw Kafka round trip measured in the same run.
+
+    python -m bench.e2e [--rates 250,500,1000,1500] [--group-rates 50,100] [--duration 20]
+
+What runs — as ``imstream up`` runs it, one OS process per kind: the stream worker, two ingress
+nodes, the CQL sink and the ClickHouse sink, on a fresh topic catalog (``bench.e2e.<time>.<pid>.``),
+a fresh CQL keyspace and a chDB path of their own; the local stack's Kafka and Cassandra (started
+if they are not running, left as found). ``--pairs`` 1:1 conversations and ``--groups`` groups of
+``--group-size`` members are spread over ``--client-processes`` load generator processes, each
+user one device, one SDK client (``ingress.client.Client``) over a real WebSocket; the two users
+of a pair are on different ingress nodes, so every 1:1 delivery crosses nodes.
+
+Phases: one per target rate, 1:1 first (``--rates``, messages/s for the whole system), then group
+traffic (``--group-rates``, group messages/s; each is delivered to ``group-size - 1`` members).
+Each phase sends open loop at its rate for ``--warmup`` + ``--duration`` seconds and measures the
+``--duration`` part: accepted/s, delivered/s, send → deliver latency (from calling ``send`` to the
+receiver's ``events()`` yielding the message), send → accepted latency, CPU per process kind.
+Every message of a phase must reach every other member exactly once (the phase waits up to
+``--drain`` seconds for stragglers): ``lost`` and ``duplicates`` are counted, not assumed.
+
+A phase is **sustained** when delivered/s is at least 97% of the target, p99 send → deliver is at
+most ``--p99-bar-ms`` (200), nothing was lost, duplicated or refused, and the generator itself kept
+its schedule (p99 lag under 50 ms; otherwise the phase measured the generator, not the system).
+1:1 phases stop after the second failed rate.
+
+Raw baseline, same run, before the load: a confluent-kafka producer (the gateway's settings:
+idempotent, ``acks=all``, ``linger.ms=2``) and a consumer in this process, the payload the size of
+the gateway's ``message.sent`` record; produce → consume round trip at each target rate, and the
+highest rate one producer and one consumer reach.
+
+Results: docs/bench/e2e.json, docs/bench/e2e-latency.png (latency against rate; needs
+matplotlib, ``pip install -e '.[bench]'``); docs/performance.md has the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, Message, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from bench.common import (
+    LOOPBACK,
+    REPO_ROOT,
+    BenchError,
+    CpuMeter,
+    Progress,
+    ServerProcess,
+    bench_topics,
+    free_port,
+    imstream_command,
+    interrupt_on_sigterm,
+    kafka_broker_pid,
+    machine_facts,
+    now_iso,
+    percentiles_ms,
+    run_prefix,
+    with_topic_prefix,
+    write_results,
+)
+from bench.e2e_load import Credentials, Phase, PhaseResult, WorkerPlan, run_worker
+from bench.raw_produce import durable_producer_config
+from pipelines.connections import cql_cluster, kafka_config, kafka_consumer_config
+from pipelines.settings import Settings
+from pipelines.stack import process as stack_process
+from pipelines.stack.manager import LocalStack
+from pipelines.status import consumer_groups, group_lag
+from schemas.events import Actor, MessageSent, MessageSentPayload, TextBody, encode_event
+from sinks.clickhouse.sink import READY_MESSAGE as CLICKHOUSE_READY
+from sinks.cql.sink import READY_MESSAGE as CQL_READY
+from streams.runtime import READY_MESSAGE as WORKER_READY
+
+RESULTS_PATH = REPO_ROOT / "docs" / "bench" / "e2e.json"
+PLOT_PATH = REPO_ROOT / "docs" / "bench" / "e2e-latency.png"
+TENANT = "bench"
+#: A phase whose generator was later than this (p99) measured the generator, not the system.
+GENERATOR_LAG_LIMIT_MS = 50.0
+#: A sink whose groups are at most this many records behind has caught up (transaction markers
+#: leave a record or so per partition that a consumer never commits past).
+SINK_LAG_SETTLED = 100
+#: The share of the target rate a phase must deliver to count as sustained.
+DELIVERED_SHARE = 0.97
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    rates: list[float]
+    group_rates: list[float]
+    pairs: int
+    groups: int
+    group_size: int
+    warmup: float
+    duration: float
+    drain: float
+    body_bytes: int
+    client_processes: int
+    p99_bar_ms: float
+    raw_seconds: float
+    sink_nice: int
+    sink_catch_up: float
+    output: Path
+    plot: Path
+    write: bool
+
+
+def parse_args(argv: Sequence[str] | None) -> Options:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.e2e", description=(__doc__ or "").split("\n\n", 1)[0]
+    )
+    parser.add_argument("--rates", default="250,500,750,1000,1250,1500,2000")
+    parser.add_argument("--group-rates", default="25,50,100")
+    parser.add_argument("--pairs", type=int, default=200, help="1:1 conversations (%(default)s)")
+    parser.add_argument("--groups", type=int, default=20, help="groups (%(default)s)")
+    parser.add_argument("--group-size", type=int, default=8, help="members (%(default)s)")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds before measuring")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds measured")
+    parser.add_argument("--drain", type=float, default=20.0, help="seconds to wait for stragglers")
+    parser.add_argument("--body-bytes", type=int, default=100, help="text body size")
+    parser.add_argument("--client-processes", type=int, default=2, help="load generators")
+    parser.add_argument("--p99-bar-ms", type=float, default=200.0, help="the latency bar")
+    parser.add_argument("--raw-seconds", type=float, default=5.0, help="per raw rate")
+    parser.add_argument(
+        "--sink-nice", type=int, default=10, help="the sinks' nice value, as `imstream up` sets it"
+    )
+    parser.add_argument(
+        "--sink-catch-up", type=float, default=120.0, help="seconds to wait for the sinks"
+    )
+    parser.add_argument("--output", type=Path, default=RESULTS_PATH)
+    parser.add_argument("--plot", type=Path, default=PLOT_PATH)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+
+    def rates(text: str) -> list[float]:
+        try:
+            values = sorted({float(part) for part in text.split(",") if part.strip()})
+        except ValueError:
+            parser.error(f"rates must be comma-separated numbers, got {text!r}")
+        if any(value <= 0 for value in values):
+            parser.error(f"rates must be positive, got {text!r}")
+        return values
+
+    if args.group_size < 2:
+        parser.error("--group-size must be at least 2")
+    return Options(
+        rates=rates(args.rates),
+        group_rates=rates(args.group_rates) if args.group_rates else [],
+        pairs=args.pairs,
+        groups=args.groups,
+        group_size=args.group_size,
+        warmup=args.warmup,
+        duration=args.duration,
+        drain=args.drain,
+        body_bytes=args.body_bytes,
+        client_processes=args.client_processes,
+        p99_bar_ms=args.p99_bar_ms,
+        raw_seconds=args.raw_seconds,
+        sink_nice=args.sink_nice,
+        sink_catch_up=args.sink_catch_up,
+        output=args.output,
+        plot=args.plot,
+        write=not args.no_write,
+    )
+
+
+def body_text(size: int) -> str:
+    words = "the quick brown fox jumps over the lazy dog "
+    return (words * (size // len(words) + 1))[:size].strip() or "x"
+
+
+# ---------------------------------------------------------------------------------------------
+# The system
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class System:
+    settings: Settings
+    processes: dict[str, ServerProcess]
+    urls: tuple[str, ...]
+    keyspace: str
+
+    def pids(self) -> dict[str, int]:
+        return {name: server.pid for name, server in self.processes.items()}
+
+    def check_alive(self) -> None:
+        for name, server in self.processes.items():
+            if not server.alive():
+                raise BenchError(f"{name} exited during the run; its log: {server.log_path}")
+
+
+@contextmanager
+def local_stack(settings: Settings, progress: Progress) -> Iterator[None]:
+    """Kafka and Cassandra of the local stack; started if needed, stopped only if started here."""
+    stack = LocalStack(settings)
+    was_up = stack.is_up()
+    if not was_up:
+        progress.done("starting the local stack (Kafka, Cassandra) …")
+        stack.up()
+    try:
+        yield
+    finally:
+        if not was_up:
+            for line in stack.down():
+                progress.done(f"stack: {line}")
+
+
+@contextmanager
+def keyspace_for(settings: Settings, progress: Progress) -> Iterator[str]:
+    """A fresh keyspace migrated by ``imstream db migrate``; dropped on the way out."""
+    name = f"bench_e2e_{uuid.uuid4().hex[:10]}"
+    done = subprocess.run(
+        imstream_command("db", "migrate"),
+        env={**os.environ, "IM_CQL__KEYSPACE": name},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"`imstream db migrate` failed:\n{done.stdout}{done.stderr}")
+    progress.done(f"migrated keyspace {name}")
+    try:
+        yield name
+    finally:
+        cluster = cql_cluster(settings)
+        try:
+            cluster.connect().execute(f"DROP KEYSPACE IF EXISTS {name}", timeout=120)
+            progress.done(f"dropped keyspace {name}")
+        finally:
+            cluster.shutdown()
+
+
+@contextmanager
+def running_system(
+    settings: Settings, keyspace: str, log_dir: Path, progress: Progress, *, sink_nice: int
+) -> Iterator[System]:
+    common = {
+        **os.environ,
+        "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
+        "IM_CQL__KEYSPACE": keyspace,
+        "IM_CLICKHOUSE__CHDB_PATH": str(log_dir / "chdb"),
+        "IM_SINKS__ANALYTICS_PORT": str(free_port()),
+        "IM_STREAMS__INSTANCE_ID": f"bench-e2e-{os.getpid()}",
+        # The benchmark's users send far above a person's rate; the default limit would cap it.
+        "IM_INGRESS__RATE_LIMIT_PER_SECOND": "1000000",
+        "IM_INGRESS__RATE_LIMIT_BURST": "1000000",
+    }
+    ports = [free_port(), free_port()]
+    specs: list[tuple[str, list[str], dict[str, str], int, str | None]] = [
+        ("stream-worker", ["run", "stream-worker"], {}, 0, WORKER_READY),
+        ("cql-sink", ["run", "cql-sink"], {}, 0, CQL_READY),
+        ("clickhouse-sink", ["run", "clickhouse-sink"], {}, 0, CLICKHOUSE_READY),
+        *(
+            (
+                f"ingress-{index + 1}",
+                ["run", "ingress"],
+                {
+                    "IM_INGRESS__HOST": LOOPBACK,
+                    "IM_INGRESS__PORT": str(port),
+                    "IM_INGRESS__NODE_ID": f"bench-{os.getpid()}-{index + 1}",
+                },
+                port,
+                None,
+            )
+            for index, port in enumerate(ports)
+        ),
+    ]
+    with ExitStack() as stack:
+        processes: dict[str, ServerProcess] = {}
+        for name, argv, env, port, ready in specs:
+            server = ServerProcess(
+                name,
+                imstream_command(*argv),
+                env={**common, **env},
+                port=port,
+                log_path=log_dir / f"{name}.log",
+                ready_log_text=ready,
+            )
+            stack.enter_context(server)
+            progress.update(f"starting {name} …")
+            server.start(timeout=120)
+            if name.endswith("-sink") and sink_nice:
+                # As `imstream up` runs them: the delivery path gets the CPU first.
+                os.setpriority(os.PRIO_PROCESS, server.pid, sink_nice)
+            processes[name] = server
+            progress.done(f"{name} is ready (pid {server.pid}, log {server.log_path})")
+        urls = tuple(f"ws://{LOOPBACK}:{port}/v1/ws" for port in ports)
+        yield System(settings, processes, urls, keyspace)
+        progress.done("stopping the system …")
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw baseline: produce → consume round trip
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_record(body_bytes: int) -> bytes:
+    """A ``message.sent`` record as the gateway writes it, for the raw payload's size."""
+    event = MessageSent.new(
+        tenant_id=TENANT,
+        actor=Actor(user_id="u-raw-sender-0000", device_id="d1"),
+        payload=MessageSentPayload(
+            conversation_id="d:u-raw-sender-0000:u-raw-receiver-00",
+            client_msg_id=f"raw-{uuid.uuid4().hex}",
+            body=TextBody(text=body_text(body_bytes)),
+        ),
+    )
+    return encode_event(event)
+
+
+def raw_round_trip(
+    settings: Settings,
+    payload_bytes: int,
+    rates: Sequence[float],
+    seconds: float,
+    progress: Progress,
+) -> dict[str, Any]:
+    """Produce at each rate (and then as fast as possible) while a consumer in this process
+    reads the records back; latency is from ``produce()`` to the consumer having the record."""
+    topic = f"{settings.kafka.topic_prefix}raw.round-trip"
+    admin = AdminClient(kafka_config(settings))
+    admin.create_topics([NewTopic(topic, num_partitions=6, replication_factor=1)])[topic].result(30)
+    stamp = 8  # the payload starts with the send instant, in nanoseconds
+    filler = b"x" * max(0, payload_bytes - stamp)
+    consumer = Consumer(
+        kafka_consumer_config(
+            settings,
+            f"bench-raw-{uuid.uuid4().hex[:8]}",
+            **{
+                "auto.offset.reset": "latest",
+                "fetch.wait.max.ms": 100,
+            },
+        )
+    )
+    latencies: list[float] = []
+    received = 0
+    stop = threading.Event()
+    assigned = threading.Event()
+
+    def on_assign(_consumer: Consumer, _partitions: list[Any]) -> None:
+        assigned.set()
+
+    def consume() -> None:
+        nonlocal received
+        while not stop.is_set():
+            message = consumer.poll(0.1)
+            if message is None or message.error() is not None:
+                continue
+            value = message.value() or b""
+            latencies.append(time.monotonic_ns() / 1e9 - int.from_bytes(value[:stamp]) / 1e9)
+            received += 1
+
+    consumer.subscribe([topic], on_assign=on_assign)
+    reader = threading.Thread(target=consume, name="raw-consumer", daemon=True)
+    reader.start()
+    producer = Producer(durable_producer_config(settings))
+    failed = 0
+
+    def delivered(error: KafkaError | None, _message: Message) -> None:
+        nonlocal failed
+        if error is not None:
+            failed += 1
+
+    def produce_one(index: int) -> None:
+        value = time.monotonic_ns().to_bytes(stamp) + filler
+        while True:
+            try:
+                producer.produce(
+                    topic, value=value, key=str(index % 400).encode(), on_delivery=delivered
+                )
+                break
+            except BufferError:
+                producer.poll(0.01)
+        producer.poll(0)
+
+    try:
+        if not assigned.wait(30):
+            raise BenchError("the raw consumer got no partitions within 30 s")
+        time.sleep(1.0)  # the consumer's position is resolved before the first record
+        paced: list[dict[str, Any]] = []
+        for rate in rates:
+            latencies.clear()
+            start = time.monotonic()
+            total = int(rate * seconds)
+            for index in range(total):
+                delay = start + index / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                produce_one(index)
+            producer.flush(30)
+            deadline = time.monotonic() + 10
+            while len(latencies) < total and time.monotonic() < deadline:
+                time.sleep(0.05)
+            paced.append(
+                {
+                    "rate": rate,
+                    "sent": total,
+                    "received": len(latencies),
+                    "latency_ms": percentiles_ms(latencies),
+                }
+            )
+            progress.done(
+                f"raw round trip at {rate:,.0f}/s: p50 {paced[-1]['latency_ms']['p50']} ms, "
+                f"p99 {paced[-1]['latency_ms']['p99']} ms"
+            )
+        # As fast as one producer and one consumer go.
+        latencies.clear()
+        before = received
+        total = 0
+        start = time.monotonic()
+        while time.monotonic() - start < seconds:
+            for _ in range(1000):
+                produce_one(total)
+                total += 1
+        producer.flush(60)
+        deadline = time.monotonic() + 30
+        while received - before < total and time.monotonic() < deadline:
+            time.sleep(0.05)
+        elapsed = time.monotonic() - start
+        flat_out = {
+            "sent": total,
+            "received": received - before,
+            "seconds": round(elapsed, 2),
+            "round_trips_per_second": round((received - before) / elapsed, 1),
+        }
+        progress.done(
+            f"raw round trip flat out: {flat_out['round_trips_per_second']:,.0f}/s "
+            f"({total:,} records)"
+        )
+        return {
+            "payload_bytes": payload_bytes,
+            "failed": failed,
+            "paced": paced,
+            "flat_out": flat_out,
+        }
+    finally:
+        stop.set()
+        reader.join(5)
+        consumer.close()
+        admin.delete_topics([topic])
+
+
+# ---------------------------------------------------------------------------------------------
+# The load
+# ---------------------------------------------------------------------------------------------
+
+
+class Load:
+    """The load generator processes and their conversations."""
+
+    def __init__(self, system: System, options: Options, progress: Progress) -> None:
+        self.options = options
+        self.progress = progress
+        context = multiprocessing.get_context("spawn")
+        workers = max(1, options.client_processes)
+        self.counters = context.Array("q", workers, lock=False)
+        self.pipes: list[Connection] = []
+        self.processes: list[multiprocessing.process.BaseProcess] = []
+        settings = system.settings
+        credentials = Credentials(
+            secret=settings.auth.jwt_secret.get_secret_value(),
+            issuer=settings.auth.jwt_issuer,
+            audience=settings.auth.jwt_audience,
+        )
+        tag = f"e2e{os.getpid()}x{int(time.time())}"
+        text = body_text(options.body_bytes)
+        for worker in range(workers):
+            pairs = tuple(
+                (f"{tag}-w{worker}-p{index}a", f"{tag}-w{worker}-p{index}b")
+                for index in range(worker, options.pairs, workers)
+            )
+            groups = tuple(
+                tuple(f"{tag}-w{worker}-g{index}m{member}" for member in range(options.group_size))
+                for index in range(worker, options.groups, workers)
+            )
+            plan = WorkerPlan(
+                worker=worker,
+                urls=system.urls,
+                tenant_id=TENANT,
+                pairs=pairs,
+                groups=groups,
+                credentials=credentials,
+                body_text=text,
+                run_tag=tag,
+            )
+            parent_end, child_end = context.Pipe()
+            process = context.Process(
+                target=run_worker, args=(plan, child_end, self.counters), name=f"e2e-load-{worker}"
+            )
+            process.start()
+            child_end.close()
+            self.pipes.append(parent_end)
+            self.processes.append(process)
+        users = 0
+        for pipe in self.pipes:
+            message = self._receive(pipe, 300, "its connections")
+            users += message[1]["users"]
+        progress.done(
+            f"{users} users connected over {len(system.urls)} ingress nodes; "
+            f"{options.pairs} 1:1 conversations, {options.groups} groups of {options.group_size}"
+        )
+
+    def _receive(self, pipe: Connection, timeout: float, what: str) -> tuple[Any, ...]:
+        if not pipe.poll(timeout):
+            raise BenchError(f"a load generator did not report {what} within {timeout:.0f} s")
+        message: tuple[Any, ...] = pipe.recv()
+        if message[0] == "failed":
+            raise BenchError(f"a load generator failed:\n{message[1]}")
+        return message
+
+    def pids(self) -> dict[str, int]:
+        return {f"load generator {i}": p.pid for i, p in enumerate(self.processes) if p.pid}
+
+    def run_phase(self, index: int, kind: str, rate: float, system: System) -> dict[str, Any]:
+        options = self.options
+        start_at = time.monotonic() + 0.5
+        measure_from = start_at + options.warmup
+        measure_until = measure_from + options.duration
+        workers = len(self.pipes)
+        for pipe in self.pipes:
+            pipe.send(
+                (
+                    "phase",
+                    Phase(
+                        index=index,
+                        kind=kind,
+                        rate=rate / workers,
+                        start_at=start_at,
+                        measure_from=measure_from,
+                        measure_until=measure_until,
+                        drain_until=measure_until + options.drain,
+                    ),
+                )
+            )
+        meter = CpuMeter(
+            {
+                **system.pids(),
+                **stack_pids(system.settings),
+                **self.pids(),
+                "benchmark": os.getpid(),
+            }
+        )
+        time.sleep(max(0.0, measure_from - time.monotonic()))
+        before = meter.snapshot()
+        delivered_before = sum(self.counters)
+        label = f"{kind} at {rate:,.0f}/s"
+        while (now := time.monotonic()) < measure_until:
+            done = sum(self.counters) - delivered_before
+            self.progress.update(
+                f"{label}: {now - measure_from:4.1f}/{options.duration:.0f} s, {done:,} delivered "
+                f"({done / max(now - measure_from, 1e-3):,.0f}/s)"
+            )
+            time.sleep(min(0.5, max(0.0, measure_until - now)))
+        after = meter.snapshot()
+        lag_at_end = sink_lags(system.settings)
+        self.progress.update(f"{label}: waiting for the last deliveries …")
+        results: list[PhaseResult] = [
+            self._receive(pipe, options.drain + 60, "its phase results")[1] for pipe in self.pipes
+        ]
+        system.check_alive()
+        summary = summarise(kind, rate, options, results, CpuMeter.percent(before, after))
+        self.progress.update(f"{label}: waiting for the sinks to catch up …")
+        caught_up = None
+        deadline = time.monotonic() + options.sink_catch_up
+        while time.monotonic() < deadline:
+            lags = sink_lags(system.settings)
+            if all(lag is not None and lag <= SINK_LAG_SETTLED for lag in lags.values()):
+                caught_up = round(time.monotonic() - measure_until, 1)
+                break
+            time.sleep(1.0)
+        summary["sinks"] = {
+            "lag_records_at_window_end": lag_at_end,
+            "caught_up_seconds_after_window": caught_up,
+        }
+        return summary
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            with suppress(OSError):
+                pipe.send(("stop",))
+        for process in self.processes:
+            process.join(30)
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+        for pipe in self.pipes:
+            pipe.close()
+
+
+def sink_lags(settings: Settings) -> dict[str, int | None]:
+    """Records each sink's consumer group has still to commit, over every topic it reads."""
+    lags: dict[str, int | None] = {}
+    for kind, groups in consumer_groups(settings).items():
+        if kind.endswith("-sink"):
+            values = [group_lag(settings, group, topics) for group, topics in groups.items()]
+            lags[kind] = None if None in values else sum(v for v in values if v is not None)
+    return lags
+
+
+def stack_pids(settings: Settings) -> dict[str, int]:
+    pids = {}
+    kafka = kafka_broker_pid(settings)
+    if kafka is not None:
+        pids["kafka"] = kafka
+    found = stack_process.find_pids(LocalStack(settings).server("cassandra").marker)
+    if found:
+        pids["cassandra"] = found[0]
+    return pids
+
+
+def summarise(
+    kind: str,
+    rate: float,
+    options: Options,
+    results: Sequence[PhaseResult],
+    cpu: dict[str, Any],
+) -> dict[str, Any]:
+    duration = options.duration
+
+    def total(name: str) -> int:
+        return sum(getattr(result, name) for result in results)
+
+    deliver = [value for result in results for value in result.deliver_s]
+    accept = [value for result in results for value in result.accept_s]
+    lag = [value for result in results for value in result.schedule_lag_s]
+    errors: dict[str, int] = {}
+    for result in results:
+        for code, count in result.errors.items():
+            errors[code] = errors.get(code, 0) + count
+    lost = sum(result.lost for result in results)
+    fan_out = 1 if kind == "direct" else options.group_size - 1
+    delivered_rate = total("delivered_during_window") / duration / fan_out
+    latency = percentiles_ms(deliver)
+    lag_ms = percentiles_ms(lag)
+    reasons = []
+    if delivered_rate < DELIVERED_SHARE * rate:
+        reasons.append(f"delivered {delivered_rate:,.0f}/s of {rate:,.0f}/s")
+    p99 = latency["p99"]
+    if p99 is None or p99 > options.p99_bar_ms:
+        reasons.append(f"p99 {p99} ms > {options.p99_bar_ms:g} ms")
+    if lost:
+        reasons.append(f"{lost} lost")
+    if total("duplicates"):
+        reasons.append(f"{total('duplicates')} duplicates")
+    if errors:
+        reasons.append(f"errors {errors}")
+    generator_bound = (lag_ms["p99"] or 0) > GENERATOR_LAG_LIMIT_MS
+    if generator_bound:
+        reasons.append(f"generator fell behind (lag p99 {lag_ms['p99']} ms)")
+    processes = cpu["processes_pct_of_one_core"]
+    by_kind: dict[str, float] = {}
+    for name, share in processes.items():
+        kind_name = "ingress" if name.startswith("ingress-") else name
+        kind_name = "load generators" if name.startswith("load generator") else kind_name
+        by_kind[kind_name] = round(by_kind.get(kind_name, 0.0) + share, 1)
+    return {
+        "kind": kind,
+        "target_per_second": rate,
+        "fan_out": fan_out,
+        "accepted_per_second": round(total("accepted_in_window") / duration, 1),
+        "delivered_messages_per_second": round(delivered_rate, 1),
+        "deliveries_per_second": round(total("delivered_during_window") / duration, 1),
+        "send_to_deliver_ms": latency,
+        "send_to_accepted_ms": percentiles_ms(accept),
+        "generator_lag_ms": lag_ms,
+        "sent": total("scheduled"),
+        "accepted": total("accepted_total"),
+        "deliveries_expected": total("expected_total"),
+        "deliveries": total("delivered_total"),
+        "delivered_live": total("delivered_live"),
+        "delivered_by_sync": total("delivered_by_sync"),
+        "lost": lost,
+        "duplicates": total("duplicates"),
+        "errors": errors,
+        "reconnects": max((result.reconnects for result in results), default=0),
+        "cpu_pct_of_one_core_by_kind": by_kind,
+        "cpu": cpu,
+        "sustained": not reasons,
+        "why_not_sustained": reasons,
+    }
+
+
+def line(phase: dict[str, Any]) -> str:
+    latency = phase["send_to_deliver_ms"]
+    verdict = (
+        "sustained"
+        if phase["sustained"]
+        else "NOT sustained: " + "; ".join(phase["why_not_sustained"])
+    )
+    return (
+        f"{phase['kind']} at {phase['target_per_second']:,.0f}/s: accepted "
+        f"{phase['accepted_per_second']:,.0f}/s, delivered "
+        f"{phase['delivered_messages_per_second']:,.0f}/s, send→deliver p50 {latency['p50']} / "
+        f"p95 {latency['p95']} / p99 {latency['p99']} ms, "
+        f"lost {phase['lost']}, duplicates {phase['duplicates']}; sinks behind at the end "
+        f"{phase['sinks']['lag_records_at_window_end']}, caught up after "
+        f"{phase['sinks']['caught_up_seconds_after_window']} s — {verdict}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The plot
+# ---------------------------------------------------------------------------------------------
+
+
+def plot(document: dict[str, Any], path: Path, bar_ms: float) -> None:
+    """Latency percentiles against the target rate, 1:1 phases, with the raw round trip."""
+    import matplotlib  # noqa: PLC0415 — only the plot needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    direct = [phase for phase in document["phases"] if phase["kind"] == "direct"]
+    rates = [phase["target_per_second"] for phase in direct]
+    figure, axes = plt.subplots(figsize=(8, 5), dpi=110)
+    for key, style in (("p50", "o-"), ("p95", "s-"), ("p99", "^-")):
+        axes.plot(
+            rates,
+            [phase["send_to_deliver_ms"][key] for phase in direct],
+            style,
+            label=f"imstream send → deliver {key}",
+        )
+    raw = document["raw_baseline"]["paced"]
+    axes.plot(
+        [run["rate"] for run in raw],
+        [run["latency_ms"]["p99"] for run in raw],
+        "x--",
+        color="grey",
+        label="raw Kafka produce → consume p99",
+    )
+    axes.axhline(bar_ms, color="red", linewidth=1, linestyle=":", label=f"bar: p99 {bar_ms:g} ms")
+    axes.set_yscale("log")
+    axes.set_xlabel("target rate, 1:1 messages/s (whole system)")
+    axes.set_ylabel("latency, ms (log scale)")
+    machine = document["machine"]
+    axes.set_title(
+        f"imstream end to end on {machine.get('cpu_count')} cores "
+        f"(Kafka, Cassandra, all processes, load generators), {document['started_at'][:10]}",
+        fontsize=9,
+    )
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = parse_args(argv)
+    interrupt_on_sigterm()
+    progress = Progress()
+    base = Settings()
+    facts = machine_facts(base)
+    started = now_iso()
+    settings = with_topic_prefix(base, run_prefix("e2e"))
+    payload = len(sample_record(options.body_bytes))
+    log_dir = Path(tempfile.mkdtemp(prefix="imstream-bench-e2e-"))
+    progress.done(f"logs: {log_dir}")
+    phases: list[dict[str, Any]] = []
+    with ExitStack() as stack:
+        stack.enter_context(local_stack(base, progress))
+        stack.enter_context(bench_topics(settings, progress))
+        keyspace = stack.enter_context(keyspace_for(settings, progress))
+        system = stack.enter_context(
+            running_system(settings, keyspace, log_dir, progress, sink_nice=options.sink_nice)
+        )
+        raw = raw_round_trip(settings, payload, options.rates, options.raw_seconds, progress)
+        load = Load(system, options, progress)
+        stack.callback(load.close)
+        failures = 0
+        for rate in options.rates:
+            phase = load.run_phase(len(phases), "direct", rate, system)
+            phases.append(phase)
+            progress.done(line(phase))
+            failures += not phase["sustained"]
+            if failures >= 2:
+                break
+        for rate in options.group_rates:
+            phase = load.run_phase(len(phases), "group", rate, system)
+            phases.append(phase)
+            progress.done(line(phase))
+    direct = [phase for phase in phases if phase["kind"] == "direct"]
+    sustained = [phase["target_per_second"] for phase in direct if phase["sustained"]]
+    best = max(sustained, default=None)
+    raw_by_rate = {run["rate"]: run for run in raw["paced"]}
+    for phase in phases:
+        raw_run = raw_by_rate.get(phase["target_per_second"])
+        if raw_run and raw_run["latency_ms"]["p99"] and phase["send_to_deliver_ms"]["p99"]:
+            phase["p99_ratio_to_raw_round_trip"] = round(
+                phase["send_to_deliver_ms"]["p99"] / raw_run["latency_ms"]["p99"], 1
+            )
+    document = {
+        "started_at": started,
+        "finished_at": now_iso(),
+        "machine": facts,
+        "parameters": {
+            key: (str(value) if isinstance(value, Path) else value)
+            for key, value in asdict(options).items()
+        },
+        "raw_baseline": raw,
+        "phases": phases,
+        "highest_sustained_direct_per_second": best,
+        "highest_sustained_ratio_to_raw_flat_out": round(
+            best / raw["flat_out"]["round_trips_per_second"], 4
+        )
+        if best
+        else None,
+    }
+    progress.done(
+        f"highest 1:1 rate sustained with p99 ≤ {options.p99_bar_ms:g} ms: {best:,.0f} messages/s"
+        if best
+        else "no 1:1 rate was sustained"
+    )
+    if options.write:
+        options.output.parent.mkdir(parents=True, exist_ok=True)
+        write_results("e2e", document, options.output)
+        progress.done(f"wrote {options.output}")
+        try:
+            plot(document, options.plot, options.p99_bar_ms)
+            progress.done(f"wrote {options.plot}")
+        except ImportError:
+            progress.done("matplotlib is not installed (pip install -e '.[bench]'); no plot")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as error:
+        sys.stderr.write(f"error: {error}\n")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
