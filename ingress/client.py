@@ -12,9 +12,12 @@ What it guarantees to its user (docs/protocol.md, "The delivery contract, as a c
 - **Each stored event once, in ``sync_id`` order.** Live events and sync pages may overlap; the
   client keeps the highest ``sync_id`` it has surfaced (its cursor) and drops anything at or
   below it. A live event that skips ahead is held back while the client syncs the gap from the
-  store; only if the store still has nothing in between after ``gap_wait`` (sync ids may have
-  gaps) does it go on. Ephemeral events (typing, duplicate answers) have no ``sync_id`` and are
-  surfaced as they come.
+  store, again and again (at most ``gap_poll`` seconds apart) until the store has caught up: a
+  sync runs to the head of the user's queue in the store, so it fills the gap as soon as the
+  store holds what came before (or shows that nothing does: sync ids may have gaps). While the
+  store lags — a sink restarting — held events show late, never ahead of the ones before them:
+  showing one would skip those for good. Ephemeral events (typing, duplicate answers) have no
+  ``sync_id`` and are surfaced as they come.
 - **Resume.** Start from a stored cursor (``cursor=``, or ``cursor_store=`` to load and save it);
   on every (re)connect the client syncs from its cursor, and again every ``sync_interval``
   seconds while connected (live delivery is best effort: an event can reach the queue without a
@@ -22,6 +25,18 @@ What it guarantees to its user (docs/protocol.md, "The delivery contract, as a c
 - **Sends are retried until accepted**, with the same ``client_msg_id`` (generated if not given),
   through ``unavailable``, ``rate-limited`` and lost connections: the server makes a re-send
   harmless (one message per ``(sender, client_msg_id)``).
+- **Other commands** (``read``, ``typing``, ``mute``, ``create_conversation`` and the
+  conversation commands ``rename``, ``add_member``, ``remove_member``, ``change_role``,
+  ``leave``) are retried the same way until answered ``ok``, which means *recorded*, not
+  *allowed*: the stream stage checks membership and roles, and a refused command reaches the
+  user's devices as a ``command.rejected`` event. Only sends are deduplicated: a command
+  re-sent after its reply was lost may apply twice (two renames) or be refused the second time
+  (``already-a-member``; ``conversation-exists`` for a group, whose id is chosen once, before
+  the first attempt, so that it is still created once).
+- **Acks are coalesced**: the cursor store is saved at once, the server gets one ``ack`` with the
+  highest sync id every ``ack_interval`` seconds at most (an ack per event would double a busy
+  device's frames and spend its command rate limit; the server's ack is advisory, the cursor is
+  what resuming relies on).
 - **Reconnects** with exponential backoff and jitter after a lost connection, a drain (4010) or a
   slow-consumer close (4009); it does not reconnect after ``replaced`` (4011) or an
   authentication close (4001-4004): :class:`ClientClosedError` says why.
@@ -37,6 +52,7 @@ import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
@@ -46,7 +62,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from schemas import frames as fr
 from schemas.errors import CloseCode, ErrorCode
-from schemas.events import Event, MessageBody, TextBody
+from schemas.events import Event, MessageBody, Role, TextBody
 
 _log = logging.getLogger(__name__)
 
@@ -138,8 +154,9 @@ class Client:
         ack: bool = True,
         backoff: Backoff = Backoff(),
         sync_page: int = fr.MAX_SYNC_LIMIT,
-        gap_wait: float = 2.0,
+        gap_poll: float = 2.0,
         sync_interval: float = 5.0,
+        ack_interval: float = 0.5,
         request_timeout: float = 30.0,
     ) -> None:
         self.url = url
@@ -149,8 +166,9 @@ class Client:
         self.ack_automatically = ack
         self.backoff = backoff
         self.sync_page = sync_page
-        self.gap_wait = gap_wait
+        self.gap_poll = gap_poll
         self.sync_interval = sync_interval
+        self.ack_interval = ack_interval
         self.request_timeout = request_timeout
         self._token = token
         self._cursor_store = cursor_store
@@ -160,13 +178,19 @@ class Client:
         self.duplicates_dropped = 0
         self._socket: ClientConnection | None = None
         self._connected = asyncio.Event()
-        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._pending: dict[str, asyncio.Future[fr.ServerFrame]] = {}
         self._events: asyncio.Queue[Received | BaseException] = asyncio.Queue()
         self._held: dict[int, Received] = {}
         self._syncing = asyncio.Lock()
         self._runner: asyncio.Task[None] | None = None
+        self._filling: asyncio.Task[None] | None = None
         self._closed: ClientClosedError | None = None
         self._acked = self.cursor
+        #: The highest sync id told to the server, and the pending coalesced ``ack``.
+        self._acked_to_server = self.cursor
+        self._ack_task: asyncio.Task[None] | None = None
+        #: ``loop.time()`` of the last live event that followed on from the cursor.
+        self._live_at = 0.0
 
     # -- lifecycle --
 
@@ -197,6 +221,9 @@ class Client:
         self._stop(ClientClosedError("closed by the client"))
         if self._socket is not None:
             await self._socket.close()
+        for task in (self._filling, self._ack_task):
+            if task is not None:
+                task.cancel()
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, ClientClosedError):
@@ -231,10 +258,18 @@ class Client:
         self._acked = sync_id
         if self._cursor_store is not None:
             self._cursor_store.save(sync_id)
-        if self._socket is None or not self._connected.is_set():
+        if self._ack_task is None or self._ack_task.done():
+            self._ack_task = asyncio.get_running_loop().create_task(self._ack_later())
+
+    async def _ack_later(self) -> None:
+        """One ``ack`` frame per ``ack_interval`` at most, with the highest sync id by then: an
+        ack per event would double a busy device's frames and spend its command rate limit."""
+        await asyncio.sleep(self.ack_interval)
+        sync_id = self._acked
+        if sync_id <= self._acked_to_server or not self._connected.is_set():
             return
-        frame = {"type": "ack", "id": f"ack-{uuid.uuid4().hex[:12]}", "sync_id": sync_id}
-        asyncio.get_running_loop().create_task(self._fire(frame))
+        self._acked_to_server = sync_id
+        await self._fire({"type": "ack", "id": f"ack-{uuid.uuid4().hex[:12]}", "sync_id": sync_id})
 
     # -- commands --
 
@@ -287,6 +322,63 @@ class Client:
         reply = await self._until_answered(frame)
         assert isinstance(reply, fr.Ok) and reply.conversation_id is not None
         return reply.conversation_id
+
+    async def rename(self, conversation_id: str, name: str) -> None:
+        """Rename a group (owners and admins; the stream stage rejects anyone else)."""
+        await self._until_answered(
+            {"type": "conversation.rename", "conversation_id": conversation_id, "name": name}
+        )
+
+    async def add_member(
+        self, conversation_id: str, user_id: str, *, role: Role = Role.MEMBER
+    ) -> None:
+        await self._until_answered(
+            {
+                "type": "conversation.add_member",
+                "conversation_id": conversation_id,
+                "user_id": user_id,
+                "role": Role(role).value,
+            }
+        )
+
+    async def remove_member(self, conversation_id: str, user_id: str) -> None:
+        """Remove someone else from a group (leaving is :meth:`leave`)."""
+        await self._until_answered(
+            {
+                "type": "conversation.remove_member",
+                "conversation_id": conversation_id,
+                "user_id": user_id,
+            }
+        )
+
+    async def change_role(self, conversation_id: str, user_id: str, role: Role) -> None:
+        await self._until_answered(
+            {
+                "type": "conversation.change_role",
+                "conversation_id": conversation_id,
+                "user_id": user_id,
+                "role": Role(role).value,
+            }
+        )
+
+    async def leave(self, conversation_id: str) -> None:
+        await self._until_answered(
+            {"type": "conversation.leave", "conversation_id": conversation_id}
+        )
+
+    async def mute(
+        self, conversation_id: str, *, muted: bool = True, until: datetime | None = None
+    ) -> None:
+        """Mute (or unmute) a conversation's notifications for every device of the user;
+        ``until`` ends the mute at that time (aware datetime), None mutes until unmuted."""
+        await self._until_answered(
+            {
+                "type": "mute",
+                "conversation_id": conversation_id,
+                "muted": muted,
+                "muted_until": until.isoformat() if until is not None else None,
+            }
+        )
 
     async def history(
         self,
@@ -358,12 +450,11 @@ class Client:
                 **{k: v for k, v in fields.items() if v is not None},
             }
             try:
-                raw = await self._request(frame)
+                reply = await self._request(frame)
             except (ConnectionClosed, OSError, TimeoutError):
                 await self._pause(attempt)
                 attempt += 1
                 continue
-            reply = fr.parse_server_frame(json.dumps(raw))
             if isinstance(reply, fr.ErrorFrame):
                 if reply.code in (ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED):
                     wait = (reply.retry_after_ms or 0) / 1000
@@ -384,11 +475,11 @@ class Client:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._connected.wait(), 1.0)
 
-    async def _request(self, frame: dict[str, Any]) -> dict[str, Any]:
+    async def _request(self, frame: dict[str, Any]) -> fr.ServerFrame:
         await self._wait_connected()
         socket_ = self._socket
         assert socket_ is not None
-        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[fr.ServerFrame] = asyncio.get_running_loop().create_future()
         self._pending[frame["id"]] = answer
         try:
             await socket_.send(json.dumps(frame))
@@ -436,7 +527,7 @@ class Client:
                     resync = asyncio.get_running_loop().create_task(self._resync(repeat=True))
                     try:
                         async for raw in socket_:
-                            self._on_frame(json.loads(raw))
+                            self._on_frame(raw)
                     finally:
                         keepalive.cancel()
                         resync.cancel()
@@ -476,22 +567,35 @@ class Client:
         """Sync from the cursor and release held live events; with ``repeat``, again every
         ``sync_interval`` seconds while connected: live delivery is best effort (an event for a
         device whose presence the stream stage has not seen yet goes only to its queue), so a
-        quiet device still catches up."""
+        quiet device still catches up. The repeat skips intervals in which live events
+        arrived in order: one server round trip (and a store read) per device every few seconds
+        is what an active device would otherwise cost."""
+        loop = asyncio.get_running_loop()
+        recent = False
         while True:
-            with contextlib.suppress(ClientClosedError, CommandError):
-                await self.sync()
-                await self._release_held()
+            # While live events keep following on from the cursor nothing can be missing but
+            # the newest ones, which the first quiet interval's sync fetches.
+            if not recent or self._held:
+                with contextlib.suppress(ClientClosedError, CommandError):
+                    await self.sync()
+                    self._release_ready()
+                if self._held:
+                    self._fill_gap()
             if not repeat:
                 return
             await asyncio.sleep(self.sync_interval)
+            recent = loop.time() - self._live_at < self.sync_interval
 
-    def _on_frame(self, frame: dict[str, Any]) -> None:
-        if frame.get("type") == "event":
-            parsed = fr.parse_server_frame(json.dumps(frame))
-            assert isinstance(parsed, fr.EventFrame)
-            self._on_live(parsed)
+    def _on_frame(self, raw: str | bytes) -> None:
+        try:
+            frame = fr.parse_server_frame(raw)
+        except ValueError as error:  # a frame type this client does not know: ignored
+            _log.debug("ignored a server frame this client does not understand: %s", error)
             return
-        answer = self._pending.get(str(frame.get("id")))
+        if isinstance(frame, fr.EventFrame):
+            self._on_live(frame)
+            return
+        answer = self._pending.get(str(frame.id))
         if answer is not None and not answer.done():
             answer.set_result(frame)
 
@@ -503,32 +607,46 @@ class Client:
             self.duplicates_dropped += 1
             return
         if frame.sync_id == self.cursor + 1 and not self._held:
+            self._live_at = asyncio.get_running_loop().time()
             self._surface(Received(frame.sync_id, frame.event, live=True))
             return
-        # Ahead of the cursor: hold it while a sync fills what lies between.
+        # Ahead of the cursor (or behind held ones): hold it until a sync fills what lies
+        # between.
         self._held[frame.sync_id] = Received(frame.sync_id, frame.event, live=True)
-        if not self._syncing.locked():
-            asyncio.get_running_loop().create_task(self._resync())
+        self._release_ready()
+        if self._held:
+            self._fill_gap()
 
-    async def _release_held(self) -> None:
-        """Surface held live events once the store has had ``gap_wait`` to fill the gaps."""
-        deadline = asyncio.get_running_loop().time() + self.gap_wait
-        while self._held:
-            ready = sorted(sync_id for sync_id in self._held if sync_id <= self.cursor + 1)
-            for sync_id in ready:
-                item = self._held.pop(sync_id)
-                if sync_id > self.cursor:
-                    self._surface(item)
-                else:
-                    self.duplicates_dropped += 1
-            if not self._held:
+    def _fill_gap(self) -> None:
+        """Sync until the held live events follow on from the cursor (one task at a time)."""
+        if self._filling is None or self._filling.done():
+            self._filling = asyncio.get_running_loop().create_task(self._sync_until_filled())
+
+    async def _sync_until_filled(self) -> None:
+        """Sync, then surface the held events the cursor has reached; again, with a growing
+        pause (at most ``gap_poll``), while some are held. No deadline: the store holds every
+        stored event eventually, and a page runs to its head, so each round either fills the
+        gap or finds the store still behind."""
+        pause = 0.1
+        with contextlib.suppress(ClientClosedError, CommandError):
+            while self._held:
+                await self.sync()
+                self._release_ready()
+                if self._held:
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, self.gap_poll)
+
+    def _release_ready(self) -> None:
+        """Surface the held live events that follow on from the cursor; drop those a sync
+        surfaced already."""
+        for sync_id in sorted(self._held):
+            if sync_id > self.cursor + 1:
                 return
-            if asyncio.get_running_loop().time() >= deadline:
-                for sync_id in sorted(self._held):
-                    self._surface(self._held.pop(sync_id))  # a gap the store does not fill
-                return
-            await asyncio.sleep(0.2)
-            await self.sync()
+            item = self._held.pop(sync_id)
+            if sync_id > self.cursor:
+                self._surface(item)
+            else:
+                self.duplicates_dropped += 1
 
     def _surface(self, item: Received) -> None:
         assert item.sync_id is not None

@@ -13,10 +13,10 @@ socket whose buffers are full (the peer does not read): its queued frames are dr
 connection is closed with slow-consumer (4009). The check runs when a frame is queued and in the
 gateway's sweeper (:meth:`Connection.check_stalled`), so a reader is closed even when nothing more
 is sent to it. A reader that merely lags for a moment — a burst larger than the queue arriving
-while it reads a big frame — is not closed; the stall time bounds how much a burst can queue. Other connections never share a queue, a lock or a wait with it. Nothing is
-lost by dropping: queued events are copies of what the user's sync queue holds, and a reply not
-delivered is recovered by re-sending the command with the same ids (sends are idempotent by
-``client_msg_id``).
+while it reads a big frame — is not closed; the stall time bounds how much a burst can queue.
+Other connections never share a queue, a lock or a wait with it. Nothing is lost by dropping:
+queued events are copies of what the user's sync queue holds, and a reply not delivered is
+recovered by re-sending the command with the same ids (sends are idempotent by ``client_msg_id``).
 """
 
 from __future__ import annotations

@@ -50,6 +50,16 @@ def kafka_consumer_config(settings: Settings, group_id: str, **overrides: Any) -
     )
 
 
+def sink_session_config(settings: Settings) -> dict[str, Any]:
+    """A sink consumer's group session: ``sinks.session_timeout_seconds``, a heartbeat a third
+    of it (at most 3 s)."""
+    timeout = settings.sinks.session_timeout_seconds
+    return {
+        "session.timeout.ms": int(timeout * 1000),
+        "heartbeat.interval.ms": int(min(3.0, timeout / 3) * 1000),
+    }
+
+
 def kafka_producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     """Producer configuration: keys land on the partitions the Java client picks."""
     return kafka_config(settings, partitioner=KAFKA_PARTITIONER, **overrides)

@@ -155,6 +155,10 @@ class SinkSettings(_Group):
     sync_bucket_size: Annotated[int, Field(ge=10)] = 1000
     #: How long sync-queue rows live (CQL TTL); older entries come from a full resync.
     sync_retention_days: Annotated[float, Field(gt=0, le=7300)] = 30.0
+    #: How long a sink process may be silent before its consumer group gives its partitions to
+    #: another member — or to its own restarted successor, which otherwise waits that long
+    #: (Kafka's default is 45 s) before it gets any partition back after a crash.
+    session_timeout_seconds: Annotated[float, Field(ge=6)] = 10.0
     #: CQL requests in flight per sink process, and retry backoff for timeouts/unavailability.
     cql_max_in_flight: Annotated[int, Field(ge=1)] = 64
     cql_retry_initial_seconds: Annotated[float, Field(gt=0)] = 0.2

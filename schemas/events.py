@@ -405,6 +405,11 @@ class ConversationMemberAddedPayload(WireModel):
     conversation_id: ConversationId
     user_id: UserId
     role: Role = Role.MEMBER
+    name: Name | None = Field(
+        default=None,
+        description="The group's name when the member joined (null if it has none); set by the "
+        "sequencer, so that the new member's conversation list can show it",
+    )
 
 
 class ConversationMemberAdded(EventEnvelope[ConversationMemberAddedPayload]):

@@ -352,7 +352,11 @@ def _add_member(
     ):
         return _reject(command, requester, RejectReason.NOT_ALLOWED)
     members = {**state.members, user: role}
-    return _changed(replace(state, members=members), command, list(members))
+    # The new member has seen neither the creation nor any rename: the event tells the name.
+    named = command.model_copy(
+        update={"payload": command.payload.model_copy(update={"name": state.name})}
+    )
+    return _changed(replace(state, members=members), named, list(members))
 
 
 def _remove_member(

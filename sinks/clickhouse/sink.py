@@ -46,7 +46,12 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
-from pipelines.connections import clickhouse_client, kafka_config, kafka_consumer_config
+from pipelines.connections import (
+    clickhouse_client,
+    kafka_config,
+    kafka_consumer_config,
+    sink_session_config,
+)
 from pipelines.settings import Settings
 from schemas.topics import DEAD_LETTER_SUFFIX, TopicCatalog, topic_catalog
 from sinks.clickhouse.analytics import Analytics
@@ -141,7 +146,9 @@ class ClickHouseSink:
         self.running = False
         self._pending: list[tuple[KafkaRecord, Audited]] = []
         self._admin: AdminClient | None = None
-        self.consumer = Consumer(kafka_consumer_config(settings, self.group_id))
+        self.consumer = Consumer(
+            kafka_consumer_config(settings, self.group_id, **sink_session_config(settings))
+        )
 
     # -- the loop --
 

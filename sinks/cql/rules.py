@@ -590,13 +590,13 @@ class WritePlanner:
                 ]
             case ConversationMemberAdded() if event.payload.user_id == user:
                 added = event.payload
-                # Only groups take new members; the event does not carry the group's name.
+                # Only groups take new members; the sequencer put the group's name in.
                 return [
                     self.s.uc_joined.bind(
                         (
                             at,
                             ConversationKind.GROUP.value,
-                            UNSET_VALUE,
+                            _or_unset(added.name),
                             added.role.value,
                             event.occurred_at,
                             *key,

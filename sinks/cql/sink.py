@@ -58,6 +58,7 @@ from pipelines.connections import (
     cql_cluster,
     kafka_consumer_config,
     kafka_producer_config,
+    sink_session_config,
 )
 from pipelines.settings import Settings
 from schemas.errors import SchemaError, schema_error
@@ -160,7 +161,11 @@ class CqlSink:
             sync_ttl_seconds=int(timedelta(days=sinks.sync_retention_days).total_seconds()),
         )
         self.consumer = Consumer(
-            kafka_consumer_config(settings, self.group_id, **{"enable.partition.eof": True})
+            kafka_consumer_config(
+                settings,
+                self.group_id,
+                **{"enable.partition.eof": True, **sink_session_config(settings)},
+            )
         )
         self.producer = Producer(
             kafka_producer_config(settings, **{"enable.idempotence": True, "acks": "all"})

@@ -8,10 +8,12 @@ cursor — and reads (history, conversation list, who-read) as typed pages.
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from ingress.client import Client, FileCursorStore, Received
-from schemas.events import MessageSent
+from schemas import events as ev
+from schemas.events import MessageSent, Role
 from tests.ingress.support import TENANT, Gateway, token, unique
 
 
@@ -114,3 +116,64 @@ async def test_each_event_once_in_order_across_live_a_lost_connection_and_a_rest
                 break
             await asyncio.sleep(0.2)
         assert [r.user_id for r in readers.readers] == [ben]
+
+
+async def test_conversation_commands_reach_the_members_as_events(pipeline: Gateway) -> None:
+    ann, ben, cat = unique("ann"), unique("ben"), unique("cat")
+    async with (
+        client(pipeline, ann, "phone") as owner,
+        client(pipeline, ben, "phone") as member,
+        client(pipeline, cat, "phone") as joiner,
+    ):
+        group = await owner.create_conversation([ben], name="team")
+        await owner.rename(group, "team 2")
+        await owner.add_member(group, cat, role=Role.ADMIN)
+        await owner.change_role(group, ben, Role.ADMIN)
+        await owner.remove_member(group, ben)
+        await joiner.leave(group)
+        # Recorded is not allowed: ben is no member any more, and hears why.
+        await member.rename(group, "mine now")
+
+        kinds = [
+            ev.ConversationCreated,
+            ev.ConversationRenamed,
+            ev.ConversationMemberAdded,
+            ev.ConversationMemberRoleChanged,
+            ev.ConversationMemberRemoved,
+            ev.ConversationLeft,
+        ]
+        seen = [r.event for r in await collect(owner, len(kinds), kind=ev.EventEnvelope)]
+        assert [type(event) for event in seen] == kinds
+        renamed, added, changed, removed, left = seen[1:]
+        assert isinstance(renamed, ev.ConversationRenamed) and renamed.payload.name == "team 2"
+        assert isinstance(added, ev.ConversationMemberAdded)
+        assert (added.payload.user_id, added.payload.role) == (cat, Role.ADMIN)
+        assert added.payload.name == "team 2"  # set by the sequencer for the new member
+        assert isinstance(changed, ev.ConversationMemberRoleChanged)
+        assert (changed.payload.user_id, changed.payload.role) == (ben, Role.ADMIN)
+        assert isinstance(removed, ev.ConversationMemberRemoved) and removed.payload.user_id == ben
+        assert isinstance(left, ev.ConversationLeft) and left.payload.user_id == cat
+        # The new member's first event names the group (it saw neither creation nor rename).
+        (joined,) = await collect(joiner, 1, kind=ev.ConversationMemberAdded)
+        assert joined.event == added
+        (rejected,) = await collect(member, 1, kind=ev.CommandRejected)
+        assert isinstance(rejected.event, ev.CommandRejected)
+        assert rejected.event.payload.command_type == "conversation.renamed"
+        assert rejected.event.payload.reason == "not-a-member"
+
+        # Mute: on every device of the user, in the conversation list.
+        until = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
+        await owner.mute(group, until=until)
+        (muted,) = await collect(owner, 1, kind=ev.ConversationMuteChanged)
+        assert isinstance(muted.event, ev.ConversationMuteChanged)
+        assert (muted.event.payload.muted, muted.event.payload.muted_until) == (True, until)
+        for _ in range(100):
+            (item,) = (await owner.conversations()).conversations
+            if item.muted:
+                break
+            await asyncio.sleep(0.2)
+        assert (item.name, item.muted, item.muted_until) == ("team 2", True, until)
+        await owner.mute(group, muted=False)
+        (unmuted,) = await collect(owner, 1, kind=ev.ConversationMuteChanged)
+        assert isinstance(unmuted.event, ev.ConversationMuteChanged)
+        assert (unmuted.event.payload.muted, unmuted.event.payload.muted_until) == (False, None)

@@ -141,7 +141,8 @@ COMMANDS: list[Case] = [
         lambda _, c: {"conversation_id": c, "user_id": "erin", "role": "admin"},
         "messages_in",
         "conversation",
-        lambda _, c: {"conversation_id": c, "user_id": "erin", "role": "admin"},
+        # The group's name is the sequencer's to set.
+        lambda _, c: {"conversation_id": c, "user_id": "erin", "role": "admin", "name": None},
     ),
     Case(
         "conversation.remove_member",

@@ -1,172 +1,122 @@
-"""The system as ``imstream up`` runs it — two ingress nodes, the stream worker and the CQL sink
-under the supervisor — with SDK clients on different nodes, while processes are killed with
-SIGKILL and restarted by the supervisor. Afterwards the delivery contract holds as a client sees
-it: every message once, in order, on every device, and the timeline complete.
+"""The system as ``imstream up`` runs it — two ingress nodes, the stream worker, the CQL sink and
+the ClickHouse sink under the supervisor — with SDK clients on different nodes, while processes
+are killed with SIGKILL and restarted by the supervisor. Afterwards the delivery contract holds as
+a client sees it: every message once, in order, on every device, the timeline complete, and the
+audit holding every message exactly once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import threading
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
-import pytest
-from cassandra.cluster import Session
-from confluent_kafka.admin import AdminClient
+from schemas.events import message_event_id
+from tests.ingress.support import unique, wait_until
+from tests.pipelines.support import Device, Running, assert_audited_exactly_once, wait_all
 
-from ingress.client import Client, Received
-from pipelines.settings import Settings
-from pipelines.stack.manager import LocalStack
-from pipelines.supervisor import ChildSpec, Supervisor
-from schemas.events import MessageSent
-from tests.ingress.support import (
-    TENANT,
-    create_topics,
-    delete_topics,
-    free_port,
-    migrated_keyspace,
-    token,
-    unique,
-)
+COUNT = 300
 
 
-class Running:
-    def __init__(self, supervisor: Supervisor, ports: list[int], settings: Settings) -> None:
-        self.supervisor = supervisor
-        self.ports = ports
-        self.settings = settings
-
-    def url(self, node: int) -> str:
-        return f"ws://127.0.0.1:{self.ports[node]}/v1/ws"
-
-    def kill(self, name: str) -> int:
-        (child,) = [c for c in self.supervisor.children if c.name == name]
-        assert child.pid is not None, f"{name} is not running"
-        os.kill(child.pid, signal.SIGKILL)
-        return child.pid
+async def send_all(sender: Device, conversation: str, accepted: list[str]) -> None:
+    """COUNT messages, one after the other (each once accepted), with client_msg_ids cm0 …"""
+    for index in range(COUNT):
+        reply = await sender.client.send(conversation, f"m{index}", client_msg_id=f"cm{index}")
+        accepted.append(reply.event_id)
+        await asyncio.sleep(0.01)
 
 
-@pytest.fixture(scope="module")
-def system(
-    local_stack: LocalStack,
-    settings: Settings,
-    kafka_admin: AdminClient,
-    cql_session: Session,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Running]:
-    prefixed = create_topics(kafka_admin, settings, unique("t-up") + ".")
-    logs = tmp_path_factory.mktemp("up")
-    with migrated_keyspace(prefixed, cql_session) as keyspace:
-        common = {
-            "IM_KAFKA__TOPIC_PREFIX": prefixed.kafka.topic_prefix,
-            "IM_CQL__KEYSPACE": keyspace,
-            "IM_STREAMS__SESSION_TIMEOUT_SECONDS": "6",
-            "IM_STREAMS__INSTANCE_ID": unique("worker"),
-            "IM_INGRESS__RATE_LIMIT_PER_SECOND": "100000",
-            "IM_INGRESS__RATE_LIMIT_BURST": "100000",
-        }
-        ports = [free_port(), free_port()]
-        specs = [
-            ChildSpec("stream-worker", "stream-worker", common),
-            *(
-                ChildSpec(
-                    f"ingress-{i + 1}",
-                    "ingress",
-                    {**common, "IM_INGRESS__PORT": str(port), "IM_INGRESS__NODE_ID": unique("n")},
-                )
-                for i, port in enumerate(ports)
-            ),
-            ChildSpec("cql-sink", "cql-sink", common),
-        ]
-        lines: list[str] = []
-        supervisor = Supervisor(specs, Path(logs) / "logs", report=lines.append)
-        stop = threading.Event()
-
-        def supervise() -> None:
-            while not stop.wait(0.5):
-                supervisor.check()
-
-        supervisor.start_all()
-        thread = threading.Thread(target=supervise, daemon=True)
-        thread.start()
-        try:
-            yield Running(supervisor, ports, prefixed)
-        finally:
-            stop.set()
-            thread.join()
-            supervisor.stop_all(30)
-            delete_topics(kafka_admin, prefixed)
+def assert_every_message_once_in_order(
+    device: Device, conversation: str, accepted: list[str]
+) -> None:
+    assert device.message_ids(conversation) == accepted, (device.user, device.name)
+    seqs = [message.payload.conversation_seq for message in device.messages(conversation)]
+    assert seqs == list(range(1, COUNT + 1))
+    sync_ids = device.sync_ids()
+    assert sync_ids == sorted(set(sync_ids))
 
 
-async def messages_of(client: Client, count: int, within: float) -> list[Received]:
-    got: list[Received] = []
-
-    async def take() -> None:
-        async for item in client.events():
-            if isinstance(item.event, MessageSent):
-                got.append(item)
-                if len(got) == count:
-                    return
-
-    await asyncio.wait_for(take(), within)
-    return got
-
-
-async def test_every_message_once_in_order_on_every_device_while_processes_are_killed(
+async def test_every_message_once_in_order_while_the_worker_and_both_sinks_are_killed(
     system: Running,
 ) -> None:
+    # A tenant of its own, so that the audit's answers are about this test's messages only.
+    tenant = unique("crash")
     ann, ben = unique("ann"), unique("ben")
-
-    def device(user: str, name: str, node: int) -> Client:
-        return Client(
-            system.url(node),
-            tenant_id=TENANT,
-            device_id=name,
-            token=token(system.settings, user),
-            request_timeout=20,
-        )
-
-    # Connecting waits until the ingress nodes answer (they may still be starting).
-    async with device(ann, "phone", 0) as sender, device(ben, "phone", 1) as receiver:
-        conversation = await sender.create_conversation([ben], kind="direct")
-        count = 300
+    async with (
+        Device(system, ann, "phone", 0, tenant=tenant) as sender,
+        Device(system, ben, "phone", 1, tenant=tenant) as receiver,
+    ):
+        conversation = await sender.client.create_conversation([ben], kind="direct")
         accepted: list[str] = []
+        sending = asyncio.create_task(send_all(sender, conversation, accepted))
 
-        async def send_all() -> None:
-            for index in range(count):
-                reply = await sender.send(conversation, f"m{index}", client_msg_id=f"cm{index}")
-                accepted.append(reply.event_id)
-                await asyncio.sleep(0.01)
+        def sent(count: int) -> Callable[[], bool]:
+            return lambda: len(accepted) >= count
 
-        sending = asyncio.create_task(send_all())
-        await asyncio.sleep(1.0)
-        system.kill("stream-worker")
-        await asyncio.sleep(3.0)
-        system.kill("cql-sink")
+        # Each killed while messages are coming in.
+        for victim, after in (("stream-worker", 50), ("clickhouse-sink", 100), ("cql-sink", 150)):
+            await wait_until(sent(after), within=60)
+            system.kill(victim)
         await sending
-        received = await messages_of(receiver, count, within=180)
-        assert [r.event.event_id for r in received] == accepted
-        sync_ids = [r.sync_id or 0 for r in received]
-        assert sync_ids == sorted(set(sync_ids))
-        seqs = [
-            r.event.payload.conversation_seq for r in received if isinstance(r.event, MessageSent)
-        ]
-        assert seqs == list(range(1, count + 1))
+        assert accepted == [message_event_id(tenant, ann, f"cm{i}") for i in range(COUNT)]
+        await receiver.wait(
+            lambda d: len(d.messages(conversation)) >= COUNT, 180, f"{COUNT} messages"
+        )
+        assert_every_message_once_in_order(receiver, conversation, accepted)
 
-        # A second device of ann, on the other node, syncing from nothing: all of it, once.
-        async with device(ann, "laptop", 1) as laptop:
-            mine = await messages_of(laptop, count, within=120)
-        assert [r.event.event_id for r in mine] == accepted
+        # A second device of ann, on the other node, syncing from nothing: all of it, once —
+        # once the restarted CQL sink has caught up.
+        async with Device(system, ann, "laptop", 1, tenant=tenant) as laptop:
+            await laptop.wait(
+                lambda d: len(d.messages(conversation)) >= COUNT, 120, f"{COUNT} messages"
+            )
+            await laptop.client.sync()
+            await laptop.drained()
+            assert_every_message_once_in_order(laptop, conversation, accepted)
 
-        # The timeline is complete once the restarted sink caught up.
-        for _ in range(300):
-            page = await receiver.history(conversation, limit=1)
-            if page.entries and page.entries[-1].seq == count:
-                break
+        # The timeline is complete (the sink writes it from the conversation log, which it may
+        # still be reading a little behind the sync queues).
+        async def timeline_end() -> int:
+            page = await receiver.client.history(conversation, limit=1)
+            return page.entries[-1].seq if page.entries else 0
+
+        deadline = asyncio.get_running_loop().time() + 60
+        while (end := await timeline_end()) != COUNT:
+            assert end < COUNT, f"the timeline ends at {end}, after the last message"
+            assert asyncio.get_running_loop().time() < deadline, f"the timeline ends at {end}"
             await asyncio.sleep(0.2)
-        assert page.entries[-1].seq == count
-    restarts = {c.name: c.restarts for c in system.supervisor.children}
-    assert restarts["stream-worker"] >= 1 and restarts["cql-sink"] >= 1
+    restarts = system.restarts()
+    assert restarts["stream-worker"] >= 1
+    assert restarts["cql-sink"] >= 1 and restarts["clickhouse-sink"] >= 1
+    await assert_audited_exactly_once(system, tenant, accepted, queues=2)
+
+
+async def test_every_message_once_in_order_while_an_ingress_node_is_killed(
+    system: Running,
+) -> None:
+    tenant = unique("crash")
+    ann, ben = unique("ann"), unique("ben")
+    async with (
+        # The sender is on ingress-2, the node that is killed: its sends in flight are re-sent
+        # with the same client_msg_id once it has reconnected to the restarted node.
+        Device(system, ann, "phone", 1, tenant=tenant) as sender,
+        Device(system, ann, "laptop", 0, tenant=tenant) as laptop,
+        Device(system, ben, "phone", 0, tenant=tenant) as phone,
+        Device(system, ben, "tablet", 1, tenant=tenant) as tablet,
+    ):
+        conversation = await sender.client.create_conversation([ben], kind="direct")
+        accepted: list[str] = []
+        sending = asyncio.create_task(send_all(sender, conversation, accepted))
+        await wait_until(lambda: len(accepted) >= 100, within=60)
+        system.kill("ingress-2")
+        await sending
+        # One message per client_msg_id, whatever reached Kafka before the node died.
+        assert accepted == [message_event_id(tenant, ann, f"cm{i}") for i in range(COUNT)]
+        assert sender.client.reconnects >= 1 and tablet.client.reconnects >= 1
+        devices = [sender, laptop, phone, tablet]
+        await wait_all(
+            devices, lambda d: len(d.messages(conversation)) >= COUNT, 120, f"{COUNT} messages"
+        )
+        for device in devices:
+            assert_every_message_once_in_order(device, conversation, accepted)
+    assert system.restarts()["ingress-2"] >= 1
+    await assert_audited_exactly_once(system, tenant, accepted, queues=2)

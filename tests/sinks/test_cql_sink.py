@@ -408,7 +408,8 @@ def build(catalog: TopicCatalog) -> Built:
         tenant_id=TENANT,
         actor=Actor(user_id="alice"),
         occurred_at=at(16),
-        payload=ConversationMemberAddedPayload(conversation_id=G1, user_id="dave"),
+        # As sequenced: the sequencer put the group's name in.
+        payload=ConversationMemberAddedPayload(conversation_id=G1, user_id="dave", name="Team 2"),
     )
     s.log(added)
     s.deliver(added, [*group, "dave"])
@@ -865,8 +866,8 @@ def test_the_conversation_lists(world: World, cql_session: Session) -> None:
         ("alice", G1): ("group", "Team 2", "admin", True, *last_g1),
         ("bob", G1): ("group", "Team 2", "admin", True, *last_g1),
         ("carol", G1): ("group", "Team 2", "owner", True, *last_g1),
-        # dave joined (no name on the event), then left; he never saw a message.
-        ("dave", G1): ("group", None, "member", False, None, None, None, naive(at(16))),
+        # dave joined (the name on the event), then left; he never saw a message.
+        ("dave", G1): ("group", "Team 2", "member", False, None, None, None, naive(at(16))),
         ("alice", DM): ("direct", None, "member", True, *last_dm),
         ("bob", DM): ("direct", None, "member", True, *last_dm),
         ("erin", G2): ("group", None, "owner", False, None, None, None, naive(at(20))),

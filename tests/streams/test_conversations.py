@@ -257,6 +257,11 @@ def test_membership_changes_and_their_rules() -> None:
     added = decide(state, add)
     assert added.state is not None and "dave" in added.state.members
     assert "dave" in {delivery.user_id for delivery in added.deliveries}
+    # The new member learns the group's name from the event (the command does not carry it).
+    (sequenced,) = added.sequenced
+    assert isinstance(sequenced, ConversationMemberAdded) and sequenced.payload.name == "team"
+    assert {delivery.event.event_id for delivery in added.deliveries} == {add.event_id}
+    assert all(delivery.event == sequenced for delivery in added.deliveries)
     assert rejected(decide(added.state, add)) is RejectReason.ALREADY_A_MEMBER
 
     remove_owner = ConversationMemberRemoved.new(

@@ -1,0 +1,297 @@
+"""Helpers of the system tests: the supervised system as ``imstream up`` runs it, SDK devices
+that record what they are shown, and reads of the ClickHouse audit the sink wrote."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from ingress.client import Client, Received
+from pipelines.settings import Settings
+from pipelines.stack import process
+from pipelines.supervisor import Child, Supervisor
+from schemas.events import Event, MessageSent
+from schemas.topics import topic_catalog
+from tests.ingress.support import TENANT, token
+
+E = TypeVar("E", bound=Event)
+
+
+class Running:
+    """The supervised system: its children, where the ingress nodes and analytics listen."""
+
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        ports: list[int],
+        settings: Settings,
+        *,
+        analytics_port: int,
+        chdb_path: Path,
+        lock: threading.Lock,
+    ) -> None:
+        self.supervisor = supervisor
+        self.ports = ports
+        self.settings = settings
+        self.analytics_port = analytics_port
+        self.chdb_path = chdb_path
+        #: Held by the supervising thread while it checks the children: a test that stops a
+        #: child on purpose holds it too, so that the stop is not taken for a crash.
+        self.lock = lock
+
+    def url(self, node: int) -> str:
+        return f"ws://127.0.0.1:{self.ports[node]}/v1/ws"
+
+    def child(self, name: str) -> Child:
+        (found,) = [c for c in self.supervisor.children if c.name == name]
+        return found
+
+    def kill(self, name: str) -> int:
+        """SIGKILL a child (the supervisor restarts it); its pid."""
+        pid = self.child(name).pid
+        assert pid is not None, f"{name} is not running"
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def restarts(self) -> dict[str, int]:
+        return {child.name: child.restarts for child in self.supervisor.children}
+
+    def ready(self, name: str) -> bool:
+        """Running, and answering: an ingress node ready (``/readyz``), the ClickHouse sink
+        serving analytics (``/healthz``); the others once their process is up."""
+        child = self.child(name)
+        if child.pid is None or not process.is_alive(child.pid):
+            return False
+        if child.kind == "ingress":
+            port = self.ports[int(name.rsplit("-", 1)[1]) - 1]
+            return _http_ok(f"http://127.0.0.1:{port}/readyz")
+        if child.kind == "clickhouse-sink":
+            return _http_ok(f"http://127.0.0.1:{self.analytics_port}/healthz")
+        return True
+
+    def wait_ready(self, within: float = 90.0) -> None:
+        """Every child ready (blocking); fails with the log tail of the ones that are not."""
+        deadline = time.monotonic() + within
+        while True:
+            waiting = [c for c in self.supervisor.children if not self.ready(c.name)]
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                tails = {c.name: process.last_lines(c.log_path, 10) for c in waiting}
+                raise AssertionError(f"not ready after {within:g} s: {tails}")
+            time.sleep(0.1)
+
+    @contextlib.contextmanager
+    def stopped(self, name: str, timeout: float = 30.0) -> Iterator[None]:
+        """Stop a child with SIGTERM (it drains) and keep it stopped; started again after."""
+        child = self.child(name)
+        with self.lock:
+            assert child.pid is not None, f"{name} is not running"
+            killed = process.stop([child.pid], timeout)
+            assert not killed, f"{name} did not stop on SIGTERM within {timeout:g} s"
+            child.pid, child.restart_at = None, None
+        try:
+            yield
+        finally:
+            with self.lock:
+                child.restart_at = time.monotonic()  # the supervisor starts it on its next check
+
+    def analytics(self, query: str, **parameters: str) -> dict[str, Any]:
+        """A named analytics query through the ClickHouse sink's HTTP API (blocking)."""
+        url = (
+            f"http://127.0.0.1:{self.analytics_port}/v1/analytics/{query}?"
+            + urllib.parse.urlencode(parameters)
+        )
+        with urllib.request.urlopen(url, timeout=10) as response:
+            answer = json.loads(response.read())
+        assert isinstance(answer, dict)
+        return answer
+
+    def audited_messages(self, tenant: str) -> dict[str, dict[str, int]]:
+        """How often each ``message.sent`` of ``tenant`` is in the audit (read with ``FINAL``),
+        by topic name, then event id. Read from the chDB path in a process of its own (chDB
+        allows one path per process, and the test process may hold another); call it while the
+        ClickHouse sink is stopped, since it owns the path while it runs."""
+        done = subprocess.run(
+            [sys.executable, "-c", _READ_AUDIT, tenant],
+            env={**os.environ, "IM_CLICKHOUSE__CHDB_PATH": str(self.chdb_path)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        counts: dict[str, dict[str, int]] = {}
+        for topic, event_id, copies in json.loads(done.stdout):
+            counts.setdefault(topic, {})[event_id] = copies
+        return counts
+
+
+_READ_AUDIT = """
+import json, sys
+from pipelines.connections import clickhouse_client
+from pipelines.settings import Settings
+from sinks.clickhouse.schema import AUDIT_TABLE, quote_identifier
+
+settings = Settings()
+client = clickhouse_client(settings)
+table = f"{quote_identifier(settings.clickhouse.database)}.{AUDIT_TABLE}"
+result = client.query(
+    f"SELECT topic, toString(event_id), count() FROM {table} FINAL "
+    "WHERE tenant_id = {tenant:String} AND event_type = 'message.sent' "
+    "GROUP BY topic, event_id",
+    parameters={"tenant": sys.argv[1]},
+)
+print(json.dumps([list(row) for row in result.result_rows]))
+"""
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return bool(response.status == 200)
+    except (OSError, urllib.error.HTTPError):
+        return False
+
+
+class Device:
+    """One SDK client of a user, with a task that records every event it surfaces.
+
+    ``received`` is what the device's user would have been shown, in order."""
+
+    def __init__(
+        self,
+        system: Running,
+        user: str,
+        name: str,
+        node: int,
+        *,
+        tenant: str = TENANT,
+        **options: Any,
+    ) -> None:
+        self.user = user
+        self.name = name
+        self.client = Client(
+            system.url(node),
+            tenant_id=tenant,
+            device_id=name,
+            token=token(system.settings, user, tenant=tenant),
+            request_timeout=20,
+            **options,
+        )
+        self.received: list[Received] = []
+        self._collecting: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Device:
+        await self.client.connect()
+        self._collecting = asyncio.get_running_loop().create_task(self._collect())
+        return self
+
+    async def __aexit__(
+        self,
+        _type: type[BaseException] | None,
+        _error: BaseException | None,
+        _tb: TracebackType | None,
+    ) -> None:
+        await self.client.close()
+        if self._collecting is not None:
+            self._collecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._collecting
+
+    async def _collect(self) -> None:
+        async for item in self.client.events():
+            self.received.append(item)
+
+    def events(self, kind: type[E], conversation_id: str | None = None) -> list[E]:
+        """The stored events of ``kind`` surfaced so far (of one conversation, if named)."""
+        return [
+            item.event
+            for item in self.received
+            if isinstance(item.event, kind)
+            and item.sync_id is not None
+            and (
+                conversation_id is None
+                or getattr(item.event.payload, "conversation_id", None) == conversation_id
+            )
+        ]
+
+    def messages(self, conversation_id: str) -> list[MessageSent]:
+        return self.events(MessageSent, conversation_id)
+
+    def message_ids(self, conversation_id: str) -> list[str]:
+        return [message.event_id for message in self.messages(conversation_id)]
+
+    def sync_ids(self) -> list[int]:
+        return [item.sync_id for item in self.received if item.sync_id is not None]
+
+    async def drained(self, within: float = 10.0) -> None:
+        """Until the collecting task has recorded everything the client surfaced so far."""
+        await self.wait(lambda d: d.client._events.empty(), within, "the surfaced events")
+
+    async def wait(self, condition: Callable[[Device], bool], within: float, what: str) -> None:
+        """Until ``condition(self)`` holds; fails after ``within`` seconds, or at once if the
+        client stopped."""
+        deadline = time.monotonic() + within
+        while not condition(self):
+            if self._collecting is not None and self._collecting.done():
+                self._collecting.result()  # raises what stopped it
+                raise AssertionError(f"{self.user}/{self.name} stopped waiting for {what}")
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{self.user}/{self.name}: timed out after {within:g} s waiting for {what}"
+                )
+            await asyncio.sleep(0.05)
+
+
+async def wait_all(
+    devices: list[Device], condition: Callable[[Device], bool], within: float, what: str
+) -> None:
+    await asyncio.gather(*(device.wait(condition, within, what) for device in devices))
+
+
+async def assert_audited_exactly_once(
+    system: Running, tenant: str, accepted: list[str], queues: int, within: float = 90.0
+) -> None:
+    """The ClickHouse audit holds every accepted message of ``tenant`` exactly once as
+    sequenced, ``queues`` times in the sync queues (one per member), and nothing else.
+
+    First as the sink's analytics API counts them (it may still be catching up after a restart;
+    more than were accepted fails at once), then one by one from its chDB path, read while the
+    sink is stopped; it is started again after."""
+    loop = asyncio.get_running_loop()
+
+    def sequenced() -> int:
+        try:
+            answer = system.analytics("messages_per_minute", tenant=tenant)
+        except OSError:  # a restarted sink that is not listening yet
+            return -1
+        return sum(int(row["messages"]) for row in answer["rows"])
+
+    deadline = loop.time() + within
+    while (audited := await asyncio.to_thread(sequenced)) != len(accepted):
+        assert audited <= len(accepted), f"{audited} messages audited, {len(accepted)} accepted"
+        if loop.time() > deadline:
+            raise AssertionError(f"{audited} of {len(accepted)} messages audited in {within:g} s")
+        await asyncio.sleep(0.5)
+    with system.stopped("clickhouse-sink"):
+        audit = await asyncio.to_thread(system.audited_messages, tenant)
+    catalog = topic_catalog(system.settings)
+    assert audit[catalog.messages_sequenced.name] == dict.fromkeys(accepted, 1)
+    assert audit[catalog.sync_events.name] == dict.fromkeys(accepted, queues)
+    # The ingress's records: a send re-sent after a lost connection may be there twice.
+    assert set(audit[catalog.messages_in.name]) == set(accepted)
