@@ -19,9 +19,10 @@ What it guarantees to its user (docs/protocol.md, "The delivery contract, as a c
   showing one would skip those for good. Ephemeral events (typing, duplicate answers) have no
   ``sync_id`` and are surfaced as they come.
 - **Resume.** Start from a stored cursor (``cursor=``, or ``cursor_store=`` to load and save it);
-  on every (re)connect the client syncs from its cursor, and again every ``sync_interval``
-  seconds while connected (live delivery is best effort: an event can reach the queue without a
-  live push, e.g. while the stream stage has not yet seen the device's new connection).
+  on every (re)connect the client syncs from its cursor, once more ``settle_sync`` seconds later
+  (live delivery is best effort: an event can reach the queue without a live push while the
+  stream stage has not yet seen the device's new connection), and then every ``sync_interval``
+  seconds in which no live event arrived.
 - **Sends are retried until accepted**, with the same ``client_msg_id`` (generated if not given),
   through ``unavailable``, ``rate-limited`` and lost connections: the server makes a re-send
   harmless (one message per ``(sender, client_msg_id)``).
@@ -155,7 +156,8 @@ class Client:
         backoff: Backoff = Backoff(),
         sync_page: int = fr.MAX_SYNC_LIMIT,
         gap_poll: float = 2.0,
-        sync_interval: float = 5.0,
+        settle_sync: float = 2.0,
+        sync_interval: float = 30.0,
         ack_interval: float = 0.5,
         request_timeout: float = 30.0,
     ) -> None:
@@ -167,6 +169,7 @@ class Client:
         self.backoff = backoff
         self.sync_page = sync_page
         self.gap_poll = gap_poll
+        self.settle_sync = settle_sync
         self.sync_interval = sync_interval
         self.ack_interval = ack_interval
         self.request_timeout = request_timeout
@@ -564,14 +567,14 @@ class Client:
             await self._fire({"type": "ping", "id": f"ping-{uuid.uuid4().hex[:12]}"})
 
     async def _resync(self, *, repeat: bool = False) -> None:
-        """Sync from the cursor and release held live events; with ``repeat``, again every
-        ``sync_interval`` seconds while connected: live delivery is best effort (an event for a
-        device whose presence the stream stage has not seen yet goes only to its queue), so a
-        quiet device still catches up. The repeat skips intervals in which live events
-        arrived in order: one server round trip (and a store read) per device every few seconds
-        is what an active device would otherwise cost."""
+        """Sync from the cursor and release held live events; with ``repeat``, again after
+        ``settle_sync`` and then every ``sync_interval`` seconds while connected: live delivery
+        is best effort (an event for a device whose presence the stream stage has not seen yet
+        goes only to its queue), so a quiet device still catches up. The repeat skips intervals
+        in which live events arrived in order: a store read per device every few seconds is
+        what thousands of connected devices would otherwise cost (measured in bench/e2e.py)."""
         loop = asyncio.get_running_loop()
-        recent = False
+        recent, first = False, True
         while True:
             # While live events keep following on from the cursor nothing can be missing but
             # the newest ones, which the first quiet interval's sync fetches.
@@ -583,8 +586,10 @@ class Client:
                     self._fill_gap()
             if not repeat:
                 return
-            await asyncio.sleep(self.sync_interval)
-            recent = loop.time() - self._live_at < self.sync_interval
+            pause = self.settle_sync if first else self.sync_interval
+            first = False
+            await asyncio.sleep(pause)
+            recent = loop.time() - self._live_at < pause
 
     def _on_frame(self, raw: str | bytes) -> None:
         try:
