@@ -188,6 +188,10 @@ class StackSettings(_Group):
     cassandra_storage_port: Port = 7000
     cassandra_jmx_port: Port = 7199
     cassandra_heap: str = "1g"
+    #: CPU priority steps below the rest for the local Cassandra: on one machine the delivery
+    #: path (ingress, Kafka, stream worker) gets the CPU first; the serving store's work is
+    #: mostly the CQL sink's writes, which may lag a burst (measured in bench/e2e.py).
+    cassandra_nice: Annotated[int, Field(ge=0, le=19)] = 10
     start_timeout_seconds: Annotated[float, Field(gt=0)] = 240.0
     stop_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
 

@@ -112,6 +112,7 @@ class LocalStack:
                 server.command(java.executable, classpath),
                 cwd=server.home,
                 log_path=server.log_path,
+                nice=self.settings.stack.cassandra_nice if server.name == "cassandra" else 0,
             )
             started[server.name] = pid
             self.progress(f"{server.name}: started (pid {pid}), waiting until it answers …")

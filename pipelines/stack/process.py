@@ -80,11 +80,23 @@ def start_detached(
             start_new_session=True,
         )
     if nice:
-        # Set from here (a preexec function is not safe in a threaded parent); the child's
-        # first milliseconds run at the parent's priority, which matters to nobody.
-        own = os.getpriority(os.PRIO_PROCESS, 0)
-        os.setpriority(os.PRIO_PROCESS, process.pid, min(19, own + nice))
+        lower_priority(process.pid, nice)
     return process.pid
+
+
+def lower_priority(pid: int, nice: int) -> None:
+    """Run ``pid`` ``nice`` steps below this process's CPU priority.
+
+    Set from here (a preexec function is not safe in a threaded parent); the child's first
+    milliseconds run at the parent's priority, which matters to nobody. The process is in a
+    session of its own, and with the kernel's autogroup scheduling (most desktop and server
+    kernels) a session competes with other sessions as one group whose weight a process's nice
+    value does not change: the group's nice (``/proc/<pid>/autogroup``) is set too.
+    """
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    os.setpriority(os.PRIO_PROCESS, pid, min(19, own + nice))
+    with contextlib.suppress(OSError):  # no autogroup scheduling here: the nice value is enough
+        Path(f"/proc/{pid}/autogroup").write_text(str(min(19, nice)))
 
 
 def is_alive(pid: int) -> bool:
