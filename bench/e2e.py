@@ -11,14 +11,15 @@ if they are not running, left as found). ``--pairs`` 1:1 conversations and ``--g
 user one device, one SDK client (``ingress.client.Client``) over a real WebSocket; the two users
 of a pair are on different ingress nodes, so every 1:1 delivery crosses nodes.
 
-Phases: one per target rate, 1:1 first (``--rates``, messages/s for the whole system), then group
-traffic (``--group-rates``, group messages/s; each is delivered to ``group-size - 1`` members).
-Each phase sends open loop at its rate for ``--warmup`` + ``--duration`` seconds and measures the
-``--duration`` part: accepted/s, delivered/s, send → deliver latency (from calling ``send`` to the
-receiver's ``events()`` yielding the message), send → accepted latency, CPU per process kind.
-Every message of a phase must reach every other member exactly once (the phase waits up to
-``--drain`` seconds for stragglers): deliveries missing after the drain and duplicates are
-counted, not assumed.
+Phases: first an unreported warm-up (``--warm-up-seconds`` of 1:1 traffic at 100/s: the JVMs
+and caches are cold after start-up), then one per target rate, 1:1 first (``--rates``,
+messages/s for the whole system), then group traffic (``--group-rates``, group messages/s;
+each is delivered to ``group-size - 1`` members). Each phase sends open loop at its rate for
+``--warmup`` + ``--duration`` seconds and measures the ``--duration`` part: accepted/s,
+delivered/s, send → deliver latency (from calling ``send`` to the receiver's ``events()``
+yielding the message), send → accepted latency, CPU per process kind. Every message of a phase
+must reach every other member exactly once (the phase waits up to ``--drain`` seconds for
+stragglers): deliveries missing after the drain and duplicates are counted, not assumed.
 
 A phase is **sustained** when delivered/s is at least 97% of the target, p99 send → deliver is at
 most ``--p99-bar-ms`` (200), every delivery arrived by the end of the drain, none twice, no send was
@@ -48,7 +49,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,8 @@ PLOT_PATH = REPO_ROOT / "docs" / "bench" / "e2e-latency.png"
 TENANT = "bench"
 #: A phase whose generator was later than this (p99) measured the generator, not the system.
 GENERATOR_LAG_LIMIT_MS = 50.0
+#: The rate of the unreported warm-up phase, 1:1 messages/s.
+WARM_UP_RATE = 100.0
 #: A sink whose groups are at most this many records behind has caught up (transaction markers
 #: leave a record or so per partition that a consumer never commits past).
 SINK_LAG_SETTLED = 100
@@ -117,6 +120,7 @@ class Options:
     sink_nice: int
     sink_catch_up: float
     stop_after_failures: int
+    warm_up_seconds: float
     output: Path
     plot: Path
     write: bool
@@ -150,6 +154,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         default=0,
         help="stop raising the 1:1 rate after this many unsustained phases (0: run every rate)",
     )
+    parser.add_argument(
+        "--warm-up-seconds",
+        type=float,
+        default=40.0,
+        help="an unreported 1:1 phase first, at 100/s (0: none)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_PATH)
     parser.add_argument("--plot", type=Path, default=PLOT_PATH)
     parser.add_argument("--no-write", action="store_true", help="print only")
@@ -182,6 +192,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         sink_nice=args.sink_nice,
         sink_catch_up=args.sink_catch_up,
         stop_after_failures=args.stop_after_failures,
+        warm_up_seconds=args.warm_up_seconds,
         output=args.output,
         plot=args.plot,
         write=not args.no_write,
@@ -537,6 +548,10 @@ class Load:
     def pids(self) -> dict[str, int]:
         return {f"load generator {i}": p.pid for i, p in enumerate(self.processes) if p.pid}
 
+    @staticmethod
+    def warm_up_options(options: Options) -> Options:
+        return replace(options, warmup=0.0, duration=options.warm_up_seconds, drain=10.0)
+
     def run_phase(self, index: int, kind: str, rate: float, system: System) -> dict[str, Any]:
         options = self.options
         start_at = time.monotonic() + 0.5
@@ -799,6 +814,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         raw = raw_round_trip(settings, payload, options.rates, options.raw_seconds, progress)
         load = Load(system, options, progress)
         stack.callback(load.close)
+        if options.warm_up_seconds:
+            # JVMs fresh from start-up (JIT, caches), first connections, first compactions:
+            # a phase run and thrown away, so the measured ones see a system in its steady state.
+            warm = Load.warm_up_options(options)
+            progress.done(
+                f"warming up: {warm.duration:.0f} s of 1:1 traffic at {WARM_UP_RATE:.0f}/s, "
+                "not reported"
+            )
+            load.options = warm
+            load.run_phase(999, "direct", WARM_UP_RATE, system)
+            load.options = options
         failures = 0
         for rate in options.rates:
             phase = load.run_phase(len(phases), "direct", rate, system)
