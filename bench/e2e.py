@@ -76,7 +76,9 @@ from bench.common import (
     with_topic_prefix,
     write_results,
 )
-from bench.e2e_load import Credentials, Phase, PhaseResult, WorkerPlan, run_worker
+from bench.e2e_load import Phase, PhaseResult, WorkerPlan, run_worker
+from bench.ingress_throughput import body_text
+from bench.loadgen import Credentials
 from bench.raw_produce import durable_producer_config
 from pipelines.connections import cql_cluster, kafka_config, kafka_consumer_config
 from pipelines.settings import Settings
@@ -197,11 +199,6 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         plot=args.plot,
         write=not args.no_write,
     )
-
-
-def body_text(size: int) -> str:
-    words = "the quick brown fox jumps over the lazy dog "
-    return (words * (size // len(words) + 1))[:size].strip() or "x"
 
 
 # ---------------------------------------------------------------------------------------------

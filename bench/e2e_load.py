@@ -30,18 +30,10 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.sharedctypes import SynchronizedArray
 
+from bench.loadgen import Credentials
 from ingress.auth import issue_token
 from ingress.client import Client, CommandError
 from schemas.events import MessageSent
-
-
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    """How the generator mints tokens the system accepts (development HS256 tokens)."""
-
-    secret: str
-    issuer: str
-    audience: str
 
 
 @dataclass(frozen=True, slots=True)
