@@ -213,7 +213,12 @@ class CpuMeter:
 
 def kafka_broker_pid(settings: Settings) -> int | None:
     """The local stack's Kafka process, if this machine runs it (for its CPU use)."""
-    pids = stack_process.find_pids(LocalStack(settings).server("kafka").marker)
+    return stack_server_pid(settings, "kafka")
+
+
+def stack_server_pid(settings: Settings, name: str) -> int | None:
+    """The local stack's ``name`` server process (kafka, cassandra), if this machine runs it."""
+    pids = stack_process.find_pids(LocalStack(settings).server(name).marker)
     return pids[0] if pids else None
 
 

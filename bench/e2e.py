@@ -68,25 +68,23 @@ from bench.common import (
     free_port,
     imstream_command,
     interrupt_on_sigterm,
-    kafka_broker_pid,
     machine_facts,
     now_iso,
     percentiles_ms,
     run_prefix,
+    stack_server_pid,
     with_topic_prefix,
     write_results,
 )
 from bench.e2e_load import Phase, PhaseResult, WorkerPlan, run_worker
-from bench.ingress_throughput import body_text
+from bench.ingress_throughput import body_text, built_record
 from bench.loadgen import Credentials
 from bench.raw_produce import durable_producer_config
 from pipelines.connections import cql_cluster, kafka_config, kafka_consumer_config
 from pipelines.settings import Settings
-from pipelines.stack import process as stack_process
 from pipelines.stack.manager import LocalStack
 from pipelines.stack.process import lower_priority
 from pipelines.status import consumer_groups, group_lag
-from schemas.events import Actor, MessageSent, MessageSentPayload, TextBody, encode_event
 from sinks.clickhouse.sink import READY_MESSAGE as CLICKHOUSE_READY
 from sinks.cql.sink import READY_MESSAGE as CQL_READY
 from streams.runtime import READY_MESSAGE as WORKER_READY
@@ -326,20 +324,6 @@ def running_system(
 # ---------------------------------------------------------------------------------------------
 # Raw baseline: produce → consume round trip
 # ---------------------------------------------------------------------------------------------
-
-
-def sample_record(body_bytes: int) -> bytes:
-    """A ``message.sent`` record as the gateway writes it, for the raw payload's size."""
-    event = MessageSent.new(
-        tenant_id=TENANT,
-        actor=Actor(user_id="u-raw-sender-0000", device_id="d1"),
-        payload=MessageSentPayload(
-            conversation_id="d:u-raw-sender-0000:u-raw-receiver-00",
-            client_msg_id=f"raw-{uuid.uuid4().hex}",
-            body=TextBody(text=body_text(body_bytes)),
-        ),
-    )
-    return encode_event(event)
 
 
 def raw_round_trip(
@@ -636,14 +620,8 @@ def sink_lags(settings: Settings) -> dict[str, int | None]:
 
 
 def stack_pids(settings: Settings) -> dict[str, int]:
-    pids = {}
-    kafka = kafka_broker_pid(settings)
-    if kafka is not None:
-        pids["kafka"] = kafka
-    found = stack_process.find_pids(LocalStack(settings).server("cassandra").marker)
-    if found:
-        pids["cassandra"] = found[0]
-    return pids
+    found = {name: stack_server_pid(settings, name) for name in ("kafka", "cassandra")}
+    return {name: pid for name, pid in found.items() if pid is not None}
 
 
 def summarise(
@@ -797,7 +775,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     facts = machine_facts(base)
     started = now_iso()
     settings = with_topic_prefix(base, run_prefix("e2e"))
-    payload = len(sample_record(options.body_bytes))
+    payload = len(built_record(options.body_bytes).value)
     log_dir = Path(tempfile.mkdtemp(prefix="imstream-bench-e2e-"))
     progress.done(f"logs: {log_dir}")
     phases: list[dict[str, Any]] = []

@@ -30,6 +30,7 @@ from typing import Any, Final
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Counter
 
+from pipelines.connections import consume_ready
 from schemas.events import parse_live_delivery
 from schemas.frames import EventFrame
 from schemas.topics import gateway_key, partition_for_key
@@ -197,12 +198,7 @@ class LiveDeliveryConsumer:
         return True
 
     def _consume(self, consumer: Consumer) -> None:
-        # Wait for the first record only, then take what else is already fetched: consume(n,
-        # timeout) alone waits for n records or the whole timeout (up to 200 ms per event).
-        first = consumer.poll(_POLL_SECONDS)
-        if first is None:
-            return
-        messages = [first, *consumer.consume(num_messages=_BATCH - 1, timeout=0)]
+        messages = consume_ready(consumer, _BATCH, _POLL_SECONDS)
         frames = [frame for message in messages if (frame := self._frame(message)) is not None]
         if frames and self._loop is not None:
             try:

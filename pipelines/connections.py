@@ -14,6 +14,7 @@ from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from clickhouse_connect.driver.client import Client
+from confluent_kafka import Consumer, Message
 
 from pipelines.settings import Settings
 from schemas.topics import KAFKA_PARTITIONER
@@ -48,6 +49,16 @@ def kafka_consumer_config(settings: Settings, group_id: str, **overrides: Any) -
             **overrides,
         },
     )
+
+
+def consume_ready(consumer: Consumer, max_records: int, timeout: float) -> list[Message]:
+    """Wait up to ``timeout`` for the first record, then take what else is already fetched (up to
+    ``max_records`` in all). ``consume(n, timeout)`` alone waits for n records or the whole
+    timeout: up to ``timeout`` of latency per record at low rates."""
+    first = consumer.poll(timeout)
+    if first is None:
+        return []
+    return [first, *consumer.consume(max_records - 1, timeout=0)] if max_records > 1 else [first]
 
 
 def sink_session_config(settings: Settings) -> dict[str, Any]:

@@ -55,6 +55,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from pydantic import ValidationError
 
 from pipelines.connections import (
+    consume_ready,
     cql_cluster,
     kafka_consumer_config,
     kafka_producer_config,
@@ -226,13 +227,7 @@ class CqlSink:
         batch_size = self.settings.sinks.cql_batch_size
         messages, self._carry = self._carry, []
         if not messages:
-            # Wait for the first record only (``consume(n, timeout)`` would wait for n records
-            # or the whole timeout: half a second of latency at low rates), then take what is
-            # already fetched.
-            first = self.consumer.poll(POLL_SECONDS)
-            if first is None:
-                return []
-            messages = [first]
+            return consume_ready(self.consumer, batch_size, POLL_SECONDS)
         if len(messages) < batch_size:
             messages += self.consumer.consume(batch_size - len(messages), timeout=0)
         return messages
