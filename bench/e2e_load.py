@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.sharedctypes import SynchronizedArray
 
+import uvloop
+
 from bench.loadgen import Credentials
 from ingress.auth import issue_token
 from ingress.client import Client, CommandError
@@ -295,7 +297,7 @@ async def _serve(plan: WorkerPlan, pipe: Connection, counters: SynchronizedArray
 def run_worker(plan: WorkerPlan, pipe: Connection, counters: SynchronizedArray[int]) -> None:
     """The process entry point (``multiprocessing`` with the spawn context)."""
     try:
-        asyncio.run(_serve(plan, pipe, counters))
+        uvloop.run(_serve(plan, pipe, counters))
     except Exception:  # reported to the parent, which stops the run with the message
         with contextlib.suppress(OSError):
             pipe.send(("failed", traceback.format_exc()))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import signal
@@ -321,12 +320,14 @@ def configure_process_logging() -> None:
 def run_ingress() -> None:
     """The WebSocket/REST gateway: IM_INGRESS__HOST, IM_INGRESS__PORT, IM_INGRESS__NODE_ID."""
     # Imported here: FastAPI and uvicorn add half a second to every other imstream command.
+    import uvloop  # noqa: PLC0415
+
     from ingress.server import IngressStartError, serve  # noqa: PLC0415
 
     settings = load_settings()
     configure_process_logging()
     try:
-        asyncio.run(serve(settings))
+        uvloop.run(serve(settings))
     except IngressStartError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from error

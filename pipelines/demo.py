@@ -17,6 +17,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import uvloop
+
 from ingress.auth import issue_token
 from ingress.client import Client, Received
 from pipelines.settings import Settings
@@ -221,7 +223,7 @@ def main_demo(
     progress: Callable[[str], None],
 ) -> int:
     """Run the demo, print its summary; 0 when nothing was lost or doubled."""
-    result = asyncio.run(run_demo(settings, options, progress))
+    result = uvloop.run(run_demo(settings, options, progress))
     for line in result.lines():
         echo(line)
     ok = result.lost == 0 and result.duplicates == 0
