@@ -130,8 +130,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser = argparse.ArgumentParser(
         prog="python -m bench.e2e", description=(__doc__ or "").split("\n\n", 1)[0]
     )
-    parser.add_argument("--rates", default="250,500,750,1000,1250,1500,2000")
-    parser.add_argument("--group-rates", default="25,50,100")
+    parser.add_argument("--rates", default="25,50,100,150,200,300,500,1000")
+    parser.add_argument("--group-rates", default="10,25,50")
     parser.add_argument("--pairs", type=int, default=200, help="1:1 conversations (%(default)s)")
     parser.add_argument("--groups", type=int, default=20, help="groups (%(default)s)")
     parser.add_argument("--group-size", type=int, default=8, help="members (%(default)s)")

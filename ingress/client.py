@@ -34,6 +34,9 @@ What it guarantees to its user (docs/protocol.md, "The delivery contract, as a c
   re-sent after its reply was lost may apply twice (two renames) or be refused the second time
   (``already-a-member``; ``conversation-exists`` for a group, whose id is chosen once, before
   the first attempt, so that it is still created once).
+- **Push tokens**: ``register_push_token`` registers the device's APNs or FCM token over the
+  REST API of the same ingress, with no connection needed (a device that stays offline is the
+  one pushes are for).
 - **Acks are coalesced**: the cursor store is saved at once, the server gets one ``ack`` with the
   highest sync id every ``ack_interval`` seconds at most (an ack per event would double a busy
   device's frames and spend its command rate limit; the server's ack is advisory, the cursor is
@@ -50,6 +53,9 @@ import contextlib
 import json
 import logging
 import random
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -63,7 +69,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from schemas import frames as fr
 from schemas.errors import CloseCode, ErrorCode
-from schemas.events import Event, MessageBody, Role, TextBody
+from schemas.events import Event, MessageBody, PushProvider, Role, TextBody
 
 _log = logging.getLogger(__name__)
 
@@ -383,6 +389,33 @@ class Client:
             }
         )
 
+    async def push_settings(
+        self,
+        *,
+        muted: bool = False,
+        muted_until: datetime | None = None,
+        quiet_hours: tuple[str, str, str] | None = None,
+        locale: str | None = None,
+    ) -> None:
+        """Set all of the user's push preferences at once, for every device: ``muted`` (until
+        ``muted_until``, an aware datetime, or until unmuted), ``quiet_hours`` as
+        ``(start, end, time_zone)`` (``("22:00", "07:00", "Europe/Berlin")``: pushes arrive
+        without sound inside it), ``locale`` (BCP 47, e.g. ``de-AT``; None: English). What is
+        left out goes back to its default."""
+        await self._until_answered(
+            {
+                "type": "push_settings",
+                "muted": muted,
+                "muted_until": muted_until.isoformat() if muted_until is not None else None,
+                "quiet_hours": (
+                    None
+                    if quiet_hours is None
+                    else dict(zip(("start", "end", "time_zone"), quiet_hours, strict=True))
+                ),
+                "locale": locale,
+            }
+        )
+
     async def history(
         self,
         conversation_id: str,
@@ -416,6 +449,53 @@ class Client:
         )
         assert isinstance(reply, fr.ReadBy)
         return reply
+
+    async def register_push_token(
+        self, provider: PushProvider | str, token: str, app_id: str, *, attempts: int = 5
+    ) -> None:
+        """Register this device's APNs or FCM token (``app_id``: the APNs bundle id or the FCM
+        application id), so that the user gets pushes while no device of theirs is connected.
+
+        Over the REST API (``PUT …/devices/{device_id}/push-token``) on the ingress this client
+        connects to, so it works without :meth:`connect`: a device that stays offline can
+        register. Returns once Kafka holds the registration; ``unavailable``, ``rate-limited``
+        and connection errors are retried (``attempts`` in all, with the client's backoff),
+        other refusals raise :class:`CommandError`."""
+        body = json.dumps(
+            {"provider": PushProvider(provider).value, "token": token, "app_id": app_id}
+        ).encode()
+        path = f"/v1/tenants/{self.tenant_id}/devices/{self.device_id}/push-token"
+        for attempt in range(attempts):
+            headers = {
+                "Authorization": f"Bearer {await self._token_text()}",
+                "Content-Type": "application/json",
+                "X-Device-Id": self.device_id,
+            }
+            try:
+                status, raw = await asyncio.to_thread(
+                    _http_request, "PUT", self._rest_url(path), body, headers, self.request_timeout
+                )
+            except OSError:
+                if attempt + 1 == attempts:
+                    raise
+                await asyncio.sleep(self.backoff.delay(attempt))
+                continue
+            reply = fr.parse_server_frame(raw)
+            if isinstance(reply, fr.Ok):
+                return
+            if not isinstance(reply, fr.ErrorFrame):
+                raise ValueError(f"unexpected {reply.type!r} reply (HTTP {status})")
+            retryable = reply.code in (ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED)
+            if not retryable or attempt + 1 == attempts:
+                raise CommandError(reply)
+            wait = (reply.retry_after_ms or 0) / 1000
+            await asyncio.sleep(max(wait, self.backoff.delay(attempt)))
+
+    def _rest_url(self, path: str) -> str:
+        """``path`` on the ingress of the WebSocket URL (``ws`` → ``http``, ``wss`` → ``https``)."""
+        parts = urllib.parse.urlsplit(self.url)
+        scheme = "https" if parts.scheme == "wss" else "http"
+        return urllib.parse.urlunsplit((scheme, parts.netloc, path, "", ""))
 
     async def sync(self) -> int:
         """Fetch the stored events after the cursor into :meth:`events`; the new cursor."""
@@ -677,3 +757,16 @@ class Client:
         for answer in self._pending.values():
             if not answer.done():
                 answer.set_exception(reason)
+
+
+def _http_request(
+    method: str, url: str, body: bytes, headers: dict[str, str], timeout: float
+) -> tuple[int, bytes]:
+    """One blocking HTTP request (run in a thread): the status and the body, errors included."""
+    request = urllib.request.Request(url, data=body, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            return int(error.code), bytes(error.read())

@@ -36,6 +36,7 @@ PublishingCommand = (
     | fr.Read
     | fr.Typing
     | fr.Mute
+    | fr.PushSettings
     | fr.ClearBadge
     | fr.CreateConversation
     | fr.RenameConversation
@@ -131,6 +132,22 @@ def _event_for(
                     conversation_id=command.conversation_id,
                     muted=command.muted,
                     muted_until=command.muted_until,
+                ),
+            )
+        case fr.PushSettings():
+            quiet_hours = command.quiet_hours
+            event = ev.UserPushSettingsChanged.new(
+                tenant_id=tenant,
+                actor=actor,
+                payload=ev.UserPushSettingsChangedPayload(
+                    muted=command.muted,
+                    muted_until=command.muted_until,
+                    quiet_hours=(
+                        ev.QuietHoursSetting.model_validate(quiet_hours.model_dump())
+                        if quiet_hours is not None
+                        else None
+                    ),
+                    locale=command.locale,
                 ),
             )
         case fr.ClearBadge():

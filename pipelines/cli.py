@@ -354,6 +354,17 @@ def run_clickhouse_sink() -> None:
     raise typer.Exit(run(settings))
 
 
+@run_app.command("push-sink")
+def run_push_sink() -> None:
+    """The push sink: APNs/FCM notifications for offline users from the push jobs, the token
+    table, an outcome record per attempt (IM_PUSH__…; a provider without credentials is skipped)."""
+    from sinks.push.sink import run_push_sink as run  # noqa: PLC0415
+
+    settings = load_settings()
+    configure_process_logging()
+    raise typer.Exit(run(settings))
+
+
 @app.command("status")
 def status() -> None:
     """Every process `imstream up` runs: up or down, restarts, consumer lag, last error."""
@@ -373,10 +384,20 @@ def demo(  # noqa: PLR0917 - typer maps each parameter to an option
     rate: Annotated[float, typer.Option(min=0.1, help="Messages per second in all")] = 20.0,
     duration: Annotated[float, typer.Option(min=1, help="Seconds of sending")] = 30.0,
     tenant: Annotated[str, typer.Option(help="The tenant the users belong to")] = "demo",
+    offline_users: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Users that never connect and register a push token (half APNs, half FCM): "
+            "their messages become pushes, reported from the analytics API",
+        ),
+    ] = 0,
 ) -> None:
     """Simulated users chatting through a running imstream (start it with `imstream up`), then
     a summary: sent, accepted, delivered live and by sync, duplicates and lost (both must be 0),
-    send→deliver latency. Exits 1 when anything was lost or doubled."""
+    send→deliver latency; with --offline-users, the push jobs owed to them and the push
+    outcomes by provider. Exits 1 when anything was lost or doubled, or a push job has no
+    outcome."""
     from pipelines.demo import DemoOptions, main_demo  # noqa: PLC0415
 
     settings = load_settings()
@@ -390,6 +411,7 @@ def demo(  # noqa: PLR0917 - typer maps each parameter to an option
         group_size=group_size,
         rate=rate,
         duration=duration,
+        offline_users=offline_users,
     )
     raise typer.Exit(
         main_demo(

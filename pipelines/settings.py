@@ -16,6 +16,8 @@ from typing import Annotated, Self
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sinks.push.settings import PushProviderSettings
+
 #: Secrets that ship as defaults so that a developer can start the stack with no set-up. They are
 #: refused in any profile but ``dev``.
 PLACEHOLDER_SECRETS = frozenset({"dev-only-insecure-jwt-secret-change-me", ""})
@@ -82,16 +84,6 @@ class AuthSettings(_Group):
     jwt_issuer: str = "imstream"
     jwt_audience: str = "imstream-clients"
     jwt_leeway_seconds: Annotated[float, Field(ge=0)] = 30.0
-
-
-class PushSettings(_Group):
-    apns_key_path: Path | None = None
-    apns_key_id: str | None = None
-    apns_team_id: str | None = None
-    apns_topic: str | None = None
-    apns_use_sandbox: bool = True
-    fcm_credentials_path: Path | None = None
-    fcm_project_id: str | None = None
 
 
 class IngressSettings(_Group):
@@ -218,7 +210,8 @@ class Settings(BaseSettings):
     cql: CqlSettings = CqlSettings()
     clickhouse: ClickHouseSettings = ClickHouseSettings()
     auth: AuthSettings = AuthSettings()
-    push: PushSettings = PushSettings()
+    #: The push sink's APNs/FCM credentials, endpoints and delivery limits (``IM_PUSH__…``).
+    push: PushProviderSettings = PushProviderSettings()
     ingress: IngressSettings = IngressSettings()
     streams: StreamsSettings = StreamsSettings()
     sinks: SinkSettings = SinkSettings()

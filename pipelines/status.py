@@ -59,6 +59,9 @@ def consumer_groups(settings: Settings) -> dict[str, dict[str, list[str]]]:
                 catalog.push_tokens.name,
             ]
         },
+        # Its token table follows im.push.tokens without a group (every replica reads it all):
+        # only the jobs have a lag to show.
+        "push-sink": {f"{prefix}imstream-push-sink": [catalog.push_jobs.name]},
         "clickhouse-sink": {
             f"{prefix}imstream-clickhouse-sink": [topic.name for topic in audited_topics(catalog)]
         },

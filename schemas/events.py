@@ -17,6 +17,7 @@ keys, CQL partition keys and log fields, and the ``/`` separates the parts of a 
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -169,6 +170,9 @@ class PushTokenRemovalReason(StrEnum):
     """The device unregistered (logout, uninstall reported by the app)."""
     PROVIDER_REJECTED = "provider-rejected"
     """APNs or FCM answered that the token is no longer valid."""
+    MOVED = "moved"
+    """Another device or user registered the same token (the app was reinstalled, another
+    account signed in on the phone): the token no longer reaches this one."""
 
 
 def _body_too_large(size: int) -> PydanticCustomError:
@@ -482,6 +486,103 @@ class ConversationMuteChanged(EventEnvelope[ConversationMuteChangedPayload]):
     actor: Actor
 
 
+#: Local wall-clock time of day, 24-hour ``HH:MM``.
+_LOCAL_TIME = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+#: The shape of an IANA time zone name (``Europe/Berlin``, ``America/Argentina/Buenos_Aires``,
+#: ``UTC``); whether the zone exists is checked where a client sets it (``schemas.frames``), not
+#: here: a reader with an older time-zone database must not refuse an event already recorded.
+_TIME_ZONE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$")
+MAX_TIME_ZONE_CHARS = 64
+#: A BCP 47 language tag as far as notifications need one: language, optional script, optional
+#: region, optional variants (``en``, ``de-AT``, ``zh-Hant-TW``, ``sr-Latn``, ``es-419``).
+_LOCALE = re.compile(
+    r"^[A-Za-z]{2,3}(-[A-Za-z]{4})?(-([A-Za-z]{2}|[0-9]{3}))?(-([A-Za-z0-9]{5,8}|[0-9][A-Za-z0-9]{3}))*$"
+)
+MAX_LOCALE_CHARS = 35
+DEFAULT_LOCALE = "en"
+
+
+def _local_time(value: str) -> str:
+    if not _LOCAL_TIME.match(value):
+        raise ValueError(f"{value!r} is not a local time of day: give HH:MM, 24-hour (e.g. 22:00)")
+    return value
+
+
+def _time_zone_name(value: str) -> str:
+    if len(value) > MAX_TIME_ZONE_CHARS or not _TIME_ZONE_NAME.match(value):
+        raise ValueError(f"{value!r} is not an IANA time zone name (e.g. Europe/Berlin)")
+    return value
+
+
+def _locale(value: str) -> str:
+    if len(value) > MAX_LOCALE_CHARS or not _LOCALE.match(value):
+        raise ValueError(f"{value!r} is not a BCP 47 language tag (e.g. en, de-AT, zh-Hant-TW)")
+    return value
+
+
+LocalTime = Annotated[
+    str,
+    AfterValidator(_local_time),
+    Field(
+        description="Local wall-clock time of day, HH:MM (24-hour)",
+        json_schema_extra={"pattern": _LOCAL_TIME.pattern},
+    ),
+]
+TimeZoneName = Annotated[
+    str,
+    AfterValidator(_time_zone_name),
+    Field(
+        description="An IANA time zone name, e.g. Europe/Berlin",
+        json_schema_extra={"pattern": _TIME_ZONE_NAME.pattern, "maxLength": MAX_TIME_ZONE_CHARS},
+    ),
+]
+Locale = Annotated[
+    str,
+    AfterValidator(_locale),
+    Field(
+        description="A BCP 47 language tag, e.g. de-AT",
+        json_schema_extra={"pattern": _LOCALE.pattern, "maxLength": MAX_LOCALE_CHARS},
+    ),
+]
+
+
+class QuietHoursSetting(WireModel):
+    """A daily window of the user's local time in which pushes arrive without sound: ``start``
+    included, ``end`` excluded; a window whose end is not after its start wraps midnight."""
+
+    start: LocalTime
+    end: LocalTime
+    time_zone: TimeZoneName
+
+    @field_validator("end")
+    @classmethod
+    def _not_empty(cls, end: str, info: ValidationInfo) -> str:
+        if end == info.data.get("start"):
+            raise ValueError("quiet hours that start when they end are empty: send null for none")
+        return end
+
+
+class UserPushSettingsChangedPayload(WireModel):
+    """All of the user's push preferences at once: each change replaces the previous ones."""
+
+    muted: bool = Field(default=False, description="No push at all while muted")
+    muted_until: MutedUntil = None
+    quiet_hours: QuietHoursSetting | None = Field(
+        default=None, description="Pushes arrive silently inside this window; null for none"
+    )
+    locale: Locale | None = Field(
+        default=None,
+        description=f"The language of the notifications' titles; null for {DEFAULT_LOCALE!r}",
+    )
+
+
+class UserPushSettingsChanged(EventEnvelope[UserPushSettingsChangedPayload]):
+    """The actor set their push preferences, for all of their devices."""
+
+    type: Literal["user.push_settings_changed"] = "user.push_settings_changed"
+    actor: Actor
+
+
 class BadgeClearedPayload(WireModel):
     conversation_id: ConversationId | None = Field(
         default=None, description="The conversation whose unread badge is cleared; null for all"
@@ -623,6 +724,7 @@ Event = Annotated[
     | ReceiptRead
     | ConversationMuteChanged
     | BadgeCleared
+    | UserPushSettingsChanged
     | TypingChanged
     | DeviceConnected
     | DeviceDisconnected
@@ -766,9 +868,10 @@ class SyncRecord(WireModel):
 
 
 class PushJob(WireModel):
-    """A record of the push-jobs topic: notify a user with no online device. Its schema is final:
-    the push sender (APNs/FCM) consumes it. ``job_id`` is derived, so a re-emitted job is
-    recognisable."""
+    """A record of the push-jobs topic: notify a user with no online device; the push sender
+    (APNs/FCM) consumes it. ``job_id`` is derived, so a re-emitted job is recognisable. The
+    user's quiet hours and locale travel with the job (optional, additive), so the sender needs
+    no store of preferences; a muted user gets no job at all."""
 
     job_id: EventId
     tenant_id: TenantId
@@ -783,3 +886,51 @@ class PushJob(WireModel):
     merged_count: PositiveInt = Field(description="Messages this push stands for (collapsed)")
     unread_total: NonNegativeInt = Field(description="The user's unread count: the badge")
     occurred_at: UtcDatetime
+    quiet_hours: QuietHoursSetting | None = Field(
+        default=None, description="The user's quiet hours: inside them the push is silent"
+    )
+    locale: Locale = Field(
+        default=DEFAULT_LOCALE, description="The user's language for the notification's title"
+    )
+
+
+class PushAttemptOutcome(StrEnum):
+    """What one push attempt came to (the push sender's ``OutcomeKind`` values, and ``skipped``)."""
+
+    SENT = "sent"
+    INVALID_TOKEN = "invalid_token"
+    THROTTLED = "throttled"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    """Nothing was sent: see ``reason`` (e.g. ``no-device-token``, ``provider-not-configured``,
+    ``user-muted``, ``expired``)."""
+
+
+class PushOutcomeRecord(WireModel):
+    """A record of the push-outcomes topic: one attempt to deliver one push job to one device
+    (or, with ``attempt`` 0 and ``outcome`` ``skipped``, why nothing was attempted). The
+    ClickHouse sink stores it in ``push_outcomes``, keyed by (job, device, attempt)."""
+
+    job_id: EventId
+    tenant_id: TenantId
+    user_id: UserId
+    conversation_id: ConversationId
+    message_id: EventId
+    job_occurred_at: UtcDatetime = Field(description="The push job's occurred_at")
+    device_id: DeviceId | None = Field(
+        default=None, description="The device attempted; null when the job reached no device"
+    )
+    provider: PushProvider | None = Field(
+        default=None, description="apns or fcm; null when the job reached no device"
+    )
+    attempt: NonNegativeInt = Field(
+        description="1 for the first attempt to the device; 0 when nothing was attempted"
+    )
+    outcome: PushAttemptOutcome
+    status_code: Annotated[int, Field(ge=100, le=599)] | None = Field(
+        default=None, description="The provider's HTTP status; null when it did not answer"
+    )
+    reason: Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)] | None = Field(
+        default=None, description="The provider's reason or the sender's own, if any"
+    )
+    attempted_at: UtcDatetime

@@ -12,10 +12,13 @@ changes within protocol version 1 are additive.
 from __future__ import annotations
 
 import json
+import zoneinfo
 from datetime import datetime
+from functools import cache
 from typing import Annotated, Literal, get_args
 
 from pydantic import (
+    AfterValidator,
     Field,
     NonNegativeInt,
     PositiveInt,
@@ -36,14 +39,17 @@ from schemas.events import (
     Event,
     EventId,
     Id,
+    Locale,
     MessageBody,
     MutedUntil,
     Name,
     NodeId,
     Platform,
+    QuietHoursSetting,
     Role,
     TaggedModel,
     TenantId,
+    TimeZoneName,
     UserId,
     WireModel,
 )
@@ -131,6 +137,37 @@ class Mute(ClientCommand):
     conversation_id: ConversationId
     muted: bool
     muted_until: MutedUntil = None
+
+
+@cache
+def _known_time_zones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+def _known_time_zone(name: str) -> str:
+    if name not in _known_time_zones():
+        raise ValueError(f"unknown time zone {name!r}: give an IANA name such as Europe/Berlin")
+    return name
+
+
+class ClientQuietHours(QuietHoursSetting):
+    """Quiet hours as a client sets them: the time zone must be one this server knows."""
+
+    time_zone: Annotated[TimeZoneName, AfterValidator(_known_time_zone)]
+
+
+class PushSettings(ClientCommand):
+    """Set all of the user's push preferences at once (every device gets the change)."""
+
+    type: Literal["push_settings"] = "push_settings"
+    muted: bool = Field(default=False, description="No push at all while muted")
+    muted_until: MutedUntil = None
+    quiet_hours: ClientQuietHours | None = Field(
+        default=None, description="Pushes arrive silently inside this window; null for none"
+    )
+    locale: Locale | None = Field(
+        default=None, description="The notifications' language; null for English"
+    )
 
 
 class ClearBadge(ClientCommand):
@@ -265,6 +302,7 @@ ClientFrame = Annotated[
     | Read
     | Typing
     | Mute
+    | PushSettings
     | ClearBadge
     | CreateConversation
     | RenameConversation

@@ -16,7 +16,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from schemas.events import EVENT_MODELS, InboxRecord, LiveDelivery, PushJob, SyncRecord
+from schemas.events import (
+    EVENT_MODELS,
+    InboxRecord,
+    LiveDelivery,
+    PushJob,
+    PushOutcomeRecord,
+    SyncRecord,
+)
 from schemas.frames import CLIENT_FRAME_MODELS, SERVER_FRAME_MODELS
 
 #: Where the committed files live.
@@ -88,6 +95,7 @@ def generate() -> dict[Path, str]:
     models[Path("records") / "inbox.json"] = InboxRecord
     models[Path("records") / "sync.json"] = SyncRecord
     models[Path("records") / "push-job.json"] = PushJob
+    models[Path("records") / "push-outcome.json"] = PushOutcomeRecord
     return {relative: _render(model, relative) for relative, model in models.items()}
 
 

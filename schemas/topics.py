@@ -32,7 +32,8 @@ Dead letters
   with the reason in headers. Per-source topics keep replay simple (fix the cause, re-publish the
   dead-letter topic into its source) and keep retention and access per source. The two ephemeral
   topics (typing, live delivery) have none: a poison record there is logged and dropped, since
-  re-delivering it later would have no meaning.
+  re-delivering it later would have no meaning. Nor has the push-outcomes topic: its only reader
+  is the audit (ClickHouse), which audits a poison record as undecodable and never dead-letters.
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ class TopicCatalog:
     sync_events: Topic
     live_delivery: Topic
     push_jobs: Topic
+    push_outcomes: Topic
     conversation_state: Topic
     message_state: Topic
     user_state: Topic
@@ -168,7 +170,9 @@ class TopicCatalog:
 
     def dead_letter_of(self, topic: Topic) -> Topic:
         if topic.dead_letter is None:
-            raise ValueError(f"{topic.logical_name} has no dead-letter topic (it is ephemeral)")
+            raise ValueError(
+                f"{topic.logical_name} has no dead-letter topic (it is ephemeral, or only audited)"
+            )
         return self.by_name(topic.dead_letter)
 
     def route(self, event: Event) -> tuple[Topic, bytes]:
@@ -319,9 +323,10 @@ def topic_catalog(
             key=KeyKind.USER,
             partitions=USER_PARTITIONS,
             retention=week,
-            events=("conversation.mute_changed", "badge.cleared"),
+            events=("conversation.mute_changed", "badge.cleared", "user.push_settings_changed"),
             ingress=True,
-            description="A user's own per-conversation state: mute, badge cleared",
+            description="A user's own state: per-conversation mute, badge cleared, push "
+            "preferences",
         ),
         typing_in=topic(
             "im.typing.in",
@@ -394,6 +399,15 @@ def topic_catalog(
             partitions=USER_PARTITIONS,
             retention=timedelta(days=1),
             description="Notifications to send through APNs/FCM to users with no online device",
+        ),
+        push_outcomes=topic(
+            "im.push.outcomes",
+            key=KeyKind.USER,
+            partitions=USER_PARTITIONS,
+            retention=month,
+            dead_letter=False,
+            description="One record per push attempt to a device (or why nothing was sent), "
+            "for the ClickHouse push-outcome table",
         ),
         conversation_state=topic(
             "im.state.conversations",

@@ -21,6 +21,7 @@ from typing import Any
 
 from schemas.errors import SchemaError
 from schemas.events import (
+    DEFAULT_LOCALE,
     CommandRejected,
     CommandRejectedPayload,
     ConversationAdvanced,
@@ -435,9 +436,11 @@ class UserSettings:
 class UserProcessor(_BatchProcessor):
     """Per-user inputs → the sync queue, live deliveries and push jobs.
 
-    Reads ``user_inbox`` (inbox records), ``user_state_in`` (mute, badge) and ``presence``, all
-    placed by user; writes ``sync_events`` (keyed by user), ``live_delivery`` (keyed by ingress
-    node), ``push_jobs`` (keyed by user) and dead letters. State: ``users`` (per user key).
+    Reads ``user_inbox`` (inbox records), ``user_state_in`` (mute, badge, push preferences) and
+    ``presence``, all placed by user; writes ``sync_events`` (keyed by user), ``live_delivery``
+    (keyed by ingress node), ``push_jobs`` (keyed by user, with the user's quiet hours and
+    locale) and dead letters. State: ``users`` (per user key). A user who muted every push gets
+    no job.
     """
 
     def __init__(self, catalog: TopicCatalog, settings: UserSettings) -> None:
@@ -557,6 +560,8 @@ class UserProcessor(_BatchProcessor):
                 merged_count=push.merged_count,
                 unread_total=push.unread_total,
                 occurred_at=source.occurred_at,
+                quiet_hours=push.quiet_hours,
+                locale=push.locale or DEFAULT_LOCALE,
             )
             result.outputs.append(
                 OutputRecord(

@@ -2,10 +2,11 @@
 live routing and push triggers — a pure function of (user state, input) → outcome.
 
 Inputs arrive on user-keyed partitions in order: deliveries decided by the conversation
-processor, the user's own state commands (mute, badge cleared) and presence changes of the user's
-devices. The runtime stores :class:`UserState` in the ``im.state.users`` topic and writes each
-:class:`UserOutcome` in the same Kafka transaction as the new state and the input's offset, so
-a sync id is handed out exactly once per event even when a worker dies mid-batch.
+processor, the user's own state commands (mute, badge cleared, push preferences) and presence
+changes of the user's devices. The runtime stores :class:`UserState` in the ``im.state.users``
+topic and writes each :class:`UserOutcome` in the same Kafka transaction as the new state and
+the input's offset, so a sync id is handed out exactly once per event even when a worker dies
+mid-batch.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from schemas.events import (
     MessageEdited,
     MessageRecalled,
     MessageSent,
+    QuietHoursSetting,
     ReceiptRead,
+    UserPushSettingsChanged,
 )
 from streams.conversations import Delivery, DeliveryKind
 
@@ -91,6 +94,39 @@ class ConversationView:
 
 
 @dataclass(frozen=True, slots=True)
+class PushPreferences:
+    """The user's own push preferences (``user.push_settings_changed``): a mute of every push,
+    and what the push sender needs for the rest (quiet hours, locale)."""
+
+    muted: bool = False
+    muted_until: datetime | None = None
+    quiet_hours: QuietHoursSetting | None = None
+    locale: str | None = None
+
+    def is_muted(self, now: datetime) -> bool:
+        return self.muted and (self.muted_until is None or now < self.muted_until)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "muted": self.muted,
+            "muted_until": self.muted_until.isoformat() if self.muted_until else None,
+            "quiet_hours": self.quiet_hours.model_dump() if self.quiet_hours else None,
+            "locale": self.locale,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PushPreferences:
+        muted_until = data.get("muted_until")
+        quiet_hours = data.get("quiet_hours")
+        return cls(
+            muted=bool(data.get("muted", False)),
+            muted_until=datetime.fromisoformat(muted_until) if muted_until else None,
+            quiet_hours=QuietHoursSetting.model_validate(quiet_hours) if quiet_hours else None,
+            locale=data.get("locale"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class OnlineDevice:
     node_id: str
     connection_id: str
@@ -103,6 +139,7 @@ class UserState:
     last_sync_id: int = 0
     conversations: dict[str, ConversationView] = field(default_factory=dict)
     devices: dict[str, OnlineDevice] = field(default_factory=dict)
+    push: PushPreferences = field(default_factory=PushPreferences)
 
     def view(self, conversation_id: str) -> ConversationView:
         return self.conversations.setdefault(conversation_id, ConversationView())
@@ -115,6 +152,8 @@ class UserState:
                 device: [online.node_id, online.connection_id]
                 for device, online in self.devices.items()
             },
+            # Only once set: the state of a user who never chose is what it was before.
+            **({"push": self.push.to_json()} if self.push != PushPreferences() else {}),
         }
 
     @classmethod
@@ -129,6 +168,8 @@ class UserState:
                 device: OnlineDevice(node_id=pair[0], connection_id=pair[1])
                 for device, pair in data.get("devices", {}).items()
             },
+            # State written before push preferences existed has none: the defaults.
+            push=PushPreferences.from_json(data.get("push") or {}),
         )
 
 
@@ -151,6 +192,8 @@ class PushJob:
     sender_id: str
     merged_count: int
     unread_total: int
+    quiet_hours: QuietHoursSetting | None = None
+    locale: str | None = None
 
 
 @dataclass(slots=True)
@@ -272,7 +315,11 @@ def _on_message(
             bisect.insort(view.unread_seqs, seq)
         else:
             view.unread_overflow += 1
-    if state.devices or view.is_muted(now):
+    if state.devices:
+        return
+    # A mute of the conversation or of every push: the message counts as unread (above) but
+    # neither pushes nor merges into the next push.
+    if view.is_muted(now) or state.push.is_muted(now):
         return
     view.merged_since_push += 1
     if view.last_push_at is not None and now - view.last_push_at < policy.collapse_window:
@@ -284,6 +331,8 @@ def _on_message(
         sender_id=message.sender_id,
         merged_count=view.merged_since_push,
         unread_total=sum(other.unread for other in state.conversations.values()),
+        quiet_hours=state.push.quiet_hours,
+        locale=state.push.locale,
     )
     view.last_push_at = now
     view.merged_since_push = 0
@@ -301,13 +350,22 @@ def _on_own_read(view: ConversationView, seq: int) -> None:
 
 
 def apply_own_command(state: UserState, command: Event) -> UserOutcome:
-    """The user's own state commands: mute and badge cleared. Appended so every device converges."""
+    """The user's own state commands: mute, badge cleared and push preferences. Appended so
+    every device converges."""
     outcome = UserOutcome()
     match command:
         case ConversationMuteChanged():
             view = state.view(command.payload.conversation_id)
             view.muted = command.payload.muted
             view.muted_until = command.payload.muted_until
+        case UserPushSettingsChanged():
+            payload = command.payload
+            state.push = PushPreferences(
+                muted=payload.muted,
+                muted_until=payload.muted_until,
+                quiet_hours=payload.quiet_hours,
+                locale=payload.locale,
+            )
         case BadgeCleared():
             targets = (
                 [command.payload.conversation_id]

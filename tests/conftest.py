@@ -8,6 +8,7 @@ keyspaces and ClickHouse databases, so tests never see each other's data.
 from __future__ import annotations
 
 import re
+import secrets
 import uuid
 from collections.abc import Iterator
 
@@ -15,10 +16,14 @@ import pytest
 from cassandra.cluster import Session
 from clickhouse_connect.driver.client import Client
 from confluent_kafka.admin import AdminClient, NewTopic
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from pipelines.connections import clickhouse_client, cql_cluster, kafka_config
 from pipelines.settings import Settings
 from pipelines.stack.manager import LocalStack
+from tests.sinks.push.fakes.tls import LocalPki, make_local_pki
+from tests.sinks.push.support import ApnsKey
 
 
 @pytest.fixture(scope="session")
@@ -92,3 +97,36 @@ def clickhouse_database(clickhouse: Client, unique_name: str) -> Iterator[str]:
     clickhouse.command(f"CREATE DATABASE {unique_name}")
     yield unique_name
     clickhouse.command(f"DROP DATABASE IF EXISTS {unique_name}")
+
+
+# The credentials of the fake push providers (tests/sinks/push/fakes), shared by the push tests
+# and the system tests that run the push sink against the fakes.
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> LocalPki:
+    """A test CA and the fake APNs's certificate signed by it."""
+    return make_local_pki(tmp_path_factory.mktemp("push-pki"))
+
+
+@pytest.fixture(scope="session")
+def apns_key() -> ApnsKey:
+    """An APNs signing key (.p8) with its key id and team id, as a developer account gives it."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    return ApnsKey(
+        pem=pem,
+        key_id=secrets.token_hex(5).upper(),
+        team_id=secrets.token_hex(5).upper(),
+        public_key=key.public_key(),
+    )
+
+
+@pytest.fixture(scope="session")
+def service_account_key() -> rsa.RSAPrivateKey:
+    """The key of the fake FCM's service account."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)

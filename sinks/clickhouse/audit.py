@@ -3,10 +3,14 @@ is poison. Pure functions — no Kafka, no ClickHouse — so the row of a record
 record alone, which is what makes a replayed copy collapse with the first one (schema.py).
 
 A record is decoded by the format of its topic (an event, an ``InboxRecord``, a ``SyncRecord``, a
-``LiveDelivery``, a ``PushJob``); a dead-letter topic holds its source's records, so it is decoded
-by its source's format, and its reason headers fill the ``error_*`` columns. A record that does not
-decode is still audited — ``event_type`` ``undecodable``, the raw value kept, the reason in
-``error_code``/``error_message`` — and reported as poison so the sink can dead-letter it.
+``LiveDelivery``, a ``PushJob``, a ``PushOutcomeRecord``); a dead-letter topic holds its source's
+records, so it is decoded by its source's format, and its reason headers fill the ``error_*``
+columns. A record that does not decode is still audited — ``event_type`` ``undecodable``, the raw
+value kept, the reason in ``error_code``/``error_message`` — and reported as poison so the sink
+can dead-letter it.
+
+A push outcome record is also a row of ``push_outcomes`` (``Audited.push_outcome``), which the sink
+inserts next to the audit row.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ from schemas.events import (
     InboxRecord,
     LiveDelivery,
     PushJob,
+    PushOutcomeRecord,
     SyncRecord,
     parse_event,
 )
 from schemas.topics import CleanupPolicy, Topic, TopicCatalog
-from sinks.clickhouse.schema import PUSH_JOB, TOMBSTONE, UNDECODABLE
+from sinks.clickhouse.schema import PUSH_JOB, PUSH_OUTCOME, TOMBSTONE, UNDECODABLE
 
 ERROR_CODE_HEADER = "imstream.error.code"
 ERROR_MESSAGE_HEADER = "imstream.error.message"
@@ -136,11 +141,38 @@ class AuditRow:
 
 
 @dataclass(frozen=True, slots=True)
+class PushOutcomeRow:
+    """One row of ``push_outcomes``; ``values()`` follows ``schema.PUSH_OUTCOME_COLUMNS``."""
+
+    record: PushOutcomeRecord
+
+    def values(self) -> tuple[Any, ...]:
+        outcome = self.record
+        return (
+            outcome.job_id,
+            outcome.tenant_id,
+            outcome.user_id,
+            outcome.conversation_id,
+            outcome.message_id,
+            outcome.job_occurred_at,
+            outcome.device_id or "",
+            outcome.provider.value if outcome.provider is not None else "",
+            outcome.attempt,
+            outcome.outcome.value,
+            outcome.status_code,
+            outcome.reason,
+            outcome.attempted_at,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Audited:
     """A record's audit row, and the reason it is poison if it could not be decoded."""
 
     row: AuditRow
     poison: Poison | None
+    push_outcome: PushOutcomeRow | None = None
+    """The record's ``push_outcomes`` row, for a decodable record of the push-outcomes topic."""
 
 
 Decoder = Callable[[bytes], Facts]
@@ -220,6 +252,24 @@ def _decode_push_job(raw: bytes) -> Facts:
     )
 
 
+def push_outcome_facts(outcome: PushOutcomeRecord) -> Facts:
+    """A push outcome's audit columns: the job's id as ``event_id``, the attempt's time."""
+    return Facts(
+        event_id=outcome.job_id,
+        event_type=PUSH_OUTCOME,
+        tenant_id=outcome.tenant_id,
+        conversation_id=outcome.conversation_id,
+        user_id=outcome.user_id,
+        sync_id=None,
+        conversation_seq=None,
+        occurred_at=outcome.attempted_at,
+    )
+
+
+def _decode_push_outcome(raw: bytes) -> Facts:
+    return push_outcome_facts(_decode_model(PushOutcomeRecord, raw))
+
+
 class AuditDecoder:
     """Decodes any record of an audited topic into its row (``audit``)."""
 
@@ -230,6 +280,7 @@ class AuditDecoder:
             catalog.sync_events.name: _decode_sync,
             catalog.live_delivery.name: _decode_live,
             catalog.push_jobs.name: _decode_push_job,
+            catalog.push_outcomes.name: _decode_push_outcome,
         }
         self._decoders: dict[str, Decoder] = {}
         self._sources: dict[str, Topic] = {}
@@ -297,7 +348,11 @@ class AuditDecoder:
             error_source_offset=_int_or_none(headers.get(SOURCE_OFFSET_HEADER), _MAX_UINT64),
             raw=record.value or b"",
         )
-        return Audited(row=row, poison=poison)
+        push_outcome = None
+        if poison is None and record.topic == self.catalog.push_outcomes.name:
+            # Decoded once more for its row: outcome records are small and few per message.
+            push_outcome = PushOutcomeRow(PushOutcomeRecord.model_validate_json(row.raw))
+        return Audited(row=row, poison=poison, push_outcome=push_outcome)
 
 
 def _tombstone(timestamp: datetime) -> Facts:

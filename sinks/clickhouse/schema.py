@@ -54,6 +54,23 @@ AUDIT_COLUMNS: tuple[str, ...] = (
     "raw",
 )
 
+#: The columns of ``push_outcomes`` the sink writes, in the order of ``PushOutcomeRow.values()``.
+PUSH_OUTCOME_COLUMNS: tuple[str, ...] = (
+    "job_id",
+    "tenant_id",
+    "user_id",
+    "conversation_id",
+    "message_id",
+    "job_occurred_at",
+    "device_id",
+    "provider",
+    "attempt",
+    "outcome",
+    "status_code",
+    "reason",
+    "attempted_at",
+)
+
 #: The event types the analytics name.
 MESSAGE_SENT = "message.sent"
 CONVERSATION_CREATED = "conversation.created"
@@ -61,6 +78,8 @@ CONVERSATION_CREATED = "conversation.created"
 UNDECODABLE = "undecodable"
 #: ``event_type`` of a push job (not an event: it has no ``type`` of its own).
 PUSH_JOB = "push.job"
+#: ``event_type`` of a push outcome record (``PushOutcomeRecord``).
+PUSH_OUTCOME = "push.outcome"
 #: ``event_type`` of a record with no value on a compacted topic (a deletion).
 TOMBSTONE = "tombstone"
 
@@ -179,11 +198,11 @@ CREATE TABLE IF NOT EXISTS {outcomes}
     conversation_id String,
     message_id UUID,
     job_occurred_at DateTime64(6, 'UTC') COMMENT 'the PushJob''s occurred_at',
-    device_id String,
-    provider LowCardinality(String) COMMENT 'apns or fcm',
+    device_id String COMMENT 'empty when the job reached no device (attempt 0, skipped)',
+    provider LowCardinality(String) COMMENT 'apns or fcm; empty when the job reached no device',
     attempt UInt16 COMMENT '1 for the first delivery attempt to the device',
     outcome LowCardinality(String)
-        COMMENT 'e.g. delivered, invalid-token, throttled, failed (the push sender decides)',
+        COMMENT 'sent, invalid_token, throttled, failed or skipped (PushOutcomeRecord.outcome)',
     status_code Nullable(UInt16) COMMENT 'the provider''s HTTP status',
     reason Nullable(String) COMMENT 'the provider''s reason, if any',
     attempted_at DateTime64(6, 'UTC'),

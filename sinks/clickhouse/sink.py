@@ -5,7 +5,8 @@ Reads every catalog topic that carries events or records — every source but th
 state topics — and every dead-letter topic, as consumer group
 ``<prefix>imstream-clickhouse-sink``, ``read_committed``; writes one ``audit_events`` row per
 Kafka record (schema.py, audit.py), in batches of at most ``IM_SINKS__CLICKHOUSE_BATCH_ROWS``
-rows or ``IM_SINKS__CLICKHOUSE_BATCH_SECONDS`` seconds.
+rows or ``IM_SINKS__CLICKHOUSE_BATCH_SECONDS`` seconds. A record of ``im.push.outcomes`` is also a
+row of ``push_outcomes`` (one per push job, device and attempt), inserted with its batch.
 
 Delivery guarantee: **exactly once per Kafka record in the audit as read with ``FINAL``** (or
 after ``OPTIMIZE … FINAL``). The sink itself is at-least-once — offsets are committed only after
@@ -277,10 +278,15 @@ class ClickHouseSink:
         """Insert the batch's rows, retrying with backoff; False if the sink stopped first (the
         batch is then neither inserted nor committed, and will be read again)."""
         rows = [audited.row for _, audited in batch]
+        outcomes = [audited.push_outcome for _, audited in batch if audited.push_outcome]
         delay = self.backoff.initial
         while True:
             try:
                 self.store.insert_audit(rows)
+                if outcomes:
+                    # After the audit, before the commit: a failure retries both inserts, and
+                    # the copies collapse (both tables are keyed by what the record holds).
+                    self.store.insert_push_outcomes(outcomes)
                 return True
             except Exception as error:  # any failure is retried: nothing is committed past it
                 self.stats.insert_failures += 1

@@ -19,8 +19,15 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.query import QueryResult
 
 from schemas.topics import TopicCatalog
-from sinks.clickhouse.audit import AuditRow
-from sinks.clickhouse.schema import AUDIT_COLUMNS, AUDIT_TABLE, apply_schema, quote_identifier
+from sinks.clickhouse.audit import AuditRow, PushOutcomeRow
+from sinks.clickhouse.schema import (
+    AUDIT_COLUMNS,
+    AUDIT_TABLE,
+    PUSH_OUTCOME_COLUMNS,
+    PUSH_OUTCOMES_TABLE,
+    apply_schema,
+    quote_identifier,
+)
 
 T = TypeVar("T")
 
@@ -57,6 +64,19 @@ class ClickHouseStore:
         self.call(
             lambda client: client.insert(
                 AUDIT_TABLE, data, column_names=list(AUDIT_COLUMNS), database=self.database
+            )
+        )
+
+    def insert_push_outcomes(self, rows: Sequence[PushOutcomeRow]) -> None:
+        """One insert of ``rows`` into ``push_outcomes``; a copy of a row (a replay) collapses
+        with the first on its key ``(tenant_id, job_id, device_id, attempt)``."""
+        data = [row.values() for row in rows]
+        self.call(
+            lambda client: client.insert(
+                PUSH_OUTCOMES_TABLE,
+                data,
+                column_names=list(PUSH_OUTCOME_COLUMNS),
+                database=self.database,
             )
         )
 

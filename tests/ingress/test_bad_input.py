@@ -25,6 +25,16 @@ def send(**changes: Any) -> JsonObject:
     return {key: value for key, value in frame.items() if value is not None}
 
 
+def push_settings(
+    *, start: str = "22:00", end: str = "07:00", time_zone: str = "Europe/Berlin"
+) -> JsonObject:
+    return {
+        "type": "push_settings",
+        "id": "req-1",
+        "quiet_hours": {"start": start, "end": end, "time_zone": time_zone},
+    }
+
+
 SOFT_LIMIT = 64 * 1024
 
 #: (frame as sent, error code, field, request id echoed)
@@ -57,6 +67,24 @@ BAD_FRAMES: dict[str, tuple[str | bytes, str, str | None, str | None]] = {
         "schema-invalid",
         "conversation_seq",
         "r1",
+    ),
+    "push settings in an unknown time zone": (
+        json.dumps(push_settings(time_zone="Atlantis/Lost_City")),
+        "schema-invalid",
+        "quiet_hours.time_zone",
+        "req-1",
+    ),
+    "push settings with a time out of range": (
+        json.dumps(push_settings(start="24:30")),
+        "schema-invalid",
+        "quiet_hours.start",
+        "req-1",
+    ),
+    "push settings with a malformed locale": (
+        json.dumps({**push_settings(), "locale": "en_US.UTF-8"}),
+        "schema-invalid",
+        "locale",
+        "req-1",
     ),
     "text body over the body limit": (
         json.dumps(send(body={"type": "text", "text": "x" * (MAX_BODY_BYTES + 1)})),

@@ -177,3 +177,13 @@ async def test_conversation_commands_reach_the_members_as_events(pipeline: Gatew
         (unmuted,) = await collect(owner, 1, kind=ev.ConversationMuteChanged)
         assert isinstance(unmuted.event, ev.ConversationMuteChanged)
         assert (unmuted.event.payload.muted, unmuted.event.payload.muted_until) == (False, None)
+
+        # Push preferences: one command for all of them, seen by every device of the user.
+        await owner.push_settings(quiet_hours=("22:00", "07:00", "Europe/Berlin"), locale="de-AT")
+        (changed_push,) = await collect(owner, 1, kind=ev.UserPushSettingsChanged)
+        assert isinstance(changed_push.event, ev.UserPushSettingsChanged)
+        push = changed_push.event.payload
+        assert (push.muted, push.locale) == (False, "de-AT")
+        assert push.quiet_hours is not None
+        assert (push.quiet_hours.start, push.quiet_hours.end) == ("22:00", "07:00")
+        assert push.quiet_hours.time_zone == "Europe/Berlin"

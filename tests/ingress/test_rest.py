@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from schemas.events import MAX_BODY_BYTES, message_event_id
-from schemas.topics import conversation_key, device_key
+from schemas.topics import conversation_key, device_key, user_key
 from tests.ingress.support import (
     TENANT,
     Gateway,
@@ -92,6 +92,50 @@ def test_other_commands_answer_like_the_socket(gateway: Gateway) -> None:
             "expired": False,
         },
     )
+
+
+def test_push_settings_are_recorded_on_the_user_state_topic_or_refused_clearly(
+    gateway: Gateway,
+) -> None:
+    user = unique("user")
+    headers = {**bearer(gateway, user), "X-Device-Id": "laptop"}
+    topic = gateway.catalog.user_state_in.name
+    key = user_key(TENANT, user)
+    partition, before = end_offset(gateway.settings, topic, key)
+    quiet_hours = {"start": "23:00", "end": "06:30", "time_zone": "America/Sao_Paulo"}
+    settings: JsonObject = {
+        "type": "push_settings",
+        "id": "ps1",
+        "quiet_hours": quiet_hours,
+        "locale": "pt-BR",
+    }
+
+    status, _, reply = post(gateway, settings, headers)
+
+    assert (status, reply) == (200, {"type": "ok", "id": "ps1", "conversation_id": None})
+    [(record_key, event)] = read_records(gateway.settings, topic, partition, before, 1)
+    assert record_key == key
+    assert (event["type"], event["actor"]) == (
+        "user.push_settings_changed",
+        {"user_id": user, "device_id": "laptop"},
+    )
+    assert event["payload"] == {
+        "muted": False,
+        "muted_until": None,
+        "quiet_hours": quiet_hours,
+        "locale": "pt-BR",
+    }
+    bad_zone = {**settings, "quiet_hours": {**quiet_hours, "time_zone": "Brazil/Rio"}}
+    status, _, refused = post(gateway, bad_zone, headers)
+    assert (status, refused["code"], refused["field"], refused["id"]) == (
+        422,
+        "schema-invalid",
+        "quiet_hours.time_zone",
+        "ps1",
+    )
+    assert "unknown time zone 'Brazil/Rio'" in refused["message"]
+    # Nothing was recorded for the refused command.
+    assert end_offset(gateway.settings, topic, key)[1] == before + 1
 
 
 REFUSALS: dict[str, tuple[Any, int, str, str | None]] = {

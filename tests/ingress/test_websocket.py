@@ -110,6 +110,23 @@ COMMANDS: list[Case] = [
         lambda _, c: {"conversation_id": c, "muted": True, "muted_until": "2030-01-01T00:00:00Z"},
     ),
     Case(
+        "push_settings",
+        lambda _, c: {
+            "muted": True,
+            "muted_until": "2030-01-01T00:00:00Z",
+            "quiet_hours": {"start": "22:00", "end": "07:00", "time_zone": "Europe/Berlin"},
+            "locale": "de-AT",
+        },
+        "user_state_in",
+        "user",
+        lambda _, c: {
+            "muted": True,
+            "muted_until": "2030-01-01T00:00:00Z",
+            "quiet_hours": {"start": "22:00", "end": "07:00", "time_zone": "Europe/Berlin"},
+            "locale": "de-AT",
+        },
+    ),
+    Case(
         "clear_badge",
         lambda _, c: {"conversation_id": c},
         "user_state_in",
@@ -228,6 +245,7 @@ EVENT_TYPES = {
     "read": "receipt.read",
     "typing": "typing.changed",
     "mute": "conversation.mute_changed",
+    "push_settings": "user.push_settings_changed",
     "clear_badge": "badge.cleared",
     "conversation.create": "conversation.created",
     "conversation.rename": "conversation.renamed",

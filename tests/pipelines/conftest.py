@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import pytest
 from cassandra.cluster import Session
 from confluent_kafka.admin import AdminClient
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from pipelines.settings import Settings
-from pipelines.stack.manager import LocalStack
 from pipelines.supervisor import ChildSpec, Supervisor
 from tests.ingress.support import (
     create_topics,
@@ -20,24 +20,38 @@ from tests.ingress.support import (
     migrated_keyspace,
     unique,
 )
-from tests.pipelines.support import Running
+from tests.pipelines.support import PushFakes, Running
+from tests.sinks.push.fakes.tls import LocalPki
+from tests.sinks.push.support import ApnsKey
 
 #: What ``imstream up --sink-nice`` defaults to.
 SINK_NICE = 10
 
 
 @pytest.fixture(scope="package")
+def push_fakes(
+    pki: LocalPki, apns_key: ApnsKey, service_account_key: rsa.RSAPrivateKey
+) -> Iterator[PushFakes]:
+    """The fake APNs and FCM the system's push sink sends to, for the whole package."""
+    fakes = PushFakes(pki, apns_key, service_account_key)
+    fakes.start()
+    yield fakes
+    fakes.stop()
+
+
+@pytest.fixture(scope="package")
 def supervised(
-    local_stack: LocalStack,
+    push_fakes: PushFakes,
     settings: Settings,
     kafka_admin: AdminClient,
     cql_session: Session,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Running]:
     """Every process kind ``imstream up`` runs — two ingress nodes, the stream worker, the CQL
-    sink and the ClickHouse sink — as real processes under the supervisor (restarted when they
-    die), on topics of their own, a migrated keyspace and a chDB path of their own; ready when
-    yielded."""
+    sink, the ClickHouse sink and the push sink (on the fake APNs and FCM) — as real processes
+    under the supervisor (restarted when they die), on the local stack (``kafka_admin`` and
+    ``cql_session`` need it up), on topics of their own, a migrated keyspace and a chDB path of
+    their own; ready when yielded."""
     prefixed = create_topics(kafka_admin, settings, unique("t-up") + ".")
     state = tmp_path_factory.mktemp("up")
     with migrated_keyspace(prefixed, cql_session) as keyspace:
@@ -74,6 +88,9 @@ def supervised(
                     "IM_SINKS__ANALYTICS_PORT": str(analytics_port),
                 },
                 nice=SINK_NICE,
+            ),
+            ChildSpec(
+                "push-sink", "push-sink", {**common, **push_fakes.env(state)}, nice=SINK_NICE
             ),
         ]
         lines: list[str] = []

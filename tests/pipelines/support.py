@@ -1,5 +1,6 @@
 """Helpers of the system tests: the supervised system as ``imstream up`` runs it, SDK devices
-that record what they are shown, and reads of the ClickHouse audit the sink wrote."""
+that record what they are shown, reads of the ClickHouse audit the sink wrote, and the fake push
+providers the system's push sink talks to."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
+
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ingress.client import Client, Received
 from pipelines.settings import Settings
@@ -27,8 +31,13 @@ from pipelines.supervisor import Child, Supervisor
 from schemas.events import Event, MessageSent
 from schemas.topics import topic_catalog
 from tests.ingress.support import TENANT, token
+from tests.sinks.push.fakes.apns import FakeApns
+from tests.sinks.push.fakes.fcm import FakeFcm
+from tests.sinks.push.fakes.tls import LocalPki
+from tests.sinks.push.support import APNS_DEBUG_TOPIC, APNS_TOPIC, ApnsKey
 
 E = TypeVar("E", bound=Event)
+T = TypeVar("T")
 
 
 class Running:
@@ -295,3 +304,87 @@ async def assert_audited_exactly_once(
     assert audit[catalog.sync_events.name] == dict.fromkeys(accepted, queues)
     # The ingress's records: a send re-sent after a lost connection may be there twice.
     assert set(audit[catalog.messages_in.name]) == set(accepted)
+
+
+@dataclass(frozen=True, slots=True)
+class FakeCounts:
+    """What one fake provider counted itself: requests answered 200, and refused."""
+
+    accepted: int
+    rejected: int
+    abandoned: int
+
+
+class PushFakes:
+    """The fake APNs (HTTP/2, TLS with the test CA) and fake FCM (with its OAuth token endpoint)
+    of ``tests/sinks/push/fakes`` on an event loop of their own, in a daemon thread: they must
+    answer the push sink while the tests' loop is idle (between tests, in blocking waits)."""
+
+    def __init__(
+        self, pki: LocalPki, apns_key: ApnsKey, service_account_key: rsa.RSAPrivateKey
+    ) -> None:
+        self.pki = pki
+        self.apns_key = apns_key
+        self.apns = FakeApns(
+            pki,
+            team_id=apns_key.team_id,
+            key_id=apns_key.key_id,
+            public_key=apns_key.public_key,
+            topics=frozenset({APNS_TOPIC, APNS_DEBUG_TOPIC}),
+        )
+        self.fcm = FakeFcm(
+            project_id="imstream-system-test",
+            client_email="push-sender@imstream-system-test.iam.gserviceaccount.com",
+            private_key=service_account_key,
+        )
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="push-fakes", daemon=True
+        )
+
+    def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=30)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._call(self.apns.start())
+        self._call(self.fcm.start())
+
+    def stop(self) -> None:
+        self._call(self.apns.stop())
+        self._call(self.fcm.stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def env(self, directory: Path) -> dict[str, str]:
+        """The ``IM_PUSH__…`` variables that point a push sink at the fakes (its APNs key and
+        service-account file written to ``directory``)."""
+        key_path = directory / f"AuthKey_{self.apns_key.key_id}.p8"
+        key_path.write_text(self.apns_key.pem)
+        credentials = self.fcm.write_service_account(directory / "service-account.json")
+        return {
+            "IM_PUSH__APNS_KEY_PATH": str(key_path),
+            "IM_PUSH__APNS_KEY_ID": self.apns_key.key_id,
+            "IM_PUSH__APNS_TEAM_ID": self.apns_key.team_id,
+            "IM_PUSH__APNS_TOPIC": APNS_TOPIC,
+            "IM_PUSH__APNS_HOST": self.apns.address,
+            "IM_PUSH__APNS_CA_FILE": str(self.pki.ca_file),
+            "IM_PUSH__FCM_CREDENTIALS_PATH": str(credentials),
+            "IM_PUSH__FCM_ENDPOINT": self.fcm.endpoint,
+        }
+
+    def counts(self) -> dict[str, FakeCounts]:
+        """Per provider (``apns``, ``fcm``), the fake's own counts, read on its loop."""
+
+        async def snapshot() -> dict[str, FakeCounts]:
+            return {
+                name: FakeCounts(
+                    accepted=fake.stats.accepted,
+                    rejected=sum(fake.stats.rejected.values()),
+                    abandoned=fake.stats.abandoned,
+                )
+                for name, fake in (("apns", self.apns), ("fcm", self.fcm))
+            }
+
+        return self._call(snapshot())

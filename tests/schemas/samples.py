@@ -127,6 +127,18 @@ def sample_events() -> dict[str, ev.Event]:
         ),
         _event(ev.BadgeCleared, ev.BadgeClearedPayload(conversation_id=None), ALICE),
         _event(
+            ev.UserPushSettingsChanged,
+            ev.UserPushSettingsChangedPayload(
+                muted=True,
+                muted_until=datetime(2025, 4, 1, tzinfo=UTC),
+                quiet_hours=ev.QuietHoursSetting(
+                    start="22:00", end="07:00", time_zone="Europe/Berlin"
+                ),
+                locale="de-AT",
+            ),
+            ALICE,
+        ),
+        _event(
             ev.TypingChanged,
             ev.TypingChangedPayload(conversation_id="c-1", active=True),
             ALICE,
@@ -188,6 +200,13 @@ def sample_client_frames() -> dict[str, fr.ClientFrame]:
         fr.Read(id="r5", conversation_id="c-1", conversation_seq=9),
         fr.Typing(id="r6", conversation_id="c-1", active=False),
         fr.Mute(id="r7", conversation_id="c-1", muted=True, muted_until=OCCURRED_AT),
+        fr.PushSettings(
+            id="r22",
+            muted=True,
+            muted_until=OCCURRED_AT,
+            quiet_hours=fr.ClientQuietHours(start="22:30", end="06:45", time_zone="Asia/Tokyo"),
+            locale="ja",
+        ),
         fr.ClearBadge(id="r8", conversation_id="c-1"),
         fr.CreateConversation(
             id="r9", conversation_id="c-3", kind=ev.ConversationKind.DIRECT, members=["bob"]

@@ -23,7 +23,7 @@ def sent_json(**payload_changes: Any) -> dict[str, Any]:
 
 def test_samples_cover_every_event_type() -> None:
     assert list(sample_events()) == list(ev.EVENT_TYPES)
-    assert len(ev.EVENT_TYPES) == len(set(ev.EVENT_TYPES)) == 20
+    assert len(ev.EVENT_TYPES) == len(set(ev.EVENT_TYPES)) == 21
     # The events the stream processors write come last, after everything clients cause.
     assert ev.EVENT_TYPES[-2:] == ("conversation.advanced", "command.rejected")
 
@@ -360,6 +360,122 @@ def test_push_job_round_trips_with_and_without_a_preview() -> None:
     for field, bad in (("merged_count", 0), ("unread_total", -1), ("job_id", "job-1")):
         with pytest.raises(ValidationError, match=field):
             ev.PushJob.model_validate({**json.loads(job.model_dump_json()), field: bad})
+
+
+def test_push_job_carries_quiet_hours_and_locale_and_reads_jobs_written_without_them() -> None:
+    message = sample_events()["message.sent"]
+    settings = sample_events()["user.push_settings_changed"]
+    assert isinstance(message, ev.MessageSent)
+    assert isinstance(settings, ev.UserPushSettingsChanged)
+    old = {
+        "job_id": ev.derived_event_id(message.event_id, "push/bob"),
+        "tenant_id": TENANT,
+        "user_id": "bob",
+        "conversation_id": "c-1",
+        "conversation_seq": 7,
+        "message_id": message.event_id,
+        "sender_id": "alice",
+        "merged_count": 1,
+        "unread_total": 1,
+        "occurred_at": "2025-03-01T12:00:00Z",
+    }
+    job = ev.PushJob.model_validate_json(json.dumps(old))
+    assert (job.quiet_hours, job.locale) == (None, "en")
+    with_preferences = job.model_copy(
+        update={"quiet_hours": settings.payload.quiet_hours, "locale": "de-AT"}
+    )
+    written = json.loads(with_preferences.model_dump_json())
+    assert written["quiet_hours"] == {
+        "start": "22:00",
+        "end": "07:00",
+        "time_zone": "Europe/Berlin",
+    }
+    assert ev.PushJob.model_validate_json(with_preferences.model_dump_json()) == with_preferences
+
+
+@pytest.mark.parametrize(
+    ("payload", "field", "message"),
+    [
+        (
+            {"quiet_hours": {"start": "7:00", "end": "08:00", "time_zone": "UTC"}},
+            "payload.quiet_hours.start",
+            "HH:MM",
+        ),
+        (
+            {"quiet_hours": {"start": "22:00", "end": "24:00", "time_zone": "UTC"}},
+            "payload.quiet_hours.end",
+            "HH:MM",
+        ),
+        (
+            {"quiet_hours": {"start": "22:00", "end": "22:00", "time_zone": "UTC"}},
+            "payload.quiet_hours.end",
+            "empty",
+        ),
+        (
+            {"quiet_hours": {"start": "22:00", "end": "07:00", "time_zone": "/etc/passwd"}},
+            "payload.quiet_hours.time_zone",
+            "IANA",
+        ),
+        ({"locale": "de_DE.UTF-8"}, "payload.locale", "BCP 47"),
+        ({"muted": False, "muted_until": "2030-01-01T00:00:00Z"}, "payload.muted_until", "muted"),
+    ],
+)
+def test_push_settings_refuse_bad_times_zones_and_locales(
+    payload: dict[str, Any], field: str, message: str
+) -> None:
+    data = json.loads(ev.encode_event(sample_events()["user.push_settings_changed"]))
+    data["payload"] = payload
+    with pytest.raises(SchemaError) as caught:
+        ev.parse_event(json.dumps(data))
+    assert (caught.value.code, caught.value.field) == (ErrorCode.SCHEMA_INVALID, field)
+    assert message in caught.value.message
+
+
+def test_push_settings_event_takes_any_well_formed_zone_name() -> None:
+    """Whether a zone exists is the ingress's check: a recorded event with a zone this reader's
+    database lacks still reads (the push sink then ignores the quiet hours)."""
+    data = json.loads(ev.encode_event(sample_events()["user.push_settings_changed"]))
+    data["payload"]["quiet_hours"]["time_zone"] = "Mars/Olympus_Mons"
+    event = ev.parse_event(json.dumps(data))
+    assert isinstance(event, ev.UserPushSettingsChanged)
+    assert event.payload.quiet_hours is not None
+    assert event.payload.quiet_hours.time_zone == "Mars/Olympus_Mons"
+
+
+def test_push_outcome_record_round_trips_with_and_without_a_device() -> None:
+    message = sample_events()["message.sent"]
+    outcome = ev.PushOutcomeRecord(
+        job_id=ev.derived_event_id(message.event_id, "push/bob"),
+        tenant_id=TENANT,
+        user_id="bob",
+        conversation_id="c-1",
+        message_id=message.event_id,
+        job_occurred_at=message.occurred_at,
+        device_id="bob-phone",
+        provider=ev.PushProvider.APNS,
+        attempt=2,
+        outcome=ev.PushAttemptOutcome.INVALID_TOKEN,
+        status_code=410,
+        reason="Unregistered",
+        attempted_at=message.occurred_at,
+    )
+    assert ev.PushOutcomeRecord.model_validate_json(outcome.model_dump_json()) == outcome
+    nowhere = outcome.model_copy(
+        update={
+            "device_id": None,
+            "provider": None,
+            "attempt": 0,
+            "outcome": ev.PushAttemptOutcome.SKIPPED,
+            "status_code": None,
+            "reason": "no-device-token",
+        }
+    )
+    assert ev.PushOutcomeRecord.model_validate_json(nowhere.model_dump_json()) == nowhere
+    for field, bad in (("attempt", -1), ("outcome", "delivered"), ("status_code", 99)):
+        with pytest.raises(ValidationError, match=field):
+            ev.PushOutcomeRecord.model_validate(
+                {**json.loads(outcome.model_dump_json()), field: bad}
+            )
 
 
 @pytest.mark.parametrize("event_type", sorted(sample_events()))

@@ -17,6 +17,7 @@ from schemas.events import (
     InboxRecord,
     LiveDelivery,
     PushJob,
+    PushOutcomeRecord,
     SyncRecord,
 )
 from schemas.topics import KeyKind, Topic, topic_catalog
@@ -110,6 +111,7 @@ def test_every_record_is_documented_with_its_fields_and_topic(settings: Settings
         "InboxRecord": (InboxRecord, catalog.user_inbox),
         "SyncRecord": (SyncRecord, catalog.sync_events),
         "PushJob": (PushJob, catalog.push_jobs),
+        "PushOutcomeRecord": (PushOutcomeRecord, catalog.push_outcomes),
     }
     documented = record_sections()
     assert list(documented) == list(records)

@@ -129,6 +129,29 @@ BAD_FRAMES: list[tuple[str, str | bytes, ErrorCode, str | None, str | None]] = [
         "muted_until",
         "m",
     ),
+    (
+        "push settings in an unknown time zone",
+        '{"type": "push_settings", "id": "p", "quiet_hours":'
+        ' {"start": "22:00", "end": "07:00", "time_zone": "Mars/Olympus_Mons"}}',
+        ErrorCode.SCHEMA_INVALID,
+        "quiet_hours.time_zone",
+        "p",
+    ),
+    (
+        "push settings with a time that is not HH:MM",
+        '{"type": "push_settings", "id": "p", "quiet_hours":'
+        ' {"start": "10pm", "end": "07:00", "time_zone": "Europe/Berlin"}}',
+        ErrorCode.SCHEMA_INVALID,
+        "quiet_hours.start",
+        "p",
+    ),
+    (
+        "push settings with a malformed locale",
+        '{"type": "push_settings", "id": "p", "locale": "german"}',
+        ErrorCode.SCHEMA_INVALID,
+        "locale",
+        "p",
+    ),
 ]
 
 

@@ -27,6 +27,7 @@ def test_one_file_per_event_and_frame_type() -> None:
         "records/inbox.json",
         "records/sync.json",
         "records/push-job.json",
+        "records/push-outcome.json",
     }
     assert len(names) == (
         len(EVENT_TYPES) + len(CLIENT_FRAME_TYPES) + len(SERVER_FRAME_TYPES) + len(records)
@@ -76,6 +77,9 @@ def test_records_refer_to_event_files_that_exist() -> None:
     push_job = json.loads(files[Path("records/push-job.json")])
     assert "event" not in push_job["properties"]
     assert set(push_job["required"]) >= {"job_id", "user_id", "message_id", "unread_total"}
+    push_outcome = json.loads(files[Path("records/push-outcome.json")])
+    assert "event" not in push_outcome["properties"]
+    assert set(push_outcome["required"]) >= {"job_id", "user_id", "attempt", "outcome"}
 
 
 def test_type_is_required_on_the_wire() -> None:

@@ -72,7 +72,11 @@ def test_the_conversation_processor_sees_a_conversation_in_one_order(settings: S
     messages = ["message.sent", "message.recalled", "message.edited"]
     assert catalog.messages_in.key is KeyKind.CONVERSATION
     assert set(catalog.messages_in.events) == {*messages, *conversation_commands, "receipt.read"}
-    assert catalog.user_state_in.events == ("conversation.mute_changed", "badge.cleared")
+    assert catalog.user_state_in.events == (
+        "conversation.mute_changed",
+        "badge.cleared",
+        "user.push_settings_changed",
+    )
     assert set(catalog.messages_sequenced.events) == {
         *messages,
         *conversation_commands,
@@ -93,6 +97,7 @@ def test_the_conversation_processor_sees_a_conversation_in_one_order(settings: S
         ("receipt.read", "messages_in", b"acme/c-1"),
         ("conversation.mute_changed", "user_state_in", b"acme/alice"),
         ("badge.cleared", "user_state_in", b"acme/alice"),
+        ("user.push_settings_changed", "user_state_in", b"acme/alice"),
         ("typing.changed", "typing_in", b"acme/c-1"),
         ("device.connected", "presence", b"acme/alice"),
         ("device.disconnected", "presence", b"acme/alice"),
@@ -121,6 +126,8 @@ def test_every_sample_event_routes(settings: Settings) -> None:
 def test_dead_letters(settings: Settings) -> None:
     catalog = topic_catalog(with_kafka(settings, topic_prefix="p."))
     ephemeral = {catalog.typing_in.name, catalog.live_delivery.name}
+    # Only audited: the ClickHouse sink never dead-letters.
+    ephemeral.add(catalog.push_outcomes.name)
     state = {
         t.name for t in (catalog.conversation_state, catalog.message_state, catalog.user_state)
     }

@@ -661,3 +661,126 @@ def test_values_clickhouse_cannot_store_are_audited_as_undecodable_not_a_stuck_i
             code,
         ), coordinates
     assert rows[(sequenced, 3)]["record_timestamp"] == datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def push_outcome(
+    job: ev.PushJob,
+    attempt: int,
+    outcome: ev.PushAttemptOutcome,
+    *,
+    device_id: str | None = "carol-phone",
+    provider: ev.PushProvider | None = ev.PushProvider.APNS,
+    status_code: int | None = None,
+    reason: str | None = None,
+) -> ev.PushOutcomeRecord:
+    return ev.PushOutcomeRecord(
+        job_id=job.job_id,
+        tenant_id=job.tenant_id,
+        user_id=job.user_id,
+        conversation_id=job.conversation_id,
+        message_id=job.message_id,
+        job_occurred_at=job.occurred_at,
+        device_id=device_id,
+        provider=provider,
+        attempt=attempt,
+        outcome=outcome,
+        status_code=status_code,
+        reason=reason,
+        attempted_at=job.occurred_at + timedelta(seconds=attempt),
+    )
+
+
+def test_push_outcome_records_become_push_outcome_rows_once_and_are_audited(
+    sink_settings: Settings, store: ClickHouseStore, clickhouse: Client
+) -> None:
+    catalog = topic_catalog(sink_settings)
+    now = datetime.now(UTC).replace(microsecond=250000) - timedelta(minutes=2)
+    group = "g-team"
+    job = push_job("carol", sent("bob", group, "m1", now, seq=4))
+    outcomes = [
+        push_outcome(job, 1, ev.PushAttemptOutcome.THROTTLED, status_code=429, reason="TooMany"),
+        push_outcome(job, 2, ev.PushAttemptOutcome.SENT, status_code=200),
+        push_outcome(
+            job,
+            1,
+            ev.PushAttemptOutcome.INVALID_TOKEN,
+            device_id="carol-tablet",
+            provider=ev.PushProvider.FCM,
+            status_code=404,
+            reason="UNREGISTERED",
+        ),
+    ]
+    other_job = push_job("dave", sent("bob", group, "m2", now, seq=5))
+    nowhere = push_outcome(
+        other_job,
+        0,
+        ev.PushAttemptOutcome.SKIPPED,
+        device_id=None,
+        provider=None,
+        reason="no-device-token",
+    )
+    topic = catalog.push_outcomes.name
+    values = [record.model_dump_json().encode() for record in (*outcomes, nowhere)]
+    records = produce(
+        sink_settings,
+        [
+            *(Outgoing(topic, user_key(TENANT, "carol"), value) for value in values[:3]),
+            Outgoing(topic, user_key(TENANT, "dave"), values[3]),
+            # The push sender wrote one again (it processed the job again after a crash).
+            Outgoing(topic, user_key(TENANT, "carol"), values[1]),
+            Outgoing(topic, user_key(TENANT, "carol"), b'{"job_id": "not one"}'),
+        ],
+    )
+
+    stats = run_sink(sink_settings, store)
+
+    result = clickhouse.query(
+        "SELECT job_id, tenant_id, user_id, conversation_id, message_id, job_occurred_at, "
+        "device_id, provider, attempt, outcome, status_code, reason, attempted_at "
+        f"FROM {store.database}.push_outcomes FINAL",
+        query_tz="UTC",
+    )
+    rows = [tuple(_plain(value) for value in row) for row in result.result_rows]
+    expected = [
+        (
+            record.job_id,
+            TENANT,
+            record.user_id,
+            group,
+            record.message_id,
+            record.job_occurred_at,
+            record.device_id or "",
+            record.provider.value if record.provider else "",
+            record.attempt,
+            record.outcome.value,
+            record.status_code,
+            record.reason,
+            record.attempted_at,
+        )
+        for record in (*outcomes, nowhere)
+    ]
+    assert sorted(rows, key=str) == sorted(expected, key=str)
+    per_minute = clickhouse.query(
+        f"SELECT provider, outcome, sum(attempts), sum(jobs) FROM "
+        f"{store.database}.push_outcomes_per_minute GROUP BY provider, outcome ORDER BY ALL"
+    ).result_rows
+    assert per_minute == [
+        ("", "skipped", 1, 1),
+        ("apns", "sent", 1, 1),
+        ("apns", "throttled", 1, 1),
+        ("fcm", "invalid_token", 1, 1),
+    ]
+    # Every record is audited like any other: the outcomes as push.outcome, the poison as such.
+    audited = {
+        (r["topic"], r["partition"], r["offset"]): r for r in audit_rows(clickhouse, store.database)
+    }
+    assert set(audited) == {record.coordinates for record in records}
+    for record in records:
+        row = audited[record.coordinates]
+        if record.value in values:
+            decoded = ev.PushOutcomeRecord.model_validate_json(record.value or b"")
+            assert (row["event_type"], row["event_id"]) == ("push.outcome", decoded.job_id)
+            assert row["occurred_at"] == decoded.attempted_at
+        else:
+            assert (row["event_type"], row["error_code"]) == ("undecodable", "schema-invalid")
+    assert stats.undecodable == 1

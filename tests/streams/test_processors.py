@@ -25,6 +25,7 @@ from schemas.events import (
     ConversationDeletedPayload,
     ConversationKind,
     DeviceConnected,
+    DeviceDisconnected,
     DevicePresencePayload,
     Event,
     InboxRecord,
@@ -33,8 +34,11 @@ from schemas.events import (
     MessageSentPayload,
     Platform,
     PushJob,
+    QuietHoursSetting,
     SyncRecord,
     TextBody,
+    UserPushSettingsChanged,
+    UserPushSettingsChangedPayload,
     encode_event,
     message_event_id,
 )
@@ -289,6 +293,98 @@ def test_user_processor_assigns_sync_ids_routes_live_and_pushes_offline() -> Non
     ]
     assert (live.node_id, live.device_ids, live.user_id) == ("ingress-2", ["alice-phone"], "alice")
     assert not [o for o in online.outputs if o.topic == CATALOG.push_jobs.name]
+
+
+def push_settings_record(offset: int, payload: UserPushSettingsChangedPayload) -> InputRecord:
+    event = UserPushSettingsChanged.new(
+        tenant_id=TENANT, actor=Actor(user_id="alice", device_id="alice-tablet"), payload=payload
+    )
+    return InputRecord(
+        topic=CATALOG.user_state_in.name,
+        partition=0,
+        offset=offset,
+        key=user_key(TENANT, "alice"),
+        value=encode_event(event),
+    )
+
+
+def test_push_settings_reach_every_device_and_shape_the_push_jobs() -> None:
+    conversations = ConversationProcessor(CATALOG, ConversationSettings())
+    conversation_tables = Tables()
+    events: list[Event] = [
+        create_group("c-1", ["alice", "bob"]),
+        send("c-1", "bob", "m1"),
+        send("c-1", "bob", "m2"),
+    ]
+    first = conversations.process(command_records(events), conversation_tables.read)
+    inbox = as_inputs(first.outputs, CATALOG.user_inbox.name, 0)
+    alice_inbox = [record for record in inbox if record.key == user_key(TENANT, "alice")]
+    created, message_1, message_2 = alice_inbox
+    users = UserProcessor(CATALOG, UserSettings())
+    tables = Tables()
+    nights = QuietHoursSetting(start="22:00", end="07:00", time_zone="Europe/Berlin")
+
+    muted = users.process(
+        [
+            presence_record(0),
+            push_settings_record(0, UserPushSettingsChangedPayload(muted=True)),
+        ],
+        tables.read,
+    )
+    tables.write(muted.writes)
+    # Every device of the user sees the change: in the sync queue, and live to the online one.
+    (synced,) = [
+        SyncRecord.model_validate_json(o.value or b"")
+        for o in muted.outputs
+        if o.topic == CATALOG.sync_events.name
+    ]
+    assert isinstance(synced.event, UserPushSettingsChanged)
+    assert (synced.sync_id, synced.conversation) == (1, None)
+    (live,) = [
+        LiveDelivery.model_validate_json(o.value or b"")
+        for o in muted.outputs
+        if o.topic == CATALOG.live_delivery.name
+    ]
+    assert (live.sync_id, live.device_ids) == (1, ["alice-phone"])
+
+    # Offline and muted: the message is queued and counted, no push job.
+    offline = DeviceDisconnected.new(
+        tenant_id=TENANT,
+        payload=DevicePresencePayload(
+            user_id="alice",
+            device_id="alice-phone",
+            platform=Platform.IOS,
+            node_id="ingress-2",
+            connection_id="conn-1",
+        ),
+    )
+    gone = InputRecord(
+        topic=CATALOG.presence.name,
+        partition=0,
+        offset=1,
+        key=user_key(TENANT, "alice"),
+        value=encode_event(offline),
+    )
+    silenced = users.process([gone, created, message_1], tables.read)
+    tables.write(silenced.writes)
+    assert [o.topic for o in silenced.outputs if o.topic == CATALOG.push_jobs.name] == []
+    assert len([o for o in silenced.outputs if o.topic == CATALOG.sync_events.name]) == 2
+
+    # Unmuted with quiet hours and a locale: the next job carries them.
+    preferences = UserPushSettingsChangedPayload(quiet_hours=nights, locale="de-DE")
+    tables.write(users.process([push_settings_record(1, preferences)], tables.read).writes)
+    pushed = users.process([message_2], tables.read)
+    (job,) = [
+        PushJob.model_validate_json(o.value or b"")
+        for o in pushed.outputs
+        if o.topic == CATALOG.push_jobs.name
+    ]
+    assert (job.quiet_hours, job.locale, job.merged_count, job.unread_total) == (
+        nights,
+        "de-DE",
+        1,
+        2,
+    )
 
 
 def run_with_crashes(

@@ -20,16 +20,20 @@ from schemas.events import (
     MessageSent,
     MessageSentPayload,
     Platform,
+    QuietHoursSetting,
     ReceiptRead,
     ReceiptReadPayload,
     TextBody,
     TypingChanged,
     TypingChangedPayload,
+    UserPushSettingsChanged,
+    UserPushSettingsChangedPayload,
     message_event_id,
 )
 from streams.conversations import Delivery, DeliveryKind
 from streams.users import (
     PushPolicy,
+    PushPreferences,
     UserState,
     apply_delivery,
     apply_own_command,
@@ -149,6 +153,87 @@ def test_muted_conversations_and_online_users_get_no_push() -> None:
     outcome = apply_delivery(online, "alice", message("bob", 1), now=NOW)
     assert outcome.push is None
     assert outcome.live_nodes == {"ingress-1": ["phone"]}
+
+
+def push_settings(**fields: object) -> UserPushSettingsChanged:
+    return UserPushSettingsChanged.new(
+        tenant_id=TENANT,
+        actor=Actor(user_id="alice", device_id="phone"),
+        payload=UserPushSettingsChangedPayload.model_validate(fields),
+    )
+
+
+BERLIN_NIGHTS = QuietHoursSetting(start="22:00", end="07:00", time_zone="Europe/Berlin")
+
+
+def test_a_user_muted_until_later_gets_no_push_and_counts_unread_until_it_ends() -> None:
+    state = UserState()
+    mute = apply_own_command(state, push_settings(muted=True, muted_until=NOW + timedelta(hours=1)))
+    # Appended to the queue like a conversation mute: every device of the user sees it.
+    assert [appended.sync_id for appended in mute.appended] == [1]
+    muted = apply_delivery(state, "alice", message("bob", 1), now=NOW)
+    assert muted.push is None
+    assert state.conversations["c-1"].unread == 1
+    # Like a muted conversation: what came during the mute is not merged into the next push.
+    after = apply_delivery(state, "alice", message("bob", 2), now=NOW + timedelta(hours=2))
+    assert after.push is not None
+    assert (after.push.merged_count, after.push.unread_total) == (1, 2)
+
+
+def test_an_indefinite_mute_holds_until_unmuted() -> None:
+    state = UserState()
+    apply_own_command(state, push_settings(muted=True))
+    later = NOW + timedelta(days=365)
+    assert apply_delivery(state, "alice", message("bob", 1), now=later).push is None
+    apply_own_command(state, push_settings(muted=False))
+    assert apply_delivery(state, "alice", message("bob", 2), now=later).push is not None
+
+
+def test_quiet_hours_and_locale_ride_on_the_push_and_each_change_replaces_all() -> None:
+    state = UserState()
+    apply_own_command(state, push_settings(quiet_hours=BERLIN_NIGHTS, locale="de-AT"))
+    first = apply_delivery(state, "alice", message("bob", 1), now=NOW)
+    assert first.push is not None
+    assert (first.push.quiet_hours, first.push.locale) == (BERLIN_NIGHTS, "de-AT")
+    apply_own_command(state, push_settings(locale="fr"))
+    second = apply_delivery(state, "alice", message("bob", 2, "c-2"), now=NOW)
+    assert second.push is not None
+    assert (second.push.quiet_hours, second.push.locale) == (None, "fr")
+
+
+def test_push_preferences_survive_the_state_json_and_old_state_loads_with_defaults() -> None:
+    state = UserState()
+    apply_own_command(
+        state,
+        push_settings(
+            muted=True,
+            muted_until=NOW + timedelta(hours=8),
+            quiet_hours=BERLIN_NIGHTS,
+            locale="de",
+        ),
+    )
+    restored = UserState.from_json(state.to_json())
+    assert restored == state
+    assert restored.push == PushPreferences(
+        muted=True, muted_until=NOW + timedelta(hours=8), quiet_hours=BERLIN_NIGHTS, locale="de"
+    )
+    # State written before push preferences existed (no "push" key) loads with the defaults.
+    old = {
+        "last_sync_id": 4,
+        "conversations": {"c-1": {"last_seq": 3, "read_seq": 1, "unread_seqs": [2, 3]}},
+        "devices": {},
+    }
+    loaded = UserState.from_json(old)
+    assert loaded.push == PushPreferences()
+    assert not loaded.push.is_muted(NOW)
+    assert "push" not in UserState().to_json()
+    pushed = apply_delivery(loaded, "alice", message("bob", 4), now=NOW)
+    assert pushed.push is not None
+    assert (pushed.push.quiet_hours, pushed.push.locale, pushed.push.unread_total) == (
+        None,
+        None,
+        3,
+    )
 
 
 def test_a_late_disconnect_of_an_old_connection_is_ignored() -> None:

@@ -1,0 +1,111 @@
+"""Building push jobs and notifications for the push tests."""
+
+from __future__ import annotations
+
+import random
+import secrets
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from schemas.events import MessageBody, PushJob, PushProvider, TextBody
+from sinks.push.notification import PreviewMode, PushNotification, PushTarget, build_notification
+from sinks.push.policy import RecipientPreferences, decide
+from sinks.push.reliability import PushDispatcher, PushSender, RetryPolicy
+
+APNS_TOPIC = "com.example.imstream"
+#: A second app (a debug build) whose tokens belong to the APNs sandbox.
+APNS_DEBUG_TOPIC = "com.example.imstream.debug"
+FCM_APP = "1:1234567890:android:abcdef"
+
+
+@dataclass(frozen=True, slots=True)
+class ApnsKey:
+    """An APNs signing key as the Apple developer account gives it: the .p8 text and its ids."""
+
+    pem: str
+    key_id: str
+    team_id: str
+    public_key: ec.EllipticCurvePublicKey
+
+
+def make_job(
+    *,
+    conversation_id: str = "c-1",
+    conversation_seq: int = 7,
+    sender_id: str = "alice",
+    body: MessageBody | None = None,
+    merged_count: int = 1,
+    unread_total: int = 3,
+    occurred_at: datetime | None = None,
+    tenant_id: str = "acme",
+) -> PushJob:
+    return PushJob(
+        job_id=str(uuid.uuid4()),
+        tenant_id=tenant_id,
+        user_id="bob",
+        conversation_id=conversation_id,
+        conversation_seq=conversation_seq,
+        message_id=str(uuid.uuid4()),
+        sender_id=sender_id,
+        body=TextBody(text="hello there") if body is None else body,
+        merged_count=merged_count,
+        unread_total=unread_total,
+        occurred_at=occurred_at or datetime.now(UTC),
+    )
+
+
+def make_notification(
+    job: PushJob | None = None,
+    *,
+    preferences: RecipientPreferences | None = None,
+    ttl_seconds: int = 3600,
+    preview: PreviewMode = PreviewMode.FULL,
+) -> PushNotification:
+    job = job or make_job()
+    decision = decide(
+        job, preferences or RecipientPreferences(), now=datetime.now(UTC), ttl_seconds=ttl_seconds
+    )
+    return build_notification(job, decision, preview=preview, locale="en", sender_name="Alice")
+
+
+def apns_target(token: str | None = None, device_id: str = "iphone-1") -> PushTarget:
+    return PushTarget(device_id, PushProvider.APNS, token or secrets.token_hex(32), APNS_TOPIC)
+
+
+def fcm_target(token: str | None = None, device_id: str = "pixel-1") -> PushTarget:
+    return PushTarget(
+        device_id, PushProvider.FCM, token or f"fcm-{secrets.token_urlsafe(32)}", FCM_APP
+    )
+
+
+def make_dispatcher(
+    senders: Mapping[PushProvider, PushSender],
+    *,
+    concurrency: int = 8,
+    max_attempts: int = 3,
+    backoff_base_seconds: float = 0.01,
+    backoff_cap_seconds: float = 0.05,
+    max_retry_after_seconds: float = 5.0,
+    breaker_failure_threshold: int = 100,
+    breaker_cool_down_seconds: float = 0.3,
+    request_timeout_seconds: float = 3.0,
+) -> PushDispatcher:
+    """A dispatcher with test-sized delays: retries in tens of milliseconds."""
+    return PushDispatcher(
+        senders,
+        concurrency=concurrency,
+        retry=RetryPolicy(
+            max_attempts=max_attempts,
+            backoff_base_seconds=backoff_base_seconds,
+            backoff_cap_seconds=backoff_cap_seconds,
+            max_retry_after_seconds=max_retry_after_seconds,
+        ),
+        breaker_failure_threshold=breaker_failure_threshold,
+        breaker_cool_down_seconds=breaker_cool_down_seconds,
+        request_timeout_seconds=request_timeout_seconds,
+        rng=random.Random(7),
+    )

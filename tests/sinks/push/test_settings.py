@@ -1,0 +1,63 @@
+"""The settings group wires both senders to their endpoints: here, the fakes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from schemas.events import PushProvider
+from sinks.push.apns import ApnsSender
+from sinks.push.fcm import FcmSender
+from sinks.push.notification import PreviewMode
+from sinks.push.reliability import PushDispatcher, build_senders
+from sinks.push.settings import PushProviderSettings
+from tests.sinks.push.fakes.apns import FakeApns
+from tests.sinks.push.fakes.fcm import FakeFcm
+from tests.sinks.push.support import apns_target, fcm_target, make_notification
+
+
+async def test_dispatcher_from_settings_delivers_through_both_fakes(
+    fake_apns: FakeApns,
+    fake_fcm: FakeFcm,
+    apns_settings: dict[str, Any],
+    fcm_settings: dict[str, Any],
+) -> None:
+    settings = PushProviderSettings.model_validate(
+        {
+            **apns_settings,
+            **fcm_settings,
+            "fcm_channel_id": "direct-messages",
+            "concurrency": 2,
+            "request_timeout_seconds": 2,
+        }
+    )
+    dispatcher = PushDispatcher.from_settings(settings)
+    try:
+        apns = await dispatcher.deliver(make_notification(), apns_target())
+        fcm = await dispatcher.deliver(make_notification(), fcm_target())
+    finally:
+        await dispatcher.close()
+
+    assert dispatcher.providers == {PushProvider.APNS, PushProvider.FCM}
+    assert apns.delivered
+    assert fcm.delivered
+    assert fake_apns.stats.accepted == 1
+    assert fake_fcm.stats.accepted == 1
+    android = fake_fcm.stats.received[0].payload["message"]["android"]
+    assert android["notification"]["channel_id"] == "direct-messages"
+
+
+def test_only_configured_providers_get_a_sender(fcm_credentials: Path) -> None:
+    assert build_senders(PushProviderSettings()) == {}
+    senders = build_senders(PushProviderSettings(fcm_credentials_path=fcm_credentials))
+    assert set(senders) == {PushProvider.FCM}
+    assert isinstance(senders[PushProvider.FCM], FcmSender)
+    assert not any(isinstance(sender, ApnsSender) for sender in senders.values())
+
+
+def test_preview_mode_per_tenant_with_a_default() -> None:
+    settings = PushProviderSettings.model_validate(
+        {"default_preview": "sender", "tenant_previews": {"bank": "none"}}
+    )
+    assert settings.preview_for("bank") is PreviewMode.NONE
+    assert settings.preview_for("acme") is PreviewMode.SENDER
