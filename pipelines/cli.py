@@ -16,6 +16,7 @@ from confluent_kafka.admin import AdminClient
 
 from pipelines.connections import kafka_config
 from pipelines.console import load_settings
+from pipelines.dlq import dlq_app
 from pipelines.stack.errors import StackError
 from pipelines.stack.manager import LocalStack, ServiceState, ServiceStatus
 from pipelines.stack.process import last_lines
@@ -36,6 +37,7 @@ run_app = typer.Typer(
 )
 app.add_typer(stack_app, name="stack")
 app.add_typer(topics_app, name="topics")
+app.add_typer(dlq_app, name="dlq")
 app.add_typer(run_app, name="run")
 db_app = typer.Typer(help="The CQL serving store: schema migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")

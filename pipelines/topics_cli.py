@@ -1,7 +1,13 @@
-"""``imstream topics``: create, update and inspect the catalog's Kafka topics."""
+"""``imstream topics``: create, update and inspect the catalog's Kafka topics, and read them.
+
+``apply`` and ``list`` manage the catalog; ``inspect``, ``tail`` and ``find`` are read-only looks
+for operators (``pipelines/topics_ops.py``): they never commit an offset or write a record.
+"""
 
 from __future__ import annotations
 
+import json
+import threading
 from datetime import timedelta
 from typing import Annotated
 
@@ -13,10 +19,23 @@ from pipelines.connections import kafka_config
 from pipelines.console import load_settings
 from pipelines.settings import Settings
 from pipelines.topics import ChangeAction, TopicAdminError, apply_topics, describe_topics
+from pipelines.topics_ops import (
+    Filters,
+    FindProgress,
+    InvalidTimeError,
+    TopicInspection,
+    UnknownTopicError,
+    find,
+    inspect_topics,
+    parse_since,
+    resolve_topics,
+    tail,
+)
 from schemas.topics import TopicCatalog, topic_catalog
 
 topics_app = typer.Typer(
-    help="The Kafka topics of the catalog (schemas/topics.py): apply it, list what is there.",
+    help="The Kafka topics of the catalog (schemas/topics.py): apply it, list what is there, "
+    "and read them (inspect offsets and lag, tail decoded records, find an event).",
     no_args_is_help=True,
 )
 
@@ -113,3 +132,230 @@ def _retention(millis: str | None) -> str:
         if duration >= size and duration % size == timedelta(0):
             return f"{duration // size}{unit}"
     return f"{int(millis)}ms"
+
+
+def _unknown_topic(error: UnknownTopicError) -> typer.Exit:
+    typer.echo(f"error: [topic-unknown] {error.args[0]}", err=True)
+    return typer.Exit(2)
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        typer.echo(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+@topics_app.command("inspect")
+def inspect(
+    topics: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="topics by logical (im.messages.in) or full name; every catalog topic if none",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON document on stdout")] = False,
+    timeout: Timeout = 10.0,
+) -> None:
+    """Per topic: each partition's low and high watermark and record count, and for every
+    process kind whose consumer group reads it, the committed offset and lag per partition.
+
+    Lag counts as `imstream status` does: records after the committed offset (from the low
+    watermark when the group committed nothing); one record behind is caught up (a
+    transaction's commit marker).
+
+    Example: imstream topics inspect im.messages.in im.sync.events
+    """
+    settings, catalog, _ = _connect()
+    try:
+        found = inspect_topics(settings, resolve_topics(catalog, topics or []), timeout=timeout)
+    except UnknownTopicError as error:
+        raise _unknown_topic(error) from error
+    except KafkaException as error:
+        raise _unreachable(settings, error) from error
+    if as_json:
+        typer.echo(json.dumps([inspection.as_json() for inspection in found], indent=2))
+        return
+    for number, inspection in enumerate(found):
+        if number:
+            typer.echo("")
+        _show_inspection(inspection)
+
+
+def _show_inspection(inspection: TopicInspection) -> None:
+    topic = inspection.topic
+    typer.echo(
+        f"{topic.name}  key={topic.key.value}  partitions={len(inspection.partitions)}  "
+        f"records={inspection.records}"
+    )
+    header = ("  PARTITION", "LOW", "HIGH", "RECORDS")
+    groups = inspection.groups
+    rows: list[tuple[str, ...]] = [
+        header + tuple(f"{group.process} COMMITTED/LAG" for group in groups)
+    ]
+    for index, partition in enumerate(inspection.partitions):
+        cells = [f"  {partition.partition}", str(partition.low), str(partition.high)]
+        cells.append(str(partition.records))
+        for group in groups:
+            lag = group.partitions[index]
+            committed = "-" if lag.committed is None else str(lag.committed)
+            cells.append(f"{committed}/{lag.lag}")
+        rows.append(tuple(cells))
+    _table(rows)
+    for group in groups:
+        typer.echo(f"  {group.process}: group {group.group}, lag {group.lag}")
+    if not groups:
+        typer.echo("  no process kind reads it with a consumer group")
+
+
+@topics_app.command("tail")
+def tail_command(  # noqa: PLR0917 - typer maps each parameter to an option
+    topic: Annotated[str, typer.Argument(help="logical (im.messages.in) or full topic name")],
+    last: Annotated[
+        int, typer.Option("--last", "-n", min=0, help="start this many offsets before each end")
+    ] = 20,
+    from_beginning: Annotated[
+        bool, typer.Option("--from-beginning", help="every retained record (overrides --last)")
+    ] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="keep showing new records until Ctrl-C")
+    ] = False,
+    tenant: Annotated[str | None, typer.Option(help="only this tenant")] = None,
+    conversation: Annotated[str | None, typer.Option(help="only this conversation")] = None,
+    user: Annotated[
+        str | None, typer.Option(help="only this user (the actor, or the record's user)")
+    ] = None,
+    types: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--type",
+            help="only this type (repeatable): message.sent, push.job, undecodable, …",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="one JSON object per record (the decoded value)")
+    ] = False,
+    timeout: Timeout = 10.0,
+) -> None:
+    """Decoded records of a topic, one line each: record time, partition@offset, key, type,
+    tenant, conversation, user and a short summary.
+
+    By default the last 20 offsets of every partition, merged by record time. Records are
+    decoded as the ClickHouse audit decodes them (events, inbox, sync, live-delivery, push
+    records; dead letters by their source's format); a record that does not decode shows as
+    `undecodable` with its error code. With a filter, undecodable records show only with
+    `--type undecodable`.
+
+    Example: imstream topics tail im.messages.sequenced --conversation c-1 --follow
+    """
+    settings, catalog, _ = _connect()
+    filters = Filters(tenant=tenant, conversation=conversation, user=user, types=tuple(types or ()))
+    stop = threading.Event()
+    shown = 0
+    try:
+        records = tail(
+            settings,
+            catalog,
+            resolve_topics(catalog, [topic])[0],
+            last=last,
+            from_beginning=from_beginning,
+            follow=follow,
+            filters=filters,
+            stop=stop,
+            timeout=timeout,
+        )
+        try:
+            for record in records:
+                typer.echo(
+                    json.dumps(record.as_json(), ensure_ascii=False) if as_json else record.line()
+                )
+                shown += 1
+        except KeyboardInterrupt:
+            stop.set()
+    except UnknownTopicError as error:
+        raise _unknown_topic(error) from error
+    except KafkaException as error:
+        raise _unreachable(settings, error) from error
+    typer.echo(f"{shown} record(s) shown", err=True)
+
+
+@topics_app.command("find")
+def find_command(  # noqa: PLR0917 - typer maps each parameter to an option
+    wanted: Annotated[
+        str, typer.Argument(metavar="ID", help="an event_id, or a message's client_msg_id")
+    ],
+    sender: Annotated[
+        str | None, typer.Option(help="with a client_msg_id: only the one this user sent")
+    ] = None,
+    since: Annotated[
+        str, typer.Option(help="how far back: a duration (90s, 30m, 1h, 2d) or an ISO time")
+    ] = "24h",
+    topics: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--topic",
+            help="where to look (repeatable) [default: im.messages.in, im.messages.sequenced]",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="one JSON object per place it is found")
+    ] = False,
+    timeout: Timeout = 10.0,
+) -> None:
+    """Every place an event is, by event_id or client_msg_id, among the records written since
+    --since (found with offsets_for_times, so older records are not read at all).
+
+    Prints topic, partition@offset, record time and the decoded event for each place; exits 1
+    when it is nowhere. Progress (records scanned, rate) goes to stderr on long scans.
+
+    Example: imstream topics find m-42 --sender alice --since 2h
+    """
+    settings, catalog, _ = _connect()
+    try:
+        moment = parse_since(since)
+    except InvalidTimeError as error:
+        typer.echo(f"error: [time-invalid] --since {error.args[0]}", err=True)
+        raise typer.Exit(2) from error
+
+    def progress(step: FindProgress) -> None:
+        typer.echo(
+            f"scanned {step.scanned} records in {step.elapsed:.1f} s ({step.rate:,.0f}/s)", err=True
+        )
+
+    places = 0
+    try:
+        chosen = resolve_topics(
+            catalog, topics or [catalog.messages_in.name, catalog.messages_sequenced.name]
+        )
+        for record in find(
+            settings,
+            catalog,
+            chosen,
+            wanted,
+            since=moment,
+            sender=sender,
+            progress=progress,
+            timeout=timeout,
+        ):
+            places += 1
+            if as_json:
+                typer.echo(json.dumps(record.as_json(), ensure_ascii=False))
+                continue
+            row = record.row
+            stamp = record.timestamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            typer.echo(f"{row.topic}  {row.partition}@{row.offset}  {stamp}  {row.event_type}")
+            typer.echo(json.dumps(record.value(), indent=2, ensure_ascii=False))
+    except UnknownTopicError as error:
+        raise _unknown_topic(error) from error
+    except KafkaException as error:
+        raise _unreachable(settings, error) from error
+    searched = ", ".join(topic.name for topic in chosen)
+    when = moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+    if not places:
+        typer.echo(f"not found: {wanted} in {searched} since {when}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"found {wanted} in {places} place(s)", err=True)

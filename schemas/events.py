@@ -700,6 +700,56 @@ class CommandRejected(EventEnvelope[CommandRejectedPayload]):
     type: Literal["command.rejected"] = "command.rejected"
 
 
+# ---------------------------------------------------------------------------------------------
+# Written by the operator tools (``imstream dlq redrive`` …) into the operator-actions topic
+# ---------------------------------------------------------------------------------------------
+
+#: The tenant of events that belong to no tenant (operator actions): every envelope names one,
+#: and a leading ``_`` keeps it apart from the tenants clients use.
+SYSTEM_TENANT = "_system"
+MAX_COMMAND_CHARS = 128
+
+
+class OperatorOutcome(StrEnum):
+    SUCCEEDED = "succeeded"
+    """The command did all it was asked."""
+    INTERRUPTED = "interrupted"
+    """Stopped before the end (Ctrl-C, a limit); running it again continues."""
+    FAILED = "failed"
+    """Stopped by an error; ``error`` says which."""
+
+
+class OperatorActionPayload(WireModel):
+    operator: Annotated[
+        Id, Field(description="Who ran the command: `--operator`, else the login name")
+    ]
+    command: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=MAX_COMMAND_CHARS),
+        Field(description="The command, e.g. `dlq redrive`"),
+    ]
+    arguments: Annotated[
+        dict[str, JsonValue], Field(description="The command's arguments and options, by name")
+    ]
+    counts: Annotated[
+        dict[str, NonNegativeInt],
+        Field(description='What the command did, e.g. `{"redriven": 12, "skipped": 3}`'),
+    ]
+    outcome: OperatorOutcome
+    error: Annotated[
+        str | None,
+        StringConstraints(max_length=1000),
+        Field(description="Why it failed, when it did"),
+    ] = None
+
+
+class OperatorAction(EventEnvelope[OperatorActionPayload]):
+    """An operator ran a command that changes data (a redrive, a replay …): the audit trail of
+    who did what, when, with which result. Tenant ``SYSTEM_TENANT``, no actor."""
+
+    type: Literal["operator.action"] = "operator.action"
+
+
 def derived_event_id(source_event_id: str, role: str) -> str:
     """The id of an event a processor derives from ``source_event_id`` (UUID v5): processing the
     same input again derives the same id, which is what makes re-processing harmless."""
@@ -731,7 +781,8 @@ Event = Annotated[
     | PushTokenRegistered
     | PushTokenRemoved
     | ConversationAdvanced
-    | CommandRejected,
+    | CommandRejected
+    | OperatorAction,
     Field(discriminator="type"),
 ]
 

@@ -32,8 +32,9 @@ Dead letters
   with the reason in headers. Per-source topics keep replay simple (fix the cause, re-publish the
   dead-letter topic into its source) and keep retention and access per source. The two ephemeral
   topics (typing, live delivery) have none: a poison record there is logged and dropped, since
-  re-delivering it later would have no meaning. Nor has the push-outcomes topic: its only reader
-  is the audit (ClickHouse), which audits a poison record as undecodable and never dead-letters.
+  re-delivering it later would have no meaning. Nor have the push-outcomes and operator-actions
+  topics: their only reader is the audit (ClickHouse), which audits a poison record as
+  undecodable and never dead-letters.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ USER_PARTITIONS = 6
 GATEWAY_PARTITIONS = 4
 DEVICE_PARTITIONS = 3
 DEAD_LETTER_PARTITIONS = 1
+OPERATOR_PARTITIONS = 1
 DEAD_LETTER_RETENTION = timedelta(days=30)
 #: The topic-level configs the catalog sets; every other config keeps the broker's default.
 MANAGED_CONFIGS = frozenset({"cleanup.policy", "retention.ms", "min.insync.replicas", "segment.ms"})
@@ -78,6 +80,8 @@ class KeyKind(StrEnum):
     """``node``: records go to the ingress node that holds the device's socket."""
     MESSAGE = "message"
     """A message id, placed explicitly on its conversation's partition (the message state)."""
+    OPERATOR = "operator"
+    """The operator's name: one operator's actions stay in order."""
     NONE = "none"
     """Dead letters keep the original key, but nothing depends on their placement."""
 
@@ -150,6 +154,7 @@ class TopicCatalog:
     conversation_state: Topic
     message_state: Topic
     user_state: Topic
+    operator_actions: Topic
     dead_letters: tuple[Topic, ...]
 
     def sources(self) -> tuple[Topic, ...]:
@@ -202,6 +207,10 @@ def device_key(tenant_id: str, user_id: str, device_id: str) -> bytes:
 
 def gateway_key(node_id: str) -> bytes:
     return node_id.encode()
+
+
+def operator_key(operator: str) -> bytes:
+    return operator.encode()
 
 
 def event_key(event: Event, kind: KeyKind) -> bytes:
@@ -441,6 +450,16 @@ def topic_catalog(
             description="The user processor's state per user (sync id, read positions, "
             "unread counts, mute, online devices, push collapsing), written in the same "
             "transaction as its outputs",
+        ),
+        operator_actions=topic(
+            "im.operator.actions",
+            key=KeyKind.OPERATOR,
+            partitions=OPERATOR_PARTITIONS,
+            retention=timedelta(days=365),
+            events=("operator.action",),
+            dead_letter=False,
+            description="Every operator action (a redrive, a replay …) as an operator.action "
+            "event, for the ClickHouse audit: who ran which command, with what result",
         ),
         dead_letters=(),
     )

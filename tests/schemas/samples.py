@@ -14,6 +14,11 @@ ALICE = ev.Actor(user_id="alice", device_id="alice-phone")
 #: Event types the stream processors write into users' sync queues (through the user inbox
 #: topic); the ingress never publishes them, so they have no inbound topic.
 PROCESSOR_EVENT_TYPES = ("conversation.advanced", "command.rejected")
+#: Event types the operator tools write (on the operator-actions topic, never through the
+#: ingress).
+OPERATOR_EVENT_TYPES = ("operator.action",)
+#: Event types no client command produces: they have no inbound topic.
+UNROUTED_EVENT_TYPES = PROCESSOR_EVENT_TYPES + OPERATOR_EVENT_TYPES
 
 
 def _event(model: type[ev.EventEnvelope[ev.P]], payload: ev.P, actor: ev.Actor | None) -> ev.Event:
@@ -173,6 +178,18 @@ def sample_events() -> dict[str, ev.Event]:
                 reason="not-a-member",
             ),
             ALICE,
+        ),
+        ev.OperatorAction.new(
+            tenant_id=ev.SYSTEM_TENANT,
+            occurred_at=OCCURRED_AT,
+            payload=ev.OperatorActionPayload(
+                operator="ops-erin",
+                command="dlq redrive",
+                arguments={"code": "processing-failed", "rate": 50.0, "dry_run": False},
+                counts={"redriven": 2, "skipped": 1},
+                outcome=ev.OperatorOutcome.FAILED,
+                error="kafka unreachable",
+            ),
         ),
     ]
     return {event.type: event for event in samples}

@@ -23,9 +23,10 @@ def sent_json(**payload_changes: Any) -> dict[str, Any]:
 
 def test_samples_cover_every_event_type() -> None:
     assert list(sample_events()) == list(ev.EVENT_TYPES)
-    assert len(ev.EVENT_TYPES) == len(set(ev.EVENT_TYPES)) == 21
-    # The events the stream processors write come last, after everything clients cause.
-    assert ev.EVENT_TYPES[-2:] == ("conversation.advanced", "command.rejected")
+    assert len(ev.EVENT_TYPES) == len(set(ev.EVENT_TYPES)) == 22
+    # The events the stream processors write come after everything clients cause, then the
+    # operator tools' own.
+    assert ev.EVENT_TYPES[-3:] == ("conversation.advanced", "command.rejected", "operator.action")
 
 
 @pytest.mark.parametrize("event_type", ev.EVENT_TYPES)

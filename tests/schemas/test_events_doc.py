@@ -13,16 +13,23 @@ from pipelines.settings import Settings
 from schemas.events import (
     EVENT_MODELS,
     EVENT_TYPES,
+    SYSTEM_TENANT,
     EventEnvelope,
     InboxRecord,
     LiveDelivery,
+    OperatorOutcome,
     PushJob,
     PushOutcomeRecord,
     SyncRecord,
 )
 from schemas.topics import KeyKind, Topic, topic_catalog
 from streams.conversations import RejectReason
-from tests.schemas.samples import PROCESSOR_EVENT_TYPES, sample_events
+from tests.schemas.samples import (
+    OPERATOR_EVENT_TYPES,
+    PROCESSOR_EVENT_TYPES,
+    UNROUTED_EVENT_TYPES,
+    sample_events,
+)
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "events.md"
 
@@ -60,6 +67,7 @@ DOC_KEYS = {
     KeyKind.CONVERSATION: "tenant_id/conversation_id",
     KeyKind.USER: "tenant_id/user_id",
     KeyKind.DEVICE: "tenant_id/user_id/device_id",
+    KeyKind.OPERATOR: "operator",
 }
 
 
@@ -72,7 +80,7 @@ def names_topic_and_key(text: str, topic: Topic) -> bool:
     return re.search(pattern, text) is not None
 
 
-@pytest.mark.parametrize("event_type", [t for t in EVENT_TYPES if t not in PROCESSOR_EVENT_TYPES])
+@pytest.mark.parametrize("event_type", [t for t in EVENT_TYPES if t not in UNROUTED_EVENT_TYPES])
 def test_the_doc_names_the_inbound_topic_and_key(settings: Settings, event_type: str) -> None:
     topic, key = topic_catalog(settings).route(sample_events()[event_type])
     text = event_sections()[event_type]
@@ -90,6 +98,21 @@ def test_processor_events_are_documented_on_the_inbox_and_the_sync_queue(
     assert names_topic_and_key(text, catalog.user_inbox)
     assert f"`{catalog.sync_events.logical_name}`" in text
     assert "`InboxRecord`" in text and "`SyncRecord`" in text
+
+
+@pytest.mark.parametrize("event_type", OPERATOR_EVENT_TYPES)
+def test_operator_events_are_documented_on_their_topic(settings: Settings, event_type: str) -> None:
+    catalog = topic_catalog(settings)
+    text = event_sections()[event_type]
+    assert "no inbound topic" in text
+    assert names_topic_and_key(text, catalog.operator_actions)
+    assert f"`{SYSTEM_TENANT}`" in text
+
+
+def test_every_operator_outcome_is_documented() -> None:
+    text = event_sections()["operator.action"]
+    documented = re.findall(r"^\* `([a-z-]+)` — ", text, flags=re.MULTILINE)
+    assert documented == [outcome.value for outcome in OperatorOutcome]
 
 
 def test_every_reject_reason_is_documented() -> None:

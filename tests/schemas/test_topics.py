@@ -21,10 +21,16 @@ from schemas.topics import (
     event_key,
     gateway_key,
     murmur2,
+    operator_key,
     partition_for_key,
     topic_catalog,
 )
-from tests.schemas.samples import PROCESSOR_EVENT_TYPES, sample_events
+from tests.schemas.samples import (
+    OPERATOR_EVENT_TYPES,
+    PROCESSOR_EVENT_TYPES,
+    UNROUTED_EVENT_TYPES,
+    sample_events,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,13 +55,28 @@ def test_every_client_event_type_has_exactly_one_inbound_topic(settings: Setting
     catalog = topic_catalog(settings)
     inbound = [t for topic in catalog.sources() if topic.ingress for t in topic.events]
     assert set(PROCESSOR_EVENT_TYPES) <= set(EVENT_TYPES)
-    assert sorted(inbound) == sorted(set(EVENT_TYPES) - set(PROCESSOR_EVENT_TYPES))
+    assert sorted(inbound) == sorted(set(EVENT_TYPES) - set(UNROUTED_EVENT_TYPES))
     carried = {t for topic in catalog for t in topic.events}
     assert carried <= set(EVENT_TYPES)
     assert carried.isdisjoint(PROCESSOR_EVENT_TYPES)
 
 
-@pytest.mark.parametrize("event_type", PROCESSOR_EVENT_TYPES)
+def test_operator_actions_have_a_topic_of_their_own_that_only_the_audit_reads(
+    settings: Settings,
+) -> None:
+    catalog = topic_catalog(with_kafka(settings, topic_prefix="p."))
+    topic = catalog.operator_actions
+    assert topic.name == "p.im.operator.actions"
+    assert topic.events == OPERATOR_EVENT_TYPES
+    assert topic.key is KeyKind.OPERATOR
+    assert not topic.ingress
+    assert topic.dead_letter is None
+    carriers = [t for t in catalog if set(t.events) & set(OPERATOR_EVENT_TYPES)]
+    assert carriers == [topic]
+    assert operator_key("ops-erin") == b"ops-erin"
+
+
+@pytest.mark.parametrize("event_type", UNROUTED_EVENT_TYPES)
 def test_processor_events_have_no_inbound_topic(settings: Settings, event_type: str) -> None:
     with pytest.raises(ValueError, match=f"no inbound topic carries {event_type}"):
         topic_catalog(settings).route(sample_events()[event_type])
@@ -116,7 +137,7 @@ def test_route_gives_the_inbound_topic_and_key(
 def test_every_sample_event_routes(settings: Settings) -> None:
     catalog = topic_catalog(settings)
     for event in sample_events().values():
-        if event.type in PROCESSOR_EVENT_TYPES:
+        if event.type in UNROUTED_EVENT_TYPES:
             continue
         topic, key = catalog.route(event)
         assert event.type in topic.events
@@ -128,6 +149,7 @@ def test_dead_letters(settings: Settings) -> None:
     ephemeral = {catalog.typing_in.name, catalog.live_delivery.name}
     # Only audited: the ClickHouse sink never dead-letters.
     ephemeral.add(catalog.push_outcomes.name)
+    ephemeral.add(catalog.operator_actions.name)
     state = {
         t.name for t in (catalog.conversation_state, catalog.message_state, catalog.user_state)
     }
