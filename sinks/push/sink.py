@@ -288,9 +288,7 @@ class PushSink:
             raise FatalError(f"topic {topic} is missing: run `imstream topics apply`")
         remaining: set[int] = set()
         for partition in metadata.partitions:
-            low, high = self.token_consumer.get_watermark_offsets(
-                TopicPartition(topic, partition), timeout=30, cached=False
-            )
+            low, high = _watermarks(self.token_consumer, TopicPartition(topic, partition))
             if high > low:
                 remaining.add(partition)
         self.token_consumer.assign(
@@ -363,7 +361,11 @@ class PushSink:
             if self._tokens_current_at is not None and self._tokens_current_at >= since:
                 return
             asked_at = datetime.now(UTC)
-            ends = await asyncio.to_thread(self._token_ends)
+            try:
+                ends = await asyncio.to_thread(self._token_ends)
+            except KafkaException as error:
+                log.warning("token topic's end unknown (%s): a job may be skipped", error)
+                return
             deadline = time.monotonic() + TOKEN_CATCH_UP_SECONDS
             while time.monotonic() < deadline:
                 behind = await asyncio.to_thread(self._token_partitions_behind, ends)
@@ -381,9 +383,7 @@ class PushSink:
         """Each token partition's (low, high) watermarks, asked of the broker now."""
         topic = self.catalog.push_tokens.name
         return {
-            partition: self.token_consumer.get_watermark_offsets(
-                TopicPartition(topic, partition), timeout=KAFKA_TIMEOUT_SECONDS, cached=False
-            )
+            partition: _watermarks(self.token_consumer, TopicPartition(topic, partition))
             for partition in range(self.catalog.push_tokens.partitions)
         }
 
@@ -759,6 +759,40 @@ class PushSink:
             len(self.tokens),
             len(self._jobs),
         )
+
+
+#: Broker answers that mean "not yet" (a partition without a leader just after the topic was
+#: created or while the broker starts), not "never".
+_TRANSIENT = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+    }
+)
+
+
+def _watermarks(consumer: Consumer, partition: TopicPartition) -> tuple[int, int]:
+    """A partition's (low, high) watermarks asked of the broker, retried while its answer is
+    transient, for up to ``KAFKA_TIMEOUT_SECONDS``."""
+    deadline = time.monotonic() + KAFKA_TIMEOUT_SECONDS
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(
+                partition, timeout=KAFKA_TIMEOUT_SECONDS, cached=False
+            )
+            return int(low), int(high)
+        except KafkaException as exc:
+            error = exc.args[0]
+            transient = isinstance(error, KafkaError) and (
+                error.retriable() or error.code() in _TRANSIENT
+            )
+            if not transient or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def _name(holder: Holder) -> str:
