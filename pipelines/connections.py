@@ -14,12 +14,24 @@ from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from clickhouse_connect.driver.client import Client
-from confluent_kafka import Consumer, Message
+from confluent_kafka import Consumer, KafkaError, Message
 
 from pipelines.settings import Settings
 from schemas.topics import KAFKA_PARTITIONER
 
 _kafka_log = logging.getLogger("imstream.kafka")
+
+#: Offset-commit errors that mean "the group moved on" (a rebalance took the partitions): not a
+#: failure of the consumer; the partitions' next owner processes the uncommitted records again.
+REBALANCED_COMMIT_ERRORS = frozenset(
+    {
+        KafkaError.REBALANCE_IN_PROGRESS,
+        KafkaError.ILLEGAL_GENERATION,
+        KafkaError.UNKNOWN_MEMBER_ID,
+        KafkaError._NO_OFFSET,
+        KafkaError._STATE,
+    }
+)
 
 
 def kafka_config(settings: Settings, **overrides: Any) -> dict[str, Any]:

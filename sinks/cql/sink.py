@@ -55,6 +55,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from pydantic import ValidationError
 
 from pipelines.connections import (
+    REBALANCED_COMMIT_ERRORS,
     consume_ready,
     cql_cluster,
     kafka_consumer_config,
@@ -81,16 +82,6 @@ EXIT_FATAL = 70
 EXIT_CONFIG = 78
 #: How long one poll waits for the first record of a batch.
 POLL_SECONDS = 0.5
-#: Kafka commit errors that mean "the group moved on": the next owner reprocesses the batch.
-_REBALANCED = frozenset(
-    {
-        KafkaError.REBALANCE_IN_PROGRESS,
-        KafkaError.ILLEGAL_GENERATION,
-        KafkaError.UNKNOWN_MEMBER_ID,
-        KafkaError._NO_OFFSET,
-        KafkaError._STATE,
-    }
-)
 
 
 class FatalError(Exception):
@@ -444,7 +435,7 @@ class CqlSink:
                 return
             except KafkaException as exc:
                 error = exc.args[0]
-                if isinstance(error, KafkaError) and error.code() in _REBALANCED:
+                if isinstance(error, KafkaError) and error.code() in REBALANCED_COMMIT_ERRORS:
                     log.warning(
                         "commit refused after a rebalance (%s); the batch is replayed", error
                     )

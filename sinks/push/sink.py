@@ -70,6 +70,7 @@ from confluent_kafka import (
 from pydantic import ValidationError
 
 from pipelines.connections import (
+    REBALANCED_COMMIT_ERRORS,
     consume_ready,
     kafka_consumer_config,
     kafka_producer_config,
@@ -120,16 +121,6 @@ NO_DEVICE_TOKEN = "no-device-token"
 PROVIDER_NOT_CONFIGURED = "provider-not-configured"
 #: The dead-letter code of a job the sink could not process (a bug; the record is kept).
 PROCESSING_FAILED = "processing-failed"
-#: Commit errors that mean "the group moved on": the next owner sends those jobs again.
-_REBALANCED = frozenset(
-    {
-        KafkaError.REBALANCE_IN_PROGRESS,
-        KafkaError.ILLEGAL_GENERATION,
-        KafkaError.UNKNOWN_MEMBER_ID,
-        KafkaError._NO_OFFSET,
-        KafkaError._STATE,
-    }
-)
 
 
 class FatalError(Exception):
@@ -697,7 +688,7 @@ class PushSink:
             self.stats.commits += 1
         except KafkaException as exc:
             error = exc.args[0]
-            if isinstance(error, KafkaError) and error.code() in _REBALANCED:
+            if isinstance(error, KafkaError) and error.code() in REBALANCED_COMMIT_ERRORS:
                 log.warning(
                     "commit refused after a rebalance (%s); those jobs are sent again", error
                 )
