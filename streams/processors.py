@@ -80,6 +80,10 @@ class BatchResult:
     dead_lettered: int = 0
 
 
+#: The dead-letter code of a record whose stage's rules raised (a bug; the record is kept).
+PROCESSING_FAILED = "processing-failed"
+
+
 def dead_letter(
     catalog: TopicCatalog, source: Topic, record: InputRecord, code: str, message: str
 ) -> OutputRecord:
@@ -114,7 +118,7 @@ def _process_each(
             source = catalog.by_name(record.topic)
             if source.dead_letter is not None:
                 outcome.outputs.append(
-                    dead_letter(catalog, source, record, "processing-failed", repr(error))
+                    dead_letter(catalog, source, record, PROCESSING_FAILED, repr(error))
                 )
         result.outputs.extend(outcome.outputs)
         result.skipped += outcome.skipped

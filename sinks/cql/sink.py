@@ -69,7 +69,7 @@ from schemas.topics import Topic, TopicCatalog, topic_catalog
 from sinks.cql.migrate import MigrationError, check_keyspace_name, migrate
 from sinks.cql.rules import MemberRow, Statements, UserConversationRow, WritePlanner
 from sinks.cql.writer import Backoff, CqlWriter, PlannedWrite, is_transient, refusal_code
-from streams.processors import dead_letter
+from streams.processors import PROCESSING_FAILED, dead_letter
 from streams.records import InputRecord
 
 log = logging.getLogger(__name__)
@@ -332,7 +332,7 @@ class CqlSink:
             raise
         except Exception as error:  # a value the driver cannot bind, a rule that cannot apply
             log.exception("record %s[%d]@%d failed", record.topic, record.partition, record.offset)
-            raise _PoisonError(source, "processing-failed", repr(error)) from error
+            raise _PoisonError(source, PROCESSING_FAILED, repr(error)) from error
 
     def _flush(self) -> None:
         """Execute the pending writes (retrying transient failures); note refused records."""

@@ -98,7 +98,7 @@ from sinks.push.outcome import PushOutcome
 from sinks.push.policy import QuietHours, RecipientPreferences, decide
 from sinks.push.reliability import DeliveryReport, PushDispatcher
 from sinks.push.tokens import Detach, Holder, TokenTable
-from streams.processors import dead_letter
+from streams.processors import PROCESSING_FAILED, dead_letter
 from streams.records import InputRecord
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,6 @@ KAFKA_TIMEOUT_SECONDS = 10.0
 #: ``reason`` of a job that reaches no device, and of a device whose provider has no credentials.
 NO_DEVICE_TOKEN = "no-device-token"
 PROVIDER_NOT_CONFIGURED = "provider-not-configured"
-#: The dead-letter code of a job the sink could not process (a bug; the record is kept).
-PROCESSING_FAILED = "processing-failed"
 
 
 class FatalError(Exception):
