@@ -16,7 +16,10 @@ from confluent_kafka.admin import AdminClient
 
 from pipelines.connections import kafka_config
 from pipelines.console import load_settings
+from pipelines.dashboards_cli import dashboards_app
 from pipelines.dlq import dlq_app
+from pipelines.quality import quality_app
+from pipelines.search_cli import search_app
 from pipelines.stack.errors import StackError
 from pipelines.stack.manager import LocalStack, ServiceState, ServiceStatus
 from pipelines.stack.process import last_lines
@@ -38,6 +41,9 @@ run_app = typer.Typer(
 app.add_typer(stack_app, name="stack")
 app.add_typer(topics_app, name="topics")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(quality_app, name="quality")
+app.add_typer(search_app, name="search")
+app.add_typer(dashboards_app, name="dashboards")
 app.add_typer(run_app, name="run")
 db_app = typer.Typer(help="The CQL serving store: schema migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
