@@ -24,6 +24,7 @@ from pipelines.settings import Settings
 from schemas import frames as fr
 from schemas.errors import ErrorCode
 from schemas.events import parse_event
+from sinks.cql.serving import serving_keyspace
 from sinks.cql.store import (
     ConversationRow,
     CursorExpiredError,
@@ -73,7 +74,10 @@ class Reads:
             cluster = cql_cluster(self.settings)
             try:
                 session = await asyncio.to_thread(cluster.connect)
-                self.store = await asyncio.to_thread(ServingStore, session, self.settings)
+                keyspace = await asyncio.to_thread(
+                    serving_keyspace, session, self.settings.cql.keyspace
+                )
+                self.store = await asyncio.to_thread(ServingStore, session, self.settings, keyspace)
             except Exception as error:  # the driver raises several kinds; all mean "not yet"
                 _log.warning(
                     "serving store not reachable (%s); reads answer unavailable, retrying in %gs",
@@ -84,7 +88,7 @@ class Reads:
                 await asyncio.sleep(_CONNECT_RETRY_SECONDS)
                 continue
             self._cluster = cluster
-            _log.info("serving store connected (keyspace %s)", self.settings.cql.keyspace)
+            _log.info("serving store connected (keyspace %s)", self.store.keyspace)
             return
 
     async def answer(self, principal: Principal, frame: ReadFrame) -> fr.ServerFrame:

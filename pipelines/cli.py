@@ -19,6 +19,7 @@ from pipelines.console import load_settings
 from pipelines.dashboards_cli import dashboards_app
 from pipelines.dlq import dlq_app
 from pipelines.quality import quality_app
+from pipelines.replay_cli import rebuild_app, replay_command
 from pipelines.search_cli import search_app
 from pipelines.stack.errors import StackError
 from pipelines.stack.manager import LocalStack, ServiceState, ServiceStatus
@@ -42,6 +43,8 @@ app.add_typer(stack_app, name="stack")
 app.add_typer(topics_app, name="topics")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(quality_app, name="quality")
+app.command("replay")(replay_command)
+app.add_typer(rebuild_app, name="rebuild")
 app.add_typer(search_app, name="search")
 app.add_typer(dashboards_app, name="dashboards")
 app.add_typer(run_app, name="run")

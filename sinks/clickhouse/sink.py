@@ -147,6 +147,9 @@ class ClickHouseSink:
         self.running = False
         self._pending: list[tuple[KafkaRecord, Audited]] = []
         self._admin: AdminClient | None = None
+        #: Held while a batch is inserted and committed: a rebuild's swap holds it to see the
+        #: tables between two batches (``sinks.clickhouse.jobs``).
+        self.write_lock = threading.Lock()
         self.consumer = Consumer(
             kafka_consumer_config(settings, self.group_id, **sink_session_config(settings))
         )
@@ -250,24 +253,16 @@ class ClickHouseSink:
                 raise FatalError(f"consumer: {error}")
             log.warning("consumer: %s", error)
             return None
-        timestamp_type, timestamp = message.timestamp()
-        return KafkaRecord(
-            topic=message.topic() or "",
-            partition=message.partition() or 0,
-            offset=message.offset() or 0,
-            key=message.key(),
-            value=message.value(),
-            timestamp_ms=None if timestamp_type == TIMESTAMP_NOT_AVAILABLE else timestamp,
-            headers=_headers(message),
-        )
+        return kafka_record(message)
 
     def _flush(self) -> None:
         """Insert the batch's rows (poison included, as ``undecodable``), then commit."""
         batch, self._pending = self._pending, []
         self._log_poison(batch)
-        if not self._insert(batch):
-            return
-        self._commit(batch)
+        with self.write_lock:
+            if not self._insert(batch):
+                return
+            self._commit(batch)
         stats = self.stats
         stats.records += len(batch)
         stats.batches += 1
@@ -419,6 +414,20 @@ class ClickHouseSink:
         )
 
 
+def kafka_record(message: Message) -> KafkaRecord:
+    """A consumed record (not an error) as plain data."""
+    timestamp_type, timestamp = message.timestamp()
+    return KafkaRecord(
+        topic=message.topic() or "",
+        partition=message.partition() or 0,
+        offset=message.offset() or 0,
+        key=message.key(),
+        value=message.value(),
+        timestamp_ms=None if timestamp_type == TIMESTAMP_NOT_AVAILABLE else timestamp,
+        headers=_headers(message),
+    )
+
+
 def _headers(message: Message) -> list[tuple[str, bytes | None]]:
     raw = message.headers() or []
     items = raw.items() if isinstance(raw, dict) else raw
@@ -431,6 +440,11 @@ def _headers(message: Message) -> list[tuple[str, bytes | None]]:
 def run_clickhouse_sink(settings: Settings) -> int:
     """The sink process: the audit loop and the analytics endpoint until SIGTERM/SIGINT; returns
     the exit code."""
+    # The operator jobs run sink loops of their own: imported here, not at the top (a cycle).
+    from ingress.gateway import token_verifier  # noqa: PLC0415
+    from sinks.clickhouse.jobs import OperatorJobs  # noqa: PLC0415
+    from sinks.clickhouse.operator_api import install_operator_api  # noqa: PLC0415
+
     catalog = topic_catalog(settings)
     where = settings.clickhouse.url or f"chDB at {settings.chdb_path}"
     try:
@@ -450,12 +464,11 @@ def run_clickhouse_sink(settings: Settings) -> int:
     try:
         sink = ClickHouseSink(settings, store, stop, catalog=catalog)
         analytics = Analytics(store)
-        server = AnalyticsServer(
-            analytics_app(analytics, healthy=lambda: sink.running),
-            settings.sinks.analytics_host,
-            settings.sinks.analytics_port,
-        )
-    except AnalyticsServerError as error:
+        app = analytics_app(analytics, healthy=lambda: sink.running)
+        jobs = OperatorJobs(settings, store, catalog, live_sink=sink)
+        install_operator_api(app, jobs, token_verifier(settings.auth))
+        server = AnalyticsServer(app, settings.sinks.analytics_host, settings.sinks.analytics_port)
+    except (AnalyticsServerError, ValueError) as error:
         log.error("%s", error)
         store.close()
         return EXIT_UNAVAILABLE
@@ -479,6 +492,7 @@ def run_clickhouse_sink(settings: Settings) -> int:
         log.critical("clickhouse sink failed", exc_info=True)
         code = EXIT_FATAL
     finally:
+        jobs.stop_all()
         server.stop()
         store.close()
     log.info("clickhouse sink stopped")

@@ -45,6 +45,16 @@ class ClickHouseStore:
         self.database = database
         self._owns_client = owns_client
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
+        self._shares_executor = False
+
+    def sibling(self, database: str) -> ClickHouseStore:
+        """A store of another database over the same client and the same one thread (chDB:
+        one client per process); closing it closes neither."""
+        store = ClickHouseStore(self.client, database, owns_client=False)
+        store._executor.shutdown(wait=False)
+        store._executor = self._executor
+        store._shares_executor = True
+        return store
 
     def call(self, function: Callable[[Client], T]) -> T:
         """Run ``function(client)`` on the ClickHouse thread and wait for it (blocking)."""
@@ -92,4 +102,5 @@ class ClickHouseStore:
     def close(self) -> None:
         if self._owns_client:
             self.call(lambda client: client.close())
-        self._executor.shutdown(wait=True)
+        if not self._shares_executor:
+            self._executor.shutdown(wait=True)

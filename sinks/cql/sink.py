@@ -68,6 +68,7 @@ from schemas.events import Event, SyncRecord, parse_event
 from schemas.topics import Topic, TopicCatalog, topic_catalog
 from sinks.cql.migrate import MigrationError, check_keyspace_name, migrate
 from sinks.cql.rules import MemberRow, Statements, UserConversationRow, WritePlanner
+from sinks.cql.serving import serving_keyspace, sink_group
 from sinks.cql.writer import Backoff, CqlWriter, PlannedWrite, is_transient, refusal_code
 from streams.processors import PROCESSING_FAILED, dead_letter
 from streams.records import InputRecord
@@ -75,7 +76,6 @@ from streams.records import InputRecord
 log = logging.getLogger(__name__)
 
 READY_MESSAGE = "cql sink ready"
-GROUP_SUFFIX = "imstream-cql-sink"
 PROGRESS_INTERVAL = 10.0
 #: Exit codes: a fatal Kafka error (EX_SOFTWARE), a refused migration (EX_CONFIG).
 EXIT_FATAL = 70
@@ -123,12 +123,13 @@ class CqlSink:
         catalog: TopicCatalog | None = None,
         group_id: str | None = None,
         keyspace: str | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.settings = settings
         self.session = session
         self.catalog = catalog or topic_catalog(settings)
         self.keyspace = check_keyspace_name(keyspace or settings.cql.keyspace)
-        self.group_id = group_id or f"{settings.kafka.topic_prefix}{GROUP_SUFFIX}"
+        self.group_id = group_id or sink_group(settings, self.keyspace)
         self.inputs = (
             self.catalog.messages_sequenced,
             self.catalog.sync_events,
@@ -137,7 +138,7 @@ class CqlSink:
         self._sources = {topic.name: topic for topic in self.inputs}
         sinks = settings.sinks
         self.stats = SinkStats()
-        self._stop = threading.Event()
+        self._stop = stop or threading.Event()
         self._statements = Statements(session, self.keyspace)
         self.writer = CqlWriter(
             session,
@@ -259,6 +260,20 @@ class CqlSink:
 
     def _process(self, records: list[InputRecord]) -> None:
         epoch = self._epoch
+        poisoned = self.apply(records)
+        self._commit(records, epoch)
+        self._resume()
+        stats = self.stats
+        stats.records += len(records)
+        stats.batches += 1
+        stats.dead_lettered += poisoned
+        stats.skipped = self.planner.skipped + self._skipped_tombstones
+        for record in records:
+            stats.by_topic[record.topic] = stats.by_topic.get(record.topic, 0) + 1
+
+    def apply(self, records: list[InputRecord]) -> int:
+        """Plan and write ``records``, dead-letter the poison among them; commits nothing (the
+        loop commits; a replay keeps its own cursor). Returns how many were dead-lettered."""
         self._batch = records
         self._pending = []
         self._refused = {}
@@ -286,15 +301,7 @@ class CqlSink:
             poison.append(_Poison(record, self._sources[record.topic], code, message))
         if poison:
             self._dead_letter(poison)
-        self._commit(records, epoch)
-        self._resume()
-        stats = self.stats
-        stats.records += len(records)
-        stats.batches += 1
-        stats.dead_lettered += len(poison)
-        stats.skipped = self.planner.skipped + self._skipped_tombstones
-        for record in records:
-            stats.by_topic[record.topic] = stats.by_topic.get(record.topic, 0) + 1
+        return len(poison)
 
     def _plan(self, record: InputRecord) -> list[BoundStatement]:
         """Decode ``record`` and plan its writes; raises :class:`_PoisonError`."""
@@ -686,6 +693,9 @@ def migrate_with_retry(settings: Settings, session: Session, stop: threading.Eve
     while not stop.is_set():
         try:
             applied = migrate(session, settings.cql.keyspace, settings.cql.replication_factor)
+            served = serving_keyspace(session, settings.cql.keyspace)
+            if served != settings.cql.keyspace:
+                applied += migrate(session, served, settings.cql.replication_factor)
         except MigrationError:
             raise
         except Exception as error:
@@ -731,7 +741,10 @@ def run_cql_sink(settings: Settings) -> int:
         except MigrationError as error:
             log.critical("cannot start: %s", error)
             return EXIT_CONFIG
-        sink = CqlSink(settings, session)
+        keyspace = serving_keyspace(session, settings.cql.keyspace)
+        if keyspace != settings.cql.keyspace:
+            log.info("keyspace %s serves (swapped in for %s)", keyspace, settings.cql.keyspace)
+        sink = CqlSink(settings, session, keyspace=keyspace)
         try:
             sink.run(stop)
         except FatalError as error:

@@ -107,11 +107,12 @@ class ReaderRow:
 class ServingStore:
     """Reads for the ingress. Create with :meth:`connect`; every method is a coroutine."""
 
-    def __init__(self, session: Session, settings: Settings) -> None:
+    def __init__(self, session: Session, settings: Settings, keyspace: str | None = None) -> None:
         self.session = session
         self.timeline_bucket = settings.sinks.timeline_bucket_size
         self.sync_bucket = settings.sinks.sync_bucket_size
-        keyspace = settings.cql.keyspace
+        keyspace = keyspace or settings.cql.keyspace
+        self.keyspace = keyspace
         prepare = session.prepare
         self._timeline_before = prepare(
             f"SELECT seq, entry_type, event, recalled, recalled_seq, edited_event, edited_seq "

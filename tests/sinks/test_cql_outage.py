@@ -38,7 +38,7 @@ from schemas.events import (
     message_event_id,
 )
 from schemas.topics import TopicCatalog, conversation_key, topic_catalog, user_key
-from sinks.cql.sink import GROUP_SUFFIX
+from sinks.cql.serving import GROUP_SUFFIX
 from tests.sinks.cql_support import (
     CQL_SERVICES,
     SinkProcess,

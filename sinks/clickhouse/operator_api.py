@@ -1,0 +1,152 @@
+"""The operator API of the process that owns ClickHouse: start and watch replays and rebuilds.
+
+Every route needs ``Authorization: Bearer <JWT>`` signed like the clients' tokens
+(``IM_AUTH__*``), for the ``_system`` tenant, with the ``operator`` role; ``imstream replay`` and
+``imstream rebuild`` sign one from the same settings. Errors are ``{"code", "message"}``:
+
+* ``unauthorized`` (401): no token, or one that does not verify;
+* ``forbidden`` (403): a valid token without the ``operator`` role;
+* ``job-missing`` (404); ``invalid-request`` and the replay's own codes (400).
+
+Routes: ``POST /v1/operator/replays`` ``{"run_id", "ranges": [{"topic", "partition", "start",
+"end"}], "rate"}``, ``POST /v1/operator/rebuilds`` ``{"run_id", "since"}`` (both 202 with the
+job; the same run id while it runs returns the running job), ``GET /v1/operator/jobs/{id}``,
+``DELETE /v1/operator/jobs/{id}`` (ask it to stop; it stops after the chunk in hand).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from ingress.auth import AuthError, TokenVerifier
+from pipelines.replay import PartitionRange, ReplayError
+from schemas.events import SYSTEM_TENANT
+from sinks.clickhouse.jobs import Job, OperatorJobs
+
+OPERATOR_ROLE = "operator"
+OPERATOR_PREFIX = "/v1/operator"
+_RUN_ID = re.compile(r"^[A-Za-z0-9_]{1,32}$")
+
+
+class OperatorApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class RangeBody(BaseModel):
+    topic: str
+    partition: int = Field(ge=0)
+    start: int = Field(ge=0)
+    end: int = Field(ge=0)
+
+
+class ReplayBody(BaseModel):
+    run_id: str
+    ranges: list[RangeBody] = Field(min_length=1)
+    rate: float | None = Field(default=None, gt=0)
+
+
+class RebuildBody(BaseModel):
+    run_id: str
+    since: datetime | None = None
+
+
+def _run_id(text: str) -> str:
+    if not _RUN_ID.match(text):
+        raise OperatorApiError(
+            400, "invalid-request", f"run_id {text!r}: 1-32 letters, digits or _"
+        )
+    return text
+
+
+def _operator(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
+    """The operator's name from a valid token with the operator role, or a refusal."""
+    verifier = request.app.state.operator_verifier
+    assert isinstance(verifier, TokenVerifier)
+    token = None
+    if authorization and authorization.lower().startswith("bearer "):
+        token = authorization[7:].strip()
+    if not token:
+        raise OperatorApiError(401, "unauthorized", "send Authorization: Bearer <token>")
+    try:
+        claims = verifier.verify(token, SYSTEM_TENANT)
+    except AuthError as error:
+        raise OperatorApiError(401, "unauthorized", error.message) from error
+    if OPERATOR_ROLE not in claims.roles:
+        raise OperatorApiError(403, "forbidden", f"the token lacks the {OPERATOR_ROLE} role")
+    return claims.user_id
+
+
+OperatorDep = Annotated[str, Depends(_operator)]
+
+
+def operator_router(jobs: OperatorJobs) -> APIRouter:
+    router = APIRouter(prefix=OPERATOR_PREFIX)
+
+    def found(job_id: str) -> Job:
+        job = jobs.get(job_id)
+        if job is None:
+            raise OperatorApiError(404, "job-missing", f"no job {job_id} in this process")
+        return job
+
+    @router.post("/replays", status_code=202, summary="Replay topic ranges into the audit")
+    def start_replay(body: ReplayBody, who: OperatorDep) -> dict[str, Any]:
+        ranges = [PartitionRange(r.topic, r.partition, r.start, r.end) for r in body.ranges]
+        job = jobs.start_replay(ranges, _run_id(body.run_id), body.rate)
+        job.arguments.setdefault("operator", who)
+        return job.as_json()
+
+    @router.post("/rebuilds", status_code=202, summary="Rebuild the audit tables, then swap")
+    def start_rebuild(body: RebuildBody, who: OperatorDep) -> dict[str, Any]:
+        job = jobs.start_rebuild(_run_id(body.run_id), body.since)
+        job.arguments.setdefault("operator", who)
+        return job.as_json()
+
+    @router.get("/jobs/{job_id}", summary="A job's state and progress")
+    def show(job_id: str, _who: OperatorDep) -> dict[str, Any]:
+        return found(job_id).as_json()
+
+    @router.delete("/jobs/{job_id}", summary="Ask a job to stop after its current chunk")
+    def stop(job_id: str, _who: OperatorDep) -> dict[str, Any]:
+        job = found(job_id)
+        job.stop.set()
+        return job.as_json()
+
+    return router
+
+
+def install_operator_api(app: FastAPI, jobs: OperatorJobs, verifier: TokenVerifier) -> None:
+    """Add the operator routes and their error answers to ``app``."""
+    app.state.operator_verifier = verifier
+    app.include_router(operator_router(jobs))
+
+    async def refused(_request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, OperatorApiError)
+        return JSONResponse({"code": error.code, "message": error.message}, error.status)
+
+    async def replay_refused(_request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, ReplayError)
+        return JSONResponse({"code": error.code, "message": error.message}, 400)
+
+    async def invalid(request: Request, error: Exception) -> Response:
+        assert isinstance(error, RequestValidationError)
+        if not request.url.path.startswith(OPERATOR_PREFIX):
+            return await request_validation_exception_handler(request, error)
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}"
+            for problem in error.errors()
+        )
+        return JSONResponse({"code": "invalid-request", "message": problems}, 400)
+
+    app.add_exception_handler(OperatorApiError, refused)
+    app.add_exception_handler(ReplayError, replay_refused)
+    app.add_exception_handler(RequestValidationError, invalid)

@@ -1,0 +1,230 @@
+"""Replays into the ClickHouse audit and rebuilds of it, as the ClickHouse-owning process runs
+them (``sinks.clickhouse.jobs``), on the real Kafka and chDB; the operator API's role check."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from clickhouse_connect.driver.client import Client
+from confluent_kafka.admin import AdminClient
+
+from ingress.auth import issue_token
+from ingress.gateway import token_verifier
+from pipelines.connections import kafka_config
+from pipelines.replay import resolve_ranges
+from pipelines.settings import Settings
+from pipelines.stack.manager import LocalStack
+from schemas.events import SYSTEM_TENANT
+from schemas.topics import topic_catalog
+from sinks.clickhouse.analytics import Analytics
+from sinks.clickhouse.api import AnalyticsServer, analytics_app
+from sinks.clickhouse.jobs import Job, OperatorJobs
+from sinks.clickhouse.operator_api import install_operator_api
+from sinks.clickhouse.schema import AUDIT_TABLE, audited_topics
+from sinks.clickhouse.sink import ClickHouseSink
+from sinks.clickhouse.store import ClickHouseStore
+from tests.sinks.clickhouse_support import catalog_topics, new_prefix, prefixed_settings
+from tests.sinks.test_clickhouse_sink import audit_rows, produce_scenario, raw_count
+
+pytestmark = pytest.mark.stack
+
+JOB_TIMEOUT = 90.0
+
+
+@pytest.fixture
+def sink_settings(
+    settings: Settings, local_stack: LocalStack, clickhouse_database: str
+) -> Iterator[Settings]:
+    prefixed = prefixed_settings(settings, new_prefix("replay"), clickhouse_database)
+    with catalog_topics(prefixed):
+        yield prefixed
+    admin = AdminClient(kafka_config(prefixed))
+    groups = {g.group_id for g in admin.list_consumer_groups().result(timeout=30).valid}
+    ours = [g for g in groups if g.startswith(prefixed.kafka.topic_prefix)]
+    if ours:
+        for future in admin.delete_consumer_groups(ours).values():
+            future.result(timeout=30)
+
+
+@pytest.fixture
+def store(clickhouse: Client, clickhouse_database: str) -> Iterator[ClickHouseStore]:
+    store = ClickHouseStore(clickhouse, clickhouse_database, owns_client=False)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def live(sink_settings: Settings, store: ClickHouseStore) -> ClickHouseSink:
+    """The scenario of the sink tests, audited once by a live sink loop."""
+    produce_scenario(sink_settings, topic_catalog(sink_settings))
+    sink = ClickHouseSink(sink_settings, store, threading.Event())
+    sink.run(until_caught_up=True)
+    return sink
+
+
+def stored(client: Client, database: str) -> list[dict[str, Any]]:
+    """The audit as readers see it, without the insert time (a rebuild inserts anew)."""
+    return [
+        {name: value for name, value in row.items() if name != "ingested_at"}
+        for row in audit_rows(client, database)
+    ]
+
+
+def wait(job: Job) -> Job:
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while job.state == "running":
+        assert time.monotonic() < deadline, f"job {job.as_json()} did not end"
+        time.sleep(0.1)
+    assert job.state == "finished", job.as_json()
+    return job
+
+
+def test_a_topic_range_replayed_into_the_audit_twice_leaves_it_as_it_was(
+    sink_settings: Settings, store: ClickHouseStore, clickhouse: Client, live: ClickHouseSink
+) -> None:
+    before = stored(clickhouse, store.database)
+    copies_before = raw_count(clickhouse, store.database)
+    catalog = topic_catalog(sink_settings)
+    jobs = OperatorJobs(sink_settings, store, catalog, live_sink=live)
+    ranges = [
+        r
+        for topic in (catalog.messages_sequenced, catalog.messages_in)
+        for r in resolve_ranges(sink_settings, topic.name)
+    ]
+    total = sum(r.size for r in ranges)
+    assert total > 0
+    for run in ("first", "second"):
+        job = wait(jobs.start_replay(ranges, f"{run}_{uuid.uuid4().hex[:6]}", rate=None))
+        assert job.counts["replayed"] > 0
+        assert job.done == total
+    # Every record was inserted again twice, and reads as one row.
+    assert raw_count(clickhouse, store.database) > copies_before
+    assert stored(clickhouse, store.database) == before
+
+
+def test_a_rebuild_reproduces_the_live_tables_and_swaps_them_in(
+    sink_settings: Settings, store: ClickHouseStore, clickhouse: Client, live: ClickHouseSink
+) -> None:
+    before = stored(clickhouse, store.database)
+    jobs = OperatorJobs(sink_settings, store, topic_catalog(sink_settings), live_sink=live)
+    run = uuid.uuid4().hex[:8]
+    job = wait(jobs.start_rebuild(run, since=None))
+    fresh = jobs.rebuild_database(run)
+    try:
+        assert stored(clickhouse, store.database) == before
+        # The swap: the live name holds new rows, the previous ones are kept for a rollback.
+        assert job.counts[f"{AUDIT_TABLE}_rows"] == len(before)
+        assert job.counts[f"{AUDIT_TABLE}_rows_before"] == len(before)
+        inserted = clickhouse.query(
+            f"SELECT min(ingested_at) FROM {store.database}.{AUDIT_TABLE}"
+        ).result_rows[0][0]
+        kept = clickhouse.query(f"SELECT max(ingested_at) FROM {fresh}.{AUDIT_TABLE}").result_rows[
+            0
+        ][0]
+        assert inserted > kept
+        # The views read the swapped tables by name.
+        views = clickhouse.query(
+            f"SELECT sum(messages) FROM {store.database}.messages_per_minute"
+        ).result_rows[0][0]
+        assert views == sum(
+            1
+            for row in before
+            if row["topic"] == topic_catalog(sink_settings).messages_sequenced.name
+            and row["event_type"] == "message.sent"
+        )
+    finally:
+        clickhouse.command(f"DROP DATABASE IF EXISTS {fresh}")
+
+
+def test_a_rebuild_from_a_point_in_time_copies_the_older_rows_and_reads_the_rest(
+    sink_settings: Settings, store: ClickHouseStore, clickhouse: Client, live: ClickHouseSink
+) -> None:
+    before = stored(clickhouse, store.database)
+    jobs = OperatorJobs(sink_settings, store, topic_catalog(sink_settings), live_sink=live)
+    run = uuid.uuid4().hex[:8]
+    # The middle record time: the older half is copied, the rest read from the topics again.
+    times = sorted({row["record_timestamp"] for row in before})
+    since = times[len(times) // 2]
+    job = wait(jobs.start_rebuild(run, since=since))
+    try:
+        assert 0 < job.counts["rows_copied"] < len(before)
+        assert stored(clickhouse, store.database) == before
+    finally:
+        clickhouse.command(f"DROP DATABASE IF EXISTS {jobs.rebuild_database(run)}")
+
+
+def _request(url: str, method: str, token: str | None, body: Any = None) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_the_operator_api_needs_the_operator_role(
+    sink_settings: Settings, store: ClickHouseStore, live: ClickHouseSink
+) -> None:
+    catalog = topic_catalog(sink_settings)
+    app = analytics_app(Analytics(store))
+    jobs = OperatorJobs(sink_settings, store, catalog, live_sink=live)
+    install_operator_api(app, jobs, token_verifier(sink_settings.auth))
+    server = AnalyticsServer(app, "127.0.0.1", 0)
+    server.start()
+    auth = sink_settings.auth
+
+    def token(roles: list[str]) -> str:
+        return issue_token(
+            auth.jwt_secret.get_secret_value(),
+            user_id="ops-erin",
+            tenant_id=SYSTEM_TENANT,
+            issuer=auth.jwt_issuer,
+            audience=auth.jwt_audience,
+            roles=roles,
+        )
+
+    ranges = [r.as_json() for r in resolve_ranges(sink_settings, catalog.messages_in.name)]
+    body = {"run_id": "api_run", "ranges": ranges}
+    url = f"{server.url}/v1/operator/replays"
+    try:
+        status, refusal = _request(url, "POST", None, body)
+        assert (status, refusal["code"]) == (401, "unauthorized")
+        status, refusal = _request(url, "POST", token(["operator"]), {"run_id": "x"})
+        assert (status, refusal["code"]) == (400, "invalid-request")
+        assert "ranges" in refusal["message"]
+        status, refusal = _request(url, "POST", "not-a-token", body)
+        assert (status, refusal["code"]) == (401, "unauthorized")
+        status, refusal = _request(url, "POST", token(["analyst"]), body)
+        assert (status, refusal["code"]) == (403, "forbidden")
+        foreign = {"run_id": "api_run", "ranges": [{**ranges[0], "topic": "elsewhere"}]}
+        status, refusal = _request(url, "POST", token(["operator"]), foreign)
+        assert (status, refusal["code"]) == (400, "topic-not-read-by-target")
+        status, job = _request(url, "POST", token(["operator"]), body)
+        assert status == 202
+        assert job["state"] == "running"
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while job["state"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            status, job = _request(
+                f"{server.url}/v1/operator/jobs/{job['id']}", "GET", token(["operator"])
+            )
+        assert job["state"] == "finished", job
+        assert job["arguments"]["operator"] == "ops-erin"
+        assert job["done"] == job["total"] == sum(r["end"] - r["start"] for r in ranges)
+        missing = _request(f"{server.url}/v1/operator/jobs/nope", "GET", token(["operator"]))
+        assert missing == (404, {"code": "job-missing", "message": "no job nope in this process"})
+    finally:
+        server.stop()
+    assert {t.name for t in audited_topics(catalog)} >= {r["topic"] for r in ranges}
