@@ -123,6 +123,9 @@ def _interruptible() -> Iterator[threading.Event]:
     def interrupt(_signum: int, _frame: FrameType | None) -> None:
         stop.set()
 
+    if threading.current_thread() is not threading.main_thread():  # called as a library
+        yield stop
+        return
     previous = (signal.signal(signal.SIGINT, interrupt), signal.signal(signal.SIGTERM, interrupt))
     try:
         yield stop

@@ -111,7 +111,14 @@ def migrated_keyspace(settings: Settings, session: Session) -> Iterator[str]:
     try:
         yield name
     finally:
-        session.execute(f"DROP KEYSPACE IF EXISTS {name}", timeout=60)
+        # With the keyspaces a test rebuilt from it (``imstream rebuild cql``: <name>_r...).
+        rebuilt = [
+            row.keyspace_name
+            for row in session.execute("SELECT keyspace_name FROM system_schema.keyspaces")
+            if row.keyspace_name.startswith(f"{name}_r")
+        ]
+        for keyspace in [name, *rebuilt]:
+            session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=60)
 
 
 # -- the gateway process ------------------------------------------------------------
