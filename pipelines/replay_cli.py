@@ -47,7 +47,7 @@ from pipelines.settings import Settings
 from schemas.events import SYSTEM_TENANT, OperatorOutcome
 from schemas.topics import Topic, TopicCatalog, topic_catalog
 from sinks.clickhouse.schema import audited_topics
-from sinks.cql.migrate import check_keyspace_name, migrate
+from sinks.cql.migrate import MigrationError, check_keyspace_name, migrate
 from sinks.cql.serving import serving_keyspace, sink_group, swap_serving_keyspace
 from sinks.cql.sink import CqlSink
 from sinks.cql.verify import TableComparison, compare_keyspaces
@@ -628,8 +628,8 @@ def rebuild_cql(
                 )
             arguments["swapped"] = swapped
             _audit(settings, who, "rebuild cql", arguments, counts, OperatorOutcome.SUCCEEDED)
-    except ReplayError as error:
-        raise _fail(error.code, error.message) from error
+    except (ReplayError, MigrationError) as error:
+        raise _fail(str(error.code), error.message) from error
     if swap and not swapped:
         typer.echo(f"not swapped: {counts['tables_differing']} tables differ (see above; --force)")
         raise typer.Exit(4)

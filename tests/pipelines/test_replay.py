@@ -117,7 +117,9 @@ def read_all(settings: Settings, topic: str, expected: int, timeout: float = 30.
             message = consumer.poll(0.3)
             if message is not None and message.error() is None:
                 headers = dict(message.headers() or [])
-                found.append(headers[REPLAYED_FROM_HEADER].decode())
+                source = headers[REPLAYED_FROM_HEADER]
+                assert isinstance(source, bytes)
+                found.append(source.decode())
                 continue
             if len(found) >= expected:
                 quiet_until = quiet_until or time.monotonic() + 2.0

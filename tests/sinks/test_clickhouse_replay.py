@@ -222,7 +222,7 @@ def test_the_operator_api_needs_the_operator_role(
             )
         assert job["state"] == "finished", job
         assert job["arguments"]["operator"] == "ops-erin"
-        assert job["done"] == job["total"] == sum(r["end"] - r["start"] for r in ranges)
+        assert job["done"] == job["total"] == sum(int(r["end"]) - int(r["start"]) for r in ranges)
         missing = _request(f"{server.url}/v1/operator/jobs/nope", "GET", token(["operator"]))
         assert missing == (404, {"code": "job-missing", "message": "no job nope in this process"})
     finally:
