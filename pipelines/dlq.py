@@ -1015,7 +1015,9 @@ def redrive_command(  # noqa: PLR0917 - typer maps each parameter to an option
             err=True,
         )
 
-    previous = signal.signal(signal.SIGINT, interrupt)
+    # Ctrl-C stops after the record in hand; as a library call off the main thread, no handler.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, interrupt) if main_thread else None
     try:
         result = redrive(
             settings,
@@ -1033,7 +1035,8 @@ def redrive_command(  # noqa: PLR0917 - typer maps each parameter to an option
     except DlqError as error:
         raise _fail(settings, error) from error
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
     if dry_run:
         for record in result.planned:
             typer.echo(

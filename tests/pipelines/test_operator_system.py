@@ -1,16 +1,31 @@
-"""Replays and rebuilds on the running system, through the CLI an operator uses: the audit and
-the serving store stay exact, and a CQL rebuild swapped in takes over without losing a message."""
+"""Operator tools on the running system, through the CLI an operator uses: replays and rebuilds
+keep the audit and the serving store exact, a CQL rebuild swapped in takes over without losing a
+message, and a dead-lettered message redriven after its fix lands exactly once."""
 
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 from cassandra.cluster import Session
+from confluent_kafka import Producer
 from typer.testing import CliRunner
 
 from pipelines.cli import app
+from pipelines.connections import kafka_producer_config
+from schemas.events import (
+    Actor,
+    MessageSent,
+    MessageSentPayload,
+    TextBody,
+    encode_event,
+    message_event_id,
+)
+from schemas.topics import conversation_key, partition_for_key, topic_catalog
 from sinks.cql.serving import serving_keyspace
+from streams.processors import PROCESSING_FAILED, dead_letter
+from streams.records import InputRecord
 from tests.ingress.support import unique
 from tests.pipelines.support import Device, Running, assert_audited_exactly_once
 
@@ -108,3 +123,62 @@ async def test_replays_and_rebuilds_on_the_running_system_keep_the_stores_exact(
     assert set(more) <= stored
     # The audit (replayed into, rebuilt and swapped meanwhile) holds each message once.
     await assert_audited_exactly_once(system, tenant, [*accepted, *more], queues=2)
+
+
+async def test_a_message_dead_lettered_then_redriven_after_the_fix_lands_exactly_once(
+    system: Running,
+) -> None:
+    """A send the conversation processor failed on (say, a bug since fixed) sits in
+    ``im.messages.in.dlq``; the operator redrives it: the recipient gets it once, live and in
+    history, the audit has it once as sequenced, and a second redrive sends nothing."""
+    tenant = unique("dlq")
+    ann, ben = unique("ann"), unique("ben")
+    catalog = topic_catalog(system.settings)
+    async with (
+        Device(system, ann, "phone", 0, tenant=tenant) as sender,
+        Device(system, ben, "tablet", 1, tenant=tenant) as reader,
+    ):
+        conversation = await sender.client.create_conversation([ben], kind="direct")
+        before = (await sender.client.send(conversation, "before")).event_id
+        await reader.wait(lambda d: len(d.messages(conversation)) == 1, 30, "the first message")
+        # The failed send, as the ingress published it and the processor dead-lettered it.
+        failed = MessageSent.new(
+            tenant_id=tenant,
+            actor=Actor(user_id=ann, device_id="phone"),
+            event_id=message_event_id(tenant, ann, "fixed-since"),
+            occurred_at=datetime.now(UTC),
+            payload=MessageSentPayload(
+                conversation_id=conversation,
+                client_msg_id="fixed-since",
+                body=TextBody(text="the message a bug held back"),
+            ),
+        )
+        key = conversation_key(tenant, conversation)
+        source = catalog.messages_in
+        record = InputRecord(
+            source.name, partition_for_key(key, source.partitions), 0, key, encode_event(failed)
+        )
+        poisoned = dead_letter(catalog, source, record, PROCESSING_FAILED, "RuntimeError('bug')")
+        producer = Producer(kafka_producer_config(system.settings))
+        producer.produce(
+            poisoned.topic, key=poisoned.key, value=poisoned.value, headers=poisoned.headers
+        )
+        assert producer.flush(30) == 0
+
+        dlq = catalog.dead_letter_of(source).logical_name
+        redrive = ("dlq", "redrive", dlq, "--code", PROCESSING_FAILED, "--rate", "0")
+        output = await asyncio.to_thread(imstream, system, *redrive)
+        assert "redriven 1 of 1 matching" in output
+        await reader.wait(lambda d: len(d.messages(conversation)) == 2, 30, "the redriven one")
+        assert reader.message_ids(conversation) == [before, failed.event_id]
+        again = await asyncio.to_thread(imstream, system, *redrive)
+        assert "redriven 0 of 0 matching" in again
+    deadline = asyncio.get_running_loop().time() + 30
+    while (history := await history_ids(system, tenant, ben, conversation)) != [
+        before,
+        failed.event_id,
+    ]:
+        assert len(history) <= 2, history
+        assert asyncio.get_running_loop().time() < deadline, history
+        await asyncio.sleep(0.5)
+    await assert_audited_exactly_once(system, tenant, [before, failed.event_id], queues=2)
