@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint stack-up stack-down clean
+.PHONY: install run test lint stack-up stack-down clean browser
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "imstream needs Python 3.11+, found " + sys.version.split()[0])'
@@ -19,9 +19,16 @@ run: install
 	$(BIN)/imstream up
 
 # Lint, types, then the whole suite against the real local stack (started if it is not running).
-test: install lint
+test: install lint browser
 	$(BIN)/imstream stack up
 	$(BIN)/pytest
+
+# Headless Chromium for the dashboards test (tests/dashboards): Debian's package, installed
+# once when missing (needs root or sudo and the Debian archive).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
 
 lint: install
 	$(BIN)/ruff check .

@@ -22,7 +22,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.types import Receive, Scope, Send
 
 from ingress.gateway import WEBSOCKET_PATH, Gateway, RefusalError, error_frame
-from ingress.routes import commands, devices, health, reads
+from ingress.routes import commands, devices, health, reads, search
 from ingress.routes.replies import frame_response
 from pipelines.settings import Settings
 from schemas.errors import ErrorCode, field_path
@@ -70,6 +70,7 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Ingress
     app.include_router(commands.router)
     app.include_router(devices.router)
     app.include_router(reads.router)
+    app.include_router(search.router)
     app.include_router(health.router)
 
     async def refused(_request: Request, error: Exception) -> Response:

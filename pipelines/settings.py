@@ -108,6 +108,10 @@ class IngressSettings(_Group):
     )
     idle_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     auth_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+    #: The analytics API of the process that owns ClickHouse (the clickhouse-sink), which answers
+    #: users' message searches (docs/analytics.md#search); a search waits at most the timeout.
+    analytics_url: str = "http://127.0.0.1:8091"
+    search_timeout_seconds: Annotated[float, Field(gt=0)] = 5.0
     close_timeout_seconds: Annotated[float, Field(gt=0)] = Field(
         default=10.0,
         description="How long a closed socket's peer gets to read what is left and answer the "

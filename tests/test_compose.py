@@ -11,8 +11,16 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from dashboards.definitions import load_dashboards
+from dashboards.grafana import DATASOURCE_UID, EXPORT_DIR, uid_of
 from pipelines.cli import run_app
-from pipelines.settings import CqlSettings, IngressSettings, KafkaSettings, Settings
+from pipelines.settings import (
+    ClickHouseSettings,
+    CqlSettings,
+    IngressSettings,
+    KafkaSettings,
+    Settings,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRASTRUCTURE = {
@@ -116,3 +124,32 @@ def test_ingress_port_matches_the_settings(compose: dict[str, Any]) -> None:
     port = int(ingress["environment"]["IM_INGRESS__PORT"])
     assert port == IngressSettings().port
     assert f"{port}:{port}" in ingress["ports"]
+
+
+def test_grafana_provisions_the_exported_dashboards_on_the_clickhouse_data_source(
+    compose: dict[str, Any],
+) -> None:
+    grafana = compose["services"]["grafana"]
+    targets = {config["source"]: config["target"] for config in grafana["configs"]}
+    assert targets["grafana-dashboards"].startswith("/etc/grafana/provisioning/dashboards/")
+    (provider,) = yaml.safe_load(compose["configs"]["grafana-dashboards"]["content"])["providers"]
+    assert provider["type"] == "file"
+    mounts = {(ROOT / v.split(":")[0]).resolve(): v.split(":")[1] for v in grafana["volumes"]}
+    assert mounts.get(EXPORT_DIR) == provider["options"]["path"], "exports not mounted"
+    # The image carries the definitions too: the ClickHouse sink serves them at /dashboards.
+    assert "COPY dashboards dashboards" in compose["x-imstream-build"]["dockerfile_inline"]
+
+    content = compose["configs"]["grafana-datasources"]["content"].replace("$$", "$")
+    datasources = yaml.safe_load(content)["datasources"]
+    (clickhouse,) = [ds for ds in datasources if ds["type"] == "grafana-clickhouse-datasource"]
+    assert clickhouse["uid"] == DATASOURCE_UID
+    assert clickhouse["jsonData"]["defaultDatabase"] == ClickHouseSettings().database
+
+    dashboards = load_dashboards()
+    exported = sorted(EXPORT_DIR.glob("*.json"))
+    assert exported == sorted(EXPORT_DIR / f"{uid_of(d)}.json" for d in dashboards)
+    for path in exported:
+        model = json.loads(path.read_text())
+        for panel in model["panels"]:
+            assert panel["datasource"]["uid"] == clickhouse["uid"], (path.name, panel["title"])
+            assert all(t["datasource"]["uid"] == clickhouse["uid"] for t in panel["targets"])

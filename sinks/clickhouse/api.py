@@ -6,7 +6,13 @@ analytics queries for everyone else:
 - ``GET /healthz`` — 200 while the sink loop runs, 503 once it stopped;
 - ``GET /v1/analytics`` — the named queries, their columns and parameters;
 - ``GET /v1/analytics/{name}?tenant=&from=&to=`` — the rows as JSON; errors as
-  ``{"code", "message", "field"}`` with the code's status (``sinks.clickhouse.analytics``).
+  ``{"code", "message", "field"}`` with the code's status (``sinks.clickhouse.analytics``);
+- ``GET /dashboards``, ``/dashboards/{name}`` — the dashboards of ``dashboards/`` as charts
+  (``sinks.clickhouse.dashboards_page``);
+- ``GET /v1/quality/datasets[/{name}]`` — the data-quality datasets of ``imstream quality
+  check`` (``sinks.clickhouse.quality_api``);
+- ``GET /v1/search``, ``POST /v1/search/scoped`` — message search for analysts and, through the
+  ingress, for users (``sinks.clickhouse.search_api``).
 
 The server is uvicorn in a thread of its own with its own event loop (``AnalyticsServer``): the
 consumer loop keeps the main thread and its signal handlers, and queries reach ClickHouse through
@@ -27,6 +33,9 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from sinks.clickhouse.analytics import Analytics, AnalyticsError
+from sinks.clickhouse.dashboards_page import DashboardPages, dashboards_router
+from sinks.clickhouse.quality_api import quality_router
+from sinks.clickhouse.search_api import router as search_router
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +65,7 @@ def analytics_app(analytics: Analytics, *, healthy: Callable[[], bool] = lambda:
         "(docs/analytics.md).",
     )
     app.state.analytics = analytics
+    app.include_router(quality_router())
 
     @app.get("/healthz", summary="Liveness: 200 while the sink loop runs")
     async def healthz() -> JSONResponse:
@@ -85,6 +95,9 @@ def analytics_app(analytics: Analytics, *, healthy: Callable[[], bool] = lambda:
         return JSONResponse(error.body(), status_code=error.code.http_status)
 
     app.add_exception_handler(AnalyticsError, refused)
+    # The built-in dashboards page (GET /dashboards): dashboards/ drawn from the same store.
+    app.include_router(dashboards_router(DashboardPages(analytics.store)))
+    app.include_router(search_router)
     return app
 
 

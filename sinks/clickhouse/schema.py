@@ -29,6 +29,8 @@ from schemas.topics import Topic, TopicCatalog
 
 AUDIT_TABLE = "audit_events"
 PUSH_OUTCOMES_TABLE = "push_outcomes"
+#: Consumer-group lag samples the ClickHouse sink takes (sinks/clickhouse/lag.py).
+CONSUMER_LAG_TABLE = "consumer_lag"
 
 #: The columns the sink writes, in the order of ``AuditRow.values()``; ``ingested_at`` is filled
 #: by ClickHouse when the insert is stored, ``first_insert_wins`` is computed from it.
@@ -318,6 +320,38 @@ FROM
 )
 GROUP BY minute, tenant_id, source_topic, error_code
 """,
+        # Row-level views for the dashboards (dashboards/): panels aggregate them over any
+        # interval (quantiles of per-minute quantiles would be wrong).
+        f"""
+CREATE OR REPLACE VIEW {db}.sequenced_events AS
+SELECT tenant_id, event_type, assumeNotNull(conversation_id) AS conversation_id, user_id,
+       conversation_seq, occurred_at, record_timestamp AS sequenced_at, ingested_at AS stored_at,
+       raw
+FROM {audit} FINAL
+WHERE topic = {sequenced}
+""",
+        f"""
+CREATE OR REPLACE VIEW {db}.sync_entries AS
+SELECT tenant_id, event_type, assumeNotNull(user_id) AS user_id, conversation_id, sync_id,
+       occurred_at, record_timestamp AS queued_at,
+       JSONExtractString(raw, 'event', 'actor', 'user_id') AS actor_id
+FROM {audit} FINAL
+WHERE topic = {sql_string(catalog.sync_events.name)}
+""",
+        f"""
+CREATE TABLE IF NOT EXISTS {db}.{CONSUMER_LAG_TABLE}
+(
+    sampled_at DateTime64(3, 'UTC'),
+    process LowCardinality(String) COMMENT 'the process kind reading as the group',
+    group_id LowCardinality(String),
+    lag UInt64 COMMENT 'records: end offsets minus committed offsets (pipelines/status.py)'
+)
+ENGINE = MergeTree
+PARTITION BY toYYYYMM(sampled_at)
+ORDER BY (group_id, sampled_at)
+TTL toDateTime(sampled_at) + INTERVAL 90 DAY
+COMMENT 'Consumer-group lag sampled by the ClickHouse sink every few seconds'
+""",
     ]
 
 
@@ -331,12 +365,18 @@ VIEWS: tuple[str, ...] = (
     "push_jobs_per_minute",
     "push_outcomes_per_minute",
     "dead_letters_per_minute",
+    "sequenced_events",
+    "sync_entries",
 )
 
 
 def apply_schema(client: Client, database: str, catalog: TopicCatalog) -> None:
     """Create the database, tables and views if missing and bring the views up to date.
 
-    Idempotent; blocking (call it through the store's thread for chDB)."""
+    Idempotent; blocking (call it through the store's thread for chDB). Then the message
+    search table and its feed (``sinks.clickhouse.search``, which builds on this module)."""
+    from sinks.clickhouse.search import apply_search_schema  # noqa: PLC0415 - it imports this
+
     for statement in schema_statements(database, catalog):
         client.command(statement)
+    apply_search_schema(client, database, catalog.messages_sequenced.name, AUDIT_TABLE)

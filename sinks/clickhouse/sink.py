@@ -25,6 +25,9 @@ The process also serves the analytics endpoint (``sinks.clickhouse.api``) on
 own event loop, the consumer loop runs in the main thread (as the stream worker's loops do), and
 both use the one ClickHouse client through the store's thread. SIGTERM/SIGINT: the current batch
 is flushed and committed, the HTTP server stops, the process exits 0.
+
+It also samples every consumer group's lag every 10 s into ``consumer_lag`` for the
+dashboards (``sinks.clickhouse.lag``: a failed sample is logged and skipped).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from sinks.clickhouse.audit import (
     Audited,
     KafkaRecord,
 )
+from sinks.clickhouse.lag import LagSampler
 from sinks.clickhouse.schema import SchemaNameError, audited_topics
 from sinks.clickhouse.store import ClickHouseStore
 
@@ -479,9 +483,16 @@ def run_clickhouse_sink(settings: Settings) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    # Consumer-group lag into ClickHouse for the dashboards; a failed sample only logs.
+    sampler = LagSampler(settings, store)
+
+    def started() -> None:
+        server.start()
+        sampler.start()
+
     code = 0
     try:
-        sink.run(on_started=server.start)
+        sink.run(on_started=started)
     except FatalError as error:
         log.critical("clickhouse sink failed: %s", error)
         code = EXIT_FATAL
@@ -493,6 +504,7 @@ def run_clickhouse_sink(settings: Settings) -> int:
         code = EXIT_FATAL
     finally:
         jobs.stop_all()
+        sampler.stop()
         server.stop()
         store.close()
     log.info("clickhouse sink stopped")

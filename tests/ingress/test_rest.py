@@ -304,6 +304,7 @@ def test_openapi_documents_every_route(gateway: Gateway) -> None:
         "/v1/tenants/{tenant_id}/conversations": {"get"},
         "/v1/tenants/{tenant_id}/conversations/{conversation_id}/messages": {"get"},
         "/v1/tenants/{tenant_id}/conversations/{conversation_id}/messages/{seq}/read-by": {"get"},
+        "/v1/tenants/{tenant_id}/search": {"get"},
         "/healthz": {"get"},
         "/readyz": {"get"},
         "/metrics": {"get"},

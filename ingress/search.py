@@ -1,0 +1,175 @@
+"""Users' message search: authorized here like history reads, answered by the ClickHouse owner.
+
+The ingress decides what the user may search, exactly as it decides what history the user may
+read (``ingress.reads``): the conversations the user is a member of — one named conversation is
+checked in the ``members`` table and refused with history's ``forbidden`` when the user is not
+a member; without one, every conversation of the user's conversation list — and within each the
+seqs the user may read, which today is the whole timeline ``[1, ∞)`` (history gives a member
+every entry). That scope, a list of ``(conversation, from_seq, to_seq)``, goes with the query to
+the search API of the process that owns ClickHouse (``POST /v1/search/scoped`` on
+``IM_INGRESS__ANALYTICS_URL``); ClickHouse never decides who may read what.
+
+The query is parsed here first (``sinks.clickhouse.search_query``), so a bad one is refused
+without a round trip, as ``schema-invalid`` on the field ``q`` with the search code in the
+message (``[query-empty] …``). ClickHouse unreachable, slow past
+``IM_INGRESS__SEARCH_TIMEOUT_SECONDS`` or the serving store not connected: ``unavailable`` with a
+retry hint — a search is always safe to repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Final, Literal
+
+import requests
+from pydantic import BaseModel, Field
+
+from ingress.connection import Principal
+from ingress.reads import RETRY_AFTER_MS, Reads
+from pipelines.settings import Settings
+from schemas import frames as fr
+from schemas.errors import ErrorCode
+from sinks.clickhouse.search_query import (
+    MAX_LIMIT,
+    MAX_SCOPE,
+    SearchError,
+    SearchErrorCode,
+    parse_query,
+)
+from sinks.cql.store import StoreUnavailableError
+
+_log = logging.getLogger(__name__)
+
+SCOPED_PATH: Final = "/v1/search/scoped"
+
+
+class SearchHit(BaseModel):
+    conversation_id: str
+    seq: int = Field(description="The message's seq in the conversation")
+    message_id: str
+    sender_id: str
+    sent_at: str = Field(description="RFC 3339, UTC")
+    edited: bool = Field(description="The text shown is an edit's")
+    snippet: str = Field(description="Text around the first match; matches between « and »")
+
+
+class SearchResults(BaseModel):
+    """The reply to a search: the caller's messages whose latest text matches, newest first."""
+
+    type: Literal["search_results"] = "search_results"
+    id: str
+    query: str
+    hits: list[SearchHit]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last page"
+    )
+
+
+class UserSearch:
+    """The search side of one ingress node: authorization from the serving store, the search
+    from the ClickHouse owner's API."""
+
+    def __init__(self, settings: Settings, reads: Reads) -> None:
+        self.reads = reads
+        self.url = settings.ingress.analytics_url.rstrip("/") + SCOPED_PATH
+        self.timeout = settings.ingress.search_timeout_seconds
+        self._http = requests.Session()
+
+    async def search(
+        self,
+        principal: Principal,
+        request_id: str,
+        *,
+        q: str | None,
+        conversation_id: str | None,
+        limit: int,
+        cursor: str | None,
+    ) -> SearchResults | fr.ErrorFrame:
+        """The reply to one search; never raises."""
+        try:
+            parse_query(q)
+        except SearchError as error:
+            return _invalid(request_id, error)
+        if not 1 <= limit <= MAX_LIMIT:
+            return fr.ErrorFrame(
+                id=request_id,
+                code=ErrorCode.SCHEMA_INVALID,
+                message=f"limit must be 1 to {MAX_LIMIT}",
+                field="limit",
+            )
+        store = self.reads.store
+        if store is None:
+            return _unavailable(request_id, "the serving store is not connected yet")
+        tenant, user = principal.tenant_id, principal.user_id
+        try:
+            if conversation_id is not None:
+                if not await store.is_member(tenant, conversation_id, user):
+                    return fr.ErrorFrame(
+                        id=request_id,
+                        code=ErrorCode.FORBIDDEN,
+                        message=f"only members read conversation {conversation_id}",
+                    )
+                conversations = [conversation_id]
+            else:
+                rows = await store.conversations(tenant, user, limit=MAX_SCOPE)
+                conversations = [row.conversation_id for row in rows]
+        except StoreUnavailableError as error:
+            return _unavailable(request_id, f"the serving store did not answer ({error})")
+        body = {
+            "tenant": tenant,
+            "q": q,
+            "limit": limit,
+            "cursor": cursor,
+            # A member reads a conversation's whole timeline (as history does).
+            "scope": [
+                {"conversation_id": conversation, "from_seq": 1, "to_seq": None}
+                for conversation in conversations
+            ],
+        }
+        try:
+            status, answer = await asyncio.to_thread(self._post, body)
+        except (requests.RequestException, ValueError) as error:
+            _log.warning("search at %s failed: %s", self.url, error)
+            return _unavailable(request_id, f"the search service did not answer ({error})")
+        if status == 200:
+            return SearchResults(
+                id=request_id,
+                query=str(answer.get("query", q)),
+                hits=[SearchHit.model_validate(hit) for hit in answer.get("hits", [])],
+                next_cursor=answer.get("next_cursor"),
+            )
+        code = str(answer.get("code", ""))
+        message = str(answer.get("message", f"status {status}"))
+        if status == 400 and code in {item.value for item in SearchErrorCode}:
+            return _invalid(
+                request_id, SearchError(SearchErrorCode(code), message, answer.get("field"))
+            )
+        return _unavailable(request_id, f"the search service answered {status}: {message}")
+
+    def _post(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """One request to the search API (blocking; on a worker thread), bounded by the
+        timeout for connecting and for each read."""
+        response = self._http.post(self.url, json=body, timeout=(self.timeout, self.timeout))
+        answer = response.json()
+        if not isinstance(answer, dict):
+            raise ValueError(f"the search service answered {type(answer).__name__}, not an object")
+        return response.status_code, answer
+
+
+def _invalid(request_id: str, error: SearchError) -> fr.ErrorFrame:
+    return fr.ErrorFrame(
+        id=request_id,
+        code=ErrorCode.SCHEMA_INVALID,
+        message=f"[{error.code}] {error.message}",
+        field=error.field,
+    )
+
+
+def _unavailable(request_id: str, why: str) -> fr.ErrorFrame:
+    return fr.ErrorFrame(
+        id=request_id,
+        code=ErrorCode.UNAVAILABLE,
+        message=f"{why}; the search is safe to repeat",
+        retry_after_ms=RETRY_AFTER_MS,
+    )

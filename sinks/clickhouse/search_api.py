@@ -1,0 +1,79 @@
+"""The search routes of the analytics API (``sinks.clickhouse.api``), served by the process that
+owns the ClickHouse data path:
+
+- ``GET /v1/search?tenant=&q=&from=&to=&conversation=&sender=&limit=&cursor=`` — analysts: the
+  tenant's messages whose latest text matches, newest first;
+- ``POST /v1/search/scoped`` with ``{"tenant", "q", "limit", "cursor", "scope": [{"conversation_id",
+  "from_seq", "to_seq"}]}`` — a user's search, asked by the ingress after it authorized the scope
+  (the conversations the user is a member of, and the seqs the user may read).
+
+Errors are ``{"code", "message", "field"}`` with a :class:`SearchErrorCode` and its status; like
+the rest of the analytics API it is an internal endpoint (no client reaches it directly).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from sinks.clickhouse.search import MessageSearch, analyst_request, scoped_request
+from sinks.clickhouse.search_query import SearchError, SearchErrorCode
+from sinks.clickhouse.store import ClickHouseStore
+
+router = APIRouter(tags=["search"])
+
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {
+        "description": "query-empty, query-too-long, query-too-many-terms, "
+        "query-unbalanced-quote, unknown-parameter, invalid-parameter or invalid-cursor"
+    },
+    503: {"description": "unavailable: ClickHouse did not answer"},
+}
+
+
+def _search(request: Request) -> MessageSearch:
+    store = request.app.state.analytics.store
+    assert isinstance(store, ClickHouseStore)
+    return MessageSearch(store)
+
+
+def _refused(error: SearchError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.code.http_status)
+
+
+@router.get(
+    "/v1/search",
+    summary="Analysts' message search: ?tenant=&q=&from=&to=&conversation=&sender=&limit=&cursor=",
+    responses=_RESPONSES,
+)
+async def search_messages(request: Request) -> Any:
+    try:
+        search = analyst_request(request.query_params.multi_items())
+        page = await _search(request).search(search)
+    except SearchError as error:
+        return _refused(error)
+    return {"tenant": search.tenant, **page.json()}
+
+
+@router.post(
+    "/v1/search/scoped",
+    summary="A user's message search over the conversation ranges the ingress authorized",
+    responses=_RESPONSES,
+)
+async def search_scoped(request: Request) -> Any:
+    try:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise SearchError(
+                SearchErrorCode.INVALID_PARAMETER, "the body must be a JSON object", None
+            )
+        search = scoped_request(body)
+        page = await _search(request).search(search)
+    except SearchError as error:
+        return _refused(error)
+    return {"tenant": search.tenant, **page.json()}

@@ -1,0 +1,228 @@
+"""Users' search through the ingress, end to end on the real stack: ``imstream run ingress`` on
+this module's topics and serving keyspace (membership written to Cassandra as the CQL sink writes
+it), the analytics API (``AnalyticsServer``, as the ClickHouse sink serves it) over this module's
+chDB database holding audited message events. A user finds only messages of conversations they
+are a member of, is refused a foreign conversation exactly as history refuses it, bad queries get
+their codes, and a search service that never answers gives ``unavailable`` within the timeout."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from cassandra.cluster import Session
+from clickhouse_connect.driver.client import Client
+
+from pipelines.settings import Settings
+from schemas import events as ev
+from schemas.topics import topic_catalog
+from sinks.clickhouse.analytics import Analytics
+from sinks.clickhouse.api import AnalyticsServer, analytics_app
+from sinks.clickhouse.audit import AuditDecoder, KafkaRecord
+from sinks.clickhouse.store import ClickHouseStore
+from tests.ingress.conftest import MAIN_GATEWAY
+from tests.ingress.support import TENANT, Gateway, start_gateway, token
+
+pytestmark = pytest.mark.stack
+
+T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+# alice and bob share c-ab; alice and carol share c-ac; carol and dave share c-cd.
+MEMBERS = {"c-ab": ["alice", "bob"], "c-ac": ["alice", "carol"], "c-cd": ["carol", "dave"]}
+# (sender, conversation, seq, text, minutes after T0)
+MESSAGES = [
+    ("alice", "c-ab", 1, "Quarterly report is ready", 1),
+    ("bob", "c-ab", 2, "the REPORT looks good", 2),
+    ("carol", "c-ac", 1, "Did you read the quarterly report?", 3),
+    ("carol", "c-cd", 1, "secret quarterly report draft", 4),
+]
+
+
+def _sent(sender: str, conversation: str, seq: int, text: str, minute: int) -> ev.MessageSent:
+    return ev.MessageSent.new(
+        tenant_id=TENANT,
+        actor=ev.Actor(user_id=sender, device_id=f"{sender}-phone"),
+        event_id=ev.message_event_id(TENANT, sender, f"{conversation}-{seq}"),
+        occurred_at=T0 + timedelta(minutes=minute),
+        payload=ev.MessageSentPayload(
+            conversation_id=conversation,
+            client_msg_id=f"{conversation}-{seq}",
+            body=ev.TextBody(text=text),
+            conversation_seq=seq,
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def analytics_url(ingress_settings: Settings, clickhouse: Client) -> Iterator[str]:
+    """This module's chDB database with the messages audited as the sink audits them, served by
+    the analytics API on a free port."""
+    database = "t_usearch_" + uuid.uuid4().hex[:10]
+    clickhouse.command(f"CREATE DATABASE {database}")
+    store = ClickHouseStore(clickhouse, database, owns_client=False)
+    catalog = topic_catalog(ingress_settings)
+    store.apply_schema(catalog)
+    decoder = AuditDecoder(catalog)
+    rows = []
+    for offset, message in enumerate(MESSAGES):
+        event = _sent(*message)
+        audited = decoder.audit(
+            KafkaRecord(
+                topic=catalog.messages_sequenced.name,
+                partition=0,
+                offset=offset,
+                key=None,
+                value=ev.encode_event(event),
+                timestamp_ms=int(event.occurred_at.timestamp() * 1000),
+                headers=[],
+            )
+        )
+        rows.append(audited.row)
+    store.insert_audit(rows)
+    server = AnalyticsServer(analytics_app(Analytics(store)), "127.0.0.1", 0)
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+        store.close()
+        clickhouse.command(f"DROP DATABASE IF EXISTS {database}")
+
+
+@pytest.fixture(scope="module")
+def memberships(serving_keyspace: str, cql_session: Session) -> str:
+    """The members and conversation lists, as the CQL sink writes them."""
+    for conversation, users in MEMBERS.items():
+        for user in users:
+            cql_session.execute(
+                f"INSERT INTO {serving_keyspace}.members (tenant_id, conversation_id, user_id, "
+                "role) VALUES (%s, %s, %s, 'member')",
+                (TENANT, conversation, user),
+            )
+            cql_session.execute(
+                f"INSERT INTO {serving_keyspace}.user_conversations (tenant_id, user_id, "
+                "conversation_id, kind, member, last_seq) VALUES (%s, %s, %s, 'group', true, 2)",
+                (TENANT, user, conversation),
+            )
+    return serving_keyspace
+
+
+@pytest.fixture(scope="module")
+def searching_gateway(
+    ingress_settings: Settings,
+    memberships: str,
+    analytics_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Gateway]:
+    running = start_gateway(
+        ingress_settings,
+        tmp_path_factory.mktemp("search-gateway"),
+        ingress={**MAIN_GATEWAY, "analytics_url": analytics_url},
+        cql={"keyspace": memberships},
+        wait=Gateway.serving,
+    )
+    yield running
+    assert running.stop() == 0, running.log()
+
+
+def search(gateway: Gateway, user: str, **parameters: str) -> tuple[int, dict[str, Any]]:
+    headers = {"Authorization": f"Bearer {token(gateway.settings, user)}", "X-Request-Id": "s1"}
+    path = f"/v1/tenants/{TENANT}/search?{urllib.parse.urlencode(parameters)}"
+    status, _, raw = gateway.request("GET", path, headers=headers)
+    return status, json.loads(raw)
+
+
+def hits(gateway: Gateway, user: str, **parameters: str) -> list[tuple[str, int]]:
+    status, body = search(gateway, user, **parameters)
+    assert status == 200, body
+    assert body["type"] == "search_results" and body["id"] == "s1"
+    return [(hit["conversation_id"], hit["seq"]) for hit in body["hits"]]
+
+
+def test_a_user_finds_messages_of_their_own_conversations_only(
+    searching_gateway: Gateway,
+) -> None:
+    assert hits(searching_gateway, "alice", q="quarterly report") == [("c-ac", 1), ("c-ab", 1)]
+    assert hits(searching_gateway, "alice", q="report") == [("c-ac", 1), ("c-ab", 2), ("c-ab", 1)]
+    assert hits(searching_gateway, "bob", q="report") == [("c-ab", 2), ("c-ab", 1)]
+    assert hits(searching_gateway, "dave", q='"quarterly REPORT"') == [("c-cd", 1)]
+    assert hits(searching_gateway, "erin", q="report") == []
+    assert hits(searching_gateway, "alice", q="report", conversation="c-ab") == [
+        ("c-ab", 2),
+        ("c-ab", 1),
+    ]
+    status, body = search(searching_gateway, "alice", q="report", limit="1")
+    assert status == 200 and body["next_cursor"] and body["hits"][0]["snippet"].count("«") == 1
+
+
+def test_a_foreign_conversation_is_refused_as_history_refuses_it(
+    searching_gateway: Gateway,
+) -> None:
+    status, body = search(searching_gateway, "alice", q="secret", conversation="c-cd")
+    headers = {"Authorization": f"Bearer {token(searching_gateway.settings, 'alice')}"}
+    history_status, _, raw = searching_gateway.request(
+        "GET", f"/v1/tenants/{TENANT}/conversations/c-cd/messages", headers=headers
+    )
+    history = json.loads(raw)
+    assert (status, body["code"], body["message"]) == (
+        history_status,
+        history["code"],
+        history["message"],
+    )
+    assert (status, body["code"]) == (403, "forbidden")
+
+
+@pytest.mark.parametrize(
+    ("parameters", "code"),
+    [
+        ({"q": ""}, "[query-empty]"),
+        ({"q": "x" * 201}, "[query-too-long]"),
+        ({"q": "a b c d e f g h i"}, "[query-too-many-terms]"),
+        ({"q": '"open'}, "[query-unbalanced-quote]"),
+        ({"q": "report", "cursor": "garbage"}, "[invalid-cursor]"),
+    ],
+)
+def test_bad_queries_are_refused_with_their_codes(
+    searching_gateway: Gateway, parameters: dict[str, str], code: str
+) -> None:
+    status, body = search(searching_gateway, "alice", **parameters)
+    assert (status, body["code"]) == (422, "schema-invalid"), body
+    assert body["message"].startswith(code), body
+    assert body["field"] in {"q", "cursor"}
+
+
+def test_a_search_service_that_never_answers_gives_unavailable_in_time(
+    ingress_settings: Settings,
+    memberships: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts connections, never answers a request
+    gateway = start_gateway(
+        ingress_settings,
+        tmp_path_factory.mktemp("silent-search"),
+        ingress={
+            **MAIN_GATEWAY,
+            "analytics_url": f"http://127.0.0.1:{silent.getsockname()[1]}",
+            "search_timeout_seconds": 1.0,
+        },
+        cql={"keyspace": memberships},
+        wait=Gateway.serving,
+    )
+    try:
+        started = time.monotonic()
+        status, body = search(gateway, "alice", q="report")
+        elapsed = time.monotonic() - started
+        assert (status, body["code"]) == (503, "unavailable"), body
+        assert body["retry_after_ms"] > 0 and "search service" in body["message"]
+        assert elapsed < 5, f"answered after {elapsed:.1f} s"
+    finally:
+        assert gateway.stop() == 0, gateway.log()
+        silent.close()
