@@ -42,6 +42,7 @@ from sinks.clickhouse.schema import (
     audited_topics,
     quote_identifier,
 )
+from sinks.clickhouse.search import SEARCH_TABLE
 from sinks.clickhouse.sink import ClickHouseSink, kafka_record
 from sinks.clickhouse.store import ClickHouseStore
 
@@ -49,8 +50,10 @@ log = logging.getLogger(__name__)
 
 #: The consumer group of a rebuild: ``<prefix>imstream-clickhouse-rebuild.<run id>``.
 REBUILD_GROUP = "imstream-clickhouse-rebuild"
-#: Tables a rebuild fills and swaps (the views follow them by name).
-REBUILT_TABLES = (AUDIT_TABLE, PUSH_OUTCOMES_TABLE)
+#: Tables a rebuild fills and swaps: the audit, the push outcomes and the message search table
+#: (filled from the audit by its materialized view). The views and the feed refer to tables by
+#: name, so they follow the swap; ``consumer_lag`` holds samples, not records: it stays.
+REBUILT_TABLES = (AUDIT_TABLE, PUSH_OUTCOMES_TABLE, SEARCH_TABLE)
 
 JobKind = Literal["replay", "rebuild"]
 JobState = Literal["running", "finished", "interrupted", "failed"]

@@ -206,7 +206,8 @@ def test_the_replay_command_resumes_by_its_arguments_and_is_audited(
     world: World, cql_session: Session
 ) -> None:
     runner = CliRunner()
-    command = ["replay", "im.sync.events", "--into", "cql", "--rate", "0", "--operator", "ops-jo"]
+    topic = world.catalog.sync_events.logical_name
+    command = ["replay", topic, "--into", "cql", "--rate", "0", "--operator", "ops-jo"]
     dry = runner.invoke(app, [*command, "--dry-run"], env=cli_env(world))
     assert dry.exit_code == 0, dry.output
     assert "dry run" in dry.output
@@ -220,7 +221,8 @@ def test_the_replay_command_resumes_by_its_arguments_and_is_audited(
     again = runner.invoke(app, [*command, "--again"], env=cli_env(world))
     assert f"replayed {total} records" in again.output
     assert snapshot(cql_session, world.keyspace) == world.tables
-    wrong = runner.invoke(app, ["replay", "im.typing.in", "--into", "cql"], env=cli_env(world))
+    typing = world.catalog.typing_in.logical_name
+    wrong = runner.invoke(app, ["replay", typing, "--into", "cql"], env=cli_env(world))
     assert wrong.exit_code == 1
     assert "[topic-not-read-by-target]" in wrong.output
     actions = operator_actions(world.settings, world.catalog)

@@ -29,6 +29,7 @@ from sinks.clickhouse.api import AnalyticsServer, analytics_app
 from sinks.clickhouse.jobs import Job, OperatorJobs
 from sinks.clickhouse.operator_api import install_operator_api
 from sinks.clickhouse.schema import AUDIT_TABLE, audited_topics
+from sinks.clickhouse.search import SEARCH_TABLE
 from sinks.clickhouse.sink import ClickHouseSink
 from sinks.clickhouse.store import ClickHouseStore
 from tests.sinks.clickhouse_support import catalog_topics, new_prefix, prefixed_settings
@@ -130,6 +131,17 @@ def test_a_rebuild_reproduces_the_live_tables_and_swaps_them_in(
             0
         ][0]
         assert inserted > kept
+        # The message search table was rebuilt and swapped with the audit it is fed from.
+        searched = clickhouse.query(
+            f"SELECT count() FROM {store.database}.{SEARCH_TABLE}"
+        ).result_rows[0][0]
+        assert searched == sum(
+            1
+            for row in before
+            if row["topic"] == topic_catalog(sink_settings).messages_sequenced.name
+            and row["event_type"] in {"message.sent", "message.edited", "message.recalled"}
+        )
+        assert job.counts[f"{SEARCH_TABLE}_rows"] == searched
         # The views read the swapped tables by name.
         views = clickhouse.query(
             f"SELECT sum(messages) FROM {store.database}.messages_per_minute"

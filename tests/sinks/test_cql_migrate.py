@@ -28,6 +28,7 @@ from sinks.cql.migrate import (
     split_statements,
     status_command,
 )
+from sinks.cql.serving import POINTER_TABLE
 from tests.sinks.cql_support import (
     SERVING_TABLES,
     cql_local_stack,  # noqa: F401 - the local_stack fixture: Kafka and Cassandra only
@@ -36,6 +37,9 @@ from tests.sinks.cql_support import (
 )
 
 pytestmark = pytest.mark.stack
+
+#: The migrations the package ships, in order.
+PACKAGED = ["0001_initial", "0002_serving_keyspace"]
 
 
 @pytest.fixture
@@ -55,11 +59,14 @@ def migrations_copy(tmp_path: Path) -> Path:
 
 def test_the_packaged_migrations_are_found_and_well_formed() -> None:
     migrations = discover()
-    assert [m.label for m in migrations] == ["0001_initial"]
+    assert [m.label for m in migrations] == PACKAGED
     statements = migrations[0].statements()
     assert len(statements) == len(SERVING_TABLES)
-    assert all(s.startswith("CREATE TABLE IF NOT EXISTS ") for s in statements)
-    assert not any("--" in s for s in statements)
+    pointer = migrations[1].statements()
+    assert pointer == [pointer[0]]
+    assert pointer[0].startswith(f"CREATE TABLE IF NOT EXISTS {POINTER_TABLE} ")
+    assert all(s.startswith("CREATE TABLE IF NOT EXISTS ") for s in [*statements, *pointer])
+    assert not any("--" in s for s in [*statements, *pointer])
 
 
 def test_split_statements_keeps_quoted_semicolons_and_dashes() -> None:
@@ -82,10 +89,11 @@ def test_migrate_creates_the_keyspace_and_every_table_once(
     lines: list[str] = []
     applied = migrate(cql_session, fresh_keyspace, 1, echo=lines.append)
 
-    assert [m.label for m in applied] == ["0001_initial"]
+    assert [m.label for m in applied] == PACKAGED
     assert keyspace_exists(cql_session, fresh_keyspace)
     assert table_names(cql_session, fresh_keyspace) == {
         *SERVING_TABLES,
+        POINTER_TABLE,
         MIGRATIONS_TABLE,
         LEASE_TABLE,
     }
@@ -94,13 +102,16 @@ def test_migrate_creates_the_keyspace_and_every_table_once(
             f"SELECT version, name, checksum, applied_at FROM {fresh_keyspace}.{MIGRATIONS_TABLE}"
         )
     )
+    rows.sort(key=lambda r: r.version)
     assert [(r.version, r.name, r.checksum) for r in rows] == [
-        (1, "initial", discover()[0].checksum)
+        (1, "initial", discover()[0].checksum),
+        (2, "serving_keyspace", discover()[1].checksum),
     ]
     assert rows[0].applied_at is not None
     assert lines == [
         f"created keyspace {fresh_keyspace} (SimpleStrategy, RF 1)",
         f"applied 0001_initial ({len(SERVING_TABLES)} statements)",
+        "applied 0002_serving_keyspace (1 statements)",
     ]
     replication = cql_session.execute(
         "SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = %s",
@@ -117,6 +128,7 @@ def test_migrate_creates_the_keyspace_and_every_table_once(
             f"SELECT version, checksum, applied_at FROM {fresh_keyspace}.{MIGRATIONS_TABLE}"
         )
     )
+    after.sort(key=lambda r: r.version)
     assert [(r.version, r.checksum, r.applied_at) for r in after] == [
         (r.version, r.checksum, r.applied_at) for r in rows
     ]
@@ -142,33 +154,33 @@ def test_a_migration_changed_after_it_was_applied_is_refused(
 def test_a_new_migration_is_applied_after_the_recorded_ones(
     cql_session: Session, keyspace: str, migrations_copy: Path
 ) -> None:
-    assert len(migrate(cql_session, keyspace, 1, migrations=discover(migrations_copy))) == 1
-    (migrations_copy / "0002_pins.cql").write_text(
+    assert len(migrate(cql_session, keyspace, 1, migrations=discover(migrations_copy))) == 2
+    (migrations_copy / "0003_pins.cql").write_text(
         "-- pinned conversations per user\n"
         "CREATE TABLE IF NOT EXISTS pins (tenant_id text, user_id text, conversation_id text,"
         " PRIMARY KEY ((tenant_id, user_id), conversation_id));\n"
     )
     applied = migrate(cql_session, keyspace, 1, migrations=discover(migrations_copy))
-    assert [m.label for m in applied] == ["0002_pins"]
+    assert [m.label for m in applied] == ["0003_pins"]
     assert "pins" in table_names(cql_session, keyspace)
     versions = {
         r.version for r in cql_session.execute(f"SELECT version FROM {keyspace}.{MIGRATIONS_TABLE}")
     }
-    assert versions == {1, 2}
+    assert versions == {1, 2, 3}
 
 
 def test_a_refused_statement_fails_with_a_code_and_is_not_recorded(
     cql_session: Session, keyspace: str, migrations_copy: Path
 ) -> None:
-    (migrations_copy / "0002_broken.cql").write_text("CREATE TABLE IF NOT EXISTS broken (k);\n")
+    (migrations_copy / "0003_broken.cql").write_text("CREATE TABLE IF NOT EXISTS broken (k);\n")
     with pytest.raises(MigrationError) as failed:
         migrate(cql_session, keyspace, 1, migrations=discover(migrations_copy))
     assert failed.value.code is MigrationErrorCode.FAILED
-    assert "0002_broken.cql, statement 1" in failed.value.message
+    assert "0003_broken.cql, statement 1" in failed.value.message
     versions = {
         r.version for r in cql_session.execute(f"SELECT version FROM {keyspace}.{MIGRATIONS_TABLE}")
     }
-    assert versions == {1}
+    assert versions == {1, 2}
 
 
 def test_a_badly_named_file_is_refused(migrations_copy: Path) -> None:
@@ -196,10 +208,10 @@ def test_concurrent_migrators_apply_each_migration_once(
     for thread in threads:
         thread.join(120)
     assert errors == []
-    assert sorted(len(applied) for applied in results) == [0, 0, 1]
+    assert sorted(len(applied) for applied in results) == [0, 0, len(PACKAGED)]
     assert table_names(cql_session, fresh_keyspace) >= SERVING_TABLES
     rows = list(cql_session.execute(f"SELECT version FROM {fresh_keyspace}.{MIGRATIONS_TABLE}"))
-    assert [r.version for r in rows] == [1]
+    assert sorted(r.version for r in rows) == [1, 2]
 
 
 def test_dry_run_changes_nothing(
@@ -214,7 +226,8 @@ def test_dry_run_changes_nothing(
     assert lines == [
         f"would create keyspace {fresh_keyspace} (SimpleStrategy, RF 1)",
         f"would apply 0001_initial ({len(SERVING_TABLES)} statements)",
-        f"dry run: 1 migration(s) would be applied to keyspace {fresh_keyspace}; nothing was "
+        "would apply 0002_serving_keyspace (1 statements)",
+        f"dry run: 2 migration(s) would be applied to keyspace {fresh_keyspace}; nothing was "
         "changed",
     ]
     assert not keyspace_exists(cql_session, fresh_keyspace)
@@ -230,23 +243,26 @@ def test_the_commands_report_pending_applied_and_up_to_date(
     assert before == [
         f"keyspace {fresh_keyspace} does not exist yet (`imstream db migrate` creates it)",
         "pending  0001_initial",
-        f"keyspace {fresh_keyspace}: 0 applied, 1 pending, 0 changed",
+        "pending  0002_serving_keyspace",
+        f"keyspace {fresh_keyspace}: 0 applied, 2 pending, 0 changed",
     ]
 
     migrated: list[str] = []
     assert migrate_command(configured, dry_run=False, echo=migrated.append) == EXIT_OK
-    assert migrated[-1] == f"1 migration(s) applied; keyspace {fresh_keyspace} is at version 1"
-    assert "applied 0001_initial" in migrated[-2]
+    assert migrated[-1] == f"2 migration(s) applied; keyspace {fresh_keyspace} is at version 2"
+    assert "applied 0001_initial" in migrated[-3]
+    assert "applied 0002_serving_keyspace" in migrated[-2]
 
     again: list[str] = []
     assert migrate_command(configured, dry_run=False, echo=again.append) == EXIT_OK
-    assert again == [f"nothing to apply; keyspace {fresh_keyspace} is up to date at version 1"]
+    assert again == [f"nothing to apply; keyspace {fresh_keyspace} is up to date at version 2"]
 
     after: list[str] = []
     assert status_command(configured, echo=after.append) == EXIT_OK
-    assert len(after) == 2
+    assert len(after) == 3
     assert after[0].startswith("applied  0001_initial  20")
-    assert after[1] == f"keyspace {fresh_keyspace}: 1 applied, 0 pending, 0 changed"
+    assert after[1].startswith("applied  0002_serving_keyspace  20")
+    assert after[2] == f"keyspace {fresh_keyspace}: 2 applied, 0 pending, 0 changed"
 
 
 def test_the_commands_report_a_changed_migration_with_its_code(
