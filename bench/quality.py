@@ -399,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "machine": facts,
         "results": results,
-        "note": "2 cores shared with other work (other helpers' tests) while it ran",
+        "note": "see machine.load_average_at_start for how busy the machine was",
     }
     json.dump(document, sys.stdout, indent=2)
     sys.stdout.write("\n")

@@ -1,7 +1,7 @@
 """Replay throughput: records/s replayed into each target against a raw consume of the same range
 in the same run.
 
-    python -m bench.replay [--records 50000] [--conversations 200]
+    python -m bench.replay [--records 200000] [--conversations 200]
 
 On topics of its own (``bench.replay.<time>.<pid>.``) the benchmark produces ``--records``
 ``message.sent`` events with their sequence numbers onto ``im.messages.sequenced`` (as the stream
@@ -126,17 +126,22 @@ def raw_consume(settings: Settings, ranges: Sequence[PartitionRange]) -> tuple[i
             **{"enable.partition.eof": True, "fetch.max.bytes": 16 * 1024 * 1024},
         )
     )
-    pending = {(r.topic, r.partition) for r in ranges if r.size > 0}
+    ends = {(r.topic, r.partition): r.end for r in ranges if r.size > 0}
+    pending = set(ends)
     consumer.assign([TopicPartition(r.topic, r.partition, r.start) for r in ranges if r.size])
     records = 0
     started = time.monotonic()
     try:
         while pending:
             for message in consumer.consume(2000, timeout=0.5):
+                key = (message.topic() or "", message.partition() or 0)
                 if message.error() is not None:
-                    pending.discard((message.topic() or "", message.partition() or 0))
+                    pending.discard(key)
                     continue
                 records += 1
+                # Done with a partition at its range's last record, as the replay loop is.
+                if (message.offset() or 0) >= ends[key] - 1:
+                    pending.discard(key)
     finally:
         consumer.close()
     return records, time.monotonic() - started
@@ -155,7 +160,7 @@ def way(name: str, result: ReplayResult, raw_rate: float) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--records", type=int, default=50_000)
+    parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--conversations", type=int, default=200)
     parser.add_argument("--output", type=Path, default=RESULTS)
     options = parser.parse_args(argv)

@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     document = {
         "recorded_at": now_iso(),
         "machine": machine_facts(Settings()),
-        "note": "2 cores shared with other work on the machine; chDB in the bench process",
+        "note": "chDB in the bench process; see machine.load_average_at_start",
         "elapsed_seconds": round(time.monotonic() - started, 1),
         **results,
     }
