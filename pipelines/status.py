@@ -14,7 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    ConsumerGroupState,
+    ConsumerGroupTopicPartitions,
+    KafkaException,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 
 from pipelines.connections import kafka_config
@@ -53,7 +59,7 @@ def consumer_groups(settings: Settings) -> dict[str, dict[str, list[str]]]:
             ],
         },
         "cql-sink": {
-            f"{prefix}imstream-cql-sink": [
+            cql_sink_group(settings): [
                 catalog.messages_sequenced.name,
                 catalog.sync_events.name,
                 catalog.push_tokens.name,
@@ -66,6 +72,25 @@ def consumer_groups(settings: Settings) -> dict[str, dict[str, list[str]]]:
             f"{prefix}imstream-clickhouse-sink": [topic.name for topic in audited_topics(catalog)]
         },
     }
+
+
+def cql_sink_group(settings: Settings) -> str:
+    """The CQL sink's consumer group: ``<prefix>imstream-cql-sink`` for the anchor keyspace,
+    ``….<keyspace>`` once ``imstream rebuild cql --swap`` swapped another in
+    (``sinks.cql.serving.sink_group``) — the one of these with members, when exactly one has."""
+    base = f"{settings.kafka.topic_prefix}imstream-cql-sink"
+    admin = AdminClient(kafka_config(settings))  # held: a collected client fails its futures
+    try:
+        groups = admin.list_consumer_groups(request_timeout=10).result(timeout=10).valid
+    except KafkaException:
+        return base
+    active = [
+        group.group_id
+        for group in groups
+        if (group.group_id == base or group.group_id.startswith(f"{base}."))
+        and group.state == ConsumerGroupState.STABLE
+    ]
+    return active[0] if len(active) == 1 else base
 
 
 def group_lag(settings: Settings, group: str, topics: list[str]) -> int | None:
