@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 #: The most rows one answer holds; more are cut and the answer says ``truncated``.
 MAX_ROWS = 10_000
 _TENANT = re.compile(r"^[A-Za-z0-9._:@+=-]{1,64}$")
-_EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
-_LATEST = datetime(2299, 12, 31, tzinfo=UTC)
+#: The times the APIs of this process accept (ClickHouse DateTime64 holds 1900-2299).
+EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
+LATEST = datetime(2299, 12, 31, tzinfo=UTC)
 PARAMETERS = ("tenant", "from", "to")
 
 
@@ -248,25 +249,32 @@ def parse_parameters(
     return QueryParameters(tenant=tenant, start=start, end=end)
 
 
-def _time(value: str | None, name: str) -> datetime | None:
+def parse_time(
+    value: str | None, name: str, invalid: Callable[[str], Exception]
+) -> datetime | None:
+    """An RFC 3339 time with an offset (query parameters: a ``+`` that arrived as a space is
+    taken back), in UTC, between 1900 and 2299; None when empty; else ``invalid(message)`` is
+    raised — each API its own error with its own code."""
     if not value:
         return None
     try:
-        parsed = datetime.fromisoformat(value)
+        parsed = datetime.fromisoformat(value.replace(" ", "+") if "T" in value else value)
     except ValueError:
         parsed = None
     if parsed is None or parsed.tzinfo is None:
-        raise AnalyticsError(
-            AnalyticsErrorCode.INVALID_PARAMETER,
-            f"{name} must be an RFC 3339 time with an offset, e.g. 2026-01-31T12:00:00Z",
-            name,
-        )
+        raise invalid(f"{name} must be an RFC 3339 time with an offset, e.g. 2026-01-31T12:00:00Z")
     parsed = parsed.astimezone(UTC)
-    if not _EARLIEST <= parsed <= _LATEST:
-        raise AnalyticsError(
-            AnalyticsErrorCode.INVALID_PARAMETER, f"{name} must be between 1900 and 2299", name
-        )
+    if not EARLIEST <= parsed <= LATEST:
+        raise invalid(f"{name} must be between 1900 and 2299")
     return parsed
+
+
+def _time(value: str | None, name: str) -> datetime | None:
+    return parse_time(
+        value,
+        name,
+        lambda message: AnalyticsError(AnalyticsErrorCode.INVALID_PARAMETER, message, name),
+    )
 
 
 def json_value(value: Any) -> Any:

@@ -42,7 +42,12 @@ from dashboards.definitions import (
     load_dashboards,
 )
 from dashboards.macros import bound_sql
-from sinks.clickhouse.analytics import AnalyticsError, AnalyticsErrorCode, json_value
+from sinks.clickhouse.analytics import (
+    AnalyticsError,
+    AnalyticsErrorCode,
+    json_value,
+    parse_time,
+)
 from sinks.clickhouse.dashboard_charts import (
     Series,
     bar_svg,
@@ -85,8 +90,6 @@ MAX_PANEL_ROWS = 10_000
 #: Per query: ClickHouse stops a panel's query after this long (a slow panel, not a hung page).
 QUERY_SETTINGS: dict[str, Any] = {"max_execution_time": 30, "readonly": 2}
 _TENANT = re.compile(r"^[A-Za-z0-9._:@+=-]{1,64}$")
-_EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
-_LATEST = datetime(2299, 12, 31, tzinfo=UTC)
 #: Pixel size of one grid row and the page's width at which charts are drawn 1:1.
 ROW_PX = 30
 GAP_PX = 8
@@ -201,24 +204,11 @@ def parse_view(dashboard: Dashboard, items: Sequence[tuple[str, str]], now: date
 
 
 def _time(value: str | None, name: str) -> datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace(" ", "+") if "T" in value else value)
-    except ValueError:
-        parsed = None
-    if parsed is None or parsed.tzinfo is None:
-        raise AnalyticsError(
-            AnalyticsErrorCode.INVALID_PARAMETER,
-            f"{name} must be an RFC 3339 time with an offset, e.g. 2026-01-31T12:00:00Z",
-            name,
-        )
-    parsed = parsed.astimezone(UTC)
-    if not _EARLIEST <= parsed <= _LATEST:
-        raise AnalyticsError(
-            AnalyticsErrorCode.INVALID_PARAMETER, f"{name} must be between 1900 and 2299", name
-        )
-    return parsed
+    return parse_time(
+        value,
+        name,
+        lambda message: AnalyticsError(AnalyticsErrorCode.INVALID_PARAMETER, message, name),
+    )
 
 
 class DashboardPages:

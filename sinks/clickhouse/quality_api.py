@@ -35,7 +35,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from schemas.events import MessageEdited, MessageRecalled, MessageSent
-from sinks.clickhouse.analytics import Analytics
+from sinks.clickhouse.analytics import EARLIEST, LATEST, Analytics, parse_time
 from sinks.clickhouse.schema import AUDIT_TABLE, PUSH_OUTCOMES_TABLE, quote_identifier, sql_string
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,6 @@ PARAMETERS = ("topic", "tenant", "since", "until", "limit")
 _TENANT = re.compile(r"^[A-Za-z0-9._:@+=-]{1,64}$")
 #: Kafka's legal topic names.
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
-_EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
-_LATEST = datetime(2299, 12, 31, tzinfo=UTC)
 
 #: The event types that are entries of a conversation's timeline: each takes the conversation's
 #: next ``conversation_seq`` (a ``receipt.read`` also carries a seq, the position read, and is
@@ -368,7 +366,7 @@ def check_parameters(data: Dataset, parameters: DatasetParameters) -> DatasetPar
         if not _TOPIC.match(parameters.topic):
             raise QualityDataError(invalid, "topic must be a Kafka topic name", "topic")
     for field, moment in (("since", parameters.since), ("until", parameters.until)):
-        if moment.tzinfo is None or not _EARLIEST <= moment <= _LATEST:
+        if moment.tzinfo is None or not EARLIEST <= moment <= LATEST:
             raise QualityDataError(invalid, f"{field} must be between 1900 and 2299 UTC", field)
     if parameters.since >= parameters.until:
         raise QualityDataError(invalid, "since must be before until", "since")
@@ -415,19 +413,11 @@ def parse_parameters(
 
 
 def _time(value: str | None, name: str) -> datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        parsed = None
-    if parsed is None or parsed.tzinfo is None:
-        raise QualityDataError(
-            QualityDataErrorCode.INVALID_PARAMETER,
-            f"{name} must be an RFC 3339 time with an offset, e.g. 2026-01-31T12:00:00Z",
-            name,
-        )
-    return parsed.astimezone(UTC)
+    return parse_time(
+        value,
+        name,
+        lambda message: QualityDataError(QualityDataErrorCode.INVALID_PARAMETER, message, name),
+    )
 
 
 def run_dataset(

@@ -43,6 +43,7 @@ from typing import Any, Final
 
 from clickhouse_connect.driver.client import Client
 
+from sinks.clickhouse.analytics import parse_time
 from sinks.clickhouse.schema import MESSAGE_SENT, quote_identifier, sql_string
 from sinks.clickhouse.search_query import (
     DEFAULT_LIMIT,
@@ -75,8 +76,6 @@ ANALYST_PARAMETERS: Final = (
 )
 
 _ID = re.compile(r"^[A-Za-z0-9._:@+=-]{1,128}$")
-_EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
-_LATEST = datetime(2299, 12, 31, tzinfo=UTC)
 
 #: The skip indexes bench/search.py compares; ``SEARCH_INDEX`` is the one the schema uses.
 INDEXES: Final[dict[str, str]] = {
@@ -296,24 +295,9 @@ def _identifier(value: str | None, name: str) -> str | None:
 
 
 def _time(value: str | None, name: str) -> datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        parsed = None
-    if parsed is None or parsed.tzinfo is None:
-        raise SearchError(
-            SearchErrorCode.INVALID_PARAMETER,
-            f"{name} must be an RFC 3339 time with an offset, e.g. 2026-01-31T12:00:00Z",
-            name,
-        )
-    parsed = parsed.astimezone(UTC)
-    if not _EARLIEST <= parsed <= _LATEST:
-        raise SearchError(
-            SearchErrorCode.INVALID_PARAMETER, f"{name} must be between 1900 and 2299", name
-        )
-    return parsed
+    return parse_time(
+        value, name, lambda message: SearchError(SearchErrorCode.INVALID_PARAMETER, message, name)
+    )
 
 
 def parse_limit(value: str | int | None) -> int:
