@@ -82,7 +82,7 @@ def cql_sink_group(settings: Settings) -> str:
     admin = AdminClient(kafka_config(settings))  # held: a collected client fails its futures
     try:
         groups = admin.list_consumer_groups(request_timeout=10).result(timeout=10).valid
-    except KafkaException:
+    except (KafkaException, TimeoutError):  # Kafka unreachable: the callers report it
         return base
     active = [
         group.group_id
@@ -116,7 +116,7 @@ def group_lag(settings: Settings, group: str, topics: list[str]) -> int | None:
             # which a consumer never receives, so its committed offset stays one short of it.
             lag += 0 if behind == 1 else behind
         return lag
-    except KafkaException:
+    except (KafkaException, TimeoutError):  # unknown lag, shown as such
         return None
     finally:
         probe.close()
