@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from sinks.clickhouse.schema import quote_identifier
 from sinks.clickhouse.store import ClickHouseStore
@@ -56,10 +56,19 @@ _STATUS = {
 }
 
 
-class AnalyticsError(Exception):
-    """A refused or failed analytics request: a stable code, a readable message, the field."""
+class ApiErrorCode(Protocol):
+    """What the error codes of this process's HTTP APIs share: a stable text and a status."""
 
-    def __init__(self, code: AnalyticsErrorCode, message: str, field: str | None = None) -> None:
+    @property
+    def http_status(self) -> int: ...
+
+
+class ApiError(Exception):
+    """A refused or failed request to one of this process's HTTP APIs (analytics, search,
+    quality datasets): a stable code, a readable message, the offending field; answered as
+    ``{"code", "message", "field"}`` with the code's status."""
+
+    def __init__(self, code: ApiErrorCode, message: str, field: str | None = None) -> None:
         super().__init__(f"[{code}] {message}")
         self.code = code
         self.message = message
@@ -67,6 +76,12 @@ class AnalyticsError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"code": str(self.code), "message": self.message, "field": self.field}
+
+
+class AnalyticsError(ApiError):
+    """A refused or failed analytics request."""
+
+    code: AnalyticsErrorCode
 
 
 @dataclass(frozen=True, slots=True)

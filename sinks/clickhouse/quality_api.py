@@ -35,7 +35,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from schemas.events import MessageEdited, MessageRecalled, MessageSent
-from sinks.clickhouse.analytics import EARLIEST, LATEST, Analytics, parse_time
+from sinks.clickhouse.analytics import EARLIEST, LATEST, Analytics, ApiError, parse_time
 from sinks.clickhouse.schema import AUDIT_TABLE, PUSH_OUTCOMES_TABLE, quote_identifier, sql_string
 
 log = logging.getLogger(__name__)
@@ -80,17 +80,10 @@ _STATUS = {
 }
 
 
-class QualityDataError(Exception):
-    """A refused or failed dataset request: a stable code, a readable message, the field."""
+class QualityDataError(ApiError):
+    """A refused or failed dataset request."""
 
-    def __init__(self, code: QualityDataErrorCode, message: str, field: str | None = None) -> None:
-        super().__init__(f"[{code}] {message}")
-        self.code = code
-        self.message = message
-        self.field = field
-
-    def body(self) -> dict[str, Any]:
-        return {"code": str(self.code), "message": self.message, "field": self.field}
+    code: QualityDataErrorCode
 
 
 class ColumnKind(StrEnum):

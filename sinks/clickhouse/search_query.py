@@ -15,7 +15,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Final
+from typing import Final
+
+from sinks.clickhouse.analytics import ApiError
 
 #: The longest query, in characters.
 MAX_QUERY_CHARS: Final = 200
@@ -55,17 +57,10 @@ class SearchErrorCode(StrEnum):
         return 503 if self is SearchErrorCode.UNAVAILABLE else 400
 
 
-class SearchError(Exception):
-    """A refused or failed search: a stable code, a readable message, the offending field."""
+class SearchError(ApiError):
+    """A refused or failed search."""
 
-    def __init__(self, code: SearchErrorCode, message: str, field: str | None = None) -> None:
-        super().__init__(f"[{code}] {message}")
-        self.code = code
-        self.message = message
-        self.field = field
-
-    def body(self) -> dict[str, Any]:
-        return {"code": str(self.code), "message": self.message, "field": self.field}
+    code: SearchErrorCode
 
 
 @dataclass(frozen=True, slots=True)
