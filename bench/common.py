@@ -26,6 +26,7 @@ from typing import Any, TextIO
 import confluent_kafka
 from confluent_kafka.admin import AdminClient
 
+from core.readiness import read_announcement
 from pipelines.connections import kafka_config
 from pipelines.settings import Settings
 from pipelines.stack import process as stack_process
@@ -310,16 +311,20 @@ class ServerProcess:
         port: int,
         log_path: Path,
         ready_paths: Sequence[str] = ("/readyz", "/healthz"),
-        ready_log_text: str | None = None,
+        ready_file: Path | None = None,
     ) -> None:
-        """``ready_log_text``: the server is ready once its log holds this text (for processes
-        without HTTP, such as the stream worker); otherwise once a ``ready_paths`` URL answers."""
+        """``ready_file``: an imstream process, ready once it announced it there
+        (``IM_READY_FILE``, as ``imstream up`` waits for it); otherwise the server is ready once
+        a ``ready_paths`` URL answers."""
         self.name = name
-        self.ready_log_text = ready_log_text
+        self.ready_file = ready_file
         self.port = port
         self.log_path = log_path
         self._argv = list(argv)
         self._env = dict(env) if env is not None else None
+        if ready_file is not None:
+            ready_file.unlink(missing_ok=True)
+            self._env = {**(self._env or os.environ), "IM_READY_FILE": str(ready_file)}
         self._ready_paths = ready_paths
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -365,11 +370,9 @@ class ServerProcess:
         )
 
     def _answers(self) -> bool:
-        if self.ready_log_text is not None:
-            try:
-                return self.ready_log_text in self.log_path.read_text(errors="replace")
-            except FileNotFoundError:
-                return False
+        if self.ready_file is not None:
+            found = read_announcement(self.ready_file)
+            return found is not None and found.pid == self.pid
         for path in self._ready_paths:
             url = f"http://{LOOPBACK}:{self.port}{path}"
             try:

@@ -85,9 +85,6 @@ from pipelines.settings import Settings
 from pipelines.stack.manager import LocalStack
 from pipelines.stack.process import lower_priority
 from pipelines.status import consumer_groups, group_lag
-from sinks.clickhouse.sink import READY_MESSAGE as CLICKHOUSE_READY
-from sinks.cql.sink import READY_MESSAGE as CQL_READY
-from streams.runtime import READY_MESSAGE as WORKER_READY
 
 RESULTS_PATH = REPO_ROOT / "docs" / "bench" / "e2e.json"
 PLOT_PATH = REPO_ROOT / "docs" / "bench" / "e2e-latency.png"
@@ -278,10 +275,10 @@ def running_system(
         "IM_INGRESS__RATE_LIMIT_BURST": "1000000",
     }
     ports = [free_port(), free_port()]
-    specs: list[tuple[str, list[str], dict[str, str], int, str | None]] = [
-        ("stream-worker", ["run", "stream-worker"], {}, 0, WORKER_READY),
-        ("cql-sink", ["run", "cql-sink"], {}, 0, CQL_READY),
-        ("clickhouse-sink", ["run", "clickhouse-sink"], {}, 0, CLICKHOUSE_READY),
+    specs: list[tuple[str, list[str], dict[str, str], int]] = [
+        ("stream-worker", ["run", "stream-worker"], {}, 0),
+        ("cql-sink", ["run", "cql-sink"], {}, 0),
+        ("clickhouse-sink", ["run", "clickhouse-sink"], {}, 0),
         *(
             (
                 f"ingress-{index + 1}",
@@ -292,21 +289,21 @@ def running_system(
                     "IM_INGRESS__NODE_ID": f"bench-{os.getpid()}-{index + 1}",
                 },
                 port,
-                None,
             )
             for index, port in enumerate(ports)
         ),
     ]
     with ExitStack() as stack:
         processes: dict[str, ServerProcess] = {}
-        for name, argv, env, port, ready in specs:
+        for name, argv, env, port in specs:
+            # Ready as `imstream up` waits for it: once the process announced it.
             server = ServerProcess(
                 name,
                 imstream_command(*argv),
                 env={**common, **env},
                 port=port,
                 log_path=log_dir / f"{name}.log",
-                ready_log_text=ready,
+                ready_file=log_dir / f"{name}.ready",
             )
             stack.enter_context(server)
             progress.update(f"starting {name} …")

@@ -73,7 +73,6 @@ from schemas.events import (
     message_event_id,
 )
 from schemas.topics import TopicCatalog, conversation_key
-from streams.runtime import READY_MESSAGE
 
 RESULTS_PATH = REPO_ROOT / "docs" / "bench" / "streams.json"
 TENANT = "bench"
@@ -219,7 +218,7 @@ def run_stage(
             env={**env, "IM_STREAMS__INSTANCE_ID": f"bench-{index}"},
             port=0,
             log_path=log_dir / f"{scenario.name}-{layout}-worker-{index}.log",
-            ready_log_text=READY_MESSAGE,
+            ready_file=log_dir / f"{scenario.name}-{layout}-worker-{index}.ready",
         )
         for index, args in enumerate(LAYOUTS[layout])
     ]

@@ -9,10 +9,15 @@ frames between the two limits get ``frame-too-large`` and the socket stays open)
 
 SIGTERM and SIGINT drain gracefully (see ``ingress/app.py``) and the process then exits with
 status 0; a second SIGINT stops at once.
+
+Once the socket listens and ``/readyz`` first holds (Kafka answers, live delivery is assigned),
+the node logs ``READY_MESSAGE`` and writes its ready file (``core/readiness.py``): what
+``imstream up`` waits for before it says "up".
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -24,12 +29,17 @@ from typing import Final
 
 import uvicorn
 
+from core.readiness import ReadyFile
 from ingress.app import IngressApp, create_app
 from ingress.gateway import HARD_LIMIT_FACTOR, WEBSOCKET_PATH
 from ingress.wsprotocol import gateway_ws_protocol
 from pipelines.settings import Settings
 
 _log = logging.getLogger(__name__)
+
+READY_MESSAGE: Final = "ingress ready"
+#: How often a starting node asks its gateway whether it is ready yet.
+READY_POLL_SECONDS: Final = 0.1
 
 #: Pending connections the kernel queues while the loop is busy (a reconnect storm after
 #: another node drained); capped by ``net.core.somaxconn``.
@@ -47,13 +57,33 @@ class IngressServer(uvicorn.Server):
     healthy process with "killed by signal"; an orchestrator then reports a failure.
     """
 
-    #: Logged once the socket accepts connections.
-    listening_message: str | None = None
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        #: Logged once the socket accepts connections.
+        self.listening_message: str | None = None
+        #: Announced once the socket accepts connections and the gateway is ready.
+        self.ready_file = ReadyFile(None)
+        self._announcing: asyncio.Task[None] | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started and self.listening_message:
             _log.info("%s", self.listening_message)
+        app = self.config.app
+        if self.started and isinstance(app, IngressApp):
+            self._announcing = asyncio.get_running_loop().create_task(
+                self._announce_when_ready(app)
+            )
+
+    async def _announce_when_ready(self, app: IngressApp) -> None:
+        while not self.should_exit:
+            readiness = await app.gateway.readiness()
+            if readiness.ready:
+                detail = f"node {app.gateway.node_id}"
+                _log.info("%s: %s", READY_MESSAGE, detail)
+                self.ready_file.announce(detail)
+                return
+            await asyncio.sleep(READY_POLL_SECONDS)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -126,6 +156,10 @@ async def serve(settings: Settings) -> None:
         f"ingress node {ingress.node_id} listening on ws://{ingress.host}:{ingress.port}"
         f"{WEBSOCKET_PATH} (REST and OpenAPI at http://{ingress.host}:{ingress.port}/docs)"
     )
-    await server.serve(sockets=[sock])
+    server.ready_file = ReadyFile(settings.ready_file)
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        server.ready_file.withdraw()
     if not server.started:
         raise IngressStartError("[start-failed] the ingress did not start; see the log above")

@@ -21,10 +21,11 @@ from pipelines.dlq import dlq_app
 from pipelines.quality import quality_app
 from pipelines.replay_cli import rebuild_app, replay_command
 from pipelines.search_cli import search_app
+from pipelines.settings import Settings
 from pipelines.stack.errors import StackError
 from pipelines.stack.manager import LocalStack, ServiceState, ServiceStatus
 from pipelines.stack.process import last_lines
-from pipelines.supervisor import ChildSpec, Supervisor
+from pipelines.supervisor import ChildSpec, StartupError, Supervisor
 from pipelines.topics import ChangeAction, apply_topics
 from pipelines.topics_cli import topics_app
 from schemas.topics import topic_catalog
@@ -203,7 +204,10 @@ def up(
 
     Starts the local stack, applies the topic catalog and the CQL migrations, then runs every
     process kind as a child process (restarted when it crashes) — the ingress as several nodes,
-    so that a message sent to one node reaches a device on another.
+    so that a message sent to one node reaches a device on another — and says "imstream is up"
+    only once every process announced it is ready. A process that exits first, or is still not
+    ready after IM_STACK__READY_TIMEOUT_SECONDS, stops the start-up: its last log lines are
+    shown and nothing it started is left running (exit 1).
     """
     settings = load_settings()
     stack = LocalStack(settings, progress=ProgressLine())
@@ -219,8 +223,52 @@ def up(
     from sinks.cql.migrate import migrate_command  # noqa: PLC0415
 
     if migrate_command(settings, dry_run=False, echo=lambda line: typer.echo(f"schema: {line}")):
-        stack.down()
+        _echo_lines(stack.down(only=stack.started))
         raise typer.Exit(1)
+    supervisor = Supervisor(
+        process_specs(settings, ingress_nodes, sink_nice),
+        settings.stack.run_dir / "logs",
+        report=typer.echo,
+    )
+    stopping = threading.Event()
+
+    def _request_stop(signum: int, _frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, _request_stop)
+    signal.signal(signal.SIGTERM, _request_stop)
+    began = time.monotonic()
+    supervisor.start_all()
+    try:
+        took = supervisor.wait_ready(
+            settings.stack.ready_timeout_seconds, ProgressLine(), interrupted=stopping.is_set
+        )
+    except StartupError as failure:
+        typer.echo(f"error: {failure}", err=True)
+        _echo_lines(supervisor.stop_all(settings.stack.stop_timeout_seconds))
+        _echo_lines(stack.down(only=stack.started))
+        typer.echo("the start-up failed; nothing that imstream up started is left running")
+        raise typer.Exit(1) from failure
+    typer.echo(render_processes(settings, supervisor, took))
+    typer.echo(
+        f"imstream is up: {len(took)} processes ready in {time.monotonic() - began:.1f}s. "
+        "Press Ctrl-C to stop."
+    )
+    while not stopping.wait(1.0):
+        supervisor.check()
+    typer.echo("stopping …")
+    _echo_lines(supervisor.stop_all(settings.stack.stop_timeout_seconds))
+    _echo_lines(stack.down(only=stack.started))
+
+
+def _echo_lines(lines: list[str]) -> None:
+    for line in lines:
+        typer.echo(line)
+
+
+def process_specs(settings: Settings, ingress_nodes: int, sink_nice: int) -> list[ChildSpec]:
+    """Every ``imstream run`` process kind once, the ingress as ``ingress_nodes`` nodes on
+    consecutive ports, the sinks ``sink_nice`` steps lower in CPU priority."""
     ingress = settings.ingress
     specs: list[ChildSpec] = []
     for kind in (command.name for command in run_app.registered_commands if command.name):
@@ -240,31 +288,30 @@ def up(
                     },
                 )
             )
-    supervisor = Supervisor(specs, settings.stack.state_dir / "logs", report=typer.echo)
-    stopping = threading.Event()
+    return specs
 
-    def _request_stop(signum: int, _frame: object) -> None:
-        stopping.set()
 
-    signal.signal(signal.SIGINT, _request_stop)
-    signal.signal(signal.SIGTERM, _request_stop)
-    supervisor.start_all()
-    for index in range(ingress_nodes):
-        port = ingress.port + index
-        typer.echo(
-            f"ingress-{index + 1}: ws://{ingress.host}:{port}/v1/ws · REST and OpenAPI: "
-            f"http://{ingress.host}:{port}/docs"
-        )
-    sinks = settings.sinks
-    typer.echo(f"analytics: http://{sinks.analytics_host}:{sinks.analytics_port}/v1/analytics")
-    typer.echo("imstream is up. Press Ctrl-C to stop.")
-    while not stopping.wait(1.0):
-        supervisor.check()
-    typer.echo("stopping …")
-    for line in supervisor.stop_all(settings.stack.stop_timeout_seconds):
-        typer.echo(line)
-    for line in stack.down():
-        typer.echo(line)
+def render_processes(settings: Settings, supervisor: Supervisor, took: dict[str, float]) -> str:
+    """What runs where: each process, its pid, how long it took to be ready, where it answers."""
+    ingress, sinks = settings.ingress, settings.sinks
+    rows = [("PROCESS", "PID", "READY AFTER", "ANSWERS ON", "LOG")]
+    for child in supervisor.children:
+        if child.kind == "ingress":
+            port = child.env.get("IM_INGRESS__PORT", str(ingress.port))
+            where = f"ws://{ingress.host}:{port}/v1/ws · http://{ingress.host}:{port}/docs"
+        elif child.kind == "clickhouse-sink":
+            where = (
+                f"http://{sinks.analytics_host}:{sinks.analytics_port}/v1/analytics · /dashboards"
+            )
+        else:
+            where = "-"
+        ready = f"{took[child.name]:.1f}s" if child.name in took else "-"
+        rows.append((child.name, str(child.pid or "-"), ready, where, str(child.log_path)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
 
 
 @run_app.command("stream-worker")
@@ -374,6 +421,27 @@ def run_push_sink() -> None:
     settings = load_settings()
     configure_process_logging()
     raise typer.Exit(run(settings))
+
+
+@app.command("ready")
+def ready() -> None:
+    """Exit 0 once this process announced that it is ready (IM_READY_FILE), 1 while it has not
+    or no longer runs: the healthcheck of every process container."""
+    from core.readiness import read_announcement  # noqa: PLC0415
+    from pipelines.stack.process import is_alive  # noqa: PLC0415
+
+    settings = load_settings()
+    if settings.ready_file is None:
+        typer.echo(
+            "error: [ready-file-unset] set IM_READY_FILE to the process's ready file", err=True
+        )
+        raise typer.Exit(2)
+    found = read_announcement(settings.ready_file)
+    if found is None or not is_alive(found.pid):
+        typer.echo(f"starting: no running process announced readiness in {settings.ready_file}")
+        raise typer.Exit(1)
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(found.ready_at))
+    typer.echo(f"ready since {since} (pid {found.pid}: {found.detail})")
 
 
 @app.command("status")

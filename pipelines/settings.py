@@ -193,11 +193,29 @@ class StackSettings(_Group):
     cassandra_nice: Annotated[int, Field(ge=0, le=19)] = 10
     start_timeout_seconds: Annotated[float, Field(gt=0)] = 240.0
     stop_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    #: Where ``imstream up`` keeps its processes' logs (``logs/``), ready files (``ready/``) and
+    #: state (``processes.json``, read by ``imstream status``); default the state dir. Apart
+    #: from it, several ``imstream up`` can share one running stack (e.g. a test's).
+    processes_dir: Path | None = None
+    #: How long ``imstream up`` waits for every process to announce it is ready before it stops
+    #: them all with ``[not-ready]``: a cold machine starts six Python processes, each joining
+    #: its consumer group, in well under a minute.
+    ready_timeout_seconds: Annotated[float, Field(gt=0)] = 180.0
 
     @field_validator("state_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @field_validator("processes_dir")
+    @classmethod
+    def _absolute_or_unset(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser().resolve()
+
+    @property
+    def run_dir(self) -> Path:
+        """Where ``imstream up`` keeps its processes' logs, ready files and state."""
+        return self.processes_dir or self.state_dir
 
 
 class Settings(BaseSettings):
@@ -220,6 +238,9 @@ class Settings(BaseSettings):
     streams: StreamsSettings = StreamsSettings()
     sinks: SinkSettings = SinkSettings()
     stack: StackSettings = StackSettings()
+    #: Where this process announces that it is ready (``core/readiness.py``): ``imstream up``
+    #: sets one per child, compose one per container for its healthcheck. Unset: no file.
+    ready_file: Path | None = None
 
     @model_validator(mode="after")
     def _refuse_unknown_variables(self) -> Self:

@@ -1,6 +1,7 @@
 """``imstream status``: every process ``imstream up`` runs, with its consumer lag and last error.
 
-Reads the supervisor's state file (``<state dir>/processes.json``), checks each pid, reads the
+Reads the supervisor's state file (``<run dir>/processes.json``), tells each process ready,
+starting or down from its pid and its ready file (``core/readiness.py``), reads the
 committed offsets of each process kind's consumer groups against the topics' end offsets, and
 takes the last ERROR/CRITICAL line of each process's log. Lag is in records; a partition one
 record behind counts as caught up (the one is a transaction's commit marker, which consumers never
@@ -25,8 +26,7 @@ from confluent_kafka.admin import AdminClient
 
 from pipelines.connections import kafka_config
 from pipelines.settings import Settings
-from pipelines.stack import process
-from pipelines.supervisor import load_state
+from pipelines.supervisor import ProcessState, child_state, load_state
 from schemas.topics import topic_catalog
 from sinks.clickhouse.schema import audited_topics
 
@@ -37,7 +37,7 @@ _ERROR_LINE = re.compile(r" (ERROR|CRITICAL) ")
 class ProcessStatus:
     name: str
     pid: int | None
-    alive: bool
+    state: ProcessState
     restarts: int
     lag: int | None
     last_error: str | None
@@ -134,7 +134,7 @@ def last_error(log: Path) -> str | None:
 def statuses(settings: Settings) -> list[ProcessStatus]:
     groups = consumer_groups(settings)
     result = []
-    for entry in load_state(settings.stack.state_dir):
+    for entry in load_state(settings.stack.run_dir):
         pid = entry.get("pid")
         pid = pid if isinstance(pid, int) else None
         kind = str(entry.get("kind"))
@@ -142,11 +142,12 @@ def statuses(settings: Settings) -> list[ProcessStatus]:
         known = [lag for lag in lags if lag is not None]
         log = Path(str(entry.get("log")))
         restarts = entry.get("restarts")
+        ready_file = entry.get("ready_file")
         result.append(
             ProcessStatus(
                 name=str(entry.get("name")),
                 pid=pid,
-                alive=pid is not None and process.is_alive(pid),
+                state=child_state(pid, Path(ready_file) if isinstance(ready_file, str) else None),
                 restarts=restarts if isinstance(restarts, int) else 0,
                 lag=sum(known) if known and len(known) == len(lags) else None,
                 last_error=last_error(log),
@@ -157,23 +158,27 @@ def statuses(settings: Settings) -> list[ProcessStatus]:
 
 
 def status_command(settings: Settings, echo: Callable[[str], None]) -> int:
-    """Print a line per process; 1 when ``imstream up`` is not running or a process is down."""
+    """Print a line per process; 1 when ``imstream up`` is not running or a process is not ready
+    (down, or still starting)."""
     found = statuses(settings)
     if not found:
         echo("imstream up is not running here (no processes.json in the state dir)")
         return 1
-    echo(f"{'PROCESS':16} {'STATE':6} {'PID':>7} {'RESTARTS':>8} {'LAG':>8}  LAST ERROR")
+    echo(f"{'PROCESS':16} {'STATE':8} {'PID':>7} {'RESTARTS':>8} {'LAG':>8}  LAST ERROR")
     for item in found:
         lag = "-" if item.lag is None else str(item.lag)
         echo(
-            f"{item.name:16} {'up' if item.alive else 'down':6} {item.pid or '-':>7} "
+            f"{item.name:16} {item.state:8} {item.pid or '-':>7} "
             f"{item.restarts:>8} {lag:>8}  {item.last_error or '-'}"
         )
-    down = [item.name for item in found if not item.alive]
-    lagging = sum(item.lag or 0 for item in found)
+    others = {
+        state: [item.name for item in found if item.state is state]
+        for state in (ProcessState.STARTING, ProcessState.DOWN)
+    }
+    ready = len(found) - sum(map(len, others.values()))
     echo(
-        f"{len(found) - len(down)} of {len(found)} processes up"
-        + (f" ({', '.join(down)} down)" if down else "")
-        + f"; consumer lag {lagging} records"
+        f"{ready} of {len(found)} processes ready"
+        + "".join(f"; {', '.join(names)} {state}" for state, names in others.items() if names)
+        + f"; consumer lag {sum(item.lag or 0 for item in found)} records"
     )
-    return 1 if down else 0
+    return 0 if ready == len(found) else 1

@@ -51,6 +51,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from core.readiness import ReadyFile
 from pipelines.connections import kafka_config, kafka_consumer_config, kafka_producer_config
 from pipelines.settings import Settings
 from schemas.topics import Topic, TopicCatalog, topic_catalog
@@ -603,21 +604,20 @@ def run_worker(
     ]
     for thread in threads:
         thread.start()
-    announced = False
+    ready_file = ReadyFile(settings.ready_file)
     while any(thread.is_alive() for thread in threads):
-        if not announced and all(loop.ready.is_set() for loop in loops):
-            announced = True
-            log.info(
-                "%s: %s",
-                READY_MESSAGE,
-                "; ".join(f"{loop.config.name} as {loop.group_id}" for loop in loops),
-            )
+        if not ready_file.announced and all(loop.ready.is_set() for loop in loops):
+            detail = "; ".join(f"{loop.config.name} as {loop.group_id}" for loop in loops)
+            log.info("%s: %s", READY_MESSAGE, detail)
+            ready_file.announce(detail)
         for thread in threads:
             thread.join(0.1)
         if failures:
             # A failed loop must not leave the other committing on its own: exit now, the
             # restart resumes both from their last committed transactions.
+            ready_file.withdraw()
             logging.shutdown()
             os._exit(EXIT_FATAL)
+    ready_file.withdraw()
     log.info("stream worker stopped")
     return EXIT_FATAL if failures else 0

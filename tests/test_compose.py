@@ -153,3 +153,18 @@ def test_grafana_provisions_the_exported_dashboards_on_the_clickhouse_data_sourc
         for panel in model["panels"]:
             assert panel["datasource"]["uid"] == clickhouse["uid"], (path.name, panel["title"])
             assert all(t["datasource"]["uid"] == clickhouse["uid"] for t in panel["targets"])
+
+
+def test_every_process_service_is_healthy_when_it_announced_readiness(
+    compose: dict[str, Any],
+) -> None:
+    # The readiness `imstream up` waits for: each process writes IM_READY_FILE once ready, and
+    # `imstream ready` (the healthcheck) reads it.
+    assert compose["x-imstream-env"]["IM_READY_FILE"]
+    assert "COPY core core" in compose["x-imstream-build"]["dockerfile_inline"]
+    for name, service in process_services(compose).items():
+        assert service["healthcheck"]["test"] == ["CMD", "imstream", "ready"], name
+        assert (
+            service["environment"].get("IM_READY_FILE")
+            == (compose["x-imstream-env"]["IM_READY_FILE"])
+        ), name

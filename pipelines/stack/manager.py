@@ -69,6 +69,8 @@ class LocalStack:
         self.servers: tuple[JavaServer, ...] = tuple(
             server for server in (self.kafka, self.cassandra) if server.name in self.services
         )
+        #: The services the last ``up`` started (the others were running already).
+        self.started: tuple[str, ...] = ()
 
     def server(self, name: str) -> JavaServer:
         for server in self.servers:
@@ -86,6 +88,7 @@ class LocalStack:
         except StackError:
             self._stop_started(started)
             raise
+        self.started = tuple(started)
         if "clickhouse" in self.services:
             self._check_clickhouse()
         return self.status()
@@ -221,11 +224,16 @@ class LocalStack:
     def is_up(self) -> bool:
         return all(status.state is ServiceState.UP for status in self.status())
 
-    def down(self) -> list[str]:
-        """Stop every process the stack started; return what was done, one line per service."""
+    def down(self, only: Collection[str] | None = None) -> list[str]:
+        """Stop every process the stack started (of ``only``, when given: the others are left
+        running); return what was done, one line per service."""
         done = []
         for server in reversed(self.servers):
             pids = process.find_pids(server.marker)
+            if only is not None and server.name not in only:
+                if pids:
+                    done.append(f"{server.name}: left running (it was running before)")
+                continue
             if not pids:
                 done.append(f"{server.name}: was not running")
                 continue

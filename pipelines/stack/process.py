@@ -109,10 +109,14 @@ def is_alive(pid: int) -> bool:
     return _proc_state(pid) not in {"Z", "X", ""}
 
 
-def reap(pid: int) -> None:
-    """Collect ``pid`` if it is our child, so it does not linger as a zombie."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
+def reap(pid: int) -> int | None:
+    """Collect ``pid`` if it is our child, so it does not linger as a zombie; its exit code
+    (negative: the signal that ended it) when it was collected now, else None."""
+    try:
+        collected, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return None
+    return os.waitstatus_to_exitcode(status) if collected == pid else None
 
 
 def stop(pids: Sequence[int], timeout: float) -> list[int]:

@@ -50,6 +50,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from core.readiness import ReadyFile
 from pipelines.connections import (
     clickhouse_client,
     kafka_config,
@@ -137,8 +138,11 @@ class ClickHouseSink:
         catalog: TopicCatalog | None = None,
         group_id: str | None = None,
         backoff: Backoff = Backoff(),
+        ready_file: ReadyFile | None = None,
     ) -> None:
         self.settings = settings
+        #: Announced at the first assignment (the process's; an operator job's sink has none).
+        self.ready_file = ready_file or ReadyFile(None)
         self.store = store
         self.stop = stop
         self.catalog = catalog or topic_catalog(settings)
@@ -346,7 +350,10 @@ class ClickHouseSink:
         log.info("assigned %d partitions", len(partitions))
         if not self.ready.is_set():
             self.ready.set()
-            log.info("%s: group %s, database %s", READY_MESSAGE, self.group_id, self.store.database)
+            detail = f"group {self.group_id}, database {self.store.database}"
+            log.info("%s: %s", READY_MESSAGE, detail)
+            # The analytics API answers already: the sink starts it before it subscribes.
+            self.ready_file.announce(detail)
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Records of partitions taken away are dropped, not inserted: their next owner reads
@@ -465,8 +472,9 @@ def run_clickhouse_sink(settings: Settings) -> int:
         )
         return EXIT_UNAVAILABLE
     stop = threading.Event()
+    ready_file = ReadyFile(settings.ready_file)
     try:
-        sink = ClickHouseSink(settings, store, stop, catalog=catalog)
+        sink = ClickHouseSink(settings, store, stop, catalog=catalog, ready_file=ready_file)
         analytics = Analytics(store)
         app = analytics_app(analytics, healthy=lambda: sink.running)
         jobs = OperatorJobs(settings, store, catalog, live_sink=sink)
@@ -503,6 +511,7 @@ def run_clickhouse_sink(settings: Settings) -> int:
         log.critical("clickhouse sink failed", exc_info=True)
         code = EXIT_FATAL
     finally:
+        ready_file.withdraw()
         jobs.stop_all()
         sampler.stop()
         server.stop()

@@ -54,6 +54,7 @@ from cassandra.query import BoundStatement
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from pydantic import ValidationError
 
+from core.readiness import ReadyFile
 from pipelines.connections import (
     REBALANCED_COMMIT_ERRORS,
     consume_ready,
@@ -124,9 +125,12 @@ class CqlSink:
         group_id: str | None = None,
         keyspace: str | None = None,
         stop: threading.Event | None = None,
+        ready_file: ReadyFile | None = None,
     ) -> None:
         self.settings = settings
         self.session = session
+        #: Announced at the first assignment (the process's; a replay's sink has none).
+        self.ready_file = ready_file or ReadyFile(None)
         self.catalog = catalog or topic_catalog(settings)
         self.keyspace = check_keyspace_name(keyspace or settings.cql.keyspace)
         self.group_id = group_id or sink_group(settings, self.keyspace)
@@ -514,7 +518,9 @@ class CqlSink:
         log.info("assigned %s", _describe(partitions))
         if not self.ready.is_set():
             self.ready.set()
-            log.info("%s: group %s, keyspace %s", READY_MESSAGE, self.group_id, self.keyspace)
+            detail = f"group {self.group_id}, keyspace {self.keyspace}"
+            log.info("%s: %s", READY_MESSAGE, detail)
+            self.ready_file.announce(detail)
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._epoch += 1
@@ -744,12 +750,15 @@ def run_cql_sink(settings: Settings) -> int:
         keyspace = serving_keyspace(session, settings.cql.keyspace)
         if keyspace != settings.cql.keyspace:
             log.info("keyspace %s serves (swapped in for %s)", keyspace, settings.cql.keyspace)
-        sink = CqlSink(settings, session, keyspace=keyspace)
+        ready_file = ReadyFile(settings.ready_file)
+        sink = CqlSink(settings, session, keyspace=keyspace, ready_file=ready_file)
         try:
             sink.run(stop)
         except FatalError as error:
             log.critical("cql sink failed: %s", error)
             return EXIT_FATAL
+        finally:
+            ready_file.withdraw()
         log.info("cql sink stopped")
         return 0
     finally:

@@ -69,6 +69,7 @@ from confluent_kafka import (
 )
 from pydantic import ValidationError
 
+from core.readiness import ReadyFile
 from pipelines.connections import (
     REBALANCED_COMMIT_ERRORS,
     consume_ready,
@@ -203,9 +204,12 @@ class PushSink:
         *,
         catalog: TopicCatalog | None = None,
         group_id: str | None = None,
+        ready_file: ReadyFile | None = None,
     ) -> None:
         self.settings = settings
         self.push = settings.push
+        #: Announced at the first assignment of the jobs.
+        self.ready_file = ready_file or ReadyFile(None)
         self.dispatcher = dispatcher
         self.catalog = catalog or topic_catalog(settings)
         self.group_id = group_id or f"{settings.kafka.topic_prefix}{GROUP_SUFFIX}"
@@ -701,13 +705,12 @@ class PushSink:
         log.info("assigned %s", sorted(tp.partition for tp in partitions))
         if not self.ready.is_set() and self._loop is not None:
             self._loop.call_soon_threadsafe(self.ready.set)
-            log.info(
-                "%s: group %s, %d tokens of %s",
-                READY_MESSAGE,
-                self.group_id,
-                len(self.tokens),
-                self.catalog.push_tokens.name,
+            detail = (
+                f"group {self.group_id}, {len(self.tokens)} tokens of "
+                f"{self.catalog.push_tokens.name}"
             )
+            log.info("%s: %s", READY_MESSAGE, detail)
+            self.ready_file.announce(detail)
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
@@ -874,12 +877,14 @@ def run_push_sink(settings: Settings) -> int:
 
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, request_stop, signum)
+        ready_file = ReadyFile(settings.ready_file)
         try:
-            await PushSink(settings, dispatcher).run(stop)
+            await PushSink(settings, dispatcher, ready_file=ready_file).run(stop)
         except FatalError as error:
             log.critical("push sink failed: %s", error)
             return EXIT_FATAL
         finally:
+            ready_file.withdraw()
             await dispatcher.close()
         log.info("push sink stopped")
         return 0

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from ingress.client import Client, Received
 from pipelines.settings import Settings
 from pipelines.stack import process
-from pipelines.supervisor import Child, Supervisor
+from pipelines.supervisor import Child, ProcessState, Supervisor
 from schemas.events import Event, MessageSent
 from schemas.topics import topic_catalog
 from tests.ingress.support import TENANT, token
@@ -80,17 +80,11 @@ class Running:
         return {child.name: child.restarts for child in self.supervisor.children}
 
     def ready(self, name: str) -> bool:
-        """Running, and answering: an ingress node ready (``/readyz``), the ClickHouse sink
-        serving analytics (``/healthz``); the others once their process is up."""
+        """Running and announced ready, as ``imstream up`` waits for it (``core/readiness.py``):
+        an ingress node listening with ``/readyz`` true, the stream worker assigned with its
+        state restored, a sink assigned (the ClickHouse sink's analytics API answering)."""
         child = self.child(name)
-        if child.pid is None or not process.is_alive(child.pid):
-            return False
-        if child.kind == "ingress":
-            port = self.ports[int(name.rsplit("-", 1)[1]) - 1]
-            return _http_ok(f"http://127.0.0.1:{port}/readyz")
-        if child.kind == "clickhouse-sink":
-            return _http_ok(f"http://127.0.0.1:{self.analytics_port}/healthz")
-        return True
+        return self.supervisor.state(child) is ProcessState.READY
 
     def wait_ready(self, within: float = 90.0) -> None:
         """Every child ready (blocking); fails with the log tail of the ones that are not."""
@@ -167,14 +161,6 @@ result = client.query(
 )
 print(json.dumps([list(row) for row in result.result_rows]))
 """
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return bool(response.status == 200)
-    except (OSError, urllib.error.HTTPError):
-        return False
 
 
 class Device:

@@ -1,0 +1,1 @@
+"""The shared foundation: small pieces every layer may use; it imports nothing of imstream."""
