@@ -141,6 +141,11 @@ class StreamsSettings(_Group):
     producer_linger_seconds: Annotated[float, Field(ge=0)] = 0.002
     large_group_threshold: Annotated[int, Field(ge=2)] = 500
     max_members: Annotated[int, Field(ge=2)] = 100_000
+    #: The largest output or state record a processor writes (key, value and headers). An input
+    #: whose outputs or state would be larger goes to its dead-letter topic (``output-too-large``)
+    #: instead of failing the transaction — which would stop the stage for everyone. Kept under
+    #: the producer's ``message.max.bytes`` (1,000,000) and the broker's record limit.
+    max_record_bytes: Annotated[int, Field(ge=1024, le=1_000_000)] = 900_000
     message_retention_days: Annotated[float, Field(gt=0)] = 7.0
     push_collapse_seconds: Annotated[float, Field(ge=0)] = 30.0
 

@@ -82,6 +82,9 @@ class BatchResult:
 
 #: The dead-letter code of a record whose stage's rules raised (a bug; the record is kept).
 PROCESSING_FAILED = "processing-failed"
+#: The dead-letter code of a record whose outputs or state would exceed the record limit
+#: (``IM_STREAMS__MAX_RECORD_BYTES``): refused, so that the transaction can commit the rest.
+OUTPUT_TOO_LARGE = "output-too-large"
 
 
 def dead_letter(

@@ -21,9 +21,14 @@ dropped for partitions taken away. A crashed worker restarts from the last commi
 the state topics and the committed offsets always describe the same point.
 
 Errors: a transaction Kafka asks us to abort is aborted and the batch is read again from its first
-offset (the in-memory state was not touched). Anything else fatal — the producer fenced by a newer
-instance with the same id, a commit that cannot be retried — ends the process with exit code 70
-(the supervisor restarts it; the restart resumes from the last committed transaction).
+offset (the in-memory state was not touched). An input whose outputs or new state would be larger
+than a Kafka record may be (``IM_STREAMS__MAX_RECORD_BYTES``) is refused before anything is
+produced: the batch is processed again one input at a time, that input goes to its dead-letter
+topic (``output-too-large``) with none of its effects, and the rest commits as usual — a record
+the broker would refuse must not fail the transaction, which would stop the stage for everyone.
+Anything else fatal — the producer fenced by a newer instance with the same id, a commit that
+cannot be retried — ends the process with exit code 70 (the supervisor restarts it; the restart
+resumes from the last committed transaction).
 """
 
 from __future__ import annotations
@@ -58,14 +63,16 @@ from schemas.topics import Topic, TopicCatalog, topic_catalog
 from streams.processors import (
     CONVERSATIONS_TABLE,
     MESSAGES_TABLE,
+    OUTPUT_TOO_LARGE,
     USERS_TABLE,
     BatchResult,
     ConversationProcessor,
     ConversationSettings,
     UserProcessor,
     UserSettings,
+    dead_letter,
 )
-from streams.records import InputRecord, StateWrite
+from streams.records import Headers, InputRecord, OutputRecord, StateWrite
 from streams.users import PushPolicy
 
 log = logging.getLogger(__name__)
@@ -170,6 +177,12 @@ class LoopConfig:
     retention: Mapping[str, timedelta] = field(default_factory=dict)
 
 
+def record_bytes(key: bytes | None, value: bytes | None, headers: Headers | None) -> int:
+    """What a record weighs against the record limit: its key, value and headers."""
+    size = len(key or b"") + len(value or b"")
+    return size + sum(len(name) + len(content) for name, content in headers or ())
+
+
 class ProcessorLoop:
     """One processor's transactional loop; ``run`` blocks until ``stop`` is set or a fatal error."""
 
@@ -181,8 +194,10 @@ class ProcessorLoop:
         stop: threading.Event,
         *,
         instance_id: str,
+        catalog: TopicCatalog,
     ) -> None:
         self.settings = settings
+        self.catalog = catalog
         self.config = config
         self.processor = processor
         self.stop = stop
@@ -387,6 +402,9 @@ class ProcessorLoop:
 
     def _process(self, records: list[InputRecord]) -> None:
         result = self.processor.process(records, self.tables.read)
+        states = [encode_state(write.value) for write in result.writes]
+        if self._oversized(result, states):
+            result, states = self._refusing_oversized(records)
         producer = self.producer
         self._call(producer.begin_transaction, "begin_transaction")
         try:
@@ -394,11 +412,11 @@ class ProcessorLoop:
                 self._produce(
                     output.topic, output.key, output.value, output.partition, output.headers
                 )
-            for write in result.writes:
+            for write, state in zip(result.writes, states, strict=True):
                 self._produce(
                     self.config.tables[write.table].name,
                     write.key.encode(),
-                    encode_state(write.value),
+                    state,
                     write.partition,
                     None,
                 )
@@ -429,6 +447,71 @@ class ProcessorLoop:
         stats.outputs += len(result.outputs)
         stats.skipped += result.skipped
         stats.dead_lettered += result.dead_lettered
+
+    def _oversized(self, result: BatchResult, states: list[bytes | None]) -> bool:
+        """Whether any output or state record is larger than a record may be."""
+        limit = self.settings.streams.max_record_bytes
+        return any(
+            record_bytes(output.key, output.value, output.headers) > limit
+            for output in result.outputs
+        ) or any(
+            record_bytes(write.key.encode(), state, None) > limit
+            for write, state in zip(result.writes, states, strict=True)
+        )
+
+    def _refusing_oversized(
+        self, records: list[InputRecord]
+    ) -> tuple[BatchResult, list[bytes | None]]:
+        """The batch again, one input at a time, each seeing the state the earlier ones left (as
+        the batch does): an input with an output or a state record over the limit is refused —
+        dead-lettered with none of its effects — and the others keep theirs, in order. Taken only
+        when the batch as a whole had an oversized record, so the common path pays nothing."""
+        pending: dict[tuple[str, str], tuple[StateWrite, bytes | None]] = {}
+
+        def read(table: str, key: str) -> dict[str, Any] | None:
+            found = pending.get((table, key))
+            return self.tables.read(table, key) if found is None else found[0].value
+
+        merged = BatchResult()
+        refused: list[InputRecord] = []
+        for record in records:
+            single = self.processor.process([record], read)
+            states = [encode_state(write.value) for write in single.writes]
+            if self._oversized(single, states):
+                merged.outputs.extend(self._refuse_too_large(record))
+                merged.dead_lettered += 1
+                refused.append(record)
+                continue
+            merged.outputs.extend(single.outputs)
+            merged.skipped += single.skipped
+            merged.dead_lettered += single.dead_lettered
+            for write, state in zip(single.writes, states, strict=True):
+                pending[(write.table, write.key)] = (write, state)
+        merged.writes = [write for write, _ in pending.values()]
+        # One line per batch: a flood of such inputs must not flood the log too.
+        for first in refused[:1]:
+            self._log.warning(
+                "%d of %d records with outputs or state over the record limit of %d bytes, "
+                "dead-lettered as %s; the first: %s[%d]@%d",
+                len(refused),
+                len(records),
+                self.settings.streams.max_record_bytes,
+                OUTPUT_TOO_LARGE,
+                first.topic,
+                first.partition,
+                first.offset,
+            )
+        return merged, [state for _, state in pending.values()]
+
+    def _refuse_too_large(self, record: InputRecord) -> list[OutputRecord]:
+        message = (
+            "its outputs or state would exceed the record limit of "
+            f"{self.settings.streams.max_record_bytes} bytes (IM_STREAMS__MAX_RECORD_BYTES)"
+        )
+        (source,) = [topic for topic in self.config.inputs if topic.name == record.topic]
+        if source.dead_letter is None:  # an ephemeral input (typing): nothing keeps it
+            return []
+        return [dead_letter(self.catalog, source, record, OUTPUT_TOO_LARGE, message)]
 
     def _produce(
         self,
@@ -550,6 +633,7 @@ def build_loops(
                 ),
                 stop,
                 instance_id=instance_id,
+                catalog=catalog,
             )
         )
     if "users" in processors:
@@ -571,6 +655,7 @@ def build_loops(
                 ),
                 stop,
                 instance_id=instance_id,
+                catalog=catalog,
             )
         )
     return loops
