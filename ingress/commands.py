@@ -240,6 +240,16 @@ def _created(command: fr.CreateConversation, principal: Principal) -> ev.Convers
             members=[creator, *command.members],
             name=command.name,
         )
+    if command.conversation_id and command.conversation_id.startswith(
+        ev.DIRECT_CONVERSATION_PREFIX
+    ):
+        raise SchemaError(
+            ErrorCode.SCHEMA_INVALID,
+            f"ids starting with {ev.DIRECT_CONVERSATION_PREFIX!r} are reserved for direct "
+            "conversations; choose another id for a group, or omit it",
+            "conversation_id",
+            request_id=command.id,
+        )
     return ev.ConversationCreatedPayload(
         conversation_id=command.conversation_id or str(uuid.uuid4()),
         kind=command.kind,

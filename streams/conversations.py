@@ -17,6 +17,7 @@ from enum import StrEnum
 from typing import Any
 
 from schemas.events import (
+    DIRECT_CONVERSATION_PREFIX,
     ConversationCreated,
     ConversationDeleted,
     ConversationKind,
@@ -32,6 +33,7 @@ from schemas.events import (
     ReceiptRead,
     Role,
     TypingChanged,
+    direct_conversation_id,
 )
 
 #: Roles that may manage a group: rename it, add and remove members.
@@ -53,6 +55,7 @@ class RejectReason(StrEnum):
     NOT_THE_SENDER = "not-the-sender"
     MESSAGE_RECALLED = "message-recalled"
     GROUP_FULL = "group-full"
+    CONVERSATION_ID_RESERVED = "conversation-id-reserved"
 
 
 @dataclass(slots=True)
@@ -215,6 +218,18 @@ def _create(
     state: ConversationState | None, command: ConversationCreated, requester: str
 ) -> Outcome:
     payload = command.payload
+    # A direct conversation's id is the one its pair derives (so nobody else can hold it), and
+    # ids of that form belong to direct conversations only: a group taking a pair's id would
+    # refuse them their conversation and receive their messages.
+    if payload.kind is ConversationKind.DIRECT:
+        first, second = payload.members
+        reserved = payload.conversation_id != direct_conversation_id(
+            command.tenant_id, first, second
+        )
+    else:
+        reserved = payload.conversation_id.startswith(DIRECT_CONVERSATION_PREFIX)
+    if reserved:
+        return _reject(command, requester, RejectReason.CONVERSATION_ID_RESERVED)
     if state is not None:
         same_members = set(state.members) == set(payload.members)
         if payload.kind is ConversationKind.DIRECT and same_members and not state.deleted:

@@ -326,3 +326,44 @@ def test_state_survives_its_json_form() -> None:
     assert ConversationState.from_json(state.to_json()) == state
     record = MessageRecord(sender_id="bob", conversation_seq=7, recalled=True)
     assert MessageRecord.from_json(record.to_json()) == record
+
+
+def test_a_group_cannot_take_a_direct_conversations_id() -> None:
+    # The squat: mallory creates a group under alice and bob's direct conversation id.
+    squatted = direct_conversation_id(TENANT, "alice", "bob")
+    command = ConversationCreated.new(
+        tenant_id=TENANT,
+        actor=by("mallory"),
+        payload=ConversationCreatedPayload(
+            conversation_id=squatted,
+            kind=ConversationKind.GROUP,
+            members=["mallory", "alice", "bob"],
+        ),
+    )
+    outcome = decide(None, command)
+    assert rejected(outcome) is RejectReason.CONVERSATION_ID_RESERVED
+    assert outcome.state is None and not outcome.deliveries
+    # The pair's own direct conversation is then created as usual.
+    direct = ConversationCreated.new(
+        tenant_id=TENANT,
+        actor=by("alice"),
+        payload=ConversationCreatedPayload(
+            conversation_id=squatted, kind=ConversationKind.DIRECT, members=["alice", "bob"]
+        ),
+    )
+    created = decide(None, direct)
+    assert created.rejection is None and created.state is not None
+
+
+def test_a_direct_conversation_has_only_the_id_its_pair_derives() -> None:
+    for conversation_id in (CONVERSATION, direct_conversation_id(TENANT, "alice", "carol")):
+        command = ConversationCreated.new(
+            tenant_id=TENANT,
+            actor=by("alice"),
+            payload=ConversationCreatedPayload(
+                conversation_id=conversation_id,
+                kind=ConversationKind.DIRECT,
+                members=["alice", "bob"],
+            ),
+        )
+        assert rejected(decide(None, command)) is RejectReason.CONVERSATION_ID_RESERVED
