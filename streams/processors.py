@@ -82,6 +82,10 @@ class BatchResult:
 
 #: The dead-letter code of a record whose stage's rules raised (a bug; the record is kept).
 PROCESSING_FAILED = "processing-failed"
+#: The dead-letter code of a command with no actor: every command on the conversation inputs is
+#: a user's (the ingress names the authenticated user), and without one no membership or role
+#: rule could apply. No process writes actor-less commands there, so one is refused, not obeyed.
+ACTOR_MISSING = "actor-missing"
 #: The dead-letter code of a record whose outputs or state would exceed the record limit
 #: (``IM_STREAMS__MAX_RECORD_BYTES``): refused, so that the transaction can commit the rest.
 OUTPUT_TOO_LARGE = "output-too-large"
@@ -206,6 +210,19 @@ class ConversationProcessor(_BatchProcessor):
                         record,
                         "unexpected-type",
                         f"{command.type} does not belong on {source.logical_name}",
+                    )
+                )
+                result.dead_lettered += 1
+            return
+        if command.actor is None:
+            if source.dead_letter is not None:
+                result.outputs.append(
+                    dead_letter(
+                        self.catalog,
+                        source,
+                        record,
+                        ACTOR_MISSING,
+                        f"{command.type} names no actor: only a user's command is obeyed here",
                     )
                 )
                 result.dead_lettered += 1

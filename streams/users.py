@@ -18,6 +18,8 @@ from typing import Any
 
 from schemas.events import (
     BadgeCleared,
+    CommandRejected,
+    CommandRejectedPayload,
     ConversationAdvanced,
     ConversationCreated,
     ConversationDeleted,
@@ -34,8 +36,9 @@ from schemas.events import (
     QuietHoursSetting,
     ReceiptRead,
     UserPushSettingsChanged,
+    derived_event_id,
 )
-from streams.conversations import Delivery, DeliveryKind
+from streams.conversations import Delivery, DeliveryKind, RejectReason
 
 #: Unread seqs tracked one by one per conversation; beyond this only the count grows.
 MAX_TRACKED_UNREAD = 10_000
@@ -351,9 +354,20 @@ def _on_own_read(view: ConversationView, seq: int) -> None:
 
 def apply_own_command(state: UserState, command: Event) -> UserOutcome:
     """The user's own state commands: mute, badge cleared and push preferences. Appended so
-    every device converges."""
+    every device converges.
+
+    A mute or a badge cleared names a conversation the user is in (one whose events reached the
+    user and that the user has not left); any other is refused with ``command.rejected``
+    (``not-a-member``), which is appended instead: invented conversation ids would otherwise
+    grow the user's state without bound.
+    """
     outcome = UserOutcome()
     match command:
+        case ConversationMuteChanged() | BadgeCleared() if (
+            command.payload.conversation_id is not None
+            and command.payload.conversation_id not in state.conversations
+        ):
+            command = _not_a_member(command, command.payload.conversation_id)
         case ConversationMuteChanged():
             view = state.view(command.payload.conversation_id)
             view.muted = command.payload.muted
@@ -381,6 +395,21 @@ def apply_own_command(state: UserState, command: Event) -> UserOutcome:
     if state.devices:
         outcome.live_nodes = _live_nodes(state)
     return outcome
+
+
+def _not_a_member(command: Event, conversation_id: str) -> CommandRejected:
+    return CommandRejected.new(
+        tenant_id=command.tenant_id,
+        event_id=derived_event_id(command.event_id, "rejected"),
+        occurred_at=command.occurred_at,
+        actor=command.actor,
+        payload=CommandRejectedPayload(
+            command_event_id=command.event_id,
+            command_type=command.type,
+            conversation_id=conversation_id,
+            reason=RejectReason.NOT_A_MEMBER.value,
+        ),
+    )
 
 
 def apply_presence(state: UserState, event: DeviceConnected | DeviceDisconnected) -> bool:

@@ -473,6 +473,10 @@ def test_push_jobs_for_offline_users_collapse_bursts_and_honour_mute(kafka: Kafk
     kafka.publish(
         created(eve, loud, ConversationKind.GROUP, dan),
         created(eve, quiet, ConversationKind.GROUP, dan),
+    )
+    # A user mutes a conversation once it is theirs (their devices list it).
+    kafka.wait("dan's groups", lambda: len(kafka.events(dan, ConversationCreated)) == 2)
+    kafka.publish(
         ConversationMuteChanged.new(
             tenant_id=TENANT,
             actor=actor(dan),

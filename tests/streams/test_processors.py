@@ -41,9 +41,11 @@ from schemas.events import (
     UserPushSettingsChangedPayload,
     encode_event,
     message_event_id,
+    parse_event,
 )
 from schemas.topics import TopicCatalog, conversation_key, topic_catalog, user_key
 from streams.processors import (
+    ACTOR_MISSING,
     BatchResult,
     ConversationProcessor,
     ConversationSettings,
@@ -477,16 +479,28 @@ def test_crashes_never_lose_or_double_a_message_in_any_sync_queue() -> None:
                 assert seqs == sorted(set(seqs)), f"seed {seed}: order broken in {conversation}"
 
 
-def test_a_rejected_command_without_an_actor_tells_no_one_and_stops_nothing() -> None:
-    orphan = ConversationDeleted.new(
-        tenant_id=TENANT, payload=ConversationDeletedPayload(conversation_id="nowhere")
-    )
+def test_a_command_without_an_actor_is_dead_lettered_and_changes_nothing() -> None:
+    # Before, an actor-less command skipped every membership and role check: this one deleted
+    # a group nobody asked to delete.
     processor = ConversationProcessor(CATALOG, ConversationSettings())
-    records = command_records([orphan, create_group("c-1", ["alice", "bob"])])
-    result = processor.process(records, Tables().read)
+    tables = Tables()
+    tables.write(
+        processor.process(
+            command_records([create_group("c-1", ["alice", "bob"])]), tables.read
+        ).writes
+    )
+    orphan = ConversationDeleted.new(
+        tenant_id=TENANT, payload=ConversationDeletedPayload(conversation_id="c-1")
+    )
+    result = processor.process(command_records([orphan, send("c-1", "bob", "m1")]), tables.read)
+    (dead,) = [o for o in result.outputs if o.topic == CATALOG.messages_in.dead_letter]
+    assert dict(dead.headers)["imstream.error.code"] == ACTOR_MISSING.encode()
+    assert result.dead_lettered == 1
+    # The group still stands: bob's message after it is sequenced and reaches both members.
     inbox = [o for o in result.outputs if o.topic == CATALOG.user_inbox.name]
     assert {o.key for o in inbox} == {user_key(TENANT, "alice"), user_key(TENANT, "bob")}
-    assert result.dead_lettered == 0
+    (sequenced,) = [o for o in result.outputs if o.topic == CATALOG.messages_sequenced.name]
+    assert parse_event(sequenced.value or b"").type == "message.sent"
 
 
 def test_a_record_the_rules_cannot_handle_is_dead_lettered() -> None:

@@ -8,6 +8,7 @@ from schemas.events import (
     Actor,
     BadgeCleared,
     BadgeClearedPayload,
+    CommandRejected,
     ConversationMemberAdded,
     ConversationMemberAddedPayload,
     ConversationMuteChanged,
@@ -137,6 +138,7 @@ def test_offline_user_gets_one_push_per_window_with_merged_count() -> None:
 
 def test_muted_conversations_and_online_users_get_no_push() -> None:
     state = UserState()
+    assert apply_delivery(state, "alice", message("bob", 1), now=NOW).push is not None
     apply_own_command(
         state,
         ConversationMuteChanged.new(
@@ -145,8 +147,35 @@ def test_muted_conversations_and_online_users_get_no_push() -> None:
             payload=ConversationMuteChangedPayload(conversation_id="c-1", muted=True),
         ),
     )
-    assert apply_delivery(state, "alice", message("bob", 1), now=NOW).push is None
-    assert apply_delivery(state, "alice", message("bob", 1, "c-2"), now=NOW).push is not None
+    later = NOW + timedelta(hours=1)  # past the collapse window: only the mute holds it back
+    assert apply_delivery(state, "alice", message("bob", 2), now=later).push is None
+    assert apply_delivery(state, "alice", message("bob", 1, "c-2"), now=later).push is not None
+
+
+def test_a_mute_or_badge_of_a_conversation_the_user_is_not_in_is_refused() -> None:
+    state = UserState()
+    apply_delivery(state, "alice", message("bob", 1), now=NOW)
+    for conversation in ("invented", "c-2"):
+        for command in (
+            ConversationMuteChanged.new(
+                tenant_id=TENANT,
+                actor=Actor(user_id="alice"),
+                payload=ConversationMuteChangedPayload(conversation_id=conversation, muted=True),
+            ),
+            BadgeCleared.new(
+                tenant_id=TENANT,
+                actor=Actor(user_id="alice"),
+                payload=BadgeClearedPayload(conversation_id=conversation),
+            ),
+        ):
+            outcome = apply_own_command(state, command)
+            (appended,) = outcome.appended
+            assert isinstance(appended.event, CommandRejected)
+            assert appended.event.payload.reason == "not-a-member"
+            assert appended.event.payload.command_event_id == command.event_id
+    # Nothing of them stayed in the state: only the one conversation alice is in.
+    assert list(state.conversations) == ["c-1"]
+    assert state.last_sync_id == 5
 
     online = UserState()
     assert apply_presence(online, presence(connected=True))
