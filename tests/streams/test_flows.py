@@ -27,6 +27,8 @@ from schemas.events import (
     ConversationAdvanced,
     ConversationCreated,
     ConversationCreatedPayload,
+    ConversationDeleted,
+    ConversationDeletedPayload,
     ConversationKind,
     ConversationMuteChanged,
     ConversationMuteChangedPayload,
@@ -497,3 +499,46 @@ def test_push_jobs_for_offline_users_collapse_bursts_and_honour_mute(kafka: Kafk
     assert jobs[0].merged_count == 1
     assert kafka.user_state(dan).conversations[loud].merged_since_push == 3
     assert kafka.user_state(dan).conversations[quiet].unread == 3  # muted, still unread
+
+
+def test_a_squatted_direct_id_and_an_actorless_delete_are_refused_and_delivery_goes_on(
+    kafka: Kafka, flow_worker: Worker
+) -> None:
+    name = ids("admission")
+    ann, ben, mallory = name("ann"), name("ben"), name("mallory")
+    dm = direct_conversation_id(TENANT, ann, ben)
+    team = name("team")
+    # Mallory creates a group under ann and ben's direct conversation id, and someone writes an
+    # actor-less delete of ann's team straight to the conversation input.
+    squat = created(mallory, dm, ConversationKind.GROUP, ann, ben)
+    orphan_delete = ConversationDeleted.new(
+        tenant_id=TENANT, payload=ConversationDeletedPayload(conversation_id=team)
+    )
+    kafka.publish(created(ann, team, ConversationKind.GROUP, ben), squat, orphan_delete)
+    kafka.publish(created(ann, dm, ConversationKind.DIRECT, ben))
+    messages = [sent(ann, dm, name("dm-1")), sent(ben, team, name("team-1"))]
+    kafka.publish(*messages)
+
+    kafka.wait("ben's two messages", lambda: len(kafka.events(ben, MessageSent)) == 2)
+    # The pair has its own direct conversation, and the team still stands (two conversations,
+    # so no order between them).
+    assert {event.event_id for event in kafka.events(ben, MessageSent)} == {
+        message.event_id for message in messages
+    }
+    assert {event.payload.conversation_id for event in kafka.events(ben, ConversationCreated)} == {
+        dm,
+        team,
+    }
+    assert not kafka.events(ben, ConversationDeleted)
+    (refusal,) = kafka.wait("mallory's refusal", lambda: kafka.events(mallory, CommandRejected))
+    assert (refusal.payload.command_event_id, refusal.payload.reason) == (
+        squat.event_id,
+        "conversation-id-reserved",
+    )
+    dead = [
+        parse_event(value or b"")
+        for _key, value in kafka.records(kafka.catalog.messages_in.dead_letter or "")
+    ]
+    assert orphan_delete.event_id in {event.event_id for event in dead}
+    assert flow_worker.starts == 1
+    assert flow_worker.process is not None and flow_worker.process.poll() is None
