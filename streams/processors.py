@@ -82,6 +82,9 @@ class BatchResult:
 
 #: The dead-letter code of a record whose stage's rules raised (a bug; the record is kept).
 PROCESSING_FAILED = "processing-failed"
+#: The dead-letter code of a record whose outputs Kafka refused for good although they were
+#: under the record limit (e.g. a topic configured with a smaller ``max.message.bytes``).
+OUTPUT_REFUSED = "output-refused"
 #: The dead-letter code of a command with no actor: every command on the conversation inputs is
 #: a user's (the ingress names the authenticated user), and without one no membership or role
 #: rule could apply. No process writes actor-less commands there, so one is refused, not obeyed.

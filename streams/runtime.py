@@ -26,6 +26,9 @@ than a Kafka record may be (``IM_STREAMS__MAX_RECORD_BYTES``) is refused before 
 produced: the batch is processed again one input at a time, that input goes to its dead-letter
 topic (``output-too-large``) with none of its effects, and the rest commits as usual — a record
 the broker would refuse must not fail the transaction, which would stop the stage for everyone.
+Should Kafka refuse a record for good anyway (a topic with a smaller ``max.message.bytes``), the
+transaction is aborted and the batch read again one input per transaction; the input whose
+outputs it refuses goes alone to its dead-letter topic (``output-refused``).
 Anything else fatal — the producer fenced by a newer instance with the same id, a commit that
 cannot be retried — ends the process with exit code 70 (the supervisor restarts it; the restart
 resumes from the last committed transaction).
@@ -43,6 +46,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from enum import Enum
 from typing import Any, Protocol
 
 import pydantic_core
@@ -63,6 +67,7 @@ from schemas.topics import Topic, TopicCatalog, topic_catalog
 from streams.processors import (
     CONVERSATIONS_TABLE,
     MESSAGES_TABLE,
+    OUTPUT_REFUSED,
     OUTPUT_TOO_LARGE,
     USERS_TABLE,
     BatchResult,
@@ -177,6 +182,29 @@ class LoopConfig:
     retention: Mapping[str, timedelta] = field(default_factory=dict)
 
 
+#: Errors with which Kafka refuses a record for good: sending it again cannot help.
+PERMANENT_RECORD_ERRORS = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_MSG,
+        KafkaError.INVALID_MSG_SIZE,
+        KafkaError.POLICY_VIOLATION,
+    }
+)
+
+
+class Transaction(Enum):
+    """How a transaction ended."""
+
+    COMMITTED = "committed"
+    #: Kafka asked for an abort; the inputs are read again.
+    ABORTED = "aborted"
+    #: Aborted, and Kafka refused one of its records for good (``PERMANENT_RECORD_ERRORS``).
+    REFUSED = "refused"
+
+
 def record_bytes(key: bytes | None, value: bytes | None, headers: Headers | None) -> int:
     """What a record weighs against the record limit: its key, value and headers."""
     size = len(key or b"") + len(value or b"")
@@ -209,6 +237,11 @@ class ProcessorLoop:
         self.group_id = f"{prefix}{streams.app_id}-{config.name}"
         self._epoch = 0
         self._log = logging.getLogger(f"{__name__}.{config.name}")
+        #: The codes of records Kafka refused in the current transaction (delivery reports).
+        self._refusals: list[int] = []
+        #: Set after Kafka refused a record of a batch: the inputs go one per transaction until
+        #: that batch is through, so that only the input whose outputs it refuses is set aside.
+        self._isolating = False
         self.producer = Producer(
             kafka_producer_config(
                 settings,
@@ -225,6 +258,10 @@ class ProcessorLoop:
                     # on the local broker, at 1 ms 4 to 5 ms.
                     "retry.backoff.ms": 1,
                     "retry.backoff.max.ms": 200,
+                    # Only failures are reported (no cost per record): which record Kafka
+                    # refused, should a transaction abort.
+                    "on_delivery": self._on_delivery_error,
+                    "delivery.report.only.error": True,
                     "enable.idempotence": True,
                     "acks": "all",
                 },
@@ -401,11 +438,49 @@ class ProcessorLoop:
         return records
 
     def _process(self, records: list[InputRecord]) -> None:
+        if self._isolating:
+            self._process_one_by_one(records)
+            return
+        outcome = self._transact(records, *self._results(records))
+        if outcome is Transaction.COMMITTED:
+            return
+        self._rewind(records)
+        if outcome is Transaction.REFUSED:
+            # Kafka refused one of the batch's records for good: the batch again, one input
+            # per transaction, so that only the input whose outputs it refuses is set aside.
+            self._isolating = True
+            self._log.warning(
+                "Kafka refused a record of the batch for good; reading the batch again one "
+                "input per transaction"
+            )
+
+    def _process_one_by_one(self, records: list[InputRecord]) -> None:
+        for index, record in enumerate(records):
+            outcome = self._transact([record], *self._results([record]))
+            if outcome is Transaction.REFUSED:
+                outcome = self._transact([record], self._refused_by_kafka(record), [])
+            if outcome is not Transaction.COMMITTED:  # it and the rest are read again
+                self._rewind(records[index:])
+                return
+        self._isolating = False
+
+    def _results(self, records: list[InputRecord]) -> tuple[BatchResult, list[bytes | None]]:
+        """The processor's outputs and writes for ``records`` with the writes' encoded values,
+        an input whose outputs or state would be over the record limit set aside."""
         result = self.processor.process(records, self.tables.read)
         states = [encode_state(write.value) for write in result.writes]
         if self._oversized(result, states):
-            result, states = self._refusing_oversized(records)
+            return self._refusing_oversized(records)
+        return result, states
+
+    def _transact(
+        self, records: list[InputRecord], result: BatchResult, states: list[bytes | None]
+    ) -> Transaction:
+        """One transaction: the outputs, the state records and the inputs' offsets; the tables
+        take the writes once it committed. Aborted when Kafka asks; the caller then has the
+        inputs read again."""
         producer = self.producer
+        self._refusals.clear()
         self._call(producer.begin_transaction, "begin_transaction")
         try:
             for output in result.outputs:
@@ -434,12 +509,13 @@ class ProcessorLoop:
             error = exc.args[0]
             if not isinstance(error, KafkaError) or not error.txn_requires_abort():
                 raise FatalError(f"transaction: {exc}") from exc
-            self._log.warning("transaction aborted, the batch will be read again: %s", error)
+            self._log.warning("transaction aborted, the inputs will be read again: %s", error)
             self.stats.aborted += 1
             self.stats.last_error = str(error)
             self._call(producer.abort_transaction, "abort_transaction", KAFKA_CALL_TIMEOUT)
-            self._rewind(records)
-            return
+            codes = {error.code(), *self._refusals}
+            refused = not codes.isdisjoint(PERMANENT_RECORD_ERRORS)
+            return Transaction.REFUSED if refused else Transaction.ABORTED
         self.tables.apply(result.writes)
         stats = self.stats
         stats.records += len(records)
@@ -447,6 +523,33 @@ class ProcessorLoop:
         stats.outputs += len(result.outputs)
         stats.skipped += result.skipped
         stats.dead_lettered += result.dead_lettered
+        return Transaction.COMMITTED
+
+    def _on_delivery_error(self, error: KafkaError | None, _message: Message) -> None:
+        """Delivery reports of failed records only (``delivery.report.only.error``); served
+        while the transaction commits."""
+        if error is not None:
+            self._refusals.append(error.code())
+
+    def _refused_by_kafka(self, record: InputRecord) -> BatchResult:
+        """An input whose outputs Kafka refused for good, on its own: its dead letter only."""
+        codes = ", ".join(sorted({KafkaError(code).name() for code in self._refusals}))
+        self._log.warning(
+            "record %s[%d]@%d dead-lettered as %s: Kafka refused its outputs (%s)",
+            record.topic,
+            record.partition,
+            record.offset,
+            OUTPUT_REFUSED,
+            codes,
+        )
+        (source,) = [topic for topic in self.config.inputs if topic.name == record.topic]
+        if source.dead_letter is None:
+            return BatchResult(dead_lettered=1)
+        message = f"Kafka refused its outputs for good ({codes})"
+        return BatchResult(
+            outputs=[dead_letter(self.catalog, source, record, OUTPUT_REFUSED, message)],
+            dead_lettered=1,
+        )
 
     def _oversized(self, result: BatchResult, states: list[bytes | None]) -> bool:
         """Whether any output or state record is larger than a record may be."""

@@ -17,6 +17,13 @@ import uuid
 from pathlib import Path
 
 from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    ResourceType,
+)
 
 from pipelines.connections import kafka_config, kafka_producer_config
 from pipelines.settings import Settings
@@ -35,7 +42,7 @@ from schemas.events import (
     message_event_id,
 )
 from schemas.topics import topic_catalog, user_key
-from streams.processors import OUTPUT_TOO_LARGE
+from streams.processors import OUTPUT_REFUSED, OUTPUT_TOO_LARGE
 from tests.streams.support import (
     TENANT,
     Worker,
@@ -212,3 +219,58 @@ def test_an_input_whose_outputs_exceed_the_record_limit_is_dead_lettered(
         assert f"over the record limit of {limit} bytes, dead-lettered" in worker.tail(200)
     finally:
         worker.stop()
+
+
+def test_an_input_whose_outputs_kafka_refuses_is_dead_lettered_alone(
+    worker: Worker, stream_settings: Settings
+) -> None:
+    # The conversation log configured with a smaller record limit than the worker's: a message
+    # under the worker's limit is refused by the broker when the transaction commits.
+    catalog = topic_catalog(stream_settings)
+    admin = AdminClient(kafka_config(stream_settings))
+
+    def topic_limit(operation: AlterConfigOpType, value: str | None) -> None:
+        entry = ConfigEntry("max.message.bytes", value, incremental_operation=operation)
+        log_topic = ConfigResource(
+            ResourceType.TOPIC, catalog.messages_sequenced.name, incremental_configs=[entry]
+        )
+        for future in admin.incremental_alter_configs([log_topic]).values():
+            future.result(timeout=30)
+
+    topic_limit(AlterConfigOpType.SET, "20000")
+    try:
+        worker.start()
+        cat, dog = "cat-refused", "dog-refused"
+        conversation = direct_conversation_id(TENANT, cat, dog)
+        sends = [message(cat, conversation, f"r{index}") for index in range(10)]
+        huge = MessageSent.new(
+            tenant_id=TENANT,
+            actor=Actor(user_id=cat, device_id=f"{cat}-phone"),
+            event_id=message_event_id(TENANT, cat, "refused"),
+            payload=MessageSentPayload(
+                conversation_id=conversation,
+                client_msg_id="refused",
+                body=TextBody(text="y" * 30_000),
+            ),
+        )
+        produce(
+            stream_settings,
+            catalog,
+            [created(cat, dog, conversation), *sends[:5], huge, *sends[5:]],
+        )
+        dead_letters = catalog.dead_letter_of(catalog.messages_in).name
+        queues = wait_for(stream_settings, worker, {cat: 11, dog: 11}, (dead_letters, 1))
+    finally:
+        topic_limit(AlterConfigOpType.DELETE, None)
+    for user in (cat, dog):
+        delivered = [
+            record.event
+            for _, record in sorted(queues[user].items())
+            if isinstance(record.event, MessageSent)
+        ]
+        assert [event.event_id for event in delivered] == [s.event_id for s in sends], user
+        assert [event.payload.conversation_seq for event in delivered] == list(range(1, 11))
+    assert OUTPUT_REFUSED in dead_letter_codes(stream_settings, dead_letters)
+    assert worker.process is not None and worker.process.poll() is None
+    assert worker.starts == 1
+    assert "Kafka refused its outputs (MSG_SIZE_TOO_LARGE)" in worker.tail(200)
