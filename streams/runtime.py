@@ -205,6 +205,11 @@ class Transaction(Enum):
     REFUSED = "refused"
 
 
+#: More than any record's key and headers weigh (ids of at most 64 characters; a dead letter's
+#: reason of at most 1,000 bytes): a record whose value is this far under the limit is under it.
+KEY_AND_HEADERS_MARGIN = 16_384
+
+
 def record_bytes(key: bytes | None, value: bytes | None, headers: Headers | None) -> int:
     """What a record weighs against the record limit: its key, value and headers."""
     size = len(key or b"") + len(value or b"")
@@ -554,6 +559,14 @@ class ProcessorLoop:
     def _oversized(self, result: BatchResult, states: list[bytes | None]) -> bool:
         """Whether any output or state record is larger than a record may be."""
         limit = self.settings.streams.max_record_bytes
+        # Keys (ids) and headers (a dead letter's reason) are small and bounded: only a value
+        # can bring a record near the limit. The values alone first (a third of the cost per
+        # batch); the exact weights only when one is close.
+        close = limit - KEY_AND_HEADERS_MARGIN
+        if all(len(output.value or b"") <= close for output in result.outputs) and all(
+            len(state or b"") <= close for state in states
+        ):
+            return False
         return any(
             record_bytes(output.key, output.value, output.headers) > limit
             for output in result.outputs
