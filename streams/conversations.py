@@ -18,6 +18,8 @@ from typing import Any
 
 from schemas.events import (
     DIRECT_CONVERSATION_PREFIX,
+    CommandRejected,
+    CommandRejectedPayload,
     ConversationCreated,
     ConversationDeleted,
     ConversationKind,
@@ -33,6 +35,7 @@ from schemas.events import (
     ReceiptRead,
     Role,
     TypingChanged,
+    derived_event_id,
     direct_conversation_id,
 )
 
@@ -149,6 +152,25 @@ class Outcome:
     deliveries: list[Delivery] = field(default_factory=list)
     messages: dict[str, MessageRecord] = field(default_factory=dict)
     rejection: Rejection | None = None
+
+
+def command_rejected(
+    command: Event, conversation_id: str | None, reason: RejectReason
+) -> CommandRejected:
+    """The event that tells the requester's devices a command was refused; its id derived from
+    the command's, so re-processing the command rejects it with the same event."""
+    return CommandRejected.new(
+        tenant_id=command.tenant_id,
+        event_id=derived_event_id(command.event_id, "rejected"),
+        occurred_at=command.occurred_at,
+        actor=command.actor,
+        payload=CommandRejectedPayload(
+            command_event_id=command.event_id,
+            command_type=command.type,
+            conversation_id=conversation_id,
+            reason=reason.value,
+        ),
+    )
 
 
 def _reject(command: Event, user_id: str, reason: RejectReason) -> Outcome:

@@ -22,8 +22,6 @@ from typing import Any
 from schemas.errors import SchemaError
 from schemas.events import (
     DEFAULT_LOCALE,
-    CommandRejected,
-    CommandRejectedPayload,
     ConversationAdvanced,
     ConversationAdvancedPayload,
     ConversationSummary,
@@ -49,6 +47,7 @@ from streams.conversations import (
     DeliveryKind,
     MessageRecord,
     Outcome,
+    command_rejected,
     decide,
 )
 from streams.records import InputRecord, OutputRecord, StateWrite
@@ -205,30 +204,12 @@ class ConversationProcessor(_BatchProcessor):
             return
         conversation_id = getattr(command.payload, "conversation_id", None)
         if command.type not in source.events or conversation_id is None:
-            if source.dead_letter is not None:
-                result.outputs.append(
-                    dead_letter(
-                        self.catalog,
-                        source,
-                        record,
-                        "unexpected-type",
-                        f"{command.type} does not belong on {source.logical_name}",
-                    )
-                )
-                result.dead_lettered += 1
+            why = f"{command.type} does not belong on {source.logical_name}"
+            self._refuse(source, record, result, "unexpected-type", why)
             return
         if command.actor is None:
-            if source.dead_letter is not None:
-                result.outputs.append(
-                    dead_letter(
-                        self.catalog,
-                        source,
-                        record,
-                        ACTOR_MISSING,
-                        f"{command.type} names no actor: only a user's command is obeyed here",
-                    )
-                )
-                result.dead_lettered += 1
+            why = f"{command.type} names no actor: only a user's command is obeyed here"
+            self._refuse(source, record, result, ACTOR_MISSING, why)
             return
         key = conversation_key(command.tenant_id, conversation_id).decode()
         stored = overlay.get(CONVERSATIONS_TABLE, key)
@@ -269,6 +250,14 @@ class ConversationProcessor(_BatchProcessor):
             overlay=overlay,
             result=result,
         )
+
+    def _refuse(
+        self, source: Topic, record: InputRecord, result: BatchResult, code: str, why: str
+    ) -> None:
+        """``record`` on its source's dead-letter topic (an ephemeral input has none: dropped)."""
+        if source.dead_letter is not None:
+            result.outputs.append(dead_letter(self.catalog, source, record, code, why))
+            result.dead_lettered += 1
 
     def _duplicate_answer(
         self, command: MessageSent, conversation_id: str, original: dict[str, Any]
@@ -351,18 +340,7 @@ class ConversationProcessor(_BatchProcessor):
                 )
             )
         if outcome.rejection is not None and outcome.rejection.user_id:
-            rejected = CommandRejected.new(
-                tenant_id=command.tenant_id,
-                event_id=derived_event_id(command.event_id, "rejected"),
-                occurred_at=command.occurred_at,
-                actor=command.actor,
-                payload=CommandRejectedPayload(
-                    command_event_id=command.event_id,
-                    command_type=command.type,
-                    conversation_id=conversation_id,
-                    reason=outcome.rejection.reason.value,
-                ),
-            )
+            rejected = command_rejected(command, conversation_id, outcome.rejection.reason)
             result.outputs.append(
                 self._inbox(
                     command.tenant_id,

@@ -18,8 +18,6 @@ from typing import Any
 
 from schemas.events import (
     BadgeCleared,
-    CommandRejected,
-    CommandRejectedPayload,
     ConversationAdvanced,
     ConversationCreated,
     ConversationDeleted,
@@ -36,9 +34,8 @@ from schemas.events import (
     QuietHoursSetting,
     ReceiptRead,
     UserPushSettingsChanged,
-    derived_event_id,
 )
-from streams.conversations import Delivery, DeliveryKind, RejectReason
+from streams.conversations import Delivery, DeliveryKind, RejectReason, command_rejected
 
 #: Unread seqs tracked one by one per conversation; beyond this only the count grows.
 MAX_TRACKED_UNREAD = 10_000
@@ -367,7 +364,9 @@ def apply_own_command(state: UserState, command: Event) -> UserOutcome:
             command.payload.conversation_id is not None
             and command.payload.conversation_id not in state.conversations
         ):
-            command = _not_a_member(command, command.payload.conversation_id)
+            command = command_rejected(
+                command, command.payload.conversation_id, RejectReason.NOT_A_MEMBER
+            )
         case ConversationMuteChanged():
             view = state.view(command.payload.conversation_id)
             view.muted = command.payload.muted
@@ -395,21 +394,6 @@ def apply_own_command(state: UserState, command: Event) -> UserOutcome:
     if state.devices:
         outcome.live_nodes = _live_nodes(state)
     return outcome
-
-
-def _not_a_member(command: Event, conversation_id: str) -> CommandRejected:
-    return CommandRejected.new(
-        tenant_id=command.tenant_id,
-        event_id=derived_event_id(command.event_id, "rejected"),
-        occurred_at=command.occurred_at,
-        actor=command.actor,
-        payload=CommandRejectedPayload(
-            command_event_id=command.event_id,
-            command_type=command.type,
-            conversation_id=conversation_id,
-            reason=RejectReason.NOT_A_MEMBER.value,
-        ),
-    )
 
 
 def apply_presence(state: UserState, event: DeviceConnected | DeviceDisconnected) -> bool:

@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Message, Producer
 
 from pipelines.connections import kafka_config, kafka_producer_config
 from pipelines.settings import Settings
@@ -105,7 +105,7 @@ def produce(settings: Settings, catalog: TopicCatalog, events: Sequence[Event]) 
     assert producer.flush(60) == 0
 
 
-def read_records(settings: Settings, topic: str, *, idle_seconds: float = 5.0) -> list[InputRecord]:
+def read_messages(settings: Settings, topic: str, *, idle_seconds: float = 5.0) -> list[Message]:
     """Every record of ``topic`` from the beginning, in partition order, until nothing new
     arrives for a while; read committed (as every imstream consumer reads)."""
     consumer = Consumer(
@@ -120,26 +120,32 @@ def read_records(settings: Settings, topic: str, *, idle_seconds: float = 5.0) -
         )
     )
     consumer.subscribe([topic])
-    records: list[InputRecord] = []
+    messages: list[Message] = []
     last = time.monotonic()
     try:
         while time.monotonic() - last < idle_seconds:
             message = consumer.poll(0.5)
             if message is None or message.error() is not None:
                 continue
-            records.append(
-                InputRecord(
-                    topic=topic,
-                    partition=message.partition() or 0,
-                    offset=message.offset() or 0,
-                    key=message.key(),
-                    value=message.value(),
-                )
-            )
+            messages.append(message)
             last = time.monotonic()
     finally:
         consumer.close()
-    return records
+    return messages
+
+
+def read_records(settings: Settings, topic: str, *, idle_seconds: float = 5.0) -> list[InputRecord]:
+    """The records of ``topic`` as :func:`read_messages` reads them, as processor inputs."""
+    return [
+        InputRecord(
+            topic=topic,
+            partition=message.partition() or 0,
+            offset=message.offset() or 0,
+            key=message.key(),
+            value=message.value(),
+        )
+        for message in read_messages(settings, topic, idle_seconds=idle_seconds)
+    ]
 
 
 def read_topic(settings: Settings, topic: str, *, idle_seconds: float = 5.0) -> list[bytes]:

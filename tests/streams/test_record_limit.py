@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from pathlib import Path
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 from confluent_kafka.admin import (
     AdminClient,
     AlterConfigOpType,
@@ -50,6 +49,7 @@ from tests.streams.support import (
     direct_pairs,
     message,
     produce,
+    read_messages,
     read_records,
     wait_for_sync,
 )
@@ -86,33 +86,26 @@ def produce_routed(settings: Settings, events: list[Event]) -> None:
 
 
 def dead_letter_codes(settings: Settings, topic: str) -> list[str]:
-    """The ``imstream.error.code`` header of every record of a dead-letter topic, read
-    committed, until nothing new arrives for a few seconds."""
-    consumer = Consumer(
-        kafka_config(
-            settings,
-            **{
-                "group.id": f"t-codes-{uuid.uuid4().hex}",
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-            },
-        )
-    )
-    consumer.subscribe([topic])
-    codes: list[str] = []
-    idle = time.monotonic()
-    try:
-        while time.monotonic() - idle < 3:
-            found = consumer.poll(0.5)
-            if found is None or found.error() is not None:
-                continue
-            idle = time.monotonic()
-            code = dict(found.headers() or [])["imstream.error.code"]
-            codes.append(code.decode() if isinstance(code, bytes) else str(code))
-    finally:
-        consumer.close()
+    """The ``imstream.error.code`` header of every record of a dead-letter topic."""
+    codes = []
+    for found in read_messages(settings, topic, idle_seconds=3.0):
+        code = dict(found.headers() or [])["imstream.error.code"]
+        codes.append(code.decode() if isinstance(code, bytes) else str(code))
     return codes
+
+
+def huge_message(sender: str, conversation: str, client_msg_id: str, size: int) -> MessageSent:
+    """A message whose text is ``size`` bytes (under the 32 KiB a client may send)."""
+    return MessageSent.new(
+        tenant_id=TENANT,
+        actor=Actor(user_id=sender, device_id=f"{sender}-phone"),
+        event_id=message_event_id(TENANT, sender, client_msg_id),
+        payload=MessageSentPayload(
+            conversation_id=conversation,
+            client_msg_id=client_msg_id,
+            body=TextBody(text="x" * size),
+        ),
+    )
 
 
 def wait_for(
@@ -132,6 +125,33 @@ def wait_for(
             return {user: dict(queue) for user, queue in queues.items()}
         assert worker.process is not None and worker.process.poll() is None, worker.tail()
         assert time.monotonic() < deadline, (users, len(codes), worker.tail())
+
+
+def ten_around_a_huge_one(
+    settings: Settings, worker: Worker, users: tuple[str, str], size: int
+) -> str:
+    """A direct conversation: five messages, one of ``size`` bytes, five more. Waits until both
+    users have the ten others — in order, seqs 1 to 10 — and the conversation input's
+    dead-letter topic has a record; returns that topic's name."""
+    catalog = topic_catalog(settings)
+    sender, receiver = users
+    conversation = direct_conversation_id(TENANT, sender, receiver)
+    sends = [message(sender, conversation, f"{sender}-{index}") for index in range(10)]
+    huge = huge_message(sender, conversation, f"{sender}-huge", size)
+    produce(
+        settings, catalog, [created(sender, receiver, conversation), *sends[:5], huge, *sends[5:]]
+    )
+    dead_letters = catalog.dead_letter_of(catalog.messages_in).name
+    queues = wait_for(settings, worker, {sender: 11, receiver: 11}, (dead_letters, 1))
+    for user in users:
+        delivered = [
+            record.event
+            for _, record in sorted(queues[user].items())
+            if isinstance(record.event, MessageSent)
+        ]
+        assert [event.event_id for event in delivered] == [s.event_id for s in sends], user
+        assert [event.payload.conversation_seq for event in delivered] == list(range(1, 11))
+    return dead_letters
 
 
 def test_mutes_of_invented_conversations_are_refused_and_delivery_goes_on(
@@ -174,7 +194,6 @@ def test_an_input_whose_outputs_exceed_the_record_limit_is_dead_lettered(
     # A limit under the largest body a client may send (32 KiB): such a message's sequenced
     # record is over it, as a record over the broker's limit would be.
     limit = 16_384
-    catalog = topic_catalog(stream_settings)
     worker = Worker(
         {
             **os.environ,
@@ -187,32 +206,9 @@ def test_an_input_whose_outputs_exceed_the_record_limit_is_dead_lettered(
     )
     try:
         worker.start()
-        ann, ben = "ann-big", "ben-big"
-        conversation = direct_conversation_id(TENANT, ann, ben)
-        sends = [message(ann, conversation, f"m{index}") for index in range(10)]
-        huge = MessageSent.new(
-            tenant_id=TENANT,
-            actor=Actor(user_id=ann, device_id=f"{ann}-phone"),
-            event_id=message_event_id(TENANT, ann, "huge"),
-            payload=MessageSentPayload(
-                conversation_id=conversation, client_msg_id="huge", body=TextBody(text="x" * 20_000)
-            ),
+        dead_letters = ten_around_a_huge_one(
+            stream_settings, worker, ("ann-big", "ben-big"), 20_000
         )
-        produce(
-            stream_settings,
-            catalog,
-            [created(ann, ben, conversation), *sends[:5], huge, *sends[5:]],
-        )
-        dead_letters = catalog.dead_letter_of(catalog.messages_in).name
-        queues = wait_for(stream_settings, worker, {ann: 11, ben: 11}, (dead_letters, 1))
-        for user in (ann, ben):
-            delivered = [
-                record.event
-                for _, record in sorted(queues[user].items())
-                if isinstance(record.event, MessageSent)
-            ]
-            assert [event.event_id for event in delivered] == [s.event_id for s in sends], user
-            assert [event.payload.conversation_seq for event in delivered] == list(range(1, 11))
         assert dead_letter_codes(stream_settings, dead_letters) == [OUTPUT_TOO_LARGE]
         assert worker.process is not None and worker.process.poll() is None
         assert worker.starts == 1
@@ -240,36 +236,10 @@ def test_an_input_whose_outputs_kafka_refuses_is_dead_lettered_alone(
     topic_limit(AlterConfigOpType.SET, "20000")
     try:
         worker.start()
-        cat, dog = "cat-refused", "dog-refused"
-        conversation = direct_conversation_id(TENANT, cat, dog)
-        sends = [message(cat, conversation, f"r{index}") for index in range(10)]
-        huge = MessageSent.new(
-            tenant_id=TENANT,
-            actor=Actor(user_id=cat, device_id=f"{cat}-phone"),
-            event_id=message_event_id(TENANT, cat, "refused"),
-            payload=MessageSentPayload(
-                conversation_id=conversation,
-                client_msg_id="refused",
-                body=TextBody(text="y" * 30_000),
-            ),
-        )
-        produce(
-            stream_settings,
-            catalog,
-            [created(cat, dog, conversation), *sends[:5], huge, *sends[5:]],
-        )
-        dead_letters = catalog.dead_letter_of(catalog.messages_in).name
-        queues = wait_for(stream_settings, worker, {cat: 11, dog: 11}, (dead_letters, 1))
+        users = ("cat-refused", "dog-refused")
+        dead_letters = ten_around_a_huge_one(stream_settings, worker, users, 30_000)
     finally:
         topic_limit(AlterConfigOpType.DELETE, None)
-    for user in (cat, dog):
-        delivered = [
-            record.event
-            for _, record in sorted(queues[user].items())
-            if isinstance(record.event, MessageSent)
-        ]
-        assert [event.event_id for event in delivered] == [s.event_id for s in sends], user
-        assert [event.payload.conversation_seq for event in delivered] == list(range(1, 11))
     assert OUTPUT_REFUSED in dead_letter_codes(stream_settings, dead_letters)
     assert worker.process is not None and worker.process.poll() is None
     assert worker.starts == 1
