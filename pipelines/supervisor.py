@@ -195,6 +195,7 @@ class Supervisor:
         return child_state(child.pid, child.ready_path)
 
     def _alive(self, child: Child) -> bool:
+        """Whether the child runs; collects it (and its exit status) once it ended."""
         assert child.pid is not None
         code = process.reap(child.pid)
         if code is not None:
@@ -216,16 +217,15 @@ class Supervisor:
         now = time.monotonic()
         for child in self.children:
             if child.pid is not None:
-                process.reap(child.pid)
-                if process.is_alive(child.pid):
+                if self._alive(child):
                     if now - child.started_at > 60:
                         child.crashes = 0
                     continue
                 delay = BACKOFF_SECONDS[min(child.crashes, len(BACKOFF_SECONDS) - 1)]
                 tail = " | ".join(process.last_lines(child.log_path, 3))
                 self.report(
-                    f"{child.name}: exited (pid {child.pid}); restarting in {delay:.0f}s. "
-                    f"Last log lines: {tail}"
+                    f"{child.name}: exited{self._exit_status(child)} (pid {child.pid}); "
+                    f"restarting in {delay:.0f}s. Last log lines: {tail}"
                 )
                 child.pid = None
                 child.crashes += 1

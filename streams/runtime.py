@@ -21,14 +21,12 @@ dropped for partitions taken away. A crashed worker restarts from the last commi
 the state topics and the committed offsets always describe the same point.
 
 Errors: a transaction Kafka asks us to abort is aborted and the batch is read again from its first
-offset (the in-memory state was not touched). An input whose outputs or new state would be larger
-than a Kafka record may be (``IM_STREAMS__MAX_RECORD_BYTES``) is refused before anything is
-produced: the batch is processed again one input at a time, that input goes to its dead-letter
-topic (``output-too-large``) with none of its effects, and the rest commits as usual — a record
-the broker would refuse must not fail the transaction, which would stop the stage for everyone.
-Should Kafka refuse a record for good anyway (a topic with a smaller ``max.message.bytes``), the
-transaction is aborted and the batch read again one input per transaction; the input whose
-outputs it refuses goes alone to its dead-letter topic (``output-refused``).
+offset (the in-memory state was not touched). A batch with an output or state record larger than
+a Kafka record may be (``IM_STREAMS__MAX_RECORD_BYTES``), or with a record Kafka refuses for good
+when the transaction commits (a topic with a smaller ``max.message.bytes``), is processed again
+one input per transaction: the input at fault goes to its dead-letter topic (``output-too-large``,
+``output-refused``) with none of its effects, the others commit — a record the broker refuses
+must not fail the stage, which would stop it for everyone.
 Anything else fatal — the producer fenced by a newer instance with the same id, a commit that
 cannot be retried — ends the process with exit code 70 (the supervisor restarts it; the restart
 resumes from the last committed transaction).
@@ -77,7 +75,7 @@ from streams.processors import (
     UserSettings,
     dead_letter,
 )
-from streams.records import Headers, InputRecord, OutputRecord, StateWrite
+from streams.records import Headers, InputRecord, StateWrite
 from streams.users import PushPolicy
 
 log = logging.getLogger(__name__)
@@ -244,9 +242,9 @@ class ProcessorLoop:
         self._log = logging.getLogger(f"{__name__}.{config.name}")
         #: The codes of records Kafka refused in the current transaction (delivery reports).
         self._refusals: list[int] = []
-        #: Set after Kafka refused a record of a batch: the inputs go one per transaction until
-        #: that batch is through, so that only the input whose outputs it refuses is set aside.
-        self._isolating = False
+        #: Set while a batch that held a record over the limit or refused by Kafka is processed
+        #: one input per transaction (across reads again after a transient abort).
+        self._one_at_a_time = False
         self.producer = Producer(
             kafka_producer_config(
                 settings,
@@ -443,40 +441,75 @@ class ProcessorLoop:
         return records
 
     def _process(self, records: list[InputRecord]) -> None:
-        if self._isolating:
-            self._process_one_by_one(records)
+        if self._one_at_a_time:
+            self._one_by_one(records)
             return
-        outcome = self._transact(records, *self._results(records))
-        if outcome is Transaction.COMMITTED:
-            return
-        self._rewind(records)
-        if outcome is Transaction.REFUSED:
-            # Kafka refused one of the batch's records for good: the batch again, one input
-            # per transaction, so that only the input whose outputs it refuses is set aside.
-            self._isolating = True
-            self._log.warning(
-                "Kafka refused a record of the batch for good; reading the batch again one "
-                "input per transaction"
-            )
-
-    def _process_one_by_one(self, records: list[InputRecord]) -> None:
-        for index, record in enumerate(records):
-            outcome = self._transact([record], *self._results([record]))
-            if outcome is Transaction.REFUSED:
-                outcome = self._transact([record], self._refused_by_kafka(record), [])
-            if outcome is not Transaction.COMMITTED:  # it and the rest are read again
-                self._rewind(records[index:])
-                return
-        self._isolating = False
-
-    def _results(self, records: list[InputRecord]) -> tuple[BatchResult, list[bytes | None]]:
-        """The processor's outputs and writes for ``records`` with the writes' encoded values,
-        an input whose outputs or state would be over the record limit set aside."""
         result = self.processor.process(records, self.tables.read)
         states = [encode_state(write.value) for write in result.writes]
-        if self._oversized(result, states):
-            return self._refusing_oversized(records)
-        return result, states
+        if not self._oversized(result, states):
+            outcome = self._transact(records, result, states)
+            if outcome is Transaction.COMMITTED:
+                return
+            if outcome is Transaction.ABORTED:
+                self._rewind(records)
+                return
+        # A record over the limit, or one Kafka refused for good: the batch again, one input per
+        # transaction, so that only the input at fault is set aside. Rare, so it may cost a
+        # transaction per input.
+        self._one_at_a_time = True
+        self._one_by_one(records)
+
+    def _one_by_one(self, records: list[InputRecord]) -> None:
+        """Each input in a transaction of its own, in order, each seeing the state the earlier
+        ones committed; an input whose outputs or state are over the record limit, or whose
+        outputs Kafka refuses for good, goes to its dead-letter topic with none of its effects."""
+        set_aside: list[str] = []
+        for index, record in enumerate(records):
+            result = self.processor.process([record], self.tables.read)
+            states = [encode_state(write.value) for write in result.writes]
+            refusal: tuple[str, str] | None = None
+            outcome = None
+            if self._oversized(result, states):
+                limit = self.settings.streams.max_record_bytes
+                refusal = (
+                    OUTPUT_TOO_LARGE,
+                    f"its outputs or state would exceed the record limit of {limit} bytes "
+                    "(IM_STREAMS__MAX_RECORD_BYTES)",
+                )
+            else:
+                outcome = self._transact([record], result, states)
+                if outcome is Transaction.REFUSED:
+                    names = sorted({KafkaError(code).name() for code in self._refusals})
+                    refusal = (OUTPUT_REFUSED, f"Kafka refused its outputs ({', '.join(names)})")
+            if refusal is not None:
+                outcome = self._transact([record], self._dead_letter(record, *refusal), [])
+            if outcome is not Transaction.COMMITTED:
+                # It and the rest are read again, still one at a time: right after Kafka refused
+                # a record, the next transaction may abort too (the idempotent producer resets
+                # its sequence numbers first).
+                self._rewind(records[index:])
+                break
+            if refusal is not None:
+                where = f"{record.topic}[{record.partition}]@{record.offset}"
+                set_aside.append(f"{where} as {refusal[0]}: {refusal[1]}")
+        else:
+            self._one_at_a_time = False
+        if set_aside:  # one line per batch: a flood of such inputs must not flood the log too
+            self._log.warning(
+                "%d of %d records dead-lettered with none of their effects; the first, %s",
+                len(set_aside),
+                len(records),
+                set_aside[0],
+            )
+
+    def _dead_letter(self, record: InputRecord, code: str, why: str) -> BatchResult:
+        """An input set aside: its dead letter, nothing else (an ephemeral input has none)."""
+        (source,) = [topic for topic in self.config.inputs if topic.name == record.topic]
+        if source.dead_letter is None:
+            return BatchResult(dead_lettered=1)
+        return BatchResult(
+            outputs=[dead_letter(self.catalog, source, record, code, why)], dead_lettered=1
+        )
 
     def _transact(
         self, records: list[InputRecord], result: BatchResult, states: list[bytes | None]
@@ -536,26 +569,6 @@ class ProcessorLoop:
         if error is not None:
             self._refusals.append(error.code())
 
-    def _refused_by_kafka(self, record: InputRecord) -> BatchResult:
-        """An input whose outputs Kafka refused for good, on its own: its dead letter only."""
-        codes = ", ".join(sorted({KafkaError(code).name() for code in self._refusals}))
-        self._log.warning(
-            "record %s[%d]@%d dead-lettered as %s: Kafka refused its outputs (%s)",
-            record.topic,
-            record.partition,
-            record.offset,
-            OUTPUT_REFUSED,
-            codes,
-        )
-        (source,) = [topic for topic in self.config.inputs if topic.name == record.topic]
-        if source.dead_letter is None:
-            return BatchResult(dead_lettered=1)
-        message = f"Kafka refused its outputs for good ({codes})"
-        return BatchResult(
-            outputs=[dead_letter(self.catalog, source, record, OUTPUT_REFUSED, message)],
-            dead_lettered=1,
-        )
-
     def _oversized(self, result: BatchResult, states: list[bytes | None]) -> bool:
         """Whether any output or state record is larger than a record may be."""
         limit = self.settings.streams.max_record_bytes
@@ -574,60 +587,6 @@ class ProcessorLoop:
             record_bytes(write.key.encode(), state, None) > limit
             for write, state in zip(result.writes, states, strict=True)
         )
-
-    def _refusing_oversized(
-        self, records: list[InputRecord]
-    ) -> tuple[BatchResult, list[bytes | None]]:
-        """The batch again, one input at a time, each seeing the state the earlier ones left (as
-        the batch does): an input with an output or a state record over the limit is refused —
-        dead-lettered with none of its effects — and the others keep theirs, in order. Taken only
-        when the batch as a whole had an oversized record, so the common path pays nothing."""
-        pending: dict[tuple[str, str], tuple[StateWrite, bytes | None]] = {}
-
-        def read(table: str, key: str) -> dict[str, Any] | None:
-            found = pending.get((table, key))
-            return self.tables.read(table, key) if found is None else found[0].value
-
-        merged = BatchResult()
-        refused: list[InputRecord] = []
-        for record in records:
-            single = self.processor.process([record], read)
-            states = [encode_state(write.value) for write in single.writes]
-            if self._oversized(single, states):
-                merged.outputs.extend(self._refuse_too_large(record))
-                merged.dead_lettered += 1
-                refused.append(record)
-                continue
-            merged.outputs.extend(single.outputs)
-            merged.skipped += single.skipped
-            merged.dead_lettered += single.dead_lettered
-            for write, state in zip(single.writes, states, strict=True):
-                pending[(write.table, write.key)] = (write, state)
-        merged.writes = [write for write, _ in pending.values()]
-        # One line per batch: a flood of such inputs must not flood the log too.
-        for first in refused[:1]:
-            self._log.warning(
-                "%d of %d records with outputs or state over the record limit of %d bytes, "
-                "dead-lettered as %s; the first: %s[%d]@%d",
-                len(refused),
-                len(records),
-                self.settings.streams.max_record_bytes,
-                OUTPUT_TOO_LARGE,
-                first.topic,
-                first.partition,
-                first.offset,
-            )
-        return merged, [state for _, state in pending.values()]
-
-    def _refuse_too_large(self, record: InputRecord) -> list[OutputRecord]:
-        message = (
-            "its outputs or state would exceed the record limit of "
-            f"{self.settings.streams.max_record_bytes} bytes (IM_STREAMS__MAX_RECORD_BYTES)"
-        )
-        (source,) = [topic for topic in self.config.inputs if topic.name == record.topic]
-        if source.dead_letter is None:  # an ephemeral input (typing): nothing keeps it
-            return []
-        return [dead_letter(self.catalog, source, record, OUTPUT_TOO_LARGE, message)]
 
     def _produce(
         self,

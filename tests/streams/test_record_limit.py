@@ -212,7 +212,10 @@ def test_an_input_whose_outputs_exceed_the_record_limit_is_dead_lettered(
         assert dead_letter_codes(stream_settings, dead_letters) == [OUTPUT_TOO_LARGE]
         assert worker.process is not None and worker.process.poll() is None
         assert worker.starts == 1
-        assert f"over the record limit of {limit} bytes, dead-lettered" in worker.tail(200)
+        assert (
+            f"as output-too-large: its outputs or state would exceed the record limit of {limit}"
+            in worker.tail(200)
+        )
     finally:
         worker.stop()
 
@@ -243,4 +246,4 @@ def test_an_input_whose_outputs_kafka_refuses_is_dead_lettered_alone(
     assert OUTPUT_REFUSED in dead_letter_codes(stream_settings, dead_letters)
     assert worker.process is not None and worker.process.poll() is None
     assert worker.starts == 1
-    assert "Kafka refused its outputs (MSG_SIZE_TOO_LARGE)" in worker.tail(200)
+    assert "as output-refused: Kafka refused its outputs (MSG_SIZE_TOO_LARGE)" in worker.tail(200)
