@@ -25,7 +25,6 @@ import time
 import uuid
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
@@ -35,6 +34,8 @@ from pipelines.settings import KafkaSettings, Settings
 from pipelines.topics import apply_topics
 from schemas.events import MessageSent, SyncRecord, parse_event
 from schemas.topics import topic_catalog
+from streams.processors import USERS_TABLE, stored_user
+from streams.state import MemoryState
 from tests.streams.support import (
     TENANT,
     Worker,
@@ -49,9 +50,9 @@ from tests.streams.support import (
 log = logging.getLogger("bench.stream_crash_soak")
 
 
-def latest_user_states(settings: Settings) -> dict[str, dict[str, Any]]:
+def latest_user_states(settings: Settings) -> MemoryState:
     changelog = topic_catalog(settings).user_state.name
-    states: dict[str, dict[str, Any]] = {}
+    states = MemoryState()
     consumer = Consumer(
         kafka_config(
             settings,
@@ -67,10 +68,7 @@ def latest_user_states(settings: Settings) -> dict[str, dict[str, Any]]:
                 continue
             key = (record.key() or b"").decode()
             value = record.value()
-            if value is None:
-                states.pop(key, None)
-            else:
-                states[key] = json.loads(value)
+            states.put(USERS_TABLE, key, None if value is None else json.loads(value))
             last = time.monotonic()
     finally:
         consumer.close()
@@ -193,10 +191,9 @@ def main() -> int:
         states = latest_user_states(settings)
         for _sender, receiver, conversation_id in pairs:
             count = sum(1 for s in sends if s.payload.conversation_id == conversation_id)
-            view = states.get(f"{TENANT}/{receiver}", {}).get("user", {})
-            unread = len(
-                view.get("conversations", {}).get(conversation_id, {}).get("unread_seqs", [])
-            )
+            state = stored_user(states, f"{TENANT}/{receiver}")
+            view = state.conversations.get(conversation_id) if state else None
+            unread = view.unread if view else 0
             if unread != count:
                 violations += 1
                 log.error("%s: unread %d, expected %d", receiver, unread, count)

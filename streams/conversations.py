@@ -12,6 +12,7 @@ exactly what the aborted transaction would have written.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -61,38 +62,86 @@ class RejectReason(StrEnum):
     CONVERSATION_ID_RESERVED = "conversation-id-reserved"
 
 
+class MemberChanges(Mapping[str, Role]):
+    """``base`` with ``changes`` applied (a None role removes the member): the member list after
+    a membership change, at the cost of the change, whatever the size of the group."""
+
+    __slots__ = ("_length", "base", "changes")
+
+    def __init__(self, base: Mapping[str, Role], changes: dict[str, Role | None]) -> None:
+        self.base = base
+        self.changes = changes
+        length = len(base)
+        for user, role in changes.items():
+            if role is None and user in base:
+                length -= 1
+            elif role is not None and user not in base:
+                length += 1
+        self._length = length
+
+    def __getitem__(self, user: str) -> Role:
+        if user in self.changes:
+            role = self.changes[user]
+            if role is None:
+                raise KeyError(user)
+            return role
+        return self.base[user]
+
+    def __iter__(self) -> Iterator[str]:
+        for user in self.base:
+            if self.changes.get(user, True) is not None:
+                yield user
+        for user, role in self.changes.items():
+            if role is not None and user not in self.base:
+                yield user
+
+    def __len__(self) -> int:
+        return self._length
+
+
 @dataclass(slots=True)
 class ConversationState:
-    """What the processor remembers of one conversation (a table value, JSON-serialised)."""
+    """What the processor remembers of one conversation.
+
+    Stored fine-grained (``streams.state``): this header as one value (its JSON has the member
+    count, not the members) and each member's role as a value of its own, so that no value grows
+    with the group and a message writes only the header. ``members`` may be a lazy mapping over
+    the stored members: the rules look members up one by one and list them only to fan out.
+    """
 
     kind: ConversationKind
-    members: dict[str, Role]
+    members: Mapping[str, Role]
     name: str | None = None
     last_seq: int = 0
     deleted: bool = False
+    #: A group's owner (None for a direct conversation).
+    owner: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.owner is None and isinstance(self.members, dict):
+            self.owner = next((u for u, role in self.members.items() if role is Role.OWNER), None)
 
     def to_json(self) -> dict[str, Any]:
+        """The header: everything but the members, and how many there are."""
         return {
             "kind": self.kind.value,
-            "members": {user: role.value for user, role in self.members.items()},
             "name": self.name,
             "last_seq": self.last_seq,
             "deleted": self.deleted,
+            "owner": self.owner,
+            "members": len(self.members),
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ConversationState:
+    def from_json(cls, data: dict[str, Any], members: Mapping[str, Role]) -> ConversationState:
         return cls(
             kind=ConversationKind(data["kind"]),
-            members={user: Role(role) for user, role in data["members"].items()},
+            members=members,
             name=data.get("name"),
             last_seq=int(data.get("last_seq", 0)),
             deleted=bool(data.get("deleted", False)),
+            owner=data.get("owner"),
         )
-
-    @property
-    def owner(self) -> str | None:
-        return next((user for user, role in self.members.items() if role is Role.OWNER), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +201,8 @@ class Outcome:
     deliveries: list[Delivery] = field(default_factory=list)
     messages: dict[str, MessageRecord] = field(default_factory=dict)
     rejection: Rejection | None = None
+    #: Members added (their role), changed (the new role) or removed (None).
+    member_changes: dict[str, Role | None] = field(default_factory=dict)
 
 
 def command_rejected(
@@ -178,7 +229,7 @@ def _reject(command: Event, user_id: str, reason: RejectReason) -> Outcome:
 
 
 def _to_all(
-    event: Event, members: dict[str, Role] | list[str], kind: DeliveryKind = DeliveryKind.FULL
+    event: Event, members: Mapping[str, Role] | list[str], kind: DeliveryKind = DeliveryKind.FULL
 ) -> list[Delivery]:
     return [Delivery(user_id=user, event=event, kind=kind) for user in members]
 
@@ -271,6 +322,7 @@ def _create(
         state_changed=True,
         sequenced=[command],
         deliveries=_to_all(command, members),
+        member_changes=dict(members),
     )
 
 
@@ -291,7 +343,7 @@ def _sequence(
     )
 
 
-def _fan_out(event: Event, members: dict[str, Role], threshold: int) -> list[Delivery]:
+def _fan_out(event: Event, members: Mapping[str, Role], threshold: int) -> list[Delivery]:
     kind = DeliveryKind.ADVANCED if len(members) > threshold else DeliveryKind.FULL
     return _to_all(event, members, kind)
 
@@ -358,19 +410,27 @@ def _managed(state: ConversationState, command: Event, requester: str) -> Outcom
     return None
 
 
-def _changed(state: ConversationState, command: Event, audience: list[str]) -> Outcome:
+def _changed(
+    state: ConversationState,
+    command: Event,
+    audience: Mapping[str, Role],
+    changes: dict[str, Role | None] | None = None,
+) -> Outcome:
+    """``state`` after ``command``, told to ``audience``; ``changes`` to the members, if any
+    (``state.members`` already has them)."""
     return Outcome(
         state=state,
         state_changed=True,
         sequenced=[command],
         deliveries=_to_all(command, audience),
+        member_changes=changes or {},
     )
 
 
 def _rename(state: ConversationState, command: ConversationRenamed, requester: str) -> Outcome:
     if (refused := _managed(state, command, requester)) is not None:
         return refused
-    return _changed(replace(state, name=command.payload.name), command, list(state.members))
+    return _changed(replace(state, name=command.payload.name), command, state.members)
 
 
 def _add_member(
@@ -388,12 +448,13 @@ def _add_member(
         role is Role.ADMIN and state.members.get(requester) is not Role.OWNER
     ):
         return _reject(command, requester, RejectReason.NOT_ALLOWED)
-    members = {**state.members, user: role}
+    changes: dict[str, Role | None] = {user: role}
+    members = MemberChanges(state.members, changes)
     # The new member has seen neither the creation nor any rename: the event tells the name.
     named = command.model_copy(
         update={"payload": command.payload.model_copy(update={"name": state.name})}
     )
-    return _changed(replace(state, members=members), named, list(members))
+    return _changed(replace(state, members=members), named, members, changes)
 
 
 def _remove_member(
@@ -410,9 +471,9 @@ def _remove_member(
         target_role is Role.ADMIN and state.members.get(requester) is not Role.OWNER
     ):
         return _reject(command, requester, RejectReason.NOT_ALLOWED)
-    audience = list(state.members)
-    members = {member: role for member, role in state.members.items() if member != user}
-    return _changed(replace(state, members=members), command, audience)
+    changes: dict[str, Role | None] = {user: None}
+    members = MemberChanges(state.members, changes)
+    return _changed(replace(state, members=members), command, state.members, changes)
 
 
 def _change_role(
@@ -425,16 +486,18 @@ def _change_role(
     user, role = command.payload.user_id, command.payload.role
     if user not in state.members:
         return _reject(command, requester, RejectReason.NOT_A_MEMBER)
-    members = dict(state.members)
+    changes: dict[str, Role | None] = {}
+    owner = state.owner
     if role is Role.OWNER:
         # Handing over: the new owner takes the role, the old owner becomes an admin.
-        for member, current in members.items():
-            if current is Role.OWNER:
-                members[member] = Role.ADMIN
-    elif members[user] is Role.OWNER:
+        if state.owner is not None and state.owner != user:
+            changes[state.owner] = Role.ADMIN
+        owner = user
+    elif state.members[user] is Role.OWNER:
         return _reject(command, requester, RejectReason.OWNER_MUST_HAND_OVER)
-    members[user] = role
-    return _changed(replace(state, members=members), command, list(members))
+    changes[user] = role
+    members = MemberChanges(state.members, changes)
+    return _changed(replace(state, members=members, owner=owner), command, members, changes)
 
 
 def _leave(state: ConversationState, command: ConversationLeft, requester: str) -> Outcome:
@@ -445,10 +508,12 @@ def _leave(state: ConversationState, command: ConversationLeft, requester: str) 
         return _reject(command, requester, RejectReason.NOT_FOR_DIRECT)
     if state.members.get(user) is Role.OWNER and len(state.members) > 1:
         return _reject(command, requester, RejectReason.OWNER_MUST_HAND_OVER)
-    audience = list(state.members)
-    members = {member: role for member, role in state.members.items() if member != user}
+    changes: dict[str, Role | None] = {user: None}
+    members = MemberChanges(state.members, changes)
     deleted = not members
-    return _changed(replace(state, members=members, deleted=deleted), command, audience)
+    return _changed(
+        replace(state, members=members, deleted=deleted), command, state.members, changes
+    )
 
 
 def _delete(state: ConversationState, command: ConversationDeleted, requester: str) -> Outcome:
@@ -456,4 +521,4 @@ def _delete(state: ConversationState, command: ConversationDeleted, requester: s
         return _reject(command, requester, RejectReason.NOT_FOR_DIRECT)
     if requester and state.members.get(requester) is not Role.OWNER:
         return _reject(command, requester, RejectReason.NOT_ALLOWED)
-    return _changed(replace(state, deleted=True), command, list(state.members))
+    return _changed(replace(state, deleted=True), command, state.members)

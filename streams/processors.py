@@ -14,7 +14,7 @@ conversation's records to a user once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -22,8 +22,10 @@ from typing import Any
 from schemas.errors import SchemaError
 from schemas.events import (
     DEFAULT_LOCALE,
+    BadgeCleared,
     ConversationAdvanced,
     ConversationAdvancedPayload,
+    ConversationMuteChanged,
     ConversationSummary,
     DeviceConnected,
     DeviceDisconnected,
@@ -34,6 +36,7 @@ from schemas.events import (
     MessageRecalled,
     MessageSent,
     PushJob,
+    Role,
     SyncRecord,
     derived_event_id,
     encode_event,
@@ -51,8 +54,10 @@ from streams.conversations import (
     decide,
 )
 from streams.records import InputRecord, OutputRecord, StateWrite
+from streams.state import StateReader, child_key, split_child
 from streams.users import (
     Appended,
+    ConversationView,
     PushPolicy,
     UserOutcome,
     UserState,
@@ -66,9 +71,6 @@ log = logging.getLogger(__name__)
 CONVERSATIONS_TABLE = "conversations"
 MESSAGES_TABLE = "messages"
 USERS_TABLE = "users"
-
-StateReader = Callable[[str, str], dict[str, Any] | None]
-"""``read(table, key)``: the current value of a table key, or None."""
 
 
 @dataclass(slots=True)
@@ -111,12 +113,12 @@ def dead_letter(
 def _process_each(
     catalog: TopicCatalog,
     batch: Sequence[InputRecord],
-    read: StateReader,
+    state: StateReader,
     one: Callable[[InputRecord, _Overlay, BatchResult], None],
 ) -> BatchResult:
     """Apply ``one`` to each record; a record that raises is dead-lettered, the batch goes on."""
     result = BatchResult()
-    overlay = _Overlay(read)
+    overlay = _Overlay(state)
     for record in batch:
         outcome = BatchResult()
         try:
@@ -142,8 +144,8 @@ class _BatchProcessor:
     def __init__(self, catalog: TopicCatalog) -> None:
         self.catalog = catalog
 
-    def process(self, batch: Sequence[InputRecord], read: StateReader) -> BatchResult:
-        return _process_each(self.catalog, batch, read, self._one)
+    def process(self, batch: Sequence[InputRecord], state: StateReader) -> BatchResult:
+        return _process_each(self.catalog, batch, state, self._one)
 
     def _one(self, record: InputRecord, overlay: _Overlay, result: BatchResult) -> None:
         raise NotImplementedError
@@ -152,23 +154,76 @@ class _BatchProcessor:
 class _Overlay:
     """Table values as they stand within a batch: later inputs see earlier inputs' writes."""
 
-    def __init__(self, read: StateReader) -> None:
-        self._read = read
+    def __init__(self, state: StateReader) -> None:
+        self._state = state
         self._pending: dict[tuple[str, str], tuple[dict[str, Any] | None, int]] = {}
+        #: ``(table, parent) → child → present``, for children written within the batch.
+        self._children: dict[tuple[str, str], dict[str, bool]] = {}
 
     def get(self, table: str, key: str) -> dict[str, Any] | None:
         if (table, key) in self._pending:
             return self._pending[(table, key)][0]
-        return self._read(table, key)
+        return self._state.get(table, key)
+
+    def children(self, table: str, parent: str) -> list[str]:
+        changed = self._children.get((table, parent))
+        stored = self._state.children(table, parent)
+        if not changed:
+            return stored
+        kept = [child for child in stored if changed.get(child, True)]
+        known = set(stored)
+        added = [child for child, present in changed.items() if present and child not in known]
+        return kept + added
 
     def put(self, table: str, key: str, value: dict[str, Any] | None, partition: int) -> None:
         self._pending[(table, key)] = (value, partition)
+        split = split_child(key)
+        if split is not None:
+            self._children.setdefault((table, split[0]), {})[split[1]] = value is not None
 
     def writes(self) -> list[StateWrite]:
         return [
             StateWrite(table=table, key=key, value=value, partition=partition)
             for (table, key), (value, partition) in self._pending.items()
         ]
+
+
+class _StoredMembers(Mapping[str, Role]):
+    """A conversation's members as stored, one value per member (``<key>#<user>``): looked up
+    one by one; listed (sorted, so outputs are the same on every run) only to fan out."""
+
+    __slots__ = ("_count", "_key", "_state")
+
+    def __init__(self, state: _Overlay, key: str, count: int) -> None:
+        self._state = state
+        self._key = key
+        self._count = count
+
+    def __getitem__(self, user: str) -> Role:
+        member = self._state.get(CONVERSATIONS_TABLE, child_key(self._key, user))
+        if member is None:
+            raise KeyError(user)
+        return Role(member["role"])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._state.children(CONVERSATIONS_TABLE, self._key)))
+
+    def __len__(self) -> int:
+        return self._count
+
+
+def _split_conversation(
+    overlay: _Overlay, key: str, stored: dict[str, Any], partition: int
+) -> dict[str, Any]:
+    """A conversation stored before the fine-grained layout (its members inside the value):
+    each member becomes a value of its own, within the batch that first touches it."""
+    members = {user: Role(role) for user, role in stored["conversation"]["members"].items()}
+    for user, role in members.items():
+        overlay.put(CONVERSATIONS_TABLE, child_key(key, user), {"role": role.value}, partition)
+    header = ConversationState.from_json(stored["conversation"], members).to_json()
+    split = {**stored, "conversation": header}
+    overlay.put(CONVERSATIONS_TABLE, key, split, partition)
+    return split
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,10 +268,19 @@ class ConversationProcessor(_BatchProcessor):
             return
         key = conversation_key(command.tenant_id, conversation_id).decode()
         stored = overlay.get(CONVERSATIONS_TABLE, key)
+        if stored is not None and isinstance(stored["conversation"].get("members"), dict):
+            stored = _split_conversation(overlay, key, stored, record.partition)
         if stored is not None and record.offset <= stored.get("applied", {}).get(record.topic, -1):
             result.skipped += 1
             return
-        state = ConversationState.from_json(stored["conversation"]) if stored else None
+        state = (
+            ConversationState.from_json(
+                stored["conversation"],
+                _StoredMembers(overlay, key, int(stored["conversation"]["members"])),
+            )
+            if stored
+            else None
+        )
         position = int(stored["position"]) if stored else 0
         original = (
             overlay.get(MESSAGES_TABLE, command.event_id)
@@ -313,6 +377,10 @@ class ConversationProcessor(_BatchProcessor):
         stored_deliveries = [d for d in outcome.deliveries if d.kind is not DeliveryKind.EPHEMERAL]
         told = outcome.rejection is not None and bool(outcome.rejection.user_id)
         new_position = position + 1 if (stored_deliveries or told) else position
+        if state is None and outcome.state is None:
+            # No such conversation: nothing stores a position for it, and an invented id must
+            # not make the requester's state remember one. Position 0: delivered unordered.
+            new_position = position = 0
         for sequenced in outcome.sequenced:
             result.outputs.append(
                 OutputRecord(
@@ -371,6 +439,9 @@ class ConversationProcessor(_BatchProcessor):
             {"conversation": new_state.to_json(), "position": new_position, "applied": applied},
             record.partition,
         )
+        for user, role in outcome.member_changes.items():
+            member = None if role is None else {"role": role.value}
+            overlay.put(CONVERSATIONS_TABLE, child_key(key, user), member, record.partition)
 
     def _inbox(
         self,
@@ -469,15 +540,22 @@ class UserProcessor(_BatchProcessor):
             result.dead_lettered += 1
             return
         key = user_key(tenant_id, user_id).decode()
-        stored = overlay.get(USERS_TABLE, key) or {}
+        stored = overlay.get(USERS_TABLE, key)
+        if stored is not None and "user" in stored:
+            stored = _split_user(overlay, key, stored, record.partition)
+        stored = stored or {}
         if record.offset <= stored.get("applied", {}).get(record.topic, -1):
             result.skipped += 1
             return
-        state = UserState.from_json(stored["user"]) if "user" in stored else UserState()
-        positions: dict[str, int] = dict(stored.get("positions", {}))
+        concerned = _concerned(inbox, event)
+        if concerned is None:
+            concerned = overlay.children(USERS_TABLE, key)
+        loaded = {cid: overlay.get(USERS_TABLE, child_key(key, cid)) for cid in concerned}
+        state = _user_state(stored, loaded)
+        positions = {cid: int(view.get("position", 0)) for cid, view in loaded.items() if view}
         outcome: UserOutcome | None = None
         if inbox is not None:
-            if not inbox.ephemeral:
+            if not inbox.ephemeral and inbox.position:
                 if inbox.position <= positions.get(inbox.conversation_id, 0):
                     result.skipped += 1
                     return
@@ -499,12 +577,12 @@ class UserProcessor(_BatchProcessor):
         if inbox is not None and inbox.ephemeral:
             return
         applied = {**stored.get("applied", {}), record.topic: record.offset}
-        overlay.put(
-            USERS_TABLE,
-            key,
-            {"user": state.to_json(), "positions": positions, "applied": applied},
-            record.partition,
-        )
+        overlay.put(USERS_TABLE, key, _user_header(state, applied), record.partition)
+        for cid in {*loaded, *state.conversations}:
+            view = state.conversations.get(cid)
+            value = None if view is None else {**view.to_json(), "position": positions.get(cid, 0)}
+            if value != loaded.get(cid):
+                overlay.put(USERS_TABLE, child_key(key, cid), value, record.partition)
 
     def _emit(
         self,
@@ -592,6 +670,65 @@ class UserProcessor(_BatchProcessor):
             key=gateway_key(node_id),
             value=delivery.model_dump_json().encode(),
         )
+
+
+def _concerned(inbox: InboxRecord | None, event: Event) -> list[str] | None:
+    """The conversations whose views a user input reads or changes; None for all of them."""
+    if inbox is not None:
+        return [inbox.conversation_id]
+    if isinstance(event, ConversationMuteChanged):
+        return [event.payload.conversation_id]
+    if isinstance(event, BadgeCleared):
+        cid = event.payload.conversation_id
+        return None if cid is None else [cid]
+    return []
+
+
+def _user_state(header: dict[str, Any], views: dict[str, dict[str, Any] | None]) -> UserState:
+    """A user's header and the views an input concerns, as the user rules take them."""
+    state = UserState.from_json(header)
+    state.conversations = {
+        cid: ConversationView.from_json(view) for cid, view in views.items() if view is not None
+    }
+    loaded_unread = sum(view.unread for view in state.conversations.values())
+    state.unread_elsewhere = max(0, int(header.get("unread_total", 0)) - loaded_unread)
+    return state
+
+
+def stored_user(state: StateReader, key: str) -> UserState | None:
+    """A user's whole state as stored under ``key`` (``user_key``): the header and the view of
+    every conversation; None for a user with no state. For inspection and tests."""
+    header = state.get(USERS_TABLE, key)
+    if header is None:
+        return None
+    views = {
+        cid: state.get(USERS_TABLE, child_key(key, cid)) for cid in state.children(USERS_TABLE, key)
+    }
+    whole = _user_state(header, views)
+    whole.unread_elsewhere = 0
+    return whole
+
+
+def _user_header(state: UserState, applied: dict[str, int]) -> dict[str, Any]:
+    header = state.to_json()
+    del header["conversations"]
+    return {**header, "unread_total": state.unread_total(), "applied": applied}
+
+
+def _split_user(
+    overlay: _Overlay, key: str, stored: dict[str, Any], partition: int
+) -> dict[str, Any]:
+    """A user stored before the fine-grained layout (every conversation inside the value):
+    each conversation's view becomes a value of its own, within the batch that first touches
+    the user."""
+    whole = UserState.from_json(stored["user"])
+    positions = stored.get("positions", {})
+    for cid, view in whole.conversations.items():
+        value = {**view.to_json(), "position": int(positions.get(cid, 0))}
+        overlay.put(USERS_TABLE, child_key(key, cid), value, partition)
+    header = _user_header(whole, stored.get("applied", {}))
+    overlay.put(USERS_TABLE, key, header, partition)
+    return header
 
 
 def _summary(state: UserState, event: Event) -> ConversationSummary | None:

@@ -76,6 +76,7 @@ from streams.processors import (
     dead_letter,
 )
 from streams.records import Headers, InputRecord, StateWrite
+from streams.state import MemoryState, StateReader
 from streams.users import PushPolicy
 
 log = logging.getLogger(__name__)
@@ -89,9 +90,7 @@ PROGRESS_INTERVAL = 10.0
 
 
 class Processor(Protocol):
-    def process(
-        self, batch: Sequence[InputRecord], read: Callable[[str, str], dict[str, Any] | None]
-    ) -> BatchResult: ...
+    def process(self, batch: Sequence[InputRecord], state: StateReader) -> BatchResult: ...
 
 
 class FatalError(Exception):
@@ -109,39 +108,36 @@ def decode_state(value: bytes | None) -> dict[str, Any] | None:
     return decoded if isinstance(decoded, dict) else None
 
 
-class Tables:
-    """The in-memory tables of one loop: ``table → key → value``, owned per input partition."""
+class Tables(MemoryState):
+    """The in-memory tables of one loop (``streams.state``), each key owned by the input
+    partition that wrote it, so a revoked partition's state can be dropped."""
 
     def __init__(self, topics: Mapping[str, Topic]) -> None:
+        super().__init__(list(topics))
         self.topics = dict(topics)
-        self._data: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in topics}
         self._owned: dict[tuple[str, int], set[str]] = defaultdict(set)
         self.partitions: set[int] = set()
 
     def read(self, table: str, key: str) -> dict[str, Any] | None:
-        return self._data[table].get(key)
+        return self.get(table, key)
 
-    def put(self, table: str, key: str, value: dict[str, Any] | None, partition: int) -> None:
+    def place(self, table: str, key: str, value: dict[str, Any] | None, partition: int) -> None:
+        self.put(table, key, value)
         if value is None:
-            self._data[table].pop(key, None)
             self._owned[(table, partition)].discard(key)
         else:
-            self._data[table][key] = value
             self._owned[(table, partition)].add(key)
 
     def apply(self, writes: Sequence[StateWrite]) -> None:
         for write in writes:
-            self.put(write.table, write.key, write.value, write.partition)
+            self.place(write.table, write.key, write.value, write.partition)
 
     def drop(self, partitions: set[int]) -> None:
         for partition in partitions:
-            for table, data in self._data.items():
+            for table in self.topics:
                 for key in self._owned.pop((table, partition), set()):
-                    data.pop(key, None)
+                    self.put(table, key, None)
         self.partitions -= partitions
-
-    def size(self) -> int:
-        return sum(len(data) for data in self._data.values())
 
     def prune(self, table: str, older_than: float) -> int:
         """Forget values whose ``at`` (epoch seconds) is before ``older_than``; returns how many.
@@ -149,10 +145,10 @@ class Tables:
         For tables whose state topic deletes by time as well as compacting (the message table):
         Kafka drops the same records from the topic, so a restore would not bring them back.
         """
-        data = self._data[table]
+        data = self.values(table)
         expired = [key for key, value in data.items() if float(value.get("at", 0)) < older_than]
         for key in expired:
-            partition = data.pop(key).get("partition")
+            partition = (self.put(table, key, None) or {}).get("partition")
             if isinstance(partition, int):
                 self._owned[(table, partition)].discard(key)
         return len(expired)
@@ -345,7 +341,7 @@ class ProcessorLoop:
                         raise FatalError(f"restoring {message.topic()}: {error}")
                     table = by_topic[message.topic() or ""]
                     key = (message.key() or b"").decode()
-                    self.tables.put(
+                    self.tables.place(
                         table, key, decode_state(message.value()), message.partition() or 0
                     )
                     count += 1
@@ -444,7 +440,7 @@ class ProcessorLoop:
         if self._one_at_a_time:
             self._one_by_one(records)
             return
-        result = self.processor.process(records, self.tables.read)
+        result = self.processor.process(records, self.tables)
         states = [encode_state(write.value) for write in result.writes]
         if not self._oversized(result, states):
             outcome = self._transact(records, result, states)
@@ -465,7 +461,7 @@ class ProcessorLoop:
         outputs Kafka refuses for good, goes to its dead-letter topic with none of its effects."""
         set_aside: list[str] = []
         for index, record in enumerate(records):
-            result = self.processor.process([record], self.tables.read)
+            result = self.processor.process([record], self.tables)
             states = [encode_state(write.value) for write in result.writes]
             refusal: tuple[str, str] | None = None
             outcome = None

@@ -11,7 +11,6 @@ mid-batch.
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -37,8 +36,14 @@ from schemas.events import (
 )
 from streams.conversations import Delivery, DeliveryKind, RejectReason, command_rejected
 
-#: Unread seqs tracked one by one per conversation; beyond this only the count grows.
-MAX_TRACKED_UNREAD = 10_000
+#: Runs of unread seqs kept per conversation. Unread messages are the other members' messages
+#: after the read position; the seqs between runs are recalls and edits (they take seqs and are
+#: not unread) — own messages end every run, as sending reads the conversation. Beyond this many
+#: runs the two oldest merge, and the count then includes the recalls and edits between them.
+MAX_UNREAD_RANGES = 64
+#: Online devices tracked per user; a connect beyond it replaces the device seen longest ago
+#: (the ingress caps connections per user well below this).
+MAX_DEVICES = 64
 
 
 @dataclass(slots=True)
@@ -47,10 +52,9 @@ class ConversationView:
 
     last_seq: int = 0
     read_seq: int = 0
-    #: Seqs of other members' messages after ``read_seq``, ascending.
-    unread_seqs: list[int] = field(default_factory=list)
-    #: Unread messages beyond ``MAX_TRACKED_UNREAD`` (counted, not tracked).
-    unread_overflow: int = 0
+    #: Other members' messages after ``read_seq``: ascending, disjoint ``[first, last]`` runs
+    #: of seqs, at most ``MAX_UNREAD_RANGES``.
+    unread_ranges: list[list[int]] = field(default_factory=list)
     muted: bool = False
     muted_until: datetime | None = None
     last_push_at: datetime | None = None
@@ -58,7 +62,37 @@ class ConversationView:
 
     @property
     def unread(self) -> int:
-        return len(self.unread_seqs) + self.unread_overflow
+        return sum(last - first + 1 for first, last in self.unread_ranges)
+
+    def add_unread(self, seq: int) -> None:
+        """Count ``seq`` as unread (once, however often it comes)."""
+        runs = self.unread_ranges
+        if not runs or seq > runs[-1][1] + 1:
+            runs.append([seq, seq])
+        elif seq == runs[-1][1] + 1:
+            runs[-1][1] = seq
+        else:  # older than the newest run (rare: seqs arrive in order): the general case
+            if any(first <= seq <= last for first, last in runs):
+                return
+            runs.append([seq, seq])
+            runs.sort()
+            merged: list[list[int]] = []
+            for first, last in runs:
+                if merged and first <= merged[-1][1] + 1:
+                    merged[-1][1] = max(merged[-1][1], last)
+                else:
+                    merged.append([first, last])
+            runs[:] = merged
+        if len(runs) > MAX_UNREAD_RANGES:
+            runs[0:2] = [[runs[0][0], runs[1][1]]]
+
+    def read_through(self, seq: int) -> None:
+        """Everything up to ``seq`` is read."""
+        runs = self.unread_ranges
+        while runs and runs[0][1] <= seq:
+            runs.pop(0)
+        if runs and runs[0][0] <= seq:
+            runs[0][0] = seq + 1
 
     def is_muted(self, now: datetime) -> bool:
         return self.muted and (self.muted_until is None or now < self.muted_until)
@@ -67,8 +101,7 @@ class ConversationView:
         return {
             "last_seq": self.last_seq,
             "read_seq": self.read_seq,
-            "unread_seqs": self.unread_seqs,
-            "unread_overflow": self.unread_overflow,
+            "unread": self.unread_ranges,
             "muted": self.muted,
             "muted_until": self.muted_until.isoformat() if self.muted_until else None,
             "last_push_at": self.last_push_at.isoformat() if self.last_push_at else None,
@@ -81,16 +114,18 @@ class ConversationView:
             value = data.get(key)
             return datetime.fromisoformat(value) if value else None
 
-        return cls(
+        view = cls(
             last_seq=int(data.get("last_seq", 0)),
             read_seq=int(data.get("read_seq", 0)),
-            unread_seqs=[int(seq) for seq in data.get("unread_seqs", [])],
-            unread_overflow=int(data.get("unread_overflow", 0)),
+            unread_ranges=[[int(first), int(last)] for first, last in data.get("unread", [])],
             muted=bool(data.get("muted", False)),
             muted_until=when("muted_until"),
             last_push_at=when("last_push_at"),
             merged_since_push=int(data.get("merged_since_push", 0)),
         )
+        for seq in data.get("unread_seqs", ()):  # written before runs (one seq each)
+            view.add_unread(int(seq))
+        return view
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,15 +169,26 @@ class OnlineDevice:
 
 @dataclass(slots=True)
 class UserState:
-    """Everything the user processor keeps for one user (a table value, JSON-serialised)."""
+    """What the user processor knows of one user for one input.
+
+    Stored fine-grained (``streams.state``): the header (sync id, devices, push preferences, the
+    unread total) as one value and each conversation's view as another. ``conversations`` holds
+    the views the input concerns (every view only for a badge cleared everywhere); the unread of
+    the others is ``unread_elsewhere``. Every rule below reads and changes only those.
+    """
 
     last_sync_id: int = 0
     conversations: dict[str, ConversationView] = field(default_factory=dict)
     devices: dict[str, OnlineDevice] = field(default_factory=dict)
     push: PushPreferences = field(default_factory=PushPreferences)
+    unread_elsewhere: int = 0
 
     def view(self, conversation_id: str) -> ConversationView:
         return self.conversations.setdefault(conversation_id, ConversationView())
+
+    def unread_total(self) -> int:
+        """Unread messages over all the user's conversations (the badge number)."""
+        return self.unread_elsewhere + sum(view.unread for view in self.conversations.values())
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -311,10 +357,7 @@ def _on_message(
         _on_own_read(view, seq)
         return
     if seq > view.read_seq:
-        if len(view.unread_seqs) < MAX_TRACKED_UNREAD:
-            bisect.insort(view.unread_seqs, seq)
-        else:
-            view.unread_overflow += 1
+        view.add_unread(seq)
     if state.devices:
         return
     # A mute of the conversation or of every push: the message counts as unread (above) but
@@ -330,7 +373,7 @@ def _on_message(
         message_id=message.message_id,
         sender_id=message.sender_id,
         merged_count=view.merged_since_push,
-        unread_total=sum(other.unread for other in state.conversations.values()),
+        unread_total=state.unread_total(),
         quiet_hours=state.push.quiet_hours,
         locale=state.push.locale,
     )
@@ -343,10 +386,7 @@ def _on_own_read(view: ConversationView, seq: int) -> None:
     if seq <= view.read_seq:
         return
     view.read_seq = seq
-    cut = bisect.bisect_right(view.unread_seqs, seq)
-    del view.unread_seqs[:cut]
-    if not view.unread_seqs:
-        view.unread_overflow = 0
+    view.read_through(seq)
 
 
 def apply_own_command(state: UserState, command: Event) -> UserOutcome:
@@ -405,6 +445,9 @@ def apply_presence(state: UserState, event: DeviceConnected | DeviceDisconnected
         online = OnlineDevice(node_id=payload.node_id, connection_id=payload.connection_id)
         if current == online:
             return False
+        if current is None and len(state.devices) >= MAX_DEVICES:
+            del state.devices[next(iter(state.devices))]  # the one connected longest ago
+        state.devices.pop(payload.device_id, None)  # the newest connection goes last
         state.devices[payload.device_id] = online
         return True
     if current is None or current.connection_id != payload.connection_id:

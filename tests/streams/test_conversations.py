@@ -323,7 +323,7 @@ def test_only_the_owner_deletes_and_nothing_happens_afterwards() -> None:
 def test_state_survives_its_json_form() -> None:
     state = group()
     state.last_seq = 42
-    assert ConversationState.from_json(state.to_json()) == state
+    assert ConversationState.from_json(state.to_json(), state.members) == state
     record = MessageRecord(sender_id="bob", conversation_seq=7, recalled=True)
     assert MessageRecord.from_json(record.to_json()) == record
 

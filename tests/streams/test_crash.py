@@ -20,7 +20,6 @@ import random
 import threading
 import time
 from collections import Counter, defaultdict
-from typing import Any
 
 from pipelines.settings import Settings
 from schemas.events import (
@@ -35,8 +34,9 @@ from schemas.events import (
     parse_event,
 )
 from schemas.topics import topic_catalog
+from streams.processors import USERS_TABLE, stored_user
 from streams.runtime import decode_state
-from streams.users import UserState
+from streams.state import MemoryState
 from tests.streams.support import (
     TENANT,
     Worker,
@@ -146,14 +146,9 @@ def test_sigkilled_worker_keeps_every_message_exactly_once(
         assert all(a < b for a, b in itertools.pairwise(sync_ids)), user
 
     # Unread counts in the restored user state equal the messages from others.
-    states: dict[str, dict[str, Any]] = {}
+    states = MemoryState()
     for record in read_records(stream_settings, catalog.user_state.name):
-        value = decode_state(record.value)
-        key = (record.key or b"").decode()
-        if value is None:
-            states.pop(key, None)
-        else:
-            states[key] = value
+        states.put(USERS_TABLE, (record.key or b"").decode(), decode_state(record.value))
     for conversation_id, users in members.items():
         log = sorted(
             (order[send.event_id] or 0, send.actor.user_id if send.actor else "")
@@ -165,5 +160,6 @@ def test_sigkilled_worker_keeps_every_message_exactly_once(
             own = [seq for seq, sender in log if sender == user]
             read_up_to = own[-1] if own else 0
             implied = sum(1 for seq, sender in log if sender != user and seq > read_up_to)
-            state = UserState.from_json(states[f"{TENANT}/{user}"]["user"])
+            state = stored_user(states, f"{TENANT}/{user}")
+            assert state is not None, user
             assert state.conversations[conversation_id].unread == implied, user

@@ -58,7 +58,9 @@ from schemas.events import (
     parse_event,
 )
 from schemas.topics import TopicCatalog, topic_catalog
+from streams.processors import USERS_TABLE, stored_user
 from streams.runtime import decode_state
+from streams.state import MemoryState
 from streams.users import UserState
 from tests.streams.support import TENANT, Worker
 
@@ -176,11 +178,10 @@ class Kafka:
         return state
 
     def user_state_or_none(self, user: str) -> UserState | None:
-        latest: dict[str, Any] = {}
+        latest = MemoryState()
         for key, value in self.records(self.catalog.user_state.name):
-            latest[(key or b"").decode()] = decode_state(value)
-        stored = latest.get(f"{TENANT}/{user}")
-        return UserState.from_json(stored["user"]) if stored else None
+            latest.put(USERS_TABLE, (key or b"").decode(), decode_state(value))
+        return stored_user(latest, f"{TENANT}/{user}")
 
     def devices_online(self, user: str, count: int) -> None:
         """Wait until the user processor has applied ``count`` online devices of ``user``

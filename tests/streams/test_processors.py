@@ -53,26 +53,21 @@ from streams.processors import (
     UserSettings,
 )
 from streams.records import InputRecord, OutputRecord, StateWrite
+from streams.state import MemoryState
 
 TENANT = "acme"
 CATALOG = topic_catalog(Settings())
 
 
-class Tables:
+class Tables(MemoryState):
     """Table state as the processors read it, written only when a batch 'commits' its state."""
 
-    def __init__(self) -> None:
-        self.data: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
-
     def read(self, table: str, key: str) -> dict[str, Any] | None:
-        return self.data[table].get(key)
+        return self.get(table, key)
 
     def write(self, writes: Sequence[StateWrite]) -> None:
         for write in writes:
-            if write.value is None:
-                self.data[write.table].pop(write.key, None)
-            else:
-                self.data[write.table][write.key] = write.value
+            self.put(write.table, write.key, write.value)
 
 
 def create_group(conversation_id: str, members: list[str]) -> ConversationCreated:
@@ -125,7 +120,7 @@ def test_messages_are_sequenced_and_fanned_out_with_positions() -> None:
     processor = ConversationProcessor(CATALOG, ConversationSettings())
     events: list[Event] = [create_group("c-1", ["alice", "bob", "carol"])]
     events += [send("c-1", "bob", f"m{index}") for index in range(3)]
-    result = processor.process(command_records(events), tables.read)
+    result = processor.process(command_records(events), tables)
     sequenced = [o for o in result.outputs if o.topic == CATALOG.messages_sequenced.name]
     inbox = [
         InboxRecord.model_validate_json(o.value or b"")
@@ -151,9 +146,9 @@ def test_a_replayed_batch_is_skipped_once_its_state_is_written() -> None:
     tables = Tables()
     processor = ConversationProcessor(CATALOG, ConversationSettings())
     records = command_records([create_group("c-1", ["alice", "bob"]), send("c-1", "bob", "m1")])
-    first = processor.process(records, tables.read)
+    first = processor.process(records, tables)
     tables.write(first.writes)
-    again = processor.process(records, tables.read)
+    again = processor.process(records, tables)
     assert again.outputs == []
     assert again.skipped == len(records)
 
@@ -161,8 +156,8 @@ def test_a_replayed_batch_is_skipped_once_its_state_is_written() -> None:
 def test_a_replayed_batch_without_its_state_gives_identical_outputs() -> None:
     processor = ConversationProcessor(CATALOG, ConversationSettings())
     records = command_records([create_group("c-1", ["alice", "bob"]), send("c-1", "bob", "m1")])
-    first = processor.process(records, Tables().read)
-    again = processor.process(records, Tables().read)
+    first = processor.process(records, Tables())
+    again = processor.process(records, Tables())
     assert again.outputs == first.outputs
 
 
@@ -170,7 +165,7 @@ def test_a_retried_send_creates_nothing_and_returns_the_original_seq() -> None:
     tables = Tables()
     processor = ConversationProcessor(CATALOG, ConversationSettings())
     events: list[Event] = [create_group("c-1", ["alice", "bob"]), send("c-1", "bob", "m1")]
-    tables.write(processor.process(command_records(events), tables.read).writes)
+    tables.write(processor.process(command_records(events), tables).writes)
     retry = InputRecord(
         topic=CATALOG.messages_in.name,
         partition=0,
@@ -178,7 +173,7 @@ def test_a_retried_send_creates_nothing_and_returns_the_original_seq() -> None:
         key=conversation_key(TENANT, "c-1"),
         value=encode_event(send("c-1", "bob", "m1")),
     )
-    result = processor.process([retry], tables.read)
+    result = processor.process([retry], tables)
     # Nothing is sequenced or queued; the sender's online devices hear the original id and seq.
     (answer,) = result.outputs
     assert answer.topic == CATALOG.user_inbox.name
@@ -202,7 +197,7 @@ def test_poison_records_go_to_the_dead_letter_topic_and_the_batch_goes_on() -> N
     poison = InputRecord(
         topic=CATALOG.messages_in.name, partition=0, offset=7, key=b"acme/c-1", value=b"{not json"
     )
-    result = processor.process([poison, *good], Tables().read)
+    result = processor.process([poison, *good], Tables())
     (dead,) = [o for o in result.outputs if o.topic == CATALOG.messages_in.dead_letter]
     assert dead.value == b"{not json"
     headers = dict(dead.headers)
@@ -216,7 +211,7 @@ def test_non_members_get_a_rejection_in_their_queue() -> None:
     tables = Tables()
     processor = ConversationProcessor(CATALOG, ConversationSettings())
     events: list[Event] = [create_group("c-1", ["alice", "bob"]), send("c-1", "mallory", "m1")]
-    result = processor.process(command_records(events), tables.read)
+    result = processor.process(command_records(events), tables)
     (rejection,) = [
         InboxRecord.model_validate_json(o.value or b"")
         for o in result.outputs
@@ -229,7 +224,7 @@ def test_non_members_get_a_rejection_in_their_queue() -> None:
 def test_large_groups_get_one_shared_advanced_event() -> None:
     processor = ConversationProcessor(CATALOG, ConversationSettings(large_group_threshold=2))
     events: list[Event] = [create_group("c-1", ["alice", "bob", "carol"]), send("c-1", "bob", "m1")]
-    result = processor.process(command_records(events), Tables().read)
+    result = processor.process(command_records(events), Tables())
     advanced = [
         InboxRecord.model_validate_json(o.value or b"").event
         for o in result.outputs
@@ -263,12 +258,12 @@ def test_user_processor_assigns_sync_ids_routes_live_and_pushes_offline() -> Non
     conversations = ConversationProcessor(CATALOG, ConversationSettings())
     conversation_tables = Tables()
     events: list[Event] = [create_group("c-1", ["alice", "bob"]), send("c-1", "bob", "m1")]
-    first = conversations.process(command_records(events), conversation_tables.read)
+    first = conversations.process(command_records(events), conversation_tables)
     conversation_tables.write(first.writes)
     inbox = as_inputs(first.outputs, CATALOG.user_inbox.name, 0)
     users = UserProcessor(CATALOG, UserSettings())
     tables = Tables()
-    offline = users.process(inbox, tables.read)
+    offline = users.process(inbox, tables)
     tables.write(offline.writes)
     pushes = [
         PushJob.model_validate_json(o.value or b"")
@@ -278,16 +273,16 @@ def test_user_processor_assigns_sync_ids_routes_live_and_pushes_offline() -> Non
     assert [(job.user_id, job.merged_count) for job in pushes] == [("alice", 1)]
     assert not [o for o in offline.outputs if o.topic == CATALOG.live_delivery.name]
 
-    tables.write(users.process([presence_record(0)], tables.read).writes)
+    tables.write(users.process([presence_record(0)], tables).writes)
     more = as_inputs(
         conversations.process(
             command_records([*events, send("c-1", "bob", "m2")])[2:],
-            conversation_tables.read,
+            conversation_tables,
         ).outputs,
         CATALOG.user_inbox.name,
         len(inbox),
     )
-    online = users.process(more, tables.read)
+    online = users.process(more, tables)
     (live,) = [
         LiveDelivery.model_validate_json(o.value or b"")
         for o in online.outputs
@@ -318,7 +313,7 @@ def test_push_settings_reach_every_device_and_shape_the_push_jobs() -> None:
         send("c-1", "bob", "m1"),
         send("c-1", "bob", "m2"),
     ]
-    first = conversations.process(command_records(events), conversation_tables.read)
+    first = conversations.process(command_records(events), conversation_tables)
     inbox = as_inputs(first.outputs, CATALOG.user_inbox.name, 0)
     alice_inbox = [record for record in inbox if record.key == user_key(TENANT, "alice")]
     created, message_1, message_2 = alice_inbox
@@ -331,7 +326,7 @@ def test_push_settings_reach_every_device_and_shape_the_push_jobs() -> None:
             presence_record(0),
             push_settings_record(0, UserPushSettingsChangedPayload(muted=True)),
         ],
-        tables.read,
+        tables,
     )
     tables.write(muted.writes)
     # Every device of the user sees the change: in the sync queue, and live to the online one.
@@ -367,15 +362,15 @@ def test_push_settings_reach_every_device_and_shape_the_push_jobs() -> None:
         key=user_key(TENANT, "alice"),
         value=encode_event(offline),
     )
-    silenced = users.process([gone, created, message_1], tables.read)
+    silenced = users.process([gone, created, message_1], tables)
     tables.write(silenced.writes)
     assert [o.topic for o in silenced.outputs if o.topic == CATALOG.push_jobs.name] == []
     assert len([o for o in silenced.outputs if o.topic == CATALOG.sync_events.name]) == 2
 
     # Unmuted with quiet hours and a locale: the next job carries them.
     preferences = UserPushSettingsChangedPayload(quiet_hours=nights, locale="de-DE")
-    tables.write(users.process([push_settings_record(1, preferences)], tables.read).writes)
-    pushed = users.process([message_2], tables.read)
+    tables.write(users.process([push_settings_record(1, preferences)], tables).writes)
+    pushed = users.process([message_2], tables)
     (job,) = [
         PushJob.model_validate_json(o.value or b"")
         for o in pushed.outputs
@@ -412,7 +407,7 @@ def run_with_crashes(
         position = 0
         while position < len(log):
             batch = log[position : position + batch_size]
-            result: BatchResult = processor.process(batch, tables.read)
+            result: BatchResult = processor.process(batch, tables)
             sink(result.outputs)
             if rng.random() < 0.3:
                 # Crash: this batch's state is lost (maybe some earlier too); resume at commit.
@@ -485,14 +480,12 @@ def test_a_command_without_an_actor_is_dead_lettered_and_changes_nothing() -> No
     processor = ConversationProcessor(CATALOG, ConversationSettings())
     tables = Tables()
     tables.write(
-        processor.process(
-            command_records([create_group("c-1", ["alice", "bob"])]), tables.read
-        ).writes
+        processor.process(command_records([create_group("c-1", ["alice", "bob"])]), tables).writes
     )
     orphan = ConversationDeleted.new(
         tenant_id=TENANT, payload=ConversationDeletedPayload(conversation_id="c-1")
     )
-    result = processor.process(command_records([orphan, send("c-1", "bob", "m1")]), tables.read)
+    result = processor.process(command_records([orphan, send("c-1", "bob", "m1")]), tables)
     (dead,) = [o for o in result.outputs if o.topic == CATALOG.messages_in.dead_letter]
     assert dict(dead.headers)["imstream.error.code"] == ACTOR_MISSING.encode()
     assert result.dead_lettered == 1
@@ -507,10 +500,11 @@ def test_a_record_the_rules_cannot_handle_is_dead_lettered() -> None:
     processor = ConversationProcessor(CATALOG, ConversationSettings())
     good = command_records([create_group("c-1", ["alice", "bob"])])
 
-    def failing_read(table: str, key: str) -> dict[str, Any] | None:
-        raise RuntimeError("state store broke")
+    class Failing(MemoryState):
+        def get(self, table: str, key: str) -> dict[str, Any] | None:
+            raise RuntimeError("state store broke")
 
-    result = processor.process(good, failing_read)
+    result = processor.process(good, Failing())
     (dead,) = result.outputs
     assert dead.topic == CATALOG.messages_in.dead_letter
     assert dict(dead.headers)["imstream.error.code"] == b"processing-failed"
