@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,11 +135,13 @@ def group_scenario(messages: int, groups: int, size: int) -> Scenario:
     return Scenario(f"group{size}", conversations, messages, ConversationKind.GROUP)
 
 
-def fill(settings: Settings, catalog: TopicCatalog, scenario: Scenario, progress: Progress) -> int:
-    """Write the scenario's commands to ``im.messages.in``; returns the number of records."""
+def fill(
+    settings: Settings, catalog: TopicCatalog, events: Iterable[Event], progress: Progress
+) -> int:
+    """Write commands to ``im.messages.in``; returns the number of records."""
     producer = Producer(kafka_producer_config(settings, **{"enable.idempotence": True}))
     count = 0
-    for event in scenario.events():
+    for event in events:
         conversation_id = str(getattr(event.payload, "conversation_id", ""))
         while True:
             try:
@@ -415,7 +417,7 @@ def run_scenario(
         # A fresh catalog per layout: the worker starts from empty state and an unread input.
         layout_settings = with_topic_prefix(settings, f"{settings.kafka.topic_prefix}{layout}.")
         with bench_topics(layout_settings, progress) as catalog:
-            fill(layout_settings, catalog, scenario, progress)
+            fill(layout_settings, catalog, scenario.events(), progress)
             runs.append(
                 run_stage(
                     layout_settings,

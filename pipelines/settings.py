@@ -148,6 +148,9 @@ class StreamsSettings(_Group):
     max_record_bytes: Annotated[int, Field(ge=1024, le=1_000_000)] = 900_000
     message_retention_days: Annotated[float, Field(gt=0)] = 7.0
     push_collapse_seconds: Annotated[float, Field(ge=0)] = 30.0
+    #: Where each processor loop keeps its state store (LMDB, one directory per loop and
+    #: instance; docs/streams.md "State store"); defaults to <stack.state_dir>/streams.
+    state_dir: Path | None = None
 
 
 class SinkSettings(_Group):
@@ -275,6 +278,12 @@ class Settings(BaseSettings):
                 f"IM_AUTH__JWT_PUBLIC_KEY_PATH)"
             )
         return self
+
+    @property
+    def stream_state_dir(self) -> Path:
+        """The stream workers' state stores, resolved against the stack state dir when unset."""
+        chosen = self.streams.state_dir
+        return chosen.expanduser().resolve() if chosen else self.stack.state_dir / "streams"
 
     @property
     def chdb_path(self) -> Path:

@@ -55,8 +55,10 @@ from confluent_kafka import (
     KafkaException,
     Message,
     Producer,
+    TopicCollection,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient
 
 from core.readiness import ReadyFile
 from pipelines.connections import kafka_config, kafka_consumer_config, kafka_producer_config
@@ -75,8 +77,9 @@ from streams.processors import (
     UserSettings,
     dead_letter,
 )
-from streams.records import Headers, InputRecord, StateWrite
-from streams.state import MemoryState, StateReader
+from streams.records import Headers, InputRecord
+from streams.state import StateReader
+from streams.store import StateStore
 from streams.users import PushPolicy
 
 log = logging.getLogger(__name__)
@@ -87,6 +90,10 @@ READY_MESSAGE = "stream worker ready"
 #: How long a blocking Kafka call (init, send offsets, commit, abort) may take before we give up.
 KAFKA_CALL_TIMEOUT = 60.0
 PROGRESS_INTERVAL = 10.0
+#: How often a loop records the store's checkpoints (the tail a restart reads is at most this old).
+CHECKPOINT_INTERVAL = 10.0
+#: Kafka's default ``delete.retention.ms``: how long a compacted topic keeps a deletion.
+DELETE_RETENTION_MS = 86_400_000
 
 
 class Processor(Protocol):
@@ -106,52 +113,6 @@ def decode_state(value: bytes | None) -> dict[str, Any] | None:
         return None
     decoded = pydantic_core.from_json(value)
     return decoded if isinstance(decoded, dict) else None
-
-
-class Tables(MemoryState):
-    """The in-memory tables of one loop (``streams.state``), each key owned by the input
-    partition that wrote it, so a revoked partition's state can be dropped."""
-
-    def __init__(self, topics: Mapping[str, Topic]) -> None:
-        super().__init__(list(topics))
-        self.topics = dict(topics)
-        self._owned: dict[tuple[str, int], set[str]] = defaultdict(set)
-        self.partitions: set[int] = set()
-
-    def read(self, table: str, key: str) -> dict[str, Any] | None:
-        return self.get(table, key)
-
-    def place(self, table: str, key: str, value: dict[str, Any] | None, partition: int) -> None:
-        self.put(table, key, value)
-        if value is None:
-            self._owned[(table, partition)].discard(key)
-        else:
-            self._owned[(table, partition)].add(key)
-
-    def apply(self, writes: Sequence[StateWrite]) -> None:
-        for write in writes:
-            self.place(write.table, write.key, write.value, write.partition)
-
-    def drop(self, partitions: set[int]) -> None:
-        for partition in partitions:
-            for table in self.topics:
-                for key in self._owned.pop((table, partition), set()):
-                    self.put(table, key, None)
-        self.partitions -= partitions
-
-    def prune(self, table: str, older_than: float) -> int:
-        """Forget values whose ``at`` (epoch seconds) is before ``older_than``; returns how many.
-
-        For tables whose state topic deletes by time as well as compacting (the message table):
-        Kafka drops the same records from the topic, so a restore would not bring them back.
-        """
-        data = self.values(table)
-        expired = [key for key, value in data.items() if float(value.get("at", 0)) < older_than]
-        for key in expired:
-            partition = (self.put(table, key, None) or {}).get("partition")
-            if isinstance(partition, int):
-                self._owned[(table, partition)].discard(key)
-        return len(expired)
 
 
 @dataclass
@@ -228,12 +189,20 @@ class ProcessorLoop:
         self.config = config
         self.processor = processor
         self.stop = stop
-        self.tables = Tables(config.tables)
         self.stats = LoopStats()
         self.ready = threading.Event()
         streams = settings.streams
         prefix = settings.kafka.topic_prefix
         self.group_id = f"{prefix}{streams.app_id}-{config.name}"
+        self.store = StateStore(
+            settings.stream_state_dir / f"{self.group_id}-{instance_id}",
+            config.tables,
+            expiring=config.retention,
+        )
+        #: The input partitions assigned, whose state is restored in the store.
+        self.partitions: set[int] = set()
+        self._last_checkpoint = time.monotonic()
+        self._topic_ids: dict[str, str] = {}
         self._epoch = 0
         self._log = logging.getLogger(f"{__name__}.{config.name}")
         #: The codes of records Kafka refused in the current transaction (delivery reports).
@@ -283,29 +252,87 @@ class ProcessorLoop:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._epoch += 1
-        numbers = {tp.partition for tp in partitions} - self.tables.partitions
+        numbers = {tp.partition for tp in partitions} - self.partitions
         if numbers:
             self._restore(numbers)
         self._log.info(
-            "assigned %s; %d state values in memory", _describe(partitions), self.tables.size()
+            "assigned %s; %d state values in the store", _describe(partitions), self.store.size()
         )
         self.ready.set()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._epoch += 1
         kept = {tp.partition for tp in consumer.assignment()} - {tp.partition for tp in partitions}
-        gone = self.tables.partitions - kept
-        self.tables.drop(gone)
-        self._log.info(
-            "revoked %s; dropped state partitions %s", _describe(partitions), sorted(gone)
-        )
+        gone = self.partitions - kept
+        # The store keeps their values (only the keys of assigned partitions are ever read): if
+        # they come back, the restore reads only what another worker wrote meanwhile.
+        self.partitions -= gone
+        self._log.info("revoked %s; state partitions %s", _describe(partitions), sorted(gone))
+
+    def _restore_from(self, partitions: set[int]) -> dict[tuple[str, int], int]:
+        """Where each state partition's restore starts: its checkpoint when the store can trust
+        it, else the beginning.
+
+        The store is emptied, and every assigned partition read from the beginning, when a
+        checkpoint is of another topic of the same name (deleted and created again), past the
+        partition's end, or older than the topic keeps deletions (``delete.retention.ms``: a
+        deletion in the tail may have been compacted away)."""
+        self._topic_ids = self._state_topic_ids()
+        starts: dict[tuple[str, int], int] = {}
+        now = time.time()
+        for topic in self.config.tables.values():
+            keep = float(topic.configs().get("delete.retention.ms", DELETE_RETENTION_MS)) / 1000
+            for partition in partitions:
+                checkpoint = self.store.checkpoint(topic.name, partition)
+                if checkpoint is None:
+                    starts[(topic.name, partition)] = OFFSET_BEGINNING
+                    continue
+                low, high = self.consumer.get_watermark_offsets(
+                    TopicPartition(topic.name, partition), timeout=KAFKA_CALL_TIMEOUT, cached=False
+                )
+                distrust = None
+                if checkpoint.topic_id != self._topic_ids[topic.name]:
+                    distrust = "was written for another topic of that name"
+                elif checkpoint.offset > high:
+                    distrust = f"is past the partition's end ({checkpoint.offset} > {high})"
+                elif now - checkpoint.at > keep:
+                    distrust = f"is {(now - checkpoint.at) / 3600:.0f} h old, older than the "
+                    distrust += "topic keeps deletions"
+                if distrust is not None:
+                    self._log.warning(
+                        "the store's checkpoint of %s[%d] %s: emptying the store and restoring "
+                        "every assigned partition from the beginning",
+                        topic.name,
+                        partition,
+                        distrust,
+                    )
+                    self.store.wipe()
+                    everything = partitions | self.partitions
+                    self.partitions.clear()
+                    return {
+                        (t.name, p): OFFSET_BEGINNING
+                        for t in self.config.tables.values()
+                        for p in everything
+                    }
+                # Before the log start only records deleted by time (the message table, which
+                # the store prunes itself by the same retention).
+                starts[(topic.name, partition)] = max(checkpoint.offset, low)
+        return starts
+
+    def _state_topic_ids(self) -> dict[str, str]:
+        admin = AdminClient(kafka_config(self.settings))
+        names = [topic.name for topic in self.config.tables.values()]
+        described = admin.describe_topics(TopicCollection(names))
+        return {
+            name: str(future.result(KAFKA_CALL_TIMEOUT).topic_id)
+            for name, future in described.items()
+        }
 
     def _restore(self, partitions: set[int]) -> None:
-        """Read the state topics' ``partitions`` from the beginning to their end."""
-        if not self.config.tables:
-            self.tables.partitions |= partitions
-            return
+        """Read the state topics' ``partitions`` from the store's checkpoints to their end."""
         started = time.monotonic()
+        starts = self._restore_from(partitions)
+        partitions = {partition for _topic, partition in starts}
         restorer = Consumer(
             kafka_config(
                 self.settings,
@@ -319,12 +346,9 @@ class ProcessorLoop:
             )
         )
         by_topic = {topic.name: name for name, topic in self.config.tables.items()}
-        assignment = [
-            TopicPartition(topic.name, partition, OFFSET_BEGINNING)
-            for topic in self.config.tables.values()
-            for partition in sorted(partitions)
-        ]
+        assignment = [TopicPartition(t, p, offset) for (t, p), offset in sorted(starts.items())]
         pending = {(tp.topic, tp.partition) for tp in assignment}
+        ends: dict[tuple[str, int], int] = {}
         restorer.assign(assignment)
         count = 0
         last_progress = started
@@ -332,42 +356,65 @@ class ProcessorLoop:
             while pending:
                 if self.stop.is_set():
                     raise FatalError("stopped during restore")
+                read: dict[str, list[tuple[bytes, bytes | None]]] = defaultdict(list)
                 for message in restorer.consume(10_000, timeout=0.1):
                     error = message.error()
+                    tp = (message.topic() or "", message.partition() or 0)
                     if error is not None:
                         if error.code() == KafkaError._PARTITION_EOF:
-                            pending.discard((message.topic() or "", message.partition() or 0))
+                            pending.discard(tp)
+                            ends[tp] = message.offset() or 0
                             continue
                         raise FatalError(f"restoring {message.topic()}: {error}")
-                    table = by_topic[message.topic() or ""]
-                    key = (message.key() or b"").decode()
-                    self.tables.place(
-                        table, key, decode_state(message.value()), message.partition() or 0
-                    )
+                    read[by_topic[tp[0]]].append((message.key() or b"", message.value()))
                     count += 1
+                for table, records in read.items():
+                    self.store.restore(table, records)
                 now = time.monotonic()
                 if now - last_progress > PROGRESS_INTERVAL:
                     last_progress = now
                     self._log.info("restoring: %d state records read so far", count)
         finally:
             restorer.close()
-        self.tables.partitions |= partitions
+        self.store.set_checkpoints(ends, self._topic_ids)
+        self.partitions |= partitions
         self.stats.restored += count
         self._log.info(
-            "restored %d state records for partitions %s in %.2fs",
+            "restored %d state records for partitions %s in %.2fs (from %s)",
             count,
             sorted(partitions),
             time.monotonic() - started,
+            "the beginning"
+            if all(offset == OFFSET_BEGINNING for offset in starts.values())
+            else "the store's checkpoints",
         )
+
+    def _checkpoint(self) -> None:
+        """Record, per state partition, the offset the store is at or past: its high watermark,
+        read between two transactions (every write of this loop committed and in the store)."""
+        offsets = {}
+        for topic in self.config.tables.values():
+            for partition in self.partitions:
+                _low, high = self.consumer.get_watermark_offsets(
+                    TopicPartition(topic.name, partition), timeout=KAFKA_CALL_TIMEOUT, cached=False
+                )
+                offsets[(topic.name, partition)] = high
+        self.store.set_checkpoints(offsets, self._topic_ids)
+        self._last_checkpoint = time.monotonic()
 
     # -- the loop --
 
     def run(self) -> None:
+        stopped = False
         try:
             self._run()
+            stopped = True
         finally:
+            if stopped and self.partitions:
+                self._checkpoint()  # a clean stop: the next start reads no tail at all
             self.consumer.close()
             self.producer.flush(10)
+            self.store.close()
 
     def _run(self) -> None:
         streams = self.settings.streams
@@ -408,10 +455,12 @@ class ProcessorLoop:
                 self._report(reported, now - last_progress)
                 reported = LoopStats(**{**self.stats.__dict__, "extra": {}})
                 last_progress = now
+            if self.partitions and now - self._last_checkpoint >= CHECKPOINT_INTERVAL:
+                self._checkpoint()
             if self.config.retention and now - last_prune >= 60.0:
                 last_prune = now
                 for table, retention in self.config.retention.items():
-                    pruned = self.tables.prune(table, time.time() - retention.total_seconds())
+                    pruned = self.store.prune(table, time.time() - retention.total_seconds())
                     if pruned:
                         self._log.info("pruned %d %s older than %s", pruned, table, retention)
 
@@ -440,7 +489,7 @@ class ProcessorLoop:
         if self._one_at_a_time:
             self._one_by_one(records)
             return
-        result = self.processor.process(records, self.tables)
+        result = self.processor.process(records, self.store)
         states = [encode_state(write.value) for write in result.writes]
         if not self._oversized(result, states):
             outcome = self._transact(records, result, states)
@@ -461,7 +510,7 @@ class ProcessorLoop:
         outputs Kafka refuses for good, goes to its dead-letter topic with none of its effects."""
         set_aside: list[str] = []
         for index, record in enumerate(records):
-            result = self.processor.process([record], self.tables)
+            result = self.processor.process([record], self.store)
             states = [encode_state(write.value) for write in result.writes]
             refusal: tuple[str, str] | None = None
             outcome = None
@@ -550,7 +599,7 @@ class ProcessorLoop:
             codes = {error.code(), *self._refusals}
             refused = not codes.isdisjoint(PERMANENT_RECORD_ERRORS)
             return Transaction.REFUSED if refused else Transaction.ABORTED
-        self.tables.apply(result.writes)
+        self.store.apply(result.writes)
         stats = self.stats
         stats.records += len(records)
         stats.batches += 1
@@ -649,7 +698,7 @@ class ProcessorLoop:
             self.stats.skipped - before.skipped,
             self.stats.dead_lettered - before.dead_lettered,
             self.stats.aborted - before.aborted,
-            self.tables.size(),
+            self.store.size(),
         )
 
 

@@ -7,10 +7,12 @@ keyspaces and ClickHouse databases, so tests never see each other's data.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from cassandra.cluster import Session
@@ -26,8 +28,22 @@ from tests.sinks.push.fakes.tls import LocalPki, make_local_pki
 from tests.sinks.push.support import ApnsKey
 
 
+@pytest.fixture(scope="session", autouse=True)
+def stream_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The stream workers' state stores (LMDB) of this session: under pytest's temporary
+    directory (every worker process the tests start inherits it), not the checkout's."""
+    path = tmp_path_factory.mktemp("stream-state")
+    before = os.environ.get("IM_STREAMS__STATE_DIR")
+    os.environ["IM_STREAMS__STATE_DIR"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("IM_STREAMS__STATE_DIR", None)
+    else:
+        os.environ["IM_STREAMS__STATE_DIR"] = before
+
+
 @pytest.fixture(scope="session")
-def settings() -> Settings:
+def settings(stream_state_dir: Path) -> Settings:
     return Settings()
 
 

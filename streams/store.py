@@ -1,0 +1,228 @@
+"""The processors' tables on disk: one LMDB environment per processor loop, a checkpoint per state
+topic partition, so a restarted or rebalanced worker restores only the changelog's tail.
+
+The compacted state topics stay the source of truth (docs/streams.md, "State store"). The store is
+a cache of them that survives restarts:
+
+- a batch's writes reach the store only after its Kafka transaction committed, in one LMDB write
+  transaction: the store never holds state Kafka does not;
+- every ``CHECKPOINT_INTERVAL`` (and at a clean stop) the loop records, per state partition, an
+  offset of the state topic that everything in the store is at or past (the partition's high
+  watermark read between two transactions, when all the loop's writes are committed and applied);
+- on assignment the loop reads each state partition from its checkpoint to the end. A worker
+  killed between a commit and the store write re-reads that batch's state records from its
+  older checkpoint: the same values, applied again.
+
+A checkpoint older than the state topic's ``delete.retention.ms`` is not trusted (a deletion in
+the tail may have been compacted away since): the store is emptied and restored in full.
+
+Why LMDB: one write transaction holds the batch's values and the checkpoints together, so the store
+and its checkpoint always agree; reads are memory-mapped (no copy into Python until a value is
+decoded); keys are sorted, so a parent's children (``streams.state``) are one range scan. Values are
+JSON; recently used ones are kept decoded in a bounded cache in front of the store.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import pydantic_core
+
+from streams.records import StateWrite
+from streams.state import CHILD_SEPARATOR
+
+#: Virtual size of the memory map: the most the store can grow to (files grow with use only).
+MAP_SIZE = 1 << 40
+#: Decoded values kept in front of the store.
+CACHE_ENTRIES = 200_000
+_CHECKPOINTS = b"__checkpoints"
+_EXPIRY = b"__expiry"
+_MILLIS = struct.Struct(">Q")
+_MISSING: Any = object()
+
+
+def encode(value: dict[str, Any]) -> bytes:
+    return pydantic_core.to_json(value)
+
+
+def decode(value: bytes) -> dict[str, Any]:
+    decoded = pydantic_core.from_json(value)
+    if not isinstance(decoded, dict):
+        raise ValueError("a state value is a JSON object")
+    return decoded
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """The state topic offset a partition's values in the store are at or past."""
+
+    offset: int
+    #: When it was written (epoch seconds).
+    at: float
+    #: The state topic's Kafka topic id: a topic deleted and created again is another topic.
+    topic_id: str
+
+
+class StateStore:
+    """The tables of one processor loop in an LMDB environment at ``path``.
+
+    ``expiring`` names tables whose values carry ``at`` (epoch seconds) and are forgotten after a
+    retention (the message table): an index by time makes each prune cost what it removes.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        tables: Iterable[str],
+        *,
+        expiring: Iterable[str] = (),
+        cache_entries: int = CACHE_ENTRIES,
+    ) -> None:
+        self.path = path
+        self._names = list(tables)
+        self._expiring = set(expiring)
+        self._cache_entries = cache_entries
+        self._cache: dict[tuple[str, str], dict[str, Any] | None] = {}
+        path.mkdir(parents=True, exist_ok=True)
+        # sync/metasync off: a committed LMDB transaction survives the process being killed (the
+        # pages are in the OS cache); a machine crash may undo the last ones, and then the
+        # checkpoint written with them is undone too — the restore reads their records again.
+        self._env = lmdb.open(
+            str(path),
+            map_size=MAP_SIZE,
+            max_dbs=len(self._names) + 2,
+            sync=False,
+            metasync=False,
+            readahead=False,
+        )
+        self._dbs = {name: self._env.open_db(name.encode()) for name in self._names}
+        self._checkpoints = self._env.open_db(_CHECKPOINTS)
+        self._expiry = self._env.open_db(_EXPIRY)
+
+    def close(self) -> None:
+        self._env.close()
+
+    # -- reads (``streams.state.StateReader``) --
+
+    def get(self, table: str, key: str) -> dict[str, Any] | None:
+        cached = self._cache.get((table, key), _MISSING)
+        if cached is not _MISSING:
+            return cached  # type: ignore[no-any-return]
+        with self._env.begin(db=self._dbs[table], buffers=True) as txn:
+            raw = txn.get(key.encode())
+            value = None if raw is None else decode(bytes(raw))
+        self._remember(table, key, value)
+        return value
+
+    def children(self, table: str, parent: str) -> list[str]:
+        prefix = f"{parent}{CHILD_SEPARATOR}".encode()
+        found: list[str] = []
+        with self._env.begin(db=self._dbs[table]) as txn:
+            cursor = txn.cursor()
+            if cursor.set_range(prefix):
+                for key in cursor.iternext(keys=True, values=False):
+                    if not key.startswith(prefix):
+                        break
+                    found.append(key[len(prefix) :].decode())
+        return found
+
+    def size(self) -> int:
+        with self._env.begin() as txn:
+            return sum(txn.stat(db)["entries"] for db in self._dbs.values())
+
+    # -- writes --
+
+    def apply(self, writes: Sequence[StateWrite]) -> None:
+        """A committed batch's writes, in one LMDB transaction."""
+        with self._env.begin(write=True) as txn:
+            for write in writes:
+                self._write(txn, write.table, write.key, write.value)
+        for write in writes:
+            self._remember(write.table, write.key, write.value)
+
+    def restore(self, table: str, records: Sequence[tuple[bytes, bytes | None]]) -> None:
+        """State records read from the state topic (key, JSON value or None), in order."""
+        with self._env.begin(write=True) as txn:
+            for key, raw in records:
+                value = None if raw is None else decode(raw)
+                self._write(txn, table, key.decode(), value)
+                self._cache.pop((table, key.decode()), None)
+
+    def _write(
+        self, txn: lmdb.Transaction, table: str, key: str, value: dict[str, Any] | None
+    ) -> None:
+        db = self._dbs[table]
+        encoded = key.encode()
+        if value is None:
+            txn.delete(encoded, db=db)
+            return
+        txn.put(encoded, encode(value), db=db)
+        if table in self._expiring:
+            at = float(value.get("at", 0))
+            txn.put(_expiry_key(table, at, encoded), b"", db=self._expiry)
+
+    def _remember(self, table: str, key: str, value: dict[str, Any] | None) -> None:
+        cache = self._cache
+        if len(cache) >= self._cache_entries:
+            for stale in list(cache)[: self._cache_entries // 10]:
+                del cache[stale]
+        cache[(table, key)] = value
+
+    def prune(self, table: str, older_than: float) -> int:
+        """Forget values of an expiring table whose ``at`` is before ``older_than``."""
+        prefix = table.encode() + b"\0"
+        cutoff = _expiry_key(table, older_than, b"")
+        db = self._dbs[table]
+        pruned = 0
+        with self._env.begin(write=True) as txn:
+            cursor = txn.cursor(db=self._expiry)
+            if not cursor.set_range(prefix):
+                return 0
+            while cursor.key().startswith(prefix) and cursor.key() < cutoff:
+                key = cursor.key()[len(prefix) + _MILLIS.size :]
+                raw = txn.get(key, db=db)
+                # A value written again later has a later entry of its own: keep it.
+                if raw is not None and float(decode(raw).get("at", 0)) < older_than:
+                    txn.delete(key, db=db)
+                    self._cache.pop((table, key.decode()), None)
+                    pruned += 1
+                if not cursor.delete():
+                    break
+        return pruned
+
+    # -- checkpoints --
+
+    def checkpoint(self, topic: str, partition: int) -> Checkpoint | None:
+        """A state partition's checkpoint, or None."""
+        with self._env.begin(db=self._checkpoints) as txn:
+            raw = txn.get(f"{topic}:{partition}".encode())
+        if raw is None:
+            return None
+        value = decode(raw)
+        return Checkpoint(int(value["offset"]), float(value["at"]), str(value["topic_id"]))
+
+    def set_checkpoints(
+        self, offsets: Mapping[tuple[str, int], int], topic_ids: Mapping[str, str]
+    ) -> None:
+        now = time.time()
+        with self._env.begin(write=True, db=self._checkpoints) as txn:
+            for (topic, partition), offset in offsets.items():
+                value = {"offset": offset, "at": now, "topic_id": topic_ids[topic]}
+                txn.put(f"{topic}:{partition}".encode(), encode(value))
+
+    def wipe(self) -> None:
+        """Empty every table and forget every checkpoint."""
+        with self._env.begin(write=True) as txn:
+            for db in (*self._dbs.values(), self._checkpoints, self._expiry):
+                txn.drop(db, delete=False)
+        self._cache.clear()
+
+
+def _expiry_key(table: str, at: float, key: bytes) -> bytes:
+    return table.encode() + b"\0" + _MILLIS.pack(max(0, int(at * 1000))) + key
