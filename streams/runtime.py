@@ -9,19 +9,21 @@ one Kafka transaction:
 3. in one transaction, produce the outputs, the state changes (to the processor's compacted state
    topics) and the batch's input offsets (``send_offsets_to_transaction`` with the consumer's
    group metadata, KIP-447);
-4. commit the transaction, and only then apply the state changes to the in-memory tables.
+4. commit the transaction, and only then apply the state changes to the loop's state store.
 
 Either all of a batch's effects are in Kafka — outputs, new state and consumed offsets — or none
 is. Delivery guarantee: exactly once for every input, as read by ``read_committed`` consumers
 (every imstream consumer is one; it is librdkafka's default). docs/streams.md gives the argument.
 
-State is a dict per table in memory, restored from the state topic's partitions when the group
-assigns the matching input partitions (state topics are co-partitioned with the inputs), and
-dropped for partitions taken away. A crashed worker restarts from the last committed transaction:
-the state topics and the committed offsets always describe the same point.
+State lives in an on-disk store per loop (``streams.store``, LMDB), a cache of the compacted state
+topics: when the group assigns input partitions, the matching state partitions (state topics are
+co-partitioned with the inputs) are read from the store's checkpoints to their end — only the
+tail a restart or a rebalance missed. A crashed worker restarts from the last committed
+transaction: the state topics and the committed offsets always describe the same point, and the
+store is brought up to it before anything is processed.
 
 Errors: a transaction Kafka asks us to abort is aborted and the batch is read again from its first
-offset (the in-memory state was not touched). A batch with an output or state record larger than
+offset (the store was not touched). A batch with an output or state record larger than
 a Kafka record may be (``IM_STREAMS__MAX_RECORD_BYTES``), or with a record Kafka refuses for good
 when the transaction commits (a topic with a smaller ``max.message.bytes``), is processed again
 one input per transaction: the input at fault goes to its dead-letter topic (``output-too-large``,

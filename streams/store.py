@@ -147,12 +147,22 @@ class StateStore:
             self._remember(write.table, write.key, write.value)
 
     def restore(self, table: str, records: Sequence[tuple[bytes, bytes | None]]) -> None:
-        """State records read from the state topic (key, JSON value or None), in order."""
+        """State records read from the state topic (key, JSON value or None), in order: stored as
+        they are (decoded only where the time index needs the value's ``at``)."""
+        db = self._dbs[table]
+        expiring = table in self._expiring
+        cache = self._cache
         with self._env.begin(write=True) as txn:
             for key, raw in records:
-                value = None if raw is None else decode(raw)
-                self._write(txn, table, key.decode(), value)
-                self._cache.pop((table, key.decode()), None)
+                if raw is None:
+                    txn.delete(key, db=db)
+                else:
+                    txn.put(key, raw, db=db)
+                    if expiring:
+                        at = float(decode(raw).get("at", 0))
+                        txn.put(_expiry_key(table, at, key), b"", db=self._expiry)
+                if cache:
+                    cache.pop((table, key.decode()), None)
 
     def _write(
         self, txn: lmdb.Transaction, table: str, key: str, value: dict[str, Any] | None
