@@ -141,6 +141,10 @@ class StreamsSettings(_Group):
     producer_linger_seconds: Annotated[float, Field(ge=0)] = 0.002
     large_group_threshold: Annotated[int, Field(ge=2)] = 500
     max_members: Annotated[int, Field(ge=2)] = 100_000
+    #: Group-size limits of particular tenants (JSON, e.g. ``{"acme": 5000}``), in place of
+    #: ``max_members``: a create naming more members, or an add past it, is refused
+    #: (``group-full``).
+    tenant_max_members: dict[str, Annotated[int, Field(ge=2)]] = Field(default_factory=dict)
     #: The largest output or state record a processor writes (key, value and headers). An input
     #: whose outputs or state would be larger goes to its dead-letter topic (``output-too-large``)
     #: instead of failing the transaction — which would stop the stage for everyone. Kept under

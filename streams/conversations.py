@@ -254,7 +254,7 @@ def decide(
     """
     requester = _requester(command)
     if isinstance(command, ConversationCreated):
-        return _create(state, command, requester)
+        return _create(state, command, requester, max_members)
     if state is None:
         return _reject(command, requester, RejectReason.CONVERSATION_NOT_FOUND)
     if state.deleted:
@@ -288,7 +288,7 @@ def decide(
 
 
 def _create(
-    state: ConversationState | None, command: ConversationCreated, requester: str
+    state: ConversationState | None, command: ConversationCreated, requester: str, max_members: int
 ) -> Outcome:
     payload = command.payload
     # A direct conversation's id is the one its pair derives (so nobody else can hold it), and
@@ -311,6 +311,8 @@ def _create(
         return _reject(command, requester, RejectReason.CONVERSATION_EXISTS)
     if requester and requester not in payload.members:
         return _reject(command, requester, RejectReason.NOT_A_MEMBER)
+    if len(set(payload.members)) > max_members:
+        return _reject(command, requester, RejectReason.GROUP_FULL)
     if payload.kind is ConversationKind.DIRECT:
         members = dict.fromkeys(payload.members, Role.MEMBER)
     else:

@@ -230,6 +230,8 @@ def _split_conversation(
 class ConversationSettings:
     large_group_threshold: int = 500
     max_members: int = 100_000
+    #: Per-tenant group-size limits, where a tenant's differs from ``max_members``.
+    max_members_by_tenant: Mapping[str, int] = field(default_factory=dict)
     #: How long message records are kept for dedupe and for authorising recalls and edits.
     message_retention: timedelta = timedelta(days=7)
 
@@ -301,7 +303,9 @@ class ConversationProcessor(_BatchProcessor):
             command,
             messages=records,
             large_group_threshold=self.settings.large_group_threshold,
-            max_members=self.settings.max_members,
+            max_members=self.settings.max_members_by_tenant.get(
+                command.tenant_id, self.settings.max_members
+            ),
         )
         self._emit(
             command,

@@ -750,6 +750,7 @@ def build_loops(
                     ConversationSettings(
                         large_group_threshold=streams.large_group_threshold,
                         max_members=streams.max_members,
+                        max_members_by_tenant=streams.tenant_max_members,
                         message_retention=retention,
                     ),
                 ),

@@ -8,9 +8,14 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+import pytest
+
+from pipelines.settings import Settings
 from schemas.events import (
     Actor,
     CommandRejected,
+    ConversationMemberAdded,
+    ConversationMemberAddedPayload,
     ConversationMemberRoleChanged,
     ConversationMemberRoleChangedPayload,
     DeviceConnected,
@@ -291,3 +296,42 @@ def test_state_in_the_former_layout_is_split_when_first_touched() -> None:
     assert isinstance(sync.event, MessageSent) and sync.event.payload.conversation_seq == 3
     header = pipeline.user_tables.get(USERS_TABLE, ann)
     assert header is not None and "user" not in header and header["unread_total"] == 3
+
+
+def test_a_tenants_group_size_limit_refuses_creates_and_adds_past_it() -> None:
+    pipeline = Pipeline()
+    pipeline.conversations = ConversationProcessor(
+        CATALOG, ConversationSettings(max_members_by_tenant={TENANT: 3})
+    )
+    _decided, refused = pipeline.run([create_group("big", ["ann", "bob", "cy", "dee"])])
+    _decided, created = pipeline.run([create_group("small", ["ann", "bob", "cy"])])
+    _decided, added = pipeline.run([_add("small", "ann", "dee")])
+
+    def events(result: BatchResult) -> list[Event]:
+        return [
+            SyncRecord.model_validate_json(o.value or b"").event
+            for o in result.outputs
+            if o.topic == CATALOG.sync_events.name
+        ]
+
+    (rejected,) = events(refused)
+    assert isinstance(rejected, CommandRejected) and rejected.payload.reason == "group-full"
+    assert len(events(created)) == 3
+    (rejected,) = events(added)
+    assert isinstance(rejected, CommandRejected) and rejected.payload.reason == "group-full"
+
+
+def test_the_tenant_limits_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IM_STREAMS__TENANT_MAX_MEMBERS", '{"acme": 5000}')
+    assert Settings().streams.tenant_max_members == {"acme": 5000}
+    monkeypatch.setenv("IM_STREAMS__TENANT_MAX_MEMBERS", '{"acme": 1}')
+    with pytest.raises(ValueError, match="tenant_max_members"):
+        Settings()
+
+
+def _add(conversation_id: str, actor: str, user: str) -> Event:
+    return ConversationMemberAdded.new(
+        tenant_id=TENANT,
+        actor=Actor(user_id=actor),
+        payload=ConversationMemberAddedPayload(conversation_id=conversation_id, user_id=user),
+    )
