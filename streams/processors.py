@@ -143,6 +143,8 @@ class _BatchProcessor:
 
     def __init__(self, catalog: TopicCatalog) -> None:
         self.catalog = catalog
+        #: ``catalog.by_name`` without its walk over the catalog (once per record).
+        self.topics = {topic.name: topic for topic in catalog}
 
     def process(self, batch: Sequence[InputRecord], state: StateReader) -> BatchResult:
         return _process_each(self.catalog, batch, state, self._one)
@@ -250,7 +252,7 @@ class ConversationProcessor(_BatchProcessor):
         self.settings = settings
 
     def _one(self, record: InputRecord, overlay: _Overlay, result: BatchResult) -> None:
-        source = self.catalog.by_name(record.topic)
+        source = self.topics[record.topic]
         try:
             command = parse_event(record.value or b"")
         except SchemaError as error:
@@ -528,7 +530,7 @@ class UserProcessor(_BatchProcessor):
         self.settings = settings
 
     def _one(self, record: InputRecord, overlay: _Overlay, result: BatchResult) -> None:
-        source = self.catalog.by_name(record.topic)
+        source = self.topics[record.topic]
         try:
             if source is self.catalog.user_inbox or source.name == self.catalog.user_inbox.name:
                 inbox = InboxRecord.model_validate_json(record.value or b"")
@@ -714,9 +716,10 @@ def stored_user(state: StateReader, key: str) -> UserState | None:
 
 
 def _user_header(state: UserState, applied: dict[str, int]) -> dict[str, Any]:
-    header = state.to_json()
-    del header["conversations"]
-    return {**header, "unread_total": state.unread_total(), "applied": applied}
+    header = state.header_json()
+    header["unread_total"] = state.unread_total()
+    header["applied"] = applied
+    return header
 
 
 def _split_user(

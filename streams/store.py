@@ -121,6 +121,9 @@ class StateStore:
         return value
 
     def children(self, table: str, parent: str) -> list[str]:
+        cached = self._cache.get((table, parent + CHILD_SEPARATOR), _MISSING)
+        if cached is not _MISSING:
+            return list(cached)
         prefix = f"{parent}{CHILD_SEPARATOR}".encode()
         found: list[str] = []
         with self._env.begin(db=self._dbs[table]) as txn:
@@ -130,7 +133,9 @@ class StateStore:
                     if not key.startswith(prefix):
                         break
                     found.append(key[len(prefix) :].decode())
-        return found
+        # Cached under "<parent>#" (no value's key): dropped when a child is added or removed.
+        self._remember(table, parent + CHILD_SEPARATOR, found)  # type: ignore[arg-type]
+        return list(found)
 
     def size(self) -> int:
         with self._env.begin() as txn:
@@ -144,7 +149,7 @@ class StateStore:
             for write in writes:
                 self._write(txn, write.table, write.key, write.value)
         for write in writes:
-            self._remember(write.table, write.key, write.value)
+            self._written(write.table, write.key, write.value)
 
     def restore(self, table: str, records: Sequence[tuple[bytes, bytes | None]]) -> None:
         """State records read from the state topic (key, JSON value or None), in order: stored as
@@ -162,7 +167,11 @@ class StateStore:
                         at = float(decode(raw).get("at", 0))
                         txn.put(_expiry_key(table, at, key), b"", db=self._expiry)
                 if cache:
-                    cache.pop((table, key.decode()), None)
+                    decoded = key.decode()
+                    cache.pop((table, decoded), None)
+                    parent, separator, _child = decoded.rpartition(CHILD_SEPARATOR)
+                    if separator:
+                        cache.pop((table, parent + CHILD_SEPARATOR), None)
 
     def _write(
         self, txn: lmdb.Transaction, table: str, key: str, value: dict[str, Any] | None
@@ -176,6 +185,14 @@ class StateStore:
         if table in self._expiring:
             at = float(value.get("at", 0))
             txn.put(_expiry_key(table, at, encoded), b"", db=self._expiry)
+
+    def _written(self, table: str, key: str, value: dict[str, Any] | None) -> None:
+        """The cache after a write of ``key``: its value, and its parent's list of children
+        dropped (a child added or removed)."""
+        parent, separator, _child = key.rpartition(CHILD_SEPARATOR)
+        if separator:
+            self._cache.pop((table, parent + CHILD_SEPARATOR), None)
+        self._remember(table, key, value)
 
     def _remember(self, table: str, key: str, value: dict[str, Any] | None) -> None:
         cache = self._cache

@@ -62,7 +62,10 @@ class ConversationView:
 
     @property
     def unread(self) -> int:
-        return sum(last - first + 1 for first, last in self.unread_ranges)
+        total = 0
+        for first, last in self.unread_ranges:
+            total += last - first + 1
+        return total
 
     def add_unread(self, seq: int) -> None:
         """Count ``seq`` as unread (once, however often it comes)."""
@@ -110,21 +113,21 @@ class ConversationView:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ConversationView:
-        def when(key: str) -> datetime | None:
-            value = data.get(key)
-            return datetime.fromisoformat(value) if value else None
-
+        # Read once per input for each view it concerns: kept to plain lookups.
+        muted_until = data.get("muted_until")
+        last_push_at = data.get("last_push_at")
         view = cls(
-            last_seq=int(data.get("last_seq", 0)),
-            read_seq=int(data.get("read_seq", 0)),
-            unread_ranges=[[int(first), int(last)] for first, last in data.get("unread", [])],
-            muted=bool(data.get("muted", False)),
-            muted_until=when("muted_until"),
-            last_push_at=when("last_push_at"),
-            merged_since_push=int(data.get("merged_since_push", 0)),
+            int(data.get("last_seq", 0)),
+            int(data.get("read_seq", 0)),
+            [[int(first), int(last)] for first, last in data.get("unread", ())],
+            bool(data.get("muted", False)),
+            datetime.fromisoformat(muted_until) if muted_until else None,
+            datetime.fromisoformat(last_push_at) if last_push_at else None,
+            int(data.get("merged_since_push", 0)),
         )
-        for seq in data.get("unread_seqs", ()):  # written before runs (one seq each)
-            view.add_unread(int(seq))
+        if "unread_seqs" in data:  # written before runs (one seq each)
+            for seq in data["unread_seqs"]:
+                view.add_unread(int(seq))
         return view
 
 
@@ -161,6 +164,9 @@ class PushPreferences:
         )
 
 
+_NO_PUSH_PREFERENCES = PushPreferences()
+
+
 @dataclass(frozen=True, slots=True)
 class OnlineDevice:
     node_id: str
@@ -192,15 +198,23 @@ class UserState:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "last_sync_id": self.last_sync_id,
+            **self.header_json(),
             "conversations": {cid: view.to_json() for cid, view in self.conversations.items()},
+        }
+
+    def header_json(self) -> dict[str, Any]:
+        """Everything but the conversations' views (each stored as a value of its own)."""
+        header: dict[str, Any] = {
+            "last_sync_id": self.last_sync_id,
             "devices": {
                 device: [online.node_id, online.connection_id]
                 for device, online in self.devices.items()
             },
-            # Only once set: the state of a user who never chose is what it was before.
-            **({"push": self.push.to_json()} if self.push != PushPreferences() else {}),
         }
+        if self.push != _NO_PUSH_PREFERENCES:
+            # Only once set: the state of a user who never chose is what it was before.
+            header["push"] = self.push.to_json()
+        return header
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> UserState:

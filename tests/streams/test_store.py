@@ -70,3 +70,18 @@ def test_checkpoints_and_wipe(tmp_path: Path) -> None:
     assert state.get("users", "acme/ann") is None
     assert state.checkpoint("im.state.users", 1) is None
     assert state.size() == 0
+
+
+def test_a_parents_children_follow_writes_and_restores(tmp_path: Path) -> None:
+    state = store(tmp_path)
+    state.apply([StateWrite("users", "acme/ann#c-1", {"read_seq": 1}, 0)])
+    assert state.children("users", "acme/ann") == ["c-1"]  # now cached
+    state.apply([StateWrite("users", "acme/ann#c-2", {"read_seq": 2}, 0)])
+    assert sorted(state.children("users", "acme/ann")) == ["c-1", "c-2"]
+    state.apply([StateWrite("users", "acme/ann#c-1", None, 0)])
+    assert state.children("users", "acme/ann") == ["c-2"]
+    state.restore("users", [(b"acme/ann#c-3", b'{"read_seq": 3}'), (b"acme/ann#c-2", None)])
+    assert state.children("users", "acme/ann") == ["c-3"]
+    # Reading a child (a member looked up) leaves the list as it is.
+    assert state.get("users", "acme/ann#c-3") == {"read_seq": 3}
+    assert state.children("users", "acme/ann") == ["c-3"]
