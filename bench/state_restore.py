@@ -232,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "IM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
                 "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
                 "IM_STREAMS__INSTANCE_ID": "bench-restore",
+                "IM_STREAMS__MEMBER_ADMISSION": "open",  # synthetic users never sign in
                 "IM_STREAMS__STATE_DIR": str(log_dir / "state"),
             },
             port=0,

@@ -182,6 +182,7 @@ def run_shape(
                 "IM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
                 "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
                 "IM_STREAMS__INSTANCE_ID": "bench-shape",
+                "IM_STREAMS__MEMBER_ADMISSION": "open",  # synthetic users never sign in
             },
             port=0,
             log_path=log_dir / "worker.log",

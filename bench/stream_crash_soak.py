@@ -114,6 +114,7 @@ def main() -> int:
         **os.environ,
         "IM_KAFKA__TOPIC_PREFIX": prefix,
         "IM_STREAMS__SESSION_TIMEOUT_SECONDS": "6",
+        "IM_STREAMS__MEMBER_ADMISSION": "open",  # synthetic users never sign in
         **({"IM_STREAMS__INSTANCE_ID": args.instance_id} if args.instance_id else {}),
     }
     log_path = Path(tempfile.mkdtemp(prefix="soak-")) / "stream-worker.log"

@@ -211,6 +211,7 @@ def run_stage(
         **os.environ,
         "IM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
         "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
+        "IM_STREAMS__MEMBER_ADMISSION": "open",  # synthetic users never sign in
     }
     counter = Counter(settings, catalog.sync_events.name)
     workers = [

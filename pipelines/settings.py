@@ -119,6 +119,11 @@ class IngressSettings(_Group):
     )
 
 
+class MemberAdmission(StrEnum):
+    KNOWN = "known"
+    OPEN = "open"
+
+
 class StreamsSettings(_Group):
     """The stream worker (``imstream run stream-worker``): batching, fan-out and push policy."""
 
@@ -152,6 +157,10 @@ class StreamsSettings(_Group):
     max_record_bytes: Annotated[int, Field(ge=1024, le=1_000_000)] = 900_000
     message_retention_days: Annotated[float, Field(gt=0)] = 7.0
     push_collapse_seconds: Annotated[float, Field(ge=0)] = 30.0
+    #: Who may be named as a member in a create or an add: ``known`` users only (signed in at
+    #: least once; docs/streams.md "Admission"), or ``open`` (anyone: a trusted tenant's
+    #: provisioning, or tests that never sign their users in).
+    member_admission: MemberAdmission = MemberAdmission.KNOWN
     #: Where each processor loop keeps its state store (LMDB, one directory per loop and
     #: instance; docs/streams.md "State store"); defaults to <stack.state_dir>/streams.
     state_dir: Path | None = None

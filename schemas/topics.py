@@ -154,6 +154,7 @@ class TopicCatalog:
     conversation_state: Topic
     message_state: Topic
     user_state: Topic
+    known_users: Topic
     operator_actions: Topic
     dead_letters: tuple[Topic, ...]
 
@@ -450,6 +451,17 @@ def topic_catalog(
             description="The user processor's state per user (sync id, read positions, "
             "unread counts, mute, online devices, push collapsing), written in the same "
             "transaction as its outputs",
+        ),
+        known_users=topic(
+            "im.users.known",
+            key=KeyKind.USER,
+            partitions=USER_PARTITIONS,
+            retention=None,
+            cleanup=CleanupPolicy.COMPACT,
+            dead_letter=False,
+            description="The users each tenant knows: one record per user, written by the "
+            "user processor when the user first signs in; the conversation processor reads it "
+            "in full to admit members (only known users may be named in a create or an add)",
         ),
         operator_actions=topic(
             "im.operator.actions",

@@ -12,7 +12,7 @@ exactly what the aborted transaction would have written.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -60,6 +60,7 @@ class RejectReason(StrEnum):
     MESSAGE_RECALLED = "message-recalled"
     GROUP_FULL = "group-full"
     CONVERSATION_ID_RESERVED = "conversation-id-reserved"
+    UNKNOWN_USER = "unknown-user"
 
 
 class MemberChanges(Mapping[str, Role]):
@@ -245,16 +246,19 @@ def decide(
     messages: dict[str, MessageRecord] | None = None,
     large_group_threshold: int = 500,
     max_members: int = 100_000,
+    known: Callable[[str], bool] | None = None,
 ) -> Outcome:
     """The outcome of ``command`` on a conversation whose current state is ``state``.
 
     ``messages`` holds the records of the messages the command refers to (recall, edit), looked up
-    by the caller. Sequenced events carry ``conversation_seq``; a message to a group larger than
-    ``large_group_threshold`` reaches members as :attr:`DeliveryKind.ADVANCED`.
+    by the caller. ``known`` tells whether the tenant knows a user (``None``: every user is
+    admitted); a create or an add naming one it does not is refused. Sequenced events carry
+    ``conversation_seq``; a message to a group larger than ``large_group_threshold`` reaches
+    members as :attr:`DeliveryKind.ADVANCED`.
     """
     requester = _requester(command)
     if isinstance(command, ConversationCreated):
-        return _create(state, command, requester, max_members)
+        return _create(state, command, requester, max_members, known)
     if state is None:
         return _reject(command, requester, RejectReason.CONVERSATION_NOT_FOUND)
     if state.deleted:
@@ -275,7 +279,7 @@ def decide(
         case ConversationRenamed():
             return _rename(state, command, requester)
         case ConversationMemberAdded():
-            return _add_member(state, command, requester, max_members)
+            return _add_member(state, command, requester, max_members, known)
         case ConversationMemberRemoved():
             return _remove_member(state, command, requester)
         case ConversationMemberRoleChanged():
@@ -288,7 +292,11 @@ def decide(
 
 
 def _create(
-    state: ConversationState | None, command: ConversationCreated, requester: str, max_members: int
+    state: ConversationState | None,
+    command: ConversationCreated,
+    requester: str,
+    max_members: int,
+    known: Callable[[str], bool] | None,
 ) -> Outcome:
     payload = command.payload
     # A direct conversation's id is the one its pair derives (so nobody else can hold it), and
@@ -313,6 +321,8 @@ def _create(
         return _reject(command, requester, RejectReason.NOT_A_MEMBER)
     if len(set(payload.members)) > max_members:
         return _reject(command, requester, RejectReason.GROUP_FULL)
+    if known is not None and not all(user == requester or known(user) for user in payload.members):
+        return _reject(command, requester, RejectReason.UNKNOWN_USER)
     if payload.kind is ConversationKind.DIRECT:
         members = dict.fromkeys(payload.members, Role.MEMBER)
     else:
@@ -436,7 +446,11 @@ def _rename(state: ConversationState, command: ConversationRenamed, requester: s
 
 
 def _add_member(
-    state: ConversationState, command: ConversationMemberAdded, requester: str, max_members: int
+    state: ConversationState,
+    command: ConversationMemberAdded,
+    requester: str,
+    max_members: int,
+    known: Callable[[str], bool] | None,
 ) -> Outcome:
     if (refused := _managed(state, command, requester)) is not None:
         return refused
@@ -445,6 +459,8 @@ def _add_member(
         return _reject(command, requester, RejectReason.ALREADY_A_MEMBER)
     if len(state.members) >= max_members:
         return _reject(command, requester, RejectReason.GROUP_FULL)
+    if known is not None and not known(user):
+        return _reject(command, requester, RejectReason.UNKNOWN_USER)
     role = command.payload.role
     if role is Role.OWNER or (
         role is Role.ADMIN and state.members.get(requester) is not Role.OWNER

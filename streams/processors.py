@@ -14,10 +14,12 @@ conversation's records to a user once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
+
+import pydantic_core
 
 from schemas.errors import SchemaError
 from schemas.events import (
@@ -71,6 +73,8 @@ log = logging.getLogger(__name__)
 CONVERSATIONS_TABLE = "conversations"
 MESSAGES_TABLE = "messages"
 USERS_TABLE = "users"
+#: The users each tenant knows (``im.users.known``, read in full by the conversation processor).
+KNOWN_USERS_TABLE = "known_users"
 
 
 @dataclass(slots=True)
@@ -145,12 +149,34 @@ class _BatchProcessor:
         self.catalog = catalog
         #: ``catalog.by_name`` without its walk over the catalog (once per record).
         self.topics = {topic.name: topic for topic in catalog}
+        self._parsed: dict[int, Any] = {}
 
     def process(self, batch: Sequence[InputRecord], state: StateReader) -> BatchResult:
-        return _process_each(self.catalog, batch, state, self._one)
+        # Each record parsed once, up front: the state keys the batch will read are then
+        # fetched together (``StateReader.prefetch``) before any rule runs.
+        self._parsed = {id(record): self._parse(record) for record in batch}
+        try:
+            state.prefetch(self._keys(self._parsed.values()))
+            return _process_each(self.catalog, batch, state, self._one)
+        finally:
+            self._parsed = {}
+
+    def _parsed_input(self, record: InputRecord) -> Any:
+        """``record`` as ``_parse`` gave it for this batch."""
+        parsed = self._parsed.get(id(record), _UNPARSED)
+        return self._parse(record) if parsed is _UNPARSED else parsed
+
+    def _parse(self, record: InputRecord) -> Any:
+        raise NotImplementedError
+
+    def _keys(self, parsed: Iterable[Any]) -> dict[str, list[str]]:
+        return {}
 
     def _one(self, record: InputRecord, overlay: _Overlay, result: BatchResult) -> None:
         raise NotImplementedError
+
+
+_UNPARSED = object()
 
 
 class _Overlay:
@@ -234,6 +260,9 @@ class ConversationSettings:
     max_members: int = 100_000
     #: Per-tenant group-size limits, where a tenant's differs from ``max_members``.
     max_members_by_tenant: Mapping[str, int] = field(default_factory=dict)
+    #: Only users the tenant knows (signed in at least once) may be named in a create or an add
+    #: (the worker sets it from ``IM_STREAMS__MEMBER_ADMISSION``, ``known`` by default).
+    known_users_only: bool = False
     #: How long message records are kept for dedupe and for authorising recalls and edits.
     message_retention: timedelta = timedelta(days=7)
 
@@ -251,13 +280,33 @@ class ConversationProcessor(_BatchProcessor):
         super().__init__(catalog)
         self.settings = settings
 
+    def _parse(self, record: InputRecord) -> Event | SchemaError:
+        try:
+            return parse_event(record.value or b"")
+        except SchemaError as error:
+            return error
+
+    def _keys(self, parsed: Iterable[Any]) -> dict[str, list[str]]:
+        conversations: list[str] = []
+        messages: list[str] = []
+        for command in parsed:
+            if isinstance(command, SchemaError):
+                continue
+            conversation_id = getattr(command.payload, "conversation_id", None)
+            if conversation_id is not None:
+                conversations.append(conversation_key(command.tenant_id, conversation_id).decode())
+            if isinstance(command, MessageSent):
+                messages.append(command.event_id)
+            elif isinstance(command, MessageRecalled | MessageEdited):
+                messages.append(command.payload.message_id)
+        return {CONVERSATIONS_TABLE: conversations, MESSAGES_TABLE: messages}
+
     def _one(self, record: InputRecord, overlay: _Overlay, result: BatchResult) -> None:
         source = self.topics[record.topic]
-        try:
-            command = parse_event(record.value or b"")
-        except SchemaError as error:
+        command = self._parsed_input(record)
+        if isinstance(command, SchemaError):
             result.outputs.append(
-                dead_letter(self.catalog, source, record, error.code, error.message)
+                dead_letter(self.catalog, source, record, command.code, command.message)
             )
             result.dead_lettered += 1
             return
@@ -300,10 +349,16 @@ class ConversationProcessor(_BatchProcessor):
             self._mark_applied(overlay, key, stored, record)
             return
         records = self._referenced_messages(command, overlay)
+        tenant_id = command.tenant_id
+
+        def known(user: str) -> bool:
+            return overlay.get(KNOWN_USERS_TABLE, user_key(tenant_id, user).decode()) is not None
+
         outcome = decide(
             state,
             command,
             messages=records,
+            known=known if self.settings.known_users_only else None,
             large_group_threshold=self.settings.large_group_threshold,
             max_members=self.settings.max_members_by_tenant.get(
                 command.tenant_id, self.settings.max_members
@@ -529,22 +584,36 @@ class UserProcessor(_BatchProcessor):
         super().__init__(catalog)
         self.settings = settings
 
+    def _parse(self, record: InputRecord) -> _UserInput | SchemaError | ValueError:
+        try:
+            if record.topic == self.catalog.user_inbox.name:
+                inbox = InboxRecord.model_validate_json(record.value or b"")
+                return _UserInput(inbox, inbox.tenant_id, inbox.user_id, inbox.event)
+            event = parse_event(record.value or b"")
+            return _UserInput(None, event.tenant_id, _owner(event), event)
+        except (SchemaError, ValueError) as error:
+            return error
+
+    def _keys(self, parsed: Iterable[Any]) -> dict[str, list[str]]:
+        keys: list[str] = []
+        for item in parsed:
+            if not isinstance(item, _UserInput):
+                continue
+            key = user_key(item.tenant_id, item.user_id).decode()
+            keys.append(key)
+            concerned = _concerned(item.inbox, item.event)
+            keys.extend(child_key(key, cid) for cid in concerned or ())
+        return {USERS_TABLE: keys}
+
     def _one(self, record: InputRecord, overlay: _Overlay, result: BatchResult) -> None:
         source = self.topics[record.topic]
-        try:
-            if source is self.catalog.user_inbox or source.name == self.catalog.user_inbox.name:
-                inbox = InboxRecord.model_validate_json(record.value or b"")
-                tenant_id, user_id, event = inbox.tenant_id, inbox.user_id, inbox.event
-            else:
-                inbox = None
-                event = parse_event(record.value or b"")
-                tenant_id = event.tenant_id
-                user_id = _owner(event)
-        except (SchemaError, ValueError) as error:
-            code = getattr(error, "code", "schema-invalid")
-            result.outputs.append(dead_letter(self.catalog, source, record, str(code), str(error)))
+        parsed = self._parsed_input(record)
+        if not isinstance(parsed, _UserInput):
+            code = getattr(parsed, "code", "schema-invalid")
+            result.outputs.append(dead_letter(self.catalog, source, record, str(code), str(parsed)))
             result.dead_lettered += 1
             return
+        inbox, tenant_id, user_id, event = parsed
         key = user_key(tenant_id, user_id).decode()
         stored = overlay.get(USERS_TABLE, key)
         if stored is not None and "user" in stored:
@@ -576,6 +645,17 @@ class UserProcessor(_BatchProcessor):
             )
         elif isinstance(event, DeviceConnected | DeviceDisconnected):
             apply_presence(state, event)
+            if isinstance(event, DeviceConnected) and not state.known:
+                # The first sign-in: from now on the user may be named in creates and adds.
+                state.known = True
+                since = {"since": event.occurred_at.isoformat()}
+                result.outputs.append(
+                    OutputRecord(
+                        topic=self.catalog.known_users.name,
+                        key=user_key(tenant_id, user_id),
+                        value=pydantic_core.to_json(since),
+                    )
+                )
         else:
             outcome = apply_own_command(state, event)
         if outcome is not None:
@@ -676,6 +756,15 @@ class UserProcessor(_BatchProcessor):
             key=gateway_key(node_id),
             value=delivery.model_dump_json().encode(),
         )
+
+
+class _UserInput(NamedTuple):
+    """A user processor input, parsed."""
+
+    inbox: InboxRecord | None
+    tenant_id: str
+    user_id: str
+    event: Event
 
 
 def _concerned(inbox: InboxRecord | None, event: Event) -> list[str] | None:

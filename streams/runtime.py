@@ -43,7 +43,7 @@ import socket
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import Enum
@@ -53,6 +53,7 @@ import pydantic_core
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
+    IsolationLevel,
     KafkaError,
     KafkaException,
     Message,
@@ -60,14 +61,15 @@ from confluent_kafka import (
     TopicCollection,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from core.readiness import ReadyFile
 from pipelines.connections import kafka_config, kafka_consumer_config, kafka_producer_config
-from pipelines.settings import Settings
+from pipelines.settings import MemberAdmission, Settings
 from schemas.topics import Topic, TopicCatalog, topic_catalog
 from streams.processors import (
     CONVERSATIONS_TABLE,
+    KNOWN_USERS_TABLE,
     MESSAGES_TABLE,
     OUTPUT_REFUSED,
     OUTPUT_TOO_LARGE,
@@ -137,6 +139,9 @@ class LoopConfig:
     tables: Mapping[str, Topic]
     #: Tables pruned by age (``at`` in the value), with their retention.
     retention: Mapping[str, timedelta] = field(default_factory=dict)
+    #: Global tables: every partition of the topic, read by every member of the group, kept
+    #: up to date between batches (the known users, for the conversation processor).
+    globals: Mapping[str, Topic] = field(default_factory=dict)
 
 
 #: Errors with which Kafka refuses a record for good: sending it again cannot help.
@@ -198,9 +203,14 @@ class ProcessorLoop:
         self.group_id = f"{prefix}{streams.app_id}-{config.name}"
         self.store = StateStore(
             settings.stream_state_dir / f"{self.group_id}-{instance_id}",
-            config.tables,
+            [*config.tables, *config.globals],
             expiring=config.retention,
         )
+        #: Offsets and topic ids of the state topics (see ``_watermarks``).
+        self._admin = AdminClient(kafka_config(settings))
+        #: The global tables' reader and its next offset per (topic, partition).
+        self._globals: Consumer | None = None
+        self._global_positions: dict[tuple[str, int], int] = {}
         #: The input partitions assigned, whose state is restored in the store.
         self.partitions: set[int] = set()
         self._last_checkpoint = time.monotonic()
@@ -279,7 +289,10 @@ class ProcessorLoop:
         checkpoint is of another topic of the same name (deleted and created again), past the
         partition's end, or older than the topic keeps deletions (``delete.retention.ms``: a
         deletion in the tail may have been compacted away)."""
-        self._topic_ids = self._state_topic_ids()
+        self._topic_ids.update(self._state_topic_ids())
+        marks = self._watermarks(
+            [(topic.name, p) for topic in self.config.tables.values() for p in partitions]
+        )
         starts: dict[tuple[str, int], int] = {}
         now = time.time()
         for topic in self.config.tables.values():
@@ -289,9 +302,7 @@ class ProcessorLoop:
                 if checkpoint is None:
                     starts[(topic.name, partition)] = OFFSET_BEGINNING
                     continue
-                low, high = self.consumer.get_watermark_offsets(
-                    TopicPartition(topic.name, partition), timeout=KAFKA_CALL_TIMEOUT, cached=False
-                )
+                low, high = marks[(topic.name, partition)]
                 distrust = None
                 if checkpoint.topic_id != self._topic_ids[topic.name]:
                     distrust = "was written for another topic of that name"
@@ -321,9 +332,33 @@ class ProcessorLoop:
                 starts[(topic.name, partition)] = max(checkpoint.offset, low)
         return starts
 
-    def _state_topic_ids(self) -> dict[str, str]:
-        admin = AdminClient(kafka_config(self.settings))
-        names = [topic.name for topic in self.config.tables.values()]
+    def _watermarks(
+        self, partitions: list[tuple[str, int]]
+    ) -> dict[tuple[str, int], tuple[int, int]]:
+        """``(log start, high watermark)`` of each partition, in one request per kind.
+
+        Through the loop's admin client, not its consumer: the consumer's connections carry its
+        long-polling fetches, and a request queued behind one waits for it (measured: seconds
+        per checkpoint, the loop stalled meanwhile)."""
+        if not partitions:
+            return {}
+        found: dict[str, dict[tuple[str, int], int]] = {}
+        specs = (("low", OffsetSpec.earliest()), ("high", OffsetSpec.latest()))  # type: ignore[no-untyped-call]
+        for name, spec in specs:
+            futures = self._admin.list_offsets(
+                {TopicPartition(topic, partition): spec for topic, partition in partitions},
+                isolation_level=IsolationLevel.READ_UNCOMMITTED,
+                request_timeout=KAFKA_CALL_TIMEOUT,
+            )
+            found[name] = {
+                (tp.topic, tp.partition): future.result().offset for tp, future in futures.items()
+            }
+        return {tp: (found["low"][tp], found["high"][tp]) for tp in found["high"]}
+
+    def _state_topic_ids(self, topics: Iterable[Topic] | None = None) -> dict[str, str]:
+        admin = self._admin
+        chosen = self.config.tables.values() if topics is None else topics
+        names = [topic.name for topic in chosen]
         described = admin.describe_topics(TopicCollection(names))
         return {
             name: str(future.result(KAFKA_CALL_TIMEOUT).topic_id)
@@ -391,16 +426,88 @@ class ProcessorLoop:
             else "the store's checkpoints",
         )
 
+    def _open_globals(self) -> None:
+        """Assign every partition of the global tables' topics from the store's checkpoints (the
+        beginning for a table whose checkpoints it cannot trust) and read them to their end."""
+        started = time.monotonic()
+        topic_ids = self._state_topic_ids(self.config.globals.values())
+        self._topic_ids.update(topic_ids)
+        now = time.time()
+        assignment = []
+        for table, topic in self.config.globals.items():
+            keep = float(topic.configs().get("delete.retention.ms", DELETE_RETENTION_MS)) / 1000
+            checkpoints = [self.store.checkpoint(topic.name, p) for p in range(topic.partitions)]
+            if any(
+                c is None or c.topic_id != topic_ids[topic.name] or now - c.at > keep
+                for c in checkpoints
+            ):
+                self.store.clear(table, topic.name)
+                checkpoints = [None] * topic.partitions
+            for partition, checkpoint in enumerate(checkpoints):
+                offset = checkpoint.offset if checkpoint is not None else OFFSET_BEGINNING
+                assignment.append(TopicPartition(topic.name, partition, offset))
+        self._globals = Consumer(
+            kafka_config(
+                self.settings,
+                **{
+                    "group.id": f"{self.group_id}-globals",
+                    "enable.auto.commit": False,
+                    "isolation.level": "read_committed",
+                    "enable.partition.eof": True,
+                    "auto.offset.reset": "earliest",
+                },
+            )
+        )
+        self._globals.assign(assignment)
+        count = self._read_globals(wait=True)
+        self._log.info(
+            "read %d records of the global tables %s in %.2fs",
+            count,
+            ", ".join(self.config.globals),
+            time.monotonic() - started,
+        )
+
+    def _read_globals(self, *, wait: bool) -> int:
+        """Apply what the global tables' topics hold beyond the reader's positions: everything
+        up to their ends (``wait``), or only what is already fetched."""
+        assert self._globals is not None
+        by_topic = {topic.name: table for table, topic in self.config.globals.items()}
+        pending = {
+            (topic.name, p)
+            for topic in self.config.globals.values()
+            for p in range(topic.partitions)
+        }
+        count = 0
+        while True:
+            read: dict[str, list[tuple[bytes, bytes | None]]] = defaultdict(list)
+            for message in self._globals.consume(10_000, timeout=0.1 if wait else 0):
+                error = message.error()
+                tp = (message.topic() or "", message.partition() or 0)
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        pending.discard(tp)
+                        self._global_positions[tp] = message.offset() or 0
+                        continue
+                    raise FatalError(f"reading {message.topic()}: {error}")
+                read[by_topic[tp[0]]].append((message.key() or b"", message.value()))
+                self._global_positions[tp] = (message.offset() or 0) + 1
+                count += 1
+            for table, records in read.items():
+                self.store.restore(table, records)
+            if not wait or not pending:
+                return count
+            if self.stop.is_set():
+                raise FatalError("stopped while reading the global tables")
+
     def _checkpoint(self) -> None:
         """Record, per state partition, the offset the store is at or past: its high watermark,
-        read between two transactions (every write of this loop committed and in the store)."""
-        offsets = {}
-        for topic in self.config.tables.values():
-            for partition in self.partitions:
-                _low, high = self.consumer.get_watermark_offsets(
-                    TopicPartition(topic.name, partition), timeout=KAFKA_CALL_TIMEOUT, cached=False
-                )
-                offsets[(topic.name, partition)] = high
+        read between two transactions (every write of this loop committed and in the store);
+        and the global tables' positions (what the store holds of them)."""
+        offsets = dict(self._global_positions)
+        marks = self._watermarks(
+            [(topic.name, p) for topic in self.config.tables.values() for p in self.partitions]
+        )
+        offsets.update({tp: high for tp, (_low, high) in marks.items()})
         self.store.set_checkpoints(offsets, self._topic_ids)
         self._last_checkpoint = time.monotonic()
 
@@ -412,15 +519,19 @@ class ProcessorLoop:
             self._run()
             stopped = True
         finally:
-            if stopped and self.partitions:
+            if stopped and (self.partitions or self._global_positions):
                 self._checkpoint()  # a clean stop: the next start reads no tail at all
             self.consumer.close()
+            if self._globals is not None:
+                self._globals.close()
             self.producer.flush(10)
             self.store.close()
 
     def _run(self) -> None:
         streams = self.settings.streams
         self._call(self.producer.init_transactions, "init_transactions", KAFKA_CALL_TIMEOUT)
+        if self.config.globals:
+            self._open_globals()
         self.consumer.subscribe(
             [topic.name for topic in self.config.inputs],
             on_assign=self._on_assign,
@@ -450,6 +561,8 @@ class ProcessorLoop:
                 # offset, so these records will come again; process none of them now.
                 continue
             records = self._records(messages)
+            if self._globals is not None:
+                self._read_globals(wait=False)
             if records:
                 self._process(records)
             now = time.monotonic()
@@ -457,7 +570,8 @@ class ProcessorLoop:
                 self._report(reported, now - last_progress)
                 reported = LoopStats(**{**self.stats.__dict__, "extra": {}})
                 last_progress = now
-            if self.partitions and now - self._last_checkpoint >= CHECKPOINT_INTERVAL:
+            due = now - self._last_checkpoint >= CHECKPOINT_INTERVAL
+            if due and (self.partitions or self._global_positions):
                 self._checkpoint()
             if self.config.retention and now - last_prune >= 60.0:
                 last_prune = now
@@ -601,7 +715,7 @@ class ProcessorLoop:
             codes = {error.code(), *self._refusals}
             refused = not codes.isdisjoint(PERMANENT_RECORD_ERRORS)
             return Transaction.REFUSED if refused else Transaction.ABORTED
-        self.store.apply(result.writes)
+        self.store.apply(result.writes, states)
         stats = self.stats
         stats.records += len(records)
         stats.batches += 1
@@ -744,6 +858,7 @@ def build_loops(
                         MESSAGES_TABLE: catalog.message_state,
                     },
                     retention={MESSAGES_TABLE: retention},
+                    globals={KNOWN_USERS_TABLE: catalog.known_users},
                 ),
                 ConversationProcessor(
                     catalog,
@@ -751,6 +866,7 @@ def build_loops(
                         large_group_threshold=streams.large_group_threshold,
                         max_members=streams.max_members,
                         max_members_by_tenant=streams.tenant_max_members,
+                        known_users_only=streams.member_admission is MemberAdmission.KNOWN,
                         message_retention=retention,
                     ),
                 ),

@@ -15,6 +15,7 @@ conversation of this user" or "every member of this group" is a lookup, not a sc
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 #: Between a parent key and a child id.
@@ -42,6 +43,10 @@ class StateReader(Protocol):
         """The child ids stored under ``parent`` (in no particular order)."""
         ...
 
+    def prefetch(self, keys: Mapping[str, Iterable[str]]) -> None:
+        """A hint: the keys (per table) a batch is about to read, fetched together."""
+        ...
+
 
 class MemoryState:
     """Tables in memory: ``table → key → value``, with each parent's children indexed."""
@@ -57,6 +62,9 @@ class MemoryState:
 
     def children(self, table: str, parent: str) -> list[str]:
         return list(self._children[table].get(parent, ()))
+
+    def prefetch(self, keys: Mapping[str, Iterable[str]]) -> None:
+        """Nothing to fetch: every value is in memory."""
 
     def put(self, table: str, key: str, value: dict[str, Any] | None) -> dict[str, Any] | None:
         """Set (or, with None, delete) a value; returns the value it replaced."""

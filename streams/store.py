@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import struct
 import time
+from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,9 @@ class StateStore:
         self._expiring = set(expiring)
         self._cache_entries = cache_entries
         self._cache: dict[tuple[str, str], dict[str, Any] | None] = {}
+        #: Values of expiring tables prefetched for the current batch (a dedupe lookup per new
+        #: message would otherwise churn the cache): replaced by the next prefetch or write.
+        self._transient: dict[tuple[str, str], dict[str, Any] | None] = {}
         path.mkdir(parents=True, exist_ok=True)
         # sync/metasync off: a committed LMDB transaction survives the process being killed (the
         # pages are in the OS cache); a machine crash may undo the last ones, and then the
@@ -112,13 +116,42 @@ class StateStore:
 
     def get(self, table: str, key: str) -> dict[str, Any] | None:
         cached = self._cache.get((table, key), _MISSING)
+        if cached is _MISSING:
+            cached = self._transient.get((table, key), _MISSING)
         if cached is not _MISSING:
             return cached  # type: ignore[no-any-return]
         with self._env.begin(db=self._dbs[table], buffers=True) as txn:
             raw = txn.get(key.encode())
             value = None if raw is None else decode(bytes(raw))
-        self._remember(table, key, value)
+        if table not in self._expiring:
+            self._remember(table, key, value)
         return value
+
+    def prefetch(self, keys: Mapping[str, Iterable[str]]) -> None:
+        """Read the keys a batch is about to read that the cache does not hold, in one read
+        transaction with one call per table: each LMDB call releases the GIL (see ``apply``)."""
+        wanted = {
+            table: sorted({key for key in names if (table, key) not in self._cache})
+            for table, names in keys.items()
+        }
+        self._transient = {}
+        if not any(wanted.values()):
+            return
+        with self._env.begin(buffers=True) as txn:
+            for table, names in wanted.items():
+                if not names:
+                    continue
+                cursor = txn.cursor(db=self._dbs[table])
+                found = {
+                    bytes(key): decode(bytes(raw))
+                    for key, raw in cursor.getmulti([name.encode() for name in names])
+                }
+                for name in names:
+                    value = found.get(name.encode())
+                    if table in self._expiring:
+                        self._transient[(table, name)] = value
+                    else:
+                        self._remember(table, name, value)
 
     def children(self, table: str, parent: str) -> list[str]:
         cached = self._cache.get((table, parent + CHILD_SEPARATOR), _MISSING)
@@ -143,48 +176,69 @@ class StateStore:
 
     # -- writes --
 
-    def apply(self, writes: Sequence[StateWrite]) -> None:
-        """A committed batch's writes, in one LMDB transaction."""
-        with self._env.begin(write=True) as txn:
-            for write in writes:
-                self._write(txn, write.table, write.key, write.value)
+    def apply(
+        self, writes: Sequence[StateWrite], encoded: Sequence[bytes | None] | None = None
+    ) -> None:
+        """A committed batch's writes (``encoded``: their values as already serialised), in one
+        LMDB transaction with one call per table. Each LMDB call releases the GIL, and in a
+        process with two busy loops a release may wait up to a switch interval (5 ms) to get it
+        back: 20 single puts and gets took 0.7 ms beside a busy thread against 0.013 ms alone,
+        so the stage reads and writes in batches (``prefetch``, ``putmulti``)."""
+        values = [
+            (write.table, write.key.encode(), None if write.value is None else raw)
+            for write, raw in zip(
+                writes,
+                encoded if encoded is not None else [_encoded(w.value) for w in writes],
+                strict=True,
+            )
+        ]
+        self._store(values, [write.value for write in writes])
+        self._transient = {}
         for write in writes:
+            if write.table in self._expiring:
+                continue  # read from the store when needed: see ``_transient``
             self._written(write.table, write.key, write.value)
 
     def restore(self, table: str, records: Sequence[tuple[bytes, bytes | None]]) -> None:
         """State records read from the state topic (key, JSON value or None), in order: stored as
         they are (decoded only where the time index needs the value's ``at``)."""
-        db = self._dbs[table]
+        latest = dict(records)  # a key read twice: its last value
         expiring = table in self._expiring
+        decoded = [decode(raw) if expiring and raw is not None else None for raw in latest.values()]
+        self._store([(table, key, raw) for key, raw in latest.items()], decoded)
         cache = self._cache
-        with self._env.begin(write=True) as txn:
-            for key, raw in records:
-                if raw is None:
-                    txn.delete(key, db=db)
-                else:
-                    txn.put(key, raw, db=db)
-                    if expiring:
-                        at = float(decode(raw).get("at", 0))
-                        txn.put(_expiry_key(table, at, key), b"", db=self._expiry)
-                if cache:
-                    decoded = key.decode()
-                    cache.pop((table, decoded), None)
-                    parent, separator, _child = decoded.rpartition(CHILD_SEPARATOR)
-                    if separator:
-                        cache.pop((table, parent + CHILD_SEPARATOR), None)
+        if cache:
+            for key in latest:
+                text = key.decode()
+                cache.pop((table, text), None)
+                parent, separator, _child = text.rpartition(CHILD_SEPARATOR)
+                if separator:
+                    cache.pop((table, parent + CHILD_SEPARATOR), None)
 
-    def _write(
-        self, txn: lmdb.Transaction, table: str, key: str, value: dict[str, Any] | None
+    def _store(
+        self,
+        values: Sequence[tuple[str, bytes, bytes | None]],
+        decoded: Sequence[dict[str, Any] | None],
     ) -> None:
-        db = self._dbs[table]
-        encoded = key.encode()
-        if value is None:
-            txn.delete(encoded, db=db)
-            return
-        txn.put(encoded, encode(value), db=db)
-        if table in self._expiring:
-            at = float(value.get("at", 0))
-            txn.put(_expiry_key(table, at, encoded), b"", db=self._expiry)
+        """Put (or, with None, delete) each ``(table, key, raw)``; ``decoded`` gives the values
+        of expiring tables their ``at``. Each key appears once."""
+        puts: dict[str, list[tuple[bytes, bytes]]] = defaultdict(list)
+        expiry: list[tuple[bytes, bytes]] = []
+        deletes: list[tuple[str, bytes]] = []
+        for (table, key, raw), value in zip(values, decoded, strict=True):
+            if raw is None:
+                deletes.append((table, key))
+                continue
+            puts[table].append((key, raw))
+            if table in self._expiring and value is not None:
+                expiry.append((_expiry_key(table, float(value.get("at", 0)), key), b""))
+        with self._env.begin(write=True) as txn:
+            for table, items in puts.items():
+                txn.cursor(db=self._dbs[table]).putmulti(items)
+            if expiry:
+                txn.cursor(db=self._expiry).putmulti(expiry)
+            for table, key in deletes:
+                txn.delete(key, db=self._dbs[table])
 
     def _written(self, table: str, key: str, value: dict[str, Any] | None) -> None:
         """The cache after a write of ``key``: its value, and its parent's list of children
@@ -243,12 +297,28 @@ class StateStore:
                 value = {"offset": offset, "at": now, "topic_id": topic_ids[topic]}
                 txn.put(f"{topic}:{partition}".encode(), encode(value))
 
+    def clear(self, table: str, topic: str) -> None:
+        """Empty one table and forget the checkpoints of its state topic ``topic``."""
+        prefix = f"{topic}:".encode()
+        with self._env.begin(write=True) as txn:
+            txn.drop(self._dbs[table], delete=False)
+            cursor = txn.cursor(db=self._checkpoints)
+            if cursor.set_range(prefix):
+                while cursor.key().startswith(prefix):
+                    if not cursor.delete():
+                        break
+        self._cache = {key: value for key, value in self._cache.items() if key[0] != table}
+
     def wipe(self) -> None:
         """Empty every table and forget every checkpoint."""
         with self._env.begin(write=True) as txn:
             for db in (*self._dbs.values(), self._checkpoints, self._expiry):
                 txn.drop(db, delete=False)
         self._cache.clear()
+
+
+def _encoded(value: dict[str, Any] | None) -> bytes | None:
+    return None if value is None else encode(value)
 
 
 def _expiry_key(table: str, at: float, key: bytes) -> bytes:

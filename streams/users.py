@@ -188,6 +188,8 @@ class UserState:
     devices: dict[str, OnlineDevice] = field(default_factory=dict)
     push: PushPreferences = field(default_factory=PushPreferences)
     unread_elsewhere: int = 0
+    #: Whether the tenant knows the user (announced on ``im.users.known`` at a first sign-in).
+    known: bool = False
 
     def view(self, conversation_id: str) -> ConversationView:
         return self.conversations.setdefault(conversation_id, ConversationView())
@@ -214,6 +216,8 @@ class UserState:
         if self.push != _NO_PUSH_PREFERENCES:
             # Only once set: the state of a user who never chose is what it was before.
             header["push"] = self.push.to_json()
+        if self.known:
+            header["known"] = True
         return header
 
     @classmethod
@@ -230,6 +234,7 @@ class UserState:
             },
             # State written before push preferences existed has none: the defaults.
             push=PushPreferences.from_json(data.get("push") or {}),
+            known=bool(data.get("known", False)),
         )
 
 

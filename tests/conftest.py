@@ -31,15 +31,23 @@ from tests.sinks.push.support import ApnsKey
 @pytest.fixture(scope="session", autouse=True)
 def stream_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The stream workers' state stores (LMDB) of this session: under pytest's temporary
-    directory (every worker process the tests start inherits it), not the checkout's."""
+    directory (every worker process the tests start inherits it), not the checkout's; and their
+    member admission."""
     path = tmp_path_factory.mktemp("stream-state")
-    before = os.environ.get("IM_STREAMS__STATE_DIR")
-    os.environ["IM_STREAMS__STATE_DIR"] = str(path)
+    chosen = {
+        "IM_STREAMS__STATE_DIR": str(path),
+        # Most tests name members who never sign in; tests/streams/test_admission.py runs the
+        # default (known users only) against a worker of its own.
+        "IM_STREAMS__MEMBER_ADMISSION": "open",
+    }
+    before = {name: os.environ.get(name) for name in chosen}
+    os.environ.update(chosen)
     yield path
-    if before is None:
-        os.environ.pop("IM_STREAMS__STATE_DIR", None)
-    else:
-        os.environ["IM_STREAMS__STATE_DIR"] = before
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

@@ -113,12 +113,13 @@ def _string_list(values: Sequence[str]) -> str:
 
 
 def audited_topics(catalog: TopicCatalog) -> tuple[Topic, ...]:
-    """What the sink reads: every source that carries events or records (all but the three
-    processor state topics), then every dead-letter topic."""
+    """What the sink reads: every source that carries events or records (all but the
+    processors' state topics), then every dead-letter topic."""
     state = {
         catalog.conversation_state.name,
         catalog.message_state.name,
         catalog.user_state.name,
+        catalog.known_users.name,
     }
     sources = tuple(topic for topic in catalog.sources() if topic.name not in state)
     return (*sources, *catalog.dead_letters)

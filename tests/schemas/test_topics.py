@@ -151,7 +151,13 @@ def test_dead_letters(settings: Settings) -> None:
     ephemeral.add(catalog.push_outcomes.name)
     ephemeral.add(catalog.operator_actions.name)
     state = {
-        t.name for t in (catalog.conversation_state, catalog.message_state, catalog.user_state)
+        t.name
+        for t in (
+            catalog.conversation_state,
+            catalog.message_state,
+            catalog.user_state,
+            catalog.known_users,
+        )
     }
     for topic in catalog.sources():
         if topic.name in ephemeral | state:
@@ -171,7 +177,12 @@ def test_dead_letters(settings: Settings) -> None:
 def test_push_tokens_and_processor_state_are_the_compacted_topics(settings: Settings) -> None:
     catalog = topic_catalog(settings)
     compacted = [topic for topic in catalog if topic.cleanup is CleanupPolicy.COMPACT]
-    assert compacted == [catalog.push_tokens, catalog.conversation_state, catalog.user_state]
+    assert compacted == [
+        catalog.push_tokens,
+        catalog.conversation_state,
+        catalog.user_state,
+        catalog.known_users,
+    ]
     # The message state is the dedupe table: compacted, and deleted after the dedupe window.
     messages = catalog.message_state
     assert messages.cleanup is CleanupPolicy.COMPACT_DELETE

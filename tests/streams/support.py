@@ -30,7 +30,7 @@ from schemas.events import (
     encode_event,
     message_event_id,
 )
-from schemas.topics import TopicCatalog, conversation_key
+from schemas.topics import TopicCatalog, conversation_key, topic_catalog
 from streams.records import InputRecord
 
 TENANT = "acme"
@@ -101,6 +101,22 @@ def produce(settings: Settings, catalog: TopicCatalog, events: Sequence[Event]) 
             key=conversation_key(event.tenant_id, conversation_id),
             value=encode_event(event),
         )
+        producer.poll(0)
+    assert producer.flush(60) == 0
+
+
+def produce_routed(settings: Settings, events: Sequence[Event]) -> None:
+    """Each event where the ingress would publish it."""
+    catalog = topic_catalog(settings)
+    producer = Producer(kafka_producer_config(settings, **{"enable.idempotence": True}))
+    for event in events:
+        topic, key = catalog.route(event)
+        while True:
+            try:
+                producer.produce(topic.name, key=key, value=encode_event(event))
+                break
+            except BufferError:
+                producer.poll(0.1)
         producer.poll(0)
     assert producer.flush(60) == 0
 

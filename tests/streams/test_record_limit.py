@@ -15,7 +15,6 @@ import os
 import time
 from pathlib import Path
 
-from confluent_kafka import Producer
 from confluent_kafka.admin import (
     AdminClient,
     AlterConfigOpType,
@@ -24,20 +23,18 @@ from confluent_kafka.admin import (
     ResourceType,
 )
 
-from pipelines.connections import kafka_config, kafka_producer_config
+from pipelines.connections import kafka_config
 from pipelines.settings import Settings
 from schemas.events import (
     Actor,
     CommandRejected,
     ConversationMuteChanged,
     ConversationMuteChangedPayload,
-    Event,
     MessageSent,
     MessageSentPayload,
     SyncRecord,
     TextBody,
     direct_conversation_id,
-    encode_event,
     message_event_id,
 )
 from schemas.topics import topic_catalog, user_key
@@ -49,6 +46,7 @@ from tests.streams.support import (
     direct_pairs,
     message,
     produce,
+    produce_routed,
     read_messages,
     read_records,
     wait_for_sync,
@@ -67,22 +65,6 @@ def mute(user: str, index: int) -> ConversationMuteChanged:
         event_id=message_event_id(TENANT, user, f"mute-{index}"),
         payload=ConversationMuteChangedPayload(conversation_id=conversation, muted=True),
     )
-
-
-def produce_routed(settings: Settings, events: list[Event]) -> None:
-    """Each event where the ingress would publish it."""
-    catalog = topic_catalog(settings)
-    producer = Producer(kafka_producer_config(settings, **{"enable.idempotence": True}))
-    for event in events:
-        topic, key = catalog.route(event)
-        while True:
-            try:
-                producer.produce(topic.name, key=key, value=encode_event(event))
-                break
-            except BufferError:
-                producer.poll(0.1)
-        producer.poll(0)
-    assert producer.flush(60) == 0
 
 
 def dead_letter_codes(settings: Settings, topic: str) -> list[str]:

@@ -59,16 +59,16 @@ def test_pruning_removes_what_expired_and_costs_what_it_removes(tmp_path: Path) 
 
 def test_checkpoints_and_wipe(tmp_path: Path) -> None:
     state = store(tmp_path)
-    assert state.checkpoint("im.state.users", 0) is None
+    assert state.checkpoint("users-changelog", 0) is None
     state.set_checkpoints(
-        {("im.state.users", 0): 42, ("im.state.users", 1): 7}, {"im.state.users": "id-1"}
+        {("users-changelog", 0): 42, ("users-changelog", 1): 7}, {"users-changelog": "id-1"}
     )
-    checkpoint = state.checkpoint("im.state.users", 0)
+    checkpoint = state.checkpoint("users-changelog", 0)
     assert checkpoint is not None and (checkpoint.offset, checkpoint.topic_id) == (42, "id-1")
     state.apply([StateWrite("users", "acme/ann", {"last_sync_id": 3}, 0)])
     state.wipe()
     assert state.get("users", "acme/ann") is None
-    assert state.checkpoint("im.state.users", 1) is None
+    assert state.checkpoint("users-changelog", 1) is None
     assert state.size() == 0
 
 
