@@ -122,7 +122,7 @@ def rss_kib(pid: int) -> dict[str, int]:
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
+        if name in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
             fields[name] = int(value.split()[0])
     return fields
 
@@ -193,6 +193,10 @@ def timed_start(
         "seconds_to_ready": round(ready, 2),
         "seconds_to_processing": round(processing, 2),
         "rss_mib": round(memory.get("VmRSS", 0) / 1024, 1),
+        # The process's own memory, and the store's pages mapped into it (reclaimable page
+        # cache: LMDB reads the file through mmap).
+        "rss_anonymous_mib": round(memory.get("RssAnon", 0) / 1024, 1),
+        "rss_file_mib": round(memory.get("RssFile", 0) / 1024, 1),
         "peak_rss_mib": round(memory.get("VmHWM", 0) / 1024, 1),
     }
     progress.done(f"{probe}: processing again {processing:.1f} s after the start; {result}")
