@@ -160,7 +160,14 @@ def written(
 
 
 def run_shape(
-    base: Settings, shape: int, *, users: int, backlog: int, messages: int, progress: Progress
+    base: Settings,
+    shape: int,
+    *,
+    users: int,
+    backlog: int,
+    messages: int,
+    settle: float,
+    progress: Progress,
 ) -> dict[str, Any]:
     settings = with_topic_prefix(base, run_prefix(f"shape-{shape}"))
     log_dir = Path(tempfile.mkdtemp(prefix=f"bench-shape-{shape}-"))
@@ -200,7 +207,9 @@ def run_shape(
                 )
                 time.sleep(0.1)
             progress.done(f"shape {shape}: warm-up done in {time.monotonic() - started:.0f} s")
-            time.sleep(2.0)  # the last transaction's state records land
+            # The last transactions land, and the broker's log cleaner works through the warm-up's
+            # state records before the measurement (on 2 vCPUs it competes with the worker).
+            time.sleep(settle)
             before = watermarks(settings, catalog)
             pids = {"stream-worker": worker.pid}
             broker = kafka_broker_pid(settings)
@@ -253,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shapes", default="1,50,500", help="conversations per user")
     parser.add_argument("--users", type=int, default=100, help="users (%(default)s)")
     parser.add_argument("--backlog", type=int, default=5, help="messages per group (%(default)s)")
-    parser.add_argument("--messages", type=int, default=10_000, help="measured 1:1 messages")
+    parser.add_argument("--messages", type=int, default=30_000, help="measured 1:1 messages")
+    parser.add_argument("--settle", type=float, default=30.0, help="seconds after the warm-up")
     parser.add_argument("--output", type=Path, default=RESULTS_PATH)
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -270,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             users=args.users,
             backlog=args.backlog,
             messages=args.messages,
+            settle=args.settle,
             progress=progress,
         )
         for shape in args.shapes.split(",")
