@@ -15,13 +15,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import confluent_kafka
 from confluent_kafka.admin import AdminClient
@@ -77,6 +77,19 @@ class Progress:
         else:
             self._stream.write(text + "\n")
         self._stream.flush()
+
+
+def run_main(main: Callable[[], int]) -> NoReturn:
+    """A benchmark's entry point: its exit code; a ``BenchError`` as one line and exit code 1,
+    Ctrl-C (or SIGTERM, see ``interrupt_on_sigterm``) as "interrupted" and 130."""
+    try:
+        sys.exit(main())
+    except BenchError as error:
+        sys.stderr.write(f"error: {error}\n")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
 
 
 def interrupt_on_sigterm() -> None:

@@ -42,7 +42,6 @@ import argparse
 import multiprocessing
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -71,6 +70,7 @@ from bench.common import (
     machine_facts,
     now_iso,
     percentiles_ms,
+    run_main,
     run_prefix,
     stack_server_pid,
     with_topic_prefix,
@@ -857,11 +857,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as error:
-        sys.stderr.write(f"error: {error}\n")
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
+    run_main(main)

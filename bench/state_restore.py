@@ -22,8 +22,6 @@ table.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import tempfile
 import threading
 import time
@@ -41,15 +39,15 @@ from bench.common import (
     Progress,
     ServerProcess,
     bench_topics,
-    imstream_command,
     interrupt_on_sigterm,
     machine_facts,
     now_iso,
+    run_main,
     run_prefix,
     with_topic_prefix,
     write_results,
 )
-from bench.stream_throughput import Counter, fill
+from bench.stream_throughput import Counter, fill, stream_worker
 from pipelines.connections import kafka_producer_config
 from pipelines.settings import Settings
 from schemas.events import direct_conversation_id
@@ -228,20 +226,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=progress,
         )
         counter = Counter(settings, catalog.sync_events.name)
-        worker = ServerProcess(
-            "stream-worker",
-            imstream_command("run", "stream-worker"),
-            env={
-                **os.environ,
-                "IM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-                "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
-                "IM_STREAMS__INSTANCE_ID": "bench-restore",
-                "IM_STREAMS__MEMBER_ADMISSION": "open",  # synthetic users never sign in
-                "IM_STREAMS__STATE_DIR": str(log_dir / "state"),
-            },
-            port=0,
-            log_path=log_dir / "worker.log",
-            ready_file=log_dir / "worker.ready",
+        worker = stream_worker(
+            settings,
+            log_dir / "worker",
+            instance_id="bench-restore",
+            env={"IM_STREAMS__STATE_DIR": str(log_dir / "state")},
         )
         starts: dict[str, Any] = {}
         traffic: Traffic | None = None
@@ -289,11 +278,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as error:
-        sys.stderr.write(f"error: {error}\n")
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
+    run_main(main)

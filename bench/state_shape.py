@@ -20,9 +20,7 @@ table.
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import sys
 import tempfile
 import time
 import uuid
@@ -37,18 +35,17 @@ from bench.common import (
     BenchError,
     CpuMeter,
     Progress,
-    ServerProcess,
     bench_topics,
-    imstream_command,
     interrupt_on_sigterm,
     kafka_broker_pid,
     machine_facts,
     now_iso,
+    run_main,
     run_prefix,
     with_topic_prefix,
     write_results,
 )
-from bench.stream_throughput import Counter, direct_scenario, fill
+from bench.stream_throughput import Counter, direct_scenario, fill, stream_worker
 from pipelines.connections import kafka_config
 from pipelines.settings import Settings
 from schemas.events import (
@@ -181,20 +178,7 @@ def run_shape(
         creations = (e for e in direct.events() if isinstance(e, ConversationCreated))
         fill(settings, catalog, creations, progress)
         counter = Counter(settings, catalog.sync_events.name)
-        worker = ServerProcess(
-            "stream-worker",
-            imstream_command("run", "stream-worker"),
-            env={
-                **os.environ,
-                "IM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-                "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
-                "IM_STREAMS__INSTANCE_ID": "bench-shape",
-                "IM_STREAMS__MEMBER_ADMISSION": "open",  # synthetic users never sign in
-            },
-            port=0,
-            log_path=log_dir / "worker.log",
-            ready_file=log_dir / "worker.ready",
-        )
+        worker = stream_worker(settings, log_dir / "worker", instance_id="bench-shape")
         try:
             worker.start(timeout=120)
             started = time.monotonic()
@@ -299,11 +283,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as error:
-        sys.stderr.write(f"error: {error}\n")
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
+    run_main(main)

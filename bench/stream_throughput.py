@@ -27,12 +27,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,7 @@ from bench.common import (
     kafka_broker_pid,
     machine_facts,
     now_iso,
+    run_main,
     run_prefix,
     with_topic_prefix,
     write_results,
@@ -135,6 +135,34 @@ def group_scenario(messages: int, groups: int, size: int) -> Scenario:
     return Scenario(f"group{size}", conversations, messages, ConversationKind.GROUP)
 
 
+def stream_worker(
+    settings: Settings,
+    path: Path,
+    *,
+    instance_id: str,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> ServerProcess:
+    """``imstream run stream-worker`` on the settings' Kafka and topic catalog, its log and ready
+    file at ``path`` + ``.log`` / ``.ready``. Members are admitted without a sign-in: the
+    benchmarks' users are synthetic and never sign in."""
+    return ServerProcess(
+        path.name,
+        imstream_command("run", "stream-worker", *args),
+        env={
+            **os.environ,
+            "IM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+            "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
+            "IM_STREAMS__INSTANCE_ID": instance_id,
+            "IM_STREAMS__MEMBER_ADMISSION": "open",
+            **(env or {}),
+        },
+        port=0,
+        log_path=path.with_suffix(".log"),
+        ready_file=path.with_suffix(".ready"),
+    )
+
+
 def fill(
     settings: Settings, catalog: TopicCatalog, events: Iterable[Event], progress: Progress
 ) -> int:
@@ -207,21 +235,13 @@ def run_stage(
     progress: Progress,
     timeout: float,
 ) -> dict[str, Any]:
-    env = {
-        **os.environ,
-        "IM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-        "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
-        "IM_STREAMS__MEMBER_ADMISSION": "open",  # synthetic users never sign in
-    }
     counter = Counter(settings, catalog.sync_events.name)
     workers = [
-        ServerProcess(
-            f"stream-worker-{index}",
-            imstream_command("run", "stream-worker", *args),
-            env={**env, "IM_STREAMS__INSTANCE_ID": f"bench-{index}"},
-            port=0,
-            log_path=log_dir / f"{scenario.name}-{layout}-worker-{index}.log",
-            ready_file=log_dir / f"{scenario.name}-{layout}-worker-{index}.ready",
+        stream_worker(
+            settings,
+            log_dir / f"{scenario.name}-{layout}-worker-{index}",
+            instance_id=f"bench-{index}",
+            args=args,
         )
         for index, args in enumerate(LAYOUTS[layout])
     ]
@@ -529,11 +549,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as error:
-        sys.stderr.write(f"error: {error}\n")
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
+    run_main(main)
