@@ -285,7 +285,8 @@ class ProcessorLoop:
         """Where each state partition's restore starts: its checkpoint when the store can trust
         it, else the beginning.
 
-        The store is emptied, and every assigned partition read from the beginning, when a
+        The partitioned tables are emptied, and every assigned partition read from the
+        beginning, when a
         checkpoint is of another topic of the same name (deleted and created again), past the
         partition's end, or older than the topic keeps deletions (``delete.retention.ms``: a
         deletion in the tail may have been compacted away)."""
@@ -319,7 +320,9 @@ class ProcessorLoop:
                         partition,
                         distrust,
                     )
-                    self.store.wipe()
+                    # The partitioned tables only: the global tables keep their own checkpoints.
+                    for table, state_topic in self.config.tables.items():
+                        self.store.clear(table, state_topic.name)
                     everything = partitions | self.partitions
                     self.partitions.clear()
                     return {

@@ -14,7 +14,7 @@ a cache of them that survives restarts:
   older checkpoint: the same values, applied again.
 
 A checkpoint older than the state topic's ``delete.retention.ms`` is not trusted (a deletion in
-the tail may have been compacted away since): the store is emptied and restored in full.
+the tail may have been compacted away since): that table is emptied and restored in full.
 
 Why LMDB: one write transaction holds the batch's values and the checkpoints together, so the store
 and its checkpoint always agree; reads are memory-mapped (no copy into Python until a value is
@@ -302,23 +302,20 @@ class StateStore:
                 txn.put(f"{topic}:{partition}".encode(), encode(value))
 
     def clear(self, table: str, topic: str) -> None:
-        """Empty one table and forget the checkpoints of its state topic ``topic``."""
-        prefix = f"{topic}:".encode()
+        """Empty one table (and its entries in the time index) and forget the checkpoints of its
+        state topic ``topic``; the other tables and their checkpoints stay."""
         with self._env.begin(write=True) as txn:
             txn.drop(self._dbs[table], delete=False)
-            cursor = txn.cursor(db=self._checkpoints)
-            if cursor.set_range(prefix):
-                while cursor.key().startswith(prefix):
-                    if not cursor.delete():
-                        break
+            for db, prefix in (
+                (self._checkpoints, f"{topic}:".encode()),
+                (self._expiry, table.encode() + b"\0"),
+            ):
+                cursor = txn.cursor(db=db)
+                if cursor.set_range(prefix):
+                    while cursor.key().startswith(prefix):
+                        if not cursor.delete():
+                            break
         self._cache = {key: value for key, value in self._cache.items() if key[0] != table}
-
-    def wipe(self) -> None:
-        """Empty every table and forget every checkpoint."""
-        with self._env.begin(write=True) as txn:
-            for db in (*self._dbs.values(), self._checkpoints, self._expiry):
-                txn.drop(db, delete=False)
-        self._cache.clear()
 
 
 def _encoded(value: dict[str, Any] | None) -> bytes | None:

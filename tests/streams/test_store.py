@@ -57,31 +57,27 @@ def test_pruning_removes_what_expired_and_costs_what_it_removes(tmp_path: Path) 
     assert messages.size() == 0
 
 
-def test_checkpoints_and_wipe(tmp_path: Path) -> None:
+def test_checkpoints_and_clearing_one_table(tmp_path: Path) -> None:
     state = store(tmp_path)
     assert state.checkpoint("users-changelog", 0) is None
-    state.set_checkpoints(
-        {("users-changelog", 0): 42, ("users-changelog", 1): 7}, {"users-changelog": "id-1"}
-    )
+    offsets = {("users-changelog", 0): 42, ("users-changelog", 1): 7, ("messages-changelog", 0): 9}
+    state.set_checkpoints(offsets, {"users-changelog": "id-1", "messages-changelog": "id-2"})
     checkpoint = state.checkpoint("users-changelog", 0)
     assert checkpoint is not None and (checkpoint.offset, checkpoint.topic_id) == (42, "id-1")
-    state.apply([StateWrite("users", "acme/ann", {"last_sync_id": 3}, 0)])
-    state.wipe()
+    state.apply(
+        [
+            StateWrite("users", "acme/ann", {"last_sync_id": 3}, 0),
+            StateWrite("messages", "m1", {"seq": 1, "at": 1000.0}, 0),
+        ]
+    )
+    # A table the store cannot trust any more is emptied alone: the others (a global table's
+    # known users, say) keep their values and checkpoints.
+    state.clear("users", "users-changelog")
     assert state.get("users", "acme/ann") is None
     assert state.checkpoint("users-changelog", 1) is None
+    assert state.get("messages", "m1") == {"seq": 1, "at": 1000.0}
+    kept = state.checkpoint("messages-changelog", 0)
+    assert kept is not None and kept.offset == 9
+    state.clear("messages", "messages-changelog")
     assert state.size() == 0
-
-
-def test_a_parents_children_follow_writes_and_restores(tmp_path: Path) -> None:
-    state = store(tmp_path)
-    state.apply([StateWrite("users", "acme/ann#c-1", {"read_seq": 1}, 0)])
-    assert state.children("users", "acme/ann") == ["c-1"]  # now cached
-    state.apply([StateWrite("users", "acme/ann#c-2", {"read_seq": 2}, 0)])
-    assert sorted(state.children("users", "acme/ann")) == ["c-1", "c-2"]
-    state.apply([StateWrite("users", "acme/ann#c-1", None, 0)])
-    assert state.children("users", "acme/ann") == ["c-2"]
-    state.restore("users", [(b"acme/ann#c-3", b'{"read_seq": 3}'), (b"acme/ann#c-2", None)])
-    assert state.children("users", "acme/ann") == ["c-3"]
-    # Reading a child (a member looked up) leaves the list as it is.
-    assert state.get("users", "acme/ann#c-3") == {"read_seq": 3}
-    assert state.children("users", "acme/ann") == ["c-3"]
+    assert state.prune("messages", older_than=10_000.0) == 0  # its time index went with it
