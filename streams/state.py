@@ -84,9 +84,3 @@ class MemoryState:
         if split is not None and old is None:
             self._children[table].setdefault(split[0], set()).add(split[1])
         return old
-
-    def values(self, table: str) -> dict[str, dict[str, Any]]:
-        return self._data[table]
-
-    def size(self) -> int:
-        return sum(len(data) for data in self._data.values())
