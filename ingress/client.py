@@ -41,6 +41,13 @@ What it guarantees to its user (docs/protocol.md, "The delivery contract, as a c
   highest sync id every ``ack_interval`` seconds at most (an ack per event would double a busy
   device's frames and spend its command rate limit; the server's ack is advisory, the cursor is
   what resuming relies on).
+- **Large groups** (read diffusion: docs/protocol.md, "Large groups"): their messages, recalls
+  and edits are not in the sync queue. They come live as events without a ``sync_id``
+  (:attr:`Received.group`), each once and in seq order per conversation: the client keeps the
+  highest seq it surfaced per group (:attr:`Client.group_seqs`, in memory) and reads a gap — or,
+  at every (re)connect, whatever a large group of the conversation list holds past that seq (past
+  the read position for a group this client has not followed yet) — from the conversation's
+  history, as it does for the sync queue.
 - **Reconnects** with exponential backoff and jitter after a lost connection, a drain (4010) or a
   slow-consumer close (4009); it does not reconnect after ``replaced`` (4011) or an
   authentication close (4001-4004): :class:`ClientClosedError` says why.
@@ -69,7 +76,16 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from schemas import frames as fr
 from schemas.errors import CloseCode, ErrorCode
-from schemas.events import Event, MessageBody, PushProvider, Role, TextBody
+from schemas.events import (
+    Event,
+    MessageBody,
+    MessageEdited,
+    MessageRecalled,
+    MessageSent,
+    PushProvider,
+    Role,
+    TextBody,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -143,6 +159,9 @@ class Received:
     event: Event
     live: bool
     """Pushed as it happened (True) or fetched by a sync (False)."""
+    group: bool = False
+    """A large group's message, recall or edit: not in the sync queue, surfaced once per
+    conversation seq (live, or read from the conversation's history)."""
 
 
 class Client:
@@ -200,6 +219,10 @@ class Client:
         self._ack_task: asyncio.Task[None] | None = None
         #: ``loop.time()`` of the last live event that followed on from the cursor.
         self._live_at = 0.0
+        #: Large groups: the highest conversation seq surfaced, per conversation.
+        self.group_seqs: dict[str, int] = {}
+        self._group_held: dict[str, dict[int, Received]] = {}
+        self._group_filling: dict[str, asyncio.Task[None]] = {}
 
     # -- lifecycle --
 
@@ -230,7 +253,7 @@ class Client:
         self._stop(ClientClosedError("closed by the client"))
         if self._socket is not None:
             await self._socket.close()
-        for task in (self._filling, self._ack_task):
+        for task in (self._filling, self._ack_task, *self._group_filling.values()):
             if task is not None:
                 task.cancel()
         if self._runner is not None:
@@ -664,6 +687,9 @@ class Client:
                     self._release_ready()
                 if self._held:
                     self._fill_gap()
+            if first:
+                with contextlib.suppress(ClientClosedError, CommandError):
+                    await self._catch_up_groups()
             if not repeat:
                 return
             pause = self.settle_sync if first else self.sync_interval
@@ -686,6 +712,10 @@ class Client:
 
     def _on_live(self, frame: fr.EventFrame) -> None:
         if frame.sync_id is None:
+            entry = _group_entry(frame.event)
+            if entry is not None:
+                self._on_group_entry(*entry, Received(None, frame.event, live=True, group=True))
+                return
             self._events.put_nowait(Received(None, frame.event, live=True))
             return
         if frame.sync_id <= self.cursor:
@@ -701,6 +731,88 @@ class Client:
         self._release_ready()
         if self._held:
             self._fill_gap()
+
+    # -- large groups --
+
+    def _on_group_entry(self, conversation_id: str, seq: int, item: Received) -> None:
+        known = self.group_seqs.get(conversation_id)
+        if known is not None and seq <= known:
+            self.duplicates_dropped += 1
+            return
+        held = self._group_held.setdefault(conversation_id, {})
+        if known is not None and seq == known + 1 and not held:
+            self._surface_group(conversation_id, seq, item)
+            return
+        # Ahead of what was surfaced, or a group not followed yet: held while the history
+        # between is read.
+        held[seq] = item
+        self._fill_group(conversation_id)
+
+    def _surface_group(self, conversation_id: str, seq: int, item: Received) -> None:
+        self.group_seqs[conversation_id] = seq
+        self._events.put_nowait(item)
+
+    def _fill_group(self, conversation_id: str, start: int | None = None) -> None:
+        """Read the group's history past what was surfaced (one task per group)."""
+        task = self._group_filling.get(conversation_id)
+        if task is None or task.done():
+            self._group_filling[conversation_id] = asyncio.get_running_loop().create_task(
+                self._fill_group_history(conversation_id, start)
+            )
+
+    async def _fill_group_history(self, conversation_id: str, start: int | None) -> None:
+        """Surface the group's entries past the last surfaced seq (or ``start``, or the read
+        position for a group not followed yet), then the held live ones that follow on; again,
+        with a growing pause, while some are held (the store may lag behind live delivery)."""
+        pause = 0.1
+        with contextlib.suppress(ClientClosedError, CommandError):
+            if conversation_id not in self.group_seqs:
+                if start is None:
+                    start = await self._group_start(conversation_id)
+                self.group_seqs[conversation_id] = start
+            while True:
+                known = self.group_seqs[conversation_id]
+                page = await self.history(
+                    conversation_id, after_seq=known, limit=fr.MAX_HISTORY_LIMIT
+                )
+                for entry in page.entries:
+                    if entry.seq > self.group_seqs[conversation_id]:
+                        fetched = Received(None, entry.event, live=False, group=True)
+                        self._surface_group(conversation_id, entry.seq, fetched)
+                held = self._group_held.get(conversation_id, {})
+                for seq in sorted(held):
+                    current = self.group_seqs[conversation_id]
+                    if seq <= current:
+                        del held[seq]
+                        self.duplicates_dropped += 1
+                    elif seq == current + 1:
+                        self._surface_group(conversation_id, seq, held.pop(seq))
+                if page.has_more:
+                    continue
+                if not held:
+                    return
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, self.gap_poll)
+
+    async def _group_start(self, conversation_id: str) -> int:
+        """Where to start following a group: the read position the conversation list shows."""
+        listed = await self.conversations(limit=fr.MAX_CONVERSATIONS_LIMIT)
+        for item in listed.conversations:
+            if item.conversation_id == conversation_id:
+                return item.read_seq
+        held = self._group_held.get(conversation_id)
+        return min(held) - 1 if held else 0
+
+    async def _catch_up_groups(self) -> None:
+        """At a (re)connect: read what each large group of the list holds past the last seq
+        surfaced (past the read position for a group not followed yet)."""
+        listed = await self.conversations(limit=fr.MAX_CONVERSATIONS_LIMIT)
+        for item in listed.conversations:
+            if not item.large:
+                continue
+            known = self.group_seqs.get(item.conversation_id, item.read_seq)
+            if item.last_seq > known:
+                self._fill_group(item.conversation_id, known)
 
     def _fill_gap(self) -> None:
         """Sync until the held live events follow on from the cursor (one task at a time)."""
@@ -757,6 +869,15 @@ class Client:
         for answer in self._pending.values():
             if not answer.done():
                 answer.set_exception(reason)
+
+
+def _group_entry(event: Event) -> tuple[str, int] | None:
+    """``(conversation, seq)`` of a large group's timeline entry delivered outside the queue."""
+    if isinstance(event, MessageSent | MessageRecalled | MessageEdited):
+        seq = event.payload.conversation_seq
+        if seq is not None:
+            return event.payload.conversation_id, seq
+    return None
 
 
 def _http_request(

@@ -46,6 +46,7 @@ from ingress.connection import (
     Principal,
     truncate_reason,
 )
+from ingress.groups import GroupDeliveryConsumer, GroupFrame, GroupIndex, GroupMetrics
 from ingress.live import LiveDeliveryConsumer, LiveFrame, LiveMetrics
 from ingress.metrics import IngressMetrics
 from ingress.producer import DurableProducer, KafkaUnavailable, PublishRejectedError
@@ -189,6 +190,16 @@ class Gateway:
             deliver=self.deliver,
             metrics=self.live_metrics,
         )
+        self.group_metrics = GroupMetrics(self.metrics.registry)
+        #: The large groups of the users connected here (ingress/groups.py).
+        self.group_index = GroupIndex()
+        self.groups = GroupDeliveryConsumer(
+            kafka_config(settings, **{"client.id": f"{client_id}-groups"}),
+            topic=self.catalog.group_delivery.name,
+            node_id=self.node_id,
+            deliver=self.deliver_groups,
+            metrics=self.group_metrics,
+        )
         self.limiter = TokenBucketLimiter(
             rate_per_second=ingress.rate_limit_per_second,
             burst=ingress.rate_limit_burst,
@@ -218,6 +229,7 @@ class Gateway:
         """
         await self.producer.start()
         self.live.start()
+        self.groups.start()
         self.reads.start()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle())
         _log.info("ingress node %s started; live delivery from %s", self.node_id, self.live.topic)
@@ -243,6 +255,7 @@ class Gateway:
         if self._sweeper is not None:
             self._sweeper.cancel()
         await self.live.stop()
+        await self.groups.stop()
         await self.reads.stop()
         unacknowledged = await self.producer.close(timeout)
         _log.info(
@@ -271,7 +284,7 @@ class Gateway:
         kafka = await self.producer.ready(self.ingress.readyz_timeout_seconds)
         return Readiness(
             kafka=kafka,
-            live_delivery=self.live.assigned,
+            live_delivery=self.live.assigned and self.groups.assigned,
             draining=self.draining,
             serving_store=self.reads.connected,
         )
@@ -431,6 +444,9 @@ class Gateway:
             connection.forget()
             self.metrics.connections.dec()
             self.registry.unregister(connection, device_id)
+            principal = connection.principal
+            if not self.registry.devices(principal.tenant_id, principal.user_id):
+                self.group_index.forget(principal.tenant_id, principal.user_id)
         if not connection.replaced:
             await self._publish_presence(connection, connected=False)
 
@@ -553,6 +569,11 @@ class Gateway:
         outcomes = self.live_metrics.records
         for frame in frames:
             devices = self.registry.devices(frame.tenant_id, frame.user_id)
+            if frame.groups is not None:
+                # A connect's answer: the user's large groups, while the user is still here.
+                if devices:
+                    self.group_index.snapshot(frame.tenant_id, frame.user_id, frame.groups)
+                continue
             targets = (
                 list(devices.values())
                 if frame.device_ids is None
@@ -562,6 +583,21 @@ class Gateway:
             for connection in targets:
                 delivered |= connection.enqueue(frame.text, "event")
             outcomes.labels("delivered" if delivered else "offline").inc()
+
+    def deliver_groups(self, frames: Sequence[GroupFrame]) -> None:
+        """Hand large groups' events to the member devices here (on the loop)."""
+        outcomes = self.group_metrics.records
+        for frame in frames:
+            tenant_id = frame.tenant_id
+
+            def connected(user_id: str, tenant_id: str = tenant_id) -> bool:
+                return bool(self.registry.devices(tenant_id, user_id))
+
+            delivered = False
+            for user_id in self.group_index.apply(frame, connected):
+                for connection in self.registry.devices(tenant_id, user_id).values():
+                    delivered |= connection.enqueue(frame.text, "event")
+            outcomes.labels("delivered" if delivered else "none-here").inc()
 
     # -- commands, for both doors ----------------------------------------------------------------
 

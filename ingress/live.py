@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Counter
@@ -36,6 +36,8 @@ from schemas.frames import EventFrame
 from schemas.topics import gateway_key, partition_for_key
 
 _log = logging.getLogger(__name__)
+
+F = TypeVar("F")
 
 #: How long one ``consume`` blocks; it bounds how fast :meth:`LiveDeliveryConsumer.stop` returns.
 _POLL_SECONDS: Final = 0.2
@@ -56,6 +58,8 @@ class LiveFrame:
     user_id: str
     device_ids: tuple[str, ...] | None
     text: str
+    #: A connect's answer instead of an event: the user's large groups and their positions.
+    groups: dict[str, int] | None = None
 
 
 class LiveMetrics:
@@ -71,8 +75,13 @@ class LiveMetrics:
         )
 
 
-class LiveDeliveryConsumer:
-    """Reads this node's partition of the live-delivery topic and hands frames to ``deliver``."""
+class TopicReader(Generic[F]):
+    """Reads partitions of a topic from their end, without a group or commits, in a thread of
+    its own, and hands each batch of decoded frames to ``deliver`` on the event loop.
+
+    Subclasses say which partitions (:meth:`_partitions`) and how a record becomes a frame
+    (:meth:`_frame`); a record that yields None is skipped.
+    """
 
     def __init__(
         self,
@@ -80,31 +89,29 @@ class LiveDeliveryConsumer:
         *,
         topic: str,
         node_id: str,
-        deliver: Callable[[Sequence[LiveFrame]], None],
-        metrics: LiveMetrics,
+        name: str,
+        deliver: Callable[[Sequence[F]], None],
     ) -> None:
         """``config`` is a librdkafka consumer configuration (``kafka_config``); ``deliver`` is
         called on the event loop with each batch of frames."""
         self._config = {
             **config,
-            # Required by the client, never used: the partition is assigned, nothing committed.
-            "group.id": f"imstream-ingress-live-{node_id}",
+            # Required by the client, never used: the partitions are assigned, nothing committed.
+            "group.id": f"imstream-ingress-{name}-{node_id}",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": "latest",
-            # The user processor writes live deliveries in transactions.
+            # The processors write these topics in transactions.
             "isolation.level": "read_committed",
         }
         self._topic = topic
         self._node_id = node_id
-        self._key = gateway_key(node_id)
+        self._name = name
         self._deliver = deliver
-        self._metrics = metrics
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._assigned = threading.Event()
-        self.partition: int | None = None
 
     @property
     def topic(self) -> str:
@@ -112,15 +119,15 @@ class LiveDeliveryConsumer:
 
     @property
     def assigned(self) -> bool:
-        """Whether the node's partition is assigned and positioned (for /readyz and tests)."""
+        """Whether the partitions are assigned and positioned (for /readyz and tests)."""
         return self._assigned.is_set()
 
     def start(self) -> None:
         """Start the consumer thread; Kafka is contacted there, so this never blocks."""
         if self._thread is not None:
-            raise RuntimeError("LiveDeliveryConsumer.start() called twice")
+            raise RuntimeError(f"{type(self).__name__}.start() called twice")
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="kafka-live-delivery", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"kafka-{self._name}", daemon=True)
         self._thread.start()
 
     async def stop(self) -> None:
@@ -130,6 +137,13 @@ class LiveDeliveryConsumer:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
     # -- on the consumer thread -------------------------------------------------------------
+
+    def _partitions(self, partitions: int) -> list[int]:
+        """The partitions to read, of ``partitions``."""
+        raise NotImplementedError
+
+    def _frame(self, message: Message) -> F | None:
+        raise NotImplementedError
 
     def _run(self) -> None:
         consumer = Consumer(self._config)
@@ -151,7 +165,7 @@ class LiveDeliveryConsumer:
                         continue
                 self._consume(consumer)
         except Exception:
-            _log.exception("live-delivery consumer stopped by an unexpected error")
+            _log.exception("%s consumer stopped by an unexpected error", self._name)
             self._assigned.clear()
         finally:
             consumer.close()
@@ -160,13 +174,14 @@ class LiveDeliveryConsumer:
         try:
             metadata = consumer.list_topics(self._topic, timeout=_REQUEST_SECONDS)
         except KafkaException as error:
-            _log.warning("live delivery: cannot read metadata of %s: %s", self._topic, error)
+            _log.warning("%s: cannot read metadata of %s: %s", self._name, self._topic, error)
             return 0
         topic = metadata.topics.get(self._topic)
         if topic is None or topic.error is not None:
             reason = topic.error.str() if topic is not None and topic.error else "missing"
             _log.warning(
-                "live delivery: topic %s is not usable (%s); run `imstream topics apply`",
+                "%s: topic %s is not usable (%s); run `imstream topics apply`",
+                self._name,
                 self._topic,
                 reason,
             )
@@ -174,44 +189,74 @@ class LiveDeliveryConsumer:
         return len(topic.partitions)
 
     def _assign(self, consumer: Consumer, partitions: int) -> bool:
-        """Assign this node's partition at its current end offset."""
-        partition = partition_for_key(self._key, partitions)
+        """Assign the partitions at their current end offsets."""
+        assignment = []
         try:
-            _low, high = consumer.get_watermark_offsets(
-                TopicPartition(self._topic, partition), timeout=_REQUEST_SECONDS, cached=False
-            )
+            for partition in self._partitions(partitions):
+                _low, high = consumer.get_watermark_offsets(
+                    TopicPartition(self._topic, partition),
+                    timeout=_REQUEST_SECONDS,
+                    cached=False,
+                )
+                assignment.append(TopicPartition(self._topic, partition, high))
         except KafkaException as error:
-            _log.warning("live delivery: cannot read the end of %s: %s", self._topic, error)
+            _log.warning("%s: cannot read the end of %s: %s", self._name, self._topic, error)
             return False
-        # An explicit offset rather than OFFSET_END: every record written after this point
+        # Explicit offsets rather than OFFSET_END: every record written after this point
         # reaches the sockets, with no window while the client resolves "end" on its own.
-        consumer.assign([TopicPartition(self._topic, partition, high)])
-        self.partition = partition
+        consumer.assign(assignment)
         self._assigned.set()
         _log.info(
-            "live delivery: node %s reads %s[%d] from offset %d",
+            "%s: node %s reads %s%s from %s",
+            self._name,
             self._node_id,
             self._topic,
-            partition,
-            high,
+            [tp.partition for tp in assignment],
+            [tp.offset for tp in assignment],
         )
         return True
 
     def _consume(self, consumer: Consumer) -> None:
         messages = consume_ready(consumer, _BATCH, _POLL_SECONDS)
-        frames = [frame for message in messages if (frame := self._frame(message)) is not None]
+        frames = []
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    _log.warning("%s: consumer error: %s", self._name, error.str())
+                continue
+            frame = self._frame(message)
+            if frame is not None:
+                frames.append(frame)
         if frames and self._loop is not None:
             try:
                 self._loop.call_soon_threadsafe(self._deliver, frames)
             except RuntimeError:
-                _log.debug("event loop closed; %d live frame(s) dropped", len(frames))
+                _log.debug("event loop closed; %d %s frame(s) dropped", len(frames), self._name)
+
+
+class LiveDeliveryConsumer(TopicReader[LiveFrame]):
+    """Reads this node's partition of the live-delivery topic and hands frames to ``deliver``."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        topic: str,
+        node_id: str,
+        deliver: Callable[[Sequence[LiveFrame]], None],
+        metrics: LiveMetrics,
+    ) -> None:
+        super().__init__(config, topic=topic, node_id=node_id, name="live", deliver=deliver)
+        self._key = gateway_key(node_id)
+        self._metrics = metrics
+        self.partition: int | None = None
+
+    def _partitions(self, partitions: int) -> list[int]:
+        self.partition = partition_for_key(self._key, partitions)
+        return [self.partition]
 
     def _frame(self, message: Message) -> LiveFrame | None:
-        error = message.error()
-        if error is not None:
-            if error.code() != KafkaError._PARTITION_EOF:
-                _log.warning("live delivery: consumer error: %s", error.str())
-            return None
         if message.key() != self._key:
             self._metrics.records.labels("other-node").inc()
             return None
@@ -220,6 +265,15 @@ class LiveDeliveryConsumer:
             if delivery.node_id != self._node_id:
                 self._metrics.records.labels("other-node").inc()
                 return None
+            if delivery.groups is not None:
+                # A connect's answer: the user's large groups, for this node's index.
+                return LiveFrame(
+                    tenant_id=delivery.tenant_id,
+                    user_id=delivery.user_id,
+                    device_ids=None,
+                    text="",
+                    groups=delivery.groups,
+                )
             text = EventFrame(sync_id=delivery.sync_id, event=delivery.event).model_dump_json()
         except Exception as error:  # a poison record must never stop live delivery
             self._metrics.records.labels("poison").inc()

@@ -209,6 +209,7 @@ def _item(row: ConversationRow) -> fr.ConversationItem:
             "last_sender_id": row.last_sender_id,
             "last_preview": row.last_preview,
             "last_activity_at": row.last_activity_at,
+            "large": row.large,
         }
     )
 

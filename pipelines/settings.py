@@ -144,7 +144,9 @@ class StreamsSettings(_Group):
     session_timeout_seconds: Annotated[float, Field(ge=6)] = 10.0
     transaction_timeout_seconds: Annotated[float, Field(ge=1)] = 30.0
     producer_linger_seconds: Annotated[float, Field(ge=0)] = 0.002
-    large_group_threshold: Annotated[int, Field(ge=2)] = 500
+    #: Groups with more members switch to read diffusion (docs/streams.md, "Large groups").
+    #: At most 10,000: the switching event carries the member list to the ingress nodes.
+    large_group_threshold: Annotated[int, Field(ge=2, le=10_000)] = 500
     max_members: Annotated[int, Field(ge=2)] = 100_000
     #: Group-size limits of particular tenants (JSON, e.g. ``{"acme": 5000}``), in place of
     #: ``max_members``: a create naming more members, or an add past it, is refused

@@ -57,6 +57,14 @@ MAX_PUSH_TOKEN_CHARS = 4096
 MAX_BODY_BYTES = 32 * 1024
 #: How many users one event may name (a conversation created with its first members).
 MAX_MEMBERS_PER_EVENT = 1000
+#: Large groups a connect snapshot lists per user (``LiveDelivery.groups``); a user in more gets
+#: the others' events from their history only (docs/streams.md, "Large groups").
+MAX_LARGE_GROUPS_PER_USER = 1000
+#: Members named in a group event's ``synced`` list: the requester and the users it changes.
+MAX_SYNCED_PER_GROUP_EVENT = 4
+#: The member list a group-delivery record may carry at the switch to read diffusion (the
+#: threshold is capped below it, ``StreamsSettings.large_group_threshold``).
+MAX_GROUP_SWITCH_MEMBERS = 10_001
 
 _ID_PATTERN = r"^[A-Za-z0-9._:@+=-]+$"
 #: Namespace of the deterministic message event ids, fixed forever: changing it changes every id.
@@ -413,6 +421,11 @@ class ConversationMemberAddedPayload(WireModel):
         default=None,
         description="The group's name when the member joined (null if it has none); set by the "
         "sequencer, so that the new member's conversation list can show it",
+    )
+    last_seq: NonNegativeInt | None = Field(
+        default=None,
+        description="The conversation's last seq when the member joined; set by the sequencer: "
+        "the new member's read position starts there (what came before is history, not unread)",
     )
 
 
@@ -830,6 +843,14 @@ class LiveDelivery(WireModel):
         default=None, description="The event's place in the user's sync queue; null if ephemeral"
     )
     event: Event
+    groups: dict[ConversationId, NonNegativeInt] | None = Field(
+        default=None,
+        max_length=MAX_LARGE_GROUPS_PER_USER,
+        description="Set on the record answering a device's connect (its event is that "
+        "device.connected, not for the device): the user's large groups, each with the "
+        "conversation position of the last event the user got from it. The node delivers "
+        "those groups' later events (im.delivery.groups) to the user's devices",
+    )
 
 
 def parse_live_delivery(raw: bytes | str) -> LiveDelivery:
@@ -856,6 +877,16 @@ class InboxRecord(WireModel):
     )
     ephemeral: bool = False
     event: Event
+    large: bool | None = Field(
+        default=None,
+        description="Set while the conversation is a large group (read diffusion: true) and "
+        "on the event that switches it back (false); null otherwise",
+    )
+    last_seq: NonNegativeInt | None = Field(
+        default=None,
+        description="With large=false: the conversation's last seq at the switch back to "
+        "write diffusion, which the user's view catches up to",
+    )
 
 
 def encode_inbox(
@@ -866,6 +897,8 @@ def encode_inbox(
     position: int,
     ephemeral: bool,
     event_json: bytes,
+    large: bool | None = None,
+    last_seq: int | None = None,
 ) -> bytes:
     """``InboxRecord(...).model_dump_json()`` with the event already encoded (``encode_event``).
 
@@ -887,9 +920,57 @@ def encode_inbox(
             b"true" if ephemeral else b"false",
             b',"event":',
             event_json,
+            b',"large":',
+            b"null" if large is None else b"true" if large else b"false",
+            b',"last_seq":',
+            b"null" if last_seq is None else str(int(last_seq)).encode(),
             b"}",
         )
     )
+
+
+class GroupDelivery(WireModel):
+    """A record of the group-delivery topic: one event of a large group (read diffusion).
+
+    Instead of one sync-queue record per member, a large group's event is written once, keyed by
+    conversation; every ingress node reads the whole topic and hands the event to the member
+    devices it holds (docs/streams.md, "Large groups"). Like live delivery it is best effort: a
+    device recovers what it missed from the conversation's history.
+    """
+
+    tenant_id: TenantId
+    conversation_id: ConversationId
+    position: NonNegativeInt = Field(
+        description="The conversation's position after this event (0 for an ephemeral one): "
+        "a node compares it with the position a member's snapshot was taken at"
+    )
+    ephemeral: bool = False
+    large: bool = Field(
+        default=True,
+        description="False on the event that switches the group back to write diffusion: "
+        "nodes forget the group, its members get its events in their sync queues again",
+    )
+    synced: list[UserId] = Field(
+        default_factory=list,
+        max_length=MAX_SYNCED_PER_GROUP_EVENT,
+        description="Members who get this event in their own sync queues (the sender, the "
+        "requester, the member added or removed): nodes skip them",
+    )
+    members: list[UserId] | None = Field(
+        default=None,
+        max_length=MAX_GROUP_SWITCH_MEMBERS,
+        description="The whole member list, on the event that switches the group to read "
+        "diffusion (it is just above the threshold then): nodes index their members",
+    )
+    event: Event
+
+
+def parse_group_delivery(raw: bytes | str) -> GroupDelivery:
+    """Decode a group-delivery record; raises ``SchemaError`` like ``parse_event``."""
+    try:
+        return GroupDelivery.model_validate_json(raw)
+    except ValidationError as error:
+        raise schema_error(error, raw, what="record", known_types=()) from None
 
 
 class ConversationSummary(WireModel):
@@ -902,6 +983,11 @@ class ConversationSummary(WireModel):
     unread: NonNegativeInt = Field(description="Messages from others after read_seq")
     muted: bool = False
     muted_until: datetime | None = None
+    large: bool = Field(
+        default=False,
+        description="A large group (read diffusion): its other members' messages are not in "
+        "the sync queue; last_seq and unread come from the conversation's head",
+    )
 
 
 class SyncRecord(WireModel):

@@ -421,6 +421,12 @@ class ConversationItem(WireModel):
     last_sender_id: UserId | None = None
     last_preview: str | None = None
     last_activity_at: datetime | None = None
+    large: bool = Field(
+        default=False,
+        description="A large group (read diffusion): its messages reach devices live as event "
+        "frames without a sync_id and are read from history, not synced (docs/protocol.md, "
+        '"Large groups")',
+    )
 
 
 class ConversationList(Frame):

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from schemas.events import (
     EVENT_MODELS,
+    GroupDelivery,
     InboxRecord,
     LiveDelivery,
     PushJob,
@@ -92,6 +93,7 @@ def generate() -> dict[Path, str]:
     for frame_type, server_model in SERVER_FRAME_MODELS.items():
         models[Path("frames") / "server" / f"{frame_type}.json"] = server_model
     models[Path("records") / "live-delivery.json"] = LiveDelivery
+    models[Path("records") / "group-delivery.json"] = GroupDelivery
     models[Path("records") / "inbox.json"] = InboxRecord
     models[Path("records") / "sync.json"] = SyncRecord
     models[Path("records") / "push-job.json"] = PushJob

@@ -149,6 +149,7 @@ class TopicCatalog:
     user_inbox: Topic
     sync_events: Topic
     live_delivery: Topic
+    group_delivery: Topic
     push_jobs: Topic
     push_outcomes: Topic
     conversation_state: Topic
@@ -402,6 +403,16 @@ def topic_catalog(
             segment=timedelta(hours=1),
             dead_letter=False,
             description="Events to push now to the devices an ingress node holds",
+        ),
+        group_delivery=topic(
+            "im.delivery.groups",
+            key=KeyKind.CONVERSATION,
+            partitions=CONVERSATION_PARTITIONS,
+            retention=timedelta(hours=1),
+            segment=timedelta(hours=1),
+            dead_letter=False,
+            description="Large groups (read diffusion): one record per group event, which "
+            "every ingress node reads and hands to the member devices it holds",
         ),
         push_jobs=topic(
             "im.push.jobs",

@@ -117,6 +117,10 @@ class ConversationState:
     deleted: bool = False
     #: A group's owner (None for a direct conversation).
     owner: str | None = None
+    #: Read diffusion (docs/streams.md, "Large groups"): the diffusion the members were last
+    #: told of. It follows the member count and the threshold; when they disagree, the next
+    #: event switches it and tells every member.
+    large: bool = False
 
     def __post_init__(self) -> None:
         if self.owner is None and isinstance(self.members, dict):
@@ -124,7 +128,7 @@ class ConversationState:
 
     def to_json(self) -> dict[str, Any]:
         """The header: everything but the members, and how many there are."""
-        return {
+        header: dict[str, Any] = {
             "kind": self.kind.value,
             "name": self.name,
             "last_seq": self.last_seq,
@@ -132,6 +136,9 @@ class ConversationState:
             "owner": self.owner,
             "members": len(self.members),
         }
+        if self.large:
+            header["large"] = True
+        return header
 
     @classmethod
     def from_json(cls, data: dict[str, Any], members: Mapping[str, Role]) -> ConversationState:
@@ -142,6 +149,7 @@ class ConversationState:
             last_seq=int(data.get("last_seq", 0)),
             deleted=bool(data.get("deleted", False)),
             owner=data.get("owner"),
+            large=bool(data.get("large", False)),
         )
 
 
@@ -170,8 +178,6 @@ class DeliveryKind(StrEnum):
 
     #: The whole event is appended to the user's queue (write diffusion).
     FULL = "full"
-    #: Large groups: only "the conversation advanced to seq N" (read diffusion for the body).
-    ADVANCED = "advanced"
     #: Routed to online devices and never stored (typing).
     EPHEMERAL = "ephemeral"
 
@@ -204,6 +210,26 @@ class Outcome:
     rejection: Rejection | None = None
     #: Members added (their role), changed (the new role) or removed (None).
     member_changes: dict[str, Role | None] = field(default_factory=dict)
+    #: A large group's event for every ingress node (``im.delivery.groups``), if any.
+    broadcast: Broadcast | None = None
+    #: The diffusion of the conversation after the command (stamped on its deliveries).
+    large: bool = False
+    #: Whether the command switched the diffusion (its deliveries then reach every member).
+    switched: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    """One event of a large group for the ingress nodes (docs/streams.md, "Large groups")."""
+
+    event: Event
+    #: Members who get the event in their own sync queues (nodes skip them).
+    synced: tuple[str, ...] = ()
+    ephemeral: bool = False
+    #: Every member, on the switch to read diffusion (nodes index the ones they hold).
+    members: tuple[str, ...] | None = None
+    #: False on the event that ends read diffusion (nodes forget the group).
+    large: bool = True
 
 
 def command_rejected(
@@ -253,10 +279,27 @@ def decide(
     ``messages`` holds the records of the messages the command refers to (recall, edit), looked up
     by the caller. ``known`` tells whether the tenant knows a user (``None``: every user is
     admitted); a create or an add naming one it does not is refused. Sequenced events carry
-    ``conversation_seq``; a message to a group larger than ``large_group_threshold`` reaches
-    members as :attr:`DeliveryKind.ADVANCED`.
+    ``conversation_seq``. A group larger than ``large_group_threshold`` is read-diffused: its
+    events reach the members through one :class:`Broadcast` instead of one delivery each
+    (:func:`_diffuse`).
     """
     requester = _requester(command)
+    outcome = _decide(
+        state, command, requester, messages=messages, max_members=max_members, known=known
+    )
+    return _diffuse(state, command, requester, outcome, large_group_threshold)
+
+
+def _decide(
+    state: ConversationState | None,
+    command: Event,
+    requester: str,
+    *,
+    messages: dict[str, MessageRecord] | None,
+    max_members: int,
+    known: Callable[[str], bool] | None,
+) -> Outcome:
+    """The outcome as if every group were write-diffused; :func:`_diffuse` then decides."""
     if isinstance(command, ConversationCreated):
         return _create(state, command, requester, max_members, known)
     if state is None:
@@ -267,12 +310,12 @@ def decide(
         return _reject(command, requester, RejectReason.NOT_A_MEMBER)
     match command:
         case MessageSent():
-            return _sequence(state, command, requester, large_group_threshold)
+            return _sequence(state, command, requester)
         case MessageRecalled() | MessageEdited():
             record = (messages or {}).get(command.payload.message_id)
-            return _amend(state, command, requester, record, large_group_threshold)
+            return _amend(state, command, requester, record)
         case ReceiptRead():
-            return _read(state, command, requester, large_group_threshold)
+            return _read(state, command, requester)
         case TypingChanged():
             others = [user for user in state.members if user != requester]
             return Outcome(deliveries=_to_all(command, others, DeliveryKind.EPHEMERAL))
@@ -338,9 +381,96 @@ def _create(
     )
 
 
-def _sequence(
-    state: ConversationState, command: MessageSent, requester: str, threshold: int
+def _diffuse(
+    before: ConversationState | None,
+    command: Event,
+    requester: str,
+    outcome: Outcome,
+    threshold: int,
 ) -> Outcome:
+    """Write or read diffusion for the outcome of ``command`` (docs/streams.md, "Large groups").
+
+    A group with more than ``threshold`` members is read-diffused: an event reaches the sync
+    queues of the users it concerns only — the requester, and the member it adds, removes or
+    promotes — and every other member through one :class:`Broadcast` that every ingress node
+    reads. A read receipt reaches the reader only; typing is broadcast. So no event of a large
+    group costs records per member, and membership changes cost O(1) records.
+
+    The event that switches the diffusion (the member past the threshold, the one back under
+    it, a create above it, or the first stored event after the threshold setting moved) is
+    delivered to every member, marked with the new diffusion (``Outcome.switched``), so each
+    member's view switches in order with the conversation's events; the switch to read
+    diffusion is broadcast with the member list, so that nodes index the members they hold.
+    """
+    after = outcome.state if outcome.state is not None else before
+    if after is None or outcome.rejection is not None:
+        return outcome
+    was_large = before.large if before is not None else False
+    stored = [d for d in outcome.deliveries if d.kind is not DeliveryKind.EPHEMERAL]
+    event = outcome.sequenced[0] if outcome.sequenced else command
+    if after.deleted:
+        if was_large:
+            # Deleting a large group: its members learn it from the broadcast and from the
+            # conversation's head (their lists drop it), not from one record each.
+            outcome.deliveries = [d for d in stored if d.user_id == requester]
+            outcome.broadcast = Broadcast(event=event, synced=(requester,), large=False)
+        return outcome
+    large = len(after.members) > threshold
+    if large != was_large and stored:
+        # The switch: every member is told with this event (it reaches all of them anyway
+        # unless it is a message or a read, which then reach all of them this once).
+        outcome.state = replace(after, large=large)
+        outcome.state_changed = True
+        outcome.switched = True
+        outcome.large = large
+        members = tuple(after.members) if large else None
+        outcome.broadcast = Broadcast(event=event, members=members, large=large)
+        return outcome
+    if not was_large:
+        return outcome
+    outcome.large = True
+    if isinstance(command, ReceiptRead):
+        # The reader's own devices only: no receipts to the other members, no who-read.
+        outcome.sequenced = []
+        outcome.deliveries = [d for d in stored if d.user_id == requester]
+        return outcome
+    if not outcome.deliveries:
+        return outcome
+    if not stored:  # typing
+        outcome.deliveries = []
+        outcome.broadcast = Broadcast(event=event, ephemeral=True)
+        return outcome
+    concerned = _concerned(command, requester, before)
+    outcome.deliveries = [d for d in stored if d.user_id in concerned]
+    synced = tuple(sorted({d.user_id for d in outcome.deliveries}))
+    outcome.broadcast = Broadcast(event=event, synced=synced)
+    return outcome
+
+
+def _concerned(command: Event, requester: str, before: ConversationState | None) -> set[str]:
+    """Who gets a large group's event in their own sync queue: the requester, and the member
+    the event adds, removes or changes (with the owner it replaces)."""
+    concerned = {requester} if requester else set()
+    user = getattr(command.payload, "user_id", None)
+    if isinstance(
+        command,
+        ConversationMemberAdded
+        | ConversationMemberRemoved
+        | ConversationLeft
+        | ConversationMemberRoleChanged,
+    ) and isinstance(user, str):
+        concerned.add(user)
+    if (
+        isinstance(command, ConversationMemberRoleChanged)
+        and command.payload.role is Role.OWNER
+        and before is not None
+        and before.owner is not None
+    ):
+        concerned.add(before.owner)
+    return concerned
+
+
+def _sequence(state: ConversationState, command: MessageSent, requester: str) -> Outcome:
     seq = state.last_seq + 1
     sequenced = command.model_copy(
         update={"payload": command.payload.model_copy(update={"conversation_seq": seq})}
@@ -350,14 +480,9 @@ def _sequence(
         state=new_state,
         state_changed=True,
         sequenced=[sequenced],
-        deliveries=_fan_out(sequenced, state.members, threshold),
+        deliveries=_to_all(sequenced, state.members),
         messages={command.event_id: MessageRecord(sender_id=requester, conversation_seq=seq)},
     )
-
-
-def _fan_out(event: Event, members: Mapping[str, Role], threshold: int) -> list[Delivery]:
-    kind = DeliveryKind.ADVANCED if len(members) > threshold else DeliveryKind.FULL
-    return _to_all(event, members, kind)
 
 
 def _amend(
@@ -365,7 +490,6 @@ def _amend(
     command: MessageRecalled | MessageEdited,
     requester: str,
     record: MessageRecord | None,
-    threshold: int,
 ) -> Outcome:
     if record is None:
         return _reject(command, requester, RejectReason.MESSAGE_NOT_FOUND)
@@ -387,14 +511,12 @@ def _amend(
         state=replace(state, last_seq=seq),
         state_changed=True,
         sequenced=[sequenced],
-        deliveries=_fan_out(sequenced, state.members, threshold),
+        deliveries=_to_all(sequenced, state.members),
         messages={command.payload.message_id: updated},
     )
 
 
-def _read(
-    state: ConversationState, command: ReceiptRead, requester: str, threshold: int
-) -> Outcome:
+def _read(state: ConversationState, command: ReceiptRead, requester: str) -> Outcome:
     seq = min(command.payload.conversation_seq, state.last_seq)
     if seq <= 0:
         return Outcome()
@@ -403,10 +525,6 @@ def _read(
         clamped = command.model_copy(
             update={"payload": command.payload.model_copy(update={"conversation_seq": seq})}
         )
-    if len(state.members) > threshold:
-        # Large groups: the read position reaches the reader's own devices only; no receipts
-        # to the other members and no who-read.
-        return Outcome(deliveries=[Delivery(user_id=requester, event=clamped)])
     # The reader's own devices get the read position; the others get a receipt. Both are the
     # same event: a device tells them apart by the actor. The conversation log carries it too,
     # for the who-read store (issue 5's sinks).
@@ -468,9 +586,14 @@ def _add_member(
         return _reject(command, requester, RejectReason.NOT_ALLOWED)
     changes: dict[str, Role | None] = {user: role}
     members = MemberChanges(state.members, changes)
-    # The new member has seen neither the creation nor any rename: the event tells the name.
+    # The new member has seen neither the creation nor any rename: the event tells the name,
+    # and the seq the member starts reading from.
     named = command.model_copy(
-        update={"payload": command.payload.model_copy(update={"name": state.name})}
+        update={
+            "payload": command.payload.model_copy(
+                update={"name": state.name, "last_seq": state.last_seq}
+            )
+        }
     )
     return _changed(replace(state, members=members), named, members, changes)
 

@@ -24,6 +24,8 @@ import pydantic_core
 from schemas.errors import SchemaError
 from schemas.events import (
     DEFAULT_LOCALE,
+    MAX_GROUP_SWITCH_MEMBERS,
+    MAX_LARGE_GROUPS_PER_USER,
     BadgeCleared,
     ConversationAdvanced,
     ConversationAdvancedPayload,
@@ -32,6 +34,7 @@ from schemas.events import (
     DeviceConnected,
     DeviceDisconnected,
     Event,
+    GroupDelivery,
     InboxRecord,
     LiveDelivery,
     MessageEdited,
@@ -450,24 +453,57 @@ class ConversationProcessor(_BatchProcessor):
                     value=encode_event(sequenced),
                 )
             )
-        advanced: dict[str, Event] = {}
         encoded: dict[int, bytes] = {}
+        # Stamped on stored deliveries: read diffusion (or its end, with the last seq to catch
+        # up to), so that each member's view follows the conversation's diffusion in order.
+        large = True if outcome.large else (False if outcome.switched else None)
+        last_seq = None
+        if outcome.switched and not outcome.large and outcome.state is not None:
+            last_seq = outcome.state.last_seq
         for delivery in outcome.deliveries:
-            event = delivery.event
-            if delivery.kind is DeliveryKind.ADVANCED and isinstance(event, _SEQUENCED):
-                event = advanced.setdefault(event.event_id, _advanced(event))
             ephemeral = delivery.kind is DeliveryKind.EPHEMERAL
             result.outputs.append(
                 self._inbox(
                     command.tenant_id,
                     delivery.user_id,
                     conversation_id,
-                    event,
+                    delivery.event,
                     position=0 if ephemeral else new_position,
                     ephemeral=ephemeral,
                     encoded=encoded,
+                    large=None if ephemeral else large,
+                    last_seq=None if ephemeral else last_seq,
                 )
             )
+        if outcome.broadcast is not None:
+            broadcast = outcome.broadcast
+            # The member list of a switch, in records of at most MAX_GROUP_SWITCH_MEMBERS (more
+            # only for a group that grew under a larger threshold setting).
+            members: list[list[str] | None] = [None]
+            if broadcast.members is not None:
+                listed = list(broadcast.members)
+                members = [
+                    listed[start : start + MAX_GROUP_SWITCH_MEMBERS]
+                    for start in range(0, max(len(listed), 1), MAX_GROUP_SWITCH_MEMBERS)
+                ]
+            for chunk in members:
+                group = GroupDelivery(
+                    tenant_id=command.tenant_id,
+                    conversation_id=conversation_id,
+                    position=0 if broadcast.ephemeral else new_position,
+                    ephemeral=broadcast.ephemeral,
+                    large=broadcast.large,
+                    synced=list(broadcast.synced),
+                    members=chunk,
+                    event=broadcast.event,
+                )
+                result.outputs.append(
+                    OutputRecord(
+                        topic=self.catalog.group_delivery.name,
+                        key=key.encode(),
+                        value=group.model_dump_json().encode(),
+                    )
+                )
         if outcome.rejection is not None and outcome.rejection.user_id:
             rejected = command_rejected(command, conversation_id, outcome.rejection.reason)
             result.outputs.append(
@@ -514,6 +550,8 @@ class ConversationProcessor(_BatchProcessor):
         position: int,
         ephemeral: bool,
         encoded: dict[int, bytes] | None = None,
+        large: bool | None = None,
+        last_seq: int | None = None,
     ) -> OutputRecord:
         """The inbox record for one user; ``encoded`` caches each event's JSON across the
         members it is fanned out to (keyed by object identity within one ``_emit``)."""
@@ -532,37 +570,10 @@ class ConversationProcessor(_BatchProcessor):
                 position=position,
                 ephemeral=ephemeral,
                 event_json=event_json,
+                large=large,
+                last_seq=last_seq,
             ),
         )
-
-
-_SEQUENCED = (MessageSent, MessageRecalled, MessageEdited)
-
-
-def _assigned_seq(event: MessageSent | MessageRecalled | MessageEdited) -> int:
-    seq = event.payload.conversation_seq
-    if seq is None:
-        raise ValueError(f"{event.type} {event.event_id} reached fan-out without a seq")
-    return seq
-
-
-def _advanced(event: MessageSent | MessageRecalled | MessageEdited) -> ConversationAdvanced:
-    """The light event members of a large group get instead of ``event``."""
-    payload = event.payload
-    message_id = event.event_id if isinstance(event, MessageSent) else event.payload.message_id
-    return ConversationAdvanced.new(
-        tenant_id=event.tenant_id,
-        event_id=derived_event_id(event.event_id, "advanced"),
-        occurred_at=event.occurred_at,
-        actor=event.actor,
-        payload=ConversationAdvancedPayload(
-            conversation_id=payload.conversation_id,
-            conversation_seq=_assigned_seq(event),
-            message_id=message_id,
-            sender_id=event.actor.user_id,
-            entry_type=event.type,
-        ),
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -642,9 +653,15 @@ class UserProcessor(_BatchProcessor):
                 Delivery(user_id=user_id, event=event, kind=kind),
                 now=event.occurred_at,
                 policy=self.settings.push,
+                large=inbox.large,
+                last_seq=inbox.last_seq,
             )
         elif isinstance(event, DeviceConnected | DeviceDisconnected):
             apply_presence(state, event)
+            if isinstance(event, DeviceConnected) and any(
+                view.large for view in state.conversations.values()
+            ):
+                result.outputs.append(self._groups(tenant_id, user_id, event, state, positions))
             if isinstance(event, DeviceConnected) and not state.known:
                 # The first sign-in: from now on the user may be named in creates and adds.
                 state.known = True
@@ -740,6 +757,43 @@ class UserProcessor(_BatchProcessor):
                 )
             )
 
+    def _groups(
+        self,
+        tenant_id: str,
+        user_id: str,
+        connected: DeviceConnected,
+        state: UserState,
+        positions: dict[str, int],
+    ) -> OutputRecord:
+        """The answer to a device's connect for its node: the user's large groups, each with the
+        position of the last event the user got from it. The node hands the groups' later
+        events (``im.delivery.groups``) to the user's devices (docs/streams.md, "Large
+        groups"). In order with the user's deliveries, so no membership change is missed."""
+        large = sorted(cid for cid, view in state.conversations.items() if view.large)
+        if len(large) > MAX_LARGE_GROUPS_PER_USER:
+            log.warning(
+                "user %s/%s is in %d large groups; live delivery covers %d of them",
+                tenant_id,
+                user_id,
+                len(large),
+                MAX_LARGE_GROUPS_PER_USER,
+            )
+        groups = {cid: positions.get(cid, 0) for cid in large[:MAX_LARGE_GROUPS_PER_USER]}
+        node_id = connected.payload.node_id
+        delivery = LiveDelivery(
+            node_id=node_id,
+            tenant_id=tenant_id,
+            user_id=user_id,
+            device_ids=[connected.payload.device_id],
+            event=connected,
+            groups=groups,
+        )
+        return OutputRecord(
+            topic=self.catalog.live_delivery.name,
+            key=gateway_key(node_id),
+            value=delivery.model_dump_json().encode(),
+        )
+
     def _live(
         self, tenant_id: str, user_id: str, node_id: str, devices: list[str], appended: Appended
     ) -> OutputRecord:
@@ -776,6 +830,8 @@ def _concerned(inbox: InboxRecord | None, event: Event) -> list[str] | None:
     if isinstance(event, BadgeCleared):
         cid = event.payload.conversation_id
         return None if cid is None else [cid]
+    if isinstance(event, DeviceConnected):
+        return None  # the connect's answer lists the user's large groups
     return []
 
 
@@ -840,6 +896,7 @@ def _summary(state: UserState, event: Event) -> ConversationSummary | None:
         unread=view.unread,
         muted=view.muted,
         muted_until=view.muted_until,
+        large=view.large,
     )
 
 

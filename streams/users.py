@@ -59,6 +59,9 @@ class ConversationView:
     muted_until: datetime | None = None
     last_push_at: datetime | None = None
     merged_since_push: int = 0
+    #: A large group (read diffusion): the other members' messages do not reach this view;
+    #: the conversation list derives their count from the conversation's head.
+    large: bool = False
 
     @property
     def unread(self) -> int:
@@ -89,6 +92,28 @@ class ConversationView:
         if len(runs) > MAX_UNREAD_RANGES:
             runs[0:2] = [[runs[0][0], runs[1][1]]]
 
+    def add_unread_run(self, first: int, last: int) -> None:
+        """Count ``first..last`` as unread: seqs this view did not follow one by one (the time
+        its conversation was a large group). Later than every run (seqs only grow)."""
+        if last < first:
+            return
+        runs = self.unread_ranges
+        if runs and first <= runs[-1][1] + 1:
+            runs[-1][1] = max(runs[-1][1], last)
+        else:
+            runs.append([first, last])
+        if len(runs) > MAX_UNREAD_RANGES:
+            runs[0:2] = [[runs[0][0], runs[1][1]]]
+
+    def switch(self, large: bool, last_seq: int | None) -> None:
+        """The conversation's diffusion, as its latest delivery tells. Back to write diffusion,
+        the messages of the large-group time after the read position (up to ``last_seq``)
+        count as unread — recalls and edits among them too: a view cannot tell them apart."""
+        if self.large and not large and last_seq is not None:
+            self.add_unread_run(max(self.last_seq, self.read_seq) + 1, last_seq)
+            self.last_seq = max(self.last_seq, last_seq)
+        self.large = large
+
     def read_through(self, seq: int) -> None:
         """Everything up to ``seq`` is read."""
         runs = self.unread_ranges
@@ -101,7 +126,7 @@ class ConversationView:
         return self.muted and (self.muted_until is None or now < self.muted_until)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "last_seq": self.last_seq,
             "read_seq": self.read_seq,
             "unread": self.unread_ranges,
@@ -110,6 +135,9 @@ class ConversationView:
             "last_push_at": self.last_push_at.isoformat() if self.last_push_at else None,
             "merged_since_push": self.merged_since_push,
         }
+        if self.large:
+            data["large"] = True
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ConversationView:
@@ -124,6 +152,7 @@ class ConversationView:
             datetime.fromisoformat(muted_until) if muted_until else None,
             datetime.fromisoformat(last_push_at) if last_push_at else None,
             int(data.get("merged_since_push", 0)),
+            bool(data.get("large", False)),
         )
         if "unread_seqs" in data:  # written before runs (one seq each)
             for seq in data["unread_seqs"]:
@@ -298,8 +327,13 @@ def apply_delivery(
     *,
     now: datetime,
     policy: PushPolicy = PushPolicy(),
+    large: bool | None = None,
+    last_seq: int | None = None,
 ) -> UserOutcome:
-    """Append a conversation's event to the user's queue and update what the user sees."""
+    """Append a conversation's event to the user's queue and update what the user sees.
+
+    ``large`` (and ``last_seq``) as the inbox record is stamped: the conversation's diffusion
+    after the event (:meth:`ConversationView.switch`)."""
     outcome = UserOutcome()
     event = delivery.event
     if delivery.kind is DeliveryKind.EPHEMERAL:
@@ -307,6 +341,9 @@ def apply_delivery(
             outcome.ephemeral.append(event)
             outcome.live_nodes = _live_nodes(state)
         return outcome
+    conversation_id = getattr(event.payload, "conversation_id", None)
+    if large is not None and isinstance(conversation_id, str):
+        state.view(conversation_id).switch(large, last_seq)
     _append(state, outcome, event, delivery.kind)
     match event:
         case MessageSent():
@@ -338,8 +375,13 @@ def apply_delivery(
         case ConversationCreated():
             state.view(event.payload.conversation_id)
         case ConversationMemberAdded() if event.payload.user_id == user_id:
-            # A new member's list gets the conversation now, with its summary.
-            state.view(event.payload.conversation_id)
+            # A new member's list gets the conversation now, with its summary; what came before
+            # the join is history, not unread.
+            view = state.view(event.payload.conversation_id)
+            joined_at = event.payload.last_seq or 0
+            view.last_seq = max(view.last_seq, joined_at)
+            view.read_seq = max(view.read_seq, joined_at)
+            view.read_through(joined_at)
         case ConversationLeft() | ConversationMemberRemoved() if event.payload.user_id == user_id:
             state.conversations.pop(event.payload.conversation_id, None)
         case ConversationDeleted():
@@ -405,6 +447,7 @@ def _on_own_read(view: ConversationView, seq: int) -> None:
     if seq <= view.read_seq:
         return
     view.read_seq = seq
+    view.last_seq = max(view.last_seq, seq)
     view.read_through(seq)
 
 

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 from schemas.errors import ErrorCode, SchemaError, schema_error
 from schemas.events import (
     Event,
+    GroupDelivery,
     InboxRecord,
     LiveDelivery,
     PushJob,
@@ -238,6 +239,15 @@ def _decode_live(raw: bytes) -> Facts:
     )
 
 
+def _decode_group(raw: bytes) -> Facts:
+    record = _decode_model(GroupDelivery, raw)
+    return replace(
+        event_facts(record.event),
+        tenant_id=record.tenant_id,
+        conversation_id=record.conversation_id,
+    )
+
+
 def _decode_push_job(raw: bytes) -> Facts:
     job = _decode_model(PushJob, raw)
     return Facts(
@@ -279,6 +289,7 @@ class AuditDecoder:
             catalog.user_inbox.name: _decode_inbox,
             catalog.sync_events.name: _decode_sync,
             catalog.live_delivery.name: _decode_live,
+            catalog.group_delivery.name: _decode_group,
             catalog.push_jobs.name: _decode_push_job,
             catalog.push_outcomes.name: _decode_push_outcome,
         }

@@ -342,8 +342,25 @@ def _ddl(session: Session, statement: str) -> None:
     session.execute(statement, timeout=DDL_TIMEOUT_SECONDS)
 
 
+#: ``ALTER TABLE <table> ADD <column> <type>``: CQL has no portable ``IF NOT EXISTS`` for it.
+_ADD_COLUMN = re.compile(r"^\s*ALTER\s+TABLE\s+(\w+)\s+ADD\s+(\w+)\s", re.IGNORECASE)
+
+
+def _column_exists(session: Session, keyspace: str, table: str, column: str) -> bool:
+    rows = session.execute(
+        "SELECT column_name FROM system_schema.columns "
+        "WHERE keyspace_name = %s AND table_name = %s AND column_name = %s",
+        (keyspace, table.lower(), column.lower()),
+        timeout=DDL_TIMEOUT_SECONDS,
+    )
+    return rows.one() is not None
+
+
 def _apply(session: Session, keyspace: str, migration: Migration) -> None:
     for number, statement in enumerate(migration.statements(), start=1):
+        added = _ADD_COLUMN.match(statement)
+        if added is not None and _column_exists(session, keyspace, *added.groups()):
+            continue  # applied before the migration could be recorded: idempotent
         try:
             _ddl(session, statement)
         except Exception as error:  # the driver raises server errors of several hierarchies

@@ -202,7 +202,7 @@ class Statements:
         )
         self.uc_summary = prepare(
             "UPDATE {ks}.user_conversations USING TIMESTAMP ? SET last_seq = ?, read_seq = ?, "
-            f"unread = ?, muted = ?, muted_until = ?, updated_at = ? {uc_where}"
+            f"unread = ?, muted = ?, muted_until = ?, large = ?, updated_at = ? {uc_where}"
         )
         self.uc_last_message = prepare(
             "UPDATE {ks}.user_conversations USING TIMESTAMP ? SET last_message_id = ?, "
@@ -516,6 +516,7 @@ class WritePlanner:
                         summary.unread,
                         summary.muted,
                         summary.muted_until,
+                        summary.large,
                         event.occurred_at,
                         tenant,
                         user,

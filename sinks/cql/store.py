@@ -19,8 +19,9 @@ The driver's futures are bridged to asyncio; a store that cannot reach the clust
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,6 +29,9 @@ from cassandra.cluster import ResponseFuture, Session
 from cassandra.query import PreparedStatement
 
 from pipelines.settings import Settings
+from schemas.errors import SchemaError
+from schemas.events import MessageEdited, MessageSent, parse_event
+from sinks.cql.rules import RECALLED_PREVIEW, preview
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 #: Empty sync buckets a page walks over before it declares the cursor's entries expired.
@@ -95,6 +99,9 @@ class ConversationRow:
     muted: bool
     muted_until: datetime | None
     pinned: bool
+    #: A large group (read diffusion): read through :meth:`ServingStore.conversations`, its
+    #: last seq, unread count, name and last message are the conversation's own.
+    large: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,8 +141,12 @@ class ServingStore:
         self._conversations = prepare(
             f"SELECT conversation_id, kind, name, role, member, last_seq, last_message_id, "
             f"last_sender_id, last_preview, last_activity_at, read_seq, unread, muted, "
-            f"muted_until, pinned FROM {keyspace}.user_conversations "
+            f"muted_until, pinned, large FROM {keyspace}.user_conversations "
             f"WHERE tenant_id = ? AND user_id = ?"
+        )
+        self._conversation = prepare(
+            f"SELECT name, deleted FROM {keyspace}.conversations "
+            f"WHERE tenant_id = ? AND conversation_id = ?"
         )
         self._member = prepare(
             f"SELECT role FROM {keyspace}.members WHERE tenant_id = ? AND conversation_id = ? "
@@ -276,8 +287,67 @@ class ServingStore:
         """The user's conversations (those the user is a member of), latest activity first."""
         found = await self._run(self._conversations, (tenant_id, user_id))
         rows = [_conversation_row(row) for row in found if row.member is not False]
+        large = [row for row in rows if row.large]
+        if large:
+            heads = await asyncio.gather(*(self._large_group(tenant_id, row) for row in large))
+            current = {row.conversation_id: row for row in heads if row is not None}
+            rows = [
+                current[row.conversation_id] if row.large else row
+                for row in rows
+                if not row.large or row.conversation_id in current
+            ]
         rows.sort(key=lambda r: (r.last_activity_at or _EPOCH, r.conversation_id), reverse=True)
         return rows[:limit]
+
+    async def _large_group(self, tenant_id: str, row: ConversationRow) -> ConversationRow | None:
+        """A large group's list entry brought up to date from the conversation: its messages
+        do not reach the members' queues, so the row has the user's own last entry only. The
+        unread count adds what came after both the row's last seq and the read position (recalls
+        and edits included: the row cannot tell them apart). None for a deleted group (its
+        members are not told one by one either)."""
+        conversation = await self._run(self._conversation, (tenant_id, row.conversation_id))
+        if conversation and conversation[0].deleted:
+            return None
+        name = conversation[0].name if conversation else row.name
+        page = await self.history(
+            tenant_id,
+            row.conversation_id,
+            before=None,
+            after=None,
+            limit=1,
+            last_seq_hint=row.last_seq,
+        )
+        latest = page.rows[-1] if page.rows else None
+        if latest is None or latest.seq <= row.last_seq:
+            return replace(row, name=name)
+        seen = max(row.last_seq, row.read_seq)
+        updated = replace(
+            row,
+            name=name,
+            last_seq=latest.seq,
+            unread=row.unread + max(0, latest.seq - seen),
+        )
+        if latest.entry_type != "message.sent":
+            return updated
+        try:
+            event = parse_event(latest.event)
+        except SchemaError:
+            return updated
+        if not isinstance(event, MessageSent):
+            return updated
+        body = event.payload.body
+        if latest.edited_event is not None:
+            with contextlib.suppress(SchemaError):
+                edited = parse_event(latest.edited_event)
+                if isinstance(edited, MessageEdited):
+                    body = edited.payload.body
+        return replace(
+            updated,
+            last_message_id=event.event_id,
+            last_sender_id=event.actor.user_id,
+            last_preview=RECALLED_PREVIEW if latest.recalled else preview(body),
+            last_activity_at=event.occurred_at,
+        )
 
     async def who_read(self, tenant_id: str, conversation_id: str, seq: int) -> list[ReaderRow]:
         """Members whose read position is at or past ``seq``."""
@@ -357,4 +427,5 @@ def _conversation_row(row: Any) -> ConversationRow:
         muted=bool(row.muted),
         muted_until=_utc(row.muted_until),
         pinned=bool(row.pinned),
+        large=bool(row.large),
     )

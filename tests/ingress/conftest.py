@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from cassandra.cluster import Session
@@ -70,20 +72,24 @@ def gateway(
     assert running.stop() == 0, running.log()
 
 
-@pytest.fixture(scope="module")
-def pipeline(
-    ingress_settings: Settings,
-    serving_keyspace: str,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Gateway]:
-    """Ingress, stream worker and CQL sink on this module's topics and keyspace."""
-    logs = tmp_path_factory.mktemp("pipeline")
+@contextmanager
+def running_pipeline(
+    settings: Settings,
+    keyspace: str,
+    logs: Path,
+    *,
+    streams: dict[str, str] | None = None,
+    nodes: int = 1,
+) -> Iterator[list[Gateway]]:
+    """Ingress nodes, a stream worker (with ``streams`` settings) and the CQL sink on these
+    topics and this keyspace."""
     environment = {
         **os.environ,
-        "IM_KAFKA__BOOTSTRAP_SERVERS": ingress_settings.kafka.bootstrap_servers,
-        "IM_KAFKA__TOPIC_PREFIX": ingress_settings.kafka.topic_prefix,
-        "IM_CQL__KEYSPACE": serving_keyspace,
+        "IM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
+        "IM_CQL__KEYSPACE": keyspace,
         "IM_STREAMS__SESSION_TIMEOUT_SECONDS": "6",
+        **{f"IM_STREAMS__{name.upper()}": value for name, value in (streams or {}).items()},
     }
     worker = Worker(environment, logs / "stream-worker.log")
     worker.start()
@@ -94,15 +100,34 @@ def pipeline(
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    gateway = start_gateway(
-        ingress_settings,
-        logs,
-        ingress={"rate_limit_per_second": 100_000.0, "rate_limit_burst": 100_000.0},
-        cql={"keyspace": serving_keyspace},
-        wait=Gateway.serving,
-    )
-    yield gateway
-    gateway.stop()
-    sink.terminate()
-    sink.wait(timeout=30)
-    worker.stop()
+    gateways: list[Gateway] = []
+    try:
+        for _ in range(nodes):
+            gateways.append(
+                start_gateway(
+                    settings,
+                    logs,
+                    ingress={"rate_limit_per_second": 100_000.0, "rate_limit_burst": 100_000.0},
+                    cql={"keyspace": keyspace},
+                    wait=Gateway.serving,
+                )
+            )
+        yield gateways
+    finally:
+        for gateway in gateways:
+            gateway.stop()
+        sink.terminate()
+        sink.wait(timeout=30)
+        worker.stop()
+
+
+@pytest.fixture(scope="module")
+def pipeline(
+    ingress_settings: Settings,
+    serving_keyspace: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Gateway]:
+    """Ingress, stream worker and CQL sink on this module's topics and keyspace."""
+    logs = tmp_path_factory.mktemp("pipeline")
+    with running_pipeline(ingress_settings, serving_keyspace, logs) as (gateway,):
+        yield gateway

@@ -15,6 +15,7 @@ from schemas.events import (
     EVENT_TYPES,
     SYSTEM_TENANT,
     EventEnvelope,
+    GroupDelivery,
     InboxRecord,
     LiveDelivery,
     OperatorOutcome,
@@ -131,6 +132,7 @@ def test_every_record_is_documented_with_its_fields_and_topic(settings: Settings
     catalog = topic_catalog(settings)
     records: dict[str, tuple[type[BaseModel], Topic]] = {
         "LiveDelivery": (LiveDelivery, catalog.live_delivery),
+        "GroupDelivery": (GroupDelivery, catalog.group_delivery),
         "InboxRecord": (InboxRecord, catalog.user_inbox),
         "SyncRecord": (SyncRecord, catalog.sync_events),
         "PushJob": (PushJob, catalog.push_jobs),

@@ -24,6 +24,7 @@ def test_one_file_per_event_and_frame_type() -> None:
     records = {name for name in names if name.startswith("records/")}
     assert records == {
         "records/live-delivery.json",
+        "records/group-delivery.json",
         "records/inbox.json",
         "records/sync.json",
         "records/push-job.json",

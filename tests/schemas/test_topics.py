@@ -146,7 +146,7 @@ def test_every_sample_event_routes(settings: Settings) -> None:
 
 def test_dead_letters(settings: Settings) -> None:
     catalog = topic_catalog(with_kafka(settings, topic_prefix="p."))
-    ephemeral = {catalog.typing_in.name, catalog.live_delivery.name}
+    ephemeral = {catalog.typing_in.name, catalog.live_delivery.name, catalog.group_delivery.name}
     # Only audited: the ClickHouse sink never dead-letters.
     ephemeral.add(catalog.push_outcomes.name)
     ephemeral.add(catalog.operator_actions.name)

@@ -137,9 +137,127 @@ def test_only_members_send() -> None:
     assert rejected(decide(None, send("bob", "m1"))) is RejectReason.CONVERSATION_NOT_FOUND
 
 
-def test_large_groups_get_the_light_advanced_event() -> None:
-    outcome = decide(group(), send("bob", "m1"), large_group_threshold=2)
-    assert {delivery.kind for delivery in outcome.deliveries} == {DeliveryKind.ADVANCED}
+def large(*others: str) -> ConversationState:
+    """A group above the threshold of 3 used below, told of read diffusion."""
+    state = group("alice", *(others or ("bob", "carol", "dave")))
+    state.large = True
+    return state
+
+
+def added(user: str, by_user: str = "alice") -> ConversationMemberAdded:
+    return ConversationMemberAdded.new(
+        tenant_id=TENANT,
+        actor=by(by_user),
+        payload=ConversationMemberAddedPayload(conversation_id=CONVERSATION, user_id=user),
+    )
+
+
+def removed(user: str, by_user: str = "alice") -> ConversationMemberRemoved:
+    return ConversationMemberRemoved.new(
+        tenant_id=TENANT,
+        actor=by(by_user),
+        payload=ConversationMemberRemovedPayload(conversation_id=CONVERSATION, user_id=user),
+    )
+
+
+def test_a_large_groups_message_reaches_the_sender_and_one_broadcast() -> None:
+    outcome = decide(large(), send("bob", "m1"), large_group_threshold=3)
+    (sequenced,) = outcome.sequenced
+    assert [delivery.user_id for delivery in outcome.deliveries] == ["bob"]
+    assert outcome.deliveries[0].event == sequenced
+    assert outcome.broadcast is not None
+    assert outcome.broadcast.event == sequenced
+    assert outcome.broadcast.synced == ("bob",)
+    assert outcome.large and not outcome.switched
+    assert outcome.state is not None and outcome.state.large
+
+
+def test_a_large_groups_membership_change_costs_the_users_it_concerns_only() -> None:
+    state = large(*(f"u{index}" for index in range(20)))
+    outcome = decide(state, added("newbie"), large_group_threshold=3)
+    assert sorted(d.user_id for d in outcome.deliveries) == ["alice", "newbie"]
+    assert outcome.broadcast is not None and outcome.broadcast.synced == ("alice", "newbie")
+    assert outcome.member_changes == {"newbie": Role.MEMBER}
+    outcome = decide(state, removed("u3"), large_group_threshold=3)
+    assert sorted(d.user_id for d in outcome.deliveries) == ["alice", "u3"]
+    left = ConversationLeft.new(
+        tenant_id=TENANT,
+        actor=by("u4"),
+        payload=ConversationLeftPayload(conversation_id=CONVERSATION, user_id="u4"),
+    )
+    outcome = decide(state, left, large_group_threshold=3)
+    assert [d.user_id for d in outcome.deliveries] == ["u4"]
+    promote = ConversationMemberRoleChanged.new(
+        tenant_id=TENANT,
+        actor=by("alice"),
+        payload=ConversationMemberRoleChangedPayload(
+            conversation_id=CONVERSATION, user_id="u5", role=Role.OWNER
+        ),
+    )
+    state.owner = "alice"
+    outcome = decide(state, promote, large_group_threshold=3)
+    assert sorted(d.user_id for d in outcome.deliveries) == ["alice", "u5"]
+
+
+def test_the_member_past_the_threshold_switches_the_group_and_every_member_is_told() -> None:
+    outcome = decide(group("alice", "bob", "carol"), added("dave"), large_group_threshold=3)
+    assert outcome.switched and outcome.large
+    assert sorted(d.user_id for d in outcome.deliveries) == ["alice", "bob", "carol", "dave"]
+    assert outcome.state is not None and outcome.state.large
+    assert outcome.broadcast is not None
+    assert sorted(outcome.broadcast.members or ()) == ["alice", "bob", "carol", "dave"]
+    # The next message is read-diffused.
+    following = decide(outcome.state, send("carol", "m1"), large_group_threshold=3)
+    assert [d.user_id for d in following.deliveries] == ["carol"]
+
+
+def test_the_member_back_under_the_threshold_switches_back_and_every_member_is_told() -> None:
+    state = large()
+    state.last_seq = 40
+    outcome = decide(state, removed("dave"), large_group_threshold=3)
+    assert outcome.switched and not outcome.large
+    assert sorted(d.user_id for d in outcome.deliveries) == ["alice", "bob", "carol", "dave"]
+    assert outcome.state is not None and not outcome.state.large
+    assert outcome.broadcast is not None and not outcome.broadcast.large
+    following = decide(outcome.state, send("carol", "m1"), large_group_threshold=3)
+    assert sorted(d.user_id for d in following.deliveries) == ["alice", "bob", "carol"]
+    assert following.broadcast is None
+
+
+def test_a_moved_threshold_switches_at_the_next_stored_event() -> None:
+    state = group("alice", "bob", "carol", "dave")  # told of write diffusion, now above 3
+    outcome = decide(state, send("bob", "m1"), large_group_threshold=3)
+    assert outcome.switched and outcome.large
+    assert len(outcome.deliveries) == 4
+    typing = TypingChanged.new(
+        tenant_id=TENANT,
+        actor=by("bob"),
+        payload=TypingChangedPayload(conversation_id=CONVERSATION, active=True),
+    )
+    # Typing stores nothing: it switches nothing, and goes as the group was told.
+    assert not decide(state, typing, large_group_threshold=3).switched
+
+
+def test_a_large_groups_typing_is_one_ephemeral_broadcast() -> None:
+    typing = TypingChanged.new(
+        tenant_id=TENANT,
+        actor=by("bob"),
+        payload=TypingChangedPayload(conversation_id=CONVERSATION, active=True),
+    )
+    outcome = decide(large(), typing, large_group_threshold=3)
+    assert outcome.deliveries == []
+    assert outcome.broadcast is not None and outcome.broadcast.ephemeral
+
+
+def test_deleting_a_large_group_tells_the_owner_and_the_nodes() -> None:
+    delete = ConversationDeleted.new(
+        tenant_id=TENANT,
+        actor=by("alice"),
+        payload=ConversationDeletedPayload(conversation_id=CONVERSATION),
+    )
+    outcome = decide(large(), delete, large_group_threshold=3)
+    assert [d.user_id for d in outcome.deliveries] == ["alice"]
+    assert outcome.broadcast is not None and not outcome.broadcast.large
 
 
 def amend(kind: type[Event], user: str, message_id: str) -> Event:
@@ -215,9 +333,11 @@ def test_in_large_groups_a_read_reaches_only_the_readers_devices() -> None:
         actor=by("carol"),
         payload=ReceiptReadPayload(conversation_id=CONVERSATION, conversation_seq=4),
     )
+    state.large = True
     outcome = decide(state, read, large_group_threshold=3)
     assert [delivery.user_id for delivery in outcome.deliveries] == ["carol"]
     assert outcome.sequenced == []
+    assert outcome.broadcast is None
 
 
 def test_typing_is_ephemeral_and_not_sent_back_to_the_typist() -> None:

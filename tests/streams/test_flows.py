@@ -37,6 +37,7 @@ from schemas.events import (
     DeviceConnected,
     DevicePresencePayload,
     Event,
+    GroupDelivery,
     LiveDelivery,
     MessageEdited,
     MessageEditedPayload,
@@ -419,10 +420,12 @@ def test_group_authorization_recall_edit_and_duplicate_sends(kafka: Kafka) -> No
     assert sum(1 for e in log if isinstance(e, MessageSent) and e.event_id == m2.event_id) == 1
 
 
-def test_full_and_large_group_modes_give_the_same_client_visible_state(kafka: Kafka) -> None:
+def test_a_large_group_is_read_diffused_and_its_members_views_still_converge(
+    kafka: Kafka,
+) -> None:
     name = ids("modes")
     amy, bo, cy, dee = name("amy"), name("bo"), name("cy"), name("dee")
-    small, large = name("small"), name("large")  # 3 members: full; 4 (> 3): advanced
+    small, large = name("small"), name("large")  # 3 members: write diffusion; 4 (> 3): read
     kafka.publish(
         created(amy, small, ConversationKind.GROUP, bo, cy),
         created(amy, large, ConversationKind.GROUP, bo, cy, dee),
@@ -435,33 +438,47 @@ def test_full_and_large_group_modes_give_the_same_client_visible_state(kafka: Ka
             read(cy, conversation_id, 2),
         )
     kafka.wait("cy's reads", lambda: len(kafka.events(cy, ReceiptRead)) == 2)
-    kafka.wait("dee's three advances", lambda: len(kafka.events(dee, ConversationAdvanced)) == 3)
 
-    def visible(user: str, conversation_id: str) -> list[tuple[int, str]]:
-        """(seq, sender) of the messages a device of ``user`` learns about, in queue order."""
-        out = []
-        for record in kafka.queue(user):
-            event = record.event
-            if isinstance(event, MessageSent) and event.payload.conversation_id == conversation_id:
-                out.append((event.payload.conversation_seq or 0, event.actor.user_id))
-            if (
-                isinstance(event, ConversationAdvanced)
-                and event.payload.conversation_id == conversation_id
-            ):
-                out.append((event.payload.conversation_seq, event.payload.sender_id))
-        return out
+    def group_records() -> list[GroupDelivery]:
+        return [
+            record
+            for record in (
+                GroupDelivery.model_validate_json(value or b"")
+                for _key, value in kafka.records(kafka.catalog.group_delivery.name)
+            )
+            if record.conversation_id == large
+        ]
+
+    kafka.wait("the large group's three messages", lambda: len(group_records()) == 4)
+    switch, *messages = group_records()
+    # Created above the threshold: the member list once, then one record per message, each
+    # naming its sender (whose own queue has it), in seq order.
+    assert sorted(switch.members or []) == sorted([amy, bo, cy, dee])
+    assert [
+        (m.event.payload.conversation_seq, m.synced)  # type: ignore[union-attr]
+        for m in messages
+    ] == [(1, [amy]), (2, [bo]), (3, [amy])]
+    assert [m.position for m in messages] == sorted({m.position for m in messages})
+
+    def messages_in_queue(user: str, conversation_id: str) -> list[tuple[int, str]]:
+        return [
+            (event.payload.conversation_seq or 0, event.actor.user_id)
+            for event in kafka.events(user, MessageSent)
+            if event.payload.conversation_id == conversation_id
+        ]
 
     for user in (amy, bo, cy):
-        assert visible(user, small) == visible(user, large) == [(1, amy), (2, bo), (3, amy)]
-        small_view = kafka.user_state(user).conversations[small]
-        large_view = kafka.user_state(user).conversations[large]
-        assert (small_view.read_seq, small_view.unread, small_view.last_seq) == (
-            large_view.read_seq,
-            large_view.unread,
-            large_view.last_seq,
-        )
-    assert kafka.user_state(cy).conversations[large].unread == 1  # read 2, then amy's 3
-    assert not kafka.events(dee, MessageSent)  # large group: bodies come from the timeline
+        assert messages_in_queue(user, small) == [(1, amy), (2, bo), (3, amy)]
+    # In the large group each queue holds the user's own messages only.
+    assert messages_in_queue(amy, large) == [(1, amy), (3, amy)]
+    assert messages_in_queue(bo, large) == [(2, bo)]
+    assert messages_in_queue(cy, large) == messages_in_queue(dee, large) == []
+    assert not kafka.events(dee, ConversationAdvanced)
+    # Read positions still converge: own messages and own reads move them.
+    views = {user: kafka.user_state(user).conversations[large] for user in (amy, bo, cy, dee)}
+    assert all(view.large for view in views.values())
+    assert (views[amy].read_seq, views[bo].read_seq, views[cy].read_seq) == (3, 2, 2)
+    assert kafka.user_state(cy).conversations[small].unread == 1  # read 2, then amy's 3
     # Receipts: the small group's members see cy's read; in the large group only cy's devices.
     assert [r.payload.conversation_id for r in kafka.events(amy, ReceiptRead)] == [small]
     assert sorted(r.payload.conversation_id for r in kafka.events(cy, ReceiptRead)) == sorted(

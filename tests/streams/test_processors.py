@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from pipelines.settings import Settings
@@ -28,6 +29,7 @@ from schemas.events import (
     DeviceDisconnected,
     DevicePresencePayload,
     Event,
+    GroupDelivery,
     InboxRecord,
     LiveDelivery,
     MessageSent,
@@ -221,17 +223,38 @@ def test_non_members_get_a_rejection_in_their_queue() -> None:
     assert rejection.event.payload.reason == "not-a-member"
 
 
-def test_large_groups_get_one_shared_advanced_event() -> None:
+def test_a_large_groups_message_is_one_group_record_and_the_senders_inbox_record() -> None:
     processor = ConversationProcessor(CATALOG, ConversationSettings(large_group_threshold=2))
-    events: list[Event] = [create_group("c-1", ["alice", "bob", "carol"]), send("c-1", "bob", "m1")]
-    result = processor.process(command_records(events), Tables())
-    advanced = [
-        InboxRecord.model_validate_json(o.value or b"").event
-        for o in result.outputs
-        if o.topic == CATALOG.user_inbox.name
-    ][3:]
-    assert {event.type for event in advanced} == {"conversation.advanced"}
-    assert len({event.event_id for event in advanced}) == 1
+    tables = Tables()
+    created = processor.process(
+        command_records([create_group("c-1", ["alice", "bob", "carol"])]), tables
+    )
+    tables.write(created.writes)
+    # Created above the threshold: every member is told, the nodes get the member list.
+    (switch,) = [
+        GroupDelivery.model_validate_json(o.value or b"")
+        for o in created.outputs
+        if o.topic == CATALOG.group_delivery.name
+    ]
+    assert sorted(switch.members or []) == ["alice", "bob", "carol"]
+    inboxes = [o for o in created.outputs if o.topic == CATALOG.user_inbox.name]
+    assert {InboxRecord.model_validate_json(o.value or b"").large for o in inboxes} == {True}
+    assert len(inboxes) == 3
+    records = command_records([send("c-1", "bob", "m1")])
+    result = processor.process([replace(records[0], offset=1)], tables)
+    by_topic: dict[str, list[bytes]] = {}
+    for output in result.outputs:
+        by_topic.setdefault(output.topic, []).append(output.value or b"")
+    assert {topic: len(values) for topic, values in by_topic.items()} == {
+        CATALOG.messages_sequenced.name: 1,
+        CATALOG.user_inbox.name: 1,
+        CATALOG.group_delivery.name: 1,
+    }
+    inbox = InboxRecord.model_validate_json(by_topic[CATALOG.user_inbox.name][0])
+    assert inbox.user_id == "bob" and inbox.large is True
+    group = GroupDelivery.model_validate_json(by_topic[CATALOG.group_delivery.name][0])
+    assert group.synced == ["bob"] and group.position == inbox.position and group.large
+    assert isinstance(group.event, MessageSent) and group.event.payload.conversation_seq == 1
 
 
 def presence_record(offset: int) -> InputRecord:

@@ -6,6 +6,7 @@ in test_flows.py, test_crash.py and test_record_limit.py)."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 
 import pytest
@@ -21,6 +22,7 @@ from schemas.events import (
     DeviceConnected,
     DevicePresencePayload,
     Event,
+    GroupDelivery,
     MessageSent,
     Platform,
     Role,
@@ -136,15 +138,52 @@ def test_a_large_groups_message_writes_its_header_only() -> None:
     tables.put(
         CONVERSATIONS_TABLE,
         key,
-        {"conversation": {**header, "owner": "user-00000", "members": 20_000}, "position": 0},
+        {
+            "conversation": {
+                **header,
+                "owner": "user-00000",
+                "members": 20_000,
+                "large": True,
+            },
+            "position": 0,
+        },
     )
     decided, _applied = pipeline.run([send("big", "user-00042", "hello")])
     (write,) = [w for w in decided.writes if w.table == CONVERSATIONS_TABLE]
     assert write.key == key
     assert len(json.dumps(write.value)) < 300
-    # Every member still hears of it (read diffusion for the body: one light event each).
-    inbox = [o for o in decided.outputs if o.topic == CATALOG.user_inbox.name]
-    assert len(inbox) == 20_000
+    # Read diffusion: the sender's queue and one record for every ingress node, whatever the
+    # size of the group.
+    counts = Counter(o.topic for o in decided.outputs)
+    assert counts == {
+        CATALOG.messages_sequenced.name: 1,
+        CATALOG.user_inbox.name: 1,
+        CATALOG.group_delivery.name: 1,
+    }
+
+
+def test_a_group_that_grew_under_a_larger_threshold_switches_in_bounded_records() -> None:
+    pipeline = Pipeline()
+    key = conversation_key(TENANT, "grown").decode()
+    tables = pipeline.conversation_tables
+    for n in range(25_000):
+        role = Role.OWNER if n == 0 else Role.MEMBER
+        tables.put(CONVERSATIONS_TABLE, child_key(key, f"user-{n:05d}"), {"role": role.value})
+    header = {"kind": "group", "name": "all", "last_seq": 0, "deleted": False}
+    tables.put(
+        CONVERSATIONS_TABLE,
+        key,
+        {"conversation": {**header, "owner": "user-00000", "members": 25_000}, "position": 0},
+    )
+    decided, _applied = pipeline.run([send("grown", "user-00042", "hello")])
+    groups = [
+        GroupDelivery.model_validate_json(o.value or b"")
+        for o in decided.outputs
+        if o.topic == CATALOG.group_delivery.name
+    ]
+    # The switch: every member told once, the member list to the nodes in bounded records.
+    assert [len(g.members or []) for g in groups] == [10_001, 10_001, 4_998]
+    assert max(len(o.value or b"") for o in decided.outputs) < 900_000
 
 
 def test_membership_changes_write_the_member_and_the_header_only() -> None:

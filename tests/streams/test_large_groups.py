@@ -1,0 +1,172 @@
+"""Large groups through both processors (no I/O): read diffusion, its switches, and what each
+user's view and each connect's answer say about them (docs/streams.md, "Large groups")."""
+
+from __future__ import annotations
+
+from schemas.events import (
+    Actor,
+    ConversationMemberAdded,
+    ConversationMemberAddedPayload,
+    ConversationMemberRemoved,
+    ConversationMemberRemovedPayload,
+    Event,
+    GroupDelivery,
+    LiveDelivery,
+    ReceiptRead,
+    ReceiptReadPayload,
+    SyncRecord,
+)
+from schemas.topics import conversation_key, user_key
+from streams.processors import (
+    ConversationProcessor,
+    ConversationSettings,
+    UserProcessor,
+    UserSettings,
+    stored_user,
+)
+from streams.records import InputRecord, OutputRecord
+from tests.streams.test_processors import (
+    CATALOG,
+    TENANT,
+    Tables,
+    as_inputs,
+    create_group,
+    presence_record,
+    send,
+)
+
+THRESHOLD = 3
+
+
+class Stage:
+    """Both processors over in-memory tables, records numbered as Kafka would."""
+
+    def __init__(self) -> None:
+        self.conversations = ConversationProcessor(
+            CATALOG, ConversationSettings(large_group_threshold=THRESHOLD)
+        )
+        self.users = UserProcessor(CATALOG, UserSettings())
+        self.conversation_tables = Tables()
+        self.user_tables = Tables()
+        self.command_offset = 0
+        self.inbox_offset = 0
+        self.presence_offset = 0
+        self.groups: list[GroupDelivery] = []
+        self.sync: list[SyncRecord] = []
+        self.live: list[LiveDelivery] = []
+
+    def command(self, *events: Event) -> list[OutputRecord]:
+        records = []
+        for event in events:
+            conversation_id = str(getattr(event.payload, "conversation_id", ""))
+            records.append(
+                InputRecord(
+                    topic=CATALOG.messages_in.name,
+                    partition=0,
+                    offset=self.command_offset,
+                    key=conversation_key(TENANT, conversation_id),
+                    value=event.model_dump_json().encode(),
+                )
+            )
+            self.command_offset += 1
+        decided = self.conversations.process(records, self.conversation_tables)
+        self.conversation_tables.write(decided.writes)
+        self.groups += [
+            GroupDelivery.model_validate_json(o.value or b"")
+            for o in decided.outputs
+            if o.topic == CATALOG.group_delivery.name
+        ]
+        inbox = as_inputs(decided.outputs, CATALOG.user_inbox.name, self.inbox_offset)
+        self.inbox_offset += len(inbox)
+        self.user_inputs(inbox)
+        return decided.outputs
+
+    def user_inputs(self, inputs: list[InputRecord]) -> None:
+        applied = self.users.process(inputs, self.user_tables)
+        self.user_tables.write(applied.writes)
+        for output in applied.outputs:
+            if output.topic == CATALOG.sync_events.name:
+                self.sync.append(SyncRecord.model_validate_json(output.value or b""))
+            elif output.topic == CATALOG.live_delivery.name:
+                self.live.append(LiveDelivery.model_validate_json(output.value or b""))
+
+    def view(self, user: str, conversation_id: str) -> tuple[int, int, int, bool]:
+        state = stored_user(self.user_tables, user_key(TENANT, user).decode())
+        assert state is not None
+        view = state.conversations[conversation_id]
+        return view.last_seq, view.read_seq, view.unread, view.large
+
+    def queue(self, user: str) -> list[str]:
+        return [record.event.type for record in self.sync if record.user_id == user]
+
+
+def added(user: str) -> ConversationMemberAdded:
+    return ConversationMemberAdded.new(
+        tenant_id=TENANT,
+        actor=Actor(user_id="alice", device_id="alice-phone"),
+        payload=ConversationMemberAddedPayload(conversation_id="g", user_id=user),
+    )
+
+
+def removed(user: str) -> ConversationMemberRemoved:
+    return ConversationMemberRemoved.new(
+        tenant_id=TENANT,
+        actor=Actor(user_id="alice", device_id="alice-phone"),
+        payload=ConversationMemberRemovedPayload(conversation_id="g", user_id=user),
+    )
+
+
+def read(user: str, seq: int) -> ReceiptRead:
+    return ReceiptRead.new(
+        tenant_id=TENANT,
+        actor=Actor(user_id=user, device_id=f"{user}-phone"),
+        payload=ReceiptReadPayload(conversation_id="g", conversation_seq=seq),
+    )
+
+
+def test_a_group_switches_both_ways_and_every_view_follows() -> None:
+    stage = Stage()
+    stage.command(create_group("g", ["alice", "bob", "carol"]), send("g", "bob", "m1"))
+    assert stage.view("carol", "g") == (1, 0, 1, False)
+    # dave is the 4th member: past the threshold of 3. Everyone is told, with the switch.
+    stage.command(added("dave"))
+    assert all(stage.view(user, "g")[3] for user in ("alice", "bob", "carol", "dave"))
+    (switch,) = stage.groups
+    assert sorted(switch.members or []) == ["alice", "bob", "carol", "dave"]
+    # Read diffusion: each message is one group record and the sender's own queue entry.
+    before = len(stage.sync)
+    for index in range(5):
+        stage.command(send("g", "bob", f"big-{index}"))
+    assert len(stage.sync) - before == 5
+    assert stage.queue("carol").count("message.sent") == 1  # m1 only
+    assert [g.event.type for g in stage.groups[1:]] == ["message.sent"] * 5
+    assert all(g.synced == ["bob"] for g in stage.groups[1:])
+    assert stage.view("bob", "g")[:2] == (6, 6)  # own messages read the conversation
+    stage.command(read("carol", 3))  # carol's own devices hear of it, nobody else
+    assert stage.view("carol", "g")[:3] == (3, 3, 0)
+    assert stage.queue("bob").count("receipt.read") == 0
+    # dave leaves the count at 3: write diffusion again; the views catch up to seq 6 and count
+    # what came after their read position as unread.
+    stage.command(removed("dave"))
+    assert stage.groups[-1].large is False
+    assert stage.view("carol", "g") == (6, 3, 3, False)
+    assert stage.view("alice", "g") == (6, 0, 6, False)
+    assert stage.view("bob", "g") == (6, 6, 0, False)
+    stage.command(send("g", "bob", "small-again"))
+    assert stage.view("carol", "g") == (7, 3, 4, False)
+    assert stage.queue("carol").count("message.sent") == 2
+
+
+def test_a_connect_answers_with_the_users_large_groups_and_their_positions() -> None:
+    stage = Stage()
+    stage.command(
+        create_group("g", ["alice", "bob", "carol", "dave"]),  # large from birth
+        create_group("small", ["alice", "bob"]),
+        send("g", "alice", "hello"),
+    )
+    stage.user_inputs([presence_record(0)])  # alice's phone connects to ingress-2
+    (answer,) = [live for live in stage.live if live.groups is not None]
+    assert answer.node_id == "ingress-2" and answer.user_id == "alice"
+    position = stage.groups[-1].position
+    assert answer.groups == {"g": position}
+    assert answer.event.type == "device.connected"
