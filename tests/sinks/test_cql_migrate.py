@@ -39,7 +39,7 @@ from tests.sinks.cql_support import (
 pytestmark = pytest.mark.stack
 
 #: The migrations the package ships, in order.
-PACKAGED = ["0001_initial", "0002_serving_keyspace"]
+PACKAGED = ["0001_initial", "0002_serving_keyspace", "0003_large_groups"]
 
 
 @pytest.fixture
@@ -106,12 +106,14 @@ def test_migrate_creates_the_keyspace_and_every_table_once(
     assert [(r.version, r.name, r.checksum) for r in rows] == [
         (1, "initial", discover()[0].checksum),
         (2, "serving_keyspace", discover()[1].checksum),
+        (3, "large_groups", discover()[2].checksum),
     ]
     assert rows[0].applied_at is not None
     assert lines == [
         f"created keyspace {fresh_keyspace} (SimpleStrategy, RF 1)",
         f"applied 0001_initial ({len(SERVING_TABLES)} statements)",
         "applied 0002_serving_keyspace (1 statements)",
+        "applied 0003_large_groups (1 statements)",
     ]
     replication = cql_session.execute(
         "SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = %s",
@@ -154,33 +156,49 @@ def test_a_migration_changed_after_it_was_applied_is_refused(
 def test_a_new_migration_is_applied_after_the_recorded_ones(
     cql_session: Session, keyspace: str, migrations_copy: Path
 ) -> None:
-    assert len(migrate(cql_session, keyspace, 1, migrations=discover(migrations_copy))) == 2
-    (migrations_copy / "0003_pins.cql").write_text(
+    assert len(migrate(cql_session, keyspace, 1, migrations=discover(migrations_copy))) == 3
+    (migrations_copy / "0004_pins.cql").write_text(
         "-- pinned conversations per user\n"
         "CREATE TABLE IF NOT EXISTS pins (tenant_id text, user_id text, conversation_id text,"
         " PRIMARY KEY ((tenant_id, user_id), conversation_id));\n"
     )
     applied = migrate(cql_session, keyspace, 1, migrations=discover(migrations_copy))
-    assert [m.label for m in applied] == ["0003_pins"]
+    assert [m.label for m in applied] == ["0004_pins"]
     assert "pins" in table_names(cql_session, keyspace)
+    versions = {
+        r.version for r in cql_session.execute(f"SELECT version FROM {keyspace}.{MIGRATIONS_TABLE}")
+    }
+    assert versions == {1, 2, 3, 4}
+
+
+def test_a_refused_statement_fails_with_a_code_and_is_not_recorded(
+    cql_session: Session, keyspace: str, migrations_copy: Path
+) -> None:
+    (migrations_copy / "0004_broken.cql").write_text("CREATE TABLE IF NOT EXISTS broken (k);\n")
+    with pytest.raises(MigrationError) as failed:
+        migrate(cql_session, keyspace, 1, migrations=discover(migrations_copy))
+    assert failed.value.code is MigrationErrorCode.FAILED
+    assert "0004_broken.cql, statement 1" in failed.value.message
     versions = {
         r.version for r in cql_session.execute(f"SELECT version FROM {keyspace}.{MIGRATIONS_TABLE}")
     }
     assert versions == {1, 2, 3}
 
 
-def test_a_refused_statement_fails_with_a_code_and_is_not_recorded(
+def test_a_column_added_before_the_migration_was_recorded_is_not_added_again(
     cql_session: Session, keyspace: str, migrations_copy: Path
 ) -> None:
-    (migrations_copy / "0003_broken.cql").write_text("CREATE TABLE IF NOT EXISTS broken (k);\n")
-    with pytest.raises(MigrationError) as failed:
-        migrate(cql_session, keyspace, 1, migrations=discover(migrations_copy))
-    assert failed.value.code is MigrationErrorCode.FAILED
-    assert "0003_broken.cql, statement 1" in failed.value.message
-    versions = {
-        r.version for r in cql_session.execute(f"SELECT version FROM {keyspace}.{MIGRATIONS_TABLE}")
-    }
-    assert versions == {1, 2}
+    """CQL has no portable ``ADD IF NOT EXISTS``: a migration interrupted after its ``ALTER``
+    and before it was recorded must apply again without ``already exists``."""
+    migrate(cql_session, keyspace, 1, migrations=discover(migrations_copy))
+    (migrations_copy / "0004_pinned_at.cql").write_text(
+        "ALTER TABLE user_conversations ADD pinned_at timestamp;\n"
+    )
+    cql_session.execute(
+        f"ALTER TABLE {keyspace}.user_conversations ADD pinned_at timestamp", timeout=60
+    )
+    applied = migrate(cql_session, keyspace, 1, migrations=discover(migrations_copy))
+    assert [m.label for m in applied] == ["0004_pinned_at"]
 
 
 def test_a_badly_named_file_is_refused(migrations_copy: Path) -> None:
@@ -227,7 +245,8 @@ def test_dry_run_changes_nothing(
         f"would create keyspace {fresh_keyspace} (SimpleStrategy, RF 1)",
         f"would apply 0001_initial ({len(SERVING_TABLES)} statements)",
         "would apply 0002_serving_keyspace (1 statements)",
-        f"dry run: 2 migration(s) would be applied to keyspace {fresh_keyspace}; nothing was "
+        "would apply 0003_large_groups (1 statements)",
+        f"dry run: 3 migration(s) would be applied to keyspace {fresh_keyspace}; nothing was "
         "changed",
     ]
     assert not keyspace_exists(cql_session, fresh_keyspace)
@@ -244,25 +263,28 @@ def test_the_commands_report_pending_applied_and_up_to_date(
         f"keyspace {fresh_keyspace} does not exist yet (`imstream db migrate` creates it)",
         "pending  0001_initial",
         "pending  0002_serving_keyspace",
-        f"keyspace {fresh_keyspace}: 0 applied, 2 pending, 0 changed",
+        "pending  0003_large_groups",
+        f"keyspace {fresh_keyspace}: 0 applied, 3 pending, 0 changed",
     ]
 
     migrated: list[str] = []
     assert migrate_command(configured, dry_run=False, echo=migrated.append) == EXIT_OK
-    assert migrated[-1] == f"2 migration(s) applied; keyspace {fresh_keyspace} is at version 2"
-    assert "applied 0001_initial" in migrated[-3]
-    assert "applied 0002_serving_keyspace" in migrated[-2]
+    assert migrated[-1] == f"3 migration(s) applied; keyspace {fresh_keyspace} is at version 3"
+    assert "applied 0001_initial" in migrated[-4]
+    assert "applied 0002_serving_keyspace" in migrated[-3]
+    assert "applied 0003_large_groups" in migrated[-2]
 
     again: list[str] = []
     assert migrate_command(configured, dry_run=False, echo=again.append) == EXIT_OK
-    assert again == [f"nothing to apply; keyspace {fresh_keyspace} is up to date at version 2"]
+    assert again == [f"nothing to apply; keyspace {fresh_keyspace} is up to date at version 3"]
 
     after: list[str] = []
     assert status_command(configured, echo=after.append) == EXIT_OK
-    assert len(after) == 3
+    assert len(after) == 4
     assert after[0].startswith("applied  0001_initial  20")
     assert after[1].startswith("applied  0002_serving_keyspace  20")
-    assert after[2] == f"keyspace {fresh_keyspace}: 2 applied, 0 pending, 0 changed"
+    assert after[2].startswith("applied  0003_large_groups  20")
+    assert after[3] == f"keyspace {fresh_keyspace}: 3 applied, 0 pending, 0 changed"
 
 
 def test_the_commands_report_a_changed_migration_with_its_code(

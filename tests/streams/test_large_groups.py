@@ -4,6 +4,7 @@ user's view and each connect's answer say about them (docs/streams.md, "Large gr
 from __future__ import annotations
 
 from schemas.events import (
+    MAX_LARGE_GROUPS_PER_USER,
     Actor,
     ConversationMemberAdded,
     ConversationMemberAddedPayload,
@@ -25,6 +26,7 @@ from streams.processors import (
     stored_user,
 )
 from streams.records import InputRecord, OutputRecord
+from streams.state import child_key
 from tests.streams.test_processors import (
     CATALOG,
     TENANT,
@@ -170,3 +172,19 @@ def test_a_connect_answers_with_the_users_large_groups_and_their_positions() -> 
     position = stage.groups[-1].position
     assert answer.groups == {"g": position}
     assert answer.event.type == "device.connected"
+
+
+def test_a_connects_answer_lists_at_most_the_bound_of_large_groups() -> None:
+    stage = Stage()
+    key = user_key(TENANT, "alice").decode()
+    stage.user_tables.put("users", key, {"last_sync_id": 0, "devices": {}})
+    for index in range(MAX_LARGE_GROUPS_PER_USER + 20):
+        view = {"last_seq": 1, "read_seq": 1, "unread": [], "large": True, "position": index}
+        stage.user_tables.put("users", child_key(key, f"g{index:05d}"), view)
+    stage.user_tables.put("users", child_key(key, "small"), {"last_seq": 1, "read_seq": 1})
+    stage.user_inputs([presence_record(0)])
+    (answer,) = [live for live in stage.live if live.groups is not None]
+    assert answer.groups is not None
+    assert len(answer.groups) == MAX_LARGE_GROUPS_PER_USER
+    assert "small" not in answer.groups
+    assert len(answer.model_dump_json()) < 100_000
