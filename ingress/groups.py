@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from ingress.live import TopicReader
 from schemas.events import (
+    MAX_LARGE_GROUPS_PER_USER,
     ConversationDeleted,
     ConversationLeft,
     ConversationMemberAdded,
@@ -84,6 +85,8 @@ class GroupIndex:
         self._groups: dict[tuple[str, str], dict[str, _Membership]] = {}
         #: (tenant, user) → conversations with an entry for the user
         self._users: dict[tuple[str, str], set[str]] = {}
+        #: Entries not made: the user already had ``MAX_LARGE_GROUPS_PER_USER`` here.
+        self.refused = 0
 
     def __len__(self) -> int:
         """Entries held (one per connected user and group)."""
@@ -148,11 +151,18 @@ class GroupIndex:
     def _set(
         self, tenant_id: str, conversation_id: str, user_id: str, *, member: bool, position: int
     ) -> None:
-        users = self._groups.setdefault((tenant_id, conversation_id), {})
+        users = self._groups.get((tenant_id, conversation_id), {})
         entry = users.get(user_id)
         if entry is None:
-            users[user_id] = _Membership(member, position)
-            self._users.setdefault((tenant_id, user_id), set()).add(conversation_id)
+            groups = self._users.setdefault((tenant_id, user_id), set())
+            if len(groups) >= MAX_LARGE_GROUPS_PER_USER:
+                # Bounded like a connect's answer: further groups are read from history.
+                self.refused += 1
+                return
+            groups.add(conversation_id)
+            self._groups.setdefault((tenant_id, conversation_id), users)[user_id] = _Membership(
+                member, position
+            )
         elif member and entry.member:
             # Both say member: the earlier position is the more precise one.
             entry.position = min(entry.position, position)

@@ -63,8 +63,8 @@ MAX_LARGE_GROUPS_PER_USER = 1000
 #: Members named in a group event's ``synced`` list: the requester and the users it changes.
 MAX_SYNCED_PER_GROUP_EVENT = 4
 #: The member list a group-delivery record may carry at the switch to read diffusion (the
-#: threshold is capped below it, ``StreamsSettings.large_group_threshold``).
-MAX_GROUP_SWITCH_MEMBERS = 10_001
+#: conversation processor writes at most 5,000 per record, more records for a larger group).
+MAX_GROUP_SWITCH_MEMBERS = 10_000
 
 _ID_PATTERN = r"^[A-Za-z0-9._:@+=-]+$"
 #: Namespace of the deterministic message event ids, fixed forever: changing it changes every id.

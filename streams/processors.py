@@ -24,7 +24,6 @@ import pydantic_core
 from schemas.errors import SchemaError
 from schemas.events import (
     DEFAULT_LOCALE,
-    MAX_GROUP_SWITCH_MEMBERS,
     MAX_LARGE_GROUPS_PER_USER,
     BadgeCleared,
     ConversationAdvanced,
@@ -97,6 +96,9 @@ OUTPUT_REFUSED = "output-refused"
 #: a user's (the ingress names the authenticated user), and without one no membership or role
 #: rule could apply. No process writes actor-less commands there, so one is refused, not obeyed.
 ACTOR_MISSING = "actor-missing"
+#: Members per group-delivery record at a switch to read diffusion: 5,000 ids of at most 64
+#: characters are about 340 KB, well under the record limit.
+SWITCH_MEMBERS_PER_RECORD = 5_000
 #: The dead-letter code of a record whose outputs or state would exceed the record limit
 #: (``IM_STREAMS__MAX_RECORD_BYTES``): refused, so that the transaction can commit the rest.
 OUTPUT_TOO_LARGE = "output-too-large"
@@ -477,14 +479,14 @@ class ConversationProcessor(_BatchProcessor):
             )
         if outcome.broadcast is not None:
             broadcast = outcome.broadcast
-            # The member list of a switch, in records of at most MAX_GROUP_SWITCH_MEMBERS (more
-            # only for a group that grew under a larger threshold setting).
+            # The member list of a switch, in records of at most SWITCH_MEMBERS_PER_RECORD
+            # (well under the record limit with the longest ids).
             members: list[list[str] | None] = [None]
             if broadcast.members is not None:
                 listed = list(broadcast.members)
                 members = [
-                    listed[start : start + MAX_GROUP_SWITCH_MEMBERS]
-                    for start in range(0, max(len(listed), 1), MAX_GROUP_SWITCH_MEMBERS)
+                    listed[start : start + SWITCH_MEMBERS_PER_RECORD]
+                    for start in range(0, max(len(listed), 1), SWITCH_MEMBERS_PER_RECORD)
                 ]
             for chunk in members:
                 group = GroupDelivery(

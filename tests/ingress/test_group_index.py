@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ingress.groups import GroupFrame, GroupIndex, group_frame
 from schemas.events import (
+    MAX_LARGE_GROUPS_PER_USER,
     Actor,
     ConversationLeft,
     ConversationLeftPayload,
@@ -135,3 +136,11 @@ def test_a_users_last_disconnect_forgets_their_groups() -> None:
     index.forget(TENANT, "ann")
     assert len(index) == 0
     assert index.apply(frame(message("zed", "m"), 5), connected) == []
+
+
+def test_a_user_is_indexed_in_at_most_the_bound_of_groups() -> None:
+    index = GroupIndex()
+    index.snapshot(TENANT, "ann", {f"g{n}": 1 for n in range(MAX_LARGE_GROUPS_PER_USER)})
+    index.snapshot(TENANT, "ann", {"one-more": 1})
+    assert len(index.groups_of(TENANT, "ann")) == MAX_LARGE_GROUPS_PER_USER
+    assert index.refused == 1
