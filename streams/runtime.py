@@ -643,8 +643,16 @@ class ProcessorLoop:
             else:
                 outcome = self._transact([record], result, states)
                 if outcome is Transaction.REFUSED:
-                    names = sorted({KafkaError(code).name() for code in self._refusals})
-                    refusal = (OUTPUT_REFUSED, f"Kafka refused its outputs ({', '.join(names)})")
+                    # The refusal's cause: not the records purged with the aborted transaction.
+                    names = sorted(
+                        {
+                            KafkaError(code).name()
+                            for code in self._refusals
+                            if code in PERMANENT_RECORD_ERRORS
+                        }
+                    )
+                    cause = ", ".join(names) or "a permanent record error"
+                    refusal = (OUTPUT_REFUSED, f"Kafka refused its outputs ({cause})")
             if refusal is not None:
                 outcome = self._transact([record], self._dead_letter(record, *refusal), [])
             if outcome is not Transaction.COMMITTED:

@@ -158,8 +158,14 @@ COMMANDS: list[Case] = [
         lambda _, c: {"conversation_id": c, "user_id": "erin", "role": "admin"},
         "messages_in",
         "conversation",
-        # The group's name is the sequencer's to set.
-        lambda _, c: {"conversation_id": c, "user_id": "erin", "role": "admin", "name": None},
+        # The group's name and the seq the member joins at are the sequencer's to set.
+        lambda _, c: {
+            "conversation_id": c,
+            "user_id": "erin",
+            "role": "admin",
+            "name": None,
+            "last_seq": None,
+        },
     ),
     Case(
         "conversation.remove_member",
