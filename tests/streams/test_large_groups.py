@@ -17,12 +17,9 @@ from schemas.events import (
     ReceiptReadPayload,
     SyncRecord,
 )
-from schemas.topics import conversation_key, user_key
+from schemas.topics import user_key
 from streams.processors import (
-    ConversationProcessor,
     ConversationSettings,
-    UserProcessor,
-    UserSettings,
     stored_user,
 )
 from streams.records import InputRecord, OutputRecord
@@ -30,63 +27,40 @@ from streams.state import child_key
 from tests.streams.test_processors import (
     CATALOG,
     TENANT,
-    Tables,
-    as_inputs,
     create_group,
     presence_record,
     send,
 )
+from tests.streams.test_state_layout import Pipeline
 
 THRESHOLD = 3
 
 
-class Stage:
-    """Both processors over in-memory tables, records numbered as Kafka would."""
+class Stage(Pipeline):
+    """Both processors (threshold 3) with what they wrote for the nodes and the devices."""
 
     def __init__(self) -> None:
-        self.conversations = ConversationProcessor(
-            CATALOG, ConversationSettings(large_group_threshold=THRESHOLD)
-        )
-        self.users = UserProcessor(CATALOG, UserSettings())
-        self.conversation_tables = Tables()
-        self.user_tables = Tables()
-        self.command_offset = 0
-        self.inbox_offset = 0
-        self.presence_offset = 0
+        super().__init__(ConversationSettings(large_group_threshold=THRESHOLD))
         self.groups: list[GroupDelivery] = []
         self.sync: list[SyncRecord] = []
         self.live: list[LiveDelivery] = []
 
-    def command(self, *events: Event) -> list[OutputRecord]:
-        records = []
-        for event in events:
-            conversation_id = str(getattr(event.payload, "conversation_id", ""))
-            records.append(
-                InputRecord(
-                    topic=CATALOG.messages_in.name,
-                    partition=0,
-                    offset=self.command_offset,
-                    key=conversation_key(TENANT, conversation_id),
-                    value=event.model_dump_json().encode(),
-                )
-            )
-            self.command_offset += 1
-        decided = self.conversations.process(records, self.conversation_tables)
-        self.conversation_tables.write(decided.writes)
+    def command(self, *events: Event) -> None:
+        decided, applied = self.run(events)
         self.groups += [
             GroupDelivery.model_validate_json(o.value or b"")
             for o in decided.outputs
             if o.topic == CATALOG.group_delivery.name
         ]
-        inbox = as_inputs(decided.outputs, CATALOG.user_inbox.name, self.inbox_offset)
-        self.inbox_offset += len(inbox)
-        self.user_inputs(inbox)
-        return decided.outputs
+        self._collect(applied.outputs)
 
     def user_inputs(self, inputs: list[InputRecord]) -> None:
         applied = self.users.process(inputs, self.user_tables)
         self.user_tables.write(applied.writes)
-        for output in applied.outputs:
+        self._collect(applied.outputs)
+
+    def _collect(self, outputs: list[OutputRecord]) -> None:
+        for output in outputs:
             if output.topic == CATALOG.sync_events.name:
                 self.sync.append(SyncRecord.model_validate_json(output.value or b""))
             elif output.topic == CATALOG.live_delivery.name:

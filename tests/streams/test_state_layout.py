@@ -56,8 +56,8 @@ from tests.streams.test_processors import (
 class Pipeline:
     """Both processors, each batch committed: commands in, the users' writes and outputs out."""
 
-    def __init__(self) -> None:
-        self.conversations = ConversationProcessor(CATALOG, ConversationSettings())
+    def __init__(self, settings: ConversationSettings | None = None) -> None:
+        self.conversations = ConversationProcessor(CATALOG, settings or ConversationSettings())
         self.users = UserProcessor(CATALOG, UserSettings())
         self.conversation_tables = Tables()
         self.user_tables = Tables()
