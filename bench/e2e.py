@@ -2,6 +2,7 @@
 and the sinks, all on this machine, against a raw Kafka round trip measured in the same run.
 
     python -m bench.e2e [--rates 250,500,1000,1500] [--group-rates 50,100] [--duration 20]
+                        [--shape 50] [--backlog 20]
 
 What runs — as ``imstream up`` runs it, one OS process per kind: the stream worker, two ingress
 nodes, the CQL sink and the ClickHouse sink, on a fresh topic catalog (``bench.e2e.<time>.<pid>.``),
@@ -32,8 +33,28 @@ idempotent, ``acks=all``, ``linger.ms=2``) and a consumer in this process, the p
 the gateway's ``message.sent`` record; produce → consume round trip at each target rate, and the
 highest rate one producer and one consumer reach.
 
+Kafka and CPU per message: every phase also reports the records and bytes (keys and values, read
+back read-committed, so without transaction markers) written to each topic of the catalog during
+its measured window, and CPU microseconds per process kind, both per message delivered in the
+window (a group message counts once, not once per member).
+
+User shape (``--shape N``, default 1): by default each user is in one conversation, its pair's,
+with nothing unread. With ``--shape N`` every load user (both users of every pair) is first put
+into ``N - 1`` further direct conversations, each with a synthetic peer of its own who created it
+and sent ``--backlog`` messages (default 20) the user has not read: ``N`` conversations and
+``backlog * (N - 1)`` unread messages per user. The shape is built before the users connect, as
+``conversation.created`` and ``message.sent`` commands produced straight onto the conversation
+input topic (as bench/state_shape.py does; the worker admits unknown users here); the benchmark
+waits until the stream worker's consumer lag is 0 and the sinks caught up, then connects the load
+users, whose clients sync their backlog, and waits until the ingress nodes and load generators
+are idle again before the warm-up. It reports how long that took and how many records it
+produced (``--shape-timeout`` bounds the wait). Run it at 1, 50 and 500 to see whether a
+message's Kafka bytes and CPU stay flat as a user's conversations and unread count grow.
+
 Results: docs/bench/e2e.json, docs/bench/e2e-latency.png (latency against rate; needs
-matplotlib, ``pip install -e '.[bench]'``); docs/performance.md has the table.
+matplotlib, ``pip install -e '.[bench]'``); docs/performance.md has the table. A run with
+``--shape 1`` writes the section ``e2e``; any other shape ``e2e_shape_<N>_backlog_<B>`` and the
+plot ``e2e-latency-shape-<N>-backlog-<B>.png``, so runs of different shapes keep each other.
 """
 
 from __future__ import annotations
@@ -53,8 +74,15 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import (
+    Consumer,
+    IsolationLevel,
+    KafkaError,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from bench.common import (
     LOOPBACK,
@@ -80,17 +108,33 @@ from bench.e2e_load import Phase, PhaseResult, WorkerPlan, run_worker
 from bench.ingress_throughput import body_text, built_record
 from bench.loadgen import Credentials
 from bench.raw_produce import durable_producer_config
+from bench.stream_throughput import fill
 from pipelines.connections import cql_cluster, kafka_config, kafka_consumer_config
 from pipelines.settings import Settings
 from pipelines.stack.manager import LocalStack
 from pipelines.stack.process import lower_priority
 from pipelines.status import consumer_groups, group_lag
+from schemas.events import (
+    Actor,
+    ConversationCreated,
+    ConversationCreatedPayload,
+    ConversationKind,
+    Event,
+    MessageSent,
+    MessageSentPayload,
+    TextBody,
+    direct_conversation_id,
+    message_event_id,
+)
+from schemas.topics import TopicCatalog, topic_catalog
 
 RESULTS_PATH = REPO_ROOT / "docs" / "bench" / "e2e.json"
 PLOT_PATH = REPO_ROOT / "docs" / "bench" / "e2e-latency.png"
 TENANT = "bench"
 #: A phase whose generator was later than this (p99) measured the generator, not the system.
 GENERATOR_LAG_LIMIT_MS = 50.0
+#: A partition's end offset, for ``AdminClient.list_offsets``.
+LATEST: OffsetSpec = OffsetSpec.latest()  # type: ignore[no-untyped-call]
 #: The rate of the unreported warm-up phase, 1:1 messages/s.
 WARM_UP_RATE = 100.0
 #: A sink whose groups are at most this many records behind has caught up (transaction markers
@@ -98,6 +142,11 @@ WARM_UP_RATE = 100.0
 SINK_LAG_SETTLED = 100
 #: The share of the target rate a phase must deliver to count as sustained.
 DELIVERED_SHARE = 0.97
+#: After shaping, the load users' clients sync their backlog: done once the ingress nodes and the
+#: load generators together use less than this share of one core …
+CLIENTS_IDLE_PCT = 15.0
+#: … in this many consecutive one-second samples.
+CLIENTS_IDLE_SAMPLES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,9 +167,17 @@ class Options:
     sink_catch_up: float
     stop_after_failures: int
     warm_up_seconds: float
+    #: Conversations per load user (1: only its pair's) and unread messages in each added one.
+    shape: int
+    backlog: int
+    shape_timeout: float
     output: Path
     plot: Path
     write: bool
+
+    @property
+    def unread_per_user(self) -> int:
+        return self.backlog * (self.shape - 1)
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -157,8 +214,33 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         default=40.0,
         help="an unreported 1:1 phase first, at 100/s (0: none)",
     )
+    parser.add_argument(
+        "--shape",
+        type=int,
+        default=1,
+        help="conversations per load user; N > 1 adds N-1 direct ones with synthetic peers and an "
+        "unread backlog before the load (%(default)s)",
+    )
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        default=20,
+        help="unread messages in each conversation --shape adds (%(default)s)",
+    )
+    parser.add_argument(
+        "--shape-timeout",
+        type=float,
+        default=7200.0,
+        help="seconds to wait for the worker and the sinks to apply the shape, and again for the "
+        "clients to sync it (%(default)s)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_PATH)
-    parser.add_argument("--plot", type=Path, default=PLOT_PATH)
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help=f"default {PLOT_PATH} (with --shape N > 1: e2e-latency-shape-N-backlog-B.png)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
 
@@ -173,6 +255,17 @@ def parse_args(argv: Sequence[str] | None) -> Options:
 
     if args.group_size < 2:
         parser.error("--group-size must be at least 2")
+    if args.shape < 1:
+        parser.error("--shape must be at least 1")
+    if args.backlog < 0:
+        parser.error("--backlog must not be negative")
+    plot_path = args.plot
+    if plot_path is None:
+        plot_path = (
+            PLOT_PATH
+            if args.shape == 1
+            else PLOT_PATH.with_name(f"e2e-latency-shape-{args.shape}-backlog-{args.backlog}.png")
+        )
     return Options(
         rates=rates(args.rates),
         group_rates=rates(args.group_rates) if args.group_rates else [],
@@ -190,8 +283,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         sink_catch_up=args.sink_catch_up,
         stop_after_failures=args.stop_after_failures,
         warm_up_seconds=args.warm_up_seconds,
+        shape=args.shape,
+        backlog=args.backlog,
+        shape_timeout=args.shape_timeout,
         output=args.output,
-        plot=args.plot,
+        plot=plot_path,
         write=not args.no_write,
     )
 
@@ -459,14 +555,177 @@ def raw_round_trip(
 
 
 # ---------------------------------------------------------------------------------------------
+# The user shape: more conversations per user, with unread backlogs
+# ---------------------------------------------------------------------------------------------
+
+
+def shaping_events(users: Sequence[str], shape: int, backlog: int, text: str) -> Iterator[Event]:
+    """Each user's ``shape - 1`` further direct conversations, each created by a synthetic peer of
+    its own who then sends ``backlog`` messages the user does not read: first every creation,
+    then the messages round robin over the conversations (as a backlog piles up over time).
+    Their client message ids do not start with the run tag, so the load generators skip them."""
+    body = TextBody(text=text)
+    conversations: list[tuple[str, str]] = []
+    for user in users:
+        for index in range(1, shape):
+            peer = f"{user}-s{index}"
+            conversation_id = direct_conversation_id(TENANT, user, peer)
+            conversations.append((peer, conversation_id))
+            yield ConversationCreated.new(
+                tenant_id=TENANT,
+                actor=Actor(user_id=peer),
+                event_id=message_event_id(TENANT, peer, f"create-{conversation_id}"),
+                payload=ConversationCreatedPayload(
+                    conversation_id=conversation_id,
+                    kind=ConversationKind.DIRECT,
+                    members=[peer, user],
+                ),
+            )
+    for number in range(backlog):
+        client_msg_id = f"backlog-{number}"
+        for peer, conversation_id in conversations:
+            yield MessageSent.new(
+                tenant_id=TENANT,
+                actor=Actor(user_id=peer, device_id=f"{peer}-d"),
+                event_id=message_event_id(TENANT, peer, client_msg_id),
+                payload=MessageSentPayload(
+                    conversation_id=conversation_id, client_msg_id=client_msg_id, body=body
+                ),
+            )
+
+
+def apply_shape(
+    system: System,
+    catalog: TopicCatalog,
+    users: Sequence[str],
+    options: Options,
+    progress: Progress,
+) -> dict[str, Any]:
+    """Produce the shape's commands onto the conversation input topic; return once the stream
+    worker applied them all (consumer lag 0) and the sinks caught up."""
+    settings = system.settings
+    added = len(users) * (options.shape - 1)
+    progress.done(
+        f"shaping: {len(users)} load users into {options.shape - 1} more direct conversations "
+        f"each ({added:,}, one synthetic peer each) with {options.backlog} unread messages in "
+        f"each: {options.unread_per_user:,} unread per user …"
+    )
+    started = time.monotonic()
+    text = body_text(options.body_bytes)
+    records = fill(
+        settings, catalog, shaping_events(users, options.shape, options.backlog, text), progress
+    )
+    produced = time.monotonic() - started
+    worker_done: float | None = None
+    while True:
+        system.check_alive()
+        lag = worker_lag(settings)
+        if lag == 0 and worker_done is None:
+            worker_done = time.monotonic() - started
+        lags = running_sink_lags(system)
+        if lag == 0 and sinks_settled(lags):
+            break
+        elapsed = time.monotonic() - started
+        if elapsed > options.shape_timeout:
+            raise BenchError(
+                f"the shape was not applied within {options.shape_timeout:.0f} s: the stream "
+                f"worker is {lag} records behind, the sinks {lags}"
+            )
+        progress.update(
+            f"shaping: {elapsed:,.0f} s, stream worker {lag} records behind, sinks {lags}"
+        )
+        time.sleep(2.0)
+    seconds = time.monotonic() - started
+    result = {
+        "conversations_per_user": options.shape,
+        "backlog_per_conversation": options.backlog,
+        "unread_per_user": options.unread_per_user,
+        "load_users": len(users),
+        "conversations_added": added,
+        "messages_added": added * options.backlog,
+        "records_produced": records,
+        "produce_seconds": round(produced, 1),
+        "stream_worker_caught_up_seconds": round(worker_done or seconds, 1),
+        "sinks_caught_up_seconds": round(seconds, 1),
+    }
+    progress.done(
+        f"shaped: {records:,} records produced in {produced:,.0f} s; the stream worker had applied "
+        f"them after {result['stream_worker_caught_up_seconds']:,.0f} s, the sinks after "
+        f"{seconds:,.0f} s"
+    )
+    return result
+
+
+def wait_clients_synced(
+    system: System, load: Load, timeout: float, progress: Progress
+) -> dict[str, Any]:
+    """Wait until the load users' clients have synced their backlog (they do on connecting): the
+    ingress nodes and the load generators idle again. Past ``timeout`` the run goes on, noted."""
+    pids = {name: pid for name, pid in system.pids().items() if name.startswith("ingress-")}
+    meter = CpuMeter({**pids, **load.pids()})
+    started = time.monotonic()
+    previous = meter.snapshot()
+    idle = 0
+    busy = 0.0
+    while idle < CLIENTS_IDLE_SAMPLES and time.monotonic() - started < timeout:
+        time.sleep(1.0)
+        current = meter.snapshot()
+        busy = sum(CpuMeter.percent(previous, current)["processes_pct_of_one_core"].values())
+        previous = current
+        idle = idle + 1 if busy < CLIENTS_IDLE_PCT else 0
+        system.check_alive()
+        progress.update(
+            f"clients syncing their backlog: {time.monotonic() - started:,.0f} s, ingress and "
+            f"load generators at {busy:.0f}% of one core"
+        )
+    seconds = time.monotonic() - started
+    synced = idle >= CLIENTS_IDLE_SAMPLES
+    progress.done(
+        f"the clients synced their backlog in {seconds:,.0f} s (ingress and load generators now "
+        f"at {busy:.0f}% of one core)"
+        if synced
+        else f"WARNING: the ingress nodes and load generators were still at {busy:.0f}% of one "
+        f"core after {seconds:,.0f} s: the clients may still be syncing their backlog"
+    )
+    return {
+        "clients_synced_seconds": round(seconds, 1) if synced else None,
+        "clients_idle_pct_of_one_core": round(busy, 1),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # The load
 # ---------------------------------------------------------------------------------------------
+
+
+def run_tag() -> str:
+    """The prefix of this run's user ids and client message ids."""
+    return f"e2e{os.getpid()}x{int(time.time())}"
+
+
+def worker_pairs(tag: str, worker: int, workers: int, pairs: int) -> tuple[tuple[str, str], ...]:
+    """The 1:1 pairs load generator ``worker`` (of ``workers``) drives, as their users' ids."""
+    return tuple(
+        (f"{tag}-w{worker}-p{index}a", f"{tag}-w{worker}-p{index}b")
+        for index in range(worker, pairs, workers)
+    )
+
+
+def pair_users(tag: str, options: Options) -> list[str]:
+    """Every user of every pair, over all load generators."""
+    workers = max(1, options.client_processes)
+    return [
+        user
+        for worker in range(workers)
+        for pair in worker_pairs(tag, worker, workers, options.pairs)
+        for user in pair
+    ]
 
 
 class Load:
     """The load generator processes and their conversations."""
 
-    def __init__(self, system: System, options: Options, progress: Progress) -> None:
+    def __init__(self, system: System, options: Options, progress: Progress, tag: str) -> None:
         self.options = options
         self.progress = progress
         context = multiprocessing.get_context("spawn")
@@ -480,13 +739,11 @@ class Load:
             issuer=settings.auth.jwt_issuer,
             audience=settings.auth.jwt_audience,
         )
-        tag = f"e2e{os.getpid()}x{int(time.time())}"
+        self.catalog = topic_catalog(settings)
+        self.admin = AdminClient(kafka_config(settings))
         text = body_text(options.body_bytes)
         for worker in range(workers):
-            pairs = tuple(
-                (f"{tag}-w{worker}-p{index}a", f"{tag}-w{worker}-p{index}b")
-                for index in range(worker, options.pairs, workers)
-            )
+            pairs = worker_pairs(tag, worker, workers, options.pairs)
             groups = tuple(
                 tuple(f"{tag}-w{worker}-g{index}m{member}" for member in range(options.group_size))
                 for index in range(worker, options.groups, workers)
@@ -565,6 +822,7 @@ class Load:
         time.sleep(max(0.0, measure_from - time.monotonic()))
         before = meter.snapshot()
         delivered_before = sum(self.counters)
+        offsets_before = end_offsets(self.admin, self.catalog)
         label = f"{kind} at {rate:,.0f}/s"
         while (now := time.monotonic()) < measure_until:
             done = sum(self.counters) - delivered_before
@@ -574,6 +832,7 @@ class Load:
             )
             time.sleep(min(0.5, max(0.0, measure_until - now)))
         after = meter.snapshot()
+        offsets_after = end_offsets(self.admin, self.catalog)
         lag_at_end = sink_lags(system.settings)
         self.progress.update(f"{label}: waiting for the last deliveries …")
         results: list[PhaseResult] = [
@@ -585,8 +844,7 @@ class Load:
         caught_up = None
         deadline = time.monotonic() + options.sink_catch_up
         while time.monotonic() < deadline:
-            lags = sink_lags(system.settings)
-            if all(lag is not None and lag <= SINK_LAG_SETTLED for lag in lags.values()):
+            if sinks_settled(running_sink_lags(system)):
                 caught_up = round(time.monotonic() - measure_until, 1)
                 break
             time.sleep(1.0)
@@ -594,6 +852,11 @@ class Load:
             "lag_records_at_window_end": lag_at_end,
             "caught_up_seconds_after_window": caught_up,
         }
+        # Read back once the sinks are done, so that the reading competes with nothing measured.
+        self.progress.update(f"{label}: reading back what the window wrote to Kafka …")
+        summary["kafka"] = kafka_per_message(
+            system.settings, offsets_before, offsets_after, summary["delivered_messages_in_window"]
+        )
         return summary
 
     def close(self) -> None:
@@ -607,6 +870,120 @@ class Load:
                 process.join(5)
         for pipe in self.pipes:
             pipe.close()
+
+
+def end_offsets(admin: AdminClient, catalog: TopicCatalog) -> dict[tuple[str, int], int]:
+    """The end offset of every partition of the catalog's topics, in one request."""
+    request = {
+        TopicPartition(topic.name, partition): LATEST
+        for topic in catalog
+        for partition in range(topic.partitions)
+    }
+    futures = admin.list_offsets(
+        request, isolation_level=IsolationLevel.READ_UNCOMMITTED, request_timeout=30
+    )
+    return {(tp.topic, tp.partition): future.result().offset for tp, future in futures.items()}
+
+
+def kafka_written(
+    settings: Settings, before: dict[tuple[str, int], int], after: dict[tuple[str, int], int]
+) -> dict[str, dict[str, int]]:
+    """Records and bytes (keys and values) committed to each topic between two sets of end
+    offsets, read back read-committed (aborted records and transaction markers do not count)."""
+    ranges = {tp: (before.get(tp, 0), end) for tp, end in after.items() if end > before.get(tp, 0)}
+    totals: dict[str, dict[str, int]] = {}
+    if not ranges:
+        return totals
+    consumer = Consumer(
+        kafka_config(
+            settings,
+            **{
+                "group.id": f"bench-e2e-bytes-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+            },
+        )
+    )
+    consumer.assign([TopicPartition(t, p, start) for (t, p), (start, _) in ranges.items()])
+    pending = set(ranges)
+
+    def finish(done: set[tuple[str, int]]) -> None:
+        pending.difference_update(done)
+        if done:
+            consumer.pause([TopicPartition(t, p) for t, p in done])
+
+    # A partition whose range ends on a transaction marker never yields its last offset: it is
+    # done once the consumer's position passed the end, or the range stays idle for 3 s.
+    last = time.monotonic()
+    try:
+        while pending and time.monotonic() - last < 3.0:
+            done: set[tuple[str, int]] = set()
+            for message in consumer.consume(10_000, timeout=0.5):
+                if message.error() is not None:
+                    continue
+                tp = (message.topic() or "", message.partition() or 0)
+                offset = message.offset() or 0
+                end = ranges[tp][1]
+                if offset >= end:
+                    done.add(tp)
+                    continue
+                last = time.monotonic()
+                entry = totals.setdefault(tp[0], {"records": 0, "bytes": 0})
+                entry["records"] += 1
+                entry["bytes"] += len(message.key() or b"") + len(message.value() or b"")
+                if offset + 1 >= end:
+                    done.add(tp)
+            positions = consumer.position([TopicPartition(t, p) for t, p in pending - done])
+            done.update(
+                (tp.topic, tp.partition)
+                for tp in positions
+                if tp.offset >= ranges[(tp.topic, tp.partition)][1]
+            )
+            finish(done)
+    finally:
+        consumer.close()
+    return totals
+
+
+def kafka_per_message(
+    settings: Settings,
+    before: dict[tuple[str, int], int],
+    after: dict[tuple[str, int], int],
+    messages: float,
+) -> dict[str, Any]:
+    """What a window wrote to Kafka, in all and per message delivered in it."""
+    topics = kafka_written(settings, before, after)
+    records = sum(entry["records"] for entry in topics.values())
+    size = sum(entry["bytes"] for entry in topics.values())
+    prefix = settings.kafka.topic_prefix
+    return {
+        "records_per_delivered_message": round(records / messages, 2) if messages else None,
+        "bytes_per_delivered_message": round(size / messages) if messages else None,
+        "records": records,
+        "bytes": size,
+        "topics": {name.removeprefix(prefix): entry for name, entry in sorted(topics.items())},
+    }
+
+
+def running_sink_lags(system: System) -> dict[str, int | None]:
+    """``sink_lags`` of the sinks this run started (the push sink does not run here: its lag
+    only grows if the worker writes push jobs, as it does for users who are offline)."""
+    lags = sink_lags(system.settings)
+    return {kind: lag for kind, lag in lags.items() if kind in system.processes}
+
+
+def sinks_settled(lags: dict[str, int | None]) -> bool:
+    """Every sink is at most ``SINK_LAG_SETTLED`` records behind."""
+    return all(lag is not None and lag <= SINK_LAG_SETTLED for lag in lags.values())
+
+
+def worker_lag(settings: Settings) -> int | None:
+    """Records the stream worker's consumer groups have still to commit, over their inputs."""
+    values = [
+        group_lag(settings, group, topics)
+        for group, topics in consumer_groups(settings)["stream-worker"].items()
+    ]
+    return None if None in values else sum(v for v in values if v is not None)
 
 
 def sink_lags(settings: Settings) -> dict[str, int | None]:
@@ -645,7 +1022,8 @@ def summarise(
             errors[code] = errors.get(code, 0) + count
     lost = sum(result.lost for result in results)
     fan_out = 1 if kind == "direct" else options.group_size - 1
-    delivered_rate = total("delivered_during_window") / duration / fan_out
+    delivered_messages = total("delivered_during_window") / fan_out
+    delivered_rate = delivered_messages / duration
     latency = percentiles_ms(deliver)
     lag_ms = percentiles_ms(lag)
     reasons = []
@@ -669,13 +1047,22 @@ def summarise(
         kind_name = "ingress" if name.startswith("ingress-") else name
         kind_name = "load generators" if name.startswith("load generator") else kind_name
         by_kind[kind_name] = round(by_kind.get(kind_name, 0.0) + share, 1)
+    cpu_per_message = {
+        name: round(share / 100 * duration / delivered_messages * 1e6)
+        for name, share in by_kind.items()
+        if delivered_messages
+    }
     return {
         "kind": kind,
         "target_per_second": rate,
+        "shape": options.shape,
+        "backlog": options.backlog,
+        "unread_per_user": options.unread_per_user,
         "fan_out": fan_out,
         "accepted_per_second": round(total("accepted_in_window") / duration, 1),
         "delivered_messages_per_second": round(delivered_rate, 1),
         "deliveries_per_second": round(total("delivered_during_window") / duration, 1),
+        "delivered_messages_in_window": round(delivered_messages, 1),
         "send_to_deliver_ms": latency,
         "send_to_accepted_ms": percentiles_ms(accept),
         "generator_lag_ms": lag_ms,
@@ -691,6 +1078,7 @@ def summarise(
         "errors": errors,
         "reconnects": max((result.reconnects for result in results), default=0),
         "cpu_pct_of_one_core_by_kind": by_kind,
+        "cpu_us_per_delivered_message_by_kind": cpu_per_message,
         "cpu": cpu,
         "sustained": not reasons,
         "why_not_sustained": reasons,
@@ -704,7 +1092,10 @@ def line(phase: dict[str, Any]) -> str:
         if phase["sustained"]
         else "NOT sustained: " + "; ".join(phase["why_not_sustained"])
     )
+    kafka = phase["kafka"]
+    cpu = sum(phase["cpu_us_per_delivered_message_by_kind"].values())
     return (
+        f"[shape {phase['shape']}, backlog {phase['backlog']}] "
         f"{phase['kind']} at {phase['target_per_second']:,.0f}/s: accepted "
         f"{phase['accepted_per_second']:,.0f}/s, delivered "
         f"{phase['delivered_messages_per_second']:,.0f}/s, send→deliver p50 {latency['p50']} / "
@@ -712,7 +1103,9 @@ def line(phase: dict[str, Any]) -> str:
         f"undelivered {phase['undelivered_after_drain']}, duplicates {phase['duplicates']}; "
         "sinks behind at the end "
         f"{phase['sinks']['lag_records_at_window_end']}, caught up after "
-        f"{phase['sinks']['caught_up_seconds_after_window']} s — {verdict}"
+        f"{phase['sinks']['caught_up_seconds_after_window']} s; per delivered message "
+        f"{kafka['records_per_delivered_message']} Kafka records, "
+        f"{kafka['bytes_per_delivered_message']} bytes, {cpu:,} CPU µs (all processes) — {verdict}"
     )
 
 
@@ -751,9 +1144,17 @@ def plot(document: dict[str, Any], path: Path, bar_ms: float) -> None:
     axes.set_xlabel("target rate, 1:1 messages/s (whole system)")
     axes.set_ylabel("latency, ms (log scale)")
     machine = document["machine"]
+    shape = document["shape"]
+    shaped = (
+        f", {shape['conversations_per_user']} conversations and "
+        f"{shape['unread_per_user']} unread per user"
+        if shape["conversations_per_user"] > 1
+        else ""
+    )
     axes.set_title(
         f"imstream end to end on {machine.get('cpu_count')} cores "
-        f"(Kafka, Cassandra, all processes, load generators), {document['started_at'][:10]}",
+        f"(Kafka, Cassandra, all processes, load generators), {document['started_at'][:10]}"
+        f"{shaped}",
         fontsize=9,
     )
     axes.grid(True, which="both", alpha=0.3)
@@ -765,6 +1166,13 @@ def plot(document: dict[str, Any], path: Path, bar_ms: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def results_section(options: Options) -> str:
+    """``e2e`` for the default shape; other shapes each in a section of their own."""
+    if options.shape == 1:
+        return "e2e"
+    return f"e2e_shape_{options.shape}_backlog_{options.backlog}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -779,16 +1187,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="imstream-bench-e2e-"))
     progress.done(f"logs: {log_dir}")
     phases: list[dict[str, Any]] = []
+    shaping: dict[str, Any] = {
+        "conversations_per_user": options.shape,
+        "backlog_per_conversation": options.backlog,
+        "unread_per_user": options.unread_per_user,
+    }
     with ExitStack() as stack:
         stack.enter_context(local_stack(base, progress))
-        stack.enter_context(bench_topics(settings, progress))
+        catalog = stack.enter_context(bench_topics(settings, progress))
         keyspace = stack.enter_context(keyspace_for(settings, progress))
         system = stack.enter_context(
             running_system(settings, keyspace, log_dir, progress, sink_nice=options.sink_nice)
         )
         raw = raw_round_trip(settings, payload, options.rates, options.raw_seconds, progress)
-        load = Load(system, options, progress)
+        tag = run_tag()
+        if options.shape > 1:
+            # Before the users connect: their backlog piled up while they were away.
+            started_shaping = time.monotonic()
+            shaping = apply_shape(system, catalog, pair_users(tag, options), options, progress)
+        load = Load(system, options, progress, tag)
         stack.callback(load.close)
+        if options.shape > 1:
+            shaping |= wait_clients_synced(system, load, options.shape_timeout, progress)
+            shaping["seconds"] = round(time.monotonic() - started_shaping, 1)
         if options.warm_up_seconds:
             # JVMs fresh from start-up (JIT, caches), first connections, first compactions:
             # a phase run and thrown away, so the measured ones see a system in its steady state.
@@ -831,6 +1252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for key, value in asdict(options).items()
         },
         "raw_baseline": raw,
+        "shape": shaping,
         "phases": phases,
         "highest_sustained_direct_per_second": best,
         "highest_sustained_ratio_to_raw_flat_out": round(
@@ -846,8 +1268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if options.write:
         options.output.parent.mkdir(parents=True, exist_ok=True)
-        write_results("e2e", document, options.output)
-        progress.done(f"wrote {options.output}")
+        write_results(results_section(options), document, options.output)
+        progress.done(f"wrote {options.output} (section {results_section(options)})")
         try:
             plot(document, options.plot, options.p99_bar_ms)
             progress.done(f"wrote {options.plot}")
