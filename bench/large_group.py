@@ -24,7 +24,8 @@ stopped: others share them).
    topic, and how many adds the sequenced log holds (refusals would show there). Below the
    threshold every add is delivered to every member; above it an add should cost O(1) records,
    so building a 100,000-member group is linear — on write-diffusing code it is quadratic (a
-   10,000-member group ≈ 50 M deliveries), which ``--build-timeout`` stops with an error.
+   10,000-member group ≈ 50 M deliveries): once a minute of it shows that the build cannot end
+   within ``--build-timeout``, the size fails with the estimate and the next one runs.
 2. **Devices.** ``--devices`` members (user ids in the group, one device each, dev-token
    ``hello``) connect over raw WebSockets, alternately to the two ingress nodes, held by
    ``--receiver-processes`` processes (a Python process parsing 20,000 frames/s is itself the
@@ -46,8 +47,10 @@ stopped: others share them).
    transaction markers take offsets too) divided by the messages give records per group message,
    per topic and in total — the input topic reported apart —, checked against
    ``ingress nodes + --records-constant``. CPU seconds of each process over the same span
-   (ingress nodes, stream worker, sinks, Kafka, Cassandra, the benchmark's own clients) divided
-   by the messages give CPU per group message, as measured and net of the idle rate.
+   (ingress nodes, stream worker, sinks, Kafka, Cassandra, the benchmark's own clients, and
+   ``benchmark``: this process, polling Kafka for lags and offsets) divided by the messages give
+   CPU per group message, as measured and net of the idle rate. The span ends once the sinks
+   have caught up, so their work for these messages is in it.
 5. **With 1:1 traffic**: ``--seconds`` of group messages at ``--rate`` while bench/e2e_load.py's
    SDK load generator sends ``--direct-rate`` 1:1 messages/s between ``--direct-pairs`` pairs of
    other users: send → live delivery p50/p95/p99/max to the connected members (the bar:
@@ -1428,6 +1431,7 @@ def build_group(
             commands=commands,
             applied=applied,
             written=offsets,
+            lag=lag or 0,
             elapsed=now - started,
             timeout=options.build_timeout,
         )
@@ -1484,15 +1488,23 @@ def build_group(
 
 
 def quadratic_build_estimate(
-    *, members: int, commands: int, applied: int, written: int, elapsed: float, timeout: float
+    *,
+    members: int,
+    commands: int,
+    applied: int,
+    written: int,
+    lag: int,
+    elapsed: float,
+    timeout: float,
 ) -> str | None:
     """If the adds applied so far are delivered to every member (write diffusion: an add to a
     group of k costs some records per member), the build's cost grows with the square of its
-    size: extrapolated from what the adds cost so far, the reason it cannot finish within
-    ``timeout``; ``None`` while it can (or while too little is known)."""
+    size: extrapolated from the deliveries done so far (those the conversation processor
+    addressed less the stream worker's ``lag``: the user processor is the slower half), the
+    reason it cannot finish within ``timeout``; ``None`` while it can (or too little is known)."""
     first = min(members, MAX_MEMBERS_PER_EVENT)
     adds = applied - 1
-    if elapsed < 20 or adds < 100 or commands <= 1:
+    if elapsed < 60 or adds < 100 or commands <= 1:
         return None
     # Write diffusion costs a few records per member per add, and the group has at least
     # ``first`` members: an add costing fewer than a quarter of that is not delivered to all.
@@ -1500,10 +1512,12 @@ def quadratic_build_estimate(
         return None
     # Deliveries so far (the creation's to ``first`` members, each add's to every member then).
     delivered = first + adds * first + adds * (adds - 1) // 2
-    per_delivery = written / delivered
+    done = max(1, delivered - lag)
+    # An inbox record per delivery addressed, the user processor's records per delivery done.
+    per_delivery = 1 + max(0, written - delivered) / done
     remaining = members - first - adds
     still = remaining * (first + adds) + remaining * (remaining - 1) // 2
-    seconds = elapsed * (delivered + still) / delivered
+    seconds = elapsed * (delivered + still) / done
     if seconds <= timeout:
         return None
     return (

@@ -210,12 +210,39 @@ class Outcome:
     rejection: Rejection | None = None
     #: Members added (their role), changed (the new role) or removed (None).
     member_changes: dict[str, Role | None] = field(default_factory=dict)
+    #: The rules' "every member": turned into ``deliveries`` by :func:`_diffuse`.
+    fanout: Fanout | None = None
     #: A large group's event for every ingress node (``im.delivery.groups``), if any.
     broadcast: Broadcast | None = None
     #: The diffusion of the conversation after the command (stamped on its deliveries).
     large: bool = False
     #: Whether the command switched the diffusion (its deliveries then reach every member).
     switched: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Fanout:
+    """One event for every member of ``members`` but ``excluded``, as the rules decide it.
+
+    Listed only when the diffusion needs it (:func:`_diffuse`): a large group's event reaches
+    only the users it concerns, found by lookups, so it costs no pass over the members (a
+    100,000-member group's members are 100,000 stored values).
+    """
+
+    event: Event
+    members: Mapping[str, Role]
+    kind: DeliveryKind = DeliveryKind.FULL
+    excluded: str | None = None
+
+    def deliveries(self) -> list[Delivery]:
+        return [
+            Delivery(user_id=user, event=self.event, kind=self.kind)
+            for user in self.members
+            if user != self.excluded
+        ]
+
+    def reaches(self, user: str) -> bool:
+        return user != self.excluded and user in self.members
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,9 +283,12 @@ def _reject(command: Event, user_id: str, reason: RejectReason) -> Outcome:
 
 
 def _to_all(
-    event: Event, members: Mapping[str, Role] | list[str], kind: DeliveryKind = DeliveryKind.FULL
-) -> list[Delivery]:
-    return [Delivery(user_id=user, event=event, kind=kind) for user in members]
+    event: Event,
+    members: Mapping[str, Role],
+    kind: DeliveryKind = DeliveryKind.FULL,
+    excluded: str | None = None,
+) -> Fanout:
+    return Fanout(event=event, members=members, kind=kind, excluded=excluded)
 
 
 def _requester(command: Event) -> str:
@@ -317,8 +347,8 @@ def _decide(
         case ReceiptRead():
             return _read(state, command, requester)
         case TypingChanged():
-            others = [user for user in state.members if user != requester]
-            return Outcome(deliveries=_to_all(command, others, DeliveryKind.EPHEMERAL))
+            typing = _to_all(command, state.members, DeliveryKind.EPHEMERAL, excluded=requester)
+            return Outcome(fanout=typing)
         case ConversationRenamed():
             return _rename(state, command, requester)
         case ConversationMemberAdded():
@@ -376,7 +406,7 @@ def _create(
         state=new_state,
         state_changed=True,
         sequenced=[command],
-        deliveries=_to_all(command, members),
+        fanout=_to_all(command, members),
         member_changes=dict(members),
     )
 
@@ -402,23 +432,27 @@ def _diffuse(
     member's view switches in order with the conversation's events; the switch to read
     diffusion is broadcast with the member list, so that nodes index the members they hold.
     """
+    fanout, outcome.fanout = outcome.fanout, None
     after = outcome.state if outcome.state is not None else before
-    if after is None or outcome.rejection is not None:
+    if after is None or outcome.rejection is not None or fanout is None:
         return outcome
     was_large = before.large if before is not None else False
-    stored = [d for d in outcome.deliveries if d.kind is not DeliveryKind.EPHEMERAL]
+    stored = fanout.kind is not DeliveryKind.EPHEMERAL
     event = outcome.sequenced[0] if outcome.sequenced else command
     if after.deleted:
         if was_large:
             # Deleting a large group: its members learn it from the broadcast and from the
             # conversation's head (their lists drop it), not from one record each.
-            outcome.deliveries = [d for d in stored if d.user_id == requester]
+            outcome.deliveries = _those(fanout, [requester])
             outcome.broadcast = Broadcast(event=event, synced=(requester,), large=False)
+        else:
+            outcome.deliveries = fanout.deliveries()
         return outcome
     large = len(after.members) > threshold
     if large != was_large and stored:
         # The switch: every member is told with this event (it reaches all of them anyway
         # unless it is a message or a read, which then reach all of them this once).
+        outcome.deliveries = fanout.deliveries()
         outcome.state = replace(after, large=large)
         outcome.state_changed = True
         outcome.switched = True
@@ -427,24 +461,30 @@ def _diffuse(
         outcome.broadcast = Broadcast(event=event, members=members, large=large)
         return outcome
     if not was_large:
+        outcome.deliveries = fanout.deliveries()
         return outcome
     outcome.large = True
     if isinstance(command, ReceiptRead):
         # The reader's own devices only: no receipts to the other members, no who-read.
         outcome.sequenced = []
-        outcome.deliveries = [d for d in stored if d.user_id == requester]
-        return outcome
-    if not outcome.deliveries:
+        outcome.deliveries = _those(fanout, [requester])
         return outcome
     if not stored:  # typing
-        outcome.deliveries = []
         outcome.broadcast = Broadcast(event=event, ephemeral=True)
         return outcome
-    concerned = _concerned(command, requester, before)
-    outcome.deliveries = [d for d in stored if d.user_id in concerned]
-    synced = tuple(sorted({d.user_id for d in outcome.deliveries}))
+    outcome.deliveries = _those(fanout, sorted(_concerned(command, requester, before)))
+    synced = tuple(d.user_id for d in outcome.deliveries)
     outcome.broadcast = Broadcast(event=event, synced=synced)
     return outcome
+
+
+def _those(fanout: Fanout, users: list[str]) -> list[Delivery]:
+    """The fan-out's deliveries to ``users`` only, found by lookups."""
+    return [
+        Delivery(user_id=user, event=fanout.event, kind=fanout.kind)
+        for user in users
+        if fanout.reaches(user)
+    ]
 
 
 def _concerned(command: Event, requester: str, before: ConversationState | None) -> set[str]:
@@ -480,7 +520,7 @@ def _sequence(state: ConversationState, command: MessageSent, requester: str) ->
         state=new_state,
         state_changed=True,
         sequenced=[sequenced],
-        deliveries=_to_all(sequenced, state.members),
+        fanout=_to_all(sequenced, state.members),
         messages={command.event_id: MessageRecord(sender_id=requester, conversation_seq=seq)},
     )
 
@@ -511,7 +551,7 @@ def _amend(
         state=replace(state, last_seq=seq),
         state_changed=True,
         sequenced=[sequenced],
-        deliveries=_to_all(sequenced, state.members),
+        fanout=_to_all(sequenced, state.members),
         messages={command.payload.message_id: updated},
     )
 
@@ -528,7 +568,7 @@ def _read(state: ConversationState, command: ReceiptRead, requester: str) -> Out
     # The reader's own devices get the read position; the others get a receipt. Both are the
     # same event: a device tells them apart by the actor. The conversation log carries it too,
     # for the who-read store (issue 5's sinks).
-    return Outcome(sequenced=[clamped], deliveries=_to_all(clamped, state.members))
+    return Outcome(sequenced=[clamped], fanout=_to_all(clamped, state.members))
 
 
 def _managed(state: ConversationState, command: Event, requester: str) -> Outcome | None:
@@ -552,7 +592,7 @@ def _changed(
         state=state,
         state_changed=True,
         sequenced=[command],
-        deliveries=_to_all(command, audience),
+        fanout=_to_all(command, audience),
         member_changes=changes or {},
     )
 

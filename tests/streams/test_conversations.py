@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from schemas.events import (
@@ -487,3 +489,31 @@ def test_a_direct_conversation_has_only_the_id_its_pair_derives() -> None:
             ),
         )
         assert rejected(decide(None, command)) is RejectReason.CONVERSATION_ID_RESERVED
+
+
+class Unlisted(dict[str, Role]):
+    """Members that may be looked up but not listed: what a 100,000-member group's must be."""
+
+    def __iter__(self) -> Iterator[str]:
+        raise AssertionError("a large group's event listed its members")
+
+
+def test_a_large_groups_events_look_members_up_without_listing_them() -> None:
+    state = large()
+    state.members = Unlisted({**state.members, **{f"u{n}": Role.MEMBER for n in range(50)}})
+    typing = TypingChanged.new(
+        tenant_id=TENANT,
+        actor=by("bob"),
+        payload=TypingChangedPayload(conversation_id=CONVERSATION, active=True),
+    )
+    read = ReceiptRead.new(
+        tenant_id=TENANT,
+        actor=by("carol"),
+        payload=ReceiptReadPayload(conversation_id=CONVERSATION, conversation_seq=1),
+    )
+    state.last_seq = 3
+    commands = (send("bob", "m1"), typing, read, added("newbie"), removed("u7"), rename("alice"))
+    for command in commands:
+        outcome = decide(state, command, large_group_threshold=3)
+        assert outcome.rejection is None, command.type
+        assert len(outcome.deliveries) <= 2, command.type
