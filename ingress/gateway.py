@@ -211,9 +211,9 @@ class Gateway:
             max_frames=ingress.outbound_queue_frames,
             stall_seconds=ingress.slow_consumer_seconds,
             frame_sent=self._frame_sent,
-            queue_depth=self.metrics.outbound_queued_frames.inc,
             closed=lambda code: self.closes.labels(code.name.lower().replace("_", "-")).inc(),
         )
+        self.metrics.outbound_queued_frames.set_function(lambda: self.hub.queued_frames)
         self.draining = False
         self._handlers = 0
         self._no_handlers = asyncio.Event()

@@ -83,6 +83,7 @@ class IngressMetrics:
             ["type"],
             registry=self.registry,
         )
+        self._frames_out: dict[str, Counter] = {}
         self.errors = Counter(
             "imstream_ingress_errors",
             "Error frames and refused connections, by stable error code.",
@@ -110,7 +111,15 @@ class IngressMetrics:
         self.frames_in.labels(self._known(frame_type)).inc()
 
     def frame_out(self, frame_type: str) -> None:
-        self.frames_out.labels(self._known(frame_type)).inc()
+        # The labelled child, looked up once per type: this runs for every frame a large
+        # group's fan-out queues (the lookup was a twelfth of the node's time there).
+        child = self._frames_out.get(frame_type)
+        if child is None:
+            label = self._known(frame_type)
+            child = self.frames_out.labels(label)
+            if label == frame_type:  # only known types: the cache stays bounded
+                self._frames_out[frame_type] = child
+        child.inc()
 
     def error(self, code: str) -> None:
         self.errors.labels(code).inc()
