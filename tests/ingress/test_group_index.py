@@ -5,8 +5,14 @@ whatever order the connect answers and the group events reach the node in."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from ingress.groups import GroupFrame, GroupIndex, group_frame
+from schemas.errors import SchemaError
 from schemas.events import (
+    MAX_GROUP_SWITCH_MEMBERS,
     MAX_LARGE_GROUPS_PER_USER,
     Actor,
     ConversationLeft,
@@ -144,3 +150,24 @@ def test_a_user_is_indexed_in_at_most_the_bound_of_groups() -> None:
     index.snapshot(TENANT, "ann", {"one-more": 1})
     assert len(index.groups_of(TENANT, "ann")) == MAX_LARGE_GROUPS_PER_USER
     assert index.refused == 1
+
+
+def test_a_record_the_node_cannot_trust_is_refused_before_it_is_indexed() -> None:
+    """The group topic is a door into every node: garbage and oversized lists are refused by
+    the decoder (the consumer counts and skips them), never indexed."""
+    with pytest.raises(SchemaError):
+        group_frame(b"{not json")
+    oversized = frame(message("zed", "m"), 1).text  # a valid frame, for its event
+    event = json.loads(oversized)["event"]
+    too_many = {
+        "tenant_id": TENANT,
+        "conversation_id": "g",
+        "position": 1,
+        "members": [f"u{n}" for n in range(MAX_GROUP_SWITCH_MEMBERS + 1)],
+        "event": event,
+    }
+    with pytest.raises(SchemaError):
+        group_frame(json.dumps(too_many).encode())
+    too_many_synced = {**too_many, "members": None, "synced": [f"u{n}" for n in range(5)]}
+    with pytest.raises(SchemaError):
+        group_frame(json.dumps(too_many_synced).encode())
