@@ -636,7 +636,11 @@ class UserProcessor(_BatchProcessor):
             result.skipped += 1
             return
         concerned = _concerned(inbox, event)
-        if concerned is None:
+        if concerned is None and isinstance(event, DeviceConnected):
+            # The connect's answer lists the user's large groups: the views are read only
+            # for a user in some (the header counts them), not at every connect.
+            concerned = overlay.children(USERS_TABLE, key) if stored.get("large_groups") else []
+        elif concerned is None:
             concerned = overlay.children(USERS_TABLE, key)
         loaded = {cid: overlay.get(USERS_TABLE, child_key(key, cid)) for cid in concerned}
         state = _user_state(stored, loaded)
@@ -660,9 +664,7 @@ class UserProcessor(_BatchProcessor):
             )
         elif isinstance(event, DeviceConnected | DeviceDisconnected):
             apply_presence(state, event)
-            if isinstance(event, DeviceConnected) and any(
-                view.large for view in state.conversations.values()
-            ):
+            if isinstance(event, DeviceConnected) and state.large_groups():
                 result.outputs.append(self._groups(tenant_id, user_id, event, state, positions))
             if isinstance(event, DeviceConnected) and not state.known:
                 # The first sign-in: from now on the user may be named in creates and adds.
@@ -845,6 +847,8 @@ def _user_state(header: dict[str, Any], views: dict[str, dict[str, Any] | None])
     }
     loaded_unread = sum(view.unread for view in state.conversations.values())
     state.unread_elsewhere = max(0, int(header.get("unread_total", 0)) - loaded_unread)
+    loaded_large = sum(view.large for view in state.conversations.values())
+    state.large_elsewhere = max(0, int(header.get("large_groups", 0)) - loaded_large)
     return state
 
 
@@ -859,12 +863,17 @@ def stored_user(state: StateReader, key: str) -> UserState | None:
     }
     whole = _user_state(header, views)
     whole.unread_elsewhere = 0
+    whole.large_elsewhere = 0
     return whole
 
 
 def _user_header(state: UserState, applied: dict[str, int]) -> dict[str, Any]:
     header = state.header_json()
     header["unread_total"] = state.unread_total()
+    large_groups = state.large_groups()
+    if large_groups:
+        # Only when some: a connect lists the user's views for its answer only then.
+        header["large_groups"] = large_groups
     header["applied"] = applied
     return header
 

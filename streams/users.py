@@ -217,11 +217,17 @@ class UserState:
     devices: dict[str, OnlineDevice] = field(default_factory=dict)
     push: PushPreferences = field(default_factory=PushPreferences)
     unread_elsewhere: int = 0
+    #: Large groups among the conversations not loaded (their count is in the header).
+    large_elsewhere: int = 0
     #: Whether the tenant knows the user (announced on ``im.users.known`` at a first sign-in).
     known: bool = False
 
     def view(self, conversation_id: str) -> ConversationView:
         return self.conversations.setdefault(conversation_id, ConversationView())
+
+    def large_groups(self) -> int:
+        """How many of the user's conversations are large groups."""
+        return self.large_elsewhere + sum(view.large for view in self.conversations.values())
 
     def unread_total(self) -> int:
         """Unread messages over all the user's conversations (the badge number)."""

@@ -151,7 +151,8 @@ def test_a_connect_answers_with_the_users_large_groups_and_their_positions() -> 
 def test_a_connects_answer_lists_at_most_the_bound_of_large_groups() -> None:
     stage = Stage()
     key = user_key(TENANT, "alice").decode()
-    stage.user_tables.put("users", key, {"last_sync_id": 0, "devices": {}})
+    header = {"last_sync_id": 0, "devices": {}, "large_groups": MAX_LARGE_GROUPS_PER_USER + 20}
+    stage.user_tables.put("users", key, header)
     for index in range(MAX_LARGE_GROUPS_PER_USER + 20):
         view = {"last_seq": 1, "read_seq": 1, "unread": [], "large": True, "position": index}
         stage.user_tables.put("users", child_key(key, f"g{index:05d}"), view)
@@ -162,3 +163,30 @@ def test_a_connects_answer_lists_at_most_the_bound_of_large_groups() -> None:
     assert len(answer.groups) == MAX_LARGE_GROUPS_PER_USER
     assert "small" not in answer.groups
     assert len(answer.model_dump_json()) < 100_000
+
+
+def test_the_header_counts_large_groups_so_a_connect_reads_views_only_when_there_are_some() -> None:
+    stage = Stage()
+    stage.command(create_group("g", ["alice", "bob", "carol"]), create_group("s", ["alice", "bob"]))
+    header = stage.user_tables.get("users", user_key(TENANT, "alice").decode())
+    assert header is not None and "large_groups" not in header
+    listed: list[str] = []
+    children = stage.user_tables.children
+
+    def counting(table: str, parent: str) -> list[str]:
+        listed.append(parent)
+        return children(table, parent)
+
+    stage.user_tables.children = counting  # type: ignore[method-assign]
+    stage.user_inputs([presence_record(0)])
+    assert listed == []  # no large group: the connect read no view
+    stage.command(added("dave"))  # the 4th member: "g" is large now
+    header = stage.user_tables.get("users", user_key(TENANT, "alice").decode())
+    assert header is not None and header["large_groups"] == 1
+    stage.user_inputs([presence_record(1)])
+    assert listed  # now it lists them, and answers with "g"
+    (answer,) = [live for live in stage.live if live.groups is not None]
+    assert list(answer.groups or {}) == ["g"]
+    stage.command(removed("dave"))  # back to 3: write diffusion
+    header = stage.user_tables.get("users", user_key(TENANT, "alice").decode())
+    assert header is not None and "large_groups" not in header
