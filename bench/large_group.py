@@ -98,7 +98,7 @@ from typing import Any
 import uvloop
 from confluent_kafka import Consumer, TopicPartition
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed
 
 from bench.common import (
     BENCH_TENANT,
@@ -128,6 +128,7 @@ from bench.e2e import (
 )
 from bench.e2e_load import Phase, PhaseResult, WorkerPlan, run_worker
 from bench.ingress_throughput import body_text
+from bench.lean_ws import LeanSocket, open_lean
 from bench.loadgen import Credentials
 from bench.stream_throughput import fill
 from ingress.auth import issue_token
@@ -440,7 +441,7 @@ class _DeviceWorker:
         self.plan = plan
         self.counters = counters
         self.count = len(plan.devices)
-        self.sockets: list[ClientConnection | None] = [None] * self.count
+        self.sockets: list[LeanSocket | None] = [None] * self.count
         self.closed: dict[int, str] = {}
         self.tasks: list[asyncio.Task[None]] = []
         #: Per message id: the first arrival at each device (NaN: not yet), kinds, doubles.
@@ -455,7 +456,7 @@ class _DeviceWorker:
 
     # -- connections ---------------------------------------------------------------------------
 
-    async def open(self, user: str, device: str, node: int) -> ClientConnection:
+    def _hello(self, user: str, device: str) -> str:
         plan = self.plan
         token = issue_token(
             plan.credentials.secret,
@@ -472,20 +473,55 @@ class _DeviceWorker:
             device_id=device,
             platform=Platform.WEB,
         )
+        return encode_client_frame(hello)
+
+    def _hello_answered(self, reply: dict[str, Any]) -> None:
+        if reply.get("type") != "hello_ok":
+            raise ConnectionRefusedError(f"hello was answered with {reply!r:.300}")
+        self.idle_timeout = min(self.idle_timeout, reply.get("idle_timeout_ms", 60_000) / 1000)
+
+    async def open(self, index: int, user: str, node: int) -> LeanSocket:
+        """A member device's socket: lean (bench/lean_ws.py), its frames to :meth:`received`."""
+        answered: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        def on_text(payload: bytes) -> None:
+            if answered.done():
+                self.received(index, payload)
+            else:
+                answered.set_result(payload)
+
+        def on_close(code: int | None) -> None:
+            self.closed[index] = str(code)
+            if not answered.done():
+                answered.set_exception(ConnectionError(f"closed with {code} before hello_ok"))
+
+        url = self.plan.urls[node % len(self.plan.urls)]
+        async with asyncio.timeout(60):
+            socket = await open_lean(url, on_text, on_close)
+        socket.send_text(self._hello(user, DEVICE_ID))
+        try:
+            self._hello_answered(json.loads(await asyncio.wait_for(answered, timeout=60)))
+        except BaseException:
+            socket.close()
+            raise
+        return socket
+
+    async def open_sender(self, user: str) -> ClientConnection:
+        """The sender's socket (``websockets``: it waits for replies)."""
         websocket = await connect(
-            plan.urls[node % len(plan.urls)],
+            self.plan.urls[0],
             compression=None,
             ping_interval=None,  # the protocol's ping frame keeps the socket alive instead
             proxy=None,
             open_timeout=60,
             close_timeout=5,
         )
-        await websocket.send(encode_client_frame(hello))
-        reply = json.loads(await asyncio.wait_for(websocket.recv(), timeout=60))
-        if reply.get("type") != "hello_ok":
+        await websocket.send(self._hello(user, "sender"))
+        try:
+            self._hello_answered(json.loads(await asyncio.wait_for(websocket.recv(), timeout=60)))
+        except BaseException:
             await websocket.close()
-            raise ConnectionRefusedError(f"hello was answered with {reply!r:.300}")
-        self.idle_timeout = min(self.idle_timeout, reply.get("idle_timeout_ms", 60_000) / 1000)
+            raise
         return websocket
 
     async def connect(self) -> ConnectReport:
@@ -497,22 +533,21 @@ class _DeviceWorker:
         async def open_one(index: int, user: str, node: int) -> None:
             async with gate:
                 try:
-                    websocket = await self.open(user, DEVICE_ID, node)
-                except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError) as error:
+                    socket = await self.open(index, user, node)
+                except (OSError, TimeoutError) as error:
                     report.failed += 1
                     self.closed[index] = "never connected"
                     if len(report.first_errors) < 5:
                         report.first_errors.append(repr(error))
                     return
-            self.sockets[index] = websocket
-            self.tasks.append(asyncio.create_task(self.read(index, websocket)))
+            self.sockets[index] = socket
             report.connected += 1
 
         await asyncio.gather(
             *(open_one(index, user, node) for index, (user, node) in enumerate(plan.devices))
         )
         if plan.sender is not None:
-            self.sender_socket = await self.open(plan.sender, "sender", 0)
+            self.sender_socket = await self.open_sender(plan.sender)
             self.tasks.append(asyncio.create_task(self.read_replies(self.sender_socket)))
         self.tasks.append(asyncio.create_task(self.ping_forever()))
         self.tasks.append(asyncio.create_task(self.watch_loop()))
@@ -526,11 +561,12 @@ class _DeviceWorker:
         while True:
             await asyncio.sleep(tick_seconds)
             slices = max(1, round(self.idle_timeout / 3 / tick_seconds))
-            sockets = [*self.sockets, self.sender_socket]
-            for websocket in sockets[tick % slices :: slices]:
-                if websocket is not None:
-                    with contextlib.suppress(ConnectionClosed):
-                        await websocket.send(ping)
+            for socket in self.sockets[tick % slices :: slices]:
+                if socket is not None:
+                    socket.send_text(ping)
+            if self.sender_socket is not None and tick % slices == 0:
+                with contextlib.suppress(ConnectionClosed):
+                    await self.sender_socket.send(ping)
             tick += 1
 
     async def watch_loop(self) -> None:
@@ -542,34 +578,28 @@ class _DeviceWorker:
 
     # -- receiving -----------------------------------------------------------------------------
 
-    async def read(self, index: int, websocket: ClientConnection) -> None:
-        conversation = self.plan.conversation_id
-        try:
-            async for text in websocket:
-                now = time.time()
-                if '"event"' not in text:  # replies and pongs
-                    continue
-                frame = json.loads(text)
-                if frame.get("type") != "event":
-                    continue
-                event = frame.get("event") or {}
-                payload = event.get("payload") or {}
-                if payload.get("conversation_id") != conversation:
-                    continue
-                kind = event.get("type")
-                if kind == "message.sent":
-                    message_id = event.get("event_id")
-                elif kind == "conversation.advanced":
-                    message_id = payload.get("message_id")
-                else:
-                    continue
-                if isinstance(message_id, str):
-                    via = "null" if frame.get("sync_id") is None else "sync_id"
-                    self.arrived(index, message_id, f"{kind}/{via}", now)
-        except ConnectionClosed:
-            pass
-        finally:
-            self.closed[index] = str(websocket.close_code)
+    def received(self, index: int, payload: bytes) -> None:
+        """A text frame at device ``index`` (replies and pongs are skipped unparsed)."""
+        now = time.time()
+        if b'"event"' not in payload:
+            return
+        frame = json.loads(payload)
+        if frame.get("type") != "event":
+            return
+        event = frame.get("event") or {}
+        body = event.get("payload") or {}
+        if body.get("conversation_id") != self.plan.conversation_id:
+            return
+        kind = event.get("type")
+        if kind == "message.sent":
+            message_id = event.get("event_id")
+        elif kind == "conversation.advanced":
+            message_id = body.get("message_id")
+        else:
+            return
+        if isinstance(message_id, str):
+            via = "null" if frame.get("sync_id") is None else "sync_id"
+            self.arrived(index, message_id, f"{kind}/{via}", now)
 
     def arrived(self, index: int, message_id: str, kind: str, now: float) -> None:
         times = self.arrivals.get(message_id)
@@ -713,8 +743,12 @@ class _DeviceWorker:
     async def close(self) -> None:
         for task in self.tasks:
             task.cancel()
-        sockets = [socket for socket in [*self.sockets, self.sender_socket] if socket is not None]
-        await asyncio.gather(*(socket.close() for socket in sockets), return_exceptions=True)
+        for socket in self.sockets:
+            if socket is not None:
+                socket.close()
+        if self.sender_socket is not None:
+            with contextlib.suppress(Exception):
+                await self.sender_socket.close()
 
 
 async def _serve_devices(

@@ -22,7 +22,8 @@ What it guarantees to its user (docs/protocol.md, "The delivery contract, as a c
   on every (re)connect the client syncs from its cursor, once more ``settle_sync`` seconds later
   (live delivery is best effort: an event can reach the queue without a live push while the
   stream stage has not yet seen the device's new connection), and then every ``sync_interval``
-  seconds in which no live event arrived.
+  seconds in which no live event arrived; large groups' history likewise (docs/protocol.md,
+  "Large groups").
 - **Sends are retried until accepted**, with the same ``client_msg_id`` (generated if not given),
   through ``unavailable``, ``rate-limited`` and lost connections: the server makes a re-send
   harmless (one message per ``(sender, client_msg_id)``).
@@ -221,6 +222,8 @@ class Client:
         self._live_at = 0.0
         #: Large groups: the highest conversation seq surfaced, per conversation.
         self.group_seqs: dict[str, int] = {}
+        #: ``loop.time()`` of the last live group event that followed on from its seq.
+        self._group_live_at = 0.0
         self._group_held: dict[str, dict[int, Received]] = {}
         self._group_filling: dict[str, asyncio.Task[None]] = {}
 
@@ -677,7 +680,7 @@ class Client:
         in which live events arrived in order: a store read per device every few seconds is
         what thousands of connected devices would otherwise cost (measured in bench/e2e.py)."""
         loop = asyncio.get_running_loop()
-        recent, first = False, True
+        recent, group_recent, first = False, False, True
         while True:
             # While live events keep following on from the cursor nothing can be missing but
             # the newest ones, which the first quiet interval's sync fetches.
@@ -687,7 +690,11 @@ class Client:
                     self._release_ready()
                 if self._held:
                     self._fill_gap()
-            if first:
+            # Large groups likewise: a message sent while the socket was down may have missed
+            # both the live path (the node learns the user's groups from the connect's answer)
+            # and the first catch-up (the store lags), and on a quiet group no later event
+            # shows the gap.
+            if first or (self.group_seqs and not group_recent):
                 with contextlib.suppress(ClientClosedError, CommandError):
                     await self._catch_up_groups()
             if not repeat:
@@ -696,6 +703,7 @@ class Client:
             first = False
             await asyncio.sleep(pause)
             recent = loop.time() - self._live_at < pause
+            group_recent = loop.time() - self._group_live_at < pause
 
     def _on_frame(self, raw: str | bytes) -> None:
         try:
@@ -741,6 +749,7 @@ class Client:
             return
         held = self._group_held.setdefault(conversation_id, {})
         if known is not None and seq == known + 1 and not held:
+            self._group_live_at = asyncio.get_running_loop().time()
             self._surface_group(conversation_id, seq, item)
             return
         # Ahead of what was surfaced, or a group not followed yet: held while the history
@@ -810,7 +819,9 @@ class Client:
         for item in listed.conversations:
             if not item.large:
                 continue
-            known = self.group_seqs.get(item.conversation_id, item.read_seq)
+            # A group not followed yet is followed from its read position from now on, so that
+            # the quiet intervals' catch-ups include it.
+            known = self.group_seqs.setdefault(item.conversation_id, item.read_seq)
             if item.last_seq > known:
                 self._fill_group(item.conversation_id, known)
 

@@ -6,8 +6,12 @@ connection is one small object with ``__slots__``; its outbound queue (a deque) 
 task exist only while frames are waiting to be written, so an idle connection has neither; and
 no timer is kept per connection (one sweeper task checks every connection's idle time).
 
-Outbound queue: every frame sent after ``hello_ok`` (replies, live events) is put into the
-connection's queue without waiting and written in order by its writer task. A reader is slow when
+Outbound queue: every frame sent after ``hello_ok`` (replies, live events), already framed for
+the wire, is put into the connection's queue without waiting. A flush the hub schedules once per
+loop step (:meth:`ConnectionHub.unflushed`) writes everything each touched socket has waiting in
+one ``write`` — one system call per socket per batch of live records, not per frame, so a node
+that falls behind catches up with fewer, larger writes. Only when the socket's buffers are full
+does a writer task wait for them to drain, then write what piled up. A reader is slow when
 at least ``max_frames`` frames wait while the writer has been stuck for ``stall_seconds`` on a
 socket whose buffers are full (the peer does not read): its queued frames are dropped and the
 connection is closed with slow-consumer (4009). The check runs when a frame is queued and in the
@@ -26,7 +30,7 @@ import logging
 import sys
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterator
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from starlette.types import Send
 
@@ -37,6 +41,23 @@ _log = logging.getLogger(__name__)
 
 #: A close reason travels in the close frame, which holds at most 123 bytes of it.
 MAX_CLOSE_REASON_BYTES: Final = 123
+
+
+class Wire(Protocol):
+    """The socket under a connection (``ingress.wsprotocol.GatewayWSProtocol``)."""
+
+    def write_frames(self, data: bytes) -> bool:
+        """Write whole frames now, never waiting; ``False`` if the socket is closing or gone."""
+        ...
+
+    @property
+    def write_paused(self) -> bool:
+        """Whether the socket's buffers are full (write no more until :meth:`wait_writable`)."""
+        ...
+
+    async def wait_writable(self) -> None:
+        """Return once the socket's buffers have drained."""
+        ...
 
 
 class Principal:
@@ -77,6 +98,31 @@ class ConnectionHub:
         self.queued_frames = 0
         self.closed = closed
         self.tasks: set[asyncio.Task[None]] = set()
+        #: Connections with frames queued since the last flush, and whether one is scheduled.
+        self._unflushed: list[Connection] = []
+        self._flush_scheduled = False
+
+    def unflushed(self, connection: Connection) -> None:
+        """``connection`` has frames to write: flush it once the current loop step is done.
+
+        One loop callback for every connection a batch of live records touched (a callback per
+        connection was a fifth of a large group's fan-out), run after the whole batch was
+        handed out, so each socket gets its batch's frames in one write.
+        """
+        self._unflushed.append(connection)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        connections, self._unflushed = self._unflushed, []
+        for connection in connections:
+            try:
+                connection.flush()
+            except Exception:  # one broken socket must not keep the others' frames back
+                _log.exception("flush of %s failed; closing it", connection.connection_id)
+                connection.forget()
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run ``coroutine`` as a task the gateway holds on to (and awaits on shutdown)."""
@@ -89,10 +135,12 @@ class Connection:
     """One authenticated WebSocket connection (after a successful ``hello``)."""
 
     __slots__ = (
+        "_flush_scheduled",
         "_frames",
         "_hub",
         "_send",
         "_send_started",
+        "_wire",
         "_writer",
         "acked_sync_id",
         "closing",
@@ -111,11 +159,14 @@ class Connection:
         platform: Platform,
         connection_id: str,
         *,
+        wire: Wire,
         sync_cursor: int,
         now: float,
     ) -> None:
         self._hub = hub
+        #: The ASGI send: only the close frame goes through it.
         self._send = send
+        self._wire = wire
         self.principal = principal
         self.platform = platform
         self.connection_id = connection_id
@@ -127,9 +178,11 @@ class Connection:
         self.closing = False
         #: Set when a newer connection of the same device took over (no disconnect presence).
         self.replaced = False
-        self._frames: deque[str] | None = None
+        self._frames: deque[bytes] | None = None
+        self._flush_scheduled = False
+        #: Exists only while the socket's buffers are full and frames wait for them to drain.
         self._writer: asyncio.Task[None] | None = None
-        #: ``loop.time()`` when the writer's current ``send()`` began; ``None`` when not in one.
+        #: ``loop.time()`` when the writer began waiting for the socket; ``None`` when not.
         self._send_started: float | None = None
 
     @property
@@ -137,8 +190,9 @@ class Connection:
         """Frames waiting to be written."""
         return len(self._frames) if self._frames is not None else 0
 
-    def enqueue(self, text: str, frame_type: str) -> bool:
-        """Queue one frame for writing, never waiting; ``False`` if it was dropped.
+    def enqueue(self, frame: bytes, frame_type: str) -> bool:
+        """Queue one frame (``text_frame`` output) for writing, never waiting; ``False`` if it
+        was dropped.
 
         A frame is dropped when the connection is closing, or when the queue is full, which
         closes the connection as a slow consumer.
@@ -150,20 +204,22 @@ class Connection:
             frames = self._frames = deque()
         if len(frames) >= self._hub.max_frames and self.check_stalled():
             return False
-        frames.append(text)
-        self._hub.queued_frames += 1
-        self._hub.frame_sent(frame_type)
-        if self._writer is None:
-            self._writer = asyncio.get_running_loop().create_task(self._write())
+        frames.append(frame)
+        hub = self._hub
+        hub.queued_frames += 1
+        hub.frame_sent(frame_type)
+        if self._writer is None and not self._flush_scheduled:
+            self._flush_scheduled = True
+            hub.unflushed(self)
         return True
 
     def check_stalled(self, now: float | None = None) -> bool:
         """Close the connection as a slow consumer if its reader is stalled; ``True`` if closed.
 
-        Stalled: ``max_frames`` or more frames wait and the writer has been waiting in
-        ``send()`` — which only waits while the socket's buffers are full — for at least
-        ``stall_seconds``. Frames queued while the writer has merely not run yet (a burst of
-        live events in one batch, pipelined commands read in one chunk) never count.
+        Stalled: ``max_frames`` or more frames wait and the writer has been waiting for the
+        socket's full buffers to drain for at least ``stall_seconds``. Frames queued while the
+        socket still takes them (a burst of live events in one batch, pipelined commands read in
+        one chunk) never count.
         """
         started = self._send_started
         if self.closing or started is None or self.queued < self._hub.max_frames:
@@ -208,28 +264,45 @@ class Connection:
         except Exception as error:  # the peer is already gone; nothing is left to close
             _log.debug("close %s of %s not sent: %r", code, self.connection_id, error)
 
+    def flush(self) -> None:
+        """Write every waiting frame in one call, or start the writer if the socket is full."""
+        self._flush_scheduled = False
+        if self.closing or self._writer is not None:
+            return
+        if self._wire.write_paused:
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+        else:
+            self._write_out()
+
     async def _write(self) -> None:
-        frames = self._frames
+        """Wait for the socket's buffers to drain, write what waits, until nothing does."""
         loop = asyncio.get_running_loop()
         try:
-            while frames:
-                text = frames.popleft()
-                self._hub.queued_frames -= 1
-                # Seen by other code only while send() waits for the socket to drain.
+            while self._frames and not self.closing:
+                # Seen by check_stalled only while the socket does not take more.
                 self._send_started = loop.time()
-                await self._send({"type": "websocket.send", "text": text})
+                await self._wire.wait_writable()
                 self._send_started = None
-        except Exception as error:  # the socket went away mid-write; the handler cleans up
-            _log.debug("write to %s failed: %r", self.connection_id, error)
-            self._writer = None  # this task ends here: forget() must not cancel it
-            self.forget()
+                if not self.closing:
+                    self._write_out()
         finally:
             self._send_started = None
             if self._writer is asyncio.current_task():
                 self._writer = None
-                if not frames:
-                    # An idle connection keeps no deque (a few hundred bytes each).
-                    self._frames = None
+
+    def _write_out(self) -> None:
+        frames = self._frames
+        if not frames:
+            return
+        count = len(frames)
+        data = frames[0] if count == 1 else b"".join(frames)
+        # An idle connection keeps no deque (a few hundred bytes each).
+        self._frames = None
+        self._hub.queued_frames -= count
+        if not self._wire.write_frames(data):
+            # The socket is closing or gone; its handler cleans up.
+            _log.warning("write to %s dropped: the socket is closing", self.connection_id)
+            self.forget()
 
     def _drop_frames(self) -> None:
         if self._frames:

@@ -44,6 +44,7 @@ from ingress.connection import (
     ConnectionHub,
     ConnectionRegistry,
     Principal,
+    Wire,
     truncate_reason,
 )
 from ingress.groups import GroupDeliveryConsumer, GroupFrame, GroupIndex, GroupMetrics
@@ -52,7 +53,7 @@ from ingress.metrics import IngressMetrics
 from ingress.producer import DurableProducer, KafkaUnavailable, PublishRejectedError
 from ingress.ratelimit import TokenBucketLimiter, retry_after_ms
 from ingress.reads import ReadFrame, Reads, is_reading
-from ingress.wsprotocol import DRAIN_REASON
+from ingress.wsprotocol import DRAIN_REASON, WIRE_EXTENSION, text_frame
 from pipelines.connections import kafka_config, kafka_producer_config
 from pipelines.settings import AuthSettings, Settings
 from schemas import frames as fr
@@ -296,6 +297,13 @@ class Gateway:
         message = await receive()
         if message["type"] != "websocket.connect":
             return
+        wire: Wire | None = scope.get("extensions", {}).get(WIRE_EXTENSION, {}).get("wire")
+        if wire is None:
+            # Frames are written straight to the wire (ingress.wsprotocol): served by another
+            # server than build_server's, the gateway cannot write them.
+            _log.error("refused a WebSocket: no %s (not the ingress's server)", WIRE_EXTENSION)
+            await send({"type": "websocket.close", "code": 1011})
+            return
         await send({"type": "websocket.accept"})
         self._handlers += 1
         self._no_handlers.clear()
@@ -303,7 +311,7 @@ class Gateway:
             if self.draining:
                 await self._refuse(send, None, CloseCode.SERVER_DRAINING, DRAIN_REASON)
                 return
-            connection = await self._authenticate(receive, send)
+            connection = await self._authenticate(receive, send, wire)
             if connection is not None:
                 await self._serve(connection, receive)
         finally:
@@ -311,7 +319,7 @@ class Gateway:
             if not self._handlers:
                 self._no_handlers.set()
 
-    async def _authenticate(self, receive: Receive, send: Send) -> Connection | None:
+    async def _authenticate(self, receive: Receive, send: Send, wire: Wire) -> Connection | None:
         """Wait for a valid ``hello``; register the connection, or refuse and close."""
         timeout = self.ingress.auth_timeout_seconds
         try:
@@ -353,6 +361,7 @@ class Gateway:
             principal,
             hello.platform,
             secrets.token_hex(8),
+            wire=wire,
             sync_cursor=hello.sync_cursor,
             now=asyncio.get_running_loop().time(),
         )
@@ -506,7 +515,7 @@ class Gateway:
     def _reply(self, connection: Connection, frame: fr.ServerFrame) -> None:
         if isinstance(frame, fr.ErrorFrame):
             self.metrics.error(frame.code)
-        connection.enqueue(frame.model_dump_json(), frame.type)
+        connection.enqueue(text_frame(frame.model_dump_json()), frame.type)
 
     def _frame_sent(self, frame_type: str) -> None:
         self.metrics.frame_out(frame_type)
@@ -581,7 +590,7 @@ class Gateway:
             )
             delivered = False
             for connection in targets:
-                delivered |= connection.enqueue(frame.text, "event")
+                delivered |= connection.enqueue(frame.wire, "event")
             outcomes.labels("delivered" if delivered else "offline").inc()
 
     def deliver_groups(self, frames: Sequence[GroupFrame]) -> None:
@@ -596,7 +605,7 @@ class Gateway:
             delivered = False
             for user_id in self.group_index.apply(frame, connected):
                 for connection in self.registry.devices(tenant_id, user_id).values():
-                    delivered |= connection.enqueue(frame.text, "event")
+                    delivered |= connection.enqueue(frame.wire, "event")
             outcomes.labels("delivered" if delivered else "none-here").inc()
 
     # -- commands, for both doors ----------------------------------------------------------------

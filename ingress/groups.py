@@ -37,6 +37,7 @@ from confluent_kafka import Message
 from prometheus_client import CollectorRegistry, Counter
 
 from ingress.live import TopicReader
+from ingress.wsprotocol import text_frame
 from schemas.events import (
     MAX_LARGE_GROUPS_PER_USER,
     ConversationDeleted,
@@ -67,7 +68,8 @@ class GroupFrame:
     deleted: bool
     #: Who caused it (typing is not echoed to its typist).
     actor: str | None
-    text: str
+    #: The ``event`` frame, framed for the wire once for every socket it goes to.
+    wire: bytes
 
 
 @dataclass(slots=True)
@@ -237,5 +239,5 @@ def group_frame(raw: bytes) -> GroupFrame:
         joins=tuple(joins),
         deleted=isinstance(event, ConversationDeleted),
         actor=event.actor.user_id if event.actor is not None else None,
-        text=EventFrame(sync_id=None, event=event).model_dump_json(),
+        wire=text_frame(EventFrame(sync_id=None, event=event).model_dump_json()),
     )

@@ -30,6 +30,7 @@ from typing import Any, Final, Generic, TypeVar
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Counter
 
+from ingress.wsprotocol import text_frame
 from pipelines.connections import consume_ready
 from schemas.events import parse_live_delivery
 from schemas.frames import EventFrame
@@ -52,12 +53,12 @@ _RETRY_SECONDS: Final = 1.0
 
 @dataclass(frozen=True, slots=True)
 class LiveFrame:
-    """An ``event`` frame, encoded, for some or all devices of one user on this node."""
+    """An ``event`` frame, framed for the wire, for some or all devices of one user on this node."""
 
     tenant_id: str
     user_id: str
     device_ids: tuple[str, ...] | None
-    text: str
+    wire: bytes
     #: A connect's answer instead of an event: the user's large groups and their positions.
     groups: dict[str, int] | None = None
 
@@ -271,10 +272,12 @@ class LiveDeliveryConsumer(TopicReader[LiveFrame]):
                     tenant_id=delivery.tenant_id,
                     user_id=delivery.user_id,
                     device_ids=None,
-                    text="",
+                    wire=b"",
                     groups=delivery.groups,
                 )
-            text = EventFrame(sync_id=delivery.sync_id, event=delivery.event).model_dump_json()
+            wire = text_frame(
+                EventFrame(sync_id=delivery.sync_id, event=delivery.event).model_dump_json()
+            )
         except Exception as error:  # a poison record must never stop live delivery
             self._metrics.records.labels("poison").inc()
             _log.warning(
@@ -289,5 +292,5 @@ class LiveDeliveryConsumer(TopicReader[LiveFrame]):
             tenant_id=delivery.tenant_id,
             user_id=delivery.user_id,
             device_ids=tuple(delivery.device_ids) if delivery.device_ids is not None else None,
-            text=text,
+            wire=wire,
         )

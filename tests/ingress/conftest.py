@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -72,6 +74,15 @@ def gateway(
     assert running.stop() == 0, running.log()
 
 
+@dataclass
+class Pipeline:
+    """What :func:`running_pipeline` runs: the ingress nodes, and the CQL sink's process (a test
+    may pause it, as a lagging store)."""
+
+    gateways: list[Gateway]
+    cql_sink: subprocess.Popen[bytes]
+
+
 @contextmanager
 def running_pipeline(
     settings: Settings,
@@ -80,7 +91,7 @@ def running_pipeline(
     *,
     streams: dict[str, str] | None = None,
     nodes: int = 1,
-) -> Iterator[list[Gateway]]:
+) -> Iterator[Pipeline]:
     """Ingress nodes, a stream worker (with ``streams`` settings) and the CQL sink on these
     topics and this keyspace."""
     environment = {
@@ -112,10 +123,11 @@ def running_pipeline(
                     wait=Gateway.serving,
                 )
             )
-        yield gateways
+        yield Pipeline(gateways, sink)
     finally:
         for gateway in gateways:
             gateway.stop()
+        sink.send_signal(signal.SIGCONT)  # a test may have paused it
         sink.terminate()
         sink.wait(timeout=30)
         worker.stop()
@@ -129,5 +141,6 @@ def pipeline(
 ) -> Iterator[Gateway]:
     """Ingress, stream worker and CQL sink on this module's topics and keyspace."""
     logs = tmp_path_factory.mktemp("pipeline")
-    with running_pipeline(ingress_settings, serving_keyspace, logs) as (gateway,):
+    with running_pipeline(ingress_settings, serving_keyspace, logs) as running:
+        (gateway,) = running.gateways
         yield gateway

@@ -30,6 +30,7 @@ from confluent_kafka.admin import AdminClient
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+from wsproto.frame_protocol import FrameProtocol, Opcode
 
 from ingress.auth import issue_token
 from pipelines.connections import kafka_config
@@ -40,6 +41,16 @@ from schemas.topics import TopicCatalog, partition_for_key, topic_catalog
 TENANT = "acme"
 IMSTREAM = Path(sys.executable).parent / "imstream"
 JsonObject = dict[str, Any]
+
+
+def payloads(data: bytes) -> list[str]:
+    """The text frames in ``data`` (server frames as the gateway writes them), decoded by wsproto
+    as a client would."""
+    protocol = FrameProtocol(client=True, extensions=[])
+    protocol.receive_bytes(data)
+    frames = list(protocol.received_frames())
+    assert all(frame.opcode is Opcode.TEXT and frame.frame_finished for frame in frames)
+    return [str(frame.payload) for frame in frames]
 
 
 def free_port() -> int:

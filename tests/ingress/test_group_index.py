@@ -27,6 +27,7 @@ from schemas.events import (
     TypingChanged,
     TypingChangedPayload,
 )
+from tests.ingress.support import payloads
 
 TENANT = "acme"
 HERE = {"ann", "bob", "cy"}
@@ -157,8 +158,8 @@ def test_a_record_the_node_cannot_trust_is_refused_before_it_is_indexed() -> Non
     the decoder (the consumer counts and skips them), never indexed."""
     with pytest.raises(SchemaError):
         group_frame(b"{not json")
-    oversized = frame(message("zed", "m"), 1).text  # a valid frame, for its event
-    event = json.loads(oversized)["event"]
+    (valid,) = payloads(frame(message("zed", "m"), 1).wire)  # a valid frame, for its event
+    event = json.loads(valid)["event"]
     too_many = {
         "tenant_id": TENANT,
         "conversation_id": "g",

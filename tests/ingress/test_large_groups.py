@@ -10,8 +10,10 @@ diffusion (a member fewer than the threshold) continuing without a gap or a doub
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+import signal
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +21,7 @@ from ingress.client import Client, Received
 from pipelines.settings import Settings
 from schemas import events as ev
 from schemas import frames as fr
-from tests.ingress.conftest import running_pipeline
+from tests.ingress.conftest import Pipeline, running_pipeline
 from tests.ingress.support import TENANT, Gateway, token, unique
 from tests.streams.test_flows import Kafka
 
@@ -27,9 +29,9 @@ WITHIN = 60.0
 
 
 @pytest.fixture(scope="module")
-def nodes(
+def pipeline(
     ingress_settings: Settings, serving_keyspace: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[list[Gateway]]:
+) -> Iterator[Pipeline]:
     logs = tmp_path_factory.mktemp("large-groups")
     with running_pipeline(
         ingress_settings,
@@ -37,18 +39,24 @@ def nodes(
         logs,
         streams={"large_group_threshold": "3"},
         nodes=2,
-    ) as gateways:
-        yield gateways
+    ) as running:
+        yield running
 
 
-def client(gateway: Gateway, user: str) -> Client:
+@pytest.fixture
+def nodes(pipeline: Pipeline) -> list[Gateway]:
+    return pipeline.gateways
+
+
+def client(gateway: Gateway, user: str, **options: Any) -> Client:
     return Client(
         gateway.ws,
         tenant_id=TENANT,
         device_id="phone",
-        token=token(gateway.settings, user),
+        token=options.pop("token", token(gateway.settings, user)),
         platform="android",
         settle_sync=0.5,
+        **options,
     )
 
 
@@ -174,6 +182,57 @@ async def test_a_large_group_reaches_members_on_both_nodes_once_in_order(
         assert (item.read_seq, item.unread) == (5, 5)
         for inbox in (*inboxes.values(), dan_inbox, eve_inbox):
             inbox.stop()
+
+
+async def test_a_message_missed_while_away_reaches_the_device_once_the_store_has_it(
+    pipeline: Pipeline,
+) -> None:
+    """A message sent while a member's socket was down misses the live path, and the first
+    catch-up after the reconnect when the store lags behind: on a quiet group no later event
+    would show the gap, so the client catches up again at its next quiet interval."""
+    first, second = pipeline.gateways
+    ann, ben, cat, dan = (unique(name) for name in ("ann", "ben", "cat", "dan"))
+    reconnect = asyncio.Event()
+    calls = 0
+
+    async def dan_token() -> str:
+        nonlocal calls
+        calls += 1
+        if calls > 1:  # the reconnect waits until the test lets it
+            await reconnect.wait()
+        return token(second.settings, dan)
+
+    provider: Callable[[], Awaitable[str]] = dan_token
+    async with (
+        client(first, ann) as owner,
+        client(first, ben),
+        client(second, cat) as cat_phone,
+        client(second, dan, token=provider, sync_interval=2.0) as dan_phone,
+    ):
+        cat_inbox, dan_inbox = Inbox(cat_phone), Inbox(dan_phone)
+        group = await owner.create_conversation([ben, cat, dan], kind="group", name="quiet")
+        await asyncio.sleep(2.0)
+        await send_all(owner, group, [f"{group}-before"])
+        assert await dan_inbox.until(1) == [f"{group}-before"]
+
+        pipeline.cql_sink.send_signal(signal.SIGSTOP)  # the store lags from here
+        try:
+            assert dan_phone._socket is not None
+            await dan_phone._socket.close()
+            away = f"{group}-away"
+            await send_all(owner, group, [away])
+            assert await cat_inbox.until(2) == [f"{group}-before", away]  # live, to the others
+            assert not dan_phone._connected.is_set() and calls == 2  # held at its token
+            reconnect.set()
+            await dan_phone._wait_connected()
+            await asyncio.sleep(1.5)  # the reconnect's catch-up and the settle one found nothing
+            assert dan_inbox.texts() == [f"{group}-before"]
+        finally:
+            pipeline.cql_sink.send_signal(signal.SIGCONT)
+        assert await dan_inbox.until(2) == [f"{group}-before", away]
+        assert not dan_inbox.items[1].live
+        cat_inbox.stop()
+        dan_inbox.stop()
 
 
 async def listed(
