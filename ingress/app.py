@@ -8,6 +8,13 @@ producer is flushed. ``ingress/server.py`` runs it under uvicorn.
 The WebSocket endpoint is served by the gateway directly, ahead of FastAPI's routing and
 middleware: they are built for short requests and cost about 12 KB more per idle socket (measured
 with 2,000 sockets on uvicorn/wsproto), a third of the 40 KB per-connection budget.
+
+A REST request's body is bounded before anything reads it as a whole: a ``Content-Length`` over
+the frame limit (``IM_INGRESS__MAX_FRAME_BYTES``; a body carries what a frame carries) is refused
+with ``frame-too-large`` (413) unread, and a streamed body is read only up to the limit. Before,
+a route read and parsed a whole body before its token was even checked (200 MiB were consumed).
+Errors FastAPI raises itself (an unparseable body, an unknown route) are answered with error
+frames too, never its ``{"detail": …}``.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from starlette.types import Receive, Scope, Send
+from starlette.exceptions import HTTPException
+from starlette.types import Message, Receive, Scope, Send
 
 from ingress.gateway import WEBSOCKET_PATH, Gateway, RefusalError, error_frame
 from ingress.routes import commands, devices, health, reads, search
@@ -44,7 +52,57 @@ class IngressApp(FastAPI):
         if scope["type"] == "websocket" and scope["path"] == WEBSOCKET_PATH:
             await self.gateway.serve_websocket(scope, receive, send)
             return
+        if scope["type"] == "http":
+            limit = self.gateway.max_frame_bytes
+            body = await bounded_body(scope, receive, limit)
+            if body is None:
+                frame = error_frame(
+                    ErrorCode.FRAME_TOO_LARGE, f"the body is over the limit of {limit} bytes"
+                )
+                await frame_response(self.gateway, frame)(scope, receive, send)
+                return
+            receive = replayed(body, receive)
         await super().__call__(scope, receive, send)
+
+
+async def bounded_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
+    """The request's body, or ``None`` as soon as it is known to be over ``limit`` bytes (from
+    ``Content-Length`` before reading anything, else while reading)."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                if int(value) > limit:
+                    return None
+            except ValueError:
+                return None  # h11 and httptools refuse a bad Content-Length first
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break  # the client left; the app sees an empty body and answers no one
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def replayed(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives ``body`` once, then what the server sends (a disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def create_app(settings: Settings, *, gateway: Gateway | None = None) -> IngressApp:
@@ -93,8 +151,23 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Ingress
             )
         return frame_response(gateway, frame)
 
+    async def http_error(_request: Request, error: Exception) -> Response:
+        assert isinstance(error, HTTPException)
+        if error.status_code == 400:
+            # FastAPI's own parse of a JSON body failed without a position: nesting beyond
+            # what its parser takes (RecursionError) or another decoder failure.
+            deep = isinstance(error.__cause__, RecursionError)
+            reason = "nested deeper than the parser takes" if deep else "it cannot be parsed"
+            frame = error_frame(ErrorCode.MALFORMED_JSON, f"the body is not valid JSON: {reason}")
+        elif error.status_code in (404, 405):
+            frame = error_frame(ErrorCode.NOT_FOUND, f"no such route or method: {error.detail}")
+        else:
+            frame = error_frame(ErrorCode.INTERNAL, str(error.detail))
+        return frame_response(gateway, frame)
+
     app.add_exception_handler(RefusalError, refused)
     app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(HTTPException, http_error)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -6,12 +6,12 @@ never changes meaning once released: add new members, never rename or reuse one.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from enum import IntEnum, StrEnum
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import from_json
 
 
 class ErrorCode(StrEnum):
@@ -201,6 +201,6 @@ def _is_utf8(raw: bytes) -> bool:
 def _json_or_none(raw: str | bytes) -> Any:
     """The input as plain JSON, to walk error paths; only called once validation has failed."""
     try:
-        return json.loads(raw)
+        return from_json(raw)  # bounded nesting (json.loads would raise RecursionError)
     except ValueError:
         return None

@@ -55,6 +55,15 @@ MAX_PUSH_TOKEN_CHARS = 4096
 #: custom body's ``data``. Well inside the default 64 KiB frame limit, so that a body over the
 #: limit gets ``body-too-large`` rather than ``frame-too-large``.
 MAX_BODY_BYTES = 32 * 1024
+#: Integers in a client's input are int64 at most, as every store downstream keeps them (a JSON
+#: integer has no bound of its own: 4,300 digits parse).
+MIN_INT64 = -(2**63)
+MAX_INT64 = 2**63 - 1
+#: A conversation's seq: the serving store keeps seqs as CQL ``int`` (32-bit signed), so a seq
+#: past it is refused as input rather than failing in the store.
+MAX_SEQ = 2**31 - 1
+#: How deep a custom body's ``data`` may nest (the frame around it adds three levels).
+MAX_CUSTOM_DATA_DEPTH = 32
 #: How many users one event may name (a conversation created with its first members).
 MAX_MEMBERS_PER_EVENT = 1000
 #: Large groups a connect snapshot lists per user (``LiveDelivery.groups``); a user in more gets
@@ -91,6 +100,10 @@ Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)
 Url = Annotated[
     str, StringConstraints(min_length=1, max_length=MAX_URL_CHARS, pattern=r"^https?://\S+$")
 ]
+#: A position in a conversation (1 for its first entry).
+Seq = Annotated[int, Field(ge=1, le=MAX_SEQ)]
+#: A count or size a client may state.
+Count = Annotated[int, Field(ge=0, le=MAX_INT64)]
 
 
 def _to_utc(value: datetime) -> datetime:
@@ -226,7 +239,23 @@ class CustomBody(TaggedModel):
     def _bounded(cls, data: dict[str, JsonValue]) -> dict[str, JsonValue]:
         if (size := len(to_json(data))) > MAX_BODY_BYTES:
             raise _body_too_large(size)
+        _check_json_bounds(data)
         return data
+
+
+def _check_json_bounds(data: JsonValue) -> None:
+    """Refuse nesting past ``MAX_CUSTOM_DATA_DEPTH`` and integers outside int64 (iteratively:
+    the check itself must not recurse on a hostile depth)."""
+    pending: list[tuple[JsonValue, int]] = [(data, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, dict | list):
+            if depth > MAX_CUSTOM_DATA_DEPTH:
+                raise ValueError(f"nested deeper than {MAX_CUSTOM_DATA_DEPTH} levels")
+            children = value.values() if isinstance(value, dict) else value
+            pending.extend((child, depth + 1) for child in children)
+        elif isinstance(value, int) and not MIN_INT64 <= value <= MAX_INT64:
+            raise ValueError("an integer outside the 64-bit range")
 
 
 class MediaBody(TaggedModel):
@@ -237,10 +266,10 @@ class MediaBody(TaggedModel):
     mime: Annotated[
         str, StringConstraints(max_length=127, pattern=r"^[A-Za-z0-9.+_-]+/[A-Za-z0-9.+_-]+$")
     ]
-    size_bytes: NonNegativeInt
-    width: PositiveInt | None = None
-    height: PositiveInt | None = None
-    duration_ms: NonNegativeInt | None = None
+    size_bytes: Count
+    width: Annotated[int, Field(ge=1, le=MAX_INT64)] | None = None
+    height: Annotated[int, Field(ge=1, le=MAX_INT64)] | None = None
+    duration_ms: Count | None = None
     thumbnail_url: Url | None = None
 
 
@@ -312,7 +341,7 @@ def message_event_id(tenant_id: str, sender_id: str, client_msg_id: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 ConversationSeq = Annotated[
-    PositiveInt | None,
+    Seq | None,
     Field(description="Position in the conversation; null until the sequencer assigns it"),
 ]
 
@@ -479,7 +508,7 @@ class ConversationDeleted(EventEnvelope[ConversationDeletedPayload]):
 class ReceiptReadPayload(WireModel):
     conversation_id: ConversationId
     conversation_seq: Annotated[
-        PositiveInt, Field(description="The actor has read every message up to this one")
+        Seq, Field(description="The actor has read every message up to this one")
     ]
 
 
@@ -679,7 +708,7 @@ class ConversationAdvancedPayload(WireModel):
     """Large groups (read diffusion): the conversation has a new entry; read it from history."""
 
     conversation_id: ConversationId
-    conversation_seq: PositiveInt
+    conversation_seq: Seq
     message_id: EventId
     sender_id: UserId
     entry_type: Annotated[
@@ -1014,7 +1043,7 @@ class PushJob(WireModel):
     tenant_id: TenantId
     user_id: UserId
     conversation_id: ConversationId
-    conversation_seq: PositiveInt
+    conversation_seq: Seq
     message_id: EventId
     sender_id: UserId
     body: MessageBody | None = Field(

@@ -11,7 +11,6 @@ changes within protocol version 1 are additive.
 
 from __future__ import annotations
 
-import json
 import zoneinfo
 from datetime import datetime
 from functools import cache
@@ -28,10 +27,13 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+from pydantic_core import from_json
 
 from schemas.errors import ErrorCode, SchemaError, schema_error
 from schemas.events import (
+    MAX_INT64,
     MAX_MEMBERS_PER_EVENT,
+    MAX_SEQ,
     ClientMsgId,
     ConversationId,
     ConversationKind,
@@ -47,6 +49,7 @@ from schemas.events import (
     Platform,
     QuietHoursSetting,
     Role,
+    Seq,
     TaggedModel,
     TenantId,
     TimeZoneName,
@@ -65,7 +68,9 @@ DEFAULT_CONVERSATIONS_LIMIT = 100
 MAX_TOKEN_CHARS = 8192
 
 RequestId = Annotated[Id, Field(description="Chosen by the client; echoed by the reply")]
-SyncId = Annotated[NonNegativeInt, Field(description="A position in the user's sync queue")]
+SyncId = Annotated[
+    int, Field(ge=0, le=MAX_INT64, description="A position in the user's sync queue")
+]
 
 
 class Frame(TaggedModel):
@@ -120,7 +125,7 @@ class Read(ClientCommand):
     type: Literal["read"] = "read"
     conversation_id: ConversationId
     conversation_seq: Annotated[
-        PositiveInt, Field(description="Every message up to this one has been read")
+        Seq, Field(description="Every message up to this one has been read")
     ]
 
 
@@ -262,8 +267,8 @@ class History(ClientCommand):
 
     type: Literal["history"] = "history"
     conversation_id: ConversationId
-    before_seq: PositiveInt | None = None
-    after_seq: NonNegativeInt | None = None
+    before_seq: Seq | None = None
+    after_seq: Annotated[int, Field(ge=0, le=MAX_SEQ)] | None = None
     limit: Annotated[int, Field(ge=1, le=MAX_HISTORY_LIMIT)] = DEFAULT_HISTORY_LIMIT
 
     @field_validator("after_seq")
@@ -516,7 +521,9 @@ def request_id_of(raw: str | bytes) -> str | None:
 def _request_id(raw: str | bytes) -> str | None:
     """The ``id`` of a frame that failed to parse, if it has a valid one, to echo in the error."""
     try:
-        data = json.loads(raw)
+        # pydantic's parser, not json.loads: it refuses hostile nesting with a ValueError where
+        # json.loads raises RecursionError (a traceback per frame, before authentication).
+        data = from_json(raw)
     except ValueError:
         return None
     if not isinstance(data, dict):

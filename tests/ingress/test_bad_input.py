@@ -10,7 +10,15 @@ from typing import Any
 import pytest
 
 from schemas.events import MAX_BODY_BYTES
-from tests.ingress.support import Gateway, JsonObject, close_code, open_device, request, unique
+from tests.ingress.support import (
+    Gateway,
+    JsonObject,
+    close_code,
+    open_device,
+    open_socket,
+    request,
+    unique,
+)
 
 
 def send(**changes: Any) -> JsonObject:
@@ -36,6 +44,14 @@ def push_settings(
 
 
 SOFT_LIMIT = 64 * 1024
+
+
+def nested(depth: int) -> JsonObject:
+    value: JsonObject = {"leaf": 1}
+    for _ in range(depth - 1):
+        value = {"in": value}
+    return value
+
 
 #: (frame as sent, error code, field, request id echoed)
 BAD_FRAMES: dict[str, tuple[str | bytes, str, str | None, str | None]] = {
@@ -112,6 +128,35 @@ BAD_FRAMES: dict[str, tuple[str | bytes, str, str | None, str | None]] = {
     ),
     "binary frame, not UTF-8": (b'{"type": "ping", "id": "\xff\xfe"}', "invalid-utf8", None, None),
     "binary frame over the soft limit": (b"x" * (SOFT_LIMIT + 1), "frame-too-large", None, None),
+    # Before: "internal" (a RecursionError in the error path).
+    "nested 1,100 deep": (
+        '{"type": "ping", "id": "p", "x": ' + "[" * 1100 + "]" * 1100 + "}",
+        "malformed-json",
+        None,
+        None,
+    ),
+    "nested 30,000 deep": ("[" * 30_000 + "]" * 30_000, "malformed-json", None, None),
+    # Before: accepted, then "unavailable" with a driver error and a retry hint, for ever.
+    "history past the store's seqs": (
+        '{"type": "history", "id": "h", "conversation_id": "c", "before_seq": 9007199254740992}',
+        "schema-invalid",
+        "before_seq",
+        "h",
+    ),
+    # Before: accepted and stored.
+    "an integer of 4,300 digits in a custom body": (
+        '{"type": "send", "id": "req-1", "conversation_id": "c-1", "client_msg_id": "m-1", '
+        '"body": {"type": "custom", "kind": "n", "data": {"n": ' + "9" * 4300 + "}}}",
+        "schema-invalid",
+        "body.data",
+        "req-1",
+    ),
+    "a custom body nested past its depth": (
+        json.dumps(send(body={"type": "custom", "kind": "n", "data": nested(40)})),
+        "schema-invalid",
+        "body.data",
+        "req-1",
+    ),
 }
 
 
@@ -140,6 +185,18 @@ async def test_errors_are_counted_by_code(gateway: Gateway) -> None:
 async def test_a_binary_frame_of_utf8_json_is_a_frame(gateway: Gateway) -> None:
     socket_, _ = await open_device(gateway, unique("user"))
     assert await request(socket_, b'{"type": "ping", "id": "bin"}') == {"type": "pong", "id": "bin"}
+
+
+async def test_a_deep_first_frame_is_refused_with_its_error_not_a_dropped_connection(
+    gateway: Gateway,
+) -> None:
+    """Before: json.loads raised RecursionError before authentication, the connection was dropped
+    without a word and the node logged a traceback per connection."""
+    socket_ = await open_socket(gateway)
+    reply = await request(socket_, "[" * 5000 + "]" * 5000)
+    assert (reply["type"], reply["code"]) == ("error", "malformed-json")
+    assert await close_code(socket_) == 4001
+    assert "RecursionError" not in gateway.log()
 
 
 async def test_a_frame_over_the_hard_limit_closes_with_1009(gateway: Gateway) -> None:

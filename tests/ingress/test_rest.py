@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 from datetime import timedelta
 from typing import Any
 
@@ -169,6 +171,26 @@ REFUSALS: dict[str, tuple[Any, int, str, str | None]] = {
         "type",
     ),
     "ack": ({"type": "ack", "id": "a", "sync_id": 3}, 422, "schema-invalid", "type"),
+    # Before: a RecursionError, answered with a plain-text 500.
+    "nested 1,100 deep": (
+        '{"type": "ping", "id": "p", "x": ' + "[" * 1100 + "]" * 1100 + "}",
+        400,
+        "malformed-json",
+        None,
+    ),
+    # Before: accepted, then "unavailable" with the store's error (seqs are 32-bit there).
+    "seq past the store": (
+        {"type": "history", "id": "h", "conversation_id": "c-1", "after_seq": 2**53},
+        422,
+        "schema-invalid",
+        "after_seq",
+    ),
+    "an integer of 4,300 digits": (
+        '{"type": "sync", "id": "s", "cursor": ' + "9" * 4300 + "}",
+        422,
+        "schema-invalid",
+        "cursor",
+    ),
 }
 
 
@@ -261,6 +283,59 @@ def test_push_token_refusals(gateway: Gateway, case: str) -> None:
     )
     reply = json.loads(raw)
     assert (got, reply["code"], reply["field"]) == (status, code, field)
+
+
+def raw_http(gateway: Gateway, head: str, body: bytes = b"", within: float = 10.0) -> bytes:
+    """Write a request as given (headers need not match the body) and read the answer."""
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=within) as conn:
+        conn.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+        answer = b""
+        with contextlib.suppress(TimeoutError):
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        return answer
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(gateway: Gateway) -> None:
+    """Before: the push-token route read and parsed a whole body before checking the token
+    (a 200 MiB body was consumed). Now a declared length over the limit is refused unread, and
+    a streamed body as soon as it passes the limit."""
+    path = f"/v1/tenants/{TENANT}/devices/phone/push-token"
+    answer = raw_http(
+        gateway,
+        f"PUT {path} HTTP/1.1\nHost: x\nContent-Type: application/json\n"
+        f"Content-Length: {200 * 1024 * 1024}\n",
+        b'{"provider": "apns", ',
+    )
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 413")
+    assert json.loads(body)["code"] == "frame-too-large"
+
+    chunk = b"x" * 20_000
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(5))
+    answer = raw_http(
+        gateway,
+        f"PUT {path} HTTP/1.1\nHost: x\nContent-Type: application/json\n"
+        "Transfer-Encoding: chunked\n",
+        chunked,
+    )
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 413")
+    assert b"frame-too-large" in body
+
+
+def test_what_fastapi_refuses_itself_is_answered_with_error_frames(gateway: Gateway) -> None:
+    user = unique("user")
+    path = f"/v1/tenants/{TENANT}/devices/phone/push-token"
+    deep = '{"provider": ' + "[" * 5000 + "]" * 5000 + "}"
+    status, _, raw = gateway.request("PUT", path, deep, bearer(gateway, user, device="phone"))
+    assert (status, json.loads(raw)["code"]) == (400, "malformed-json")
+    status, _, raw = gateway.request("GET", f"/v1/tenants/{TENANT}/nowhere")
+    assert (status, json.loads(raw)["code"]) == (404, "not-found")
+    assert "RecursionError" not in gateway.log()
 
 
 def test_health_readiness_and_metrics(gateway: Gateway) -> None:

@@ -196,3 +196,42 @@ def test_every_error_code_and_close_code_is_described() -> None:
     assert ErrorCode("rate-limited").http_status == 429
     assert CloseCode(4009) is CloseCode.SLOW_CONSUMER
     assert CloseCode(4010) is CloseCode.SERVER_DRAINING
+
+
+@pytest.mark.parametrize("depth", [1_000, 100_000])
+def test_hostile_nesting_is_malformed_json_not_a_recursion_error(depth: int) -> None:
+    raw = '{"type": "ping", "id": "p", "x": ' + "[" * depth + "]" * depth + "}"
+    with pytest.raises(SchemaError) as refused:
+        fr.parse_client_frame(raw)
+    assert refused.value.code is ErrorCode.MALFORMED_JSON
+    assert fr.request_id_of(raw) is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ('{"type": "sync", "id": "s", "cursor": ' + "9" * 4300 + "}", "cursor"),
+        ('{"type": "sync", "id": "s", "cursor": 9223372036854775808}', "cursor"),
+        (
+            '{"type": "history", "id": "h", "conversation_id": "c", "after_seq": 2147483648}',
+            "after_seq",
+        ),
+        (
+            '{"type": "read", "id": "r", "conversation_id": "c", "conversation_seq": 2147483648}',
+            "conversation_seq",
+        ),
+    ],
+)
+def test_integers_past_what_the_stores_keep_are_refused(raw: str, field: str) -> None:
+    with pytest.raises(SchemaError) as refused:
+        fr.parse_client_frame(raw)
+    assert (refused.value.code, refused.value.field) == (ErrorCode.SCHEMA_INVALID, field)
+
+
+def test_the_largest_values_the_stores_keep_are_accepted() -> None:
+    history = fr.parse_client_frame(
+        '{"type": "history", "id": "h", "conversation_id": "c", "before_seq": 2147483647}'
+    )
+    assert history.before_seq == 2**31 - 1  # type: ignore[union-attr]
+    sync = fr.parse_client_frame('{"type": "sync", "id": "s", "cursor": 9223372036854775807}')
+    assert sync.cursor == 2**63 - 1  # type: ignore[union-attr]
