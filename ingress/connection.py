@@ -14,13 +14,17 @@ that falls behind catches up with fewer, larger writes. Only when the socket's b
 does a writer task wait for them to drain, then write what piled up. A reader is slow when
 at least ``max_frames`` frames wait while the writer has been stuck for ``stall_seconds`` on a
 socket whose buffers are full (the peer does not read): its queued frames are dropped and the
-connection is closed with slow-consumer (4009). The check runs when a frame is queued and in the
-gateway's sweeper (:meth:`Connection.check_stalled`), so a reader is closed even when nothing more
-is sent to it. A reader that merely lags for a moment — a burst larger than the queue arriving
-while it reads a big frame — is not closed; the stall time bounds how much a burst can queue.
-Other connections never share a queue, a lock or a wait with it. Nothing is lost by dropping:
-queued events are copies of what the user's sync queue holds, and a reply not delivered is
-recovered by re-sending the command with the same ids (sends are idempotent by ``client_msg_id``).
+connection is closed with slow-consumer (4009); so is one whose frames waiting behind full
+buffers pass ``max_bytes`` (a reader that drains a frame now and then is never stalled for long,
+while its queue of large frames grows). A socket thus holds at most ``max_bytes`` waiting, plus
+what one loop step's batch put into the transport's buffer. The check runs when a frame is
+queued and in the gateway's sweeper (:meth:`Connection.check_stalled`), so a reader is closed
+even when nothing more is sent to it. A reader that merely lags for a moment — a burst larger
+than the queue arriving while it reads a big frame — is not closed; the stall time bounds how
+much a burst can queue. Other connections never share a queue, a lock or a wait with it.
+Nothing is lost by dropping: queued events are copies of what the user's sync queue holds, and a
+reply not delivered is recovered by re-sending the command with the same ids (sends are
+idempotent by ``client_msg_id``).
 """
 
 from __future__ import annotations
@@ -89,8 +93,10 @@ class ConnectionHub:
         stall_seconds: float,
         frame_sent: Callable[[str], None],
         closed: Callable[[CloseCode], None],
+        max_bytes: int = 8 * 1024 * 1024,
     ) -> None:
         self.max_frames = max_frames
+        self.max_bytes = max_bytes
         self.stall_seconds = stall_seconds
         self.frame_sent = frame_sent
         #: Frames waiting in every connection's outbound queue (a gauge reads it when scraped:
@@ -138,6 +144,7 @@ class Connection:
         "_flush_scheduled",
         "_frames",
         "_hub",
+        "_queued_bytes",
         "_send",
         "_send_started",
         "_wire",
@@ -179,6 +186,7 @@ class Connection:
         #: Set when a newer connection of the same device took over (no disconnect presence).
         self.replaced = False
         self._frames: deque[bytes] | None = None
+        self._queued_bytes = 0
         self._flush_scheduled = False
         #: Exists only while the socket's buffers are full and frames wait for them to drain.
         self._writer: asyncio.Task[None] | None = None
@@ -204,7 +212,17 @@ class Connection:
             frames = self._frames = deque()
         if len(frames) >= self._hub.max_frames and self.check_stalled():
             return False
+        if self._writer is not None and self._queued_bytes + len(frame) > self._hub.max_bytes:
+            # The socket's buffers are full and this reader has left more unread than a socket
+            # may hold, however slowly it still reads. (Frames queued while the socket takes
+            # them, a batch's burst, are written at the end of the loop step.)
+            self.close(
+                CloseCode.SLOW_CONSUMER,
+                f"outbound queue over {self._hub.max_bytes} bytes; reconnect and sync",
+            )
+            return False
         frames.append(frame)
+        self._queued_bytes += len(frame)
         hub = self._hub
         hub.queued_frames += 1
         hub.frame_sent(frame_type)
@@ -298,6 +316,7 @@ class Connection:
         data = frames[0] if count == 1 else b"".join(frames)
         # An idle connection keeps no deque (a few hundred bytes each).
         self._frames = None
+        self._queued_bytes = 0
         self._hub.queued_frames -= count
         if not self._wire.write_frames(data):
             # The socket is closing or gone; its handler cleans up.
@@ -309,6 +328,7 @@ class Connection:
             self._hub.queued_frames -= len(self._frames)
             self._frames.clear()
         self._frames = None
+        self._queued_bytes = 0
 
 
 def truncate_reason(reason: str) -> str:

@@ -51,7 +51,7 @@ from ingress.groups import GroupDeliveryConsumer, GroupFrame, GroupIndex, GroupM
 from ingress.live import LiveDeliveryConsumer, LiveFrame, LiveMetrics
 from ingress.metrics import IngressMetrics
 from ingress.producer import DurableProducer, KafkaUnavailable, PublishRejectedError
-from ingress.ratelimit import TokenBucketLimiter, retry_after_ms
+from ingress.ratelimit import Limit, Refusal, ScopedLimiter, retry_after_ms
 from ingress.reads import ReadFrame, Reads, is_reading
 from ingress.wsprotocol import DRAIN_REASON, WIRE_EXTENSION, text_frame
 from pipelines.connections import kafka_config, kafka_producer_config
@@ -201,15 +201,28 @@ class Gateway:
             deliver=self.deliver_groups,
             metrics=self.group_metrics,
         )
-        self.limiter = TokenBucketLimiter(
-            rate_per_second=ingress.rate_limit_per_second,
-            burst=ingress.rate_limit_burst,
+        rate, burst = ingress.rate_limit_per_second, ingress.rate_limit_burst
+        self.limiter = ScopedLimiter(
+            [
+                Limit("device", rate, burst),
+                Limit(
+                    "user",
+                    ingress.user_rate_limit_per_second or 2 * rate,
+                    ingress.user_rate_limit_burst or 2 * burst,
+                ),
+                Limit(
+                    "tenant",
+                    ingress.tenant_rate_limit_per_second or 500 * rate,
+                    ingress.tenant_rate_limit_burst or 500 * burst,
+                ),
+            ],
             max_keys=ingress.rate_limit_max_keys,
         )
         self.reads = Reads(settings)
         self.registry = ConnectionRegistry()
         self.hub = ConnectionHub(
             max_frames=ingress.outbound_queue_frames,
+            max_bytes=ingress.outbound_queue_bytes,
             stall_seconds=ingress.slow_consumer_seconds,
             frame_sent=self._frame_sent,
             closed=lambda code: self.closes.labels(code.name.lower().replace("_", "-")).inc(),
@@ -464,10 +477,10 @@ class Gateway:
         principal = connection.principal
         try:
             # Every frame costs a token, invalid ones too: a flood of garbage is still a flood.
-            wait_ms = self.rate_limit(principal)
-            if wait_ms is not None:
+            refusal = self.rate_limit(principal)
+            if refusal is not None:
                 raw = message.get("text") or message.get("bytes") or ""
-                raise RefusalError(self.rate_limited(fr.request_id_of(raw), wait_ms))
+                raise RefusalError(self.rate_limited(fr.request_id_of(raw), refusal))
             text = self._text(message, request_id_known=True)
             try:
                 frame = fr.parse_client_frame(text)
@@ -634,19 +647,20 @@ class Gateway:
                 )
         raise ValueError(f"{frame.type} is answered by publishing, not directly")
 
-    def rate_limit(self, principal: Principal) -> int | None:
-        """Spend one command of the principal's device: ``None`` if it may proceed, otherwise
-        the milliseconds until it may."""
-        wait = self.limiter.try_acquire(
-            (principal.tenant_id, principal.user_id, principal.device_id)
-        )
-        return retry_after_ms(wait) if wait > 0 else None
+    def rate_limit(self, principal: Principal) -> Refusal | None:
+        """Spend one command of the principal's device, user and tenant: ``None`` if it may
+        proceed, otherwise which limit refused it and for how long."""
+        tenant, user = principal.tenant_id, principal.user_id
+        keys = ((tenant, user, principal.device_id), (tenant, user), tenant)
+        return self.limiter.try_acquire(keys)
 
-    def rate_limited(self, request_id: str | None, wait_ms: int) -> fr.ErrorFrame:
+    def rate_limited(self, request_id: str | None, refusal: Refusal) -> fr.ErrorFrame:
+        wait_ms = retry_after_ms(refusal.wait_seconds)
+        limit = refusal.limit
         return error_frame(
             ErrorCode.RATE_LIMITED,
-            f"more than {self.ingress.rate_limit_per_second:g} commands per second (burst "
-            f"{self.ingress.rate_limit_burst:g}) from this device; retry in {wait_ms} ms",
+            f"more than {limit.rate_per_second:g} commands per second (burst {limit.burst:g}) "
+            f"from this {refusal.scope} on this node; retry in {wait_ms} ms",
             request_id,
             retry_after=wait_ms,
         )

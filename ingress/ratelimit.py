@@ -1,16 +1,22 @@
-"""Per-key token buckets: how the ingress keeps one device from flooding the pipeline.
+"""Per-key token buckets: how the ingress keeps one device, user or tenant from flooding the
+pipeline.
 
-Each key (typically a device) may spend ``burst`` commands at once and then ``rate_per_second``
-on average. A refused command learns how long until it would be allowed, which the gateway turns
-into the ``retry_after_ms`` of its rate-limit error.
+Each key may spend ``burst`` commands at once and then ``rate_per_second`` on average. A refused
+command learns how long until it would be allowed, which the gateway turns into the
+``retry_after_ms`` of its rate-limit error.
 
 Memory stays bounded. A bucket that has refilled to ``burst`` holds no information (a new bucket
 starts full), so such idle buckets are dropped as soon as they reach the least-recently-used end of
 the table. Only if more than ``max_keys`` keys are all mid-burst at once is a partly spent bucket
 evicted, which at worst grants that key a fresh burst.
 
-Not thread-safe: one limiter belongs to one event loop, and the limit is per ingress process (a
-device is connected to one node at a time).
+A command spends a token of its device, of its user and of its tenant (:class:`ScopedLimiter`):
+the device id is the client's to choose, so a per-device limit alone is no limit (rotating the
+id let 999 of 1,000 requests through instead of 40); the user's bucket bounds all the user's
+devices together, the tenant's all its users.
+
+Not thread-safe: one limiter belongs to one event loop, and the limits are per ingress process (a
+device is connected to one node at a time; a user's devices may be on several).
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 
 
 class _Bucket:
@@ -77,6 +84,12 @@ class TokenBucketLimiter:
             return 0.0
         return (cost - bucket.tokens) / self._rate
 
+    def refund(self, key: Hashable, cost: float = 1.0) -> None:
+        """Give back ``cost`` tokens taken from ``key`` (a later limit refused the command)."""
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket.tokens = min(self._burst, bucket.tokens + cost)
+
     def __len__(self) -> int:
         """How many buckets are held (for metrics and tests)."""
         return len(self._buckets)
@@ -91,6 +104,60 @@ class TokenBucketLimiter:
             buckets.popitem(last=False)
         while len(buckets) > self._max_keys - room_for:
             buckets.popitem(last=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One scope's bucket shape: ``scope`` names it in refusals (device, user, tenant)."""
+
+    scope: str
+    rate_per_second: float
+    burst: float
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Which limit refused a command, and the seconds until it would pass."""
+
+    scope: str
+    wait_seconds: float
+    limit: Limit
+
+
+class ScopedLimiter:
+    """A bucket per key of each scope: a command passes only if every scope has a token for it,
+    and then spends one in each (a refusal spends none)."""
+
+    def __init__(
+        self,
+        limits: Sequence[Limit],
+        *,
+        max_keys: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._limits = tuple(limits)
+        self._limiters = tuple(
+            TokenBucketLimiter(
+                rate_per_second=limit.rate_per_second,
+                burst=limit.burst,
+                max_keys=max_keys,
+                clock=clock,
+            )
+            for limit in self._limits
+        )
+
+    def try_acquire(self, keys: Sequence[Hashable], now: float | None = None) -> Refusal | None:
+        """Spend a token of each scope's ``keys`` entry (in the order of the limits), or none."""
+        if len(keys) != len(self._limits):
+            raise ValueError(f"{len(self._limits)} keys needed, one per scope; got {len(keys)}")
+        for index, (limiter, key) in enumerate(zip(self._limiters, keys, strict=True)):
+            wait = limiter.try_acquire(key, now)
+            if wait > 0:
+                for spent, spent_key in zip(self._limiters[:index], keys[:index], strict=True):
+                    spent.refund(spent_key)
+                limit = self._limits[index]
+                return Refusal(limit.scope, wait, limit)
+        return None
 
 
 def retry_after_ms(seconds: float) -> int:

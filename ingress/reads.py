@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Final, TypeGuard
+from collections.abc import Callable
+from typing import Final, Literal, TypeGuard, TypeVar
 
 from cassandra.cluster import Cluster
 from pydantic import ValidationError
@@ -34,11 +35,17 @@ from sinks.cql.store import (
 )
 
 _log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 ReadFrame = fr.Sync | fr.History | fr.Conversations | fr.WhoRead
 READ_FRAMES: Final = (fr.Sync, fr.History, fr.Conversations, fr.WhoRead)
 #: How long a client should wait before repeating a read the store could not answer.
 RETRY_AFTER_MS: Final = 1000
+#: The stored events a ``sync_page`` or ``history_page`` carries, in bytes: a page of 200
+#: entries of 32 KiB bodies (each perhaps with an edit) was tens of MB in one frame. A page over
+#: it ends early with ``has_more``; it always carries at least one entry. Half of the 1 MiB
+#: frames common WebSocket clients accept by default (the Python ``websockets`` library's).
+MAX_PAGE_BYTES: Final = 512 * 1024
 _CONNECT_RETRY_SECONDS: Final = 5.0
 
 
@@ -122,13 +129,18 @@ class Reads:
             return fr.SyncPage(
                 id=frame.id, events=[], has_more=False, next_cursor=expired.head, expired=True
             )
+        rows, cut = _within_budget(page.rows, lambda row: len(row.event), keep="first")
         events = []
-        for row in page.rows:
+        for row in rows:
             try:
                 events.append(fr.SyncedEvent(sync_id=row.sync_id, event=parse_event(row.event)))
             except Exception:
                 # A row the store holds but this build cannot read: skip it, say so loudly.
                 _log.exception("sync entry %d of %s unreadable", row.sync_id, principal.user_id)
+        if cut:
+            return fr.SyncPage(
+                id=frame.id, events=events, has_more=True, next_cursor=rows[-1].sync_id
+            )
         return fr.SyncPage(
             id=frame.id, events=events, has_more=page.has_more, next_cursor=page.next_cursor
         )
@@ -145,11 +157,18 @@ class Reads:
             after=frame.after_seq,
             limit=frame.limit,
         )
+        # Scrolling forward keeps the oldest entries (the next page follows on from the last),
+        # back or the latest keeps the newest (the next page is before the first).
+        rows, cut = _within_budget(
+            page.rows,
+            lambda row: len(row.event) + len(row.edited_event or ""),
+            keep="first" if frame.after_seq is not None else "last",
+        )
         return fr.HistoryPage(
             id=frame.id,
             conversation_id=frame.conversation_id,
-            entries=[_entry(row) for row in page.rows],
-            has_more=page.has_more,
+            entries=[_entry(row) for row in rows],
+            has_more=page.has_more or cut,
         )
 
     async def _conversations(
@@ -181,6 +200,23 @@ class Reads:
                 for r in readers
             ],
         )
+
+
+def _within_budget(
+    rows: list[R], size: Callable[[R], int], *, keep: Literal["first", "last"]
+) -> tuple[list[R], bool]:
+    """The ``rows`` a page carries within ``MAX_PAGE_BYTES`` (at least one), from the start or
+    from the end, and whether any were left out."""
+    ordered = rows if keep == "first" else rows[::-1]
+    kept: list[R] = []
+    total = 0
+    for row in ordered:
+        total += size(row)
+        if kept and total > MAX_PAGE_BYTES:
+            break
+        kept.append(row)
+    cut = len(kept) < len(rows)
+    return (kept if keep == "first" else kept[::-1]), cut
 
 
 def _entry(row: TimelineRow) -> fr.TimelineEntry:

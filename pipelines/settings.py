@@ -99,8 +99,29 @@ class IngressSettings(_Group):
     shutdown_flush_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
     rate_limit_per_second: Annotated[float, Field(gt=0)] = 20.0
     rate_limit_burst: Annotated[float, Field(ge=1)] = 40.0
+    user_rate_limit_per_second: Annotated[float, Field(gt=0)] | None = Field(
+        default=None,
+        description="Commands per second of all of one user's devices on a node together; "
+        "default twice the device rate",
+    )
+    user_rate_limit_burst: Annotated[float, Field(ge=1)] | None = Field(
+        default=None, description="Default twice the device burst"
+    )
+    tenant_rate_limit_per_second: Annotated[float, Field(gt=0)] | None = Field(
+        default=None,
+        description="Commands per second of all of one tenant's users on a node together; "
+        "default 500 times the device rate",
+    )
+    tenant_rate_limit_burst: Annotated[float, Field(ge=1)] | None = Field(
+        default=None, description="Default 500 times the device burst"
+    )
     rate_limit_max_keys: Annotated[int, Field(ge=1)] = 100_000
     outbound_queue_frames: Annotated[int, Field(ge=1)] = 256
+    outbound_queue_bytes: Annotated[int, Field(ge=64 * 1024)] = Field(
+        default=8 * 1024 * 1024,
+        description="Bytes that may wait for a reader whose socket's buffers are full before "
+        "it is closed as a slow consumer, however slowly it still reads",
+    )
     slow_consumer_seconds: Annotated[float, Field(gt=0)] = Field(
         default=2.0,
         description="How long the socket may refuse more bytes (its buffers full) while at least "

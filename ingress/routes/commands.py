@@ -65,9 +65,9 @@ async def post_command(request: Request, principal: PrincipalDep, gateway: Gatew
     `ping`, or `error`."""
     body = await read_body(request, gateway.max_frame_bytes)
     # Like a socket's frames, every request counts against the device's rate, invalid ones too.
-    wait_ms = gateway.rate_limit(principal)
-    if wait_ms is not None:
-        return frame_response(gateway, gateway.rate_limited(fr.request_id_of(body), wait_ms))
+    refusal = gateway.rate_limit(principal)
+    if refusal is not None:
+        return frame_response(gateway, gateway.rate_limited(fr.request_id_of(body), refusal))
     try:
         frame = fr.parse_client_frame(body)
     except SchemaError as error:

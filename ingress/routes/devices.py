@@ -131,9 +131,9 @@ async def _publish(
 ) -> Response:
     actor = event.actor
     assert actor is not None
-    wait_ms = gateway.rate_limit(Principal(event.tenant_id, actor.user_id, actor.device_id))
-    if wait_ms is not None:
-        return frame_response(gateway, gateway.rate_limited(request_id, wait_ms))
+    refusal = gateway.rate_limit(Principal(event.tenant_id, actor.user_id, actor.device_id))
+    if refusal is not None:
+        return frame_response(gateway, gateway.rate_limited(request_id, refusal))
     try:
         await gateway.publish_event(event)
     except KafkaUnavailable as error:

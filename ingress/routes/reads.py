@@ -39,9 +39,9 @@ _READ_RESPONSES: dict[int | str, dict[str, Any]] = {
 async def _answer(
     gateway: Gateway, principal: Principal, request_id: str, values: dict[str, Any]
 ) -> Response:
-    wait_ms = gateway.rate_limit(principal)
-    if wait_ms is not None:
-        return frame_response(gateway, gateway.rate_limited(request_id, wait_ms))
+    refusal = gateway.rate_limit(principal)
+    if refusal is not None:
+        return frame_response(gateway, gateway.rate_limited(request_id, refusal))
     values = {"id": request_id, **{k: v for k, v in values.items() if v is not None}}
     try:
         frame = fr.CLIENT_FRAME_MODELS[values["type"]].model_validate(values)

@@ -67,9 +67,9 @@ async def search_messages(
 ) -> Response:
     """Members only: the conversations the caller is a member of (or the one named), newest
     first; a recalled message is never found, an edited one by its latest text."""
-    wait_ms = gateway.rate_limit(principal)
-    if wait_ms is not None:
-        return frame_response(gateway, gateway.rate_limited(request_id, wait_ms))
+    refusal = gateway.rate_limit(principal)
+    if refusal is not None:
+        return frame_response(gateway, gateway.rate_limited(request_id, refusal))
     answer = await _user_search(request, gateway).search(
         principal, request_id, q=q, conversation_id=conversation, limit=limit, cursor=cursor
     )

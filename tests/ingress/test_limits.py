@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -90,6 +91,31 @@ def test_the_rest_door_shares_the_rate_limit(tight: Gateway) -> None:
             assert int(response_headers["retry-after"]) >= 1
     assert statuses.count(200) >= BURST
     assert 429 in statuses
+
+
+def test_rotating_the_device_id_does_not_escape_the_users_limit(tight: Gateway) -> None:
+    """Before: the limit was per device id, which the client chooses: each new X-Device-Id was a
+    fresh burst (999 of 1,000 requests passed instead of 40)."""
+    headers = {"Authorization": f"Bearer {token(tight.settings, unique('user'))}"}
+    passed, refusals = 0, []
+    started = time.monotonic()
+    for index in range(30):
+        status, _, body = tight.request(
+            "POST",
+            f"/v1/tenants/{TENANT}/commands",
+            {"type": "ping", "id": f"p{index}"},
+            {**headers, "X-Device-Id": f"device-{index}"},
+        )
+        if status == 200:
+            passed += 1
+        else:
+            refusals.append(json.loads(body))
+    refilled = (time.monotonic() - started) * 2 * RATE
+    # The user's burst (twice the device's) and what refilled meanwhile, not 30.
+    assert 2 * BURST <= passed <= 2 * BURST + refilled + 1
+    assert refusals
+    assert {refusal["code"] for refusal in refusals} == {"rate-limited"}
+    assert all("from this user" in refusal["message"] for refusal in refusals)
 
 
 async def test_a_silent_socket_is_closed_after_the_idle_timeout(tight: Gateway) -> None:

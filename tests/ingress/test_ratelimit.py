@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ingress.ratelimit import TokenBucketLimiter, retry_after_ms
+from ingress.ratelimit import Limit, ScopedLimiter, TokenBucketLimiter, retry_after_ms
 
 
 class FakeClock:
@@ -114,3 +114,45 @@ def test_impossible_limits_are_refused(arguments: dict[str, float], message: str
 )
 def test_retry_after_is_rounded_up(seconds: float, milliseconds: int) -> None:
     assert retry_after_ms(seconds) == milliseconds
+
+
+def scoped(clock: FakeClock) -> ScopedLimiter:
+    return ScopedLimiter(
+        [Limit("device", 1, 3), Limit("user", 2, 5), Limit("tenant", 4, 8)], clock=clock
+    )
+
+
+def test_rotating_device_ids_does_not_escape_the_users_limit(clock: FakeClock) -> None:
+    """The device id is the client's to choose: before, each new id was a fresh burst."""
+    limiter = scoped(clock)
+    passed = [
+        limiter.try_acquire((("t", "u", f"device-{n}"), ("t", "u"), "t")) is None for n in range(20)
+    ]
+    assert passed.count(True) == 5  # the user's burst, not 20 fresh device bursts
+    refusal = limiter.try_acquire((("t", "u", "device-99"), ("t", "u"), "t"))
+    assert refusal is not None and refusal.scope == "user"
+    assert refusal.wait_seconds == pytest.approx(0.5)
+
+
+def test_a_tenants_users_share_the_tenants_limit_and_a_refusal_spends_nothing(
+    clock: FakeClock,
+) -> None:
+    limiter = scoped(clock)
+    passed = [
+        limiter.try_acquire((("t", f"user-{n}", "d"), ("t", f"user-{n}"), "t")) is None
+        for n in range(12)
+    ]
+    assert passed.count(True) == 8
+    refusal = limiter.try_acquire((("t", "fresh", "d"), ("t", "fresh"), "t"))
+    assert refusal is not None and refusal.scope == "tenant"
+    # The refused commands spent none of their device's or user's tokens.
+    clock.now += 0.25  # one tenant token back
+    assert limiter.try_acquire((("t", "fresh", "d"), ("t", "fresh"), "t")) is None
+    other = ScopedLimiter([Limit("device", 1, 3), Limit("user", 2, 5)], clock=clock)
+    for _ in range(3):
+        assert other.try_acquire((("t", "u", "d"), ("t", "u"))) is None
+    assert other.try_acquire((("t", "u", "d"), ("t", "u"))).scope == "device"  # type: ignore[union-attr]
+    # The user still has the two tokens the device's refusal did not take.
+    assert other.try_acquire((("t", "u", "e"), ("t", "u"))) is None
+    assert other.try_acquire((("t", "u", "f"), ("t", "u"))) is None
+    assert other.try_acquire((("t", "u", "g"), ("t", "u"))).scope == "user"  # type: ignore[union-attr]

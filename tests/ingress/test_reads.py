@@ -16,6 +16,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 
+from ingress.reads import MAX_PAGE_BYTES
 from pipelines.connections import kafka_producer_config
 from pipelines.settings import Settings
 from schemas.events import (
@@ -63,8 +64,11 @@ async def eventually(what: str, check: Any, within: float = 60.0) -> Any:
         await asyncio.sleep(0.3)
 
 
-def publish_sync_entries(settings: Settings, user: str, count: int) -> list[str]:
-    """``count`` entries of ``user``'s queue, as the user processor writes them; their ids."""
+def publish_sync_entries(
+    settings: Settings, user: str, count: int, *, text_bytes: int = 0
+) -> list[str]:
+    """``count`` entries of ``user``'s queue, as the user processor writes them; their ids.
+    ``text_bytes`` pads each message's text to about that size."""
     catalog = topic_catalog(settings)
     producer = Producer(kafka_producer_config(settings, **{"enable.idempotence": True}))
     sender = unique("sender")
@@ -78,7 +82,7 @@ def publish_sync_entries(settings: Settings, user: str, count: int) -> list[str]
             payload=MessageSentPayload(
                 conversation_id=conversation,
                 client_msg_id=f"m{sync_id}",
-                body=TextBody(text=f"message {sync_id}"),
+                body=TextBody(text=f"message {sync_id} ".ljust(text_bytes, "x")),
                 conversation_seq=sync_id,
             ),
         )
@@ -131,6 +135,42 @@ async def test_a_device_offline_for_10000_events_catches_up_by_paging(
     assert pages >= 20
     final = await read(socket_, {"type": "sync", "id": "last", "cursor": cursor})
     assert (final["events"], final["has_more"], final["next_cursor"]) == ([], False, 10_000)
+    await socket_.close()
+
+
+async def test_a_page_of_large_messages_ends_early_within_its_byte_budget(
+    pipeline: Gateway, ingress_settings: Settings
+) -> None:
+    """Before: a page carried up to its limit whatever the bodies' size (a history page of 200
+    entries of 32 KiB bodies was tens of MB in one frame, held per socket)."""
+    user = unique("big")
+    expected = publish_sync_entries(ingress_settings, user, 60, text_bytes=30_000)
+    socket_, _ = await open_device(pipeline, user, "tablet")
+
+    async def stored() -> bool:  # the last entry is in the store, so all are (one partition)
+        page = await read(socket_, {"type": "sync", "id": "probe", "cursor": 59})
+        return bool(page["events"])
+
+    await eventually("the 60 entries in the store", stored)
+    received: list[str] = []
+    sizes: list[int] = []
+    cursor, pages = 0, 0
+    while len(received) < len(expected):
+        assert pages < 10, f"only {len(received)} events after {pages} pages"
+        await socket_.send(json.dumps({"type": "sync", "id": f"s{pages}", "cursor": cursor}))
+        while True:
+            raw = await socket_.recv()
+            page = json.loads(raw)
+            if page.get("type") != "event":
+                break
+        pages += 1
+        sizes.append(len(raw))
+        received.extend(e["event"]["event_id"] for e in page["events"])
+        cursor = page["next_cursor"]
+        assert page["has_more"] == (len(received) < len(expected))
+    assert received == expected
+    assert max(sizes) < MAX_PAGE_BYTES + 64 * 1024  # the budget, and the frame around it
+    assert pages >= 3
     await socket_.close()
 
 

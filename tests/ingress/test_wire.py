@@ -179,3 +179,40 @@ async def test_the_lean_device_socket_talks_to_the_gateway(gateway: Gateway) -> 
     socket.close()
     await wait_until(lambda: socket.is_closed, what="the socket closed")
     assert closed == [None]
+
+
+async def test_a_reader_that_leaves_too_many_bytes_unread_is_closed_however_slowly_it_reads() -> (
+    None
+):
+    """Before: only the frame count (256) bounded a socket, and only while the reader was
+    stalled for 2 s: one draining a large frame now and then held gigabytes."""
+    wire, closes = RecordingWire(), Closes()
+    hub = ConnectionHub(
+        max_frames=1000,
+        max_bytes=100_000,
+        stall_seconds=60.0,  # never stalled that long
+        frame_sent=lambda _type: None,
+        closed=closes.codes.append,
+    )
+    conn = Connection(
+        hub,
+        _noop_send,
+        Principal("acme", "ann", "phone"),
+        Platform.WEB,
+        "c1",
+        wire=wire,
+        sync_cursor=0,
+        now=0.0,
+    )
+    # A burst while the socket takes it is written at the end of the step, whatever its size.
+    for _ in range(5):
+        assert conn.enqueue(text_frame("x" * 40_000), "history_page")
+    await asyncio.sleep(0)
+    assert len(wire.writes) == 1 and closes.codes == []
+    wire.pause()
+    conn.enqueue(text_frame("y" * 40_000), "history_page")
+    await asyncio.sleep(0)  # the writer now waits for the socket to drain
+    assert conn.enqueue(text_frame("y" * 40_000), "history_page")
+    assert not conn.enqueue(text_frame("y" * 40_000), "history_page")
+    assert closes.codes == [CloseCode.SLOW_CONSUMER]
+    assert conn.queued == 0
