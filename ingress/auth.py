@@ -9,8 +9,9 @@ public key).
 
 Failures carry a stable code the gateway passes to the client:
 
-- ``token-invalid``: missing, malformed, forged, wrong issuer or audience, not yet valid, or
-  lacking a required claim (``sub``, ``tid``, ``exp``);
+- ``token-invalid``: missing, malformed, forged, wrong issuer or audience, not yet valid,
+  lacking a required claim (``sub``, ``tid``, ``exp``), or valid for longer than the maximum
+  lifetime (a leaked 10-year token would otherwise be good for 10 years);
 - ``token-expired``: well-formed and genuine but past ``exp`` (plus leeway): refresh and reconnect;
 - ``tenant-mismatch``: genuine, but issued for another tenant than the one the client asked for.
 """
@@ -35,6 +36,8 @@ MIN_HS256_SECRET_BYTES: Final = 32
 
 #: Longer tokens (in characters) are refused before parsing; real ones are well under 2 KiB.
 DEFAULT_MAX_TOKEN_LENGTH: Final = 8 * 1024
+#: How far in the future a token's ``exp`` may be (from the moment it is presented).
+DEFAULT_MAX_LIFETIME: Final = timedelta(hours=24)
 
 
 class AuthErrorCode(StrEnum):
@@ -81,6 +84,7 @@ class TokenVerifier:
         audience: str,
         leeway_seconds: float = 30.0,
         max_token_length: int = DEFAULT_MAX_TOKEN_LENGTH,
+        max_lifetime: timedelta = DEFAULT_MAX_LIFETIME,
     ) -> None:
         """Give ``secret`` for HS256 or ``public_key_pem`` (an RSA public key) for RS256.
 
@@ -113,6 +117,7 @@ class TokenVerifier:
         self._audience = audience
         self._leeway = leeway_seconds
         self._max_token_length = max_token_length
+        self._max_lifetime = max_lifetime
 
     def verify(self, token: str | None, expected_tenant: str) -> Claims:
         """Return the token's claims, or raise :class:`AuthError` with the reason's code."""
@@ -135,6 +140,14 @@ class TokenVerifier:
         except jwt.InvalidTokenError as exc:
             raise AuthError(AuthErrorCode.TOKEN_INVALID, f"the token is invalid: {exc}") from exc
         claims = _claims_from(payload)
+        if claims.expires_at - datetime.now(UTC) > self._max_lifetime + timedelta(
+            seconds=self._leeway
+        ):
+            raise AuthError(
+                AuthErrorCode.TOKEN_INVALID,
+                f"the token is valid for longer than the maximum token lifetime "
+                f"({self._max_lifetime.total_seconds():g} s); ask for a shorter-lived one",
+            )
         if claims.tenant_id != expected_tenant:
             raise AuthError(
                 AuthErrorCode.TENANT_MISMATCH,

@@ -49,14 +49,20 @@ What it guarantees to its user (docs/protocol.md, "The delivery contract, as a c
   at every (re)connect, whatever a large group of the conversation list holds past that seq (past
   the read position for a group this client has not followed yet) — from the conversation's
   history, as it does for the sync queue.
+- **Tokens**: with a token callable (``token=`` an async function) the client asks it again for
+  every reconnect, and at four fifths of a token's remaining life for a ``refresh_token`` on the
+  open socket, which the server closes at its token's expiry otherwise (4003). With a fixed
+  token string the client ends with :class:`ClientClosedError` at that close.
 - **Reconnects** with exponential backoff and jitter after a lost connection, a drain (4010) or a
   slow-consumer close (4009); it does not reconnect after ``replaced`` (4011) or an
-  authentication close (4001-4004): :class:`ClientClosedError` says why.
+  authentication close (4001-4004; 4003 with a token callable is reconnected with a fresh
+  token): :class:`ClientClosedError` says why.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -67,7 +73,7 @@ import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
@@ -150,6 +156,16 @@ class Backoff:
     def delay(self, attempt: int) -> float:
         """Full jitter: uniform in [0, min(maximum, initial · 2^attempt)]."""
         return random.uniform(0, min(self.maximum, self.initial * 2**attempt))
+
+
+def token_expiry(token: str) -> datetime | None:
+    """The ``exp`` of a JWT the client holds (read, not verified: the server verifies it)."""
+    try:
+        segment = token.split(".")[1]
+        payload = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+        return datetime.fromtimestamp(float(payload["exp"]), UTC)
+    except (IndexError, KeyError, TypeError, ValueError):
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -632,14 +648,19 @@ class Client:
                     self._socket = socket_
                     attempt = 0
                     self._connected.set()
-                    keepalive = asyncio.get_running_loop().create_task(self._keepalive(hello))
-                    resync = asyncio.get_running_loop().create_task(self._resync(repeat=True))
+                    loop = asyncio.get_running_loop()
+                    tasks = [
+                        loop.create_task(self._keepalive(hello)),
+                        loop.create_task(self._resync(repeat=True)),
+                    ]
+                    if not isinstance(self._token, str) and hello.token_expires_at is not None:
+                        tasks.append(loop.create_task(self._refresh(hello.token_expires_at)))
                     try:
                         async for raw in socket_:
                             self._on_frame(raw)
                     finally:
-                        keepalive.cancel()
-                        resync.cancel()
+                        for task in tasks:
+                            task.cancel()
                     code = socket_.close_code
             except ConnectionClosed as closed:
                 code = closed.rcvd.code if closed.rcvd is not None else None
@@ -665,6 +686,23 @@ class Client:
             self.reconnects += 1
             await asyncio.sleep(self.backoff.delay(attempt))
             attempt += 1
+
+    async def _refresh(self, expires_at: datetime) -> None:
+        """Renew the socket's token at four fifths of its remaining life, again and again (the
+        server closes a socket whose token expired, 4003): with a token callable only."""
+        while True:
+            remaining = (expires_at - datetime.now(UTC)).total_seconds()
+            await asyncio.sleep(max(1.0, remaining * 0.8))
+            token = await self._token_text()
+            frame = {"type": "refresh_token", "id": f"refresh-{uuid.uuid4().hex[:12]}"}
+            try:
+                reply = await self._request({**frame, "token": token})
+            except (ClientClosedError, ConnectionError, TimeoutError):
+                return  # the socket is going; the reconnect's hello carries a fresh token
+            if isinstance(reply, fr.ErrorFrame):
+                _log.warning("the token refresh was refused: %s", reply.message)
+                return
+            expires_at = token_expiry(token) or expires_at
 
     async def _keepalive(self, hello: fr.HelloOk) -> None:
         """A ping every half idle timeout, so the server never closes an idle client."""

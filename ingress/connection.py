@@ -156,6 +156,7 @@ class Connection:
         "platform",
         "principal",
         "replaced",
+        "token_expires",
     )
 
     def __init__(
@@ -181,6 +182,9 @@ class Connection:
         self.acked_sync_id = sync_cursor
         #: ``loop.time()`` of the last frame received; the sweeper closes idle connections.
         self.last_frame_at = now
+        #: ``loop.time()`` past which the socket's token (with the leeway) is no longer valid;
+        #: the sweeper closes the socket then, unless a ``refresh_token`` moved it.
+        self.token_expires = float("inf")
         #: Set once a close was decided; nothing is queued or sent after it.
         self.closing = False
         #: Set when a newer connection of the same device took over (no disconnect presence).

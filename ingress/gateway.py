@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from prometheus_client import Counter
@@ -128,6 +130,7 @@ def token_verifier(auth: AuthSettings) -> TokenVerifier:
         issuer=auth.jwt_issuer,
         audience=auth.jwt_audience,
         leeway_seconds=auth.jwt_leeway_seconds,
+        max_lifetime=timedelta(seconds=auth.jwt_max_lifetime_seconds),
     )
 
 
@@ -154,6 +157,7 @@ class Gateway:
         refuses to start rather than refusing every client.
         """
         ingress = settings.ingress
+        self._token_leeway = settings.auth.jwt_leeway_seconds
         try:
             self.node_id: str = _NODE_ID.validate_python(ingress.node_id)
         except ValidationError:
@@ -230,6 +234,9 @@ class Gateway:
         self.metrics.outbound_queued_frames.set_function(lambda: self.hub.queued_frames)
         self.draining = False
         self._handlers = 0
+        #: Sockets accepted that have not been authenticated yet, by client address and in all.
+        self._pending_by_address: dict[str, int] = {}
+        self._pending_total = 0
         self._no_handlers = asyncio.Event()
         self._no_handlers.set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -317,20 +324,73 @@ class Gateway:
             _log.error("refused a WebSocket: no %s (not the ingress's server)", WIRE_EXTENSION)
             await send({"type": "websocket.close", "code": 1011})
             return
-        await send({"type": "websocket.accept"})
+        address = str((scope.get("client") or ("unknown",))[0])
+        refusal = self._pending_refusal(address)
+        if refusal is not None:
+            await self._refuse_handshake(send, refusal)
+            return
+        self._pending(address, +1)
+        pending = True
         self._handlers += 1
         self._no_handlers.clear()
         try:
+            await send({"type": "websocket.accept"})
             if self.draining:
                 await self._refuse(send, None, CloseCode.SERVER_DRAINING, DRAIN_REASON)
                 return
             connection = await self._authenticate(receive, send, wire)
+            self._pending(address, -1)
+            pending = False
             if connection is not None:
                 await self._serve(connection, receive)
         finally:
+            if pending:
+                self._pending(address, -1)
             self._handlers -= 1
             if not self._handlers:
                 self._no_handlers.set()
+
+    def _pending(self, address: str, change: int) -> None:
+        self._pending_total += change
+        count = self._pending_by_address.get(address, 0) + change
+        if count:
+            self._pending_by_address[address] = count
+        else:
+            del self._pending_by_address[address]
+
+    def _pending_refusal(self, address: str) -> fr.ErrorFrame | None:
+        """Why a new socket from ``address`` is refused before its handshake completes: too many
+        sockets that have not said ``hello`` yet, from that address or in all."""
+        ingress = self.ingress
+        if self._pending_by_address.get(address, 0) >= ingress.max_pending_sockets_per_address:
+            limit, scope = ingress.max_pending_sockets_per_address, "from this address"
+        elif self._pending_total >= ingress.max_pending_sockets:
+            limit, scope = ingress.max_pending_sockets, "on this node"
+        else:
+            return None
+        return error_frame(
+            ErrorCode.RATE_LIMITED,
+            f"{limit} sockets {scope} have not said hello yet; retry in a moment",
+            retry_after=ingress.unavailable_retry_after_ms,
+        )
+
+    async def _refuse_handshake(self, send: Send, problem: fr.ErrorFrame) -> None:
+        """Answer the upgrade request with 429 and the error frame, before accepting anything."""
+        self.metrics.error(problem.code)
+        body = problem.model_dump_json().encode()
+        retry_after = math.ceil((problem.retry_after_ms or 0) / 1000)
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": problem.code.http_status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"retry-after", str(retry_after).encode()),
+                ],
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": body})
 
     async def _authenticate(self, receive: Receive, send: Send, wire: Wire) -> Connection | None:
         """Wait for a valid ``hello``; register the connection, or refuse and close."""
@@ -378,6 +438,7 @@ class Gateway:
             sync_cursor=hello.sync_cursor,
             now=asyncio.get_running_loop().time(),
         )
+        connection.token_expires = self._token_deadline(claims)
         replaced = self.registry.register(connection, hello.device_id)
         if replaced is not None:
             replaced.replaced = True
@@ -392,6 +453,7 @@ class Gateway:
                 node_id=self.node_id,
                 idle_timeout_ms=round(self.ingress.idle_timeout_seconds * 1000),
                 max_frame_bytes=self.max_frame_bytes,
+                token_expires_at=claims.expires_at,
             ),
         )
         self.metrics.frame_in("hello")
@@ -540,8 +602,8 @@ class Gateway:
         self._reply(connection, await self.reads.answer(connection.principal, frame))
 
     async def _sweep_idle(self) -> None:
-        """Close sockets that sent nothing for ``idle_timeout_seconds`` and readers stalled for
-        ``slow_consumer_seconds`` (one task, no timers)."""
+        """Close sockets that sent nothing for ``idle_timeout_seconds``, readers stalled for
+        ``slow_consumer_seconds`` and sockets whose token expired (one task, no timers)."""
         idle = self.ingress.idle_timeout_seconds
         loop = asyncio.get_running_loop()
         while True:
@@ -549,9 +611,15 @@ class Gateway:
             now = loop.time()
             deadline = now - idle
             for connection in self.registry:
-                if connection.check_stalled(now):
+                if connection.check_stalled(now) or connection.closing:
                     continue
-                if connection.last_frame_at < deadline and not connection.closing:
+                if connection.token_expires < now:
+                    connection.close(
+                        CloseCode.TOKEN_EXPIRED,
+                        "the token expired; send refresh_token before it does, or reconnect "
+                        "with a fresh one",
+                    )
+                elif connection.last_frame_at < deadline:
                     connection.close(CloseCode.IDLE_TIMEOUT, f"no frame for {idle:g} s")
 
     async def _publish_presence(self, connection: Connection, *, connected: bool) -> None:
@@ -638,6 +706,15 @@ class Gateway:
                     frame.id,
                     field="type",
                 )
+            case fr.RefreshToken() if connection is not None:
+                return self._refresh(connection, frame)
+            case fr.RefreshToken():
+                return error_frame(
+                    ErrorCode.SCHEMA_INVALID,
+                    "refresh_token renews a WebSocket's token; a REST request carries its own",
+                    frame.id,
+                    field="type",
+                )
             case fr.Hello():
                 return error_frame(
                     ErrorCode.SCHEMA_INVALID,
@@ -646,6 +723,31 @@ class Gateway:
                     field="type",
                 )
         raise ValueError(f"{frame.type} is answered by publishing, not directly")
+
+    def _refresh(self, connection: Connection, frame: fr.RefreshToken) -> fr.ServerFrame:
+        """A fresh token for an open socket: the same user, and the same device binding."""
+        principal = connection.principal
+        try:
+            claims = self.verify_token(frame.token, principal.tenant_id)
+        except AuthError as error:
+            return error_frame(ErrorCode(error.code.value), error.message, frame.id, field="token")
+        if claims.user_id != principal.user_id or claims.device_id not in (
+            None,
+            principal.device_id,
+        ):
+            return error_frame(
+                ErrorCode.TOKEN_INVALID,
+                "the token was issued to another user or device than this socket's",
+                frame.id,
+                field="token",
+            )
+        connection.token_expires = self._token_deadline(claims)
+        return fr.Ok(id=frame.id)
+
+    def _token_deadline(self, claims: Claims) -> float:
+        """``loop.time()`` at which ``claims``' token stops being valid (leeway included)."""
+        remaining = (claims.expires_at - datetime.now(UTC)).total_seconds()
+        return asyncio.get_running_loop().time() + remaining + self._token_leeway
 
     def rate_limit(self, principal: Principal) -> Refusal | None:
         """Spend one command of the principal's device, user and tenant: ``None`` if it may

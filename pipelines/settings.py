@@ -84,6 +84,11 @@ class AuthSettings(_Group):
     jwt_issuer: str = "imstream"
     jwt_audience: str = "imstream-clients"
     jwt_leeway_seconds: Annotated[float, Field(ge=0)] = 30.0
+    jwt_max_lifetime_seconds: Annotated[float, Field(gt=0)] = Field(
+        default=24 * 3600.0,
+        description="How far in the future a token's exp may be when it is presented; a token "
+        "valid for longer is refused as token-invalid",
+    )
 
 
 class IngressSettings(_Group):
@@ -116,6 +121,14 @@ class IngressSettings(_Group):
         default=None, description="Default 500 times the device burst"
     )
     rate_limit_max_keys: Annotated[int, Field(ge=1)] = 100_000
+    max_pending_sockets_per_address: Annotated[int, Field(ge=1)] = Field(
+        default=256,
+        description="Sockets from one client address that may wait for their hello at once; "
+        "more get HTTP 429 at the handshake",
+    )
+    max_pending_sockets: Annotated[int, Field(ge=1)] = Field(
+        default=10_000, description="Sockets that may wait for their hello at once, in all"
+    )
     outbound_queue_frames: Annotated[int, Field(ge=1)] = 256
     outbound_queue_bytes: Annotated[int, Field(ge=64 * 1024)] = Field(
         default=8 * 1024 * 1024,

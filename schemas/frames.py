@@ -54,6 +54,7 @@ from schemas.events import (
     TenantId,
     TimeZoneName,
     UserId,
+    UtcDatetime,
     WireModel,
 )
 
@@ -299,6 +300,15 @@ class Ping(ClientCommand):
     type: Literal["ping"] = "ping"
 
 
+class RefreshToken(ClientCommand):
+    """A fresh token for the open socket, before the one it was opened with expires (the socket
+    is closed with token-expired at that token's ``exp`` otherwise). Same tenant, user and
+    device binding as the first."""
+
+    type: Literal["refresh_token"] = "refresh_token"
+    token: Annotated[str, StringConstraints(min_length=1, max_length=MAX_TOKEN_CHARS)]
+
+
 ClientFrame = Annotated[
     Hello
     | Send
@@ -321,7 +331,8 @@ ClientFrame = Annotated[
     | History
     | Conversations
     | WhoRead
-    | Ping,
+    | Ping
+    | RefreshToken,
     Field(discriminator="type"),
 ]
 
@@ -339,6 +350,11 @@ class HelloOk(Frame):
     node_id: NodeId
     idle_timeout_ms: PositiveInt
     max_frame_bytes: PositiveInt
+    token_expires_at: UtcDatetime | None = Field(
+        default=None,
+        description="When the socket's token expires: the socket is closed with token-expired "
+        "then, unless a refresh_token frame brought a later one",
+    )
 
 
 class Accepted(Frame):

@@ -257,6 +257,7 @@ def start_gateway(
     kafka: Mapping[str, Any] | None = None,
     ingress: Mapping[str, Any] | None = None,
     cql: Mapping[str, Any] | None = None,
+    auth: Mapping[str, Any] | None = None,
     wait: Callable[[Gateway], bool] = Gateway.ready,
 ) -> Gateway:
     """Start ``imstream run ingress`` with these overrides and wait until ``wait`` holds."""
@@ -268,10 +269,12 @@ def start_gateway(
     }
     environment = dict(os.environ)
     cql_values = dict(cql or {})
+    auth_values = dict(auth or {})
     for group, values in (
         ("KAFKA", kafka_values),
         ("INGRESS", ingress_values),
         ("CQL", cql_values),
+        ("AUTH", auth_values),
     ):
         for key, value in values.items():
             environment[f"IM_{group}__{key.upper()}"] = str(value)
@@ -280,6 +283,7 @@ def start_gateway(
             "kafka": settings.kafka.model_copy(update=kafka_values),
             "ingress": settings.ingress.model_copy(update=ingress_values),
             "cql": settings.cql.model_copy(update=cql_values),
+            "auth": settings.auth.model_copy(update=auth_values),
         }
     )
     log_path = log_dir / f"{ingress_values['node_id']}.log"

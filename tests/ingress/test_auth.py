@@ -123,6 +123,26 @@ def test_expiry_within_leeway_is_tolerated(hs256: TokenVerifier) -> None:
     assert hs256.verify(token, TENANT).user_id == "user-1"
 
 
+def test_a_token_valid_for_longer_than_the_maximum_lifetime_is_refused(
+    hs256: TokenVerifier,
+) -> None:
+    """Before: a 10-year token was accepted (a leaked one stayed good for 10 years)."""
+    now = datetime.now(UTC)
+    decade = jwt.encode(claims(exp=now + timedelta(days=3650)), SECRET, algorithm="HS256")
+    assert refused(hs256, decade) is AuthErrorCode.TOKEN_INVALID
+    # However long ago it was issued: what counts is how long it is still good for.
+    day = jwt.encode(
+        claims(iat=now - timedelta(days=30), exp=now + timedelta(hours=23)),
+        SECRET,
+        algorithm="HS256",
+    )
+    assert hs256.verify(day, TENANT).user_id == "user-1"
+    short = TokenVerifier(
+        secret=SECRET, issuer=ISSUER, audience=AUDIENCE, max_lifetime=timedelta(minutes=10)
+    )
+    assert refused(short, day) is AuthErrorCode.TOKEN_INVALID
+
+
 def test_token_for_another_tenant(hs256: TokenVerifier) -> None:
     token = jwt.encode(claims(tid="tenant-b"), SECRET, algorithm="HS256")
     assert refused(hs256, token, tenant=TENANT) is AuthErrorCode.TENANT_MISMATCH

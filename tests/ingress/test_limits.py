@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from confluent_kafka import Producer
 from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import InvalidStatus
 
 from pipelines.connections import kafka_producer_config
 from pipelines.settings import Settings
@@ -34,6 +35,7 @@ from tests.ingress.support import (
 )
 
 RATE, BURST, IDLE, QUEUE, CLOSE_TIMEOUT, STALL = 2.0, 5.0, 1.5, 8, 3.0, 1.0
+PENDING = 4
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +52,7 @@ def tight(
             "outbound_queue_frames": QUEUE,
             "close_timeout_seconds": CLOSE_TIMEOUT,
             "slow_consumer_seconds": STALL,
+            "max_pending_sockets_per_address": PENDING,
         },
     )
     yield running
@@ -116,6 +119,25 @@ def test_rotating_the_device_id_does_not_escape_the_users_limit(tight: Gateway) 
     assert refusals
     assert {refusal["code"] for refusal in refusals} == {"rate-limited"}
     assert all("from this user" in refusal["message"] for refusal in refusals)
+
+
+async def test_sockets_that_have_not_said_hello_are_bounded_per_address(tight: Gateway) -> None:
+    """Before: any number of unauthenticated sockets per address, each held for the hello
+    timeout. Now the one past the limit is answered 429 at the handshake, with the error."""
+    waiting = [await open_socket(tight) for _ in range(PENDING)]
+    with pytest.raises(InvalidStatus) as refused:
+        await open_socket(tight)
+    response = refused.value.response
+    assert response.status_code == 429
+    assert json.loads(response.body or b"{}")["code"] == "rate-limited"
+    assert int(response.headers["Retry-After"]) >= 1
+    # A socket that says hello no longer counts: another may open.
+    first = waiting[0]
+    await first.send(json.dumps(hello(tight.settings, unique("user"), "phone")))
+    assert (await receive(first))["type"] == "hello_ok"
+    another = await open_socket(tight)
+    for socket_ in (*waiting, another):
+        await socket_.close()
 
 
 async def test_a_silent_socket_is_closed_after_the_idle_timeout(tight: Gateway) -> None:

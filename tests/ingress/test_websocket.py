@@ -12,6 +12,7 @@ import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -383,6 +384,8 @@ async def test_presence_follows_the_connection(gateway: Gateway) -> None:
     partition, before = await asyncio.to_thread(end_offset, gateway.settings, topic, key)
 
     first, hello_ok = await open_device(gateway, user, "phone")
+    expires_at = datetime.fromisoformat(hello_ok.pop("token_expires_at"))
+    assert timedelta(minutes=55) < expires_at - datetime.now(UTC) <= timedelta(hours=1)
     assert hello_ok == {
         "type": "hello_ok",
         "id": "hello-1",

@@ -240,6 +240,7 @@ def sample_client_frames() -> dict[str, fr.ClientFrame]:
         fr.Conversations(id="r20", limit=20),
         fr.WhoRead(id="r21", conversation_id="c-1", seq=7),
         fr.Ping(id="r18"),
+        fr.RefreshToken(id="r22", token="eyJhbGciOiJIUzI1NiJ9.e30.c2ln"),
     ]
     return {frame.type: frame for frame in frames}
 
@@ -255,6 +256,7 @@ def sample_server_frames() -> dict[str, fr.ServerFrame]:
             node_id="ingress-1",
             idle_timeout_ms=60_000,
             max_frame_bytes=65_536,
+            token_expires_at=datetime(2026, 12, 7, 15, 0, tzinfo=UTC),
         ),
         fr.Accepted(
             id="r2",
