@@ -73,10 +73,18 @@ async def _noop_send(_message: object) -> None:
     return None
 
 
-def connection(wire: RecordingWire, closes: Closes, *, max_frames: int = 4) -> Connection:
+def connection(
+    wire: RecordingWire,
+    closes: Closes,
+    *,
+    max_frames: int = 4,
+    max_bytes: int = 8 * 1024 * 1024,
+    stall_seconds: float = 0.05,
+) -> Connection:
     hub = ConnectionHub(
         max_frames=max_frames,
-        stall_seconds=0.05,
+        max_bytes=max_bytes,
+        stall_seconds=stall_seconds,
         frame_sent=lambda _type: None,
         closed=closes.codes.append,
     )
@@ -187,23 +195,8 @@ async def test_a_reader_that_leaves_too_many_bytes_unread_is_closed_however_slow
     """Before: only the frame count (256) bounded a socket, and only while the reader was
     stalled for 2 s: one draining a large frame now and then held gigabytes."""
     wire, closes = RecordingWire(), Closes()
-    hub = ConnectionHub(
-        max_frames=1000,
-        max_bytes=100_000,
-        stall_seconds=60.0,  # never stalled that long
-        frame_sent=lambda _type: None,
-        closed=closes.codes.append,
-    )
-    conn = Connection(
-        hub,
-        _noop_send,
-        Principal("acme", "ann", "phone"),
-        Platform.WEB,
-        "c1",
-        wire=wire,
-        sync_cursor=0,
-        now=0.0,
-    )
+    # Never stalled for a minute: only the bytes can close it.
+    conn = connection(wire, closes, max_frames=1000, max_bytes=100_000, stall_seconds=60.0)
     # A burst while the socket takes it is written at the end of the step, whatever its size.
     for _ in range(5):
         assert conn.enqueue(text_frame("x" * 40_000), "history_page")
