@@ -57,7 +57,7 @@ from ingress.ratelimit import Limit, Refusal, ScopedLimiter, retry_after_ms
 from ingress.reads import ReadFrame, Reads, is_reading
 from ingress.wsprotocol import DRAIN_REASON, WIRE_EXTENSION, text_frame
 from pipelines.connections import kafka_config, kafka_producer_config
-from pipelines.settings import AuthSettings, Settings
+from pipelines.settings import PLACEHOLDER_SECRETS, AuthSettings, Settings
 from schemas import frames as fr
 from schemas.errors import CloseCode, ErrorCode, SchemaError
 from schemas.events import (
@@ -114,7 +114,11 @@ class Readiness:
 
 
 def token_verifier(auth: AuthSettings) -> TokenVerifier:
-    """The verifier the settings describe; a misconfiguration raises ``ValueError`` at start-up."""
+    """The verifier the settings describe; a misconfiguration raises ``ValueError`` at start-up.
+
+    With a JWKS, the development placeholder secret is not used as the single key: tokens
+    without a ``kid`` then need a real secret (or RS256 public key) of their own.
+    """
     public_key = None
     if auth.jwt_public_key_path is not None:
         try:
@@ -123,14 +127,19 @@ def token_verifier(auth: AuthSettings) -> TokenVerifier:
             raise ValueError(
                 f"IM_AUTH__JWT_PUBLIC_KEY_PATH={auth.jwt_public_key_path} cannot be read: {error}"
             ) from error
+    secret = auth.jwt_secret.get_secret_value() if auth.jwt_algorithm == "HS256" else None
+    if auth.jwks_path is not None and secret in PLACEHOLDER_SECRETS:
+        secret = None
     return TokenVerifier(
         algorithm=auth.jwt_algorithm,
-        secret=auth.jwt_secret.get_secret_value() if auth.jwt_algorithm == "HS256" else None,
+        secret=secret,
         public_key_pem=public_key,
         issuer=auth.jwt_issuer,
         audience=auth.jwt_audience,
         leeway_seconds=auth.jwt_leeway_seconds,
         max_lifetime=timedelta(seconds=auth.jwt_max_lifetime_seconds),
+        jwks_path=auth.jwks_path,
+        jwks_check_seconds=auth.jwks_check_seconds,
     )
 
 

@@ -86,8 +86,19 @@ class AuthSettings(_Group):
     jwt_leeway_seconds: Annotated[float, Field(ge=0)] = 30.0
     jwt_max_lifetime_seconds: Annotated[float, Field(gt=0)] = Field(
         default=24 * 3600.0,
-        description="How far in the future a token's exp may be when it is presented; a token "
-        "valid for longer is refused as token-invalid",
+        description="How long a token may be valid, from its iat and from when it is "
+        "presented; a token valid for longer is refused as token-invalid. A revocation is kept "
+        "in memory this long (plus twice the leeway) after its moment",
+    )
+    jwks_path: Path | None = Field(
+        default=None,
+        description="A JSON Web Key Set file (RS256 RSA keys, HS256 oct keys, each with a kid): "
+        "a token whose header names a kid is verified with that key; re-read when it changes, "
+        "so keys rotate without a restart. The single key (jwt_secret or jwt_public_key_path) "
+        "still verifies tokens without a kid",
+    )
+    jwks_check_seconds: Annotated[float, Field(gt=0)] = Field(
+        default=2.0, description="How often, at most, the JWKS file is looked at for a change"
     )
 
 
@@ -320,6 +331,7 @@ class Settings(BaseSettings):
         if (
             self.auth.jwt_algorithm.startswith("HS")
             and self.auth.jwt_secret.get_secret_value() in PLACEHOLDER_SECRETS
+            and self.auth.jwks_path is None
         ):
             raise ValueError(
                 f"IM_AUTH__JWT_SECRET still holds the development placeholder; profile "
