@@ -25,7 +25,7 @@ leeway for an ``iat`` slightly in the future, one for the lifetime check, one fo
 check). The entry is dropped then (:meth:`RevocationList.prune`, from a heap, so pruning costs
 nothing while nothing expires). The topic forgets old records the same way, by retention
 (schemas/topics.py), so no tombstones are written: a restarted node never reads more than the
-revocations still in force, plus a day.
+revocations still in force, plus less than a day.
 
 Delivery: at least once into memory (a record read twice is applied twice, harmlessly). A record
 that does not decode is logged and skipped: there is no dead-letter topic, since only operators

@@ -34,9 +34,9 @@ Revocations
   one. Every ingress node reads all of it from the beginning at start-up, without a consumer
   group, and keeps following it (ingress/revocations.py). A revocation matters only until every
   token it can match has expired (its moment plus the maximum token lifetime), so the topic also
-  deletes records older than that (``compact,delete``, retention from the auth settings plus a
-  day): nobody needs to write tombstones, and the topic stays as small as the set of live
-  revocations.
+  deletes records older than that (``compact,delete``, retention the maximum token lifetime plus
+  three leeways, rounded up to whole days): nobody needs to write tombstones, and the topic
+  stays about as small as the set of revocations in force.
 
 Dead letters
   One dead-letter topic per source topic (``<name>.dlq``), holding the original key and value
@@ -45,11 +45,13 @@ Dead letters
   topics (typing, live delivery) have none: a poison record there is logged and dropped, since
   re-delivering it later would have no meaning. Nor have the push-outcomes and operator-actions
   topics: their only reader is the audit (ClickHouse), which audits a poison record as
-  undecodable and never dead-letters.
+  undecodable and never dead-letters; nor has the revocation topic, whose readers (the ingress
+  nodes) log and skip a poison record.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields, replace
 from datetime import timedelta
@@ -302,11 +304,12 @@ def topic_catalog(
     partition count of topics by logical name (e.g. ``{"im.presence": 12}``)."""
     prefix = settings.kafka.topic_prefix
     replication = settings.kafka.replication_factor
-    # Every token a revocation can match has expired by then (see "Revocations" above).
-    revocation_retention = timedelta(
-        seconds=settings.auth.jwt_max_lifetime_seconds + 2 * settings.auth.jwt_leeway_seconds,
-        days=1,
+    # Every token a revocation can match has expired by then (see "Revocations" above), in
+    # whole days.
+    revocation_horizon = (
+        settings.auth.jwt_max_lifetime_seconds + 3 * settings.auth.jwt_leeway_seconds
     )
+    revocation_retention = timedelta(days=math.ceil(revocation_horizon / 86_400))
     message_retention_days = settings.streams.message_retention_days
     overrides = dict(partitions or {})
 
