@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import InvalidStatus
 
 from ingress.auth import issue_token
 from pipelines.revoke import publish_revocation, revocation
@@ -252,6 +253,34 @@ async def test_a_node_started_after_a_revocation_refuses_the_token(
         assert late.metric("imstream_ingress_revocations") >= 2
     finally:
         assert late.stop() == 0, late.log()
+
+
+async def test_a_node_that_has_not_read_the_revocations_takes_no_connection(
+    ingress_settings: Settings, tmp_path: Path
+) -> None:
+    """A node whose revocation topic cannot be read (here: it does not exist) never lets a
+    token in: the upgrade and REST are answered 503 unavailable, and it is not ready. Before,
+    a node accepted tokens as soon as it listened."""
+    starting = start_gateway(
+        ingress_settings,
+        tmp_path,
+        kafka={"topic_prefix": unique("t-missing") + "."},
+        ingress=UNLIMITED,
+        wait=Gateway.alive,
+    )
+    try:
+        with pytest.raises(InvalidStatus) as refused:
+            await open_socket(starting)
+        response = refused.value.response
+        assert response.status_code == 503
+        assert json.loads(response.body or b"{}")["code"] == "unavailable"
+        assert int(response.headers["Retry-After"]) >= 1
+        token = signed(starting.settings, unique("user"))
+        assert rest_status(starting, token) == (503, "unavailable")
+        status, _, raw = starting.request("GET", "/readyz")
+        assert (status, json.loads(raw)["revocations"]) == (503, False)
+    finally:
+        assert starting.stop() == 0, starting.log()
 
 
 def test_revocations_are_forgotten_once_no_token_they_match_is_valid(
