@@ -385,6 +385,8 @@ class Gateway:
                 connections = [devices[payload.device_id]] if payload.device_id in devices else []
             else:
                 connections = list(devices.values())
+        why = f": {payload.reason}" if payload.reason else ""
+        reason = f"the token was revoked (scope {payload.scope}){why}; sign in again"
         for connection in connections:
             if revokes(
                 event,
@@ -392,10 +394,7 @@ class Gateway:
                 connection.token_id,
                 connection.token_issued_at,
             ):
-                connection.close(
-                    CloseCode.TOKEN_REVOKED,
-                    f"the token was revoked ({payload.scope} {payload.reason or ''})".rstrip(),
-                )
+                connection.close(CloseCode.TOKEN_REVOKED, reason)
 
     async def readiness(self) -> Readiness:
         kafka = await self.producer.ready(self.ingress.readyz_timeout_seconds)
