@@ -236,8 +236,8 @@ async def test_a_node_started_after_a_revocation_refuses_the_token(
         revoke_cli, first.settings, "--jti", jti, "--tenant", TENANT, "--reason", "stolen"
     )
     logged_out = unique("user")
+    stale = signed(first.settings, logged_out, ttl=timedelta(minutes=5))  # issued before
     await asyncio.to_thread(revoke_cli, first.settings, "--user", logged_out, "--tenant", TENANT)
-    stale = signed(first.settings, logged_out, ttl=timedelta(minutes=5))
     late = await asyncio.to_thread(
         start_gateway,
         first.settings,
