@@ -403,7 +403,8 @@ class Gateway:
             live_delivery=self.live.assigned and self.groups.assigned,
             draining=self.draining,
             serving_store=self.reads.connected,
-            revocations=self.revocations.ready,
+            # Read at start-up, and still followed (a reader stopped by a bug is not).
+            revocations=self.revocations.ready and self.revocation_reader.assigned,
         )
 
     # -- the WebSocket endpoint ------------------------------------------------------------------
