@@ -8,14 +8,16 @@ rules out algorithm-confusion attacks (``alg: none``, or an HS256 token "signed"
 public key).
 
 Key rotation: besides (or instead of) the single key of the settings, a verifier may hold a JSON
-Web Key Set file (``jwks_path``): several keys, each with its ``kid`` and one algorithm (an RSA
-key is RS256, an ``oct`` key HS256, or its ``alg`` says which of the two). A token whose header
-names a ``kid`` is verified with that key and its algorithm only; a ``kid`` the set does not hold
-is ``token-invalid``; a token without a ``kid`` is verified with the single key, if one is
-configured. The file is read again when it changes (its modification time and size are looked
-at no more often than every ``jwks_check_seconds``), so adding the new key, moving the issuer to
-it, then removing the old key rotates without a restart; a file that no longer parses keeps the
-keys last read (and logs why), so a bad edit locks no one out.
+Web Key Set, from a file (``jwks_path``) or a URL (``jwks_url``, the issuer's ``jwks_uri``):
+several keys, each with its ``kid`` and one algorithm (an RSA key is RS256, an ``oct`` key
+HS256, or its ``alg`` says which of the two). A token whose header names a ``kid`` is verified
+with that key and its algorithm only; a ``kid`` the set does not hold is ``token-invalid``; a
+token without a ``kid`` is verified with the single key, if one is configured. The file is read
+again when it changes (its modification time and size are looked at no more often than every
+``jwks_check_seconds``), the URL fetched every ``jwks_refresh_seconds`` and soon after a token
+names a ``kid`` not held; so adding the new key, moving the issuer to it, then removing the old
+key rotates without a restart. A set that no longer parses (or cannot be fetched) keeps the keys
+last read and logs why, so a bad edit locks no one out.
 
 Revocation needs two claims the verifier therefore checks: ``iat`` is required (a per-user
 revocation refuses the tokens issued before a moment), and a token may not be valid for longer
@@ -41,6 +43,7 @@ import json
 import logging
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -60,6 +63,10 @@ SUPPORTED_ALGORITHMS: Final = frozenset({"HS256", "RS256"})
 MAX_JTI_CHARS: Final = 256
 #: How often, at most, the JWKS file's modification time is looked at.
 DEFAULT_JWKS_CHECK_SECONDS: Final = 2.0
+#: How often a JWKS URL is fetched when no token names an unknown key.
+DEFAULT_JWKS_REFRESH_SECONDS: Final = 300.0
+#: A larger key set is refused (a real one is a few KB).
+MAX_JWKS_BYTES: Final = 1024 * 1024
 LONG_AGO: Final = datetime.min.replace(tzinfo=UTC)
 
 #: RFC 7518 §3.2: an HS256 key must be at least as long as the hash output.
@@ -178,6 +185,9 @@ class JwksFile:
         except (OSError, ValueError) as error:
             raise ValueError(f"the JWKS file {path} cannot be used: {error}") from error
 
+    def missing(self) -> None:
+        """The file is looked at on every check anyway."""
+
     def _stat(self) -> tuple[int, int] | None:
         try:
             status = self._path.stat()
@@ -208,6 +218,78 @@ class JwksFile:
             return keys
 
 
+class JwksUrl:
+    """A JWKS fetched from a URL (the identity service's ``jwks_uri``) by a thread of its own:
+    every ``refresh_seconds``, and soon (at most every ``check_seconds``) after a token named a
+    ``kid`` it does not hold, so a key the issuer just started using is picked up without
+    waiting for the next refresh. Verification never waits for the network: it uses the keys
+    fetched last, and a fetch that fails keeps them (and is logged).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        refresh_seconds: float = DEFAULT_JWKS_REFRESH_SECONDS,
+        check_seconds: float = DEFAULT_JWKS_CHECK_SECONDS,
+        timeout_seconds: float = 5.0,
+    ) -> None:
+        """Fetches the set now: an unreachable URL or an invalid set raises ``ValueError`` at
+        start-up."""
+        if not url.startswith(("https://", "http://")):
+            raise ValueError(f"the JWKS URL {url!r} is not an http(s) URL")
+        self._url = url
+        self._refresh_seconds = refresh_seconds
+        self._check_seconds = check_seconds
+        self._timeout = timeout_seconds
+        try:
+            self._keys = read_jwks(self._fetch())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"the JWKS at {url} cannot be used: {error}") from error
+        self._fetched_at = time.monotonic()
+        self._wanted = threading.Event()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="jwks", daemon=True)
+        self._thread.start()
+
+    def keys(self) -> Mapping[str, _Key]:
+        return self._keys
+
+    def missing(self) -> None:
+        """A token named a ``kid`` not held: fetch again soon."""
+        self._wanted.set()
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._wanted.set()
+
+    def _fetch(self) -> bytes:
+        request = urllib.request.Request(self._url, headers={"Accept": "application/json"})
+        with urllib.request.urlopen(request, timeout=self._timeout) as response:
+            body: bytes = response.read(MAX_JWKS_BYTES + 1)
+        if len(body) > MAX_JWKS_BYTES:
+            raise ValueError(f"the set is over {MAX_JWKS_BYTES} bytes")
+        return body
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            self._wanted.wait(self._refresh_seconds)
+            if self._stopped.is_set():
+                return
+            # However many unknown kids arrive, one fetch per check interval at most.
+            self._stopped.wait(max(0.0, self._fetched_at + self._check_seconds - time.monotonic()))
+            self._wanted.clear()
+            self._fetched_at = time.monotonic()
+            try:
+                keys = read_jwks(self._fetch())
+            except (OSError, ValueError) as error:
+                _log.error("JWKS %s not refreshed (keys kept): %s", self._url, error)
+                continue
+            if keys.keys() != self._keys.keys():
+                _log.info("JWKS %s refreshed: kids %s", self._url, sorted(keys))
+            self._keys = keys
+
+
 class TokenVerifier:
     """Verifies signature, expiry, issuer, audience and imstream's claims of one token at a time.
 
@@ -227,9 +309,12 @@ class TokenVerifier:
         max_lifetime: timedelta = DEFAULT_MAX_LIFETIME,
         jwks_path: Path | None = None,
         jwks_check_seconds: float = DEFAULT_JWKS_CHECK_SECONDS,
+        jwks_url: str | None = None,
+        jwks_refresh_seconds: float = DEFAULT_JWKS_REFRESH_SECONDS,
     ) -> None:
         """Give ``secret`` for HS256 or ``public_key_pem`` (an RSA public key) for RS256, and/or
-        ``jwks_path`` (a JSON Web Key Set file) for tokens that name their key by ``kid``.
+        ``jwks_path`` (a JSON Web Key Set file) or ``jwks_url`` for tokens that name their key
+        by ``kid``.
 
         With a JWKS the single key is optional (no secret nor public key: tokens without a
         ``kid`` are refused). A misconfiguration (unknown algorithm, missing or short secret,
@@ -239,9 +324,15 @@ class TokenVerifier:
         if algorithm not in SUPPORTED_ALGORITHMS:
             supported = ", ".join(sorted(SUPPORTED_ALGORITHMS))
             raise ValueError(f"unsupported JWT algorithm {algorithm!r}; use one of {supported}")
-        self._jwks = (
-            JwksFile(jwks_path, check_seconds=jwks_check_seconds) if jwks_path is not None else None
-        )
+        if jwks_path is not None and jwks_url is not None:
+            raise ValueError("give a JWKS file or a JWKS URL, not both")
+        self._jwks: JwksFile | JwksUrl | None = None
+        if jwks_path is not None:
+            self._jwks = JwksFile(jwks_path, check_seconds=jwks_check_seconds)
+        elif jwks_url is not None:
+            self._jwks = JwksUrl(
+                jwks_url, refresh_seconds=jwks_refresh_seconds, check_seconds=jwks_check_seconds
+            )
         self._key: _Key | None = None
         if algorithm == "HS256":
             if secret is not None:
@@ -313,6 +404,7 @@ class TokenVerifier:
                 raise AuthError(AuthErrorCode.TOKEN_INVALID, "the token's kid is not a string")
             key = self._jwks.keys().get(kid)
             if key is None:
+                self._jwks.missing()
                 raise AuthError(
                     AuthErrorCode.TOKEN_INVALID,
                     f"the token is signed with key {kid[:64]!r}, which this server does not hold",

@@ -137,7 +137,7 @@ def token_verifier(auth: AuthSettings) -> TokenVerifier:
                 f"IM_AUTH__JWT_PUBLIC_KEY_PATH={auth.jwt_public_key_path} cannot be read: {error}"
             ) from error
     secret = auth.jwt_secret.get_secret_value() if auth.jwt_algorithm == "HS256" else None
-    if auth.jwks_path is not None and secret in PLACEHOLDER_SECRETS:
+    if (auth.jwks_path or auth.jwks_url) is not None and secret in PLACEHOLDER_SECRETS:
         secret = None
     return TokenVerifier(
         algorithm=auth.jwt_algorithm,
@@ -149,6 +149,8 @@ def token_verifier(auth: AuthSettings) -> TokenVerifier:
         max_lifetime=timedelta(seconds=auth.jwt_max_lifetime_seconds),
         jwks_path=auth.jwks_path,
         jwks_check_seconds=auth.jwks_check_seconds,
+        jwks_url=auth.jwks_url,
+        jwks_refresh_seconds=auth.jwks_refresh_seconds,
     )
 
 

@@ -97,8 +97,18 @@ class AuthSettings(_Group):
         "so keys rotate without a restart. The single key (jwt_secret or jwt_public_key_path) "
         "still verifies tokens without a kid",
     )
+    jwks_url: str | None = Field(
+        default=None,
+        description="The identity service's JWKS URL (jwks_uri), instead of jwks_path: fetched "
+        "every jwks_refresh_seconds, and soon after a token names a kid not held",
+    )
     jwks_check_seconds: Annotated[float, Field(gt=0)] = Field(
-        default=2.0, description="How often, at most, the JWKS file is looked at for a change"
+        default=2.0,
+        description="How often, at most, the JWKS file is looked at for a change (or the URL "
+        "fetched for an unknown kid)",
+    )
+    jwks_refresh_seconds: Annotated[float, Field(gt=0)] = Field(
+        default=300.0, description="How often the JWKS URL is fetched anyway"
     )
 
 
@@ -332,6 +342,7 @@ class Settings(BaseSettings):
             self.auth.jwt_algorithm.startswith("HS")
             and self.auth.jwt_secret.get_secret_value() in PLACEHOLDER_SECRETS
             and self.auth.jwks_path is None
+            and self.auth.jwks_url is None
         ):
             raise ValueError(
                 f"IM_AUTH__JWT_SECRET still holds the development placeholder; profile "

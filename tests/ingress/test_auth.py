@@ -6,8 +6,11 @@ import base64
 import hashlib
 import hmac
 import json
+import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -380,3 +383,74 @@ def test_a_bad_jwks_fails_at_start_up(tmp_path: Path, document: str, message: st
     jwks.write_text(document)
     with pytest.raises(ValueError, match=message):
         TokenVerifier(issuer=ISSUER, audience=AUDIENCE, jwks_path=jwks)
+
+
+class JwksServer:
+    """An identity service's ``jwks_uri`` on localhost, serving whatever ``document`` holds."""
+
+    def __init__(self) -> None:
+        self.document = json.dumps({"keys": [oct_jwk("old", OLD_SECRET)]})
+        self.fetches = 0
+        served = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                served.fetches += 1
+                body = served.document.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/.well-known/jwks.json"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def jwks_server() -> Iterator[JwksServer]:
+    server = JwksServer()
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
+
+
+def test_a_jwks_url_is_fetched_again_for_a_kid_it_does_not_hold(jwks_server: JwksServer) -> None:
+    """The issuer starts signing with a new key: the first token naming it is refused and makes
+    the verifier fetch the set again (at most once per check interval), so the next one is
+    good; a removed key is refused after the next fetch."""
+    verifier = TokenVerifier(
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        jwks_url=jwks_server.url,
+        jwks_check_seconds=0.2,
+        jwks_refresh_seconds=3600,
+    )
+    old, new = signed(OLD_SECRET, "old"), signed(NEW_SECRET, "new")
+    assert verifier.verify(old, TENANT).user_id == "user-1"
+    jwks_server.document = json.dumps(
+        {"keys": [oct_jwk("old", OLD_SECRET), oct_jwk("new", NEW_SECRET)]}
+    )
+    for _ in range(20):  # a burst of unknown kids costs one fetch
+        assert refused(verifier, new) is AuthErrorCode.TOKEN_INVALID
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and jwks_server.fetches < 2:
+        time.sleep(0.05)
+    time.sleep(0.1)
+    assert jwks_server.fetches == 2
+    assert verifier.verify(new, TENANT).user_id == "user-1"
+    assert verifier.verify(old, TENANT).user_id == "user-1"
+
+    jwks_server.document = "not a key set"
+    assert refused(verifier, signed(NEW_SECRET, "newer")) is AuthErrorCode.TOKEN_INVALID
+    time.sleep(0.5)
+    assert verifier.verify(new, TENANT).user_id == "user-1"  # a bad set keeps the keys
+
+
+def test_an_unreachable_jwks_url_fails_at_start_up() -> None:
+    with pytest.raises(ValueError, match="cannot be used"):
+        TokenVerifier(issuer=ISSUER, audience=AUDIENCE, jwks_url="http://127.0.0.1:9/jwks.json")
