@@ -55,7 +55,7 @@ What it guarantees to its user (docs/protocol.md, "The delivery contract, as a c
   token string the client ends with :class:`ClientClosedError` at that close.
 - **Reconnects** with exponential backoff and jitter after a lost connection, a drain (4010) or a
   slow-consumer close (4009); it does not reconnect after ``replaced`` (4011) or an
-  authentication close (4001-4004; 4003 with a token callable is reconnected with a fresh
+  authentication close (4001-4005; 4003 with a token callable is reconnected with a fresh
   token): :class:`ClientClosedError` says why.
 """
 
@@ -102,6 +102,7 @@ _NO_RECONNECT = {
     CloseCode.AUTH_REQUIRED,
     CloseCode.TOKEN_INVALID,
     CloseCode.TENANT_MISMATCH,
+    CloseCode.TOKEN_REVOKED,
 }
 
 

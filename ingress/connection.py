@@ -34,10 +34,12 @@ import logging
 import sys
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterator
+from datetime import datetime
 from typing import Any, Final, Protocol
 
 from starlette.types import Send
 
+from ingress.auth import LONG_AGO
 from schemas.errors import CloseCode
 from schemas.events import Platform
 
@@ -157,6 +159,8 @@ class Connection:
         "principal",
         "replaced",
         "token_expires",
+        "token_id",
+        "token_issued_at",
     )
 
     def __init__(
@@ -185,6 +189,10 @@ class Connection:
         #: ``loop.time()`` past which the socket's token (with the leeway) is no longer valid;
         #: the sweeper closes the socket then, unless a ``refresh_token`` moved it.
         self.token_expires = float("inf")
+        #: The socket's token's ``jti`` and ``iat`` (the latest ``refresh_token``'s), which a
+        #: revocation read while the socket is open is matched against.
+        self.token_id: str | None = None
+        self.token_issued_at: datetime = LONG_AGO
         #: Set once a close was decided; nothing is queued or sent after it.
         self.closing = False
         #: Set when a newer connection of the same device took over (no disconnect presence).

@@ -66,7 +66,7 @@ def authenticate(
             error_frame(ErrorCode.TOKEN_INVALID, "the Authorization header must be Bearer <token>")
         )
     try:
-        claims = gateway.verify_token(token.strip(), tenant_id)
+        claims = gateway.verify_token(token.strip(), tenant_id, x_device_id)
     except AuthError as error:
         raise RefusalError(error_frame(ErrorCode(error.code.value), error.message)) from None
     if claims.device_id is not None and x_device_id not in (None, claims.device_id):

@@ -17,6 +17,9 @@ Delivery guarantees
     node's id) is at least once: published when a ``hello`` succeeds and when its socket
     closes; a connection replaced by a newer one of the same device publishes no disconnect.
   * Live delivery is best effort (see ``ingress/live.py``); a device recovers by syncing.
+  * Revocations (``ingress/revocations.py``) are read from the start of their topic before the
+    node takes a connection, refuse revoked tokens at ``hello``, ``refresh_token`` and on REST
+    (``token-revoked``), and close the open sockets they match (4005) as they arrive.
 
 Concurrency: every socket's frames are handled on the event loop in the order they arrive.
 Commands that publish run as tasks, so a client may pipeline them; each is handed to Kafka in
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 from pydantic import TypeAdapter, ValidationError
 from starlette.types import Message, Receive, Scope, Send
 
@@ -55,9 +58,10 @@ from ingress.metrics import IngressMetrics
 from ingress.producer import DurableProducer, KafkaUnavailable, PublishRejectedError
 from ingress.ratelimit import Limit, Refusal, ScopedLimiter, retry_after_ms
 from ingress.reads import ReadFrame, Reads, is_reading
+from ingress.revocations import RevocationList, RevocationReader, revokes
 from ingress.wsprotocol import DRAIN_REASON, WIRE_EXTENSION, text_frame
 from pipelines.connections import kafka_config, kafka_producer_config
-from pipelines.settings import AuthSettings, Settings
+from pipelines.settings import PLACEHOLDER_SECRETS, AuthSettings, Settings
 from schemas import frames as fr
 from schemas.errors import CloseCode, ErrorCode, SchemaError
 from schemas.events import (
@@ -67,6 +71,8 @@ from schemas.events import (
     DevicePresencePayload,
     Event,
     NodeId,
+    RevocationScope,
+    TokensRevoked,
     UserId,
     encode_event,
 )
@@ -83,6 +89,7 @@ _AUTH_CLOSE_CODES: Final = {
     AuthErrorCode.TOKEN_INVALID: CloseCode.TOKEN_INVALID,
     AuthErrorCode.TOKEN_EXPIRED: CloseCode.TOKEN_EXPIRED,
     AuthErrorCode.TENANT_MISMATCH: CloseCode.TENANT_MISMATCH,
+    AuthErrorCode.TOKEN_REVOKED: CloseCode.TOKEN_REVOKED,
 }
 _NODE_ID = TypeAdapter[str](NodeId)
 _USER_ID = TypeAdapter[str](UserId)
@@ -107,14 +114,20 @@ class Readiness:
     draining: bool
     #: Reads only: sends never depend on the serving store, so it does not decide readiness.
     serving_store: bool = False
+    #: The revocation topic was read up to its end at start-up (until then no token is let in).
+    revocations: bool = False
 
     @property
     def ready(self) -> bool:
-        return self.kafka and self.live_delivery and not self.draining
+        return self.kafka and self.live_delivery and self.revocations and not self.draining
 
 
 def token_verifier(auth: AuthSettings) -> TokenVerifier:
-    """The verifier the settings describe; a misconfiguration raises ``ValueError`` at start-up."""
+    """The verifier the settings describe; a misconfiguration raises ``ValueError`` at start-up.
+
+    With a JWKS, the development placeholder secret is not used as the single key: tokens
+    without a ``kid`` then need a real secret (or RS256 public key) of their own.
+    """
     public_key = None
     if auth.jwt_public_key_path is not None:
         try:
@@ -123,14 +136,21 @@ def token_verifier(auth: AuthSettings) -> TokenVerifier:
             raise ValueError(
                 f"IM_AUTH__JWT_PUBLIC_KEY_PATH={auth.jwt_public_key_path} cannot be read: {error}"
             ) from error
+    secret = auth.jwt_secret.get_secret_value() if auth.jwt_algorithm == "HS256" else None
+    if (auth.jwks_path or auth.jwks_url) is not None and secret in PLACEHOLDER_SECRETS:
+        secret = None
     return TokenVerifier(
         algorithm=auth.jwt_algorithm,
-        secret=auth.jwt_secret.get_secret_value() if auth.jwt_algorithm == "HS256" else None,
+        secret=secret,
         public_key_pem=public_key,
         issuer=auth.jwt_issuer,
         audience=auth.jwt_audience,
         leeway_seconds=auth.jwt_leeway_seconds,
         max_lifetime=timedelta(seconds=auth.jwt_max_lifetime_seconds),
+        jwks_path=auth.jwks_path,
+        jwks_check_seconds=auth.jwks_check_seconds,
+        jwks_url=auth.jwks_url,
+        jwks_refresh_seconds=auth.jwks_refresh_seconds,
     )
 
 
@@ -222,6 +242,24 @@ class Gateway:
             ],
             max_keys=ingress.rate_limit_max_keys,
         )
+        auth = settings.auth
+        #: The revocations in force (ingress/revocations.py), and the reader that fills them.
+        self.revocations = RevocationList(
+            timedelta(seconds=auth.jwt_max_lifetime_seconds + 3 * auth.jwt_leeway_seconds)
+        )
+        self.revocation_reader = RevocationReader(
+            kafka_config(settings, **{"client.id": f"{client_id}-revocations"}),
+            topic=self.catalog.revocations.name,
+            node_id=self.node_id,
+            deliver=self.apply_revocations,
+            caught_up=self._revocations_read,
+        )
+        Gauge(
+            "imstream_ingress_revocations",
+            "Revocations in force on this node (each is dropped once every token it can match "
+            "has expired).",
+            registry=self.metrics.registry,
+        ).set_function(lambda: len(self.revocations))
         self.reads = Reads(settings)
         self.registry = ConnectionRegistry()
         self.hub = ConnectionHub(
@@ -249,6 +287,7 @@ class Gateway:
         Kafka need not be reachable: sends then answer ``unavailable`` and ``/readyz`` says so.
         """
         await self.producer.start()
+        self.revocation_reader.start()
         self.live.start()
         self.groups.start()
         self.reads.start()
@@ -277,6 +316,7 @@ class Gateway:
             self._sweeper.cancel()
         await self.live.stop()
         await self.groups.stop()
+        await self.revocation_reader.stop()
         await self.reads.stop()
         unacknowledged = await self.producer.close(timeout)
         _log.info(
@@ -285,9 +325,17 @@ class Gateway:
             unacknowledged,
         )
 
-    def verify_token(self, token: str | None, tenant_id: str) -> Claims:
+    def verify_token(
+        self, token: str | None, tenant_id: str, device_id: str | None = None
+    ) -> Claims:
         """The token's claims, or ``AuthError``; the ids it names must be valid ids, since they
-        become event fields and Kafka keys."""
+        become event fields and Kafka keys, and the token must not be revoked (``device_id``:
+        the device using it, when the token names none).
+
+        Before the revocations were read at start-up, ``RefusalError`` (``unavailable``): the
+        node cannot tell yet whether the token was revoked."""
+        if not self.revocations.ready:
+            raise RefusalError(self._not_ready())
         claims = self.verifier.verify(token, tenant_id)
         try:
             _USER_ID.validate_python(claims.user_id)
@@ -299,7 +347,56 @@ class Gateway:
                 "the token's 'sub' or 'did' is not a valid id (1-64 characters of "
                 "A-Z a-z 0-9 . _ : @ + = -)",
             ) from None
+        refusal = self.revocations.refusal(claims, device_id)
+        if refusal is not None:
+            raise AuthError(AuthErrorCode.TOKEN_REVOKED, refusal)
         return claims
+
+    def _not_ready(self) -> fr.ErrorFrame:
+        return error_frame(
+            ErrorCode.UNAVAILABLE,
+            "this node is starting: it has not read the token revocations yet; retry",
+            retry_after=self.ingress.unavailable_retry_after_ms,
+        )
+
+    def _revocations_read(self) -> None:
+        """On the loop, after the last batch of the start-up read was applied."""
+        self.revocations.ready = True
+        _log.info(
+            "ingress node %s read the revocations: %d in force",
+            self.node_id,
+            len(self.revocations),
+        )
+
+    def apply_revocations(self, events: Sequence[TokensRevoked]) -> None:
+        """Take in revocations read from the topic and close the sockets they revoke (on the
+        loop)."""
+        for event in events:
+            if not self.revocations.add(event):
+                continue  # past its horizon: it can match no valid token
+            self._close_revoked(event)
+
+    def _close_revoked(self, event: TokensRevoked) -> None:
+        payload = event.payload
+        if payload.scope is RevocationScope.TOKEN:
+            connections = list(self.registry)
+        else:
+            assert payload.user_id is not None
+            devices = self.registry.devices(event.tenant_id, payload.user_id)
+            if payload.scope is RevocationScope.DEVICE:
+                connections = [devices[payload.device_id]] if payload.device_id in devices else []
+            else:
+                connections = list(devices.values())
+        why = f": {payload.reason}" if payload.reason else ""
+        reason = f"the token was revoked (scope {payload.scope}){why}; sign in again"
+        for connection in connections:
+            if revokes(
+                event,
+                connection.principal.tenant_id,
+                connection.token_id,
+                connection.token_issued_at,
+            ):
+                connection.close(CloseCode.TOKEN_REVOKED, reason)
 
     async def readiness(self) -> Readiness:
         kafka = await self.producer.ready(self.ingress.readyz_timeout_seconds)
@@ -308,6 +405,8 @@ class Gateway:
             live_delivery=self.live.assigned and self.groups.assigned,
             draining=self.draining,
             serving_store=self.reads.connected,
+            # Read at start-up, and still followed (a reader stopped by a bug is not).
+            revocations=self.revocations.ready and self.revocation_reader.assigned,
         )
 
     # -- the WebSocket endpoint ------------------------------------------------------------------
@@ -326,6 +425,8 @@ class Gateway:
             return
         address = str((scope.get("client") or ("unknown",))[0])
         refusal = self._pending_refusal(address)
+        if refusal is None and not self.revocations.ready:
+            refusal = self._not_ready()
         if refusal is not None:
             await self._refuse_handshake(send, refusal)
             return
@@ -406,7 +507,7 @@ class Gateway:
             return None
         try:
             hello = self._hello(message)
-            claims = self.verify_token(hello.token, hello.tenant_id)
+            claims = self.verify_token(hello.token, hello.tenant_id, hello.device_id)
         except RefusalError as refusal:
             await self._refuse(send, refusal.frame, CloseCode.AUTH_REQUIRED)
             return None
@@ -438,7 +539,7 @@ class Gateway:
             sync_cursor=hello.sync_cursor,
             now=asyncio.get_running_loop().time(),
         )
-        connection.token_expires = self._token_deadline(claims)
+        self._hold_token(connection, claims)
         replaced = self.registry.register(connection, hello.device_id)
         if replaced is not None:
             replaced.replaced = True
@@ -610,6 +711,7 @@ class Gateway:
             await asyncio.sleep(min(1.0, idle / 4, self.ingress.slow_consumer_seconds / 2))
             now = loop.time()
             deadline = now - idle
+            self.revocations.prune()
             for connection in self.registry:
                 if connection.check_stalled(now) or connection.closing:
                     continue
@@ -728,7 +830,7 @@ class Gateway:
         """A fresh token for an open socket: the same user, and the same device binding."""
         principal = connection.principal
         try:
-            claims = self.verify_token(frame.token, principal.tenant_id)
+            claims = self.verify_token(frame.token, principal.tenant_id, principal.device_id)
         except AuthError as error:
             return error_frame(ErrorCode(error.code.value), error.message, frame.id, field="token")
         if claims.user_id != principal.user_id or claims.device_id not in (
@@ -741,8 +843,14 @@ class Gateway:
                 frame.id,
                 field="token",
             )
-        connection.token_expires = self._token_deadline(claims)
+        self._hold_token(connection, claims)
         return fr.Ok(id=frame.id)
+
+    def _hold_token(self, connection: Connection, claims: Claims) -> None:
+        """The socket now lives on this token: until its expiry, unless a revocation of it."""
+        connection.token_expires = self._token_deadline(claims)
+        connection.token_id = claims.token_id
+        connection.token_issued_at = claims.issued_at
 
     def _token_deadline(self, claims: Claims) -> float:
         """``loop.time()`` at which ``claims``' token stops being valid (leeway included)."""
@@ -821,4 +929,5 @@ def describe(readiness: Readiness) -> dict[str, Any]:
         "live_delivery": readiness.live_delivery,
         "draining": readiness.draining,
         "serving_store": readiness.serving_store,
+        "revocations": readiness.revocations,
     }

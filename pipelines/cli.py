@@ -423,6 +423,76 @@ def run_push_sink() -> None:
     raise typer.Exit(run(settings))
 
 
+@app.command("revoke")
+def revoke(  # noqa: PLR0917 - typer maps each parameter to an option
+    jti: Annotated[
+        str | None, typer.Option("--jti", help="Revoke the one token with this jti")
+    ] = None,
+    user: Annotated[
+        str | None,
+        typer.Option("--user", help="Log this user out: every token issued before now"),
+    ] = None,
+    device: Annotated[
+        tuple[str, str] | None,
+        typer.Option(
+            "--device",
+            metavar="USER DEVICE",
+            help="Log one device of a user out: every token it uses issued before now",
+        ),
+    ] = None,
+    tenant: Annotated[
+        str | None,
+        typer.Option(
+            help="The tenant (required with --user and --device; with --jti, the "
+            "token's tenant, else every tenant)"
+        ),
+    ] = None,
+    reason: Annotated[str | None, typer.Option(help="Why, for the audit")] = None,
+    operator: Annotated[
+        str | None, typer.Option(help="Who revokes, for the audit; default the login name")
+    ] = None,
+) -> None:
+    """Revoke a token, or log a user or a device out, on every ingress node: refused from now
+    on (token-revoked) and their open sockets closed (4005) within a second."""
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    from pipelines.operator_actions import operator_name  # noqa: PLC0415
+    from pipelines.revoke import (  # noqa: PLC0415
+        RevocationError,
+        describe,
+        publish_revocation,
+        revocation,
+    )
+
+    if sum(given is not None for given in (jti, user, device)) != 1:
+        typer.echo("error: give exactly one of --jti, --user, --device", err=True)
+        raise typer.Exit(2)
+    settings = load_settings()
+    user_id, device_id = device if device is not None else (user, None)
+    try:
+        event = revocation(
+            operator=operator_name(operator),
+            tenant_id=tenant,
+            token_id=jti,
+            user_id=user_id,
+            device_id=device_id,
+            reason=reason,
+        )
+    except ValidationError as error:
+        problem = error.errors(include_url=False)[0]
+        typer.echo(f"error: {'.'.join(map(str, problem['loc']))}: {problem['msg']}", err=True)
+        raise typer.Exit(2) from None
+    except ValueError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        topic, partition, offset = publish_revocation(settings, event)
+    except RevocationError as error:
+        typer.echo(f"error: [kafka-unavailable] not revoked: {error}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{describe(event)} (event {event.event_id}, {topic}[{partition}]@{offset})")
+
+
 @app.command("ready")
 def ready() -> None:
     """Exit 0 once this process announced that it is ready (IM_READY_FILE), 1 while it has not

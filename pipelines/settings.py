@@ -86,8 +86,29 @@ class AuthSettings(_Group):
     jwt_leeway_seconds: Annotated[float, Field(ge=0)] = 30.0
     jwt_max_lifetime_seconds: Annotated[float, Field(gt=0)] = Field(
         default=24 * 3600.0,
-        description="How far in the future a token's exp may be when it is presented; a token "
-        "valid for longer is refused as token-invalid",
+        description="How long a token may be valid, from its iat and from when it is "
+        "presented; a token valid for longer is refused as token-invalid. A revocation is kept "
+        "in memory this long (plus twice the leeway) after its moment",
+    )
+    jwks_path: Path | None = Field(
+        default=None,
+        description="A JSON Web Key Set file (RS256 RSA keys, HS256 oct keys, each with a kid): "
+        "a token whose header names a kid is verified with that key; re-read when it changes, "
+        "so keys rotate without a restart. The single key (jwt_secret or jwt_public_key_path) "
+        "still verifies tokens without a kid",
+    )
+    jwks_url: str | None = Field(
+        default=None,
+        description="The identity service's JWKS URL (jwks_uri), instead of jwks_path: fetched "
+        "every jwks_refresh_seconds, and soon after a token names a kid not held",
+    )
+    jwks_check_seconds: Annotated[float, Field(gt=0)] = Field(
+        default=2.0,
+        description="How often, at most, the JWKS file is looked at for a change (or the URL "
+        "fetched for an unknown kid)",
+    )
+    jwks_refresh_seconds: Annotated[float, Field(gt=0)] = Field(
+        default=300.0, description="How often the JWKS URL is fetched anyway"
     )
 
 
@@ -320,6 +341,8 @@ class Settings(BaseSettings):
         if (
             self.auth.jwt_algorithm.startswith("HS")
             and self.auth.jwt_secret.get_secret_value() in PLACEHOLDER_SECRETS
+            and self.auth.jwks_path is None
+            and self.auth.jwks_url is None
         ):
             raise ValueError(
                 f"IM_AUTH__JWT_SECRET still holds the development placeholder; profile "

@@ -27,6 +27,7 @@ class ErrorCode(StrEnum):
     TOKEN_INVALID = "token-invalid"
     TOKEN_EXPIRED = "token-expired"
     TENANT_MISMATCH = "tenant-mismatch"
+    TOKEN_REVOKED = "token-revoked"
     RATE_LIMITED = "rate-limited"
     UNAVAILABLE = "unavailable"
     FORBIDDEN = "forbidden"
@@ -55,6 +56,11 @@ _ERROR_DESCRIPTIONS: dict[ErrorCode, tuple[str, int]] = {
     ErrorCode.TOKEN_INVALID: ("The token is malformed, forged or not meant for this server.", 401),
     ErrorCode.TOKEN_EXPIRED: ("The token has expired; get a new one and reconnect.", 401),
     ErrorCode.TENANT_MISMATCH: ("The token belongs to a different tenant than requested.", 403),
+    ErrorCode.TOKEN_REVOKED: (
+        "The token was revoked by an operator (that token, or a logout of the user or device); "
+        "get a new one by signing in again.",
+        401,
+    ),
     ErrorCode.RATE_LIMITED: ("Too many commands; retry after `retry_after_ms`.", 429),
     ErrorCode.UNAVAILABLE: (
         "The command was not durably accepted (Kafka unreachable), or a read found the store "
@@ -75,6 +81,7 @@ class CloseCode(IntEnum):
     TOKEN_INVALID = 4002
     TOKEN_EXPIRED = 4003
     TENANT_MISMATCH = 4004
+    TOKEN_REVOKED = 4005
     IDLE_TIMEOUT = 4008
     SLOW_CONSUMER = 4009
     SERVER_DRAINING = 4010
@@ -92,6 +99,9 @@ _CLOSE_DESCRIPTIONS: dict[CloseCode, str] = {
     CloseCode.TOKEN_INVALID: "The token is malformed, forged or not meant for this server.",
     CloseCode.TOKEN_EXPIRED: "The token expired; reconnect with a fresh one.",
     CloseCode.TENANT_MISMATCH: "The token belongs to a different tenant than the `hello` names.",
+    CloseCode.TOKEN_REVOKED: (
+        "The token was revoked (that token, or a logout of the user or device); sign in again."
+    ),
     CloseCode.IDLE_TIMEOUT: "Nothing (not even a ping) arrived within the idle timeout.",
     CloseCode.SLOW_CONSUMER: (
         "The client read too slowly and its outbound queue overflowed; reconnect and sync from "

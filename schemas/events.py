@@ -37,6 +37,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError, to_json
 
@@ -792,6 +793,66 @@ class OperatorAction(EventEnvelope[OperatorActionPayload]):
     type: Literal["operator.action"] = "operator.action"
 
 
+class RevocationScope(StrEnum):
+    TOKEN = "token"
+    """One token, by its ``jti``."""
+    USER = "user"
+    """Every token of the user issued before ``issued_before`` (a forced logout everywhere)."""
+    DEVICE = "device"
+    """Every token of the user issued before ``issued_before`` used by one device."""
+
+
+#: The longest ``jti`` a revocation can name (tokens with a longer one are refused).
+MAX_TOKEN_ID_CHARS = 256
+MAX_REASON_CHARS = 500
+
+
+class TokensRevokedPayload(WireModel):
+    scope: RevocationScope
+    token_id: Annotated[
+        str | None,
+        StringConstraints(min_length=1, max_length=MAX_TOKEN_ID_CHARS),
+        Field(description="The revoked token's `jti` (scope `token`)"),
+    ] = None
+    user_id: Annotated[
+        UserId | None, Field(description="The user whose tokens are revoked (scopes user, device)")
+    ] = None
+    device_id: Annotated[
+        DeviceId | None, Field(description="The device whose tokens are revoked (scope device)")
+    ] = None
+    issued_before: Annotated[
+        UtcDatetime | None,
+        Field(description="Tokens with an earlier `iat` are revoked (scopes user, device)"),
+    ] = None
+    operator: Annotated[Id, Field(description="Who revoked: `--operator`, else the login name")]
+    reason: Annotated[
+        str | None,
+        StringConstraints(max_length=MAX_REASON_CHARS),
+        Field(description="Why, for the audit"),
+    ] = None
+
+    @model_validator(mode="after")
+    def _names_its_subject(self) -> Self:
+        wanted = {
+            RevocationScope.TOKEN: ("token_id",),
+            RevocationScope.USER: ("user_id", "issued_before"),
+            RevocationScope.DEVICE: ("user_id", "device_id", "issued_before"),
+        }[self.scope]
+        for name in ("token_id", "user_id", "device_id", "issued_before"):
+            if (getattr(self, name) is not None) != (name in wanted):
+                needs = ", ".join(wanted)
+                raise ValueError(f"a revocation of scope {self.scope} names exactly {needs}")
+        return self
+
+
+class TokensRevoked(EventEnvelope[TokensRevokedPayload]):
+    """An operator revoked tokens (``imstream revoke``): every ingress node refuses them and
+    closes the sockets that use them. Tenant: the user's, or ``SYSTEM_TENANT`` for a token
+    revoked by ``jti`` alone (it then matches in every tenant). No actor."""
+
+    type: Literal["tokens.revoked"] = "tokens.revoked"
+
+
 def derived_event_id(source_event_id: str, role: str) -> str:
     """The id of an event a processor derives from ``source_event_id`` (UUID v5): processing the
     same input again derives the same id, which is what makes re-processing harmless."""
@@ -824,7 +885,8 @@ Event = Annotated[
     | PushTokenRemoved
     | ConversationAdvanced
     | CommandRejected
-    | OperatorAction,
+    | OperatorAction
+    | TokensRevoked,
     Field(discriminator="type"),
 ]
 

@@ -27,6 +27,17 @@ Live delivery
   hashing needs no registry of node numbers; give the topic more partitions than nodes to keep
   sharing rare. It is best-effort: a device recovers anything it missed by syncing.
 
+Revocations
+  One compacted topic of ``tokens.revoked`` events, keyed by what they revoke
+  (``revocation_key``: ``tenant/token/jti``, ``tenant/user/user`` or
+  ``tenant/device/user/device``), so a newer revocation of the same subject replaces the older
+  one. Every ingress node reads all of it from the beginning at start-up, without a consumer
+  group, and keeps following it (ingress/revocations.py). A revocation matters only until every
+  token it can match has expired (its moment plus the maximum token lifetime), so the topic also
+  deletes records older than that (``compact,delete``, retention the maximum token lifetime plus
+  three leeways, rounded up to whole days): nobody needs to write tombstones, and the topic
+  stays about as small as the set of revocations in force.
+
 Dead letters
   One dead-letter topic per source topic (``<name>.dlq``), holding the original key and value
   with the reason in headers. Per-source topics keep replay simple (fix the cause, re-publish the
@@ -34,18 +45,20 @@ Dead letters
   topics (typing, live delivery) have none: a poison record there is logged and dropped, since
   re-delivering it later would have no meaning. Nor have the push-outcomes and operator-actions
   topics: their only reader is the audit (ClickHouse), which audits a poison record as
-  undecodable and never dead-letters.
+  undecodable and never dead-letters; nor has the revocation topic, whose readers (the ingress
+  nodes) log and skip a poison record.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields, replace
 from datetime import timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from schemas.events import Event
+from schemas.events import Event, RevocationScope, TokensRevoked
 
 if TYPE_CHECKING:
     from pipelines.settings import Settings
@@ -62,6 +75,8 @@ GATEWAY_PARTITIONS = 4
 DEVICE_PARTITIONS = 3
 DEAD_LETTER_PARTITIONS = 1
 OPERATOR_PARTITIONS = 1
+#: Every ingress node reads every partition: one keeps its start-up read a single fetch.
+REVOCATION_PARTITIONS = 1
 DEAD_LETTER_RETENTION = timedelta(days=30)
 #: The topic-level configs the catalog sets; every other config keeps the broker's default.
 MANAGED_CONFIGS = frozenset({"cleanup.policy", "retention.ms", "min.insync.replicas", "segment.ms"})
@@ -82,6 +97,8 @@ class KeyKind(StrEnum):
     """A message id, placed explicitly on its conversation's partition (the message state)."""
     OPERATOR = "operator"
     """The operator's name: one operator's actions stay in order."""
+    REVOCATION = "revocation"
+    """``tenant/scope/subject``: compaction keeps the latest revocation of each subject."""
     NONE = "none"
     """Dead letters keep the original key, but nothing depends on their placement."""
 
@@ -157,6 +174,7 @@ class TopicCatalog:
     user_state: Topic
     known_users: Topic
     operator_actions: Topic
+    revocations: Topic
     dead_letters: tuple[Topic, ...]
 
     def sources(self) -> tuple[Topic, ...]:
@@ -213,6 +231,17 @@ def gateway_key(node_id: str) -> bytes:
 
 def operator_key(operator: str) -> bytes:
     return operator.encode()
+
+
+def revocation_key(event: TokensRevoked) -> bytes:
+    """The subject a revocation is about: a newer revocation of it replaces the older one."""
+    payload = event.payload
+    parts: tuple[str | None, ...] = {
+        RevocationScope.TOKEN: (payload.token_id,),
+        RevocationScope.USER: (payload.user_id,),
+        RevocationScope.DEVICE: (payload.user_id, payload.device_id),
+    }[payload.scope]
+    return KEY_SEPARATOR.join((event.tenant_id, payload.scope.value, *map(str, parts))).encode()
 
 
 def event_key(event: Event, kind: KeyKind) -> bytes:
@@ -275,6 +304,12 @@ def topic_catalog(
     partition count of topics by logical name (e.g. ``{"im.presence": 12}``)."""
     prefix = settings.kafka.topic_prefix
     replication = settings.kafka.replication_factor
+    # Every token a revocation can match has expired by then (see "Revocations" above), in
+    # whole days.
+    revocation_horizon = (
+        settings.auth.jwt_max_lifetime_seconds + 3 * settings.auth.jwt_leeway_seconds
+    )
+    revocation_retention = timedelta(days=math.ceil(revocation_horizon / 86_400))
     message_retention_days = settings.streams.message_retention_days
     overrides = dict(partitions or {})
 
@@ -483,6 +518,19 @@ def topic_catalog(
             dead_letter=False,
             description="Every operator action (a redrive, a replay …) as an operator.action "
             "event, for the ClickHouse audit: who ran which command, with what result",
+        ),
+        revocations=topic(
+            "im.auth.revocations",
+            key=KeyKind.REVOCATION,
+            partitions=REVOCATION_PARTITIONS,
+            retention=revocation_retention,
+            segment=timedelta(hours=1),
+            cleanup=CleanupPolicy.COMPACT_DELETE,
+            events=("tokens.revoked",),
+            dead_letter=False,
+            description="Revoked tokens (by jti) and forced logouts (a user's or a device's "
+            "tokens issued before a moment), written by `imstream revoke`; every ingress node "
+            "reads all of it and refuses and disconnects what it revokes",
         ),
         dead_letters=(),
     )

@@ -17,8 +17,10 @@ PROCESSOR_EVENT_TYPES = ("conversation.advanced", "command.rejected")
 #: Event types the operator tools write (on the operator-actions topic, never through the
 #: ingress).
 OPERATOR_EVENT_TYPES = ("operator.action",)
+#: Event types ``imstream revoke`` writes (on the revocation topic, never through the ingress).
+REVOCATION_EVENT_TYPES = ("tokens.revoked",)
 #: Event types no client command produces: they have no inbound topic.
-UNROUTED_EVENT_TYPES = PROCESSOR_EVENT_TYPES + OPERATOR_EVENT_TYPES
+UNROUTED_EVENT_TYPES = PROCESSOR_EVENT_TYPES + OPERATOR_EVENT_TYPES + REVOCATION_EVENT_TYPES
 
 
 def _event(model: type[ev.EventEnvelope[ev.P]], payload: ev.P, actor: ev.Actor | None) -> ev.Event:
@@ -190,6 +192,18 @@ def sample_events() -> dict[str, ev.Event]:
                 outcome=ev.OperatorOutcome.FAILED,
                 error="kafka unreachable",
             ),
+        ),
+        _event(
+            ev.TokensRevoked,
+            ev.TokensRevokedPayload(
+                scope=ev.RevocationScope.DEVICE,
+                user_id="alice",
+                device_id="alice-phone",
+                issued_before=OCCURRED_AT,
+                operator="ops-erin",
+                reason="phone reported stolen",
+            ),
+            None,
         ),
     ]
     return {event.type: event for event in samples}

@@ -23,10 +23,31 @@ def sent_json(**payload_changes: Any) -> dict[str, Any]:
 
 def test_samples_cover_every_event_type() -> None:
     assert list(sample_events()) == list(ev.EVENT_TYPES)
-    assert len(ev.EVENT_TYPES) == len(set(ev.EVENT_TYPES)) == 22
+    assert len(ev.EVENT_TYPES) == len(set(ev.EVENT_TYPES)) == 23
     # The events the stream processors write come after everything clients cause, then the
     # operator tools' own.
-    assert ev.EVENT_TYPES[-3:] == ("conversation.advanced", "command.rejected", "operator.action")
+    assert ev.EVENT_TYPES[-4:] == (
+        "conversation.advanced",
+        "command.rejected",
+        "operator.action",
+        "tokens.revoked",
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        pytest.param({"token_id": "t-1"}, "exactly user_id, device_id", id="device-and-jti"),
+        pytest.param({"device_id": None}, "exactly user_id, device_id", id="device-without-one"),
+        pytest.param({"scope": "user"}, "exactly user_id, issued_before", id="user-with-device"),
+        pytest.param({"scope": "token"}, "exactly token_id", id="token-without-jti"),
+    ],
+)
+def test_a_revocation_names_exactly_its_subject(changes: dict[str, Any], message: str) -> None:
+    data: dict[str, Any] = json.loads(ev.encode_event(sample_events()["tokens.revoked"]))
+    data["payload"].update(changes)
+    with pytest.raises(SchemaError, match=message):
+        ev.parse_event(json.dumps(data))
 
 
 @pytest.mark.parametrize("event_type", ev.EVENT_TYPES)

@@ -150,6 +150,8 @@ def test_dead_letters(settings: Settings) -> None:
     # Only audited: the ClickHouse sink never dead-letters.
     ephemeral.add(catalog.push_outcomes.name)
     ephemeral.add(catalog.operator_actions.name)
+    # Read by the ingress nodes only, which log and skip a poison revocation.
+    ephemeral.add(catalog.revocations.name)
     state = {
         t.name
         for t in (
