@@ -192,8 +192,11 @@ class PushTokenRemovalReason(StrEnum):
     PROVIDER_REJECTED = "provider-rejected"
     """APNs or FCM answered that the token is no longer valid."""
     MOVED = "moved"
-    """Another device or user registered the same token (the app was reinstalled, another
-    account signed in on the phone): the token no longer reaches this one."""
+    """Another device of the same user registered the same token (the app was reinstalled
+    under a new device id): the token no longer reaches this one."""
+    CLAIM_REFUSED = "claim-refused"
+    """This device registered a token that a device of another user of the tenant holds: the
+    token stays with that device (the registration proves no ownership), this one gets none."""
 
 
 def _body_too_large(size: int) -> PydanticCustomError:

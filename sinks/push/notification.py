@@ -83,7 +83,10 @@ class PushTarget:
     provider: PushProvider
     token: str
     app_id: str
-    """The APNs bundle id (the APNs topic) or the FCM application id."""
+    """The APNs bundle id (the APNs topic) or the FCM application id: one of the tenant's apps
+    (the push sink routes it by the tenant's settings, never by what the client wrote)."""
+    project_id: str | None = None
+    """The FCM project to send through (the tenant's); None: the sender's own."""
 
 
 @dataclass(frozen=True, slots=True)

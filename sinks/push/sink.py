@@ -26,8 +26,13 @@ is served (assigned, not a group: every replica needs every token), then followe
   ``token_invalid_since``, or holds another token by now;
 - a job a device could not get (retries exhausted, rejected, circuit open) goes to the push-jobs
   dead-letter topic once, with the first such device's code in ``imstream.error.code``;
-- a token registration that brings a token another device holds detaches the other device: a
-  ``push_token.removed`` (reason ``moved``) for it.
+- a token registration that brings a token another device of the same user and tenant holds
+  detaches the other device: a ``push_token.removed`` (reason ``moved``) for it; one that brings
+  a token a device of another user holds is refused: a ``push_token.removed`` (reason
+  ``claim-refused``) for the claimant (``sinks.push.tokens``);
+- where a push goes comes from the tenant's settings (``IM_PUSH__TENANT_APPS``): the APNs topic
+  is one of the tenant's bundle ids, the FCM project the tenant's; a token whose app is none of
+  the tenant's is ``skipped`` with reason ``app-not-configured``.
 
 Delivery guarantee: **at least once per device and job.** A job's offset is committed only once
 its outcome records, token removals and dead letter are acknowledged by Kafka (``acks=all``), and
@@ -53,7 +58,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from datetime import time as wall_time
 from typing import Any
@@ -84,6 +89,7 @@ from schemas.events import (
     PushAttemptOutcome,
     PushJob,
     PushOutcomeRecord,
+    PushProvider,
     PushTokenRegistered,
     PushTokenRemovalReason,
     PushTokenRemoved,
@@ -98,6 +104,7 @@ from sinks.push.notification import PushNotification, PushTarget, build_notifica
 from sinks.push.outcome import PushOutcome
 from sinks.push.policy import QuietHours, RecipientPreferences, decide
 from sinks.push.reliability import DeliveryReport, PushDispatcher
+from sinks.push.settings import TenantPushApps
 from sinks.push.tokens import Detach, Holder, TokenTable
 from streams.processors import PROCESSING_FAILED, dead_letter
 from streams.records import InputRecord
@@ -120,6 +127,11 @@ KAFKA_TIMEOUT_SECONDS = 10.0
 #: ``reason`` of a job that reaches no device, and of a device whose provider has no credentials.
 NO_DEVICE_TOKEN = "no-device-token"
 PROVIDER_NOT_CONFIGURED = "provider-not-configured"
+#: ``reason`` of a device whose token is for an app its tenant's settings do not name (a token
+#: registered before the settings changed, or written around the ingress).
+APP_NOT_CONFIGURED = "app-not-configured"
+#: The log tag of a registration refused because another user's device holds the token.
+CLAIM_REFUSED = "claim-refused"
 
 
 class FatalError(Exception):
@@ -134,6 +146,7 @@ class SinkStats:
     skipped: int = 0
     tokens_removed: int = 0
     tokens_moved: int = 0
+    claims_refused: int = 0
     dead_lettered: int = 0
     commits: int = 0
 
@@ -288,7 +301,10 @@ class PushSink:
             [TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.partitions]
         )
         started = time.monotonic()
-        due: dict[tuple[Holder, str], Detach] = {}
+        # The latest record of every device (what compaction keeps), applied in the order they
+        # happened: a reload reaches the state the events' times dictate, whatever order the
+        # partitions were read in (a claim of another user never wins by being read first).
+        latest: dict[bytes, PushTokenRegistered | PushTokenRemoved] = {}
         records = 0
         while remaining and not stop.is_set():
             for message in self.token_consumer.consume(TOKEN_BATCH, timeout=POLL_SECONDS):
@@ -300,26 +316,23 @@ class PushSink:
                         raise FatalError(f"token consumer: {error}")
                     continue
                 records += 1
+                key = message.key() or b""
                 event = _token_event(message)
                 if event is None:
-                    continue
-                if isinstance(event, PushTokenRemoved):
-                    removed = Holder(
-                        event.tenant_id, event.payload.user_id, event.payload.device_id
-                    )
-                    due.pop((removed, event.payload.token), None)
-                for detach in self.tokens.apply(event):
-                    due[(detach.holder, detach.entry.token)] = detach
+                    latest.pop(key, None)
+                else:
+                    latest[key] = event
         if stop.is_set():
             return False
-        # A detach whose removal is not in the topic yet (written by nobody, or lost): write it,
-        # unless the device has registered a token since (the removal would then be the
-        # device's latest record, and compaction would forget the newer registration).
-        pending = [d for d in due.values() if self.tokens.entry(d.holder) is None]
+        # A detach whose removal is not in the topic yet (written by nobody, or lost): the
+        # device's latest record is still the registration it lost. Write it, unless the device
+        # holds a token after all (the removal would then forget the registration).
+        due = self.tokens.load(latest.values())
+        pending = [d for d in due if self.tokens.entry(d.holder) is None]
         for detach in pending:
             self._produce_detach(detach)
         log.info(
-            "token table loaded: %d tokens from %d records in %.1fs; %d moved tokens detached",
+            "token table loaded: %d tokens from %d records in %.1fs; %d tokens detached",
             len(self.tokens),
             records,
             time.monotonic() - started,
@@ -394,8 +407,16 @@ class PushSink:
         is written again when a sink next loads the table and finds the token still shared."""
         removal = detach.removal()
         holder = detach.holder
-        log.info("token of %s moved to another device; detaching it", _name(holder))
-        self.stats.tokens_moved += 1
+        if detach.reason is PushTokenRemovalReason.CLAIM_REFUSED:
+            log.info(
+                "[%s] %s claimed a token another user's device holds",
+                CLAIM_REFUSED,
+                _name(holder),
+            )
+            self.stats.claims_refused += 1
+        else:
+            log.info("token of %s moved to another device; detaching it", _name(holder))
+            self.stats.tokens_moved += 1
         self._produce(
             _Output(
                 self.catalog.push_tokens.name,
@@ -499,9 +520,23 @@ class PushSink:
             preview=self.push.preview_for(job.tenant_id),
             locale=preferences.locale,
         )
-        reports = await asyncio.gather(*(self._deliver(notification, target) for target in targets))
+        apps = self.push.apps_for(job.tenant_id)
+        routed = [_routed(target, apps) for target in targets]
+        reports = await asyncio.gather(
+            *(self._deliver(notification, target) for target in routed if target is not None)
+        )
+        delivered = iter(reports)
         dead_letter_codes: list[str] = []
-        for target, report in zip(targets, reports, strict=True):
+        for target, route in zip(targets, routed, strict=True):
+            if route is None:
+                reason = (
+                    APP_NOT_CONFIGURED
+                    if target.provider in self.dispatcher.providers
+                    else PROVIDER_NOT_CONFIGURED
+                )
+                result.outputs.append(self._skipped(job, target, reason, now))
+                continue
+            report = next(delivered)
             if report is None:
                 result.outputs.append(self._skipped(job, target, PROVIDER_NOT_CONFIGURED, now))
                 continue
@@ -785,6 +820,17 @@ def _watermarks(consumer: Consumer, partition: TopicPartition) -> tuple[int, int
             if not transient or time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def _routed(target: PushTarget, apps: TenantPushApps) -> PushTarget | None:
+    """``target`` as the tenant's settings route it: its APNs topic one of the tenant's apps,
+    its FCM project the tenant's; None when its app is none of the tenant's. The app id in the
+    token record is only a choice among the tenant's apps, never a topic of its own."""
+    app_id = apps.resolve(target.provider, target.app_id)
+    if app_id is None:
+        return None
+    project_id = apps.fcm_project_id if target.provider is PushProvider.FCM else None
+    return replace(target, app_id=app_id, project_id=project_id)
 
 
 def _name(holder: Holder) -> str:

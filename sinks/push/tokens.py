@@ -6,17 +6,32 @@ beginning) and kept up to date by following it. Pure: no Kafka here, so every ru
 - A registration sets the device's token (a newer one replaces an older one); a removal takes
   the device's token away only when it names the token the device holds (a removal of a token
   the device has since replaced concerns the old one — the CQL sink applies the same rule).
-- A token is held by one device at a time. When a registration brings a token another
-  (tenant, user, device) holds, the later registration keeps it and the other holder is
-  *detached*: :meth:`TokenTable.apply` returns a :class:`Detach`, for which the sink writes a
-  ``push_token.removed`` (reason ``moved``). Tokens are unique per provider across tenants (a
-  token is an app install on a phone), so a phone signed into another tenant's account stops
-  receiving the first account's pushes. The topic's partitions are read in no particular order
-  relative to each other, so "later" is the registrations' ``occurred_at``, not read order.
+- A token's identity is (tenant, provider, token): what a device of one tenant registers never
+  touches another tenant's devices. Tenant B registering a token string that a device of
+  tenant A holds detaches nothing, replaces nothing and receives nothing of A's; each tenant's
+  pushes go through its own apps (the APNs topic and FCM project of its settings), so a token
+  of A's app pushed under B's topic is rejected by the provider and removed from B alone.
+- Within a tenant a token is held by one device at a time. A registration of a token that a
+  device *of the same user* holds moves it (the app reinstalled under a new device id): the
+  later registration keeps it and the other holder is *detached* — :meth:`TokenTable.apply`
+  returns a :class:`Detach`, for which the sink writes a ``push_token.removed`` (reason
+  ``moved``). A registration by *another user* proves nothing (a token string is no secret
+  once seen: logs, a shared phone, a hostile app): the holder keeps the token, and the
+  claimant is refused — a :class:`Detach` of the claimant, written as a ``push_token.removed``
+  (reason ``claim-refused``). The claimant gets the token once the holder lets go of it (its
+  user logs out: ``DELETE …/push-token``; the provider rejects it; its device registers
+  another) and the claimant registers again, as an app does at every launch.
+- The topic's partitions are read in no particular order relative to each other, so "later"
+  is the registrations' ``occurred_at``, not read order: a claim read after a later one of
+  another user still wins (it was first). The sink loads the table in ``occurred_at`` order
+  (:meth:`TokenTable.load`), so a reload reaches the state the events' times dictate.
+- Refused claims keep no state: a client cannot grow the table by claiming tokens it does not
+  hold (one entry per device that holds a token, as before).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -57,23 +72,28 @@ class DeviceToken:
 
 @dataclass(frozen=True, slots=True)
 class Detach:
-    """``holder`` lost ``entry``'s token to a later registration, ``moved_by``."""
+    """``holder`` lost ``entry``'s token to ``moved_by``: a later registration of the same user
+    (reason ``moved``), or the registration of another user that holds it (``claim-refused``)."""
 
     holder: Holder
     entry: DeviceToken
     moved_by: DeviceToken
+    reason: PushTokenRemovalReason = PushTokenRemovalReason.MOVED
 
     def removal(self) -> PushTokenRemoved:
-        """The ``push_token.removed`` (reason ``moved``) for the old holder. Its id and time
+        """The ``push_token.removed`` (reason ``moved`` or ``claim-refused``). Its id and time
         derive from the two registrations, so whoever writes it (two sink replicas, a restart)
         writes the same event, and its time is after the old registration's (the CQL sink's
         delete then wins over the old row's write)."""
         holder = self.holder
+        # A refused claim's removal derives from the claim: the same holder refuses every new
+        # claim of the device, and each needs its own removal.
+        refused = self.reason is PushTokenRemovalReason.CLAIM_REFUSED
         return PushTokenRemoved.new(
             tenant_id=holder.tenant_id,
             event_id=derived_event_id(
-                self.moved_by.event_id,
-                f"moved/{holder.tenant_id}/{holder.user_id}/{holder.device_id}",
+                self.entry.event_id if refused else self.moved_by.event_id,
+                f"{self.reason.value}/{holder.tenant_id}/{holder.user_id}/{holder.device_id}",
             ),
             occurred_at=max(self.moved_by.registered_at, self.entry.registered_at),
             payload=PushTokenRemovedPayload(
@@ -82,17 +102,21 @@ class Detach:
                 provider=self.entry.provider,
                 token=self.entry.token,
                 app_id=self.entry.app_id,
-                reason=PushTokenRemovalReason.MOVED,
+                reason=self.reason,
             ),
         )
 
 
+TokenKey = tuple[str, PushProvider, str]
+"""A token's identity: (tenant, provider, token)."""
+
+
 class TokenTable:
-    """user → {device → token} and (provider, token) → holder; see the module docstring."""
+    """user → {device → token} and (tenant, provider, token) → holder; see the module docstring."""
 
     def __init__(self) -> None:
         self._devices: dict[tuple[str, str], dict[str, DeviceToken]] = {}
-        self._holders: dict[tuple[PushProvider, str], Holder] = {}
+        self._holders: dict[TokenKey, Holder] = {}
 
     def __len__(self) -> int:
         return len(self._holders)
@@ -105,11 +129,20 @@ class TokenTable:
     def entry(self, holder: Holder) -> DeviceToken | None:
         return self._devices.get((holder.tenant_id, holder.user_id), {}).get(holder.device_id)
 
-    def holder_of(self, provider: PushProvider, token: str) -> Holder | None:
-        return self._holders.get((provider, token))
+    def holder_of(self, tenant_id: str, provider: PushProvider, token: str) -> Holder | None:
+        return self._holders.get((tenant_id, provider, token))
+
+    def load(self, events: Iterable[PushTokenRegistered | PushTokenRemoved]) -> list[Detach]:
+        """Apply the latest event of every device (a compacted topic's content) in the order
+        they happened; the devices they detach."""
+        detached: list[Detach] = []
+        for event in sorted(events, key=lambda e: (e.occurred_at, e.event_id)):
+            detached += self.apply(event)
+        return detached
 
     def apply(self, event: PushTokenRegistered | PushTokenRemoved) -> list[Detach]:
-        """Apply one event of the token topic; the devices it detaches from their token."""
+        """Apply one event of the token topic; the devices it detaches from their token (or
+        whose claim it refuses)."""
         payload = event.payload
         holder = Holder(event.tenant_id, payload.user_id, payload.device_id)
         if isinstance(event, PushTokenRemoved):
@@ -121,22 +154,26 @@ class TokenTable:
         current = self.entry(holder)
         if current is not None and current.registered_at > entry.registered_at:
             return []  # an older registration of this device, read after a newer one
-        other = self._holders.get((entry.provider, entry.token))
+        other = self._holders.get((holder.tenant_id, entry.provider, entry.token))
         other_entry = self.entry(other) if other is not None and other != holder else None
+        detached: list[Detach] = []
         if other is not None and other_entry is not None:
-            if other_entry.registered_at > entry.registered_at:
-                # The other device registered the token after this one did: this one lost it.
+            same_user = other.user_id == holder.user_id
+            # Same user: the later registration keeps the token. Another user: the earlier.
+            this_wins = (entry.registered_at >= other_entry.registered_at) == same_user
+            reason = (
+                PushTokenRemovalReason.MOVED if same_user else PushTokenRemovalReason.CLAIM_REFUSED
+            )
+            if not this_wins:
                 if current is not None:
                     self.drop(holder, current.token)
-                return [Detach(holder, entry, other_entry)]
+                return [Detach(holder, entry, other_entry, reason)]
             self.drop(other, other_entry.token)
-            detached = [Detach(other, other_entry, entry)]
-        else:
-            detached = []
+            detached.append(Detach(other, other_entry, entry, reason))
         if current is not None:
             self.drop(holder, current.token)
         self._devices.setdefault((holder.tenant_id, holder.user_id), {})[holder.device_id] = entry
-        self._holders[(entry.provider, entry.token)] = holder
+        self._holders[(holder.tenant_id, entry.provider, entry.token)] = holder
         return detached
 
     def drop(self, holder: Holder, token: str) -> bool:
@@ -148,6 +185,7 @@ class TokenTable:
         del devices[holder.device_id]
         if not devices:
             del self._devices[(holder.tenant_id, holder.user_id)]
-        if self._holders.get((entry.provider, entry.token)) == holder:
-            del self._holders[(entry.provider, entry.token)]
+        key = (holder.tenant_id, entry.provider, entry.token)
+        if self._holders.get(key) == holder:
+            del self._holders[key]
         return True

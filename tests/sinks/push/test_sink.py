@@ -5,6 +5,7 @@ outcome records agree with what the fakes themselves counted."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import signal
@@ -138,9 +139,11 @@ def registered(
     token: str,
     *,
     at: datetime | None = None,
+    tenant: str = TENANT,
+    app_id: str | None = None,
 ) -> Outgoing:
     event = ev.PushTokenRegistered.new(
-        tenant_id=TENANT,
+        tenant_id=tenant,
         actor=ev.Actor(user_id=user, device_id=device),
         occurred_at=at or datetime.now(UTC),
         payload=ev.PushTokenRegisteredPayload(
@@ -148,17 +151,19 @@ def registered(
             device_id=device,
             provider=provider,
             token=token,
-            app_id=APNS_TOPIC if provider is ev.PushProvider.APNS else FCM_APP,
+            app_id=app_id or (APNS_TOPIC if provider is ev.PushProvider.APNS else FCM_APP),
         ),
     )
-    return Outgoing("", device_key(TENANT, user, device), ev.encode_event(event))
+    return Outgoing("", device_key(tenant, user, device), ev.encode_event(event))
 
 
-def job(user: str, conversation_id: str, *, unread_total: int = 3) -> ev.PushJob:
+def job(
+    user: str, conversation_id: str, *, unread_total: int = 3, tenant: str = TENANT
+) -> ev.PushJob:
     message_id = str(uuid.uuid4())
     return ev.PushJob(
         job_id=ev.derived_event_id(message_id, f"push/{user}"),
-        tenant_id=TENANT,
+        tenant_id=tenant,
         user_id=user,
         conversation_id=conversation_id,
         conversation_seq=9,
@@ -294,11 +299,11 @@ async def test_offline_users_get_their_pushes_and_outcomes_match_the_fakes(
     (apns,) = fake_apns.stats.for_token(iphone)
     assert apns.headers["apns-collapse-id"] == "conv-a"
     assert apns.payload["aps"]["badge"] == 4
-    assert apns.payload["aps"]["alert"] == {
-        "title": "Message from alice",
-        "body": "see you at eight",
-    }
+    # The default preview says who wrote, not what: a lock screen is public.
+    assert apns.payload["aps"]["alert"] == {"title": "Message from alice"}
     (fcm,) = fake_fcm.stats.for_token(pixel)
+    assert "see you" not in json.dumps(fcm.payload)
+    assert fcm.payload["message"]["notification"] == {"title": "Message from alice"}
     assert fcm.payload["message"]["android"]["collapse_key"] == "conv-b"
     assert fcm.payload["message"]["android"]["notification"]["notification_count"] == 7
     assert fcm.payload["message"]["data"]["conversation_id"] == "conv-b"
@@ -416,10 +421,7 @@ async def test_quiet_hours_and_locale_from_the_job_shape_the_notification(
     assert ordinary.payload["aps"]["sound"] == "default"
     assert ordinary.payload["aps"]["alert"]["title"] == "Message from alice"
     (localised,) = fake_apns.stats.for_token(german)
-    assert localised.payload["aps"]["alert"] == {
-        "title": "Nachricht von alice",
-        "body": "see you at eight",
-    }
+    assert localised.payload["aps"]["alert"] == {"title": "Nachricht von alice"}
     assert localised.headers["apns-priority"] == "10"
 
 
@@ -478,41 +480,136 @@ async def test_rejected_tokens_are_removed_and_never_tried_again(
     assert len(fake_apns.stats.for_token(kept_iphone)) == 2
 
 
-async def test_a_token_registered_by_another_device_is_detached_from_the_old_one(
+async def detached(settings: Settings, user: str, reason: ev.PushTokenRemovalReason) -> bool:
+    return any(
+        r.user_id == user and r.reason == reason for r in removals(await token_events(settings))
+    )
+
+
+async def test_a_token_the_same_user_registers_on_a_new_device_moves_to_it(
     sink_settings: Settings,
     start_sink: Callable[[Settings], Any],
     fake_apns: FakeApns,
 ) -> None:
+    """A reinstall: the app gets a new device id, the phone keeps its token, the user is the
+    same. The token moves; the old device id is detached."""
     shared = apns_token()
     now = datetime.now(UTC)
-    # Before the sink starts: dave's phone, then erin's (reinstalled, signed in as erin).
+    moved = ev.PushTokenRemovalReason.MOVED
     send_tokens(
         sink_settings,
         registered("dave", "phone", ev.PushProvider.APNS, shared, at=now - timedelta(minutes=2)),
-        registered("erin", "phone", ev.PushProvider.APNS, shared, at=now - timedelta(minutes=1)),
+        registered("dave", "phone-2", ev.PushProvider.APNS, shared, at=now - timedelta(minutes=1)),
     )
     running: Running = await start_sink(sink_settings)
+    await eventually(lambda: detached(sink_settings, "dave", moved), "dave's phone detached")
+    # While it runs: another reinstall.
+    send_tokens(sink_settings, registered("dave", "phone-3", ev.PushProvider.APNS, shared))
 
-    async def detached(user: str) -> bool:
-        return any(
-            r.user_id == user and r.reason == ev.PushTokenRemovalReason.MOVED
-            for r in removals(await token_events(sink_settings))
-        )
+    async def twice() -> bool:
+        found = removals(await token_events(sink_settings))
+        return sum(r.reason == moved for r in found) == 2
 
-    await eventually(lambda: detached("dave"), "dave detached when the table loaded")
-    # While it runs: frank signs in on the phone.
-    send_tokens(sink_settings, registered("frank", "phone", ev.PushProvider.APNS, shared))
-    await eventually(lambda: detached("erin"), "erin detached while following")
-    assert running.sink.tokens.targets(TENANT, "frank")[0].token == shared
+    await eventually(twice, "phone-2 detached while following")
+    assert [t.device_id for t in running.sink.tokens.targets(TENANT, "dave")] == ["phone-3"]
     removed = removals(await token_events(sink_settings))
-    assert sorted((r.user_id, r.token) for r in removed) == [("dave", shared), ("erin", shared)]
-
-    jobs = [job("dave", "conv-9"), job("erin", "conv-9"), job("frank", "conv-9")]
-    send_jobs(sink_settings, *jobs)
-    found = {o.user_id: o for o in await outcomes_of(sink_settings, {j.job_id for j in jobs}, 3)}
-    assert (found["dave"].reason, found["erin"].reason) == ("no-device-token", "no-device-token")
-    assert (found["frank"].outcome, found["frank"].device_id) == ("sent", "phone")
+    assert sorted((r.device_id, r.reason) for r in removed) == [
+        ("phone", moved),
+        ("phone-2", moved),
+    ]
+    pending = job("dave", "conv-9")
+    send_jobs(sink_settings, pending)
+    (found,) = await outcomes_of(sink_settings, {pending.job_id}, 1)
+    assert (found.outcome, found.device_id) == ("sent", "phone-3")
     assert len(fake_apns.stats.for_token(shared)) == 1
+
+
+async def test_another_users_registration_of_a_held_token_is_refused(
+    sink_settings: Settings,
+    start_sink: Callable[[Settings], Any],
+    fake_apns: FakeApns,
+) -> None:
+    """Push-token takeover within a tenant: mallory registers the token of dave's phone (seen
+    in a log, a screenshot, a hostile app). dave keeps getting his pushes; mallory's claim is
+    refused (``claim-refused``) and her messages do not land on dave's phone. Before the sink
+    starts and while it runs."""
+    shared = apns_token()
+    now = datetime.now(UTC)
+    send_tokens(
+        sink_settings,
+        registered("dave", "phone", ev.PushProvider.APNS, shared, at=now - timedelta(minutes=2)),
+        registered(
+            "mallory", "laptop", ev.PushProvider.APNS, shared, at=now - timedelta(minutes=1)
+        ),
+    )
+    running: Running = await start_sink(sink_settings)
+    refused = "claim-refused"
+
+    async def one_removed() -> bool:
+        return len(removals(await token_events(sink_settings))) >= 1
+
+    await eventually(one_removed, "the claim made before the start refused")
+    send_tokens(sink_settings, registered("mallory", "tablet", ev.PushProvider.APNS, shared))
+
+    async def both_refused() -> bool:
+        return len(removals(await token_events(sink_settings))) >= 2
+
+    await eventually(both_refused, "the claim made while following refused")
+    removed = removals(await token_events(sink_settings))
+    assert sorted((r.user_id, r.device_id, r.reason) for r in removed) == [
+        ("mallory", "laptop", refused),
+        ("mallory", "tablet", refused),
+    ]
+    assert [t.device_id for t in running.sink.tokens.targets(TENANT, "dave")] == ["phone"]
+    assert running.sink.tokens.targets(TENANT, "mallory") == []
+
+    jobs = [job("dave", "conv-9"), job("mallory", "conv-9")]
+    send_jobs(sink_settings, *jobs)
+    found = {o.user_id: o for o in await outcomes_of(sink_settings, {j.job_id for j in jobs}, 2)}
+    assert (found["dave"].outcome, found["dave"].device_id) == ("sent", "phone")
+    assert (found["mallory"].outcome, found["mallory"].reason) == ("skipped", "no-device-token")
+    assert len(fake_apns.stats.for_token(shared)) == 1
+
+
+async def test_a_token_of_another_tenant_is_neither_detached_nor_reached(
+    sink_settings: Settings,
+    start_sink: Callable[[Settings], Any],
+    fake_apns: FakeApns,
+) -> None:
+    """Push-token takeover across tenants: a user of tenant ``rival`` registers the token of a
+    phone of tenant ``acme``. acme's device keeps its token and its pushes; nothing is written
+    for it. (Each tenant's pushes go through its own app: rival's through its own topic.)"""
+    shared = apns_token()
+    now = datetime.now(UTC)
+    send_tokens(
+        sink_settings,
+        registered("dave", "phone", ev.PushProvider.APNS, shared, at=now - timedelta(minutes=2)),
+        registered(
+            "mallory",
+            "laptop",
+            ev.PushProvider.APNS,
+            shared,
+            at=now - timedelta(minutes=1),
+            tenant="rival",
+        ),
+    )
+    running: Running = await start_sink(sink_settings)
+    send_tokens(
+        sink_settings,
+        registered("mallory", "tablet", ev.PushProvider.APNS, shared, tenant="rival"),
+    )
+    await eventually(
+        lambda: (
+            [t.device_id for t in running.sink.tokens.targets("rival", "mallory")] == ["tablet"]
+        ),
+        "rival's registration read",
+    )
+    pending = job("dave", "conv-9")
+    send_jobs(sink_settings, pending)
+    (found,) = await outcomes_of(sink_settings, {pending.job_id}, 1)
+    assert (found.outcome, found.device_id) == ("sent", "phone")
+    assert [t.device_id for t in running.sink.tokens.targets(TENANT, "dave")] == ["phone"]
+    assert not any(r.user_id == "dave" for r in removals(await token_events(sink_settings)))
 
 
 async def test_a_job_that_keeps_failing_goes_to_the_dead_letter_topic_with_its_code(
