@@ -44,7 +44,7 @@ from tests.sinks.clickhouse_support import (
 from tests.sinks.push.fakes.apns import FakeApns
 from tests.sinks.push.fakes.fcm import FakeFcm
 from tests.sinks.push.fakes.script import Reply
-from tests.sinks.push.support import APNS_TOPIC, FCM_APP
+from tests.sinks.push.support import APNS_DEBUG_TOPIC, APNS_TOPIC, FCM_APP
 
 pytestmark = pytest.mark.stack
 
@@ -610,6 +610,81 @@ async def test_a_token_of_another_tenant_is_neither_detached_nor_reached(
     assert (found.outcome, found.device_id) == ("sent", "phone")
     assert [t.device_id for t in running.sink.tokens.targets(TENANT, "dave")] == ["phone"]
     assert not any(r.user_id == "dave" for r in removals(await token_events(sink_settings)))
+
+
+async def test_the_apns_topic_and_fcm_project_come_from_the_tenants_settings(
+    sink_settings: Settings,
+    start_sink: Callable[[Settings], Any],
+    fake_apns: FakeApns,
+    fake_fcm: FakeFcm,
+) -> None:
+    """A token record names an app, but only as a choice among its tenant's: ``beta``'s users
+    get pushes under beta's bundle id, never under acme's even when their record names it (a
+    record written around the ingress, or before the settings changed), and beta's Android
+    pushes go through beta's FCM project, not the deployment's."""
+    routed = with_push(
+        sink_settings,
+        {
+            **sink_settings.push.model_dump(mode="json"),
+            "fcm_project_id": "deployment-project",
+            "tenant_apps": {
+                TENANT: {"apns_topics": [APNS_TOPIC]},
+                "beta": {"apns_topics": [APNS_DEBUG_TOPIC], "fcm_project_id": fake_fcm.project_id},
+            },
+        },
+    )
+    foreign, own, android = apns_token(), apns_token(), fcm_token()
+    send_tokens(
+        routed,
+        registered("bea", "iphone", ev.PushProvider.APNS, foreign, tenant="beta"),
+        registered(
+            "bo", "iphone", ev.PushProvider.APNS, own, tenant="beta", app_id=APNS_DEBUG_TOPIC
+        ),
+        registered("bo", "pixel", ev.PushProvider.FCM, android, tenant="beta"),
+    )
+    await start_sink(routed)
+    jobs = [job("bea", "conv-1", tenant="beta"), job("bo", "conv-1", tenant="beta")]
+    send_jobs(routed, *jobs)
+
+    found = {
+        (o.user_id, o.device_id): o for o in await outcomes_of(routed, {j.job_id for j in jobs}, 3)
+    }
+    assert (found["bea", "iphone"].outcome, found["bea", "iphone"].reason) == (
+        "skipped",
+        "app-not-configured",
+    )
+    assert fake_apns.stats.for_token(foreign) == []
+    assert found["bo", "iphone"].outcome == "sent"
+    (pushed,) = fake_apns.stats.for_token(own)
+    assert pushed.headers["apns-topic"] == APNS_DEBUG_TOPIC
+    assert found["bo", "pixel"].outcome == "sent"
+    assert len(fake_fcm.stats.for_token(android)) == 1
+
+
+async def test_a_tenant_may_opt_in_to_full_previews(
+    sink_settings: Settings,
+    start_sink: Callable[[Settings], Any],
+    apns_settings: dict[str, Any],
+    fake_apns: FakeApns,
+) -> None:
+    full = with_push(sink_settings, {**apns_settings, "tenant_previews": {"open": "full"}})
+    shown, hidden = apns_token(), apns_token()
+    send_tokens(
+        full,
+        registered("olga", "iphone", ev.PushProvider.APNS, shown, tenant="open"),
+        registered("hugo", "iphone", ev.PushProvider.APNS, hidden),
+    )
+    await start_sink(full)
+    jobs = [job("olga", "conv-1", tenant="open"), job("hugo", "conv-1")]
+    send_jobs(full, *jobs)
+    await outcomes_of(full, {j.job_id for j in jobs}, 2)
+    (opted_in,) = fake_apns.stats.for_token(shown)
+    assert opted_in.payload["aps"]["alert"] == {
+        "title": "Message from alice",
+        "body": "see you at eight",
+    }
+    (default,) = fake_apns.stats.for_token(hidden)
+    assert default.payload["aps"]["alert"] == {"title": "Message from alice"}
 
 
 async def test_a_job_that_keeps_failing_goes_to_the_dead_letter_topic_with_its_code(
