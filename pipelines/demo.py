@@ -59,10 +59,10 @@ class DemoOptions:
     offline_users: int = 0
     #: The ClickHouse sink's analytics API; None: ``IM_SINKS__ANALYTICS_HOST``/``_PORT``.
     analytics_url: str | None = None
-    #: The app ids the offline devices' tokens name; None: ``IM_PUSH__APNS_TOPIC`` (or
-    #: ``com.example.imstream``) and ``imstream-demo`` for FCM.
+    #: The app ids the offline devices' tokens name (one of the tenant's apps,
+    #: ``IM_PUSH__TENANT_APPS``); None: none, so the tenant's default app.
     apns_app_id: str | None = None
-    fcm_app_id: str = "imstream-demo"
+    fcm_app_id: str | None = None
     #: The collapse window the stream stage runs with; None: ``IM_STREAMS__PUSH_COLLAPSE_SECONDS``.
     push_collapse_seconds: float | None = None
     #: How long to wait for the push outcomes to cover the expected jobs.
@@ -267,7 +267,6 @@ async def run_demo(
     try:
         if offline_users:
             await analytics.take_baseline()
-            apns_app = options.apns_app_id or settings.push.apns_topic or "com.example.imstream"
             await asyncio.gather(
                 *(
                     _register_offline_device(
@@ -275,7 +274,9 @@ async def run_demo(
                         user,
                         token(user),
                         providers[user],
-                        apns_app if providers[user] is PushProvider.APNS else options.fcm_app_id,
+                        options.apns_app_id
+                        if providers[user] is PushProvider.APNS
+                        else options.fcm_app_id,
                     )
                     for user in offline_users
                 )
@@ -377,7 +378,7 @@ async def run_demo(
 
 
 async def _register_offline_device(
-    options: DemoOptions, user: str, token: str, provider: PushProvider, app_id: str
+    options: DemoOptions, user: str, token: str, provider: PushProvider, app_id: str | None
 ) -> None:
     """The user's one device registers a push token and never connects."""
     client = Client(options.url, tenant_id=options.tenant, device_id="phone", token=token)

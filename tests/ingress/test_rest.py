@@ -13,6 +13,7 @@ import pytest
 from schemas.events import MAX_BODY_BYTES, message_event_id
 from schemas.topics import conversation_key, device_key, user_key
 from tests.ingress.support import (
+    PUSH_APP,
     TENANT,
     Gateway,
     JsonObject,
@@ -236,7 +237,7 @@ def test_push_tokens_are_registered_and_removed(gateway: Gateway) -> None:
     key = device_key(TENANT, user, "phone")
     partition, before = end_offset(gateway.settings, topic, key)
     path = f"/v1/tenants/{TENANT}/devices/phone/push-token"
-    body = {"provider": "apns", "token": "a" * 64, "app_id": "dev.imstream.app"}
+    body = {"provider": "apns", "token": "a" * 64, "app_id": PUSH_APP}
     headers = {**bearer(gateway, user, device="phone"), "X-Request-Id": "reg-1"}
 
     status, _, raw = gateway.request("PUT", path, body, headers)
@@ -252,6 +253,29 @@ def test_push_tokens_are_registered_and_removed(gateway: Gateway) -> None:
     assert registered["payload"] == {"user_id": user, "device_id": "phone", **body}
     assert removed["type"] == "push_token.removed"
     assert removed["payload"]["reason"] == "client"
+
+
+def test_a_push_token_gets_the_tenants_app_never_one_the_client_names(gateway: Gateway) -> None:
+    """Where a push goes (the APNs topic) is the tenant's setting: a token naming another app —
+    another tenant's bundle id, say — is refused; a token naming none gets the tenant's."""
+    user = unique("user")
+    topic = gateway.catalog.push_tokens.name
+    key = device_key(TENANT, user, "phone")
+    partition, before = end_offset(gateway.settings, topic, key)
+    path = f"/v1/tenants/{TENANT}/devices/phone/push-token"
+    headers = bearer(gateway, user, device="phone")
+    foreign = {"provider": "apns", "token": "b" * 64, "app_id": "com.rival.messenger"}
+
+    status, _, raw = gateway.request("PUT", path, foreign, headers)
+    reply = json.loads(raw)
+    assert (status, reply["code"], reply["field"]) == (403, "push-app-not-allowed", "app_id")
+    assert "com.rival.messenger" in reply["message"]
+    status, _, _ = gateway.request("PUT", path, {"provider": "apns", "token": "b" * 64}, headers)
+    assert status == 200
+
+    ((_, registered),) = read_records(gateway.settings, topic, partition, before, 1)
+    assert registered["payload"]["app_id"] == PUSH_APP
+    assert registered["payload"]["token"] == "b" * 64
 
 
 PUSH_TOKEN_REFUSALS: dict[str, tuple[Any, str, int, str, str | None]] = {
