@@ -51,6 +51,7 @@ MAX_ID_CHARS = 64
 MAX_NAME_CHARS = 256
 MAX_URL_CHARS = 2048
 MAX_PUSH_TOKEN_CHARS = 4096
+MAX_PUSH_PROOF_CHARS = 128
 #: Upper bound of a message body in UTF-8 bytes: the text of a text body, the compact JSON of a
 #: custom body's ``data``. Well inside the default 64 KiB frame limit, so that a body over the
 #: limit gets ``body-too-large`` rather than ``frame-too-large``.
@@ -678,7 +679,7 @@ class DeviceDisconnected(EventEnvelope[DevicePresencePayload]):
     type: Literal["device.disconnected"] = "device.disconnected"
 
 
-class PushTokenRegisteredPayload(WireModel):
+class PushTokenPayload(WireModel):
     user_id: UserId
     device_id: DeviceId
     provider: PushProvider
@@ -686,15 +687,27 @@ class PushTokenRegisteredPayload(WireModel):
     app_id: Annotated[
         str,
         StringConstraints(min_length=1, max_length=MAX_NAME_CHARS),
-        Field(description="APNs bundle id (topic) or FCM application id"),
+        Field(description="APNs bundle id (topic) or FCM application id: one of the tenant's"),
     ]
+
+
+class PushTokenRegisteredPayload(PushTokenPayload):
+    proof: Annotated[
+        str | None,
+        StringConstraints(min_length=1, max_length=MAX_PUSH_PROOF_CHARS),
+        Field(
+            description="The challenge the push sink sent to this token, echoed: proof that the "
+            "device receives the token's pushes (needed to take a token another user's device "
+            "holds)"
+        ),
+    ] = None
 
 
 class PushTokenRegistered(EventEnvelope[PushTokenRegisteredPayload]):
     type: Literal["push_token.registered"] = "push_token.registered"
 
 
-class PushTokenRemovedPayload(PushTokenRegisteredPayload):
+class PushTokenRemovedPayload(PushTokenPayload):
     reason: PushTokenRemovalReason = PushTokenRemovalReason.CLIENT
 
 

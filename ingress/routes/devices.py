@@ -9,7 +9,8 @@ The app a token is for (the APNs topic, the FCM app) is the tenant's, from the s
 (``IM_PUSH__TENANT_APPS``): the client may name one of the tenant's apps, or none for its first;
 any other is refused with ``push-app-not-allowed`` — a client never picks where pushes go. Who
 *holds* a token (another user's device may already) is the push sink's decision, from the token
-topic in order (``sinks.push.tokens``): a registration here is a claim.
+topic in order (``sinks.push.tokens``): a registration here is a claim, and ``proof`` the
+challenge the sink sent to the token, echoed (``sinks.push.proof``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from schemas import frames as fr
 from schemas.errors import ErrorCode
 from schemas.events import (
     MAX_NAME_CHARS,
+    MAX_PUSH_PROOF_CHARS,
     MAX_PUSH_TOKEN_CHARS,
     Actor,
     DeviceId,
@@ -58,6 +60,14 @@ class PushToken(WireModel):
             "the operator configured them; omitted: the tenant's default app of the provider"
         ),
     ] = None
+    proof: Annotated[
+        str | None,
+        StringConstraints(min_length=1, max_length=MAX_PUSH_PROOF_CHARS),
+        Field(
+            description="The challenge a silent push brought to this token, echoed: needed "
+            "only to take a token that a device of another user holds (PUT only)"
+        ),
+    ] = None
 
 
 @router.put(
@@ -86,6 +96,7 @@ async def register_push_token(
         provider=token.provider,
         token=token.token,
         app_id=app_id,
+        proof=token.proof,
     )
     event = PushTokenRegistered.new(
         tenant_id=principal.tenant_id,

@@ -106,6 +106,14 @@ def fcm_payload(
     client: FCMNotification, notification: PushNotification, target: PushTarget, channel_id: str
 ) -> bytes:
     """The v1 ``messages:send`` body of a notification to the device ``target.token``."""
+    if notification.challenge is not None:
+        # A data-only message: nothing shown, the app's handler reads the challenge.
+        challenge: bytes = client.parse_payload(
+            fcm_token=target.token,
+            data_payload=notification.data(),
+            android_config={"priority": "HIGH", "ttl": f"{notification.ttl_seconds}s"},
+        )
+        return challenge
     android_notification: dict[str, Any] = {
         "channel_id": channel_id,
         "tag": notification.collapse_id,

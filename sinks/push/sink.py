@@ -132,6 +132,8 @@ PROVIDER_NOT_CONFIGURED = "provider-not-configured"
 APP_NOT_CONFIGURED = "app-not-configured"
 #: The log tag of a registration refused because another user's device holds the token.
 CLAIM_REFUSED = "claim-refused"
+#: Tokens whose last challenge time is remembered (the oldest forgotten beyond it).
+CHALLENGES_TRACKED = 10_000
 
 
 class FatalError(Exception):
@@ -147,6 +149,7 @@ class SinkStats:
     tokens_removed: int = 0
     tokens_moved: int = 0
     claims_refused: int = 0
+    challenges_sent: int = 0
     dead_lettered: int = 0
     commits: int = 0
 
@@ -226,7 +229,10 @@ class PushSink:
         self.dispatcher = dispatcher
         self.catalog = catalog or topic_catalog(settings)
         self.group_id = group_id or f"{settings.kafka.topic_prefix}{GROUP_SUFFIX}"
-        self.tokens = TokenTable()
+        self.proofs = self.push.token_proofs()
+        self.tokens = TokenTable(self.proofs)
+        #: When each token last got a challenge (monotonic), oldest first; bounded.
+        self._challenged: OrderedDict[tuple[str, PushProvider, str], float] = OrderedDict()
         self.stats = SinkStats()
         self.ready = asyncio.Event()
         self._progress = _Progress()
@@ -359,6 +365,9 @@ class PushSink:
                     continue
                 for detach in self.tokens.apply(event):
                     self._produce_detach(detach)
+                    refused_now = detach.entry.event_id == event.event_id
+                    if detach.reason is PushTokenRemovalReason.CLAIM_REFUSED and refused_now:
+                        self._challenge(detach)
 
     async def _tokens_caught_up(self, since: datetime) -> None:
         """Wait (at most ``TOKEN_CATCH_UP_SECONDS``) until the table holds every token record
@@ -424,6 +433,57 @@ class PushSink:
                 encode_event(removal),
             ),
             on_delivery=_log_failure,
+        )
+
+    def _challenge(self, refused: Detach) -> None:
+        """Send the token a refused claim names a challenge (``sinks.push.proof``), in the
+        background: if the claimant's device is the one the token reaches, its app echoes it and
+        takes the token. At most one per token per ``token_challenge_interval_seconds``; only
+        while following (a reload sends none: the claimant registers again)."""
+        if self.proofs is None:
+            return
+        claimant, claim, holder_entry = refused.holder, refused.entry, refused.moved_by
+        key = (claimant.tenant_id, claim.provider, claim.token)
+        now = time.monotonic()
+        last = self._challenged.get(key)
+        if last is not None and now - last < self.push.token_challenge_interval_seconds:
+            log.info("token challenge for %s not sent: one went out just now", _name(claimant))
+            return
+        self._challenged[key] = now
+        self._challenged.move_to_end(key)
+        while len(self._challenged) > CHALLENGES_TRACKED:
+            self._challenged.popitem(last=False)
+        challenge = self.proofs.issue(
+            tenant_id=claimant.tenant_id,
+            user_id=claimant.user_id,
+            device_id=claimant.device_id,
+            provider=claim.provider,
+            token=claim.token,
+            issued_at=claim.registered_at,
+        )
+        # The holder's app: the token is known to work with it.
+        target = _routed(
+            holder_entry.target(claimant.device_id), self.push.apps_for(claimant.tenant_id)
+        )
+        if target is None or target.provider not in self.dispatcher.providers:
+            return
+        notification = PushNotification.token_challenge(
+            claim.event_id, challenge, claimant.device_id, self.push.token_proof_ttl_seconds
+        )
+        task = asyncio.create_task(self._send_challenge(notification, target, claimant))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send_challenge(
+        self, notification: PushNotification, target: PushTarget, claimant: Holder
+    ) -> None:
+        report = await self._deliver(notification, target)
+        delivered = report is not None and report.delivered
+        self.stats.challenges_sent += int(delivered)
+        log.info(
+            "token challenge for %s %s",
+            _name(claimant),
+            "sent" if delivered else "not delivered",
         )
 
     # -- jobs --

@@ -44,6 +44,7 @@ from schemas.events import (
     derived_event_id,
 )
 from sinks.push.notification import PushTarget
+from sinks.push.proof import TokenProofs
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,9 @@ class DeviceToken:
     registered_at: datetime
     event_id: str
     """The registration's event id (removal events derive theirs from it)."""
+    proven: bool = False
+    """The registration echoed a valid challenge (``sinks.push.proof``): it may take the
+    token from another user's device."""
 
     def target(self, device_id: str) -> PushTarget:
         return PushTarget(device_id, self.provider, self.token, self.app_id)
@@ -114,9 +118,11 @@ TokenKey = tuple[str, PushProvider, str]
 class TokenTable:
     """user → {device → token} and (tenant, provider, token) → holder; see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, proofs: TokenProofs | None = None) -> None:
+        """``proofs`` verifies the challenges registrations echo; None: none is accepted."""
         self._devices: dict[tuple[str, str], dict[str, DeviceToken]] = {}
         self._holders: dict[TokenKey, Holder] = {}
+        self._proofs = proofs
 
     def __len__(self) -> int:
         return len(self._holders)
@@ -149,7 +155,12 @@ class TokenTable:
             self.drop(holder, payload.token)
             return []
         entry = DeviceToken(
-            payload.provider, payload.token, payload.app_id, event.occurred_at, event.event_id
+            payload.provider,
+            payload.token,
+            payload.app_id,
+            event.occurred_at,
+            event.event_id,
+            proven=self._proofs is not None and self._proofs.verify(event),
         )
         current = self.entry(holder)
         if current is not None and current.registered_at > entry.registered_at:
@@ -158,12 +169,12 @@ class TokenTable:
         other_entry = self.entry(other) if other is not None and other != holder else None
         detached: list[Detach] = []
         if other is not None and other_entry is not None:
-            same_user = other.user_id == holder.user_id
-            # Same user: the later registration keeps the token. Another user: the earlier.
-            this_wins = (entry.registered_at >= other_entry.registered_at) == same_user
-            reason = (
-                PushTokenRemovalReason.MOVED if same_user else PushTokenRemovalReason.CLAIM_REFUSED
-            )
+            later = entry if entry.registered_at >= other_entry.registered_at else other_entry
+            # The later registration takes the token when it is the same user's, or proves
+            # that its device receives the token's pushes; else the earlier one keeps it.
+            moves = other.user_id == holder.user_id or later.proven
+            this_wins = (later is entry) == moves
+            reason = PushTokenRemovalReason.MOVED if moves else PushTokenRemovalReason.CLAIM_REFUSED
             if not this_wins:
                 if current is not None:
                     self.drop(holder, current.token)

@@ -250,7 +250,7 @@ def test_push_tokens_are_registered_and_removed(gateway: Gateway) -> None:
     assert [record_key for record_key, _ in records] == [key, key]
     registered, removed = (event for _, event in records)
     assert registered["type"] == "push_token.registered"
-    assert registered["payload"] == {"user_id": user, "device_id": "phone", **body}
+    assert registered["payload"] == {"user_id": user, "device_id": "phone", "proof": None, **body}
     assert removed["type"] == "push_token.removed"
     assert removed["payload"]["reason"] == "client"
 
@@ -270,12 +270,15 @@ def test_a_push_token_gets_the_tenants_app_never_one_the_client_names(gateway: G
     reply = json.loads(raw)
     assert (status, reply["code"], reply["field"]) == (403, "push-app-not-allowed", "app_id")
     assert "com.rival.messenger" in reply["message"]
-    status, _, _ = gateway.request("PUT", path, {"provider": "apns", "token": "b" * 64}, headers)
+    # The challenge a silent push brought, echoed: the push sink judges it.
+    echo = {"provider": "apns", "token": "b" * 64, "proof": "1764230400.c2lnbmF0dXJl"}
+    status, _, _ = gateway.request("PUT", path, echo, headers)
     assert status == 200
 
     ((_, registered),) = read_records(gateway.settings, topic, partition, before, 1)
     assert registered["payload"]["app_id"] == PUSH_APP
     assert registered["payload"]["token"] == "b" * 64
+    assert registered["payload"]["proof"] == echo["proof"]
 
 
 PUSH_TOKEN_REFUSALS: dict[str, tuple[Any, str, int, str, str | None]] = {

@@ -29,6 +29,7 @@ from pipelines.stack.manager import LocalStack
 from pipelines.status import consumer_groups, group_lag
 from schemas import events as ev
 from schemas.topics import TopicCatalog, device_key, topic_catalog, user_key
+from sinks.push import sink as sink_module
 from sinks.push.errors import DeadLetterCode
 from sinks.push.reliability import PushDispatcher
 from sinks.push.settings import PushProviderSettings
@@ -569,6 +570,101 @@ async def test_another_users_registration_of_a_held_token_is_refused(
     assert (found["dave"].outcome, found["dave"].device_id) == ("sent", "phone")
     assert (found["mallory"].outcome, found["mallory"].reason) == ("skipped", "no-device-token")
     assert len(fake_apns.stats.for_token(shared)) == 1
+
+
+async def test_a_refused_claim_is_challenged_and_the_echo_takes_the_token(
+    sink_settings: Settings,
+    start_sink: Callable[[Settings], Any],
+    fake_apns: FakeApns,
+) -> None:
+    """dave's phone passed to erin without dave logging out: erin's registration is refused,
+    the sink sends the token a silent challenge, the app on the phone (signed in as erin)
+    echoes it, and the token moves to erin — dave's pushes stop landing on erin's phone. More
+    claims within the interval send no more challenges."""
+    proving = with_push(
+        sink_settings,
+        {**sink_settings.push.model_dump(mode="json"), "token_proof_secret": "test-secret"},
+    )
+    shared = apns_token()
+    send_tokens(
+        proving,
+        registered(
+            "dave", "phone", ev.PushProvider.APNS, shared, at=datetime.now(UTC) - timedelta(days=1)
+        ),
+    )
+    running: Running = await start_sink(proving)
+    send_tokens(proving, registered("erin", "phone-e", ev.PushProvider.APNS, shared))
+    await eventually(lambda: fake_apns.stats.for_token(shared), "the challenge pushed")
+    (challenge,) = fake_apns.stats.for_token(shared)
+    assert challenge.headers["apns-push-type"] == "background"
+    assert challenge.headers["apns-topic"] == APNS_TOPIC
+    assert challenge.payload["aps"] == {"content-available": 1}
+    assert challenge.payload["imstream_device_id"] == "phone-e"
+    proof = challenge.payload["imstream_token_challenge"]
+    # More claims (mallory's, erin's own again) within the interval: no more challenges.
+    send_tokens(
+        proving,
+        registered("mallory", "laptop", ev.PushProvider.APNS, shared),
+        registered("erin", "phone-e", ev.PushProvider.APNS, shared),
+    )
+
+    async def three_refused() -> bool:
+        found = removals(await token_events(proving))
+        return sum(r.reason == "claim-refused" for r in found) == 3
+
+    await eventually(three_refused, "three claims refused")
+    assert len(fake_apns.stats.for_token(shared)) == 1
+
+    echo = registered("erin", "phone-e", ev.PushProvider.APNS, shared)
+    event = ev.parse_event(echo.value or b"")
+    assert isinstance(event, ev.PushTokenRegistered)
+    proven = event.model_copy(update={"payload": event.payload.model_copy(update={"proof": proof})})
+    send_tokens(proving, Outgoing("", echo.key, ev.encode_event(proven)))
+    await eventually(
+        lambda: [t.device_id for t in running.sink.tokens.targets(TENANT, "erin")] == ["phone-e"],
+        "the token moved to erin",
+    )
+    assert running.sink.tokens.targets(TENANT, "dave") == []
+    jobs = [job("dave", "conv-9"), job("erin", "conv-9")]
+    send_jobs(proving, *jobs)
+    found = {o.user_id: o for o in await outcomes_of(proving, {j.job_id for j in jobs}, 2)}
+    assert (found["dave"].outcome, found["dave"].reason) == ("skipped", "no-device-token")
+    assert (found["erin"].outcome, found["erin"].device_id) == ("sent", "phone-e")
+    moved = [r for r in removals(await token_events(proving)) if r.reason == "moved"]
+    assert [(r.user_id, r.device_id) for r in moved] == [("dave", "phone")]
+
+
+async def test_the_challenges_remembered_are_bounded(
+    sink_settings: Settings,
+    start_sink: Callable[[Settings], Any],
+    fake_apns: FakeApns,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Claims of many tokens each get their challenge, and the sink remembers only the last
+    ``CHALLENGES_TRACKED`` (here 2): no claimant grows its memory."""
+    monkeypatch.setattr(sink_module, "CHALLENGES_TRACKED", 2)
+    proving = with_push(
+        sink_settings,
+        {**sink_settings.push.model_dump(mode="json"), "token_proof_secret": "test-secret"},
+    )
+    tokens = [apns_token() for _ in range(5)]
+    earlier = datetime.now(UTC) - timedelta(hours=1)
+    send_tokens(
+        proving,
+        *(
+            registered(f"owner-{i}", "phone", ev.PushProvider.APNS, token, at=earlier)
+            for i, token in enumerate(tokens)
+        ),
+    )
+    running: Running = await start_sink(proving)
+    send_tokens(
+        proving,
+        *(registered("mallory", f"d-{i}", ev.PushProvider.APNS, t) for i, t in enumerate(tokens)),
+    )
+    await eventually(
+        lambda: all(len(fake_apns.stats.for_token(t)) == 1 for t in tokens), "5 challenges"
+    )
+    assert len(running.sink._challenged) == 2
 
 
 async def test_a_token_of_another_tenant_is_neither_detached_nor_reached(
