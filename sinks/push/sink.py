@@ -834,7 +834,7 @@ class PushSink:
         stats = self.stats
         log.info(
             "%s%d jobs, %d attempts, %d pushes sent, %d skipped, %d tokens removed, %d moved, "
-            "%d dead-lettered; %d tokens, %d jobs open",
+            "%d claims refused, %d challenges sent, %d dead-lettered; %d tokens, %d jobs open",
             "stopping: " if final else "",
             stats.jobs,
             stats.attempts,
@@ -842,6 +842,8 @@ class PushSink:
             stats.skipped,
             stats.tokens_removed,
             stats.tokens_moved,
+            stats.claims_refused,
+            stats.challenges_sent,
             stats.dead_lettered,
             len(self.tokens),
             len(self._jobs),
