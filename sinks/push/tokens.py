@@ -8,9 +8,12 @@ beginning) and kept up to date by following it. Pure: no Kafka here, so every ru
   the device has since replaced concerns the old one — the CQL sink applies the same rule).
 - A token's identity is (tenant, provider, token): what a device of one tenant registers never
   touches another tenant's devices. Tenant B registering a token string that a device of
-  tenant A holds detaches nothing, replaces nothing and receives nothing of A's; each tenant's
-  pushes go through its own apps (the APNs topic and FCM project of its settings), so a token
-  of A's app pushed under B's topic is rejected by the provider and removed from B alone.
+  tenant A holds detaches nothing and replaces nothing of A's. B's pushes go through B's apps
+  (the APNs topic and FCM project of its settings): a token of A's app pushed under B's topic
+  is rejected by the provider and removed from B alone. Where A and B share one app (the
+  deployment's default), B's registration of a token A's device holds for that app is a claim
+  like another user's below — refused unless proven — so that B's messages do not land on A's
+  user's phone; proven, both hold it (A's entry is never taken).
 - Within a tenant a token is held by one device at a time. A registration of a token that a
   device *of the same user* holds moves it (the app reinstalled under a new device id): the
   later registration keeps it and the other holder is *detached* — :meth:`TokenTable.apply`
@@ -122,6 +125,8 @@ class TokenTable:
         """``proofs`` verifies the challenges registrations echo; None: none is accepted."""
         self._devices: dict[tuple[str, str], dict[str, DeviceToken]] = {}
         self._holders: dict[TokenKey, Holder] = {}
+        #: (provider, token, app) → {tenant → holder}: the tenants sharing one app install.
+        self._app_holders: dict[tuple[PushProvider, str, str], dict[str, Holder]] = {}
         self._proofs = proofs
 
     def __len__(self) -> int:
@@ -165,6 +170,18 @@ class TokenTable:
         current = self.entry(holder)
         if current is not None and current.registered_at > entry.registered_at:
             return []  # an older registration of this device, read after a newer one
+        # One app serving several tenants: a device of another tenant that registered the token
+        # for the same app earlier keeps it — and keeps it alone, unless this claim is proven
+        # (then both hold it: another tenant's registration never takes anything from it).
+        earlier = [
+            (other, other_entry)
+            for other, other_entry in self._other_tenants(holder.tenant_id, entry)
+            if other_entry.registered_at <= entry.registered_at
+        ]
+        if earlier and not entry.proven:
+            if current is not None:
+                self.drop(holder, current.token)
+            return [Detach(holder, entry, earlier[0][1], PushTokenRemovalReason.CLAIM_REFUSED)]
         other = self._holders.get((holder.tenant_id, entry.provider, entry.token))
         other_entry = self.entry(other) if other is not None and other != holder else None
         detached: list[Detach] = []
@@ -181,11 +198,32 @@ class TokenTable:
                 return [Detach(holder, entry, other_entry, reason)]
             self.drop(other, other_entry.token)
             detached.append(Detach(other, other_entry, entry, reason))
+        # Read out of order: another tenant's later claims, unproven, lose it to this one.
+        for later_holder, later_entry in self._other_tenants(holder.tenant_id, entry):
+            if later_entry.registered_at > entry.registered_at and not later_entry.proven:
+                self.drop(later_holder, later_entry.token)
+                detached.append(
+                    Detach(later_holder, later_entry, entry, PushTokenRemovalReason.CLAIM_REFUSED)
+                )
         if current is not None:
             self.drop(holder, current.token)
         self._devices.setdefault((holder.tenant_id, holder.user_id), {})[holder.device_id] = entry
         self._holders[(holder.tenant_id, entry.provider, entry.token)] = holder
+        app_key = (entry.provider, entry.token, entry.app_id)
+        self._app_holders.setdefault(app_key, {})[holder.tenant_id] = holder
         return detached
+
+    def _other_tenants(
+        self, tenant_id: str, entry: DeviceToken
+    ) -> list[tuple[Holder, DeviceToken]]:
+        """The devices of other tenants holding ``entry``'s token for its app."""
+        holders = self._app_holders.get((entry.provider, entry.token, entry.app_id), {})
+        found = []
+        for tenant, other in holders.items():
+            other_entry = self.entry(other)
+            if tenant != tenant_id and other_entry is not None:
+                found.append((other, other_entry))
+        return found
 
     def drop(self, holder: Holder, token: str) -> bool:
         """Take ``token`` from ``holder`` if it holds it; whether it did."""
@@ -199,4 +237,10 @@ class TokenTable:
         key = (holder.tenant_id, entry.provider, entry.token)
         if self._holders.get(key) == holder:
             del self._holders[key]
+        app_key = (entry.provider, entry.token, entry.app_id)
+        tenants = self._app_holders.get(app_key)
+        if tenants is not None and tenants.get(holder.tenant_id) == holder:
+            del tenants[holder.tenant_id]
+            if not tenants:
+                del self._app_holders[app_key]
         return True

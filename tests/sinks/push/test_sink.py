@@ -673,8 +673,9 @@ async def test_a_token_of_another_tenant_is_neither_detached_nor_reached(
     fake_apns: FakeApns,
 ) -> None:
     """Push-token takeover across tenants: a user of tenant ``rival`` registers the token of a
-    phone of tenant ``acme``. acme's device keeps its token and its pushes; nothing is written
-    for it. (Each tenant's pushes go through its own app: rival's through its own topic.)"""
+    phone of tenant ``acme`` (both on the deployment's one app). acme's device keeps its token
+    and its pushes, nothing is written for it, and rival's messages do not reach the phone: the
+    claims are refused in rival."""
     shared = apns_token()
     now = datetime.now(UTC)
     send_tokens(
@@ -694,18 +695,23 @@ async def test_a_token_of_another_tenant_is_neither_detached_nor_reached(
         sink_settings,
         registered("mallory", "tablet", ev.PushProvider.APNS, shared, tenant="rival"),
     )
-    await eventually(
-        lambda: (
-            [t.device_id for t in running.sink.tokens.targets("rival", "mallory")] == ["tablet"]
-        ),
-        "rival's registration read",
-    )
-    pending = job("dave", "conv-9")
-    send_jobs(sink_settings, pending)
-    (found,) = await outcomes_of(sink_settings, {pending.job_id}, 1)
-    assert (found.outcome, found.device_id) == ("sent", "phone")
+
+    async def two_removals() -> bool:
+        return len(removals(await token_events(sink_settings))) >= 2
+
+    await eventually(two_removals, "both of rival's claims answered")
+    removed = removals(await token_events(sink_settings))
+    assert sorted((r.user_id, r.device_id, r.reason) for r in removed) == [
+        ("mallory", "laptop", "claim-refused"),
+        ("mallory", "tablet", "claim-refused"),
+    ]
+    jobs = [job("dave", "conv-9"), job("mallory", "conv-9", tenant="rival")]
+    send_jobs(sink_settings, *jobs)
+    found = {o.user_id: o for o in await outcomes_of(sink_settings, {j.job_id for j in jobs}, 2)}
+    assert (found["dave"].outcome, found["dave"].device_id) == ("sent", "phone")
+    assert (found["mallory"].outcome, found["mallory"].reason) == ("skipped", "no-device-token")
     assert [t.device_id for t in running.sink.tokens.targets(TENANT, "dave")] == ["phone"]
-    assert not any(r.user_id == "dave" for r in removals(await token_events(sink_settings)))
+    assert len(fake_apns.stats.for_token(shared)) == 1
 
 
 async def test_the_apns_topic_and_fcm_project_come_from_the_tenants_settings(

@@ -6,19 +6,21 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from schemas import events as ev
+from sinks.push.proof import TokenProofs
 from sinks.push.tokens import Detach, Holder, TokenTable
 
 T0 = datetime(2026, 11, 27, 9, 0, tzinfo=UTC)
+PROOFS = TokenProofs(b"test-secret", ttl_seconds=600)
 
 
 def registration(
-    user: str, device: str, token: str, at: datetime, *, tenant: str = "acme"
+    user: str, device: str, token: str, at: datetime, *, tenant: str = "acme", app: str = "app"
 ) -> ev.PushTokenRegistered:
     return ev.PushTokenRegistered.new(
         tenant_id=tenant,
         occurred_at=at,
         payload=ev.PushTokenRegisteredPayload(
-            user_id=user, device_id=device, provider=ev.PushProvider.APNS, token=token, app_id="app"
+            user_id=user, device_id=device, provider=ev.PushProvider.APNS, token=token, app_id=app
         ),
     )
 
@@ -63,10 +65,12 @@ def test_a_moved_token_detaches_the_users_earlier_device_whatever_the_read_order
 
 
 def test_a_token_of_one_tenant_is_not_touched_by_another_tenants_registration() -> None:
-    """Tenant B registering the string of a token tenant A's device holds: A keeps it, and each
-    holds its own (each pushes through its own app; the provider tells which is real)."""
-    victim = registration("dave", "phone", "shared", T0)
-    intruder = registration("mallory", "phone", "shared", T0 + timedelta(minutes=1), tenant="b")
+    """Tenant B registering the string of a token tenant A's device holds, for B's own app: A
+    keeps it, and each holds its own (the provider tells which app the token really is of)."""
+    victim = registration("dave", "phone", "shared", T0, app="com.a.chat")
+    intruder = registration(
+        "mallory", "phone", "shared", T0 + timedelta(minutes=1), tenant="b", app="com.b.chat"
+    )
     for first, second in ((victim, intruder), (intruder, victim)):
         table = TokenTable()
         assert table.apply(first) == []
@@ -76,9 +80,38 @@ def test_a_token_of_one_tenant_is_not_touched_by_another_tenants_registration() 
         assert table.holder_of("acme", ev.PushProvider.APNS, "shared") == Holder(
             "acme", "dave", "phone"
         )
-        assert table.holder_of("b", ev.PushProvider.APNS, "shared") == Holder(
-            "b", "mallory", "phone"
-        )
+
+
+def test_another_tenants_claim_on_a_shared_app_is_refused_and_never_takes_it() -> None:
+    """One app serving both tenants: B's registration of A's token would put B's messages on
+    A's user's phone. It is refused (whatever the read order), and A's device keeps its token."""
+    victim = registration("dave", "phone", "shared", T0)
+    intruder = registration("mallory", "phone", "shared", T0 + timedelta(minutes=1), tenant="b")
+    for first, second in ((victim, intruder), (intruder, victim)):
+        table = TokenTable()
+        (refused,) = table.apply(first) + table.apply(second)
+        assert refused.holder == Holder("b", "mallory", "phone")
+        assert refused.removal().tenant_id == "b"
+        assert refused.reason is ev.PushTokenRemovalReason.CLAIM_REFUSED
+        assert [t.device_id for t in table.targets("acme", "dave")] == ["phone"]
+        assert table.targets("b", "mallory") == []
+    # Proven (the phone is really signed in to B now): B holds it too; A is not touched.
+    table = TokenTable(PROOFS)
+    table.apply(victim)
+    proof = PROOFS.issue(
+        tenant_id="b",
+        user_id="mallory",
+        device_id="phone",
+        provider=ev.PushProvider.APNS,
+        token="shared",
+        issued_at=intruder.occurred_at,
+    )
+    proven = intruder.model_copy(
+        update={"payload": intruder.payload.model_copy(update={"proof": proof})}
+    )
+    assert table.apply(proven) == []
+    assert [t.device_id for t in table.targets("acme", "dave")] == ["phone"]
+    assert [t.device_id for t in table.targets("b", "mallory")] == ["phone"]
 
 
 def test_another_users_claim_is_refused_whatever_the_read_order() -> None:
