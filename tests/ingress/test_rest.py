@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from ingress.client import Client, CommandError
 from schemas.events import MAX_BODY_BYTES, message_event_id
 from schemas.topics import conversation_key, device_key, user_key
 from tests.ingress.support import (
@@ -279,6 +280,25 @@ def test_a_push_token_gets_the_tenants_app_never_one_the_client_names(gateway: G
     assert registered["payload"]["app_id"] == PUSH_APP
     assert registered["payload"]["token"] == "b" * 64
     assert registered["payload"]["proof"] == echo["proof"]
+
+
+async def test_the_sdk_registers_for_the_tenants_app_and_echoes_a_challenge(
+    gateway: Gateway,
+) -> None:
+    user = unique("user")
+    topic = gateway.catalog.push_tokens.name
+    partition, before = end_offset(gateway.settings, topic, device_key(TENANT, user, "phone"))
+    sdk = Client(
+        gateway.ws, tenant_id=TENANT, device_id="phone", token=token(gateway.settings, user)
+    )
+    with pytest.raises(CommandError) as refused:
+        await sdk.register_push_token("apns", "c" * 64, "com.rival.messenger")
+    assert refused.value.frame.code == "push-app-not-allowed"
+    await sdk.register_push_token("apns", "c" * 64, proof="1764230400.c2lnbmF0dXJl")
+
+    ((_, registered),) = read_records(gateway.settings, topic, partition, before, 1)
+    assert registered["payload"]["app_id"] == PUSH_APP
+    assert registered["payload"]["proof"] == "1764230400.c2lnbmF0dXJl"
 
 
 PUSH_TOKEN_REFUSALS: dict[str, tuple[Any, str, int, str, str | None]] = {
