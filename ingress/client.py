@@ -494,19 +494,32 @@ class Client:
         return reply
 
     async def register_push_token(
-        self, provider: PushProvider | str, token: str, app_id: str, *, attempts: int = 5
+        self,
+        provider: PushProvider | str,
+        token: str,
+        app_id: str | None = None,
+        *,
+        proof: str | None = None,
+        attempts: int = 5,
     ) -> None:
-        """Register this device's APNs or FCM token (``app_id``: the APNs bundle id or the FCM
-        application id), so that the user gets pushes while no device of theirs is connected.
+        """Register this device's APNs or FCM token, so that the user gets pushes while no
+        device of theirs is connected. ``app_id`` (the APNs bundle id or the FCM application
+        id) must be one of the tenant's configured apps; None: the tenant's default app.
+        ``proof``: the ``imstream_token_challenge`` of a silent push whose
+        ``imstream_device_id`` is this device, echoed — how a device takes a token that a
+        device of another user holds (docs/protocol.md "Push tokens").
 
         Over the REST API (``PUT …/devices/{device_id}/push-token``) on the ingress this client
         connects to, so it works without :meth:`connect`: a device that stays offline can
         register. Returns once Kafka holds the registration; ``unavailable``, ``rate-limited``
         and connection errors are retried (``attempts`` in all, with the client's backoff),
         other refusals raise :class:`CommandError`."""
-        body = json.dumps(
-            {"provider": PushProvider(provider).value, "token": token, "app_id": app_id}
-        ).encode()
+        fields = {"provider": PushProvider(provider).value, "token": token}
+        if app_id is not None:
+            fields["app_id"] = app_id
+        if proof is not None:
+            fields["proof"] = proof
+        body = json.dumps(fields).encode()
         path = f"/v1/tenants/{self.tenant_id}/devices/{self.device_id}/push-token"
         for attempt in range(attempts):
             headers = {

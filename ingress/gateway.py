@@ -187,6 +187,8 @@ class Gateway:
             ) from None
         #: This node's settings (limits, timeouts).
         self.ingress = ingress
+        #: Where each tenant's pushes may go: a push token may name only these apps.
+        self.push_apps = settings.push.apps_for
         self.max_frame_bytes = ingress.max_frame_bytes
         self.catalog = topic_catalog(settings)
         self.verifier = token_verifier(settings.auth)

@@ -8,7 +8,8 @@ deliver latency. It exits 1 when anything was lost or doubled.
 
 With ``offline_users`` (``--offline-users N``) N more users are members of the conversations but
 never connect: each registers a push token for its one device through the REST API (half APNs,
-half FCM), so the messages sent to them become push jobs. They are not counted as lost. The
+half FCM; all FCM when the tenant has no iOS app configured), so the messages sent to them
+become push jobs. They are not counted as lost. The
 summary then also says how many push jobs the stream stage owes them (one per (user,
 conversation) per ``IM_STREAMS__PUSH_COLLAPSE_SECONDS``, replayed here from each message's
 ``occurred_at`` exactly as the user processor collapses them) and the push outcomes of the
@@ -59,10 +60,10 @@ class DemoOptions:
     offline_users: int = 0
     #: The ClickHouse sink's analytics API; None: ``IM_SINKS__ANALYTICS_HOST``/``_PORT``.
     analytics_url: str | None = None
-    #: The app ids the offline devices' tokens name; None: ``IM_PUSH__APNS_TOPIC`` (or
-    #: ``com.example.imstream``) and ``imstream-demo`` for FCM.
+    #: The app ids the offline devices' tokens name (one of the tenant's apps,
+    #: ``IM_PUSH__TENANT_APPS``); None: none, so the tenant's default app.
     apns_app_id: str | None = None
-    fcm_app_id: str = "imstream-demo"
+    fcm_app_id: str | None = None
     #: The collapse window the stream stage runs with; None: ``IM_STREAMS__PUSH_COLLAPSE_SECONDS``.
     push_collapse_seconds: float | None = None
     #: How long to wait for the push outcomes to cover the expected jobs.
@@ -234,8 +235,18 @@ async def run_demo(
     run = uuid.uuid4().hex[:6]
     users = [f"demo-{run}-u{i}" for i in range(options.users)]
     offline_users = [f"demo-{run}-o{i}" for i in range(options.offline_users)]
+    # Half APNs, half FCM — unless the tenant has no iOS app configured (a developer box
+    # without IM_PUSH__APNS_TOPIC), where the ingress would refuse APNs tokens.
+    apns = options.apns_app_id is not None or bool(
+        settings.push.apps_for(options.tenant).app_ids(PushProvider.APNS)
+    )
+    if offline_users and not apns:
+        progress(
+            f"tenant {options.tenant!r} has no APNs app (IM_PUSH__APNS_TOPIC, "
+            "IM_PUSH__TENANT_APPS): every offline user registers an FCM token"
+        )
     providers = {
-        user: PushProvider.APNS if i % 2 == 0 else PushProvider.FCM
+        user: PushProvider.APNS if apns and i % 2 == 0 else PushProvider.FCM
         for i, user in enumerate(offline_users)
     }
     everyone = users + offline_users
@@ -267,7 +278,6 @@ async def run_demo(
     try:
         if offline_users:
             await analytics.take_baseline()
-            apns_app = options.apns_app_id or settings.push.apns_topic or "com.example.imstream"
             await asyncio.gather(
                 *(
                     _register_offline_device(
@@ -275,7 +285,9 @@ async def run_demo(
                         user,
                         token(user),
                         providers[user],
-                        apns_app if providers[user] is PushProvider.APNS else options.fcm_app_id,
+                        options.apns_app_id
+                        if providers[user] is PushProvider.APNS
+                        else options.fcm_app_id,
                     )
                     for user in offline_users
                 )
@@ -377,7 +389,7 @@ async def run_demo(
 
 
 async def _register_offline_device(
-    options: DemoOptions, user: str, token: str, provider: PushProvider, app_id: str
+    options: DemoOptions, user: str, token: str, provider: PushProvider, app_id: str | None
 ) -> None:
     """The user's one device registers a push token and never connects."""
     client = Client(options.url, tenant_id=options.tenant, device_id="phone", token=token)

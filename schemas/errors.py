@@ -32,6 +32,7 @@ class ErrorCode(StrEnum):
     UNAVAILABLE = "unavailable"
     FORBIDDEN = "forbidden"
     NOT_FOUND = "not-found"
+    PUSH_APP_NOT_ALLOWED = "push-app-not-allowed"
     INTERNAL = "internal"
 
     @property
@@ -69,6 +70,11 @@ _ERROR_DESCRIPTIONS: dict[ErrorCode, tuple[str, int]] = {
     ),
     ErrorCode.FORBIDDEN: ("The user may not do this (role or membership).", 403),
     ErrorCode.NOT_FOUND: ("The conversation, message or device does not exist.", 404),
+    ErrorCode.PUSH_APP_NOT_ALLOWED: (
+        "The push token names an app (`app_id`) that is not one of the tenant's configured apps, "
+        "or the tenant has no app of this provider; name one of them, or none for the default.",
+        403,
+    ),
     ErrorCode.INTERNAL: ("An unexpected server error; the command may be retried.", 500),
 }
 

@@ -52,6 +52,7 @@ MAX_ID_CHARS = 64
 MAX_NAME_CHARS = 256
 MAX_URL_CHARS = 2048
 MAX_PUSH_TOKEN_CHARS = 4096
+MAX_PUSH_PROOF_CHARS = 128
 #: Upper bound of a message body in UTF-8 bytes: the text of a text body, the compact JSON of a
 #: custom body's ``data``. Well inside the default 64 KiB frame limit, so that a body over the
 #: limit gets ``body-too-large`` rather than ``frame-too-large``.
@@ -193,8 +194,11 @@ class PushTokenRemovalReason(StrEnum):
     PROVIDER_REJECTED = "provider-rejected"
     """APNs or FCM answered that the token is no longer valid."""
     MOVED = "moved"
-    """Another device or user registered the same token (the app was reinstalled, another
-    account signed in on the phone): the token no longer reaches this one."""
+    """Another device of the same user registered the same token (the app was reinstalled
+    under a new device id): the token no longer reaches this one."""
+    CLAIM_REFUSED = "claim-refused"
+    """This device registered a token that a device of another user of the tenant holds: the
+    token stays with that device (the registration proves no ownership), this one gets none."""
 
 
 def _body_too_large(size: int) -> PydanticCustomError:
@@ -676,7 +680,7 @@ class DeviceDisconnected(EventEnvelope[DevicePresencePayload]):
     type: Literal["device.disconnected"] = "device.disconnected"
 
 
-class PushTokenRegisteredPayload(WireModel):
+class PushTokenPayload(WireModel):
     user_id: UserId
     device_id: DeviceId
     provider: PushProvider
@@ -684,15 +688,27 @@ class PushTokenRegisteredPayload(WireModel):
     app_id: Annotated[
         str,
         StringConstraints(min_length=1, max_length=MAX_NAME_CHARS),
-        Field(description="APNs bundle id (topic) or FCM application id"),
+        Field(description="APNs bundle id (topic) or FCM application id: one of the tenant's"),
     ]
+
+
+class PushTokenRegisteredPayload(PushTokenPayload):
+    proof: Annotated[
+        str | None,
+        StringConstraints(min_length=1, max_length=MAX_PUSH_PROOF_CHARS),
+        Field(
+            description="The challenge the push sink sent to this token, echoed: proof that the "
+            "device receives the token's pushes (needed to take a token another user's device "
+            "holds)"
+        ),
+    ] = None
 
 
 class PushTokenRegistered(EventEnvelope[PushTokenRegisteredPayload]):
     type: Literal["push_token.registered"] = "push_token.registered"
 
 
-class PushTokenRemovedPayload(PushTokenRegisteredPayload):
+class PushTokenRemovedPayload(PushTokenPayload):
     reason: PushTokenRemovalReason = PushTokenRemovalReason.CLIENT
 
 

@@ -4,6 +4,13 @@
 (``push_token.removed``, reason ``client``); both answer ``ok`` only once Kafka acknowledged the
 event, on the compacted ``im.push.tokens`` topic keyed ``tenant/user/device``. A token bound to a
 device (``did``) may only change that device's token.
+
+The app a token is for (the APNs topic, the FCM app) is the tenant's, from the settings
+(``IM_PUSH__TENANT_APPS``): the client may name one of the tenant's apps, or none for its first;
+any other is refused with ``push-app-not-allowed`` — a client never picks where pushes go. Who
+*holds* a token (another user's device may already) is the push sink's decision, from the token
+topic in order (``sinks.push.tokens``): a registration here is a claim, and ``proof`` the
+challenge the sink sent to the token, echoed (``sinks.push.proof``).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from schemas import frames as fr
 from schemas.errors import ErrorCode
 from schemas.events import (
     MAX_NAME_CHARS,
+    MAX_PUSH_PROOF_CHARS,
     MAX_PUSH_TOKEN_CHARS,
     Actor,
     DeviceId,
@@ -45,10 +53,21 @@ class PushToken(WireModel):
     provider: PushProvider
     token: Annotated[str, StringConstraints(min_length=1, max_length=MAX_PUSH_TOKEN_CHARS)]
     app_id: Annotated[
-        str,
+        str | None,
         StringConstraints(min_length=1, max_length=MAX_NAME_CHARS),
-        Field(description="APNs bundle id (topic) or FCM application id"),
-    ]
+        Field(
+            description="One of the tenant's apps (APNs bundle id or FCM application id), as "
+            "the operator configured them; omitted: the tenant's default app of the provider"
+        ),
+    ] = None
+    proof: Annotated[
+        str | None,
+        StringConstraints(min_length=1, max_length=MAX_PUSH_PROOF_CHARS),
+        Field(
+            description="The challenge a silent push brought to this token, echoed: needed "
+            "only to take a token that a device of another user holds (PUT only)"
+        ),
+    ] = None
 
 
 @router.put(
@@ -68,8 +87,16 @@ async def register_push_token(
     refusal = _refuse_other_device(gateway, principal.device_id, device_id, request_id)
     if refusal is not None:
         return refusal
+    app_id = _tenant_app(gateway, principal.tenant_id, token)
+    if app_id is None:
+        return _refuse_app(gateway, principal.tenant_id, token, request_id)
     payload = PushTokenRegisteredPayload(
-        user_id=principal.user_id, device_id=device_id, **token.model_dump()
+        user_id=principal.user_id,
+        device_id=device_id,
+        provider=token.provider,
+        token=token.token,
+        app_id=app_id,
+        proof=token.proof,
     )
     event = PushTokenRegistered.new(
         tenant_id=principal.tenant_id,
@@ -97,11 +124,17 @@ async def remove_push_token(
     refusal = _refuse_other_device(gateway, principal.device_id, device_id, request_id)
     if refusal is not None:
         return refusal
+    # A removal names the token, not a route: any app id (the tenant's default when none).
+    app_id = (
+        _tenant_app(gateway, principal.tenant_id, token) or token.app_id or token.provider.value
+    )
     payload = PushTokenRemovedPayload(
         user_id=principal.user_id,
         device_id=device_id,
         reason=PushTokenRemovalReason.CLIENT,
-        **token.model_dump(),
+        provider=token.provider,
+        token=token.token,
+        app_id=app_id,
     )
     event = PushTokenRemoved.new(
         tenant_id=principal.tenant_id,
@@ -109,6 +142,26 @@ async def remove_push_token(
         actor=Actor(user_id=principal.user_id, device_id=device_id),
     )
     return await _publish(gateway, event, request_id)
+
+
+def _tenant_app(gateway: Gateway, tenant_id: str, token: PushToken) -> str | None:
+    """The tenant's app the token is for; None when the client named none of them."""
+    return gateway.push_apps(tenant_id).resolve(token.provider, token.app_id)
+
+
+def _refuse_app(gateway: Gateway, tenant_id: str, token: PushToken, request_id: str) -> Response:
+    apps = gateway.push_apps(tenant_id).app_ids(token.provider)
+    if token.app_id is None:
+        detail = f"tenant {tenant_id!r} has no {token.provider.value} app configured"
+    else:
+        detail = (
+            f"app_id {token.app_id!r} is not one of tenant {tenant_id!r}'s "
+            f"{token.provider.value} apps ({', '.join(apps) or 'none configured'})"
+        )
+    return frame_response(
+        gateway,
+        error_frame(ErrorCode.PUSH_APP_NOT_ALLOWED, detail, request_id, field="app_id"),
+    )
 
 
 def _refuse_other_device(

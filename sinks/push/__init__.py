@@ -7,7 +7,11 @@
 - :mod:`sinks.push.apns`, :mod:`sinks.push.fcm` — one request to a provider, classified.
 - :mod:`sinks.push.reliability` — bounded concurrency, retries with backoff, circuit breakers;
   an outcome record per attempt.
-- :mod:`sinks.push.settings` — the ``IM_PUSH__`` settings group.
+- :mod:`sinks.push.tokens` — who holds a token: scoped to the tenant, moved by the same user,
+  another user's (or another tenant's, on a shared app) claim refused unless proven.
+- :mod:`sinks.push.proof` — the challenge that proves a device receives a token's pushes.
+- :mod:`sinks.push.settings` — the ``IM_PUSH__`` settings group: credentials, each tenant's
+  apps (where its pushes go), preview modes, the proof secret.
 
 Delivery guarantee: at least once per device and job, collapsed on the device by conversation
 (a retried push replaces itself). Key: the push-jobs topic is keyed by user.

@@ -242,6 +242,16 @@ class _ApnsPool(APNsKeyConnectionPool):
 
 def apns_request(notification: PushNotification, target: PushTarget) -> NotificationRequest:
     """The APNs request of a notification to a device whose token is ``target.token``."""
+    if notification.challenge is not None:
+        # A background push: nothing shown, the app woken to read the challenge.
+        return NotificationRequest(
+            device_token=target.token,
+            message={"aps": {"content-available": 1}, **notification.data()},
+            time_to_live=notification.ttl_seconds,
+            priority=PRIORITY_POWER_CONSIDERATE,
+            push_type=PushType.BACKGROUND,
+            apns_topic=target.app_id,
+        )
     alert: dict[str, str] = {"title": notification.title}
     if notification.body:
         alert["body"] = notification.body

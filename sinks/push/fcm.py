@@ -79,20 +79,26 @@ class _FcmClient(FCMNotification):  # type: ignore[misc]  # pyfcm has no type in
             project_id=project_id,
             adapter=HTTPAdapter(max_retries=0, pool_maxsize=max_connections),
         )
-        self._send_url = f"{endpoint.rstrip('/')}/{project_id}/messages:send"
+        self._endpoint = endpoint.rstrip("/")
+        self._project_id = project_id
 
     @property
     def fcm_end_point(self) -> str:
-        return self._send_url
+        return self.url_for(None)
 
-    def send_request(self, payload: bytes, timeout: float | None = None) -> requests.Response:
+    def url_for(self, project_id: str | None) -> str:
+        """The send URL of ``project_id`` (a tenant's project); None: the configured one."""
+        return f"{self._endpoint}/{project_id or self._project_id}/messages:send"
+
+    def send_request(
+        self, payload: bytes, timeout: float | None = None, *, project_id: str | None = None
+    ) -> requests.Response:
         """One POST (and one more after an expired access token); the response as it came."""
-        response: requests.Response = self.requests_session.post(
-            self.fcm_end_point, data=payload, timeout=timeout
-        )
+        url = self.url_for(project_id)
+        response: requests.Response = self.requests_session.post(url, data=payload, timeout=timeout)
         if self._is_access_token_expired(response):
             self.thread_local.token_expiry = 0
-            response = self.requests_session.post(self.fcm_end_point, data=payload, timeout=timeout)
+            response = self.requests_session.post(url, data=payload, timeout=timeout)
         return response
 
 
@@ -100,6 +106,14 @@ def fcm_payload(
     client: FCMNotification, notification: PushNotification, target: PushTarget, channel_id: str
 ) -> bytes:
     """The v1 ``messages:send`` body of a notification to the device ``target.token``."""
+    if notification.challenge is not None:
+        # A data-only message: nothing shown, the app's handler reads the challenge.
+        challenge: bytes = client.parse_payload(
+            fcm_token=target.token,
+            data_payload=notification.data(),
+            android_config={"priority": "HIGH", "ttl": f"{notification.ttl_seconds}s"},
+        )
+        return challenge
     android_notification: dict[str, Any] = {
         "channel_id": channel_id,
         "tag": notification.collapse_id,
@@ -250,14 +264,18 @@ class FcmSender:
     async def send(self, notification: PushNotification, target: PushTarget) -> ProviderReply:
         payload = fcm_payload(self._client, notification, target, self._channel_id)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._send_blocking, payload)
+        return await loop.run_in_executor(
+            self._executor, self._send_blocking, payload, target.project_id
+        )
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _send_blocking(self, payload: bytes) -> ProviderReply:
+    def _send_blocking(self, payload: bytes, project_id: str | None) -> ProviderReply:
         try:
-            response = self._client.send_request(payload, timeout=self._timeout)
+            response = self._client.send_request(
+                payload, timeout=self._timeout, project_id=project_id
+            )
         except requests.Timeout:
             return ProviderReply(OutcomeKind.FAILED, LocalReason.TIMEOUT, retryable=True)
         except requests.RequestException as error:

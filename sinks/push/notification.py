@@ -21,6 +21,7 @@ from enum import StrEnum
 
 from schemas.events import CustomBody, MediaBody, PushJob, PushProvider, TextBody
 from sinks.push.policy import Delivery, PushDecision
+from sinks.push.proof import CHALLENGE_DEVICE_KEY, CHALLENGE_KEY
 
 #: How much of a text message a preview shows; the providers cap the whole payload at 4 KB.
 PREVIEW_MAX_CHARS = 240
@@ -83,7 +84,10 @@ class PushTarget:
     provider: PushProvider
     token: str
     app_id: str
-    """The APNs bundle id (the APNs topic) or the FCM application id."""
+    """The APNs bundle id (the APNs topic) or the FCM application id: one of the tenant's apps
+    (the push sink routes it by the tenant's settings, never by what the client wrote)."""
+    project_id: str | None = None
+    """The FCM project to send through (the tenant's); None: the sender's own."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +106,29 @@ class PushNotification:
     """Deliver without sound or wake-up (quiet hours)."""
     ttl_seconds: int
     """How long the provider keeps trying a device that is off (0: now or never)."""
+    challenge: str | None = None
+    """A token challenge (``sinks.push.proof``): a silent push that shows nothing and carries
+    only the challenge and the claiming device's id, for the app to echo."""
+    claimant_device_id: str | None = None
+
+    @classmethod
+    def token_challenge(
+        cls, claim_id: str, challenge: str, claimant_device_id: str, ttl_seconds: int
+    ) -> PushNotification:
+        """The silent push that carries ``challenge`` to a token another user's device holds."""
+        return cls(
+            job_id=claim_id,
+            conversation_id="",
+            conversation_seq=0,
+            message_id="",
+            title="",
+            body=None,
+            badge=0,
+            quiet=True,
+            ttl_seconds=ttl_seconds,
+            challenge=challenge,
+            claimant_device_id=claimant_device_id,
+        )
 
     @property
     def collapse_id(self) -> str:
@@ -112,7 +139,13 @@ class PushNotification:
         return self.conversation_id
 
     def data(self) -> dict[str, str]:
-        """What the app needs to sync the conversation; strings, as FCM data must be."""
+        """What the app needs to sync the conversation (or to answer a challenge); strings, as
+        FCM data must be."""
+        if self.challenge is not None:
+            return {
+                CHALLENGE_KEY: self.challenge,
+                CHALLENGE_DEVICE_KEY: self.claimant_device_id or "",
+            }
         return {
             "conversation_id": self.conversation_id,
             "conversation_seq": str(self.conversation_seq),

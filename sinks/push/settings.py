@@ -11,11 +11,50 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints
 
+from schemas.events import MAX_NAME_CHARS, PushProvider
 from sinks.push.notification import PreviewMode
+from sinks.push.proof import TokenProofs
 
 Port = Annotated[int, Field(ge=1, le=65535)]
+AppId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
+
+
+class TenantPushApps(BaseModel):
+    """A tenant's apps: where its pushes may go. A token's APNs topic and FCM project come from
+    here, never from the client: a client may name one of these apps when it registers a token
+    (anything else is refused with ``push-app-not-allowed``), or none, and gets the first."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: The bundle ids (APNs topics) of the tenant's iOS apps; the first is the default.
+    apns_topics: list[AppId] = []
+    #: The Firebase application ids of the tenant's Android apps; the first is the default.
+    #: Empty: FCM tokens name no app (FCM addresses a project, not an app; the id selects
+    #: nothing and is not checked).
+    fcm_app_ids: list[AppId] = []
+    #: The FCM project the tenant's Android apps belong to; unset: the deployment's
+    #: (``fcm_project_id``, else the service account's).
+    fcm_project_id: AppId | None = None
+
+    def app_ids(self, provider: PushProvider) -> list[str]:
+        return self.apns_topics if provider is PushProvider.APNS else self.fcm_app_ids
+
+    def resolve(self, provider: PushProvider, requested: str | None) -> str | None:
+        """The app id a token of ``provider`` is for: ``requested`` when it is one of this
+        tenant's apps, the default when the client named none; None when it may not be used
+        (an app of someone else, or no app of this provider configured)."""
+        allowed = self.app_ids(provider)
+        if provider is PushProvider.FCM and not allowed:
+            return requested or FCM_ANY_APP
+        if requested is None:
+            return allowed[0] if allowed else None
+        return requested if requested in allowed else None
+
+
+#: The app id recorded for an FCM token of a tenant that lists no FCM app ids.
+FCM_ANY_APP = "fcm"
 
 
 class ApnsEnvironment(StrEnum):
@@ -35,8 +74,8 @@ class PushProviderSettings(BaseModel):
     apns_key_path: Path | None = None
     apns_key_id: str | None = None
     apns_team_id: str | None = None
-    #: The default bundle id (APNs topic). Every token names its own app, which is the topic
-    #: its pushes go to; this is only the connection's fallback.
+    #: The deployment's bundle id (APNs topic): the connection's fallback, and the iOS app of
+    #: every tenant whose apps (``apps`` / ``tenant_apps``) name none.
     apns_topic: str | None = None
     #: The environment of every app not listed in ``apns_app_environments``.
     apns_use_sandbox: bool = True
@@ -78,9 +117,43 @@ class PushProviderSettings(BaseModel):
     # What a notification says and how long it is worth delivering.
     #: A push older than this (since its message) is not sent; providers drop it after that too.
     notification_ttl_seconds: Annotated[int, Field(ge=1)] = 24 * 3600
-    default_preview: PreviewMode = PreviewMode.FULL
+    #: ``sender``: who wrote, never what (a lock screen is public); ``full`` shows the text and
+    #: is a tenant's opt-in (``tenant_previews``).
+    default_preview: PreviewMode = PreviewMode.SENDER
     #: Per tenant, a preview mode other than ``default_preview``.
     tenant_previews: dict[str, PreviewMode] = {}
 
+    # Where pushes go (the APNs topic, the FCM project): the operator's choice per tenant.
+    #: The apps of every tenant not in ``tenant_apps`` (its APNs topics default to
+    #: ``[apns_topic]``).
+    apps: TenantPushApps = TenantPushApps()
+    #: Per tenant, its own apps (replacing ``apps`` entirely).
+    tenant_apps: dict[str, TenantPushApps] = {}
+
+    # Proof of a token claim (``sinks.push.proof``).
+    #: The key challenges are signed with, the same on every push sink replica; unset: no
+    #: challenges, and a token another user's device holds stays with it until it lets go.
+    token_proof_secret: SecretStr | None = None
+    #: How long after it was issued a challenge may be echoed.
+    token_proof_ttl_seconds: Annotated[int, Field(ge=1)] = 600
+    #: At most one challenge to a token in this many seconds (per replica), however many
+    #: claims of it come: a claimant cannot make the holder's phone a pager.
+    token_challenge_interval_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+    def token_proofs(self) -> TokenProofs | None:
+        secret = self.token_proof_secret
+        if secret is None or not secret.get_secret_value():
+            return None
+        return TokenProofs(secret.get_secret_value().encode(), self.token_proof_ttl_seconds)
+
     def preview_for(self, tenant_id: str) -> PreviewMode:
         return self.tenant_previews.get(tenant_id, self.default_preview)
+
+    def apps_for(self, tenant_id: str) -> TenantPushApps:
+        """The tenant's apps: its own, or the deployment's default."""
+        own = self.tenant_apps.get(tenant_id)
+        if own is not None:
+            return own
+        if not self.apps.apns_topics and self.apns_topic:
+            return self.apps.model_copy(update={"apns_topics": [self.apns_topic]})
+        return self.apps

@@ -26,8 +26,13 @@ is served (assigned, not a group: every replica needs every token), then followe
   ``token_invalid_since``, or holds another token by now;
 - a job a device could not get (retries exhausted, rejected, circuit open) goes to the push-jobs
   dead-letter topic once, with the first such device's code in ``imstream.error.code``;
-- a token registration that brings a token another device holds detaches the other device: a
-  ``push_token.removed`` (reason ``moved``) for it.
+- a token registration that brings a token another device of the same user and tenant holds
+  detaches the other device: a ``push_token.removed`` (reason ``moved``) for it; one that brings
+  a token a device of another user holds is refused: a ``push_token.removed`` (reason
+  ``claim-refused``) for the claimant (``sinks.push.tokens``);
+- where a push goes comes from the tenant's settings (``IM_PUSH__TENANT_APPS``): the APNs topic
+  is one of the tenant's bundle ids, the FCM project the tenant's; a token whose app is none of
+  the tenant's is ``skipped`` with reason ``app-not-configured``.
 
 Delivery guarantee: **at least once per device and job.** A job's offset is committed only once
 its outcome records, token removals and dead letter are acknowledged by Kafka (``acks=all``), and
@@ -53,7 +58,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from datetime import time as wall_time
 from typing import Any
@@ -84,6 +89,7 @@ from schemas.events import (
     PushAttemptOutcome,
     PushJob,
     PushOutcomeRecord,
+    PushProvider,
     PushTokenRegistered,
     PushTokenRemovalReason,
     PushTokenRemoved,
@@ -98,6 +104,7 @@ from sinks.push.notification import PushNotification, PushTarget, build_notifica
 from sinks.push.outcome import PushOutcome
 from sinks.push.policy import QuietHours, RecipientPreferences, decide
 from sinks.push.reliability import DeliveryReport, PushDispatcher
+from sinks.push.settings import TenantPushApps
 from sinks.push.tokens import Detach, Holder, TokenTable
 from streams.processors import PROCESSING_FAILED, dead_letter
 from streams.records import InputRecord
@@ -120,6 +127,13 @@ KAFKA_TIMEOUT_SECONDS = 10.0
 #: ``reason`` of a job that reaches no device, and of a device whose provider has no credentials.
 NO_DEVICE_TOKEN = "no-device-token"
 PROVIDER_NOT_CONFIGURED = "provider-not-configured"
+#: ``reason`` of a device whose token is for an app its tenant's settings do not name (a token
+#: registered before the settings changed, or written around the ingress).
+APP_NOT_CONFIGURED = "app-not-configured"
+#: The log tag of a registration refused because another user's device holds the token.
+CLAIM_REFUSED = "claim-refused"
+#: Tokens whose last challenge time is remembered (the oldest forgotten beyond it).
+CHALLENGES_TRACKED = 10_000
 
 
 class FatalError(Exception):
@@ -134,6 +148,8 @@ class SinkStats:
     skipped: int = 0
     tokens_removed: int = 0
     tokens_moved: int = 0
+    claims_refused: int = 0
+    challenges_sent: int = 0
     dead_lettered: int = 0
     commits: int = 0
 
@@ -213,7 +229,10 @@ class PushSink:
         self.dispatcher = dispatcher
         self.catalog = catalog or topic_catalog(settings)
         self.group_id = group_id or f"{settings.kafka.topic_prefix}{GROUP_SUFFIX}"
-        self.tokens = TokenTable()
+        self.proofs = self.push.token_proofs()
+        self.tokens = TokenTable(self.proofs)
+        #: When each token last got a challenge (monotonic), oldest first; bounded.
+        self._challenged: OrderedDict[tuple[str, PushProvider, str], float] = OrderedDict()
         self.stats = SinkStats()
         self.ready = asyncio.Event()
         self._progress = _Progress()
@@ -288,7 +307,10 @@ class PushSink:
             [TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.partitions]
         )
         started = time.monotonic()
-        due: dict[tuple[Holder, str], Detach] = {}
+        # The latest record of every device (what compaction keeps), applied in the order they
+        # happened: a reload reaches the state the events' times dictate, whatever order the
+        # partitions were read in (a claim of another user never wins by being read first).
+        latest: dict[bytes, PushTokenRegistered | PushTokenRemoved] = {}
         records = 0
         while remaining and not stop.is_set():
             for message in self.token_consumer.consume(TOKEN_BATCH, timeout=POLL_SECONDS):
@@ -300,26 +322,23 @@ class PushSink:
                         raise FatalError(f"token consumer: {error}")
                     continue
                 records += 1
+                key = message.key() or b""
                 event = _token_event(message)
                 if event is None:
-                    continue
-                if isinstance(event, PushTokenRemoved):
-                    removed = Holder(
-                        event.tenant_id, event.payload.user_id, event.payload.device_id
-                    )
-                    due.pop((removed, event.payload.token), None)
-                for detach in self.tokens.apply(event):
-                    due[(detach.holder, detach.entry.token)] = detach
+                    latest.pop(key, None)
+                else:
+                    latest[key] = event
         if stop.is_set():
             return False
-        # A detach whose removal is not in the topic yet (written by nobody, or lost): write it,
-        # unless the device has registered a token since (the removal would then be the
-        # device's latest record, and compaction would forget the newer registration).
-        pending = [d for d in due.values() if self.tokens.entry(d.holder) is None]
+        # A detach whose removal is not in the topic yet (written by nobody, or lost): the
+        # device's latest record is still the registration it lost. Write it, unless the device
+        # holds a token after all (the removal would then forget the registration).
+        due = self.tokens.load(latest.values())
+        pending = [d for d in due if self.tokens.entry(d.holder) is None]
         for detach in pending:
             self._produce_detach(detach)
         log.info(
-            "token table loaded: %d tokens from %d records in %.1fs; %d moved tokens detached",
+            "token table loaded: %d tokens from %d records in %.1fs; %d tokens detached",
             len(self.tokens),
             records,
             time.monotonic() - started,
@@ -346,6 +365,9 @@ class PushSink:
                     continue
                 for detach in self.tokens.apply(event):
                     self._produce_detach(detach)
+                    refused_now = detach.entry.event_id == event.event_id
+                    if detach.reason is PushTokenRemovalReason.CLAIM_REFUSED and refused_now:
+                        self._challenge(detach)
 
     async def _tokens_caught_up(self, since: datetime) -> None:
         """Wait (at most ``TOKEN_CATCH_UP_SECONDS``) until the table holds every token record
@@ -394,8 +416,16 @@ class PushSink:
         is written again when a sink next loads the table and finds the token still shared."""
         removal = detach.removal()
         holder = detach.holder
-        log.info("token of %s moved to another device; detaching it", _name(holder))
-        self.stats.tokens_moved += 1
+        if detach.reason is PushTokenRemovalReason.CLAIM_REFUSED:
+            log.info(
+                "[%s] %s claimed a token another user's device holds",
+                CLAIM_REFUSED,
+                _name(holder),
+            )
+            self.stats.claims_refused += 1
+        else:
+            log.info("token of %s moved to another device; detaching it", _name(holder))
+            self.stats.tokens_moved += 1
         self._produce(
             _Output(
                 self.catalog.push_tokens.name,
@@ -403,6 +433,57 @@ class PushSink:
                 encode_event(removal),
             ),
             on_delivery=_log_failure,
+        )
+
+    def _challenge(self, refused: Detach) -> None:
+        """Send the token a refused claim names a challenge (``sinks.push.proof``), in the
+        background: if the claimant's device is the one the token reaches, its app echoes it and
+        takes the token. At most one per token per ``token_challenge_interval_seconds``; only
+        while following (a reload sends none: the claimant registers again)."""
+        if self.proofs is None:
+            return
+        claimant, claim, holder_entry = refused.holder, refused.entry, refused.moved_by
+        key = (claimant.tenant_id, claim.provider, claim.token)
+        now = time.monotonic()
+        last = self._challenged.get(key)
+        if last is not None and now - last < self.push.token_challenge_interval_seconds:
+            log.info("token challenge for %s not sent: one went out just now", _name(claimant))
+            return
+        self._challenged[key] = now
+        self._challenged.move_to_end(key)
+        while len(self._challenged) > CHALLENGES_TRACKED:
+            self._challenged.popitem(last=False)
+        challenge = self.proofs.issue(
+            tenant_id=claimant.tenant_id,
+            user_id=claimant.user_id,
+            device_id=claimant.device_id,
+            provider=claim.provider,
+            token=claim.token,
+            issued_at=claim.registered_at,
+        )
+        # The holder's app: the token is known to work with it.
+        target = _routed(
+            holder_entry.target(claimant.device_id), self.push.apps_for(claimant.tenant_id)
+        )
+        if target is None or target.provider not in self.dispatcher.providers:
+            return
+        notification = PushNotification.token_challenge(
+            claim.event_id, challenge, claimant.device_id, self.push.token_proof_ttl_seconds
+        )
+        task = asyncio.create_task(self._send_challenge(notification, target, claimant))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send_challenge(
+        self, notification: PushNotification, target: PushTarget, claimant: Holder
+    ) -> None:
+        report = await self._deliver(notification, target)
+        delivered = report is not None and report.delivered
+        self.stats.challenges_sent += int(delivered)
+        log.info(
+            "token challenge for %s %s",
+            _name(claimant),
+            "sent" if delivered else "not delivered",
         )
 
     # -- jobs --
@@ -499,9 +580,23 @@ class PushSink:
             preview=self.push.preview_for(job.tenant_id),
             locale=preferences.locale,
         )
-        reports = await asyncio.gather(*(self._deliver(notification, target) for target in targets))
+        apps = self.push.apps_for(job.tenant_id)
+        routed = [_routed(target, apps) for target in targets]
+        reports = await asyncio.gather(
+            *(self._deliver(notification, target) for target in routed if target is not None)
+        )
+        delivered = iter(reports)
         dead_letter_codes: list[str] = []
-        for target, report in zip(targets, reports, strict=True):
+        for target, route in zip(targets, routed, strict=True):
+            if route is None:
+                reason = (
+                    APP_NOT_CONFIGURED
+                    if target.provider in self.dispatcher.providers
+                    else PROVIDER_NOT_CONFIGURED
+                )
+                result.outputs.append(self._skipped(job, target, reason, now))
+                continue
+            report = next(delivered)
             if report is None:
                 result.outputs.append(self._skipped(job, target, PROVIDER_NOT_CONFIGURED, now))
                 continue
@@ -739,7 +834,7 @@ class PushSink:
         stats = self.stats
         log.info(
             "%s%d jobs, %d attempts, %d pushes sent, %d skipped, %d tokens removed, %d moved, "
-            "%d dead-lettered; %d tokens, %d jobs open",
+            "%d claims refused, %d challenges sent, %d dead-lettered; %d tokens, %d jobs open",
             "stopping: " if final else "",
             stats.jobs,
             stats.attempts,
@@ -747,6 +842,8 @@ class PushSink:
             stats.skipped,
             stats.tokens_removed,
             stats.tokens_moved,
+            stats.claims_refused,
+            stats.challenges_sent,
             stats.dead_lettered,
             len(self.tokens),
             len(self._jobs),
@@ -785,6 +882,17 @@ def _watermarks(consumer: Consumer, partition: TopicPartition) -> tuple[int, int
             if not transient or time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def _routed(target: PushTarget, apps: TenantPushApps) -> PushTarget | None:
+    """``target`` as the tenant's settings route it: its APNs topic one of the tenant's apps,
+    its FCM project the tenant's; None when its app is none of the tenant's. The app id in the
+    token record is only a choice among the tenant's apps, never a topic of its own."""
+    app_id = apps.resolve(target.provider, target.app_id)
+    if app_id is None:
+        return None
+    project_id = apps.fcm_project_id if target.provider is PushProvider.FCM else None
+    return replace(target, app_id=app_id, project_id=project_id)
 
 
 def _name(holder: Holder) -> str:

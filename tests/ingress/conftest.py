@@ -19,6 +19,7 @@ from pipelines.settings import Settings
 from pipelines.stack.manager import LocalStack
 from tests.ingress.support import (
     IMSTREAM,
+    PUSH_APP,
     Gateway,
     create_topics,
     delete_topics,
@@ -68,6 +69,7 @@ def gateway(
         tmp_path_factory.mktemp("gateway"),
         ingress=MAIN_GATEWAY,
         cql={"keyspace": serving_keyspace},
+        push={"apns_topic": PUSH_APP},
         wait=Gateway.serving,
     )
     yield running

@@ -38,6 +38,10 @@ from pipelines.settings import Settings
 from pipelines.topics import apply_topics
 from schemas.topics import TopicCatalog, partition_for_key, topic_catalog
 
+#: The iOS app (APNs bundle id) the test gateways are configured with (``IM_PUSH__APNS_TOPIC``):
+#: push tokens may name it, or no app.
+PUSH_APP = "dev.imstream.app"
+
 TENANT = "acme"
 IMSTREAM = Path(sys.executable).parent / "imstream"
 JsonObject = dict[str, Any]
@@ -258,6 +262,7 @@ def start_gateway(
     ingress: Mapping[str, Any] | None = None,
     cql: Mapping[str, Any] | None = None,
     auth: Mapping[str, Any] | None = None,
+    push: Mapping[str, Any] | None = None,
     wait: Callable[[Gateway], bool] = Gateway.ready,
 ) -> Gateway:
     """Start ``imstream run ingress`` with these overrides and wait until ``wait`` holds."""
@@ -270,20 +275,26 @@ def start_gateway(
     environment = dict(os.environ)
     cql_values = dict(cql or {})
     auth_values = dict(auth or {})
+    push_values = dict(push or {})
     for group, values in (
         ("KAFKA", kafka_values),
         ("INGRESS", ingress_values),
         ("CQL", cql_values),
         ("AUTH", auth_values),
+        ("PUSH", push_values),
     ):
         for key, value in values.items():
-            environment[f"IM_{group}__{key.upper()}"] = str(value)
+            text = json.dumps(value) if isinstance(value, dict | list) else str(value)
+            environment[f"IM_{group}__{key.upper()}"] = text
     configured = settings.model_copy(
         update={
             "kafka": settings.kafka.model_copy(update=kafka_values),
             "ingress": settings.ingress.model_copy(update=ingress_values),
             "cql": settings.cql.model_copy(update=cql_values),
             "auth": settings.auth.model_copy(update=auth_values),
+            "push": settings.push.model_validate(
+                {**settings.push.model_dump(mode="json"), **push_values}
+            ),
         }
     )
     log_path = log_dir / f"{ingress_values['node_id']}.log"

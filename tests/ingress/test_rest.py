@@ -10,9 +10,11 @@ from typing import Any
 
 import pytest
 
+from ingress.client import Client, CommandError
 from schemas.events import MAX_BODY_BYTES, message_event_id
 from schemas.topics import conversation_key, device_key, user_key
 from tests.ingress.support import (
+    PUSH_APP,
     TENANT,
     Gateway,
     JsonObject,
@@ -236,7 +238,7 @@ def test_push_tokens_are_registered_and_removed(gateway: Gateway) -> None:
     key = device_key(TENANT, user, "phone")
     partition, before = end_offset(gateway.settings, topic, key)
     path = f"/v1/tenants/{TENANT}/devices/phone/push-token"
-    body = {"provider": "apns", "token": "a" * 64, "app_id": "dev.imstream.app"}
+    body = {"provider": "apns", "token": "a" * 64, "app_id": PUSH_APP}
     headers = {**bearer(gateway, user, device="phone"), "X-Request-Id": "reg-1"}
 
     status, _, raw = gateway.request("PUT", path, body, headers)
@@ -249,9 +251,54 @@ def test_push_tokens_are_registered_and_removed(gateway: Gateway) -> None:
     assert [record_key for record_key, _ in records] == [key, key]
     registered, removed = (event for _, event in records)
     assert registered["type"] == "push_token.registered"
-    assert registered["payload"] == {"user_id": user, "device_id": "phone", **body}
+    assert registered["payload"] == {"user_id": user, "device_id": "phone", "proof": None, **body}
     assert removed["type"] == "push_token.removed"
     assert removed["payload"]["reason"] == "client"
+
+
+def test_a_push_token_gets_the_tenants_app_never_one_the_client_names(gateway: Gateway) -> None:
+    """Where a push goes (the APNs topic) is the tenant's setting: a token naming another app —
+    another tenant's bundle id, say — is refused; a token naming none gets the tenant's."""
+    user = unique("user")
+    topic = gateway.catalog.push_tokens.name
+    key = device_key(TENANT, user, "phone")
+    partition, before = end_offset(gateway.settings, topic, key)
+    path = f"/v1/tenants/{TENANT}/devices/phone/push-token"
+    headers = bearer(gateway, user, device="phone")
+    foreign = {"provider": "apns", "token": "b" * 64, "app_id": "com.rival.messenger"}
+
+    status, _, raw = gateway.request("PUT", path, foreign, headers)
+    reply = json.loads(raw)
+    assert (status, reply["code"], reply["field"]) == (403, "push-app-not-allowed", "app_id")
+    assert "com.rival.messenger" in reply["message"]
+    # The challenge a silent push brought, echoed: the push sink judges it.
+    echo = {"provider": "apns", "token": "b" * 64, "proof": "1764230400.c2lnbmF0dXJl"}
+    status, _, _ = gateway.request("PUT", path, echo, headers)
+    assert status == 200
+
+    ((_, registered),) = read_records(gateway.settings, topic, partition, before, 1)
+    assert registered["payload"]["app_id"] == PUSH_APP
+    assert registered["payload"]["token"] == "b" * 64
+    assert registered["payload"]["proof"] == echo["proof"]
+
+
+async def test_the_sdk_registers_for_the_tenants_app_and_echoes_a_challenge(
+    gateway: Gateway,
+) -> None:
+    user = unique("user")
+    topic = gateway.catalog.push_tokens.name
+    partition, before = end_offset(gateway.settings, topic, device_key(TENANT, user, "phone"))
+    sdk = Client(
+        gateway.ws, tenant_id=TENANT, device_id="phone", token=token(gateway.settings, user)
+    )
+    with pytest.raises(CommandError) as refused:
+        await sdk.register_push_token("apns", "c" * 64, "com.rival.messenger")
+    assert refused.value.frame.code == "push-app-not-allowed"
+    await sdk.register_push_token("apns", "c" * 64, proof="1764230400.c2lnbmF0dXJl")
+
+    ((_, registered),) = read_records(gateway.settings, topic, partition, before, 1)
+    assert registered["payload"]["app_id"] == PUSH_APP
+    assert registered["payload"]["proof"] == "1764230400.c2lnbmF0dXJl"
 
 
 PUSH_TOKEN_REFUSALS: dict[str, tuple[Any, str, int, str, str | None]] = {

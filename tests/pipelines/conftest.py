@@ -22,7 +22,7 @@ from tests.ingress.support import (
 )
 from tests.pipelines.support import PushFakes, Running
 from tests.sinks.push.fakes.tls import LocalPki
-from tests.sinks.push.support import ApnsKey
+from tests.sinks.push.support import APNS_TOPIC, ApnsKey
 
 #: What ``imstream up --sink-nice`` defaults to.
 SINK_NICE = 10
@@ -62,6 +62,8 @@ def supervised(
             "IM_STREAMS__INSTANCE_ID": unique("worker"),
             "IM_INGRESS__RATE_LIMIT_PER_SECOND": "100000",
             "IM_INGRESS__RATE_LIMIT_BURST": "100000",
+            # The deployment's iOS app: the ingress accepts tokens for it, the sink pushes to it.
+            "IM_PUSH__APNS_TOPIC": APNS_TOPIC,
         }
         ports = [free_port(), free_port()]
         analytics_port = free_port()

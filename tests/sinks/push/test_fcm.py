@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from schemas.events import PushProvider
 from sinks.push.errors import LocalReason, PushConfigError
 from sinks.push.fcm import FcmSender
+from sinks.push.notification import PushNotification
 from sinks.push.outcome import OutcomeKind
 from sinks.push.policy import QuietHours, RecipientPreferences
 from sinks.push.settings import PushProviderSettings
@@ -177,3 +179,38 @@ def test_from_settings_explains_what_is_missing(tmp_path: Path, fcm_credentials:
         FcmSender.from_settings(
             settings.model_copy(update={"fcm_credentials_path": without_project})
         )
+
+
+async def test_a_tenants_project_replaces_the_senders_own(
+    fake_fcm: FakeFcm, fcm_credentials: Path
+) -> None:
+    """The target's project (its tenant's, from the settings) is the one the push goes to."""
+    sender = FcmSender(
+        credentials_path=fcm_credentials,
+        project_id="someone-elses-project",
+        endpoint=fake_fcm.endpoint,
+        concurrency=1,
+    )
+    try:
+        target = replace(fcm_target(), project_id=fake_fcm.project_id)
+        reply = await sender.send(make_notification(), target)
+    finally:
+        await sender.close()
+    assert reply.kind is OutcomeKind.SENT
+
+
+async def test_a_token_challenge_is_a_data_only_message(
+    fcm_sender: FcmSender, fake_fcm: FakeFcm
+) -> None:
+    challenge = PushNotification.token_challenge("claim-1", "1764230400.mac", "phone-e", 600)
+    target = fcm_target()
+    reply = await fcm_sender.send(challenge, target)
+    assert reply.kind is OutcomeKind.SENT
+    (received,) = fake_fcm.stats.received
+    message = received.payload["message"]
+    assert "notification" not in message
+    assert "notification" not in message["android"]
+    assert message["data"] == {
+        "imstream_token_challenge": "1764230400.mac",
+        "imstream_device_id": "phone-e",
+    }

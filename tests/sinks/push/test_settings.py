@@ -61,3 +61,37 @@ def test_preview_mode_per_tenant_with_a_default() -> None:
     )
     assert settings.preview_for("bank") is PreviewMode.NONE
     assert settings.preview_for("acme") is PreviewMode.SENDER
+
+
+def test_a_tokens_app_is_one_of_its_tenants_never_another() -> None:
+    settings = PushProviderSettings.model_validate(
+        {
+            "apns_topic": "com.example.chat",
+            "tenant_apps": {
+                "acme": {
+                    "apns_topics": ["com.acme.chat", "com.acme.chat.beta"],
+                    "fcm_app_ids": ["1:1:android:a"],
+                    "fcm_project_id": "acme-chat",
+                },
+                "bare": {},
+            },
+        }
+    )
+    acme = settings.apps_for("acme")
+    assert acme.resolve(PushProvider.APNS, None) == "com.acme.chat"
+    assert acme.resolve(PushProvider.APNS, "com.acme.chat.beta") == "com.acme.chat.beta"
+    assert acme.resolve(PushProvider.APNS, "com.example.chat") is None
+    assert acme.resolve(PushProvider.FCM, None) == "1:1:android:a"
+    assert acme.resolve(PushProvider.FCM, "1:2:android:b") is None
+    assert acme.fcm_project_id == "acme-chat"
+    # Not listed: the deployment's app. Listed with none: none (its own apps replace the default).
+    other = settings.apps_for("other")
+    assert other.resolve(PushProvider.APNS, None) == "com.example.chat"
+    assert other.resolve(PushProvider.APNS, "com.acme.chat") is None
+    assert settings.apps_for("bare").resolve(PushProvider.APNS, None) is None
+    # FCM addresses a project: with no FCM app ids listed, the app id selects nothing.
+    assert other.resolve(PushProvider.FCM, "anything") == "anything"
+
+
+def test_the_default_preview_shows_who_wrote_not_what() -> None:
+    assert PushProviderSettings().preview_for("acme") is PreviewMode.SENDER

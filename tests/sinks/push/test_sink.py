@@ -5,6 +5,7 @@ outcome records agree with what the fakes themselves counted."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import signal
@@ -28,6 +29,7 @@ from pipelines.stack.manager import LocalStack
 from pipelines.status import consumer_groups, group_lag
 from schemas import events as ev
 from schemas.topics import TopicCatalog, device_key, topic_catalog, user_key
+from sinks.push import sink as sink_module
 from sinks.push.errors import DeadLetterCode
 from sinks.push.reliability import PushDispatcher
 from sinks.push.settings import PushProviderSettings
@@ -43,7 +45,7 @@ from tests.sinks.clickhouse_support import (
 from tests.sinks.push.fakes.apns import FakeApns
 from tests.sinks.push.fakes.fcm import FakeFcm
 from tests.sinks.push.fakes.script import Reply
-from tests.sinks.push.support import APNS_TOPIC, FCM_APP
+from tests.sinks.push.support import APNS_DEBUG_TOPIC, APNS_TOPIC, FCM_APP
 
 pytestmark = pytest.mark.stack
 
@@ -138,9 +140,11 @@ def registered(
     token: str,
     *,
     at: datetime | None = None,
+    tenant: str = TENANT,
+    app_id: str | None = None,
 ) -> Outgoing:
     event = ev.PushTokenRegistered.new(
-        tenant_id=TENANT,
+        tenant_id=tenant,
         actor=ev.Actor(user_id=user, device_id=device),
         occurred_at=at or datetime.now(UTC),
         payload=ev.PushTokenRegisteredPayload(
@@ -148,17 +152,19 @@ def registered(
             device_id=device,
             provider=provider,
             token=token,
-            app_id=APNS_TOPIC if provider is ev.PushProvider.APNS else FCM_APP,
+            app_id=app_id or (APNS_TOPIC if provider is ev.PushProvider.APNS else FCM_APP),
         ),
     )
-    return Outgoing("", device_key(TENANT, user, device), ev.encode_event(event))
+    return Outgoing("", device_key(tenant, user, device), ev.encode_event(event))
 
 
-def job(user: str, conversation_id: str, *, unread_total: int = 3) -> ev.PushJob:
+def job(
+    user: str, conversation_id: str, *, unread_total: int = 3, tenant: str = TENANT
+) -> ev.PushJob:
     message_id = str(uuid.uuid4())
     return ev.PushJob(
         job_id=ev.derived_event_id(message_id, f"push/{user}"),
-        tenant_id=TENANT,
+        tenant_id=tenant,
         user_id=user,
         conversation_id=conversation_id,
         conversation_seq=9,
@@ -294,11 +300,11 @@ async def test_offline_users_get_their_pushes_and_outcomes_match_the_fakes(
     (apns,) = fake_apns.stats.for_token(iphone)
     assert apns.headers["apns-collapse-id"] == "conv-a"
     assert apns.payload["aps"]["badge"] == 4
-    assert apns.payload["aps"]["alert"] == {
-        "title": "Message from alice",
-        "body": "see you at eight",
-    }
+    # The default preview says who wrote, not what: a lock screen is public.
+    assert apns.payload["aps"]["alert"] == {"title": "Message from alice"}
     (fcm,) = fake_fcm.stats.for_token(pixel)
+    assert "see you" not in json.dumps(fcm.payload)
+    assert fcm.payload["message"]["notification"] == {"title": "Message from alice"}
     assert fcm.payload["message"]["android"]["collapse_key"] == "conv-b"
     assert fcm.payload["message"]["android"]["notification"]["notification_count"] == 7
     assert fcm.payload["message"]["data"]["conversation_id"] == "conv-b"
@@ -416,10 +422,7 @@ async def test_quiet_hours_and_locale_from_the_job_shape_the_notification(
     assert ordinary.payload["aps"]["sound"] == "default"
     assert ordinary.payload["aps"]["alert"]["title"] == "Message from alice"
     (localised,) = fake_apns.stats.for_token(german)
-    assert localised.payload["aps"]["alert"] == {
-        "title": "Nachricht von alice",
-        "body": "see you at eight",
-    }
+    assert localised.payload["aps"]["alert"] == {"title": "Nachricht von alice"}
     assert localised.headers["apns-priority"] == "10"
 
 
@@ -478,41 +481,312 @@ async def test_rejected_tokens_are_removed_and_never_tried_again(
     assert len(fake_apns.stats.for_token(kept_iphone)) == 2
 
 
-async def test_a_token_registered_by_another_device_is_detached_from_the_old_one(
+async def detached(settings: Settings, user: str, reason: ev.PushTokenRemovalReason) -> bool:
+    return any(
+        r.user_id == user and r.reason == reason for r in removals(await token_events(settings))
+    )
+
+
+async def test_a_token_the_same_user_registers_on_a_new_device_moves_to_it(
     sink_settings: Settings,
     start_sink: Callable[[Settings], Any],
     fake_apns: FakeApns,
 ) -> None:
+    """A reinstall: the app gets a new device id, the phone keeps its token, the user is the
+    same. The token moves; the old device id is detached."""
     shared = apns_token()
     now = datetime.now(UTC)
-    # Before the sink starts: dave's phone, then erin's (reinstalled, signed in as erin).
+    moved = ev.PushTokenRemovalReason.MOVED
     send_tokens(
         sink_settings,
         registered("dave", "phone", ev.PushProvider.APNS, shared, at=now - timedelta(minutes=2)),
-        registered("erin", "phone", ev.PushProvider.APNS, shared, at=now - timedelta(minutes=1)),
+        registered("dave", "phone-2", ev.PushProvider.APNS, shared, at=now - timedelta(minutes=1)),
     )
     running: Running = await start_sink(sink_settings)
+    await eventually(lambda: detached(sink_settings, "dave", moved), "dave's phone detached")
+    # While it runs: another reinstall.
+    send_tokens(sink_settings, registered("dave", "phone-3", ev.PushProvider.APNS, shared))
 
-    async def detached(user: str) -> bool:
-        return any(
-            r.user_id == user and r.reason == ev.PushTokenRemovalReason.MOVED
-            for r in removals(await token_events(sink_settings))
-        )
+    async def twice() -> bool:
+        found = removals(await token_events(sink_settings))
+        return sum(r.reason == moved for r in found) == 2
 
-    await eventually(lambda: detached("dave"), "dave detached when the table loaded")
-    # While it runs: frank signs in on the phone.
-    send_tokens(sink_settings, registered("frank", "phone", ev.PushProvider.APNS, shared))
-    await eventually(lambda: detached("erin"), "erin detached while following")
-    assert running.sink.tokens.targets(TENANT, "frank")[0].token == shared
+    await eventually(twice, "phone-2 detached while following")
+    assert [t.device_id for t in running.sink.tokens.targets(TENANT, "dave")] == ["phone-3"]
     removed = removals(await token_events(sink_settings))
-    assert sorted((r.user_id, r.token) for r in removed) == [("dave", shared), ("erin", shared)]
-
-    jobs = [job("dave", "conv-9"), job("erin", "conv-9"), job("frank", "conv-9")]
-    send_jobs(sink_settings, *jobs)
-    found = {o.user_id: o for o in await outcomes_of(sink_settings, {j.job_id for j in jobs}, 3)}
-    assert (found["dave"].reason, found["erin"].reason) == ("no-device-token", "no-device-token")
-    assert (found["frank"].outcome, found["frank"].device_id) == ("sent", "phone")
+    assert sorted((r.device_id, r.reason) for r in removed) == [
+        ("phone", moved),
+        ("phone-2", moved),
+    ]
+    pending = job("dave", "conv-9")
+    send_jobs(sink_settings, pending)
+    (found,) = await outcomes_of(sink_settings, {pending.job_id}, 1)
+    assert (found.outcome, found.device_id) == ("sent", "phone-3")
     assert len(fake_apns.stats.for_token(shared)) == 1
+
+
+async def test_another_users_registration_of_a_held_token_is_refused(
+    sink_settings: Settings,
+    start_sink: Callable[[Settings], Any],
+    fake_apns: FakeApns,
+) -> None:
+    """Push-token takeover within a tenant: mallory registers the token of dave's phone (seen
+    in a log, a screenshot, a hostile app). dave keeps getting his pushes; mallory's claim is
+    refused (``claim-refused``) and her messages do not land on dave's phone. Before the sink
+    starts and while it runs."""
+    shared = apns_token()
+    now = datetime.now(UTC)
+    send_tokens(
+        sink_settings,
+        registered("dave", "phone", ev.PushProvider.APNS, shared, at=now - timedelta(minutes=2)),
+        registered(
+            "mallory", "laptop", ev.PushProvider.APNS, shared, at=now - timedelta(minutes=1)
+        ),
+    )
+    running: Running = await start_sink(sink_settings)
+    refused = "claim-refused"
+
+    async def one_removed() -> bool:
+        return len(removals(await token_events(sink_settings))) >= 1
+
+    await eventually(one_removed, "the claim made before the start refused")
+    send_tokens(sink_settings, registered("mallory", "tablet", ev.PushProvider.APNS, shared))
+
+    async def both_refused() -> bool:
+        return len(removals(await token_events(sink_settings))) >= 2
+
+    await eventually(both_refused, "the claim made while following refused")
+    removed = removals(await token_events(sink_settings))
+    assert sorted((r.user_id, r.device_id, r.reason) for r in removed) == [
+        ("mallory", "laptop", refused),
+        ("mallory", "tablet", refused),
+    ]
+    assert [t.device_id for t in running.sink.tokens.targets(TENANT, "dave")] == ["phone"]
+    assert running.sink.tokens.targets(TENANT, "mallory") == []
+
+    jobs = [job("dave", "conv-9"), job("mallory", "conv-9")]
+    send_jobs(sink_settings, *jobs)
+    found = {o.user_id: o for o in await outcomes_of(sink_settings, {j.job_id for j in jobs}, 2)}
+    assert (found["dave"].outcome, found["dave"].device_id) == ("sent", "phone")
+    assert (found["mallory"].outcome, found["mallory"].reason) == ("skipped", "no-device-token")
+    assert len(fake_apns.stats.for_token(shared)) == 1
+
+
+async def test_a_refused_claim_is_challenged_and_the_echo_takes_the_token(
+    sink_settings: Settings,
+    start_sink: Callable[[Settings], Any],
+    fake_apns: FakeApns,
+) -> None:
+    """dave's phone passed to erin without dave logging out: erin's registration is refused,
+    the sink sends the token a silent challenge, the app on the phone (signed in as erin)
+    echoes it, and the token moves to erin — dave's pushes stop landing on erin's phone. More
+    claims within the interval send no more challenges."""
+    proving = with_push(
+        sink_settings,
+        {**sink_settings.push.model_dump(mode="json"), "token_proof_secret": "test-secret"},
+    )
+    shared = apns_token()
+    send_tokens(
+        proving,
+        registered(
+            "dave", "phone", ev.PushProvider.APNS, shared, at=datetime.now(UTC) - timedelta(days=1)
+        ),
+    )
+    running: Running = await start_sink(proving)
+    send_tokens(proving, registered("erin", "phone-e", ev.PushProvider.APNS, shared))
+    await eventually(lambda: fake_apns.stats.for_token(shared), "the challenge pushed")
+    (challenge,) = fake_apns.stats.for_token(shared)
+    assert challenge.headers["apns-push-type"] == "background"
+    assert challenge.headers["apns-topic"] == APNS_TOPIC
+    assert challenge.payload["aps"] == {"content-available": 1}
+    assert challenge.payload["imstream_device_id"] == "phone-e"
+    proof = challenge.payload["imstream_token_challenge"]
+    # More claims (mallory's, erin's own again) within the interval: no more challenges.
+    send_tokens(
+        proving,
+        registered("mallory", "laptop", ev.PushProvider.APNS, shared),
+        registered("erin", "phone-e", ev.PushProvider.APNS, shared),
+    )
+
+    async def three_refused() -> bool:
+        found = removals(await token_events(proving))
+        return sum(r.reason == "claim-refused" for r in found) == 3
+
+    await eventually(three_refused, "three claims refused")
+    assert len(fake_apns.stats.for_token(shared)) == 1
+
+    echo = registered("erin", "phone-e", ev.PushProvider.APNS, shared)
+    event = ev.parse_event(echo.value or b"")
+    assert isinstance(event, ev.PushTokenRegistered)
+    proven = event.model_copy(update={"payload": event.payload.model_copy(update={"proof": proof})})
+    send_tokens(proving, Outgoing("", echo.key, ev.encode_event(proven)))
+    await eventually(
+        lambda: [t.device_id for t in running.sink.tokens.targets(TENANT, "erin")] == ["phone-e"],
+        "the token moved to erin",
+    )
+    assert running.sink.tokens.targets(TENANT, "dave") == []
+    jobs = [job("dave", "conv-9"), job("erin", "conv-9")]
+    send_jobs(proving, *jobs)
+    found = {o.user_id: o for o in await outcomes_of(proving, {j.job_id for j in jobs}, 2)}
+    assert (found["dave"].outcome, found["dave"].reason) == ("skipped", "no-device-token")
+    assert (found["erin"].outcome, found["erin"].device_id) == ("sent", "phone-e")
+    moved = [r for r in removals(await token_events(proving)) if r.reason == "moved"]
+    assert [(r.user_id, r.device_id) for r in moved] == [("dave", "phone")]
+
+
+async def test_the_challenges_remembered_are_bounded(
+    sink_settings: Settings,
+    start_sink: Callable[[Settings], Any],
+    fake_apns: FakeApns,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Claims of many tokens each get their challenge, and the sink remembers only the last
+    ``CHALLENGES_TRACKED`` (here 2): no claimant grows its memory."""
+    monkeypatch.setattr(sink_module, "CHALLENGES_TRACKED", 2)
+    proving = with_push(
+        sink_settings,
+        {**sink_settings.push.model_dump(mode="json"), "token_proof_secret": "test-secret"},
+    )
+    tokens = [apns_token() for _ in range(5)]
+    earlier = datetime.now(UTC) - timedelta(hours=1)
+    send_tokens(
+        proving,
+        *(
+            registered(f"owner-{i}", "phone", ev.PushProvider.APNS, token, at=earlier)
+            for i, token in enumerate(tokens)
+        ),
+    )
+    running: Running = await start_sink(proving)
+    send_tokens(
+        proving,
+        *(registered("mallory", f"d-{i}", ev.PushProvider.APNS, t) for i, t in enumerate(tokens)),
+    )
+    await eventually(
+        lambda: all(len(fake_apns.stats.for_token(t)) == 1 for t in tokens), "5 challenges"
+    )
+    assert len(running.sink._challenged) == 2
+
+
+async def test_a_token_of_another_tenant_is_neither_detached_nor_reached(
+    sink_settings: Settings,
+    start_sink: Callable[[Settings], Any],
+    fake_apns: FakeApns,
+) -> None:
+    """Push-token takeover across tenants: a user of tenant ``rival`` registers the token of a
+    phone of tenant ``acme`` (both on the deployment's one app). acme's device keeps its token
+    and its pushes, nothing is written for it, and rival's messages do not reach the phone: the
+    claims are refused in rival."""
+    shared = apns_token()
+    now = datetime.now(UTC)
+    send_tokens(
+        sink_settings,
+        registered("dave", "phone", ev.PushProvider.APNS, shared, at=now - timedelta(minutes=2)),
+        registered(
+            "mallory",
+            "laptop",
+            ev.PushProvider.APNS,
+            shared,
+            at=now - timedelta(minutes=1),
+            tenant="rival",
+        ),
+    )
+    running: Running = await start_sink(sink_settings)
+    send_tokens(
+        sink_settings,
+        registered("mallory", "tablet", ev.PushProvider.APNS, shared, tenant="rival"),
+    )
+
+    async def two_removals() -> bool:
+        return len(removals(await token_events(sink_settings))) >= 2
+
+    await eventually(two_removals, "both of rival's claims answered")
+    removed = removals(await token_events(sink_settings))
+    assert sorted((r.user_id, r.device_id, r.reason) for r in removed) == [
+        ("mallory", "laptop", "claim-refused"),
+        ("mallory", "tablet", "claim-refused"),
+    ]
+    jobs = [job("dave", "conv-9"), job("mallory", "conv-9", tenant="rival")]
+    send_jobs(sink_settings, *jobs)
+    found = {o.user_id: o for o in await outcomes_of(sink_settings, {j.job_id for j in jobs}, 2)}
+    assert (found["dave"].outcome, found["dave"].device_id) == ("sent", "phone")
+    assert (found["mallory"].outcome, found["mallory"].reason) == ("skipped", "no-device-token")
+    assert [t.device_id for t in running.sink.tokens.targets(TENANT, "dave")] == ["phone"]
+    assert len(fake_apns.stats.for_token(shared)) == 1
+
+
+async def test_the_apns_topic_and_fcm_project_come_from_the_tenants_settings(
+    sink_settings: Settings,
+    start_sink: Callable[[Settings], Any],
+    fake_apns: FakeApns,
+    fake_fcm: FakeFcm,
+) -> None:
+    """A token record names an app, but only as a choice among its tenant's: ``beta``'s users
+    get pushes under beta's bundle id, never under acme's even when their record names it (a
+    record written around the ingress, or before the settings changed), and beta's Android
+    pushes go through beta's FCM project, not the deployment's."""
+    routed = with_push(
+        sink_settings,
+        {
+            **sink_settings.push.model_dump(mode="json"),
+            "fcm_project_id": "deployment-project",
+            "tenant_apps": {
+                TENANT: {"apns_topics": [APNS_TOPIC]},
+                "beta": {"apns_topics": [APNS_DEBUG_TOPIC], "fcm_project_id": fake_fcm.project_id},
+            },
+        },
+    )
+    foreign, own, android = apns_token(), apns_token(), fcm_token()
+    send_tokens(
+        routed,
+        registered("bea", "iphone", ev.PushProvider.APNS, foreign, tenant="beta"),
+        registered(
+            "bo", "iphone", ev.PushProvider.APNS, own, tenant="beta", app_id=APNS_DEBUG_TOPIC
+        ),
+        registered("bo", "pixel", ev.PushProvider.FCM, android, tenant="beta"),
+    )
+    await start_sink(routed)
+    jobs = [job("bea", "conv-1", tenant="beta"), job("bo", "conv-1", tenant="beta")]
+    send_jobs(routed, *jobs)
+
+    found = {
+        (o.user_id, o.device_id): o for o in await outcomes_of(routed, {j.job_id for j in jobs}, 3)
+    }
+    assert (found["bea", "iphone"].outcome, found["bea", "iphone"].reason) == (
+        "skipped",
+        "app-not-configured",
+    )
+    assert fake_apns.stats.for_token(foreign) == []
+    assert found["bo", "iphone"].outcome == "sent"
+    (pushed,) = fake_apns.stats.for_token(own)
+    assert pushed.headers["apns-topic"] == APNS_DEBUG_TOPIC
+    assert found["bo", "pixel"].outcome == "sent"
+    assert len(fake_fcm.stats.for_token(android)) == 1
+
+
+async def test_a_tenant_may_opt_in_to_full_previews(
+    sink_settings: Settings,
+    start_sink: Callable[[Settings], Any],
+    apns_settings: dict[str, Any],
+    fake_apns: FakeApns,
+) -> None:
+    full = with_push(sink_settings, {**apns_settings, "tenant_previews": {"open": "full"}})
+    shown, hidden = apns_token(), apns_token()
+    send_tokens(
+        full,
+        registered("olga", "iphone", ev.PushProvider.APNS, shown, tenant="open"),
+        registered("hugo", "iphone", ev.PushProvider.APNS, hidden),
+    )
+    await start_sink(full)
+    jobs = [job("olga", "conv-1", tenant="open"), job("hugo", "conv-1")]
+    send_jobs(full, *jobs)
+    await outcomes_of(full, {j.job_id for j in jobs}, 2)
+    (opted_in,) = fake_apns.stats.for_token(shown)
+    assert opted_in.payload["aps"]["alert"] == {
+        "title": "Message from alice",
+        "body": "see you at eight",
+    }
+    (default,) = fake_apns.stats.for_token(hidden)
+    assert default.payload["aps"]["alert"] == {"title": "Message from alice"}
 
 
 async def test_a_job_that_keeps_failing_goes_to_the_dead_letter_topic_with_its_code(
