@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from pipelines.settings import AuthSettings, Profile, Settings
+from pipelines.connections import kafka_config, kafka_consumer_config, kafka_producer_config
+from pipelines.settings import AuthSettings, KafkaSettings, Profile, Settings
 
 
 def test_nested_groups_come_from_im_variables(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -43,3 +44,46 @@ def test_real_secret_is_accepted_in_prod() -> None:
     )
     assert settings.profile is Profile.PROD
     assert "s3cr3t" not in repr(settings)
+
+
+def test_kafka_security_reaches_every_client_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IM_KAFKA__SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("IM_KAFKA__SASL_USERNAME", "ingress")
+    monkeypatch.setenv("IM_KAFKA__SASL_PASSWORD", "p4ss")
+    monkeypatch.setenv("IM_KAFKA__SSL_CA_LOCATION", "/certs/ca.pem")
+    settings = Settings()
+    expected = {
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "ingress",
+        "sasl.password": "p4ss",
+        "ssl.ca.location": "/certs/ca.pem",
+    }
+    for config in (
+        kafka_config(settings),
+        kafka_consumer_config(settings, "g"),
+        kafka_producer_config(settings, **{"transactional.id": "t"}),
+    ):
+        assert expected.items() <= config.items()
+    assert "p4ss" not in repr(settings)
+    assert kafka_config(Settings(kafka=KafkaSettings()))["security.protocol"] == "PLAINTEXT"
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        ({"IM_KAFKA__SECURITY_PROTOCOL": "SASL_SSL"}, "IM_KAFKA__SASL_USERNAME"),
+        ({"IM_KAFKA__SASL_USERNAME": "x"}, "IM_KAFKA__SASL_PASSWORD go together"),
+        ({"IM_KAFKA__SSL_KEY_LOCATION": "/k.pem"}, "IM_KAFKA__SSL_CERTIFICATE_LOCATION"),
+        ({"IM_INGRESS__TLS_CERT_PATH": "/c.pem"}, "IM_INGRESS__TLS_KEY_PATH"),
+        ({"IM_SINKS__ANALYTICS_TLS_KEY_PATH": "/k.pem"}, "IM_SINKS__ANALYTICS_TLS_CERT_PATH"),
+        ({"IM_CQL__SSL_CERT_PATH": "/c.pem"}, "IM_CQL__SSL_KEY_PATH"),
+    ],
+)
+def test_half_given_credentials_are_refused(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], message: str
+) -> None:
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=message):
+        Settings()
