@@ -14,7 +14,7 @@ secrets, written readable by their owner only.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -69,9 +69,9 @@ def _subject_names(names: Iterable[str]) -> list[x509.GeneralName]:
     return general
 
 
-def _write_secret(path: Path, data: bytes) -> None:
+def _write_secret(path: Path, data: bytes, mode: int) -> None:
     path.write_bytes(b"")
-    path.chmod(0o600)
+    path.chmod(mode)
     path.write_bytes(data)
 
 
@@ -83,16 +83,18 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def make_pki(
     directory: Path,
-    services: dict[str, Iterable[str]],
+    services: Mapping[str, Iterable[str]],
     *,
     ca_name: str = "imstream development CA",
     valid_for: timedelta = timedelta(days=365),
+    key_mode: int = 0o600,
 ) -> Pki:
     """A new CA in ``directory`` and, for each service, a certificate whose common name is the
     service's name and whose subject alternative names are the service's name, the names given
-    for it and :data:`LOCAL_NAMES`. Existing files are replaced."""
+    for it and :data:`LOCAL_NAMES`. Existing files are replaced. Private keys get ``key_mode``
+    (the owner's only by default; containers running as other users need them readable)."""
     directory.mkdir(parents=True, exist_ok=True)
-    directory.chmod(0o700)
+    directory.chmod(0o700 if key_mode == 0o600 else 0o755)
     now = datetime.now(UTC)
     start, end = now - timedelta(minutes=5), now + valid_for
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -126,7 +128,7 @@ def make_pki(
     )
     ca_file = directory / CA_FILE
     ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write_secret(directory / CA_KEY_FILE, _key_pem(ca_key))
+    _write_secret(directory / CA_KEY_FILE, _key_pem(ca_key), 0o600)
     leaves = {}
     for service, extra_names in services.items():
         names = list(dict.fromkeys([service, *extra_names, *LOCAL_NAMES]))
@@ -161,7 +163,7 @@ def make_pki(
         )
         cert_pem = cert.public_bytes(serialization.Encoding.PEM)
         leaf.cert_file.write_bytes(cert_pem)
-        _write_secret(leaf.key_file, _key_pem(key))
-        _write_secret(leaf.bundle_file, _key_pem(key) + cert_pem)
+        _write_secret(leaf.key_file, _key_pem(key), key_mode)
+        _write_secret(leaf.bundle_file, _key_pem(key) + cert_pem, key_mode)
         leaves[service] = leaf
     return Pki(directory=directory, ca_file=ca_file, leaves=leaves)

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from confluent_kafka.admin import AdminClient
 
+from pipelines.certs_cli import certs_command
 from pipelines.connections import kafka_config
 from pipelines.console import load_settings
 from pipelines.dashboards_cli import dashboards_app
@@ -45,6 +46,7 @@ app.add_typer(topics_app, name="topics")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(quality_app, name="quality")
 app.command("replay")(replay_command)
+app.command("certs")(certs_command)
 app.add_typer(rebuild_app, name="rebuild")
 app.add_typer(search_app, name="search")
 app.add_typer(dashboards_app, name="dashboards")

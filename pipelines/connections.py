@@ -17,6 +17,7 @@ from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import Consumer, KafkaError, Message
 
+from core.tls import client_context
 from pipelines.settings import Settings
 from schemas.topics import KAFKA_PARTITIONER
 
@@ -152,10 +153,9 @@ def cql_cluster(
 def cql_ssl_context(settings: Settings) -> ssl.SSLContext:
     """TLS to the CQL nodes: their certificates verified against ``IM_CQL__SSL_CA_PATH`` (and
     their names, unless ``IM_CQL__SSL_CHECK_HOSTNAME=false``), with the client certificate when
-    one is set. TLS 1.2 is allowed here: ScyllaDB and Cassandra builds without 1.3 exist."""
+    one is set; TLS 1.3 at least, as everywhere."""
     cql = settings.cql
-    context = ssl.create_default_context(cafile=cql.ssl_ca_path)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context = client_context(cql.ssl_ca_path)
     context.check_hostname = cql.ssl_check_hostname
     if cql.ssl_cert_path is not None and cql.ssl_key_path is not None:
         context.load_cert_chain(cql.ssl_cert_path, cql.ssl_key_path)

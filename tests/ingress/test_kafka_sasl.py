@@ -12,6 +12,7 @@ SASL_SSL port, a wrong password and a client that does not trust the CA are all 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import subprocess
@@ -20,11 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from cassandra.cluster import Session
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from pydantic import SecretStr
 
 from core.pki import make_pki
+from core.readiness import read_announcement
 from pipelines.connections import kafka_config, kafka_producer_config
 from pipelines.settings import KafkaSecurityProtocol, KafkaSettings, Settings, StackSettings
 from pipelines.stack.manager import LocalStack
@@ -34,15 +37,18 @@ from tests.ingress.support import (
     IMSTREAM,
     create_topics,
     free_port,
+    migrated_keyspace,
     open_device,
     receive,
     request,
     start_gateway,
     unique,
+    wait_until,
 )
 from tests.streams.support import Worker
 
-SERVICES = ("ingress", "stream-worker")
+SERVICES = ("ingress", "stream-worker", "cql-sink", "clickhouse-sink", "push-sink")
+SINKS = ("cql-sink", "clickhouse-sink", "push-sink")
 
 
 @dataclass
@@ -135,9 +141,92 @@ def secure_kafka(
         stack.down()
 
 
-async def test_ingress_and_stream_worker_carry_a_message_as_their_own_principals(
-    secure_kafka: SecureKafka, tmp_path: Path
+@contextlib.contextmanager
+def running_sinks(
+    secure_kafka: SecureKafka, keyspace: str, logs: Path
+) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+    """The three sinks, each as its own principal, started (:func:`wait_ready` waits for them
+    while the rest of the pipeline starts)."""
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for sink in SINKS:
+            environment = {
+                **os.environ,
+                **secure_kafka.environment(sink),
+                "IM_CQL__KEYSPACE": keyspace,
+                "IM_CLICKHOUSE__CHDB_PATH": str(logs / "chdb"),
+                "IM_SINKS__ANALYTICS_PORT": str(free_port()),
+                "IM_SINKS__SESSION_TIMEOUT_SECONDS": "6",
+                "IM_READY_FILE": str(logs / f"{sink}.ready"),
+            }
+            with (logs / f"{sink}.log").open("wb") as log:
+                processes[sink] = subprocess.Popen(
+                    [str(IMSTREAM), "run", sink],
+                    env=environment,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+        yield processes
+    finally:
+        for process in processes.values():
+            process.terminate()
+        for process in processes.values():
+            process.wait(timeout=60)
+
+
+async def wait_ready(processes: dict[str, subprocess.Popen[bytes]], logs: Path) -> None:
+    """Until each sink announced it is ready (its consumer group assigned it partitions)."""
+    for sink, process in processes.items():
+        await wait_until(
+            lambda sink=sink, process=process: (  # type: ignore[misc]
+                read_announcement(logs / f"{sink}.ready") is not None or process.poll() is not None
+            ),
+            within=90,
+            what=f"{sink} ready",
+        )
+        assert process.poll() is None, (logs / f"{sink}.log").read_text()
+
+
+def committed(secure_kafka: SecureKafka, group: str, topic: str) -> int:
+    """The offsets ``group`` committed on ``topic``, summed over its partitions."""
+    admin = secure_kafka.admin
+    consumer = Consumer(kafka_config(admin, **{"group.id": group}))
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        offsets = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+        return sum(max(0, tp.offset) for tp in offsets)
+    finally:
+        consumer.close()
+
+
+async def test_the_pipeline_carries_a_message_with_a_principal_per_service(
+    secure_kafka: SecureKafka, cql_session: Session, tmp_path: Path
 ) -> None:
+    with (
+        migrated_keyspace(secure_kafka.admin, cql_session) as keyspace,
+        running_sinks(secure_kafka, keyspace, tmp_path) as sinks,
+    ):
+        await _carry_a_message(secure_kafka, tmp_path)
+        await wait_ready(sinks, tmp_path)
+        catalog = topic_catalog(secure_kafka.admin)
+        sequenced = catalog.messages_sequenced.name
+        prefix = secure_kafka.admin.kafka.topic_prefix
+        # Both sinks of the sequenced messages consumed the message, with their own groups.
+        for group in (f"{prefix}imstream-cql-sink", f"{prefix}imstream-clickhouse-sink"):
+            await wait_until(
+                lambda group=group: committed(secure_kafka, group, sequenced) >= 1,  # type: ignore[misc]
+                within=60,
+                what=f"{group} to commit the message",
+            )
+        assert all(process.poll() is None for process in sinks.values())
+    for sink in SINKS:
+        log = (tmp_path / f"{sink}.log").read_text()
+        assert "AUTHORIZATION_FAILED" not in log.upper().replace(" ", "_"), log
+
+
+async def _carry_a_message(secure_kafka: SecureKafka, tmp_path: Path) -> None:
+    """One message from ann to ben through an ingress and a stream worker of their own."""
     worker = Worker(
         {
             **os.environ,
@@ -196,8 +285,8 @@ async def test_ingress_and_stream_worker_carry_a_message_as_their_own_principals
     finally:
         assert gateway.stop() == 0, gateway.log()
         worker.stop()
-    assert "Authorization" not in gateway.log(), gateway.log()
-    assert "AUTHORIZATION_FAILED" not in worker.tail(), worker.tail()
+    assert "AUTHORIZATION_FAILED" not in gateway.log().upper().replace(" ", "_"), gateway.log()
+    assert "AUTHORIZATION_FAILED" not in worker.tail().upper().replace(" ", "_"), worker.tail()
 
 
 def _produce_error(settings: Settings, topic: str) -> KafkaError | None:
@@ -260,7 +349,7 @@ def test_no_way_in_without_tls_and_credentials(
         settings = secure_kafka.as_user("ingress", ssl_ca_location=other.ca_file)
     admin = AdminClient(kafka_config(settings, **{"socket.timeout.ms": 3000}))
     with pytest.raises(KafkaException):
-        admin.list_topics(timeout=5)
+        admin.list_topics(timeout=3)
     # The same client with the right protocol, password and CA gets in.
     allowed = AdminClient(kafka_config(secure_kafka.as_user("ingress")))
     assert allowed.list_topics(timeout=10).brokers

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from pipelines.connections import kafka_config, kafka_consumer_config, kafka_producer_config
-from pipelines.settings import AuthSettings, KafkaSettings, Profile, Settings
+from core.pki import make_pki
+from pipelines.connections import (
+    cql_cluster,
+    kafka_config,
+    kafka_consumer_config,
+    kafka_producer_config,
+)
+from pipelines.settings import AuthSettings, CqlSettings, KafkaSettings, Profile, Settings
 
 
 def test_nested_groups_come_from_im_variables(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -87,3 +94,22 @@ def test_half_given_credentials_are_refused(
         monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=message):
         Settings()
+
+
+def test_cql_and_clickhouse_tls_come_from_their_settings(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path, {"scylla": ()})
+    leaf = pki["scylla"]
+    settings = Settings(
+        cql=CqlSettings(
+            ssl_ca_path=pki.ca_file,
+            ssl_cert_path=leaf.cert_file,
+            ssl_key_path=leaf.key_file,
+            ssl_check_hostname=False,
+        )
+    )
+    cluster = cql_cluster(settings)
+    context = cluster.ssl_context
+    assert isinstance(context, ssl.SSLContext)
+    assert context.minimum_version is ssl.TLSVersion.TLSv1_3
+    assert context.verify_mode is ssl.CERT_REQUIRED and not context.check_hostname
+    assert cql_cluster(Settings()).ssl_context is None
