@@ -26,15 +26,18 @@ from core.pki import Pki, make_pki
 from core.tls import client_context
 from ingress.client import Client, ClientClosedError
 from pipelines.settings import Settings
+from schemas.errors import CloseCode
 from schemas.events import MessageSent
 from tests.ingress.conftest import running_pipeline
 from tests.ingress.support import (
     IMSTREAM,
     TENANT,
     Gateway,
+    close_code,
     open_device,
     receive,
     request,
+    start_gateway,
     token,
     unique,
 )
@@ -170,6 +173,28 @@ async def test_tls_12_and_plain_websocket_are_refused(tls_pipeline: Gateway, tes
     plain = tls_pipeline.ws.replace("wss://", "ws://")
     with pytest.raises((InvalidHandshake, OSError)):
         await connect(plain, open_timeout=10)
+
+
+async def test_a_drain_closes_tls_sockets_with_4010(
+    ingress_settings: Settings, test_ca: Pki, tmp_path: Path
+) -> None:
+    """The gateway's own close path (frames written straight to the transport, then the
+    transport closed: ``ingress/wsprotocol.py``) over a TLS transport."""
+    leaf = test_ca["ingress"]
+    gateway = start_gateway(
+        ingress_settings,
+        tmp_path,
+        ingress={"tls_cert_path": leaf.cert_file, "tls_key_path": leaf.key_file},
+        ca_file=test_ca.ca_file,
+    )
+    try:
+        socket_, _ = await open_device(gateway, unique("ann"))
+        assert (await request(socket_, {"type": "ping", "id": "p"}))["type"] == "pong"
+        stopping = asyncio.get_running_loop().run_in_executor(None, gateway.stop)
+        assert await close_code(socket_) == CloseCode.SERVER_DRAINING
+        assert await stopping == 0, gateway.log()
+    finally:
+        gateway.stop()
 
 
 def test_a_certificate_that_cannot_be_loaded_stops_the_node_with_a_message(
