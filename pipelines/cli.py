@@ -300,10 +300,15 @@ def render_processes(settings: Settings, supervisor: Supervisor, took: dict[str,
     for child in supervisor.children:
         if child.kind == "ingress":
             port = child.env.get("IM_INGRESS__PORT", str(ingress.port))
-            where = f"ws://{ingress.host}:{port}/v1/ws · http://{ingress.host}:{port}/docs"
-        elif child.kind == "clickhouse-sink":
+            tls = "s" if ingress.tls_cert_path is not None else ""
             where = (
-                f"http://{sinks.analytics_host}:{sinks.analytics_port}/v1/analytics · /dashboards"
+                f"ws{tls}://{ingress.host}:{port}/v1/ws · http{tls}://{ingress.host}:{port}/docs"
+            )
+        elif child.kind == "clickhouse-sink":
+            scheme = "https" if sinks.analytics_tls_cert_path is not None else "http"
+            where = (
+                f"{scheme}://{sinks.analytics_host}:{sinks.analytics_port}/v1/analytics"
+                " · /dashboards"
             )
         else:
             where = "-"
