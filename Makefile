@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint stack-up stack-down clean browser
+.PHONY: install run test lint stack-up stack-down clean browser certs
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "imstream needs Python 3.11+, found " + sys.version.split()[0])'
@@ -35,8 +35,14 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	@if docker compose version >/dev/null 2>&1; then \
-		IM_AUTH__JWT_SECRET=x IM_CLICKHOUSE__PASSWORD=x GRAFANA_ADMIN_PASSWORD=x docker compose config --quiet; \
+		env $$($(BIN)/python -c 'from pipelines.certs_cli import COMPOSE_SECRETS; print(" ".join(n + "=x" for n in COMPOSE_SECRETS))') \
+			docker compose config --quiet; \
 	else echo "docker compose plugin not installed: compose.yaml checked by tests/test_compose.py only"; fi
+
+# compose.yaml's development CA, certificates and passwords, in compose/certs/ (git-ignored):
+# then `docker compose --env-file compose/certs/passwords.env up`.
+certs: install
+	$(BIN)/imstream certs --out compose/certs
 
 stack-up: install
 	$(BIN)/imstream stack up

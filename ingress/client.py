@@ -53,6 +53,10 @@ What it guarantees to its user (docs/protocol.md, "The delivery contract, as a c
   every reconnect, and at four fifths of a token's remaining life for a ``refresh_token`` on the
   open socket, which the server closes at its token's expiry otherwise (4003). With a fixed
   token string the client ends with :class:`ClientClosedError` at that close.
+- **TLS**: a ``wss://`` URL is verified against the system's trust store, or the CA bundle
+  given as ``ca_file`` (a private CA), or a whole ``ssl`` context; TLS 1.3 at least, as the
+  ingress serves it. A certificate that does not verify stops the client
+  (:class:`ClientClosedError`): reconnecting would not change it.
 - **Reconnects** with exponential backoff and jitter after a lost connection, a drain (4010) or a
   slow-consumer close (4009); it does not reconnect after ``replaced`` (4011) or an
   authentication close (4001-4005; 4003 with a token callable is reconnected with a fresh
@@ -67,6 +71,7 @@ import contextlib
 import json
 import logging
 import random
+import ssl as ssl_module
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -81,6 +86,7 @@ from typing import Any, Protocol
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from core.tls import client_context
 from schemas import frames as fr
 from schemas.errors import CloseCode, ErrorCode
 from schemas.events import (
@@ -203,8 +209,14 @@ class Client:
         sync_interval: float = 30.0,
         ack_interval: float = 0.5,
         request_timeout: float = 30.0,
+        ca_file: Path | None = None,
+        ssl: ssl_module.SSLContext | None = None,
     ) -> None:
         self.url = url
+        #: The TLS of a wss:// URL (and of the REST calls on its https:// twin).
+        self.ssl: ssl_module.SSLContext | None = None
+        if urllib.parse.urlsplit(url).scheme == "wss":
+            self.ssl = ssl or client_context(ca_file)
         self.tenant_id = tenant_id
         self.device_id = device_id
         self.platform = platform
@@ -529,7 +541,13 @@ class Client:
             }
             try:
                 status, raw = await asyncio.to_thread(
-                    _http_request, "PUT", self._rest_url(path), body, headers, self.request_timeout
+                    _http_request,
+                    "PUT",
+                    self._rest_url(path),
+                    body,
+                    headers,
+                    self.request_timeout,
+                    context=self.ssl,
                 )
             except OSError:
                 if attempt + 1 == attempts:
@@ -639,7 +657,11 @@ class Client:
         while not self.stopped():
             try:
                 async with connect(
-                    self.url, compression=None, ping_interval=None, open_timeout=20
+                    self.url,
+                    compression=None,
+                    ping_interval=None,
+                    open_timeout=20,
+                    ssl=self.ssl,
                 ) as socket_:
                     await socket_.send(
                         json.dumps(
@@ -678,6 +700,9 @@ class Client:
                     code = socket_.close_code
             except ConnectionClosed as closed:
                 code = closed.rcvd.code if closed.rcvd is not None else None
+            except ssl_module.SSLCertVerificationError as error:
+                self._stop(ClientClosedError(f"the server at {self.url} is not trusted: {error}"))
+                return
             except (OSError, InvalidHandshake, TimeoutError) as error:
                 _log.info("connecting to %s failed: %s", self.url, error)
                 code = None
@@ -944,12 +969,18 @@ def _group_entry(event: Event) -> tuple[str, int] | None:
 
 
 def _http_request(
-    method: str, url: str, body: bytes, headers: dict[str, str], timeout: float
+    method: str,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    timeout: float,
+    *,
+    context: ssl_module.SSLContext | None = None,
 ) -> tuple[int, bytes]:
     """One blocking HTTP request (run in a thread): the status and the body, errors included."""
     request = urllib.request.Request(url, data=body, headers=headers, method=method)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             return int(response.status), bytes(response.read())
     except urllib.error.HTTPError as error:
         with error:

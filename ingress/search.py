@@ -75,6 +75,10 @@ class UserSearch:
         self.url = settings.ingress.analytics_url.rstrip("/") + SCOPED_PATH
         self.timeout = settings.ingress.search_timeout_seconds
         self._http = requests.Session()
+        #: An https analytics_url signed by a private CA (compose's) is verified against that CA.
+        #: Given with each request: requests prefers REQUESTS_CA_BUNDLE to a session's own.
+        ca_path = settings.ingress.analytics_ca_path
+        self._verify: str | bool = str(ca_path) if ca_path is not None else True
 
     async def search(
         self,
@@ -150,7 +154,9 @@ class UserSearch:
     def _post(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """One request to the search API (blocking; on a worker thread), bounded by the
         timeout for connecting and for each read."""
-        response = self._http.post(self.url, json=body, timeout=(self.timeout, self.timeout))
+        response = self._http.post(
+            self.url, json=body, timeout=(self.timeout, self.timeout), verify=self._verify
+        )
         answer = response.json()
         if not isinstance(answer, dict):
             raise ValueError(f"the search service answered {type(answer).__name__}, not an object")

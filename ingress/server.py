@@ -7,6 +7,10 @@ WebSocket-level ping (the protocol has its own ``ping`` and idle timeout), and a
 of ``HARD_LIMIT_FACTOR`` times ``max_frame_bytes`` (larger frames close the socket with 1009;
 frames between the two limits get ``frame-too-large`` and the socket stays open).
 
+With ``IM_INGRESS__TLS_CERT_PATH`` and ``IM_INGRESS__TLS_KEY_PATH`` the node serves https and
+wss only, TLS 1.3 at least; the gateway's frames, written straight to the transport
+(``ingress/wsprotocol.py``), then go through asyncio's TLS transport the same way.
+
 SIGTERM and SIGINT drain gracefully (see ``ingress/app.py``) and the process then exits with
 status 0; a second SIGINT stops at once.
 
@@ -30,6 +34,7 @@ from typing import Final
 import uvicorn
 
 from core.readiness import ReadyFile
+from core.tls import server_context, uvicorn_tls_options
 from ingress.app import IngressApp, create_app
 from ingress.gateway import HARD_LIMIT_FACTOR, WEBSOCKET_PATH
 from ingress.wsprotocol import gateway_ws_protocol
@@ -100,8 +105,13 @@ class IngressServer(uvicorn.Server):
 
 
 def build_server(settings: Settings, app: IngressApp | None = None) -> IngressServer:
-    """A uvicorn server for the ingress app (not yet listening)."""
+    """A uvicorn server for the ingress app (not yet listening); with a certificate it serves
+    https and wss only, TLS 1.3 at least (``core/tls.py``). Raises ``TlsSettingsError`` when the
+    certificate or key cannot be loaded."""
     ingress = settings.ingress
+    tls = None
+    if ingress.tls_cert_path is not None and ingress.tls_key_path is not None:
+        tls = server_context(ingress.tls_cert_path, ingress.tls_key_path)
     config = uvicorn.Config(
         app or create_app(settings),
         host=ingress.host,
@@ -116,6 +126,7 @@ def build_server(settings: Settings, app: IngressApp | None = None) -> IngressSe
         access_log=False,
         backlog=BACKLOG,
         timeout_graceful_shutdown=math.ceil(ingress.shutdown_flush_timeout_seconds),
+        **uvicorn_tls_options(tls),
     )
     return IngressServer(config)
 
@@ -152,9 +163,10 @@ async def serve(settings: Settings) -> None:
     except ValueError as error:
         raise IngressStartError(f"[settings-invalid] {error}") from error
     sock = bind(ingress.host, ingress.port)
+    secure = "s" if ingress.tls_cert_path is not None else ""
     server.listening_message = (
-        f"ingress node {ingress.node_id} listening on ws://{ingress.host}:{ingress.port}"
-        f"{WEBSOCKET_PATH} (REST and OpenAPI at http://{ingress.host}:{ingress.port}/docs)"
+        f"ingress node {ingress.node_id} listening on ws{secure}://{ingress.host}:{ingress.port}"
+        f"{WEBSOCKET_PATH} (REST and OpenAPI at http{secure}://{ingress.host}:{ingress.port}/docs)"
     )
     server.ready_file = ReadyFile(settings.ready_file)
     try:

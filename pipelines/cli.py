@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from confluent_kafka.admin import AdminClient
 
+from pipelines.certs_cli import certs_command
 from pipelines.connections import kafka_config
 from pipelines.console import load_settings
 from pipelines.dashboards_cli import dashboards_app
@@ -45,6 +46,7 @@ app.add_typer(topics_app, name="topics")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(quality_app, name="quality")
 app.command("replay")(replay_command)
+app.command("certs")(certs_command)
 app.add_typer(rebuild_app, name="rebuild")
 app.add_typer(search_app, name="search")
 app.add_typer(dashboards_app, name="dashboards")
@@ -298,10 +300,15 @@ def render_processes(settings: Settings, supervisor: Supervisor, took: dict[str,
     for child in supervisor.children:
         if child.kind == "ingress":
             port = child.env.get("IM_INGRESS__PORT", str(ingress.port))
-            where = f"ws://{ingress.host}:{port}/v1/ws · http://{ingress.host}:{port}/docs"
-        elif child.kind == "clickhouse-sink":
+            tls = "s" if ingress.tls_cert_path is not None else ""
             where = (
-                f"http://{sinks.analytics_host}:{sinks.analytics_port}/v1/analytics · /dashboards"
+                f"ws{tls}://{ingress.host}:{port}/v1/ws · http{tls}://{ingress.host}:{port}/docs"
+            )
+        elif child.kind == "clickhouse-sink":
+            scheme = "https" if sinks.analytics_tls_cert_path is not None else "http"
+            where = (
+                f"{scheme}://{sinks.analytics_host}:{sinks.analytics_port}/v1/analytics"
+                " · /dashboards"
             )
         else:
             where = "-"

@@ -7,6 +7,7 @@ health checks, the tests and the processes connect exactly the same way.
 from __future__ import annotations
 
 import logging
+import ssl
 from typing import Any
 
 import clickhouse_connect
@@ -16,6 +17,7 @@ from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import Consumer, KafkaError, Message
 
+from core.tls import client_context
 from pipelines.settings import Settings
 from schemas.topics import KAFKA_PARTITIONER
 
@@ -35,13 +37,40 @@ REBALANCED_COMMIT_ERRORS = frozenset(
 
 
 def kafka_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
-    """Base librdkafka configuration; callers add role-specific keys (group.id, acks, …)."""
+    """Base librdkafka configuration; callers add role-specific keys (group.id, acks, …).
+
+    Every producer, consumer and admin client of imstream starts from here, so the security
+    settings (TLS, SASL credentials: :func:`kafka_security_config`) reach all of them."""
     config: dict[str, Any] = {
         "bootstrap.servers": settings.kafka.bootstrap_servers,
         "client.id": settings.kafka.client_id_prefix,
         "logger": _kafka_log,
+        **kafka_security_config(settings),
     }
     config.update(overrides)
+    return config
+
+
+def kafka_security_config(settings: Settings) -> dict[str, str]:
+    """librdkafka's keys for ``IM_KAFKA__SECURITY_PROTOCOL`` and its credentials.
+
+    With TLS the broker's certificate is verified against the CA bundle and its host name
+    (librdkafka's default ``ssl.endpoint.identification.algorithm=https``)."""
+    kafka = settings.kafka
+    config = {"security.protocol": kafka.security_protocol.value}
+    if kafka.security_protocol.startswith("SASL_"):
+        assert kafka.sasl_username is not None and kafka.sasl_password is not None
+        config |= {
+            "sasl.mechanism": kafka.sasl_mechanism.value,
+            "sasl.username": kafka.sasl_username,
+            "sasl.password": kafka.sasl_password.get_secret_value(),
+        }
+    if kafka.security_protocol.endswith("SSL"):
+        if kafka.ssl_ca_location is not None:
+            config["ssl.ca.location"] = str(kafka.ssl_ca_location)
+        if kafka.ssl_certificate_location is not None and kafka.ssl_key_location is not None:
+            config["ssl.certificate.location"] = str(kafka.ssl_certificate_location)
+            config["ssl.key.location"] = str(kafka.ssl_key_location)
     return config
 
 
@@ -99,6 +128,8 @@ def cql_cluster(
     options: dict[str, Any] = {}
     if settings.cql.protocol_version is not None:
         options["protocol_version"] = settings.cql.protocol_version
+    if settings.cql.ssl_ca_path is not None:
+        options["ssl_context"] = cql_ssl_context(settings)
     return Cluster(
         contact_points=settings.cql.contact_points,
         port=settings.cql.port,
@@ -119,6 +150,18 @@ def cql_cluster(
     )
 
 
+def cql_ssl_context(settings: Settings) -> ssl.SSLContext:
+    """TLS to the CQL nodes: their certificates verified against ``IM_CQL__SSL_CA_PATH`` (and
+    their names, unless ``IM_CQL__SSL_CHECK_HOSTNAME=false``), with the client certificate when
+    one is set; TLS 1.3 at least, as everywhere."""
+    cql = settings.cql
+    context = client_context(cql.ssl_ca_path)
+    context.check_hostname = cql.ssl_check_hostname
+    if cql.ssl_cert_path is not None and cql.ssl_key_path is not None:
+        context.load_cert_chain(cql.ssl_cert_path, cql.ssl_key_path)
+    return context
+
+
 def clickhouse_client(settings: Settings) -> Client:
     """A clickhouse-connect client: chDB in-process by default, HTTP when a server URL is set.
 
@@ -126,10 +169,13 @@ def clickhouse_client(settings: Settings) -> Client:
     thread executor and keep to the one path that ``settings.chdb_path`` names.
     """
     if settings.clickhouse.url:
+        # An https:// URL is verified against IM_CLICKHOUSE__CA_PATH (the system's CAs unset).
+        ca_path = settings.clickhouse.ca_path
         return clickhouse_connect.get_client(
             dsn=settings.clickhouse.url,
             username=settings.clickhouse.username,
             password=settings.clickhouse.password.get_secret_value(),
+            ca_cert=str(ca_path) if ca_path is not None else None,
         )
     path = settings.chdb_path.resolve()
     path.mkdir(parents=True, exist_ok=True)

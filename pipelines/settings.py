@@ -37,6 +37,29 @@ class _Group(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _pair(group: BaseModel, prefix: str, first: str, second: str) -> None:
+    """Refuse one of two settings that only mean something together (a certificate and its
+    key, a user name and its password)."""
+    if (getattr(group, first) is None) != (getattr(group, second) is None):
+        raise ValueError(f"{prefix}{first.upper()} and {prefix}{second.upper()} go together")
+
+
+class KafkaSecurityProtocol(StrEnum):
+    """librdkafka's ``security.protocol``: compose runs ``SASL_SSL``, the local stack
+    ``PLAINTEXT`` on loopback (docs/operations.md, "TLS and credentials")."""
+
+    PLAINTEXT = "PLAINTEXT"
+    SSL = "SSL"
+    SASL_PLAINTEXT = "SASL_PLAINTEXT"
+    SASL_SSL = "SASL_SSL"
+
+
+class KafkaSaslMechanism(StrEnum):
+    SCRAM_SHA_512 = "SCRAM-SHA-512"
+    SCRAM_SHA_256 = "SCRAM-SHA-256"
+    PLAIN = "PLAIN"
+
+
 class KafkaSettings(_Group):
     """How every process reaches Kafka."""
 
@@ -44,6 +67,31 @@ class KafkaSettings(_Group):
     client_id_prefix: str = "imstream"
     topic_prefix: str = ""
     replication_factor: Annotated[int, Field(ge=1)] = 1
+    security_protocol: KafkaSecurityProtocol = KafkaSecurityProtocol.PLAINTEXT
+    sasl_mechanism: KafkaSaslMechanism = KafkaSaslMechanism.SCRAM_SHA_512
+    #: This process's principal (one per service in compose: its ACLs allow what it needs).
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: Path | None = Field(
+        default=None,
+        description="CA bundle (PEM) the brokers' certificates are verified with; "
+        "default the system's",
+    )
+    #: A client certificate and key (PEM), for brokers that ask for one (mutual TLS).
+    ssl_certificate_location: Path | None = None
+    ssl_key_location: Path | None = None
+
+    @model_validator(mode="after")
+    def _credentials_complete(self) -> Self:
+        _pair(self, "IM_KAFKA__", "sasl_username", "sasl_password")
+        _pair(self, "IM_KAFKA__", "ssl_certificate_location", "ssl_key_location")
+        uses_sasl = self.security_protocol.startswith("SASL_")
+        if uses_sasl and self.sasl_username is None:
+            raise ValueError(
+                f"IM_KAFKA__SECURITY_PROTOCOL={self.security_protocol} needs "
+                "IM_KAFKA__SASL_USERNAME and IM_KAFKA__SASL_PASSWORD"
+            )
+        return self
 
 
 class CqlSettings(_Group):
@@ -62,6 +110,20 @@ class CqlSettings(_Group):
     compression: bool = False
     username: str | None = None
     password: SecretStr | None = None
+    #: TLS to the CQL nodes (ScyllaDB's client_encryption_options), verified against this CA
+    #: bundle (PEM) and the contact point's name; unset, the connection is plain.
+    ssl_ca_path: Path | None = None
+    #: A client certificate and key (PEM), for nodes that require one.
+    ssl_cert_path: Path | None = None
+    ssl_key_path: Path | None = None
+    #: Check that the node's certificate names the address connected to (off only for nodes
+    #: reached by addresses their certificates do not hold).
+    ssl_check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _credentials_complete(self) -> Self:
+        _pair(self, "IM_CQL__", "ssl_cert_path", "ssl_key_path")
+        return self
 
 
 class ClickHouseSettings(_Group):
@@ -71,6 +133,9 @@ class ClickHouseSettings(_Group):
     database: str = "imstream"
     username: str = "default"
     password: SecretStr = SecretStr("")
+    #: The CA bundle (PEM) an ``https://`` server's certificate is verified with; default the
+    #: system's.
+    ca_path: Path | None = None
     chdb_path: Path | None = Field(
         default=None,
         description="chDB data path; defaults to <stack.state_dir>/clickhouse",
@@ -115,6 +180,12 @@ class AuthSettings(_Group):
 class IngressSettings(_Group):
     host: str = "127.0.0.1"
     port: Port = 8080
+    tls_cert_path: Path | None = Field(
+        default=None,
+        description="Certificate chain (PEM); with tls_key_path the node serves https and wss "
+        "only, TLS 1.3 at least (unset: plain http and ws, for a local run or behind a TLS proxy)",
+    )
+    tls_key_path: Path | None = None
     node_id: str = "ingress-1"
     max_frame_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024
     kafka_message_timeout_ms: Annotated[int, Field(ge=100)] = 5000
@@ -166,12 +237,19 @@ class IngressSettings(_Group):
     #: The analytics API of the process that owns ClickHouse (the clickhouse-sink), which answers
     #: users' message searches (docs/analytics.md#search); a search waits at most the timeout.
     analytics_url: str = "http://127.0.0.1:8091"
+    #: The CA bundle (PEM) an ``https://`` analytics_url is verified with; default the system's.
+    analytics_ca_path: Path | None = None
     search_timeout_seconds: Annotated[float, Field(gt=0)] = 5.0
     close_timeout_seconds: Annotated[float, Field(gt=0)] = Field(
         default=10.0,
         description="How long a closed socket's peer gets to read what is left and answer the "
         "close frame before the connection is reset (a reader that stopped reading never does)",
     )
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> Self:
+        _pair(self, "IM_INGRESS__", "tls_cert_path", "tls_key_path")
+        return self
 
 
 class MemberAdmission(StrEnum):
@@ -248,6 +326,15 @@ class SinkSettings(_Group):
     #: The analytics HTTP endpoint of the process that owns the ClickHouse data path.
     analytics_host: str = "127.0.0.1"
     analytics_port: Port = 8091
+    #: Certificate chain and key (PEM): with both, the analytics endpoint serves https only,
+    #: TLS 1.3 at least.
+    analytics_tls_cert_path: Path | None = None
+    analytics_tls_key_path: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> Self:
+        _pair(self, "IM_SINKS__", "analytics_tls_cert_path", "analytics_tls_key_path")
+        return self
 
 
 class StackSettings(_Group):

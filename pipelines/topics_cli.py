@@ -17,6 +17,7 @@ from confluent_kafka.admin import AdminClient
 
 from pipelines.connections import kafka_config
 from pipelines.console import load_settings
+from pipelines.kafka_acls import SERVICES, acl_bindings, apply_acls, describe_binding
 from pipelines.settings import Settings
 from pipelines.topics import ChangeAction, TopicAdminError, apply_topics, describe_topics
 from pipelines.topics_ops import (
@@ -83,6 +84,38 @@ def apply(
         ("dry run: " if dry_run else "")
         + ", ".join(f"{count} {action.value}" for action, count in counts.items())
     )
+
+
+@topics_app.command("grant")
+def grant(
+    service: Annotated[
+        list[str] | None,
+        typer.Option("--service", help=f"only these services (default all: {', '.join(SERVICES)})"),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="only show the ACLs")] = False,
+    timeout: Timeout = 30.0,
+) -> None:
+    """Write the ACLs of each service's principal, User:<service> (pipelines/kafka_acls.py):
+    run as an administrator on a cluster with an authorizer; adding one twice changes nothing."""
+    settings, _catalog, admin = _connect()
+    chosen = service or list(SERVICES)
+    unknown = sorted(set(chosen) - set(SERVICES))
+    if unknown:
+        typer.echo(
+            f"error: [unknown-service] {', '.join(unknown)}; known: {', '.join(SERVICES)}",
+            err=True,
+        )
+        raise typer.Exit(2)
+    if dry_run:
+        bindings = [b for name in chosen for b in acl_bindings(settings, name)]
+    else:
+        try:
+            bindings = list(apply_acls(admin, settings, chosen, timeout=timeout))
+        except KafkaException as error:
+            raise _unreachable(settings, error) from error
+    for binding in bindings:
+        typer.echo(describe_binding(binding))
+    typer.echo(f"{'dry run: ' if dry_run else ''}{len(bindings)} ACLs for {', '.join(chosen)}")
 
 
 @topics_app.command("list")

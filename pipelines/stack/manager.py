@@ -14,7 +14,12 @@ from pipelines.stack import process
 from pipelines.stack.errors import StackError, StackErrorCode
 from pipelines.stack.java import JavaRuntime, find_java
 from pipelines.stack.maven import Progress, fetch_bundle
-from pipelines.stack.services import CassandraServer, JavaServer, KafkaServer
+from pipelines.stack.services import (
+    CassandraServer,
+    JavaServer,
+    KafkaBrokerSecurity,
+    KafkaServer,
+)
 
 #: Every service of the local stack, in start order.
 SERVICES: tuple[str, ...] = ("kafka", "cassandra", "clickhouse")
@@ -53,9 +58,11 @@ class LocalStack:
         progress: Progress | None = None,
         *,
         services: Collection[str] | None = None,
+        kafka_security: KafkaBrokerSecurity | None = None,
     ) -> None:
         """``services`` limits the stack to some of ``SERVICES`` (all by default), e.g. a test's
-        second Kafka that it stops and starts without touching the shared stack."""
+        second Kafka that it stops and starts without touching the shared stack;
+        ``kafka_security`` secures its Kafka (SASL_SSL and ACLs, e.g. a test's)."""
         unknown = set(services or ()) - set(SERVICES)
         if unknown:
             raise ValueError(f"unknown service(s) {sorted(unknown)}; known: {', '.join(SERVICES)}")
@@ -64,7 +71,7 @@ class LocalStack:
         self.progress = progress or _silent
         self.state_dir = settings.stack.state_dir
         self.jars_dir = self.state_dir / "jars"
-        self.kafka = KafkaServer(settings)
+        self.kafka = KafkaServer(settings, kafka_security)
         self.cassandra = CassandraServer(settings)
         self.servers: tuple[JavaServer, ...] = tuple(
             server for server in (self.kafka, self.cassandra) if server.name in self.services

@@ -12,6 +12,8 @@ import socket
 import subprocess
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
@@ -148,10 +150,80 @@ class JavaServer(ABC):
                 )
 
 
+@dataclass(frozen=True)
+class KafkaBrokerSecurity:
+    """A secured local broker: clients on SASL_SSL (SCRAM-SHA-512) only, ACLs enforced.
+
+    The broker's certificate and key come as one PEM file (Kafka's PEM key store), its CA as
+    another (the trust store). The controller listener speaks TLS with client certificates: the
+    broker presents its own and is a super user by its certificate's name (SCRAM credentials
+    live in the metadata log the controller serves, so they cannot authenticate it). The SCRAM
+    users are written into the storage when it is formatted, the administrator among them: it is
+    the super user that talks to the broker's own SASL_SSL listener and creates the ACLs.
+    """
+
+    keystore_file: Path
+    """The broker's private key and certificate chain, in one PEM file."""
+    ca_file: Path
+    certificate_name: str
+    """The distinguished name of the broker's certificate (``CN=kafka``)."""
+    admin_user: str
+    admin_password: str
+    users: Mapping[str, str] = field(default_factory=dict)
+    """Further SCRAM-SHA-512 users, by name: one per service."""
+
+    @property
+    def super_users(self) -> str:
+        return f"User:{self.admin_user};User:{self.certificate_name}"
+
+    def server_properties(self, broker: str, controller: str) -> dict[str, str]:
+        """``server.properties`` lines for a SASL_SSL listener at ``broker`` and a TLS
+        controller listener at ``controller`` (``host:port``)."""
+        jaas = (
+            "org.apache.kafka.common.security.scram.ScramLoginModule required "
+            f'username="{self.admin_user}" password="{self.admin_password}";'
+        )
+        return {
+            "listeners": f"SASL_SSL://{broker},CONTROLLER://{controller}",
+            "advertised.listeners": f"SASL_SSL://{broker}",
+            "listener.security.protocol.map": "SASL_SSL:SASL_SSL,CONTROLLER:SSL",
+            "inter.broker.listener.name": "SASL_SSL",
+            "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+            "sasl.mechanism.inter.broker.protocol": "SCRAM-SHA-512",
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": jaas,
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(self.keystore_file.resolve()),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(self.ca_file.resolve()),
+            "ssl.protocol": "TLSv1.3",
+            "ssl.enabled.protocols": "TLSv1.3",
+            "listener.name.controller.ssl.client.auth": "required",
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "allow.everyone.if.no.acl.found": "false",
+            "super.users": self.super_users,
+        }
+
+    def format_arguments(self) -> list[str]:
+        """``kafka-storage format`` arguments that create the SCRAM users."""
+        users = {self.admin_user: self.admin_password, **self.users}
+        return [
+            f"--add-scram=SCRAM-SHA-512=[name={name},password={password}]"
+            for name, password in users.items()
+        ]
+
+
 class KafkaServer(JavaServer):
-    """Apache Kafka in KRaft combined mode (broker + controller in one JVM)."""
+    """Apache Kafka in KRaft combined mode (broker + controller in one JVM).
+
+    The local stack's broker listens in PLAINTEXT on loopback; with ``security`` (a test's own
+    broker) clients must come over SASL_SSL and the ACLs apply (:class:`KafkaBrokerSecurity`).
+    """
 
     name = "kafka"
+
+    def __init__(self, settings: Settings, security: KafkaBrokerSecurity | None = None) -> None:
+        super().__init__(settings)
+        self.security = security
 
     @property
     def bundle(self) -> Bundle:
@@ -194,6 +266,13 @@ class KafkaServer(JavaServer):
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(self.data_dir.resolve()),
+            **(
+                self.security.server_properties(
+                    f"{LOOPBACK}:{self.broker_port}", f"{LOOPBACK}:{controller}"
+                )
+                if self.security is not None
+                else {}
+            ),
             "num.partitions": "1",
             "auto.create.topics.enable": "false",
             "offsets.topic.replication.factor": "1",
@@ -240,6 +319,7 @@ class KafkaServer(JavaServer):
                 f"--cluster-id={cluster_id}",
                 "--config",
                 str((self.home / "server.properties").resolve()),
+                *(self.security.format_arguments() if self.security is not None else []),
             ],
             capture_output=True,
             text=True,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from core.tls import uvicorn_tls_options
 from sinks.clickhouse.analytics import Analytics, AnalyticsError
 from sinks.clickhouse.dashboards_page import DashboardPages, dashboards_router
 from sinks.clickhouse.quality_api import quality_router
@@ -109,7 +111,10 @@ class AnalyticsServer:
     (``port`` tells which).
     """
 
-    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+    def __init__(
+        self, app: FastAPI, host: str, port: int, *, tls: ssl.SSLContext | None = None
+    ) -> None:
+        """``tls``: serve https only with this context (``core.tls.server_context``)."""
         try:
             family, kind, protocol, _, address = socket.getaddrinfo(
                 host, port, type=socket.SOCK_STREAM
@@ -124,8 +129,11 @@ class AnalyticsServer:
             ) from error
         self.host = host
         self.port = int(self._socket.getsockname()[1])
+        self.scheme = "https" if tls is not None else "http"
         self._server = uvicorn.Server(
-            uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
+            uvicorn.Config(
+                app, log_config=None, access_log=False, lifespan="off", **uvicorn_tls_options(tls)
+            )
         )
         self._thread = threading.Thread(
             target=self._server.run,
@@ -137,7 +145,7 @@ class AnalyticsServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     def start(self) -> None:
         """Serve, and return once the server accepts connections."""

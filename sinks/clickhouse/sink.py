@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -51,6 +52,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from core.readiness import ReadyFile
+from core.tls import server_context
 from pipelines.connections import (
     clickhouse_client,
     kafka_config,
@@ -448,6 +450,15 @@ def _headers(message: Message) -> list[tuple[str, bytes | None]]:
     return headers
 
 
+def analytics_tls(settings: Settings) -> ssl.SSLContext | None:
+    """The analytics endpoint's TLS (https only, TLS 1.3 at least) when it has a certificate;
+    ``TlsSettingsError`` (a ValueError) when the files cannot be loaded."""
+    sinks = settings.sinks
+    if sinks.analytics_tls_cert_path is None or sinks.analytics_tls_key_path is None:
+        return None
+    return server_context(sinks.analytics_tls_cert_path, sinks.analytics_tls_key_path)
+
+
 def run_clickhouse_sink(settings: Settings) -> int:
     """The sink process: the audit loop and the analytics endpoint until SIGTERM/SIGINT; returns
     the exit code."""
@@ -479,7 +490,12 @@ def run_clickhouse_sink(settings: Settings) -> int:
         app = analytics_app(analytics, healthy=lambda: sink.running)
         jobs = OperatorJobs(settings, store, catalog, live_sink=sink)
         install_operator_api(app, jobs, token_verifier(settings.auth))
-        server = AnalyticsServer(app, settings.sinks.analytics_host, settings.sinks.analytics_port)
+        server = AnalyticsServer(
+            app,
+            settings.sinks.analytics_host,
+            settings.sinks.analytics_port,
+            tls=analytics_tls(settings),
+        )
     except (AnalyticsServerError, ValueError) as error:
         log.error("%s", error)
         store.close()

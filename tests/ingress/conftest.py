@@ -93,9 +93,12 @@ def running_pipeline(
     *,
     streams: dict[str, str] | None = None,
     nodes: int = 1,
+    ingress: dict[str, object] | None = None,
+    ca_file: Path | None = None,
 ) -> Iterator[Pipeline]:
-    """Ingress nodes, a stream worker (with ``streams`` settings) and the CQL sink on these
-    topics and this keyspace."""
+    """Ingress nodes (with ``ingress`` settings; ``ca_file`` the CA a test trusts when they
+    serve TLS), a stream worker (with ``streams`` settings) and the CQL sink on these topics
+    and this keyspace."""
     environment = {
         **os.environ,
         "IM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
@@ -120,9 +123,14 @@ def running_pipeline(
                 start_gateway(
                     settings,
                     logs,
-                    ingress={"rate_limit_per_second": 100_000.0, "rate_limit_burst": 100_000.0},
+                    ingress={
+                        "rate_limit_per_second": 100_000.0,
+                        "rate_limit_burst": 100_000.0,
+                        **(ingress or {}),
+                    },
                     cql={"keyspace": keyspace},
                     wait=Gateway.serving,
+                    ca_file=ca_file,
                 )
             )
         yield Pipeline(gateways, sink)

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
+from core.tls import client_context
 from ingress.auth import issue_token
 from pipelines.connections import kafka_config
 from pipelines.settings import Settings
@@ -146,6 +148,12 @@ class Gateway:
     settings: Settings
     process: subprocess.Popen[bytes]
     log_path: Path
+    #: The CA the test trusts for a gateway serving TLS (``IM_INGRESS__TLS_CERT_PATH``).
+    ca_file: Path | None = None
+
+    @property
+    def tls(self) -> ssl.SSLContext | None:
+        return None if self.ca_file is None else client_context(self.ca_file)
 
     @property
     def port(self) -> int:
@@ -156,12 +164,17 @@ class Gateway:
         return self.settings.ingress.node_id
 
     @property
+    def secure(self) -> str:
+        """``"s"`` when the node serves TLS: https, wss."""
+        return "s" if self.settings.ingress.tls_cert_path is not None else ""
+
+    @property
     def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http{self.secure}://127.0.0.1:{self.port}"
 
     @property
     def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/ws"
+        return f"ws{self.secure}://127.0.0.1:{self.port}/v1/ws"
 
     @property
     def catalog(self) -> TopicCatalog:
@@ -188,7 +201,7 @@ class Gateway:
         if data is not None:
             request.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout, context=self.tls) as response:
                 return response.status, _lower(response.headers.items()), response.read()
         except urllib.error.HTTPError as error:
             return error.code, _lower(error.headers.items()), error.read()
@@ -264,8 +277,10 @@ def start_gateway(
     auth: Mapping[str, Any] | None = None,
     push: Mapping[str, Any] | None = None,
     wait: Callable[[Gateway], bool] = Gateway.ready,
+    ca_file: Path | None = None,
 ) -> Gateway:
-    """Start ``imstream run ingress`` with these overrides and wait until ``wait`` holds."""
+    """Start ``imstream run ingress`` with these overrides and wait until ``wait`` holds;
+    ``ca_file``: the CA the test trusts when the node serves TLS."""
     ingress_values = {"port": free_port(), "node_id": unique("node"), **(ingress or {})}
     kafka_values = {
         "bootstrap_servers": settings.kafka.bootstrap_servers,
@@ -305,7 +320,7 @@ def start_gateway(
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    gateway = Gateway(configured, process, log_path)
+    gateway = Gateway(configured, process, log_path, ca_file)
     deadline = time.monotonic() + 60
     while not wait(gateway):
         if process.poll() is not None or time.monotonic() > deadline:
@@ -359,6 +374,8 @@ def hello(
 
 
 async def open_socket(gateway: Gateway, **options: Any) -> ClientConnection:
+    if gateway.tls is not None:
+        options.setdefault("ssl", gateway.tls)
     return await connect(
         gateway.ws, compression=None, ping_interval=None, open_timeout=20, **options
     )

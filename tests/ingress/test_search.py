@@ -7,10 +7,14 @@ their codes, and a search service that never answers gives ``unavailable`` withi
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
+import ssl
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -20,12 +24,15 @@ import pytest
 from cassandra.cluster import Session
 from clickhouse_connect.driver.client import Client
 
-from pipelines.settings import Settings
+from core.pki import Pki, make_pki
+from core.tls import client_context
+from pipelines.settings import Settings, SinkSettings
 from schemas import events as ev
 from schemas.topics import topic_catalog
 from sinks.clickhouse.analytics import Analytics
 from sinks.clickhouse.api import AnalyticsServer, analytics_app
 from sinks.clickhouse.audit import AuditDecoder, KafkaRecord
+from sinks.clickhouse.sink import analytics_tls
 from sinks.clickhouse.store import ClickHouseStore
 from tests.ingress.conftest import MAIN_GATEWAY
 from tests.ingress.support import TENANT, Gateway, start_gateway, token
@@ -60,9 +67,8 @@ def _sent(sender: str, conversation: str, seq: int, text: str, minute: int) -> e
 
 
 @pytest.fixture(scope="module")
-def analytics_url(ingress_settings: Settings, clickhouse: Client) -> Iterator[str]:
-    """This module's chDB database with the messages audited as the sink audits them, served by
-    the analytics API on a free port."""
+def analytics_store(ingress_settings: Settings, clickhouse: Client) -> Iterator[ClickHouseStore]:
+    """This module's chDB database with the messages audited as the sink audits them."""
     database = "t_usearch_" + uuid.uuid4().hex[:10]
     clickhouse.command(f"CREATE DATABASE {database}")
     store = ClickHouseStore(clickhouse, database, owns_client=False)
@@ -85,14 +91,22 @@ def analytics_url(ingress_settings: Settings, clickhouse: Client) -> Iterator[st
         )
         rows.append(audited.row)
     store.insert_audit(rows)
-    server = AnalyticsServer(analytics_app(Analytics(store)), "127.0.0.1", 0)
+    try:
+        yield store
+    finally:
+        store.close()
+        clickhouse.command(f"DROP DATABASE IF EXISTS {database}")
+
+
+@pytest.fixture(scope="module")
+def analytics_url(analytics_store: ClickHouseStore) -> Iterator[str]:
+    """The analytics API over the store, on a free port."""
+    server = AnalyticsServer(analytics_app(Analytics(analytics_store)), "127.0.0.1", 0)
     server.start()
     try:
         yield server.url
     finally:
         server.stop()
-        store.close()
-        clickhouse.command(f"DROP DATABASE IF EXISTS {database}")
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +240,86 @@ def test_a_search_service_that_never_answers_gives_unavailable_in_time(
     finally:
         assert gateway.stop() == 0, gateway.log()
         silent.close()
+
+
+@pytest.fixture(scope="module")
+def analytics_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("analytics-pki"), {"clickhouse-sink": ()})
+
+
+@pytest.fixture(scope="module")
+def https_analytics_url(analytics_store: ClickHouseStore, analytics_pki: Pki) -> Iterator[str]:
+    """The analytics API over the store serving https only, as the sink does with
+    IM_SINKS__ANALYTICS_TLS_CERT_PATH / _KEY_PATH."""
+    leaf = analytics_pki["clickhouse-sink"]
+    settings = Settings().model_copy(
+        update={
+            "sinks": SinkSettings(
+                analytics_tls_cert_path=leaf.cert_file, analytics_tls_key_path=leaf.key_file
+            )
+        }
+    )
+    server = AnalyticsServer(
+        analytics_app(Analytics(analytics_store)), "127.0.0.1", 0, tls=analytics_tls(settings)
+    )
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def test_the_ingress_searches_over_https_trusting_the_analytics_ca(
+    ingress_settings: Settings,
+    memberships: str,
+    https_analytics_url: str,
+    analytics_pki: Pki,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    assert https_analytics_url.startswith("https://")
+    logs = tmp_path_factory.mktemp("https-search")
+    trusting = start_gateway(
+        ingress_settings,
+        logs,
+        ingress={
+            **MAIN_GATEWAY,
+            "analytics_url": https_analytics_url,
+            "analytics_ca_path": analytics_pki.ca_file,
+        },
+        cql={"keyspace": memberships},
+        wait=Gateway.serving,
+    )
+    try:
+        assert hits(trusting, "bob", q="report") == [("c-ab", 2), ("c-ab", 1)]
+    finally:
+        assert trusting.stop() == 0, trusting.log()
+    # A node that does not trust the CA gets no answer it would believe: unavailable.
+    doubting = start_gateway(
+        ingress_settings,
+        logs,
+        ingress={**MAIN_GATEWAY, "analytics_url": https_analytics_url},
+        cql={"keyspace": memberships},
+        wait=Gateway.serving,
+    )
+    try:
+        status, body = search(doubting, "bob", q="report")
+        assert (status, body["code"]) == (503, "unavailable"), body
+    finally:
+        assert doubting.stop() == 0, doubting.log()
+
+
+def test_the_https_analytics_api_refuses_tls_12_and_plain_http(
+    https_analytics_url: str, analytics_pki: Pki
+) -> None:
+    healthz = f"{https_analytics_url}/healthz"
+    with urllib.request.urlopen(
+        healthz, timeout=10, context=client_context(analytics_pki.ca_file)
+    ) as response:
+        assert response.status == 200
+    old = client_context(analytics_pki.ca_file)
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    old.minimum_version = ssl.TLSVersion.TLSv1_2
+    with pytest.raises((ssl.SSLError, ConnectionResetError, urllib.error.URLError)):
+        urllib.request.urlopen(healthz, timeout=10, context=old)
+    with pytest.raises((OSError, http.client.HTTPException)):
+        urllib.request.urlopen(healthz.replace("https://", "http://"), timeout=10)
