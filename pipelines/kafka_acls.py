@@ -11,8 +11,8 @@ The principal of a service is ``User:<service>``: its SCRAM user name (``IM_KAFK
 is the service's name, as the README's process table and compose.yaml name it. Read access
 carries the consumer groups the service uses (named after it, under the topic prefix; the
 ingress's per-node groups are not prefixed); write access to a topic implies the idempotent
-producer (Kafka 3+). Operators' tools (``imstream topics``, ``dlq``, ``replay``) run as an
-administrator.
+producer (Kafka 3+). Operators' tools (``imstream topics``, ``dlq``, ``replay``, ``revoke``) run
+as an administrator.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def service_access(settings: Settings, service: str) -> Access:
 
     if service == "ingress":
         return Access(
-            reads=_names(catalog.live_delivery, catalog.group_delivery),
+            reads=_names(catalog.live_delivery, catalog.group_delivery, catalog.revocations),
             writes=_names(*(topic for topic in catalog.sources() if topic.ingress)),
             group_prefixes=("imstream-ingress-",),
         )
