@@ -16,6 +16,8 @@ Delivery guarantees
   * Presence (``device.connected`` / ``device.disconnected``, key ``tenant/user``, with this
     node's id) is at least once: published when a ``hello`` succeeds and when its socket
     closes; a connection replaced by a newer one of the same device publishes no disconnect.
+    The node renews a lease for all its connections (``ingress/presence.py``), so a lost
+    disconnect leaves a device online for at most ``IM_INGRESS__PRESENCE_LEASE_SECONDS``.
   * Live delivery is best effort (see ``ingress/live.py``); a device recovers by syncing.
 
 Concurrency: every socket's frames are handled on the event loop in the order they arrive.
@@ -52,6 +54,7 @@ from ingress.connection import (
 from ingress.groups import GroupDeliveryConsumer, GroupFrame, GroupIndex, GroupMetrics
 from ingress.live import LiveDeliveryConsumer, LiveFrame, LiveMetrics
 from ingress.metrics import IngressMetrics
+from ingress.presence import LeaseRenewer
 from ingress.producer import DurableProducer, KafkaUnavailable, PublishRejectedError
 from ingress.ratelimit import Limit, Refusal, ScopedLimiter, retry_after_ms
 from ingress.reads import ReadFrame, Reads, is_reading
@@ -195,6 +198,13 @@ class Gateway:
             deliver=self.deliver,
             metrics=self.live_metrics,
         )
+        self.lease = LeaseRenewer(
+            self.producer,
+            self.catalog.presence,
+            node_id=self.node_id,
+            renew_seconds=ingress.presence_renew_seconds,
+            lease_seconds=ingress.presence_lease_seconds,
+        )
         self.group_metrics = GroupMetrics(self.metrics.registry)
         #: The large groups of the users connected here (ingress/groups.py).
         self.group_index = GroupIndex()
@@ -249,6 +259,8 @@ class Gateway:
         Kafka need not be reachable: sends then answer ``unavailable`` and ``/readyz`` says so.
         """
         await self.producer.start()
+        # First of all this node's records on each presence partition: its connects follow it.
+        self.lease.start()
         self.live.start()
         self.groups.start()
         self.reads.start()
@@ -275,6 +287,7 @@ class Gateway:
             )
         if self._sweeper is not None:
             self._sweeper.cancel()
+        await self.lease.stop()
         await self.live.stop()
         await self.groups.stop()
         await self.reads.stop()

@@ -242,6 +242,24 @@ class DurableProducer:
             return False
         return bool(metadata.brokers)
 
+    async def partition_count(self, topic: str, metadata_timeout: float = 2.0) -> int | None:
+        """How many partitions ``topic`` has, as the brokers say; None when they do not answer
+        or do not know the topic."""
+        if self._producer is None or self._closing:
+            return None
+        producer = self._producer
+        loop = asyncio.get_running_loop()
+        try:
+            metadata = await loop.run_in_executor(
+                None, functools.partial(producer.list_topics, topic, timeout=metadata_timeout)
+            )
+        except KafkaException:
+            return None
+        found = metadata.topics.get(topic)
+        if found is None or found.error is not None or not found.partitions:
+            return None
+        return len(found.partitions)
+
     async def close(self, flush_timeout: float = 10.0) -> int:
         """Stop taking records, wait up to ``flush_timeout`` seconds for queued ones, then stop.
 
