@@ -10,6 +10,10 @@ frames between the two limits get ``frame-too-large`` and the socket stays open)
 SIGTERM and SIGINT drain gracefully (see ``ingress/app.py``) and the process then exits with
 status 0; a second SIGINT stops at once.
 
+A second, internal listener (``IM_INGRESS__INTERNAL_HOST``:``IM_INGRESS__INTERNAL_PORT``, the
+loopback by default) serves ``/metrics``, the API documentation and the health checks
+(``ingress.app.create_internal_app``); it starts and stops with the client listener.
+
 Once the socket listens and ``/readyz`` first holds (Kafka answers, live delivery is assigned),
 the node logs ``READY_MESSAGE`` and writes its ready file (``core/readiness.py``): what
 ``imstream up`` waits for before it says "up".
@@ -28,9 +32,10 @@ from collections.abc import Iterator
 from typing import Final
 
 import uvicorn
+from fastapi import FastAPI
 
 from core.readiness import ReadyFile
-from ingress.app import IngressApp, create_app
+from ingress.app import IngressApp, create_app, create_internal_app
 from ingress.gateway import HARD_LIMIT_FACTOR, WEBSOCKET_PATH
 from ingress.wsprotocol import gateway_ws_protocol
 from pipelines.settings import Settings
@@ -99,6 +104,28 @@ class IngressServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+class InternalServer(uvicorn.Server):
+    """The internal listener: no signal handling of its own (the client listener's server
+    drains on SIGTERM and then stops this one)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def build_internal_server(settings: Settings, app: FastAPI) -> InternalServer:
+    """A uvicorn server for the internal app (not yet listening)."""
+    config = uvicorn.Config(
+        app,
+        host=settings.ingress.internal_host,
+        port=settings.ingress.internal_port,
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+    )
+    return InternalServer(config)
+
+
 def build_server(settings: Settings, app: IngressApp | None = None) -> IngressServer:
     """A uvicorn server for the ingress app (not yet listening)."""
     ingress = settings.ingress
@@ -120,7 +147,7 @@ def build_server(settings: Settings, app: IngressApp | None = None) -> IngressSe
     return IngressServer(config)
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, *, setting: str = "IM_INGRESS__PORT") -> socket.socket:
     """A bound listening socket, or an operator-readable error (port in use, bad host)."""
     try:
         family, kind, proto, _name, address = socket.getaddrinfo(
@@ -128,7 +155,7 @@ def bind(host: str, port: int) -> socket.socket:
         )[0]
     except socket.gaierror as error:
         raise IngressStartError(
-            f"[bad-host] IM_INGRESS__HOST={host!r} does not resolve: {error}"
+            f"[bad-host] {setting.replace('PORT', 'HOST')}={host!r} does not resolve: {error}"
         ) from error
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -138,7 +165,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise IngressStartError(
             f"[port-in-use] cannot listen on {host}:{port}: {error.strerror}. Stop the process "
-            f"holding it (`ss -ltnp 'sport = :{port}'` shows it) or set IM_INGRESS__PORT"
+            f"holding it (`ss -ltnp 'sport = :{port}'` shows it) or set {setting}"
         ) from error
     sock.set_inheritable(True)
     return sock
@@ -148,18 +175,33 @@ async def serve(settings: Settings) -> None:
     """Run the ingress until SIGTERM/SIGINT, then drain; raises ``IngressStartError``."""
     ingress = settings.ingress
     try:
-        server = build_server(settings)
+        app = create_app(settings)
+        server = build_server(settings, app)
+        internal = build_internal_server(settings, create_internal_app(app))
     except ValueError as error:
         raise IngressStartError(f"[settings-invalid] {error}") from error
     sock = bind(ingress.host, ingress.port)
+    try:
+        internal_sock = bind(
+            ingress.internal_host, ingress.internal_port, setting="IM_INGRESS__INTERNAL_PORT"
+        )
+    except IngressStartError:
+        sock.close()
+        raise
+    internal_url = f"http://{ingress.internal_host}:{ingress.internal_port}"
     server.listening_message = (
         f"ingress node {ingress.node_id} listening on ws://{ingress.host}:{ingress.port}"
-        f"{WEBSOCKET_PATH} (REST and OpenAPI at http://{ingress.host}:{ingress.port}/docs)"
+        f"{WEBSOCKET_PATH}; metrics and API docs at {internal_url}/metrics and /docs"
     )
     server.ready_file = ReadyFile(settings.ready_file)
+    serving_internal = asyncio.get_running_loop().create_task(
+        internal.serve(sockets=[internal_sock])
+    )
     try:
         await server.serve(sockets=[sock])
     finally:
         server.ready_file.withdraw()
+        internal.should_exit = True
+        await serving_internal
     if not server.started:
         raise IngressStartError("[start-failed] the ingress did not start; see the log above")

@@ -187,7 +187,8 @@ def up(
         typer.Option(
             min=1,
             max=8,
-            help="Ingress nodes, on consecutive ports from IM_INGRESS__PORT (ingress-1, -2 …)",
+            help="Ingress nodes, on consecutive ports from IM_INGRESS__PORT (ingress-1, -2 …) "
+            "and IM_INGRESS__INTERNAL_PORT (their metrics and docs)",
         ),
     ] = 2,
     sink_nice: Annotated[
@@ -284,6 +285,7 @@ def process_specs(settings: Settings, ingress_nodes: int, sink_nice: int) -> lis
                     kind=kind,
                     env={
                         "IM_INGRESS__PORT": str(ingress.port + index),
+                        "IM_INGRESS__INTERNAL_PORT": str(ingress.internal_port + index),
                         "IM_INGRESS__NODE_ID": node,
                     },
                 )
@@ -298,7 +300,11 @@ def render_processes(settings: Settings, supervisor: Supervisor, took: dict[str,
     for child in supervisor.children:
         if child.kind == "ingress":
             port = child.env.get("IM_INGRESS__PORT", str(ingress.port))
-            where = f"ws://{ingress.host}:{port}/v1/ws · http://{ingress.host}:{port}/docs"
+            internal = child.env.get("IM_INGRESS__INTERNAL_PORT", str(ingress.internal_port))
+            where = (
+                f"ws://{ingress.host}:{port}/v1/ws · "
+                f"http://{ingress.internal_host}:{internal}/docs, /metrics"
+            )
         elif child.kind == "clickhouse-sink":
             where = (
                 f"http://{sinks.analytics_host}:{sinks.analytics_port}/v1/analytics · /dashboards"
@@ -376,7 +382,8 @@ def configure_process_logging() -> None:
 
 @run_app.command("ingress")
 def run_ingress() -> None:
-    """The WebSocket/REST gateway: IM_INGRESS__HOST, IM_INGRESS__PORT, IM_INGRESS__NODE_ID."""
+    """The WebSocket/REST gateway: IM_INGRESS__HOST, IM_INGRESS__PORT, IM_INGRESS__NODE_ID;
+    metrics and API docs on IM_INGRESS__INTERNAL_HOST, IM_INGRESS__INTERNAL_PORT."""
     # Imported here: FastAPI and uvicorn add half a second to every other imstream command.
     import uvloop  # noqa: PLC0415
 

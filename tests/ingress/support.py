@@ -156,6 +156,11 @@ class Gateway:
         return f"http://127.0.0.1:{self.port}"
 
     @property
+    def internal(self) -> str:
+        """The internal listener: metrics and API docs."""
+        return f"http://127.0.0.1:{self.settings.ingress.internal_port}"
+
+    @property
     def ws(self) -> str:
         return f"ws://127.0.0.1:{self.port}/v1/ws"
 
@@ -178,9 +183,8 @@ class Gateway:
         data = json.dumps(body).encode() if isinstance(body, dict) else body
         if isinstance(data, str):
             data = data.encode()
-        request = urllib.request.Request(
-            self.http + path, data=data, method=method, headers=dict(headers or {})
-        )
+        url = path if path.startswith("http") else self.http + path
+        request = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
         if data is not None:
             request.add_header("Content-Type", "application/json")
         try:
@@ -212,7 +216,7 @@ class Gateway:
         return status == 200
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        _, _, body = self.request("GET", "/metrics")
+        _, _, body = self.request("GET", self.internal + "/metrics")
         return {
             (sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in text_string_to_metric_families(body.decode())
@@ -261,7 +265,12 @@ def start_gateway(
     wait: Callable[[Gateway], bool] = Gateway.ready,
 ) -> Gateway:
     """Start ``imstream run ingress`` with these overrides and wait until ``wait`` holds."""
-    ingress_values = {"port": free_port(), "node_id": unique("node"), **(ingress or {})}
+    ingress_values = {
+        "port": free_port(),
+        "internal_port": free_port(),
+        "node_id": unique("node"),
+        **(ingress or {}),
+    }
     kafka_values = {
         "bootstrap_servers": settings.kafka.bootstrap_servers,
         "topic_prefix": settings.kafka.topic_prefix,

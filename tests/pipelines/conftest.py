@@ -26,6 +26,9 @@ from tests.sinks.push.support import ApnsKey
 
 #: What ``imstream up --sink-nice`` defaults to.
 SINK_NICE = 10
+#: The supervised ingress nodes' presence leases (test_presence.py waits one out).
+PRESENCE_RENEW_SECONDS = 1.0
+PRESENCE_LEASE_SECONDS = 4.0
 
 
 @pytest.fixture(scope="package")
@@ -62,8 +65,12 @@ def supervised(
             "IM_STREAMS__INSTANCE_ID": unique("worker"),
             "IM_INGRESS__RATE_LIMIT_PER_SECOND": "100000",
             "IM_INGRESS__RATE_LIMIT_BURST": "100000",
+            # Presence leases short enough for a test to wait one out (test_presence.py).
+            "IM_INGRESS__PRESENCE_RENEW_SECONDS": str(PRESENCE_RENEW_SECONDS),
+            "IM_INGRESS__PRESENCE_LEASE_SECONDS": str(PRESENCE_LEASE_SECONDS),
         }
         ports = [free_port(), free_port()]
+        internal_ports = [free_port(), free_port()]
         analytics_port = free_port()
         chdb_path = state / "clickhouse"
         specs = [
@@ -72,7 +79,12 @@ def supervised(
                 ChildSpec(
                     f"ingress-{i + 1}",
                     "ingress",
-                    {**common, "IM_INGRESS__PORT": str(port), "IM_INGRESS__NODE_ID": unique("n")},
+                    {
+                        **common,
+                        "IM_INGRESS__PORT": str(port),
+                        "IM_INGRESS__INTERNAL_PORT": str(internal_ports[i]),
+                        "IM_INGRESS__NODE_ID": unique("n"),
+                    },
                 )
                 for i, port in enumerate(ports)
             ),
