@@ -110,10 +110,12 @@ class Readiness:
     draining: bool
     #: Reads only: sends never depend on the serving store, so it does not decide readiness.
     serving_store: bool = False
+    #: Why the node can never be ready again and is exiting to be restarted (``failure``).
+    failed: str | None = None
 
     @property
     def ready(self) -> bool:
-        return self.kafka and self.live_delivery and not self.draining
+        return self.kafka and self.live_delivery and not self.draining and self.failed is None
 
 
 def token_verifier(auth: AuthSettings) -> TokenVerifier:
@@ -321,7 +323,21 @@ class Gateway:
             live_delivery=self.live.assigned and self.groups.assigned,
             draining=self.draining,
             serving_store=self.reads.connected,
+            failed=self.failure(),
         )
+
+    def failure(self) -> str | None:
+        """Why this node cannot recover on its own, or None: a fatal producer error (librdkafka
+        refuses every record), or a dead live- or group-delivery thread (nothing reaches the
+        sockets live). Either makes it unready and, through the server's watch
+        (``ingress/server.py``), exit with status 70 so that its supervisor restarts it."""
+        fatal = self.producer.fatal_error
+        if fatal is not None:
+            return f"fatal Kafka producer error: {fatal.str()}"
+        for reader in (self.live, self.groups):
+            if reader.dead:
+                return f"the {reader.topic} consumer thread died"
+        return None
 
     # -- the WebSocket endpoint ------------------------------------------------------------------
 
@@ -834,4 +850,5 @@ def describe(readiness: Readiness) -> dict[str, Any]:
         "live_delivery": readiness.live_delivery,
         "draining": readiness.draining,
         "serving_store": readiness.serving_store,
+        "failed": readiness.failed,
     }

@@ -8,7 +8,10 @@ of ``HARD_LIMIT_FACTOR`` times ``max_frame_bytes`` (larger frames close the sock
 frames between the two limits get ``frame-too-large`` and the socket stays open).
 
 SIGTERM and SIGINT drain gracefully (see ``ingress/app.py``) and the process then exits with
-status 0; a second SIGINT stops at once.
+status 0; a second SIGINT stops at once. A node that cannot recover on its own (a fatal producer
+error, a dead live-delivery thread: ``Gateway.failure``) is unready at once, drains the same way
+and exits with status 70, so that its supervisor (``imstream up``, compose's restart policy)
+starts a fresh one; before, it stayed up as a zombie that accepted sockets and delivered nothing.
 
 A second, internal listener (``IM_INGRESS__INTERNAL_HOST``:``IM_INGRESS__INTERNAL_PORT``, the
 loopback by default) serves ``/metrics``, the API documentation and the health checks
@@ -45,6 +48,10 @@ _log = logging.getLogger(__name__)
 READY_MESSAGE: Final = "ingress ready"
 #: How often a starting node asks its gateway whether it is ready yet.
 READY_POLL_SECONDS: Final = 0.1
+#: How often a running node checks that it can still work (``Gateway.failure``).
+WATCH_SECONDS: Final = 1.0
+#: The exit status of a node that stopped because it could not recover (as the stream worker's).
+FAILED_EXIT_CODE: Final = 70
 
 #: Pending connections the kernel queues while the loop is busy (a reconnect storm after
 #: another node drained); capped by ``net.core.somaxconn``.
@@ -53,6 +60,10 @@ BACKLOG: Final = 4096
 
 class IngressStartError(RuntimeError):
     """The ingress cannot start; the message says what to do."""
+
+
+class IngressFailedError(RuntimeError):
+    """The ingress stopped because it could not recover (``Gateway.failure``); restart it."""
 
 
 class IngressServer(uvicorn.Server):
@@ -68,7 +79,10 @@ class IngressServer(uvicorn.Server):
         self.listening_message: str | None = None
         #: Announced once the socket accepts connections and the gateway is ready.
         self.ready_file = ReadyFile(None)
+        #: Why the node stopped on its own, if it did (``_watch``).
+        self.failure: str | None = None
         self._announcing: asyncio.Task[None] | None = None
+        self._watching: asyncio.Task[None] | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -79,6 +93,20 @@ class IngressServer(uvicorn.Server):
             self._announcing = asyncio.get_running_loop().create_task(
                 self._announce_when_ready(app)
             )
+            self._watching = asyncio.get_running_loop().create_task(self._watch(app))
+
+    async def _watch(self, app: IngressApp) -> None:
+        """Stop the server (a drain) once the gateway cannot recover; ``serve`` then raises."""
+        while not self.should_exit:
+            failure = app.gateway.failure()
+            if failure is not None:
+                node = app.gateway.node_id
+                _log.error("ingress node %s cannot recover (%s); exiting", node, failure)
+                self.failure = failure
+                self.ready_file.withdraw()
+                self.should_exit = True
+                return
+            await asyncio.sleep(WATCH_SECONDS)
 
     async def _announce_when_ready(self, app: IngressApp) -> None:
         while not self.should_exit:
@@ -171,11 +199,12 @@ def bind(host: str, port: int, *, setting: str = "IM_INGRESS__PORT") -> socket.s
     return sock
 
 
-async def serve(settings: Settings) -> None:
-    """Run the ingress until SIGTERM/SIGINT, then drain; raises ``IngressStartError``."""
+async def serve(settings: Settings, app: IngressApp | None = None) -> None:
+    """Run the ingress until SIGTERM/SIGINT, then drain; raises ``IngressStartError``, or
+    ``IngressFailedError`` once it stopped because it could not recover."""
     ingress = settings.ingress
     try:
-        app = create_app(settings)
+        app = app or create_app(settings)
         server = build_server(settings, app)
         internal = build_internal_server(settings, create_internal_app(app))
     except ValueError as error:
@@ -205,3 +234,5 @@ async def serve(settings: Settings) -> None:
         await serving_internal
     if not server.started:
         raise IngressStartError("[start-failed] the ingress did not start; see the log above")
+    if server.failure is not None:
+        raise IngressFailedError(server.failure)

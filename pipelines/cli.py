@@ -387,7 +387,12 @@ def run_ingress() -> None:
     # Imported here: FastAPI and uvicorn add half a second to every other imstream command.
     import uvloop  # noqa: PLC0415
 
-    from ingress.server import IngressStartError, serve  # noqa: PLC0415
+    from ingress.server import (  # noqa: PLC0415
+        FAILED_EXIT_CODE,
+        IngressFailedError,
+        IngressStartError,
+        serve,
+    )
 
     settings = load_settings()
     configure_process_logging()
@@ -396,6 +401,9 @@ def run_ingress() -> None:
     except IngressStartError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from error
+    except IngressFailedError as error:
+        typer.echo(f"error: the node stopped because it cannot recover: {error}", err=True)
+        raise typer.Exit(FAILED_EXIT_CODE) from error
 
 
 @run_app.command("cql-sink")

@@ -350,6 +350,7 @@ def test_health_readiness_and_metrics(gateway: Gateway) -> None:
             "live_delivery": True,
             "draining": False,
             "serving_store": True,
+            "failed": None,
         },
     )
     post(gateway, send(unique("conv")), bearer(gateway, unique("user")))
