@@ -54,6 +54,8 @@ class LeaseRenewer:
         self.started_at = datetime.now(UTC)
         #: Renewals Kafka acknowledged on every partition (for tests and logs).
         self.renewals = 0
+        #: Whether the last renewal failed: an outage is logged once, not every renewal.
+        self._failing = False
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -92,14 +94,19 @@ class LeaseRenewer:
             if not isinstance(failure, PublishError):
                 raise failure
         if failures:
-            _log.warning(
+            _log.log(
+                logging.DEBUG if self._failing else logging.WARNING,
                 "presence lease of node %s not renewed on %d of %d partition(s): %s",
                 self.node_id,
                 len(failures),
                 len(outcomes),
                 failures[0],
             )
+            self._failing = True
             return False
+        if self._failing:
+            _log.info("presence lease of node %s renewed again", self.node_id)
+            self._failing = False
         self.renewals += 1
         return True
 

@@ -421,9 +421,16 @@ def end_offset(settings: Settings, topic: str, key: bytes) -> tuple[int, int]:
 
 
 def read_records(
-    settings: Settings, topic: str, partition: int, offset: int, count: int
+    settings: Settings,
+    topic: str,
+    partition: int,
+    offset: int,
+    count: int,
+    *,
+    key: bytes | None = None,
 ) -> list[tuple[bytes | None, JsonObject]]:
-    """``count`` records of a partition from ``offset`` on, as (key, decoded JSON value)."""
+    """``count`` records of a partition from ``offset`` on, as (key, decoded JSON value); only
+    those with ``key`` if one is given (the presence topic also carries the nodes' leases)."""
     consumer = _consumer(settings)
     consumer.assign([TopicPartition(topic, partition, offset)])
     records: list[tuple[bytes | None, JsonObject]] = []
@@ -432,6 +439,8 @@ def read_records(
         while len(records) < count and time.monotonic() < deadline:
             message = consumer.poll(0.2)
             if message is None or message.error() is not None:
+                continue
+            if key is not None and message.key() != key:
                 continue
             records.append((message.key(), json.loads(message.value() or b"null")))
     finally:
