@@ -282,9 +282,15 @@ def bench_topics(settings: Settings, progress: Progress) -> Iterator[TopicCatalo
 
 
 def ingress_env(
-    settings: Settings, *, port: int, node_id: str, extra: Mapping[str, str] = {}
+    settings: Settings,
+    *,
+    port: int,
+    node_id: str,
+    internal_port: int | None = None,
+    extra: Mapping[str, str] = {},
 ) -> dict[str, str]:
-    """The environment of an ``imstream run ingress`` serving ``settings`` on the loopback."""
+    """The environment of an ``imstream run ingress`` serving ``settings`` on the loopback, its
+    metrics on ``internal_port`` (a free port if not given)."""
     env = dict(os.environ)
     env.update(
         {
@@ -297,6 +303,8 @@ def ingress_env(
             "IM_AUTH__JWT_AUDIENCE": settings.auth.jwt_audience,
             "IM_INGRESS__HOST": LOOPBACK,
             "IM_INGRESS__PORT": str(port),
+            "IM_INGRESS__INTERNAL_HOST": LOOPBACK,
+            "IM_INGRESS__INTERNAL_PORT": str(internal_port or free_port()),
             "IM_INGRESS__NODE_ID": node_id,
         }
     )

@@ -385,6 +385,7 @@ def running_system(
                 {
                     "IM_INGRESS__HOST": LOOPBACK,
                     "IM_INGRESS__PORT": str(port),
+                    "IM_INGRESS__INTERNAL_PORT": str(free_port()),
                     "IM_INGRESS__NODE_ID": f"bench-{os.getpid()}-{index + 1}",
                 },
                 port,

@@ -170,6 +170,7 @@ def hold_idle(
     progress: Progress,
     offer_deflate: bool,
     connections_metric: str | None = None,
+    metrics_url: str | None = None,
 ) -> dict[str, Any]:
     """Open, hold and close ``options.connections`` idle connections; measure the server's RSS."""
     context = multiprocessing.get_context("spawn")
@@ -221,8 +222,8 @@ def hold_idle(
             time.sleep(min(1.0, remaining))
         after = memory_sample(server.pid, options.samples)
         server_count = (
-            prometheus_value(f"http://{LOOPBACK}:{server.port}/metrics", connections_metric)
-            if connections_metric
+            prometheus_value(metrics_url, connections_metric)
+            if connections_metric and metrics_url
             else None
         )
         pipe.send(("check",))
@@ -267,12 +268,12 @@ def hold_idle(
 def run_imstream(
     settings: Settings, options: Options, progress: Progress, log_dir: Path, *, deflate: bool
 ) -> dict[str, Any]:
-    port = free_port()
+    port, internal_port = free_port(), free_port()
     label = "imstream (client offers deflate)" if deflate else "imstream"
     server = ServerProcess(
         "imstream ingress",
         imstream_command("run", "ingress"),
-        env=ingress_env(settings, port=port, node_id="bench-idle-1"),
+        env=ingress_env(settings, port=port, node_id="bench-idle-1", internal_port=internal_port),
         port=port,
         log_path=log_dir / ("ingress-deflate.log" if deflate else "ingress.log"),
     )
@@ -292,6 +293,8 @@ def run_imstream(
             progress=progress,
             offer_deflate=deflate,
             connections_metric=CONNECTIONS_METRIC,
+            # The metrics are on the node's internal listener, never its client port.
+            metrics_url=f"http://{LOOPBACK}:{internal_port}/metrics",
         )
         if not server.alive():
             raise BenchError(f"{label}: the server died; its log: {server.log_path}")

@@ -15,6 +15,13 @@ with ``frame-too-large`` (413) unread, and a streamed body is read only up to th
 a route read and parsed a whole body before its token was even checked (200 MiB were consumed).
 Errors FastAPI raises itself (an unparseable body, an unknown route) are answered with error
 frames too, never its ``{"detail": …}``.
+
+What is for operators only — ``/metrics``, the API documentation (``/docs``, ``/redoc``,
+``/openapi.json``) — is served by a second app, ``create_internal_app``, on the internal listener
+(``IM_INGRESS__INTERNAL_HOST``/``IM_INGRESS__INTERNAL_PORT``, the loopback by default); the
+client port answers ``not-found`` (404) for them. Before, anyone reaching the client port read
+the node's traffic and process metrics and the whole API description. ``/healthz`` and
+``/readyz`` are on both: a load balancer checks the client port.
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope, Send
 
@@ -122,6 +131,10 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Ingress
         version="1",
         description=DESCRIPTION,
         lifespan=lifespan,
+        # On the internal listener only (create_internal_app).
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     app.gateway = gateway
     app.state.gateway = gateway
@@ -185,3 +198,33 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Ingress
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def create_internal_app(app: IngressApp) -> FastAPI:
+    """The internal listener's app: metrics, health and the client API's documentation, for
+    operators and scrapers. It shares ``app``'s gateway and has no lifespan of its own (the
+    client app starts and drains the gateway)."""
+    internal = FastAPI(
+        title="imstream ingress (internal)",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    internal.state.gateway = app.gateway
+    internal.include_router(health.router)
+    internal.include_router(health.internal_router)
+
+    @internal.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @internal.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+    @internal.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
+
+    return internal

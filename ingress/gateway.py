@@ -16,6 +16,8 @@ Delivery guarantees
   * Presence (``device.connected`` / ``device.disconnected``, key ``tenant/user``, with this
     node's id) is at least once: published when a ``hello`` succeeds and when its socket
     closes; a connection replaced by a newer one of the same device publishes no disconnect.
+    The node renews a lease for all its connections (``ingress/presence.py``), so a lost
+    disconnect leaves a device online for at most ``IM_INGRESS__PRESENCE_LEASE_SECONDS``.
   * Live delivery is best effort (see ``ingress/live.py``); a device recovers by syncing.
   * Revocations (``ingress/revocations.py``) are read from the start of their topic before the
     node takes a connection, refuse revoked tokens at ``hello``, ``refresh_token`` and on REST
@@ -55,6 +57,7 @@ from ingress.connection import (
 from ingress.groups import GroupDeliveryConsumer, GroupFrame, GroupIndex, GroupMetrics
 from ingress.live import LiveDeliveryConsumer, LiveFrame, LiveMetrics
 from ingress.metrics import IngressMetrics
+from ingress.presence import LeaseRenewer
 from ingress.producer import DurableProducer, KafkaUnavailable, PublishRejectedError
 from ingress.ratelimit import Limit, Refusal, ScopedLimiter, retry_after_ms
 from ingress.reads import ReadFrame, Reads, is_reading
@@ -116,10 +119,18 @@ class Readiness:
     serving_store: bool = False
     #: The revocation topic was read up to its end at start-up (until then no token is let in).
     revocations: bool = False
+    #: Why the node can never be ready again and is exiting to be restarted (``failure``).
+    failed: str | None = None
 
     @property
     def ready(self) -> bool:
-        return self.kafka and self.live_delivery and self.revocations and not self.draining
+        return (
+            self.kafka
+            and self.live_delivery
+            and self.revocations
+            and not self.draining
+            and self.failed is None
+        )
 
 
 def token_verifier(auth: AuthSettings) -> TokenVerifier:
@@ -217,6 +228,13 @@ class Gateway:
             deliver=self.deliver,
             metrics=self.live_metrics,
         )
+        self.lease = LeaseRenewer(
+            self.producer,
+            self.catalog.presence,
+            node_id=self.node_id,
+            renew_seconds=ingress.presence_renew_seconds,
+            lease_seconds=ingress.presence_lease_seconds,
+        )
         self.group_metrics = GroupMetrics(self.metrics.registry)
         #: The large groups of the users connected here (ingress/groups.py).
         self.group_index = GroupIndex()
@@ -290,6 +308,8 @@ class Gateway:
         """
         await self.producer.start()
         self.revocation_reader.start()
+        # First of all this node's records on each presence partition: its connects follow it.
+        self.lease.start()
         self.live.start()
         self.groups.start()
         self.reads.start()
@@ -316,6 +336,7 @@ class Gateway:
             )
         if self._sweeper is not None:
             self._sweeper.cancel()
+        await self.lease.stop()
         await self.live.stop()
         await self.groups.stop()
         await self.revocation_reader.stop()
@@ -409,7 +430,22 @@ class Gateway:
             serving_store=self.reads.connected,
             # Read at start-up, and still followed (a reader stopped by a bug is not).
             revocations=self.revocations.ready and self.revocation_reader.assigned,
+            failed=self.failure(),
         )
+
+    def failure(self) -> str | None:
+        """Why this node cannot recover on its own, or None: a fatal producer error (librdkafka
+        refuses every record), or a dead live-, group-delivery or revocation thread (nothing
+        reaches the sockets live, or revocations stop applying). Either makes it unready and,
+        through the server's watch (``ingress/server.py``), exit with status 70 so that its
+        supervisor restarts it."""
+        fatal = self.producer.fatal_error
+        if fatal is not None:
+            return f"fatal Kafka producer error: {fatal.str()}"
+        for reader in (self.live, self.groups, self.revocation_reader):
+            if reader.dead:
+                return f"the {reader.topic} consumer thread died"
+        return None
 
     # -- the WebSocket endpoint ------------------------------------------------------------------
 
@@ -932,4 +968,5 @@ def describe(readiness: Readiness) -> dict[str, Any]:
         "draining": readiness.draining,
         "serving_store": readiness.serving_store,
         "revocations": readiness.revocations,
+        "failed": readiness.failed,
     }

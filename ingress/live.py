@@ -123,6 +123,12 @@ class TopicReader(Generic[F]):
         """Whether the partitions are assigned and positioned (for /readyz and tests)."""
         return self._assigned.is_set()
 
+    @property
+    def dead(self) -> bool:
+        """Whether the consumer thread ended without being stopped (an unexpected error): the
+        node delivers nothing live any more and must be restarted (``Gateway.failure``)."""
+        return self._thread is not None and not self._thread.is_alive() and not self._stop.is_set()
+
     def start(self) -> None:
         """Start the consumer thread; Kafka is contacted there, so this never blocks."""
         if self._thread is not None:

@@ -11,6 +11,12 @@ Idempotence makes the producer's own retries harmless (no duplicates, no reorder
 partition). A record is given ``message.timeout.ms`` to be acknowledged, so a client waits a bounded
 time during an outage and then gets ``unavailable`` with a retry-after hint.
 
+Fail fast: once librdkafka reports every broker connection down (``_ALL_BROKERS_DOWN``), a publish
+is refused at once with :class:`KafkaUnavailable` instead of waiting ``message.timeout.ms`` for a
+record that cannot be written; the producer keeps reconnecting on its own. Kafka counts as
+reachable again as soon as a broker connection is up (librdkafka's statistics, every
+``_STATS_INTERVAL_MS``), a metadata request succeeds or a record is acknowledged.
+
 Threading: librdkafka runs its own I/O threads; delivery reports are served by ``poll()``, which a
 dedicated daemon thread calls in a loop. Reports are queued and handed to the event loop in batches
 with ``loop.call_soon_threadsafe``, so neither ``poll()`` nor ``flush()`` nor a metadata request
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import threading
 import time
@@ -56,6 +63,9 @@ _PERMANENT_ERRORS: Final[frozenset[int]] = frozenset(
 
 #: How long the poll thread blocks in one ``poll()``; it bounds only how fast :meth:`close` returns.
 _POLL_INTERVAL_SECONDS: Final = 0.1
+#: How often librdkafka reports its brokers' states: how soon a publish is let through again
+#: once a broker is back after every connection was down.
+_STATS_INTERVAL_MS: Final = 1000
 
 Headers = Mapping[str, bytes | str] | Sequence[tuple[str, bytes | str]]
 _Report = tuple["asyncio.Future[RecordMetadata]", KafkaError | None, str, int, int]
@@ -143,6 +153,8 @@ class DurableProducer:
             "linger.ms": linger_ms,
             "queue.buffering.max.messages": max_queued_messages,
             "error_cb": self._on_error,
+            "statistics.interval.ms": _STATS_INTERVAL_MS,
+            "stats_cb": self._on_stats,
         }
         self._queue_full_timeout = (
             queue_full_timeout_ms if queue_full_timeout_ms is not None else message_timeout_ms
@@ -156,6 +168,8 @@ class DurableProducer:
         self._stop_polling = threading.Event()
         self._closing = False
         self._fatal_error: KafkaError | None = None
+        #: Set while every broker connection is down (written on librdkafka's threads).
+        self._unreachable: KafkaError | None = None
         # Error codes already logged at warning level since the last acknowledged record.
         self._errors_logged: set[int] = set()
         # Filled by librdkafka callbacks on whichever thread polls; emptied on the event loop.
@@ -240,7 +254,39 @@ class DurableProducer:
         except KafkaException as exc:
             _log.info("Kafka is not ready: %s", exc.args[0])
             return False
+        if metadata.brokers:
+            self._reachable()
         return bool(metadata.brokers)
+
+    @property
+    def fatal_error(self) -> KafkaError | None:
+        """The fatal error that made this producer unusable, if one did (the node must restart
+        with a fresh producer)."""
+        return self._fatal_error
+
+    @property
+    def unreachable(self) -> bool:
+        """Whether librdkafka said every broker connection is down, and none is up since."""
+        return self._unreachable is not None
+
+    async def partition_count(self, topic: str, metadata_timeout: float = 2.0) -> int | None:
+        """How many partitions ``topic`` has, as the brokers say; None when they do not answer
+        or do not know the topic."""
+        if self._producer is None or self._closing:
+            return None
+        producer = self._producer
+        loop = asyncio.get_running_loop()
+        try:
+            metadata = await loop.run_in_executor(
+                None, functools.partial(producer.list_topics, topic, timeout=metadata_timeout)
+            )
+        except KafkaException:
+            return None
+        self._reachable()
+        found = metadata.topics.get(topic)
+        if found is None or found.error is not None or not found.partitions:
+            return None
+        return len(found.partitions)
 
     async def close(self, flush_timeout: float = 10.0) -> int:
         """Stop taking records, wait up to ``flush_timeout`` seconds for queued ones, then stop.
@@ -293,6 +339,12 @@ class DurableProducer:
             )
         if self._fatal_error is not None:
             raise self._failure(self._fatal_error)
+        if self._unreachable is not None:
+            raise KafkaUnavailable(
+                f"Kafka is unreachable from this node ({self._unreachable.str()})",
+                reason=self._unreachable.name(),
+                retry_after_ms=self._retry_after_ms,
+            )
 
     async def _wait_for_space(self, deadline: float) -> None:
         assert self._space_freed is not None
@@ -349,11 +401,31 @@ class DurableProducer:
             except RuntimeError:
                 _log.warning("event loop closed with Kafka delivery reports pending")
 
+    def _reachable(self) -> None:
+        if self._unreachable is not None:
+            self._unreachable = None
+            _log.info("Kafka is reachable again; publishing")
+
+    def _on_stats(self, stats_json: str) -> None:
+        """A broker connection that is up makes Kafka reachable again."""
+        if self._unreachable is None:
+            return
+        try:
+            brokers = json.loads(stats_json).get("brokers", {})
+        except ValueError:
+            return
+        if any(broker.get("state") == "UP" for broker in brokers.values()):
+            self._reachable()
+
     def _on_error(self, error: KafkaError) -> None:
         if error.fatal():
             self._fatal_error = error
             _log.error("fatal Kafka producer error, this producer is unusable: %s", error.str())
             return
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:
+            if self._unreachable is None:
+                _log.warning("every Kafka broker is unreachable; refusing sends until one is back")
+            self._unreachable = error
         # Connection trouble: librdkafka retries on its own and records time out if it lasts.
         # It reports every reconnect attempt, so only a new kind of error is worth a warning.
         level = logging.DEBUG if error.code() in self._errors_logged else logging.WARNING
@@ -372,6 +444,7 @@ class DurableProducer:
                 continue  # the publisher was cancelled; the outcome has nobody to go to
             if error is None:
                 self._errors_logged.clear()
+                self._reachable()
                 future.set_result(RecordMetadata(topic, partition, offset))
             else:
                 future.set_exception(self._failure(error))

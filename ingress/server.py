@@ -12,7 +12,14 @@ wss only, TLS 1.3 at least; the gateway's frames, written straight to the transp
 (``ingress/wsprotocol.py``), then go through asyncio's TLS transport the same way.
 
 SIGTERM and SIGINT drain gracefully (see ``ingress/app.py``) and the process then exits with
-status 0; a second SIGINT stops at once.
+status 0; a second SIGINT stops at once. A node that cannot recover on its own (a fatal producer
+error, a dead live-delivery thread: ``Gateway.failure``) is unready at once, drains the same way
+and exits with status 70, so that its supervisor (``imstream up``, compose's restart policy)
+starts a fresh one; before, it stayed up as a zombie that accepted sockets and delivered nothing.
+
+A second, internal listener (``IM_INGRESS__INTERNAL_HOST``:``IM_INGRESS__INTERNAL_PORT``, the
+loopback by default) serves ``/metrics``, the API documentation and the health checks
+(``ingress.app.create_internal_app``); it starts and stops with the client listener.
 
 Once the socket listens and ``/readyz`` first holds (Kafka answers, live delivery is assigned),
 the node logs ``READY_MESSAGE`` and writes its ready file (``core/readiness.py``): what
@@ -32,10 +39,11 @@ from collections.abc import Iterator
 from typing import Final
 
 import uvicorn
+from fastapi import FastAPI
 
 from core.readiness import ReadyFile
 from core.tls import server_context, uvicorn_tls_options
-from ingress.app import IngressApp, create_app
+from ingress.app import IngressApp, create_app, create_internal_app
 from ingress.gateway import HARD_LIMIT_FACTOR, WEBSOCKET_PATH
 from ingress.wsprotocol import gateway_ws_protocol
 from pipelines.settings import Settings
@@ -45,6 +53,10 @@ _log = logging.getLogger(__name__)
 READY_MESSAGE: Final = "ingress ready"
 #: How often a starting node asks its gateway whether it is ready yet.
 READY_POLL_SECONDS: Final = 0.1
+#: How often a running node checks that it can still work (``Gateway.failure``).
+WATCH_SECONDS: Final = 1.0
+#: The exit status of a node that stopped because it could not recover (as the stream worker's).
+FAILED_EXIT_CODE: Final = 70
 
 #: Pending connections the kernel queues while the loop is busy (a reconnect storm after
 #: another node drained); capped by ``net.core.somaxconn``.
@@ -53,6 +65,10 @@ BACKLOG: Final = 4096
 
 class IngressStartError(RuntimeError):
     """The ingress cannot start; the message says what to do."""
+
+
+class IngressFailedError(RuntimeError):
+    """The ingress stopped because it could not recover (``Gateway.failure``); restart it."""
 
 
 class IngressServer(uvicorn.Server):
@@ -68,7 +84,10 @@ class IngressServer(uvicorn.Server):
         self.listening_message: str | None = None
         #: Announced once the socket accepts connections and the gateway is ready.
         self.ready_file = ReadyFile(None)
+        #: Why the node stopped on its own, if it did (``_watch``).
+        self.failure: str | None = None
         self._announcing: asyncio.Task[None] | None = None
+        self._watching: asyncio.Task[None] | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -79,6 +98,20 @@ class IngressServer(uvicorn.Server):
             self._announcing = asyncio.get_running_loop().create_task(
                 self._announce_when_ready(app)
             )
+            self._watching = asyncio.get_running_loop().create_task(self._watch(app))
+
+    async def _watch(self, app: IngressApp) -> None:
+        """Stop the server (a drain) once the gateway cannot recover; ``serve`` then raises."""
+        while not self.should_exit:
+            failure = app.gateway.failure()
+            if failure is not None:
+                node = app.gateway.node_id
+                _log.error("ingress node %s cannot recover (%s); exiting", node, failure)
+                self.failure = failure
+                self.ready_file.withdraw()
+                self.should_exit = True
+                return
+            await asyncio.sleep(WATCH_SECONDS)
 
     async def _announce_when_ready(self, app: IngressApp) -> None:
         while not self.should_exit:
@@ -102,6 +135,28 @@ class IngressServer(uvicorn.Server):
         finally:
             for sig, handler in originals.items():
                 signal.signal(sig, handler)
+
+
+class InternalServer(uvicorn.Server):
+    """The internal listener: no signal handling of its own (the client listener's server
+    drains on SIGTERM and then stops this one)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def build_internal_server(settings: Settings, app: FastAPI) -> InternalServer:
+    """A uvicorn server for the internal app (not yet listening)."""
+    config = uvicorn.Config(
+        app,
+        host=settings.ingress.internal_host,
+        port=settings.ingress.internal_port,
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+    )
+    return InternalServer(config)
 
 
 def build_server(settings: Settings, app: IngressApp | None = None) -> IngressServer:
@@ -131,7 +186,7 @@ def build_server(settings: Settings, app: IngressApp | None = None) -> IngressSe
     return IngressServer(config)
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, *, setting: str = "IM_INGRESS__PORT") -> socket.socket:
     """A bound listening socket, or an operator-readable error (port in use, bad host)."""
     try:
         family, kind, proto, _name, address = socket.getaddrinfo(
@@ -139,7 +194,7 @@ def bind(host: str, port: int) -> socket.socket:
         )[0]
     except socket.gaierror as error:
         raise IngressStartError(
-            f"[bad-host] IM_INGRESS__HOST={host!r} does not resolve: {error}"
+            f"[bad-host] {setting.replace('PORT', 'HOST')}={host!r} does not resolve: {error}"
         ) from error
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -149,29 +204,47 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise IngressStartError(
             f"[port-in-use] cannot listen on {host}:{port}: {error.strerror}. Stop the process "
-            f"holding it (`ss -ltnp 'sport = :{port}'` shows it) or set IM_INGRESS__PORT"
+            f"holding it (`ss -ltnp 'sport = :{port}'` shows it) or set {setting}"
         ) from error
     sock.set_inheritable(True)
     return sock
 
 
-async def serve(settings: Settings) -> None:
-    """Run the ingress until SIGTERM/SIGINT, then drain; raises ``IngressStartError``."""
+async def serve(settings: Settings, app: IngressApp | None = None) -> None:
+    """Run the ingress until SIGTERM/SIGINT, then drain; raises ``IngressStartError``, or
+    ``IngressFailedError`` once it stopped because it could not recover."""
     ingress = settings.ingress
     try:
-        server = build_server(settings)
+        app = app or create_app(settings)
+        server = build_server(settings, app)
+        internal = build_internal_server(settings, create_internal_app(app))
     except ValueError as error:
         raise IngressStartError(f"[settings-invalid] {error}") from error
     sock = bind(ingress.host, ingress.port)
+    try:
+        internal_sock = bind(
+            ingress.internal_host, ingress.internal_port, setting="IM_INGRESS__INTERNAL_PORT"
+        )
+    except IngressStartError:
+        sock.close()
+        raise
     secure = "s" if ingress.tls_cert_path is not None else ""
+    internal_url = f"http://{ingress.internal_host}:{ingress.internal_port}"
     server.listening_message = (
         f"ingress node {ingress.node_id} listening on ws{secure}://{ingress.host}:{ingress.port}"
-        f"{WEBSOCKET_PATH} (REST and OpenAPI at http{secure}://{ingress.host}:{ingress.port}/docs)"
+        f"{WEBSOCKET_PATH}; metrics and API docs at {internal_url}/metrics and /docs"
     )
     server.ready_file = ReadyFile(settings.ready_file)
+    serving_internal = asyncio.get_running_loop().create_task(
+        internal.serve(sockets=[internal_sock])
+    )
     try:
         await server.serve(sockets=[sock])
     finally:
         server.ready_file.withdraw()
+        internal.should_exit = True
+        await serving_internal
     if not server.started:
         raise IngressStartError("[start-failed] the ingress did not start; see the log above")
+    if server.failure is not None:
+        raise IngressFailedError(server.failure)

@@ -189,7 +189,8 @@ def up(
         typer.Option(
             min=1,
             max=8,
-            help="Ingress nodes, on consecutive ports from IM_INGRESS__PORT (ingress-1, -2 …)",
+            help="Ingress nodes, on consecutive ports from IM_INGRESS__PORT (ingress-1, -2 …) "
+            "and IM_INGRESS__INTERNAL_PORT (their metrics and docs)",
         ),
     ] = 2,
     sink_nice: Annotated[
@@ -286,6 +287,7 @@ def process_specs(settings: Settings, ingress_nodes: int, sink_nice: int) -> lis
                     kind=kind,
                     env={
                         "IM_INGRESS__PORT": str(ingress.port + index),
+                        "IM_INGRESS__INTERNAL_PORT": str(ingress.internal_port + index),
                         "IM_INGRESS__NODE_ID": node,
                     },
                 )
@@ -301,8 +303,10 @@ def render_processes(settings: Settings, supervisor: Supervisor, took: dict[str,
         if child.kind == "ingress":
             port = child.env.get("IM_INGRESS__PORT", str(ingress.port))
             tls = "s" if ingress.tls_cert_path is not None else ""
+            internal = child.env.get("IM_INGRESS__INTERNAL_PORT", str(ingress.internal_port))
             where = (
-                f"ws{tls}://{ingress.host}:{port}/v1/ws · http{tls}://{ingress.host}:{port}/docs"
+                f"ws{tls}://{ingress.host}:{port}/v1/ws · "
+                f"http://{ingress.internal_host}:{internal}/docs, /metrics"
             )
         elif child.kind == "clickhouse-sink":
             scheme = "https" if sinks.analytics_tls_cert_path is not None else "http"
@@ -383,11 +387,17 @@ def configure_process_logging() -> None:
 
 @run_app.command("ingress")
 def run_ingress() -> None:
-    """The WebSocket/REST gateway: IM_INGRESS__HOST, IM_INGRESS__PORT, IM_INGRESS__NODE_ID."""
+    """The WebSocket/REST gateway: IM_INGRESS__HOST, IM_INGRESS__PORT, IM_INGRESS__NODE_ID;
+    metrics and API docs on IM_INGRESS__INTERNAL_HOST, IM_INGRESS__INTERNAL_PORT."""
     # Imported here: FastAPI and uvicorn add half a second to every other imstream command.
     import uvloop  # noqa: PLC0415
 
-    from ingress.server import IngressStartError, serve  # noqa: PLC0415
+    from ingress.server import (  # noqa: PLC0415
+        FAILED_EXIT_CODE,
+        IngressFailedError,
+        IngressStartError,
+        serve,
+    )
 
     settings = load_settings()
     configure_process_logging()
@@ -396,6 +406,9 @@ def run_ingress() -> None:
     except IngressStartError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from error
+    except IngressFailedError as error:
+        typer.echo(f"error: the node stopped because it cannot recover: {error}", err=True)
+        raise typer.Exit(FAILED_EXIT_CODE) from error
 
 
 @run_app.command("cql-sink")

@@ -245,6 +245,38 @@ class IngressSettings(_Group):
         description="How long a closed socket's peer gets to read what is left and answer the "
         "close frame before the connection is reset (a reader that stopped reading never does)",
     )
+    internal_host: str = Field(
+        default="127.0.0.1",
+        description="Where the internal listener binds: /metrics, /docs, /redoc, /openapi.json "
+        "and the health checks, for operators and scrapers, never for clients",
+    )
+    internal_port: Port = Field(
+        default=9080,
+        description="The internal listener's port; the client port answers 404 for what it serves",
+    )
+    presence_renew_seconds: Annotated[float, Field(gt=0)] = Field(
+        default=5.0,
+        description="How often the node renews the lease of its connections (a node.lease_renewed "
+        "record on every presence partition)",
+    )
+    presence_lease_seconds: Annotated[float, Field(gt=0)] = Field(
+        default=20.0,
+        description="How long after a renewal the node's devices count as online: a node killed "
+        "without publishing its disconnects has its devices offline at most this long after its "
+        "last renewal, and pushes to their users resume",
+    )
+
+    @model_validator(mode="after")
+    def _lease_outlives_renewals(self) -> Self:
+        if self.presence_lease_seconds < 2 * self.presence_renew_seconds:
+            raise ValueError(
+                "IM_INGRESS__PRESENCE_LEASE_SECONDS must be at least twice "
+                "IM_INGRESS__PRESENCE_RENEW_SECONDS, so that one late renewal does not take a "
+                "node's devices offline"
+            )
+        if self.internal_port == self.port:
+            raise ValueError("IM_INGRESS__INTERNAL_PORT must differ from IM_INGRESS__PORT")
+        return self
 
     @model_validator(mode="after")
     def _tls_complete(self) -> Self:

@@ -680,6 +680,36 @@ class DeviceDisconnected(EventEnvelope[DevicePresencePayload]):
     type: Literal["device.disconnected"] = "device.disconnected"
 
 
+class NodeLeasePayload(WireModel):
+    node_id: Annotated[NodeId, Field(description="The ingress node renewing its lease")]
+    started_at: Annotated[
+        UtcDatetime,
+        Field(
+            description="When this run of the node started: a device connected before it was "
+            "held by an earlier run (one killed before it said goodbye)"
+        ),
+    ]
+    lease_ms: Annotated[
+        int,
+        Field(
+            gt=0,
+            le=86_400_000,
+            description="How long after `occurred_at` the node's devices count as online "
+            "without a newer renewal",
+        ),
+    ]
+
+
+class NodeLeaseRenewed(EventEnvelope[NodeLeasePayload]):
+    """An ingress node is alive and holds its connections: published every
+    ``IM_INGRESS__PRESENCE_RENEW_SECONDS`` to every partition of the presence topic, so that
+    every user partition learns it in order with its devices' presence. A device whose node's
+    lease lapsed counts as offline (docs/architecture.md, "Presence"). Tenant
+    ``SYSTEM_TENANT``, no actor."""
+
+    type: Literal["node.lease_renewed"] = "node.lease_renewed"
+
+
 class PushTokenPayload(WireModel):
     user_id: UserId
     device_id: DeviceId
@@ -897,6 +927,7 @@ Event = Annotated[
     | TypingChanged
     | DeviceConnected
     | DeviceDisconnected
+    | NodeLeaseRenewed
     | PushTokenRegistered
     | PushTokenRemoved
     | ConversationAdvanced

@@ -258,6 +258,9 @@ def event_key(event: Event, kind: KeyKind) -> bytes:
     if kind is KeyKind.USER and user_id is not None and device_id is not None:
         # A device's presence belongs to the device's user, whoever (or nothing) caused it.
         return user_key(event.tenant_id, user_id)
+    if kind is KeyKind.USER and event.type == "node.lease_renewed":
+        # Sent to every partition by number (ingress/presence.py): the key only names the node.
+        return user_key(event.tenant_id, str(getattr(event.payload, "node_id", "")))
     if kind is KeyKind.USER and event.actor is not None:
         return user_key(event.tenant_id, event.actor.user_id)
     if kind is KeyKind.DEVICE and user_id is not None and device_id is not None:
@@ -390,10 +393,11 @@ def topic_catalog(
             key=KeyKind.USER,
             partitions=USER_PARTITIONS,
             retention=week,
-            events=("device.connected", "device.disconnected"),
+            events=("device.connected", "device.disconnected", "node.lease_renewed"),
             ingress=True,
-            description="Devices connecting to and leaving ingress nodes, in order per user; the "
-            "user processor keeps who is online where",
+            description="Devices connecting to and leaving ingress nodes, in order per user, and "
+            "each node's lease renewals on every partition; the user processor keeps who is "
+            "online where",
         ),
         push_tokens=topic(
             "im.push.tokens",

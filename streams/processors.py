@@ -25,6 +25,7 @@ from schemas.errors import SchemaError
 from schemas.events import (
     DEFAULT_LOCALE,
     MAX_LARGE_GROUPS_PER_USER,
+    SYSTEM_TENANT,
     BadgeCleared,
     ConversationAdvanced,
     ConversationAdvancedPayload,
@@ -39,6 +40,7 @@ from schemas.events import (
     MessageEdited,
     MessageRecalled,
     MessageSent,
+    NodeLeaseRenewed,
     PushJob,
     Role,
     SyncRecord,
@@ -62,12 +64,15 @@ from streams.state import StateReader, child_key, split_child
 from streams.users import (
     Appended,
     ConversationView,
+    NodeLease,
     PushPolicy,
     UserOutcome,
     UserState,
     apply_delivery,
+    apply_leases,
     apply_own_command,
     apply_presence,
+    renew_lease,
 )
 
 log = logging.getLogger(__name__)
@@ -587,22 +592,27 @@ class UserProcessor(_BatchProcessor):
     """Per-user inputs → the sync queue, live deliveries and push jobs.
 
     Reads ``user_inbox`` (inbox records), ``user_state_in`` (mute, badge, push preferences) and
-    ``presence``, all placed by user; writes ``sync_events`` (keyed by user), ``live_delivery``
-    (keyed by ingress node), ``push_jobs`` (keyed by user, with the user's quiet hours and
-    locale) and dead letters. State: ``users`` (per user key). A user who muted every push gets
-    no job.
+    ``presence``, all placed by user (the ingress nodes' lease renewals go to every presence
+    partition, kept per partition and node: :func:`lease_key`); writes ``sync_events`` (keyed
+    by user), ``live_delivery`` (keyed by ingress node), ``push_jobs`` (keyed by user, with the
+    user's quiet hours and locale) and dead letters. State: ``users`` (per user key). A user
+    who muted every push gets no job; a device whose node's lease lapsed counts as offline.
     """
 
     def __init__(self, catalog: TopicCatalog, settings: UserSettings) -> None:
         super().__init__(catalog)
         self.settings = settings
 
-    def _parse(self, record: InputRecord) -> _UserInput | SchemaError | ValueError:
+    def _parse(
+        self, record: InputRecord
+    ) -> _UserInput | NodeLeaseRenewed | SchemaError | ValueError:
         try:
             if record.topic == self.catalog.user_inbox.name:
                 inbox = InboxRecord.model_validate_json(record.value or b"")
                 return _UserInput(inbox, inbox.tenant_id, inbox.user_id, inbox.event)
             event = parse_event(record.value or b"")
+            if isinstance(event, NodeLeaseRenewed):
+                return event
             return _UserInput(None, event.tenant_id, _owner(event), event)
         except (SchemaError, ValueError) as error:
             return error
@@ -621,6 +631,9 @@ class UserProcessor(_BatchProcessor):
     def _one(self, record: InputRecord, overlay: _Overlay, result: BatchResult) -> None:
         source = self.topics[record.topic]
         parsed = self._parsed_input(record)
+        if isinstance(parsed, NodeLeaseRenewed):
+            self._renew(record, parsed, overlay, result)
+            return
         if not isinstance(parsed, _UserInput):
             code = getattr(parsed, "code", "schema-invalid")
             result.outputs.append(dead_letter(self.catalog, source, record, str(code), str(parsed)))
@@ -644,6 +657,7 @@ class UserProcessor(_BatchProcessor):
             concerned = overlay.children(USERS_TABLE, key)
         loaded = {cid: overlay.get(USERS_TABLE, child_key(key, cid)) for cid in concerned}
         state = _user_state(stored, loaded)
+        apply_leases(state, self._leases(overlay, record.partition, state), now=event.occurred_at)
         positions = {cid: int(view.get("position", 0)) for cid, view in loaded.items() if view}
         outcome: UserOutcome | None = None
         if inbox is not None:
@@ -690,6 +704,33 @@ class UserProcessor(_BatchProcessor):
             value = None if view is None else {**view.to_json(), "position": positions.get(cid, 0)}
             if value != loaded.get(cid):
                 overlay.put(USERS_TABLE, child_key(key, cid), value, record.partition)
+
+    def _renew(
+        self,
+        record: InputRecord,
+        renewal: NodeLeaseRenewed,
+        overlay: _Overlay,
+        result: BatchResult,
+    ) -> None:
+        """A node's lease renewal, kept for this partition's users (no output)."""
+        key = lease_key(record.partition, renewal.payload.node_id)
+        stored = overlay.get(USERS_TABLE, key)
+        if stored is not None and record.offset <= stored.get("applied", {}).get(record.topic, -1):
+            result.skipped += 1
+            return
+        lease = renew_lease(NodeLease.from_json(stored) if stored else None, renewal)
+        value = {**lease.to_json(), "applied": {record.topic: record.offset}}
+        overlay.put(USERS_TABLE, key, value, record.partition)
+
+    @staticmethod
+    def _leases(overlay: _Overlay, partition: int, state: UserState) -> dict[str, NodeLease]:
+        """The leases of the nodes holding the user's devices, as this partition knows them."""
+        leases: dict[str, NodeLease] = {}
+        for node_id in {online.node_id for online in state.devices.values()}:
+            stored = overlay.get(USERS_TABLE, lease_key(partition, node_id))
+            if stored is not None:
+                leases[node_id] = NodeLease.from_json(stored)
+        return leases
 
     def _emit(
         self,
@@ -823,6 +864,13 @@ class _UserInput(NamedTuple):
     tenant_id: str
     user_id: str
     event: Event
+
+
+def lease_key(partition: int, node_id: str) -> str:
+    """Where the users table keeps a node's lease for one partition's users: every partition
+    learns each renewal in order with its own users' inputs. ``~`` is in no id, so the key is
+    no user's."""
+    return user_key(SYSTEM_TENANT, f"~lease-{partition}-{node_id}").decode()
 
 
 def _concerned(inbox: InboxRecord | None, event: Event) -> list[str] | None:

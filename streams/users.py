@@ -11,6 +11,7 @@ mid-batch.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -30,6 +31,7 @@ from schemas.events import (
     MessageEdited,
     MessageRecalled,
     MessageSent,
+    NodeLeaseRenewed,
     QuietHoursSetting,
     ReceiptRead,
     UserPushSettingsChanged,
@@ -200,6 +202,45 @@ _NO_PUSH_PREFERENCES = PushPreferences()
 class OnlineDevice:
     node_id: str
     connection_id: str
+    #: When the device connected, by its node's clock; None in state written before leases.
+    connected_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeLease:
+    """An ingress node's lease as one user partition last heard of it (``node.lease_renewed``):
+    the run of the node that renewed it, and until when its devices count as online.
+
+    Times are the records' own (the node's clock), never the processor's: a replay decides
+    as the first run did."""
+
+    started_at: datetime
+    expires_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "started_at": self.started_at.isoformat(),
+            "expires_at": self.expires_at.isoformat(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> NodeLease:
+        return cls(
+            started_at=datetime.fromisoformat(data["started_at"]),
+            expires_at=datetime.fromisoformat(data["expires_at"]),
+        )
+
+
+def renew_lease(current: NodeLease | None, renewal: NodeLeaseRenewed) -> NodeLease:
+    """The node's lease after ``renewal``: a newer run of the node replaces the lease of an
+    earlier one, a late renewal of an earlier run changes nothing, and a lease only grows."""
+    started_at = renewal.payload.started_at
+    expires_at = renewal.occurred_at + timedelta(milliseconds=renewal.payload.lease_ms)
+    if current is None or started_at > current.started_at:
+        return NodeLease(started_at=started_at, expires_at=expires_at)
+    if started_at < current.started_at:
+        return current
+    return NodeLease(started_at=started_at, expires_at=max(expires_at, current.expires_at))
 
 
 @dataclass(slots=True)
@@ -221,6 +262,15 @@ class UserState:
     large_elsewhere: int = 0
     #: Whether the tenant knows the user (announced on ``im.users.known`` at a first sign-in).
     known: bool = False
+    #: Devices whose node's lease had lapsed at the input's time (:func:`apply_leases`): kept,
+    #: as their node may renew it yet, but offline for this input. Not stored.
+    lapsed: set[str] = field(default_factory=set)
+
+    def online(self) -> dict[str, OnlineDevice]:
+        """The devices online for this input: connected, on a node whose lease holds."""
+        if not self.lapsed:
+            return self.devices
+        return {d: online for d, online in self.devices.items() if d not in self.lapsed}
 
     def view(self, conversation_id: str) -> ConversationView:
         return self.conversations.setdefault(conversation_id, ConversationView())
@@ -243,10 +293,7 @@ class UserState:
         """Everything but the conversations' views (each stored as a value of its own)."""
         header: dict[str, Any] = {
             "last_sync_id": self.last_sync_id,
-            "devices": {
-                device: [online.node_id, online.connection_id]
-                for device, online in self.devices.items()
-            },
+            "devices": {device: _device_json(online) for device, online in self.devices.items()},
         }
         if self.push != _NO_PUSH_PREFERENCES:
             # Only once set: the state of a user who never chose is what it was before.
@@ -264,13 +311,24 @@ class UserState:
                 for cid, view in data.get("conversations", {}).items()
             },
             devices={
-                device: OnlineDevice(node_id=pair[0], connection_id=pair[1])
-                for device, pair in data.get("devices", {}).items()
+                device: OnlineDevice(
+                    node_id=fields[0],
+                    connection_id=fields[1],
+                    connected_at=datetime.fromisoformat(fields[2]) if len(fields) > 2 else None,
+                )
+                for device, fields in data.get("devices", {}).items()
             },
             # State written before push preferences existed has none: the defaults.
             push=PushPreferences.from_json(data.get("push") or {}),
             known=bool(data.get("known", False)),
         )
+
+
+def _device_json(online: OnlineDevice) -> list[str]:
+    fields = [online.node_id, online.connection_id]
+    if online.connected_at is not None:
+        fields.append(online.connected_at.isoformat())
+    return fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,7 +373,7 @@ class PushPolicy:
 
 def _live_nodes(state: UserState) -> dict[str, list[str]]:
     nodes: dict[str, list[str]] = {}
-    for device, online in sorted(state.devices.items()):
+    for device, online in sorted(state.online().items()):
         nodes.setdefault(online.node_id, []).append(device)
     return nodes
 
@@ -343,7 +401,7 @@ def apply_delivery(
     outcome = UserOutcome()
     event = delivery.event
     if delivery.kind is DeliveryKind.EPHEMERAL:
-        if state.devices:
+        if state.online():
             outcome.ephemeral.append(event)
             outcome.live_nodes = _live_nodes(state)
         return outcome
@@ -394,7 +452,7 @@ def apply_delivery(
             state.conversations.pop(event.payload.conversation_id, None)
         case _:
             pass
-    if state.devices:
+    if state.online():
         outcome.live_nodes = _live_nodes(state)
     return outcome
 
@@ -425,7 +483,7 @@ def _on_message(
         return
     if seq > view.read_seq:
         view.add_unread(seq)
-    if state.devices:
+    if state.online():
         return
     # A mute of the conversation or of every push: the message counts as unread (above) but
     # neither pushes nor merges into the next push.
@@ -499,7 +557,7 @@ def apply_own_command(state: UserState, command: Event) -> UserOutcome:
         case _:
             return outcome
     _append(state, outcome, command, DeliveryKind.FULL)
-    if state.devices:
+    if state.online():
         outcome.live_nodes = _live_nodes(state)
     return outcome
 
@@ -510,15 +568,38 @@ def apply_presence(state: UserState, event: DeviceConnected | DeviceDisconnected
     payload = event.payload
     current = state.devices.get(payload.device_id)
     if isinstance(event, DeviceConnected):
-        online = OnlineDevice(node_id=payload.node_id, connection_id=payload.connection_id)
+        online = OnlineDevice(
+            node_id=payload.node_id,
+            connection_id=payload.connection_id,
+            connected_at=event.occurred_at,
+        )
         if current == online:
             return False
         if current is None and len(state.devices) >= MAX_DEVICES:
             del state.devices[next(iter(state.devices))]  # the one connected longest ago
         state.devices.pop(payload.device_id, None)  # the newest connection goes last
         state.devices[payload.device_id] = online
+        state.lapsed.discard(payload.device_id)
         return True
     if current is None or current.connection_id != payload.connection_id:
         return False
     del state.devices[payload.device_id]
     return True
+
+
+def apply_leases(state: UserState, leases: Mapping[str, NodeLease], *, now: datetime) -> None:
+    """Which of the user's devices are online at ``now`` (the input's time), as their nodes'
+    leases say: a device connected before its node's current run started was held by a run
+    that died without its disconnect (SIGKILL, a lost record) and is forgotten; a device whose
+    node's lease lapsed counts as offline (``state.lapsed``) but is kept, since the node may
+    still renew it (a Kafka blip longer than the lease). A node with no lease on the partition
+    never renewed one (a node from before leases): its devices stay online as it said."""
+    state.lapsed = set()
+    for device, online in list(state.devices.items()):
+        lease = leases.get(online.node_id)
+        if lease is None:
+            continue
+        if online.connected_at is not None and online.connected_at < lease.started_at:
+            del state.devices[device]
+        elif now >= lease.expires_at:
+            state.lapsed.add(device)

@@ -133,6 +133,46 @@ def test_ingress_port_matches_the_settings(compose: dict[str, Any]) -> None:
     assert f"{port}:{port}" in ingress["ports"]
 
 
+def test_metrics_are_scraped_from_the_internal_listener_which_is_not_published(
+    compose: dict[str, Any],
+) -> None:
+    ingress = compose["services"]["ingress"]
+    internal = int(ingress["environment"]["IM_INGRESS__INTERNAL_PORT"])
+    assert internal == IngressSettings().internal_port
+    assert not any(str(internal) in str(mapping) for mapping in ingress.get("ports", [])), (
+        "the internal listener (metrics, API docs) must not be published"
+    )
+    prometheus = yaml.safe_load(compose["configs"]["prometheus"]["content"])
+    (job,) = prometheus["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["static_configs"][0]["targets"] == [f"ingress:{internal}"]
+
+
+def test_every_running_service_has_a_healthcheck_and_waits_for_healthy_dependencies(
+    compose: dict[str, Any],
+) -> None:
+    """A service that runs (all but the one-shot setup jobs) says when it is healthy, and a
+    service waits for what it depends on by condition: healthy, or for a one-shot job completed,
+    never merely started — except Prometheus, which scrapes whatever is up."""
+    services = compose["services"]
+    for name, service in services.items():
+        one_shot = service.get("restart") == "no"
+        if not one_shot:
+            healthcheck = service.get("healthcheck")
+            assert healthcheck and healthcheck.get("test"), f"{name} has no healthcheck"
+        depends_on = service.get("depends_on", {})
+        assert isinstance(depends_on, dict), f"{name}: depends_on without conditions"
+        for dependency, condition in depends_on.items():
+            wanted = (
+                "service_completed_successfully"
+                if services[dependency].get("restart") == "no"
+                else "service_healthy"
+            )
+            if name == "prometheus":
+                wanted = "service_started"
+            assert condition == {"condition": wanted}, (name, dependency)
+
+
 def test_grafana_provisions_the_exported_dashboards_on_the_clickhouse_data_source(
     compose: dict[str, Any],
 ) -> None:

@@ -1,4 +1,6 @@
-"""Operations: liveness, readiness (Kafka reachable, live delivery assigned) and metrics."""
+"""Operations: liveness and readiness (Kafka reachable, live delivery assigned) on both
+listeners — a load balancer routes by the client port's ``/readyz`` — and the metrics, on the
+internal listener only (``internal_router``)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from ingress.deps import GatewayDep
 from ingress.gateway import describe
 
 router = APIRouter(tags=["operations"])
+#: What only the internal listener serves (``IM_INGRESS__INTERNAL_PORT``).
+internal_router = APIRouter(tags=["operations"])
 
 
 @router.get("/healthz", summary="Liveness: the process serves requests")
@@ -28,7 +32,7 @@ async def readyz(gateway: GatewayDep) -> JSONResponse:
     return JSONResponse(describe(readiness), status_code=200 if readiness.ready else 503)
 
 
-@router.get(
+@internal_router.get(
     "/metrics",
     summary="Prometheus metrics",
     response_class=Response,

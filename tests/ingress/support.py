@@ -173,6 +173,11 @@ class Gateway:
         return f"http{self.secure}://127.0.0.1:{self.port}"
 
     @property
+    def internal(self) -> str:
+        """The internal listener: metrics and API docs."""
+        return f"http://127.0.0.1:{self.settings.ingress.internal_port}"
+
+    @property
     def ws(self) -> str:
         return f"ws{self.secure}://127.0.0.1:{self.port}/v1/ws"
 
@@ -195,9 +200,8 @@ class Gateway:
         data = json.dumps(body).encode() if isinstance(body, dict) else body
         if isinstance(data, str):
             data = data.encode()
-        request = urllib.request.Request(
-            self.http + path, data=data, method=method, headers=dict(headers or {})
-        )
+        url = path if path.startswith("http") else self.http + path
+        request = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
         if data is not None:
             request.add_header("Content-Type", "application/json")
         try:
@@ -229,7 +233,7 @@ class Gateway:
         return status == 200
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        _, _, body = self.request("GET", "/metrics")
+        _, _, body = self.request("GET", self.internal + "/metrics")
         return {
             (sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in text_string_to_metric_families(body.decode())
@@ -281,7 +285,12 @@ def start_gateway(
 ) -> Gateway:
     """Start ``imstream run ingress`` with these overrides and wait until ``wait`` holds;
     ``ca_file``: the CA the test trusts when the node serves TLS."""
-    ingress_values = {"port": free_port(), "node_id": unique("node"), **(ingress or {})}
+    ingress_values = {
+        "port": free_port(),
+        "internal_port": free_port(),
+        "node_id": unique("node"),
+        **(ingress or {}),
+    }
     kafka_values = {
         "bootstrap_servers": settings.kafka.bootstrap_servers,
         "topic_prefix": settings.kafka.topic_prefix,
@@ -440,9 +449,16 @@ def end_offset(settings: Settings, topic: str, key: bytes) -> tuple[int, int]:
 
 
 def read_records(
-    settings: Settings, topic: str, partition: int, offset: int, count: int
+    settings: Settings,
+    topic: str,
+    partition: int,
+    offset: int,
+    count: int,
+    *,
+    key: bytes | None = None,
 ) -> list[tuple[bytes | None, JsonObject]]:
-    """``count`` records of a partition from ``offset`` on, as (key, decoded JSON value)."""
+    """``count`` records of a partition from ``offset`` on, as (key, decoded JSON value); only
+    those with ``key`` if one is given (the presence topic also carries the nodes' leases)."""
     consumer = _consumer(settings)
     consumer.assign([TopicPartition(topic, partition, offset)])
     records: list[tuple[bytes | None, JsonObject]] = []
@@ -451,6 +467,8 @@ def read_records(
         while len(records) < count and time.monotonic() < deadline:
             message = consumer.poll(0.2)
             if message is None or message.error() is not None:
+                continue
+            if key is not None and message.key() != key:
                 continue
             records.append((message.key(), json.loads(message.value() or b"null")))
     finally:

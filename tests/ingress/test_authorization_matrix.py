@@ -80,15 +80,11 @@ class Rule(StrEnum):
     GATE = "gate"
 
 
-#: Every route of the client port, by method and path template.
+#: Every route of the client port, by method and path template. (Metrics and the API's
+#: documents are on the internal listener only: tests/ingress/test_rest.py.)
 ROUTE_RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/healthz"): Rule.PUBLIC,
     ("GET", "/readyz"): Rule.PUBLIC,
-    ("GET", "/metrics"): Rule.PUBLIC,
-    ("GET", "/openapi.json"): Rule.PUBLIC,
-    ("GET", "/docs"): Rule.PUBLIC,
-    ("GET", "/docs/oauth2-redirect"): Rule.PUBLIC,
-    ("GET", "/redoc"): Rule.PUBLIC,
     ("POST", "/v1/tenants/{tenant_id}/commands"): Rule.CLIENT,
     ("PUT", "/v1/tenants/{tenant_id}/devices/{device_id}/push-token"): Rule.CLIENT,
     ("DELETE", "/v1/tenants/{tenant_id}/devices/{device_id}/push-token"): Rule.CLIENT,

@@ -36,6 +36,10 @@ from tests.ingress.support import (
 
 MESSAGE_TIMEOUT_MS = 1500
 RETRY_AFTER_MS = 700
+#: A message timeout no fast answer could come from.
+LONG_MESSAGE_TIMEOUT_MS = 20_000
+#: What "at once" allows for on a machine shared with other tests.
+FAST_SECONDS = 2.0
 
 
 def send(conversation: str, client_msg_id: str, request_id: str = "r1") -> JsonObject:
@@ -85,6 +89,55 @@ async def test_no_broker_means_unavailable_never_accepted(dead_broker: Gateway) 
     assert loop.time() - started < MESSAGE_TIMEOUT_MS / 1000 + 5
     # The socket stays usable while Kafka is away.
     assert (await request(socket_, {"type": "ping", "id": "p"}))["type"] == "pong"
+
+
+@pytest.fixture(scope="module")
+def unreachable_broker(
+    settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    """A gateway whose Kafka address has nothing listening, with a long message timeout."""
+    prefixed = settings.model_copy(
+        update={"kafka": settings.kafka.model_copy(update={"topic_prefix": unique("t-dead")})}
+    )
+    running = start_gateway(
+        prefixed,
+        tmp_path_factory.mktemp("unreachable-broker"),
+        kafka={"bootstrap_servers": f"127.0.0.1:{free_port()}"},
+        ingress={
+            "kafka_message_timeout_ms": LONG_MESSAGE_TIMEOUT_MS,
+            "unavailable_retry_after_ms": RETRY_AFTER_MS,
+        },
+        wait=Gateway.alive,
+    )
+    yield running
+    assert running.stop() == 0, running.log()
+
+
+async def test_while_no_broker_is_reachable_a_send_is_unavailable_at_once(
+    unreachable_broker: Gateway,
+) -> None:
+    """The producer knows every broker connection is down: a send is answered at once, not
+    after the message timeout (20 s here) that it used to wait for a write that could not
+    happen."""
+    socket_, _ = await open_device(unreachable_broker, unique("user"))
+    loop = asyncio.get_running_loop()
+    for attempt in range(3):
+        started = loop.time()
+        reply = await request(socket_, send("c-1", f"m-{attempt}", f"r{attempt}"))
+        assert (reply["code"], reply["retry_after_ms"]) == ("unavailable", RETRY_AFTER_MS)
+        assert "unreachable" in reply["message"]
+        assert loop.time() - started < FAST_SECONDS, reply
+    headers = {"Authorization": f"Bearer {token(unreachable_broker.settings, unique('user'))}"}
+    started = loop.time()
+    status, _, raw = await asyncio.to_thread(
+        unreachable_broker.request,
+        "POST",
+        f"/v1/tenants/{TENANT}/commands",
+        send("c-1", "m-rest"),
+        headers,
+    )
+    assert (status, json.loads(raw)["code"]) == (503, "unavailable")
+    assert loop.time() - started < FAST_SECONDS
 
 
 def test_no_broker_over_rest_is_503_with_retry_after(dead_broker: Gateway) -> None:

@@ -398,6 +398,7 @@ def test_health_readiness_and_metrics(gateway: Gateway) -> None:
             "draining": False,
             "serving_store": True,
             "revocations": True,
+            "failed": None,
         },
     )
     post(gateway, send(unique("conv")), bearer(gateway, unique("user")))
@@ -415,8 +416,27 @@ def test_health_readiness_and_metrics(gateway: Gateway) -> None:
     assert metrics[("imstream_ingress_frames_out_total", (("type", "accepted"),))] >= 1
 
 
+def test_metrics_and_api_docs_are_on_the_internal_listener_only(gateway: Gateway) -> None:
+    """Anyone reaching the client port used to read the node's metrics and API description;
+    they are now served on the internal listener (loopback by default), the client port
+    answers not-found, and liveness and readiness stay on both (a load balancer's checks)."""
+    for path in ("/metrics", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+        status, _, raw = gateway.request("GET", path)
+        assert (status, json.loads(raw)["code"]) == (404, "not-found"), path
+        status, _, raw = gateway.request("GET", gateway.internal + path)
+        assert status == (404 if path == "/docs/oauth2-redirect" else 200), path
+    status, headers, raw = gateway.request("GET", gateway.internal + "/docs")
+    assert headers["content-type"].startswith("text/html") and b"/openapi.json" in raw
+    for path in ("/healthz", "/readyz"):
+        assert gateway.request("GET", path)[0] == 200
+        assert gateway.request("GET", gateway.internal + path)[0] == 200
+    # Nothing else on the internal listener: no client route, no WebSocket.
+    status, _, _ = gateway.request("GET", gateway.internal + f"/v1/tenants/{TENANT}/sync")
+    assert status == 404
+
+
 def test_openapi_documents_every_route(gateway: Gateway) -> None:
-    status, _, raw = gateway.request("GET", "/openapi.json")
+    status, _, raw = gateway.request("GET", gateway.internal + "/openapi.json")
     document = json.loads(raw)
     assert status == 200
     paths = {path: set(methods) for path, methods in document["paths"].items()}
@@ -430,7 +450,6 @@ def test_openapi_documents_every_route(gateway: Gateway) -> None:
         "/v1/tenants/{tenant_id}/search": {"get"},
         "/healthz": {"get"},
         "/readyz": {"get"},
-        "/metrics": {"get"},
     }
     command = document["paths"]["/v1/tenants/{tenant_id}/commands"]["post"]
     body = command["requestBody"]["content"]["application/json"]["schema"]

@@ -402,8 +402,10 @@ async def test_presence_follows_the_connection(gateway: Gateway) -> None:
     assert (await request(second, {"type": "ping", "id": "p"}))["type"] == "pong"
     await second.close()
 
-    records = await asyncio.to_thread(read_records, gateway.settings, topic, partition, before, 3)
-    events = [event for record_key, event in records if record_key == key]
+    records = await asyncio.to_thread(
+        read_records, gateway.settings, topic, partition, before, 3, key=key
+    )
+    events = [event for _, event in records]
     assert [event["type"] for event in events] == [
         "device.connected",
         "device.connected",

@@ -26,6 +26,9 @@ from tests.sinks.push.support import APNS_TOPIC, ApnsKey
 
 #: What ``imstream up --sink-nice`` defaults to.
 SINK_NICE = 10
+#: The supervised ingress nodes' presence leases (test_presence.py waits one out).
+PRESENCE_RENEW_SECONDS = 1.0
+PRESENCE_LEASE_SECONDS = 4.0
 
 
 @pytest.fixture(scope="package")
@@ -64,8 +67,12 @@ def supervised(
             "IM_INGRESS__RATE_LIMIT_BURST": "100000",
             # The deployment's iOS app: the ingress accepts tokens for it, the sink pushes to it.
             "IM_PUSH__APNS_TOPIC": APNS_TOPIC,
+            # Presence leases short enough for a test to wait one out (test_presence.py).
+            "IM_INGRESS__PRESENCE_RENEW_SECONDS": str(PRESENCE_RENEW_SECONDS),
+            "IM_INGRESS__PRESENCE_LEASE_SECONDS": str(PRESENCE_LEASE_SECONDS),
         }
         ports = [free_port(), free_port()]
+        internal_ports = [free_port(), free_port()]
         analytics_port = free_port()
         chdb_path = state / "clickhouse"
         specs = [
@@ -74,7 +81,12 @@ def supervised(
                 ChildSpec(
                     f"ingress-{i + 1}",
                     "ingress",
-                    {**common, "IM_INGRESS__PORT": str(port), "IM_INGRESS__NODE_ID": unique("n")},
+                    {
+                        **common,
+                        "IM_INGRESS__PORT": str(port),
+                        "IM_INGRESS__INTERNAL_PORT": str(internal_ports[i]),
+                        "IM_INGRESS__NODE_ID": unique("n"),
+                    },
                 )
                 for i, port in enumerate(ports)
             ),

@@ -113,6 +113,25 @@ class Running:
             with self.lock:
                 child.restart_at = time.monotonic()  # the supervisor starts it on its next check
 
+    @contextlib.contextmanager
+    def killed(self, name: str) -> Iterator[None]:
+        """SIGKILL a child (it says no goodbye) and keep it down; started again after."""
+        child = self.child(name)
+        with self.lock:
+            assert child.pid is not None, f"{name} is not running"
+            os.kill(child.pid, signal.SIGKILL)
+            for _ in range(100):
+                process.reap(child.pid)
+                if not process.is_alive(child.pid):
+                    break
+                time.sleep(0.1)
+            child.pid, child.restart_at = None, None
+        try:
+            yield
+        finally:
+            with self.lock:
+                child.restart_at = time.monotonic()  # the supervisor starts it on its next check
+
     def analytics(self, query: str, **parameters: str) -> dict[str, Any]:
         """A named analytics query through the ClickHouse sink's HTTP API (blocking)."""
         url = (
@@ -359,6 +378,14 @@ class PushFakes:
             "IM_PUSH__FCM_CREDENTIALS_PATH": str(credentials),
             "IM_PUSH__FCM_ENDPOINT": self.fcm.endpoint,
         }
+
+    def apns_tokens(self) -> list[str]:
+        """The device tokens of every request the fake APNs received so far, in order."""
+
+        async def snapshot() -> list[str]:
+            return [received.token for received in self.apns.stats.received]
+
+        return self._call(snapshot())
 
     def counts(self) -> dict[str, FakeCounts]:
         """Per provider (``apns``, ``fcm``), the fake's own counts, read on its loop."""

@@ -126,11 +126,12 @@ def isolated(
     shared stack; its topics and keyspace are removed after."""
     prefix = unique("t-upcmd") + "."
     keyspace = "t_" + unique("up").replace("-", "_")
-    ingress_port, analytics_port = port_pair(), free_port()
+    ingress_port, internal_port, analytics_port = port_pair(), port_pair(), free_port()
     environment = {
         "IM_KAFKA__TOPIC_PREFIX": prefix,
         "IM_CQL__KEYSPACE": keyspace,
         "IM_INGRESS__PORT": str(ingress_port),
+        "IM_INGRESS__INTERNAL_PORT": str(internal_port),
         "IM_SINKS__ANALYTICS_PORT": str(analytics_port),
         "IM_CLICKHOUSE__CHDB_PATH": str(tmp_path / "clickhouse"),
         "IM_STACK__PROCESSES_DIR": str(tmp_path / "run"),
@@ -139,7 +140,9 @@ def isolated(
     configured = settings.model_copy(
         update={
             "kafka": settings.kafka.model_copy(update={"topic_prefix": prefix}),
-            "ingress": settings.ingress.model_copy(update={"port": ingress_port}),
+            "ingress": settings.ingress.model_copy(
+                update={"port": ingress_port, "internal_port": internal_port}
+            ),
             "sinks": settings.sinks.model_copy(update={"analytics_port": analytics_port}),
         }
     )

@@ -152,6 +152,13 @@ def sample_events() -> dict[str, ev.Event]:
         ),
         _event(ev.DeviceConnected, presence, ALICE),
         _event(ev.DeviceDisconnected, presence, None),
+        ev.NodeLeaseRenewed.new(
+            tenant_id=ev.SYSTEM_TENANT,
+            occurred_at=OCCURRED_AT,
+            payload=ev.NodeLeasePayload(
+                node_id="ingress-1", started_at=OCCURRED_AT, lease_ms=20_000
+            ),
+        ),
         _event(ev.PushTokenRegistered, token, ALICE),
         _event(
             ev.PushTokenRemoved,

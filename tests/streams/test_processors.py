@@ -13,10 +13,12 @@ import random
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import replace
+from datetime import datetime, timedelta
 from typing import Any
 
 from pipelines.settings import Settings
 from schemas.events import (
+    SYSTEM_TENANT,
     Actor,
     CommandRejected,
     ConversationAdvanced,
@@ -34,6 +36,8 @@ from schemas.events import (
     LiveDelivery,
     MessageSent,
     MessageSentPayload,
+    NodeLeasePayload,
+    NodeLeaseRenewed,
     Platform,
     PushJob,
     QuietHoursSetting,
@@ -48,11 +52,13 @@ from schemas.events import (
 from schemas.topics import TopicCatalog, conversation_key, topic_catalog, user_key
 from streams.processors import (
     ACTOR_MISSING,
+    USERS_TABLE,
     BatchResult,
     ConversationProcessor,
     ConversationSettings,
     UserProcessor,
     UserSettings,
+    lease_key,
 )
 from streams.records import InputRecord, OutputRecord, StateWrite
 from streams.state import MemoryState
@@ -312,6 +318,78 @@ def test_user_processor_assigns_sync_ids_routes_live_and_pushes_offline() -> Non
         if o.topic == CATALOG.live_delivery.name
     ]
     assert (live.node_id, live.device_ids, live.user_id) == ("ingress-2", ["alice-phone"], "alice")
+    assert not [o for o in online.outputs if o.topic == CATALOG.push_jobs.name]
+
+
+def lease_record(
+    offset: int, at: datetime, started_at: datetime, partition: int = 0
+) -> InputRecord:
+    renewal = NodeLeaseRenewed.new(
+        tenant_id=SYSTEM_TENANT,
+        occurred_at=at,
+        payload=NodeLeasePayload(node_id="ingress-2", started_at=started_at, lease_ms=20_000),
+    )
+    return InputRecord(
+        topic=CATALOG.presence.name,
+        partition=partition,
+        offset=offset,
+        key=user_key(SYSTEM_TENANT, "ingress-2"),
+        value=encode_event(renewal),
+    )
+
+
+def test_the_user_processor_keeps_node_leases_per_partition_and_decides_by_record_time() -> None:
+    """Alice's phone is on ingress-2, whose last renewal on her partition had lapsed by the time
+    of bob's message: she is pushed and nothing goes to the node. A renewal on another
+    partition changes nothing for her; one on hers brings the phone back online."""
+    conversations = ConversationProcessor(CATALOG, ConversationSettings())
+    conversation_tables = Tables()
+    events: list[Event] = [create_group("c-1", ["alice", "bob"]), send("c-1", "bob", "m1")]
+    sent_at = events[1].occurred_at
+    started = sent_at - timedelta(minutes=1)
+    first = conversations.process(command_records(events), conversation_tables)
+    conversation_tables.write(first.writes)
+    users = UserProcessor(CATALOG, UserSettings())
+    tables = Tables()
+    connect = presence_record(1)
+    connected = parse_event(connect.value or b"").model_copy(
+        update={"occurred_at": started + timedelta(seconds=2)}
+    )
+    inputs = [
+        lease_record(0, started + timedelta(seconds=1), started),
+        replace(connect, value=encode_event(connected)),
+        lease_record(2, sent_at, started, partition=1),  # another partition's users
+    ]
+    tables.write(users.process(inputs, tables).writes)
+    assert tables.get(USERS_TABLE, lease_key(0, "ingress-2")) == {
+        "started_at": started.isoformat(),
+        "expires_at": (started + timedelta(seconds=21)).isoformat(),
+        "applied": {CATALOG.presence.name: 0},
+    }
+    assert tables.get(USERS_TABLE, lease_key(1, "ingress-2")) is not None
+
+    inbox = as_inputs(first.outputs, CATALOG.user_inbox.name, 0)
+    lapsed = users.process(inbox, tables)
+    tables.write(lapsed.writes)
+    assert [
+        PushJob.model_validate_json(o.value or b"").user_id
+        for o in lapsed.outputs
+        if o.topic == CATALOG.push_jobs.name
+    ] == ["alice"]
+    assert not [o for o in lapsed.outputs if o.topic == CATALOG.live_delivery.name]
+
+    renewed = users.process([lease_record(3, sent_at, started)], tables)
+    tables.write(renewed.writes)
+    assert users.process([lease_record(3, sent_at, started)], tables).skipped == 1
+    more = as_inputs(
+        conversations.process(
+            command_records([*events, send("c-1", "bob", "m2")])[2:], conversation_tables
+        ).outputs,
+        CATALOG.user_inbox.name,
+        len(inbox),
+    )
+    online = users.process(more, tables)
+    assert [o for o in online.outputs if o.topic == CATALOG.live_delivery.name]
     assert not [o for o in online.outputs if o.topic == CATALOG.push_jobs.name]
 
 

@@ -20,6 +20,8 @@ from schemas.events import (
     MessageEditedPayload,
     MessageSent,
     MessageSentPayload,
+    NodeLeasePayload,
+    NodeLeaseRenewed,
     Platform,
     QuietHoursSetting,
     ReceiptRead,
@@ -33,12 +35,15 @@ from schemas.events import (
 )
 from streams.conversations import Delivery, DeliveryKind
 from streams.users import (
+    NodeLease,
     PushPolicy,
     PushPreferences,
     UserState,
     apply_delivery,
+    apply_leases,
     apply_own_command,
     apply_presence,
+    renew_lease,
 )
 
 TENANT = "acme"
@@ -322,3 +327,65 @@ def test_recalls_and_edits_move_the_last_seq_and_a_new_member_gets_a_view() -> N
     )
     apply_delivery(state, "alice", Delivery(user_id="alice", event=added), now=NOW)
     assert "c-9" in state.conversations
+
+
+def renewal(at: datetime, started_at: datetime = NOW, lease_ms: int = 20_000) -> NodeLeaseRenewed:
+    return NodeLeaseRenewed.new(
+        tenant_id="_system",
+        occurred_at=at,
+        payload=NodeLeasePayload(node_id="ingress-1", started_at=started_at, lease_ms=lease_ms),
+    )
+
+
+def connected_at(at: datetime) -> DeviceConnected:
+    event = presence(True)
+    assert isinstance(event, DeviceConnected)
+    return event.model_copy(update={"occurred_at": at})
+
+
+def test_a_device_whose_node_stopped_renewing_its_lease_is_offline_and_pushed_to() -> None:
+    """The node of alice's phone died without its disconnect: while its lease holds the phone
+    is online (live delivery, no push); once it lapsed, by the message's own time, alice gets
+    a push. The device is kept: a node back from a Kafka blip renews and it is online again."""
+    lease = renew_lease(None, renewal(NOW + timedelta(seconds=1)))
+    assert lease == NodeLease(started_at=NOW, expires_at=NOW + timedelta(seconds=21))
+    state = UserState()
+    apply_presence(state, connected_at(NOW + timedelta(seconds=2)))
+
+    apply_leases(state, {"ingress-1": lease}, now=NOW + timedelta(seconds=20))
+    held = apply_delivery(state, "alice", message("bob", 1), now=NOW + timedelta(seconds=20))
+    assert held.push is None and held.live_nodes == {"ingress-1": ["phone"]}
+
+    apply_leases(state, {"ingress-1": lease}, now=NOW + timedelta(seconds=21))
+    lapsed = apply_delivery(state, "alice", message("bob", 2), now=NOW + timedelta(seconds=21))
+    assert lapsed.push is not None and lapsed.live_nodes == {}
+    assert "phone" in state.devices
+
+    renewed = renew_lease(lease, renewal(NOW + timedelta(seconds=30)))
+    assert renewed.expires_at == NOW + timedelta(seconds=50)
+    apply_leases(state, {"ingress-1": renewed}, now=NOW + timedelta(seconds=31))
+    assert apply_delivery(state, "alice", message("bob", 3), now=NOW).live_nodes
+
+
+def test_a_node_restarted_under_its_id_disowns_the_devices_of_its_earlier_run() -> None:
+    state = UserState()
+    apply_presence(state, connected_at(NOW + timedelta(seconds=2)))
+    old = renew_lease(None, renewal(NOW + timedelta(seconds=5)))
+    restarted = NOW + timedelta(seconds=10)
+    new = renew_lease(old, renewal(restarted, started_at=restarted))
+    assert new.started_at == restarted
+    assert renew_lease(new, renewal(NOW + timedelta(seconds=9))) == new, (
+        "a late renewal of the old run"
+    )
+    apply_leases(state, {"ingress-1": new}, now=restarted)
+    assert state.devices == {}
+    assert apply_delivery(state, "alice", message("bob", 1), now=restarted).push is not None
+
+
+def test_devices_of_a_node_that_never_renewed_a_lease_stay_online() -> None:
+    """State and nodes from before leases: no lease known, the node's word holds."""
+    state = UserState.from_json({"devices": {"phone": ["ingress-0", "conn-0"]}})
+    apply_leases(state, {}, now=NOW + timedelta(days=1))
+    assert apply_delivery(state, "alice", message("bob", 1), now=NOW).push is None
+    apply_presence(state, connected_at(NOW))
+    assert UserState.from_json(state.to_json()).devices == state.devices
