@@ -119,18 +119,23 @@ def cql_cluster(
     )
 
 
-def clickhouse_client(settings: Settings) -> Client:
+def clickhouse_client(
+    settings: Settings, *, query_settings: dict[str, Any] | None = None
+) -> Client:
     """A clickhouse-connect client: chDB in-process by default, HTTP when a server URL is set.
 
     chDB allows one data path per process and has no async client: callers run queries through a
-    thread executor and keep to the one path that ``settings.chdb_path`` names.
+    thread executor and keep to the one path that ``settings.chdb_path`` names (another client on
+    it is another handle to the same engine). ``query_settings`` are ClickHouse settings of every
+    query of the client (the query pool's time budget).
     """
     if settings.clickhouse.url:
         return clickhouse_connect.get_client(
             dsn=settings.clickhouse.url,
             username=settings.clickhouse.username,
             password=settings.clickhouse.password.get_secret_value(),
+            settings=query_settings,
         )
     path = settings.chdb_path.resolve()
     path.mkdir(parents=True, exist_ok=True)
-    return clickhouse_connect.get_client(dsn=f"chdb://{path}")
+    return clickhouse_connect.get_client(dsn=f"chdb://{path}", settings=query_settings)

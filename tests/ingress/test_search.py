@@ -24,11 +24,12 @@ from pipelines.settings import Settings
 from schemas import events as ev
 from schemas.topics import topic_catalog
 from sinks.clickhouse.analytics import Analytics
-from sinks.clickhouse.api import AnalyticsServer, analytics_app
+from sinks.clickhouse.api import AnalyticsServer
 from sinks.clickhouse.audit import AuditDecoder, KafkaRecord
 from sinks.clickhouse.store import ClickHouseStore
 from tests.ingress.conftest import MAIN_GATEWAY
 from tests.ingress.support import TENANT, Gateway, start_gateway, token
+from tests.sinks.staff_support import staff_app
 
 pytestmark = pytest.mark.stack
 
@@ -85,7 +86,7 @@ def analytics_url(ingress_settings: Settings, clickhouse: Client) -> Iterator[st
         )
         rows.append(audited.row)
     store.insert_audit(rows)
-    server = AnalyticsServer(analytics_app(Analytics(store)), "127.0.0.1", 0)
+    server = AnalyticsServer(staff_app(Analytics(store)), "127.0.0.1", 0)
     server.start()
     try:
         yield server.url
