@@ -9,10 +9,10 @@ added later — is reached around it:
    limit, then refused the same way. No route ever holds more than the limit.
 2. **Principal** (``sinks.clickhouse.principals``): every request but ``GET /healthz`` needs a
    staff or service token; ``401 unauthorized`` otherwise.
-3. **Rule**: the route's :class:`Access` in :data:`ROUTE_ACCESS`, looked up by the route the
-   request matches. A route missing from the table is refused to everyone (``403``) and logged:
-   a new route is closed until someone writes its rule (tests/sinks/test_clickhouse_access.py
-   checks the table against the app's routes).
+3. **Rule**: the :class:`Access` of the path template of :data:`ROUTE_ACCESS` the request's path
+   matches. A path that matches none — an unknown one, or a route nobody wrote a rule for — is
+   refused to everyone (``403``): a new route is closed until its rule is written
+   (tests/sinks/test_clickhouse_access.py checks the table against the app's routes).
 4. **Browsers**: a ``GET`` of a read route with ``?token=<staff token>`` is answered with a
    redirect that drops it and sets it as an HttpOnly, SameSite=Strict cookie, which ``GET``
    requests (only) may then use in place of the header: how a person opens the dashboards page
@@ -34,7 +34,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from starlette.requests import Request, cookie_parser
 from starlette.responses import JSONResponse, RedirectResponse, Response
-from starlette.routing import Match, Router
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sinks.clickhouse.principals import (
@@ -94,6 +94,9 @@ ROUTE_ACCESS: Final[dict[str, Access]] = {
 }
 
 
+_PATTERNS: Final = [(template, compile_path(template)[0]) for template in ROUTE_ACCESS]
+
+
 def principal_of(request: Request) -> StaffPrincipal:
     """The principal :class:`ApiGate` verified for this request."""
     principal = getattr(request.state, "principal", None)
@@ -110,12 +113,10 @@ class ApiGate:
         app: ASGIApp,
         *,
         authenticator: StaffAuthenticator,
-        router: Router,
         max_body_bytes: int,
     ) -> None:
         self.app = app
         self.authenticator = authenticator
-        self.router = router
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -160,7 +161,7 @@ class ApiGate:
         items = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         token = next((value for name, value in items if name == LOGIN_PARAMETER), None)
         path = self._route_path(scope)
-        if token is None or path is None or ROUTE_ACCESS.get(path) is not Access.READ:
+        if token is None or path is None or ROUTE_ACCESS[path] is not Access.READ:
             return None
         self.authenticator.authenticate(f"Bearer {token}")
         rest = urlencode([(name, value) for name, value in items if name != LOGIN_PARAMETER])
@@ -174,7 +175,7 @@ class ApiGate:
         """Authenticate and authorize the request, or raise :class:`StaffAuthError`."""
         path = self._route_path(scope)
         access = ROUTE_ACCESS.get(path) if path is not None else None
-        if access is Access.PUBLIC and scope["method"] in _SAFE:
+        if access is Access.PUBLIC:
             return
         authorization = None
         for name, value in scope.get("headers", ()):
@@ -185,25 +186,24 @@ class ApiGate:
                 authorization = f"Bearer {token}" if token else None
         principal = self.authenticator.authenticate(authorization)
         scope.setdefault("state", {})["principal"] = principal
-        if path is None:
-            return  # no such route: the app answers 404 to the authenticated caller
         if access is None:
-            log.error("route %s has no access rule in ROUTE_ACCESS; refused", path)
-            raise forbidden(f"{path} has no access rule yet")
-        if access is Access.PUBLIC:
-            return
+            # Not a route of the table: an unknown path, or a route nobody wrote a rule for.
+            log.warning(
+                "%s %s: no access rule in ROUTE_ACCESS; refused", scope["method"], scope["path"]
+            )
+            raise forbidden(f"{scope['path']} has no access rule")
         if principal.role not in _ROLES[access]:
             raise forbidden(f"{path} is for {access} principals; the token is {principal.role}")
         if access is Access.READ and not principal.all_tenants:
             scope["query_string"] = _own_tenant(scope.get("query_string", b""), principal)
 
-    def _route_path(self, scope: Scope) -> str | None:
-        """The path template of the route ``scope`` matches (by path; any method), if any."""
-        for route in self.router.routes:
-            match, _ = route.matches(scope)  # PARTIAL: the path, another method (405)
-            if match is not Match.NONE:
-                path = getattr(route, "path", None)
-                return path if isinstance(path, str) else None
+    @staticmethod
+    def _route_path(scope: Scope) -> str | None:
+        """The path template of :data:`ROUTE_ACCESS` that the request's path matches, if any."""
+        path = scope["path"]
+        for template, pattern in _PATTERNS:
+            if pattern.match(path):
+                return template
         return None
 
 

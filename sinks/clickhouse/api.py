@@ -125,10 +125,8 @@ def analytics_app(
     app.add_exception_handler(AnalyticsError, refused)
     app.add_exception_handler(QueryBusyError, busy)
     app.add_exception_handler(StaffAuthError, not_allowed)
-    # Routes added later (the operator API) are behind it too: the gate finds them by path.
-    app.add_middleware(
-        ApiGate, authenticator=authenticator, router=app.router, max_body_bytes=max_body_bytes
-    )
+    # Around every route, those added later (the operator API) and FastAPI's own (/docs) too.
+    app.add_middleware(ApiGate, authenticator=authenticator, max_body_bytes=max_body_bytes)
     # The built-in dashboards page (GET /dashboards): dashboards/ drawn from the same store.
     app.include_router(dashboards_router(DashboardPages(analytics.store)))
     app.include_router(search_router)

@@ -361,7 +361,6 @@ def test_a_failing_panel_shows_its_error_and_the_page_still_renders(
     app.add_middleware(
         ApiGate,
         authenticator=staff_authenticator(Settings()),
-        router=app.router,
         max_body_bytes=1024,
     )
     server = AnalyticsServer(app, "127.0.0.1", 0)
