@@ -22,9 +22,16 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from pydantic import SecretStr
 
 from ingress.auth import issue_token
-from pipelines.settings import AuthSettings, ServiceAuthSettings, Settings, StaffAuthSettings
+from pipelines.settings import (
+    AuthSettings,
+    Profile,
+    ServiceAuthSettings,
+    Settings,
+    StaffAuthSettings,
+)
 from schemas.events import SYSTEM_TENANT
 from schemas.topics import topic_catalog
 from sinks.clickhouse.access import ROUTE_ACCESS, Access
@@ -473,7 +480,7 @@ def test_a_chunked_body_is_refused_once_past_the_limit(
 
 
 def test_the_staff_key_must_not_be_the_client_key() -> None:
-    shared = "the-same-secret-for-everyone-0123456789"
+    shared = SecretStr("the-same-secret-for-everyone-0123456789")
     with pytest.raises(ValueError, match="IM_STAFF_AUTH__SECRET equals IM_AUTH__JWT_SECRET"):
         Settings(auth=AuthSettings(jwt_secret=shared), staff_auth=StaffAuthSettings(secret=shared))
     with pytest.raises(ValueError, match="IM_SERVICE_AUTH__SECRET equals"):
@@ -482,5 +489,6 @@ def test_the_staff_key_must_not_be_the_client_key() -> None:
         )
     with pytest.raises(ValueError, match="issuer of their own"):
         staff_authenticator(Settings(staff_auth=StaffAuthSettings(issuer="imstream")))
+    real = AuthSettings(jwt_secret=SecretStr("x" * 40))
     with pytest.raises(ValueError, match="IM_STAFF_AUTH__SECRET still holds"):
-        staff_authenticator(Settings(profile="prod", auth=AuthSettings(jwt_secret="x" * 40)))
+        staff_authenticator(Settings(profile=Profile.PROD, auth=real))
