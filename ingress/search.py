@@ -78,9 +78,7 @@ class UserSearch:
         self.reads = reads
         self.url = settings.ingress.analytics_url.rstrip("/") + SCOPED_PATH
         self.timeout = settings.ingress.search_timeout_seconds
-        self._settings = settings
-        # A placeholder service key outside the dev profile stops the ingress here, at start-up.
-        settings.real_secret(settings.service_auth.secret, "IM_SERVICE_AUTH__SECRET")
+        self._settings = settings  # the service key: checked when the node starts (server.py)
         self._http = requests.Session()
 
     async def search(
@@ -133,8 +131,8 @@ class UserSearch:
                 for conversation in conversations
             ],
         }
-        token = issue_service_token(self._settings, tenant=tenant, user=user)
         try:
+            token = issue_service_token(self._settings, tenant=tenant, user=user)
             status, answer = await asyncio.to_thread(self._post, body, token)
         except (requests.RequestException, ValueError) as error:
             _log.warning("search at %s failed: %s", self.url, error)

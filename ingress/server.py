@@ -149,6 +149,8 @@ async def serve(settings: Settings) -> None:
     ingress = settings.ingress
     try:
         server = build_server(settings)
+        # Users' searches are signed with the service key: a placeholder stops the node now.
+        settings.real_secret(settings.service_auth.secret, "IM_SERVICE_AUTH__SECRET")
     except ValueError as error:
         raise IngressStartError(f"[settings-invalid] {error}") from error
     sock = bind(ingress.host, ingress.port)
