@@ -10,12 +10,12 @@ The HTTP API's queries (analytics, dashboards, quality datasets, search: ``call_
 delay an audit insert. chDB allows any number of connection handles to its one engine and runs
 them concurrently (each clickhouse-connect client owns a handle and a lock; chDB releases the
 GIL while a query runs), so the pool holds one client per worker thread, each with ClickHouse's
-``max_execution_time`` (the time budget: a query past it is cancelled by the engine) and
-``max_threads`` set. A request that finds every worker busy and the queue full is refused at once
-(:class:`QueryBusyError`, answered 503 ``busy``). Measured while two queries were each scanning
-for their whole 2 s budget on a 2-core machine: single-row audit inserts took 4-20 ms. The same
-code talks to a ClickHouse server over HTTP when ``IM_CLICKHOUSE__URL`` is set (the pool then
-holds HTTP clients): only the clickhouse-connect client API is used.
+``max_execution_time`` (the time budget: a query past it is cancelled by the engine),
+``max_threads`` and ``readonly`` set. A request that finds every worker busy and the queue full
+is refused at once (:class:`QueryBusyError`, answered 503 ``busy``). Measured while two queries
+were each scanning for their whole 2 s budget on a 2-core machine: single-row audit inserts took
+4-20 ms. The same code talks to a ClickHouse server over HTTP when ``IM_CLICKHOUSE__URL`` is set
+(the pool then holds HTTP clients): only the clickhouse-connect client API is used.
 """
 
 from __future__ import annotations
@@ -96,8 +96,10 @@ class QueryPool:
 
 
 def query_client_settings(timeout_seconds: float, max_threads: int) -> dict[str, Any]:
-    """The ClickHouse settings of a query pool's clients: the time budget and the threads."""
-    return {"max_execution_time": timeout_seconds, "max_threads": max_threads}
+    """The ClickHouse settings of a query pool's clients: the time budget, the threads, and
+    read-only (``readonly=2``: nothing the API runs can write or drop, settings may still be set
+    per query)."""
+    return {"max_execution_time": timeout_seconds, "max_threads": max_threads, "readonly": 2}
 
 
 class ClickHouseStore:

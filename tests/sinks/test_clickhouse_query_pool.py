@@ -115,6 +115,10 @@ async def test_a_full_pool_refuses_at_once_and_the_api_answers_busy(
     for query in slow:
         with pytest.raises(DatabaseError):
             await query
-    # Free again: the next query runs.
+    # Free again: the next query runs. The pool's clients only read.
     answer = await pooled.call_async(lambda client: client.query("SELECT 1"))
     assert answer.result_rows == [(1,)]
+    with pytest.raises(DatabaseError, match=r"READONLY|readonly"):
+        await pooled.call_async(
+            lambda client: client.command(f"DROP TABLE {pooled.database}.{AUDIT_TABLE}")
+        )
