@@ -302,6 +302,9 @@ def replay_command(  # noqa: PLR0917 - typer maps each parameter to an option
     settings = _settings()
     catalog = topic_catalog(settings)
     who = operator_name(operator)
+    if into == "clickhouse" and settings.staff_auth.token is not None:
+        # The ClickHouse sink records the token's operator; the audit names the same one.
+        who = StaffCredential.of(settings, StaffRole.OPERATOR, operator).subject
     try:
         source = _catalog_topic(catalog, topic)
         bounds = {
