@@ -50,11 +50,13 @@ from pipelines.quality.checks import (
 )
 from pipelines.quality.sources import CqlSample, DirectAuditReader, HttpAuditReader
 from pipelines.settings import KafkaSettings, Settings
+from pipelines.staff_cli import StaffCredential
 from schemas import events as ev
 from schemas.topics import topic_catalog
 from sinks.clickhouse.analytics import Analytics
 from sinks.clickhouse.api import AnalyticsServer, analytics_app
 from sinks.clickhouse.audit import AuditDecoder, KafkaRecord
+from sinks.clickhouse.principals import StaffRole, staff_authenticator
 from sinks.clickhouse.quality_api import DATASETS, DatasetParameters
 from sinks.clickhouse.schema import (
     AUDIT_COLUMNS,
@@ -283,11 +285,13 @@ def run(options: argparse.Namespace, progress: Progress) -> dict[str, Any]:
             results["datasets_direct"] = _datasets(
                 DirectAuditReader(client, store.database, "chDB"), topics, window, progress
             )
-            server = AnalyticsServer(analytics_app(Analytics(store)), "127.0.0.1", 0)
+            app = analytics_app(Analytics(store), authenticator=staff_authenticator(settings))
+            server = AnalyticsServer(app, "127.0.0.1", 0)
             server.start()
+            reader = StaffCredential.of(settings, StaffRole.PLATFORM_ANALYST)
             try:
                 results["datasets_http"] = _datasets(
-                    HttpAuditReader(server.url), topics, window, progress
+                    HttpAuditReader(server.url, reader.header), topics, window, progress
                 )
             finally:
                 server.stop()

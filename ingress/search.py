@@ -7,7 +7,10 @@ a member; without one, every conversation of the user's conversation list — an
 seqs the user may read, which today is the whole timeline ``[1, ∞)`` (history gives a member
 every entry). That scope, a list of ``(conversation, from_seq, to_seq)``, goes with the query to
 the search API of the process that owns ClickHouse (``POST /v1/search/scoped`` on
-``IM_INGRESS__ANALYTICS_URL``); ClickHouse never decides who may read what.
+``IM_INGRESS__ANALYTICS_URL``); ClickHouse never decides who may read what. The ingress speaks
+there as itself: a token it signs per search with its service key (``IM_SERVICE_AUTH__*``, role
+``ingress``) names the user and the tenant it authenticated, and the search API searches that
+tenant — the body names none.
 
 The query is parsed here first (``sinks.clickhouse.search_query``), so a bad one is refused
 without a round trip, as ``schema-invalid`` on the field ``q`` with the search code in the
@@ -30,6 +33,7 @@ from ingress.reads import RETRY_AFTER_MS, Reads
 from pipelines.settings import Settings
 from schemas import frames as fr
 from schemas.errors import ErrorCode
+from sinks.clickhouse.principals import issue_service_token
 from sinks.clickhouse.search_query import (
     MAX_LIMIT,
     MAX_SCOPE,
@@ -74,6 +78,7 @@ class UserSearch:
         self.reads = reads
         self.url = settings.ingress.analytics_url.rstrip("/") + SCOPED_PATH
         self.timeout = settings.ingress.search_timeout_seconds
+        self._settings = settings  # the service key: checked when the node starts (server.py)
         self._http = requests.Session()
         #: An https analytics_url signed by a private CA (compose's) is verified against that CA.
         #: Given with each request: requests prefers REQUESTS_CA_BUNDLE to a session's own.
@@ -121,7 +126,6 @@ class UserSearch:
         except StoreUnavailableError as error:
             return _unavailable(request_id, f"the serving store did not answer ({error})")
         body = {
-            "tenant": tenant,
             "q": q,
             "limit": limit,
             "cursor": cursor,
@@ -132,7 +136,8 @@ class UserSearch:
             ],
         }
         try:
-            status, answer = await asyncio.to_thread(self._post, body)
+            token = issue_service_token(self._settings, tenant=tenant, user=user)
+            status, answer = await asyncio.to_thread(self._post, body, token)
         except (requests.RequestException, ValueError) as error:
             _log.warning("search at %s failed: %s", self.url, error)
             return _unavailable(request_id, f"the search service did not answer ({error})")
@@ -151,11 +156,15 @@ class UserSearch:
             )
         return _unavailable(request_id, f"the search service answered {status}: {message}")
 
-    def _post(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def _post(self, body: dict[str, Any], token: str) -> tuple[int, dict[str, Any]]:
         """One request to the search API (blocking; on a worker thread), bounded by the
         timeout for connecting and for each read."""
         response = self._http.post(
-            self.url, json=body, timeout=(self.timeout, self.timeout), verify=self._verify
+            self.url,
+            json=body,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=(self.timeout, self.timeout),
+            verify=self._verify,
         )
         answer = response.json()
         if not isinstance(answer, dict):

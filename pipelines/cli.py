@@ -26,6 +26,7 @@ from pipelines.settings import Settings
 from pipelines.stack.errors import StackError
 from pipelines.stack.manager import LocalStack, ServiceState, ServiceStatus
 from pipelines.stack.process import last_lines
+from pipelines.staff_cli import staff_app
 from pipelines.supervisor import ChildSpec, StartupError, Supervisor
 from pipelines.topics import ChangeAction, apply_topics
 from pipelines.topics_cli import topics_app
@@ -50,6 +51,7 @@ app.command("certs")(certs_command)
 app.add_typer(rebuild_app, name="rebuild")
 app.add_typer(search_app, name="search")
 app.add_typer(dashboards_app, name="dashboards")
+app.add_typer(staff_app, name="staff")
 app.add_typer(run_app, name="run")
 db_app = typer.Typer(help="The CQL serving store: schema migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
@@ -312,7 +314,7 @@ def render_processes(settings: Settings, supervisor: Supervisor, took: dict[str,
             scheme = "https" if sinks.analytics_tls_cert_path is not None else "http"
             where = (
                 f"{scheme}://{sinks.analytics_host}:{sinks.analytics_port}/v1/analytics"
-                " · /dashboards"
+                " · /dashboards (staff token: imstream staff token --dashboards)"
             )
         else:
             where = "-"

@@ -162,11 +162,15 @@ def cql_ssl_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
-def clickhouse_client(settings: Settings) -> Client:
+def clickhouse_client(
+    settings: Settings, *, query_settings: dict[str, Any] | None = None
+) -> Client:
     """A clickhouse-connect client: chDB in-process by default, HTTP when a server URL is set.
 
     chDB allows one data path per process and has no async client: callers run queries through a
-    thread executor and keep to the one path that ``settings.chdb_path`` names.
+    thread executor and keep to the one path that ``settings.chdb_path`` names (another client on
+    it is another handle to the same engine). ``query_settings`` are ClickHouse settings of every
+    query of the client (the query pool's time budget).
     """
     if settings.clickhouse.url:
         # An https:// URL is verified against IM_CLICKHOUSE__CA_PATH (the system's CAs unset).
@@ -176,7 +180,8 @@ def clickhouse_client(settings: Settings) -> Client:
             username=settings.clickhouse.username,
             password=settings.clickhouse.password.get_secret_value(),
             ca_cert=str(ca_path) if ca_path is not None else None,
+            settings=query_settings,
         )
     path = settings.chdb_path.resolve()
     path.mkdir(parents=True, exist_ok=True)
-    return clickhouse_connect.get_client(dsn=f"chdb://{path}")
+    return clickhouse_connect.get_client(dsn=f"chdb://{path}", settings=query_settings)

@@ -39,7 +39,9 @@ import uvloop
 from ingress.auth import issue_token
 from ingress.client import Client, Received
 from pipelines.settings import Settings
+from pipelines.staff_cli import StaffCredential
 from schemas.events import MessageSent, PushProvider
+from sinks.clickhouse.principals import StaffRole
 
 #: Push outcomes that end a job's delivery to a device (``failed`` and ``throttled`` are retried).
 FINAL_OUTCOMES = frozenset({"sent", "invalid_token", "skipped"})
@@ -274,6 +276,8 @@ async def run_demo(
         or f"http://{settings.sinks.analytics_host}:{settings.sinks.analytics_port}",
         options.tenant,
         since=datetime.now(UTC) - timedelta(minutes=1),
+        # The API wants a staff token: the demo reads as an analyst of its own tenant.
+        headers=StaffCredential.of(settings, StaffRole.ANALYST, tenant=options.tenant).header,
     )
     try:
         if offline_users:
@@ -402,7 +406,15 @@ class _PushOutcomes:
     """The tenant's push outcomes through the analytics API, less what the window already held
     when the demo started (an earlier run of the same tenant in the same minutes)."""
 
-    def __init__(self, base_url: str, tenant: str, *, since: datetime) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        tenant: str,
+        *,
+        since: datetime,
+        headers: Callable[[], dict[str, str]],
+    ) -> None:
+        self.headers = headers
         query = urllib.parse.urlencode(
             {"tenant": tenant, "from": since.isoformat().replace("+00:00", "Z")}
         )
@@ -416,14 +428,14 @@ class _PushOutcomes:
         self.jobs_baseline = await self.read_all_jobs()
 
     async def read_all(self) -> Counter[tuple[str, str]]:
-        answer = await asyncio.to_thread(_get_json, self.outcomes_url)
+        answer = await asyncio.to_thread(_get_json, self.outcomes_url, self.headers())
         counts: Counter[tuple[str, str]] = Counter()
         for row in answer["rows"]:
             counts[(str(row["provider"]), str(row["outcome"]))] += int(row["attempts"])
         return counts
 
     async def read_all_jobs(self) -> int:
-        answer = await asyncio.to_thread(_get_json, self.jobs_url)
+        answer = await asyncio.to_thread(_get_json, self.jobs_url, self.headers())
         return sum(int(row["jobs"]) for row in answer["rows"])
 
     async def read(self) -> Counter[tuple[str, str]]:
@@ -437,8 +449,9 @@ class _PushOutcomes:
         return await self.read_all_jobs() - self.jobs_baseline
 
 
-def _get_json(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=10) as response:
+def _get_json(url: str, headers: dict[str, str]) -> dict[str, Any]:
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=10) as response:
         answer = json.loads(response.read())
     if not isinstance(answer, dict):
         raise ValueError(f"{url} answered {answer!r}")

@@ -20,14 +20,13 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from types import FrameType
 from typing import Annotated, Any
 
 import typer
 from cassandra.cluster import Session
 
-from ingress.auth import issue_token
 from pipelines.connections import cql_cluster
 from pipelines.console import load_settings
 from pipelines.dlq import DlqError, parse_since
@@ -44,8 +43,10 @@ from pipelines.replay import (
 )
 from pipelines.replay_targets import CqlTarget, ReplayInterruptedError, TopicTarget
 from pipelines.settings import Settings
-from schemas.events import SYSTEM_TENANT, OperatorOutcome
+from pipelines.staff_cli import StaffCredential, analytics_base_url
+from schemas.events import OperatorOutcome
 from schemas.topics import Topic, TopicCatalog, topic_catalog
+from sinks.clickhouse.principals import StaffRole
 from sinks.clickhouse.schema import audited_topics
 from sinks.cql.migrate import MigrationError, check_keyspace_name, migrate
 from sinks.cql.serving import serving_keyspace, sink_group, swap_serving_keyspace
@@ -59,7 +60,6 @@ EXIT_INTERRUPTED = 3
 #: How often the CLI asks the ClickHouse-owning process how a job is doing.
 JOB_POLL_SECONDS = 0.5
 #: The token the CLI signs for the operator API lives this long.
-OPERATOR_TOKEN_TTL = timedelta(hours=12)
 
 rebuild_app = typer.Typer(
     help="Rebuild a store from the topics into fresh tables, then swap them in.",
@@ -170,34 +170,26 @@ def _catalog_topic(catalog: TopicCatalog, name: str) -> Topic:
 
 @dataclass(frozen=True)
 class OperatorApi:
-    """``sinks.clickhouse.operator_api``, over HTTP with a token this CLI signs."""
+    """``sinks.clickhouse.operator_api``, over HTTP with a staff token (``pipelines.staff_cli``):
+    signed afresh for each call, so a long replay never outlives its token."""
 
     url: str
-    token: str
+    credential: StaffCredential
     timeout: float
 
     @classmethod
     def of(cls, settings: Settings, operator: str, url: str | None, timeout: float) -> OperatorApi:
-        auth = settings.auth
-        if auth.jwt_algorithm != "HS256":
-            raise ReplayError(
-                "operator-token-unavailable",
-                "the CLI signs operator tokens with the HS256 secret (IM_AUTH__JWT_SECRET); with "
-                f"{auth.jwt_algorithm} set IM_OPERATOR_TOKEN",
-            )
-        token = issue_token(
-            auth.jwt_secret.get_secret_value(),
-            user_id=operator,
-            tenant_id=SYSTEM_TENANT,
-            issuer=auth.jwt_issuer,
-            audience=auth.jwt_audience,
-            roles=["operator"],
-            ttl=OPERATOR_TOKEN_TTL,
-        )
-        host = settings.sinks.analytics_host
-        host = "127.0.0.1" if host in {"0.0.0.0", "::"} else host
-        base = url or f"http://{host}:{settings.sinks.analytics_port}"
-        return cls(base.rstrip("/"), token, timeout)
+        try:
+            credential = StaffCredential.of(settings, StaffRole.OPERATOR, operator)
+        except ValueError as error:
+            raise ReplayError("operator-token-unavailable", str(error)) from error
+        base = url or analytics_base_url(settings)
+        return cls(base.rstrip("/"), credential, timeout)
+
+    @property
+    def operator(self) -> str:
+        """Who the API records as the operator: the token's ``sub``."""
+        return self.credential.subject
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         data = json.dumps(body).encode() if body is not None else None
@@ -205,7 +197,7 @@ class OperatorApi:
             f"{self.url}{path}",
             data=data,
             method=method,
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+            headers={**self.credential.header(), "Content-Type": "application/json"},
         )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
@@ -310,6 +302,9 @@ def replay_command(  # noqa: PLR0917 - typer maps each parameter to an option
     settings = _settings()
     catalog = topic_catalog(settings)
     who = operator_name(operator)
+    if into == "clickhouse" and settings.staff_auth.token is not None:
+        # The ClickHouse sink records the token's operator; the audit names the same one.
+        who = StaffCredential.of(settings, StaffRole.OPERATOR, operator).subject
     try:
         source = _catalog_topic(catalog, topic)
         bounds = {
@@ -529,6 +524,7 @@ def rebuild_clickhouse(  # noqa: PLR0917 - typer maps each parameter to an optio
         if dry_run:
             return
         api = OperatorApi.of(settings, who, analytics_url, timeout)
+        who = api.operator
         show = Progress("rebuilt")
         with _interruptible() as stop:
             job = api.call(

@@ -17,6 +17,8 @@ from typing import Annotated, Any
 import typer
 
 from pipelines.console import load_settings
+from pipelines.staff_cli import StaffCredential
+from sinks.clickhouse.principals import StaffRole
 from sinks.clickhouse.search_query import DEFAULT_LIMIT, SearchError, parse_query
 
 search_app = typer.Typer(
@@ -76,7 +78,14 @@ def messages(  # noqa: PLR0917 - typer maps each parameter to an option
     encoded = urllib.parse.urlencode({k: v for k, v in parameters.items() if v is not None})
     address = f"{base.rstrip('/')}/v1/search?{encoded}"
     try:
-        with urllib.request.urlopen(address, timeout=30) as response:
+        # The least it needs: an analyst of the tenant searched.
+        credential = StaffCredential.of(settings, StaffRole.ANALYST, tenant=tenant)
+    except ValueError as error:
+        typer.echo(f"error: [staff-token-unavailable] {error}", err=True)
+        raise typer.Exit(1) from error
+    request = urllib.request.Request(address, headers=credential.header())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
             answer: dict[str, Any] = json.loads(response.read())
     except urllib.error.HTTPError as error:
         body = _json_or_none(error.read())

@@ -20,7 +20,14 @@ from sinks.push.settings import PushProviderSettings
 
 #: Secrets that ship as defaults so that a developer can start the stack with no set-up. They are
 #: refused in any profile but ``dev``.
-PLACEHOLDER_SECRETS = frozenset({"dev-only-insecure-jwt-secret-change-me", ""})
+PLACEHOLDER_SECRETS = frozenset(
+    {
+        "dev-only-insecure-jwt-secret-change-me",
+        "dev-only-insecure-staff-secret-change-me",
+        "dev-only-insecure-service-secret-change-me",
+        "",
+    }
+)
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 
@@ -175,6 +182,49 @@ class AuthSettings(_Group):
     jwks_refresh_seconds: Annotated[float, Field(gt=0)] = Field(
         default=300.0, description="How often the JWKS URL is fetched anyway"
     )
+
+
+class StaffAuthSettings(_Group):
+    """Tokens of the staff — operators and analysts — for the ClickHouse sink's API (port 8091).
+
+    A separate issuer, audience and key from the clients' (``IM_AUTH__*``): a client token,
+    whatever roles or tenant it claims, never opens a staff route, and a leaked client key
+    signs no operator. Roles: ``operator`` (replays, rebuilds, and every read),
+    ``platform-analyst`` (every tenant's analytics, read-only) and ``analyst`` (the analytics of
+    the token's own tenant, ``tid``, only). ``imstream`` CLI commands sign a short-lived token
+    from ``secret`` when it is HS256; with RS256 they need one given (``IM_STAFF_TOKEN``).
+    """
+
+    algorithm: str = "HS256"
+    secret: SecretStr = SecretStr("dev-only-insecure-staff-secret-change-me")
+    public_key_path: Path | None = None
+    issuer: str = "imstream-staff"
+    audience: str = "imstream-ops"
+    leeway_seconds: Annotated[float, Field(ge=0)] = 30.0
+    max_lifetime_seconds: Annotated[float, Field(gt=0)] = Field(
+        default=12 * 3600.0,
+        description="How far in the future a staff token's exp may be when it is presented",
+    )
+    token: SecretStr | None = Field(
+        default=None,
+        description="A staff token the imstream CLI sends instead of signing one (RS256 "
+        "deployments, or an operator without the staff secret)",
+    )
+
+
+class ServiceAuthSettings(_Group):
+    """The ingress's own identity towards the ClickHouse sink: ``POST /v1/search/scoped``.
+
+    The ingress signs a short-lived token (role ``ingress``) per user search with ``secret``,
+    naming the user (``sub``) and tenant (``tid``) it authenticated; the sink searches that
+    tenant, never one named in the body. A key of its own, so that neither a client nor a staff
+    key can speak for the ingress, and only the ingress and the sink hold it.
+    """
+
+    secret: SecretStr = SecretStr("dev-only-insecure-service-secret-change-me")
+    issuer: str = "imstream-ingress"
+    audience: str = "imstream-search"
+    token_ttl_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
 
 
 class IngressSettings(_Group):
@@ -358,6 +408,16 @@ class SinkSettings(_Group):
     #: The analytics HTTP endpoint of the process that owns the ClickHouse data path.
     analytics_host: str = "127.0.0.1"
     analytics_port: Port = 8091
+    #: The largest request body the endpoint reads (Content-Length over it: 413 unread).
+    analytics_max_body_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
+    #: The endpoint's queries (analytics, dashboards, quality, search) run on threads and
+    #: ClickHouse connections of their own, never the audit inserts' (docs/analytics.md).
+    analytics_query_workers: Annotated[int, Field(ge=1, le=32)] = 2
+    #: Queries that may wait for a worker; beyond, a request is refused at once (503 busy).
+    analytics_query_queue: Annotated[int, Field(ge=0)] = 16
+    #: ClickHouse's max_execution_time of each of those queries, and their threads each.
+    analytics_query_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+    analytics_query_max_threads: Annotated[int, Field(ge=1)] = 1
     #: Certificate chain and key (PEM): with both, the analytics endpoint serves https only,
     #: TLS 1.3 at least.
     analytics_tls_cert_path: Path | None = None
@@ -429,6 +489,10 @@ class Settings(BaseSettings):
     cql: CqlSettings = CqlSettings()
     clickhouse: ClickHouseSettings = ClickHouseSettings()
     auth: AuthSettings = AuthSettings()
+    #: Operators' and analysts' tokens for the ClickHouse sink's API (``IM_STAFF_AUTH__…``).
+    staff_auth: StaffAuthSettings = StaffAuthSettings()
+    #: The ingress's tokens for users' searches on that API (``IM_SERVICE_AUTH__…``).
+    service_auth: ServiceAuthSettings = ServiceAuthSettings()
     #: The push sink's APNs/FCM credentials, endpoints and delivery limits (``IM_PUSH__…``).
     push: PushProviderSettings = PushProviderSettings()
     ingress: IngressSettings = IngressSettings()
@@ -454,6 +518,31 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _refuse_shared_keys(self) -> Self:
+        """Each principal's key is its own, in every profile: the client key signs no staff or
+        service token (a client could otherwise sign itself an operator)."""
+        keys = {
+            "IM_AUTH__JWT_SECRET": self.auth.jwt_secret.get_secret_value()
+            if self.auth.jwt_algorithm == "HS256"
+            else None,
+            "IM_STAFF_AUTH__SECRET": self.staff_auth.secret.get_secret_value()
+            if self.staff_auth.algorithm == "HS256"
+            else None,
+            "IM_SERVICE_AUTH__SECRET": self.service_auth.secret.get_secret_value(),
+        }
+        seen: dict[str, str] = {}
+        for name, key in keys.items():
+            if key is None:
+                continue
+            if key in seen:
+                raise ValueError(
+                    f"{name} equals {seen[key]}; the clients', the staff's and the ingress's "
+                    "tokens need a key each"
+                )
+            seen[key] = name
+        return self
+
+    @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Self:
         if self.profile is Profile.DEV:
             return self
@@ -469,6 +558,19 @@ class Settings(BaseSettings):
                 f"IM_AUTH__JWT_PUBLIC_KEY_PATH)"
             )
         return self
+
+    def real_secret(self, secret: SecretStr, variable: str) -> str:
+        """``secret``'s value, refused (``ValueError``) outside the dev profile while it still
+        holds its placeholder. For the keys only some processes hold (the staff's, the
+        ingress's service key): checked where they are used, so that a process which needs none
+        of them starts without it."""
+        value = secret.get_secret_value()
+        if self.profile is not Profile.DEV and value in PLACEHOLDER_SECRETS:
+            raise ValueError(
+                f"{variable} still holds the development placeholder (or is empty); profile "
+                f"'{self.profile}' needs a real secret"
+            )
+        return value
 
     @property
     def stream_state_dir(self) -> Path:

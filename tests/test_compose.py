@@ -55,8 +55,9 @@ def compose() -> dict[str, Any]:
 
 
 def resolved(value: str) -> str:
-    """Compose interpolation of required variables, filled with a long dummy secret."""
-    return _REQUIRED.sub(lambda _: "x" * 48, value)
+    """Compose interpolation of required variables, each filled with a long dummy secret of its
+    own (the settings refuse one key shared by two principals)."""
+    return _REQUIRED.sub(lambda match: f"{match['name']}-".ljust(48, "x"), value)
 
 
 def imstream_environment(compose: dict[str, Any]) -> dict[str, str]:
@@ -80,6 +81,9 @@ def test_im_variables_are_valid_settings(
         monkeypatch.setenv(key, value)
     settings = Settings()
     assert settings.profile == "prod"
+    # Each principal's key is given: no process starts on a placeholder (the sink would refuse).
+    assert settings.real_secret(settings.staff_auth.secret, "IM_STAFF_AUTH__SECRET")
+    assert settings.real_secret(settings.service_auth.secret, "IM_SERVICE_AUTH__SECRET")
     assert settings.kafka.replication_factor == 3
     assert settings.cql.replication_factor == 3
 
@@ -124,6 +128,33 @@ def test_one_service_per_process_kind_named_like_the_readme(compose: dict[str, A
     readme = (ROOT / "README.md").read_text()
     for kind in kinds:
         assert f"`imstream run {kind}`" in readme, f"README's process table lacks {kind}"
+
+
+def test_the_staff_and_service_keys_go_only_where_they_are_used(
+    compose: dict[str, Any],
+) -> None:
+    """The staff key verifies operators and analysts at the ClickHouse sink; the service key is
+    shared by the ingress (signs users' searches) and that sink (verifies them). No other
+    process holds either, and the sink's API is published on the loopback only."""
+    services = compose["services"]
+    assert "IM_STAFF_AUTH__SECRET" not in compose["x-imstream-env"]
+    assert "IM_SERVICE_AUTH__SECRET" not in compose["x-imstream-env"]
+    holders = {
+        name: {key for key in (service.get("environment") or {}) if "_AUTH__SECRET" in key}
+        for name, service in services.items()
+    }
+    assert holders["clickhouse-sink"] >= {"IM_STAFF_AUTH__SECRET", "IM_SERVICE_AUTH__SECRET"}
+    assert "IM_SERVICE_AUTH__SECRET" in holders["ingress"]
+    others = {
+        name: keys for name, keys in holders.items() if name not in {"clickhouse-sink", "ingress"}
+    }
+    assert not any(
+        "IM_STAFF_AUTH__SECRET" in keys or "IM_SERVICE_AUTH__SECRET" in keys
+        for keys in others.values()
+    ), others
+    assert "IM_STAFF_AUTH__SECRET" not in holders["ingress"]
+    port = int(services["clickhouse-sink"]["environment"]["IM_SINKS__ANALYTICS_PORT"])
+    assert services["clickhouse-sink"]["ports"] == [f"127.0.0.1:{port}:{port}"]
 
 
 def test_ingress_port_matches_the_settings(compose: dict[str, Any]) -> None:

@@ -28,7 +28,9 @@ from pipelines.quality.sources import (
     cql_unavailable,
 )
 from pipelines.settings import Settings
+from pipelines.staff_cli import StaffCredential
 from schemas.topics import topic_catalog
+from sinks.clickhouse.principals import StaffRole
 from sinks.clickhouse.quality_api import MAX_ROWS
 from sinks.cql.migrate import MigrationError
 from sinks.cql.serving import serving_keyspace
@@ -83,7 +85,13 @@ def audit_reader(settings: Settings, api_url: str | None) -> AuditReader:
             ) from error
         return DirectAuditReader(client, settings.clickhouse.database, settings.clickhouse.url)
     sinks = settings.sinks
-    return HttpAuditReader(api_url or f"http://{sinks.analytics_host}:{sinks.analytics_port}")
+    try:
+        credential = StaffCredential.of(settings, StaffRole.PLATFORM_ANALYST)
+    except ValueError as error:
+        raise QualityError(QualityErrorCode.AUDIT_UNAVAILABLE, str(error)) from error
+    return HttpAuditReader(
+        api_url or f"http://{sinks.analytics_host}:{sinks.analytics_port}", credential.header
+    )
 
 
 def serving(session: Session, anchor: str) -> str:

@@ -11,7 +11,7 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
@@ -86,16 +86,24 @@ class DirectAuditReader:
 class HttpAuditReader:
     """The datasets through ``/v1/quality/datasets`` of the process that owns the chDB path."""
 
-    def __init__(self, base_url: str, timeout: float = HTTP_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        headers: Callable[[], dict[str, str]],
+        timeout: float = HTTP_TIMEOUT_SECONDS,
+    ) -> None:
+        """``headers`` gives each request's (a fresh staff token: the API needs one)."""
         self.base_url = base_url.rstrip("/")
         self.where = self.base_url
+        self.headers = headers
         self.timeout = timeout
 
     def read(self, data: Dataset, parameters: DatasetParameters) -> DatasetRows:
         query = urllib.parse.urlencode(parameters.query_items())
         url = f"{self.base_url}/v1/quality/datasets/{data.name}?{query}"
         try:
-            with urllib.request.urlopen(url, timeout=self.timeout) as response:
+            request = urllib.request.Request(url, headers=self.headers())
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 body = json.loads(response.read())
         except urllib.error.HTTPError as error:
             raise self._refused(data, error) from error

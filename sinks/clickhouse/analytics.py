@@ -22,7 +22,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from sinks.clickhouse.schema import quote_identifier
-from sinks.clickhouse.store import ClickHouseStore
+from sinks.clickhouse.store import ClickHouseStore, QueryBusyError
 
 log = logging.getLogger(__name__)
 
@@ -331,6 +331,8 @@ class Analytics:
         }
         try:
             result = await self.store.query_async(query.sql(self.store.database), bound)
+        except QueryBusyError:  # answered 503 busy by the app
+            raise
         except Exception as error:  # the client's errors have no common base worth naming
             log.exception("analytics query %s failed", name)
             raise AnalyticsError(

@@ -14,9 +14,15 @@ analytics queries for everyone else:
 - ``GET /v1/search``, ``POST /v1/search/scoped`` — message search for analysts and, through the
   ingress, for users (``sinks.clickhouse.search_api``).
 
+Every route but ``/healthz`` needs a staff or service token, and every route has an explicit
+rule (``sinks.clickhouse.access``): operators, platform analysts (every tenant) and analysts (the
+tenant of their token only) read; only operators start jobs; only the ingress asks users'
+searches. Bodies are bounded before they are read.
+
 The server is uvicorn in a thread of its own with its own event loop (``AnalyticsServer``): the
 consumer loop keeps the main thread and its signal handlers, and queries reach ClickHouse through
-the store's one thread without blocking either.
+threads of their own (the store's query pool, bounded in time and in waiting requests) without
+blocking either, and never in the way of the audit inserts.
 """
 
 from __future__ import annotations
@@ -34,13 +40,18 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from core.tls import uvicorn_tls_options
+from sinks.clickhouse.access import ApiGate
 from sinks.clickhouse.analytics import Analytics, AnalyticsError
 from sinks.clickhouse.dashboards_page import DashboardPages, dashboards_router
+from sinks.clickhouse.principals import StaffAuthenticator, StaffAuthError
 from sinks.clickhouse.quality_api import quality_router
 from sinks.clickhouse.search_api import router as search_router
+from sinks.clickhouse.store import QueryBusyError
 
 log = logging.getLogger(__name__)
 
+#: The default of ``IM_SINKS__ANALYTICS_MAX_BODY_BYTES``.
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 START_TIMEOUT_SECONDS = 10.0
 STOP_TIMEOUT_SECONDS = 10.0
 
@@ -58,8 +69,16 @@ def _analytics(request: Request) -> Analytics:
 AnalyticsDep = Annotated[Analytics, Depends(_analytics)]
 
 
-def analytics_app(analytics: Analytics, *, healthy: Callable[[], bool] = lambda: True) -> FastAPI:
-    """The analytics API over ``analytics``; ``healthy`` says whether the sink still runs."""
+def analytics_app(
+    analytics: Analytics,
+    *,
+    authenticator: StaffAuthenticator,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    healthy: Callable[[], bool] = lambda: True,
+) -> FastAPI:
+    """The analytics API over ``analytics``, behind the gate of ``sinks.clickhouse.access``
+    (tokens verified by ``authenticator``, bodies up to ``max_body_bytes``); ``healthy`` says
+    whether the sink still runs."""
     app = FastAPI(
         title="imstream analytics",
         version="1",
@@ -96,7 +115,20 @@ def analytics_app(analytics: Analytics, *, healthy: Callable[[], bool] = lambda:
         assert isinstance(error, AnalyticsError)
         return JSONResponse(error.body(), status_code=error.code.http_status)
 
+    async def busy(_request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, QueryBusyError)
+        body = {"code": "busy", "message": str(error), "field": None}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+
+    async def not_allowed(_request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, StaffAuthError)
+        return JSONResponse(error.body(), status_code=error.status)
+
     app.add_exception_handler(AnalyticsError, refused)
+    app.add_exception_handler(QueryBusyError, busy)
+    app.add_exception_handler(StaffAuthError, not_allowed)
+    # Around every route, those added later (the operator API) and FastAPI's own (/docs) too.
+    app.add_middleware(ApiGate, authenticator=authenticator, max_body_bytes=max_body_bytes)
     # The built-in dashboards page (GET /dashboards): dashboards/ drawn from the same store.
     app.include_router(dashboards_router(DashboardPages(analytics.store)))
     app.include_router(search_router)

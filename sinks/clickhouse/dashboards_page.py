@@ -42,6 +42,7 @@ from dashboards.definitions import (
     load_dashboards,
 )
 from dashboards.macros import bound_sql
+from sinks.clickhouse.access import principal_of
 from sinks.clickhouse.analytics import (
     AnalyticsError,
     AnalyticsErrorCode,
@@ -88,7 +89,8 @@ MAX_BUCKETS = 150
 #: The most rows a panel shows; a query that answers more is cut (and says so).
 MAX_PANEL_ROWS = 10_000
 #: Per query: ClickHouse stops a panel's query after this long (a slow panel, not a hung page).
-QUERY_SETTINGS: dict[str, Any] = {"max_execution_time": 30, "readonly": 2}
+#: Read-only; the time budget is the query pool's (``IM_SINKS__ANALYTICS_QUERY_TIMEOUT_SECONDS``).
+QUERY_SETTINGS: dict[str, Any] = {"readonly": 2}
 _TENANT = re.compile(r"^[A-Za-z0-9._:@+=-]{1,64}$")
 #: Pixel size of one grid row and the page's width at which charts are drawn 1:1.
 ROW_PX = 30
@@ -275,8 +277,13 @@ class DashboardPages:
             milliseconds=(time.perf_counter() - began) * 1000,
         )
 
-    async def run(self, dashboard: Dashboard, view: View) -> list[PanelResult]:
-        return [await self.run_panel(panel, view) for panel in dashboard.panels]
+    async def run(
+        self, dashboard: Dashboard, view: View, *, one_tenant: bool = False
+    ) -> list[PanelResult]:
+        """The panels' rows; ``one_tenant`` (an analyst's page) leaves out the panels that do
+        not follow the tenant selector, which would show every tenant."""
+        panels = [panel for panel in dashboard.panels if panel.follows_tenant or not one_tenant]
+        return [await self.run_panel(panel, view) for panel in panels]
 
     async def tenants(self, view: View) -> list[str]:
         """Tenants seen in the audit around the range (for the selector); [] if unknown."""
@@ -705,8 +712,10 @@ def dashboards_router(pages: DashboardPages) -> APIRouter:
         if isinstance(resolved, Response):
             return resolved
         dashboard, view = resolved
-        results = await pages.run(dashboard, view)
-        tenants = await pages.tenants(view)
+        principal = principal_of(request)
+        one_tenant = not principal.all_tenants
+        results = await pages.run(dashboard, view, one_tenant=one_tenant)
+        tenants = [principal.tenant] if one_tenant else await pages.tenants(view)
         return HTMLResponse(render_dashboard(pages, dashboard, view, results, tenants))
 
     @router.get("/dashboards/{name}/data", summary="One dashboard's panels as JSON")
@@ -726,7 +735,7 @@ def dashboards_router(pages: DashboardPages) -> APIRouter:
             view = parse_view(dashboard, request.query_params.multi_items(), datetime.now(UTC))
         except AnalyticsError as error:
             return JSONResponse(error.body(), status_code=error.code.http_status)
-        results = await pages.run(dashboard, view)
+        results = await pages.run(dashboard, view, one_tenant=not principal_of(request).all_tenants)
         return JSONResponse(
             {
                 "dashboard": dashboard.name,

@@ -1,10 +1,13 @@
 """The operator API of the process that owns ClickHouse: start and watch replays and rebuilds.
 
-Every route needs ``Authorization: Bearer <JWT>`` signed like the clients' tokens
-(``IM_AUTH__*``), for the ``_system`` tenant, with the ``operator`` role; ``imstream replay`` and
-``imstream rebuild`` sign one from the same settings. Errors are ``{"code", "message"}``:
+Every route needs ``Authorization: Bearer <JWT>`` from the staff issuer (``IM_STAFF_AUTH__*``,
+never the clients' key) with the ``operator`` role, checked by the API's gate
+(``sinks.clickhouse.access``) before the route runs; ``imstream replay`` and ``imstream
+rebuild`` sign one from the staff secret. The operator a job records is the token's ``sub``,
+never a field of the request (a body with fields of its own is refused). Errors are
+``{"code", "message"}``:
 
-* ``unauthorized`` (401): no token, or one that does not verify;
+* ``unauthorized`` (401): no token, or one that does not verify (a client token included);
 * ``forbidden`` (403): a valid token without the ``operator`` role;
 * ``job-missing`` (404); ``invalid-request`` and the replay's own codes (400).
 
@@ -20,18 +23,17 @@ import re
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from ingress.auth import AuthError, TokenVerifier
 from pipelines.replay import PartitionRange, ReplayError
-from schemas.events import SYSTEM_TENANT
+from sinks.clickhouse.access import principal_of
 from sinks.clickhouse.jobs import Job, OperatorJobs
+from sinks.clickhouse.principals import StaffRole
 
-OPERATOR_ROLE = "operator"
 OPERATOR_PREFIX = "/v1/operator"
 _RUN_ID = re.compile(r"^[A-Za-z0-9_]{1,32}$")
 
@@ -42,20 +44,25 @@ class OperatorApiError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-class RangeBody(BaseModel):
+class _Body(BaseModel):
+    #: An unknown field (an ``operator`` of the caller's choosing) is refused, not ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class RangeBody(_Body):
     topic: str
     partition: int = Field(ge=0)
     start: int = Field(ge=0)
     end: int = Field(ge=0)
 
 
-class ReplayBody(BaseModel):
+class ReplayBody(_Body):
     run_id: str
     ranges: list[RangeBody] = Field(min_length=1)
     rate: float | None = Field(default=None, gt=0)
 
 
-class RebuildBody(BaseModel):
+class RebuildBody(_Body):
     run_id: str
     since: datetime | None = None
 
@@ -68,22 +75,12 @@ def _run_id(text: str) -> str:
     return text
 
 
-def _operator(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
-    """The operator's name from a valid token with the operator role, or a refusal."""
-    verifier = request.app.state.operator_verifier
-    assert isinstance(verifier, TokenVerifier)
-    token = None
-    if authorization and authorization.lower().startswith("bearer "):
-        token = authorization[7:].strip()
-    if not token:
-        raise OperatorApiError(401, "unauthorized", "send Authorization: Bearer <token>")
-    try:
-        claims = verifier.verify(token, SYSTEM_TENANT)
-    except AuthError as error:
-        raise OperatorApiError(401, "unauthorized", error.message) from error
-    if OPERATOR_ROLE not in claims.roles:
-        raise OperatorApiError(403, "forbidden", f"the token lacks the {OPERATOR_ROLE} role")
-    return claims.user_id
+def _operator(request: Request) -> str:
+    """The operator's name: the ``sub`` of the staff token the gate verified, if an operator's."""
+    principal = principal_of(request)
+    if principal.role is not StaffRole.OPERATOR:
+        raise OperatorApiError(403, "forbidden", f"the token lacks the {StaffRole.OPERATOR} role")
+    return principal.subject
 
 
 OperatorDep = Annotated[str, Depends(_operator)]
@@ -102,6 +99,7 @@ def operator_router(jobs: OperatorJobs) -> APIRouter:
     def start_replay(body: ReplayBody, who: OperatorDep) -> dict[str, Any]:
         ranges = [PartitionRange(r.topic, r.partition, r.start, r.end) for r in body.ranges]
         job = jobs.start_replay(ranges, _run_id(body.run_id), body.rate)
+        # The operator who started it (a repeated start returns the running job, unchanged).
         job.arguments.setdefault("operator", who)
         return job.as_json()
 
@@ -124,9 +122,9 @@ def operator_router(jobs: OperatorJobs) -> APIRouter:
     return router
 
 
-def install_operator_api(app: FastAPI, jobs: OperatorJobs, verifier: TokenVerifier) -> None:
-    """Add the operator routes and their error answers to ``app``."""
-    app.state.operator_verifier = verifier
+def install_operator_api(app: FastAPI, jobs: OperatorJobs) -> None:
+    """Add the operator routes and their error answers to ``app`` (an ``analytics_app``, whose
+    gate authenticates every request)."""
     app.include_router(operator_router(jobs))
 
     async def refused(_request: Request, error: Exception) -> JSONResponse:

@@ -37,6 +37,7 @@ from fastapi.responses import JSONResponse
 from schemas.events import MessageEdited, MessageRecalled, MessageSent
 from sinks.clickhouse.analytics import EARLIEST, LATEST, Analytics, ApiError, parse_time
 from sinks.clickhouse.schema import AUDIT_TABLE, PUSH_OUTCOMES_TABLE, quote_identifier, sql_string
+from sinks.clickhouse.store import QueryBusyError
 
 log = logging.getLogger(__name__)
 
@@ -480,6 +481,8 @@ def quality_router() -> APIRouter:
                 rows = await store.call_async(
                     lambda client: run_dataset(client, store.database, data, parameters)
                 )
+            except QueryBusyError:  # answered 503 busy by the app
+                raise
             except Exception as error:  # the client's errors have no common base worth naming
                 log.exception("quality dataset %s failed", name)
                 raise QualityDataError(

@@ -55,7 +55,7 @@ from sinks.clickhouse.search_query import (
     parse_query,
     snippet,
 )
-from sinks.clickhouse.store import ClickHouseStore
+from sinks.clickhouse.store import ClickHouseStore, QueryBusyError
 
 log = logging.getLogger(__name__)
 
@@ -350,16 +350,14 @@ def analyst_request(items: Sequence[tuple[str, str]]) -> SearchRequest:
     )
 
 
-def scoped_request(body: dict[str, Any]) -> SearchRequest:
-    """A user's search as the ingress sends it (``POST /v1/search/scoped``): ``tenant``, ``q``,
-    ``limit``, ``cursor`` and ``scope``, a list of ``{conversation_id, from_seq, to_seq}``."""
-    unknown = set(body) - {"tenant", "q", "limit", "cursor", "scope"}
+def scoped_request(body: dict[str, Any], tenant: str) -> SearchRequest:
+    """A user's search as the ingress sends it (``POST /v1/search/scoped``): ``q``, ``limit``,
+    ``cursor`` and ``scope``, a list of ``{conversation_id, from_seq, to_seq}``, in ``tenant`` —
+    the caller's principal's, never the body's."""
+    unknown = set(body) - {"q", "limit", "cursor", "scope"}
     if unknown:
         name = sorted(unknown)[0]
         raise SearchError(SearchErrorCode.UNKNOWN_PARAMETER, f"unknown field {name!r}", name)
-    tenant = _identifier(_text(body.get("tenant"), "tenant"), "tenant")
-    if tenant is None:
-        raise SearchError(SearchErrorCode.INVALID_PARAMETER, "tenant is required", "tenant")
     scope_items = body.get("scope")
     if not isinstance(scope_items, list) or len(scope_items) > MAX_SCOPE:
         raise SearchError(
@@ -620,6 +618,8 @@ class MessageSearch:
             result = await self.store.query_async(
                 f"{sql} {self.settings_clause}".rstrip(), parameters
             )
+        except QueryBusyError:  # answered 503 busy by the app
+            raise
         except Exception as error:  # the client's errors have no common base worth naming
             log.exception("a search query failed")
             raise SearchError(

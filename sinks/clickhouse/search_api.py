@@ -3,12 +3,15 @@ owns the ClickHouse data path:
 
 - ``GET /v1/search?tenant=&q=&from=&to=&conversation=&sender=&limit=&cursor=`` — analysts: the
   tenant's messages whose latest text matches, newest first;
-- ``POST /v1/search/scoped`` with ``{"tenant", "q", "limit", "cursor", "scope": [{"conversation_id",
+- ``POST /v1/search/scoped`` with ``{"q", "limit", "cursor", "scope": [{"conversation_id",
   "from_seq", "to_seq"}]}`` — a user's search, asked by the ingress after it authorized the scope
-  (the conversations the user is a member of, and the seqs the user may read).
+  (the conversations the user is a member of, and the seqs the user may read). Only the
+  ingress's service token opens it, and the tenant searched is that token's ``tid`` (the user's
+  tenant, as the ingress authenticated it): a body naming another tenant is refused (403).
 
-Errors are ``{"code", "message", "field"}`` with a :class:`SearchErrorCode` and its status; like
-the rest of the analytics API it is an internal endpoint (no client reaches it directly).
+Errors are ``{"code", "message", "field"}`` with a :class:`SearchErrorCode` and its status. Who
+may call which route is decided before either runs (``sinks.clickhouse.access``): an analyst's
+``tenant`` is its own.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from sinks.clickhouse.access import principal_of
+from sinks.clickhouse.principals import forbidden
 from sinks.clickhouse.search import MessageSearch, analyst_request, scoped_request
 from sinks.clickhouse.search_query import SearchError, SearchErrorCode
 from sinks.clickhouse.store import ClickHouseStore
@@ -72,7 +77,11 @@ async def search_scoped(request: Request) -> Any:
             raise SearchError(
                 SearchErrorCode.INVALID_PARAMETER, "the body must be a JSON object", None
             )
-        search = scoped_request(body)
+        tenant = principal_of(request).tenant
+        named = body.pop("tenant", None)
+        if named is not None and named != tenant:
+            raise forbidden(f"the token is for tenant {tenant!r}; the body names another")
+        search = scoped_request(body, tenant)
         page = await _search(request).search(search)
     except SearchError as error:
         return _refused(error)

@@ -22,9 +22,12 @@ sender) that dead-letters its poison, and a second dead letter would be a duplic
 
 The process also serves the analytics endpoint (``sinks.clickhouse.api``) on
 ``IM_SINKS__ANALYTICS_HOST:IM_SINKS__ANALYTICS_PORT``: uvicorn runs in its own thread with its
-own event loop, the consumer loop runs in the main thread (as the stream worker's loops do), and
-both use the one ClickHouse client through the store's thread. SIGTERM/SIGINT: the current batch
-is flushed and committed, the HTTP server stops, the process exits 0.
+own event loop, the consumer loop runs in the main thread (as the stream worker's loops do); the
+sink's inserts use the store's one thread and client, the endpoint's queries a pool of their own
+(``IM_SINKS__ANALYTICS_QUERY_*``: threads, connection handles, a time budget and a bounded queue),
+so queries never delay the audit. Every route but ``/healthz`` needs a staff or service token
+(``IM_STAFF_AUTH__*``, ``IM_SERVICE_AUTH__*``; ``sinks.clickhouse.access``). SIGTERM/SIGINT: the
+current batch is flushed and committed, the HTTP server stops, the process exits 0.
 
 It also samples every consumer group's lag every 10 s into ``consumer_lag`` for the
 dashboards (``sinks.clickhouse.lag``: a failed sample is logged and skipped).
@@ -69,8 +72,9 @@ from sinks.clickhouse.audit import (
     KafkaRecord,
 )
 from sinks.clickhouse.lag import LagSampler
+from sinks.clickhouse.principals import staff_authenticator
 from sinks.clickhouse.schema import SchemaNameError, audited_topics
-from sinks.clickhouse.store import ClickHouseStore
+from sinks.clickhouse.store import ClickHouseStore, QueryPool, query_client_settings
 
 log = logging.getLogger(__name__)
 
@@ -463,14 +467,31 @@ def run_clickhouse_sink(settings: Settings) -> int:
     """The sink process: the audit loop and the analytics endpoint until SIGTERM/SIGINT; returns
     the exit code."""
     # The operator jobs run sink loops of their own: imported here, not at the top (a cycle).
-    from ingress.gateway import token_verifier  # noqa: PLC0415
     from sinks.clickhouse.jobs import OperatorJobs  # noqa: PLC0415
     from sinks.clickhouse.operator_api import install_operator_api  # noqa: PLC0415
 
     catalog = topic_catalog(settings)
     where = settings.clickhouse.url or f"chDB at {settings.chdb_path}"
     try:
-        store = ClickHouseStore(clickhouse_client(settings), settings.clickhouse.database)
+        authenticator = staff_authenticator(settings)
+    except ValueError as error:
+        log.error("%s", error)
+        return EXIT_UNAVAILABLE
+    sinks = settings.sinks
+    budget = query_client_settings(
+        sinks.analytics_query_timeout_seconds, sinks.analytics_query_max_threads
+    )
+    try:
+        queries = QueryPool(
+            [
+                clickhouse_client(settings, query_settings=budget)
+                for _ in range(sinks.analytics_query_workers)
+            ],
+            max_waiting=sinks.analytics_query_queue,
+        )
+        store = ClickHouseStore(
+            clickhouse_client(settings), settings.clickhouse.database, queries=queries
+        )
     except SchemaNameError as error:
         log.error("%s", error)
         return EXIT_UNAVAILABLE
@@ -487,14 +508,16 @@ def run_clickhouse_sink(settings: Settings) -> int:
     try:
         sink = ClickHouseSink(settings, store, stop, catalog=catalog, ready_file=ready_file)
         analytics = Analytics(store)
-        app = analytics_app(analytics, healthy=lambda: sink.running)
+        app = analytics_app(
+            analytics,
+            authenticator=authenticator,
+            max_body_bytes=sinks.analytics_max_body_bytes,
+            healthy=lambda: sink.running,
+        )
         jobs = OperatorJobs(settings, store, catalog, live_sink=sink)
-        install_operator_api(app, jobs, token_verifier(settings.auth))
+        install_operator_api(app, jobs)
         server = AnalyticsServer(
-            app,
-            settings.sinks.analytics_host,
-            settings.sinks.analytics_port,
-            tls=analytics_tls(settings),
+            app, sinks.analytics_host, sinks.analytics_port, tls=analytics_tls(settings)
         )
     except (AnalyticsServerError, ValueError) as error:
         log.error("%s", error)

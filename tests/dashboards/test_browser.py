@@ -28,6 +28,7 @@ from tests.ingress.support import unique
 from tests.pipelines.support import Running
 from tests.sinks.clickhouse_support import Outgoing, produce
 from tests.sinks.push.support import APNS_TOPIC
+from tests.sinks.staff_support import staff_headers, staff_token
 
 pytestmark = pytest.mark.stack
 
@@ -72,7 +73,8 @@ def panel_data(system: Running, dashboard: str, window: dict[str, str]) -> list[
         f"http://127.0.0.1:{system.analytics_port}/dashboards/{dashboard}/data?"
         + urllib.parse.urlencode(window)
     )
-    with urllib.request.urlopen(url, timeout=30) as response:
+    request = urllib.request.Request(url, headers=staff_headers())
+    with urllib.request.urlopen(request, timeout=30) as response:
         panels: list[dict[str, Any]] = json.loads(response.read())["panels"]
     return panels
 
@@ -135,7 +137,8 @@ async def test_every_panel_renders_with_data_from_a_demo_run_in_headless_chromiu
     for name in names:
         url = (
             f"http://127.0.0.1:{system.analytics_port}/dashboards/{name}?"
-            + urllib.parse.urlencode(window)
+            # A browser signs in once with ?token=, which becomes a cookie (redirected away).
+            + urllib.parse.urlencode({**window, "token": staff_token()})
         )
         dom = await asyncio.to_thread(run_chromium, tmp_path / "profile", "--dump-dom", url)
         sections = re.findall(r"<section [^>]*data-panel-id=.*?</section>", dom, flags=re.S)

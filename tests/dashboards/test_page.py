@@ -27,10 +27,12 @@ from pipelines.stack.manager import LocalStack
 from pipelines.status import consumer_groups
 from schemas import events as ev
 from schemas.topics import TopicCatalog, topic_catalog
+from sinks.clickhouse.access import ApiGate
 from sinks.clickhouse.analytics import Analytics
-from sinks.clickhouse.api import AnalyticsServer, analytics_app
+from sinks.clickhouse.api import AnalyticsServer
 from sinks.clickhouse.dashboards_page import DashboardPages, dashboards_router
 from sinks.clickhouse.lag import LagSampler
+from sinks.clickhouse.principals import staff_authenticator
 from sinks.clickhouse.schema import (
     AUDIT_COLUMNS,
     AUDIT_TABLE,
@@ -50,6 +52,7 @@ from tests.sinks.clickhouse_support import (
     produce,
     sent,
 )
+from tests.sinks.staff_support import staff_app, staff_headers
 from tests.sinks.test_clickhouse_analytics import OUTCOME_COLUMNS, Seed
 
 pytestmark = pytest.mark.stack
@@ -200,7 +203,7 @@ def store(
 @pytest.fixture
 def endpoint(store: ClickHouseStore) -> Iterator[str]:
     """The analytics app as the sink process serves it (dashboards included), on a free port."""
-    server = AnalyticsServer(analytics_app(Analytics(store)), "127.0.0.1", 0)
+    server = AnalyticsServer(staff_app(Analytics(store)), "127.0.0.1", 0)
     server.start()
     yield server.url
     server.stop()
@@ -208,7 +211,9 @@ def endpoint(store: ClickHouseStore) -> Iterator[str]:
 
 def get(url: str) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(url, timeout=60) as response:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=staff_headers()), timeout=60
+        ) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
@@ -352,6 +357,12 @@ def test_a_failing_panel_shows_its_error_and_the_page_still_renders(
 
     app = FastAPI()
     app.include_router(dashboards_router(pages))
+    # The routes read the principal the gate verified; without it they refuse.
+    app.add_middleware(
+        ApiGate,
+        authenticator=staff_authenticator(Settings()),
+        max_body_bytes=1024,
+    )
     server = AnalyticsServer(app, "127.0.0.1", 0)
     server.start()
     try:

@@ -9,9 +9,11 @@ can ship unlocked. The columns are the principals a hostile internet brings:
 - ``user``: a user of the tenant who is not in the conversation the request names;
 - ``member``: a member of that conversation;
 - ``other-tenant``: a genuine client token of another tenant, presented for this one;
-- ``analyst`` and ``operator``: genuine staff tokens (another issuer, audience and key, with the
-  ``analyst`` role of another tenant and the ``operator`` role): staff authority is never client
-  authority, so the client door refuses them as it refuses a forgery.
+- ``analyst`` and ``operator``: genuine staff tokens (the staff issuer, audience and key,
+  ``IM_STAFF_AUTH__*``, with the ``analyst`` role of another tenant and the ``operator`` role):
+  staff authority is never client authority, so the client door refuses them as it refuses a
+  forgery. (The staff door, the ClickHouse sink's API, has its matrix in
+  tests/sinks/test_clickhouse_access.py.)
 
 A rule says what each principal gets (``expected``): the test asserts that cell on the system,
 so a door that starts letting someone in (or locks out whom it should serve) fails here.
@@ -25,7 +27,6 @@ import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -34,11 +35,11 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from ingress.app import create_app
-from ingress.auth import issue_token
 from pipelines.settings import Settings
 from schemas import events as ev
 from schemas import frames as fr
 from schemas.errors import CloseCode, ErrorCode
+from sinks.clickhouse.principals import StaffRole
 from tests.ingress.support import (
     TENANT,
     Gateway,
@@ -53,6 +54,7 @@ from tests.ingress.support import (
     wait_until,
 )
 from tests.schemas.samples import sample_client_frames
+from tests.sinks.staff_support import staff_token
 
 
 class Who(StrEnum):
@@ -141,9 +143,6 @@ AUTHORIZATION_CODES = {
     ErrorCode.FORBIDDEN,
 }
 
-#: The staff issuer's key: another issuer, audience and secret than any client token's.
-STAFF_SECRET = "staff-" + "s" * 40
-
 
 def client_routes(settings: Settings) -> set[tuple[str, str]]:
     """(method, path) of every route the client port serves, flattened out of included routers
@@ -184,18 +183,6 @@ class World:
     outsider: str
     conversation_id: str
     tokens: dict[Who, str | None]
-
-
-def staff_token(settings: Settings, *, role: str, tenant: str) -> str:
-    return issue_token(
-        STAFF_SECRET,
-        user_id=unique("staff"),
-        tenant_id=tenant,
-        issuer="imstream-staff",
-        audience="imstream-ops",
-        roles=[role],
-        ttl=timedelta(minutes=30),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -255,8 +242,8 @@ def world(pipeline: Gateway) -> World:
             Who.USER: token(settings, outsider),
             Who.MEMBER: member_token,
             Who.OTHER_TENANT: token(settings, outsider, tenant=unique("tenant")),
-            Who.ANALYST: staff_token(settings, role="analyst", tenant=unique("tenant")),
-            Who.OPERATOR: staff_token(settings, role="operator", tenant=ev.SYSTEM_TENANT),
+            Who.ANALYST: staff_token(StaffRole.ANALYST, tenant=unique("tenant"), settings=settings),
+            Who.OPERATOR: staff_token(StaffRole.OPERATOR, settings=settings),
         },
     )
 

@@ -30,12 +30,13 @@ from pipelines.settings import Settings, SinkSettings
 from schemas import events as ev
 from schemas.topics import topic_catalog
 from sinks.clickhouse.analytics import Analytics
-from sinks.clickhouse.api import AnalyticsServer, analytics_app
+from sinks.clickhouse.api import AnalyticsServer
 from sinks.clickhouse.audit import AuditDecoder, KafkaRecord
 from sinks.clickhouse.sink import analytics_tls
 from sinks.clickhouse.store import ClickHouseStore
 from tests.ingress.conftest import MAIN_GATEWAY
 from tests.ingress.support import TENANT, Gateway, start_gateway, token
+from tests.sinks.staff_support import staff_app
 
 pytestmark = pytest.mark.stack
 
@@ -101,7 +102,7 @@ def analytics_store(ingress_settings: Settings, clickhouse: Client) -> Iterator[
 @pytest.fixture(scope="module")
 def analytics_url(analytics_store: ClickHouseStore) -> Iterator[str]:
     """The analytics API over the store, on a free port."""
-    server = AnalyticsServer(analytics_app(Analytics(analytics_store)), "127.0.0.1", 0)
+    server = AnalyticsServer(staff_app(Analytics(analytics_store)), "127.0.0.1", 0)
     server.start()
     try:
         yield server.url
@@ -260,7 +261,7 @@ def https_analytics_url(analytics_store: ClickHouseStore, analytics_pki: Pki) ->
         }
     )
     server = AnalyticsServer(
-        analytics_app(Analytics(analytics_store)), "127.0.0.1", 0, tls=analytics_tls(settings)
+        staff_app(Analytics(analytics_store)), "127.0.0.1", 0, tls=analytics_tls(settings)
     )
     server.start()
     try:

@@ -35,6 +35,7 @@ from tests.sinks.push.fakes.apns import FakeApns
 from tests.sinks.push.fakes.fcm import FakeFcm
 from tests.sinks.push.fakes.tls import LocalPki
 from tests.sinks.push.support import APNS_DEBUG_TOPIC, APNS_TOPIC, ApnsKey
+from tests.sinks.staff_support import staff_headers
 
 E = TypeVar("E", bound=Event)
 T = TypeVar("T")
@@ -138,7 +139,8 @@ class Running:
             f"http://127.0.0.1:{self.analytics_port}/v1/analytics/{query}?"
             + urllib.parse.urlencode(parameters)
         )
-        with urllib.request.urlopen(url, timeout=10) as response:
+        request = urllib.request.Request(url, headers=staff_headers())
+        with urllib.request.urlopen(request, timeout=10) as response:
             answer = json.loads(response.read())
         assert isinstance(answer, dict)
         return answer

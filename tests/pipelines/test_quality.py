@@ -29,7 +29,7 @@ from pipelines.stack.manager import LocalStack
 from schemas import events as ev
 from schemas.topics import TopicCatalog, topic_catalog
 from sinks.clickhouse.analytics import Analytics
-from sinks.clickhouse.api import AnalyticsServer, analytics_app
+from sinks.clickhouse.api import AnalyticsServer
 from sinks.clickhouse.audit import AuditDecoder, KafkaRecord
 from sinks.clickhouse.schema import (
     AUDIT_COLUMNS,
@@ -49,6 +49,7 @@ from tests.sinks.clickhouse_support import (
     presence,
     sent,
 )
+from tests.sinks.staff_support import staff_app, staff_headers
 
 pytestmark = pytest.mark.stack
 
@@ -495,7 +496,9 @@ def test_providers_with_too_few_deliveries_are_not_judged(stores: Stores, tmp_pa
 
 def _get(url: str) -> tuple[int, Any]:
     try:
-        with urllib.request.urlopen(url, timeout=30) as response:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=staff_headers()), timeout=30
+        ) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
@@ -503,7 +506,7 @@ def _get(url: str) -> tuple[int, Any]:
 
 def test_the_cli_reads_the_audit_through_the_sink_api(stores: Stores, tmp_path: Path) -> None:
     store = ClickHouseStore(stores.clickhouse, stores.database, owns_client=False)
-    server = AnalyticsServer(analytics_app(Analytics(store)), "127.0.0.1", 0)
+    server = AnalyticsServer(staff_app(Analytics(store)), "127.0.0.1", 0)
     server.start()
     runner = CliRunner()
     environment = {

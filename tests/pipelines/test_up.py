@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from pipelines.stack import process
 from pipelines.supervisor import ChildSpec, StartupError, StartupErrorCode, Supervisor
 from schemas.events import MessageSent
 from tests.ingress.support import delete_topics, free_port, hello, receive, token, unique
+from tests.sinks.staff_support import staff_headers
 
 #: The up line ``imstream up`` prints once every process is ready.
 UP_LINE = "imstream is up"
@@ -208,7 +210,11 @@ def test_up_says_up_only_when_every_process_answers_and_a_message_gets_through(
         up.until(UP_LINE, within=300)
         # At once, no retry: the analytics API and both ingress nodes answer the first time.
         analytics = f"http://127.0.0.1:{settings.sinks.analytics_port}/v1/analytics"
-        with urllib.request.urlopen(analytics, timeout=10) as answer:
+        with pytest.raises(urllib.error.HTTPError) as anonymous:
+            urllib.request.urlopen(analytics, timeout=10)
+        assert anonymous.value.code == 401, "the API wants a staff token"
+        request = urllib.request.Request(analytics, headers=staff_headers())
+        with urllib.request.urlopen(request, timeout=10) as answer:
             assert answer.status == 200
             assert json.loads(answer.read())["queries"]
         ports = [settings.ingress.port, settings.ingress.port + 1]

@@ -20,7 +20,7 @@ from pipelines.stack.manager import LocalStack
 from schemas import events as ev
 from schemas.topics import TopicCatalog, topic_catalog
 from sinks.clickhouse.analytics import QUERIES, Analytics
-from sinks.clickhouse.api import AnalyticsServer, analytics_app
+from sinks.clickhouse.api import AnalyticsServer
 from sinks.clickhouse.audit import AuditDecoder, KafkaRecord
 from sinks.clickhouse.schema import AUDIT_COLUMNS, AUDIT_TABLE, PUSH_OUTCOMES_TABLE
 from sinks.clickhouse.store import ClickHouseStore
@@ -35,6 +35,7 @@ from tests.sinks.clickhouse_support import (
     push_job,
     sent,
 )
+from tests.sinks.staff_support import staff_app, staff_headers
 
 pytestmark = pytest.mark.stack
 
@@ -316,7 +317,7 @@ def seeded(
 @pytest.fixture
 def endpoint(seeded: ClickHouseStore) -> Iterator[str]:
     """The analytics endpoint as the sink process serves it, on a free port."""
-    server = AnalyticsServer(analytics_app(Analytics(seeded)), "127.0.0.1", 0)
+    server = AnalyticsServer(staff_app(Analytics(seeded)), "127.0.0.1", 0)
     server.start()
     yield server.url
     server.stop()
@@ -324,7 +325,9 @@ def endpoint(seeded: ClickHouseStore) -> Iterator[str]:
 
 def get(url: str) -> tuple[int, Any]:
     try:
-        with urllib.request.urlopen(url, timeout=30) as response:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=staff_headers()), timeout=30
+        ) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
@@ -510,7 +513,7 @@ def test_a_clickhouse_failure_answers_unavailable_and_the_endpoint_keeps_serving
     local_stack: LocalStack, clickhouse: Client
 ) -> None:
     store = ClickHouseStore(clickhouse, "no_such_database_here", owns_client=False)
-    server = AnalyticsServer(analytics_app(Analytics(store)), "127.0.0.1", 0)
+    server = AnalyticsServer(staff_app(Analytics(store)), "127.0.0.1", 0)
     server.start()
     try:
         status, body = get(f"{server.url}/v1/analytics/messages_per_minute")

@@ -17,7 +17,6 @@ from clickhouse_connect.driver.client import Client
 from confluent_kafka.admin import AdminClient
 
 from ingress.auth import issue_token
-from ingress.gateway import token_verifier
 from pipelines.connections import kafka_config
 from pipelines.replay import resolve_ranges
 from pipelines.settings import Settings
@@ -25,7 +24,7 @@ from pipelines.stack.manager import LocalStack
 from schemas.events import SYSTEM_TENANT
 from schemas.topics import topic_catalog
 from sinks.clickhouse.analytics import Analytics
-from sinks.clickhouse.api import AnalyticsServer, analytics_app
+from sinks.clickhouse.api import AnalyticsServer
 from sinks.clickhouse.jobs import Job, OperatorJobs
 from sinks.clickhouse.operator_api import install_operator_api
 from sinks.clickhouse.schema import AUDIT_TABLE, audited_topics
@@ -33,6 +32,7 @@ from sinks.clickhouse.search import SEARCH_TABLE
 from sinks.clickhouse.sink import ClickHouseSink
 from sinks.clickhouse.store import ClickHouseStore
 from tests.sinks.clickhouse_support import catalog_topics, new_prefix, prefixed_settings
+from tests.sinks.staff_support import staff_app
 from tests.sinks.test_clickhouse_sink import audit_rows, produce_scenario, raw_count
 
 pytestmark = pytest.mark.stack
@@ -190,20 +190,21 @@ def test_the_operator_api_needs_the_operator_role(
     sink_settings: Settings, store: ClickHouseStore, live: ClickHouseSink
 ) -> None:
     catalog = topic_catalog(sink_settings)
-    app = analytics_app(Analytics(store))
+    app = staff_app(Analytics(store), sink_settings)
     jobs = OperatorJobs(sink_settings, store, catalog, live_sink=live)
-    install_operator_api(app, jobs, token_verifier(sink_settings.auth))
+    install_operator_api(app, jobs)
     server = AnalyticsServer(app, "127.0.0.1", 0)
     server.start()
-    auth = sink_settings.auth
+    staff, auth = sink_settings.staff_auth, sink_settings.auth
 
-    def token(roles: list[str]) -> str:
+    def token(roles: list[str], *, client_key: bool = False) -> str:
+        """A staff token, or (``client_key``) one signed like the clients' of the same claims."""
         return issue_token(
-            auth.jwt_secret.get_secret_value(),
+            (auth.jwt_secret if client_key else staff.secret).get_secret_value(),
             user_id="ops-erin",
             tenant_id=SYSTEM_TENANT,
-            issuer=auth.jwt_issuer,
-            audience=auth.jwt_audience,
+            issuer=auth.jwt_issuer if client_key else staff.issuer,
+            audience=auth.jwt_audience if client_key else staff.audience,
             roles=roles,
         )
 
@@ -220,6 +221,13 @@ def test_the_operator_api_needs_the_operator_role(
         assert (status, refusal["code"]) == (401, "unauthorized")
         status, refusal = _request(url, "POST", token(["analyst"]), body)
         assert (status, refusal["code"]) == (403, "forbidden")
+        # The clients' key signs no operator, whatever the claims.
+        status, refusal = _request(url, "POST", token(["operator"], client_key=True), body)
+        assert (status, refusal["code"]) == (401, "unauthorized")
+        # The operator recorded is the token's: a body naming one is refused.
+        named = {**body, "operator": "mallory"}
+        status, refusal = _request(url, "POST", token(["operator"]), named)
+        assert (status, refusal["code"]) == (400, "invalid-request"), refusal
         foreign = {"run_id": "api_run", "ranges": [{**ranges[0], "topic": "elsewhere"}]}
         status, refusal = _request(url, "POST", token(["operator"]), foreign)
         assert (status, refusal["code"]) == (400, "topic-not-read-by-target")

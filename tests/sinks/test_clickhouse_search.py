@@ -25,7 +25,7 @@ from pipelines.stack.manager import LocalStack
 from schemas import events as ev
 from schemas.topics import conversation_key, topic_catalog
 from sinks.clickhouse.analytics import Analytics
-from sinks.clickhouse.api import AnalyticsServer, analytics_app
+from sinks.clickhouse.api import AnalyticsServer
 from sinks.clickhouse.schema import AUDIT_TABLE
 from sinks.clickhouse.search import (
     SEARCH_TABLE,
@@ -45,6 +45,7 @@ from tests.sinks.clickhouse_support import (
     prefixed_settings,
     produce,
 )
+from tests.sinks.staff_support import service_headers, staff_app, staff_headers
 
 pytestmark = pytest.mark.stack
 
@@ -153,7 +154,7 @@ def searchable(
 
 @pytest.fixture(scope="module")
 def endpoint(searchable: tuple[Settings, ClickHouseStore]) -> Iterator[str]:
-    server = AnalyticsServer(analytics_app(Analytics(searchable[1])), "127.0.0.1", 0)
+    server = AnalyticsServer(staff_app(Analytics(searchable[1])), "127.0.0.1", 0)
     server.start()
     yield server.url
     server.stop()
@@ -161,7 +162,9 @@ def endpoint(searchable: tuple[Settings, ClickHouseStore]) -> Iterator[str]:
 
 def get(url: str) -> tuple[int, Any]:
     try:
-        with urllib.request.urlopen(url, timeout=30) as response:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=staff_headers()), timeout=30
+        ) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
@@ -250,8 +253,8 @@ def test_a_scoped_search_sees_only_its_conversation_ranges(endpoint: str) -> Non
     def scoped(scope: list[dict[str, Any]]) -> list[tuple[str, int]]:
         request = urllib.request.Request(
             f"{endpoint}/v1/search/scoped",
-            data=json.dumps({"tenant": TENANT, "q": "quick", "scope": scope}).encode(),
-            headers={"Content-Type": "application/json"},
+            data=json.dumps({"q": "quick", "scope": scope}).encode(),
+            headers={"Content-Type": "application/json", **service_headers(TENANT)},
             method="POST",
         )
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -395,7 +398,7 @@ async def test_a_tokenbf_table_gives_the_same_answers(
 def test_a_clickhouse_failure_answers_unavailable(clickhouse: Client) -> None:
     """A store whose database is gone: the search answers 503 ``unavailable``, not a crash."""
     store = ClickHouseStore(clickhouse, "t_search_missing_db", owns_client=False)
-    server = AnalyticsServer(analytics_app(Analytics(store)), "127.0.0.1", 0)
+    server = AnalyticsServer(staff_app(Analytics(store)), "127.0.0.1", 0)
     server.start()
     try:
         status, body = get(f"{server.url}/v1/search?tenant={TENANT}&q=quick")

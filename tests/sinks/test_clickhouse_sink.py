@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -56,6 +57,7 @@ from tests.sinks.clickhouse_support import (
     push_job,
     sent,
 )
+from tests.sinks.staff_support import staff_headers
 
 pytestmark = pytest.mark.stack
 
@@ -579,7 +581,11 @@ def test_the_sink_process_serves_analytics_and_stops_cleanly_on_sigterm(
                     "messages": 1,
                 },
             ], log_path.read_text()
-            assert _get_json(f"http://127.0.0.1:{port}/healthz") == {"status": "ok"}
+            assert _get_json(f"http://127.0.0.1:{port}/healthz", {}) == {"status": "ok"}
+            # The process's API wants a staff token: anonymous, the query is refused.
+            with pytest.raises(urllib.error.HTTPError) as anonymous:
+                urllib.request.urlopen(url, timeout=5)
+            assert anonymous.value.code == 401
         finally:
             process.send_signal(signal.SIGTERM)
             try:
@@ -612,9 +618,11 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _get_json(url: str) -> Any:
+def _get_json(url: str, headers: dict[str, str] | None = None) -> Any:
+    """The answer with a staff token (default a platform analyst's); None if there is none."""
+    request = urllib.request.Request(url, headers=staff_headers() if headers is None else headers)
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=5) as response:
             return json.loads(response.read())
     except OSError:
         return None

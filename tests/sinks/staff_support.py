@@ -1,0 +1,51 @@
+"""Staff tokens and the guarded analytics app for the tests of the ClickHouse sink's API.
+
+Every route of that API but ``/healthz`` needs a staff (or the ingress's service) token signed
+with the development keys of ``Settings()``; the tests build the app and sign the tokens from the
+same settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+from pipelines.settings import Settings
+from schemas.events import SYSTEM_TENANT
+from sinks.clickhouse.analytics import Analytics
+from sinks.clickhouse.api import analytics_app
+from sinks.clickhouse.principals import (
+    StaffRole,
+    issue_service_token,
+    issue_staff_token,
+    staff_authenticator,
+)
+
+
+def staff_app(analytics: Analytics, settings: Settings | None = None, **options: Any) -> FastAPI:
+    """``analytics_app`` behind the gate, verifying the tokens of ``settings`` (default dev)."""
+    settings = settings or Settings()
+    return analytics_app(analytics, authenticator=staff_authenticator(settings), **options)
+
+
+def staff_token(
+    role: StaffRole = StaffRole.PLATFORM_ANALYST,
+    *,
+    tenant: str = SYSTEM_TENANT,
+    subject: str = "test-staff",
+    settings: Settings | None = None,
+) -> str:
+    return issue_staff_token(settings or Settings(), subject=subject, role=role, tenant=tenant)
+
+
+def staff_headers(
+    role: StaffRole = StaffRole.PLATFORM_ANALYST, *, tenant: str = SYSTEM_TENANT
+) -> dict[str, str]:
+    return {"Authorization": f"Bearer {staff_token(role, tenant=tenant)}"}
+
+
+def service_headers(tenant: str, user: str = "test-user") -> dict[str, str]:
+    """What the ingress sends with a user's search."""
+    token = issue_service_token(Settings(), tenant=tenant, user=user)
+    return {"Authorization": f"Bearer {token}"}
