@@ -15,6 +15,9 @@ messages_by_id         the message's seq
 read_positions         the read seq (the highest read wins; an older one never moves it back)
 conversations, members the event's ``occurred_at`` in microseconds
 devices                the event's ``occurred_at`` in microseconds
+former_members         the event's ``occurred_at`` in microseconds (the ``members`` domain)
+command_outcomes       the event's ``occurred_at`` in microseconds
+recalled_messages      the recall's seq
 sync_queue, sync_heads the record's ``sync_id`` (the head: the highest wins)
 user_conversations     the record's ``sync_id``
 =====================  =============================================================

@@ -161,33 +161,33 @@ def test_a_migration_changed_after_it_was_applied_is_refused(
 def test_a_new_migration_is_applied_after_the_recorded_ones(
     cql_session: Session, keyspace: str, migrations_copy: Path
 ) -> None:
-    assert len(migrate(cql_session, keyspace, 1, migrations=discover(migrations_copy))) == 3
-    (migrations_copy / "0004_pins.cql").write_text(
+    assert len(migrate(cql_session, keyspace, 1, migrations=discover(migrations_copy))) == 4
+    (migrations_copy / "0005_pins.cql").write_text(
         "-- pinned conversations per user\n"
         "CREATE TABLE IF NOT EXISTS pins (tenant_id text, user_id text, conversation_id text,"
         " PRIMARY KEY ((tenant_id, user_id), conversation_id));\n"
     )
     applied = migrate(cql_session, keyspace, 1, migrations=discover(migrations_copy))
-    assert [m.label for m in applied] == ["0004_pins"]
+    assert [m.label for m in applied] == ["0005_pins"]
     assert "pins" in table_names(cql_session, keyspace)
     versions = {
         r.version for r in cql_session.execute(f"SELECT version FROM {keyspace}.{MIGRATIONS_TABLE}")
     }
-    assert versions == {1, 2, 3, 4}
+    assert versions == {1, 2, 3, 4, 5}
 
 
 def test_a_refused_statement_fails_with_a_code_and_is_not_recorded(
     cql_session: Session, keyspace: str, migrations_copy: Path
 ) -> None:
-    (migrations_copy / "0004_broken.cql").write_text("CREATE TABLE IF NOT EXISTS broken (k);\n")
+    (migrations_copy / "0005_broken.cql").write_text("CREATE TABLE IF NOT EXISTS broken (k);\n")
     with pytest.raises(MigrationError) as failed:
         migrate(cql_session, keyspace, 1, migrations=discover(migrations_copy))
     assert failed.value.code is MigrationErrorCode.FAILED
-    assert "0004_broken.cql, statement 1" in failed.value.message
+    assert "0005_broken.cql, statement 1" in failed.value.message
     versions = {
         r.version for r in cql_session.execute(f"SELECT version FROM {keyspace}.{MIGRATIONS_TABLE}")
     }
-    assert versions == {1, 2, 3}
+    assert versions == {1, 2, 3, 4}
 
 
 def test_a_column_added_before_the_migration_was_recorded_is_not_added_again(
@@ -196,14 +196,14 @@ def test_a_column_added_before_the_migration_was_recorded_is_not_added_again(
     """CQL has no portable ``ADD IF NOT EXISTS``: a migration interrupted after its ``ALTER``
     and before it was recorded must apply again without ``already exists``."""
     migrate(cql_session, keyspace, 1, migrations=discover(migrations_copy))
-    (migrations_copy / "0004_pinned_at.cql").write_text(
+    (migrations_copy / "0005_pinned_at.cql").write_text(
         "ALTER TABLE user_conversations ADD pinned_at timestamp;\n"
     )
     cql_session.execute(
         f"ALTER TABLE {keyspace}.user_conversations ADD pinned_at timestamp", timeout=60
     )
     applied = migrate(cql_session, keyspace, 1, migrations=discover(migrations_copy))
-    assert [m.label for m in applied] == ["0004_pinned_at"]
+    assert [m.label for m in applied] == ["0005_pinned_at"]
 
 
 def test_a_badly_named_file_is_refused(migrations_copy: Path) -> None:
