@@ -59,6 +59,10 @@ _BODY_ENTRIES: Final = ("message.sent", "message.edited")
 #: How often :meth:`Reads.settled` asks the store, at first and at most.
 _SETTLE_FIRST_SECONDS: Final = 0.02
 _SETTLE_MAX_SECONDS: Final = 0.2
+#: Commands waiting for their outcome at once on a node: each asks the store up to five times a
+#: second, so a flood of removes (the rate limits let a user send ~40 a second) must not turn
+#: into a flood of reads. One over it is answered at once as not yet in effect.
+MAX_SETTLING: Final = 1024
 
 
 def is_reading(frame: fr.ClientFrame) -> TypeGuard[ReadFrame]:
@@ -73,6 +77,9 @@ class Reads:
         self.store: ServingStore | None = None
         self._cluster: Cluster | None = None
         self._connecting: asyncio.Task[None] | None = None
+        self.max_settling = MAX_SETTLING
+        #: Commands in :meth:`settled` now.
+        self.settling = 0
 
     def start(self) -> None:
         """Connect in the background; reads answer ``unavailable`` until connected."""
@@ -113,7 +120,17 @@ class Reads:
     async def settled(self, tenant_id: str, command_event_id: str, seconds: float) -> bool:
         """Wait until the store holds the outcome of an access-reducing command (remove, leave,
         delete, recall): applied with its facts, or rejected. False if it does not within
-        ``seconds`` (the stream stage or the CQL sink is behind, the store is down)."""
+        ``seconds`` (the stream stage or the CQL sink is behind, the store is down), and at once
+        while ``max_settling`` commands wait already."""
+        if self.settling >= self.max_settling:
+            return False
+        self.settling += 1
+        try:
+            return await self._settled(tenant_id, command_event_id, seconds)
+        finally:
+            self.settling -= 1
+
+    async def _settled(self, tenant_id: str, command_event_id: str, seconds: float) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         delay = _SETTLE_FIRST_SECONDS

@@ -9,13 +9,16 @@ every node reads at quorum (docs/storage.md, "Read access").
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from cassandra.cluster import Session
 
+from ingress.reads import Reads
 from pipelines.settings import Settings
 from tests.ingress.conftest import Pipeline, running_pipeline
 from tests.ingress.support import TENANT, open_device, token, unique
@@ -246,3 +249,19 @@ async def test_a_recalled_body_is_never_served_again(
     assert "draft" not in row.event
     for socket_ in (ann_phone, bob_phone):
         await socket_.close()
+
+
+async def test_commands_waiting_for_their_outcome_are_bounded(settings: Settings) -> None:
+    """A flood of removes must not become a flood of store reads: past ``max_settling`` waits,
+    a command is answered at once as not yet in effect (here no store is connected, so every
+    wait runs to its limit)."""
+    reads = Reads(settings)
+    reads.max_settling = 2
+    waits = [asyncio.create_task(reads.settled(TENANT, unique("e"), 1.0)) for _ in range(2)]
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    assert await reads.settled(TENANT, unique("e"), 1.0) is False
+    assert time.monotonic() - started < 0.5
+    assert reads.settling == 2
+    assert await asyncio.gather(*waits) == [False, False]
+    assert reads.settling == 0
