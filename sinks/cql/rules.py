@@ -310,7 +310,7 @@ class Statements:
             "AND device_id = ?"
         )
         #: The statements that write read-access facts: executed before the other writes of
-        #: the same batch, at ``ACCESS_CONSISTENCY`` (``WritePlanner.access``).
+        #: the same batch, at ``ACCESS_CONSISTENCY`` (``CqlSink._flush``).
         self.access = frozenset(
             {
                 self.timeline_recalled,

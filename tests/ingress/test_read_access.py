@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -247,6 +248,41 @@ async def test_a_recalled_body_is_never_served_again(
     row = next(r for r in rows if json.loads(r.event)["event_id"] == message)
     assert (row.recalled, row.edited_event) == (True, None)
     assert "draft" not in row.event
+    for socket_ in (ann_phone, bob_phone):
+        await socket_.close()
+
+
+async def test_a_delete_the_store_does_not_hold_in_time_is_unavailable_then_applied(
+    pipeline: Pipeline,
+) -> None:
+    """With the CQL sink stopped, no outcome comes: the answer is `unavailable` at the limit
+    (recorded, not yet in effect), and the deletion takes effect once the sink catches up."""
+    node_a, node_b = pipeline.gateways
+    ann, bob = unique("ann"), unique("bob")
+    ann_phone, _ = await open_device(node_a, ann)
+    bob_phone, _ = await open_device(node_b, bob)
+    conversation = await group(ann_phone, [bob])
+    await send(ann_phone, conversation, "still here")
+    await stored(bob_phone, conversation, 1)
+    limit = node_a.settings.ingress.access_change_timeout_seconds
+    pipeline.cql_sink.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        answer = await command(
+            ann_phone, {"type": "conversation.delete", "conversation_id": conversation}
+        )
+        waited = time.monotonic() - started
+    finally:
+        pipeline.cql_sink.send_signal(signal.SIGCONT)
+    assert (answer["type"], answer["code"]) == ("error", "unavailable"), answer
+    assert answer["retry_after_ms"] > 0 and "not yet in effect" in answer["message"]
+    assert limit <= waited < limit + 5
+
+    async def closed() -> bool:
+        page = await history(bob_phone, conversation)
+        return page.get("code") == "forbidden"
+
+    await eventually("the deletion in effect after the sink resumed", closed)
     for socket_ in (ann_phone, bob_phone):
         await socket_.close()
 
