@@ -23,7 +23,8 @@ user_conversations     the record's ``sync_id``
 =====================  =============================================================
 
 A few rules need the table's current content: applying a recall or an edit to the message's
-row (its seq: ``messages_by_id``, cached), the previous owner of a group when ownership is handed
+row (its seq: ``messages_by_id``, cached; for a recall, the message's event, stored again without
+its body), the previous owner of a group when ownership is handed
 over, whether the last member left, whether a removed push token is still the device's token,
 the user's last message when it is recalled or edited, and the user's conversations when every
 badge is cleared. Those reads go through :class:`Reads`, whose implementation first completes

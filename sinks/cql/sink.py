@@ -17,7 +17,15 @@ sync_queue             ((tenant, user, sync_id // bucket size), sync_id)      sy
 sync_heads             ((tenant, user))                                       sync events
 user_conversations     ((tenant, user), conversation)                         sync events
 devices                ((tenant, user), device)                               push tokens
+former_members         ((tenant, conversation), user)                         sequenced
+recalled_messages      ((tenant, conversation), message id)                   sequenced
+command_outcomes       ((tenant, command event id))                           both
 =====================  =====================================================  ==============
+
+Read-access facts (a member gone, a group deleted, a message recalled) are written at
+``LOCAL_QUORUM`` before every other write of their batch, and the command's outcome after
+them: an ingress node answers such a command only once its outcome is stored (docs/storage.md,
+"Read access").
 
 Delivery guarantee: **at-least-once delivery into idempotent, order-independent writes, which
 is exactly-once in effect in the tables.** A batch's offsets are committed (synchronously) only
