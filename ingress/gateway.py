@@ -80,6 +80,7 @@ from schemas.events import (
     encode_event,
 )
 from schemas.topics import topic_catalog
+from sinks.cql.rules import ACCESS_EVENT_TYPES
 
 _log = logging.getLogger(__name__)
 
@@ -948,6 +949,20 @@ class Gateway:
         except Exception:
             _log.exception("unexpected error publishing a %s", event.type)
             return error_frame(ErrorCode.INTERNAL, "unexpected server error", command.id)
+        wait = self.ingress.access_change_timeout_seconds
+        # Answered once no read on any node serves what it takes away (ingress/reads.py).
+        if (
+            event.type in ACCESS_EVENT_TYPES
+            and wait > 0
+            and not await self.reads.settled(event.tenant_id, event.event_id, wait)
+        ):
+            return error_frame(
+                ErrorCode.UNAVAILABLE,
+                f"recorded, but not yet in effect for every read after {wait:g} s; "
+                "repeating the command is harmless",
+                command.id,
+                retry_after=self.ingress.unavailable_retry_after_ms,
+            )
         return reply_for(command, event)
 
     async def publish_event(self, event: Event) -> None:

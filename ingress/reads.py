@@ -1,8 +1,13 @@
 """Clients' reads, answered from the serving store: sync, history, the conversation list, who-read.
 
 Both doors use it (the WebSocket's ``sync``/``history``/``conversations``/``who_read`` frames and
-the REST ``GET`` routes). Authorization: a user syncs only their own queue (the principal's), and
-reads a conversation's history and who-read only as a current member (``members`` table).
+the REST ``GET`` routes). Authorization: a user syncs only their own queue (the principal's);
+reads a conversation's history as a current member, or, having been removed or left, up to the
+departure; reads who-read only as a current member; and never reads a deleted conversation.
+Bodies are withheld (``withheld``) wherever they would be served after their message was
+recalled or their conversation deleted: history entries, and sync pages. The facts behind this
+are in the store before the command that made them is answered (:meth:`Reads.settled`,
+docs/storage.md "Read access").
 
 The CQL session is opened in the background at start and re-tried until the cluster answers; until
 then, and whenever a query fails, a read answers ``unavailable`` with a retry hint — a read is
@@ -24,13 +29,15 @@ from pipelines.connections import cql_cluster
 from pipelines.settings import Settings
 from schemas import frames as fr
 from schemas.errors import ErrorCode
-from schemas.events import parse_event
+from schemas.events import Event, MessageEdited, MessageSent, parse_event
+from sinks.cql.rules import withheld
 from sinks.cql.serving import serving_keyspace
 from sinks.cql.store import (
     ConversationRow,
     CursorExpiredError,
     ServingStore,
     StoreUnavailableError,
+    TimelinePage,
     TimelineRow,
 )
 
@@ -47,6 +54,15 @@ RETRY_AFTER_MS: Final = 1000
 #: frames common WebSocket clients accept by default (the Python ``websockets`` library's).
 MAX_PAGE_BYTES: Final = 512 * 1024
 _CONNECT_RETRY_SECONDS: Final = 5.0
+#: The timeline entries that carry a body.
+_BODY_ENTRIES: Final = ("message.sent", "message.edited")
+#: How often :meth:`Reads.settled` asks the store, at first and at most.
+_SETTLE_FIRST_SECONDS: Final = 0.02
+_SETTLE_MAX_SECONDS: Final = 0.2
+#: Commands waiting for their outcome at once on a node: each asks the store up to five times a
+#: second, so a flood of removes (the rate limits let a user send ~40 a second) must not turn
+#: into a flood of reads. One over it is answered at once as not yet in effect.
+MAX_SETTLING: Final = 1024
 
 
 def is_reading(frame: fr.ClientFrame) -> TypeGuard[ReadFrame]:
@@ -61,6 +77,9 @@ class Reads:
         self.store: ServingStore | None = None
         self._cluster: Cluster | None = None
         self._connecting: asyncio.Task[None] | None = None
+        self.max_settling = MAX_SETTLING
+        #: Commands in :meth:`settled` now.
+        self.settling = 0
 
     def start(self) -> None:
         """Connect in the background; reads answer ``unavailable`` until connected."""
@@ -97,6 +116,38 @@ class Reads:
             self._cluster = cluster
             _log.info("serving store connected (keyspace %s)", self.store.keyspace)
             return
+
+    async def settled(self, tenant_id: str, command_event_id: str, seconds: float) -> bool:
+        """Wait until the store holds the outcome of an access-reducing command (remove, leave,
+        delete, recall): applied with its facts, or rejected. False if it does not within
+        ``seconds`` (the stream stage or the CQL sink is behind, the store is down), and at once
+        while ``max_settling`` commands wait already."""
+        if self.settling >= self.max_settling:
+            return False
+        self.settling += 1
+        try:
+            return await self._settled(tenant_id, command_event_id, seconds)
+        finally:
+            self.settling -= 1
+
+    async def _settled(self, tenant_id: str, command_event_id: str, seconds: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        delay = _SETTLE_FIRST_SECONDS
+        while True:
+            store = self.store
+            if store is not None:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        if await store.command_outcome(tenant_id, command_event_id) is not None:
+                            return True
+                except (StoreUnavailableError, TimeoutError) as error:
+                    _log.debug("outcome of %s not readable yet: %r", command_event_id, error)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, _SETTLE_MAX_SECONDS)
 
     async def answer(self, principal: Principal, frame: ReadFrame) -> fr.ServerFrame:
         """The reply to one read; never raises."""
@@ -137,6 +188,7 @@ class Reads:
             except Exception:
                 # A row the store holds but this build cannot read: skip it, say so loudly.
                 _log.exception("sync entry %d of %s unreadable", row.sync_id, principal.user_id)
+        events = await _withhold_synced(store, principal.tenant_id, events)
         if cut:
             return fr.SyncPage(
                 id=frame.id, events=events, has_more=True, next_cursor=rows[-1].sync_id
@@ -148,15 +200,21 @@ class Reads:
     async def _history(
         self, store: ServingStore, principal: Principal, frame: fr.History
     ) -> fr.HistoryPage | fr.ErrorFrame:
-        if not await store.is_member(principal.tenant_id, frame.conversation_id, principal.user_id):
-            return _not_a_member(frame.id, frame.conversation_id)
-        page = await store.history(
-            principal.tenant_id,
-            frame.conversation_id,
-            before=frame.before_seq,
-            after=frame.after_seq,
-            limit=frame.limit,
-        )
+        tenant, conversation = principal.tenant_id, frame.conversation_id
+        access = await store.read_access(tenant, conversation, principal.user_id)
+        if access is None:
+            return _not_a_member(frame.id, conversation)
+        until = access.until_seq
+        if until is None:
+            page = await store.history(
+                tenant,
+                conversation,
+                before=frame.before_seq,
+                after=frame.after_seq,
+                limit=frame.limit,
+            )
+        else:
+            page = await _history_until(store, tenant, conversation, frame, until)
         # Scrolling forward keeps the oldest entries (the next page follows on from the last),
         # back or the latest keeps the newest (the next page is before the first).
         rows, cut = _within_budget(
@@ -164,10 +222,15 @@ class Reads:
             lambda row: len(row.event) + len(row.edited_event or ""),
             keep="first" if frame.after_seq is not None else "last",
         )
+        recalled = await store.recalled(
+            tenant,
+            conversation,
+            {row.message_id for row in rows if row.message_id and row.entry_type in _BODY_ENTRIES},
+        )
         return fr.HistoryPage(
             id=frame.id,
-            conversation_id=frame.conversation_id,
-            entries=[_entry(row) for row in rows],
+            conversation_id=conversation,
+            entries=[_entry(row, recalled) for row in rows],
             has_more=page.has_more or cut,
         )
 
@@ -188,6 +251,7 @@ class Reads:
     async def _who_read(
         self, store: ServingStore, principal: Principal, frame: fr.WhoRead
     ) -> fr.ReadBy | fr.ErrorFrame:
+        # Current members only (a former member's position in who-read is no longer theirs).
         if not await store.is_member(principal.tenant_id, frame.conversation_id, principal.user_id):
             return _not_a_member(frame.id, frame.conversation_id)
         readers = await store.who_read(principal.tenant_id, frame.conversation_id, frame.seq)
@@ -219,13 +283,77 @@ def _within_budget(
     return (kept if keep == "first" else kept[::-1]), cut
 
 
-def _entry(row: TimelineRow) -> fr.TimelineEntry:
+async def _history_until(
+    store: ServingStore, tenant_id: str, conversation_id: str, frame: fr.History, until: int
+) -> TimelinePage:
+    """A former member's page: the entries up to ``until`` (the departure), none after."""
+    if frame.after_seq is not None:
+        if frame.after_seq >= until:
+            return TimelinePage(rows=[], has_more=False)
+        page = await store.history(
+            tenant_id, conversation_id, before=None, after=frame.after_seq, limit=frame.limit
+        )
+        rows = [row for row in page.rows if row.seq <= until]
+        ends = len(rows) < len(page.rows) or (bool(rows) and rows[-1].seq >= until)
+        return TimelinePage(rows=rows, has_more=page.has_more and not ends)
+    before = until + 1 if frame.before_seq is None else min(frame.before_seq, until + 1)
+    return await store.history(
+        tenant_id, conversation_id, before=before, after=None, limit=frame.limit
+    )
+
+
+def _entry(row: TimelineRow, recalled: set[str]) -> fr.TimelineEntry:
+    event = parse_event(row.event)
+    if row.message_id in recalled and row.entry_type in _BODY_ENTRIES:
+        # Recalled: the store's row may not show it yet, the body never goes out again.
+        return fr.TimelineEntry(
+            seq=row.seq, event=withheld(event), recalled=row.entry_type == "message.sent"
+        )
     return fr.TimelineEntry(
         seq=row.seq,
-        event=parse_event(row.event),
+        event=event,
         recalled=row.recalled,
         edited=parse_event(row.edited_event) if row.edited_event else None,
     )
+
+
+async def _withhold_synced(
+    store: ServingStore, tenant_id: str, events: list[fr.SyncedEvent]
+) -> list[fr.SyncedEvent]:
+    """``events`` with the bodies of recalled messages (and their edits) and of deleted
+    conversations withheld: one recall and one deletion lookup per conversation with bodies on
+    the page, all at once."""
+    by_conversation: dict[str, set[str]] = {}
+    for synced in events:
+        body = _body_of(synced.event)
+        if body is not None:
+            by_conversation.setdefault(body[0], set()).add(body[1])
+    if not by_conversation:
+        return events
+    conversations = list(by_conversation)
+    recalls, deletions = await asyncio.gather(
+        asyncio.gather(*(store.recalled(tenant_id, c, by_conversation[c]) for c in conversations)),
+        asyncio.gather(*(store.deleted(tenant_id, c) for c in conversations)),
+    )
+    recalled = {message for found in recalls for message in found}
+    deleted = {c for c, gone in zip(conversations, deletions, strict=True) if gone}
+    kept = []
+    for synced in events:
+        body = _body_of(synced.event)
+        if body is not None and (body[0] in deleted or body[1] in recalled):
+            kept.append(fr.SyncedEvent(sync_id=synced.sync_id, event=withheld(synced.event)))
+        else:
+            kept.append(synced)
+    return kept
+
+
+def _body_of(event: Event) -> tuple[str, str] | None:
+    """(conversation, message id) of an event that carries a body, else None."""
+    if isinstance(event, MessageSent):
+        return event.payload.conversation_id, event.event_id
+    if isinstance(event, MessageEdited):
+        return event.payload.conversation_id, event.payload.message_id
+    return None
 
 
 def _item(row: ConversationRow) -> fr.ConversationItem:

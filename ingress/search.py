@@ -1,11 +1,13 @@
 """Users' message search: authorized here like history reads, answered by the ClickHouse owner.
 
 The ingress decides what the user may search, exactly as it decides what history the user may
-read (``ingress.reads``): the conversations the user is a member of — one named conversation is
-checked in the ``members`` table and refused with history's ``forbidden`` when the user is not
-a member; without one, every conversation of the user's conversation list — and within each the
-seqs the user may read, which today is the whole timeline ``[1, ∞)`` (history gives a member
-every entry). That scope, a list of ``(conversation, from_seq, to_seq)``, goes with the query to
+read (``ingress.reads``): the conversations the user may read — one named conversation is
+checked as history checks it (``ServingStore.read_access``) and refused with history's
+``forbidden`` when the user may not read it; without one, every conversation of the user's
+conversation list — and within each the seqs the user may read: the whole timeline ``[1, ∞)``
+for a member, ``[1, departure]`` for a former member. Hits of messages recalled meanwhile are
+dropped here (the serving store has the recall before it is answered; the audit a moment
+later). That scope, a list of ``(conversation, from_seq, to_seq)``, goes with the query to
 the search API of the process that owns ClickHouse (``POST /v1/search/scoped`` on
 ``IM_INGRESS__ANALYTICS_URL``); ClickHouse never decides who may read what. The ingress speaks
 there as itself: a token it signs per search with its service key (``IM_SERVICE_AUTH__*``, role
@@ -41,7 +43,7 @@ from sinks.clickhouse.search_query import (
     SearchErrorCode,
     parse_query,
 )
-from sinks.cql.store import StoreUnavailableError
+from sinks.cql.store import ServingStore, StoreUnavailableError
 
 _log = logging.getLogger(__name__)
 
@@ -113,26 +115,28 @@ class UserSearch:
         tenant, user = principal.tenant_id, principal.user_id
         try:
             if conversation_id is not None:
-                if not await store.is_member(tenant, conversation_id, user):
+                # History's check: a former member up to the departure, a deleted group never.
+                access = await store.read_access(tenant, conversation_id, user)
+                if access is None:
                     return fr.ErrorFrame(
                         id=request_id,
                         code=ErrorCode.FORBIDDEN,
                         message=f"only members read conversation {conversation_id}",
                     )
-                conversations = [conversation_id]
+                scope = [(conversation_id, access.until_seq)]
             else:
                 rows = await store.conversations(tenant, user, limit=MAX_SCOPE)
-                conversations = [row.conversation_id for row in rows]
+                # A member reads a conversation's whole timeline (as history does).
+                scope = [(row.conversation_id, None) for row in rows]
         except StoreUnavailableError as error:
             return _unavailable(request_id, f"the serving store did not answer ({error})")
         body = {
             "q": q,
             "limit": limit,
             "cursor": cursor,
-            # A member reads a conversation's whole timeline (as history does).
             "scope": [
-                {"conversation_id": conversation, "from_seq": 1, "to_seq": None}
-                for conversation in conversations
+                {"conversation_id": conversation, "from_seq": 1, "to_seq": until}
+                for conversation, until in scope
             ],
         }
         try:
@@ -142,10 +146,15 @@ class UserSearch:
             _log.warning("search at %s failed: %s", self.url, error)
             return _unavailable(request_id, f"the search service did not answer ({error})")
         if status == 200:
+            hits = [SearchHit.model_validate(hit) for hit in answer.get("hits", [])]
+            try:
+                hits = await _not_recalled(store, tenant, hits)
+            except StoreUnavailableError as error:
+                return _unavailable(request_id, f"the serving store did not answer ({error})")
             return SearchResults(
                 id=request_id,
                 query=str(answer.get("query", q)),
-                hits=[SearchHit.model_validate(hit) for hit in answer.get("hits", [])],
+                hits=hits,
                 next_cursor=answer.get("next_cursor"),
             )
         code = str(answer.get("code", ""))
@@ -170,6 +179,22 @@ class UserSearch:
         if not isinstance(answer, dict):
             raise ValueError(f"the search service answered {type(answer).__name__}, not an object")
         return response.status_code, answer
+
+
+async def _not_recalled(
+    store: ServingStore, tenant_id: str, hits: list[SearchHit]
+) -> list[SearchHit]:
+    """``hits`` without recalled messages: the audit drops them with the ClickHouse sink's lag,
+    the serving store holds the recall before the recall is answered (one lookup per
+    conversation of the page)."""
+    by_conversation: dict[str, set[str]] = {}
+    for hit in hits:
+        by_conversation.setdefault(hit.conversation_id, set()).add(hit.message_id)
+    found = await asyncio.gather(
+        *(store.recalled(tenant_id, c, ids) for c, ids in by_conversation.items())
+    )
+    recalled = {message for messages in found for message in messages}
+    return [hit for hit in hits if hit.message_id not in recalled]
 
 
 def _invalid(request_id: str, error: SearchError) -> fr.ErrorFrame:

@@ -290,6 +290,13 @@ class IngressSettings(_Group):
     #: The CA bundle (PEM) an ``https://`` analytics_url is verified with; default the system's.
     analytics_ca_path: Path | None = None
     search_timeout_seconds: Annotated[float, Field(gt=0)] = 5.0
+    access_change_timeout_seconds: Annotated[float, Field(ge=0)] = Field(
+        default=10.0,
+        description="How long a remove, leave, delete or recall waits, once in Kafka, for the "
+        "serving store to hold its outcome before it is answered (from then on no read on any "
+        "node serves what it took away); past it the answer is unavailable. 0: answer once in "
+        "Kafka, without the guarantee (a gateway with no pipeline behind it)",
+    )
     close_timeout_seconds: Annotated[float, Field(gt=0)] = Field(
         default=10.0,
         description="How long a closed socket's peer gets to read what is left and answer the "

@@ -278,7 +278,21 @@ class MediaBody(TaggedModel):
     thumbnail_url: Url | None = None
 
 
-MessageBody = Annotated[TextBody | CustomBody | MediaBody, Field(discriminator="type")]
+class WithheldBody(TaggedModel):
+    """What the read side serves instead of a body it no longer gives out: the message was
+    recalled, or its conversation deleted. Never sent by a client (a ``send`` or ``edit`` with it
+    is ``schema-invalid``) and never on a topic: the serving store holds it in place of a
+    recalled message's body, and the reads put it in place of every body they withhold."""
+
+    type: Literal["withheld"] = "withheld"
+
+
+#: The bodies a client sends.
+ClientBody = Annotated[TextBody | CustomBody | MediaBody, Field(discriminator="type")]
+#: The bodies an event may carry: a client's, or withheld by the read side.
+MessageBody = Annotated[
+    TextBody | CustomBody | MediaBody | WithheldBody, Field(discriminator="type")
+]
 
 
 class Actor(WireModel):
@@ -470,6 +484,11 @@ class ConversationMemberAdded(EventEnvelope[ConversationMemberAddedPayload]):
 class ConversationMemberRemovedPayload(WireModel):
     conversation_id: ConversationId
     user_id: UserId
+    last_seq: NonNegativeInt | None = Field(
+        default=None,
+        description="The conversation's last seq when the member went; set by the sequencer: "
+        "the former member still reads the history up to it, and nothing after it",
+    )
 
 
 class ConversationMemberRemoved(EventEnvelope[ConversationMemberRemovedPayload]):
@@ -491,6 +510,11 @@ class ConversationMemberRoleChanged(EventEnvelope[ConversationMemberRoleChangedP
 class ConversationLeftPayload(WireModel):
     conversation_id: ConversationId
     user_id: UserId
+    last_seq: NonNegativeInt | None = Field(
+        default=None,
+        description="The conversation's last seq when the member went; set by the sequencer: "
+        "the former member still reads the history up to it, and nothing after it",
+    )
 
 
 class ConversationLeft(EventEnvelope[ConversationLeftPayload]):

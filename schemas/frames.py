@@ -34,6 +34,7 @@ from schemas.events import (
     MAX_INT64,
     MAX_MEMBERS_PER_EVENT,
     MAX_SEQ,
+    ClientBody,
     ClientMsgId,
     ConversationId,
     ConversationKind,
@@ -42,7 +43,6 @@ from schemas.events import (
     EventId,
     Id,
     Locale,
-    MessageBody,
     MutedUntil,
     Name,
     NodeId,
@@ -106,7 +106,7 @@ class Send(ClientCommand):
     client_msg_id: Annotated[
         ClientMsgId, Field(description="Chosen by the client; a retry reuses it")
     ]
-    body: MessageBody
+    body: ClientBody
 
 
 class Recall(ClientCommand):
@@ -119,7 +119,7 @@ class Edit(ClientCommand):
     type: Literal["edit"] = "edit"
     conversation_id: ConversationId
     message_id: EventId
-    body: MessageBody
+    body: ClientBody
 
 
 class Read(ClientCommand):

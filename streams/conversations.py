@@ -654,7 +654,9 @@ def _remove_member(
         return _reject(command, requester, RejectReason.NOT_ALLOWED)
     changes: dict[str, Role | None] = {user: None}
     members = MemberChanges(state.members, changes)
-    return _changed(replace(state, members=members), command, state.members, changes)
+    return _changed(
+        replace(state, members=members), _until_now(state, command), state.members, changes
+    )
 
 
 def _change_role(
@@ -693,7 +695,20 @@ def _leave(state: ConversationState, command: ConversationLeft, requester: str) 
     members = MemberChanges(state.members, changes)
     deleted = not members
     return _changed(
-        replace(state, members=members, deleted=deleted), command, state.members, changes
+        replace(state, members=members, deleted=deleted),
+        _until_now(state, command),
+        state.members,
+        changes,
+    )
+
+
+def _until_now(
+    state: ConversationState, command: ConversationMemberRemoved | ConversationLeft
+) -> Event:
+    """The departure stamped with the conversation's last seq: the former member reads the
+    history up to it, and nothing after it (docs/storage.md, "Read access")."""
+    return command.model_copy(
+        update={"payload": command.payload.model_copy(update={"last_seq": state.last_seq})}
     )
 
 

@@ -15,12 +15,16 @@ messages_by_id         the message's seq
 read_positions         the read seq (the highest read wins; an older one never moves it back)
 conversations, members the event's ``occurred_at`` in microseconds
 devices                the event's ``occurred_at`` in microseconds
+former_members         the event's ``occurred_at`` in microseconds (the ``members`` domain)
+command_outcomes       the event's ``occurred_at`` in microseconds
+recalled_messages      the recall's seq
 sync_queue, sync_heads the record's ``sync_id`` (the head: the highest wins)
 user_conversations     the record's ``sync_id``
 =====================  =============================================================
 
 A few rules need the table's current content: applying a recall or an edit to the message's
-row (its seq: ``messages_by_id``, cached), the previous owner of a group when ownership is handed
+row (its seq: ``messages_by_id``, cached; for a recall, the message's event, stored again without
+its body), the previous owner of a group when ownership is handed
 over, whether the last member left, whether a removed push token is still the device's token,
 the user's last message when it is recalled or edited, and the user's conversations when every
 badge is cleared. Those reads go through :class:`Reads`, whose implementation first completes
@@ -37,11 +41,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from cassandra import ConsistencyLevel
 from cassandra.cluster import Session
 from cassandra.query import UNSET_VALUE, BoundStatement, PreparedStatement
 from pydantic_core import from_json, to_json
 
 from schemas.events import (
+    CommandRejected,
     ConversationAdvanced,
     ConversationCreated,
     ConversationDeleted,
@@ -63,6 +69,9 @@ from schemas.events import (
     Role,
     SyncRecord,
     TextBody,
+    WithheldBody,
+    encode_event,
+    parse_event,
 )
 
 log = logging.getLogger(__name__)
@@ -73,6 +82,24 @@ CUSTOM_PREVIEW = "[custom]"
 RECALLED_PREVIEW = "[recalled]"
 #: Message positions (message id → conversation, seq) remembered for recalls and edits.
 MESSAGE_CACHE_SIZE = 100_000
+#: The events that take read access away (docs/storage.md, "Read access"): their facts are
+#: written at ``ACCESS_CONSISTENCY`` before anything after them, and their command's outcome is
+#: recorded for the ingress that waits to answer it.
+ACCESS_EVENT_TYPES = frozenset(
+    {
+        "conversation.member_removed",
+        "conversation.left",
+        "conversation.deleted",
+        "message.recalled",
+    }
+)
+#: A quorum of the local data centre's replicas: a fact written so is seen by every read made
+#: so, whichever replicas answer.
+ACCESS_CONSISTENCY = ConsistencyLevel.LOCAL_QUORUM
+#: How long a command's outcome is kept: its ingress waits seconds for it.
+OUTCOME_TTL_SECONDS = 24 * 3600
+APPLIED = "applied"
+REJECTED = "rejected"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -89,7 +116,20 @@ def preview(body: MessageBody) -> str:
         return body.text[:PREVIEW_CHARS]
     if isinstance(body, MediaBody):
         return MEDIA_PREVIEW
+    if isinstance(body, WithheldBody):
+        return RECALLED_PREVIEW
     return CUSTOM_PREVIEW
+
+
+def withheld(event: Event) -> Event:
+    """``event`` without the body it carries (a message or an edit), else ``event`` itself."""
+    if isinstance(event, MessageSent | MessageEdited) and not isinstance(
+        event.payload.body, WithheldBody
+    ):
+        return event.model_copy(
+            update={"payload": event.payload.model_copy(update={"body": WithheldBody()})}
+        )
+    return event
 
 
 def creation_role(event: ConversationCreated, user_id: str) -> Role:
@@ -130,6 +170,8 @@ class Reads(Protocol):
 
     def device_token(self, tenant_id: str, user_id: str, device_id: str) -> str | None: ...
 
+    def timeline_event(self, tenant_id: str, conversation_id: str, seq: int) -> str | None: ...
+
 
 class Statements:
     """Every statement of the sink, prepared once against ``keyspace``."""
@@ -147,6 +189,26 @@ class Statements:
         self.timeline_recalled = prepare(
             "UPDATE {ks}.timeline USING TIMESTAMP ? SET recalled = true, recalled_seq = ? "
             "WHERE tenant_id = ? AND conversation_id = ? AND bucket = ? AND seq = ?"
+        )
+        self.timeline_withheld = prepare(
+            "UPDATE {ks}.timeline USING TIMESTAMP ? SET event = ?, edited_event = null "
+            "WHERE tenant_id = ? AND conversation_id = ? AND bucket = ? AND seq = ?"
+        )
+        self.select_timeline_event = prepare(
+            "SELECT event FROM {ks}.timeline "
+            "WHERE tenant_id = ? AND conversation_id = ? AND bucket = ? AND seq = ?"
+        )
+        self.recalled_message = prepare(
+            "INSERT INTO {ks}.recalled_messages (tenant_id, conversation_id, message_id, "
+            "recall_seq) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
+        )
+        self.former_member = prepare(
+            "INSERT INTO {ks}.former_members (tenant_id, conversation_id, user_id, until_seq) "
+            "VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
+        )
+        self.command_outcome = prepare(
+            "INSERT INTO {ks}.command_outcomes (tenant_id, command_event_id, outcome) "
+            "VALUES (?, ?, ?) USING TTL ? AND TIMESTAMP ?"
         )
         self.timeline_edited = prepare(
             "UPDATE {ks}.timeline USING TIMESTAMP ? SET edited_event = ?, edited_seq = ? "
@@ -248,6 +310,20 @@ class Statements:
             "SELECT push_token FROM {ks}.devices WHERE tenant_id = ? AND user_id = ? "
             "AND device_id = ?"
         )
+        #: The statements that write read-access facts: executed before the other writes of
+        #: the same batch, at ``ACCESS_CONSISTENCY`` (``CqlSink._flush``).
+        self.access = frozenset(
+            {
+                self.timeline_recalled,
+                self.timeline_withheld,
+                self.recalled_message,
+                self.former_member,
+                self.member_gone,
+                self.conversation_deleted,
+            }
+        )
+        #: The statements written and read at ``ACCESS_CONSISTENCY``.
+        self.quorum = self.access | {self.command_outcome}
 
 
 def _or_unset(value: Any) -> Any:
@@ -314,7 +390,10 @@ class WritePlanner:
             case ConversationMemberRemoved() | ConversationLeft():
                 return self._member_gone(event)
             case ConversationDeleted():
-                return [self._deleted(event.tenant_id, event.payload.conversation_id, event)]
+                return [
+                    self._deleted(event.tenant_id, event.payload.conversation_id, event),
+                    self._outcome(event.tenant_id, event.event_id, APPLIED, event),
+                ]
             case ReceiptRead():
                 read = event.payload
                 return [
@@ -364,6 +443,12 @@ class WritePlanner:
                 )
             )
             return writes
+        if isinstance(event, MessageRecalled):
+            # Whether or not the message's row is found: every read withholds its body from now.
+            writes.append(
+                self.s.recalled_message.bind((tenant, conversation, message_id, seq, seq))
+            )
+            writes.append(self._outcome(tenant, event.event_id, APPLIED, event))
         position = self._position(tenant, message_id)
         if position is None or position[0] != conversation:
             self.skipped += 1
@@ -383,6 +468,12 @@ class WritePlanner:
         where = (tenant, conversation, target_seq // self.timeline_bucket_size, target_seq)
         if isinstance(event, MessageRecalled):
             writes.append(self.s.timeline_recalled.bind((seq, seq, *where)))
+            original = self.reads.timeline_event(tenant, conversation, target_seq)
+            if original is not None:
+                # The stored body goes for good: the row keeps the message without it (the
+                # recall's timestamp wins over the message's, replayed or not), and the edit.
+                redacted = encode_event(withheld(parse_event(original))).decode()
+                writes.append(self.s.timeline_withheld.bind((seq, redacted, *where)))
         else:
             writes.append(self.s.timeline_edited.bind((seq, raw, seq, *where)))
         return writes
@@ -458,11 +549,19 @@ class WritePlanner:
         self, event: ConversationMemberRemoved | ConversationLeft
     ) -> list[BoundStatement]:
         p = event.payload
+        at = micros(event.occurred_at)
         writes = [
-            self.s.member_gone.bind(
-                (micros(event.occurred_at), event.tenant_id, p.conversation_id, p.user_id)
-            )
+            self.s.member_gone.bind((at, event.tenant_id, p.conversation_id, p.user_id)),
+            self._outcome(event.tenant_id, event.event_id, APPLIED, event),
         ]
+        if p.last_seq is not None:
+            # The former member reads the history up to the departure (events sequenced before
+            # this version carry no seq: such a member reads nothing, as before).
+            writes.append(
+                self.s.former_member.bind(
+                    (event.tenant_id, p.conversation_id, p.user_id, p.last_seq, at)
+                )
+            )
         if isinstance(event, ConversationLeft):
             # The last member leaving deletes the conversation (streams.conversations._leave).
             others = [
@@ -473,6 +572,12 @@ class WritePlanner:
             if not others:
                 writes.append(self._deleted(event.tenant_id, p.conversation_id, event))
         return writes
+
+    def _outcome(self, tenant_id: str, event_id: str, outcome: str, event: Event) -> BoundStatement:
+        """The outcome of the command ``event_id``, for the ingress that waits to answer it."""
+        return self.s.command_outcome.bind(
+            (tenant_id, event_id, outcome, OUTCOME_TTL_SECONDS, micros(event.occurred_at))
+        )
 
     def _deleted(self, tenant_id: str, conversation_id: str, event: Event) -> BoundStatement:
         return self.s.conversation_deleted.bind(
@@ -525,6 +630,9 @@ class WritePlanner:
                 )
             )
         writes.extend(self._conversation_list(record))
+        if isinstance(event, CommandRejected) and event.payload.command_type in ACCESS_EVENT_TYPES:
+            # A refused remove, leave, delete or recall: its ingress answers at once.
+            writes.append(self._outcome(tenant, event.payload.command_event_id, REJECTED, event))
         return writes
 
     def _conversation_list(self, record: SyncRecord) -> list[BoundStatement]:

@@ -17,7 +17,15 @@ sync_queue             ((tenant, user, sync_id // bucket size), sync_id)      sy
 sync_heads             ((tenant, user))                                       sync events
 user_conversations     ((tenant, user), conversation)                         sync events
 devices                ((tenant, user), device)                               push tokens
+former_members         ((tenant, conversation), user)                         sequenced
+recalled_messages      ((tenant, conversation), message id)                   sequenced
+command_outcomes       ((tenant, command event id))                           both
 =====================  =====================================================  ==============
+
+Read-access facts (a member gone, a group deleted, a message recalled) are written at
+``LOCAL_QUORUM`` before every other write of their batch, and the command's outcome after
+them: an ingress node answers such a command only once its outcome is stored (docs/storage.md,
+"Read access").
 
 Delivery guarantee: **at-least-once delivery into idempotent, order-independent writes, which
 is exactly-once in effect in the tables.** A batch's offsets are committed (synchronously) only
@@ -68,7 +76,13 @@ from schemas.errors import SchemaError, schema_error
 from schemas.events import Event, SyncRecord, parse_event
 from schemas.topics import Topic, TopicCatalog, topic_catalog
 from sinks.cql.migrate import MigrationError, check_keyspace_name, migrate
-from sinks.cql.rules import MemberRow, Statements, UserConversationRow, WritePlanner
+from sinks.cql.rules import (
+    ACCESS_CONSISTENCY,
+    MemberRow,
+    Statements,
+    UserConversationRow,
+    WritePlanner,
+)
 from sinks.cql.serving import serving_keyspace, sink_group
 from sinks.cql.writer import Backoff, CqlWriter, PlannedWrite, is_transient, refusal_code
 from streams.processors import PROCESSING_FAILED, dead_letter
@@ -169,6 +183,8 @@ class CqlSink:
         )
         #: Writes planned for the current batch and not yet executed.
         self._pending: list[PlannedWrite] = []
+        #: Planned writes of read-access facts: executed before ``_pending`` (rules.py).
+        self._pending_access: list[PlannedWrite] = []
         self._batch: list[InputRecord] = []
         self._refused: dict[int, tuple[str, str]] = {}
         #: Records polled while paused (should librdkafka hand any over): the next batch's start.
@@ -280,10 +296,11 @@ class CqlSink:
         loop commits; a replay keeps its own cursor). Returns how many were dead-lettered."""
         self._batch = records
         self._pending = []
+        self._pending_access = []
         self._refused = {}
         poison: list[_Poison] = []
         heads: list[PlannedWrite] = []
-        head_statement = self.planner.s.sync_head
+        statements = self.planner.s
         for index, record in enumerate(records):
             try:
                 writes = self._plan(record)
@@ -291,8 +308,13 @@ class CqlSink:
                 poison.append(_Poison(record, error.source, error.code, error.message))
                 continue
             for statement in writes:
-                if statement.prepared_statement is head_statement:
+                prepared = statement.prepared_statement
+                if prepared in statements.quorum:
+                    statement.consistency_level = ACCESS_CONSISTENCY
+                if prepared is statements.sync_head:
                     heads.append(PlannedWrite(statement, index))
+                elif prepared in statements.access:
+                    self._pending_access.append(PlannedWrite(statement, index))
                 else:
                     self._pending.append(PlannedWrite(statement, index))
         self._flush()
@@ -346,8 +368,18 @@ class CqlSink:
             raise _PoisonError(source, PROCESSING_FAILED, repr(error)) from error
 
     def _flush(self) -> None:
-        """Execute the pending writes (retrying transient failures); note refused records."""
+        """Execute the pending writes (retrying transient failures); note refused records.
+
+        Read-access facts (a member gone, a group deleted, a message recalled) first, then the
+        rest: a reader never finds a timeline entry sequenced after such a fact while the fact
+        itself is not yet in the store, and a command's outcome is written only once its facts
+        are (docs/storage.md, "Read access")."""
+        self._execute(self._pending_access)
+        self._pending_access = []
         pending, self._pending = self._pending, []
+        self._execute(pending)
+
+    def _execute(self, pending: list[PlannedWrite]) -> None:
         if not pending:
             return
         for write, error in self.writer.execute(pending):
@@ -633,6 +665,13 @@ class _SinkReads:
     def device_token(self, tenant_id: str, user_id: str, device_id: str) -> str | None:
         rows = self.sink._read(self.s.select_device.bind((tenant_id, user_id, device_id)))
         return str(rows[0].push_token) if rows and rows[0].push_token is not None else None
+
+    def timeline_event(self, tenant_id: str, conversation_id: str, seq: int) -> str | None:
+        bucket = seq // self.sink.planner.timeline_bucket_size
+        rows = self.sink._read(
+            self.s.select_timeline_event.bind((tenant_id, conversation_id, bucket, seq))
+        )
+        return str(rows[0].event) if rows and rows[0].event is not None else None
 
 
 def _parse_sync(raw: bytes) -> SyncRecord:

@@ -12,6 +12,11 @@ walk the bucketed partitions in order:
   The sink moves a user's head only once every entry up to it is written, and pages stop at the
   head: a device never pages past an entry that is still on its way.
 
+Read access (docs/storage.md, "Read access") is decided from facts the CQL sink writes at
+``LOCAL_QUORUM`` before anything sequenced after them, and read here at ``LOCAL_QUORUM``: a
+member gone (``former_members``: the history up to the departure), a deleted conversation, a
+recalled message (``recalled_messages``: its body and its edits' are withheld).
+
 The driver's futures are bridged to asyncio; a store that cannot reach the cluster raises
 :class:`StoreUnavailableError` and the ingress answers ``unavailable`` with a retry hint.
 """
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -31,7 +36,7 @@ from cassandra.query import PreparedStatement
 from pipelines.settings import Settings
 from schemas.errors import SchemaError
 from schemas.events import MessageEdited, MessageSent, parse_event
-from sinks.cql.rules import RECALLED_PREVIEW, preview
+from sinks.cql.rules import ACCESS_CONSISTENCY, RECALLED_PREVIEW, preview
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 #: Empty sync buckets a page walks over before it declares the cursor's entries expired.
@@ -52,9 +57,19 @@ class CursorExpiredError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class ReadAccess:
+    """What a user may read of a conversation: the whole timeline (``until_seq`` None), or,
+    having been removed or left, the entries up to ``until_seq``."""
+
+    until_seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class TimelineRow:
     seq: int
     entry_type: str
+    #: The message the entry is or concerns (a recall's or an edit's target).
+    message_id: str | None
     event: str
     """The sequenced event's JSON, as on ``im.messages.sequenced``."""
     recalled: bool
@@ -122,13 +137,13 @@ class ServingStore:
         self.keyspace = keyspace
         prepare = session.prepare
         self._timeline_before = prepare(
-            f"SELECT seq, entry_type, event, recalled, recalled_seq, edited_event, edited_seq "
-            f"FROM {keyspace}.timeline WHERE tenant_id = ? AND conversation_id = ? "
+            f"SELECT seq, entry_type, message_id, event, recalled, recalled_seq, edited_event, "
+            f"edited_seq FROM {keyspace}.timeline WHERE tenant_id = ? AND conversation_id = ? "
             f"AND bucket = ? AND seq < ? ORDER BY seq DESC LIMIT ?"
         )
         self._timeline_after = prepare(
-            f"SELECT seq, entry_type, event, recalled, recalled_seq, edited_event, edited_seq "
-            f"FROM {keyspace}.timeline WHERE tenant_id = ? AND conversation_id = ? "
+            f"SELECT seq, entry_type, message_id, event, recalled, recalled_seq, edited_event, "
+            f"edited_seq FROM {keyspace}.timeline WHERE tenant_id = ? AND conversation_id = ? "
             f"AND bucket = ? AND seq > ? ORDER BY seq ASC LIMIT ?"
         )
         self._sync = prepare(
@@ -156,10 +171,69 @@ class ServingStore:
             f"SELECT user_id, read_seq, read_at FROM {keyspace}.read_positions "
             f"WHERE tenant_id = ? AND conversation_id = ?"
         )
+        self._former = prepare(
+            f"SELECT until_seq FROM {keyspace}.former_members WHERE tenant_id = ? "
+            f"AND conversation_id = ? AND user_id = ?"
+        )
+        self._recalled = prepare(
+            f"SELECT message_id FROM {keyspace}.recalled_messages WHERE tenant_id = ? "
+            f"AND conversation_id = ? AND message_id IN ?"
+        )
+        self._outcome = prepare(
+            f"SELECT outcome FROM {keyspace}.command_outcomes WHERE tenant_id = ? "
+            f"AND command_event_id = ?"
+        )
+        for statement in (
+            self._member,
+            self._conversation,
+            self._former,
+            self._recalled,
+            self._outcome,
+        ):
+            statement.consistency_level = ACCESS_CONSISTENCY
 
     async def is_member(self, tenant_id: str, conversation_id: str, user_id: str) -> bool:
-        rows = await self._run(self._member, (tenant_id, conversation_id, user_id))
-        return bool(rows)
+        """Whether the user is a current member of a conversation that is not deleted."""
+        access = await self.read_access(tenant_id, conversation_id, user_id)
+        return access is not None and access.until_seq is None
+
+    async def read_access(
+        self, tenant_id: str, conversation_id: str, user_id: str
+    ) -> ReadAccess | None:
+        """What ``user_id`` may read of the conversation; None: nothing (never a member, or the
+        conversation is deleted)."""
+        member, conversation, former = await asyncio.gather(
+            self._run(self._member, (tenant_id, conversation_id, user_id)),
+            self._run(self._conversation, (tenant_id, conversation_id)),
+            self._run(self._former, (tenant_id, conversation_id, user_id)),
+        )
+        if conversation and conversation[0].deleted:
+            return None
+        if member:
+            return ReadAccess()
+        if former and former[0].until_seq is not None:
+            return ReadAccess(until_seq=int(former[0].until_seq))
+        return None
+
+    async def deleted(self, tenant_id: str, conversation_id: str) -> bool:
+        """Whether the conversation was deleted."""
+        rows = await self._run(self._conversation, (tenant_id, conversation_id))
+        return bool(rows and rows[0].deleted)
+
+    async def recalled(
+        self, tenant_id: str, conversation_id: str, message_ids: Collection[str]
+    ) -> set[str]:
+        """Which of ``message_ids`` (of one conversation) were recalled: one partition read."""
+        if not message_ids:
+            return set()
+        rows = await self._run(self._recalled, (tenant_id, conversation_id, sorted(message_ids)))
+        return {str(row.message_id) for row in rows}
+
+    async def command_outcome(self, tenant_id: str, command_event_id: str) -> str | None:
+        """``applied`` or ``rejected`` once the store holds an access-reducing command's
+        outcome (its facts first), else None."""
+        rows = await self._run(self._outcome, (tenant_id, command_event_id))
+        return str(rows[0].outcome) if rows else None
 
     async def history(
         self,
@@ -403,6 +477,7 @@ def _timeline_row(row: Any) -> TimelineRow:
     return TimelineRow(
         seq=int(row.seq),
         entry_type=row.entry_type,
+        message_id=row.message_id,
         event=row.event,
         recalled=bool(row.recalled),
         recalled_seq=row.recalled_seq,

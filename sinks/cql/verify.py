@@ -27,6 +27,8 @@ SERVING_TABLES = (
     "sync_heads",
     "user_conversations",
     "devices",
+    "former_members",
+    "recalled_messages",
 )
 _MODULUS = 1 << 256
 PAGE_ROWS = 2000

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from schemas.events import CustomBody, MediaBody, PushJob, PushProvider, TextBody
+from schemas.events import CustomBody, MediaBody, PushJob, PushProvider, TextBody, WithheldBody
 from sinks.push.policy import Delivery, PushDecision
 from sinks.push.proof import CHALLENGE_DEVICE_KEY, CHALLENGE_KEY
 
@@ -215,5 +215,5 @@ def _preview(job: PushJob, templates: dict[str, str]) -> str | None:
         case MediaBody(mime=mime):
             kind = mime.split("/", 1)[0]
             return templates.get(f"media.{kind}", templates["media.other"])
-        case CustomBody() | None:
+        case CustomBody() | WithheldBody() | None:
             return None

@@ -33,6 +33,9 @@ from tests.streams.support import Worker
 #: no functional test reaches (tests/ingress/test_limits.py runs a gateway with a tight one).
 MAIN_GATEWAY = {
     "auth_timeout_seconds": 2.0,
+    # No stream worker or CQL sink stands behind it: a remove, leave, delete or recall is
+    # answered once in Kafka, as there is no store that would ever hold its outcome.
+    "access_change_timeout_seconds": 0.0,
     "rate_limit_per_second": 100_000.0,
     "rate_limit_burst": 100_000.0,
 }

@@ -42,13 +42,26 @@ pytestmark = pytest.mark.stack
 
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
 # alice and bob share c-ab; alice and carol share c-ac; carol and dave share c-cd.
-MEMBERS = {"c-ab": ["alice", "bob"], "c-ac": ["alice", "carol"], "c-cd": ["carol", "dave"]}
+# gus and hal share c-gh; jon is c-ij's member, ivy was until seq 1; kim is c-kl's member.
+MEMBERS = {
+    "c-ab": ["alice", "bob"],
+    "c-ac": ["alice", "carol"],
+    "c-cd": ["carol", "dave"],
+    "c-gh": ["gus", "hal"],
+    "c-ij": ["jon"],
+    "c-kl": ["kim"],
+}
 # (sender, conversation, seq, text, minutes after T0)
 MESSAGES = [
     ("alice", "c-ab", 1, "Quarterly report is ready", 1),
     ("bob", "c-ab", 2, "the REPORT looks good", 2),
     ("carol", "c-ac", 1, "Did you read the quarterly report?", 3),
     ("carol", "c-cd", 1, "secret quarterly report draft", 4),
+    ("gus", "c-gh", 1, "the recalled plan", 5),
+    ("hal", "c-gh", 2, "the kept plan", 6),
+    ("ivy", "c-ij", 1, "an early roadmap", 7),
+    ("jon", "c-ij", 2, "a late roadmap", 8),
+    ("kim", "c-kl", 1, "a memo of a deleted group", 9),
 ]
 
 
@@ -174,6 +187,42 @@ def test_a_user_finds_messages_of_their_own_conversations_only(
     ]
     status, body = search(searching_gateway, "alice", q="report", limit="1")
     assert status == 200 and body["next_cursor"] and body["hits"][0]["snippet"].count("«") == 1
+
+
+def test_search_follows_recalls_removals_and_deletions_as_soon_as_the_store_holds_them(
+    searching_gateway: Gateway, memberships: str, cql_session: Session
+) -> None:
+    """The audit still holds what was recalled (the ClickHouse sink's lag, here for good): the
+    serving store's facts, there before the command is answered, decide."""
+    assert hits(searching_gateway, "hal", q="plan") == [("c-gh", 2), ("c-gh", 1)]
+    cql_session.execute(
+        f"INSERT INTO {memberships}.recalled_messages (tenant_id, conversation_id, message_id, "
+        "recall_seq) VALUES (%s, 'c-gh', %s, 3)",
+        (TENANT, ev.message_event_id(TENANT, "gus", "c-gh-1")),
+    )
+    assert hits(searching_gateway, "hal", q="plan") == [("c-gh", 2)]
+    assert hits(searching_gateway, "gus", q="plan", conversation="c-gh") == [("c-gh", 2)]
+
+    # ivy was removed after seq 1: what came before, nothing after (as history gives her).
+    cql_session.execute(
+        f"INSERT INTO {memberships}.former_members (tenant_id, conversation_id, user_id, "
+        "until_seq) VALUES (%s, 'c-ij', 'ivy', 1)",
+        (TENANT,),
+    )
+    assert hits(searching_gateway, "ivy", q="roadmap", conversation="c-ij") == [("c-ij", 1)]
+    assert hits(searching_gateway, "jon", q="roadmap", conversation="c-ij") == [
+        ("c-ij", 2),
+        ("c-ij", 1),
+    ]
+
+    assert hits(searching_gateway, "kim", q="memo", conversation="c-kl") == [("c-kl", 1)]
+    cql_session.execute(
+        f"INSERT INTO {memberships}.conversations (tenant_id, conversation_id, deleted) "
+        "VALUES (%s, 'c-kl', true)",
+        (TENANT,),
+    )
+    status, body = search(searching_gateway, "kim", q="memo", conversation="c-kl")
+    assert (status, body["code"]) == (403, "forbidden")
 
 
 def test_a_foreign_conversation_is_refused_as_history_refuses_it(

@@ -173,7 +173,8 @@ COMMANDS: list[Case] = [
         lambda _, c: {"conversation_id": c, "user_id": "erin"},
         "messages_in",
         "conversation",
-        lambda _, c: {"conversation_id": c, "user_id": "erin"},
+        # The seq the former member reads up to is the sequencer's to set.
+        lambda _, c: {"conversation_id": c, "user_id": "erin", "last_seq": None},
     ),
     Case(
         "conversation.change_role",
@@ -187,7 +188,7 @@ COMMANDS: list[Case] = [
         lambda _, c: {"conversation_id": c},
         "messages_in",
         "conversation",
-        lambda u, c: {"conversation_id": c, "user_id": u},
+        lambda u, c: {"conversation_id": c, "user_id": u, "last_seq": None},
     ),
     Case(
         "conversation.delete",

@@ -84,6 +84,9 @@ class _Reads:
     def device_token(self, tenant_id: str, user_id: str, device_id: str) -> str | None:
         raise AssertionError("the seed writes no push token")
 
+    def timeline_event(self, tenant_id: str, conversation_id: str, seq: int) -> str | None:
+        raise AssertionError("the seed writes no recall")
+
 
 @dataclass
 class Seed:

@@ -152,6 +152,22 @@ BAD_FRAMES: list[tuple[str, str | bytes, ErrorCode, str | None, str | None]] = [
         "locale",
         "p",
     ),
+    (
+        "a send with the body only the read side serves",
+        '{"type": "send", "id": "s", "conversation_id": "c", "client_msg_id": "m",'
+        ' "body": {"type": "withheld"}}',
+        ErrorCode.SCHEMA_INVALID,
+        "body.type",
+        "s",
+    ),
+    (
+        "an edit to the body only the read side serves",
+        '{"type": "edit", "id": "e", "conversation_id": "c",'
+        ' "message_id": "00000000-0000-4000-8000-000000000000", "body": {"type": "withheld"}}',
+        ErrorCode.SCHEMA_INVALID,
+        "body.type",
+        "e",
+    ),
 ]
 
 

@@ -71,9 +71,11 @@ from schemas.events import (
     direct_conversation_id,
     encode_event,
     message_event_id,
+    parse_event,
 )
 from schemas.topics import TopicCatalog, conversation_key, device_key, topic_catalog, user_key
 from sinks.cql.migrate import migrate
+from sinks.cql.rules import withheld
 from sinks.cql.sink import CqlSink
 from tests.sinks.cql_support import (
     Row,
@@ -428,8 +430,10 @@ def build(catalog: TopicCatalog) -> Built:
         tenant_id=TENANT,
         actor=Actor(user_id="dave"),
         occurred_at=at(19),
-        payload=ConversationLeftPayload(conversation_id=G1, user_id="dave"),
+        # As the sequencer stamps it: the conversation's last seq when dave went.
+        payload=ConversationLeftPayload(conversation_id=G1, user_id="dave", last_seq=8),
     )
+    ids["left"] = left.event_id
     s.log(left)
     s.deliver(left, [*group, "dave"])
 
@@ -451,6 +455,7 @@ def build(catalog: TopicCatalog) -> Built:
         occurred_at=at(22),
         payload=ConversationDeletedPayload(conversation_id=G2),
     )
+    ids["deleted"] = deleted.event_id
     s.log(deleted)
     s.deliver(deleted, ["erin", "frank"])
     alone = ConversationLeft.new(
@@ -511,6 +516,21 @@ def build(catalog: TopicCatalog) -> Built:
                 command_type="message.sent",
                 conversation_id=G2,
                 reason="conversation-deleted",
+            ),
+        ),
+    )
+    ids["refused_delete"] = _id()
+    s.queue(
+        "carol",
+        CommandRejected.new(
+            tenant_id=TENANT,
+            actor=Actor(user_id="carol"),
+            occurred_at=at(27),
+            payload=CommandRejectedPayload(
+                command_event_id=ids["refused_delete"],
+                command_type="conversation.deleted",
+                conversation_id=G1,
+                reason="not-allowed",
             ),
         ),
     )
@@ -719,7 +739,14 @@ def test_the_timeline_holds_every_entry_with_recalls_and_latest_edits(
     )
 
     def entry(
-        conversation: str, seq: int, name: str, message: str, sender: str, *, minute: int
+        conversation: str,
+        seq: int,
+        name: str,
+        message: str,
+        sender: str,
+        *,
+        minute: int,
+        recalled: bool = False,
     ) -> tuple[Any, ...]:
         event_type = (
             "message.sent"
@@ -735,20 +762,23 @@ def test_the_timeline_holds_every_entry_with_recalls_and_latest_edits(
             ids[message],
             sender,
             naive(at(minute)),
-            raw[name].decode(),
+            # A recalled message's row keeps the message without its body.
+            encode_event(withheld(parse_event(raw[name]))).decode()
+            if recalled
+            else raw[name].decode(),
         )
 
     expected = {
         (*entry(G1, 1, "msg1", "msg1", "alice", minute=2), None, None, raw["edit8"].decode(), 8),
         (*entry(G1, 2, "msg2", "msg2", "carol", minute=3), None, None, None, None),
-        (*entry(G1, 3, "msg3", "msg3", "bob", minute=4), True, 4, None, None),
+        (*entry(G1, 3, "msg3", "msg3", "bob", minute=4, recalled=True), True, 4, None, None),
         (*entry(G1, 4, "recall", "msg3", "bob", minute=6), None, None, None, None),
         (*entry(G1, 5, "msg4", "msg4", "alice", minute=7), None, None, raw["edit7"].decode(), 7),
         (*entry(G1, 6, "edit6", "msg4", "alice", minute=8), None, None, None, None),
         (*entry(G1, 7, "edit7", "msg4", "alice", minute=9), None, None, None, None),
         (*entry(G1, 8, "edit8", "msg1", "alice", minute=10), None, None, None, None),
         (*entry(DM, 1, "dm1", "dm1", "bob", minute=5), None, None, None, None),
-        (*entry(DM, 2, "dm2", "dm2", "bob", minute=5), True, 3, None, None),
+        (*entry(DM, 2, "dm2", "dm2", "bob", minute=5, recalled=True), True, 3, None, None),
         (*entry(DM, 3, "dm_recall", "dm2", "bob", minute=6), None, None, None, None),
     }
     assert found == expected
@@ -765,6 +795,30 @@ def test_the_timeline_holds_every_entry_with_recalls_and_latest_edits(
         (ids["dm1"], DM, 1, "bob"),
         (ids["dm2"], DM, 2, "bob"),
     }
+
+
+def test_read_access_facts_and_command_outcomes(world: World, cql_session: Session) -> None:
+    ids = world.built.ids
+    assert rows(
+        cql_session,
+        f"SELECT conversation_id, user_id, until_seq FROM {world.keyspace}.former_members",
+    ) == {(G1, "dave", 8)}  # gina's departure carries no seq (as before version 4): no row
+    assert rows(
+        cql_session,
+        f"SELECT conversation_id, message_id, recall_seq FROM {world.keyspace}.recalled_messages",
+    ) == {(G1, ids["msg3"], 4), (DM, ids["dm2"], 3)}
+    outcomes = rows(
+        cql_session,
+        f"SELECT command_event_id, outcome FROM {world.keyspace}.command_outcomes",
+    )
+    assert {
+        (ids["recall"], "applied"),
+        (ids["dm_recall"], "applied"),
+        (ids["left"], "applied"),
+        (ids["deleted"], "applied"),
+        (ids["refused_delete"], "rejected"),
+    } <= outcomes
+    assert len(outcomes) == 6  # and gina's leave; not the refused send
 
 
 def test_conversations_members_and_read_positions(world: World, cql_session: Session) -> None:
