@@ -215,11 +215,13 @@ async def serve(settings: Settings, app: IngressApp | None = None) -> None:
     ``IngressFailedError`` once it stopped because it could not recover."""
     ingress = settings.ingress
     try:
+        # The clients' key verifies every hello, and users' searches are signed with the service
+        # key: a placeholder of either stops the node now.
+        settings.check_client_key()
+        settings.real_secret(settings.service_auth.secret, "IM_SERVICE_AUTH__SECRET")
         app = app or create_app(settings)
         server = build_server(settings, app)
         internal = build_internal_server(settings, create_internal_app(app))
-        # Users' searches are signed with the service key: a placeholder stops the node now.
-        settings.real_secret(settings.service_auth.secret, "IM_SERVICE_AUTH__SECRET")
     except ValueError as error:
         raise IngressStartError(f"[settings-invalid] {error}") from error
     sock = bind(ingress.host, ingress.port)

@@ -549,10 +549,13 @@ class Settings(BaseSettings):
             seen[key] = name
         return self
 
-    @model_validator(mode="after")
-    def _refuse_placeholder_secrets(self) -> Self:
+    def check_client_key(self) -> None:
+        """Refuse (``ValueError``) the clients' development placeholder key outside the dev
+        profile. Checked where client tokens are verified (the ingress), like the staff and
+        service keys, so that the processes which verify no client token start without it (and
+        compose gives it to the ingress only)."""
         if self.profile is Profile.DEV:
-            return self
+            return
         if (
             self.auth.jwt_algorithm.startswith("HS")
             and self.auth.jwt_secret.get_secret_value() in PLACEHOLDER_SECRETS
@@ -562,9 +565,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"IM_AUTH__JWT_SECRET still holds the development placeholder; profile "
                 f"'{self.profile}' needs a real secret (or IM_AUTH__JWT_ALGORITHM=RS256 with "
-                f"IM_AUTH__JWT_PUBLIC_KEY_PATH)"
+                f"IM_AUTH__JWT_PUBLIC_KEY_PATH, or a JWKS)"
             )
-        return self
 
     def real_secret(self, secret: SecretStr, variable: str) -> str:
         """``secret``'s value, refused (``ValueError``) outside the dev profile while it still

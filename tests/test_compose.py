@@ -130,7 +130,7 @@ def test_one_service_per_process_kind_named_like_the_readme(compose: dict[str, A
         assert f"`imstream run {kind}`" in readme, f"README's process table lacks {kind}"
 
 
-def test_the_staff_and_service_keys_go_only_where_they_are_used(
+def test_each_key_goes_only_where_it_is_used(
     compose: dict[str, Any],
 ) -> None:
     """The staff key verifies operators and analysts at the ClickHouse sink; the service key is
@@ -153,6 +153,14 @@ def test_the_staff_and_service_keys_go_only_where_they_are_used(
         for keys in others.values()
     ), others
     assert "IM_STAFF_AUTH__SECRET" not in holders["ingress"]
+    # The clients' key verifies hellos: the ingress alone holds it.
+    assert "IM_AUTH__JWT_SECRET" not in compose["x-imstream-env"]
+    client_key = {
+        name
+        for name, service in services.items()
+        if "IM_AUTH__JWT_SECRET" in (service.get("environment") or {})
+    }
+    assert client_key == {"ingress"}
     port = int(services["clickhouse-sink"]["environment"]["IM_SINKS__ANALYTICS_PORT"])
     assert services["clickhouse-sink"]["ports"] == [f"127.0.0.1:{port}:{port}"]
 

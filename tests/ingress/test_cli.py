@@ -43,3 +43,15 @@ def test_an_unknown_setting_is_reported() -> None:
     result = run_ingress(IM_INGRESS__PROT="8080")
     assert result.returncode == 2
     assert "[settings-invalid]" in result.stderr
+
+
+def test_the_clients_placeholder_key_stops_the_ingress_outside_dev() -> None:
+    """Only the ingress holds the clients' key (compose gives it to no other process), so it is
+    the ingress that refuses the development placeholder, before it listens."""
+    result = run_ingress(
+        IM_PROFILE="prod", IM_AUTH__JWT_SECRET="", IM_SERVICE_AUTH__SECRET="s" * 40
+    )
+    assert result.returncode == 1
+    assert "[settings-invalid] IM_AUTH__JWT_SECRET still holds the development placeholder" in (
+        result.stderr
+    )
