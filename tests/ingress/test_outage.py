@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka.admin import AdminClient
+from websockets.exceptions import InvalidStatus
 
 from pipelines.connections import kafka_config
 from pipelines.settings import KafkaSettings, Settings, StackSettings
@@ -26,12 +27,14 @@ from tests.ingress.support import (
     end_offset,
     free_port,
     open_device,
+    open_socket,
     read_records,
     receive,
     request,
     start_gateway,
     token,
     unique,
+    wait_until,
 )
 
 MESSAGE_TIMEOUT_MS = 1500
@@ -72,72 +75,19 @@ def dead_broker(settings: Settings, tmp_path_factory: pytest.TempPathFactory) ->
     assert running.stop() == 0, running.log()
 
 
-async def test_no_broker_means_unavailable_never_accepted(dead_broker: Gateway) -> None:
+async def test_a_node_that_never_reached_kafka_lets_no_one_in(dead_broker: Gateway) -> None:
+    """Without Kafka a starting node cannot have read the token revocations, so it lets no token
+    in: the upgrade is refused with 503 ``unavailable`` and ``Retry-After`` (nothing is ever
+    accepted), and /readyz says why."""
     status, _, raw = dead_broker.request("GET", "/readyz")
-    assert (status, json.loads(raw)["kafka"]) == (503, False)
-    socket_, _ = await open_device(dead_broker, unique("user"))
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    reply = await request(socket_, send("c-1", "m-1"))
-    assert reply["type"] == "error"
-    assert (reply["code"], reply["id"], reply["retry_after_ms"]) == (
-        "unavailable",
-        "r1",
-        RETRY_AFTER_MS,
-    )
-    assert "retry with the same ids" in reply["message"]
-    assert loop.time() - started < MESSAGE_TIMEOUT_MS / 1000 + 5
-    # The socket stays usable while Kafka is away.
-    assert (await request(socket_, {"type": "ping", "id": "p"}))["type"] == "pong"
-
-
-@pytest.fixture(scope="module")
-def unreachable_broker(
-    settings: Settings, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Gateway]:
-    """A gateway whose Kafka address has nothing listening, with a long message timeout."""
-    prefixed = settings.model_copy(
-        update={"kafka": settings.kafka.model_copy(update={"topic_prefix": unique("t-dead")})}
-    )
-    running = start_gateway(
-        prefixed,
-        tmp_path_factory.mktemp("unreachable-broker"),
-        kafka={"bootstrap_servers": f"127.0.0.1:{free_port()}"},
-        ingress={
-            "kafka_message_timeout_ms": LONG_MESSAGE_TIMEOUT_MS,
-            "unavailable_retry_after_ms": RETRY_AFTER_MS,
-        },
-        wait=Gateway.alive,
-    )
-    yield running
-    assert running.stop() == 0, running.log()
-
-
-async def test_while_no_broker_is_reachable_a_send_is_unavailable_at_once(
-    unreachable_broker: Gateway,
-) -> None:
-    """The producer knows every broker connection is down: a send is answered at once, not
-    after the message timeout (20 s here) that it used to wait for a write that could not
-    happen."""
-    socket_, _ = await open_device(unreachable_broker, unique("user"))
-    loop = asyncio.get_running_loop()
-    for attempt in range(3):
-        started = loop.time()
-        reply = await request(socket_, send("c-1", f"m-{attempt}", f"r{attempt}"))
-        assert (reply["code"], reply["retry_after_ms"]) == ("unavailable", RETRY_AFTER_MS)
-        assert "unreachable" in reply["message"]
-        assert loop.time() - started < FAST_SECONDS, reply
-    headers = {"Authorization": f"Bearer {token(unreachable_broker.settings, unique('user'))}"}
-    started = loop.time()
-    status, _, raw = await asyncio.to_thread(
-        unreachable_broker.request,
-        "POST",
-        f"/v1/tenants/{TENANT}/commands",
-        send("c-1", "m-rest"),
-        headers,
-    )
-    assert (status, json.loads(raw)["code"]) == (503, "unavailable")
-    assert loop.time() - started < FAST_SECONDS
+    readiness = json.loads(raw)
+    assert (status, readiness["kafka"], readiness["revocations"]) == (503, False, False)
+    with pytest.raises(InvalidStatus) as refused:
+        await open_socket(dead_broker)
+    response = refused.value.response
+    assert response.status_code == 503
+    assert json.loads(response.body or b"{}")["code"] == "unavailable"
+    assert int(response.headers["Retry-After"]) >= 1
 
 
 def test_no_broker_over_rest_is_503_with_retry_after(dead_broker: Gateway) -> None:
@@ -182,6 +132,57 @@ def second_kafka(
         stack.up()
     yield stack
     stack.down()
+
+
+async def test_while_no_broker_is_reachable_a_send_is_unavailable_at_once(
+    second_kafka: LocalStack, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Once the producer knows every broker connection is down, a send is answered at once, not
+    after the message timeout (20 s here) it used to wait for a write that could not happen."""
+    kafka_settings = create_topics(
+        AdminClient(kafka_config(second_kafka.settings)),
+        second_kafka.settings,
+        second_kafka.settings.kafka.topic_prefix,
+    )
+    gateway = start_gateway(
+        kafka_settings,
+        tmp_path_factory.mktemp("unreachable"),
+        ingress={
+            "kafka_message_timeout_ms": LONG_MESSAGE_TIMEOUT_MS,
+            "unavailable_retry_after_ms": RETRY_AFTER_MS,
+        },
+    )
+    try:
+        socket_, _ = await open_device(gateway, unique("user"))
+        assert (await request(socket_, send("c-1", "m-before")))["type"] == "accepted"
+        await asyncio.to_thread(second_kafka.down)
+
+        def knows_it() -> bool:
+            status, _, raw = gateway.request("GET", "/readyz")
+            return status == 503 and json.loads(raw)["kafka"] is False
+
+        await wait_until(knows_it, within=60, what="the node to see that Kafka is gone")
+        loop = asyncio.get_running_loop()
+        for attempt in range(3):
+            started = loop.time()
+            reply = await request(socket_, send("c-1", f"m-{attempt}", f"r{attempt}"))
+            assert (reply["code"], reply["retry_after_ms"]) == ("unavailable", RETRY_AFTER_MS)
+            assert "unreachable" in reply["message"]
+            assert loop.time() - started < FAST_SECONDS, reply
+        headers = {"Authorization": f"Bearer {token(gateway.settings, unique('user'))}"}
+        started = loop.time()
+        status, _, raw = await asyncio.to_thread(
+            gateway.request,
+            "POST",
+            f"/v1/tenants/{TENANT}/commands",
+            send("c-1", "m-rest"),
+            headers,
+        )
+        assert (status, json.loads(raw)["code"]) == (503, "unavailable")
+        assert loop.time() - started < FAST_SECONDS
+    finally:
+        await asyncio.to_thread(second_kafka.up)
+        assert gateway.stop() == 0, gateway.log()
 
 
 async def test_a_send_during_an_outage_is_accepted_only_once_kafka_has_it(

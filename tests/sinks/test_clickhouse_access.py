@@ -81,6 +81,8 @@ class Call:
 
 
 _WINDOW = {"from": "2026-03-01T00:00:00Z", "to": "2026-03-02T00:00:00Z"}
+#: The conversation log's topic, as the catalog names it (default settings).
+SEQUENCED = topic_catalog(Settings()).messages_sequenced.name
 CALLS: dict[tuple[str, str], Call] = {
     ("GET", "/healthz"): Call("/healthz", {}),
     ("GET", "/openapi.json"): Call("/openapi.json", {}),
@@ -94,7 +96,7 @@ CALLS: dict[tuple[str, str], Call] = {
     ("GET", "/dashboards/{name}/data"): Call("/dashboards/delivery/data", _WINDOW),
     ("GET", "/v1/quality/datasets"): Call("/v1/quality/datasets", {}),
     ("GET", "/v1/quality/datasets/{name}"): Call(
-        "/v1/quality/datasets/conversation_log", {"topic": "im.messages.sequenced", "limit": "5"}
+        "/v1/quality/datasets/conversation_log", {"topic": SEQUENCED, "limit": "5"}
     ),
     ("GET", "/v1/search"): Call("/v1/search", {"q": "quick", "tenant": TENANT_A}),
     ("POST", "/v1/search/scoped"): Call("/v1/search/scoped", {}, {"q": "quick", "scope": []}),
@@ -119,25 +121,28 @@ def _client_token(roles: list[str], tenant: str) -> str:
     )
 
 
-#: The callers, by name: their Authorization header (None: anonymous).
-PRINCIPALS: dict[str, str | None] = {
-    "anonymous": None,
-    "client-user": _client_token([], TENANT_A),
-    # A client token claiming every staff role, for the system tenant: still a client token.
-    "client-claiming-staff": _client_token(
-        ["operator", "platform-analyst", "analyst", "ingress"], SYSTEM_TENANT
-    ),
-    "analyst-a": staff_token(StaffRole.ANALYST, tenant=TENANT_A),
-    "platform-analyst": staff_token(StaffRole.PLATFORM_ANALYST),
-    "operator": staff_token(StaffRole.OPERATOR),
-    "ingress": service_headers(TENANT_A)["Authorization"].removeprefix("Bearer "),
-    # A staff token may not speak for the ingress.
-    "staff-claiming-ingress": staff_token(StaffRole.INGRESS),
-}
+def principals() -> dict[str, str | None]:
+    """The callers, by name: their token (None: anonymous). Minted when called, not at import:
+    a whole test run outlasts the tokens' lifetimes (the ingress's is 60 s)."""
+    return {
+        "anonymous": None,
+        "client-user": _client_token([], TENANT_A),
+        # A client token claiming every staff role, for the system tenant: still a client token.
+        "client-claiming-staff": _client_token(
+            ["operator", "platform-analyst", "analyst", "ingress"], SYSTEM_TENANT
+        ),
+        "analyst-a": staff_token(StaffRole.ANALYST, tenant=TENANT_A),
+        "platform-analyst": staff_token(StaffRole.PLATFORM_ANALYST),
+        "operator": staff_token(StaffRole.OPERATOR),
+        "ingress": service_headers(TENANT_A)["Authorization"].removeprefix("Bearer "),
+        # A staff token may not speak for the ingress.
+        "staff-claiming-ingress": staff_token(StaffRole.INGRESS),
+    }
+
 
 #: Who may call a route of each rule; the others get 401 (not staff) or 403 (not this).
 MAY_CALL = {
-    Access.PUBLIC: set(PRINCIPALS),
+    Access.PUBLIC: set(principals()),
     Access.READ: {"analyst-a", "platform-analyst", "operator"},
     Access.OPERATOR: {"operator"},
     Access.INGRESS: {"ingress"},
@@ -238,7 +243,7 @@ def test_every_route_answers_each_principal_as_its_rule_says(
     wrong: list[str] = []
     for (method, template), access in EXPECTED.items():
         example = CALLS[(method, template)]
-        for name, token in PRINCIPALS.items():
+        for name, token in principals().items():
             status, body = call(
                 base, method, example.path, token, query=example.query, body=example.body
             )
@@ -263,7 +268,7 @@ def test_every_route_answers_each_principal_as_its_rule_says(
         ("/v1/analytics/messages_per_minute", _WINDOW),
         ("/dashboards/delivery/data", _WINDOW),
         ("/dashboards/delivery", _WINDOW),
-        ("/v1/quality/datasets/conversation_log", {"topic": "im.messages.sequenced"}),
+        ("/v1/quality/datasets/conversation_log", {"topic": SEQUENCED}),
         ("/v1/search", {"q": "quick"}),
     ],
 )
@@ -271,7 +276,7 @@ def test_an_analyst_reads_its_own_tenant_only(
     served: tuple[FastAPI, str], path: str, query: dict[str, str]
 ) -> None:
     _app, base = served
-    analyst = PRINCIPALS["analyst-a"]
+    analyst = principals()["analyst-a"]
     status, body = call(base, "GET", path, analyst, query={**query, "tenant": TENANT_A})
     assert status == 200, body
     status, body = call(base, "GET", path, analyst, query={**query, "tenant": TENANT_B})
@@ -284,7 +289,7 @@ def test_an_analyst_reads_its_own_tenant_only(
             assert body["tenant"] == TENANT_A
     # A platform analyst reads any tenant.
     status, body = call(
-        base, "GET", path, PRINCIPALS["platform-analyst"], query={**query, "tenant": TENANT_B}
+        base, "GET", path, principals()["platform-analyst"], query={**query, "tenant": TENANT_B}
     )
     assert status == 200, body
 
@@ -293,14 +298,16 @@ def test_an_analysts_dashboard_leaves_out_the_panels_of_every_tenant(
     served: tuple[FastAPI, str],
 ) -> None:
     _app, base = served
-    mine = call(base, "GET", "/dashboards/delivery/data", PRINCIPALS["analyst-a"], query=_WINDOW)[1]
+    mine = call(base, "GET", "/dashboards/delivery/data", principals()["analyst-a"], query=_WINDOW)[
+        1
+    ]
     everyone = call(
-        base, "GET", "/dashboards/delivery/data", PRINCIPALS["platform-analyst"], query=_WINDOW
+        base, "GET", "/dashboards/delivery/data", principals()["platform-analyst"], query=_WINDOW
     )[1]
     assert mine["tenant"] == TENANT_A
     assert 0 < len(mine["panels"]) < len(everyone["panels"])
     _status, html = call(
-        base, "GET", "/dashboards/delivery", PRINCIPALS["analyst-a"], query=_WINDOW
+        base, "GET", "/dashboards/delivery", principals()["analyst-a"], query=_WINDOW
     )
     assert f"<option value='{TENANT_B}'" not in html and TENANT_A in html
 
@@ -312,12 +319,12 @@ def test_a_forged_scoped_search_is_refused(served: tuple[FastAPI, str]) -> None:
     body = {"q": "quick", "scope": []}
     forged = {**body, "tenant": TENANT_B}
     assert call(base, "POST", scoped, None, body=forged)[0] == 401
-    assert call(base, "POST", scoped, PRINCIPALS["client-user"], body=forged)[0] == 401
-    assert call(base, "POST", scoped, PRINCIPALS["client-claiming-staff"], body=forged)[0] == 401
-    assert call(base, "POST", scoped, PRINCIPALS["platform-analyst"], body=forged)[0] == 403
-    assert call(base, "POST", scoped, PRINCIPALS["staff-claiming-ingress"], body=forged)[0] == 403
+    assert call(base, "POST", scoped, principals()["client-user"], body=forged)[0] == 401
+    assert call(base, "POST", scoped, principals()["client-claiming-staff"], body=forged)[0] == 401
+    assert call(base, "POST", scoped, principals()["platform-analyst"], body=forged)[0] == 403
+    assert call(base, "POST", scoped, principals()["staff-claiming-ingress"], body=forged)[0] == 403
     # The ingress's token for tenant A, the body naming tenant B.
-    status, answer = call(base, "POST", scoped, PRINCIPALS["ingress"], body=forged)
+    status, answer = call(base, "POST", scoped, principals()["ingress"], body=forged)
     assert (status, answer["code"]) == (403, "forbidden"), answer
     # A service token signed with another key (the staff key) for the ingress's issuer.
     service = Settings().service_auth
@@ -331,10 +338,10 @@ def test_a_forged_scoped_search_is_refused(served: tuple[FastAPI, str]) -> None:
     )
     assert call(base, "POST", scoped, impostor, body=body)[0] == 401
     # The genuine search: the token's tenant.
-    status, answer = call(base, "POST", scoped, PRINCIPALS["ingress"], body=body)
+    status, answer = call(base, "POST", scoped, principals()["ingress"], body=body)
     assert (status, answer["tenant"]) == (200, TENANT_A), answer
     status, answer = call(
-        base, "POST", scoped, PRINCIPALS["ingress"], body={**body, "tenant": TENANT_A}
+        base, "POST", scoped, principals()["ingress"], body={**body, "tenant": TENANT_A}
     )
     assert (status, answer["tenant"]) == (200, TENANT_A), answer
 
@@ -351,7 +358,7 @@ def test_a_route_without_a_rule_is_refused_to_everyone(
     server = AnalyticsServer(app, "127.0.0.1", 0)
     server.start()
     try:
-        for name, token in PRINCIPALS.items():
+        for name, token in principals().items():
             status, _ = call(server.url, "GET", "/v1/new-door", token)
             assert status == (401 if name in NOT_STAFF else 403), name
     finally:
@@ -361,7 +368,7 @@ def test_a_route_without_a_rule_is_refused_to_everyone(
 
 def test_the_browser_login_sets_a_cookie_that_only_reads(served: tuple[FastAPI, str]) -> None:
     _app, base = served
-    token = PRINCIPALS["operator"]
+    token = principals()["operator"]
     assert token is not None
     address = f"{base}/dashboards/delivery?{urllib.parse.urlencode({**_WINDOW, 'token': token})}"
 
@@ -424,7 +431,7 @@ def test_a_200_mib_body_is_refused_from_its_content_length_unread(
     """Only the headers are sent: an answer at once means nothing waited for the body."""
     _app, base = served
     path = "/v1/operator/replays" if who == "operator" else "/v1/search/scoped"
-    token = PRINCIPALS[who]
+    token = principals()[who]
     head = (
         f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         f"Content-Length: {200 * 1024 * 1024}\r\n"
@@ -450,7 +457,7 @@ def test_a_chunked_body_is_refused_once_past_the_limit(
     path = "/v1/operator/replays" if who == "operator" else "/v1/search/scoped"
     head = (
         f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        f"Transfer-Encoding: chunked\r\nAuthorization: Bearer {PRINCIPALS[who]}\r\n\r\n"
+        f"Transfer-Encoding: chunked\r\nAuthorization: Bearer {principals()[who]}\r\n\r\n"
     )
     connection = _raw_request(base, head)
     chunk = b"x" * (256 * 1024)
