@@ -36,8 +36,9 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
+from core.bodies import declared_length, read_bounded, replayed
 from ingress.gateway import WEBSOCKET_PATH, Gateway, RefusalError, error_frame
 from ingress.routes import commands, devices, health, reads, search
 from ingress.routes.replies import frame_response
@@ -77,41 +78,10 @@ class IngressApp(FastAPI):
 async def bounded_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
     """The request's body, or ``None`` as soon as it is known to be over ``limit`` bytes (from
     ``Content-Length`` before reading anything, else while reading)."""
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            try:
-                if int(value) > limit:
-                    return None
-            except ValueError:
-                return None  # h11 and httptools refuse a bad Content-Length first
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break  # the client left; the app sees an empty body and answers no one
-        chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
-
-
-def replayed(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that gives ``body`` once, then what the server sends (a disconnect)."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
+    length = declared_length(scope)
+    if length is not None and (length < 0 or length > limit):
+        return None
+    return await read_bounded(receive, limit)
 
 
 def create_app(settings: Settings, *, gateway: Gateway | None = None) -> IngressApp:

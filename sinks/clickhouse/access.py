@@ -35,8 +35,9 @@ from urllib.parse import parse_qsl, urlencode
 from starlette.requests import Request, cookie_parser
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import compile_path
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from core.bodies import declared_length, read_bounded, replayed
 from sinks.clickhouse.principals import (
     StaffAuthenticator,
     StaffAuthError,
@@ -123,7 +124,8 @@ class ApiGate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if _declared_length(scope) > self.max_body_bytes:
+        length = declared_length(scope)
+        if length is not None and length > self.max_body_bytes:
             await self._too_large(scope, receive, send)
             return
         try:
@@ -136,11 +138,11 @@ class ApiGate:
             await JSONResponse(error.body(), error.status)(scope, receive, send)
             return
         # The body is read here, up to the limit, so no route reads more however it parses.
-        body = await _bounded_body(receive, self.max_body_bytes)
+        body = await read_bounded(receive, self.max_body_bytes)
         if body is None:
             await self._too_large(scope, receive, send)
             return
-        await self.app(scope, _replayed(body, receive), send)
+        await self.app(scope, replayed(body, receive), send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = {
@@ -217,45 +219,3 @@ def _own_tenant(query_string: bytes, principal: StaffPrincipal) -> bytes:
             )
     kept = [(name, value) for name, value in items if name != "tenant"]
     return urlencode([*kept, ("tenant", principal.tenant)]).encode("latin-1")
-
-
-def _declared_length(scope: Scope) -> int:
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return 0  # h11 and httptools refuse a bad Content-Length before the app
-    return 0
-
-
-async def _bounded_body(receive: Receive, limit: int) -> bytes | None:
-    """The request's body, or ``None`` as soon as the chunks read add up to over ``limit``."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break  # the client left; the app sees an empty body and answers no one
-        chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
-
-
-def _replayed(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that gives ``body`` once, then what the server sends (a disconnect)."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
