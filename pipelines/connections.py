@@ -15,7 +15,7 @@ from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from clickhouse_connect.driver.client import Client
-from confluent_kafka import Consumer, KafkaError, Message
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 
 from core.tls import client_context
 from pipelines.settings import Settings
@@ -115,6 +115,43 @@ def sink_session_config(settings: Settings) -> dict[str, Any]:
 def kafka_producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     """Producer configuration: keys land on the partitions the Java client picks."""
     return kafka_config(settings, partitioner=KAFKA_PARTITIONER, **overrides)
+
+
+class UnacknowledgedError(Exception):
+    """Kafka did not take the record: the message says why (timeout, or Kafka's error)."""
+
+
+def produce_acknowledged(
+    settings: Settings, topic: str, key: bytes, value: bytes, *, timeout: float
+) -> tuple[int, int]:
+    """Write one record (``acks=all``, idempotent) and wait for Kafka's acknowledgement: its
+    partition and offset. For the operator tools' single writes (audit records, revocations),
+    which must not report success before Kafka holds them."""
+    producer = Producer(
+        kafka_producer_config(
+            settings,
+            **{
+                "acks": "all",
+                "enable.idempotence": True,
+                "message.timeout.ms": int(timeout * 1000),
+            },
+        )
+    )
+    outcome: list[tuple[KafkaError | None, Message]] = []
+
+    def delivered(failure: KafkaError | None, message: Message) -> None:
+        outcome.append((failure, message))
+
+    try:
+        producer.produce(topic, key=key, value=value, on_delivery=delivered)
+    except KafkaException as error:
+        raise UnacknowledgedError(f"{topic}: {error}") from error
+    if producer.flush(timeout) > 0 or not outcome:
+        raise UnacknowledgedError(f"{topic}: not acknowledged within {timeout:g} s")
+    failure, message = outcome[0]
+    if failure is not None:
+        raise UnacknowledgedError(f"{topic}: {failure.str()}")
+    return message.partition() or 0, message.offset() or 0
 
 
 def cql_cluster(

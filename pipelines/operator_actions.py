@@ -16,10 +16,9 @@ import getpass
 import re
 from collections.abc import Mapping
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from pydantic import JsonValue
 
-from pipelines.connections import kafka_producer_config
+from pipelines.connections import UnacknowledgedError, produce_acknowledged
 from pipelines.settings import Settings
 from schemas.events import (
     MAX_ID_CHARS,
@@ -77,30 +76,10 @@ def record_operator_action(
         ),
     )
     topic = topic_catalog(settings).operator_actions
-    producer = Producer(
-        kafka_producer_config(
-            settings,
-            **{
-                "acks": "all",
-                "enable.idempotence": True,
-                "message.timeout.ms": int(timeout * 1000),
-            },
-        )
-    )
-    failures: list[KafkaError] = []
-
-    def delivered(failure: KafkaError | None, _message: Message) -> None:
-        if failure is not None:
-            failures.append(failure)
-
     try:
-        producer.produce(
-            topic.name, key=operator_key(operator), value=encode_event(event), on_delivery=delivered
+        produce_acknowledged(
+            settings, topic.name, operator_key(operator), encode_event(event), timeout=timeout
         )
-    except KafkaException as produce_error:
-        raise OperatorAuditError(str(produce_error)) from produce_error
-    if producer.flush(timeout) > 0:
-        raise OperatorAuditError(f"{topic.name}: not acknowledged within {timeout:g} s")
-    if failures:
-        raise OperatorAuditError(f"{topic.name}: {failures[0].str()}")
+    except UnacknowledgedError as unacknowledged:
+        raise OperatorAuditError(str(unacknowledged)) from unacknowledged
     return event

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
-
-from pipelines.connections import kafka_producer_config
+from pipelines.connections import UnacknowledgedError, produce_acknowledged
 from pipelines.settings import Settings
 from schemas.events import (
     SYSTEM_TENANT,
@@ -75,39 +73,16 @@ def publish_revocation(
 ) -> tuple[str, int, int]:
     """Write ``event`` and wait for Kafka's acknowledgement: its topic, partition and offset."""
     topic = topic_catalog(settings).revocations
-    producer = Producer(
-        kafka_producer_config(
-            settings,
-            **{
-                "acks": "all",
-                "enable.idempotence": True,
-                "message.timeout.ms": int(timeout * 1000),
-            },
-        )
-    )
-    outcome: list[tuple[KafkaError | None, Message]] = []
-
-    def delivered(failure: KafkaError | None, message: Message) -> None:
-        outcome.append((failure, message))
-
     try:
-        producer.produce(
-            topic.name,
-            key=revocation_key(event),
-            value=encode_event(event),
-            on_delivery=delivered,
+        partition, offset = produce_acknowledged(
+            settings, topic.name, revocation_key(event), encode_event(event), timeout=timeout
         )
-    except KafkaException as error:
-        raise RevocationError(str(error)) from error
-    if producer.flush(timeout) > 0 or not outcome:
+    except UnacknowledgedError as error:
         raise RevocationError(
-            f"{topic.name}: not acknowledged within {timeout:g} s; is Kafka up "
-            f"({settings.kafka.bootstrap_servers}) and the topic created (`imstream topics apply`)?"
-        )
-    failure, message = outcome[0]
-    if failure is not None:
-        raise RevocationError(f"{topic.name}: {failure.str()}")
-    return topic.name, message.partition() or 0, message.offset() or 0
+            f"{error}; is Kafka up ({settings.kafka.bootstrap_servers}) and the topic created "
+            "(`imstream topics apply`)?"
+        ) from error
+    return topic.name, partition, offset
 
 
 def describe(event: TokensRevoked) -> str:
