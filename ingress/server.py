@@ -220,6 +220,8 @@ async def serve(settings: Settings, app: IngressApp | None = None) -> None:
         internal = build_internal_server(settings, create_internal_app(app))
         # Users' searches are signed with the service key: a placeholder stops the node now.
         settings.real_secret(settings.service_auth.secret, "IM_SERVICE_AUTH__SECRET")
+        # Stored bodies are opened with the master key: a development or malformed one too.
+        settings.master_key()
     except ValueError as error:
         raise IngressStartError(f"[settings-invalid] {error}") from error
     sock = bind(ingress.host, ingress.port)
