@@ -222,6 +222,7 @@ async def serve(settings: Settings, app: IngressApp | None = None) -> None:
         settings.real_secret(settings.service_auth.secret, "IM_SERVICE_AUTH__SECRET")
         # Stored bodies are opened with the master key: a development or malformed one too.
         settings.master_key()
+        settings.previous_master_key()
     except ValueError as error:
         raise IngressStartError(f"[settings-invalid] {error}") from error
     sock = bind(ingress.host, ingress.port)

@@ -455,6 +455,11 @@ class CryptoSettings(_Group):
         default=None,
         description="A file holding the key-encryption key (base64), instead of master_key",
     )
+    previous_master_key: SecretStr | None = Field(
+        default=None,
+        description="While rotating the master key: the old one (base64). It still unwraps the "
+        "tenant keys it wrapped; imstream tenant rewrap-keys re-wraps them with master_key",
+    )
     key_cache_size: Annotated[int, Field(ge=1)] = Field(
         default=1024, description="Tenants whose unwrapped data key a process keeps in memory"
     )
@@ -639,6 +644,20 @@ class Settings(BaseSettings):
             key = b""
         if len(key) != 32:
             raise ValueError(f"{variable} must be 32 bytes in base64 (openssl rand -base64 32)")
+        return key
+
+    def previous_master_key(self) -> bytes | None:
+        """``IM_CRYPTO__PREVIOUS_MASTER_KEY`` (32 bytes, base64), or None; ``ValueError`` when
+        it is malformed."""
+        previous = self.crypto.previous_master_key
+        if previous is None:
+            return None
+        try:
+            key = base64.b64decode(previous.get_secret_value().strip(), validate=True)
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise ValueError("IM_CRYPTO__PREVIOUS_MASTER_KEY must be 32 bytes in base64")
         return key
 
     @property

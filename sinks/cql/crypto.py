@@ -23,6 +23,12 @@ without the prefix is plaintext written before encryption and reads as it is):
 ciphertext copied to another row, column or event does not decrypt (``InvalidTag``) and reads
 as withheld, with a warning in the log.
 
+**Nonces** are synthetic (:func:`_nonce`): the same value sealed for the same row gives the same
+bytes, so replays and rebuilds write the cells a single pass writes.
+
+**Master key rotation**: a key ring given the previous master key unwraps the keys it wrapped
+(found by ``kek_id``); :func:`rewrap_keys` moves them to the new master key.
+
 **Cache.** Unwrapped keys are kept in memory per tenant (LRU of ``key_cache_size`` tenants),
 each for ``key_cache_seconds`` — a key forgotten in the table stops decrypting in every process
 within that time; the absence of a key is cached the same way, so a shredded tenant's rows cost
@@ -43,12 +49,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from cassandra import ConsistencyLevel
 from cassandra.cluster import Session
+from cassandra.query import SimpleStatement
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic_core import from_json, to_json
@@ -123,15 +130,22 @@ class KeyRing:
         cache_seconds: float,
         clock: Callable[[], float] = time.monotonic,
         execute: Callable[[Any, tuple[Any, ...]], Any] | None = None,
+        previous_master_key: bytes | None = None,
     ) -> None:
         """``execute(statement, values)`` runs the key queries (default: the session's, once;
-        the CQL sink passes one that retries transient failures)."""
+        the CQL sink passes one that retries transient failures). ``previous_master_key``:
+        the master key being rotated away from — it still unwraps the keys it wrapped (found by
+        their ``kek_id``), new keys are wrapped with ``master_key`` only."""
         keyspace = check_keyspace_name(keyspace)
         self.keyspace = keyspace
         self.session = session
         self._execute = execute or session.execute
         self._kek = AESGCM(master_key)
         self.kek_id = kek_id(master_key)
+        #: Every master key this process can unwrap with, by fingerprint.
+        self._unwrappers = {self.kek_id: self._kek}
+        if previous_master_key is not None:
+            self._unwrappers.setdefault(kek_id(previous_master_key), AESGCM(previous_master_key))
         self.cache_size = cache_size
         self.cache_seconds = cache_seconds
         self._clock = clock
@@ -155,7 +169,7 @@ class KeyRing:
         while keys exist: a process started with a wrong key would otherwise serve every body
         as withheld. Keys under other master keys may coexist during a re-wrap."""
         found = {row.kek_id for row in self._execute(self._sample, ())}
-        if found and self.kek_id not in found:
+        if found and not found & set(self._unwrappers):
             raise MasterKeyMismatchError(
                 f"IM_CRYPTO__MASTER_KEY (fingerprint {self.kek_id}) wraps none of the tenant "
                 f"keys stored (fingerprints {', '.join(sorted(found))}): wrong master key"
@@ -247,8 +261,9 @@ class KeyRing:
 
     def _unwrap(self, tenant_id: str, row: Any) -> DataKey:
         wrapped = bytes(row.wrapped_key)
+        unwrapper = self._unwrappers.get(str(row.kek_id), self._kek)
         try:
-            dek = self._kek.decrypt(
+            dek = unwrapper.decrypt(
                 wrapped[:_NONCE_BYTES], wrapped[_NONCE_BYTES:], _wrap_ad(tenant_id, row.key_id)
             )
         except InvalidTag:
@@ -257,6 +272,57 @@ class KeyRing:
                 f"not by this process's {self.kek_id}"
             ) from None
         return DataKey.of(str(row.key_id), dek)
+
+
+@dataclass
+class RewrapResult:
+    """What :func:`rewrap_keys` did: keys re-wrapped, keys already under the new master key,
+    and the tenants whose key neither master key opens (left as they are)."""
+
+    rewrapped: int = 0
+    current: int = 0
+    unknown: list[str] = field(default_factory=list)
+
+
+def rewrap_keys(
+    session: Session, keyspace: str, old_master_key: bytes, new_master_key: bytes
+) -> RewrapResult:
+    """Re-wrap every tenant key wrapped by ``old_master_key`` with ``new_master_key`` (the same
+    key id and data key: no sealed value changes). Idempotent: keys already under the new master
+    key are skipped. Each row is replaced only if it still holds the key it was read with
+    (``IF key_id = ?``), so a concurrent forget-key is never undone."""
+    keyspace = check_keyspace_name(keyspace)
+    old, new = AESGCM(old_master_key), AESGCM(new_master_key)
+    old_id, new_id = kek_id(old_master_key), kek_id(new_master_key)
+    update = session.prepare(
+        f"UPDATE {keyspace}.tenant_keys SET wrapped_key = ?, kek_id = ? WHERE tenant_id = ? "
+        "IF key_id = ?"
+    )
+    result = RewrapResult()
+    rows = session.execute(
+        SimpleStatement(
+            f"SELECT tenant_id, key_id, kek_id, wrapped_key FROM {keyspace}.tenant_keys",
+            fetch_size=500,
+        )
+    )
+    for row in rows:
+        if row.kek_id == new_id:
+            result.current += 1
+            continue
+        wrapped, ad = bytes(row.wrapped_key), _wrap_ad(row.tenant_id, row.key_id)
+        try:
+            if row.kek_id != old_id:
+                raise InvalidTag
+            dek = old.decrypt(wrapped[:_NONCE_BYTES], wrapped[_NONCE_BYTES:], ad)
+        except InvalidTag:
+            result.unknown.append(str(row.tenant_id))
+            continue
+        nonce = os.urandom(_NONCE_BYTES)
+        rewrapped = nonce + new.encrypt(nonce, dek, ad)
+        applied = session.execute(update, (rewrapped, new_id, row.tenant_id, row.key_id)).one()
+        if applied is None or _applied(applied):
+            result.rewrapped += 1
+    return result
 
 
 def forget_key(session: Session, keyspace: str, tenant_id: str) -> str | None:
@@ -419,4 +485,5 @@ def key_ring(
         cache_size=settings.crypto.key_cache_size,
         cache_seconds=settings.crypto.key_cache_seconds,
         execute=execute,
+        previous_master_key=settings.previous_master_key(),
     )

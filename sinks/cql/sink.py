@@ -806,6 +806,7 @@ def run_cql_sink(settings: Settings) -> int:
     try:
         check_keyspace_name(settings.cql.keyspace)
         settings.master_key()
+        settings.previous_master_key()
     except (MigrationError, ValueError) as error:
         log.critical("%s", error)
         return EXIT_CONFIG

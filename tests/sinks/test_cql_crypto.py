@@ -239,3 +239,60 @@ def test_the_cql_sink_refuses_to_start_with_the_development_key_outside_dev() ->
     )
     assert done.returncode == EXIT_CONFIG, done.stderr.decode()[-2000:]
     assert b"IM_CRYPTO__MASTER_KEY" in done.stderr
+
+
+def test_the_master_key_rotates_by_rewrapping_with_no_sealed_value_rewritten(
+    settings: Settings, cql_session: Session, migrated: str
+) -> None:
+    before = ring(cql_session, migrated).current("acme")
+    sealed = seal_text(before, "ctx", "secret")
+    ring(cql_session, migrated).current("globex")
+    forget_key(cql_session, migrated, "globex")
+    ring(cql_session, migrated, master_key=bytes(32)).current("stray")  # another master key
+    # During the rotation a process holds both: new keys wrap with the new one.
+    both = KeyRing(
+        cql_session,
+        migrated,
+        OTHER_MASTER_KEY,
+        cache_size=16,
+        cache_seconds=60.0,
+        previous_master_key=MASTER_KEY,
+    )
+    both.check_master_key()
+    assert open_text(both.find("acme", before.key_id), "ctx", sealed) == "secret"
+
+    environment = {
+        **os.environ,
+        "IM_CQL__KEYSPACE": migrated,
+        "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
+        "IM_CRYPTO__MASTER_KEY": base64.b64encode(OTHER_MASTER_KEY).decode(),
+        "IM_CRYPTO__PREVIOUS_MASTER_KEY": base64.b64encode(MASTER_KEY).decode(),
+    }
+    done = subprocess.run(
+        [str(IMSTREAM), "tenant", "rewrap-keys"],
+        env=environment,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr.decode()  # the stray key is neither's
+    assert b"1 tenant key(s) re-wrapped" in done.stdout
+    assert b"[key-unknown] 1 tenant key(s)" in done.stderr
+    assert b"stray" in done.stderr
+    assert b"not audited" not in done.stderr
+    # The new master key alone opens acme's key now: the same key, the same sealed values.
+    after = ring(cql_session, migrated, master_key=OTHER_MASTER_KEY)
+    after.check_master_key()
+    assert open_text(after.find("acme", before.key_id), "ctx", sealed) == "secret"
+    with pytest.raises(MasterKeyMismatchError):
+        ring(cql_session, migrated).find("acme", before.key_id)  # the old one no longer does
+    # Again: nothing left to do for acme.
+    again = subprocess.run(
+        [str(IMSTREAM), "tenant", "rewrap-keys"],
+        env=environment,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert b"0 tenant key(s) re-wrapped" in again.stdout
+    assert b"1 already under" in again.stdout
