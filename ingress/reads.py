@@ -103,7 +103,11 @@ class Reads:
                 keyspace = await asyncio.to_thread(
                     serving_keyspace, session, self.settings.cql.keyspace
                 )
-                self.store = await asyncio.to_thread(ServingStore, session, self.settings, keyspace)
+                store = await asyncio.to_thread(ServingStore, session, self.settings, keyspace)
+                # A master key that wraps none of the tenants' keys would serve every body as
+                # withheld: reads stay unavailable, and the log says why, until it is fixed.
+                await asyncio.to_thread(store.keys.check_master_key)
+                self.store = store
             except Exception as error:  # the driver raises several kinds; all mean "not yet"
                 _log.warning(
                     "serving store not reachable (%s); reads answer unavailable, retrying in %gs",

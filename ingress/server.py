@@ -219,6 +219,9 @@ async def serve(settings: Settings, app: IngressApp | None = None) -> None:
         # key: a placeholder of either stops the node now.
         settings.check_client_key()
         settings.real_secret(settings.service_auth.secret, "IM_SERVICE_AUTH__SECRET")
+        # Stored bodies are opened with the master key: a development or malformed one too.
+        settings.master_key()
+        settings.previous_master_key()
         app = app or create_app(settings)
         server = build_server(settings, app)
         internal = build_internal_server(settings, create_internal_app(app))

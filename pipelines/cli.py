@@ -28,6 +28,7 @@ from pipelines.stack.manager import LocalStack, ServiceState, ServiceStatus
 from pipelines.stack.process import last_lines
 from pipelines.staff_cli import staff_app
 from pipelines.supervisor import ChildSpec, StartupError, Supervisor
+from pipelines.tenant_cli import tenant_app
 from pipelines.topics import ChangeAction, apply_topics
 from pipelines.topics_cli import topics_app
 from schemas.topics import topic_catalog
@@ -52,6 +53,7 @@ app.add_typer(rebuild_app, name="rebuild")
 app.add_typer(search_app, name="search")
 app.add_typer(dashboards_app, name="dashboards")
 app.add_typer(staff_app, name="staff")
+app.add_typer(tenant_app, name="tenant")
 app.add_typer(run_app, name="run")
 db_app = typer.Typer(help="The CQL serving store: schema migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")

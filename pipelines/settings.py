@@ -8,6 +8,7 @@ the constructors they call.
 
 from __future__ import annotations
 
+import base64
 import os
 from enum import StrEnum
 from pathlib import Path
@@ -18,6 +19,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sinks.push.settings import PushProviderSettings
 
+#: The key-encryption key of a development stack (base64 of 32 ASCII bytes): public, dev only.
+DEV_MASTER_KEY = "ZGV2LW9ubHktaW5zZWN1cmUtbWFzdGVyLWtleS0zMmI="
 #: Secrets that ship as defaults so that a developer can start the stack with no set-up. They are
 #: refused in any profile but ``dev``.
 PLACEHOLDER_SECRETS = frozenset(
@@ -25,6 +28,7 @@ PLACEHOLDER_SECRETS = frozenset(
         "dev-only-insecure-jwt-secret-change-me",
         "dev-only-insecure-staff-secret-change-me",
         "dev-only-insecure-service-secret-change-me",
+        DEV_MASTER_KEY,
         "",
     }
 )
@@ -436,6 +440,36 @@ class SinkSettings(_Group):
         return self
 
 
+class CryptoSettings(_Group):
+    """Encryption at rest of the CQL store's message bodies, previews and push tokens
+    (docs/security.md, "Encryption at rest"): each tenant's data key (AES-256-GCM) is stored
+    wrapped by the master key (the key-encryption key), which only the CQL sink and the ingress
+    hold. Deleting a tenant's wrapped key (``imstream tenant forget-key``) shreds its data."""
+
+    master_key: SecretStr = Field(
+        default=SecretStr(DEV_MASTER_KEY),
+        description="The key-encryption key: 32 bytes, base64. The default is a public "
+        "development key, refused outside the dev profile",
+    )
+    master_key_path: Path | None = Field(
+        default=None,
+        description="A file holding the key-encryption key (base64), instead of master_key",
+    )
+    previous_master_key: SecretStr | None = Field(
+        default=None,
+        description="While rotating the master key: the old one (base64). It still unwraps the "
+        "tenant keys it wrapped; imstream tenant rewrap-keys re-wraps them with master_key",
+    )
+    key_cache_size: Annotated[int, Field(ge=1)] = Field(
+        default=1024, description="Tenants whose unwrapped data key a process keeps in memory"
+    )
+    key_cache_seconds: Annotated[float, Field(gt=0)] = Field(
+        default=60.0,
+        description="How long a process trusts a data key it read (or its absence): a key "
+        "forgotten by forget-key stops decrypting everywhere within this time",
+    )
+
+
 class StackSettings(_Group):
     """The embedded local stack started by ``imstream stack up``."""
 
@@ -505,6 +539,8 @@ class Settings(BaseSettings):
     ingress: IngressSettings = IngressSettings()
     streams: StreamsSettings = StreamsSettings()
     sinks: SinkSettings = SinkSettings()
+    #: Encryption at rest in the CQL store (``IM_CRYPTO__…``).
+    crypto: CryptoSettings = CryptoSettings()
     stack: StackSettings = StackSettings()
     #: Where this process announces that it is ready (``core/readiness.py``): ``imstream up``
     #: sets one per child, compose one per container for its healthcheck. Unset: no file.
@@ -580,6 +616,51 @@ class Settings(BaseSettings):
                 f"'{self.profile}' needs a real secret"
             )
         return value
+
+    def master_key(self) -> bytes:
+        """The key-encryption key (``IM_CRYPTO__MASTER_KEY`` or the file of
+        ``IM_CRYPTO__MASTER_KEY_PATH``), 32 bytes; ``ValueError`` when it is not 32 bytes of
+        base64, or outside the dev profile when it is the development key. Checked at the start
+        of the processes that hold it (the CQL sink, the ingress), so a wrong one stops them
+        before they write or serve anything."""
+        crypto = self.crypto
+        if crypto.master_key_path is not None:
+            try:
+                text = crypto.master_key_path.read_text().strip()
+            except OSError as error:
+                raise ValueError(
+                    f"IM_CRYPTO__MASTER_KEY_PATH {crypto.master_key_path} cannot be read: {error}"
+                ) from None
+            variable = "IM_CRYPTO__MASTER_KEY_PATH"
+        else:
+            text = self.real_secret(crypto.master_key, "IM_CRYPTO__MASTER_KEY")
+            variable = "IM_CRYPTO__MASTER_KEY"
+        if self.profile is not Profile.DEV and text in PLACEHOLDER_SECRETS:
+            raise ValueError(
+                f"{variable} holds the development master key; profile '{self.profile}' needs "
+                "a key of its own (32 random bytes, base64: openssl rand -base64 32)"
+            )
+        try:
+            key = base64.b64decode(text, validate=True)
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise ValueError(f"{variable} must be 32 bytes in base64 (openssl rand -base64 32)")
+        return key
+
+    def previous_master_key(self) -> bytes | None:
+        """``IM_CRYPTO__PREVIOUS_MASTER_KEY`` (32 bytes, base64), or None; ``ValueError`` when
+        it is malformed."""
+        previous = self.crypto.previous_master_key
+        if previous is None:
+            return None
+        try:
+            key = base64.b64decode(previous.get_secret_value().strip(), validate=True)
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise ValueError("IM_CRYPTO__PREVIOUS_MASTER_KEY must be 32 bytes in base64")
+        return key
 
     @property
     def stream_state_dir(self) -> Path:

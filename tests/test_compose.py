@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from pydantic import SecretStr
 
 from dashboards.definitions import load_dashboards
 from dashboards.grafana import DATASOURCE_UID, EXPORT_DIR, uid_of
@@ -24,10 +25,13 @@ from pipelines.certs_cli import (
 from pipelines.cli import run_app
 from pipelines.kafka_acls import SERVICES, acl_bindings
 from pipelines.settings import (
+    AuthSettings,
     ClickHouseSettings,
     CqlSettings,
+    CryptoSettings,
     IngressSettings,
     KafkaSettings,
+    Profile,
     Settings,
 )
 
@@ -415,6 +419,32 @@ def test_the_ingress_and_the_analytics_api_serve_tls(compose: dict[str, Any]) ->
     assert sink["IM_SINKS__ANALYTICS_TLS_CERT_PATH"] == f"{CERTS}clickhouse-sink.pem"
 
 
+def test_only_the_cql_sink_and_the_ingress_hold_the_master_key(compose: dict[str, Any]) -> None:
+    holders = {
+        name
+        for name, service in compose["services"].items()
+        if "IM_CRYPTO__MASTER_KEY" in (service.get("environment") or {})
+    }
+    assert holders == {"cql-sink", "ingress"}
+    assert "IM_CRYPTO__MASTER_KEY" not in compose["x-imstream-env"]
+
+
+def test_clickhouse_stores_its_tables_on_an_encrypted_disk(compose: dict[str, Any]) -> None:
+    clickhouse = compose["services"]["clickhouse"]
+    config = ROOT / "compose/clickhouse/config.d/encrypted-disk.xml"
+    assert any(
+        str(volume).startswith(f"./{config.relative_to(ROOT)}:") for volume in clickhouse["volumes"]
+    )
+    root = ET.parse(config).getroot()
+    disk = root.find("storage_configuration/disks/imstream_encrypted")
+    assert disk is not None and disk.findtext("type") == "encrypted"
+    assert disk.findtext("algorithm") == "AES_256_CTR"
+    key = disk.find("key_hex")
+    assert key is not None and key.get("from_env") in clickhouse["environment"]
+    policy = root.findtext("merge_tree/storage_policy")
+    assert root.find(f"storage_configuration/policies/{policy}/volumes/main/disk") is not None
+
+
 def test_make_certs_writes_every_certificate_and_secret_compose_uses(
     compose: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -439,6 +469,14 @@ def test_make_certs_writes_every_certificate_and_secret_compose_uses(
         assert (out / f"{name}.pem").is_file(), name
     passwords = (out / PASSWORDS_FILE).read_text()
     assert {line.split("=", 1)[0] for line in passwords.splitlines()[1:]} == set(COMPOSE_SECRETS)
+    written = dict(line.split("=", 1) for line in passwords.splitlines()[1:])
+    master_key = Settings(
+        profile=Profile.PROD,
+        auth=AuthSettings(jwt_secret=SecretStr(written["IM_AUTH__JWT_SECRET"])),
+        crypto=CryptoSettings(master_key=SecretStr(written["IM_CRYPTO__MASTER_KEY"])),
+    ).master_key()
+    assert len(master_key) == 32
+    assert len(bytes.fromhex(written["CLICKHOUSE_DISK_KEY_HEX"])) == 32
     # A second run keeps the CA and the passwords: containers already use them.
     before = (out / "ca.pem").read_bytes()
     certs_command(out=out, ingress_name=None, force=False)

@@ -73,6 +73,15 @@ from schemas.events import (
     encode_event,
     parse_event,
 )
+from sinks.cql.crypto import (
+    KeyRing,
+    device_context,
+    preview_context,
+    seal_event,
+    seal_text,
+    sync_context,
+    timeline_context,
+)
 
 log = logging.getLogger(__name__)
 
@@ -342,9 +351,13 @@ class WritePlanner:
         timeline_bucket_size: int,
         sync_bucket_size: int,
         sync_ttl_seconds: int,
+        keys: KeyRing | None = None,
     ) -> None:
+        """With ``keys``, bodies, previews and push tokens are sealed with the tenant's data
+        key (``sinks/cql/crypto.py``); without, they are written in clear."""
         self.s = statements
         self.reads = reads
+        self.keys = keys
         self.timeline_bucket_size = timeline_bucket_size
         self.sync_bucket_size = sync_bucket_size
         self.sync_ttl_seconds = sync_ttl_seconds
@@ -430,7 +443,9 @@ class WritePlanner:
                     message_id,
                     event.actor.user_id,
                     event.occurred_at,
-                    raw,
+                    self._seal_event(
+                        timeline_context(tenant, conversation, seq, "event"), tenant, raw
+                    ),
                     seq,
                 )
             )
@@ -475,8 +490,20 @@ class WritePlanner:
                 redacted = encode_event(withheld(parse_event(original))).decode()
                 writes.append(self.s.timeline_withheld.bind((seq, redacted, *where)))
         else:
-            writes.append(self.s.timeline_edited.bind((seq, raw, seq, *where)))
+            context = timeline_context(tenant, conversation, target_seq, "edited_event")
+            sealed = self._seal_event(context, tenant, raw)
+            writes.append(self.s.timeline_edited.bind((seq, sealed, seq, *where)))
         return writes
+
+    def _seal_event(self, context: str, tenant_id: str, event_json: str) -> str:
+        if self.keys is None:
+            return event_json
+        return seal_event(self.keys.current(tenant_id), context, event_json)
+
+    def _seal_text(self, context: str, tenant_id: str, text: str) -> str:
+        if self.keys is None or not text:
+            return text
+        return seal_text(self.keys.current(tenant_id), context, text)
 
     def _remember(self, tenant_id: str, message_id: str, conversation_id: str, seq: int) -> None:
         key = (tenant_id, message_id)
@@ -603,7 +630,7 @@ class WritePlanner:
                     event.type,
                     event.event_id,
                     _or_unset(conversation_id),
-                    event_json,
+                    self._seal_event(sync_context(tenant, user, sync_id), tenant, event_json),
                     self.sync_ttl_seconds,
                     sync_id,
                 )
@@ -660,7 +687,9 @@ class WritePlanner:
                             event.event_id,
                             event.actor.user_id,
                             event.occurred_at,
-                            preview(event.payload.body),
+                            self._seal_text(
+                                preview_context(*key), tenant, preview(event.payload.body)
+                            ),
                             *key,
                         )
                     )
@@ -681,7 +710,8 @@ class WritePlanner:
                     if isinstance(event, MessageRecalled)
                     else preview(event.payload.body)
                 )
-                return [self.s.uc_preview.bind((at, text, *key))]
+                sealed = self._seal_text(preview_context(*key), tenant, text)
+                return [self.s.uc_preview.bind((at, sealed, *key))]
             case ConversationCreated():
                 created = event.payload
                 role = creation_role(event, user).value
@@ -753,7 +783,13 @@ class WritePlanner:
                         registered.user_id,
                         registered.device_id,
                         registered.provider.value,
-                        registered.token,
+                        self._seal_text(
+                            device_context(
+                                event.tenant_id, registered.user_id, registered.device_id
+                            ),
+                            event.tenant_id,
+                            registered.token,
+                        ),
                         registered.app_id,
                         event.occurred_at,
                         micros(event.occurred_at),

@@ -75,6 +75,16 @@ from pipelines.settings import Settings
 from schemas.errors import SchemaError, schema_error
 from schemas.events import Event, SyncRecord, parse_event
 from schemas.topics import Topic, TopicCatalog, topic_catalog
+from sinks.cql.crypto import (
+    KeyRing,
+    MasterKeyMismatchError,
+    device_context,
+    key_id_of,
+    key_ring,
+    open_event,
+    open_text,
+    timeline_context,
+)
 from sinks.cql.migrate import MigrationError, check_keyspace_name, migrate
 from sinks.cql.rules import (
     ACCESS_CONSISTENCY,
@@ -140,7 +150,10 @@ class CqlSink:
         keyspace: str | None = None,
         stop: threading.Event | None = None,
         ready_file: ReadyFile | None = None,
+        keys: KeyRing | None = None,
     ) -> None:
+        """``keys``: the tenants' data keys (default: from ``settings``, in the anchor
+        keyspace ``settings.cql.keyspace``, so a rebuilt keyspace is sealed with the same)."""
         self.settings = settings
         self.session = session
         #: Announced at the first assignment (the process's; a replay's sink has none).
@@ -158,6 +171,7 @@ class CqlSink:
         self.stats = SinkStats()
         self._stop = stop or threading.Event()
         self._statements = Statements(session, self.keyspace)
+        self.keys = keys or key_ring(session, settings, self._key_query)
         self.writer = CqlWriter(
             session,
             max_in_flight=sinks.cql_max_in_flight,
@@ -170,6 +184,7 @@ class CqlSink:
             timeline_bucket_size=sinks.timeline_bucket_size,
             sync_bucket_size=sinks.sync_bucket_size,
             sync_ttl_seconds=int(timedelta(days=sinks.sync_retention_days).total_seconds()),
+            keys=self.keys,
         )
         self.consumer = Consumer(
             kafka_consumer_config(
@@ -363,6 +378,8 @@ class CqlSink:
             return plan()
         except (StopRequestedError, FatalError):
             raise
+        except MasterKeyMismatchError as error:
+            raise FatalError(str(error)) from error
         except Exception as error:  # a value the driver cannot bind, a rule that cannot apply
             log.exception("record %s[%d]@%d failed", record.topic, record.partition, record.offset)
             raise _PoisonError(source, PROCESSING_FAILED, repr(error)) from error
@@ -398,13 +415,21 @@ class CqlSink:
         self.stats.writes = self.writer.stats.writes
         self.stats.retries = self.writer.stats.retries
 
+    def _key_query(self, statement: Any, values: tuple[Any, ...]) -> Any:
+        """A query of the key ring: transient failures retried (no pending writes to wait
+        for: keys are not written by the batch)."""
+        return self._retrying(lambda: self.session.execute(statement, values))
+
     def _read(self, statement: BoundStatement) -> list[Any]:
         """A read the rules need: pending writes first, transient failures retried."""
         self._flush()
+        return list(self._retrying(lambda: self.session.execute(statement)))
+
+    def _retrying(self, query: Callable[[], Any]) -> Any:
         attempt = 0
         while True:
             try:
-                return list(self.session.execute(statement))
+                return query()
             except Exception as error:
                 if not is_transient(error):
                     raise
@@ -664,14 +689,21 @@ class _SinkReads:
 
     def device_token(self, tenant_id: str, user_id: str, device_id: str) -> str | None:
         rows = self.sink._read(self.s.select_device.bind((tenant_id, user_id, device_id)))
-        return str(rows[0].push_token) if rows and rows[0].push_token is not None else None
+        stored = rows[0].push_token if rows else None
+        key_id = key_id_of(stored)
+        key = self.sink.keys.find(tenant_id, key_id) if key_id else None
+        return open_text(key, device_context(tenant_id, user_id, device_id), stored)
 
     def timeline_event(self, tenant_id: str, conversation_id: str, seq: int) -> str | None:
         bucket = seq // self.sink.planner.timeline_bucket_size
         rows = self.sink._read(
             self.s.select_timeline_event.bind((tenant_id, conversation_id, bucket, seq))
         )
-        return str(rows[0].event) if rows and rows[0].event is not None else None
+        if not rows or rows[0].event is None:
+            return None
+        # The event without its body is all a recall needs: the sealed value's clear part.
+        context = timeline_context(tenant_id, conversation_id, seq, "event")
+        return open_event(None, context, str(rows[0].event))
 
 
 def _parse_sync(raw: bytes) -> SyncRecord:
@@ -773,7 +805,9 @@ def run_cql_sink(settings: Settings) -> int:
     logging.getLogger("cassandra").setLevel(logging.ERROR)
     try:
         check_keyspace_name(settings.cql.keyspace)
-    except MigrationError as error:
+        settings.master_key()
+        settings.previous_master_key()
+    except (MigrationError, ValueError) as error:
         log.critical("%s", error)
         return EXIT_CONFIG
     cluster, session = connect(settings, stop)
@@ -789,8 +823,14 @@ def run_cql_sink(settings: Settings) -> int:
         keyspace = serving_keyspace(session, settings.cql.keyspace)
         if keyspace != settings.cql.keyspace:
             log.info("keyspace %s serves (swapped in for %s)", keyspace, settings.cql.keyspace)
+        keys = key_ring(session, settings)
+        try:
+            keys.check_master_key()
+        except MasterKeyMismatchError as error:
+            log.critical("cannot start: %s", error)
+            return EXIT_CONFIG
         ready_file = ReadyFile(settings.ready_file)
-        sink = CqlSink(settings, session, keyspace=keyspace, ready_file=ready_file)
+        sink = CqlSink(settings, session, keyspace=keyspace, ready_file=ready_file, keys=keys)
         try:
             sink.run(stop)
         except FatalError as error:

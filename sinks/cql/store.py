@@ -36,6 +36,18 @@ from cassandra.query import PreparedStatement
 from pipelines.settings import Settings
 from schemas.errors import SchemaError
 from schemas.events import MessageEdited, MessageSent, parse_event
+from sinks.cql.crypto import (
+    DataKey,
+    KeyRing,
+    MasterKeyMismatchError,
+    key_id_of,
+    key_ring,
+    open_event,
+    open_text,
+    preview_context,
+    sync_context,
+    timeline_context,
+)
 from sinks.cql.rules import ACCESS_CONSISTENCY, RECALLED_PREVIEW, preview
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -129,8 +141,18 @@ class ReaderRow:
 class ServingStore:
     """Reads for the ingress. Create with :meth:`connect`; every method is a coroutine."""
 
-    def __init__(self, session: Session, settings: Settings, keyspace: str | None = None) -> None:
+    def __init__(
+        self,
+        session: Session,
+        settings: Settings,
+        keyspace: str | None = None,
+        keys: KeyRing | None = None,
+    ) -> None:
+        """Every value sealed by the CQL sink is opened here, with the tenants' data keys of the
+        anchor keyspace (``keys``, default: from ``settings``): the rows handed out hold
+        plaintext, or withheld bodies where a key was forgotten (``sinks/cql/crypto.py``)."""
         self.session = session
+        self.keys = keys or key_ring(session, settings)
         self.timeline_bucket = settings.sinks.timeline_bucket_size
         self.sync_bucket = settings.sinks.sync_bucket_size
         keyspace = keyspace or settings.cql.keyspace
@@ -264,6 +286,7 @@ class ServingStore:
             bucket -= 1
         rows.reverse()
         oldest = rows[0].seq if rows else before
+        rows = await self._open_timeline(tenant_id, conversation_id, rows)
         return TimelinePage(rows=rows, has_more=oldest > 1)
 
     async def _history_after(
@@ -289,7 +312,8 @@ class ServingStore:
                 (tenant_id, conversation_id, (last + 1) // self.timeline_bucket, last, 1),
             )
             has_more = bool(following)
-        return TimelinePage(rows=rows[:limit], has_more=has_more)
+        rows = await self._open_timeline(tenant_id, conversation_id, rows[:limit])
+        return TimelinePage(rows=rows, has_more=has_more)
 
     async def _end_of_timeline(self, tenant_id: str, conversation_id: str, hint: int) -> int:
         """The conversation's last seq: the highest row of the last non-empty bucket, searched
@@ -353,14 +377,28 @@ class ServingStore:
                 "expired; resync from the conversation list",
             )
         next_cursor = rows[-1].sync_id
-        return SyncQueuePage(rows=rows, has_more=next_cursor < head, next_cursor=next_cursor)
+        opened = []
+        for row in rows:
+            key = await self._key(tenant_id, row.event)
+            context = sync_context(tenant_id, user_id, row.sync_id)
+            opened.append(replace(row, event=open_event(key, context, row.event)))
+        return SyncQueuePage(rows=opened, has_more=next_cursor < head, next_cursor=next_cursor)
 
     async def conversations(
         self, tenant_id: str, user_id: str, *, limit: int
     ) -> list[ConversationRow]:
         """The user's conversations (those the user is a member of), latest activity first."""
         found = await self._run(self._conversations, (tenant_id, user_id))
-        rows = [_conversation_row(row) for row in found if row.member is not False]
+        rows = []
+        for found_row in found:
+            if found_row.member is False:
+                continue
+            row = _conversation_row(found_row)
+            if row.last_preview is not None:
+                key = await self._key(tenant_id, row.last_preview)
+                context = preview_context(tenant_id, user_id, row.conversation_id)
+                row = replace(row, last_preview=open_text(key, context, row.last_preview))
+            rows.append(row)
         large = [row for row in rows if row.large]
         if large:
             heads = await asyncio.gather(*(self._large_group(tenant_id, row) for row in large))
@@ -432,6 +470,38 @@ class ServingStore:
             if row.read_seq is not None and row.read_seq >= seq
         ]
         return sorted(readers, key=lambda r: (r.read_at or _EPOCH, r.user_id))
+
+    async def _open_timeline(
+        self, tenant_id: str, conversation_id: str, rows: list[TimelineRow]
+    ) -> list[TimelineRow]:
+        opened = []
+        for row in rows:
+            key = await self._key(tenant_id, row.event)
+            event = open_event(
+                key, timeline_context(tenant_id, conversation_id, row.seq, "event"), row.event
+            )
+            edited = row.edited_event
+            if edited is not None:
+                context = timeline_context(tenant_id, conversation_id, row.seq, "edited_event")
+                edited = open_event(await self._key(tenant_id, edited), context, edited)
+            opened.append(replace(row, event=event, edited_event=edited))
+        return opened
+
+    async def _key(self, tenant_id: str, value: str | None) -> DataKey | None:
+        """The key ``value`` was sealed with (None for plaintext, or a forgotten key): from the
+        cache, else read on a thread (the driver's synchronous call stays off the loop)."""
+        key_id = key_id_of(value)
+        if key_id is None:
+            return None
+        found, key = self.keys.find_cached(tenant_id, key_id)
+        if found:
+            return key
+        try:
+            return await asyncio.to_thread(self.keys.find, tenant_id, key_id)
+        except MasterKeyMismatchError:
+            raise
+        except Exception as error:  # a timeout, no host: like any other read
+            raise StoreUnavailableError(f"{type(error).__name__}: {error}") from error
 
     async def _run(self, statement: PreparedStatement, values: Sequence[Any]) -> list[Any]:
         """Execute on the driver's threads; resolve on this event loop."""

@@ -23,6 +23,7 @@ from pipelines.settings import KafkaSettings, Settings
 from pipelines.stack.manager import LocalStack
 from pipelines.topics import apply_topics
 from schemas.topics import topic_catalog
+from sinks.cql.crypto import KeyRing, key_id_of, key_ring, open_value
 from sinks.cql.sink import READY_MESSAGE
 
 #: The services the CQL sink's tests need: not chDB, whose one data path another process (a
@@ -109,6 +110,17 @@ def table_rows(session: Session, keyspace: str, table: str) -> set[Row]:
 def snapshot(session: Session, keyspace: str) -> dict[str, set[Row]]:
     """Every serving table's rows."""
     return {table: table_rows(session, keyspace, table) for table in sorted(SERVING_TABLES)}
+
+
+def tenant_keys(session: Session, settings: Settings) -> KeyRing:
+    """The key ring of ``settings`` (its anchor keyspace), as the sink and the ingress use."""
+    return key_ring(session, settings)
+
+
+def unsealed(keys: KeyRing, tenant_id: str, context: str, value: str | None) -> str | None:
+    """A stored value as the readers see it: opened with the tenant's key (plaintext as is)."""
+    key_id = key_id_of(value)
+    return open_value(keys.find(tenant_id, key_id) if key_id else None, context, value)
 
 
 def select(session: Session, query: str, *values: Any) -> list[Any]:

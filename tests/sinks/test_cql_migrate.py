@@ -41,7 +41,13 @@ pytestmark = pytest.mark.stack
 #: The migrations the package ships, in order.
 #: The tables of migration 4 (read access).
 READ_ACCESS_TABLES = {"former_members", "recalled_messages", "command_outcomes"}
-PACKAGED = ["0001_initial", "0002_serving_keyspace", "0003_large_groups", "0004_read_access"]
+PACKAGED = [
+    "0001_initial",
+    "0002_serving_keyspace",
+    "0003_large_groups",
+    "0004_read_access",
+    "0005_tenant_keys",
+]
 
 
 @pytest.fixture
@@ -96,6 +102,7 @@ def test_migrate_creates_the_keyspace_and_every_table_once(
     assert table_names(cql_session, fresh_keyspace) == {
         *SERVING_TABLES,
         *READ_ACCESS_TABLES,
+        "tenant_keys",
         POINTER_TABLE,
         MIGRATIONS_TABLE,
         LEASE_TABLE,
@@ -111,6 +118,7 @@ def test_migrate_creates_the_keyspace_and_every_table_once(
         (2, "serving_keyspace", discover()[1].checksum),
         (3, "large_groups", discover()[2].checksum),
         (4, "read_access", discover()[3].checksum),
+        (5, "tenant_keys", discover()[4].checksum),
     ]
     assert rows[0].applied_at is not None
     assert lines == [
@@ -119,6 +127,7 @@ def test_migrate_creates_the_keyspace_and_every_table_once(
         "applied 0002_serving_keyspace (1 statements)",
         "applied 0003_large_groups (1 statements)",
         "applied 0004_read_access (3 statements)",
+        "applied 0005_tenant_keys (1 statements)",
     ]
     replication = cql_session.execute(
         "SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = %s",
@@ -161,33 +170,33 @@ def test_a_migration_changed_after_it_was_applied_is_refused(
 def test_a_new_migration_is_applied_after_the_recorded_ones(
     cql_session: Session, keyspace: str, migrations_copy: Path
 ) -> None:
-    assert len(migrate(cql_session, keyspace, 1, migrations=discover(migrations_copy))) == 4
-    (migrations_copy / "0005_pins.cql").write_text(
+    assert len(migrate(cql_session, keyspace, 1, migrations=discover(migrations_copy))) == 5
+    (migrations_copy / "0006_pins.cql").write_text(
         "-- pinned conversations per user\n"
         "CREATE TABLE IF NOT EXISTS pins (tenant_id text, user_id text, conversation_id text,"
         " PRIMARY KEY ((tenant_id, user_id), conversation_id));\n"
     )
     applied = migrate(cql_session, keyspace, 1, migrations=discover(migrations_copy))
-    assert [m.label for m in applied] == ["0005_pins"]
+    assert [m.label for m in applied] == ["0006_pins"]
     assert "pins" in table_names(cql_session, keyspace)
     versions = {
         r.version for r in cql_session.execute(f"SELECT version FROM {keyspace}.{MIGRATIONS_TABLE}")
     }
-    assert versions == {1, 2, 3, 4, 5}
+    assert versions == {1, 2, 3, 4, 5, 6}
 
 
 def test_a_refused_statement_fails_with_a_code_and_is_not_recorded(
     cql_session: Session, keyspace: str, migrations_copy: Path
 ) -> None:
-    (migrations_copy / "0005_broken.cql").write_text("CREATE TABLE IF NOT EXISTS broken (k);\n")
+    (migrations_copy / "0006_broken.cql").write_text("CREATE TABLE IF NOT EXISTS broken (k);\n")
     with pytest.raises(MigrationError) as failed:
         migrate(cql_session, keyspace, 1, migrations=discover(migrations_copy))
     assert failed.value.code is MigrationErrorCode.FAILED
-    assert "0005_broken.cql, statement 1" in failed.value.message
+    assert "0006_broken.cql, statement 1" in failed.value.message
     versions = {
         r.version for r in cql_session.execute(f"SELECT version FROM {keyspace}.{MIGRATIONS_TABLE}")
     }
-    assert versions == {1, 2, 3, 4}
+    assert versions == {1, 2, 3, 4, 5}
 
 
 def test_a_column_added_before_the_migration_was_recorded_is_not_added_again(
@@ -196,14 +205,14 @@ def test_a_column_added_before_the_migration_was_recorded_is_not_added_again(
     """CQL has no portable ``ADD IF NOT EXISTS``: a migration interrupted after its ``ALTER``
     and before it was recorded must apply again without ``already exists``."""
     migrate(cql_session, keyspace, 1, migrations=discover(migrations_copy))
-    (migrations_copy / "0005_pinned_at.cql").write_text(
+    (migrations_copy / "0006_pinned_at.cql").write_text(
         "ALTER TABLE user_conversations ADD pinned_at timestamp;\n"
     )
     cql_session.execute(
         f"ALTER TABLE {keyspace}.user_conversations ADD pinned_at timestamp", timeout=60
     )
     applied = migrate(cql_session, keyspace, 1, migrations=discover(migrations_copy))
-    assert [m.label for m in applied] == ["0005_pinned_at"]
+    assert [m.label for m in applied] == ["0006_pinned_at"]
 
 
 def test_a_badly_named_file_is_refused(migrations_copy: Path) -> None:
@@ -234,7 +243,7 @@ def test_concurrent_migrators_apply_each_migration_once(
     assert sorted(len(applied) for applied in results) == [0, 0, len(PACKAGED)]
     assert table_names(cql_session, fresh_keyspace) >= SERVING_TABLES
     rows = list(cql_session.execute(f"SELECT version FROM {fresh_keyspace}.{MIGRATIONS_TABLE}"))
-    assert sorted(r.version for r in rows) == [1, 2, 3, 4]
+    assert sorted(r.version for r in rows) == [1, 2, 3, 4, 5]
 
 
 def test_dry_run_changes_nothing(
@@ -252,7 +261,8 @@ def test_dry_run_changes_nothing(
         "would apply 0002_serving_keyspace (1 statements)",
         "would apply 0003_large_groups (1 statements)",
         "would apply 0004_read_access (3 statements)",
-        f"dry run: 4 migration(s) would be applied to keyspace {fresh_keyspace}; nothing was "
+        "would apply 0005_tenant_keys (1 statements)",
+        f"dry run: 5 migration(s) would be applied to keyspace {fresh_keyspace}; nothing was "
         "changed",
     ]
     assert not keyspace_exists(cql_session, fresh_keyspace)
@@ -271,29 +281,32 @@ def test_the_commands_report_pending_applied_and_up_to_date(
         "pending  0002_serving_keyspace",
         "pending  0003_large_groups",
         "pending  0004_read_access",
-        f"keyspace {fresh_keyspace}: 0 applied, 4 pending, 0 changed",
+        "pending  0005_tenant_keys",
+        f"keyspace {fresh_keyspace}: 0 applied, 5 pending, 0 changed",
     ]
 
     migrated: list[str] = []
     assert migrate_command(configured, dry_run=False, echo=migrated.append) == EXIT_OK
-    assert migrated[-1] == f"4 migration(s) applied; keyspace {fresh_keyspace} is at version 4"
-    assert "applied 0001_initial" in migrated[-5]
-    assert "applied 0002_serving_keyspace" in migrated[-4]
-    assert "applied 0003_large_groups" in migrated[-3]
-    assert "applied 0004_read_access" in migrated[-2]
+    assert migrated[-1] == f"5 migration(s) applied; keyspace {fresh_keyspace} is at version 5"
+    assert "applied 0001_initial" in migrated[-6]
+    assert "applied 0002_serving_keyspace" in migrated[-5]
+    assert "applied 0003_large_groups" in migrated[-4]
+    assert "applied 0004_read_access" in migrated[-3]
+    assert "applied 0005_tenant_keys" in migrated[-2]
 
     again: list[str] = []
     assert migrate_command(configured, dry_run=False, echo=again.append) == EXIT_OK
-    assert again == [f"nothing to apply; keyspace {fresh_keyspace} is up to date at version 4"]
+    assert again == [f"nothing to apply; keyspace {fresh_keyspace} is up to date at version 5"]
 
     after: list[str] = []
     assert status_command(configured, echo=after.append) == EXIT_OK
-    assert len(after) == 5
+    assert len(after) == 6
     assert after[0].startswith("applied  0001_initial  20")
     assert after[1].startswith("applied  0002_serving_keyspace  20")
     assert after[2].startswith("applied  0003_large_groups  20")
     assert after[3].startswith("applied  0004_read_access  20")
-    assert after[4] == f"keyspace {fresh_keyspace}: 4 applied, 0 pending, 0 changed"
+    assert after[4].startswith("applied  0005_tenant_keys  20")
+    assert after[5] == f"keyspace {fresh_keyspace}: 5 applied, 0 pending, 0 changed"
 
 
 def test_the_commands_report_a_changed_migration_with_its_code(

@@ -74,6 +74,13 @@ from schemas.events import (
     parse_event,
 )
 from schemas.topics import TopicCatalog, conversation_key, device_key, topic_catalog, user_key
+from sinks.cql.crypto import (
+    device_context,
+    is_sealed,
+    preview_context,
+    sync_context,
+    timeline_context,
+)
 from sinks.cql.migrate import migrate
 from sinks.cql.rules import withheld
 from sinks.cql.sink import CqlSink
@@ -88,6 +95,8 @@ from tests.sinks.cql_support import (
     read_dead_letters,
     select,
     snapshot,
+    tenant_keys,
+    unsealed,
 )
 
 pytestmark = pytest.mark.stack
@@ -731,12 +740,24 @@ def test_the_timeline_holds_every_entry_with_recalls_and_latest_edits(
     world: World, cql_session: Session
 ) -> None:
     ids, raw = world.built.ids, world.built.scenario.raw
-    found = rows(
+    stored = rows(
         cql_session,
         f"SELECT conversation_id, bucket, seq, entry_type, event_id, message_id, sender_id, "
         f"occurred_at, event, recalled, recalled_seq, edited_event, edited_seq "
         f"FROM {world.keyspace}.timeline",
     )
+    # Bodies are sealed at rest (each event with a body), and open to what was sent.
+    assert all(is_sealed(row[8]) for row in stored if row[3] != "message.recalled" and not row[9])
+    keys = tenant_keys(cql_session, world.settings)
+
+    def opened(row: tuple[Any, ...]) -> tuple[Any, ...]:
+        conversation, seq = row[0], row[2]
+        event = unsealed(keys, TENANT, timeline_context(TENANT, conversation, seq, "event"), row[8])
+        context = timeline_context(TENANT, conversation, seq, "edited_event")
+        edited = unsealed(keys, TENANT, context, row[11])
+        return (*row[:8], event, row[9], row[10], edited, row[12])
+
+    found = {opened(row) for row in stored}
 
     def entry(
         conversation: str,
@@ -854,11 +875,17 @@ def test_conversations_members_and_read_positions(world: World, cql_session: Ses
 
 def test_devices_keep_the_current_token(world: World, cql_session: Session) -> None:
     # alice's phone replaced tok-a1 by tok-a2 before APNs rejected tok-a1; bob's browser left.
-    assert rows(
+    stored = rows(
         cql_session,
         f"SELECT user_id, device_id, provider, push_token, app_id, updated_at "
         f"FROM {world.keyspace}.devices",
-    ) == {
+    )
+    assert all(is_sealed(row[3]) for row in stored)  # push tokens are sealed at rest
+    keys = tenant_keys(cql_session, world.settings)
+    assert {
+        (*row[:3], unsealed(keys, TENANT, device_context(TENANT, row[0], row[1]), row[3]), *row[4:])
+        for row in stored
+    } == {
         ("alice", "alice-phone", "apns", "tok-a2", "chat.app", naive(at(31))),
         ("carol", "carol-ios", "apns", "tok-c1", "chat.app", naive(at(34))),
     }
@@ -887,7 +914,13 @@ def test_every_sync_record_is_queued_once_with_its_head(world: World, cql_sessio
         )
         for r in records
     }
-    events = {(r.user_id, r.sync_id): json.loads(r.event) for r in found}
+    keys = tenant_keys(cql_session, world.settings)
+    events = {
+        (r.user_id, r.sync_id): json.loads(
+            unsealed(keys, TENANT, sync_context(TENANT, r.user_id, r.sync_id), r.event) or ""
+        )
+        for r in found
+    }
     for record in records:
         assert (
             events[(record.user_id, record.sync_id)]
@@ -905,8 +938,16 @@ def test_the_conversation_lists(world: World, cql_session: Session) -> None:
         "kind, name, role, member, last_message_id, last_sender_id, last_preview, last_activity_at"
     )
     summary_columns = "last_seq, read_seq, unread, muted, muted_until, updated_at"
+    keys = tenant_keys(cql_session, world.settings)
+
+    def opened(row: tuple[Any, ...]) -> tuple[Any, ...]:
+        """The preview (column 8) as readers see it: sealed at rest unless empty."""
+        assert row[8] in {None, ""} or is_sealed(row[8])
+        context = preview_context(TENANT, row[0], row[1])
+        return (*row[:8], unsealed(keys, TENANT, context, row[8]), *row[9:])
+
     found = {
-        (row[0], row[1]): tuple(row[2:])
+        (row[0], row[1]): opened(tuple(row))[2:]
         for row in select(
             cql_session,
             f"SELECT user_id, conversation_id, {columns}, {summary_columns}, pinned "
@@ -1040,14 +1081,13 @@ def test_older_records_fed_after_newer_ones_change_nothing(
         G1,
     )[0]
     assert owner.role == "admin"
-    assert (
-        select(
-            cql_session,
-            f"SELECT push_token FROM {ks}.devices WHERE tenant_id = %s AND user_id = 'alice'",
-            TENANT,
-        )[0].push_token
-        == "tok-a2"
-    )
+    token = select(
+        cql_session,
+        f"SELECT push_token FROM {ks}.devices WHERE tenant_id = %s AND user_id = 'alice'",
+        TENANT,
+    )[0].push_token
+    context = device_context(TENANT, "alice", "alice-phone")
+    assert unsealed(tenant_keys(cql_session, world.settings), TENANT, context, token) == "tok-a2"
     assert select(
         cql_session,
         f"SELECT last_seq, role FROM {ks}.user_conversations WHERE tenant_id = %s "
@@ -1103,7 +1143,9 @@ def test_a_write_the_cluster_refuses_is_dead_lettered_and_the_rest_is_stored(
         assert headers["imstream.error.code"] == "cql-invalid-request"
         assert "ttl" in headers["imstream.error.message"].lower()
         assert sink.stats.dead_lettered == 1
-        assert [
+        [token] = [
             r.push_token for r in select(cql_session, f"SELECT push_token FROM {keyspace}.devices")
-        ] == ["tok-b"]
+        ]
+        context = device_context(TENANT, "bob", "bob-web")
+        assert unsealed(tenant_keys(cql_session, configured), TENANT, context, token) == "tok-b"
         assert committed_lag(configured, group_id, [t.name for t in sink.inputs]) == 0
