@@ -10,10 +10,12 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cassandra.cluster import Session
+from confluent_kafka.admin import AdminClient
 from pydantic import SecretStr
 
 from pipelines.settings import DEV_MASTER_KEY, AuthSettings, CryptoSettings, Profile, Settings
@@ -30,6 +32,7 @@ from sinks.cql.crypto import (
 )
 from sinks.cql.migrate import migrate
 from sinks.cql.sink import EXIT_CONFIG
+from tests.ingress.support import create_topics, delete_topics, unique
 
 IMSTREAM = Path(sys.executable).parent / "imstream"
 MASTER_KEY = bytes(range(32))
@@ -241,8 +244,17 @@ def test_the_cql_sink_refuses_to_start_with_the_development_key_outside_dev() ->
     assert b"IM_CRYPTO__MASTER_KEY" in done.stderr
 
 
+@pytest.fixture
+def audited(kafka_admin: AdminClient, settings: Settings) -> Iterator[Settings]:
+    """Topics of this test's own (the operator audit the CLI writes to among them): a fresh
+    stack has none under the default prefix."""
+    prefixed = create_topics(kafka_admin, settings, unique("t-rewrap") + ".")
+    yield prefixed
+    delete_topics(kafka_admin, prefixed)
+
+
 def test_the_master_key_rotates_by_rewrapping_with_no_sealed_value_rewritten(
-    settings: Settings, cql_session: Session, migrated: str
+    audited: Settings, cql_session: Session, migrated: str
 ) -> None:
     before = ring(cql_session, migrated).current("acme")
     sealed = seal_text(before, "ctx", "secret")
@@ -264,7 +276,7 @@ def test_the_master_key_rotates_by_rewrapping_with_no_sealed_value_rewritten(
     environment = {
         **os.environ,
         "IM_CQL__KEYSPACE": migrated,
-        "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
+        "IM_KAFKA__TOPIC_PREFIX": audited.kafka.topic_prefix,
         "IM_CRYPTO__MASTER_KEY": base64.b64encode(OTHER_MASTER_KEY).decode(),
         "IM_CRYPTO__PREVIOUS_MASTER_KEY": base64.b64encode(MASTER_KEY).decode(),
     }
