@@ -290,6 +290,17 @@ class JwksUrl:
             self._keys = keys
 
 
+def read_public_key(path: Path | None, variable: str) -> bytes | None:
+    """The PEM public key at ``path`` (None when none is set); an unreadable file raises
+    ``ValueError`` naming ``variable``, the setting that points at it, at start-up."""
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise ValueError(f"{variable}={path} cannot be read: {error}") from error
+
+
 class TokenVerifier:
     """Verifies signature, expiry, issuer, audience and imstream's claims of one token at a time.
 

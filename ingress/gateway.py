@@ -44,7 +44,7 @@ from prometheus_client import Counter, Gauge
 from pydantic import TypeAdapter, ValidationError
 from starlette.types import Message, Receive, Scope, Send
 
-from ingress.auth import AuthError, AuthErrorCode, Claims, TokenVerifier
+from ingress.auth import AuthError, AuthErrorCode, Claims, TokenVerifier, read_public_key
 from ingress.commands import PublishingCommand, event_for, is_publishing, reply_for
 from ingress.connection import (
     Connection,
@@ -140,14 +140,7 @@ def token_verifier(auth: AuthSettings) -> TokenVerifier:
     With a JWKS, the development placeholder secret is not used as the single key: tokens
     without a ``kid`` then need a real secret (or RS256 public key) of their own.
     """
-    public_key = None
-    if auth.jwt_public_key_path is not None:
-        try:
-            public_key = auth.jwt_public_key_path.read_bytes()
-        except OSError as error:
-            raise ValueError(
-                f"IM_AUTH__JWT_PUBLIC_KEY_PATH={auth.jwt_public_key_path} cannot be read: {error}"
-            ) from error
+    public_key = read_public_key(auth.jwt_public_key_path, "IM_AUTH__JWT_PUBLIC_KEY_PATH")
     secret = auth.jwt_secret.get_secret_value() if auth.jwt_algorithm == "HS256" else None
     if (auth.jwks_path or auth.jwks_url) is not None and secret in PLACEHOLDER_SECRETS:
         secret = None

@@ -26,7 +26,13 @@ from typing import Final
 
 import jwt
 
-from ingress.auth import DEFAULT_MAX_TOKEN_LENGTH, AuthError, TokenVerifier, issue_token
+from ingress.auth import (
+    DEFAULT_MAX_TOKEN_LENGTH,
+    AuthError,
+    TokenVerifier,
+    issue_token,
+    read_public_key,
+)
 from pipelines.settings import Settings
 from schemas.events import SYSTEM_TENANT
 
@@ -129,14 +135,7 @@ class StaffAuthenticator:
 
 def _staff_verifier(settings: Settings) -> TokenVerifier:
     staff = settings.staff_auth
-    public_key = None
-    if staff.public_key_path is not None:
-        try:
-            public_key = staff.public_key_path.read_bytes()
-        except OSError as error:
-            raise ValueError(
-                f"IM_STAFF_AUTH__PUBLIC_KEY_PATH={staff.public_key_path} cannot be read: {error}"
-            ) from error
+    public_key = read_public_key(staff.public_key_path, "IM_STAFF_AUTH__PUBLIC_KEY_PATH")
     secret = None
     if staff.algorithm == "HS256":
         secret = settings.real_secret(staff.secret, "IM_STAFF_AUTH__SECRET")
