@@ -26,9 +26,9 @@ from typing import Any, NoReturn, TextIO
 import confluent_kafka
 from confluent_kafka.admin import AdminClient
 
+from core.connections import kafka_config
 from core.readiness import read_announcement
-from pipelines.connections import kafka_config
-from pipelines.settings import Settings
+from core.settings import Settings
 from pipelines.stack import process as stack_process
 from pipelines.stack.manager import LocalStack
 from pipelines.topics import apply_topics

@@ -37,12 +37,12 @@ from typing import Any
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
+from analytics.dashboards_page import INTERVALS, MAX_BUCKETS, QUERY_SETTINGS
 from bench.common import REPO_ROOT, Progress, machine_facts, now_iso, write_results
+from core.settings import Settings
 from dashboards.definitions import Panel, TimeRange, load_dashboards
 from dashboards.macros import bound_sql
-from pipelines.settings import Settings
 from schemas.topics import TopicCatalog, topic_catalog
-from sinks.clickhouse.dashboards_page import INTERVALS, MAX_BUCKETS, QUERY_SETTINGS
 from sinks.clickhouse.schema import (
     AUDIT_TABLE,
     CONSUMER_LAG_TABLE,

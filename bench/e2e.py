@@ -9,7 +9,7 @@ nodes, the CQL sink and the ClickHouse sink, on a fresh topic catalog (``bench.e
 a fresh CQL keyspace and a chDB path of their own; the local stack's Kafka and Cassandra (started
 if they are not running, left as found). ``--pairs`` 1:1 conversations and ``--groups`` groups of
 ``--group-size`` members are spread over ``--client-processes`` load generator processes, each
-user one device, one SDK client (``ingress.client.Client``) over a real WebSocket; the two users
+user one device, one SDK client (``client.sdk.Client``) over a real WebSocket; the two users
 of a pair are on different ingress nodes, so every 1:1 delivery crosses nodes.
 
 Phases: first an unreported warm-up (``--warm-up-seconds`` of 1:1 traffic at 100/s: the JVMs
@@ -109,11 +109,12 @@ from bench.ingress_throughput import body_text, built_record
 from bench.loadgen import Credentials
 from bench.raw_produce import durable_producer_config
 from bench.stream_throughput import fill
-from pipelines.connections import cql_cluster, kafka_config, kafka_consumer_config
-from pipelines.settings import Settings
+from core.connections import cql_cluster, kafka_config, kafka_consumer_config
+from core.lag import group_lag
+from core.settings import Settings
+from pipelines.processes import consumer_groups
 from pipelines.stack.manager import LocalStack
 from pipelines.stack.process import lower_priority
-from pipelines.status import consumer_groups, group_lag
 from schemas.events import (
     Actor,
     ConversationCreated,

@@ -1,6 +1,6 @@
 """The end-to-end load generator: one process driving a share of the benchmark's users.
 
-Every user is one device, one :class:`ingress.client.Client` (the public SDK) over a real
+Every user is one device, one :class:`client.sdk.Client` (the public SDK) over a real
 WebSocket. The users of a 1:1 pair are on different ingress nodes, so that every delivery crosses
 nodes; a group's members alternate between the nodes. Senders and receivers of a conversation are
 in the same process, so a delivery's latency is one clock's difference: from the moment the
@@ -33,8 +33,8 @@ from multiprocessing.sharedctypes import SynchronizedArray
 import uvloop
 
 from bench.loadgen import Credentials
-from ingress.auth import issue_token
-from ingress.client import Client, CommandError
+from client.sdk import Client, CommandError
+from core.auth import issue_token
 from schemas.events import MessageSent
 
 

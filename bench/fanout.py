@@ -32,9 +32,9 @@ from starlette.types import Receive, Scope, Send
 
 from bench.common import LOOPBACK, REPO_ROOT, Progress, machine_facts, now_iso, run_main
 from bench.common import write_results as write_section
+from core.settings import Settings
 from ingress.connection import Connection, ConnectionHub, Principal
 from ingress.wsprotocol import WIRE_EXTENSION, gateway_ws_protocol, text_frame
-from pipelines.settings import Settings
 from schemas.events import Platform
 
 RESULTS_PATH = REPO_ROOT / "docs" / "bench" / "fanout.json"

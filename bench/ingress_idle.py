@@ -61,8 +61,8 @@ from bench.common import (
 )
 from bench.idle_client import IdlePlan, OpenReport, run_client
 from bench.loadgen import Credentials
+from core.settings import Settings
 from ingress.gateway import WEBSOCKET_PATH
-from pipelines.settings import Settings
 
 TARGETS = ("imstream", "bare", "imstream-deflate")
 #: The bar of issue 3: this many idle connections per process at no more than this many KB each.

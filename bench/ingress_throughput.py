@@ -65,9 +65,9 @@ from bench.common import (
 )
 from bench.loadgen import Credentials, LoadPlan, LoadResult, Window, identities, run_worker
 from bench.raw_produce import SampleRecord, produce_loop
+from core.connections import kafka_config
+from core.settings import Settings
 from ingress.gateway import WEBSOCKET_PATH
-from pipelines.connections import kafka_config
-from pipelines.settings import Settings
 from schemas.events import Actor, MessageSent, MessageSentPayload, TextBody, encode_event
 from schemas.events import message_event_id as derive_message_id
 from schemas.topics import conversation_key

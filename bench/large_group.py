@@ -131,12 +131,13 @@ from bench.ingress_throughput import body_text
 from bench.lean_ws import LeanSocket, open_lean
 from bench.loadgen import Credentials
 from bench.stream_throughput import fill
-from ingress.auth import issue_token
-from pipelines.connections import kafka_config
-from pipelines.settings import Settings
+from core.auth import issue_token
+from core.connections import kafka_config
+from core.lag import group_lag
+from core.settings import Settings
+from pipelines.processes import consumer_groups
 from pipelines.stack.errors import StackError
 from pipelines.stack.manager import LocalStack
-from pipelines.status import consumer_groups, group_lag
 from schemas.events import (
     MAX_MEMBERS_PER_EVENT,
     Actor,

@@ -27,7 +27,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from ingress.auth import issue_token
+from core.auth import issue_token
 from schemas.events import Platform, TextBody
 from schemas.frames import Hello, HelloOk, Send, encode_client_frame, parse_server_frame
 

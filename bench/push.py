@@ -61,13 +61,13 @@ from bench.common import (
     percentiles_ms,
     write_results,
 )
-from pipelines.settings import Settings
+from core.push_settings import PushProviderSettings
+from core.settings import Settings
 from schemas.events import PushProvider
 from sinks.push.apns import ApnsSender
 from sinks.push.fcm import FcmSender
 from sinks.push.notification import PushNotification, PushTarget
 from sinks.push.reliability import PushDispatcher, PushSender
-from sinks.push.settings import PushProviderSettings
 from tests.sinks.push.fakes.tls import LocalPki, make_local_pki
 from tests.sinks.push.support import APNS_TOPIC, FCM_APP, make_job, make_notification
 

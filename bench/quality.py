@@ -38,8 +38,13 @@ import clickhouse_connect
 import pandas as pd
 from cassandra.concurrent import execute_concurrent_with_args
 
+from analytics.api import AnalyticsServer, analytics_app
+from analytics.quality_api import DATASETS, DatasetParameters
+from analytics.queries import Analytics
 from bench.common import REPO_ROOT, Progress, machine_facts, now_iso, write_results
-from pipelines.connections import cql_cluster
+from core.connections import cql_cluster
+from core.principals import StaffRole, staff_authenticator
+from core.settings import KafkaSettings, Settings
 from pipelines.quality.checks import (
     CheckOptions,
     Loader,
@@ -49,15 +54,10 @@ from pipelines.quality.checks import (
     validate,
 )
 from pipelines.quality.sources import CqlSample, DirectAuditReader, HttpAuditReader
-from pipelines.settings import KafkaSettings, Settings
 from pipelines.staff_cli import StaffCredential
 from schemas import events as ev
 from schemas.topics import topic_catalog
-from sinks.clickhouse.analytics import Analytics
-from sinks.clickhouse.api import AnalyticsServer, analytics_app
 from sinks.clickhouse.audit import AuditDecoder, KafkaRecord
-from sinks.clickhouse.principals import StaffRole, staff_authenticator
-from sinks.clickhouse.quality_api import DATASETS, DatasetParameters
 from sinks.clickhouse.schema import (
     AUDIT_COLUMNS,
     AUDIT_TABLE,

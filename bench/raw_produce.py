@@ -17,8 +17,8 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
 
-from pipelines.connections import kafka_producer_config
-from pipelines.settings import Settings
+from core.connections import kafka_producer_config
+from core.settings import Settings
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ in the same run.
 On topics of its own (``bench.replay.<time>.<pid>.``) the benchmark produces ``--records``
 ``message.sent`` events with their sequence numbers onto ``im.messages.sequenced`` (as the stream
 stage writes them: conversation keys, ``--conversations`` conversations), then reads that whole
-range five ways, each through ``pipelines.replay.replay`` with a cursor of its own, no rate limit:
+range five ways, each through ``core.replay.replay`` with a cursor of its own, no rate limit:
 
 - **raw**: a bare ``confluent_kafka.Consumer`` assigned to the range (``read_committed``, the
   replay's fetch size), counting records: the ceiling (after one unmeasured warm-up read, the
@@ -16,7 +16,7 @@ range five ways, each through ``pipelines.replay.replay`` with a cursor of its o
 - **replay → topic**: re-published into ``im.messages.in`` (idempotent producer, ``acks=all``);
 - **replay → cql**: the CQL sink's planning and writes (``CqlTarget``) into a fresh keyspace on the
   local Cassandra;
-- **replay → clickhouse**: the audit's decoding and inserts (``sinks.clickhouse.jobs.AuditTarget``,
+- **replay → clickhouse**: the audit's decoding and inserts (``analytics.jobs.AuditTarget``,
   what the ClickHouse sink process runs for ``imstream replay --into clickhouse``) into chDB at a
   temporary path owned by this process.
 
@@ -40,6 +40,7 @@ from typing import Any
 from cassandra.cluster import Session
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
+from analytics.jobs import AuditTarget
 from bench.common import (
     REPO_ROOT,
     Progress,
@@ -50,18 +51,17 @@ from bench.common import (
     with_topic_prefix,
     write_results,
 )
-from pipelines.connections import (
+from core.connections import (
     clickhouse_client,
     cql_cluster,
     kafka_consumer_config,
     kafka_producer_config,
 )
-from pipelines.replay import PartitionRange, ReplayResult, replay, resolve_ranges
+from core.replay import PartitionRange, ReplayResult, replay, resolve_ranges
+from core.settings import Settings
 from pipelines.replay_targets import CqlTarget, TopicTarget
-from pipelines.settings import Settings
 from schemas import events as ev
 from schemas.topics import TopicCatalog, conversation_key
-from sinks.clickhouse.jobs import AuditTarget
 from sinks.clickhouse.store import ClickHouseStore
 from sinks.cql.migrate import migrate
 

@@ -10,7 +10,7 @@ probability ∝ 1/k, as in natural language), so there are rare, medium and comm
 message in 200 also carries a fixed two-word phrase of medium words, one in 200,000 an
 "order number" token. 2% of the messages are
 edited (a second row with new words) and 1% recalled, so the fold per message does real work.
-The rows are the ``message_search`` rows the feed writes (``sinks.clickhouse.search``).
+The rows are the ``message_search`` rows the feed writes (``analytics.search``).
 
 The same rows go into one table per index kind (``INDEXES``: ClickHouse's ``text`` index,
 ``tokenbf_v1``, ``ngrambf_v1``), each merged. Five searches, each run ``--runs`` times after two
@@ -50,17 +50,11 @@ from typing import Any
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
+from analytics.search import MessageSearch, ScopeRange, SearchRequest
 from bench.common import REPO_ROOT, Progress, machine_facts, now_iso, percentiles_ms
-from pipelines.settings import Settings
-from sinks.clickhouse.search import (
-    SEARCH_TABLE,
-    MessageSearch,
-    ScopeRange,
-    SearchRequest,
-    normalized,
-    search_table_ddl,
-)
-from sinks.clickhouse.search_query import parse_query
+from core.settings import Settings
+from schemas.search import parse_query
+from sinks.clickhouse.schema import SEARCH_TABLE, normalized, search_table_ddl
 from sinks.clickhouse.store import ClickHouseStore
 
 DATABASE = "bench_search"

@@ -48,8 +48,8 @@ from bench.common import (
     write_results,
 )
 from bench.stream_throughput import Counter, fill, stream_worker
-from pipelines.connections import kafka_producer_config
-from pipelines.settings import Settings
+from core.connections import kafka_producer_config
+from core.settings import Settings
 from schemas.events import direct_conversation_id
 from schemas.topics import TopicCatalog, user_key
 from streams.state import child_key

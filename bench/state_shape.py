@@ -46,8 +46,8 @@ from bench.common import (
     write_results,
 )
 from bench.stream_throughput import Counter, direct_scenario, fill, stream_worker
-from pipelines.connections import kafka_config
-from pipelines.settings import Settings
+from core.connections import kafka_config
+from core.settings import Settings
 from schemas.events import (
     Actor,
     ConversationCreated,

@@ -29,8 +29,8 @@ from pathlib import Path
 from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
 
-from pipelines.connections import kafka_config
-from pipelines.settings import KafkaSettings, Settings
+from core.connections import kafka_config
+from core.settings import KafkaSettings, Settings
 from pipelines.topics import apply_topics
 from schemas.events import MessageSent, SyncRecord, parse_event
 from schemas.topics import topic_catalog

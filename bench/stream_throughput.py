@@ -57,8 +57,8 @@ from bench.common import (
     write_results,
 )
 from bench.profile import start_recording, summarise
-from pipelines.connections import kafka_config, kafka_producer_config
-from pipelines.settings import Settings
+from core.connections import kafka_config, kafka_producer_config
+from core.settings import Settings
 from schemas.events import (
     Actor,
     ConversationCreated,

@@ -9,7 +9,7 @@
 ``load_dashboards`` reads and checks them all; a bad definition is a :class:`DashboardError`
 naming the file (and the line or field) and what is wrong, with a stable code. Both renderers —
 the Grafana export (``dashboards.grafana``) and the built-in page of the ClickHouse sink
-(``sinks.clickhouse.dashboards_page``) — take what it returns, so they show the same panels with
+(``analytics.dashboards_page``) — take what it returns, so they show the same panels with
 the same SQL.
 
 What a panel's query returns, by kind:

@@ -2,7 +2,7 @@
 
 A panel's ``.sql`` is ClickHouse SQL in which the time range, the bucket width, the tenant and
 the database are macros. Grafana's ClickHouse data source knows most of them itself; the built-in
-page (``sinks.clickhouse.dashboards_page``) binds them as ClickHouse query parameters, so no value
+page (``analytics.dashboards_page``) binds them as ClickHouse query parameters, so no value
 is ever pasted into SQL there.
 
 =========================  ===========================================  ==========================

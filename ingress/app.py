@@ -39,10 +39,10 @@ from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from core.bodies import declared_length, read_bounded, replayed
+from core.settings import Settings
 from ingress.gateway import WEBSOCKET_PATH, Gateway, RefusalError, error_frame
 from ingress.routes import commands, devices, health, reads, search
 from ingress.routes.replies import frame_response
-from pipelines.settings import Settings
 from schemas.errors import ErrorCode, field_path
 
 DESCRIPTION = """\

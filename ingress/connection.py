@@ -39,7 +39,7 @@ from typing import Any, Final, Protocol
 
 from starlette.types import Send
 
-from ingress.auth import LONG_AGO
+from core.auth import LONG_AGO
 from schemas.errors import CloseCode
 from schemas.events import Platform
 

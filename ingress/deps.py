@@ -13,7 +13,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Path, Request
 
-from ingress.auth import AuthError
+from core.auth import AuthError
 from ingress.connection import Principal
 from ingress.gateway import Gateway, RefusalError, error_frame
 from schemas.errors import ErrorCode

@@ -44,7 +44,9 @@ from prometheus_client import Counter, Gauge
 from pydantic import TypeAdapter, ValidationError
 from starlette.types import Message, Receive, Scope, Send
 
-from ingress.auth import AuthError, AuthErrorCode, Claims, TokenVerifier, read_public_key
+from core.auth import AuthError, AuthErrorCode, Claims, TokenVerifier, read_public_key
+from core.connections import kafka_config, kafka_producer_config
+from core.settings import PLACEHOLDER_SECRETS, AuthSettings, Settings
 from ingress.commands import PublishingCommand, event_for, is_publishing, reply_for
 from ingress.connection import (
     Connection,
@@ -63,8 +65,6 @@ from ingress.ratelimit import Limit, Refusal, ScopedLimiter, retry_after_ms
 from ingress.reads import ReadFrame, Reads, is_reading
 from ingress.revocations import RevocationList, RevocationReader, revokes
 from ingress.wsprotocol import DRAIN_REASON, WIRE_EXTENSION, text_frame
-from pipelines.connections import kafka_config, kafka_producer_config
-from pipelines.settings import PLACEHOLDER_SECRETS, AuthSettings, Settings
 from schemas import frames as fr
 from schemas.errors import CloseCode, ErrorCode, SchemaError
 from schemas.events import (

@@ -30,8 +30,8 @@ from typing import Any, Final, Generic, TypeVar
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Counter
 
+from core.connections import consume_ready
 from ingress.wsprotocol import text_frame
-from pipelines.connections import consume_ready
 from schemas.events import parse_live_delivery
 from schemas.frames import EventFrame
 from schemas.topics import gateway_key, partition_for_key

@@ -132,7 +132,7 @@ class DurableProducer:
         """Prepare (but do not connect) a producer.
 
         ``config`` is the base librdkafka configuration, normally
-        ``pipelines.connections.kafka_config(settings)``; idempotence and ``acks=all`` are forced
+        ``core.connections.kafka_config(settings)``; idempotence and ``acks=all`` are forced
         and a conflicting value is refused. ``latency_observer`` receives the seconds from the call
         to :meth:`publish` to the broker's acknowledgement, for acknowledged records only.
         """

@@ -24,9 +24,9 @@ from typing import Final, Literal, TypeGuard, TypeVar
 from cassandra.cluster import Cluster
 from pydantic import ValidationError
 
+from core.connections import cql_cluster
+from core.settings import Settings
 from ingress.connection import Principal
-from pipelines.connections import cql_cluster
-from pipelines.settings import Settings
 from schemas import frames as fr
 from schemas.errors import ErrorCode
 from schemas.events import Event, MessageEdited, MessageSent, parse_event

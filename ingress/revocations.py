@@ -19,7 +19,7 @@ whose token it matches with ``token-revoked`` (4005), in well under a second of 
 
 Bounded memory: a revocation can only ever match tokens issued before its moment (the
 revocation's ``occurred_at`` for a ``jti``, ``issued_before`` otherwise), and the verifier
-refuses any token valid for longer than the maximum lifetime from its ``iat`` (ingress/auth.py),
+refuses any token valid for longer than the maximum lifetime from its ``iat`` (core/auth.py),
 so every token an entry can match has expired by ``moment + max lifetime + 3 leeways`` (one
 leeway for an ``iat`` slightly in the future, one for the lifetime check, one for the expiry
 check). The entry is dropped then (:meth:`RevocationList.prune`, from a heap, so pruning costs
@@ -44,9 +44,9 @@ from typing import Any, Final
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka import Message as KafkaMessage
 
-from ingress.auth import Claims
+from core.auth import Claims
+from core.connections import consume_ready
 from ingress.live import TopicReader
-from pipelines.connections import consume_ready
 from schemas.events import SYSTEM_TENANT, RevocationScope, TokensRevoked, parse_event
 
 _log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ there as itself: a token it signs per search with its service key (``IM_SERVICE_
 ``ingress``) names the user and the tenant it authenticated, and the search API searches that
 tenant — the body names none.
 
-The query is parsed here first (``sinks.clickhouse.search_query``), so a bad one is refused
+The query is parsed here first (``schemas.search``), so a bad one is refused
 without a round trip, as ``schema-invalid`` on the field ``q`` with the search code in the
 message (``[query-empty] …``). ClickHouse unreachable, slow past
 ``IM_INGRESS__SEARCH_TIMEOUT_SECONDS`` or the serving store not connected: ``unavailable`` with a
@@ -30,13 +30,13 @@ from typing import Any, Final, Literal
 import requests
 from pydantic import BaseModel, Field
 
+from core.principals import issue_service_token
+from core.settings import Settings
 from ingress.connection import Principal
 from ingress.reads import RETRY_AFTER_MS, Reads
-from pipelines.settings import Settings
 from schemas import frames as fr
 from schemas.errors import ErrorCode
-from sinks.clickhouse.principals import issue_service_token
-from sinks.clickhouse.search_query import (
+from schemas.search import (
     MAX_LIMIT,
     MAX_SCOPE,
     SearchError,

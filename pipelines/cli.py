@@ -8,21 +8,23 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from confluent_kafka.admin import AdminClient
 
+from core.connections import kafka_config
+from core.settings import Settings
 from pipelines.certs_cli import certs_command
-from pipelines.connections import kafka_config
 from pipelines.console import load_settings
 from pipelines.dashboards_cli import dashboards_app
 from pipelines.dlq import dlq_app
+from pipelines.processes import BY_NAME, PROCESSES
 from pipelines.quality import quality_app
 from pipelines.replay_cli import rebuild_app, replay_command
 from pipelines.search_cli import search_app
-from pipelines.settings import Settings
 from pipelines.stack.errors import StackError
 from pipelines.stack.manager import LocalStack, ServiceState, ServiceStatus
 from pipelines.stack.process import last_lines
@@ -278,9 +280,9 @@ def process_specs(settings: Settings, ingress_nodes: int, sink_nice: int) -> lis
     consecutive ports, the sinks ``sink_nice`` steps lower in CPU priority."""
     ingress = settings.ingress
     specs: list[ChildSpec] = []
-    for kind in (command.name for command in run_app.registered_commands if command.name):
+    for kind in (process.name for process in PROCESSES):
         if kind != "ingress":
-            nice = sink_nice if kind.endswith("-sink") else 0
+            nice = sink_nice if BY_NAME[kind].sink else 0
             specs.append(ChildSpec(name=kind, kind=kind, nice=nice))
             continue
         for index in range(ingress_nodes):
@@ -340,8 +342,6 @@ def run_stream_worker(
     ] = None,
 ) -> None:
     """The stream processors: sequencing, fan-out, sync ids, routing, push jobs (transactional)."""
-    from streams.runtime import run_worker  # noqa: PLC0415
-
     chosen = processor or ["conversations", "users"]
     unknown = sorted(set(chosen) - {"conversations", "users"})
     if unknown:
@@ -349,9 +349,32 @@ def run_stream_worker(
             f"unknown processor {', '.join(unknown)}; choose conversations or users",
             param_hint="--processor",
         )
+    _run_process("stream-worker", processors=chosen)
+
+
+def _run_process(name: str, **options: object) -> None:
+    """Run the process kind ``name`` of the process table in the foreground; exit with its code."""
     settings = load_settings()
     configure_process_logging()
-    raise typer.Exit(run_worker(settings, processors=chosen))
+    raise typer.Exit(BY_NAME[name].main()(settings, **options))
+
+
+def _register_processes() -> None:
+    """An ``imstream run <name>`` command for every process of the table without options of
+    its own (the stream worker takes ``--processor``, above)."""
+    for kind in PROCESSES:
+        if kind.name != "stream-worker":
+            run_app.command(kind.name, help=kind.summary)(_command_for(kind.name))
+
+
+def _command_for(name: str) -> Callable[[], None]:
+    def command() -> None:
+        _run_process(name)
+
+    return command
+
+
+_register_processes()
 
 
 class RepeatFilter(logging.Filter):
@@ -387,64 +410,6 @@ def configure_process_logging() -> None:
     repeats = RepeatFilter()
     for name in ("imstream.kafka", "ingress.live", "ingress.producer"):
         logging.getLogger(name).addFilter(repeats)
-
-
-@run_app.command("ingress")
-def run_ingress() -> None:
-    """The WebSocket/REST gateway: IM_INGRESS__HOST, IM_INGRESS__PORT, IM_INGRESS__NODE_ID;
-    metrics and API docs on IM_INGRESS__INTERNAL_HOST, IM_INGRESS__INTERNAL_PORT."""
-    # Imported here: FastAPI and uvicorn add half a second to every other imstream command.
-    import uvloop  # noqa: PLC0415
-
-    from ingress.server import (  # noqa: PLC0415
-        FAILED_EXIT_CODE,
-        IngressFailedError,
-        IngressStartError,
-        serve,
-    )
-
-    settings = load_settings()
-    configure_process_logging()
-    try:
-        uvloop.run(serve(settings))
-    except IngressStartError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from error
-    except IngressFailedError as error:
-        typer.echo(f"error: the node stopped because it cannot recover: {error}", err=True)
-        raise typer.Exit(FAILED_EXIT_CODE) from error
-
-
-@run_app.command("cql-sink")
-def run_cql_sink() -> None:
-    """The CQL sink: timelines, sync queues, conversation lists, members, devices, who-read."""
-    from sinks.cql.sink import run_cql_sink as run  # noqa: PLC0415
-
-    settings = load_settings()
-    configure_process_logging()
-    raise typer.Exit(run(settings))
-
-
-@run_app.command("clickhouse-sink")
-def run_clickhouse_sink() -> None:
-    """The ClickHouse sink: the audit log of every topic and the analytics built on it; serves
-    analytics queries over HTTP (IM_SINKS__ANALYTICS_HOST, IM_SINKS__ANALYTICS_PORT)."""
-    from sinks.clickhouse.sink import run_clickhouse_sink as run  # noqa: PLC0415
-
-    settings = load_settings()
-    configure_process_logging()
-    raise typer.Exit(run(settings))
-
-
-@run_app.command("push-sink")
-def run_push_sink() -> None:
-    """The push sink: APNs/FCM notifications for offline users from the push jobs, the token
-    table, an outcome record per attempt (IM_PUSH__…; a provider without credentials is skipped)."""
-    from sinks.push.sink import run_push_sink as run  # noqa: PLC0415
-
-    settings = load_settings()
-    configure_process_logging()
-    raise typer.Exit(run(settings))
 
 
 @app.command("revoke")

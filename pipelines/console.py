@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from pydantic import ValidationError
 
-from pipelines.settings import Settings
+from core.settings import Settings
 
 
 def load_settings() -> Settings:

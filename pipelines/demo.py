@@ -1,6 +1,6 @@
 """``imstream demo``: simulated users chatting through a running imstream, via the public protocol.
 
-Every user is one device with the client SDK (``ingress.client``). The demo creates 1:1
+Every user is one device with the client SDK (``client.sdk``). The demo creates 1:1
 conversations and groups, sends messages at a target rate for a while, waits for every member's
 device to receive every message, and prints what happened: sent, accepted, delivered live,
 delivered by sync, duplicates seen by clients (must be 0), lost (must be 0), and the send →
@@ -36,12 +36,12 @@ from typing import Any
 
 import uvloop
 
-from ingress.auth import issue_token
-from ingress.client import Client, Received
-from pipelines.settings import Settings
+from client.sdk import Client, Received
+from core.auth import issue_token
+from core.principals import StaffRole
+from core.settings import Settings
 from pipelines.staff_cli import StaffCredential
 from schemas.events import MessageSent, PushProvider
-from sinks.clickhouse.principals import StaffRole
 
 #: Push outcomes that end a job's delivery to a device (``failed`` and ``throttled`` are retried).
 FINAL_OUTCOMES = frozenset({"sent", "invalid_token", "skipped"})

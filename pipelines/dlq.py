@@ -49,14 +49,14 @@ from confluent_kafka import (
 )
 from pydantic import JsonValue
 
-from pipelines.connections import kafka_config, kafka_producer_config
+from core.connections import kafka_config, kafka_producer_config
+from core.settings import Settings
 from pipelines.console import load_settings
 from pipelines.operator_actions import (
     OperatorAuditError,
     operator_name,
     record_operator_action,
 )
-from pipelines.settings import Settings
 from schemas.events import OperatorOutcome
 from schemas.topics import Topic, TopicCatalog, topic_catalog
 from sinks.clickhouse.audit import (
@@ -72,7 +72,7 @@ REDRIVE_GROUP = "imstream-dlq-redrive"
 #: The header a redriven record carries: where it was dead-lettered (``topic/partition/offset``).
 REDRIVEN_FROM_HEADER = "imstream.redrive.from"
 REDRIVE_COMMAND = "dlq redrive"
-#: The logger librdkafka's lines go to (``pipelines.connections.kafka_config``).
+#: The logger librdkafka's lines go to (``core.connections.kafka_config``).
 KAFKA_LOGGER = "imstream.kafka"
 AUDIT_TOPIC_MISSING = "audit-topic-missing"
 #: Code shown for a dead letter without an ``imstream.error.code`` header.

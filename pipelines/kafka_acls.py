@@ -30,7 +30,13 @@ from confluent_kafka.admin import (
     ResourceType,
 )
 
-from pipelines.settings import Settings
+from core.groups import (
+    clickhouse_group_prefix,
+    cql_sink_group,
+    push_sink_group,
+    stream_group_prefix,
+)
+from core.settings import Settings
 from schemas.topics import Topic, TopicCatalog, topic_catalog
 
 #: The services that reach Kafka with a principal of their own, by name.
@@ -57,7 +63,6 @@ def _names(*topics: Topic) -> frozenset[str]:
 def service_access(settings: Settings, service: str) -> Access:
     """The Kafka access of ``service`` (one of :data:`SERVICES`) for this catalog."""
     catalog: TopicCatalog = topic_catalog(settings)
-    prefix = settings.kafka.topic_prefix
 
     def dead_letters(*sources: Topic) -> frozenset[str]:
         return _names(*(catalog.dead_letter_of(source) for source in sources))
@@ -83,7 +88,7 @@ def service_access(settings: Settings, service: str) -> Access:
             catalog.known_users,
         )
         with_dead_letter = [topic for topic in inputs if topic.dead_letter is not None]
-        app = f"{prefix}{settings.streams.app_id}-"
+        app = stream_group_prefix(settings)
         return Access(
             reads=_names(*inputs, *tables),
             writes=_names(
@@ -104,20 +109,20 @@ def service_access(settings: Settings, service: str) -> Access:
         return Access(
             reads=_names(*sources),
             writes=dead_letters(*sources),
-            group_prefixes=(f"{prefix}imstream-cql-sink",),
+            group_prefixes=(cql_sink_group(settings),),
         )
     if service == "push-sink":
         return Access(
             reads=_names(catalog.push_tokens, catalog.push_jobs),
             writes=_names(catalog.push_outcomes) | dead_letters(catalog.push_jobs),
-            group_prefixes=(f"{prefix}imstream-push-sink",),
+            group_prefixes=(push_sink_group(settings),),
         )
     if service == "clickhouse-sink":
         # The audit reads every topic, dead letters included; rebuilds use groups of its own.
         return Access(
             reads=_names(*catalog),
             writes=frozenset(),
-            group_prefixes=(f"{prefix}imstream-clickhouse-",),
+            group_prefixes=(clickhouse_group_prefix(settings),),
             describes_all_groups=True,
         )
     raise ValueError(f"unknown service {service!r}; known: {', '.join(SERVICES)}")

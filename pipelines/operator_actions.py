@@ -18,8 +18,8 @@ from collections.abc import Mapping
 
 from pydantic import JsonValue
 
-from pipelines.connections import UnacknowledgedError, produce_acknowledged
-from pipelines.settings import Settings
+from core.connections import UnacknowledgedError, produce_acknowledged
+from core.settings import Settings
 from schemas.events import (
     MAX_ID_CHARS,
     SYSTEM_TENANT,

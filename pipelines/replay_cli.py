@@ -1,6 +1,6 @@
 """``imstream replay`` and ``imstream rebuild``: read the topics again into a store or a topic.
 
-``replay`` (``pipelines.replay``): one topic's range, by offsets or by time, into the CQL sink's
+``replay`` (``core.replay``): one topic's range, by offsets or by time, into the CQL sink's
 tables, the ClickHouse audit, or another topic; rate-limited, resumable, safe to run twice.
 ``rebuild``: the CQL serving tables or the ClickHouse audit, from the topics, into fresh tables,
 then a swap. Jobs that write ClickHouse run in the process that owns it (chDB: one process per
@@ -27,11 +27,10 @@ from typing import Annotated, Any
 import typer
 from cassandra.cluster import Session
 
-from pipelines.connections import cql_cluster
-from pipelines.console import load_settings
-from pipelines.dlq import DlqError, parse_since
-from pipelines.operator_actions import OperatorAuditError, operator_name, record_operator_action
-from pipelines.replay import (
+from core.connections import cql_cluster
+from core.groups import cql_sink_group
+from core.principals import StaffRole
+from core.replay import (
     PartitionRange,
     ReplayError,
     ReplayProgress,
@@ -41,15 +40,17 @@ from pipelines.replay import (
     resolve_ranges,
     run_id_for,
 )
+from core.settings import Settings
+from pipelines.console import load_settings
+from pipelines.dlq import DlqError, parse_since
+from pipelines.operator_actions import OperatorAuditError, operator_name, record_operator_action
 from pipelines.replay_targets import CqlTarget, ReplayInterruptedError, TopicTarget
-from pipelines.settings import Settings
 from pipelines.staff_cli import StaffCredential, analytics_base_url
 from schemas.events import OperatorOutcome
 from schemas.topics import Topic, TopicCatalog, topic_catalog
-from sinks.clickhouse.principals import StaffRole
 from sinks.clickhouse.schema import audited_topics
 from sinks.cql.migrate import MigrationError, check_keyspace_name, migrate
-from sinks.cql.serving import serving_keyspace, sink_group, swap_serving_keyspace
+from sinks.cql.serving import serving_keyspace, swap_serving_keyspace
 from sinks.cql.sink import CqlSink
 from sinks.cql.verify import TableComparison, compare_keyspaces
 
@@ -170,7 +171,7 @@ def _catalog_topic(catalog: TopicCatalog, name: str) -> Topic:
 
 @dataclass(frozen=True)
 class OperatorApi:
-    """``sinks.clickhouse.operator_api``, over HTTP with a staff token (``pipelines.staff_cli``):
+    """``analytics.operator_api``, over HTTP with a staff token (``pipelines.staff_cli``):
     signed afresh for each call, so a long replay never outlives its token."""
 
     url: str
@@ -589,7 +590,7 @@ def rebuild_cql(
         check_keyspace_name(fresh)
         if fresh == anchor:
             raise ReplayError("keyspace-is-live", f"{fresh} is the anchor keyspace itself")
-        group = sink_group(settings, fresh)
+        group = cql_sink_group(settings, fresh)
         typer.echo(
             f"{'dry run: ' if dry_run else ''}rebuild the CQL serving tables into keyspace "
             f"{fresh} (consumer group {group}) from the beginning of "

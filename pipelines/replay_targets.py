@@ -1,7 +1,7 @@
 """Replay targets that run in the operator's own process: a topic, and the CQL sink's writes.
 
 The ClickHouse audit's target runs in the process that owns ClickHouse (chDB allows one process
-per data path): ``sinks.clickhouse.jobs``.
+per data path): ``analytics.jobs``.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from typing import Any
 from cassandra.cluster import Session
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from pipelines.connections import kafka_producer_config
-from pipelines.replay import ReplayError
-from pipelines.settings import Settings
+from core.connections import kafka_producer_config
+from core.records import InputRecord
+from core.replay import ReplayError
+from core.settings import Settings
 from schemas.topics import Topic, TopicCatalog
 from sinks.cql.sink import CqlSink, StopRequestedError
-from streams.records import InputRecord
 
 #: The header a replayed record carries in its new topic: where it was (``topic/partition/offset``).
 REPLAYED_FROM_HEADER = "imstream.replay.from"

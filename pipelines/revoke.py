@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from pipelines.connections import UnacknowledgedError, produce_acknowledged
-from pipelines.settings import Settings
+from core.connections import UnacknowledgedError, produce_acknowledged
+from core.settings import Settings
 from schemas.events import (
     SYSTEM_TENANT,
     RevocationScope,

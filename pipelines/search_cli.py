@@ -16,10 +16,10 @@ from typing import Annotated, Any
 
 import typer
 
+from core.principals import StaffRole
 from pipelines.console import load_settings
 from pipelines.staff_cli import StaffCredential
-from sinks.clickhouse.principals import StaffRole
-from sinks.clickhouse.search_query import DEFAULT_LIMIT, SearchError, parse_query
+from schemas.search import DEFAULT_LIMIT, SearchError, parse_query
 
 search_app = typer.Typer(
     help="Full-text message search over the ClickHouse audit (analysts).", no_args_is_help=True

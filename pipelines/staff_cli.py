@@ -1,6 +1,6 @@
 """Staff tokens for the ``imstream`` commands that call the ClickHouse sink's API (port 8091).
 
-Every route there but ``/healthz`` needs a staff token (``sinks.clickhouse.principals``): the
+Every route there but ``/healthz`` needs a staff token (``core.principals``): the
 commands (``replay --into clickhouse``, ``rebuild clickhouse``, ``search``, ``quality check``
 over chDB, ``demo``) send one. Where the operator holds the staff secret (HS256, e.g. a local
 ``make run``) the command signs a short-lived one for the operator (``--operator``, else the
@@ -18,12 +18,12 @@ from typing import Annotated
 import jwt
 import typer
 
+from analytics.access import LOGIN_PARAMETER
+from core.principals import StaffRole, issue_staff_token
+from core.settings import Settings
 from pipelines.console import load_settings
 from pipelines.operator_actions import operator_name
-from pipelines.settings import Settings
 from schemas.events import SYSTEM_TENANT
-from sinks.clickhouse.access import LOGIN_PARAMETER
-from sinks.clickhouse.principals import StaffRole, issue_staff_token
 
 staff_app = typer.Typer(help="Staff tokens for the ClickHouse sink's API (port 8091).")
 

@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 from cassandra.cluster import NoHostAvailable
 
-from pipelines.connections import cql_cluster
+from core.connections import cql_cluster
 from pipelines.console import load_settings
 from pipelines.operator_actions import OperatorAuditError, operator_name, record_operator_action
 from schemas.events import OperatorOutcome

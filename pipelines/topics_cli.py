@@ -15,10 +15,10 @@ import typer
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from pipelines.connections import kafka_config
+from core.connections import kafka_config
+from core.settings import Settings
 from pipelines.console import load_settings
 from pipelines.kafka_acls import SERVICES, acl_bindings, apply_acls, describe_binding
-from pipelines.settings import Settings
 from pipelines.topics import ChangeAction, TopicAdminError, apply_topics, describe_topics
 from pipelines.topics_ops import (
     Filters,

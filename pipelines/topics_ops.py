@@ -31,9 +31,9 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
-from pipelines.connections import kafka_config
-from pipelines.settings import Settings
-from pipelines.status import consumer_groups
+from core.connections import kafka_config
+from core.settings import Settings
+from pipelines.processes import consumer_groups
 from schemas.topics import Topic, TopicCatalog
 from sinks.clickhouse.audit import AuditDecoder, Audited, AuditRow, KafkaRecord
 
@@ -204,7 +204,7 @@ def inspect_topics(
     settings: Settings, topics: Sequence[Topic], *, timeout: float = 10.0
 ) -> list[TopicInspection]:
     """Watermarks per partition and, for every process kind's group that reads the topic
-    (``pipelines.status.consumer_groups``), its committed offset and lag per partition."""
+    (``pipelines.processes.consumer_groups``), its committed offset and lag per partition."""
     readers = [
         (process, group, set(names))
         for process, groups in consumer_groups(settings).items()

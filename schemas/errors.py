@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import IntEnum, StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 from pydantic_core import from_json
@@ -220,3 +220,28 @@ def _json_or_none(raw: str | bytes) -> Any:
         return from_json(raw)  # bounded nesting (json.loads would raise RecursionError)
     except ValueError:
         return None
+
+
+# -- the HTTP APIs' errors (the analytics API, search, quality datasets) ------------------
+
+
+class ApiErrorCode(Protocol):
+    """What the error codes of imstream's HTTP APIs share: a stable text and a status."""
+
+    @property
+    def http_status(self) -> int: ...
+
+
+class ApiError(Exception):
+    """A refused or failed request to one of imstream's HTTP APIs (analytics, search,
+    quality datasets): a stable code, a readable message, the offending field; answered as
+    ``{"code", "message", "field"}`` with the code's status."""
+
+    def __init__(self, code: ApiErrorCode, message: str, field: str | None = None) -> None:
+        super().__init__(f"[{code}] {message}")
+        self.code = code
+        self.message = message
+        self.field = field
+
+    def body(self) -> dict[str, Any]:
+        return {"code": str(self.code), "message": self.message, "field": self.field}

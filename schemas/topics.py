@@ -56,12 +56,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields, replace
 from datetime import timedelta
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from schemas.events import Event, RevocationScope, TokensRevoked
-
-if TYPE_CHECKING:
-    from pipelines.settings import Settings
 
 #: librdkafka's name for Kafka's murmur2 partitioner (null keys spread at random).
 KAFKA_PARTITIONER = "murmur2_random"
@@ -299,8 +296,42 @@ def partition_for_key(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
+# -- what the catalog needs of the deployment's settings (core.settings.Settings has it) -----
+
+
+class _KafkaSettings(Protocol):
+    @property
+    def topic_prefix(self) -> str: ...
+    @property
+    def replication_factor(self) -> int: ...
+
+
+class _AuthSettings(Protocol):
+    @property
+    def jwt_max_lifetime_seconds(self) -> float: ...
+    @property
+    def jwt_leeway_seconds(self) -> float: ...
+
+
+class _StreamsSettings(Protocol):
+    @property
+    def message_retention_days(self) -> float: ...
+
+
+class CatalogSettings(Protocol):
+    """The settings a catalog is made from: the contract names what it reads, and the settings
+    object (one layer up) has it."""
+
+    @property
+    def kafka(self) -> _KafkaSettings: ...
+    @property
+    def auth(self) -> _AuthSettings: ...
+    @property
+    def streams(self) -> _StreamsSettings: ...
+
+
 def topic_catalog(
-    settings: Settings, *, partitions: Mapping[str, int] | None = None
+    settings: CatalogSettings, *, partitions: Mapping[str, int] | None = None
 ) -> TopicCatalog:
     """The catalog for this deployment: names carry ``settings.kafka.topic_prefix`` (prepended as
     is), replication is ``settings.kafka.replication_factor``, and ``partitions`` overrides the

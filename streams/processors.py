@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import pydantic_core
 
+from core.records import PROCESSING_FAILED, InputRecord, OutputRecord, StateWrite, dead_letter
 from schemas.errors import SchemaError
 from schemas.events import (
     DEFAULT_LOCALE,
@@ -59,7 +60,6 @@ from streams.conversations import (
     command_rejected,
     decide,
 )
-from streams.records import InputRecord, OutputRecord, StateWrite
 from streams.state import StateReader, child_key, split_child
 from streams.users import (
     Appended,
@@ -92,8 +92,6 @@ class BatchResult:
     dead_lettered: int = 0
 
 
-#: The dead-letter code of a record whose stage's rules raised (a bug; the record is kept).
-PROCESSING_FAILED = "processing-failed"
 #: The dead-letter code of a record whose outputs Kafka refused for good although they were
 #: under the record limit (e.g. a topic configured with a smaller ``max.message.bytes``).
 OUTPUT_REFUSED = "output-refused"
@@ -107,21 +105,6 @@ SWITCH_MEMBERS_PER_RECORD = 5_000
 #: The dead-letter code of a record whose outputs or state would exceed the record limit
 #: (``IM_STREAMS__MAX_RECORD_BYTES``): refused, so that the transaction can commit the rest.
 OUTPUT_TOO_LARGE = "output-too-large"
-
-
-def dead_letter(
-    catalog: TopicCatalog, source: Topic, record: InputRecord, code: str, message: str
-) -> OutputRecord:
-    """The poison record, unchanged, on its source's dead-letter topic; the reason in headers."""
-    target = catalog.dead_letter_of(source)
-    headers = [
-        ("imstream.error.code", code.encode()),
-        ("imstream.error.message", message.encode()[:1000]),
-        ("imstream.source.topic", record.topic.encode()),
-        ("imstream.source.partition", str(record.partition).encode()),
-        ("imstream.source.offset", str(record.offset).encode()),
-    ]
-    return OutputRecord(topic=target.name, key=record.key, value=record.value, headers=headers)
 
 
 def _process_each(

@@ -37,8 +37,6 @@ resumes from the last committed transaction).
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import socket
 import threading
 import time
@@ -63,9 +61,10 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
-from core.readiness import ReadyFile
-from pipelines.connections import kafka_config, kafka_consumer_config, kafka_producer_config
-from pipelines.settings import MemberAdmission, Settings
+from core.connections import kafka_config, kafka_consumer_config, kafka_producer_config
+from core.groups import stream_group
+from core.records import Headers, InputRecord, dead_letter
+from core.settings import MemberAdmission, Settings
 from schemas.topics import Topic, TopicCatalog, topic_catalog
 from streams.processors import (
     CONVERSATIONS_TABLE,
@@ -79,9 +78,7 @@ from streams.processors import (
     ConversationSettings,
     UserProcessor,
     UserSettings,
-    dead_letter,
 )
-from streams.records import Headers, InputRecord
 from streams.state import StateReader
 from streams.store import StateStore
 from streams.users import PushPolicy
@@ -199,8 +196,7 @@ class ProcessorLoop:
         self.stats = LoopStats()
         self.ready = threading.Event()
         streams = settings.streams
-        prefix = settings.kafka.topic_prefix
-        self.group_id = f"{prefix}{streams.app_id}-{config.name}"
+        self.group_id = stream_group(settings, config.name)
         self.store = StateStore(
             settings.stream_state_dir / f"{self.group_id}-{instance_id}",
             [*config.tables, *config.globals],
@@ -909,50 +905,3 @@ def build_loops(
             )
         )
     return loops
-
-
-def run_worker(
-    settings: Settings, *, processors: Sequence[str] = ("conversations", "users")
-) -> int:
-    """Run the loops until SIGINT/SIGTERM; returns the process exit code."""
-    stop = threading.Event()
-    loops = build_loops(settings, stop, processors=processors)
-    failures: list[BaseException] = []
-
-    def guarded(loop: ProcessorLoop) -> None:
-        try:
-            loop.run()
-        except BaseException as error:  # reported and turned into the exit code below
-            log.critical("%s processor failed: %s", loop.config.name, error, exc_info=True)
-            failures.append(error)
-            stop.set()
-
-    def request_stop(signum: int, _frame: object) -> None:
-        log.info("signal %d: finishing the current transactions and stopping", signum)
-        stop.set()
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-    threads = [
-        threading.Thread(target=guarded, args=(loop,), name=loop.config.name, daemon=True)
-        for loop in loops
-    ]
-    for thread in threads:
-        thread.start()
-    ready_file = ReadyFile(settings.ready_file)
-    while any(thread.is_alive() for thread in threads):
-        if not ready_file.announced and all(loop.ready.is_set() for loop in loops):
-            detail = "; ".join(f"{loop.config.name} as {loop.group_id}" for loop in loops)
-            log.info("%s: %s", READY_MESSAGE, detail)
-            ready_file.announce(detail)
-        for thread in threads:
-            thread.join(0.1)
-        if failures:
-            # A failed loop must not leave the other committing on its own: exit now, the
-            # restart resumes both from their last committed transactions.
-            ready_file.withdraw()
-            logging.shutdown()
-            os._exit(EXIT_FATAL)
-    ready_file.withdraw()
-    log.info("stream worker stopped")
-    return EXIT_FATAL if failures else 0

@@ -35,7 +35,7 @@ from typing import Any
 import lmdb
 import pydantic_core
 
-from streams.records import StateWrite
+from core.records import StateWrite
 from streams.state import CHILD_SEPARATOR
 
 #: Virtual size of the memory map: the most the store can grow to (files grow with use only).

@@ -21,8 +21,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from pipelines.connections import clickhouse_client, cql_cluster, kafka_config
-from pipelines.settings import Settings
+from core.connections import clickhouse_client, cql_cluster, kafka_config
+from core.settings import Settings
 from pipelines.stack.manager import LocalStack
 from tests.sinks.push.fakes.tls import LocalPki, make_local_pki
 from tests.sinks.push.support import ApnsKey

@@ -13,6 +13,16 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
+from core.settings import (
+    AuthSettings,
+    ClickHouseSettings,
+    CqlSettings,
+    CryptoSettings,
+    IngressSettings,
+    KafkaSettings,
+    Profile,
+    Settings,
+)
 from dashboards.definitions import load_dashboards
 from dashboards.grafana import DATASOURCE_UID, EXPORT_DIR, uid_of
 from pipelines.certs_cli import (
@@ -24,16 +34,6 @@ from pipelines.certs_cli import (
 )
 from pipelines.cli import run_app
 from pipelines.kafka_acls import SERVICES, acl_bindings
-from pipelines.settings import (
-    AuthSettings,
-    ClickHouseSettings,
-    CqlSettings,
-    CryptoSettings,
-    IngressSettings,
-    KafkaSettings,
-    Profile,
-    Settings,
-)
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRASTRUCTURE = {

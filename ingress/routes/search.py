@@ -16,7 +16,7 @@ from ingress.routes.replies import ERROR_RESPONSES, frame_response
 from ingress.search import SearchResults, UserSearch
 from schemas import frames as fr
 from schemas.events import ConversationId
-from sinks.clickhouse.search_query import DEFAULT_LIMIT, MAX_LIMIT, MAX_QUERY_CHARS
+from schemas.search import DEFAULT_LIMIT, MAX_LIMIT, MAX_QUERY_CHARS
 
 router = APIRouter(prefix="/v1/tenants/{tenant_id}", tags=["reads"])
 

@@ -31,14 +31,7 @@ from great_expectations.data_context.types.base import (
 )
 from great_expectations.expectations.expectation import Expectation
 
-from pipelines.quality.sources import (
-    AuditReader,
-    ConversationKey,
-    CqlSample,
-    QualityError,
-    QualityErrorCode,
-)
-from sinks.clickhouse.quality_api import (
+from analytics.quality_api import (
     DATASETS,
     MAX_ROWS,
     MESSAGE_SENT_TYPE,
@@ -46,6 +39,13 @@ from sinks.clickhouse.quality_api import (
     Dataset,
     DatasetParameters,
     DatasetRows,
+)
+from pipelines.quality.sources import (
+    AuditReader,
+    ConversationKey,
+    CqlSample,
+    QualityError,
+    QualityErrorCode,
 )
 
 SITE_NAME = "imstream-quality"

@@ -16,7 +16,10 @@ import typer
 from cassandra import DriverException
 from cassandra.cluster import NoHostAvailable, Session
 
-from pipelines.connections import clickhouse_client, cql_cluster
+from analytics.quality_api import MAX_ROWS
+from core.connections import clickhouse_client, cql_cluster
+from core.principals import StaffRole
+from core.settings import Settings
 from pipelines.console import load_settings
 from pipelines.quality.sources import (
     AuditReader,
@@ -27,11 +30,8 @@ from pipelines.quality.sources import (
     QualityErrorCode,
     cql_unavailable,
 )
-from pipelines.settings import Settings
 from pipelines.staff_cli import StaffCredential
 from schemas.topics import topic_catalog
-from sinks.clickhouse.principals import StaffRole
-from sinks.clickhouse.quality_api import MAX_ROWS
 from sinks.cql.migrate import MigrationError
 from sinks.cql.serving import serving_keyspace
 

@@ -21,7 +21,7 @@ from cassandra.cluster import NoHostAvailable, Session
 from cassandra.concurrent import execute_concurrent_with_args
 from clickhouse_connect.driver.client import Client
 
-from sinks.clickhouse.quality_api import (
+from analytics.quality_api import (
     Dataset,
     DatasetParameters,
     DatasetRows,

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from pipelines.connections import clickhouse_client
-from pipelines.settings import Settings
+from core.connections import clickhouse_client
+from core.settings import Settings
 from pipelines.stack import process
 from pipelines.stack.errors import StackError, StackErrorCode
 from pipelines.stack.java import JavaRuntime, find_java

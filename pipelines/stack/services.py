@@ -18,8 +18,8 @@ from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
 
-from pipelines.connections import cql_cluster, kafka_config
-from pipelines.settings import Settings
+from core.connections import cql_cluster, kafka_config
+from core.settings import Settings
 from pipelines.stack.errors import StackError, StackErrorCode
 from pipelines.stack.maven import Artifact, Bundle
 from pipelines.stack.process import marker

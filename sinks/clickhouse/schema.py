@@ -19,17 +19,21 @@ data) — and is applied by the sink at start (``apply_schema``).
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
+from typing import Final
 
 from clickhouse_connect.driver.client import Client
 
 from schemas.events import DIRECT_CONVERSATION_PREFIX
 from schemas.topics import Topic, TopicCatalog
 
+log = logging.getLogger(__name__)
+
 AUDIT_TABLE = "audit_events"
 PUSH_OUTCOMES_TABLE = "push_outcomes"
-#: Consumer-group lag samples the ClickHouse sink takes (sinks/clickhouse/lag.py).
+#: Consumer-group lag samples the ClickHouse sink takes (analytics/lag.py).
 CONSUMER_LAG_TABLE = "consumer_lag"
 
 #: The columns the sink writes, in the order of ``AuditRow.values()``; ``ingested_at`` is filled
@@ -345,7 +349,7 @@ CREATE TABLE IF NOT EXISTS {db}.{CONSUMER_LAG_TABLE}
     sampled_at DateTime64(3, 'UTC'),
     process LowCardinality(String) COMMENT 'the process kind reading as the group',
     group_id LowCardinality(String),
-    lag UInt64 COMMENT 'records: end offsets minus committed offsets (pipelines/status.py)'
+    lag UInt64 COMMENT 'records: end offsets minus committed offsets (core/lag.py)'
 )
 ENGINE = MergeTree
 PARTITION BY toYYYYMM(sampled_at)
@@ -375,9 +379,124 @@ def apply_schema(client: Client, database: str, catalog: TopicCatalog) -> None:
     """Create the database, tables and views if missing and bring the views up to date.
 
     Idempotent; blocking (call it through the store's thread for chDB). Then the message
-    search table and its feed (``sinks.clickhouse.search``, which builds on this module)."""
-    from sinks.clickhouse.search import apply_search_schema  # noqa: PLC0415 - it imports this
+    search table and its feed (below)."""
 
     for statement in schema_statements(database, catalog):
         client.command(statement)
     apply_search_schema(client, database, catalog.messages_sequenced.name, AUDIT_TABLE)
+
+
+# -- the message search table (analytics.search queries it; docs/analytics.md#search) ------
+
+SEARCH_TABLE: Final = "message_search"
+SEARCH_FEED: Final = "message_search_feed"
+MESSAGE_EDITED: Final = "message.edited"
+MESSAGE_RECALLED: Final = "message.recalled"
+
+
+#: The skip indexes bench/search.py compares; ``SEARCH_INDEX`` is the one the schema uses.
+INDEXES: Final[dict[str, str]] = {
+    "text": "INDEX text_norm_tokens text_norm TYPE text(tokenizer = splitByNonAlpha)",
+    "tokenbf": "INDEX text_norm_tokens text_norm TYPE tokenbf_v1(32768, 3, 0) GRANULARITY 1",
+    "ngrambf": "INDEX text_norm_tokens text_norm TYPE ngrambf_v1(3, 65536, 3, 0) GRANULARITY 1",
+    "none": "",
+}
+SEARCH_INDEX: Final = "text"
+
+
+def normalized(column: str) -> str:
+    """The SQL that normalizes ``column`` as ``search_query.tokenize`` does: lower case, every
+    run of characters that are not letters or digits one space, no space at either end."""
+    return f"trimBoth(replaceRegexpAll(lowerUTF8({column}), '[^\\\\p{{L}}\\\\p{{N}}]+', ' '))"
+
+
+def search_table_ddl(database: str, index: str = SEARCH_INDEX, table: str = SEARCH_TABLE) -> str:
+    db = quote_identifier(database)
+    index_clause = f",\n    {INDEXES[index]}" if INDEXES[index] else ""
+    return f"""
+CREATE TABLE IF NOT EXISTS {db}.{quote_identifier(table)}
+(
+    tenant_id LowCardinality(String),
+    conversation_id String,
+    message_id UUID COMMENT 'the message: its message.sent event id',
+    event_id UUID COMMENT 'the event of this row',
+    kind LowCardinality(String) COMMENT 'message.sent, message.edited or message.recalled',
+    seq UInt64 COMMENT 'message.sent rows: the message''s conversation_seq; else 0',
+    event_seq UInt64 COMMENT 'the conversation_seq the event took: the latest text wins',
+    sender_id String COMMENT 'message.sent rows: the sender; else empty',
+    occurred_at DateTime64(6, 'UTC'),
+    text String COMMENT 'the text body sent or edited; empty for other bodies and recalls',
+    text_norm String
+        COMMENT 'text lower-cased, runs of non letters/digits as one space'{index_clause}
+)
+ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(occurred_at)
+ORDER BY (tenant_id, kind, conversation_id, message_id, event_id)
+COMMENT 'One row per message event; fold per message at read time (analytics/search.py)'
+"""
+
+
+def _feed_select(audit: str, sequenced_topic: str) -> str:
+    """The search rows of the audit rows of message events (never fails on a row: the audit
+    insert it rides on must not)."""
+    kinds = ", ".join(sql_string(kind) for kind in (MESSAGE_SENT, MESSAGE_EDITED, MESSAGE_RECALLED))
+    sent = sql_string(MESSAGE_SENT)
+    return f"""
+SELECT
+    tenant_id,
+    assumeNotNull(conversation_id) AS conversation_id,
+    if(event_type = {sent}, assumeNotNull(event_id),
+       toUUIDOrZero(JSONExtractString(raw, 'payload', 'message_id'))) AS message_id,
+    assumeNotNull(event_id) AS event_id,
+    event_type AS kind,
+    if(event_type = {sent}, assumeNotNull(conversation_seq), 0) AS seq,
+    assumeNotNull(conversation_seq) AS event_seq,
+    if(event_type = {sent}, ifNull(user_id, ''), '') AS sender_id,
+    occurred_at,
+    JSONExtractString(raw, 'payload', 'body', 'text') AS text,
+    {normalized("text")} AS text_norm
+FROM {audit}
+WHERE topic = {sql_string(sequenced_topic)} AND event_type IN ({kinds})
+  AND conversation_id IS NOT NULL AND event_id IS NOT NULL AND conversation_seq IS NOT NULL
+"""
+
+
+def search_statements(database: str, sequenced_topic: str, audit_table: str) -> list[str]:
+    """The search table, the view that feeds it from every audit insert, and the backfill from
+    the audit rows already stored (only while the search table is empty: the first start after
+    the table was added)."""
+    db = quote_identifier(database)
+    audit = f"{db}.{quote_identifier(audit_table)}"
+    table = f"{db}.{SEARCH_TABLE}"
+    select = _feed_select(audit, sequenced_topic)
+    return [
+        search_table_ddl(database),
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{SEARCH_FEED} TO {table} AS {select}",
+        f"INSERT INTO {table} {select} AND (SELECT count() FROM {table}) = 0",
+    ]
+
+
+def apply_search_schema(
+    client: Client, database: str, sequenced_topic: str, audit_table: str
+) -> str:
+    """Apply :func:`search_statements`; the index kind the table has is returned. A ClickHouse
+    that refuses the ``text`` index (older releases: experimental, other tokenizer names) gets
+    ``tokenbf_v1`` instead: the same queries, answered from a bloom filter."""
+    table, *rest = search_statements(database, sequenced_topic, audit_table)
+    kind = SEARCH_INDEX
+    try:
+        client.command(table)
+    except Exception as error:  # the server's refusal; no common base worth naming
+        kind = "tokenbf"
+        log.warning(
+            "ClickHouse refused the text index (%s); the search table uses %s instead",
+            error,
+            INDEXES[kind],
+        )
+        client.command(search_table_ddl(database, kind))
+    for statement in rest:
+        client.command(statement)
+    return kind
+
+
+# -- requests -------------------------------------------------------------------------------

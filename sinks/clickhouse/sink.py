@@ -20,29 +20,27 @@ and reason kept) and logged; the loop goes on. The audit sink never dead-letters
 with a dead-letter topic has a processing consumer (a stream processor, the CQL sink, the push
 sender) that dead-letters its poison, and a second dead letter would be a duplicate.
 
-The process also serves the analytics endpoint (``sinks.clickhouse.api``) on
+The process also serves the analytics endpoint (``analytics.api``) on
 ``IM_SINKS__ANALYTICS_HOST:IM_SINKS__ANALYTICS_PORT``: uvicorn runs in its own thread with its
 own event loop, the consumer loop runs in the main thread (as the stream worker's loops do); the
 sink's inserts use the store's one thread and client, the endpoint's queries a pool of their own
 (``IM_SINKS__ANALYTICS_QUERY_*``: threads, connection handles, a time budget and a bounded queue),
 so queries never delay the audit. Every route but ``/healthz`` needs a staff or service token
-(``IM_STAFF_AUTH__*``, ``IM_SERVICE_AUTH__*``; ``sinks.clickhouse.access``). SIGTERM/SIGINT: the
+(``IM_STAFF_AUTH__*``, ``IM_SERVICE_AUTH__*``; ``analytics.access``). SIGTERM/SIGINT: the
 current batch is flushed and committed, the HTTP server stops, the process exits 0.
 
 It also samples every consumer group's lag every 10 s into ``consumer_lag`` for the
-dashboards (``sinks.clickhouse.lag``: a failed sample is logged and skipped).
+dashboards (``analytics.lag``: a failed sample is logged and skipped).
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
 
 from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
@@ -54,27 +52,23 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
-from core.readiness import ReadyFile
-from core.tls import server_context
-from pipelines.connections import (
-    clickhouse_client,
+from core.connections import (
     kafka_config,
     kafka_consumer_config,
     sink_session_config,
 )
-from pipelines.settings import Settings
+from core.groups import clickhouse_sink_group
+from core.readiness import ReadyFile
+from core.settings import Settings
+from core.tls import server_context
 from schemas.topics import DEAD_LETTER_SUFFIX, TopicCatalog, topic_catalog
-from sinks.clickhouse.analytics import Analytics
-from sinks.clickhouse.api import AnalyticsServer, AnalyticsServerError, analytics_app
 from sinks.clickhouse.audit import (
     AuditDecoder,
     Audited,
     KafkaRecord,
 )
-from sinks.clickhouse.lag import LagSampler
-from sinks.clickhouse.principals import staff_authenticator
-from sinks.clickhouse.schema import SchemaNameError, audited_topics
-from sinks.clickhouse.store import ClickHouseStore, QueryPool, query_client_settings
+from sinks.clickhouse.schema import audited_topics
+from sinks.clickhouse.store import ClickHouseStore
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +76,6 @@ log = logging.getLogger(__name__)
 #: (EX_SOFTWARE, as the stream worker).
 EXIT_UNAVAILABLE = 69
 EXIT_FATAL = 70
-GROUP_SUFFIX = "imstream-clickhouse-sink"
 READY_MESSAGE = "clickhouse sink ready"
 PROGRESS_INTERVAL = 10.0
 #: How long consume waits for the first record of a batch before the loop looks around.
@@ -119,10 +112,6 @@ class SinkStats:
     commit_failures: int = 0
 
 
-def group_id_for(settings: Settings) -> str:
-    return f"{settings.kafka.topic_prefix}{GROUP_SUFFIX}"
-
-
 class ClickHouseSink:
     """The audit loop: consume a batch, insert its rows (poison as ``undecodable``), commit.
 
@@ -152,7 +141,7 @@ class ClickHouseSink:
         self.store = store
         self.stop = stop
         self.catalog = catalog or topic_catalog(settings)
-        self.group_id = group_id or group_id_for(settings)
+        self.group_id = group_id or clickhouse_sink_group(settings)
         self.backoff = backoff
         self.decoder = AuditDecoder(self.catalog)
         self.topics = [topic.name for topic in audited_topics(self.catalog)]
@@ -162,7 +151,7 @@ class ClickHouseSink:
         self._pending: list[tuple[KafkaRecord, Audited]] = []
         self._admin: AdminClient | None = None
         #: Held while a batch is inserted and committed: a rebuild's swap holds it to see the
-        #: tables between two batches (``sinks.clickhouse.jobs``).
+        #: tables between two batches (``analytics.jobs``).
         self.write_lock = threading.Lock()
         self.consumer = Consumer(
             kafka_consumer_config(settings, self.group_id, **sink_session_config(settings))
@@ -461,99 +450,3 @@ def analytics_tls(settings: Settings) -> ssl.SSLContext | None:
     if sinks.analytics_tls_cert_path is None or sinks.analytics_tls_key_path is None:
         return None
     return server_context(sinks.analytics_tls_cert_path, sinks.analytics_tls_key_path)
-
-
-def run_clickhouse_sink(settings: Settings) -> int:
-    """The sink process: the audit loop and the analytics endpoint until SIGTERM/SIGINT; returns
-    the exit code."""
-    # The operator jobs run sink loops of their own: imported here, not at the top (a cycle).
-    from sinks.clickhouse.jobs import OperatorJobs  # noqa: PLC0415
-    from sinks.clickhouse.operator_api import install_operator_api  # noqa: PLC0415
-
-    catalog = topic_catalog(settings)
-    where = settings.clickhouse.url or f"chDB at {settings.chdb_path}"
-    try:
-        authenticator = staff_authenticator(settings)
-    except ValueError as error:
-        log.error("%s", error)
-        return EXIT_UNAVAILABLE
-    sinks = settings.sinks
-    budget = query_client_settings(
-        sinks.analytics_query_timeout_seconds, sinks.analytics_query_max_threads
-    )
-    try:
-        queries = QueryPool(
-            [
-                clickhouse_client(settings, query_settings=budget)
-                for _ in range(sinks.analytics_query_workers)
-            ],
-            max_waiting=sinks.analytics_query_queue,
-        )
-        store = ClickHouseStore(
-            clickhouse_client(settings), settings.clickhouse.database, queries=queries
-        )
-    except SchemaNameError as error:
-        log.error("%s", error)
-        return EXIT_UNAVAILABLE
-    except Exception as error:  # reported as what the operator should check
-        log.error(
-            "cannot open ClickHouse (%s): %s — check IM_CLICKHOUSE__URL and that the server is "
-            "up, or that no other process holds the chDB path (chDB allows one per process)",
-            where,
-            error,
-        )
-        return EXIT_UNAVAILABLE
-    stop = threading.Event()
-    ready_file = ReadyFile(settings.ready_file)
-    try:
-        sink = ClickHouseSink(settings, store, stop, catalog=catalog, ready_file=ready_file)
-        analytics = Analytics(store)
-        app = analytics_app(
-            analytics,
-            authenticator=authenticator,
-            max_body_bytes=sinks.analytics_max_body_bytes,
-            healthy=lambda: sink.running,
-        )
-        jobs = OperatorJobs(settings, store, catalog, live_sink=sink)
-        install_operator_api(app, jobs)
-        server = AnalyticsServer(
-            app, sinks.analytics_host, sinks.analytics_port, tls=analytics_tls(settings)
-        )
-    except (AnalyticsServerError, ValueError) as error:
-        log.error("%s", error)
-        store.close()
-        return EXIT_UNAVAILABLE
-
-    def request_stop(signum: int, _frame: Any) -> None:
-        log.info("signal %d: flushing the current batch and stopping", signum)
-        stop.set()
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-    # Consumer-group lag into ClickHouse for the dashboards; a failed sample only logs.
-    sampler = LagSampler(settings, store)
-
-    def started() -> None:
-        server.start()
-        sampler.start()
-
-    code = 0
-    try:
-        sink.run(on_started=started)
-    except FatalError as error:
-        log.critical("clickhouse sink failed: %s", error)
-        code = EXIT_FATAL
-    except AnalyticsServerError as error:
-        log.error("%s", error)
-        code = EXIT_UNAVAILABLE
-    except Exception:  # a bug: say so with the traceback; the supervisor restarts the process
-        log.critical("clickhouse sink failed", exc_info=True)
-        code = EXIT_FATAL
-    finally:
-        ready_file.withdraw()
-        jobs.stop_all()
-        sampler.stop()
-        server.stop()
-        store.close()
-    log.info("clickhouse sink stopped")
-    return code

@@ -60,7 +60,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic_core import from_json, to_json
 
-from pipelines.settings import Settings
+from core.settings import Settings
 from sinks.cql.migrate import check_keyspace_name
 
 log = logging.getLogger(__name__)

@@ -41,8 +41,8 @@ from typing import Any
 from cassandra import DriverException
 from cassandra.cluster import NoHostAvailable, Session
 
-from pipelines.connections import cql_cluster
-from pipelines.settings import Settings
+from core.connections import cql_cluster
+from core.settings import Settings
 from sinks.cql.writer import is_transient
 
 log = logging.getLogger(__name__)

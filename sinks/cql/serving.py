@@ -3,9 +3,9 @@
 Cassandra has no table or keyspace rename, so ``imstream rebuild cql`` builds a fresh keyspace and
 the swap is a pointer: the one row of ``<anchor>.serving_keyspace``. The CQL sink and the
 ingress nodes resolve it when they start. The CQL sink's consumer group follows the keyspace
-(``sink_group``): a rebuild fills its keyspace as exactly the group the sink uses once it is
-swapped in, so the restarted sink goes on where the rebuild stopped, with nothing missed and
-nothing written twice.
+(``core.groups.cql_sink_group``): a rebuild fills its keyspace as exactly the group the sink
+uses once it is swapped in, so the restarted sink goes on where the rebuild stopped, with
+nothing missed and nothing written twice.
 """
 
 from __future__ import annotations
@@ -14,12 +14,10 @@ from datetime import UTC, datetime
 
 from cassandra.cluster import Session
 
-from pipelines.settings import Settings
 from sinks.cql.migrate import check_keyspace_name
 
 POINTER_TABLE = "serving_keyspace"
 #: The live CQL sink's consumer group (after the topic prefix), for the anchor keyspace.
-GROUP_SUFFIX = "imstream-cql-sink"
 
 
 def serving_keyspace(session: Session, anchor: str) -> str:
@@ -50,10 +48,3 @@ def swap_serving_keyspace(session: Session, anchor: str, keyspace: str, operator
         (anchor, check_keyspace_name(keyspace), previous, datetime.now(UTC), operator),
     )
     return previous
-
-
-def sink_group(settings: Settings, keyspace: str) -> str:
-    """The CQL sink's group for ``keyspace``: the historical name for the anchor, the keyspace
-    appended for any other."""
-    base = f"{settings.kafka.topic_prefix}{GROUP_SUFFIX}"
-    return base if keyspace == settings.cql.keyspace else f"{base}.{keyspace}"

@@ -47,7 +47,6 @@ One sink process runs one loop; run several (same group) to share the partitions
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -62,8 +61,7 @@ from cassandra.query import BoundStatement
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from pydantic import ValidationError
 
-from core.readiness import ReadyFile
-from pipelines.connections import (
+from core.connections import (
     REBALANCED_COMMIT_ERRORS,
     consume_ready,
     cql_cluster,
@@ -71,7 +69,10 @@ from pipelines.connections import (
     kafka_producer_config,
     sink_session_config,
 )
-from pipelines.settings import Settings
+from core.groups import cql_sink_group
+from core.readiness import ReadyFile
+from core.records import PROCESSING_FAILED, InputRecord, dead_letter
+from core.settings import Settings
 from schemas.errors import SchemaError, schema_error
 from schemas.events import Event, SyncRecord, parse_event
 from schemas.topics import Topic, TopicCatalog, topic_catalog
@@ -93,10 +94,8 @@ from sinks.cql.rules import (
     UserConversationRow,
     WritePlanner,
 )
-from sinks.cql.serving import serving_keyspace, sink_group
+from sinks.cql.serving import serving_keyspace
 from sinks.cql.writer import Backoff, CqlWriter, PlannedWrite, is_transient, refusal_code
-from streams.processors import PROCESSING_FAILED, dead_letter
-from streams.records import InputRecord
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +159,7 @@ class CqlSink:
         self.ready_file = ready_file or ReadyFile(None)
         self.catalog = catalog or topic_catalog(settings)
         self.keyspace = check_keyspace_name(keyspace or settings.cql.keyspace)
-        self.group_id = group_id or sink_group(settings, self.keyspace)
+        self.group_id = group_id or cql_sink_group(settings, self.keyspace)
         self.inputs = (
             self.catalog.messages_sequenced,
             self.catalog.sync_events,
@@ -787,58 +786,3 @@ def migrate_with_retry(settings: Settings, session: Session, stop: threading.Eve
             log.info("applied migrations %s", ", ".join(m.label for m in applied))
         return True
     return False
-
-
-def run_cql_sink(settings: Settings) -> int:
-    """The ``imstream run cql-sink`` process: migrate, then consume until SIGTERM/SIGINT (the
-    current batch is finished and committed first). Returns the exit code."""
-    stop = threading.Event()
-
-    def request_stop(signum: int, _frame: object) -> None:
-        log.info("signal %d: finishing the current batch and stopping", signum)
-        stop.set()
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-    # The driver logs every failed reconnection attempt with a traceback; during an outage the
-    # sink's own retry and progress lines say what matters.
-    logging.getLogger("cassandra").setLevel(logging.ERROR)
-    try:
-        check_keyspace_name(settings.cql.keyspace)
-        settings.master_key()
-        settings.previous_master_key()
-    except (MigrationError, ValueError) as error:
-        log.critical("%s", error)
-        return EXIT_CONFIG
-    cluster, session = connect(settings, stop)
-    try:
-        if session is None:
-            return 0
-        try:
-            if not migrate_with_retry(settings, session, stop):
-                return 0
-        except MigrationError as error:
-            log.critical("cannot start: %s", error)
-            return EXIT_CONFIG
-        keyspace = serving_keyspace(session, settings.cql.keyspace)
-        if keyspace != settings.cql.keyspace:
-            log.info("keyspace %s serves (swapped in for %s)", keyspace, settings.cql.keyspace)
-        keys = key_ring(session, settings)
-        try:
-            keys.check_master_key()
-        except MasterKeyMismatchError as error:
-            log.critical("cannot start: %s", error)
-            return EXIT_CONFIG
-        ready_file = ReadyFile(settings.ready_file)
-        sink = CqlSink(settings, session, keyspace=keyspace, ready_file=ready_file, keys=keys)
-        try:
-            sink.run(stop)
-        except FatalError as error:
-            log.critical("cql sink failed: %s", error)
-            return EXIT_FATAL
-        finally:
-            ready_file.withdraw()
-        log.info("cql sink stopped")
-        return 0
-    finally:
-        cluster.shutdown()

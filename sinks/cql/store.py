@@ -33,7 +33,7 @@ from typing import Any
 from cassandra.cluster import ResponseFuture, Session
 from cassandra.query import PreparedStatement
 
-from pipelines.settings import Settings
+from core.settings import Settings
 from schemas.errors import SchemaError
 from schemas.events import MessageEdited, MessageSent, parse_event
 from sinks.cql.crypto import (

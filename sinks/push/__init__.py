@@ -10,7 +10,7 @@
 - :mod:`sinks.push.tokens` — who holds a token: scoped to the tenant, moved by the same user,
   another user's (or another tenant's, on a shared app) claim refused unless proven.
 - :mod:`sinks.push.proof` — the challenge that proves a device receives a token's pushes.
-- :mod:`sinks.push.settings` — the ``IM_PUSH__`` settings group: credentials, each tenant's
+- :mod:`core.push_settings` — the ``IM_PUSH__`` settings group: credentials, each tenant's
   apps (where its pushes go), preview modes, the proof secret.
 
 Delivery guarantee: at least once per device and job, collapsed on the device by conversation

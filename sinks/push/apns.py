@@ -58,11 +58,11 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from h2.errors import ErrorCodes
 from h2.exceptions import FlowControlError, H2Error, NoAvailableStreamIDError
 
+from core.push_settings import ApnsEnvironment, PushProviderSettings
 from schemas.events import PushProvider
 from sinks.push.errors import LocalReason, PushConfigError
 from sinks.push.notification import PushNotification, PushTarget
 from sinks.push.outcome import OutcomeKind, ProviderReply, parse_retry_after
-from sinks.push.settings import ApnsEnvironment, PushProviderSettings
 
 log = logging.getLogger(__name__)
 

@@ -44,11 +44,11 @@ from pyfcm import FCMNotification
 from pyfcm.errors import FCMError
 from requests.adapters import HTTPAdapter
 
+from core.push_settings import PushProviderSettings
 from schemas.events import PushProvider
 from sinks.push.errors import LocalReason, PushConfigError
 from sinks.push.notification import PushNotification, PushTarget
 from sinks.push.outcome import OutcomeKind, ProviderReply, parse_retry_after
-from sinks.push.settings import PushProviderSettings
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ get through the first time replaces itself rather than showing twice.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 
+from core.push_settings import PreviewMode
 from schemas.events import CustomBody, MediaBody, PushJob, PushProvider, TextBody, WithheldBody
 from sinks.push.policy import Delivery, PushDecision
 from sinks.push.proof import CHALLENGE_DEVICE_KEY, CHALLENGE_KEY
@@ -27,12 +27,6 @@ from sinks.push.proof import CHALLENGE_DEVICE_KEY, CHALLENGE_KEY
 PREVIEW_MAX_CHARS = 240
 
 DEFAULT_LOCALE = "en"
-
-
-class PreviewMode(StrEnum):
-    FULL = "full"
-    SENDER = "sender"
-    NONE = "none"
 
 
 # One message or several: in every language here "one" is exactly 1 (a job stands for ≥ 1).

@@ -26,6 +26,7 @@ import hashlib
 import hmac
 from datetime import datetime
 
+from core.push_settings import PushProviderSettings
 from schemas.events import PushProvider, PushTokenRegistered
 
 #: The challenge's fields in the background push's data (strings, as FCM data must be).
@@ -85,3 +86,11 @@ class TokenProofs:
         message = "\n".join((*claim, str(seconds)))
         digest = hmac.new(self._secret, message.encode(), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def token_proofs(push: PushProviderSettings) -> TokenProofs | None:
+    """The sink's challenge issuer and verifier; None when no proof secret is configured."""
+    secret = push.token_proof_secret
+    if secret is None or not secret.get_secret_value():
+        return None
+    return TokenProofs(secret.get_secret_value().encode(), push.token_proof_ttl_seconds)

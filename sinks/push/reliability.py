@@ -34,13 +34,13 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Protocol
 
+from core.push_settings import PushProviderSettings
 from schemas.events import PushProvider
 from sinks.push.apns import ApnsSender
 from sinks.push.errors import DeadLetterCode, LocalReason, PushConfigError
 from sinks.push.fcm import FcmSender
 from sinks.push.notification import PushNotification, PushTarget
 from sinks.push.outcome import OutcomeKind, ProviderReply, PushOutcome
-from sinks.push.settings import PushProviderSettings
 
 log = logging.getLogger(__name__)
 

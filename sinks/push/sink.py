@@ -53,7 +53,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import threading
 import time
 from collections import OrderedDict
@@ -74,15 +73,18 @@ from confluent_kafka import (
 )
 from pydantic import ValidationError
 
-from core.readiness import ReadyFile
-from pipelines.connections import (
+from core.connections import (
     REBALANCED_COMMIT_ERRORS,
     consume_ready,
     kafka_consumer_config,
     kafka_producer_config,
     sink_session_config,
 )
-from pipelines.settings import Settings
+from core.groups import push_sink_group
+from core.push_settings import TenantPushApps
+from core.readiness import ReadyFile
+from core.records import PROCESSING_FAILED, InputRecord, dead_letter
+from core.settings import Settings
 from schemas.errors import SchemaError, schema_error
 from schemas.events import (
     MAX_NAME_CHARS,
@@ -103,16 +105,13 @@ from sinks.push.errors import PushConfigError
 from sinks.push.notification import PushNotification, PushTarget, build_notification
 from sinks.push.outcome import PushOutcome
 from sinks.push.policy import QuietHours, RecipientPreferences, decide
+from sinks.push.proof import token_proofs
 from sinks.push.reliability import DeliveryReport, PushDispatcher
-from sinks.push.settings import TenantPushApps
 from sinks.push.tokens import Detach, Holder, TokenTable
-from streams.processors import PROCESSING_FAILED, dead_letter
-from streams.records import InputRecord
 
 log = logging.getLogger(__name__)
 
 READY_MESSAGE = "push sink ready"
-GROUP_SUFFIX = "imstream-push-sink"
 PROGRESS_INTERVAL = 10.0
 #: Exit codes: a fatal Kafka error (EX_SOFTWARE), credentials that cannot work (EX_CONFIG).
 EXIT_FATAL = 70
@@ -228,8 +227,8 @@ class PushSink:
         self.ready_file = ready_file or ReadyFile(None)
         self.dispatcher = dispatcher
         self.catalog = catalog or topic_catalog(settings)
-        self.group_id = group_id or f"{settings.kafka.topic_prefix}{GROUP_SUFFIX}"
-        self.proofs = self.push.token_proofs()
+        self.group_id = group_id or push_sink_group(settings)
+        self.proofs = token_proofs(self.push)
         self.tokens = TokenTable(self.proofs)
         #: When each token last got a challenge (monotonic), oldest first; bounded.
         self._challenged: OrderedDict[tuple[str, PushProvider, str], float] = OrderedDict()
@@ -960,41 +959,3 @@ def _token_event(message: Message) -> PushTokenRegistered | PushTokenRemoved | N
         )
         return None
     return event if isinstance(event, PushTokenRegistered | PushTokenRemoved) else None
-
-
-def run_push_sink(settings: Settings) -> int:
-    """The ``imstream run push-sink`` process; returns the exit code."""
-
-    async def main() -> int:
-        try:
-            dispatcher = PushDispatcher.from_settings(settings.push)
-        except PushConfigError as error:
-            log.critical("cannot start: %s", error)
-            return EXIT_CONFIG
-        if not dispatcher.providers:
-            log.warning(
-                "no push provider is configured (IM_PUSH__APNS_KEY_PATH, "
-                "IM_PUSH__FCM_CREDENTIALS_PATH): every job is recorded as skipped"
-            )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-
-        def request_stop(signum: int) -> None:
-            log.info("signal %d: finishing the open jobs and stopping", signum)
-            stop.set()
-
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, request_stop, signum)
-        ready_file = ReadyFile(settings.ready_file)
-        try:
-            await PushSink(settings, dispatcher, ready_file=ready_file).run(stop)
-        except FatalError as error:
-            log.critical("push sink failed: %s", error)
-            return EXIT_FATAL
-        finally:
-            ready_file.withdraw()
-            await dispatcher.close()
-        log.info("push sink stopped")
-        return 0
-
-    return asyncio.run(main())

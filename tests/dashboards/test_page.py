@@ -21,18 +21,18 @@ from typing import Any
 import pytest
 from clickhouse_connect.driver.client import Client
 
+from analytics.access import ApiGate
+from analytics.api import AnalyticsServer
+from analytics.dashboards_page import DashboardPages, dashboards_router
+from analytics.lag import LagSampler
+from analytics.queries import Analytics
+from core.principals import staff_authenticator
+from core.settings import Settings
 from dashboards.definitions import DEFINITIONS_DIR, load_dashboards
-from pipelines.settings import Settings
+from pipelines.processes import consumer_groups
 from pipelines.stack.manager import LocalStack
-from pipelines.status import consumer_groups
 from schemas import events as ev
 from schemas.topics import TopicCatalog, topic_catalog
-from sinks.clickhouse.access import ApiGate
-from sinks.clickhouse.analytics import Analytics
-from sinks.clickhouse.api import AnalyticsServer
-from sinks.clickhouse.dashboards_page import DashboardPages, dashboards_router
-from sinks.clickhouse.lag import LagSampler
-from sinks.clickhouse.principals import staff_authenticator
 from sinks.clickhouse.schema import (
     AUDIT_COLUMNS,
     AUDIT_TABLE,
@@ -387,7 +387,7 @@ def test_the_lag_sampler_writes_every_groups_lag_and_outlives_failures(
     with catalog_topics(prefixed) as catalog:
         # Nobody has consumed these: every group's lag is what was written to its topics.
         produce(prefixed, [Outgoing(catalog.messages_in.name, b"c-1", b"{}") for _ in range(3)])
-        sampler = LagSampler(prefixed, store, interval=0.05)
+        sampler = LagSampler(prefixed, store, consumer_groups, interval=0.05)
         assert sampler.sample() == sum(len(g) for g in groups.values())
     result = store.query(
         f"SELECT process, group_id, lag FROM `{store.database}`.{CONSUMER_LAG_TABLE} "
@@ -418,7 +418,7 @@ def test_the_lag_sampler_writes_every_groups_lag_and_outlives_failures(
             store.apply_schema(catalog)
         return 1
 
-    sampler = LagSampler(prefixed, store, interval=0.05, read_lag=flaky)
+    sampler = LagSampler(prefixed, store, consumer_groups, interval=0.05, read_lag=flaky)
     sampler.start()
     deadline = time.monotonic() + 20
     while (sampler.samples < 2 or sampler.failures < 1) and time.monotonic() < deadline:

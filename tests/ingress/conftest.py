@@ -15,7 +15,7 @@ import pytest
 from cassandra.cluster import Session
 from confluent_kafka.admin import AdminClient
 
-from pipelines.settings import Settings
+from core.settings import Settings
 from pipelines.stack.manager import LocalStack
 from tests.ingress.support import (
     IMSTREAM,

@@ -33,10 +33,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
+from core.auth import issue_token
+from core.connections import kafka_config
+from core.settings import Settings
 from core.tls import client_context
-from ingress.auth import issue_token
-from pipelines.connections import kafka_config
-from pipelines.settings import Settings
 from pipelines.topics import apply_topics
 from schemas.topics import TopicCatalog, partition_for_key, topic_catalog
 

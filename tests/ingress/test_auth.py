@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from ingress.auth import AuthError, AuthErrorCode, Claims, TokenVerifier, issue_token
+from core.auth import AuthError, AuthErrorCode, Claims, TokenVerifier, issue_token
 
 SECRET = "test-secret-of-at-least-thirty-two-bytes"
 ISSUER = "imstream-test"

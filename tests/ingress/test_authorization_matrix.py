@@ -34,12 +34,12 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from core.principals import StaffRole
+from core.settings import Settings
 from ingress.app import create_app
-from pipelines.settings import Settings
 from schemas import events as ev
 from schemas import frames as fr
 from schemas.errors import CloseCode, ErrorCode
-from sinks.clickhouse.principals import StaffRole
 from tests.ingress.support import (
     TENANT,
     Gateway,

@@ -1,4 +1,4 @@
-"""The client SDK (``ingress.client``) against the real pipeline: ingress, stream worker, CQL sink.
+"""The client SDK (``client.sdk``) against the real pipeline: ingress, stream worker, CQL sink.
 
 What its user is promised: sends re-sent until accepted, every stored event surfaced exactly once
 in ``sync_id`` order — across live delivery, syncs, a lost connection and a restart from a stored
@@ -11,7 +11,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from ingress.client import Client, FileCursorStore, Received
+from client.sdk import Client, FileCursorStore, Received
 from schemas import events as ev
 from schemas.events import MessageSent, Role
 from tests.ingress.support import TENANT, Gateway, token, unique

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from pipelines.settings import Settings
+from core.settings import Settings
 from schemas.topics import user_key
 from tests.ingress.support import (
     TENANT,

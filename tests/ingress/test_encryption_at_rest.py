@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from cassandra.cluster import Session
 
-from pipelines.settings import Settings
+from core.settings import Settings
 from tests.ingress.conftest import Pipeline, running_pipeline
 from tests.ingress.support import IMSTREAM, open_device, unique
 from tests.ingress.test_read_access import command, group, history, send, stored, texts

@@ -12,9 +12,10 @@ import urllib.request
 import pytest
 from confluent_kafka import Consumer
 
+from core.settings import Settings
 from ingress.app import create_app
-from ingress.server import IngressFailedError, serve
-from pipelines.settings import Settings
+from ingress.server import IngressFailedError
+from pipelines.processes.ingress import serve
 from tests.ingress.support import free_port, unique, wait_until
 
 

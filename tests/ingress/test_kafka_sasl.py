@@ -26,10 +26,10 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient
 from pydantic import SecretStr
 
+from core.connections import kafka_config, kafka_producer_config
 from core.pki import make_pki
 from core.readiness import read_announcement
-from pipelines.connections import kafka_config, kafka_producer_config
-from pipelines.settings import KafkaSecurityProtocol, KafkaSettings, Settings, StackSettings
+from core.settings import KafkaSecurityProtocol, KafkaSettings, Settings, StackSettings
 from pipelines.stack.manager import LocalStack
 from pipelines.stack.services import KafkaBrokerSecurity
 from schemas.topics import topic_catalog

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from ingress.auth import issue_token
-from pipelines.settings import Settings
+from core.auth import issue_token
+from core.settings import Settings
 from tests.ingress.support import (
     TENANT,
     Gateway,

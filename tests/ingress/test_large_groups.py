@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from ingress.client import Client, Received
-from pipelines.settings import Settings
+from client.sdk import Client, Received
+from core.settings import Settings
 from schemas import events as ev
 from schemas import frames as fr
 from tests.ingress.conftest import Pipeline, running_pipeline

@@ -15,8 +15,8 @@ from confluent_kafka import Producer
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import InvalidStatus
 
-from pipelines.connections import kafka_producer_config
-from pipelines.settings import Settings
+from core.connections import kafka_producer_config
+from core.settings import Settings
 from schemas import events as ev
 from schemas.topics import gateway_key
 from tests.ingress.support import (

@@ -9,7 +9,7 @@ import json
 from confluent_kafka import Producer
 from websockets.asyncio.client import ClientConnection
 
-from pipelines.connections import kafka_producer_config
+from core.connections import kafka_producer_config
 from schemas import events as ev
 from schemas.topics import gateway_key, partition_for_key
 from tests.ingress.support import (

@@ -13,8 +13,8 @@ import pytest
 from confluent_kafka.admin import AdminClient
 from websockets.exceptions import InvalidStatus
 
-from pipelines.connections import kafka_config
-from pipelines.settings import KafkaSettings, Settings, StackSettings
+from core.connections import kafka_config
+from core.settings import KafkaSettings, Settings, StackSettings
 from pipelines.stack.errors import StackError
 from pipelines.stack.manager import LocalStack
 from schemas.events import message_event_id

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from core.connections import kafka_config
+from core.settings import Settings
 from ingress.metrics import IngressMetrics
 from ingress.producer import DurableProducer, KafkaUnavailable, RecordMetadata
-from pipelines.connections import kafka_config
-from pipelines.settings import Settings
 from pipelines.stack.manager import LocalStack
 from tests.ingress.support import wait_until
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from core.settings import Settings
 from ingress.app import create_app
-from pipelines.settings import Settings
 from schemas import frames as fr
 from schemas.errors import CloseCode, ErrorCode
 

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from cassandra.cluster import Session
 
+from core.settings import Settings
 from ingress.reads import Reads
-from pipelines.settings import Settings
 from sinks.cql.crypto import open_event
 from tests.ingress.conftest import Pipeline, running_pipeline
 from tests.ingress.support import TENANT, open_device, token, unique

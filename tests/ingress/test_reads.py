@@ -16,9 +16,9 @@ from typing import Any
 
 from confluent_kafka import Producer
 
+from core.connections import kafka_producer_config
+from core.settings import Settings
 from ingress.reads import MAX_PAGE_BYTES
-from pipelines.connections import kafka_producer_config
-from pipelines.settings import Settings
 from schemas.events import (
     Actor,
     ConversationSummary,

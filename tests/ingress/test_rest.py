@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from ingress.client import Client, CommandError
+from client.sdk import Client, CommandError
 from schemas.events import MAX_BODY_BYTES, message_event_id
 from schemas.topics import conversation_key, device_key, user_key
 from tests.ingress.support import (

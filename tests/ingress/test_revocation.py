@@ -19,9 +19,9 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import InvalidStatus
 
-from ingress.auth import issue_token
+from core.auth import issue_token
+from core.settings import Settings
 from pipelines.revoke import publish_revocation, revocation
-from pipelines.settings import Settings
 from tests.ingress.support import (
     IMSTREAM,
     TENANT,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from ingress.auth import Claims
+from core.auth import Claims
 from ingress.revocations import RevocationList, revokes
 from pipelines.revoke import revocation
 from schemas.events import TokensRevoked

@@ -24,13 +24,13 @@ import pytest
 from cassandra.cluster import Session
 from clickhouse_connect.driver.client import Client
 
+from analytics.api import AnalyticsServer
+from analytics.queries import Analytics
 from core.pki import Pki, make_pki
+from core.settings import Settings, SinkSettings
 from core.tls import client_context
-from pipelines.settings import Settings, SinkSettings
 from schemas import events as ev
 from schemas.topics import topic_catalog
-from sinks.clickhouse.analytics import Analytics
-from sinks.clickhouse.api import AnalyticsServer
 from sinks.clickhouse.audit import AuditDecoder, KafkaRecord
 from sinks.clickhouse.sink import analytics_tls
 from sinks.clickhouse.store import ClickHouseStore

@@ -22,10 +22,10 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidHandshake
 
+from client.sdk import Client, ClientClosedError
 from core.pki import Pki, make_pki
+from core.settings import Settings
 from core.tls import client_context
-from ingress.client import Client, ClientClosedError
-from pipelines.settings import Settings
 from schemas.errors import CloseCode
 from schemas.events import MessageSent
 from tests.ingress.conftest import running_pipeline

@@ -14,8 +14,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from websockets.asyncio.client import ClientConnection
 
-from ingress.client import Client
-from pipelines.settings import Settings
+from client.sdk import Client
+from core.settings import Settings
 from tests.ingress.support import (
     TENANT,
     Gateway,

@@ -11,7 +11,7 @@ from cassandra.cluster import Session
 from confluent_kafka.admin import AdminClient
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from pipelines.settings import Settings
+from core.settings import Settings
 from pipelines.supervisor import ChildSpec, Supervisor
 from tests.ingress.support import (
     create_topics,

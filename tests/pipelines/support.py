@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from ingress.client import Client, Received
-from pipelines.settings import Settings
+from client.sdk import Client, Received
+from core.settings import Settings
 from pipelines.stack import process
 from pipelines.supervisor import Child, ProcessState, Supervisor
 from schemas.events import Event, MessageSent
@@ -167,8 +167,8 @@ class Running:
 
 _READ_AUDIT = """
 import json, sys
-from pipelines.connections import clickhouse_client
-from pipelines.settings import Settings
+from core.connections import clickhouse_client
+from core.settings import Settings
 from sinks.clickhouse.schema import AUDIT_TABLE, quote_identifier
 
 settings = Settings()

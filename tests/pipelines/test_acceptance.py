@@ -14,7 +14,7 @@ import itertools
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from ingress.client import FileCursorStore
+from client.sdk import FileCursorStore
 from schemas import frames as fr
 from schemas.events import (
     ConversationCreated,

@@ -13,7 +13,9 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from typer.testing import CliRunner
 
-from pipelines.connections import kafka_config, kafka_producer_config
+from core.connections import kafka_config, kafka_producer_config
+from core.records import InputRecord, dead_letter
+from core.settings import Settings
 from pipelines.dlq import (
     REDRIVE_GROUP,
     REDRIVEN_FROM_HEADER,
@@ -22,7 +24,6 @@ from pipelines.dlq import (
     parse_since,
     redrive,
 )
-from pipelines.settings import Settings
 from schemas.events import (
     SYSTEM_TENANT,
     Actor,
@@ -35,8 +36,6 @@ from schemas.events import (
     parse_event,
 )
 from schemas.topics import TopicCatalog, conversation_key, topic_catalog
-from streams.processors import dead_letter
-from streams.records import InputRecord
 
 pytestmark = pytest.mark.stack
 

@@ -12,9 +12,11 @@ from cassandra.cluster import Session
 from confluent_kafka import Producer
 from typer.testing import CliRunner
 
+from core.connections import kafka_producer_config
+from core.groups import cql_sink_group
+from core.records import PROCESSING_FAILED, InputRecord, dead_letter
 from pipelines.cli import app
-from pipelines.connections import kafka_producer_config
-from pipelines.status import consumer_groups
+from pipelines.processes import consumer_groups
 from schemas.events import (
     Actor,
     MessageSent,
@@ -24,9 +26,7 @@ from schemas.events import (
     message_event_id,
 )
 from schemas.topics import conversation_key, partition_for_key, topic_catalog
-from sinks.cql.serving import serving_keyspace, sink_group
-from streams.processors import PROCESSING_FAILED, dead_letter
-from streams.records import InputRecord
+from sinks.cql.serving import serving_keyspace
 from tests.ingress.support import unique
 from tests.pipelines.support import Device, Running, assert_audited_exactly_once
 
@@ -129,7 +129,9 @@ async def test_replays_and_rebuilds_on_the_running_system_keep_the_stores_exact(
     }
     assert set(more) <= stored
     # `imstream status` (and the dashboards' lag) follow the sink to its new group.
-    assert set(consumer_groups(system.settings)["cql-sink"]) == {sink_group(system.settings, fresh)}
+    assert set(consumer_groups(system.settings)["cql-sink"]) == {
+        cql_sink_group(system.settings, fresh)
+    }
     # The audit (replayed into, rebuilt and swapped meanwhile) holds each message once.
     await assert_audited_exactly_once(system, tenant, [*accepted, *more], queues=2)
 

@@ -9,7 +9,7 @@ import asyncio
 import secrets
 import time
 
-from ingress.client import Client
+from client.sdk import Client
 from tests.ingress.support import token, unique
 from tests.pipelines.conftest import PRESENCE_LEASE_SECONDS
 from tests.pipelines.support import Device, PushFakes, Running

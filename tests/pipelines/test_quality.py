@@ -21,15 +21,15 @@ from cassandra.cluster import Session
 from clickhouse_connect.driver.client import Client
 from typer.testing import CliRunner
 
+from analytics.api import AnalyticsServer
+from analytics.queries import Analytics
+from core.settings import Settings
 from pipelines.cli import app
 from pipelines.quality.checks import CheckOptions, QualityReport, Thresholds, Topics, run_checks
 from pipelines.quality.sources import CqlSample, DirectAuditReader
-from pipelines.settings import Settings
 from pipelines.stack.manager import LocalStack
 from schemas import events as ev
 from schemas.topics import TopicCatalog, topic_catalog
-from sinks.clickhouse.analytics import Analytics
-from sinks.clickhouse.api import AnalyticsServer
 from sinks.clickhouse.audit import AuditDecoder, KafkaRecord
 from sinks.clickhouse.schema import (
     AUDIT_COLUMNS,

@@ -16,15 +16,16 @@ from cassandra.cluster import Session
 from confluent_kafka import Consumer
 from typer.testing import CliRunner
 
+from core.connections import kafka_consumer_config
+from core.groups import cql_sink_group
+from core.replay import ReplayProgress, group_for, replay, resolve_ranges
+from core.settings import Settings
 from pipelines.cli import app
-from pipelines.connections import kafka_consumer_config
-from pipelines.replay import ReplayProgress, group_for, replay, resolve_ranges
 from pipelines.replay_targets import REPLAYED_FROM_HEADER, CqlTarget, TopicTarget
-from pipelines.settings import Settings
 from schemas.events import OperatorAction, parse_event
 from schemas.topics import TopicCatalog, topic_catalog
 from sinks.cql.migrate import migrate
-from sinks.cql.serving import serving_keyspace, sink_group
+from sinks.cql.serving import serving_keyspace
 from sinks.cql.sink import CqlSink
 from tests.sinks.cql_support import (
     Row,
@@ -247,7 +248,7 @@ def test_a_cql_rebuild_reproduces_the_live_tables_and_the_swap_hands_over_to_the
         assert snapshot(cql_session, fresh) == world.tables
         assert serving_keyspace(cql_session, world.keyspace) == fresh
         # The rebuild read as the group the sink uses for the new keyspace: nothing left to do.
-        group = sink_group(world.settings, fresh)
+        group = cql_sink_group(world.settings, fresh)
         inputs = [t.name for t in CqlTarget.reads(world.catalog)]
         assert committed_lag(world.settings, group, inputs) == 0
         assert CqlSink(world.settings, cql_session, keyspace=fresh).group_id == group

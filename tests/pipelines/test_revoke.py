@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 import pytest
 from pydantic import ValidationError
 
+from core.settings import Settings
 from pipelines.revoke import describe, revocation
-from pipelines.settings import Settings
 from schemas.events import SYSTEM_TENANT, encode_event
 from schemas.topics import revocation_key, topic_catalog
 from sinks.clickhouse.audit import AuditDecoder, KafkaRecord

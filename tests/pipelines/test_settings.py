@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from core.pki import make_pki
-from pipelines.connections import (
+from core.connections import (
     cql_cluster,
     kafka_config,
     kafka_consumer_config,
     kafka_producer_config,
 )
-from pipelines.settings import AuthSettings, CqlSettings, KafkaSettings, Profile, Settings
+from core.pki import make_pki
+from core.settings import AuthSettings, CqlSettings, KafkaSettings, Profile, Settings
 
 
 def test_nested_groups_come_from_im_variables(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,11 +7,11 @@ import urllib.parse
 import pytest
 from typer.testing import CliRunner
 
+from core.principals import StaffRole, staff_authenticator
+from core.settings import Settings
 from pipelines.cli import app as imstream
-from pipelines.settings import Settings
 from pipelines.staff_cli import StaffCredential
 from schemas.events import SYSTEM_TENANT
-from sinks.clickhouse.principals import StaffRole, staff_authenticator
 from tests.sinks.staff_support import staff_token
 
 

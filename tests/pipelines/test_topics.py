@@ -18,8 +18,8 @@ from confluent_kafka.admin import (
 )
 from typer.testing import CliRunner
 
-from pipelines.connections import kafka_config
-from pipelines.settings import Settings
+from core.connections import kafka_config
+from core.settings import Settings
 from pipelines.topics import (
     ChangeAction,
     TopicAdminError,

@@ -15,9 +15,9 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from typer.testing import CliRunner
 
-from pipelines.connections import kafka_config
-from pipelines.settings import Settings
-from pipelines.status import consumer_groups
+from core.connections import kafka_config
+from core.settings import Settings
+from pipelines.processes import consumer_groups
 from pipelines.topics_cli import topics_app
 from pipelines.topics_ops import Filters, Shown, tail
 from schemas import events as ev

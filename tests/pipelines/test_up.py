@@ -28,8 +28,8 @@ from cassandra.cluster import Session
 from confluent_kafka.admin import AdminClient
 from websockets.asyncio.client import connect
 
-from ingress.client import Client
-from pipelines.settings import Settings
+from client.sdk import Client
+from core.settings import Settings
 from pipelines.stack import process
 from pipelines.supervisor import ChildSpec, StartupError, StartupErrorCode, Supervisor
 from schemas.events import MessageSent

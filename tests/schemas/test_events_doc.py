@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from pipelines.settings import Settings
+from core.settings import Settings
 from schemas.events import (
     EVENT_MODELS,
     EVENT_TYPES,

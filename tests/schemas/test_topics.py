@@ -10,8 +10,8 @@ import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from pipelines.connections import kafka_config
-from pipelines.settings import Settings
+from core.connections import kafka_config
+from core.settings import Settings
 from schemas.events import EVENT_TYPES, Actor, DeviceConnected
 from schemas.topics import (
     DEAD_LETTER_SUFFIX,

@@ -13,8 +13,8 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from pipelines.connections import kafka_config, kafka_producer_config
-from pipelines.settings import KafkaSettings, Settings
+from core.connections import kafka_config, kafka_producer_config
+from core.settings import KafkaSettings, Settings
 from pipelines.topics import apply_topics
 from schemas import events as ev
 from schemas.topics import TopicCatalog, topic_catalog

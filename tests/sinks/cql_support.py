@@ -18,8 +18,8 @@ from cassandra.cluster import Session
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from pipelines.connections import kafka_config, kafka_producer_config
-from pipelines.settings import KafkaSettings, Settings
+from core.connections import kafka_config, kafka_producer_config
+from core.settings import KafkaSettings, Settings
 from pipelines.stack.manager import LocalStack
 from pipelines.topics import apply_topics
 from schemas.topics import topic_catalog

@@ -11,16 +11,16 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from pipelines.settings import Settings
-from schemas.events import SYSTEM_TENANT
-from sinks.clickhouse.analytics import Analytics
-from sinks.clickhouse.api import analytics_app
-from sinks.clickhouse.principals import (
+from analytics.api import analytics_app
+from analytics.queries import Analytics
+from core.principals import (
     StaffRole,
     issue_service_token,
     issue_staff_token,
     staff_authenticator,
 )
+from core.settings import Settings
+from schemas.events import SYSTEM_TENANT
 
 
 def staff_app(analytics: Analytics, settings: Settings | None = None, **options: Any) -> FastAPI:

@@ -24,8 +24,14 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import SecretStr
 
-from ingress.auth import issue_token
-from pipelines.settings import (
+from analytics.access import ROUTE_ACCESS, Access
+from analytics.api import AnalyticsServer
+from analytics.jobs import OperatorJobs
+from analytics.operator_api import install_operator_api
+from analytics.queries import Analytics
+from core.auth import issue_token
+from core.principals import StaffRole, staff_authenticator
+from core.settings import (
     AuthSettings,
     Profile,
     ServiceAuthSettings,
@@ -34,12 +40,6 @@ from pipelines.settings import (
 )
 from schemas.events import SYSTEM_TENANT
 from schemas.topics import topic_catalog
-from sinks.clickhouse.access import ROUTE_ACCESS, Access
-from sinks.clickhouse.analytics import Analytics
-from sinks.clickhouse.api import AnalyticsServer
-from sinks.clickhouse.jobs import OperatorJobs
-from sinks.clickhouse.operator_api import install_operator_api
-from sinks.clickhouse.principals import StaffRole, staff_authenticator
 from sinks.clickhouse.store import ClickHouseStore
 from tests.sinks.staff_support import service_headers, staff_app, staff_token
 

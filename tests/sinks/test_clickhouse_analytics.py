@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from pipelines.settings import Settings
+from analytics.api import AnalyticsServer
+from analytics.queries import QUERIES, Analytics
+from core.settings import Settings
 from pipelines.stack.manager import LocalStack
 from schemas import events as ev
 from schemas.topics import TopicCatalog, topic_catalog
-from sinks.clickhouse.analytics import QUERIES, Analytics
-from sinks.clickhouse.api import AnalyticsServer
 from sinks.clickhouse.audit import AuditDecoder, KafkaRecord
 from sinks.clickhouse.schema import AUDIT_COLUMNS, AUDIT_TABLE, PUSH_OUTCOMES_TABLE
 from sinks.clickhouse.store import ClickHouseStore

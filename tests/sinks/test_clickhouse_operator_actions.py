@@ -11,16 +11,15 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from confluent_kafka.admin import AdminClient
 
-from pipelines.connections import kafka_config
+from core.connections import kafka_config
+from core.records import InputRecord, dead_letter
+from core.settings import Settings
 from pipelines.dlq import redrive
-from pipelines.settings import Settings
 from pipelines.stack.manager import LocalStack
 from schemas.events import SYSTEM_TENANT, OperatorAction, encode_event, parse_event
 from schemas.topics import conversation_key, topic_catalog
 from sinks.clickhouse.sink import ClickHouseSink
 from sinks.clickhouse.store import ClickHouseStore
-from streams.processors import dead_letter
-from streams.records import InputRecord
 from tests.sinks.clickhouse_support import (
     TENANT,
     Outgoing,

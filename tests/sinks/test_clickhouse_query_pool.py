@@ -15,11 +15,11 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
 
-from pipelines.connections import clickhouse_client
-from pipelines.settings import Settings
+from analytics.api import AnalyticsServer
+from analytics.queries import Analytics
+from core.connections import clickhouse_client
+from core.settings import Settings
 from schemas.topics import topic_catalog
-from sinks.clickhouse.analytics import Analytics
-from sinks.clickhouse.api import AnalyticsServer
 from sinks.clickhouse.audit import AuditDecoder, KafkaRecord
 from sinks.clickhouse.schema import AUDIT_TABLE
 from sinks.clickhouse.store import (

@@ -1,5 +1,5 @@
 """Replays into the ClickHouse audit and rebuilds of it, as the ClickHouse-owning process runs
-them (``sinks.clickhouse.jobs``), on the real Kafka and chDB; the operator API's role check."""
+them (``analytics.jobs``), on the real Kafka and chDB; the operator API's role check."""
 
 from __future__ import annotations
 
@@ -16,19 +16,18 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from confluent_kafka.admin import AdminClient
 
-from ingress.auth import issue_token
-from pipelines.connections import kafka_config
-from pipelines.replay import resolve_ranges
-from pipelines.settings import Settings
+from analytics.api import AnalyticsServer
+from analytics.jobs import Job, OperatorJobs
+from analytics.operator_api import install_operator_api
+from analytics.queries import Analytics
+from core.auth import issue_token
+from core.connections import kafka_config
+from core.replay import resolve_ranges
+from core.settings import Settings
 from pipelines.stack.manager import LocalStack
 from schemas.events import SYSTEM_TENANT
 from schemas.topics import topic_catalog
-from sinks.clickhouse.analytics import Analytics
-from sinks.clickhouse.api import AnalyticsServer
-from sinks.clickhouse.jobs import Job, OperatorJobs
-from sinks.clickhouse.operator_api import install_operator_api
-from sinks.clickhouse.schema import AUDIT_TABLE, audited_topics
-from sinks.clickhouse.search import SEARCH_TABLE
+from sinks.clickhouse.schema import AUDIT_TABLE, SEARCH_TABLE, audited_topics
 from sinks.clickhouse.sink import ClickHouseSink
 from sinks.clickhouse.store import ClickHouseStore
 from tests.sinks.clickhouse_support import catalog_topics, new_prefix, prefixed_settings

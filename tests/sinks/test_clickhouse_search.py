@@ -19,23 +19,18 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from typer.testing import CliRunner
 
+from analytics.api import AnalyticsServer
+from analytics.queries import Analytics
+from analytics.search import Cursor, MessageSearch, SearchRequest
+from core.groups import clickhouse_sink_group
+from core.settings import Settings
 from pipelines.cli import app as imstream
-from pipelines.settings import Settings
 from pipelines.stack.manager import LocalStack
 from schemas import events as ev
+from schemas.search import parse_query, snippet
 from schemas.topics import conversation_key, topic_catalog
-from sinks.clickhouse.analytics import Analytics
-from sinks.clickhouse.api import AnalyticsServer
-from sinks.clickhouse.schema import AUDIT_TABLE
-from sinks.clickhouse.search import (
-    SEARCH_TABLE,
-    Cursor,
-    MessageSearch,
-    SearchRequest,
-    search_table_ddl,
-)
-from sinks.clickhouse.search_query import parse_query, snippet
-from sinks.clickhouse.sink import ClickHouseSink, group_id_for
+from sinks.clickhouse.schema import AUDIT_TABLE, SEARCH_TABLE, search_table_ddl
+from sinks.clickhouse.sink import ClickHouseSink
 from sinks.clickhouse.store import ClickHouseStore
 from tests.sinks.clickhouse_support import (
     TENANT,
@@ -145,7 +140,7 @@ def searchable(
                 ],
             )
             run_sink(prefixed, store)
-            run_sink(prefixed, store, group_id=f"{group_id_for(prefixed)}-replay")
+            run_sink(prefixed, store, group_id=f"{clickhouse_sink_group(prefixed)}-replay")
             yield prefixed, store
     finally:
         store.close()

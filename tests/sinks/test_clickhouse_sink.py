@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from pipelines.settings import Settings
+from core.groups import clickhouse_sink_group
+from core.settings import Settings
 from pipelines.stack.manager import LocalStack
 from schemas import events as ev
 from schemas.topics import (
@@ -39,7 +40,7 @@ from schemas.topics import (
 )
 from sinks.clickhouse.audit import AuditDecoder, KafkaRecord
 from sinks.clickhouse.schema import AUDIT_TABLE, VIEWS
-from sinks.clickhouse.sink import Backoff, ClickHouseSink, SinkStats, group_id_for
+from sinks.clickhouse.sink import Backoff, ClickHouseSink, SinkStats
 from sinks.clickhouse.store import ClickHouseStore
 from tests.sinks.clickhouse_support import (
     TENANT,
@@ -416,7 +417,7 @@ def test_every_record_is_audited_once_with_its_columns_and_poison_as_undecodable
     assert len(rows) == raw_count(clickhouse, store.database), "a copy was inserted"
 
     # Every audited record's offset is committed (a transaction's trailing marker may be too).
-    assert_committed(sink_settings, group_id_for(sink_settings), list(by_coordinates))
+    assert_committed(sink_settings, clickhouse_sink_group(sink_settings), list(by_coordinates))
 
 
 def test_a_replay_of_the_same_range_changes_nothing_after_final(
@@ -435,7 +436,7 @@ def test_a_replay_of_the_same_range_changes_nothing_after_final(
     # Replay everything from the beginning as a new group; keep the copies unmerged to see them.
     clickhouse.command(f"SYSTEM STOP MERGES {database}.{AUDIT_TABLE}")
     try:
-        run_sink(sink_settings, store, group_id=f"{group_id_for(sink_settings)}-replay")
+        run_sink(sink_settings, store, group_id=f"{clickhouse_sink_group(sink_settings)}-replay")
         assert raw_count(clickhouse, database) == 2 * stored, "the replay inserted every record"
         assert snapshot(clickhouse, database) == first
     finally:
@@ -596,7 +597,9 @@ def test_the_sink_process_serves_analytics_and_stops_cleanly_on_sigterm(
         output = log_path.read_text()
         assert code == 0, output
         assert "clickhouse sink stopped" in output
-        assert_committed(prefixed, group_id_for(prefixed), [r.coordinates for r in records])
+        assert_committed(
+            prefixed, clickhouse_sink_group(prefixed), [r.coordinates for r in records]
+        )
 
 
 def assert_committed(

@@ -18,7 +18,7 @@ from cassandra.cluster import Session
 from confluent_kafka.admin import AdminClient
 from pydantic import SecretStr
 
-from pipelines.settings import DEV_MASTER_KEY, AuthSettings, CryptoSettings, Profile, Settings
+from core.settings import DEV_MASTER_KEY, AuthSettings, CryptoSettings, Profile, Settings
 from sinks.cql.crypto import (
     KeyRing,
     MasterKeyMismatchError,

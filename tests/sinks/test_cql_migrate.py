@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cassandra.cluster import Session
 
-from pipelines.settings import Settings
+from core.settings import Settings
 from sinks.cql.migrate import (
     EXIT_ERROR,
     EXIT_OK,

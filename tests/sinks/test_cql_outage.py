@@ -23,8 +23,9 @@ from cassandra.cluster import Session
 from cassandra.policies import ConstantReconnectionPolicy
 from confluent_kafka import Producer
 
-from pipelines.connections import kafka_producer_config
-from pipelines.settings import Settings
+from core.connections import kafka_producer_config
+from core.groups import cql_sink_group
+from core.settings import Settings
 from pipelines.stack import process
 from pipelines.stack.manager import LocalStack
 from schemas.events import (
@@ -38,7 +39,6 @@ from schemas.events import (
     message_event_id,
 )
 from schemas.topics import TopicCatalog, conversation_key, topic_catalog, user_key
-from sinks.cql.serving import GROUP_SUFFIX
 from tests.sinks.cql_support import (
     CQL_SERVICES,
     SinkProcess,
@@ -166,7 +166,7 @@ def test_the_sink_rides_out_a_cassandra_outage(
 ) -> None:
     keyspace = f"t_cql_outage_{uuid.uuid4().hex[:8]}"
     catalog = topic_catalog(outage_settings)
-    group_id = f"{outage_settings.kafka.topic_prefix}{GROUP_SUFFIX}"
+    group_id = cql_sink_group(outage_settings)
     stack = LocalStack(settings, services=CQL_SERVICES)
     cassandra = stack.server("cassandra")
     # The shared test session reconnects within a second of Cassandra's return, not after the

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from cassandra.cluster import Session
 
-from pipelines.settings import Settings
+from core.settings import Settings
 from schemas.events import (
     Actor,
     BadgeCleared,

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from pipelines.connections import kafka_config
-from pipelines.settings import KafkaSettings, Settings
+from core.connections import kafka_config
+from core.settings import KafkaSettings, Settings
 from pipelines.stack.manager import LocalStack
 from pipelines.topics import apply_topics
 from schemas.topics import topic_catalog

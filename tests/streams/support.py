@@ -14,8 +14,9 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, Message, Producer
 
-from pipelines.connections import kafka_config, kafka_producer_config
-from pipelines.settings import Settings
+from core.connections import kafka_config, kafka_producer_config
+from core.records import InputRecord
+from core.settings import Settings
 from schemas.events import (
     Actor,
     ConversationCreated,
@@ -31,7 +32,6 @@ from schemas.events import (
     message_event_id,
 )
 from schemas.topics import TopicCatalog, conversation_key, topic_catalog
-from streams.records import InputRecord
 
 TENANT = "acme"
 READY_LINE = "stream worker ready"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.settings import Settings
+from core.settings import Settings
 from schemas.events import (
     Actor,
     CommandRejected,

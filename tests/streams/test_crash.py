@@ -21,7 +21,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 
-from pipelines.settings import Settings
+from core.settings import Settings
 from schemas.events import (
     Actor,
     ConversationCreated,

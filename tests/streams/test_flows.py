@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from pipelines.connections import kafka_config, kafka_producer_config
-from pipelines.settings import Settings
+from core.connections import kafka_config, kafka_producer_config
+from core.settings import Settings
 from schemas.events import (
     Actor,
     CommandRejected,

@@ -3,6 +3,7 @@ user's view and each connect's answer say about them (docs/streams.md, "Large gr
 
 from __future__ import annotations
 
+from core.records import InputRecord, OutputRecord
 from schemas.events import (
     MAX_LARGE_GROUPS_PER_USER,
     Actor,
@@ -22,7 +23,6 @@ from streams.processors import (
     ConversationSettings,
     stored_user,
 )
-from streams.records import InputRecord, OutputRecord
 from streams.state import child_key
 from tests.streams.test_processors import (
     CATALOG,

@@ -16,7 +16,8 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from pipelines.settings import Settings
+from core.records import InputRecord, OutputRecord, StateWrite
+from core.settings import Settings
 from schemas.events import (
     SYSTEM_TENANT,
     Actor,
@@ -60,7 +61,6 @@ from streams.processors import (
     UserSettings,
     lease_key,
 )
-from streams.records import InputRecord, OutputRecord, StateWrite
 from streams.state import MemoryState
 
 TENANT = "acme"

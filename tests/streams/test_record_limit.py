@@ -23,8 +23,8 @@ from confluent_kafka.admin import (
     ResourceType,
 )
 
-from pipelines.connections import kafka_config
-from pipelines.settings import Settings
+from core.connections import kafka_config
+from core.settings import Settings
 from schemas.events import (
     Actor,
     CommandRejected,

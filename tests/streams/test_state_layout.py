@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from pipelines.settings import Settings
+from core.records import InputRecord, StateWrite
+from core.settings import Settings
 from schemas.events import (
     Actor,
     CommandRejected,
@@ -39,7 +40,6 @@ from streams.processors import (
     UserSettings,
     stored_user,
 )
-from streams.records import InputRecord, StateWrite
 from streams.state import child_key
 from streams.users import MAX_DEVICES, MAX_UNREAD_RANGES, ConversationView, UserState
 from streams.users import apply_presence as presence

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from streams.records import StateWrite
+from core.records import StateWrite
 from streams.store import StateStore
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 
-from pipelines.settings import Settings
+from core.settings import Settings
 from schemas.events import (
     Actor,
     ConversationCreated,

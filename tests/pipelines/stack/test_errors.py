@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from core.settings import CqlSettings, KafkaSettings, Settings, StackSettings
 from pipelines.cli import app
-from pipelines.settings import CqlSettings, KafkaSettings, Settings, StackSettings
 from pipelines.stack import process
 from pipelines.stack.errors import StackError, StackErrorCode
 from pipelines.stack.java import find_java, parse_major_version

@@ -8,8 +8,8 @@ from cassandra.cluster import Session
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import Consumer, Producer
 
-from pipelines.connections import kafka_config
-from pipelines.settings import Settings
+from core.connections import kafka_config
+from core.settings import Settings
 from pipelines.stack.manager import LocalStack, ServiceState
 
 

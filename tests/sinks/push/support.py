@@ -11,8 +11,9 @@ from datetime import UTC, datetime
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from core.push_settings import PreviewMode
 from schemas.events import MessageBody, PushJob, PushProvider, TextBody
-from sinks.push.notification import PreviewMode, PushNotification, PushTarget, build_notification
+from sinks.push.notification import PushNotification, PushTarget, build_notification
 from sinks.push.policy import RecipientPreferences, decide
 from sinks.push.reliability import PushDispatcher, PushSender, RetryPolicy
 

@@ -12,13 +12,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from core.push_settings import ApnsEnvironment, PushProviderSettings
 from schemas.events import PushProvider
 from sinks.push.apns import ApnsSender
 from sinks.push.errors import LocalReason, PushConfigError
 from sinks.push.notification import PushTarget
 from sinks.push.outcome import OutcomeKind
 from sinks.push.policy import QuietHours, RecipientPreferences
-from sinks.push.settings import ApnsEnvironment, PushProviderSettings
 from tests.sinks.push.fakes.apns import FakeApns
 from tests.sinks.push.fakes.script import Reply
 from tests.sinks.push.fakes.tls import LocalPki

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from core.push_settings import PushProviderSettings
 from schemas.events import PushProvider
 from sinks.push.errors import LocalReason, PushConfigError
 from sinks.push.fcm import FcmSender
 from sinks.push.notification import PushNotification
 from sinks.push.outcome import OutcomeKind
 from sinks.push.policy import QuietHours, RecipientPreferences
-from sinks.push.settings import PushProviderSettings
 from tests.sinks.push.fakes.fcm import FakeFcm
 from tests.sinks.push.fakes.script import Reply
 from tests.sinks.push.support import fcm_target, make_dispatcher, make_job, make_notification

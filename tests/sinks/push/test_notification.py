@@ -6,10 +6,10 @@ from datetime import UTC, datetime
 
 import pytest
 
+from core.push_settings import PreviewMode
 from schemas.events import CustomBody, MediaBody, TextBody
 from sinks.push.notification import (
     PREVIEW_MAX_CHARS,
-    PreviewMode,
     build_notification,
     resolve_locale,
 )

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from core.push_settings import PreviewMode, PushProviderSettings
 from schemas.events import PushProvider
 from sinks.push.apns import ApnsSender
 from sinks.push.fcm import FcmSender
-from sinks.push.notification import PreviewMode
 from sinks.push.reliability import PushDispatcher, build_senders
-from sinks.push.settings import PushProviderSettings
 from tests.sinks.push.fakes.apns import FakeApns
 from tests.sinks.push.fakes.fcm import FakeFcm
 from tests.sinks.push.support import apns_target, fcm_target, make_notification

@@ -23,16 +23,17 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from pipelines.connections import kafka_config
-from pipelines.settings import Settings
+from core.connections import kafka_config
+from core.lag import group_lag
+from core.push_settings import PushProviderSettings
+from core.settings import Settings
+from pipelines.processes import consumer_groups
 from pipelines.stack.manager import LocalStack
-from pipelines.status import consumer_groups, group_lag
 from schemas import events as ev
 from schemas.topics import TopicCatalog, device_key, topic_catalog, user_key
 from sinks.push import sink as sink_module
 from sinks.push.errors import DeadLetterCode
 from sinks.push.reliability import PushDispatcher
-from sinks.push.settings import PushProviderSettings
 from sinks.push.sink import READY_MESSAGE, PushSink, _preferences
 from tests.sinks.clickhouse_support import (
     Outgoing,

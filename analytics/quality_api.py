@@ -2,7 +2,7 @@
 
 ``imstream quality check`` validates a few fixed datasets read from ``audit_events FINAL`` and
 ``push_outcomes FINAL``. The SQL is fixed here and the parameters are validated and bound by
-ClickHouse, exactly as for the analytics (``sinks.clickhouse.analytics``): nothing a client sends
+ClickHouse, exactly as for the analytics (``analytics.queries``): nothing a client sends
 becomes SQL. The same :func:`run_dataset` runs on any clickhouse-connect client, so
 
 - a ClickHouse server deployment (``IM_CLICKHOUSE__URL``) is read directly by the checker;
@@ -34,8 +34,9 @@ from clickhouse_connect.driver.client import Client
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from analytics.queries import EARLIEST, LATEST, Analytics, parse_time
+from schemas.errors import ApiError
 from schemas.events import MessageEdited, MessageRecalled, MessageSent
-from sinks.clickhouse.analytics import EARLIEST, LATEST, Analytics, ApiError, parse_time
 from sinks.clickhouse.schema import AUDIT_TABLE, PUSH_OUTCOMES_TABLE, quote_identifier, sql_string
 from sinks.clickhouse.store import QueryBusyError
 

@@ -1,11 +1,11 @@
 """Operator jobs that write ClickHouse, run inside the process that owns it.
 
 chDB allows one process per data path, so a replay into the audit or a rebuild of it runs here,
-started and watched over the operator API (``sinks.clickhouse.operator_api``) by ``imstream
+started and watched over the operator API (``analytics.operator_api``) by ``imstream
 replay --into clickhouse`` and ``imstream rebuild clickhouse``. Both use the sink's own decoding
 (``AuditDecoder``) and inserts, through the store's one thread.
 
-* **Replay** (``pipelines.replay``): a topic range into ``audit_events`` (and ``push_outcomes``);
+* **Replay** (``core.replay``): a topic range into ``audit_events`` (and ``push_outcomes``);
   a record already there collapses with its copy (the key is its ``(topic, partition, offset)``),
   so the tables read the same after any number of replays.
 * **Rebuild**: a fresh database ``<database>__rebuild_<run id>`` gets the same schema and is
@@ -31,18 +31,18 @@ from typing import Any, Literal
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
-from pipelines.connections import kafka_config, kafka_consumer_config
-from pipelines.replay import PartitionRange, ReplayError, ReplayProgress, replay
-from pipelines.settings import Settings
+from core.connections import kafka_config, kafka_consumer_config
+from core.replay import PartitionRange, ReplayError, ReplayProgress, replay
+from core.settings import Settings
 from schemas.topics import TopicCatalog
 from sinks.clickhouse.audit import AuditDecoder
 from sinks.clickhouse.schema import (
     AUDIT_TABLE,
     PUSH_OUTCOMES_TABLE,
+    SEARCH_TABLE,
     audited_topics,
     quote_identifier,
 )
-from sinks.clickhouse.search import SEARCH_TABLE
 from sinks.clickhouse.sink import ClickHouseSink, kafka_record
 from sinks.clickhouse.store import ClickHouseStore
 

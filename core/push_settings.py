@@ -14,11 +14,15 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints
 
 from schemas.events import MAX_NAME_CHARS, PushProvider
-from sinks.push.notification import PreviewMode
-from sinks.push.proof import TokenProofs
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 AppId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
+
+
+class PreviewMode(StrEnum):
+    FULL = "full"
+    SENDER = "sender"
+    NONE = "none"
 
 
 class TenantPushApps(BaseModel):
@@ -139,12 +143,6 @@ class PushProviderSettings(BaseModel):
     #: At most one challenge to a token in this many seconds (per replica), however many
     #: claims of it come: a claimant cannot make the holder's phone a pager.
     token_challenge_interval_seconds: Annotated[float, Field(gt=0)] = 60.0
-
-    def token_proofs(self) -> TokenProofs | None:
-        secret = self.token_proof_secret
-        if secret is None or not secret.get_secret_value():
-            return None
-        return TokenProofs(secret.get_secret_value().encode(), self.token_proof_ttl_seconds)
 
     def preview_for(self, tenant_id: str) -> PreviewMode:
         return self.tenant_previews.get(tenant_id, self.default_preview)

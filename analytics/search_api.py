@@ -1,4 +1,4 @@
-"""The search routes of the analytics API (``sinks.clickhouse.api``), served by the process that
+"""The search routes of the analytics API (``analytics.api``), served by the process that
 owns the ClickHouse data path:
 
 - ``GET /v1/search?tenant=&q=&from=&to=&conversation=&sender=&limit=&cursor=`` — analysts: the
@@ -10,7 +10,7 @@ owns the ClickHouse data path:
   tenant, as the ingress authenticated it): a body naming another tenant is refused (403).
 
 Errors are ``{"code", "message", "field"}`` with a :class:`SearchErrorCode` and its status. Who
-may call which route is decided before either runs (``sinks.clickhouse.access``): an analyst's
+may call which route is decided before either runs (``analytics.access``): an analyst's
 ``tenant`` is its own.
 """
 
@@ -21,10 +21,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from sinks.clickhouse.access import principal_of
-from sinks.clickhouse.principals import forbidden
-from sinks.clickhouse.search import MessageSearch, analyst_request, scoped_request
-from sinks.clickhouse.search_query import SearchError, SearchErrorCode
+from analytics.access import principal_of
+from analytics.search import MessageSearch, analyst_request, scoped_request
+from core.principals import forbidden
+from schemas.search import SearchError, SearchErrorCode
 from sinks.clickhouse.store import ClickHouseStore
 
 router = APIRouter(tags=["search"])

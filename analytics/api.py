@@ -6,16 +6,16 @@ analytics queries for everyone else:
 - ``GET /healthz`` — 200 while the sink loop runs, 503 once it stopped;
 - ``GET /v1/analytics`` — the named queries, their columns and parameters;
 - ``GET /v1/analytics/{name}?tenant=&from=&to=`` — the rows as JSON; errors as
-  ``{"code", "message", "field"}`` with the code's status (``sinks.clickhouse.analytics``);
+  ``{"code", "message", "field"}`` with the code's status (``analytics.queries``);
 - ``GET /dashboards``, ``/dashboards/{name}`` — the dashboards of ``dashboards/`` as charts
-  (``sinks.clickhouse.dashboards_page``);
+  (``analytics.dashboards_page``);
 - ``GET /v1/quality/datasets[/{name}]`` — the data-quality datasets of ``imstream quality
-  check`` (``sinks.clickhouse.quality_api``);
+  check`` (``analytics.quality_api``);
 - ``GET /v1/search``, ``POST /v1/search/scoped`` — message search for analysts and, through the
-  ingress, for users (``sinks.clickhouse.search_api``).
+  ingress, for users (``analytics.search_api``).
 
 Every route but ``/healthz`` needs a staff or service token, and every route has an explicit
-rule (``sinks.clickhouse.access``): operators, platform analysts (every tenant) and analysts (the
+rule (``analytics.access``): operators, platform analysts (every tenant) and analysts (the
 tenant of their token only) read; only operators start jobs; only the ingress asks users'
 searches. Bodies are bounded before they are read.
 
@@ -39,13 +39,13 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from analytics.access import ApiGate
+from analytics.dashboards_page import DashboardPages, dashboards_router
+from analytics.quality_api import quality_router
+from analytics.queries import Analytics, AnalyticsError
+from analytics.search_api import router as search_router
+from core.principals import StaffAuthenticator, StaffAuthError
 from core.tls import uvicorn_tls_options
-from sinks.clickhouse.access import ApiGate
-from sinks.clickhouse.analytics import Analytics, AnalyticsError
-from sinks.clickhouse.dashboards_page import DashboardPages, dashboards_router
-from sinks.clickhouse.principals import StaffAuthenticator, StaffAuthError
-from sinks.clickhouse.quality_api import quality_router
-from sinks.clickhouse.search_api import router as search_router
 from sinks.clickhouse.store import QueryBusyError
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def analytics_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     healthy: Callable[[], bool] = lambda: True,
 ) -> FastAPI:
-    """The analytics API over ``analytics``, behind the gate of ``sinks.clickhouse.access``
+    """The analytics API over ``analytics``, behind the gate of ``analytics.access``
     (tokens verified by ``authenticator``, bodies up to ``max_body_bytes``); ``healthy`` says
     whether the sink still runs."""
     app = FastAPI(

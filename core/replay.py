@@ -3,7 +3,7 @@
 A replay reads records ``[start, end)`` of each chosen partition of one topic and hands them,
 in chunks, to a *target* (``ReplayTarget``): the CQL sink's writes (``pipelines.replay_targets``),
 the ClickHouse audit's insert (run inside the process that owns ClickHouse:
-``sinks.clickhouse.jobs``), or a producer into another topic. Whatever the target:
+``analytics.jobs``), or a producer into another topic. Whatever the target:
 
 * **Resumable.** The cursor is the committed offset of the consumer group
   ``<prefix>imstream-replay.<run id>``, committed after each chunk the target applied; the
@@ -45,8 +45,8 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
-from pipelines.connections import kafka_config, kafka_consumer_config
-from pipelines.settings import Settings
+from core.connections import kafka_config, kafka_consumer_config
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
-from sinks.clickhouse.analytics import ApiError
+from schemas.errors import ApiError
 
 #: The longest query, in characters.
 MAX_QUERY_CHARS: Final = 200

@@ -19,8 +19,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any
 
+from schemas.errors import ApiError
 from sinks.clickhouse.schema import quote_identifier
 from sinks.clickhouse.store import ClickHouseStore, QueryBusyError
 
@@ -54,28 +55,6 @@ _STATUS = {
     AnalyticsErrorCode.INVALID_PARAMETER: 400,
     AnalyticsErrorCode.UNAVAILABLE: 503,
 }
-
-
-class ApiErrorCode(Protocol):
-    """What the error codes of this process's HTTP APIs share: a stable text and a status."""
-
-    @property
-    def http_status(self) -> int: ...
-
-
-class ApiError(Exception):
-    """A refused or failed request to one of this process's HTTP APIs (analytics, search,
-    quality datasets): a stable code, a readable message, the offending field; answered as
-    ``{"code", "message", "field"}`` with the code's status."""
-
-    def __init__(self, code: ApiErrorCode, message: str, field: str | None = None) -> None:
-        super().__init__(f"[{code}] {message}")
-        self.code = code
-        self.message = message
-        self.field = field
-
-    def body(self) -> dict[str, Any]:
-        return {"code": str(self.code), "message": self.message, "field": self.field}
 
 
 class AnalyticsError(ApiError):

@@ -33,6 +33,20 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
+from analytics.access import principal_of
+from analytics.dashboard_charts import (
+    Series,
+    bar_svg,
+    format_value,
+    legend_html,
+    timeseries_svg,
+)
+from analytics.queries import (
+    AnalyticsError,
+    AnalyticsErrorCode,
+    json_value,
+    parse_time,
+)
 from dashboards.definitions import (
     Dashboard,
     DashboardError,
@@ -42,20 +56,6 @@ from dashboards.definitions import (
     load_dashboards,
 )
 from dashboards.macros import bound_sql
-from sinks.clickhouse.access import principal_of
-from sinks.clickhouse.analytics import (
-    AnalyticsError,
-    AnalyticsErrorCode,
-    json_value,
-    parse_time,
-)
-from sinks.clickhouse.dashboard_charts import (
-    Series,
-    bar_svg,
-    format_value,
-    legend_html,
-    timeseries_svg,
-)
 from sinks.clickhouse.schema import AUDIT_TABLE, quote_identifier
 from sinks.clickhouse.store import ClickHouseStore
 

@@ -17,8 +17,8 @@ from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 
+from core.settings import Settings
 from core.tls import client_context
-from pipelines.settings import Settings
 from schemas.topics import KAFKA_PARTITIONER
 
 _kafka_log = logging.getLogger("imstream.kafka")

@@ -2,7 +2,7 @@
 
 Every route needs ``Authorization: Bearer <JWT>`` from the staff issuer (``IM_STAFF_AUTH__*``,
 never the clients' key) with the ``operator`` role, checked by the API's gate
-(``sinks.clickhouse.access``) before the route runs; ``imstream replay`` and ``imstream
+(``analytics.access``) before the route runs; ``imstream replay`` and ``imstream
 rebuild`` sign one from the staff secret. The operator a job records is the token's ``sub``,
 never a field of the request (a body with fields of its own is refused). Errors are
 ``{"code", "message"}``:
@@ -29,10 +29,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.replay import PartitionRange, ReplayError
-from sinks.clickhouse.access import principal_of
-from sinks.clickhouse.jobs import Job, OperatorJobs
-from sinks.clickhouse.principals import StaffRole
+from analytics.access import principal_of
+from analytics.jobs import Job, OperatorJobs
+from core.principals import StaffRole
+from core.replay import PartitionRange, ReplayError
 
 OPERATOR_PREFIX = "/v1/operator"
 _RUN_ID = re.compile(r"^[A-Za-z0-9_]{1,32}$")

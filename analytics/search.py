@@ -41,11 +41,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from clickhouse_connect.driver.client import Client
-
-from sinks.clickhouse.analytics import parse_time
-from sinks.clickhouse.schema import MESSAGE_SENT, quote_identifier, sql_string
-from sinks.clickhouse.search_query import (
+from analytics.queries import parse_time
+from schemas.search import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
     MAX_SCOPE,
@@ -55,14 +52,17 @@ from sinks.clickhouse.search_query import (
     parse_query,
     snippet,
 )
+from sinks.clickhouse.schema import (
+    MESSAGE_EDITED,
+    MESSAGE_RECALLED,
+    MESSAGE_SENT,
+    SEARCH_TABLE,
+    quote_identifier,
+    sql_string,
+)
 from sinks.clickhouse.store import ClickHouseStore, QueryBusyError
 
 log = logging.getLogger(__name__)
-
-SEARCH_TABLE: Final = "message_search"
-SEARCH_FEED: Final = "message_search_feed"
-MESSAGE_EDITED: Final = "message.edited"
-MESSAGE_RECALLED: Final = "message.recalled"
 
 ANALYST_PARAMETERS: Final = (
     "tenant",
@@ -76,113 +76,6 @@ ANALYST_PARAMETERS: Final = (
 )
 
 _ID = re.compile(r"^[A-Za-z0-9._:@+=-]{1,128}$")
-
-#: The skip indexes bench/search.py compares; ``SEARCH_INDEX`` is the one the schema uses.
-INDEXES: Final[dict[str, str]] = {
-    "text": "INDEX text_norm_tokens text_norm TYPE text(tokenizer = splitByNonAlpha)",
-    "tokenbf": "INDEX text_norm_tokens text_norm TYPE tokenbf_v1(32768, 3, 0) GRANULARITY 1",
-    "ngrambf": "INDEX text_norm_tokens text_norm TYPE ngrambf_v1(3, 65536, 3, 0) GRANULARITY 1",
-    "none": "",
-}
-SEARCH_INDEX: Final = "text"
-
-
-def normalized(column: str) -> str:
-    """The SQL that normalizes ``column`` as ``search_query.tokenize`` does: lower case, every
-    run of characters that are not letters or digits one space, no space at either end."""
-    return f"trimBoth(replaceRegexpAll(lowerUTF8({column}), '[^\\\\p{{L}}\\\\p{{N}}]+', ' '))"
-
-
-def search_table_ddl(database: str, index: str = SEARCH_INDEX, table: str = SEARCH_TABLE) -> str:
-    db = quote_identifier(database)
-    index_clause = f",\n    {INDEXES[index]}" if INDEXES[index] else ""
-    return f"""
-CREATE TABLE IF NOT EXISTS {db}.{quote_identifier(table)}
-(
-    tenant_id LowCardinality(String),
-    conversation_id String,
-    message_id UUID COMMENT 'the message: its message.sent event id',
-    event_id UUID COMMENT 'the event of this row',
-    kind LowCardinality(String) COMMENT 'message.sent, message.edited or message.recalled',
-    seq UInt64 COMMENT 'message.sent rows: the message''s conversation_seq; else 0',
-    event_seq UInt64 COMMENT 'the conversation_seq the event took: the latest text wins',
-    sender_id String COMMENT 'message.sent rows: the sender; else empty',
-    occurred_at DateTime64(6, 'UTC'),
-    text String COMMENT 'the text body sent or edited; empty for other bodies and recalls',
-    text_norm String
-        COMMENT 'text lower-cased, runs of non letters/digits as one space'{index_clause}
-)
-ENGINE = ReplacingMergeTree
-PARTITION BY toYYYYMM(occurred_at)
-ORDER BY (tenant_id, kind, conversation_id, message_id, event_id)
-COMMENT 'One row per message event; fold per message at read time (sinks/clickhouse/search.py)'
-"""
-
-
-def _feed_select(audit: str, sequenced_topic: str) -> str:
-    """The search rows of the audit rows of message events (never fails on a row: the audit
-    insert it rides on must not)."""
-    kinds = ", ".join(sql_string(kind) for kind in (MESSAGE_SENT, MESSAGE_EDITED, MESSAGE_RECALLED))
-    sent = sql_string(MESSAGE_SENT)
-    return f"""
-SELECT
-    tenant_id,
-    assumeNotNull(conversation_id) AS conversation_id,
-    if(event_type = {sent}, assumeNotNull(event_id),
-       toUUIDOrZero(JSONExtractString(raw, 'payload', 'message_id'))) AS message_id,
-    assumeNotNull(event_id) AS event_id,
-    event_type AS kind,
-    if(event_type = {sent}, assumeNotNull(conversation_seq), 0) AS seq,
-    assumeNotNull(conversation_seq) AS event_seq,
-    if(event_type = {sent}, ifNull(user_id, ''), '') AS sender_id,
-    occurred_at,
-    JSONExtractString(raw, 'payload', 'body', 'text') AS text,
-    {normalized("text")} AS text_norm
-FROM {audit}
-WHERE topic = {sql_string(sequenced_topic)} AND event_type IN ({kinds})
-  AND conversation_id IS NOT NULL AND event_id IS NOT NULL AND conversation_seq IS NOT NULL
-"""
-
-
-def search_statements(database: str, sequenced_topic: str, audit_table: str) -> list[str]:
-    """The search table, the view that feeds it from every audit insert, and the backfill from
-    the audit rows already stored (only while the search table is empty: the first start after
-    the table was added)."""
-    db = quote_identifier(database)
-    audit = f"{db}.{quote_identifier(audit_table)}"
-    table = f"{db}.{SEARCH_TABLE}"
-    select = _feed_select(audit, sequenced_topic)
-    return [
-        search_table_ddl(database),
-        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{SEARCH_FEED} TO {table} AS {select}",
-        f"INSERT INTO {table} {select} AND (SELECT count() FROM {table}) = 0",
-    ]
-
-
-def apply_search_schema(
-    client: Client, database: str, sequenced_topic: str, audit_table: str
-) -> str:
-    """Apply :func:`search_statements`; the index kind the table has is returned. A ClickHouse
-    that refuses the ``text`` index (older releases: experimental, other tokenizer names) gets
-    ``tokenbf_v1`` instead: the same queries, answered from a bloom filter."""
-    table, *rest = search_statements(database, sequenced_topic, audit_table)
-    kind = SEARCH_INDEX
-    try:
-        client.command(table)
-    except Exception as error:  # the server's refusal; no common base worth naming
-        kind = "tokenbf"
-        log.warning(
-            "ClickHouse refused the text index (%s); the search table uses %s instead",
-            error,
-            INDEXES[kind],
-        )
-        client.command(search_table_ddl(database, kind))
-    for statement in rest:
-        client.command(statement)
-    return kind
-
-
-# -- requests -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from schemas.topics import Topic, TopicCatalog
+
 Headers = list[tuple[str, bytes]]
 
 
@@ -43,3 +45,22 @@ class StateWrite:
     key: str
     value: dict[str, object] | None
     partition: int
+
+
+#: The dead-letter code of a record whose stage's rules raised (a bug; the record is kept).
+PROCESSING_FAILED = "processing-failed"
+
+
+def dead_letter(
+    catalog: TopicCatalog, source: Topic, record: InputRecord, code: str, message: str
+) -> OutputRecord:
+    """The poison record, unchanged, on its source's dead-letter topic; the reason in headers."""
+    target = catalog.dead_letter_of(source)
+    headers = [
+        ("imstream.error.code", code.encode()),
+        ("imstream.error.message", message.encode()[:1000]),
+        ("imstream.source.topic", record.topic.encode()),
+        ("imstream.source.partition", str(record.partition).encode()),
+        ("imstream.source.offset", str(record.offset).encode()),
+    ]
+    return OutputRecord(topic=target.name, key=record.key, value=record.value, headers=headers)

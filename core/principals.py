@@ -11,7 +11,7 @@ token — whatever roles or tenant one claims — and no field of a request. Its
   (``IM_SERVICE_AUTH__*``), role ``ingress``, naming the user (``sub``) and the tenant (``tid``)
   it authenticated. The sink searches that tenant, whatever the request body says.
 
-Both are verified by :class:`ingress.auth.TokenVerifier` instances of their own, so a token
+Both are verified by :class:`core.auth.TokenVerifier` instances of their own, so a token
 verifies against exactly one issuer's key. Refusals are :class:`StaffAuthError`:
 ``unauthorized`` (401: no token, or one that none of the two keys verifies — a client token
 included) or ``forbidden`` (403: a genuine token without the role, or another tenant's).
@@ -26,14 +26,14 @@ from typing import Final
 
 import jwt
 
-from ingress.auth import (
+from core.auth import (
     DEFAULT_MAX_TOKEN_LENGTH,
     AuthError,
     TokenVerifier,
     issue_token,
     read_public_key,
 )
-from pipelines.settings import Settings
+from core.settings import Settings
 from schemas.events import SYSTEM_TENANT
 
 #: How long a token the ``imstream`` CLI signs for its operator is good for.

@@ -7,7 +7,7 @@ added later — is reached around it:
 1. **Body limit**: a ``Content-Length`` over ``max_body_bytes`` is answered ``413
    body-too-large`` without reading a byte; a streamed (chunked) body is read only up to the
    limit, then refused the same way. No route ever holds more than the limit.
-2. **Principal** (``sinks.clickhouse.principals``): every request but ``GET /healthz`` needs a
+2. **Principal** (``core.principals``): every request but ``GET /healthz`` needs a
    staff or service token; ``401 unauthorized`` otherwise.
 3. **Rule**: the :class:`Access` of the path template of :data:`ROUTE_ACCESS` the request's path
    matches. A path that matches none — an unknown one, or a route nobody wrote a rule for — is
@@ -38,7 +38,7 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from core.bodies import declared_length, read_bounded, replayed
-from sinks.clickhouse.principals import (
+from core.principals import (
     StaffAuthenticator,
     StaffAuthError,
     StaffPrincipal,

@@ -2,9 +2,9 @@
 
 Kafka holds committed offsets only as they are now; a chart of lag over time needs samples. The
 ClickHouse sink process takes one every ``interval`` seconds: for every consumer group of every
-process kind (``pipelines.status.consumer_groups``, the groups ``imstream status`` shows), the end
-offsets minus the committed offsets (``pipelines.status.group_lag``, counted the same way), one
-row per group with the sample's time.
+process kind (given by the process wiring from the process table, the groups ``imstream status``
+shows), the end offsets minus the committed offsets (``core.lag.group_lag``, counted the same
+way), one row per group with the sample's time.
 
 Failure-safe: a sample that fails — Kafka unreachable, a topic missing, ClickHouse refusing the
 insert — is logged and skipped; the sampler, a daemon thread, keeps its schedule and never stops
@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from pipelines.settings import Settings
-from pipelines.status import consumer_groups, group_lag
+from core.lag import group_lag
+from core.settings import Settings
 from sinks.clickhouse.schema import CONSUMER_LAG_TABLE
 from sinks.clickhouse.store import ClickHouseStore
 
@@ -34,6 +34,8 @@ LAG_COLUMNS = ["sampled_at", "process", "group_id", "lag"]
 STOP_TIMEOUT_SECONDS = 15.0
 
 LagReader = Callable[[Settings, str, list[str]], int | None]
+#: Per process kind: its consumer groups and the topics each reads.
+GroupLister = Callable[[Settings], dict[str, dict[str, list[str]]]]
 
 
 class LagSampler:
@@ -43,12 +45,14 @@ class LagSampler:
         self,
         settings: Settings,
         store: ClickHouseStore,
+        groups: GroupLister,
         *,
         interval: float = LAG_SAMPLE_SECONDS,
         read_lag: LagReader = group_lag,
     ) -> None:
         self.settings = settings
         self.store = store
+        self.groups = groups
         self.interval = interval
         self.read_lag = read_lag
         #: Samples taken, samples lost (ClickHouse refused them), groups skipped in a sample.
@@ -62,7 +66,7 @@ class LagSampler:
         """Take one sample now; the rows inserted (groups whose lag could be read)."""
         sampled_at = datetime.now(UTC)
         rows = []
-        for process, groups in consumer_groups(self.settings).items():
+        for process, groups in self.groups(self.settings).items():
             for group, topics in groups.items():
                 try:
                     lag = self.read_lag(self.settings, group, topics)

@@ -17,7 +17,7 @@ from typing import Annotated, Self
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sinks.push.settings import PushProviderSettings
+from core.push_settings import PushProviderSettings
 
 #: The key-encryption key of a development stack (base64 of 32 ASCII bytes): public, dev only.
 DEV_MASTER_KEY = "ZGV2LW9ubHktaW5zZWN1cmUtbWFzdGVyLWtleS0zMmI="
