@@ -112,7 +112,7 @@ from bench.stream_throughput import fill
 from core.connections import cql_cluster, kafka_config, kafka_consumer_config
 from core.lag import group_lag
 from core.settings import Settings
-from pipelines.processes import consumer_groups
+from pipelines.processes import BY_NAME, consumer_groups
 from pipelines.stack.manager import LocalStack
 from pipelines.stack.process import lower_priority
 from schemas.events import (
@@ -409,7 +409,7 @@ def running_system(
             stack.enter_context(server)
             progress.update(f"starting {name} …")
             server.start(timeout=120)
-            if name.endswith("-sink") and sink_nice:
+            if name in BY_NAME and BY_NAME[name].sink and sink_nice:
                 # As `imstream up` runs them: the delivery path gets the CPU first.
                 lower_priority(server.pid, sink_nice)
             processes[name] = server
@@ -992,7 +992,7 @@ def sink_lags(settings: Settings) -> dict[str, int | None]:
     """Records each sink's consumer group has still to commit, over every topic it reads."""
     lags: dict[str, int | None] = {}
     for kind, groups in consumer_groups(settings).items():
-        if kind.endswith("-sink"):
+        if BY_NAME[kind].sink:
             values = [group_lag(settings, group, topics) for group, topics in groups.items()]
             lags[kind] = None if None in values else sum(v for v in values if v is not None)
     return lags

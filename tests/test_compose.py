@@ -32,8 +32,8 @@ from pipelines.certs_cli import (
     certs_command,
     kafka_password_variable,
 )
-from pipelines.cli import run_app
 from pipelines.kafka_acls import SERVICES, acl_bindings
+from pipelines.processes import PROCESSES
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRASTRUCTURE = {
@@ -124,7 +124,7 @@ def process_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def test_one_service_per_process_kind_named_like_the_readme(compose: dict[str, Any]) -> None:
-    kinds = {command.name for command in run_app.registered_commands}
+    kinds = {kind.name for kind in PROCESSES}
     services = process_services(compose)
     assert set(services) == kinds
     for name, service in services.items():

@@ -71,7 +71,7 @@ def _stream_worker_groups(settings: Settings) -> Groups:
 def _cql_sink_groups(settings: Settings) -> Groups:
     catalog = topic_catalog(settings)
     return {
-        active_cql_sink_group(settings): [
+        cql_sink_group(settings): [
             catalog.messages_sequenced.name,
             catalog.sync_events.name,
             catalog.push_tokens.name,
@@ -91,6 +91,8 @@ def _clickhouse_sink_groups(settings: Settings) -> Groups:
 
 
 def _no_groups(_settings: Settings) -> Groups:
+    """The ingress joins no consumer group: each node reads its own live-delivery partition
+    and every group-delivery partition by assignment."""
     return {}
 
 
@@ -138,9 +140,17 @@ PROCESSES: Final[tuple[ProcessKind, ...]] = (
 BY_NAME: Final[dict[str, ProcessKind]] = {kind.name: kind for kind in PROCESSES}
 
 
-def consumer_groups(settings: Settings) -> dict[str, Groups]:
-    """Per process kind: its consumer groups and the topics each reads."""
-    return {kind.name: kind.groups(settings) for kind in PROCESSES if kind.groups is not _no_groups}
+def consumer_groups(settings: Settings, *, live: bool = True) -> dict[str, Groups]:
+    """Per process kind with consumer groups: the groups and the topics each reads. ``live``:
+    the CQL sink's group is the one running now (another keyspace's after a rebuild's swap,
+    asked of Kafka); else the names as configured."""
+    groups = {kind.name: kind.groups(settings) for kind in PROCESSES}
+    if live:
+        ((anchor, topics),) = groups["cql-sink"].items()
+        active = active_cql_sink_group(settings)
+        if active != anchor:
+            groups["cql-sink"] = {active: topics}
+    return {name: kinds for name, kinds in groups.items() if kinds}
 
 
 def active_cql_sink_group(settings: Settings) -> str:
