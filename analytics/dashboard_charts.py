@@ -354,17 +354,3 @@ def bar_svg(
     )
     parts.append("</svg>")
     return "".join(parts)
-
-
-def legend_html(names: Sequence[str], summaries: Sequence[str] | None = None) -> str:
-    """The series' colours and names (with a summary each, e.g. the last value)."""
-    items = []
-    for index, name in enumerate(names):
-        summary = (
-            f" <span class='legend-value'>{escape(summaries[index])}</span>" if summaries else ""
-        )
-        items.append(
-            f"<li><span class='swatch' style='background:{PALETTE[index % len(PALETTE)]}'>"
-            f"</span>{escape(name)}{summary}</li>"
-        )
-    return f"<ul class='legend'>{''.join(items)}</ul>"

@@ -13,9 +13,8 @@ often it was inserted (docs/analytics.md).
 from __future__ import annotations
 
 import logging
-import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
@@ -29,7 +28,6 @@ log = logging.getLogger(__name__)
 
 #: The most rows one answer holds; more are cut and the answer says ``truncated``.
 MAX_ROWS = 10_000
-_TENANT = re.compile(r"^[A-Za-z0-9._:@+=-]{1,64}$")
 #: The times the APIs of this process accept (ClickHouse DateTime64 holds 1900-2299).
 EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
 LATEST = datetime(2299, 12, 31, tzinfo=UTC)
@@ -43,6 +41,7 @@ class AnalyticsErrorCode(StrEnum):
     UNKNOWN_PARAMETER = "unknown-parameter"
     INVALID_PARAMETER = "invalid-parameter"
     UNAVAILABLE = "unavailable"
+    UNKNOWN_DASHBOARD = "unknown-dashboard"
 
     @property
     def http_status(self) -> int:
@@ -51,6 +50,7 @@ class AnalyticsErrorCode(StrEnum):
 
 _STATUS = {
     AnalyticsErrorCode.UNKNOWN_QUERY: 404,
+    AnalyticsErrorCode.UNKNOWN_DASHBOARD: 404,
     AnalyticsErrorCode.UNKNOWN_PARAMETER: 400,
     AnalyticsErrorCode.INVALID_PARAMETER: 400,
     AnalyticsErrorCode.UNAVAILABLE: 503,
@@ -206,32 +206,29 @@ class QueryParameters:
     end: datetime
 
 
-def parse_parameters(
-    query: NamedQuery, items: Sequence[tuple[str, str]], *, now: datetime
-) -> QueryParameters:
-    """The request's query-string items, validated; raises :class:`AnalyticsError`."""
-    values: dict[str, str] = {}
-    for name, value in items:
-        if name not in PARAMETERS:
-            raise AnalyticsError(
-                AnalyticsErrorCode.UNKNOWN_PARAMETER,
-                f"unknown parameter {name!r}; {query.name} takes {', '.join(PARAMETERS)}",
-                name,
-            )
-        if name in values:
-            raise AnalyticsError(
-                AnalyticsErrorCode.INVALID_PARAMETER, f"{name} is given more than once", name
-            )
-        values[name] = value
-    tenant = values.get("tenant") or None
-    if tenant is not None and not _TENANT.match(tenant):
+def named_query(name: str) -> NamedQuery:
+    """The query named ``name`` (a path parameter); raises :class:`AnalyticsError`."""
+    query = QUERIES.get(name)
+    if query is None:
         raise AnalyticsError(
-            AnalyticsErrorCode.INVALID_PARAMETER,
-            "tenant must be 1-64 characters of A-Z a-z 0-9 . _ : @ + = -",
-            "tenant",
+            AnalyticsErrorCode.UNKNOWN_QUERY,
+            f"no analytics query named {name!r}; known: {', '.join(QUERIES)}",
         )
-    end = _time(values.get("to"), "to") or now.astimezone(UTC)
-    start = _time(values.get("from"), "from") or end - query.default_window
+    return query
+
+
+def window(
+    query: NamedQuery,
+    tenant: str | None,
+    start: datetime | None,
+    end: datetime | None,
+    *,
+    now: datetime,
+) -> QueryParameters:
+    """The window ``[from, to)`` (``to`` defaults to now, ``from`` to the query's default window
+    before ``to``), no wider than the query allows; raises :class:`AnalyticsError`."""
+    end = end or now.astimezone(UTC)
+    start = start or end - query.default_window
     if start >= end:
         raise AnalyticsError(AnalyticsErrorCode.INVALID_PARAMETER, "from must be before to", "from")
     if end - start > query.max_window:
@@ -263,14 +260,6 @@ def parse_time(
     return parsed
 
 
-def _time(value: str | None, name: str) -> datetime | None:
-    return parse_time(
-        value,
-        name,
-        lambda message: AnalyticsError(AnalyticsErrorCode.INVALID_PARAMETER, message, name),
-    )
-
-
 def json_value(value: Any) -> Any:
     """A ClickHouse value as JSON: times in UTC with ``Z``, dates as ``YYYY-MM-DD``."""
     if isinstance(value, datetime):
@@ -292,17 +281,8 @@ class Analytics:
     def describe(self) -> list[dict[str, Any]]:
         return [query.describe() for query in QUERIES.values()]
 
-    async def run(
-        self, name: str, items: Sequence[tuple[str, str]], *, now: datetime | None = None
-    ) -> dict[str, Any]:
-        """The answer to query ``name``: its parameters as understood and its rows."""
-        query = QUERIES.get(name)
-        if query is None:
-            raise AnalyticsError(
-                AnalyticsErrorCode.UNKNOWN_QUERY,
-                f"no analytics query named {name!r}; known: {', '.join(QUERIES)}",
-            )
-        parameters = parse_parameters(query, items, now=now or datetime.now(UTC))
+    async def run(self, query: NamedQuery, parameters: QueryParameters) -> dict[str, Any]:
+        """The answer to ``query``: its parameters as understood and its rows."""
         bound: dict[str, Any] = {
             "tenant": parameters.tenant,
             "start": parameters.start,
@@ -313,7 +293,7 @@ class Analytics:
         except QueryBusyError:  # answered 503 busy by the app
             raise
         except Exception as error:  # the client's errors have no common base worth naming
-            log.exception("analytics query %s failed", name)
+            log.exception("analytics query %s failed", query.name)
             raise AnalyticsError(
                 AnalyticsErrorCode.UNAVAILABLE, f"ClickHouse did not answer: {error}"
             ) from error
@@ -322,7 +302,7 @@ class Analytics:
             for row in result.result_rows[:MAX_ROWS]
         ]
         return {
-            "query": name,
+            "query": query.name,
             "tenant": parameters.tenant,
             "from": json_value(parameters.start),
             "to": json_value(parameters.end),
