@@ -24,6 +24,7 @@ from functools import partial
 from typing import Annotated, Any, Final
 
 from fastapi import Request
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo
@@ -120,15 +121,19 @@ def refusal(request: Request, error: RequestValidationError) -> AnalyticsError:
 
 
 def _parameters(request: Request) -> list[str]:
-    """The query parameters the request's route takes (the aliases of its query models)."""
+    """The query parameters the request's route takes (its query models' aliases)."""
     route = request.scope.get("route")
-    if not isinstance(route, APIRoute):
-        return []
+    return _query_names(route.dependant) if isinstance(route, APIRoute) else []
+
+
+def _query_names(dependant: Dependant) -> list[str]:
     names: list[str] = []
-    for parameter in route.dependant.query_params:
+    for parameter in dependant.query_params:
         model = parameter.field_info.annotation
         if isinstance(model, type) and issubclass(model, BaseModel):
             names.extend(info.alias or name for name, info in model.model_fields.items())
         else:
             names.append(parameter.alias)
+    for dependency in dependant.dependencies:
+        names.extend(_query_names(dependency))
     return names
