@@ -9,8 +9,12 @@ nothing but this port. ``GET /dashboards/{name}/data`` answers the same panels' 
 Parameters: ``range`` (15m, 1h, 6h, 24h, 7d, 30d; the dashboard's default when absent), ``from``
 and ``to`` (RFC 3339 with an offset; they override the range), ``tenant`` (absent or empty:
 every tenant), ``refresh`` (``on``: the page reloads itself every dashboard's
-``refresh_seconds``). A bad parameter is a 400 page with the analytics error codes
-(``unknown-parameter``, ``invalid-parameter``); an unknown dashboard a 404 (``unknown-dashboard``).
+``refresh_seconds``), declared as :class:`PageQuery`. A bad parameter is a 400 page with the
+analytics error codes (``unknown-parameter``, ``invalid-parameter``); an unknown dashboard a 404
+(``unknown-dashboard``); both answered by the app's one handler (``analytics.api``).
+
+The HTML comes from the Jinja2 templates of ``analytics/templates/`` (autoescaped: every value is
+text, but the charts' SVG, which escapes its own).
 
 Each panel marks its state in the DOM — ``data-panel-status`` ``ok`` (a chart), ``empty`` (the
 query answered no data), ``error`` (the query failed: the message is shown in the panel, and the
@@ -35,7 +39,14 @@ from markupsafe import Markup
 from pydantic import BeforeValidator, Field, model_validator
 
 from analytics.access import principal_of
-from analytics.dashboard_charts import PALETTE, Series, bar_svg, format_value, timeseries_svg
+from analytics.dashboard_charts import (
+    PALETTE,
+    TIME_STEPS,
+    Series,
+    bar_svg,
+    format_value,
+    timeseries_svg,
+)
 from analytics.parameters import From, QueryModel, Tenant, To, once_each
 from analytics.queries import AnalyticsError, AnalyticsErrorCode, json_value
 from dashboards.definitions import (
@@ -55,27 +66,9 @@ log = logging.getLogger(__name__)
 
 #: The widest custom range (``from``/``to``).
 MAX_WINDOW = timedelta(days=92)
-#: Bucket widths a chart may use (seconds), and how many buckets a range aims at, at most.
-INTERVALS = (
-    1,
-    2,
-    5,
-    10,
-    15,
-    30,
-    60,
-    120,
-    300,
-    600,
-    900,
-    1800,
-    3600,
-    7200,
-    10800,
-    21600,
-    43200,
-    86400,
-)
+#: Bucket widths a chart may use (seconds): the round steps up to a day; and how many buckets a
+#: range aims at, at most.
+INTERVALS = tuple(step for step in TIME_STEPS if step <= 86400)
 MAX_BUCKETS = 150
 #: The most rows a panel shows; a query that answers more is cut (and says so).
 MAX_PANEL_ROWS = 10_000

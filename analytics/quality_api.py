@@ -10,7 +10,7 @@ becomes SQL. The same :func:`run_dataset` runs on any clickhouse-connect client,
   serves the datasets over HTTP: ``GET /v1/quality/datasets`` lists them and
   ``GET /v1/quality/datasets/{name}?topic=&tenant=&since=&until=&limit=`` answers
   ``{"dataset", "columns", "rows": [[...]], "truncated"}``; errors are
-  ``{"code", "message", "field"}`` with the code's status (:class:`QualityDataErrorCode`);
+  ``{"code", "message", "field"}`` with the code's status (:class:`AnalyticsErrorCode`);
 - tests run the SQL on their own chDB database.
 
 Every dataset is bounded: at most ``limit`` rows (:data:`MAX_ROWS` at most), and the window
@@ -43,8 +43,7 @@ from analytics.parameters import (
     count,
     once_each,
 )
-from analytics.queries import EARLIEST, LATEST
-from schemas.errors import ApiError
+from analytics.queries import EARLIEST, LATEST, AnalyticsError, AnalyticsErrorCode
 from schemas.events import MessageEdited, MessageRecalled, MessageSent
 from sinks.clickhouse.schema import AUDIT_TABLE, PUSH_OUTCOMES_TABLE, quote_identifier, sql_string
 from sinks.clickhouse.store import ClickHouseStore, QueryBusyError
@@ -69,31 +68,8 @@ TIMELINE_ENTRY_TYPES: tuple[str, ...] = tuple(
 MESSAGE_SENT_TYPE: str = MessageSent.model_fields["type"].default
 
 
-class QualityDataErrorCode(StrEnum):
-    """The ``code`` of a dataset error body; never changes meaning once released."""
-
-    UNKNOWN_DATASET = "unknown-dataset"
-    UNKNOWN_PARAMETER = "unknown-parameter"
-    INVALID_PARAMETER = "invalid-parameter"
-    UNAVAILABLE = "unavailable"
-
-    @property
-    def http_status(self) -> int:
-        return _STATUS[self]
-
-
-_STATUS = {
-    QualityDataErrorCode.UNKNOWN_DATASET: 404,
-    QualityDataErrorCode.UNKNOWN_PARAMETER: 400,
-    QualityDataErrorCode.INVALID_PARAMETER: 400,
-    QualityDataErrorCode.UNAVAILABLE: 503,
-}
-
-
-class QualityDataError(ApiError):
+class QualityDataError(AnalyticsError):
     """A refused or failed dataset request."""
-
-    code: QualityDataErrorCode
 
 
 class ColumnKind(StrEnum):
@@ -350,7 +326,7 @@ def dataset(name: str) -> Dataset:
     found = DATASETS.get(name)
     if found is None:
         raise QualityDataError(
-            QualityDataErrorCode.UNKNOWN_DATASET,
+            AnalyticsErrorCode.UNKNOWN_DATASET,
             f"no quality dataset named {name!r}; known: {', '.join(DATASETS)}",
         )
     return found
@@ -358,7 +334,7 @@ def dataset(name: str) -> Dataset:
 
 def check_parameters(data: Dataset, parameters: DatasetParameters) -> DatasetParameters:
     """``parameters`` if ``data`` can run with them; raises :class:`QualityDataError`."""
-    invalid = QualityDataErrorCode.INVALID_PARAMETER
+    invalid = AnalyticsErrorCode.INVALID_PARAMETER
     if parameters.tenant is not None and not TENANT_PATTERN.match(parameters.tenant):
         raise QualityDataError(invalid, TENANT_RULE, "tenant")
     if data.reads_topic:
@@ -391,7 +367,7 @@ class DatasetQuery(QueryModel):
         if self.topic is not None and not data.reads_topic:
             allowed = [name for name in PARAMETERS if name != "topic"]
             raise QualityDataError(
-                QualityDataErrorCode.UNKNOWN_PARAMETER,
+                AnalyticsErrorCode.UNKNOWN_PARAMETER,
                 f"unknown parameter 'topic'; {data.name} takes {', '.join(allowed)}",
                 "topic",
             )
@@ -480,7 +456,7 @@ def quality_router() -> APIRouter:
         except Exception as error:  # the client's errors have no common base worth naming
             log.exception("quality dataset %s failed", data.name)
             raise QualityDataError(
-                QualityDataErrorCode.UNAVAILABLE, f"ClickHouse did not answer: {error}"
+                AnalyticsErrorCode.UNAVAILABLE, f"ClickHouse did not answer: {error}"
             ) from error
         return rows.body()
 

@@ -3,7 +3,8 @@
 Dashboards ask for a query by name with at most three parameters — ``tenant`` (optional; all
 tenants when absent), ``from`` and ``to`` (RFC 3339 with an offset; the rows whose period starts
 in ``[from, to)``). No SQL comes from a client: the SQL is fixed here, the parameters are
-validated and bound by ClickHouse (``{name:Type}``), and bad ones are refused with a stable code
+validated (each by the route's query model, ``analytics.parameters``; the window here) and bound
+by ClickHouse (``{name:Type}``), and bad ones are refused with a stable code
 (:class:`AnalyticsErrorCode`) before anything runs.
 
 Every view reads ``audit_events FINAL``, so the answers count every Kafka record once however
@@ -35,9 +36,11 @@ PARAMETERS = ("tenant", "from", "to")
 
 
 class AnalyticsErrorCode(StrEnum):
-    """The ``code`` of an analytics error body; never changes meaning once released."""
+    """The ``code`` of an error body of this service's APIs (analytics, quality datasets,
+    dashboards; search has its own, ``schemas.search``); never changes meaning once released."""
 
     UNKNOWN_QUERY = "unknown-query"
+    UNKNOWN_DATASET = "unknown-dataset"
     UNKNOWN_PARAMETER = "unknown-parameter"
     INVALID_PARAMETER = "invalid-parameter"
     UNAVAILABLE = "unavailable"
@@ -50,6 +53,7 @@ class AnalyticsErrorCode(StrEnum):
 
 _STATUS = {
     AnalyticsErrorCode.UNKNOWN_QUERY: 404,
+    AnalyticsErrorCode.UNKNOWN_DATASET: 404,
     AnalyticsErrorCode.UNKNOWN_DASHBOARD: 404,
     AnalyticsErrorCode.UNKNOWN_PARAMETER: 400,
     AnalyticsErrorCode.INVALID_PARAMETER: 400,
@@ -105,18 +109,35 @@ class NamedQuery:
 _DAY = timedelta(days=1)
 _LATENCY_COLUMNS = ("tenant_id", "minute", "messages", "p50_ms", "p90_ms", "p99_ms", "max_ms")
 
+
+def _per_minute(
+    name: str,
+    description: str,
+    columns: tuple[str, ...],
+    order_by: tuple[str, ...] = ("tenant_id", "minute"),
+) -> NamedQuery:
+    """A query of the per-minute view of the same name: the last day by default, a month at
+    most."""
+    return NamedQuery(
+        name=name,
+        description=description,
+        view=name,
+        columns=columns,
+        period="minute",
+        default_window=_DAY,
+        max_window=timedelta(days=31),
+        order_by=order_by,
+    )
+
+
 QUERIES: dict[str, NamedQuery] = {
     query.name: query
     for query in (
-        NamedQuery(
-            name="messages_per_minute",
-            description="Messages sequenced per minute of sending, by tenant and conversation "
-            "kind (direct or group)",
-            view="messages_per_minute",
-            columns=("tenant_id", "minute", "conversation_kind", "messages"),
-            period="minute",
-            default_window=_DAY,
-            max_window=timedelta(days=31),
+        _per_minute(
+            "messages_per_minute",
+            "Messages sequenced per minute of sending, by tenant and conversation kind (direct or "
+            "group)",
+            ("tenant_id", "minute", "conversation_kind", "messages"),
             order_by=("tenant_id", "minute", "conversation_kind"),
         ),
         NamedQuery(
@@ -140,59 +161,36 @@ QUERIES: dict[str, NamedQuery] = {
             max_window=timedelta(days=3660),
             order_by=("tenant_id", "month"),
         ),
-        NamedQuery(
-            name="send_to_sequenced_latency",
-            description="Milliseconds from a message's occurred_at (accepted by the ingress) to "
-            "its sequenced record's Kafka timestamp, per minute of sending",
-            view="send_to_sequenced_latency",
-            columns=_LATENCY_COLUMNS,
-            period="minute",
-            default_window=_DAY,
-            max_window=timedelta(days=31),
-            order_by=("tenant_id", "minute"),
+        _per_minute(
+            "send_to_sequenced_latency",
+            "Milliseconds from a message's occurred_at (accepted by the ingress) to its sequenced "
+            "record's Kafka timestamp, per minute of sending",
+            _LATENCY_COLUMNS,
         ),
-        NamedQuery(
-            name="sequenced_to_stored_latency",
-            description="Milliseconds from a message's sequenced record's Kafka timestamp to its "
-            "audit row being stored in ClickHouse, per minute of sequencing",
-            view="sequenced_to_stored_latency",
-            columns=_LATENCY_COLUMNS,
-            period="minute",
-            default_window=_DAY,
-            max_window=timedelta(days=31),
-            order_by=("tenant_id", "minute"),
+        _per_minute(
+            "sequenced_to_stored_latency",
+            "Milliseconds from a message's sequenced record's Kafka timestamp to its audit row "
+            "being stored in ClickHouse, per minute of sequencing",
+            _LATENCY_COLUMNS,
         ),
-        NamedQuery(
-            name="push_jobs_per_minute",
-            description="Push jobs planned per minute (of their latest message), the messages "
-            "they stand for and the users they notify",
-            view="push_jobs_per_minute",
-            columns=("tenant_id", "minute", "jobs", "merged_messages", "users"),
-            period="minute",
-            default_window=_DAY,
-            max_window=timedelta(days=31),
-            order_by=("tenant_id", "minute"),
+        _per_minute(
+            "push_jobs_per_minute",
+            "Push jobs planned per minute (of their latest message), the messages they stand for "
+            "and the users they notify",
+            ("tenant_id", "minute", "jobs", "merged_messages", "users"),
         ),
-        NamedQuery(
-            name="push_outcomes_per_minute",
-            description="Push delivery attempts per minute by provider and outcome (written by "
-            "the push sender)",
-            view="push_outcomes_per_minute",
-            columns=("tenant_id", "minute", "provider", "outcome", "attempts", "jobs"),
-            period="minute",
-            default_window=_DAY,
-            max_window=timedelta(days=31),
+        _per_minute(
+            "push_outcomes_per_minute",
+            "Push delivery attempts per minute by provider and outcome (written by the push "
+            "sender)",
+            ("tenant_id", "minute", "provider", "outcome", "attempts", "jobs"),
             order_by=("tenant_id", "minute", "provider", "outcome"),
         ),
-        NamedQuery(
-            name="dead_letters_per_minute",
-            description="Records dead-lettered per minute, by source topic and reason code; a "
-            "record dead-lettered more than once counts once",
-            view="dead_letters_per_minute",
-            columns=("tenant_id", "minute", "source_topic", "error_code", "dead_letters"),
-            period="minute",
-            default_window=_DAY,
-            max_window=timedelta(days=31),
+        _per_minute(
+            "dead_letters_per_minute",
+            "Records dead-lettered per minute, by source topic and reason code; a record "
+            "dead-lettered more than once counts once",
+            ("tenant_id", "minute", "source_topic", "error_code", "dead_letters"),
             order_by=("minute", "source_topic", "error_code", "tenant_id"),
         ),
     )
