@@ -33,19 +33,24 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 
 from analytics.access import ApiGate
-from analytics.dashboards_page import DashboardPages, dashboards_router
+from analytics.dashboards_page import DashboardPages, dashboards_router, error_page
+from analytics.parameters import From, QueryModel, Tenant, To, once_each, refusal
 from analytics.quality_api import quality_router
-from analytics.queries import Analytics, AnalyticsError
+from analytics.queries import Analytics, NamedQuery, named_query, window
 from analytics.search_api import router as search_router
 from core.principals import StaffAuthenticator, StaffAuthError
 from core.tls import uvicorn_tls_options
+from schemas.errors import ApiError
 from sinks.clickhouse.store import QueryBusyError
 
 log = logging.getLogger(__name__)
@@ -67,6 +72,45 @@ def _analytics(request: Request) -> Analytics:
 
 
 AnalyticsDep = Annotated[Analytics, Depends(_analytics)]
+NamedQueryDep = Annotated[NamedQuery, Depends(named_query)]
+
+
+class AnalyticsParameters(QueryModel):
+    """``?tenant=&from=&to=`` of a named query (all optional)."""
+
+    tenant: Tenant = None
+    start: From = None
+    end: To = None
+
+
+def _answers_html(request: Request) -> bool:
+    """Whether the request's route answers a page (the dashboards), so its errors do too."""
+    route = request.scope.get("route")
+    return isinstance(route, APIRoute) and route.response_class is HTMLResponse
+
+
+async def _refused(request: Request, error: Exception) -> Response:
+    """Every API error (analytics, search, quality, dashboards): ``{"code", "message",
+    "field"}`` with the code's status, or the page saying so on a page's route."""
+    assert isinstance(error, ApiError)
+    if _answers_html(request):
+        return error_page(error.code.http_status, str(error.code), error.message)
+    return JSONResponse(error.body(), status_code=error.code.http_status)
+
+
+async def _invalid(request: Request, error: Exception) -> Response:
+    """A request FastAPI could not validate: a query string that does not fit its model is an
+    API error (``analytics.parameters``); a body that does not fit its model (the operator
+    API's) is ``invalid-request`` with every problem."""
+    assert isinstance(error, RequestValidationError)
+    problems = error.errors()
+    if problems and problems[0].get("loc", ("",))[0] == "body":
+        message = "; ".join(
+            f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}"
+            for problem in problems
+        )
+        return JSONResponse({"code": "invalid-request", "message": message}, 400)
+    return await _refused(request, refusal(request, error))
 
 
 def analytics_app(
@@ -107,13 +151,17 @@ def analytics_app(
             404: {"description": "unknown-query"},
             503: {"description": "unavailable: ClickHouse did not answer"},
         },
+        dependencies=[Depends(once_each)],
     )
-    async def run_query(name: str, request: Request, service: AnalyticsDep) -> dict[str, Any]:
-        return await service.run(name, request.query_params.multi_items())
-
-    async def refused(_request: Request, error: Exception) -> JSONResponse:
-        assert isinstance(error, AnalyticsError)
-        return JSONResponse(error.body(), status_code=error.code.http_status)
+    async def run_query(
+        query: NamedQueryDep,
+        asked: Annotated[AnalyticsParameters, Query()],
+        service: AnalyticsDep,
+    ) -> dict[str, Any]:
+        now = datetime.now(UTC)
+        return await service.run(
+            query, window(query, asked.tenant, asked.start, asked.end, now=now)
+        )
 
     async def busy(_request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, QueryBusyError)
@@ -124,7 +172,8 @@ def analytics_app(
         assert isinstance(error, StaffAuthError)
         return JSONResponse(error.body(), status_code=error.status)
 
-    app.add_exception_handler(AnalyticsError, refused)
+    app.add_exception_handler(ApiError, _refused)
+    app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(QueryBusyError, busy)
     app.add_exception_handler(StaffAuthError, not_allowed)
     # Around every route, those added later (the operator API) and FastAPI's own (/docs) too.

@@ -4,6 +4,9 @@ The browser that shows the page may reach nothing but the sink's own port, so ev
 drawn here: time series as lines or stacked areas (or bars per bucket) over the selected range,
 distributions as bars, single figures as a large number. Every point and bar carries a
 ``<title>``, which browsers show on hover. All text is escaped.
+
+Hand-written rather than a chart library: a few static SVG paths need none, and the browser then
+loads nothing. The page around the charts is Jinja2 templates (``analytics/templates/``).
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ _MARGIN_BOTTOM = 24
 #: Beyond this many points a series is drawn without markers (stacked areas: fewer).
 _MARKERS_UP_TO = 60
 _STACKED_MARKERS_UP_TO = 24
-_TIME_STEPS = (
+#: Round time steps (seconds): the ticks of a time axis, and the bucket widths of the page.
+TIME_STEPS = (
     1,
     2,
     5,
@@ -130,7 +134,7 @@ def _time_ticks(start: datetime, end: datetime, width: float) -> tuple[int, list
     """A round step (seconds) giving a tick every ~95 px, and the ticks."""
     span = (end - start).total_seconds()
     wanted = max(3, int(width // 95))
-    step = next((s for s in _TIME_STEPS if span / s <= wanted), _TIME_STEPS[-1])
+    step = next((s for s in TIME_STEPS if span / s <= wanted), TIME_STEPS[-1])
     epoch = start.timestamp()
     first = math.ceil(epoch / step) * step
     ticks = []
@@ -354,17 +358,3 @@ def bar_svg(
     )
     parts.append("</svg>")
     return "".join(parts)
-
-
-def legend_html(names: Sequence[str], summaries: Sequence[str] | None = None) -> str:
-    """The series' colours and names (with a summary each, e.g. the last value)."""
-    items = []
-    for index, name in enumerate(names):
-        summary = (
-            f" <span class='legend-value'>{escape(summaries[index])}</span>" if summaries else ""
-        )
-        items.append(
-            f"<li><span class='swatch' style='background:{PALETTE[index % len(PALETTE)]}'>"
-            f"</span>{escape(name)}{summary}</li>"
-        )
-    return f"<ul class='legend'>{''.join(items)}</ul>"

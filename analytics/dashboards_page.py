@@ -9,8 +9,12 @@ nothing but this port. ``GET /dashboards/{name}/data`` answers the same panels' 
 Parameters: ``range`` (15m, 1h, 6h, 24h, 7d, 30d; the dashboard's default when absent), ``from``
 and ``to`` (RFC 3339 with an offset; they override the range), ``tenant`` (absent or empty:
 every tenant), ``refresh`` (``on``: the page reloads itself every dashboard's
-``refresh_seconds``). A bad parameter is a 400 page with the analytics error codes
-(``unknown-parameter``, ``invalid-parameter``); an unknown dashboard a 404 (``unknown-dashboard``).
+``refresh_seconds``), declared as :class:`PageQuery`. A bad parameter is a 400 page with the
+analytics error codes (``unknown-parameter``, ``invalid-parameter``); an unknown dashboard a 404
+(``unknown-dashboard``); both answered by the app's one handler (``analytics.api``).
+
+The HTML comes from the Jinja2 templates of ``analytics/templates/`` (autoescaped: every value is
+text, but the charts' SVG, which escapes its own).
 
 Each panel marks its state in the DOM — ``data-panel-status`` ``ok`` (a chart), ``empty`` (the
 query answered no data), ``error`` (the query failed: the message is shown in the panel, and the
@@ -21,37 +25,36 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from html import escape
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from jinja2 import Environment, PackageLoader, StrictUndefined
+from markupsafe import Markup
+from pydantic import BeforeValidator, Field, model_validator
 
 from analytics.access import principal_of
 from analytics.dashboard_charts import (
+    PALETTE,
+    TIME_STEPS,
     Series,
     bar_svg,
     format_value,
-    legend_html,
     timeseries_svg,
 )
-from analytics.queries import (
-    AnalyticsError,
-    AnalyticsErrorCode,
-    json_value,
-    parse_time,
-)
+from analytics.parameters import From, QueryModel, Tenant, To, once_each
+from analytics.queries import AnalyticsError, AnalyticsErrorCode, json_value
 from dashboards.definitions import (
     Dashboard,
     DashboardError,
     Panel,
     PanelKind,
+    PanelSpec,
     TimeRange,
     load_dashboards,
 )
@@ -61,42 +64,21 @@ from sinks.clickhouse.store import ClickHouseStore
 
 log = logging.getLogger(__name__)
 
-PARAMETERS = ("range", "from", "to", "tenant", "refresh")
 #: The widest custom range (``from``/``to``).
 MAX_WINDOW = timedelta(days=92)
-#: Bucket widths a chart may use (seconds), and how many buckets a range aims at, at most.
-INTERVALS = (
-    1,
-    2,
-    5,
-    10,
-    15,
-    30,
-    60,
-    120,
-    300,
-    600,
-    900,
-    1800,
-    3600,
-    7200,
-    10800,
-    21600,
-    43200,
-    86400,
-)
+#: Bucket widths a chart may use (seconds): the round steps up to a day; and how many buckets a
+#: range aims at, at most.
+INTERVALS = tuple(step for step in TIME_STEPS if step <= 86400)
 MAX_BUCKETS = 150
 #: The most rows a panel shows; a query that answers more is cut (and says so).
 MAX_PANEL_ROWS = 10_000
 #: Per query: ClickHouse stops a panel's query after this long (a slow panel, not a hung page).
 #: Read-only; the time budget is the query pool's (``IM_SINKS__ANALYTICS_QUERY_TIMEOUT_SECONDS``).
 QUERY_SETTINGS: dict[str, Any] = {"readonly": 2}
-_TENANT = re.compile(r"^[A-Za-z0-9._:@+=-]{1,64}$")
 #: Pixel size of one grid row and the page's width at which charts are drawn 1:1.
 ROW_PX = 30
 GAP_PX = 8
 PAGE_PX = 1440
-UNKNOWN_DASHBOARD = "unknown-dashboard"
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,65 +134,56 @@ class PanelResult:
         }
 
 
-def parse_view(dashboard: Dashboard, items: Sequence[tuple[str, str]], now: datetime) -> View:
-    """The request's parameters, validated; raises :class:`AnalyticsError`."""
-    values: dict[str, str] = {}
-    for name, value in items:
-        if name not in PARAMETERS:
-            raise AnalyticsError(
-                AnalyticsErrorCode.UNKNOWN_PARAMETER,
-                f"unknown parameter {name!r}; dashboards take {', '.join(PARAMETERS)}",
-                name,
+def _time_range(value: str | None) -> TimeRange | None:
+    if not value:
+        return None
+    try:
+        return TimeRange(value)
+    except ValueError:
+        raise ValueError(f"range must be one of {', '.join(r.value for r in TimeRange)}") from None
+
+
+class PageQuery(QueryModel):
+    """``?tenant=&range=&from=&to=&refresh=`` of a dashboard (values trimmed; all optional)."""
+
+    tenant: Tenant = None
+    time_range: Annotated[TimeRange | None, Field(alias="range"), BeforeValidator(_time_range)] = (
+        None
+    )
+    start: From = None
+    end: To = None
+    refresh: Annotated[bool, BeforeValidator(lambda value: value in ("on", "1", "true"))] = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _trimmed(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        return {name: v.strip() if isinstance(v, str) else v for name, v in values.items()}
+
+    def view(self, dashboard: Dashboard, now: datetime) -> View:
+        """The range shown: ``range`` (the dashboard's default when absent) ending now, or
+        ``from``/``to``, which override it; raises :class:`AnalyticsError`."""
+        chosen = self.time_range or dashboard.layout.default_range
+        start, end = self.start, self.end
+        if start is None and end is None:
+            end = now.astimezone(UTC)
+            return View(
+                end - timedelta(seconds=chosen.seconds), end, chosen, self.tenant, self.refresh
             )
-        if name in values:
+        end = end or now.astimezone(UTC)
+        start = start or end - timedelta(seconds=chosen.seconds)
+        if start >= end:
             raise AnalyticsError(
-                AnalyticsErrorCode.INVALID_PARAMETER, f"{name} is given more than once", name
+                AnalyticsErrorCode.INVALID_PARAMETER, "from must be before to", "from"
             )
-        values[name] = value.strip()
-    tenant = values.get("tenant") or None
-    if tenant is not None and not _TENANT.match(tenant):
-        raise AnalyticsError(
-            AnalyticsErrorCode.INVALID_PARAMETER,
-            "tenant must be 1-64 characters of A-Z a-z 0-9 . _ : @ + = -",
-            "tenant",
-        )
-    refresh = values.get("refresh", "") in ("on", "1", "true")
-    chosen: TimeRange | None = None
-    if values.get("range"):
-        try:
-            chosen = TimeRange(values["range"])
-        except ValueError as error:
+        if end - start > MAX_WINDOW:
             raise AnalyticsError(
                 AnalyticsErrorCode.INVALID_PARAMETER,
-                f"range must be one of {', '.join(r.value for r in TimeRange)}",
-                "range",
-            ) from error
-    start, end = _time(values.get("from"), "from"), _time(values.get("to"), "to")
-    if start is None and end is None:
-        chosen = chosen or dashboard.layout.default_range
-        end = now.astimezone(UTC)
-        return View(end - timedelta(seconds=chosen.seconds), end, chosen, tenant, refresh)
-    end = end or now.astimezone(UTC)
-    if start is None:
-        seconds = (chosen or dashboard.layout.default_range).seconds
-        start = end - timedelta(seconds=seconds)
-    if start >= end:
-        raise AnalyticsError(AnalyticsErrorCode.INVALID_PARAMETER, "from must be before to", "from")
-    if end - start > MAX_WINDOW:
-        raise AnalyticsError(
-            AnalyticsErrorCode.INVALID_PARAMETER,
-            f"a dashboard shows at most {MAX_WINDOW.days} days at a time",
-            "from",
-        )
-    return View(start, end, None, tenant, refresh)
-
-
-def _time(value: str | None, name: str) -> datetime | None:
-    return parse_time(
-        value,
-        name,
-        lambda message: AnalyticsError(AnalyticsErrorCode.INVALID_PARAMETER, message, name),
-    )
+                f"a dashboard shows at most {MAX_WINDOW.days} days at a time",
+                "from",
+            )
+        return View(start, end, None, self.tenant, self.refresh)
 
 
 class DashboardPages:
@@ -231,9 +204,13 @@ class DashboardPages:
         self.dashboards = {dashboard.name: dashboard for dashboard in dashboards}
 
     def dashboard(self, name: str) -> Dashboard:
+        """The dashboard ``name`` (a path parameter); raises :class:`AnalyticsError`."""
         found = self.dashboards.get(name)
         if found is None:
-            raise LookupError(name)
+            known = ", ".join(self.dashboards) or "none"
+            raise AnalyticsError(
+                AnalyticsErrorCode.UNKNOWN_DASHBOARD, f"no dashboard named {name!r}; known: {known}"
+            )
         return found
 
     async def run_panel(self, panel: Panel, view: View) -> PanelResult:
@@ -377,15 +354,35 @@ def _panel_size(panel: Panel) -> tuple[int, int]:
     return width, height
 
 
-def _chart(result: PanelResult, view: View) -> str:
+@dataclass(frozen=True, slots=True)
+class LegendItem:
+    name: str
+    colour: str
+    summary: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Chart:
+    """What a panel with data shows: a figure (a stat), or an SVG and its legend."""
+
+    stat: str | None = None
+    svg: Markup | None = None
+    legend: tuple[LegendItem, ...] = ()
+
+
+def _legend(names: Sequence[str], summaries: Sequence[str] | None = None) -> tuple[LegendItem, ...]:
+    return tuple(
+        LegendItem(name, PALETTE[index % len(PALETTE)], summaries[index] if summaries else None)
+        for index, name in enumerate(names)
+    )
+
+
+def _chart(result: PanelResult, view: View) -> Chart:
     spec = result.panel.spec
     width, height = _panel_size(result.panel)
     if spec.kind is PanelKind.STAT:
         value = next((v for v in result.rows[0] if _numeric(v)), None)
-        return (
-            f"<div class='stat' data-chart='stat'>"
-            f"{escape(format_value(value, spec.unit, spec.decimals))}</div>"
-        )
+        return Chart(stat=format_value(value, spec.unit, spec.decimals))
     if spec.kind is PanelKind.BAR:
         columns = result.columns
         if "category" not in columns:
@@ -397,24 +394,22 @@ def _chart(result: PanelResult, view: View) -> str:
             for index, name in enumerate(columns)
             if index != at
         ]
-        legend = legend_html([name for name, _ in bars]) if len(bars) > 1 else ""
-        return (
-            bar_svg(
-                categories,
-                bars,
-                unit=spec.unit,
-                width=width,
-                height=height - (22 if legend else 0),
-                decimals=spec.decimals,
-                title=spec.title,
-            )
-            + legend
+        legend = _legend([name for name, _ in bars]) if len(bars) > 1 else ()
+        svg = bar_svg(
+            categories,
+            bars,
+            unit=spec.unit,
+            width=width,
+            height=height - (22 if legend else 0),
+            decimals=spec.decimals,
+            title=spec.title,
         )
+        return Chart(svg=Markup(svg), legend=legend)
     series = _series(result)
     if not series:
         raise ValueError("the query answered rows but no numbers")
     legend_rows = 1 + (len(series) - 1) // max(1, spec.grid.w // 4)
-    chart = timeseries_svg(
+    svg = timeseries_svg(
         series,
         start=view.start,
         end=view.end,
@@ -432,25 +427,29 @@ def _chart(result: PanelResult, view: View) -> str:
         "max " + format_value(max(item.points.values()), spec.unit, spec.decimals)
         for item in series
     ]
-    return chart + legend_html([item.name for item in series], summaries)
+    return Chart(svg=Markup(svg), legend=_legend([item.name for item in series], summaries))
 
 
-def _panel_html(result: PanelResult, view: View) -> str:
+@dataclass(frozen=True, slots=True)
+class PanelView:
+    """One panel as the page shows it."""
+
+    spec: PanelSpec
+    status: str
+    rows: int
+    meta: str
+    chart: Chart | None = None
+    error: str | None = None
+
+
+def _panel_view(result: PanelResult, view: View) -> PanelView:
     spec = result.panel.spec
-    grid = spec.grid
-    status, body = result.status, ""
+    status, chart = result.status, None
     if status == "ok":
         try:
-            body = _chart(result, view)
+            chart = _chart(result, view)
         except (ValueError, TypeError) as error:  # the SQL answered a shape the kind cannot show
             status, result.error = "error", f"cannot draw this answer: {error}"
-    if status == "empty":
-        body = "<div class='empty'>No data in this range</div>"
-    if status == "error":
-        body = (
-            "<div class='error' role='alert'><b>Query failed</b>"
-            f"<pre>{escape(result.error or '')}</pre></div>"
-        )
     note = " · cut at 10,000 rows" if result.truncated else ""
     scope = "" if result.panel.follows_tenant else " · all tenants"
     bucket = (
@@ -458,14 +457,13 @@ def _panel_html(result: PanelResult, view: View) -> str:
         if spec.kind is PanelKind.TIMESERIES
         else ""
     )
-    return (
-        f"<section class='panel panel-{spec.kind}' data-panel-id='{escape(spec.id)}' "
-        f"data-panel-kind='{spec.kind}' data-panel-status='{status}' "
-        f"data-rows='{len(result.rows)}' "
-        f"style='grid-column:{grid.x + 1} / span {grid.w};grid-row:{grid.y + 1} / span {grid.h}'>"
-        f"<header><h2 title='{escape(spec.description)}'>{escape(spec.title)}</h2>"
-        f"<span class='meta'>{result.milliseconds:.0f} ms{bucket}{scope}{note}</span></header>"
-        f"<div class='body'>{body}</div></section>"
+    return PanelView(
+        spec=spec,
+        status=status,
+        rows=len(result.rows),
+        meta=f"{result.milliseconds:.0f} ms{bucket}{scope}{note}",
+        chart=chart,
+        error=result.error,
     )
 
 
@@ -476,166 +474,27 @@ def _duration(seconds: int) -> str:
     return f"{seconds} s"
 
 
-_STYLE = """
-*{box-sizing:border-box}
-body {
-  margin:0;
-  background:#f4f5f7;
-  color:#111827;
-  font:14px system-ui,-apple-system,'Segoe UI',sans-serif;
-}
-.top {
-  display:flex;
-  align-items:center;
-  gap:18px;
-  flex-wrap:wrap;
-  padding:10px 20px;
-  background:#111827;
-  color:#f9fafb;
-}
-.top h1{font-size:17px;margin:0;font-weight:600}
-.top nav a{color:#cbd5e1;text-decoration:none;margin-right:12px;font-size:14px}
-.top nav a.current{color:#fff;border-bottom:2px solid #60a5fa;padding-bottom:2px}
-form.selectors{display:flex;gap:8px;align-items:center;margin-left:auto;flex-wrap:wrap}
-form.selectors label{font-size:12px;color:#cbd5e1}
-form.selectors select,form.selectors input {
-  font:13px system-ui,sans-serif;
-  padding:4px 6px;
-  border-radius:4px;
-  border:1px solid #4b5563;
-  background:#1f2937;
-  color:#f9fafb;
-}
-form.selectors input[type=text]{width:190px}
-form.selectors button {
-  font:13px system-ui,sans-serif;
-  padding:5px 12px;
-  border-radius:4px;
-  border:0;
-  background:#2563eb;
-  color:#fff;
-  cursor:pointer;
-}
-.range{padding:8px 20px 0;color:#4b5563;font-size:12.5px}
-.grid {
-  display:grid;
-  grid-template-columns:repeat(24,minmax(0,1fr));
-  grid-auto-rows:30px;
-  gap:8px;
-  padding:10px 20px 24px;
-  max-width:1480px;
-}
-.panel {
-  background:#fff;
-  border:1px solid #e5e7eb;
-  border-radius:6px;
-  padding:8px 12px;
-  display:flex;
-  flex-direction:column;
-  overflow:hidden;
-}
-.panel header {
-  display:flex;
-  align-items:baseline;
-  justify-content:space-between;
-  gap:8px;
-  height:22px;
-}
-.panel h2 {
-  font-size:13.5px;
-  margin:0;
-  font-weight:600;
-  white-space:nowrap;
-  overflow:hidden;
-  text-overflow:ellipsis;
-  cursor:help;
-}
-.panel .meta{font-size:11px;color:#9ca3af;white-space:nowrap}
-.panel .body{flex:1;min-height:0;display:flex;flex-direction:column;justify-content:center}
-.stat{font-size:34px;font-weight:600;text-align:center;color:#0f172a;letter-spacing:-.5px}
-.panel-stat .body{justify-content:center}
-.empty{color:#9ca3af;text-align:center;font-size:13px}
-.error {
-  color:#991b1b;
-  background:#fef2f2;
-  border:1px solid #fecaca;
-  border-radius:4px;
-  padding:6px 8px;
-  font-size:12px;
-  overflow:auto;
-}
-.error pre{white-space:pre-wrap;margin:4px 0 0;font-size:11.5px}
-svg.chart{display:block;flex:1;min-height:0}
-.legend {
-  list-style:none;
-  margin:2px 0 0;
-  padding:0;
-  display:flex;
-  flex-wrap:wrap;
-  gap:2px 14px;
-  font-size:11.5px;
-  color:#374151;
-}
-.legend li{display:flex;align-items:center;gap:5px}
-.legend .swatch{width:10px;height:10px;border-radius:2px;display:inline-block}
-.legend-value{color:#9ca3af}
-.list{padding:20px}
-.list a{display:block;font-size:16px;margin:10px 0;color:#1d4ed8}
-.list p{margin:2px 0 14px;color:#4b5563}
-"""
+#: The page's templates (analytics/templates/); autoescaped: every value is text unless marked
+#: safe (the charts' SVG, which escapes its own text).
+_TEMPLATES = Environment(
+    loader=PackageLoader("analytics", "templates"),
+    autoescape=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    undefined=StrictUndefined,
+)
 
 
-def _page(title: str, body: str, *, refresh_seconds: int | None = None) -> str:
-    refresh = f"<meta http-equiv='refresh' content='{refresh_seconds}'>" if refresh_seconds else ""
-    return (
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-        f"<meta name='viewport' content='width=device-width, initial-scale=1'>{refresh}"
-        f"<title>{escape(title)}</title><style>{_STYLE}</style></head><body>{body}</body></html>"
+def _render(template: str, title: str, *, refresh_seconds: int | None = None, **values: Any) -> str:
+    """``template`` in the page around it (base.html.j2: ``title``, reloaded every
+    ``refresh_seconds`` if given)."""
+    return _TEMPLATES.get_template(template).render(
+        title=title, refresh_seconds=refresh_seconds, **values
     )
 
 
-def _nav(pages: DashboardPages, current: str | None, view: View | None) -> str:
-    links = []
-    for name, dashboard in pages.dashboards.items():
-        query = (
-            f"?{view.query_string(range=view.range.value if view.range else None)}" if view else ""
-        )
-        css = " class='current'" if name == current else ""
-        links.append(
-            f"<a href='/dashboards/{escape(name)}{escape(query)}'{css}>"
-            f"{escape(dashboard.title)}</a>"
-        )
-    return f"<nav>{''.join(links)}</nav>"
-
-
-def _selectors(dashboard: Dashboard, view: View, tenants: list[str]) -> str:
-    options = ["<option value=''>All tenants</option>"]
-    known = sorted(set(tenants) | ({view.tenant} if view.tenant else set()))
-    for tenant in known:
-        selected = " selected" if tenant == view.tenant else ""
-        options.append(f"<option value='{escape(tenant)}'{selected}>{escape(tenant)}</option>")
-    ranges = []
-    for choice in TimeRange:
-        selected = " selected" if view.range is choice else ""
-        ranges.append(f"<option value='{choice.value}'{selected}>last {choice.value}</option>")
-    if view.range is None:
-        ranges.append("<option value='' selected>custom</option>")
-    custom_from = "" if view.range else f"{view.start:%Y-%m-%dT%H:%M:%SZ}"
-    custom_to = "" if view.range else f"{view.end:%Y-%m-%dT%H:%M:%SZ}"
-    checked = " checked" if view.refresh else ""
-    return (
-        f"<form class='selectors' method='get' action='/dashboards/{escape(dashboard.name)}'>"
-        "<label for='tenant'>Tenant</label>"
-        f"<select id='tenant' name='tenant'>{''.join(options)}</select>"
-        "<label for='range'>Range</label>"
-        f"<select id='range' name='range'>{''.join(ranges)}</select>"
-        f"<label for='from'>or from</label><input id='from' type='text' name='from' "
-        f"placeholder='2026-03-01T10:00:00Z' value='{escape(custom_from)}'>"
-        f"<label for='to'>to</label><input id='to' type='text' name='to' "
-        f"placeholder='now' value='{escape(custom_to)}'>"
-        f"<label><input type='checkbox' name='refresh' value='on'{checked}> auto-refresh</label>"
-        "<button type='submit'>Apply</button></form>"
-    )
+def _nav_query(view: View) -> str:
+    return f"?{view.query_string(range=view.range.value if view.range else None)}"
 
 
 def render_dashboard(
@@ -645,105 +504,85 @@ def render_dashboard(
     results: list[PanelResult],
     tenants: list[str],
 ) -> str:
-    panels = "".join(_panel_html(result, view) for result in results)
     scope = f"tenant {view.tenant}" if view.tenant else "all tenants"
     failed = sum(1 for result in results if result.status == "error")
     summary = (
         f"{view.start:%Y-%m-%d %H:%M:%S} → {view.end:%Y-%m-%d %H:%M:%S} UTC · {scope} · "
         f"{len(results)} panels" + (f", {failed} failed" if failed else "")
     )
-    body = (
-        f"<div class='top'><h1>imstream · {escape(dashboard.title)}</h1>"
-        f"{_nav(pages, dashboard.name, view)}{_selectors(dashboard, view, tenants)}</div>"
-        f"<div class='range' title='{escape(dashboard.layout.description)}'>{escape(summary)}</div>"
-        f"<main class='grid' data-dashboard='{escape(dashboard.name)}'>{panels}</main>"
+    return _render(
+        "dashboard.html.j2",
+        f"{dashboard.title} · imstream",
+        refresh_seconds=dashboard.layout.refresh_seconds if view.refresh and view.range else None,
+        dashboards=pages.dashboards,
+        dashboard=dashboard,
+        view=view,
+        query=_nav_query(view),
+        tenants=sorted(set(tenants) | ({view.tenant} if view.tenant else set())),
+        ranges=list(TimeRange),
+        custom_from="" if view.range else f"{view.start:%Y-%m-%dT%H:%M:%SZ}",
+        custom_to="" if view.range else f"{view.end:%Y-%m-%dT%H:%M:%SZ}",
+        summary=summary,
+        panels=[_panel_view(result, view) for result in results],
     )
-    refresh = dashboard.layout.refresh_seconds if view.refresh and view.range else None
-    return _page(f"{dashboard.title} · imstream", body, refresh_seconds=refresh)
 
 
-def _error_page(status: int, code: str, message: str) -> HTMLResponse:
-    body = (
-        "<div class='top'><h1>imstream dashboards</h1><nav><a href='/dashboards'>all dashboards"
-        f"</a></nav></div><div class='list'><div class='error' role='alert' data-error-code='"
-        f"{escape(code)}'><b>[{escape(code)}]</b> {escape(message)}</div></div>"
-    )
-    return HTMLResponse(_page("imstream dashboards", body), status_code=status)
+def error_page(status: int, code: str, message: str) -> HTMLResponse:
+    """The page of a refused request: its code (``data-error-code``) and message."""
+    html = _render("error.html.j2", "imstream dashboards", code=code, message=message)
+    return HTMLResponse(html, status_code=status)
 
 
 def dashboards_router(pages: DashboardPages) -> APIRouter:
-    """The routes of the built-in page over ``pages``."""
-    router = APIRouter()
+    """The routes of the built-in page over ``pages``. Refusals (an unknown dashboard, a bad
+    parameter) are :class:`AnalyticsError` answered by the app's one handler (``analytics.api``):
+    a page on the HTML routes, ``{"code", "message", "field"}`` on ``/data``."""
+    router = APIRouter(dependencies=[Depends(once_each)])
+
+    # The dependencies over ``pages`` are this router's own, so they are defaults (B008): an
+    # ``Annotated`` alias would be a string annotation naming a local, which FastAPI cannot
+    # resolve.
+    def view(
+        asked: Annotated[PageQuery, Query()],
+        found: Dashboard = Depends(pages.dashboard),  # noqa: B008
+    ) -> View:
+        return asked.view(found, datetime.now(UTC))
 
     @router.get("/dashboards", response_class=HTMLResponse, summary="The dashboards")
     async def index() -> Response:
         if pages.load_error is not None:
-            return _error_page(503, str(pages.load_error.code), str(pages.load_error))
+            return error_page(503, str(pages.load_error.code), str(pages.load_error))
         if len(pages.dashboards) == 1:
             return RedirectResponse(f"/dashboards/{next(iter(pages.dashboards))}")
-        items = "".join(
-            f"<a href='/dashboards/{escape(name)}'>{escape(dashboard.title)}</a>"
-            f"<p>{escape(dashboard.layout.description)}</p>"
-            for name, dashboard in pages.dashboards.items()
-        )
-        body = (
-            "<div class='top'><h1>imstream dashboards</h1>"
-            f"{_nav(pages, None, None)}</div><div class='list'>{items}</div>"
-        )
-        return HTMLResponse(_page("imstream dashboards", body))
-
-    def resolve(name: str, request: Request) -> tuple[Dashboard, View] | Response:
-        try:
-            dashboard = pages.dashboard(name)
-        except LookupError:
-            known = ", ".join(pages.dashboards) or "none"
-            return _error_page(
-                404, UNKNOWN_DASHBOARD, f"no dashboard named {name!r}; known: {known}"
-            )
-        try:
-            view = parse_view(dashboard, request.query_params.multi_items(), datetime.now(UTC))
-        except AnalyticsError as error:
-            return _error_page(error.code.http_status, str(error.code), error.message)
-        return dashboard, view
+        html = _render("index.html.j2", "imstream dashboards", dashboards=pages.dashboards)
+        return HTMLResponse(html)
 
     @router.get("/dashboards/{name}", response_class=HTMLResponse, summary="One dashboard")
-    async def page(name: str, request: Request) -> Response:
-        resolved = resolve(name, request)
-        if isinstance(resolved, Response):
-            return resolved
-        dashboard, view = resolved
+    async def page(
+        request: Request,
+        found: Dashboard = Depends(pages.dashboard),  # noqa: B008
+        shown: View = Depends(view),  # noqa: B008
+    ) -> Response:
         principal = principal_of(request)
         one_tenant = not principal.all_tenants
-        results = await pages.run(dashboard, view, one_tenant=one_tenant)
-        tenants = [principal.tenant] if one_tenant else await pages.tenants(view)
-        return HTMLResponse(render_dashboard(pages, dashboard, view, results, tenants))
+        results = await pages.run(found, shown, one_tenant=one_tenant)
+        tenants = [principal.tenant] if one_tenant else await pages.tenants(shown)
+        return HTMLResponse(render_dashboard(pages, found, shown, results, tenants))
 
     @router.get("/dashboards/{name}/data", summary="One dashboard's panels as JSON")
-    async def data(name: str, request: Request) -> Response:
-        try:
-            dashboard = pages.dashboard(name)
-        except LookupError:
-            return JSONResponse(
-                {
-                    "code": UNKNOWN_DASHBOARD,
-                    "message": f"no dashboard named {name!r}",
-                    "field": None,
-                },
-                status_code=404,
-            )
-        try:
-            view = parse_view(dashboard, request.query_params.multi_items(), datetime.now(UTC))
-        except AnalyticsError as error:
-            return JSONResponse(error.body(), status_code=error.code.http_status)
-        results = await pages.run(dashboard, view, one_tenant=not principal_of(request).all_tenants)
-        return JSONResponse(
-            {
-                "dashboard": dashboard.name,
-                "from": json_value(view.start),
-                "to": json_value(view.end),
-                "tenant": view.tenant,
-                "panels": [result.body() for result in results],
-            }
-        )
+    async def data(
+        request: Request,
+        found: Dashboard = Depends(pages.dashboard),  # noqa: B008
+        shown: View = Depends(view),  # noqa: B008
+    ) -> dict[str, Any]:
+        one_tenant = not principal_of(request).all_tenants
+        results = await pages.run(found, shown, one_tenant=one_tenant)
+        return {
+            "dashboard": found.name,
+            "from": json_value(shown.start),
+            "to": json_value(shown.end),
+            "tenant": shown.tenant,
+            "panels": [result.body() for result in results],
+        }
 
     return router

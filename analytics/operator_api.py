@@ -9,7 +9,9 @@ never a field of the request (a body with fields of its own is refused). Errors 
 
 * ``unauthorized`` (401): no token, or one that does not verify (a client token included);
 * ``forbidden`` (403): a valid token without the ``operator`` role;
-* ``job-missing`` (404); ``invalid-request`` and the replay's own codes (400).
+* ``job-missing`` (404); the replay's own codes (400);
+* ``invalid-request`` (400): a body that does not fit its model (answered by the app's one
+  handler for validation failures, ``analytics.api``).
 
 Routes: ``POST /v1/operator/replays`` ``{"run_id", "ranges": [{"topic", "partition", "start",
 "end"}], "rate"}``, ``POST /v1/operator/rebuilds`` ``{"run_id", "since"}`` (both 202 with the
@@ -24,9 +26,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exception_handlers import request_validation_exception_handler
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from analytics.access import principal_of
@@ -124,7 +124,7 @@ def operator_router(jobs: OperatorJobs) -> APIRouter:
 
 def install_operator_api(app: FastAPI, jobs: OperatorJobs) -> None:
     """Add the operator routes and their error answers to ``app`` (an ``analytics_app``, whose
-    gate authenticates every request)."""
+    gate authenticates every request and whose handler answers invalid bodies)."""
     app.include_router(operator_router(jobs))
 
     async def refused(_request: Request, error: Exception) -> JSONResponse:
@@ -135,16 +135,5 @@ def install_operator_api(app: FastAPI, jobs: OperatorJobs) -> None:
         assert isinstance(error, ReplayError)
         return JSONResponse({"code": error.code, "message": error.message}, 400)
 
-    async def invalid(request: Request, error: Exception) -> Response:
-        assert isinstance(error, RequestValidationError)
-        if not request.url.path.startswith(OPERATOR_PREFIX):
-            return await request_validation_exception_handler(request, error)
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}"
-            for problem in error.errors()
-        )
-        return JSONResponse({"code": "invalid-request", "message": problems}, 400)
-
     app.add_exception_handler(OperatorApiError, refused)
     app.add_exception_handler(ReplayError, replay_refused)
-    app.add_exception_handler(RequestValidationError, invalid)

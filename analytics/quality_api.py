@@ -10,7 +10,7 @@ becomes SQL. The same :func:`run_dataset` runs on any clickhouse-connect client,
   serves the datasets over HTTP: ``GET /v1/quality/datasets`` lists them and
   ``GET /v1/quality/datasets/{name}?topic=&tenant=&since=&until=&limit=`` answers
   ``{"dataset", "columns", "rows": [[...]], "truncated"}``; errors are
-  ``{"code", "message", "field"}`` with the code's status (:class:`QualityDataErrorCode`);
+  ``{"code", "message", "field"}`` with the code's status (:class:`AnalyticsErrorCode`);
 - tests run the SQL on their own chDB database.
 
 Every dataset is bounded: at most ``limit`` rows (:data:`MAX_ROWS` at most), and the window
@@ -24,21 +24,29 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from clickhouse_connect.driver.client import Client
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Query, Request
 
-from analytics.queries import EARLIEST, LATEST, Analytics, parse_time
-from schemas.errors import ApiError
+from analytics.parameters import (
+    TENANT_PATTERN,
+    TENANT_RULE,
+    QueryModel,
+    Since,
+    Tenant,
+    Until,
+    count,
+    once_each,
+)
+from analytics.queries import EARLIEST, LATEST, AnalyticsError, AnalyticsErrorCode
 from schemas.events import MessageEdited, MessageRecalled, MessageSent
 from sinks.clickhouse.schema import AUDIT_TABLE, PUSH_OUTCOMES_TABLE, quote_identifier, sql_string
-from sinks.clickhouse.store import QueryBusyError
+from sinks.clickhouse.store import ClickHouseStore, QueryBusyError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +56,6 @@ DEFAULT_ROWS = 100_000
 #: ``since`` defaults to this long before ``until``.
 DEFAULT_WINDOW = timedelta(days=1)
 PARAMETERS = ("topic", "tenant", "since", "until", "limit")
-_TENANT = re.compile(r"^[A-Za-z0-9._:@+=-]{1,64}$")
 #: Kafka's legal topic names.
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
@@ -61,31 +68,8 @@ TIMELINE_ENTRY_TYPES: tuple[str, ...] = tuple(
 MESSAGE_SENT_TYPE: str = MessageSent.model_fields["type"].default
 
 
-class QualityDataErrorCode(StrEnum):
-    """The ``code`` of a dataset error body; never changes meaning once released."""
-
-    UNKNOWN_DATASET = "unknown-dataset"
-    UNKNOWN_PARAMETER = "unknown-parameter"
-    INVALID_PARAMETER = "invalid-parameter"
-    UNAVAILABLE = "unavailable"
-
-    @property
-    def http_status(self) -> int:
-        return _STATUS[self]
-
-
-_STATUS = {
-    QualityDataErrorCode.UNKNOWN_DATASET: 404,
-    QualityDataErrorCode.UNKNOWN_PARAMETER: 400,
-    QualityDataErrorCode.INVALID_PARAMETER: 400,
-    QualityDataErrorCode.UNAVAILABLE: 503,
-}
-
-
-class QualityDataError(ApiError):
+class QualityDataError(AnalyticsError):
     """A refused or failed dataset request."""
-
-    code: QualityDataErrorCode
 
 
 class ColumnKind(StrEnum):
@@ -298,7 +282,7 @@ DATASETS: dict[str, Dataset] = {
 
 @dataclass(frozen=True, slots=True)
 class DatasetParameters:
-    """A dataset request's values, validated (:func:`parse_parameters`)."""
+    """A dataset request's values, validated (:func:`check_parameters`)."""
 
     tenant: str | None
     since: datetime
@@ -342,7 +326,7 @@ def dataset(name: str) -> Dataset:
     found = DATASETS.get(name)
     if found is None:
         raise QualityDataError(
-            QualityDataErrorCode.UNKNOWN_DATASET,
+            AnalyticsErrorCode.UNKNOWN_DATASET,
             f"no quality dataset named {name!r}; known: {', '.join(DATASETS)}",
         )
     return found
@@ -350,11 +334,9 @@ def dataset(name: str) -> Dataset:
 
 def check_parameters(data: Dataset, parameters: DatasetParameters) -> DatasetParameters:
     """``parameters`` if ``data`` can run with them; raises :class:`QualityDataError`."""
-    invalid = QualityDataErrorCode.INVALID_PARAMETER
-    if parameters.tenant is not None and not _TENANT.match(parameters.tenant):
-        raise QualityDataError(
-            invalid, "tenant must be 1-64 characters of A-Z a-z 0-9 . _ : @ + = -", "tenant"
-        )
+    invalid = AnalyticsErrorCode.INVALID_PARAMETER
+    if parameters.tenant is not None and not TENANT_PATTERN.match(parameters.tenant):
+        raise QualityDataError(invalid, TENANT_RULE, "tenant")
     if data.reads_topic:
         if parameters.topic is None:
             raise QualityDataError(invalid, f"{data.name} needs the topic to read", "topic")
@@ -370,49 +352,36 @@ def check_parameters(data: Dataset, parameters: DatasetParameters) -> DatasetPar
     return parameters
 
 
-def parse_parameters(
-    data: Dataset, items: Sequence[tuple[str, str]], *, now: datetime
-) -> DatasetParameters:
-    """The request's query-string items, validated; raises :class:`QualityDataError`."""
-    values: dict[str, str] = {}
-    for name, value in items:
-        if name not in PARAMETERS or (name == "topic" and not data.reads_topic):
-            allowed = [p for p in PARAMETERS if data.reads_topic or p != "topic"]
+class DatasetQuery(QueryModel):
+    """``?topic=&tenant=&since=&until=&limit=`` of a dataset (all optional; ``topic`` is for the
+    datasets that read a topic, and needed by them)."""
+
+    topic: str | None = None
+    tenant: Tenant = None
+    since: Since = None
+    until: Until = None
+    limit: Annotated[int, count(MAX_ROWS, DEFAULT_ROWS)] = DEFAULT_ROWS
+
+    def parameters(self, data: Dataset, *, now: datetime) -> DatasetParameters:
+        """For ``data``, with the window's defaults; raises :class:`QualityDataError`."""
+        if self.topic is not None and not data.reads_topic:
+            allowed = [name for name in PARAMETERS if name != "topic"]
             raise QualityDataError(
-                QualityDataErrorCode.UNKNOWN_PARAMETER,
-                f"unknown parameter {name!r}; {data.name} takes {', '.join(allowed)}",
-                name,
+                AnalyticsErrorCode.UNKNOWN_PARAMETER,
+                f"unknown parameter 'topic'; {data.name} takes {', '.join(allowed)}",
+                "topic",
             )
-        if name in values:
-            raise QualityDataError(
-                QualityDataErrorCode.INVALID_PARAMETER, f"{name} is given more than once", name
-            )
-        values[name] = value
-    until = _time(values.get("until"), "until") or now.astimezone(UTC)
-    since = _time(values.get("since"), "since") or until - DEFAULT_WINDOW
-    limit_text = values.get("limit") or str(DEFAULT_ROWS)
-    if not limit_text.isdigit() or len(limit_text) > 9:
-        raise QualityDataError(
-            QualityDataErrorCode.INVALID_PARAMETER, f"limit must be 1 to {MAX_ROWS}", "limit"
+        until = self.until or now.astimezone(UTC)
+        return check_parameters(
+            data,
+            DatasetParameters(
+                tenant=self.tenant,
+                since=self.since or until - DEFAULT_WINDOW,
+                until=until,
+                limit=self.limit,
+                topic=self.topic,
+            ),
         )
-    return check_parameters(
-        data,
-        DatasetParameters(
-            tenant=values.get("tenant") or None,
-            since=since,
-            until=until,
-            limit=int(limit_text),
-            topic=values.get("topic"),
-        ),
-    )
-
-
-def _time(value: str | None, name: str) -> datetime | None:
-    return parse_time(
-        value,
-        name,
-        lambda message: QualityDataError(QualityDataErrorCode.INVALID_PARAMETER, message, name),
-    )
 
 
 def run_dataset(
@@ -448,10 +417,10 @@ def json_value(value: Any) -> Any:
     return value
 
 
-def _analytics(request: Request) -> Analytics:
-    analytics = request.app.state.analytics
-    assert isinstance(analytics, Analytics)
-    return analytics
+def _store(request: Request) -> ClickHouseStore:
+    store = request.app.state.analytics.store
+    assert isinstance(store, ClickHouseStore)
+    return store
 
 
 def quality_router() -> APIRouter:
@@ -470,27 +439,25 @@ def quality_router() -> APIRouter:
             404: {"description": "unknown-dataset"},
             503: {"description": "unavailable: ClickHouse did not answer"},
         },
+        dependencies=[Depends(once_each)],
     )
-    async def read_dataset(name: str, request: Request) -> JSONResponse:
-        store = _analytics(request).store
+    async def read_dataset(
+        data: Annotated[Dataset, Depends(dataset)],
+        asked: Annotated[DatasetQuery, Query()],
+        store: Annotated[ClickHouseStore, Depends(_store)],
+    ) -> dict[str, Any]:
+        parameters = asked.parameters(data, now=datetime.now(UTC))
         try:
-            data = dataset(name)
-            parameters = parse_parameters(
-                data, request.query_params.multi_items(), now=datetime.now(UTC)
+            rows = await store.call_async(
+                lambda client: run_dataset(client, store.database, data, parameters)
             )
-            try:
-                rows = await store.call_async(
-                    lambda client: run_dataset(client, store.database, data, parameters)
-                )
-            except QueryBusyError:  # answered 503 busy by the app
-                raise
-            except Exception as error:  # the client's errors have no common base worth naming
-                log.exception("quality dataset %s failed", name)
-                raise QualityDataError(
-                    QualityDataErrorCode.UNAVAILABLE, f"ClickHouse did not answer: {error}"
-                ) from error
-        except QualityDataError as error:
-            return JSONResponse(error.body(), status_code=error.code.http_status)
-        return JSONResponse(rows.body())
+        except QueryBusyError:  # answered 503 busy by the app
+            raise
+        except Exception as error:  # the client's errors have no common base worth naming
+            log.exception("quality dataset %s failed", data.name)
+            raise QualityDataError(
+                AnalyticsErrorCode.UNAVAILABLE, f"ClickHouse did not answer: {error}"
+            ) from error
+        return rows.body()
 
     return router

@@ -3,7 +3,8 @@
 Dashboards ask for a query by name with at most three parameters — ``tenant`` (optional; all
 tenants when absent), ``from`` and ``to`` (RFC 3339 with an offset; the rows whose period starts
 in ``[from, to)``). No SQL comes from a client: the SQL is fixed here, the parameters are
-validated and bound by ClickHouse (``{name:Type}``), and bad ones are refused with a stable code
+validated (each by the route's query model, ``analytics.parameters``; the window here) and bound
+by ClickHouse (``{name:Type}``), and bad ones are refused with a stable code
 (:class:`AnalyticsErrorCode`) before anything runs.
 
 Every view reads ``audit_events FINAL``, so the answers count every Kafka record once however
@@ -13,9 +14,8 @@ often it was inserted (docs/analytics.md).
 from __future__ import annotations
 
 import logging
-import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 #: The most rows one answer holds; more are cut and the answer says ``truncated``.
 MAX_ROWS = 10_000
-_TENANT = re.compile(r"^[A-Za-z0-9._:@+=-]{1,64}$")
 #: The times the APIs of this process accept (ClickHouse DateTime64 holds 1900-2299).
 EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
 LATEST = datetime(2299, 12, 31, tzinfo=UTC)
@@ -37,12 +36,15 @@ PARAMETERS = ("tenant", "from", "to")
 
 
 class AnalyticsErrorCode(StrEnum):
-    """The ``code`` of an analytics error body; never changes meaning once released."""
+    """The ``code`` of an error body of this service's APIs (analytics, quality datasets,
+    dashboards; search has its own, ``schemas.search``); never changes meaning once released."""
 
     UNKNOWN_QUERY = "unknown-query"
+    UNKNOWN_DATASET = "unknown-dataset"
     UNKNOWN_PARAMETER = "unknown-parameter"
     INVALID_PARAMETER = "invalid-parameter"
     UNAVAILABLE = "unavailable"
+    UNKNOWN_DASHBOARD = "unknown-dashboard"
 
     @property
     def http_status(self) -> int:
@@ -51,6 +53,8 @@ class AnalyticsErrorCode(StrEnum):
 
 _STATUS = {
     AnalyticsErrorCode.UNKNOWN_QUERY: 404,
+    AnalyticsErrorCode.UNKNOWN_DATASET: 404,
+    AnalyticsErrorCode.UNKNOWN_DASHBOARD: 404,
     AnalyticsErrorCode.UNKNOWN_PARAMETER: 400,
     AnalyticsErrorCode.INVALID_PARAMETER: 400,
     AnalyticsErrorCode.UNAVAILABLE: 503,
@@ -105,18 +109,35 @@ class NamedQuery:
 _DAY = timedelta(days=1)
 _LATENCY_COLUMNS = ("tenant_id", "minute", "messages", "p50_ms", "p90_ms", "p99_ms", "max_ms")
 
+
+def _per_minute(
+    name: str,
+    description: str,
+    columns: tuple[str, ...],
+    order_by: tuple[str, ...] = ("tenant_id", "minute"),
+) -> NamedQuery:
+    """A query of the per-minute view of the same name: the last day by default, a month at
+    most."""
+    return NamedQuery(
+        name=name,
+        description=description,
+        view=name,
+        columns=columns,
+        period="minute",
+        default_window=_DAY,
+        max_window=timedelta(days=31),
+        order_by=order_by,
+    )
+
+
 QUERIES: dict[str, NamedQuery] = {
     query.name: query
     for query in (
-        NamedQuery(
-            name="messages_per_minute",
-            description="Messages sequenced per minute of sending, by tenant and conversation "
-            "kind (direct or group)",
-            view="messages_per_minute",
-            columns=("tenant_id", "minute", "conversation_kind", "messages"),
-            period="minute",
-            default_window=_DAY,
-            max_window=timedelta(days=31),
+        _per_minute(
+            "messages_per_minute",
+            "Messages sequenced per minute of sending, by tenant and conversation kind (direct or "
+            "group)",
+            ("tenant_id", "minute", "conversation_kind", "messages"),
             order_by=("tenant_id", "minute", "conversation_kind"),
         ),
         NamedQuery(
@@ -140,59 +161,36 @@ QUERIES: dict[str, NamedQuery] = {
             max_window=timedelta(days=3660),
             order_by=("tenant_id", "month"),
         ),
-        NamedQuery(
-            name="send_to_sequenced_latency",
-            description="Milliseconds from a message's occurred_at (accepted by the ingress) to "
-            "its sequenced record's Kafka timestamp, per minute of sending",
-            view="send_to_sequenced_latency",
-            columns=_LATENCY_COLUMNS,
-            period="minute",
-            default_window=_DAY,
-            max_window=timedelta(days=31),
-            order_by=("tenant_id", "minute"),
+        _per_minute(
+            "send_to_sequenced_latency",
+            "Milliseconds from a message's occurred_at (accepted by the ingress) to its sequenced "
+            "record's Kafka timestamp, per minute of sending",
+            _LATENCY_COLUMNS,
         ),
-        NamedQuery(
-            name="sequenced_to_stored_latency",
-            description="Milliseconds from a message's sequenced record's Kafka timestamp to its "
-            "audit row being stored in ClickHouse, per minute of sequencing",
-            view="sequenced_to_stored_latency",
-            columns=_LATENCY_COLUMNS,
-            period="minute",
-            default_window=_DAY,
-            max_window=timedelta(days=31),
-            order_by=("tenant_id", "minute"),
+        _per_minute(
+            "sequenced_to_stored_latency",
+            "Milliseconds from a message's sequenced record's Kafka timestamp to its audit row "
+            "being stored in ClickHouse, per minute of sequencing",
+            _LATENCY_COLUMNS,
         ),
-        NamedQuery(
-            name="push_jobs_per_minute",
-            description="Push jobs planned per minute (of their latest message), the messages "
-            "they stand for and the users they notify",
-            view="push_jobs_per_minute",
-            columns=("tenant_id", "minute", "jobs", "merged_messages", "users"),
-            period="minute",
-            default_window=_DAY,
-            max_window=timedelta(days=31),
-            order_by=("tenant_id", "minute"),
+        _per_minute(
+            "push_jobs_per_minute",
+            "Push jobs planned per minute (of their latest message), the messages they stand for "
+            "and the users they notify",
+            ("tenant_id", "minute", "jobs", "merged_messages", "users"),
         ),
-        NamedQuery(
-            name="push_outcomes_per_minute",
-            description="Push delivery attempts per minute by provider and outcome (written by "
-            "the push sender)",
-            view="push_outcomes_per_minute",
-            columns=("tenant_id", "minute", "provider", "outcome", "attempts", "jobs"),
-            period="minute",
-            default_window=_DAY,
-            max_window=timedelta(days=31),
+        _per_minute(
+            "push_outcomes_per_minute",
+            "Push delivery attempts per minute by provider and outcome (written by the push "
+            "sender)",
+            ("tenant_id", "minute", "provider", "outcome", "attempts", "jobs"),
             order_by=("tenant_id", "minute", "provider", "outcome"),
         ),
-        NamedQuery(
-            name="dead_letters_per_minute",
-            description="Records dead-lettered per minute, by source topic and reason code; a "
-            "record dead-lettered more than once counts once",
-            view="dead_letters_per_minute",
-            columns=("tenant_id", "minute", "source_topic", "error_code", "dead_letters"),
-            period="minute",
-            default_window=_DAY,
-            max_window=timedelta(days=31),
+        _per_minute(
+            "dead_letters_per_minute",
+            "Records dead-lettered per minute, by source topic and reason code; a record "
+            "dead-lettered more than once counts once",
+            ("tenant_id", "minute", "source_topic", "error_code", "dead_letters"),
             order_by=("minute", "source_topic", "error_code", "tenant_id"),
         ),
     )
@@ -206,32 +204,29 @@ class QueryParameters:
     end: datetime
 
 
-def parse_parameters(
-    query: NamedQuery, items: Sequence[tuple[str, str]], *, now: datetime
-) -> QueryParameters:
-    """The request's query-string items, validated; raises :class:`AnalyticsError`."""
-    values: dict[str, str] = {}
-    for name, value in items:
-        if name not in PARAMETERS:
-            raise AnalyticsError(
-                AnalyticsErrorCode.UNKNOWN_PARAMETER,
-                f"unknown parameter {name!r}; {query.name} takes {', '.join(PARAMETERS)}",
-                name,
-            )
-        if name in values:
-            raise AnalyticsError(
-                AnalyticsErrorCode.INVALID_PARAMETER, f"{name} is given more than once", name
-            )
-        values[name] = value
-    tenant = values.get("tenant") or None
-    if tenant is not None and not _TENANT.match(tenant):
+def named_query(name: str) -> NamedQuery:
+    """The query named ``name`` (a path parameter); raises :class:`AnalyticsError`."""
+    query = QUERIES.get(name)
+    if query is None:
         raise AnalyticsError(
-            AnalyticsErrorCode.INVALID_PARAMETER,
-            "tenant must be 1-64 characters of A-Z a-z 0-9 . _ : @ + = -",
-            "tenant",
+            AnalyticsErrorCode.UNKNOWN_QUERY,
+            f"no analytics query named {name!r}; known: {', '.join(QUERIES)}",
         )
-    end = _time(values.get("to"), "to") or now.astimezone(UTC)
-    start = _time(values.get("from"), "from") or end - query.default_window
+    return query
+
+
+def window(
+    query: NamedQuery,
+    tenant: str | None,
+    start: datetime | None,
+    end: datetime | None,
+    *,
+    now: datetime,
+) -> QueryParameters:
+    """The window ``[from, to)`` (``to`` defaults to now, ``from`` to the query's default window
+    before ``to``), no wider than the query allows; raises :class:`AnalyticsError`."""
+    end = end or now.astimezone(UTC)
+    start = start or end - query.default_window
     if start >= end:
         raise AnalyticsError(AnalyticsErrorCode.INVALID_PARAMETER, "from must be before to", "from")
     if end - start > query.max_window:
@@ -263,14 +258,6 @@ def parse_time(
     return parsed
 
 
-def _time(value: str | None, name: str) -> datetime | None:
-    return parse_time(
-        value,
-        name,
-        lambda message: AnalyticsError(AnalyticsErrorCode.INVALID_PARAMETER, message, name),
-    )
-
-
 def json_value(value: Any) -> Any:
     """A ClickHouse value as JSON: times in UTC with ``Z``, dates as ``YYYY-MM-DD``."""
     if isinstance(value, datetime):
@@ -292,17 +279,8 @@ class Analytics:
     def describe(self) -> list[dict[str, Any]]:
         return [query.describe() for query in QUERIES.values()]
 
-    async def run(
-        self, name: str, items: Sequence[tuple[str, str]], *, now: datetime | None = None
-    ) -> dict[str, Any]:
-        """The answer to query ``name``: its parameters as understood and its rows."""
-        query = QUERIES.get(name)
-        if query is None:
-            raise AnalyticsError(
-                AnalyticsErrorCode.UNKNOWN_QUERY,
-                f"no analytics query named {name!r}; known: {', '.join(QUERIES)}",
-            )
-        parameters = parse_parameters(query, items, now=now or datetime.now(UTC))
+    async def run(self, query: NamedQuery, parameters: QueryParameters) -> dict[str, Any]:
+        """The answer to ``query``: its parameters as understood and its rows."""
         bound: dict[str, Any] = {
             "tenant": parameters.tenant,
             "start": parameters.start,
@@ -313,7 +291,7 @@ class Analytics:
         except QueryBusyError:  # answered 503 busy by the app
             raise
         except Exception as error:  # the client's errors have no common base worth naming
-            log.exception("analytics query %s failed", name)
+            log.exception("analytics query %s failed", query.name)
             raise AnalyticsError(
                 AnalyticsErrorCode.UNAVAILABLE, f"ClickHouse did not answer: {error}"
             ) from error
@@ -322,7 +300,7 @@ class Analytics:
             for row in result.result_rows[:MAX_ROWS]
         ]
         return {
-            "query": name,
+            "query": query.name,
             "tenant": parameters.tenant,
             "from": json_value(parameters.start),
             "to": json_value(parameters.end),

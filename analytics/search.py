@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from analytics.queries import parse_time
+from pydantic import BeforeValidator
+
 from schemas.search import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
@@ -63,17 +64,6 @@ from sinks.clickhouse.schema import (
 from sinks.clickhouse.store import ClickHouseStore, QueryBusyError
 
 log = logging.getLogger(__name__)
-
-ANALYST_PARAMETERS: Final = (
-    "tenant",
-    "q",
-    "from",
-    "to",
-    "conversation",
-    "sender",
-    "limit",
-    "cursor",
-)
 
 _ID = re.compile(r"^[A-Za-z0-9._:@+=-]{1,128}$")
 
@@ -175,22 +165,25 @@ class SearchPage:
         }
 
 
-def _identifier(value: str | None, name: str) -> str | None:
+def valid_identifier(value: str | None, name: str) -> str | None:
+    """An id a search filters on (a tenant, conversation or sender): None when absent or
+    empty; raises ValueError."""
     if not value:
         return None
     if not _ID.match(value):
-        raise SearchError(
-            SearchErrorCode.INVALID_PARAMETER,
-            f"{name} must be 1-128 characters of A-Z a-z 0-9 . _ : @ + = -",
-            name,
-        )
+        raise ValueError(f"{name} must be 1-128 characters of A-Z a-z 0-9 . _ : @ + = -")
     return value
 
 
-def _time(value: str | None, name: str) -> datetime | None:
-    return parse_time(
-        value, name, lambda message: SearchError(SearchErrorCode.INVALID_PARAMETER, message, name)
-    )
+#: :func:`valid_identifier` as a query parameter's validator (the parameter's name in the error).
+identifier: Final = BeforeValidator(lambda value, info: valid_identifier(value, info.field_name))
+
+
+def _identifier(value: str | None, name: str) -> str | None:
+    try:
+        return valid_identifier(value, name)
+    except ValueError as error:
+        raise SearchError(SearchErrorCode.INVALID_PARAMETER, str(error), name) from None
 
 
 def parse_limit(value: str | int | None) -> int:
@@ -207,38 +200,29 @@ def parse_limit(value: str | int | None) -> int:
     return limit
 
 
-def analyst_request(items: Sequence[tuple[str, str]]) -> SearchRequest:
-    """The analyst's query-string items, validated; raises :class:`SearchError`."""
-    values: dict[str, str] = {}
-    for name, value in items:
-        if name not in ANALYST_PARAMETERS:
-            raise SearchError(
-                SearchErrorCode.UNKNOWN_PARAMETER,
-                f"unknown parameter {name!r}; search takes {', '.join(ANALYST_PARAMETERS)}",
-                name,
-            )
-        if name in values:
-            raise SearchError(
-                SearchErrorCode.INVALID_PARAMETER, f"{name} is given more than once", name
-            )
-        values[name] = value
-    tenant = _identifier(values.get("tenant"), "tenant")
-    if tenant is None:
-        raise SearchError(
-            SearchErrorCode.INVALID_PARAMETER, "tenant is required: search one tenant", "tenant"
-        )
-    start, end = _time(values.get("from"), "from"), _time(values.get("to"), "to")
+def search_request(
+    tenant: str,
+    q: str | None,
+    *,
+    start: datetime | None,
+    end: datetime | None,
+    conversation: str | None,
+    sender: str | None,
+    limit: int,
+    cursor: str | None,
+) -> SearchRequest:
+    """An analyst's search of ``tenant`` (its parameters each valid: ``analytics.search_api``);
+    raises :class:`SearchError` for the query, the cursor, or ``from`` not before ``to``."""
     if start is not None and end is not None and start >= end:
         raise SearchError(SearchErrorCode.INVALID_PARAMETER, "from must be before to", "from")
-    cursor = values.get("cursor")
     return SearchRequest(
         tenant=tenant,
-        query=parse_query(values.get("q")),
+        query=parse_query(q),
         start=start,
         end=end,
-        conversation=_identifier(values.get("conversation"), "conversation"),
-        sender=_identifier(values.get("sender"), "sender"),
-        limit=parse_limit(values.get("limit")),
+        conversation=conversation,
+        sender=sender,
+        limit=limit,
         cursor=Cursor.decode(cursor) if cursor else None,
     )
 
