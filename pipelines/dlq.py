@@ -34,7 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from types import FrameType
 from typing import Annotated, Any
 
@@ -51,6 +51,7 @@ from pydantic import JsonValue
 
 from core.connections import kafka_config, kafka_producer_config
 from core.settings import Settings
+from core.timeargs import parse_moment
 from pipelines.console import load_settings
 from pipelines.operator_actions import (
     OperatorAuditError,
@@ -484,20 +485,15 @@ class RedriveResult:
         }
 
 
-def parse_since(text: str, *, now: datetime | None = None) -> datetime:
-    """``--since``: an ISO 8601 time (UTC when it has no offset) or an age like ``90m``, ``6h``,
-    ``2d``."""
-    match = re.fullmatch(r"(\d+)\s*([smhd])", text.strip())
-    if match is not None:
-        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
-        return (now or datetime.now(UTC)) - timedelta(**{unit: int(match.group(1))})
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise DlqError(
-            "since-invalid", f"--since {text!r}: give an ISO time (2026-01-31T08:00) or an age (6h)"
-        ) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+def parse_since(text: str, *, now: datetime | None = None, option: str = "--since") -> datetime:
+    """``--since`` (or ``option``): the CLI's time argument (``core/timeargs.py``), an age like
+    ``90m``, ``6h``, ``2d`` or an ISO time, UTC when it has no offset."""
+    return parse_moment(
+        text,
+        option,
+        relative_to=now or datetime.now(UTC),
+        invalid=lambda message: DlqError("since-invalid", message),
+    )
 
 
 def redrive(

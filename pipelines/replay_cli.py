@@ -310,7 +310,7 @@ def replay_command(  # noqa: PLR0917 - typer maps each parameter to an option
         source = _catalog_topic(catalog, topic)
         bounds = {
             "since": parse_since(since) if since else None,
-            "until": parse_since(until) if until else None,
+            "until": parse_since(until, option="--until") if until else None,
         }
         ranges = resolve_ranges(
             settings,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import typer
@@ -17,18 +17,17 @@ from confluent_kafka.admin import AdminClient
 
 from core.connections import kafka_config
 from core.settings import Settings
+from core.timeargs import parse_moment
 from pipelines.console import load_settings
 from pipelines.kafka_acls import SERVICES, acl_bindings, apply_acls, describe_binding
 from pipelines.topics import ChangeAction, TopicAdminError, apply_topics, describe_topics
 from pipelines.topics_ops import (
     Filters,
     FindProgress,
-    InvalidTimeError,
     TopicInspection,
     UnknownTopicError,
     find,
     inspect_topics,
-    parse_since,
     resolve_topics,
     tail,
 )
@@ -349,9 +348,9 @@ def find_command(  # noqa: PLR0917 - typer maps each parameter to an option
     """
     settings, catalog, _ = _connect()
     try:
-        moment = parse_since(since)
-    except InvalidTimeError as error:
-        typer.echo(f"error: [time-invalid] --since {error.args[0]}", err=True)
+        moment = parse_moment(since, "--since", relative_to=datetime.now(UTC))
+    except ValueError as error:
+        typer.echo(f"error: [time-invalid] {error}", err=True)
         raise typer.Exit(2) from error
 
     def progress(step: FindProgress) -> None:
