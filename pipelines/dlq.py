@@ -52,7 +52,7 @@ from pydantic import JsonValue
 from core.connections import kafka_config, kafka_producer_config
 from core.settings import Settings
 from core.timeargs import parse_moment
-from pipelines.console import load_settings
+from pipelines.console import load_settings, table_text
 from pipelines.operator_actions import (
     OperatorAuditError,
     operator_name,
@@ -852,14 +852,6 @@ def _time(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S") if moment is not None else "-"
 
 
-def _table(rows: Sequence[tuple[str, ...]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        typer.echo(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
-
-
 @dlq_app.command("list")
 def list_command(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
@@ -889,7 +881,7 @@ def list_command(
                 codes or "-",
             )
         )
-    _table(rows)
+    typer.echo(table_text(rows[0], rows[1:]))
     total = sum(summary.count for summary in summaries)
     missing = sum(not summary.exists for summary in summaries)
     typer.echo(f"{total} dead letter(s) in {len(summaries) - missing} topic(s)")

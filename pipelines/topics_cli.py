@@ -18,7 +18,7 @@ from confluent_kafka.admin import AdminClient
 from core.connections import kafka_config
 from core.settings import Settings
 from core.timeargs import parse_moment
-from pipelines.console import load_settings
+from pipelines.console import load_settings, table_text
 from pipelines.kafka_acls import SERVICES, acl_bindings, apply_acls, describe_binding
 from pipelines.topics import ChangeAction, TopicAdminError, apply_topics, describe_topics
 from pipelines.topics_ops import (
@@ -143,11 +143,7 @@ def list_topics(timeout: Timeout = 30.0) -> None:
                 str(state.end_offsets),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        typer.echo(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
+    typer.echo(table_text(rows[0], rows[1:]))
     missing = sum(not state.exists for state in states)
     if missing:
         typer.echo(f"{missing} topic(s) missing: run `imstream topics apply`", err=True)
@@ -169,14 +165,6 @@ def _retention(millis: str | None) -> str:
 def _unknown_topic(error: UnknownTopicError) -> typer.Exit:
     typer.echo(f"error: [topic-unknown] {error.args[0]}", err=True)
     return typer.Exit(2)
-
-
-def _table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        typer.echo(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
 
 
 @topics_app.command("inspect")
@@ -235,7 +223,7 @@ def _show_inspection(inspection: TopicInspection) -> None:
             committed = "-" if lag.committed is None else str(lag.committed)
             cells.append(f"{committed}/{lag.lag}")
         rows.append(tuple(cells))
-    _table(rows)
+    typer.echo(table_text(rows[0], rows[1:]))
     for group in groups:
         typer.echo(f"  {group.process}: group {group.group}, lag {group.lag}")
     if not groups:

@@ -20,7 +20,7 @@ from core.connections import clickhouse_client, cql_cluster
 from core.principals import StaffRole
 from core.settings import Settings
 from core.timeargs import parse_moment
-from pipelines.console import load_settings
+from pipelines.console import load_settings, table_text
 from pipelines.quality.sources import (
     AuditReader,
     CqlSample,
@@ -217,16 +217,11 @@ def check(  # noqa: PLR0917 (a typer command: one parameter per option)
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(EXIT_CANNOT_RUN) from error
 
-    rows = [("SUITE", "EXPECTATION", "RESULT", "OBSERVED")]
-    rows.extend(
+    rows = [
         (result.suite, result.check, "pass" if result.success else "FAIL", result.observed)
         for result in report.results
-    )
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
-        typer.echo(
-            "  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[3]])
-        )
+    ]
+    typer.echo(table_text(("SUITE", "EXPECTATION", "RESULT", "OBSERVED"), rows))
     for note in report.notes:
         typer.echo(f"note: {note}")
     failed = sum(not result.success for result in report.results)
