@@ -14,14 +14,11 @@ from typing import Annotated
 
 import typer
 from confluent_kafka.admin import AdminClient
-from rich.console import Console
-from rich.status import Status
-from rich.text import Text
 
 from core.connections import kafka_config
 from core.settings import Settings
 from pipelines.certs_cli import certs_command
-from pipelines.console import load_settings, table_text
+from pipelines.console import StatusLine, load_settings, table_text
 from pipelines.dashboards_cli import dashboards_app
 from pipelines.dlq import dlq_app
 from pipelines.processes import BY_NAME, PROCESSES
@@ -67,51 +64,15 @@ app.add_typer(db_app, name="db")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-class ProgressLine:
-    """Progress of a long step on stderr. A transient line (a download's ``fetching …: …``) is
-    rich's status line on a terminal, replaced by the next one, and on a pipe printed at most
-    every ``min_interval`` seconds; every other line is printed as it comes. Use it as a context
-    manager around the step, so that the status line stops even when the step fails."""
-
-    def __init__(self, min_interval: float = 3.0) -> None:
-        self.console = Console(stderr=True, markup=False, emoji=False, highlight=False)
-        self.tty = self.console.is_terminal
-        self.min_interval = min_interval
-        self.last_emit = 0.0
-        self.pending: str | None = None
-        self.status: Status | None = None
+class ProgressLine(StatusLine):
+    """The local stack's progress: a download's ``fetching …: …`` lines replace each other (on
+    a pipe, one every few seconds), every other line stays."""
 
     def __call__(self, text: str) -> None:
-        transient = text.startswith("fetching ") and ":" in text
-        if self.tty:
-            if not transient:
-                self.close()
-                self.console.print(text)
-            elif self.status is None:
-                self.status = self.console.status(Text(text))
-                self.status.start()
-            else:
-                self.status.update(Text(text))
-            return
-        now = time.monotonic()
-        if transient and now - self.last_emit < self.min_interval:
-            self.pending = text
-            return
-        self.pending = None
-        self.last_emit = now
-        typer.echo(text, err=True)
-
-    def close(self) -> None:
-        """Stop the status line, if one is shown (it disappears, as a transient line should)."""
-        if self.status is not None:
-            self.status.stop()
-            self.status = None
-
-    def __enter__(self) -> ProgressLine:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
+        if text.startswith("fetching ") and ":" in text:
+            self.update(text)
+        else:
+            self.print(text)
 
 
 def fail(error: StackError) -> typer.Exit:

@@ -1,17 +1,21 @@
 """What every ``imstream`` command shares: loading settings with an operator-readable error, and
-printing tables."""
+printing tables and progress lines."""
 
 from __future__ import annotations
 
 import io
 import shutil
 import sys
+import time
 from collections.abc import Collection, Iterable, Sequence
+from typing import Self
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console, RenderableType
+from rich.status import Status
 from rich.table import Table
+from rich.text import Text
 
 from core.settings import Settings
 
@@ -65,3 +69,50 @@ def rendered(renderable: RenderableType, *, err: bool = False) -> str:
     console.print(renderable)
     output = buffer.getvalue()
     return "\n".join(line.rstrip() for line in output.rstrip("\n").split("\n"))
+
+
+class StatusLine:
+    """A progress line on stderr that each update replaces: on a terminal rich's status line (a
+    spinner and the latest text); on a pipe a plain line at most every ``min_interval`` seconds,
+    so that a log keeps a trace without a line per update. A lasting line (:meth:`print`, or an
+    update with ``final``) is printed either way. Use it as a context manager around the work,
+    so that the status line stops even when the work fails."""
+
+    def __init__(self, min_interval: float = 3.0) -> None:
+        self.console = Console(stderr=True, markup=False, emoji=False, highlight=False)
+        self.min_interval = min_interval
+        self.last_emit = 0.0
+        self.status: Status | None = None
+
+    def update(self, text: str, *, final: bool = False) -> None:
+        if final:
+            self.print(text)
+        elif self.console.is_terminal:
+            if self.status is None:
+                self.status = self.console.status(Text(text))
+                self.status.start()
+            else:
+                self.status.update(Text(text))
+        elif time.monotonic() - self.last_emit >= self.min_interval:
+            self.print(text)
+
+    def print(self, text: str) -> None:
+        """A line that stays (the status line, if shown, disappears first)."""
+        self.close()
+        if self.console.is_terminal:
+            self.console.print(text)
+        else:
+            typer.echo(text, err=True)
+        self.last_emit = time.monotonic()
+
+    def close(self) -> None:
+        """Stop the status line, if one is shown (it disappears, as a replaced line should)."""
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

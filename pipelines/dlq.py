@@ -52,7 +52,7 @@ from pydantic import JsonValue
 from core.connections import kafka_config, kafka_producer_config
 from core.settings import Settings
 from core.timeargs import parse_moment
-from pipelines.console import load_settings, table_text
+from pipelines.console import StatusLine, load_settings, table_text
 from pipelines.operator_actions import (
     OperatorAuditError,
     operator_name,
@@ -995,12 +995,13 @@ def redrive_command(  # noqa: PLR0917 - typer maps each parameter to an option
     def interrupt(_signum: int, _frame: FrameType | None) -> None:
         stop.set()
 
+    line = StatusLine()
+
     def show_progress(state: RedriveProgress) -> None:
-        typer.echo(
-            f"\rredriven {state.done}/{state.total}  {state.rate:.1f}/s  "
-            f"ETA {_format_seconds(state.eta)}   ",
-            nl=state.done == state.total,
-            err=True,
+        line.update(
+            f"redriven {state.done}/{state.total}  {state.rate:.1f}/s  "
+            f"ETA {_format_seconds(state.eta)}",
+            final=state.done == state.total,
         )
 
     # Ctrl-C stops after the record in hand; as a library call off the main thread, no handler.
@@ -1021,8 +1022,10 @@ def redrive_command(  # noqa: PLR0917 - typer maps each parameter to an option
             timeout=timeout,
         )
     except DlqError as error:
+        line.close()  # before the error, which is no status line
         raise _fail(settings, error) from error
     finally:
+        line.close()
         if main_thread:
             signal.signal(signal.SIGINT, previous)
     if dry_run:
