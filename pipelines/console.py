@@ -48,13 +48,13 @@ def table_text(
         grid.add_column(name, justify="right" if name in right else "left", overflow="fold")
     for row in rows:
         grid.add_row(*row)
-    return rendered(grid)
+    return _rendered(grid)
 
 
-def rendered(renderable: RenderableType, *, err: bool = False) -> str:
-    """``renderable`` as the text to echo to stdout (``err``: stderr): styled for a terminal,
-    plain on a pipe (``typer.echo`` drops the styles there too), without trailing spaces."""
-    terminal = (sys.stderr if err else sys.stdout).isatty()
+def _rendered(renderable: RenderableType) -> str:
+    """``renderable`` as the text to echo to stdout: styled for a terminal, plain on a pipe
+    (``typer.echo`` drops the styles there too), without trailing spaces."""
+    terminal = sys.stdout.isatty()
     buffer = io.StringIO()
     console = Console(
         file=buffer,
