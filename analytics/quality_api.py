@@ -43,7 +43,8 @@ from analytics.parameters import (
     count,
     once_each,
 )
-from analytics.queries import EARLIEST, LATEST, AnalyticsError, AnalyticsErrorCode
+from analytics.queries import AnalyticsError, AnalyticsErrorCode
+from core.timeargs import in_range
 from schemas.events import MessageEdited, MessageRecalled, MessageSent
 from sinks.clickhouse.schema import AUDIT_TABLE, PUSH_OUTCOMES_TABLE, quote_identifier, sql_string
 from sinks.clickhouse.store import ClickHouseStore, QueryBusyError
@@ -343,7 +344,7 @@ def check_parameters(data: Dataset, parameters: DatasetParameters) -> DatasetPar
         if not _TOPIC.match(parameters.topic):
             raise QualityDataError(invalid, "topic must be a Kafka topic name", "topic")
     for field, moment in (("since", parameters.since), ("until", parameters.until)):
-        if moment.tzinfo is None or not EARLIEST <= moment <= LATEST:
+        if not in_range(moment):
             raise QualityDataError(invalid, f"{field} must be between 1900 and 2299 UTC", field)
     if parameters.since >= parameters.until:
         raise QualityDataError(invalid, "since must be before until", "since")

@@ -21,6 +21,7 @@ from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from core.timeargs import parse_moment
 from schemas.errors import ApiError
 from sinks.clickhouse.schema import quote_identifier
 from sinks.clickhouse.store import ClickHouseStore, QueryBusyError
@@ -29,9 +30,6 @@ log = logging.getLogger(__name__)
 
 #: The most rows one answer holds; more are cut and the answer says ``truncated``.
 MAX_ROWS = 10_000
-#: The times the APIs of this process accept (ClickHouse DateTime64 holds 1900-2299).
-EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
-LATEST = datetime(2299, 12, 31, tzinfo=UTC)
 PARAMETERS = ("tenant", "from", "to")
 
 
@@ -242,20 +240,16 @@ def parse_time(
     value: str | None, name: str, invalid: Callable[[str], Exception]
 ) -> datetime | None:
     """An RFC 3339 time with an offset (query parameters: a ``+`` that arrived as a space is
-    taken back), in UTC, between 1900 and 2299; None when empty; else ``invalid(message)`` is
-    raised — each API its own error with its own code."""
+    taken back), read by ``core/timeargs.py`` (in UTC, in the range the audit stores); None when
+    empty; else ``invalid(message)`` is raised — each API its own error with its own code."""
     if not value:
         return None
-    try:
-        parsed = datetime.fromisoformat(value.replace(" ", "+") if "T" in value else value)
-    except ValueError:
-        parsed = None
-    if parsed is None or parsed.tzinfo is None:
-        raise invalid(f"{name} must be an RFC 3339 time with an offset, e.g. 2026-01-31T12:00:00Z")
-    parsed = parsed.astimezone(UTC)
-    if not EARLIEST <= parsed <= LATEST:
-        raise invalid(f"{name} must be between 1900 and 2299")
-    return parsed
+    return parse_moment(
+        value.replace(" ", "+") if "T" in value else value,
+        name,
+        zone_required=True,
+        invalid=invalid,
+    )
 
 
 def json_value(value: Any) -> Any:

@@ -1,5 +1,5 @@
 """What the benchmarks share: the server processes they start, the topics they create, what they
-read from /proc, the facts about the machine, and where the results go."""
+read of a process's CPU and memory, the facts about the machine, and where the results go."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from types import FrameType
 from typing import Any, NoReturn, TextIO
 
 import confluent_kafka
+import psutil
 from confluent_kafka.admin import AdminClient
 
 from core.connections import kafka_config
@@ -123,7 +124,8 @@ def free_port() -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# /proc
+# Process and machine figures: psutil where it gives the same numbers; /proc (Linux) for what
+# psutil does not give (RssAnon, RssFile, VmHWM, thread names)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -146,12 +148,14 @@ def _stat_cpu_seconds(stat_path: Path) -> float:
 
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a whole process (all its threads), in seconds."""
-    return _stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
 
 
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
     """CPU seconds of a process's threads, grouped: the main thread (the event loop of an asyncio
-    server), librdkafka's threads (named ``rdk:…``) and the rest."""
+    server), librdkafka's threads (named ``rdk:…``) and the rest (from /proc: psutil gives a
+    thread's CPU time but not its name)."""
     groups = {"main thread": 0.0, "librdkafka threads": 0.0, "other threads": 0.0}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
@@ -170,10 +174,11 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
 
 def system_cpu_seconds() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine since boot, summed over its cores."""
-    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    total = sum(fields[:8])  # guest time is already counted in user
-    return (total - idle) / _CLOCK_TICKS, total / _CLOCK_TICKS
+    times = psutil.cpu_times()
+    # Guest time is already counted in user: the first eight fields are all of it on Linux.
+    total = float(sum(times[:8]))
+    idle = times.idle + getattr(times, "iowait", 0.0)
+    return total - idle, total
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,7 +490,7 @@ def machine_facts(settings: Settings) -> dict[str, Any]:
         ),
         None,
     )
-    memory_total_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    memory_total_kb = psutil.virtual_memory().total // 1024
     return {
         "cpu_count": os.cpu_count(),
         "cpu_model": cpu_model,

@@ -18,7 +18,7 @@ from confluent_kafka.admin import AdminClient
 from core.connections import kafka_config
 from core.settings import Settings
 from pipelines.certs_cli import certs_command
-from pipelines.console import load_settings
+from pipelines.console import StatusLine, load_settings, table_text
 from pipelines.dashboards_cli import dashboards_app
 from pipelines.dlq import dlq_app
 from pipelines.processes import BY_NAME, PROCESSES
@@ -64,32 +64,15 @@ app.add_typer(db_app, name="db")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-class ProgressLine:
-    """One updating line on a terminal; on a pipe, a line at most every few seconds."""
-
-    def __init__(self, min_interval: float = 3.0) -> None:
-        self.tty = sys.stderr.isatty()
-        self.min_interval = min_interval
-        self.last_emit = 0.0
-        self.pending: str | None = None
-        self.width = 0
+class ProgressLine(StatusLine):
+    """The local stack's progress: a download's ``fetching …: …`` lines replace each other (on
+    a pipe, one every few seconds), every other line stays."""
 
     def __call__(self, text: str) -> None:
-        transient = text.startswith("fetching ") and ":" in text
-        if self.tty:
-            padding = " " * max(0, self.width - len(text))
-            end = "" if transient else "\n"
-            sys.stderr.write(f"\r{text}{padding}{end}")
-            sys.stderr.flush()
-            self.width = len(text) if transient else 0
-            return
-        now = time.monotonic()
-        if transient and now - self.last_emit < self.min_interval:
-            self.pending = text
-            return
-        self.pending = None
-        self.last_emit = now
-        typer.echo(text, err=True)
+        if text.startswith("fetching ") and ":" in text:
+            self.update(text)
+        else:
+            self.print(text)
 
 
 def fail(error: StackError) -> typer.Exit:
@@ -102,27 +85,21 @@ def _megabytes(value: int | None) -> str:
 
 
 def render_statuses(statuses: list[ServiceStatus]) -> str:
-    header = ("SERVICE", "STATE", "ENDPOINT", "PID", "RSS", "DATA", "LOG")
-    rows = [header]
-    for status in statuses:
-        rows.append(
-            (
-                status.name,
-                status.state.value,
-                status.endpoint,
-                ",".join(map(str, status.pids)) or "-",
-                _megabytes(status.rss_bytes),
-                str(status.data_path) if status.data_path else "-",
-                str(status.log_path) if status.log_path else "-",
-            )
+    rows = [
+        (
+            status.name,
+            status.state.value,
+            status.endpoint,
+            ",".join(map(str, status.pids)) or "-",
+            _megabytes(status.rss_bytes),
+            str(status.data_path) if status.data_path else "-",
+            str(status.log_path) if status.log_path else "-",
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        for row in rows
+        for status in statuses
     ]
+    table = table_text(("SERVICE", "STATE", "ENDPOINT", "PID", "RSS", "DATA", "LOG"), rows)
     details = [f"  {status.name}: {status.detail}" for status in statuses if status.detail]
-    return "\n".join([*lines, *details])
+    return "\n".join([table, *details])
 
 
 @stack_app.command("up")
@@ -131,7 +108,8 @@ def stack_up() -> None:
     settings = load_settings()
     began = time.monotonic()
     try:
-        statuses = LocalStack(settings, progress=ProgressLine()).up()
+        with ProgressLine() as progress:
+            statuses = LocalStack(settings, progress=progress).up()
     except StackError as error:
         raise fail(error) from error
     typer.echo(render_statuses(statuses))
@@ -219,9 +197,11 @@ def up(
     shown and nothing it started is left running (exit 1).
     """
     settings = load_settings()
-    stack = LocalStack(settings, progress=ProgressLine())
+    progress = ProgressLine()
+    stack = LocalStack(settings, progress=progress)
     try:
-        statuses = stack.up()
+        with progress:
+            statuses = stack.up()
     except StackError as error:
         raise fail(error) from error
     typer.echo(render_statuses(statuses))
@@ -304,7 +284,7 @@ def process_specs(settings: Settings, ingress_nodes: int, sink_nice: int) -> lis
 def render_processes(settings: Settings, supervisor: Supervisor, took: dict[str, float]) -> str:
     """What runs where: each process, its pid, how long it took to be ready, where it answers."""
     ingress, sinks = settings.ingress, settings.sinks
-    rows = [("PROCESS", "PID", "READY AFTER", "ANSWERS ON", "LOG")]
+    rows = []
     for child in supervisor.children:
         if child.kind == "ingress":
             port = child.env.get("IM_INGRESS__PORT", str(ingress.port))
@@ -324,11 +304,7 @@ def render_processes(settings: Settings, supervisor: Supervisor, took: dict[str,
             where = "-"
         ready = f"{took[child.name]:.1f}s" if child.name in took else "-"
         rows.append((child.name, str(child.pid or "-"), ready, where, str(child.log_path)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    )
+    return table_text(("PROCESS", "PID", "READY AFTER", "ANSWERS ON", "LOG"), rows)
 
 
 @run_app.command("stream-worker")

@@ -34,7 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from types import FrameType
 from typing import Annotated, Any
 
@@ -51,7 +51,8 @@ from pydantic import JsonValue
 
 from core.connections import kafka_config, kafka_producer_config
 from core.settings import Settings
-from pipelines.console import load_settings
+from core.timeargs import parse_moment
+from pipelines.console import StatusLine, load_settings, table_text
 from pipelines.operator_actions import (
     OperatorAuditError,
     operator_name,
@@ -484,20 +485,15 @@ class RedriveResult:
         }
 
 
-def parse_since(text: str, *, now: datetime | None = None) -> datetime:
-    """``--since``: an ISO 8601 time (UTC when it has no offset) or an age like ``90m``, ``6h``,
-    ``2d``."""
-    match = re.fullmatch(r"(\d+)\s*([smhd])", text.strip())
-    if match is not None:
-        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
-        return (now or datetime.now(UTC)) - timedelta(**{unit: int(match.group(1))})
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise DlqError(
-            "since-invalid", f"--since {text!r}: give an ISO time (2026-01-31T08:00) or an age (6h)"
-        ) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+def parse_since(text: str, *, now: datetime | None = None, option: str = "--since") -> datetime:
+    """``--since`` (or ``option``): the CLI's time argument (``core/timeargs.py``), an age like
+    ``90m``, ``6h``, ``2d`` or an ISO time, UTC when it has no offset."""
+    return parse_moment(
+        text,
+        option,
+        relative_to=now or datetime.now(UTC),
+        invalid=lambda message: DlqError("since-invalid", message),
+    )
 
 
 def redrive(
@@ -856,14 +852,6 @@ def _time(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S") if moment is not None else "-"
 
 
-def _table(rows: Sequence[tuple[str, ...]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        typer.echo(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
-
-
 @dlq_app.command("list")
 def list_command(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
@@ -893,7 +881,7 @@ def list_command(
                 codes or "-",
             )
         )
-    _table(rows)
+    typer.echo(table_text(rows[0], rows[1:]))
     total = sum(summary.count for summary in summaries)
     missing = sum(not summary.exists for summary in summaries)
     typer.echo(f"{total} dead letter(s) in {len(summaries) - missing} topic(s)")
@@ -1007,12 +995,13 @@ def redrive_command(  # noqa: PLR0917 - typer maps each parameter to an option
     def interrupt(_signum: int, _frame: FrameType | None) -> None:
         stop.set()
 
+    line = StatusLine()
+
     def show_progress(state: RedriveProgress) -> None:
-        typer.echo(
-            f"\rredriven {state.done}/{state.total}  {state.rate:.1f}/s  "
-            f"ETA {_format_seconds(state.eta)}   ",
-            nl=state.done == state.total,
-            err=True,
+        line.update(
+            f"redriven {state.done}/{state.total}  {state.rate:.1f}/s  "
+            f"ETA {_format_seconds(state.eta)}",
+            final=state.done == state.total,
         )
 
     # Ctrl-C stops after the record in hand; as a library call off the main thread, no handler.
@@ -1033,8 +1022,10 @@ def redrive_command(  # noqa: PLR0917 - typer maps each parameter to an option
             timeout=timeout,
         )
     except DlqError as error:
+        line.close()  # before the error, which is no status line
         raise _fail(settings, error) from error
     finally:
+        line.close()
         if main_thread:
             signal.signal(signal.SIGINT, previous)
     if dry_run:

@@ -41,7 +41,7 @@ from core.replay import (
     run_id_for,
 )
 from core.settings import Settings
-from pipelines.console import load_settings
+from pipelines.console import StatusLine, load_settings, table_text
 from pipelines.dlq import DlqError, parse_since
 from pipelines.operator_actions import OperatorAuditError, operator_name, record_operator_action
 from pipelines.replay_targets import CqlTarget, ReplayInterruptedError, TopicTarget
@@ -94,25 +94,20 @@ def _seconds(seconds: float | None) -> str:
     return f"{whole // 60}m{whole % 60:02d}s" if whole >= 60 else f"{whole}s"
 
 
-class Progress:
-    """One progress line on stderr: done/total, rate, ETA (a line every few seconds on a pipe)."""
+class Progress(StatusLine):
+    """The progress of a run on stderr: done/total, rate, ETA (``pipelines/console.py``: one
+    replaced line on a terminal, a line every few seconds on a pipe, the final one always)."""
 
     def __init__(self, verb: str) -> None:
+        super().__init__()
         self.verb = verb
-        self.last = 0.0
 
     def __call__(self, done: int, total: int, rate: float, eta: float | None) -> None:
-        now = time.monotonic()
-        final = done >= total
-        if not final and now - self.last < 0.5:
-            return
-        self.last = now
         percent = 100.0 * done / total if total else 100.0
-        typer.echo(
-            f"\r{self.verb} {done}/{total} offsets ({percent:.0f}%)  {rate:,.0f} records/s  "
-            f"ETA {_seconds(eta)}   ",
-            nl=final,
-            err=True,
+        self.update(
+            f"{self.verb} {done}/{total} offsets ({percent:.0f}%)  {rate:,.0f} records/s  "
+            f"ETA {_seconds(eta)}",
+            final=done >= total,
         )
 
 
@@ -310,7 +305,7 @@ def replay_command(  # noqa: PLR0917 - typer maps each parameter to an option
         source = _catalog_topic(catalog, topic)
         bounds = {
             "since": parse_since(since) if since else None,
-            "until": parse_since(until) if until else None,
+            "until": parse_since(until, option="--until") if until else None,
         }
         ranges = resolve_ranges(
             settings,
@@ -347,7 +342,7 @@ def replay_command(  # noqa: PLR0917 - typer maps each parameter to an option
             _check_target(catalog, source, into)
             typer.echo(f"dry run: would replay up to {total} records; nothing written")
             return
-        with _interruptible() as stop:
+        with _interruptible() as stop, Progress("replayed") as show:
             result = _replay_into(
                 settings,
                 catalog,
@@ -357,6 +352,7 @@ def replay_command(  # noqa: PLR0917 - typer maps each parameter to an option
                 run,
                 rate,
                 stop,
+                show,
                 who,
                 analytics_url,
                 timeout,
@@ -405,12 +401,12 @@ def _replay_into(  # noqa: PLR0917
     run: str,
     rate: float,
     stop: threading.Event,
+    show: Progress,
     operator: str,
     analytics_url: str | None,
     timeout: float,
 ) -> ReplayResult:
     _check_target(catalog, source, into)
-    show = Progress("replayed")
 
     def progress(state: ReplayProgress) -> None:
         show(state.done, state.total, state.rate, state.eta)
@@ -526,8 +522,7 @@ def rebuild_clickhouse(  # noqa: PLR0917 - typer maps each parameter to an optio
             return
         api = OperatorApi.of(settings, who, analytics_url, timeout)
         who = api.operator
-        show = Progress("rebuilt")
-        with _interruptible() as stop:
+        with _interruptible() as stop, Progress("rebuilt") as show:
             job = api.call(
                 "POST",
                 "/v1/operator/rebuilds",
@@ -638,34 +633,34 @@ def _fill(
 ) -> tuple[bool, int]:
     """Run the CQL sink into ``keyspace`` until it has read every input to its end."""
     sink = CqlSink(settings, session, keyspace=keyspace, stop=stop)
-    show = Progress("rebuilt")
     done = threading.Event()
     started = time.monotonic()
 
-    def report() -> None:
-        while not done.wait(1.0):
-            records = sink.stats.records
-            rate = records / max(time.monotonic() - started, 1e-9)
-            typer.echo(
-                f"\rrebuilt: {records} records  {rate:,.0f} records/s   ", nl=False, err=True
-            )
+    def counts() -> str:
+        records = sink.stats.records
+        rate = records / max(time.monotonic() - started, 1e-9)
+        return f"rebuilt: {records} records  {rate:,.0f} records/s"
 
-    watcher = threading.Thread(target=report, daemon=True)
-    watcher.start()
-    try:
-        sink.run(stop, until_caught_up=True)
-    finally:
-        done.set()
-        watcher.join()
-    del show
-    typer.echo("", err=True)
+    def report(line: StatusLine) -> None:
+        while not done.wait(1.0):
+            line.update(counts())
+
+    with StatusLine() as line:
+        watcher = threading.Thread(target=report, args=(line,), daemon=True)
+        watcher.start()
+        try:
+            sink.run(stop, until_caught_up=True)
+        finally:
+            done.set()
+            watcher.join()
+        line.update(counts(), final=True)
     return not stop.is_set(), sink.stats.records
 
 
 def _show(comparisons: list[TableComparison]) -> None:
-    for c in comparisons:
-        verdict = "equal" if c.equal else "DIFFERENT"
-        typer.echo(
-            f"  {c.table:<20} live {c.live_rows:>8} rows  "
-            f"rebuilt {c.rebuilt_rows:>8} rows  {verdict}"
-        )
+    rows = [
+        (c.table, str(c.live_rows), str(c.rebuilt_rows), "equal" if c.equal else "DIFFERENT")
+        for c in comparisons
+    ]
+    header = ("TABLE", "LIVE ROWS", "REBUILT ROWS", "RESULT")
+    typer.echo(table_text(header, rows, right={"LIVE ROWS", "REBUILT ROWS"}))

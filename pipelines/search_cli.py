@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from core.principals import StaffRole
-from pipelines.console import load_settings
+from pipelines.console import load_settings, table_text
 from pipelines.staff_cli import StaffCredential
 from schemas.search import DEFAULT_LIMIT, SearchError, parse_query
 
@@ -132,10 +132,7 @@ def _print_table(hits: list[dict[str, Any]]) -> None:
         )
         for hit in hits
     ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
-    for row in [header, *rows]:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        typer.echo("  ".join([*cells, row[-1]]))
+    typer.echo(table_text(header, rows))
 
 
 def _one_line(text: str) -> str:

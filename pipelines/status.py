@@ -17,6 +17,7 @@ from pathlib import Path
 
 from core.lag import group_lag
 from core.settings import Settings
+from pipelines.console import table_text
 from pipelines.processes import consumer_groups
 from pipelines.supervisor import ProcessState, child_state, load_state
 
@@ -76,13 +77,19 @@ def status_command(settings: Settings, echo: Callable[[str], None]) -> int:
     if not found:
         echo("imstream up is not running here (no processes.json in the state dir)")
         return 1
-    echo(f"{'PROCESS':16} {'STATE':8} {'PID':>7} {'RESTARTS':>8} {'LAG':>8}  LAST ERROR")
-    for item in found:
-        lag = "-" if item.lag is None else str(item.lag)
-        echo(
-            f"{item.name:16} {item.state:8} {item.pid or '-':>7} "
-            f"{item.restarts:>8} {lag:>8}  {item.last_error or '-'}"
+    rows = [
+        (
+            item.name,
+            str(item.state),
+            str(item.pid or "-"),
+            str(item.restarts),
+            "-" if item.lag is None else str(item.lag),
+            item.last_error or "-",
         )
+        for item in found
+    ]
+    header = ("PROCESS", "STATE", "PID", "RESTARTS", "LAG", "LAST ERROR")
+    echo(table_text(header, rows, right={"PID", "RESTARTS", "LAG"}))
     others = {
         state: [item.name for item in found if item.state is state]
         for state in (ProcessState.STARTING, ProcessState.DOWN)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import typer
@@ -17,18 +17,17 @@ from confluent_kafka.admin import AdminClient
 
 from core.connections import kafka_config
 from core.settings import Settings
-from pipelines.console import load_settings
+from core.timeargs import parse_moment
+from pipelines.console import load_settings, table_text
 from pipelines.kafka_acls import SERVICES, acl_bindings, apply_acls, describe_binding
 from pipelines.topics import ChangeAction, TopicAdminError, apply_topics, describe_topics
 from pipelines.topics_ops import (
     Filters,
     FindProgress,
-    InvalidTimeError,
     TopicInspection,
     UnknownTopicError,
     find,
     inspect_topics,
-    parse_since,
     resolve_topics,
     tail,
 )
@@ -144,11 +143,7 @@ def list_topics(timeout: Timeout = 30.0) -> None:
                 str(state.end_offsets),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        typer.echo(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
+    typer.echo(table_text(rows[0], rows[1:]))
     missing = sum(not state.exists for state in states)
     if missing:
         typer.echo(f"{missing} topic(s) missing: run `imstream topics apply`", err=True)
@@ -170,14 +165,6 @@ def _retention(millis: str | None) -> str:
 def _unknown_topic(error: UnknownTopicError) -> typer.Exit:
     typer.echo(f"error: [topic-unknown] {error.args[0]}", err=True)
     return typer.Exit(2)
-
-
-def _table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        typer.echo(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
 
 
 @topics_app.command("inspect")
@@ -236,7 +223,7 @@ def _show_inspection(inspection: TopicInspection) -> None:
             committed = "-" if lag.committed is None else str(lag.committed)
             cells.append(f"{committed}/{lag.lag}")
         rows.append(tuple(cells))
-    _table(rows)
+    typer.echo(table_text(rows[0], rows[1:]))
     for group in groups:
         typer.echo(f"  {group.process}: group {group.group}, lag {group.lag}")
     if not groups:
@@ -349,9 +336,9 @@ def find_command(  # noqa: PLR0917 - typer maps each parameter to an option
     """
     settings, catalog, _ = _connect()
     try:
-        moment = parse_since(since)
-    except InvalidTimeError as error:
-        typer.echo(f"error: [time-invalid] --since {error.args[0]}", err=True)
+        moment = parse_moment(since, "--since", relative_to=datetime.now(UTC))
+    except ValueError as error:
+        typer.echo(f"error: [time-invalid] {error}", err=True)
         raise typer.Exit(2) from error
 
     def progress(step: FindProgress) -> None:

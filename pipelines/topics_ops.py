@@ -11,13 +11,12 @@ record that does not decode shows here with the same error code as in the audit.
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from confluent_kafka import (
@@ -40,20 +39,14 @@ from sinks.clickhouse.audit import AuditDecoder, Audited, AuditRow, KafkaRecord
 #: How long a poll waits before the loop checks for the end or a stop request.
 _POLL_SECONDS = 0.2
 _SUMMARY_CHARS = 60
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
 class UnknownTopicError(ValueError):
     """A name that is no topic of the catalog, or a catalog topic missing on the cluster."""
 
 
-class InvalidTimeError(ValueError):
-    """A ``--since`` that is neither a duration nor an ISO time."""
-
-
 # ---------------------------------------------------------------------------------------------
-# Resolving names and times
+# Resolving names
 # ---------------------------------------------------------------------------------------------
 
 
@@ -72,23 +65,6 @@ def resolve_topics(catalog: TopicCatalog, names: Sequence[str]) -> list[Topic]:
             )
         found.append(matches[0])
     return found
-
-
-def parse_since(text: str, *, now: datetime | None = None) -> datetime:
-    """A point in time from a duration back from now (``90s``, ``30m``, ``1h``, ``2d``) or an ISO
-    time (without a zone it is UTC)."""
-    now = now or datetime.now(UTC)
-    match = _DURATION.match(text.strip())
-    if match:
-        return now - timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise InvalidTimeError(
-            f"{text!r} is neither a duration (90s, 30m, 1h, 2d) nor an ISO time "
-            "(2025-03-01T12:00:00Z)"
-        ) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _probe(settings: Settings, **overrides: Any) -> Consumer:

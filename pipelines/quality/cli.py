@@ -6,7 +6,6 @@ option, a store out of reach: ``error: [code] what to do``).
 
 from __future__ import annotations
 
-import re
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,7 +19,8 @@ from analytics.quality_api import MAX_ROWS
 from core.connections import clickhouse_client, cql_cluster
 from core.principals import StaffRole
 from core.settings import Settings
-from pipelines.console import load_settings
+from core.timeargs import parse_moment
+from pipelines.console import load_settings, table_text
 from pipelines.quality.sources import (
     AuditReader,
     CqlSample,
@@ -42,29 +42,17 @@ quality_app = typer.Typer(
 
 EXIT_FAILED = 1
 EXIT_CANNOT_RUN = 2
-_RELATIVE = re.compile(r"^(\d{1,6})([mhd])$")
-_UNITS = {"m": "minutes", "h": "hours", "d": "days"}
 
 
-def parse_moment(value: str, option: str, *, relative_to: datetime) -> datetime:
-    """An RFC 3339 time with an offset, or ``<n>m|h|d`` before ``relative_to``."""
-    match = _RELATIVE.match(value.strip())
-    if match:
-        return relative_to - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        parsed = None
-    if parsed is None or parsed.tzinfo is None:
-        raise QualityError(
-            QualityErrorCode.INVALID_OPTION,
-            f"{option} must be an RFC 3339 time with an offset (2026-03-01T00:00:00Z) or a "
-            f"duration back from now such as 90m, 24h, 7d; got {value!r}",
-        )
-    parsed = parsed.astimezone(UTC)
-    if not datetime(1900, 1, 1, tzinfo=UTC) <= parsed <= datetime(2299, 12, 31, tzinfo=UTC):
-        raise QualityError(QualityErrorCode.INVALID_OPTION, f"{option} must be in 1900-2299")
-    return parsed
+def _moment(value: str, option: str, *, relative_to: datetime) -> datetime:
+    """The CLI's time argument (``core/timeargs.py``): an age back from ``relative_to`` or an
+    ISO time (UTC without an offset)."""
+    return parse_moment(
+        value,
+        option,
+        relative_to=relative_to,
+        invalid=lambda message: QualityError(QualityErrorCode.INVALID_OPTION, message),
+    )
 
 
 def _progress(line: str) -> None:
@@ -112,8 +100,8 @@ def check(  # noqa: PLR0917 (a typer command: one parameter per option)
     since: Annotated[
         str,
         typer.Option(
-            help="Start of the window on the Kafka record time: RFC 3339 with an offset, or a "
-            "duration back from --until (90m, 24h, 7d)"
+            help="Start of the window on the Kafka record time: an ISO time (UTC without an "
+            "offset), or a duration back from --until (90m, 24h, 7d)"
         ),
     ] = "24h",
     until: Annotated[
@@ -182,15 +170,15 @@ def check(  # noqa: PLR0917 (a typer command: one parameter per option)
         )
 
         now = datetime.now(UTC)
-        end = parse_moment(until, "--until", relative_to=now) if until else now
+        end = _moment(until, "--until", relative_to=now) if until else now
         options = CheckOptions(
             tenant=tenant or None,
-            since=parse_moment(since, "--since", relative_to=end),
+            since=_moment(since, "--since", relative_to=end),
             until=end,
             sample=sample,
             max_rows=max_rows,
             thresholds=Thresholds(
-                timestamp_floor=parse_moment(timestamp_floor, "--timestamp-floor", relative_to=now),
+                timestamp_floor=_moment(timestamp_floor, "--timestamp-floor", relative_to=now),
                 max_clock_skew=timedelta(seconds=max_clock_skew_seconds),
                 max_push_failure_share=max_push_failure_share,
                 max_push_invalid_token_share=max_push_invalid_token_share,
@@ -229,16 +217,11 @@ def check(  # noqa: PLR0917 (a typer command: one parameter per option)
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(EXIT_CANNOT_RUN) from error
 
-    rows = [("SUITE", "EXPECTATION", "RESULT", "OBSERVED")]
-    rows.extend(
+    rows = [
         (result.suite, result.check, "pass" if result.success else "FAIL", result.observed)
         for result in report.results
-    )
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
-        typer.echo(
-            "  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[3]])
-        )
+    ]
+    typer.echo(table_text(("SUITE", "EXPECTATION", "RESULT", "OBSERVED"), rows))
     for note in report.notes:
         typer.echo(f"note: {note}")
     failed = sum(not result.success for result in report.results)

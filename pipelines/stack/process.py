@@ -15,46 +15,33 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import psutil
+
 
 def marker(name: str, state_dir: Path) -> str:
     return f"-Dimstream.service={name}@{state_dir.resolve()}"
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return ""
-    return raw.replace(b"\0", b" ").decode(errors="replace")
+#: What a process that has ended but not been collected looks like: no longer running.
+_ENDED = {psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD}
 
 
 def find_pids(tag: str) -> list[int]:
-    """Pids of live processes whose command line carries ``tag``."""
+    """Pids of live processes whose command line carries ``tag`` (processes this user may not
+    inspect have no command line here, and are never ours)."""
     pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and tag in _cmdline(int(entry.name)):
-            state = _proc_state(int(entry.name))
-            if state not in {"Z", "X", ""}:
-                pids.append(int(entry.name))
+    for found in psutil.process_iter(["cmdline", "status"]):
+        cmdline = found.info["cmdline"] or []
+        if tag in " ".join(cmdline) and found.info["status"] not in _ENDED:
+            pids.append(found.pid)
     return sorted(pids)
-
-
-def _proc_state(pid: int) -> str:
-    try:
-        status = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return status.rsplit(")", 1)[-1].split()[0]
 
 
 def rss_bytes(pid: int) -> int | None:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
         return None
-    return None
 
 
 def start_detached(
@@ -91,7 +78,8 @@ def lower_priority(pid: int, nice: int) -> None:
     milliseconds run at the parent's priority, which matters to nobody. The process is in a
     session of its own, and with the kernel's autogroup scheduling (most desktop and server
     kernels) a session competes with other sessions as one group whose weight a process's nice
-    value does not change: the group's nice (``/proc/<pid>/autogroup``) is set too.
+    value does not change: the group's nice (``/proc/<pid>/autogroup``) is set too — a Linux
+    knob that psutil does not cover, written directly.
     """
     own = os.getpriority(os.PRIO_PROCESS, 0)
     os.setpriority(os.PRIO_PROCESS, pid, min(19, own + nice))
@@ -100,13 +88,13 @@ def lower_priority(pid: int, nice: int) -> None:
 
 
 def is_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not; one this user may not inspect does)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() not in _ENDED
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    return _proc_state(pid) not in {"Z", "X", ""}
 
 
 def reap(pid: int) -> int | None:

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from core.timeargs import EARLIEST, LATEST, in_range
 from schemas.errors import ErrorCode, SchemaError, schema_error
 from schemas.events import (
     Event,
@@ -50,10 +51,9 @@ log = logging.getLogger(__name__)
 PROCESSING_FAILED = "processing-failed"
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-#: The range ClickHouse's DateTime64 supports: a time outside it is stored as nonsense (and
-#: opens a partition of its own); an integer beyond UInt64 fails the whole insert.
-_EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
-_LATEST = datetime(2299, 12, 31, 23, 59, 59, tzinfo=UTC)
+#: Beyond the range ClickHouse's DateTime64 supports (``core.timeargs.in_range``) a time is
+#: stored as nonsense (and opens a partition of its own); an integer beyond UInt64 fails the
+#: whole insert.
 _MAX_UINT32 = 2**32 - 1
 _MAX_UINT64 = 2**64 - 1
 
@@ -392,14 +392,14 @@ def _record_time(timestamp_ms: int | None) -> datetime:
         timestamp = _EPOCH + timedelta(milliseconds=timestamp_ms)
     except OverflowError:
         return _EPOCH
-    return timestamp if timestamp <= _LATEST else _EPOCH
+    return timestamp if timestamp <= LATEST else _EPOCH
 
 
 def _out_of_range(facts: Facts) -> str | None:
     """Why ClickHouse could not store these facts faithfully, if it could not (pydantic's bounds
     are wider: such an event is valid JSON but no real one)."""
-    if not _EARLIEST <= facts.occurred_at <= _LATEST:
-        return "occurred_at: outside the years 1900-2299 that the audit stores"
+    if not in_range(facts.occurred_at):
+        return f"occurred_at: outside the years {EARLIEST.year}-{LATEST.year} that the audit stores"
     for name, value in (("sync_id", facts.sync_id), ("conversation_seq", facts.conversation_seq)):
         if value is not None and value > _MAX_UINT64:
             return f"{name}: larger than the audit stores (2^64 - 1)"
