@@ -12,7 +12,7 @@ loads nothing. The page around the charts is Jinja2 templates (``analytics/templ
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from html import escape
@@ -176,6 +176,52 @@ def _y_axis(
     return parts
 
 
+def _stacked_baselines(
+    series: Sequence[Series], times: Sequence[datetime], *, stack: bool
+) -> tuple[list[dict[datetime, float]], dict[datetime, float]]:
+    """Each series' baseline and the running total. Stacked: each series sits on the sum of
+    the ones before it, at every time any has; otherwise every baseline is zero."""
+    baselines: list[dict[datetime, float]] = []
+    running = dict.fromkeys(times, 0.0)
+    for item in series:
+        baselines.append(dict(running))
+        if stack:
+            for moment in times:
+                running[moment] += item.points.get(moment, 0.0)
+    return baselines, running
+
+
+def _x_axis(
+    start: datetime,
+    end: datetime,
+    span: float,
+    plot: tuple[float, float, float, float],
+    x_of: Callable[[datetime], float],
+) -> list[str]:
+    """The time axis: a tick and a label at each round time (no label past the right edge)."""
+    left, _, right, bottom = plot
+    parts = []
+    tick_step, time_ticks = _time_ticks(start, end, right - left)
+    for tick in time_ticks:
+        x = x_of(tick)
+        parts.append(
+            f"<line x1='{x:.1f}' x2='{x:.1f}' y1='{bottom:.1f}' y2='{bottom + 4:.1f}' "
+            f"stroke='{_AXIS}'/>"
+        )
+        if x > right - 24:  # its label would run past the edge
+            continue
+        label = _time_label(tick, tick_step, span)
+        parts.append(
+            f"<text x='{x:.1f}' y='{bottom + 16:.1f}' text-anchor='middle' fill='{_AXIS}'>"
+            f"{escape(label)}</text>"
+        )
+    parts.append(
+        f"<line x1='{left:.1f}' x2='{right:.1f}' y1='{bottom:.1f}' y2='{bottom:.1f}' "
+        f"stroke='{_AXIS}'/>"
+    )
+    return parts
+
+
 def timeseries_svg(
     series: Sequence[Series],
     *,
@@ -209,14 +255,7 @@ def timeseries_svg(
     def x_of(moment: datetime) -> float:
         return left + ((moment - start).total_seconds() / span) * (right - left)
 
-    # Stacked: each series sits on the sum of the ones before it, at every time any has.
-    baselines: list[dict[datetime, float]] = []
-    running = dict.fromkeys(times, 0.0)
-    for item in series:
-        baselines.append(dict(running))
-        if stack:
-            for moment in times:
-                running[moment] += item.points.get(moment, 0.0)
+    baselines, running = _stacked_baselines(series, times, stack=stack)
     highest = (
         max(running.values(), default=0.0)
         if stack
@@ -228,24 +267,7 @@ def timeseries_svg(
         return bottom - (value / top) * (bottom - top_px)
 
     parts = [_svg_open(width, height, title), *_y_axis(ticks, top, plot, unit, decimals)]
-    tick_step, time_ticks = _time_ticks(start, end, right - left)
-    for tick in time_ticks:
-        x = x_of(tick)
-        parts.append(
-            f"<line x1='{x:.1f}' x2='{x:.1f}' y1='{bottom:.1f}' y2='{bottom + 4:.1f}' "
-            f"stroke='{_AXIS}'/>"
-        )
-        if x > right - 24:  # its label would run past the edge
-            continue
-        label = _time_label(tick, tick_step, span)
-        parts.append(
-            f"<text x='{x:.1f}' y='{bottom + 16:.1f}' text-anchor='middle' fill='{_AXIS}'>"
-            f"{escape(label)}</text>"
-        )
-    parts.append(
-        f"<line x1='{left:.1f}' x2='{right:.1f}' y1='{bottom:.1f}' y2='{bottom:.1f}' "
-        f"stroke='{_AXIS}'/>"
-    )
+    parts.extend(_x_axis(start, end, span, plot, x_of))
     bucket_px = max(1.0, (interval_seconds / span) * (right - left))
     few = len(times) <= (_STACKED_MARKERS_UP_TO if stack else _MARKERS_UP_TO)
     # Buckets that start before the range or end after it are cut at the plot's edges.

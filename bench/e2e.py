@@ -67,7 +67,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, replace
 from multiprocessing.connection import Connection
@@ -496,52 +496,17 @@ def raw_round_trip(
         paced: list[dict[str, Any]] = []
         for rate in rates:
             latencies.clear()
-            start = time.monotonic()
-            total = int(rate * seconds)
-            for index in range(total):
-                delay = start + index / rate - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                produce_one(index)
-            producer.flush(30)
-            deadline = time.monotonic() + 10
-            while len(latencies) < total and time.monotonic() < deadline:
-                time.sleep(0.05)
-            paced.append(
-                {
-                    "rate": rate,
-                    "sent": total,
-                    "received": len(latencies),
-                    "latency_ms": percentiles_ms(latencies),
-                }
-            )
+            paced.append(_paced_round_trips(rate, seconds, produce_one, producer, latencies))
             progress.done(
                 f"raw round trip at {rate:,.0f}/s: p50 {paced[-1]['latency_ms']['p50']} ms, "
                 f"p99 {paced[-1]['latency_ms']['p99']} ms"
             )
         # As fast as one producer and one consumer go.
         latencies.clear()
-        before = received
-        total = 0
-        start = time.monotonic()
-        while time.monotonic() - start < seconds:
-            for _ in range(1000):
-                produce_one(total)
-                total += 1
-        producer.flush(60)
-        deadline = time.monotonic() + 30
-        while received - before < total and time.monotonic() < deadline:
-            time.sleep(0.05)
-        elapsed = time.monotonic() - start
-        flat_out = {
-            "sent": total,
-            "received": received - before,
-            "seconds": round(elapsed, 2),
-            "round_trips_per_second": round((received - before) / elapsed, 1),
-        }
+        flat_out = _flat_out_round_trips(seconds, produce_one, producer, lambda: received)
         progress.done(
             f"raw round trip flat out: {flat_out['round_trips_per_second']:,.0f}/s "
-            f"({total:,} records)"
+            f"({flat_out['sent']:,} records)"
         )
         return {
             "payload_bytes": payload_bytes,
@@ -554,6 +519,62 @@ def raw_round_trip(
         reader.join(5)
         consumer.close()
         admin.delete_topics([topic])
+
+
+def _paced_round_trips(
+    rate: float,
+    seconds: float,
+    produce_one: Callable[[int], None],
+    producer: Producer,
+    latencies: list[float],
+) -> dict[str, Any]:
+    """``rate`` records a second for ``seconds``, then up to 10 s for the consumer to read
+    them back; ``latencies`` fills as it does."""
+    start = time.monotonic()
+    total = int(rate * seconds)
+    for index in range(total):
+        delay = start + index / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        produce_one(index)
+    producer.flush(30)
+    deadline = time.monotonic() + 10
+    while len(latencies) < total and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {
+        "rate": rate,
+        "sent": total,
+        "received": len(latencies),
+        "latency_ms": percentiles_ms(latencies),
+    }
+
+
+def _flat_out_round_trips(
+    seconds: float,
+    produce_one: Callable[[int], None],
+    producer: Producer,
+    received: Callable[[], int],
+) -> dict[str, Any]:
+    """Records as fast as the producer takes them for ``seconds``, then up to 30 s for the
+    consumer (whose count ``received`` reads) to catch up."""
+    before = received()
+    total = 0
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        for _ in range(1000):
+            produce_one(total)
+            total += 1
+    producer.flush(60)
+    deadline = time.monotonic() + 30
+    while received() - before < total and time.monotonic() < deadline:
+        time.sleep(0.05)
+    elapsed = time.monotonic() - start
+    return {
+        "sent": total,
+        "received": received() - before,
+        "seconds": round(elapsed, 2),
+        "round_trips_per_second": round((received() - before) / elapsed, 1),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1177,6 +1198,17 @@ def results_section(options: Options) -> str:
     return f"e2e_shape_{options.shape}_backlog_{options.backlog}"
 
 
+def add_raw_ratios(phases: list[dict[str, Any]], raw: dict[str, Any]) -> None:
+    """Each phase's p99 as a multiple of the raw round trip's at the same rate, where one ran."""
+    raw_by_rate = {run["rate"]: run for run in raw["paced"]}
+    for phase in phases:
+        raw_run = raw_by_rate.get(phase["target_per_second"])
+        if raw_run and raw_run["latency_ms"]["p99"] and phase["send_to_deliver_ms"]["p99"]:
+            phase["p99_ratio_to_raw_round_trip"] = round(
+                phase["send_to_deliver_ms"]["p99"] / raw_run["latency_ms"]["p99"], 1
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
     interrupt_on_sigterm()
@@ -1238,13 +1270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     direct = [phase for phase in phases if phase["kind"] == "direct"]
     sustained = [phase["target_per_second"] for phase in direct if phase["sustained"]]
     best = max(sustained, default=None)
-    raw_by_rate = {run["rate"]: run for run in raw["paced"]}
-    for phase in phases:
-        raw_run = raw_by_rate.get(phase["target_per_second"])
-        if raw_run and raw_run["latency_ms"]["p99"] and phase["send_to_deliver_ms"]["p99"]:
-            phase["p99_ratio_to_raw_round_trip"] = round(
-                phase["send_to_deliver_ms"]["p99"] / raw_run["latency_ms"]["p99"], 1
-            )
+    add_raw_ratios(phases, raw)
     document = {
         "started_at": started,
         "finished_at": now_iso(),

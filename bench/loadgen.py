@@ -159,41 +159,19 @@ async def _drive(
                 frame = json.loads(message)
                 started = sent_at.pop(frame.get("id"), None)
                 if started is not None:  # else a frame that answers no send (a pushed event)
-                    count_reply(frame, started)
+                    _count_reply(frame, started, monotonic(), window, result)
+                    slots.release()
                     if not sending and not sent_at:
                         settled.set()
         finally:
             settled.set()
 
-    def count_reply(frame: dict[str, Any], started: float) -> None:
-        now = monotonic()
-        kind = frame.get("type")
-        if kind == "accepted":
-            result.accepted_total += 1
-            if window.measure_from <= now < window.measure_until:
-                result.accepted_in_window += 1
-                result.latencies.append(now - started)
-        elif kind == "error":
-            result.errors[str(frame.get("code"))] += 1
-        else:
-            result.errors[f"unexpected reply {kind}"] += 1
-        slots.release()
-
     reader = asyncio.create_task(read_replies())
     sequence = 0
     try:
         while not reader.done():
-            if slots.locked():
-                remaining = window.measure_until - monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    async with asyncio.timeout(remaining):
-                        await slots.acquire()
-                except TimeoutError:
-                    break
-            else:
-                await slots.acquire()
+            if not await _take_slot(slots, window.measure_until):
+                break
             now = monotonic()
             if now >= window.measure_until:
                 break
@@ -216,15 +194,54 @@ async def _drive(
     finally:
         result.unanswered += len(sent_at)
         if reader.done() and not reader.cancelled():
-            error = reader.exception()
-            if isinstance(error, ConnectionClosed) or error is None:
-                code = websocket.close_code
-                result.closed_by_server[str(code)] += 1
-            else:
-                result.failure = f"reader failed: {error!r}"
+            _note_reader_end(websocket, reader, result)
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
             await reader
+
+
+def _count_reply(
+    frame: dict[str, Any], started: float, now: float, window: Window, result: LoadResult
+) -> None:
+    """One send's reply: accepted (timed if inside the measured window), or an error."""
+    kind = frame.get("type")
+    if kind == "accepted":
+        result.accepted_total += 1
+        if window.measure_from <= now < window.measure_until:
+            result.accepted_in_window += 1
+            result.latencies.append(now - started)
+    elif kind == "error":
+        result.errors[str(frame.get("code"))] += 1
+    else:
+        result.errors[f"unexpected reply {kind}"] += 1
+
+
+async def _take_slot(slots: asyncio.Semaphore, until: float) -> bool:
+    """A free send slot, waiting for one at most until ``until``; ``False`` when none came."""
+    if not slots.locked():
+        await slots.acquire()
+        return True
+    remaining = until - time.monotonic()
+    if remaining <= 0:
+        return False
+    try:
+        async with asyncio.timeout(remaining):
+            await slots.acquire()
+    except TimeoutError:
+        return False
+    return True
+
+
+def _note_reader_end(
+    websocket: ClientConnection, reader: asyncio.Task[None], result: LoadResult
+) -> None:
+    """How the finished reply reader ended: the server closed the connection, or it failed."""
+    error = reader.exception()
+    if isinstance(error, ConnectionClosed) or error is None:
+        code = websocket.close_code
+        result.closed_by_server[str(code)] += 1
+    else:
+        result.failure = f"reader failed: {error!r}"
 
 
 async def _open_all(plan: LoadPlan, result: LoadResult) -> list[ClientConnection]:

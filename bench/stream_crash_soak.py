@@ -87,7 +87,59 @@ def read_queues(settings: Settings, topic: str) -> dict[str, dict[int, SyncRecor
     return queues
 
 
-def main() -> int:
+def reused_seqs(settings: Settings, topic: str) -> int:
+    """How many conversation seqs were given to two or more messages (each one a violation)."""
+    seqs: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for value in read_topic(settings, topic):
+        event = parse_event(value)
+        if isinstance(event, MessageSent):
+            seqs[event.payload.conversation_id][event.payload.conversation_seq or 0].add(
+                event.event_id
+            )
+    reused = sum(1 for by_seq in seqs.values() for ids in by_seq.values() if len(ids) > 1)
+    log.info("seqs used for two or more messages: %d", reused)
+    return reused
+
+
+def queue_violations(
+    pairs: list[tuple[str, str, str]],
+    sends: list[MessageSent],
+    queues: dict[str, dict[int, SyncRecord]],
+) -> int:
+    """The members whose sync queue misses a message of their conversation or has them out of
+    order; each is logged."""
+    violations = 0
+    for sender, receiver, conversation_id in pairs:
+        wanted = [s.event_id for s in sends if s.payload.conversation_id == conversation_id]
+        for user in (sender, receiver):
+            queued = [queues[user][k].event for k in sorted(queues.get(user, {}))]
+            got = [e.event_id for e in queued if isinstance(e, MessageSent)]
+            if got != wanted:
+                violations += 1
+                missing = len(set(wanted) - set(got))
+                log.error(
+                    "%s: %d of %d messages missing or out of order", user, missing, len(wanted)
+                )
+    return violations
+
+
+def unread_violations(
+    states: MemoryState, pairs: list[tuple[str, str, str]], sends: list[MessageSent]
+) -> int:
+    """The receivers whose unread count is not every message of their conversation."""
+    violations = 0
+    for _sender, receiver, conversation_id in pairs:
+        count = sum(1 for s in sends if s.payload.conversation_id == conversation_id)
+        state = stored_user(states, f"{TENANT}/{receiver}")
+        view = state.conversations.get(conversation_id) if state else None
+        unread = view.unread if view else 0
+        if unread != count:
+            violations += 1
+            log.error("%s: unread %d, expected %d", receiver, unread, count)
+    return violations
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=10_000)
     parser.add_argument("--kills", type=int, default=5)
@@ -96,7 +148,11 @@ def main() -> int:
     parser.add_argument("--instance-id", default=None, help="static group membership id")
     parser.add_argument("--timeout", type=float, default=480, help="seconds to wait for the queues")
     parser.add_argument("--keep", action="store_true", help="keep the topics for inspection")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     base = Settings()
     prefix = f"soak-{uuid.uuid4().hex[:8]}-"
@@ -168,36 +224,9 @@ def main() -> int:
             sum(len(queue) for queue in queues.values()),
             expected,
         )
-        seqs: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
-        for value in read_topic(settings, catalog.messages_sequenced.name):
-            event = parse_event(value)
-            if isinstance(event, MessageSent):
-                seqs[event.payload.conversation_id][event.payload.conversation_seq or 0].add(
-                    event.event_id
-                )
-        reused = sum(1 for by_seq in seqs.values() for ids in by_seq.values() if len(ids) > 1)
-        log.info("seqs used for two or more messages: %d", reused)
-        violations += reused
-        for sender, receiver, conversation_id in pairs:
-            wanted = [s.event_id for s in sends if s.payload.conversation_id == conversation_id]
-            for user in (sender, receiver):
-                queued = [queues[user][k].event for k in sorted(queues.get(user, {}))]
-                got = [e.event_id for e in queued if isinstance(e, MessageSent)]
-                if got != wanted:
-                    violations += 1
-                    missing = len(set(wanted) - set(got))
-                    log.error(
-                        "%s: %d of %d messages missing or out of order", user, missing, len(wanted)
-                    )
-        states = latest_user_states(settings)
-        for _sender, receiver, conversation_id in pairs:
-            count = sum(1 for s in sends if s.payload.conversation_id == conversation_id)
-            state = stored_user(states, f"{TENANT}/{receiver}")
-            view = state.conversations.get(conversation_id) if state else None
-            unread = view.unread if view else 0
-            if unread != count:
-                violations += 1
-                log.error("%s: unread %d, expected %d", receiver, unread, count)
+        violations += reused_seqs(settings, catalog.messages_sequenced.name)
+        violations += queue_violations(pairs, sends, queues)
+        violations += unread_violations(latest_user_states(settings), pairs, sends)
         log.info("violations: %d", violations)
     finally:
         worker.stop()

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from bench.common import (
@@ -330,6 +330,28 @@ def drop_topics(settings: Settings, names: Sequence[str]) -> None:
             future.result(timeout=60)
 
 
+def copy_batch(
+    producer: Producer, target: str, messages: Sequence[Message]
+) -> tuple[dict[tuple[str, int], int], int]:
+    """Produces each good record of ``messages`` to ``target`` (waiting while the producer's
+    buffer is full); the next offset to commit per input partition, and how many were copied."""
+    offsets: dict[tuple[str, int], int] = {}
+    copied = 0
+    for message in messages:
+        if message.error() is not None:
+            continue
+        while True:
+            try:
+                producer.produce(target, key=message.key(), value=message.value())
+                break
+            except BufferError:
+                producer.poll(0.05)
+        tp = (message.topic() or "", message.partition() or 0)
+        offsets[tp] = (message.offset() or 0) + 1
+        copied += 1
+    return offsets, copied
+
+
 def raw_loop(
     settings: Settings,
     source: str,
@@ -375,19 +397,8 @@ def raw_loop(
                 started = time.monotonic()
             if transactional:
                 producer.begin_transaction()
-            offsets: dict[tuple[str, int], int] = {}
-            for message in messages:
-                if message.error() is not None:
-                    continue
-                while True:
-                    try:
-                        producer.produce(target, key=message.key(), value=message.value())
-                        break
-                    except BufferError:
-                        producer.poll(0.05)
-                tp = (message.topic() or "", message.partition() or 0)
-                offsets[tp] = (message.offset() or 0) + 1
-                done += 1
+            offsets, copied = copy_batch(producer, target, messages)
+            done += copied
             if transactional:
                 producer.send_offsets_to_transaction(
                     [TopicPartition(t, p, o) for (t, p), o in offsets.items()],

@@ -313,40 +313,12 @@ def replay(
             progress(state)
         step = chunk_records if not rate else max(1, min(chunk_records, int(rate / 5) or 1))
         while pending and not stop.is_set():
-            chunk: list[Message] = []
-            for message in consumer.consume(step, timeout=POLL_SECONDS):
-                key = (message.topic() or "", message.partition() or 0)
-                bounds = pending.get(key)
-                if bounds is None:
-                    continue
-                error = message.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        position = _position(consumer, key)
-                        if position >= bounds.end:
-                            _finish(consumer, pending, key, positions, bounds.end)
-                        continue
-                    if error.fatal():
-                        raise ReplayError("kafka-failed", f"consumer: {error}")
-                    log.warning("consumer: %s", error)
-                    continue
-                offset = message.offset() or 0
-                if offset >= bounds.end:
-                    _finish(consumer, pending, key, positions, bounds.end)
-                    continue
-                chunk.append(message)
-                positions[key] = offset + 1
+            chunk = _read_chunk(consumer, step, pending, positions)
             if chunk:
                 target.apply(chunk)
                 result.replayed += len(chunk)
                 result.chunks += 1
-            for key, bounds in list(pending.items()):
-                # Markers and aborted records move the position past the last record read.
-                if chunk:
-                    positions[key] = max(positions[key], _position(consumer, key))
-                positions[key] = min(positions[key], bounds.end)
-                if positions[key] >= bounds.end:
-                    _finish(consumer, pending, key, positions, bounds.end)
+            _settle(consumer, pending, positions, read=bool(chunk))
             if chunk:
                 _commit(consumer, ranges, positions, timeout)
             state.records = result.replayed
@@ -363,6 +335,57 @@ def replay(
         consumer.close()
         result.elapsed = time.monotonic() - started
     return result
+
+
+def _read_chunk(
+    consumer: Consumer,
+    step: int,
+    pending: dict[tuple[str, int], PartitionRange],
+    positions: dict[tuple[str, int], int],
+) -> list[Message]:
+    """Up to ``step`` records inside the pending ranges, each advancing its position; a range
+    whose end is reached (a record past it, or the partition's end) is finished."""
+    chunk: list[Message] = []
+    for message in consumer.consume(step, timeout=POLL_SECONDS):
+        key = (message.topic() or "", message.partition() or 0)
+        bounds = pending.get(key)
+        if bounds is None:
+            continue
+        error = message.error()
+        if error is not None:
+            if error.code() == KafkaError._PARTITION_EOF:
+                position = _position(consumer, key)
+                if position >= bounds.end:
+                    _finish(consumer, pending, key, positions, bounds.end)
+                continue
+            if error.fatal():
+                raise ReplayError("kafka-failed", f"consumer: {error}")
+            log.warning("consumer: %s", error)
+            continue
+        offset = message.offset() or 0
+        if offset >= bounds.end:
+            _finish(consumer, pending, key, positions, bounds.end)
+            continue
+        chunk.append(message)
+        positions[key] = offset + 1
+    return chunk
+
+
+def _settle(
+    consumer: Consumer,
+    pending: dict[tuple[str, int], PartitionRange],
+    positions: dict[tuple[str, int], int],
+    *,
+    read: bool,
+) -> None:
+    """After a chunk: each position within its range, and the ranges now done finished."""
+    for key, bounds in list(pending.items()):
+        # Markers and aborted records move the position past the last record read.
+        if read:
+            positions[key] = max(positions[key], _position(consumer, key))
+        positions[key] = min(positions[key], bounds.end)
+        if positions[key] >= bounds.end:
+            _finish(consumer, pending, key, positions, bounds.end)
 
 
 def _resume(

@@ -237,20 +237,7 @@ async def run_demo(
     run = uuid.uuid4().hex[:6]
     users = [f"demo-{run}-u{i}" for i in range(options.users)]
     offline_users = [f"demo-{run}-o{i}" for i in range(options.offline_users)]
-    # Half APNs, half FCM — unless the tenant has no iOS app configured (a developer box
-    # without IM_PUSH__APNS_TOPIC), where the ingress would refuse APNs tokens.
-    apns = options.apns_app_id is not None or bool(
-        settings.push.apps_for(options.tenant).app_ids(PushProvider.APNS)
-    )
-    if offline_users and not apns:
-        progress(
-            f"tenant {options.tenant!r} has no APNs app (IM_PUSH__APNS_TOPIC, "
-            "IM_PUSH__TENANT_APPS): every offline user registers an FCM token"
-        )
-    providers = {
-        user: PushProvider.APNS if apns and i % 2 == 0 else PushProvider.FCM
-        for i, user in enumerate(offline_users)
-    }
+    providers = _push_providers(settings, options, offline_users, progress)
     everyone = users + offline_users
     secret = settings.auth.jwt_secret.get_secret_value()
 
@@ -305,68 +292,12 @@ async def run_demo(
                 tracker.on_received(user, item)
 
         readers = [asyncio.create_task(read(u, c)) for u, c in clients.items()]
-        conversations: list[tuple[str, list[str]]] = []
-        for index in range(options.conversations):
-            if index % 2 == 0 or options.group_size < 3:
-                members = rng.sample(everyone, 2)
-                kind = "direct"
-            else:
-                members = rng.sample(everyone, min(options.group_size, len(everyone)))
-                kind = "group"
-            online = [member for member in members if member in clients]
-            if not online:  # someone connected creates it and sends in it
-                members[0] = rng.choice(users)
-            elif members[0] not in clients:
-                members.remove(online[0])
-                members.insert(0, online[0])
-            owner = clients[members[0]]
-            conversation_id = await owner.create_conversation(
-                members[1:], kind=kind, name=None if kind == "direct" else f"group {index}"
-            )
-            conversations.append((conversation_id, members))
+        conversations = await _create_conversations(options, rng, users, everyone, clients)
         progress(f"{len(conversations)} conversations created")
-
-        interval = 1.0 / options.rate
-        sending = asyncio.Semaphore(256)
-        pending: set[asyncio.Task[None]] = set()
-
-        async def send_one(conversation_id: str, members: list[str], sender: str) -> None:
-            async with sending:
-                sent_at = time.monotonic()
-                accepted = await clients[sender].send(conversation_id, f"hello at {sent_at:.3f}")
-                online = [member for member in members if member in clients]
-                offline = [member for member in members if member not in clients]
-                tracker.on_accepted(accepted.event_id, online, sent_at, offline)
-
-        begin = time.monotonic()
-        next_at = begin
-        last_report = begin
-        while time.monotonic() - begin < options.duration:
-            conversation_id, members = rng.choice(conversations)
-            senders = [member for member in members if member in clients]
-            task = asyncio.create_task(send_one(conversation_id, members, rng.choice(senders)))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-            tracker.result.sent += 1
-            next_at += interval
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            if time.monotonic() - last_report >= 2.0:
-                last_report = time.monotonic()
-                result = tracker.result
-                progress(
-                    f"{last_report - begin:5.1f}s sent {result.sent} accepted {result.accepted} "
-                    f"delivered {result.delivered}/{result.expected}"
-                )
-        await asyncio.gather(*pending)
-        deadline = time.monotonic() + options.drain_timeout
-        while tracker.missing() and time.monotonic() < deadline:
-            await asyncio.sleep(0.5)
-            missing = tracker.missing()
-            if missing:
-                # A device that missed a live event gets it by syncing.
-                await asyncio.gather(*(client.sync() for client in clients.values()))
-                progress(f"waiting for {missing} deliveries …")
-        await asyncio.sleep(1.0)  # late duplicates would show here
+        await _send_at_rate(
+            options, rng, conversations, clients, tracker=tracker, progress=progress
+        )
+        await _drain(options, clients, tracker, progress)
     finally:
         for task in readers:
             task.cancel()
@@ -390,6 +321,124 @@ async def run_demo(
         await _wait_for_push_outcomes(analytics, result, options.push_timeout, progress)
     result.seconds = time.monotonic() - started
     return result
+
+
+def _push_providers(
+    settings: Settings,
+    options: DemoOptions,
+    offline_users: list[str],
+    progress: Callable[[str], None],
+) -> dict[str, PushProvider]:
+    """Each offline user's push provider: half APNs, half FCM — unless the tenant has no iOS
+    app configured (a developer box without IM_PUSH__APNS_TOPIC), where the ingress would
+    refuse APNs tokens."""
+    apns = options.apns_app_id is not None or bool(
+        settings.push.apps_for(options.tenant).app_ids(PushProvider.APNS)
+    )
+    if offline_users and not apns:
+        progress(
+            f"tenant {options.tenant!r} has no APNs app (IM_PUSH__APNS_TOPIC, "
+            "IM_PUSH__TENANT_APPS): every offline user registers an FCM token"
+        )
+    return {
+        user: PushProvider.APNS if apns and i % 2 == 0 else PushProvider.FCM
+        for i, user in enumerate(offline_users)
+    }
+
+
+async def _create_conversations(
+    options: DemoOptions,
+    rng: random.Random,
+    users: list[str],
+    everyone: list[str],
+    clients: dict[str, Client],
+) -> list[tuple[str, list[str]]]:
+    """Direct conversations and groups among every user, each created (and later sent in) by a
+    connected member, listed first."""
+    conversations: list[tuple[str, list[str]]] = []
+    for index in range(options.conversations):
+        if index % 2 == 0 or options.group_size < 3:
+            members = rng.sample(everyone, 2)
+            kind = "direct"
+        else:
+            members = rng.sample(everyone, min(options.group_size, len(everyone)))
+            kind = "group"
+        online = [member for member in members if member in clients]
+        if not online:  # someone connected creates it and sends in it
+            members[0] = rng.choice(users)
+        elif members[0] not in clients:
+            members.remove(online[0])
+            members.insert(0, online[0])
+        owner = clients[members[0]]
+        conversation_id = await owner.create_conversation(
+            members[1:], kind=kind, name=None if kind == "direct" else f"group {index}"
+        )
+        conversations.append((conversation_id, members))
+    return conversations
+
+
+async def _send_at_rate(
+    options: DemoOptions,
+    rng: random.Random,
+    conversations: list[tuple[str, list[str]]],
+    clients: dict[str, Client],
+    *,
+    tracker: _Tracker,
+    progress: Callable[[str], None],
+) -> None:
+    """Messages at ``options.rate`` per second for ``options.duration``, each from a connected
+    member of a random conversation; returns once every send is answered."""
+    interval = 1.0 / options.rate
+    sending = asyncio.Semaphore(256)
+    pending: set[asyncio.Task[None]] = set()
+
+    async def send_one(conversation_id: str, members: list[str], sender: str) -> None:
+        async with sending:
+            sent_at = time.monotonic()
+            accepted = await clients[sender].send(conversation_id, f"hello at {sent_at:.3f}")
+            online = [member for member in members if member in clients]
+            offline = [member for member in members if member not in clients]
+            tracker.on_accepted(accepted.event_id, online, sent_at, offline)
+
+    begin = time.monotonic()
+    next_at = begin
+    last_report = begin
+    while time.monotonic() - begin < options.duration:
+        conversation_id, members = rng.choice(conversations)
+        senders = [member for member in members if member in clients]
+        task = asyncio.create_task(send_one(conversation_id, members, rng.choice(senders)))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        tracker.result.sent += 1
+        next_at += interval
+        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        if time.monotonic() - last_report >= 2.0:
+            last_report = time.monotonic()
+            result = tracker.result
+            progress(
+                f"{last_report - begin:5.1f}s sent {result.sent} accepted {result.accepted} "
+                f"delivered {result.delivered}/{result.expected}"
+            )
+    await asyncio.gather(*pending)
+
+
+async def _drain(
+    options: DemoOptions,
+    clients: dict[str, Client],
+    tracker: _Tracker,
+    progress: Callable[[str], None],
+) -> None:
+    """Waits (at most ``options.drain_timeout``) for every delivery, then a second for late
+    duplicates."""
+    deadline = time.monotonic() + options.drain_timeout
+    while tracker.missing() and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        missing = tracker.missing()
+        if missing:
+            # A device that missed a live event gets it by syncing.
+            await asyncio.gather(*(client.sync() for client in clients.values()))
+            progress(f"waiting for {missing} deliveries …")
+    await asyncio.sleep(1.0)  # late duplicates would show here
 
 
 async def _register_offline_device(

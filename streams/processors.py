@@ -631,13 +631,7 @@ class UserProcessor(_BatchProcessor):
         if record.offset <= stored.get("applied", {}).get(record.topic, -1):
             result.skipped += 1
             return
-        concerned = _concerned(inbox, event)
-        if concerned is None and isinstance(event, DeviceConnected):
-            # The connect's answer lists the user's large groups: the views are read only
-            # for a user in some (the header counts them), not at every connect.
-            concerned = overlay.children(USERS_TABLE, key) if stored.get("large_groups") else []
-        elif concerned is None:
-            concerned = overlay.children(USERS_TABLE, key)
+        concerned = self._views_to_load(inbox, event, overlay, key, stored)
         loaded = {cid: overlay.get(USERS_TABLE, child_key(key, cid)) for cid in concerned}
         state = _user_state(stored, loaded)
         apply_leases(state, self._leases(overlay, record.partition, state), now=event.occurred_at)
@@ -660,20 +654,7 @@ class UserProcessor(_BatchProcessor):
                 last_seq=inbox.last_seq,
             )
         elif isinstance(event, DeviceConnected | DeviceDisconnected):
-            apply_presence(state, event)
-            if isinstance(event, DeviceConnected) and state.large_groups():
-                result.outputs.append(self._groups(tenant_id, user_id, event, state, positions))
-            if isinstance(event, DeviceConnected) and not state.known:
-                # The first sign-in: from now on the user may be named in creates and adds.
-                state.known = True
-                since = {"since": event.occurred_at.isoformat()}
-                result.outputs.append(
-                    OutputRecord(
-                        topic=self.catalog.known_users.name,
-                        key=user_key(tenant_id, user_id),
-                        value=pydantic_core.to_json(since),
-                    )
-                )
+            self._presence(tenant_id, user_id, event, state, positions=positions, result=result)
         else:
             outcome = apply_own_command(state, event)
         if outcome is not None:
@@ -682,11 +663,71 @@ class UserProcessor(_BatchProcessor):
             return
         applied = {**stored.get("applied", {}), record.topic: record.offset}
         overlay.put(USERS_TABLE, key, _user_header(state, applied), record.partition)
+        self._put_views(
+            overlay, key, record.partition, state=state, loaded=loaded, positions=positions
+        )
+
+    @staticmethod
+    def _views_to_load(
+        inbox: InboxRecord | None,
+        event: Event,
+        overlay: _Overlay,
+        key: str,
+        stored: dict[str, Any],
+    ) -> list[str]:
+        """The conversation views the input needs: those it names, else all of the user's."""
+        concerned = _concerned(inbox, event)
+        if concerned is not None:
+            return concerned
+        if isinstance(event, DeviceConnected):
+            # The connect's answer lists the user's large groups: the views are read only
+            # for a user in some (the header counts them), not at every connect.
+            return overlay.children(USERS_TABLE, key) if stored.get("large_groups") else []
+        return overlay.children(USERS_TABLE, key)
+
+    def _presence(
+        self,
+        tenant_id: str,
+        user_id: str,
+        event: DeviceConnected | DeviceDisconnected,
+        state: UserState,
+        *,
+        positions: dict[str, int],
+        result: BatchResult,
+    ) -> None:
+        """A device (dis)connects: the presence, and at a connect the large groups' answer and
+        the first sign-in."""
+        apply_presence(state, event)
+        if isinstance(event, DeviceConnected) and state.large_groups():
+            result.outputs.append(self._groups(tenant_id, user_id, event, state, positions))
+        if isinstance(event, DeviceConnected) and not state.known:
+            # The first sign-in: from now on the user may be named in creates and adds.
+            state.known = True
+            since = {"since": event.occurred_at.isoformat()}
+            result.outputs.append(
+                OutputRecord(
+                    topic=self.catalog.known_users.name,
+                    key=user_key(tenant_id, user_id),
+                    value=pydantic_core.to_json(since),
+                )
+            )
+
+    @staticmethod
+    def _put_views(
+        overlay: _Overlay,
+        key: str,
+        partition: int,
+        *,
+        state: UserState,
+        loaded: dict[str, dict[str, Any] | None],
+        positions: dict[str, int],
+    ) -> None:
+        """Stores the conversation views that changed (a view that is gone is deleted)."""
         for cid in {*loaded, *state.conversations}:
             view = state.conversations.get(cid)
             value = None if view is None else {**view.to_json(), "position": positions.get(cid, 0)}
             if value != loaded.get(cid):
-                overlay.put(USERS_TABLE, child_key(key, cid), value, record.partition)
+                overlay.put(USERS_TABLE, child_key(key, cid), value, partition)
 
     def _renew(
         self,

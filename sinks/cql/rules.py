@@ -702,16 +702,7 @@ class WritePlanner:
                     )
                 ]
             case MessageRecalled() | MessageEdited():
-                rows = self.reads.user_conversations(tenant, user, conversation_id)
-                if not rows or rows[0].last_message_id != event.payload.message_id:
-                    return []
-                text = (
-                    RECALLED_PREVIEW
-                    if isinstance(event, MessageRecalled)
-                    else preview(event.payload.body)
-                )
-                sealed = self._seal_text(preview_context(*key), tenant, text)
-                return [self.s.uc_preview.bind((at, sealed, *key))]
+                return self._list_preview(event, at, key)
             case ConversationCreated():
                 created = event.payload
                 role = creation_role(event, user).value
@@ -745,19 +736,40 @@ class WritePlanner:
             case ConversationRenamed():
                 return [self.s.uc_name.bind((at, event.payload.name, *key))]
             case ConversationMemberRoleChanged():
-                changed = event.payload
-                if changed.user_id == user:
-                    return [self.s.uc_role.bind((at, changed.role.value, *key))]
-                if changed.role is Role.OWNER:
-                    # Ownership handed over: if this user was the owner, now an admin.
-                    rows = self.reads.user_conversations(tenant, user, conversation_id)
-                    if rows and rows[0].role == Role.OWNER.value:
-                        return [self.s.uc_role.bind((at, Role.ADMIN.value, *key))]
-                return []
+                return self._list_role(event, at, key)
             case ConversationMemberRemoved() | ConversationLeft() if event.payload.user_id == user:
                 return [self.s.uc_not_member.bind((at, *key))]
             case ConversationDeleted():
                 return [self.s.uc_not_member.bind((at, *key))]
+        return []
+
+    def _list_preview(
+        self, event: MessageRecalled | MessageEdited, at: int, key: tuple[str, str, str]
+    ) -> list[BoundStatement]:
+        """A recall or an edit changes the list's preview only if it is of the last message."""
+        tenant, user, conversation_id = key
+        rows = self.reads.user_conversations(tenant, user, conversation_id)
+        if not rows or rows[0].last_message_id != event.payload.message_id:
+            return []
+        text = (
+            RECALLED_PREVIEW if isinstance(event, MessageRecalled) else preview(event.payload.body)
+        )
+        sealed = self._seal_text(preview_context(*key), tenant, text)
+        return [self.s.uc_preview.bind((at, sealed, *key))]
+
+    def _list_role(
+        self, event: ConversationMemberRoleChanged, at: int, key: tuple[str, str, str]
+    ) -> list[BoundStatement]:
+        """The user's role in the list: theirs changed, or they handed the ownership over."""
+        tenant, user, conversation_id = key
+        changed = event.payload
+        if changed.user_id == user:
+            return [self.s.uc_role.bind((at, changed.role.value, *key))]
+        if changed.role is Role.OWNER:
+            # Ownership handed over: if this user was the owner, now an admin.
+            rows = self.reads.user_conversations(tenant, user, conversation_id)
+            if rows and rows[0].role == Role.OWNER.value:
+                return [self.s.uc_role.bind((at, Role.ADMIN.value, *key))]
         return []
 
     # -- devices (im.push.tokens) --

@@ -60,6 +60,30 @@ def membership_changes(device: Device, conversation_id: str) -> list[Event]:
     ]
 
 
+def assert_membership_changes_seen(
+    group: str, *, members: list[Device], newcomers: list[Device], added: str, removed: str
+) -> None:
+    """The group renamed to "plans, v2", ``added`` added, ``removed`` removed: each change
+    once, in order, on the devices of the members then (the removed one included); the
+    newcomers' devices see the changes from their own addition on."""
+    for device in members:
+        changes = membership_changes(device, group)
+        assert [type(e) for e in changes] == list(MEMBERSHIP), (device.user, changes)
+    for device in newcomers:
+        changes = membership_changes(device, group)
+        assert [type(e) for e in changes] == list(MEMBERSHIP[1:]), changes
+    for device in members + newcomers:
+        renamed_events = device.events(ConversationRenamed, group)
+        added_events = device.events(ConversationMemberAdded, group)
+        removed_events = device.events(ConversationMemberRemoved, group)
+        assert [e.payload.name for e in renamed_events] == (
+            [] if device.user == added else ["plans, v2"]
+        )
+        assert [e.payload.user_id for e in added_events] == [added]
+        assert [e.payload.name for e in added_events] == ["plans, v2"]  # for the newcomer's list
+        assert [e.payload.user_id for e in removed_events] == [removed]
+
+
 async def test_group_chat_and_its_membership_changes_reach_every_device_of_every_member(
     system: Running,
 ) -> None:
@@ -122,22 +146,9 @@ async def test_group_chat_and_its_membership_changes_reach_every_device_of_every
             30,
             "dan's removal",
         )
-        for device in of(ann, ben, cat, dan):
-            changes = membership_changes(device, group)
-            assert [type(e) for e in changes] == list(MEMBERSHIP), (device.user, changes)
-        for device in of(eve):
-            changes = membership_changes(device, group)
-            assert [type(e) for e in changes] == list(MEMBERSHIP[1:]), changes
-        for device in of(ann, ben, cat, dan, eve):
-            renamed = device.events(ConversationRenamed, group)
-            added = device.events(ConversationMemberAdded, group)
-            removed = device.events(ConversationMemberRemoved, group)
-            assert [e.payload.name for e in renamed] == (
-                [] if device.user == eve else ["plans, v2"]
-            )
-            assert [e.payload.user_id for e in added] == [eve]
-            assert [e.payload.name for e in added] == ["plans, v2"]  # for eve's list
-            assert [e.payload.user_id for e in removed] == [dan]
+        assert_membership_changes_seen(
+            group, members=of(ann, ben, cat, dan), newcomers=of(eve), added=eve, removed=dan
+        )
 
         # Messages after the changes reach the members now — eve, not dan.
         later_senders = [devices[ann][1], devices[ben][0], devices[eve][1]]

@@ -161,6 +161,24 @@ def wait_until_answers(session: Session, timeout: float) -> None:
             time.sleep(0.5)
 
 
+def assert_everything_stored(session: Session, keyspace: str, produced: Produced) -> None:
+    """Every produced message and sync entry is in its tables, once; each user's sync head is
+    their last sync id."""
+    timeline = select(session, f"SELECT conversation_id, seq, event_id FROM {keyspace}.timeline")
+    assert len(timeline) == len(produced.messages)
+    assert {(r.conversation_id, r.seq): r.event_id for r in timeline} == produced.messages
+    by_id = select(session, f"SELECT message_id FROM {keyspace}.messages_by_id")
+    assert sorted(r.message_id for r in by_id) == sorted(produced.messages.values())
+    queue = select(session, f"SELECT user_id, sync_id, event_id FROM {keyspace}.sync_queue")
+    assert len(queue) == len(produced.sync)
+    assert {(r.user_id, r.sync_id): r.event_id for r in queue} == produced.sync
+    heads = select(session, f"SELECT user_id, last_sync_id FROM {keyspace}.sync_heads")
+    expected_heads: dict[str, int] = {}
+    for user, sync_id in produced.sync:
+        expected_heads[user] = max(expected_heads.get(user, 0), sync_id)
+    assert {r.user_id: r.last_sync_id for r in heads} == expected_heads
+
+
 def test_the_sink_rides_out_a_cassandra_outage(
     outage_settings: Settings, settings: Settings, cql_session: Session, tmp_path: Path
 ) -> None:
@@ -222,21 +240,7 @@ def test_the_sink_rides_out_a_cassandra_outage(
         assert "CQL writes succeed again after" in log, sink.tail()
 
         wait_until_answers(cql_session, 30)
-        timeline = select(
-            cql_session, f"SELECT conversation_id, seq, event_id FROM {keyspace}.timeline"
-        )
-        assert len(timeline) == len(produced.messages)
-        assert {(r.conversation_id, r.seq): r.event_id for r in timeline} == produced.messages
-        by_id = select(cql_session, f"SELECT message_id FROM {keyspace}.messages_by_id")
-        assert sorted(r.message_id for r in by_id) == sorted(produced.messages.values())
-        queue = select(cql_session, f"SELECT user_id, sync_id, event_id FROM {keyspace}.sync_queue")
-        assert len(queue) == len(produced.sync)
-        assert {(r.user_id, r.sync_id): r.event_id for r in queue} == produced.sync
-        heads = select(cql_session, f"SELECT user_id, last_sync_id FROM {keyspace}.sync_heads")
-        expected_heads: dict[str, int] = {}
-        for user, sync_id in produced.sync:
-            expected_heads[user] = max(expected_heads.get(user, 0), sync_id)
-        assert {r.user_id: r.last_sync_id for r in heads} == expected_heads
+        assert_everything_stored(cql_session, keyspace, produced)
         # Enough traffic crossed the outage for the test to mean something.
         assert len(produced.messages) > RATE_PER_SECOND * PRODUCE_SECONDS / 2 * 0.8
 

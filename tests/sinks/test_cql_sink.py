@@ -205,9 +205,7 @@ class Scenario:
         """streams.users.apply_delivery / apply_own_command, for what the summaries show."""
         if conversation_id is None:
             if isinstance(event, BadgeCleared):
-                for (owner, _), view in self.views.items():
-                    if owner == user:
-                        view.read(view.last_seq)
+                self._read_all(user)
             return None
         key = (user, conversation_id)
         match event:
@@ -239,6 +237,12 @@ class Scenario:
             case ConversationDeleted():
                 self.views.pop(key, None)
         return self.views.get(key)
+
+    def _read_all(self, user: str) -> None:
+        """Every badge cleared: each of the user's conversations read to its last message."""
+        for (owner, _), view in self.views.items():
+            if owner == user:
+                view.read(view.last_seq)
 
     def token(self, event: PushTokenRegistered | PushTokenRemoved) -> None:
         p = event.payload
@@ -312,7 +316,34 @@ def build(catalog: TopicCatalog) -> Built:
     s = Scenario(catalog)
     ids: dict[str, str] = {}
     group = ["alice", "bob", "carol"]
+    _messages(s, ids, group)
+    _membership(s, ids, group)
+    _short_lived_groups(s, ids)
+    _own_state(s, ids)
+    first_token = _push_tokens(s)
+    poison = _poison(s)
 
+    catalog_ = s.catalog
+    older: list[tuple[str, bytes | None, bytes | None]] = [
+        (catalog_.messages_sequenced.name, conversation_key(TENANT, G1), s.raw["edit6"]),
+        (catalog_.messages_sequenced.name, conversation_key(TENANT, G1), s.raw["read_bob_2"]),
+        (catalog_.messages_sequenced.name, conversation_key(TENANT, G1), s.raw["created"]),
+        (
+            catalog_.push_tokens.name,
+            device_key(TENANT, "alice", "alice-phone"),
+            encode_event(first_token),
+        ),
+        *[
+            (catalog_.sync_events.name, user_key(TENANT, r.user_id), r.model_dump_json().encode())
+            for r in s.sync_records
+            if r.sync_id == 1
+        ],
+    ]
+    return Built(scenario=s, ids=ids, poison=poison, older=older)
+
+
+def _messages(s: Scenario, ids: dict[str, str], group: list[str]) -> None:
+    """The group and the direct conversation: sends, recalls, edits and read receipts."""
     created = ConversationCreated.new(
         tenant_id=TENANT,
         actor=Actor(user_id="alice"),
@@ -406,6 +437,9 @@ def build(catalog: TopicCatalog) -> Built:
         s.log(read, name)
         s.deliver(read, group)
 
+
+def _membership(s: Scenario, ids: dict[str, str], group: list[str]) -> None:
+    """The group renamed, a member added, roles changed, the new member leaving."""
     renamed = ConversationRenamed.new(
         tenant_id=TENANT,
         actor=Actor(user_id="alice"),
@@ -446,7 +480,9 @@ def build(catalog: TopicCatalog) -> Built:
     s.log(left)
     s.deliver(left, [*group, "dave"])
 
-    # A group created and deleted; a group whose only member leaves (deleted with it).
+
+def _short_lived_groups(s: Scenario, ids: dict[str, str]) -> None:
+    """A group created and deleted; a group whose only member leaves (deleted with it)."""
     for conversation, members, minute in [(G2, ["erin", "frank"], 20), (G3, ["gina"], 21)]:
         group_created = ConversationCreated.new(
             tenant_id=TENANT,
@@ -476,6 +512,10 @@ def build(catalog: TopicCatalog) -> Built:
     s.log(alone)
     s.deliver(alone, ["gina"])
 
+
+def _own_state(s: Scenario, ids: dict[str, str]) -> None:
+    """A large group's light event; the user's own state: mute, every badge cleared; rejected
+    commands."""
     # Read diffusion: a large group's member gets the light event only.
     ids["big1"] = _id()
     advanced = ConversationAdvanced.new(
@@ -544,41 +584,45 @@ def build(catalog: TopicCatalog) -> Built:
         ),
     )
 
-    # Push tokens: alice's phone replaces its token, then the old one is rejected by APNs;
-    # bob's browser unregisters; carol registers.
-    def registered(
-        user: str, device: str, provider: PushProvider, token: str, minute: int
-    ) -> PushTokenRegistered:
-        return PushTokenRegistered.new(
-            tenant_id=TENANT,
-            occurred_at=at(minute),
-            payload=PushTokenRegisteredPayload(
-                user_id=user, device_id=device, provider=provider, token=token, app_id="chat.app"
-            ),
-        )
 
-    def removed(
-        user: str,
-        device: str,
-        provider: PushProvider,
-        token: str,
-        minute: int,
-        *,
-        reason: PushTokenRemovalReason,
-    ) -> PushTokenRemoved:
-        return PushTokenRemoved.new(
-            tenant_id=TENANT,
-            occurred_at=at(minute),
-            payload=PushTokenRemovedPayload(
-                user_id=user,
-                device_id=device,
-                provider=provider,
-                token=token,
-                app_id="chat.app",
-                reason=reason,
-            ),
-        )
+def registered(
+    user: str, device: str, provider: PushProvider, token: str, minute: int
+) -> PushTokenRegistered:
+    return PushTokenRegistered.new(
+        tenant_id=TENANT,
+        occurred_at=at(minute),
+        payload=PushTokenRegisteredPayload(
+            user_id=user, device_id=device, provider=provider, token=token, app_id="chat.app"
+        ),
+    )
 
+
+def removed(
+    user: str,
+    device: str,
+    provider: PushProvider,
+    token: str,
+    minute: int,
+    *,
+    reason: PushTokenRemovalReason,
+) -> PushTokenRemoved:
+    return PushTokenRemoved.new(
+        tenant_id=TENANT,
+        occurred_at=at(minute),
+        payload=PushTokenRemovedPayload(
+            user_id=user,
+            device_id=device,
+            provider=provider,
+            token=token,
+            app_id="chat.app",
+            reason=reason,
+        ),
+    )
+
+
+def _push_tokens(s: Scenario) -> PushTokenRegistered:
+    """Alice's phone replaces its token, then the old one is rejected by APNs; bob's browser
+    unregisters; carol registers. Returns alice's first registration (fed again later)."""
     first_token = registered("alice", "alice-phone", PushProvider.APNS, "tok-a1", 30)
     s.token(first_token)
     s.token(registered("alice", "alice-phone", PushProvider.APNS, "tok-a2", 31))
@@ -599,8 +643,11 @@ def build(catalog: TopicCatalog) -> Built:
         )
     )
     s.token(registered("carol", "carol-ios", PushProvider.APNS, "tok-c1", 34))
+    return first_token
 
-    # Poison: one per reason and topic.
+
+def _poison(s: Scenario) -> dict[str, list[tuple[bytes, str]]]:
+    """One poison record per reason and topic, each put in the middle of its topic's records."""
     catalog_ = s.catalog
     wrong_type = encode_event(registered("zed", "zed-1", PushProvider.FCM, "tok-z", 40))
     unsequenced = encode_event(
@@ -637,23 +684,7 @@ def build(catalog: TopicCatalog) -> Built:
     ):
         middle = len(records) // 2
         records[middle:middle] = [(topic, key[topic], value) for value, _ in poison[topic]]
-
-    older: list[tuple[str, bytes | None, bytes | None]] = [
-        (catalog_.messages_sequenced.name, conversation_key(TENANT, G1), s.raw["edit6"]),
-        (catalog_.messages_sequenced.name, conversation_key(TENANT, G1), s.raw["read_bob_2"]),
-        (catalog_.messages_sequenced.name, conversation_key(TENANT, G1), s.raw["created"]),
-        (
-            catalog_.push_tokens.name,
-            device_key(TENANT, "alice", "alice-phone"),
-            encode_event(first_token),
-        ),
-        *[
-            (catalog_.sync_events.name, user_key(TENANT, r.user_id), r.model_dump_json().encode())
-            for r in s.sync_records
-            if r.sync_id == 1
-        ],
-    ]
-    return Built(scenario=s, ids=ids, poison=poison, older=older)
+    return poison
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from schemas.events import (
     message_event_id,
     parse_event,
 )
-from schemas.topics import topic_catalog
+from schemas.topics import TopicCatalog, topic_catalog
 from streams.processors import USERS_TABLE, stored_user
 from streams.runtime import decode_state
 from streams.state import MemoryState
@@ -113,6 +113,14 @@ def test_sigkilled_worker_keeps_every_message_exactly_once(
         for r in read_records(stream_settings, catalog.messages_sequenced.name)
     ]
     messages = [event for event in sequenced if isinstance(event, MessageSent)]
+    assert_sequenced_once_in_order(messages, sends)
+    order = {event.event_id: event.payload.conversation_seq for event in messages}
+    assert_queues_in_order(stream_settings, catalog, members, sends, order)
+    assert_unread_restored(stream_settings, catalog, members, sends, order)
+
+
+def assert_sequenced_once_in_order(messages: list[MessageSent], sends: list[MessageSent]) -> None:
+    """Exactly one sequenced record per message, seqs 1, 2, 3 … per conversation in log order."""
     per_message = Counter(event.event_id for event in messages)
     assert set(per_message) == {send.event_id for send in sends}
     assert max(per_message.values()) == 1, "a message was sequenced more than once"
@@ -122,10 +130,17 @@ def test_sigkilled_worker_keeps_every_message_exactly_once(
     for conversation_id, numbers in seqs.items():
         assert numbers == list(range(1, len(numbers) + 1)), conversation_id
 
-    # Each member's queue: every message once, in seq order, sync ids strictly increasing.
-    order = {event.event_id: event.payload.conversation_seq for event in messages}
+
+def assert_queues_in_order(
+    settings: Settings,
+    catalog: TopicCatalog,
+    members: dict[str, list[str]],
+    sends: list[MessageSent],
+    order: dict[str, int | None],
+) -> None:
+    """Each member's queue: every message once, in seq order, sync ids strictly increasing."""
     queues: dict[str, list[SyncRecord]] = defaultdict(list)
-    for record in read_records(stream_settings, catalog.sync_events.name):
+    for record in read_records(settings, catalog.sync_events.name):
         sync = SyncRecord.model_validate_json(record.value or b"")
         queues[sync.user_id].append(sync)
     for conversation_id, users in members.items():
@@ -145,9 +160,17 @@ def test_sigkilled_worker_keeps_every_message_exactly_once(
         sync_ids = [s.sync_id for s in queue]
         assert all(a < b for a, b in itertools.pairwise(sync_ids)), user
 
-    # Unread counts in the restored user state equal the messages from others.
+
+def assert_unread_restored(
+    settings: Settings,
+    catalog: TopicCatalog,
+    members: dict[str, list[str]],
+    sends: list[MessageSent],
+    order: dict[str, int | None],
+) -> None:
+    """Unread counts in the restored user state equal the messages from others."""
     states = MemoryState()
-    for record in read_records(stream_settings, catalog.user_state.name):
+    for record in read_records(settings, catalog.user_state.name):
         states.put(USERS_TABLE, (record.key or b"").decode(), decode_state(record.value))
     for conversation_id, users in members.items():
         log = sorted(

@@ -93,7 +93,15 @@ class FakeApns:
             await self._server.wait_closed()
 
     def check(self, token: str, headers: dict[str, str], body: bytes) -> Reply | None:
-        """The error APNs would answer a malformed or unauthorised request with, if any."""
+        """The error APNs would answer a malformed or unauthorised request with, if any, in
+        APNs' order: the provider token, then the request's headers, then its payload."""
+        return (
+            self._check_provider_token(headers)
+            or self._check_headers(token, headers)
+            or _check_payload(body)
+        )
+
+    def _check_provider_token(self, headers: dict[str, str]) -> Reply | None:
         authorization = headers.get("authorization", "")
         if not authorization.startswith("bearer "):
             return Reply(403, "MissingProviderToken")
@@ -113,6 +121,9 @@ class FakeApns:
             return Reply(403, "InvalidProviderToken")
         if time.time() - int(claims["iat"]) > PROVIDER_TOKEN_MAX_AGE_SECONDS:
             return Reply(403, "ExpiredProviderToken")
+        return None
+
+    def _check_headers(self, token: str, headers: dict[str, str]) -> Reply | None:
         if headers.get(":method") != "POST":
             return Reply(405, "MethodNotAllowed")
         if not _HEX_TOKEN.match(token):
@@ -135,17 +146,21 @@ class FakeApns:
                 uuid.UUID(headers["apns-id"])
             except ValueError:
                 return Reply(400, "BadMessageId")
-        if not body:
-            return Reply(400, "PayloadEmpty")
-        if len(body) > MAX_PAYLOAD_BYTES:
-            return Reply(413, "PayloadTooLarge")
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            return Reply(400, "BadPayload")
-        if not isinstance(payload, dict) or not isinstance(payload.get("aps"), dict):
-            return Reply(400, "BadPayload")
         return None
+
+
+def _check_payload(body: bytes) -> Reply | None:
+    if not body:
+        return Reply(400, "PayloadEmpty")
+    if len(body) > MAX_PAYLOAD_BYTES:
+        return Reply(413, "PayloadTooLarge")
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return Reply(400, "BadPayload")
+    if not isinstance(payload, dict) or not isinstance(payload.get("aps"), dict):
+        return Reply(400, "BadPayload")
+    return None
 
 
 class _Connection(asyncio.Protocol):
