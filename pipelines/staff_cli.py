@@ -25,6 +25,7 @@ import typer
 from analytics.access import LOGIN_PARAMETER
 from core.principals import StaffRole, issue_staff_token
 from core.settings import Settings
+from core.tls import client_context
 from pipelines.console import load_settings
 from pipelines.operator_actions import operator_name
 from schemas.events import SYSTEM_TENANT
@@ -104,7 +105,14 @@ def call_analytics(
     :class:`AnalyticsRefusalError`, no answer (refused, timed out) ``httpx.TransportError``, an
     answer that is not a JSON object ``ValueError``; each command says what to do."""
     response = httpx.request(
-        method, url, params=params, json=body, headers=headers, timeout=timeout
+        method,
+        url,
+        params=params,
+        json=body,
+        headers=headers,
+        timeout=timeout,
+        # An https API is verified against the system's trust store (or ``SSL_CERT_FILE``).
+        verify=client_context(),
     )
     if not response.is_success:
         try:
