@@ -27,13 +27,15 @@ from analytics.queries import Analytics
 from core.pki import Pki, make_pki
 from core.settings import Settings, SinkSettings
 from core.tls import client_context
+from ingress.app import create_app
+from ingress.search import UserSearch
 from schemas import events as ev
 from schemas.topics import topic_catalog
 from sinks.clickhouse.audit import AuditDecoder, KafkaRecord
 from sinks.clickhouse.sink import analytics_tls
 from sinks.clickhouse.store import ClickHouseStore
 from tests.ingress.conftest import MAIN_GATEWAY
-from tests.ingress.support import TENANT, Gateway, start_gateway, token
+from tests.ingress.support import TENANT, Gateway, start_gateway, token, unique
 from tests.sinks.staff_support import staff_app
 
 pytestmark = pytest.mark.stack
@@ -371,3 +373,15 @@ def test_the_https_analytics_api_refuses_tls_12_and_plain_http(
     # Plain HTTP on the TLS port: no TLS record, the server closes without an HTTP answer.
     with pytest.raises(httpx.TransportError):
         httpx.get(healthz.replace("https://", "http://"), timeout=10)
+
+
+async def test_the_search_client_is_closed_when_the_node_stops(ingress_settings: Settings) -> None:
+    """One connection pool per node to the search API, closed with the app's lifespan."""
+    ingress = ingress_settings.ingress.model_copy(update={"node_id": unique("node")})
+    settings = ingress_settings.model_copy(update={"ingress": ingress})
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        search = UserSearch(settings, app.gateway.reads)
+        app.state.user_search = search
+        assert not search._http.is_closed
+    assert search._http.is_closed
