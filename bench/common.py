@@ -13,8 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,8 +22,10 @@ from types import FrameType
 from typing import Any, NoReturn, TextIO
 
 import confluent_kafka
+import httpx
 import psutil
 from confluent_kafka.admin import AdminClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from core.connections import kafka_config
 from core.readiness import read_announcement
@@ -402,14 +402,13 @@ class ServerProcess:
         for path in self._ready_paths:
             url = f"http://{LOOPBACK}:{self.port}{path}"
             try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        return True
-            except urllib.error.HTTPError as error:
-                if error.code != 404:
-                    return False  # e.g. /readyz 503 while Kafka is not reachable yet
-            except OSError:
+                status = httpx.get(url, timeout=2).status_code
+            except httpx.TransportError:
                 return False
+            if status == 200:
+                return True
+            if status != 404:
+                return False  # e.g. /readyz 503 while Kafka is not reachable yet
         return False
 
     def alive(self) -> bool:
@@ -443,14 +442,15 @@ class ServerProcess:
 def prometheus_value(url: str, name: str) -> float | None:
     """The sum of a metric's samples on a Prometheus text page, or ``None`` if it is absent."""
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            page = response.read().decode()
-    except OSError:
+        response = httpx.get(url, timeout=10)
+        response.raise_for_status()
+    except httpx.HTTPError:
         return None
     values = [
-        float(line.rsplit(" ", 1)[1])
-        for line in page.splitlines()
-        if line.startswith((name + " ", name + "{"))
+        sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+        if sample.name == name
     ]
     return sum(values) if values else None
 

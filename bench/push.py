@@ -44,6 +44,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+# aiohttp, not httpx: the raw ceiling wants the cheapest client; httpx's AsyncClient drove the
+# fake FCM 10-15 times slower here (100-115 against 1,200-1,770 pushes/s, same load, Dec 2026).
 import aiohttp
 import jwt
 from cryptography.hazmat.primitives import serialization

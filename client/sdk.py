@@ -72,9 +72,7 @@ import json
 import logging
 import random
 import ssl as ssl_module
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -83,6 +81,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
+import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
@@ -540,15 +539,7 @@ class Client:
                 "X-Device-Id": self.device_id,
             }
             try:
-                status, raw = await asyncio.to_thread(
-                    _http_request,
-                    "PUT",
-                    self._rest_url(path),
-                    body,
-                    headers,
-                    self.request_timeout,
-                    context=self.ssl,
-                )
+                status, raw = await self._rest("PUT", path, body, headers)
             except OSError:
                 if attempt + 1 == attempts:
                     raise
@@ -570,6 +561,21 @@ class Client:
         parts = urllib.parse.urlsplit(self.url)
         scheme = "https" if parts.scheme == "wss" else "http"
         return urllib.parse.urlunsplit((scheme, parts.netloc, path, "", ""))
+
+    async def _rest(
+        self, method: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes]:
+        """One REST request to the ingress: the status and the body, errors included. No
+        answer (refused, reset, timed out) raises ``ConnectionError``, an ``OSError``."""
+        url = self._rest_url(path)
+        try:
+            async with httpx.AsyncClient(
+                verify=self.ssl or True, timeout=self.request_timeout
+            ) as http:
+                response = await http.request(method, url, content=body, headers=headers)
+        except httpx.TransportError as error:
+            raise ConnectionError(f"{method} {url}: {error}") from error
+        return response.status_code, response.content
 
     async def sync(self) -> int:
         """Fetch the stored events after the cursor into :meth:`events`; the new cursor."""
@@ -966,22 +972,3 @@ def _group_entry(event: Event) -> tuple[str, int] | None:
         if seq is not None:
             return event.payload.conversation_id, seq
     return None
-
-
-def _http_request(
-    method: str,
-    url: str,
-    body: bytes,
-    headers: dict[str, str],
-    timeout: float,
-    *,
-    context: ssl_module.SSLContext | None = None,
-) -> tuple[int, bytes]:
-    """One blocking HTTP request (run in a thread): the status and the body, errors included."""
-    request = urllib.request.Request(url, data=body, headers=headers, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
-            return int(response.status), bytes(response.read())
-    except urllib.error.HTTPError as error:
-        with error:
-            return int(error.code), bytes(error.read())

@@ -41,9 +41,9 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -52,6 +52,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final
 
+import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -242,9 +243,11 @@ class JwksUrl:
         self._refresh_seconds = refresh_seconds
         self._check_seconds = check_seconds
         self._timeout = timeout_seconds
+        #: The system's trust store (where an operator adds a private CA), not httpx's certifi.
+        self._verify = ssl.create_default_context()
         try:
             self._keys = read_jwks(self._fetch())
-        except (OSError, ValueError) as error:
+        except (httpx.HTTPError, ValueError) as error:
             raise ValueError(f"the JWKS at {url} cannot be used: {error}") from error
         self._fetched_at = time.monotonic()
         self._wanted = threading.Event()
@@ -264,12 +267,23 @@ class JwksUrl:
         self._wanted.set()
 
     def _fetch(self) -> bytes:
-        request = urllib.request.Request(self._url, headers={"Accept": "application/json"})
-        with urllib.request.urlopen(request, timeout=self._timeout) as response:
-            body: bytes = response.read(MAX_JWKS_BYTES + 1)
-        if len(body) > MAX_JWKS_BYTES:
-            raise ValueError(f"the set is over {MAX_JWKS_BYTES} bytes")
-        return body
+        """The set's bytes; an error status raises ``httpx.HTTPStatusError``, a larger set
+        ``ValueError`` (read no further than the limit)."""
+        body = bytearray()
+        with httpx.stream(
+            "GET",
+            self._url,
+            headers={"Accept": "application/json"},
+            timeout=self._timeout,
+            verify=self._verify,
+            follow_redirects=True,
+        ) as response:
+            response.raise_for_status()
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > MAX_JWKS_BYTES:
+                    raise ValueError(f"the set is over {MAX_JWKS_BYTES} bytes")
+        return bytes(body)
 
     def _run(self) -> None:
         while not self._stopped.is_set():
@@ -282,7 +296,7 @@ class JwksUrl:
             self._fetched_at = time.monotonic()
             try:
                 keys = read_jwks(self._fetch())
-            except (OSError, ValueError) as error:
+            except (httpx.HTTPError, ValueError) as error:
                 _log.error("JWKS %s not refreshed (keys kept): %s", self._url, error)
                 continue
             if keys.keys() != self._keys.keys():

@@ -43,6 +43,7 @@ from core.settings import Settings
 from ingress.gateway import WEBSOCKET_PATH, Gateway, RefusalError, error_frame
 from ingress.routes import commands, devices, health, reads, search
 from ingress.routes.replies import frame_response
+from ingress.search import UserSearch
 from schemas.errors import ErrorCode, field_path
 
 DESCRIPTION = """\
@@ -89,12 +90,16 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Ingress
     gateway = gateway or Gateway(settings)
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(running: FastAPI) -> AsyncIterator[None]:
         await gateway.start()
         try:
             yield
         finally:
             await gateway.stop()
+            # The search's connections to the ClickHouse owner (made on the first search).
+            user_search = getattr(running.state, "user_search", None)
+            if isinstance(user_search, UserSearch):
+                await user_search.close()
 
     app = IngressApp(
         title="imstream ingress",

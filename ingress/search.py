@@ -27,11 +27,12 @@ import asyncio
 import logging
 from typing import Any, Final, Literal
 
-import requests
+import httpx
 from pydantic import BaseModel, Field
 
 from core.principals import issue_service_token
 from core.settings import Settings
+from core.tls import client_context
 from ingress.connection import Principal
 from ingress.reads import RETRY_AFTER_MS, Reads
 from schemas import frames as fr
@@ -48,6 +49,9 @@ from sinks.cql.store import ServingStore, StoreUnavailableError
 _log = logging.getLogger(__name__)
 
 SCOPED_PATH: Final = "/v1/search/scoped"
+#: Searches in flight to the search API per node; more wait for a connection (within the
+#: timeout). The API queues past its own query pool anyway (``IM_SINKS__ANALYTICS_QUERY_QUEUE``).
+MAX_CONNECTIONS: Final = 32
 
 
 class SearchHit(BaseModel):
@@ -81,11 +85,18 @@ class UserSearch:
         self.url = settings.ingress.analytics_url.rstrip("/") + SCOPED_PATH
         self.timeout = settings.ingress.search_timeout_seconds
         self._settings = settings  # the service key: checked when the node starts (server.py)
-        self._http = requests.Session()
         #: An https analytics_url signed by a private CA (compose's) is verified against that CA.
-        #: Given with each request: requests prefers REQUESTS_CA_BUNDLE to a session's own.
         ca_path = settings.ingress.analytics_ca_path
-        self._verify: str | bool = str(ca_path) if ca_path is not None else True
+        self._http = httpx.AsyncClient(
+            verify=client_context(ca_path) if ca_path is not None else True,
+            # Connecting, each read and write, and waiting for a free connection.
+            timeout=httpx.Timeout(self.timeout),
+            limits=httpx.Limits(max_connections=MAX_CONNECTIONS),
+        )
+
+    async def close(self) -> None:
+        """Close the connections to the search API (the ingress app's shutdown)."""
+        await self._http.aclose()
 
     async def search(
         self,
@@ -141,8 +152,8 @@ class UserSearch:
         }
         try:
             token = issue_service_token(self._settings, tenant=tenant, user=user)
-            status, answer = await asyncio.to_thread(self._post, body, token)
-        except (requests.RequestException, ValueError) as error:
+            status, answer = await self._post(body, token)
+        except (httpx.HTTPError, ValueError) as error:
             _log.warning("search at %s failed: %s", self.url, error)
             return _unavailable(request_id, f"the search service did not answer ({error})")
         if status == 200:
@@ -165,15 +176,11 @@ class UserSearch:
             )
         return _unavailable(request_id, f"the search service answered {status}: {message}")
 
-    def _post(self, body: dict[str, Any], token: str) -> tuple[int, dict[str, Any]]:
-        """One request to the search API (blocking; on a worker thread), bounded by the
-        timeout for connecting and for each read."""
-        response = self._http.post(
-            self.url,
-            json=body,
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=(self.timeout, self.timeout),
-            verify=self._verify,
+    async def _post(self, body: dict[str, Any], token: str) -> tuple[int, dict[str, Any]]:
+        """One request to the search API, bounded by the timeout for connecting and for each
+        read."""
+        response = await self._http.post(
+            self.url, json=body, headers={"Authorization": f"Bearer {token}"}
         )
         answer = response.json()
         if not isinstance(answer, dict):

@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import time
-import urllib.parse
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -40,7 +37,7 @@ from client.sdk import Client, Received
 from core.auth import issue_token
 from core.principals import StaffRole
 from core.settings import Settings
-from pipelines.staff_cli import StaffCredential
+from pipelines.staff_cli import StaffCredential, call_analytics
 from schemas.events import MessageSent, PushProvider
 
 #: Push outcomes that end a job's delivery to a device (``failed`` and ``throttled`` are retried).
@@ -464,11 +461,9 @@ class _PushOutcomes:
         headers: Callable[[], dict[str, str]],
     ) -> None:
         self.headers = headers
-        query = urllib.parse.urlencode(
-            {"tenant": tenant, "from": since.isoformat().replace("+00:00", "Z")}
-        )
-        self.outcomes_url = f"{base_url.rstrip('/')}/v1/analytics/push_outcomes_per_minute?{query}"
-        self.jobs_url = f"{base_url.rstrip('/')}/v1/analytics/push_jobs_per_minute?{query}"
+        self.params = {"tenant": tenant, "from": since.isoformat().replace("+00:00", "Z")}
+        self.outcomes_url = f"{base_url.rstrip('/')}/v1/analytics/push_outcomes_per_minute"
+        self.jobs_url = f"{base_url.rstrip('/')}/v1/analytics/push_jobs_per_minute"
         self.baseline: Counter[tuple[str, str]] = Counter()
         self.jobs_baseline = 0
 
@@ -477,15 +472,20 @@ class _PushOutcomes:
         self.jobs_baseline = await self.read_all_jobs()
 
     async def read_all(self) -> Counter[tuple[str, str]]:
-        answer = await asyncio.to_thread(_get_json, self.outcomes_url, self.headers())
+        answer = await self._get(self.outcomes_url)
         counts: Counter[tuple[str, str]] = Counter()
         for row in answer["rows"]:
             counts[(str(row["provider"]), str(row["outcome"]))] += int(row["attempts"])
         return counts
 
     async def read_all_jobs(self) -> int:
-        answer = await asyncio.to_thread(_get_json, self.jobs_url, self.headers())
+        answer = await self._get(self.jobs_url)
         return sum(int(row["jobs"]) for row in answer["rows"])
+
+    async def _get(self, url: str) -> dict[str, Any]:
+        return await asyncio.to_thread(
+            call_analytics, "GET", url, self.headers(), params=self.params, timeout=10
+        )
 
     async def read(self) -> Counter[tuple[str, str]]:
         """This run's attempts by (provider, outcome)."""
@@ -496,15 +496,6 @@ class _PushOutcomes:
     async def read_jobs(self) -> int:
         """This run's push jobs, as the ClickHouse audit holds them."""
         return await self.read_all_jobs() - self.jobs_baseline
-
-
-def _get_json(url: str, headers: dict[str, str]) -> dict[str, Any]:
-    request = urllib.request.Request(url, headers=headers)
-    with urllib.request.urlopen(request, timeout=10) as response:
-        answer = json.loads(response.read())
-    if not isinstance(answer, dict):
-        raise ValueError(f"{url} answered {answer!r}")
-    return answer
 
 
 async def _wait_for_push_outcomes(

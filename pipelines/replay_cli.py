@@ -10,13 +10,10 @@ data path), through its operator API; the others run here. Every run that writes
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +21,7 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Annotated, Any
 
+import httpx
 import typer
 from cassandra.cluster import Session
 
@@ -45,7 +43,12 @@ from pipelines.console import StatusLine, load_settings, table_text
 from pipelines.dlq import DlqError, parse_since
 from pipelines.operator_actions import OperatorAuditError, operator_name, record_operator_action
 from pipelines.replay_targets import CqlTarget, ReplayInterruptedError, TopicTarget
-from pipelines.staff_cli import StaffCredential, analytics_base_url
+from pipelines.staff_cli import (
+    AnalyticsRefusalError,
+    StaffCredential,
+    analytics_base_url,
+    call_analytics,
+)
 from schemas.events import OperatorOutcome
 from schemas.topics import Topic, TopicCatalog, topic_catalog
 from sinks.clickhouse.schema import audited_topics
@@ -188,25 +191,21 @@ class OperatorApi:
         return self.credential.subject
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(
-            f"{self.url}{path}",
-            data=data,
-            method=method,
-            headers={**self.credential.header(), "Content-Type": "application/json"},
-        )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                answer: dict[str, Any] = json.loads(response.read())
-                return answer
-        except urllib.error.HTTPError as error:
-            try:
-                refusal = json.loads(error.read())
-                code, message = refusal["code"], refusal["message"]
-            except (ValueError, KeyError, TypeError):
-                code, message = "operator-api-failed", f"HTTP {error.code} from {self.url}{path}"
-            raise ReplayError(str(code), str(message)) from error
-        except (urllib.error.URLError, OSError) as error:
+            return call_analytics(
+                method,
+                f"{self.url}{path}",
+                self.credential.header(),
+                body=body,
+                timeout=self.timeout,
+            )
+        except AnalyticsRefusalError as error:
+            if error.code is None or error.message is None:
+                raise ReplayError(
+                    "operator-api-failed", f"HTTP {error.status} from {self.url}{path}"
+                ) from error
+            raise ReplayError(error.code, error.message) from error
+        except httpx.TransportError as error:
             raise ReplayError(
                 "clickhouse-sink-unreachable",
                 f"the ClickHouse sink's operator API at {self.url} does not answer ({error}); "

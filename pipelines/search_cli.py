@@ -9,16 +9,14 @@ bad one is refused with its code without a round trip (docs/analytics.md#search)
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.parse
-import urllib.request
 from typing import Annotated, Any
 
+import httpx
 import typer
 
 from core.principals import StaffRole
 from pipelines.console import load_settings, table_text
-from pipelines.staff_cli import StaffCredential
+from pipelines.staff_cli import AnalyticsRefusalError, StaffCredential, call_analytics
 from schemas.search import DEFAULT_LIMIT, SearchError, parse_query
 
 search_app = typer.Typer(
@@ -75,25 +73,26 @@ def messages(  # noqa: PLR0917 - typer maps each parameter to an option
         "limit": str(limit),
         "cursor": cursor,
     }
-    encoded = urllib.parse.urlencode({k: v for k, v in parameters.items() if v is not None})
-    address = f"{base.rstrip('/')}/v1/search?{encoded}"
+    address = f"{base.rstrip('/')}/v1/search"
     try:
         # The least it needs: an analyst of the tenant searched.
         credential = StaffCredential.of(settings, StaffRole.ANALYST, tenant=tenant)
     except ValueError as error:
         typer.echo(f"error: [staff-token-unavailable] {error}", err=True)
         raise typer.Exit(1) from error
-    request = urllib.request.Request(address, headers=credential.header())
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            answer: dict[str, Any] = json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        body = _json_or_none(error.read())
-        code = body.get("code", "unavailable") if body else "unavailable"
-        message = body.get("message", str(error)) if body else str(error)
-        typer.echo(f"error: [{code}] {message}", err=True)
-        raise typer.Exit(2 if error.code == 400 else 1) from error
-    except (urllib.error.URLError, OSError) as error:
+        answer = call_analytics(
+            "GET",
+            address,
+            credential.header(),
+            params={k: v for k, v in parameters.items() if v is not None},
+            timeout=30,
+        )
+    except AnalyticsRefusalError as error:
+        code = error.code or "unavailable"
+        typer.echo(f"error: [{code}] {error.message or error}", err=True)
+        raise typer.Exit(2 if error.status == 400 else 1) from error
+    except httpx.TransportError as error:
         typer.echo(
             f"error: [analytics-unreachable] {base} did not answer ({error}); is `imstream run "
             "clickhouse-sink` (or `imstream up`) running? Else pass --url",
@@ -110,14 +109,6 @@ def messages(  # noqa: PLR0917 - typer maps each parameter to an option
         f"({answer['elapsed_ms']:.1f} ms in ClickHouse){more}",
         err=True,
     )
-
-
-def _json_or_none(raw: bytes) -> dict[str, Any] | None:
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        return None
-    return body if isinstance(body, dict) else None
 
 
 def _print_table(hits: list[dict[str, Any]]) -> None:

@@ -8,19 +8,24 @@ login name); otherwise it sends ``IM_STAFF_AUTH__TOKEN``, one from the identity 
 
 - ``imstream staff token [--role R] [--tenant T] [--operator NAME] [--dashboards]`` prints a
   token, or the address that opens the dashboards page with it in a browser.
+
+:func:`call_analytics` is the one request those commands make to the API.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
+import httpx
 import jwt
 import typer
 
 from analytics.access import LOGIN_PARAMETER
 from core.principals import StaffRole, issue_staff_token
 from core.settings import Settings
+from core.tls import client_context
 from pipelines.console import load_settings
 from pipelines.operator_actions import operator_name
 from schemas.events import SYSTEM_TENANT
@@ -73,6 +78,59 @@ def analytics_base_url(settings: Settings) -> str:
     host = settings.sinks.analytics_host
     host = "127.0.0.1" if host in {"0.0.0.0", "::"} else host
     return f"http://{host}:{settings.sinks.analytics_port}"
+
+
+class AnalyticsRefusalError(Exception):
+    """The API answered an error status: the status, and the stable ``code`` and ``message`` of
+    its error body (None when the body is not the API's, e.g. a proxy's page)."""
+
+    def __init__(self, status: int, reason: str, code: str | None, message: str | None) -> None:
+        super().__init__(f"HTTP Error {status}: {reason}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def call_analytics(
+    method: str,
+    url: str,
+    headers: Mapping[str, str],
+    *,
+    timeout: float,
+    params: Mapping[str, str] | None = None,
+    body: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One request to the API with ``headers`` (a fresh staff token, ``StaffCredential.header``)
+    and ``body`` as JSON: the answer's JSON object. An error status raises
+    :class:`AnalyticsRefusalError`, no answer (refused, timed out) ``httpx.TransportError``, an
+    answer that is not a JSON object ``ValueError``; each command says what to do."""
+    response = httpx.request(
+        method,
+        url,
+        params=params,
+        json=body,
+        headers=headers,
+        timeout=timeout,
+        # An https API is verified against the system's trust store (or ``SSL_CERT_FILE``).
+        verify=client_context(),
+    )
+    if not response.is_success:
+        try:
+            refusal = response.json()
+        except ValueError:
+            refusal = None
+        fields = refusal if isinstance(refusal, dict) else {}
+        code, message = fields.get("code"), fields.get("message")
+        raise AnalyticsRefusalError(
+            response.status_code,
+            response.reason_phrase,
+            None if code is None else str(code),
+            None if message is None else str(message),
+        )
+    answer = response.json()
+    if not isinstance(answer, dict):
+        raise ValueError(f"{url} answered {type(answer).__name__}, not a JSON object")
+    return answer
 
 
 @staff_app.command("token")

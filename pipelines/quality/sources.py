@@ -7,15 +7,12 @@ Every failure to reach a store is a :class:`QualityError` with a stable code and
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
+import httpx
 from cassandra import DriverException, InvalidRequest
 from cassandra.cluster import NoHostAvailable, Session
 from cassandra.concurrent import execute_concurrent_with_args
@@ -28,6 +25,7 @@ from analytics.quality_api import (
     QualityDataError,
     run_dataset,
 )
+from pipelines.staff_cli import AnalyticsRefusalError, call_analytics
 
 #: CQL reads in flight while sampling.
 CQL_CONCURRENCY = 32
@@ -99,24 +97,26 @@ class HttpAuditReader:
         self.timeout = timeout
 
     def read(self, data: Dataset, parameters: DatasetParameters) -> DatasetRows:
-        query = urllib.parse.urlencode(parameters.query_items())
-        url = f"{self.base_url}/v1/quality/datasets/{data.name}?{query}"
+        url = f"{self.base_url}/v1/quality/datasets/{data.name}"
         try:
-            request = urllib.request.Request(url, headers=self.headers())
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                body = json.loads(response.read())
-        except urllib.error.HTTPError as error:
+            body = call_analytics(
+                "GET",
+                url,
+                self.headers(),
+                params=dict(parameters.query_items()),
+                timeout=self.timeout,
+            )
+        except AnalyticsRefusalError as error:
             raise self._refused(data, error) from error
-        except (TimeoutError, urllib.error.URLError, OSError) as error:
-            reason = getattr(error, "reason", error)
+        except httpx.TransportError as error:
             raise QualityError(
                 QualityErrorCode.AUDIT_UNAVAILABLE,
-                f"the ClickHouse sink's API at {self.base_url} did not answer ({reason}); with "
+                f"the ClickHouse sink's API at {self.base_url} did not answer ({error}); with "
                 "chDB only the process that owns the data path can read the audit: start it "
                 "(`imstream up`, or `imstream run clickhouse-sink`), pass --api-url, or set "
                 "IM_CLICKHOUSE__URL to read a ClickHouse server directly",
             ) from error
-        except json.JSONDecodeError as error:
+        except ValueError as error:
             raise QualityError(
                 QualityErrorCode.AUDIT_UNAVAILABLE,
                 f"{url} answered something that is not JSON; is --api-url the ClickHouse sink?",
@@ -128,19 +128,18 @@ class HttpAuditReader:
             truncated=bool(body["truncated"]),
         )
 
-    def _refused(self, data: Dataset, error: urllib.error.HTTPError) -> QualityError:
-        try:
-            detail = json.loads(error.read())
-            message = f"{detail['code']}: {detail['message']}"
-        except (ValueError, KeyError, TypeError):
-            message = f"HTTP {error.code}"
-        if error.code >= 500:
+    def _refused(self, data: Dataset, error: AnalyticsRefusalError) -> QualityError:
+        if error.code is None or error.message is None:
+            message = f"HTTP {error.status}"
+        else:
+            message = f"{error.code}: {error.message}"
+        if error.status >= 500:
             return QualityError(
                 QualityErrorCode.AUDIT_UNAVAILABLE,
                 f"the ClickHouse sink's API at {self.base_url} failed on {data.name} ({message}); "
                 "retry, or look at its log (.imstream/logs/clickhouse-sink.log)",
             )
-        if error.code == 404 and "unknown-dataset" not in message:
+        if error.status == 404 and "unknown-dataset" not in message:
             return QualityError(
                 QualityErrorCode.AUDIT_UNAVAILABLE,
                 f"{self.base_url} has no quality datasets (HTTP 404): is --api-url the ClickHouse "

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+# aioapns, not httpx: APNs is HTTP/2 only, with aioapns's JWT provider tokens and stream errors.
 from aioapns.common import NotificationRequest, NotificationResult, PushType
 from aioapns.connection import (
     APNsBaseClientProtocol,

@@ -37,6 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+# requests, not httpx: pyfcm sends with it and google-auth's AuthorizedSession refreshes the
+# OAuth token on it.
 import requests
 from google.auth.exceptions import GoogleAuthError, RefreshError, TransportError
 from google.oauth2 import service_account

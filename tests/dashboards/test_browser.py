@@ -8,17 +8,16 @@ screenshot of each is kept in ``.imstream/test-artifacts/``."""
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import shutil
 import subprocess
 import time
 import urllib.parse
-import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from dashboards.definitions import load_dashboards
@@ -73,9 +72,9 @@ def panel_data(system: Running, dashboard: str, window: dict[str, str]) -> list[
         f"http://127.0.0.1:{system.analytics_port}/dashboards/{dashboard}/data?"
         + urllib.parse.urlencode(window)
     )
-    request = urllib.request.Request(url, headers=staff_headers())
-    with urllib.request.urlopen(request, timeout=30) as response:
-        panels: list[dict[str, Any]] = json.loads(response.read())["panels"]
+    response = httpx.get(url, headers=staff_headers(), timeout=30)
+    response.raise_for_status()
+    panels: list[dict[str, Any]] = response.json()["panels"]
     return panels
 
 

@@ -10,14 +10,13 @@ import json
 import re
 import shutil
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from clickhouse_connect.driver.client import Client
 
@@ -210,13 +209,8 @@ def endpoint(store: ClickHouseStore) -> Iterator[str]:
 
 
 def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(
-            urllib.request.Request(url, headers=staff_headers()), timeout=60
-        ) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
+    response = httpx.get(url, headers=staff_headers(), timeout=60)
+    return response.status_code, response.text
 
 
 def panels(endpoint: str, dashboard: str, **parameters: str) -> dict[str, dict[str, Any]]:

@@ -16,8 +16,6 @@ import ssl
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 from cassandra.cluster import Session
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -201,19 +200,18 @@ class Gateway:
         if isinstance(data, str):
             data = data.encode()
         url = path if path.startswith("http") else self.http + path
-        request = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
+        sent = dict(headers or {})
         if data is not None:
-            request.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(request, timeout=timeout, context=self.tls) as response:
-                return response.status, _lower(response.headers.items()), response.read()
-        except urllib.error.HTTPError as error:
-            return error.code, _lower(error.headers.items()), error.read()
+            sent["Content-Type"] = "application/json"
+        response = httpx.request(
+            method, url, content=data, headers=sent, timeout=timeout, verify=self.tls or True
+        )
+        return response.status_code, _lower(response.headers.items()), response.content
 
     def ready(self) -> bool:
         try:
             status, _, _ = self.request("GET", "/readyz", timeout=5)
-        except OSError:
+        except httpx.TransportError:
             return False
         return status == 200
 
@@ -221,14 +219,14 @@ class Gateway:
         """Ready, and its serving store (reads) connected."""
         try:
             status, _, raw = self.request("GET", "/readyz", timeout=5)
-        except OSError:
+        except httpx.TransportError:
             return False
         return status == 200 and bool(json.loads(raw).get("serving_store"))
 
     def alive(self) -> bool:
         try:
             status, _, _ = self.request("GET", "/healthz", timeout=5)
-        except OSError:
+        except httpx.TransportError:
             return False
         return status == 200
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.error
-import urllib.request
 
+import httpx
 import pytest
 from confluent_kafka import Consumer
 
@@ -20,11 +19,8 @@ from tests.ingress.support import free_port, unique, wait_until
 
 
 def status_of(url: str) -> tuple[int, dict[str, object]]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+    response = httpx.get(url, timeout=5)
+    return response.status_code, json.loads(response.content)
 
 
 async def test_a_dead_live_delivery_thread_makes_the_node_unready_and_exit(

@@ -7,19 +7,17 @@ their codes, and a search service that never answers gives ``unavailable`` withi
 
 from __future__ import annotations
 
-import http.client
 import json
 import socket
 import ssl
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
 from cassandra.cluster import Session
 from clickhouse_connect.driver.client import Client
@@ -29,13 +27,15 @@ from analytics.queries import Analytics
 from core.pki import Pki, make_pki
 from core.settings import Settings, SinkSettings
 from core.tls import client_context
+from ingress.app import create_app
+from ingress.search import UserSearch
 from schemas import events as ev
 from schemas.topics import topic_catalog
 from sinks.clickhouse.audit import AuditDecoder, KafkaRecord
 from sinks.clickhouse.sink import analytics_tls
 from sinks.clickhouse.store import ClickHouseStore
 from tests.ingress.conftest import MAIN_GATEWAY
-from tests.ingress.support import TENANT, Gateway, start_gateway, token
+from tests.ingress.support import TENANT, Gateway, start_gateway, token, unique
 from tests.sinks.staff_support import staff_app
 
 pytestmark = pytest.mark.stack
@@ -362,14 +362,26 @@ def test_the_https_analytics_api_refuses_tls_12_and_plain_http(
     https_analytics_url: str, analytics_pki: Pki
 ) -> None:
     healthz = f"{https_analytics_url}/healthz"
-    with urllib.request.urlopen(
-        healthz, timeout=10, context=client_context(analytics_pki.ca_file)
-    ) as response:
-        assert response.status == 200
+    response = httpx.get(healthz, timeout=10, verify=client_context(analytics_pki.ca_file))
+    assert response.status_code == 200
     old = client_context(analytics_pki.ca_file)
     old.maximum_version = ssl.TLSVersion.TLSv1_2
     old.minimum_version = ssl.TLSVersion.TLSv1_2
-    with pytest.raises((ssl.SSLError, ConnectionResetError, urllib.error.URLError)):
-        urllib.request.urlopen(healthz, timeout=10, context=old)
-    with pytest.raises((OSError, http.client.HTTPException)):
-        urllib.request.urlopen(healthz.replace("https://", "http://"), timeout=10)
+    # The server ends a TLS 1.2 handshake (an alert, or a reset before one is read).
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(healthz, timeout=10, verify=old)
+    # Plain HTTP on the TLS port: no TLS record, the server closes without an HTTP answer.
+    with pytest.raises(httpx.TransportError):
+        httpx.get(healthz.replace("https://", "http://"), timeout=10)
+
+
+async def test_the_search_client_is_closed_when_the_node_stops(ingress_settings: Settings) -> None:
+    """One connection pool per node to the search API, closed with the app's lifespan."""
+    ingress = ingress_settings.ingress.model_copy(update={"node_id": unique("node")})
+    settings = ingress_settings.model_copy(update={"ingress": ingress})
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        search = UserSearch(settings, app.gateway.reads)
+        app.state.user_search = search
+        assert not search._http.is_closed
+    assert search._http.is_closed

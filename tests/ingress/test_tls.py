@@ -13,11 +13,10 @@ import json
 import os
 import ssl
 import subprocess
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidHandshake
@@ -158,8 +157,9 @@ async def test_a_client_not_trusting_the_ca_fails_the_handshake(tls_pipeline: Ga
     with pytest.raises(ClientClosedError, match="not trusted"):
         await asyncio.wait_for(client.connect(), 30)
     await client.close()
-    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
-        await asyncio.to_thread(urllib.request.urlopen, f"{tls_pipeline.http}/healthz", timeout=10)
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        async with httpx.AsyncClient(timeout=10) as http:
+            await http.get(f"{tls_pipeline.http}/healthz")
 
 
 async def test_tls_12_and_plain_websocket_are_refused(tls_pipeline: Gateway, test_ca: Pki) -> None:

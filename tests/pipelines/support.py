@@ -13,15 +13,14 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+import httpx
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from client.sdk import Client, Received
@@ -139,9 +138,9 @@ class Running:
             f"http://127.0.0.1:{self.analytics_port}/v1/analytics/{query}?"
             + urllib.parse.urlencode(parameters)
         )
-        request = urllib.request.Request(url, headers=staff_headers())
-        with urllib.request.urlopen(request, timeout=10) as response:
-            answer = json.loads(response.read())
+        response = httpx.get(url, headers=staff_headers(), timeout=10)
+        response.raise_for_status()
+        answer = response.json()
         assert isinstance(answer, dict)
         return answer
 
@@ -294,7 +293,7 @@ async def assert_audited_exactly_once(
     def sequenced() -> int:
         try:
             answer = system.analytics("messages_per_minute", tenant=tenant)
-        except OSError:  # a restarted sink that is not listening yet
+        except httpx.HTTPError:  # a restarted sink that is not listening (or ready) yet
             return -1
         return sum(int(row["messages"]) for row in answer["rows"])
 

@@ -6,9 +6,6 @@ audit through the ClickHouse sink's HTTP API, exits 0/1/2 and writes Data Docs."
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -49,7 +46,7 @@ from tests.sinks.clickhouse_support import (
     presence,
     sent,
 )
-from tests.sinks.staff_support import staff_app, staff_headers
+from tests.sinks.staff_support import staff_app, staff_get
 
 pytestmark = pytest.mark.stack
 
@@ -497,16 +494,6 @@ def test_providers_with_too_few_deliveries_are_not_judged(stores: Stores, tmp_pa
     ]
 
 
-def _get(url: str) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(
-            urllib.request.Request(url, headers=staff_headers()), timeout=30
-        ) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 def test_the_cli_reads_the_audit_through_the_sink_api(stores: Stores, tmp_path: Path) -> None:
     store = ClickHouseStore(stores.clickhouse, stores.database, owns_client=False)
     server = AnalyticsServer(staff_app(Analytics(store)), "127.0.0.1", 0)
@@ -556,13 +543,15 @@ def test_the_cli_reads_the_audit_through_the_sink_api(stores: Stores, tmp_path: 
         assert "[docs-unwritable]" in result.output
 
         # The API refuses bad requests with a stable code.
-        status, body = _get(f"{server.url}/v1/quality/datasets/nope")
+        status, body = staff_get(f"{server.url}/v1/quality/datasets/nope")
         assert (status, body["code"]) == (404, "unknown-dataset")
-        status, body = _get(f"{server.url}/v1/quality/datasets/conversation_log?limit=10")
+        status, body = staff_get(f"{server.url}/v1/quality/datasets/conversation_log?limit=10")
         assert (status, body["code"], body["field"]) == (400, "invalid-parameter", "topic")
-        status, body = _get(f"{server.url}/v1/quality/datasets/push_deliveries?since=yesterday")
+        status, body = staff_get(
+            f"{server.url}/v1/quality/datasets/push_deliveries?since=yesterday"
+        )
         assert (status, body["code"], body["field"]) == (400, "invalid-parameter", "since")
-        status, body = _get(f"{server.url}/v1/quality/datasets/push_deliveries?sql=1")
+        status, body = staff_get(f"{server.url}/v1/quality/datasets/push_deliveries?sql=1")
         assert (status, body["code"]) == (400, "unknown-parameter")
     finally:
         server.stop()

@@ -18,11 +18,10 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from cassandra.cluster import Session
 from confluent_kafka.admin import AdminClient
@@ -210,13 +209,10 @@ def test_up_says_up_only_when_every_process_answers_and_a_message_gets_through(
         up.until(UP_LINE, within=300)
         # At once, no retry: the analytics API and both ingress nodes answer the first time.
         analytics = f"http://127.0.0.1:{settings.sinks.analytics_port}/v1/analytics"
-        with pytest.raises(urllib.error.HTTPError) as anonymous:
-            urllib.request.urlopen(analytics, timeout=10)
-        assert anonymous.value.code == 401, "the API wants a staff token"
-        request = urllib.request.Request(analytics, headers=staff_headers())
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            assert answer.status == 200
-            assert json.loads(answer.read())["queries"]
+        assert httpx.get(analytics, timeout=10).status_code == 401, "the API wants a staff token"
+        answer = httpx.get(analytics, headers=staff_headers(), timeout=10)
+        assert answer.status_code == 200
+        assert answer.json()["queries"]
         ports = [settings.ingress.port, settings.ingress.port + 1]
         asyncio.run(message_gets_through(settings, ports))
 

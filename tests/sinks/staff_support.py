@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 from fastapi import FastAPI
 
 from analytics.api import analytics_app
@@ -49,3 +50,9 @@ def service_headers(tenant: str, user: str = "test-user") -> dict[str, str]:
     """What the ingress sends with a user's search."""
     token = issue_service_token(Settings(), tenant=tenant, user=user)
     return {"Authorization": f"Bearer {token}"}
+
+
+def staff_get(url: str, timeout: float = 30.0) -> tuple[int, Any]:
+    """GET ``url`` with a platform analyst's token: the status and the JSON body (errors too)."""
+    response = httpx.get(url, headers=staff_headers(), timeout=timeout)
+    return response.status_code, response.json()

@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import socket
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import pytest
 from clickhouse_connect.driver.client import Client
 from fastapi import FastAPI
@@ -210,13 +209,8 @@ def call(
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(address, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            raw = response.read()
-            status = response.status
-    except urllib.error.HTTPError as error:
-        raw, status = error.read(), error.code
+    response = httpx.request(method, address, content=data, headers=headers, timeout=30)
+    raw, status = response.content, response.status_code
     try:
         return status, json.loads(raw)
     except ValueError:
@@ -372,32 +366,24 @@ def test_the_browser_login_sets_a_cookie_that_only_reads(served: tuple[FastAPI, 
     assert token is not None
     address = f"{base}/dashboards/delivery?{urllib.parse.urlencode({**_WINDOW, 'token': token})}"
 
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *_args: Any, **_kwargs: Any) -> None:
-            return None
-
-    opener = urllib.request.build_opener(NoRedirect)
-    with pytest.raises(urllib.error.HTTPError) as redirected:
-        opener.open(address, timeout=30)
-    assert redirected.value.code == 303
-    location = redirected.value.headers["Location"]
+    # httpx does not follow the redirect: its answer is looked at.
+    redirected = httpx.get(address, timeout=30)
+    assert redirected.status_code == 303
+    location = redirected.headers["Location"]
     assert "token=" not in location and location.startswith("/dashboards/delivery?")
-    cookie = redirected.value.headers["Set-Cookie"]
+    cookie = redirected.headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "samesite=strict" in cookie.lower()
     session = cookie.split(";", 1)[0]
-    page = urllib.request.Request(f"{base}{location}", headers={"Cookie": session})
-    with urllib.request.urlopen(page, timeout=30) as response:
-        assert response.status == 200
+    page = httpx.get(f"{base}{location}", headers={"Cookie": session}, timeout=30)
+    assert page.status_code == 200
     # The cookie opens no POST route: no cross-site form can start a replay with it.
-    post = urllib.request.Request(
+    refused = httpx.post(
         f"{base}/v1/operator/replays",
-        data=b"{}",
-        method="POST",
+        content=b"{}",
         headers={"Cookie": session, "Content-Type": "application/json"},
+        timeout=30,
     )
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(post, timeout=30)
-    assert refused.value.code == 401
+    assert refused.status_code == 401
     # A bad token in the address is refused, not turned into a cookie.
     status, _ = call(base, "GET", "/dashboards/delivery", None, query={"token": "forged"})
     assert status == 401

@@ -4,10 +4,7 @@ requests are refused with 400/404 and a stable code."""
 
 from __future__ import annotations
 
-import json
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -35,7 +32,7 @@ from tests.sinks.clickhouse_support import (
     push_job,
     sent,
 )
-from tests.sinks.staff_support import staff_app, staff_headers
+from tests.sinks.staff_support import staff_app, staff_get
 
 pytestmark = pytest.mark.stack
 
@@ -323,21 +320,11 @@ def endpoint(seeded: ClickHouseStore) -> Iterator[str]:
     server.stop()
 
 
-def get(url: str) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(
-            urllib.request.Request(url, headers=staff_headers()), timeout=30
-        ) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 def rows(endpoint: str, name: str, **parameters: str) -> list[dict[str, Any]]:
     query = urllib.parse.urlencode(
         {"from": "2026-03-01T00:00:00Z", "to": "2026-03-02T00:00:00Z", **parameters}
     )
-    status, body = get(f"{endpoint}/v1/analytics/{name}?{query}")
+    status, body = staff_get(f"{endpoint}/v1/analytics/{name}?{query}")
     assert status == 200, body
     assert body["query"] == name and body["truncated"] is False
     assert body["columns"] == list(QUERIES[name].columns)
@@ -459,11 +446,11 @@ def test_tenant_and_time_window_select_the_rows(endpoint: str) -> None:
 
 
 def test_the_endpoint_lists_its_queries_and_reports_health(endpoint: str) -> None:
-    status, body = get(f"{endpoint}/v1/analytics")
+    status, body = staff_get(f"{endpoint}/v1/analytics")
     assert status == 200
     assert [query["name"] for query in body["queries"]] == list(QUERIES)
     assert all(query["parameters"] == ["tenant", "from", "to"] for query in body["queries"])
-    assert get(f"{endpoint}/healthz") == (200, {"status": "ok"})
+    assert staff_get(f"{endpoint}/healthz") == (200, {"status": "ok"})
 
 
 MESSAGES = "/v1/analytics/messages_per_minute"
@@ -502,7 +489,7 @@ MESSAGES = "/v1/analytics/messages_per_minute"
 def test_bad_requests_are_refused_with_a_stable_code(
     endpoint: str, path: str, status: int, code: str, field: str | None
 ) -> None:
-    answer_status, body = get(f"{endpoint}{path}")
+    answer_status, body = staff_get(f"{endpoint}{path}")
     assert answer_status == status
     assert body["code"] == code
     assert body["field"] == field
@@ -516,10 +503,10 @@ def test_a_clickhouse_failure_answers_unavailable_and_the_endpoint_keeps_serving
     server = AnalyticsServer(staff_app(Analytics(store)), "127.0.0.1", 0)
     server.start()
     try:
-        status, body = get(f"{server.url}/v1/analytics/messages_per_minute")
+        status, body = staff_get(f"{server.url}/v1/analytics/messages_per_minute")
         assert status == 503
         assert body["code"] == "unavailable"
-        assert get(f"{server.url}/healthz") == (200, {"status": "ok"})
+        assert staff_get(f"{server.url}/healthz") == (200, {"status": "ok"})
     finally:
         server.stop()
         store.close()

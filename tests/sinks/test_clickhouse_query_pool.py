@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
+import httpx
 import pytest
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
@@ -102,14 +101,13 @@ async def test_a_full_pool_refuses_at_once_and_the_api_answers_busy(
     server = AnalyticsServer(staff_app(Analytics(pooled)), "127.0.0.1", 0)
     server.start()
     try:
-        request = urllib.request.Request(
-            f"{server.url}/v1/analytics/messages_per_minute", headers=staff_headers()
-        )
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            await asyncio.to_thread(urllib.request.urlopen, request, timeout=30)
-        assert refused.value.code == 503
-        assert b'"code":"busy"' in refused.value.read()
-        assert refused.value.headers["Retry-After"] == "1"
+        async with httpx.AsyncClient(timeout=30) as http:
+            refused = await http.get(
+                f"{server.url}/v1/analytics/messages_per_minute", headers=staff_headers()
+            )
+        assert refused.status_code == 503
+        assert b'"code":"busy"' in refused.content
+        assert refused.headers["Retry-After"] == "1"
     finally:
         server.stop()
     for query in slow:

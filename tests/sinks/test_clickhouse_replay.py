@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from clickhouse_connect.driver.client import Client
 from confluent_kafka.admin import AdminClient
@@ -177,12 +176,8 @@ def _request(url: str, method: str, token: str | None, body: Any = None) -> tupl
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+    response = httpx.request(method, url, content=data, headers=headers, timeout=30)
+    return response.status_code, response.json()
 
 
 def test_the_operator_api_needs_the_operator_role(

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import threading
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
 from clickhouse_connect.driver.client import Client
 from typer.testing import CliRunner
@@ -40,7 +39,7 @@ from tests.sinks.clickhouse_support import (
     prefixed_settings,
     produce,
 )
-from tests.sinks.staff_support import service_headers, staff_app, staff_headers
+from tests.sinks.staff_support import service_headers, staff_app, staff_get
 
 pytestmark = pytest.mark.stack
 
@@ -155,19 +154,9 @@ def endpoint(searchable: tuple[Settings, ClickHouseStore]) -> Iterator[str]:
     server.stop()
 
 
-def get(url: str) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(
-            urllib.request.Request(url, headers=staff_headers()), timeout=30
-        ) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 def search(endpoint: str, q: str, **parameters: str) -> dict[str, Any]:
     query = urllib.parse.urlencode({"tenant": TENANT, "q": q, **parameters})
-    status, body = get(f"{endpoint}/v1/search?{query}")
+    status, body = staff_get(f"{endpoint}/v1/search?{query}")
     assert status == 200, body
     return dict(body)
 
@@ -246,14 +235,14 @@ def test_pages_follow_the_cursor_without_gaps_or_repeats(endpoint: str) -> None:
 
 def test_a_scoped_search_sees_only_its_conversation_ranges(endpoint: str) -> None:
     def scoped(scope: list[dict[str, Any]]) -> list[tuple[str, int]]:
-        request = urllib.request.Request(
+        response = httpx.post(
             f"{endpoint}/v1/search/scoped",
-            data=json.dumps({"q": "quick", "scope": scope}).encode(),
-            headers={"Content-Type": "application/json", **service_headers(TENANT)},
-            method="POST",
+            json={"q": "quick", "scope": scope},
+            headers=service_headers(TENANT),
+            timeout=30,
         )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            body = json.loads(response.read())
+        response.raise_for_status()
+        body = response.json()
         return [(hit["conversation_id"], hit["seq"]) for hit in body["hits"]]
 
     assert scoped([{"conversation_id": "c-1", "from_seq": 1, "to_seq": None}]) == [
@@ -284,7 +273,7 @@ def test_a_scoped_search_sees_only_its_conversation_ranges(endpoint: str) -> Non
 def test_bad_searches_are_refused_with_a_stable_code(
     endpoint: str, parameters: dict[str, str], status: int, code: str, field: str
 ) -> None:
-    answer_status, body = get(f"{endpoint}/v1/search?{urllib.parse.urlencode(parameters)}")
+    answer_status, body = staff_get(f"{endpoint}/v1/search?{urllib.parse.urlencode(parameters)}")
     assert (answer_status, body["code"], body["field"]) == (status, code, field), body
     assert body["message"]
 
@@ -396,10 +385,10 @@ def test_a_clickhouse_failure_answers_unavailable(clickhouse: Client) -> None:
     server = AnalyticsServer(staff_app(Analytics(store)), "127.0.0.1", 0)
     server.start()
     try:
-        status, body = get(f"{server.url}/v1/search?tenant={TENANT}&q=quick")
+        status, body = staff_get(f"{server.url}/v1/search?tenant={TENANT}&q=quick")
         assert (status, body["code"]) == (503, "unavailable"), body
         assert "ClickHouse did not answer" in body["message"]
-        status, _ = get(f"{server.url}/healthz")
+        status, _ = staff_get(f"{server.url}/healthz")
         assert status == 200, "the endpoint keeps serving"
     finally:
         server.stop()

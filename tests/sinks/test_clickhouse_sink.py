@@ -13,9 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from clickhouse_connect.driver.client import Client
 
@@ -584,9 +583,7 @@ def test_the_sink_process_serves_analytics_and_stops_cleanly_on_sigterm(
             ], log_path.read_text()
             assert _get_json(f"http://127.0.0.1:{port}/healthz", {}) == {"status": "ok"}
             # The process's API wants a staff token: anonymous, the query is refused.
-            with pytest.raises(urllib.error.HTTPError) as anonymous:
-                urllib.request.urlopen(url, timeout=5)
-            assert anonymous.value.code == 401
+            assert httpx.get(url, timeout=5).status_code == 401
         finally:
             process.send_signal(signal.SIGTERM)
             try:
@@ -623,12 +620,14 @@ def _free_port() -> int:
 
 def _get_json(url: str, headers: dict[str, str] | None = None) -> Any:
     """The answer with a staff token (default a platform analyst's); None if there is none."""
-    request = urllib.request.Request(url, headers=staff_headers() if headers is None else headers)
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return json.loads(response.read())
-    except OSError:
+        response = httpx.get(
+            url, headers=staff_headers() if headers is None else headers, timeout=5
+        )
+        response.raise_for_status()
+    except httpx.HTTPError:
         return None
+    return response.json()
 
 
 def test_values_clickhouse_cannot_store_are_audited_as_undecodable_not_a_stuck_insert(

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+
+# An aiohttp server (httpx is a client only): the fake FCM endpoint and its token endpoint.
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
