@@ -70,14 +70,13 @@ import base64
 import contextlib
 import json
 import logging
-import random
 import ssl as ssl_module
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -86,6 +85,7 @@ from typing import Any, Protocol
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from core.backoff import Backoff, Jitter
 from core.tls import client_context
 from schemas import frames as fr
 from schemas.errors import CloseCode, ErrorCode
@@ -155,14 +155,10 @@ class FileCursorStore:
         temporary.replace(self.path)
 
 
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    initial: float = 0.2
-    maximum: float = 10.0
-
-    def delay(self, attempt: int) -> float:
-        """Full jitter: uniform in [0, min(maximum, initial · 2^attempt)]."""
-        return random.uniform(0, min(self.maximum, self.initial * 2**attempt))
+def default_backoff() -> Backoff:
+    """The client's retry waits: full jitter under 0.2 s doubling up to 10 s (many devices that
+    lost the same server must not come back at the same instant)."""
+    return Backoff(0.2, 10.0, Jitter.FULL)
 
 
 def token_expiry(token: str) -> datetime | None:
@@ -202,7 +198,7 @@ class Client:
         cursor: int = 0,
         cursor_store: CursorStore | None = None,
         ack: bool = True,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff | None = None,
         sync_page: int = fr.MAX_SYNC_LIMIT,
         gap_poll: float = 2.0,
         settle_sync: float = 2.0,
@@ -221,7 +217,9 @@ class Client:
         self.device_id = device_id
         self.platform = platform
         self.ack_automatically = ack
-        self.backoff = backoff
+        #: The retry policy: read with ``delay(attempt)``, never advanced (commands retry
+        #: concurrently, each counting its own attempts).
+        self.backoff = backoff or default_backoff()
         self.sync_page = sync_page
         self.gap_poll = gap_poll
         self.settle_sync = settle_sync
@@ -533,7 +531,7 @@ class Client:
             fields["proof"] = proof
         body = json.dumps(fields).encode()
         path = f"/v1/tenants/{self.tenant_id}/devices/{self.device_id}/push-token"
-        for attempt in range(attempts):
+        for attempt in range(1, attempts + 1):
             headers = {
                 "Authorization": f"Bearer {await self._token_text()}",
                 "Content-Type": "application/json",
@@ -550,7 +548,7 @@ class Client:
                     context=self.ssl,
                 )
             except OSError:
-                if attempt + 1 == attempts:
+                if attempt == attempts:
                     raise
                 await asyncio.sleep(self.backoff.delay(attempt))
                 continue
@@ -560,7 +558,7 @@ class Client:
             if not isinstance(reply, fr.ErrorFrame):
                 raise ValueError(f"unexpected {reply.type!r} reply (HTTP {status})")
             retryable = reply.code in (ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED)
-            if not retryable or attempt + 1 == attempts:
+            if not retryable or attempt == attempts:
                 raise CommandError(reply)
             wait = (reply.retry_after_ms or 0) / 1000
             await asyncio.sleep(max(wait, self.backoff.delay(attempt)))
@@ -609,14 +607,14 @@ class Client:
             try:
                 reply = await self._request(frame)
             except (ConnectionClosed, OSError, TimeoutError):
-                await self._pause(attempt)
                 attempt += 1
+                await self._pause(attempt)
                 continue
             if isinstance(reply, fr.ErrorFrame):
                 if reply.code in (ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED):
+                    attempt += 1
                     wait = (reply.retry_after_ms or 0) / 1000
                     await asyncio.sleep(max(wait, self.backoff.delay(attempt)))
-                    attempt += 1
                     continue
                 raise CommandError(reply)
             return reply
@@ -653,7 +651,8 @@ class Client:
 
     async def _run(self) -> None:
         """Connect, hello, read frames; reconnect with backoff until closed for good."""
-        attempt = 0
+        # This loop's own count (the policy may be shared): started over at every hello.
+        reconnect = replace(self.backoff, attempts=0)
         while not self.stopped():
             try:
                 async with connect(
@@ -682,7 +681,7 @@ class Client:
                     assert isinstance(hello, fr.HelloOk)
                     self.hello = hello
                     self._socket = socket_
-                    attempt = 0
+                    reconnect.reset()
                     self._connected.set()
                     loop = asyncio.get_running_loop()
                     tasks = [
@@ -723,8 +722,7 @@ class Client:
                 self._stop(ClientClosedError(f"closed by the server with {code}", code))
                 return
             self.reconnects += 1
-            await asyncio.sleep(self.backoff.delay(attempt))
-            attempt += 1
+            await asyncio.sleep(reconnect.next())
 
     async def _refresh(self, expires_at: datetime) -> None:
         """Renew the socket's token at four fifths of its remaining life, again and again (the
