@@ -85,7 +85,7 @@ from typing import Any, Protocol
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from core.backoff import Backoff, Jitter
+from core.backoff import Backoff
 from core.tls import client_context
 from schemas import frames as fr
 from schemas.errors import CloseCode, ErrorCode
@@ -158,7 +158,7 @@ class FileCursorStore:
 def default_backoff() -> Backoff:
     """The client's retry waits: full jitter under 0.2 s doubling up to 10 s (many devices that
     lost the same server must not come back at the same instant)."""
-    return Backoff(0.2, 10.0, Jitter.FULL)
+    return Backoff(0.2, 10.0, "full")
 
 
 def token_expiry(token: str) -> datetime | None:
@@ -213,13 +213,12 @@ class Client:
         self.ssl: ssl_module.SSLContext | None = None
         if urllib.parse.urlsplit(url).scheme == "wss":
             self.ssl = ssl or client_context(ca_file)
+        #: Read with ``delay(attempt)`` only: commands retry concurrently, each with its count.
+        self.backoff = backoff or default_backoff()
         self.tenant_id = tenant_id
         self.device_id = device_id
         self.platform = platform
         self.ack_automatically = ack
-        #: The retry policy: read with ``delay(attempt)``, never advanced (commands retry
-        #: concurrently, each counting its own attempts).
-        self.backoff = backoff or default_backoff()
         self.sync_page = sync_page
         self.gap_poll = gap_poll
         self.settle_sync = settle_sync

@@ -14,22 +14,17 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from enum import Enum
+from typing import Literal
 
 #: 2^64 times any positive base is past any cap: the exponent stops growing there (a float
 #: cannot hold 2^1024, and an endless retry loop must not overflow).
 _MAX_EXPONENT = 64
 
 
-class Jitter(Enum):
-    """How a delay is spread, so that many clients failing together do not retry together."""
-
-    #: The capped exponential delay itself.
-    NONE = "none"
-    #: Uniform in ``[0, d]`` ("full jitter"): the most spread, some retries at once.
-    FULL = "full"
-    #: Uniform in ``[d/2, d)`` ("equal jitter"): spread, yet never less than half the delay.
-    EQUAL = "equal"
+#: How a delay ``d`` is spread, so that clients failing together do not retry together: not at
+#: all (``none``), uniform in ``[0, d]`` (``full``: the most spread, some retries at once), or
+#: uniform in ``[d/2, d)`` (``equal``: spread, yet never less than half the delay).
+Jitter = Literal["none", "full", "equal"]
 
 
 @dataclass(slots=True)
@@ -44,7 +39,7 @@ class Backoff:
 
     base: float
     cap: float
-    jitter: Jitter = Jitter.NONE
+    jitter: Jitter = "none"
     #: Where the jitter comes from (a seeded one makes the delays repeatable).
     rng: random.Random = field(default_factory=random.Random, repr=False, compare=False)
     #: Retries counted by :meth:`next` since the last :meth:`reset`.
@@ -53,9 +48,9 @@ class Backoff:
     def delay(self, attempt: int) -> float:
         """The wait before retry ``attempt`` (1 for the first retry)."""
         ceiling = min(self.cap, self.base * float(2 ** min(max(attempt - 1, 0), _MAX_EXPONENT)))
-        if self.jitter is Jitter.FULL:
+        if self.jitter == "full":
             return self.rng.uniform(0, ceiling)
-        if self.jitter is Jitter.EQUAL:
+        if self.jitter == "equal":
             return ceiling * (0.5 + self.rng.random() / 2)
         return ceiling
 

@@ -74,11 +74,15 @@ def consumer_error(
 ) -> KafkaError | None:
     """The message's error, None for a record. A fatal error raises :class:`FatalError`; any
     other is logged (but the end-of-partition event, which is news, not trouble) and returned:
-    the caller skips the message, and may note an end of partition (:func:`is_partition_end`)."""
+    the caller skips the message, and may note an end of partition (:func:`is_partition_end`).
+
+    Fatal is ``fatal()`` or the code ``_FATAL``: librdkafka reports its fatal errors to a
+    consumer (a static member fenced by a newer one with its ``group.instance.id``) as an event
+    of code ``_FATAL`` whose ``fatal()`` is False — the consumer is unusable all the same."""
     error: KafkaError | None = message.error()
     if error is None:
         return None
-    if error.fatal():
+    if error.fatal() or error.code() == KafkaError._FATAL:
         raise FatalError(f"{what}: {error}")
     if error.code() != KafkaError._PARTITION_EOF:
         logger.warning("%s: %s", what, error)

@@ -61,16 +61,9 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from core import kafka_loop
 from core.connections import kafka_config, kafka_consumer_config, kafka_producer_config
 from core.groups import stream_group
-from core.kafka_loop import (
-    Assignment,
-    FatalError,
-    describe,
-    input_records,
-    next_offsets,
-    subscribe,
-)
 from core.records import Headers, InputRecord, dead_letter
 from core.settings import MemberAdmission, Settings
 from schemas.topics import Topic, TopicCatalog, topic_catalog
@@ -213,7 +206,7 @@ class ProcessorLoop:
         self.partitions: set[int] = set()
         self._last_checkpoint = time.monotonic()
         self._topic_ids: dict[str, str] = {}
-        self._assignment = Assignment()
+        self._assignment = kafka_loop.Assignment()
         self._log = logging.getLogger(f"{__name__}.{config.name}")
         #: The codes of records Kafka refused in the current transaction (delivery reports).
         self._refusals: list[int] = []
@@ -266,7 +259,9 @@ class ProcessorLoop:
         if numbers:
             self._restore(numbers)
         self._log.info(
-            "assigned %s; %d state values in the store", describe(partitions), self.store.size()
+            "assigned %s; %d state values in the store",
+            kafka_loop.describe(partitions),
+            self.store.size(),
         )
         self.ready.set()
 
@@ -277,7 +272,9 @@ class ProcessorLoop:
         # The store keeps their values (only the keys of assigned partitions are ever read): if
         # they come back, the restore reads only what another worker wrote meanwhile.
         self.partitions -= gone
-        self._log.info("revoked %s; state partitions %s", describe(partitions), sorted(gone))
+        self._log.info(
+            "revoked %s; state partitions %s", kafka_loop.describe(partitions), sorted(gone)
+        )
 
     def _restore_from(self, partitions: set[int]) -> dict[tuple[str, int], int]:
         """Where each state partition's restore starts: its checkpoint when the store can trust
@@ -393,7 +390,7 @@ class ProcessorLoop:
         try:
             while pending:
                 if self.stop.is_set():
-                    raise FatalError("stopped during restore")
+                    raise kafka_loop.FatalError("stopped during restore")
                 read: dict[str, list[tuple[bytes, bytes | None]]] = defaultdict(list)
                 for message in restorer.consume(10_000, timeout=0.1):
                     error = message.error()
@@ -403,7 +400,7 @@ class ProcessorLoop:
                             pending.discard(tp)
                             ends[tp] = message.offset() or 0
                             continue
-                        raise FatalError(f"restoring {message.topic()}: {error}")
+                        raise kafka_loop.FatalError(f"restoring {message.topic()}: {error}")
                     read[by_topic[tp[0]]].append((message.key() or b"", message.value()))
                     count += 1
                 for table, records in read.items():
@@ -489,7 +486,7 @@ class ProcessorLoop:
                         pending.discard(tp)
                         self._global_positions[tp] = message.offset() or 0
                         continue
-                    raise FatalError(f"reading {message.topic()}: {error}")
+                    raise kafka_loop.FatalError(f"reading {message.topic()}: {error}")
                 read[by_topic[tp[0]]].append((message.key() or b"", message.value()))
                 self._global_positions[tp] = (message.offset() or 0) + 1
                 count += 1
@@ -498,7 +495,7 @@ class ProcessorLoop:
             if not wait or not pending:
                 return count
             if self.stop.is_set():
-                raise FatalError("stopped while reading the global tables")
+                raise kafka_loop.FatalError("stopped while reading the global tables")
 
     def _checkpoint(self) -> None:
         """Record, per state partition, the offset the store is at or past: its high watermark,
@@ -533,7 +530,7 @@ class ProcessorLoop:
         self._call(self.producer.init_transactions, "init_transactions", KAFKA_CALL_TIMEOUT)
         if self.config.globals:
             self._open_globals()
-        subscribe(
+        kafka_loop.subscribe(
             self.consumer,
             [topic.name for topic in self.config.inputs],
             self._on_assign,
@@ -582,7 +579,7 @@ class ProcessorLoop:
                         self._log.info("pruned %d %s older than %s", pruned, table, retention)
 
     def _records(self, messages: list[Message]) -> list[InputRecord]:
-        return input_records(messages, logger=self._log, on_error=self._consumer_error)
+        return kafka_loop.input_records(messages, logger=self._log, on_error=self._consumer_error)
 
     def _consumer_error(self, error: KafkaError) -> None:
         self.stats.last_error = str(error)
@@ -688,8 +685,11 @@ class ProcessorLoop:
                     write.partition,
                     None,
                 )
+            # Commit policy: the offsets go into the transaction (exactly once with the outputs),
+            # not through the kit's commit_offsets; a batch read across a rebalance is dropped
+            # before it gets here (the epoch check in _run), so all of it is still held.
             producer.send_offsets_to_transaction(
-                [TopicPartition(t, p, o) for (t, p), o in next_offsets(records).items()],
+                [TopicPartition(t, p, o) for (t, p), o in kafka_loop.next_offsets(records).items()],
                 self.consumer.consumer_group_metadata(),
                 KAFKA_CALL_TIMEOUT,
             )
@@ -697,7 +697,7 @@ class ProcessorLoop:
         except KafkaException as exc:
             error = exc.args[0]
             if not isinstance(error, KafkaError) or not error.txn_requires_abort():
-                raise FatalError(f"transaction: {exc}") from exc
+                raise kafka_loop.FatalError(f"transaction: {exc}") from exc
             self._log.warning("transaction aborted, the inputs will be read again: %s", error)
             self.stats.aborted += 1
             self.stats.last_error = str(error)
@@ -790,7 +790,7 @@ class ProcessorLoop:
                 if isinstance(error, KafkaError) and error.retriable():
                     self._log.warning("%s: %s; retrying", what, error)
                     continue
-                raise FatalError(f"{what}: {exc}") from exc
+                raise kafka_loop.FatalError(f"{what}: {exc}") from exc
 
     def _report(self, before: LoopStats, seconds: float) -> None:
         done = self.stats.records - before.records

@@ -51,6 +51,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from core import kafka_loop
 from core.backoff import Backoff
 from core.connections import (
     kafka_config,
@@ -58,16 +59,6 @@ from core.connections import (
     sink_session_config,
 )
 from core.groups import clickhouse_sink_group
-from core.kafka_loop import (
-    Assignment,
-    Commit,
-    FatalError,
-    RetriableCommitError,
-    commit_offsets,
-    consumer_error,
-    next_offsets,
-    subscribe,
-)
 from core.readiness import ReadyFile
 from core.settings import Settings
 from core.tls import server_context
@@ -152,7 +143,7 @@ class ClickHouseSink:
         self.ready = threading.Event()
         self.running = False
         self._pending: list[tuple[KafkaRecord, Audited]] = []
-        self._assignment = Assignment()
+        self._assignment = kafka_loop.Assignment()
         self._admin: AdminClient | None = None
         #: Held while a batch is inserted and committed: a rebuild's swap holds it to see the
         #: tables between two batches (``analytics.jobs``).
@@ -173,7 +164,7 @@ class ClickHouseSink:
                 return self.stats
             if on_started is not None:
                 on_started()
-            subscribe(self.consumer, self.topics, self._on_assign, self._on_revoke)
+            kafka_loop.subscribe(self.consumer, self.topics, self._on_assign, self._on_revoke)
             log.info(
                 "consuming %d topics as group %s into %s",
                 len(self.topics),
@@ -249,7 +240,7 @@ class ClickHouseSink:
                 deadline = now + window
 
     def _record(self, message: Message) -> KafkaRecord | None:
-        if consumer_error(message, logger=log) is not None:
+        if kafka_loop.consumer_error(message, logger=log) is not None:
             return None
         return kafka_record(message)
 
@@ -317,7 +308,7 @@ class ClickHouseSink:
         Commit policy: a failed commit is never retried nor fatal — the records are read again
         and the rows inserted again collapse with these (the table's key), so the audit goes on.
         """
-        offsets = next_offsets(record for record, _ in batch)
+        offsets = kafka_loop.next_offsets(record for record, _ in batch)
         # The consumer's position can be past the batch's last record only by transaction
         # markers and aborted records (every record consumed is in the batch): committing it
         # keeps the group's lag at zero on the stream stage's transactional topics.
@@ -326,13 +317,13 @@ class ClickHouseSink:
             key = (tp.topic, tp.partition)
             offsets[key] = max(offsets[key], tp.offset)
         try:
-            outcome = commit_offsets(
+            outcome = kafka_loop.commit_offsets(
                 self.consumer, offsets, held=self._assignment.partitions, logger=log
             )
-        except (RetriableCommitError, FatalError) as exc:
+        except (kafka_loop.RetriableCommitError, kafka_loop.FatalError) as exc:
             outcome = None
             log.warning("offset commit failed, the batch will be read again: %s", exc)
-        if outcome is not Commit.COMMITTED:
+        if outcome is not kafka_loop.Commit.COMMITTED:
             self.stats.commit_failures += 1
 
     # -- rebalances and progress --

@@ -61,7 +61,8 @@ from cassandra.query import BoundStatement
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from pydantic import ValidationError
 
-from core.backoff import Backoff, Jitter
+from core import kafka_loop
+from core.backoff import Backoff
 from core.connections import (
     consume_ready,
     cql_cluster,
@@ -70,17 +71,6 @@ from core.connections import (
     sink_session_config,
 )
 from core.groups import cql_sink_group
-from core.kafka_loop import (
-    Assignment,
-    Commit,
-    FatalError,
-    RetriableCommitError,
-    commit_offsets,
-    describe,
-    input_records,
-    next_offsets,
-    subscribe,
-)
 from core.readiness import ReadyFile
 from core.records import PROCESSING_FAILED, InputRecord, dead_letter
 from core.settings import Settings
@@ -122,7 +112,7 @@ def retry_backoff(settings: Settings) -> Backoff:
     """The waits between retries while the cluster does not answer: ``cql_retry_initial_seconds``
     doubling up to ``cql_retry_max_seconds``, each spread over its upper half."""
     sinks = settings.sinks
-    return Backoff(sinks.cql_retry_initial_seconds, sinks.cql_retry_max_seconds, Jitter.EQUAL)
+    return Backoff(sinks.cql_retry_initial_seconds, sinks.cql_retry_max_seconds, "equal")
 
 
 class StopRequestedError(Exception):
@@ -217,7 +207,7 @@ class CqlSink:
         #: Records polled while paused (should librdkafka hand any over): the next batch's start.
         self._carry: list[Message] = []
         self._paused: list[TopicPartition] = []
-        self._assignment = Assignment()
+        self._assignment = kafka_loop.Assignment()
         self._at_end: dict[tuple[str, int], bool] = {}
         self._skipped_tombstones = 0
         self._last_progress = time.monotonic()
@@ -231,7 +221,7 @@ class CqlSink:
         partition is read to its end and committed (tests, one-off backfills)."""
         if stop is not None:
             self._stop = stop
-        subscribe(
+        kafka_loop.subscribe(
             self.consumer, [topic.name for topic in self.inputs], self._on_assign, self._on_revoke
         )
         log.info(
@@ -268,7 +258,7 @@ class CqlSink:
         return messages
 
     def _records(self, messages: Sequence[Message]) -> list[InputRecord]:
-        return input_records(messages, logger=log, ends=self._at_end)
+        return kafka_loop.input_records(messages, logger=log, ends=self._at_end)
 
     def _caught_up(self) -> bool:
         held = self._assignment.partitions
@@ -358,10 +348,10 @@ class CqlSink:
     ) -> list[BoundStatement]:
         try:
             return plan()
-        except (StopRequestedError, FatalError):
+        except (StopRequestedError, kafka_loop.FatalError):
             raise
         except MasterKeyMismatchError as error:
-            raise FatalError(str(error)) from error
+            raise kafka_loop.FatalError(str(error)) from error
         except Exception as error:  # a value the driver cannot bind, a rule that cannot apply
             log.exception("record %s[%d]@%d failed", record.topic, record.partition, record.offset)
             raise _PoisonError(source, PROCESSING_FAILED, repr(error)) from error
@@ -471,21 +461,21 @@ class CqlSink:
 
         Commit policy: a retriable failure is retried until it lands (the batch's writes are
         done, and waiting keeps the group membership), unless the sink is stopping."""
-        offsets = next_offsets(records)
+        offsets = kafka_loop.next_offsets(records)
         attempt = 0
         while True:
             try:
-                outcome = commit_offsets(
+                outcome = kafka_loop.commit_offsets(
                     self.consumer, offsets, held=self._assignment.partitions, logger=log
                 )
-            except RetriableCommitError as exc:
+            except kafka_loop.RetriableCommitError as exc:
                 if self._stop.is_set():
-                    raise FatalError(f"commit: {exc}") from exc
+                    raise kafka_loop.FatalError(f"commit: {exc}") from exc
                 attempt += 1
                 log.warning("commit failed (%s); retrying", exc)
                 self._wait_for_retry(self.writer.backoff.delay(attempt))
                 continue
-            if outcome is Commit.COMMITTED:
+            if outcome is kafka_loop.Commit.COMMITTED:
                 self.stats.commits += 1
             return
 
@@ -546,7 +536,7 @@ class CqlSink:
         self._carry = []
         self._at_end = {}
         self._paused = []
-        log.info("assigned %s", describe(partitions))
+        log.info("assigned %s", kafka_loop.describe(partitions))
         if not self.ready.is_set():
             self.ready.set()
             detail = f"group {self.group_id}, keyspace {self.keyspace}"
@@ -557,7 +547,7 @@ class CqlSink:
         gone = self._assignment.revoke(partitions)
         self._carry = []
         self._paused = [tp for tp in self._paused if (tp.topic, tp.partition) not in gone]
-        log.info("revoked %s", describe(partitions))
+        log.info("revoked %s", kafka_loop.describe(partitions))
 
     # -- progress --
 

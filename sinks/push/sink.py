@@ -73,6 +73,7 @@ from confluent_kafka import (
 )
 from pydantic import ValidationError
 
+from core import kafka_loop
 from core.backoff import Backoff
 from core.connections import (
     consume_ready,
@@ -81,17 +82,6 @@ from core.connections import (
     sink_session_config,
 )
 from core.groups import push_sink_group
-from core.kafka_loop import (
-    Assignment,
-    Commit,
-    FatalError,
-    RetriableCommitError,
-    commit_offsets,
-    consumer_error,
-    input_record,
-    is_partition_end,
-    subscribe,
-)
 from core.push_settings import TenantPushApps
 from core.readiness import ReadyFile
 from core.records import PROCESSING_FAILED, InputRecord, dead_letter
@@ -241,7 +231,7 @@ class PushSink:
         self.stats = SinkStats()
         self.ready = asyncio.Event()
         self._progress = _Progress()
-        self._assignment = Assignment()
+        self._assignment = kafka_loop.Assignment()
         self._jobs: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -279,7 +269,7 @@ class PushSink:
             if follower is not None:
                 stop.set()
                 # Its failure, if any, was raised through _serve_jobs already.
-                with contextlib.suppress(FatalError):
+                with contextlib.suppress(kafka_loop.FatalError):
                     await follower
             await self._drain()
             await asyncio.to_thread(self._close_consumers)
@@ -302,7 +292,7 @@ class PushSink:
         topic = self.catalog.push_tokens.name
         metadata = self.token_consumer.list_topics(topic, timeout=30).topics.get(topic)
         if metadata is None or metadata.error is not None:
-            raise FatalError(f"topic {topic} is missing: run `imstream topics apply`")
+            raise kafka_loop.FatalError(f"topic {topic} is missing: run `imstream topics apply`")
         remaining: set[int] = set()
         for partition in metadata.partitions:
             low, high = _watermarks(self.token_consumer, TopicPartition(topic, partition))
@@ -319,9 +309,9 @@ class PushSink:
         records = 0
         while remaining and not stop.is_set():
             for message in self.token_consumer.consume(TOKEN_BATCH, timeout=POLL_SECONDS):
-                error = consumer_error(message, what="token consumer", logger=log)
+                error = kafka_loop.consumer_error(message, what="token consumer", logger=log)
                 if error is not None:
-                    if is_partition_end(error):
+                    if kafka_loop.is_partition_end(error):
                         remaining.discard(message.partition() or 0)
                     continue
                 records += 1
@@ -356,7 +346,8 @@ class PushSink:
                 self.token_consumer.consume, TOKEN_BATCH, POLL_SECONDS
             )
             for message in messages:
-                if consumer_error(message, what="token consumer", logger=log) is not None:
+                error = kafka_loop.consumer_error(message, what="token consumer", logger=log)
+                if error is not None:
                     continue
                 event = _token_event(message)
                 if event is None:
@@ -487,7 +478,7 @@ class PushSink:
     # -- jobs --
 
     async def _serve_jobs(self, stop: asyncio.Event, follower: asyncio.Task[None]) -> None:
-        subscribe(
+        kafka_loop.subscribe(
             self.job_consumer, [self.catalog.push_jobs.name], self._on_assign, self._on_revoke
         )
         limit = self.push.jobs_in_flight
@@ -495,7 +486,7 @@ class PushSink:
         while not stop.is_set():
             if follower.done():
                 follower.result()  # the token table stopped following: raise why
-                raise FatalError("the token table stopped following its topic")
+                raise kafka_loop.FatalError("the token table stopped following its topic")
             await asyncio.to_thread(self._commit_ready)
             free = limit - len(self._jobs)
             if free <= 0:
@@ -509,9 +500,9 @@ class PushSink:
                 last_report = time.monotonic()
 
     def _start_job(self, message: Message) -> None:
-        if consumer_error(message, what="job consumer", logger=log) is not None:
+        if kafka_loop.consumer_error(message, what="job consumer", logger=log) is not None:
             return
-        record = input_record(message)
+        record = kafka_loop.input_record(message)
         self._progress.started((record.topic, record.partition), record.offset)
         task = asyncio.create_task(self._job(record))
         self._jobs.add(task)
@@ -761,13 +752,13 @@ class PushSink:
         """Commit policy: a retriable failure is left to the next commit, which covers these
         offsets too (offsets only grow per partition); the job loop must not stall on it."""
         try:
-            outcome = commit_offsets(
+            outcome = kafka_loop.commit_offsets(
                 self.job_consumer, offsets, held=self._assignment.partitions, logger=log
             )
-        except RetriableCommitError as exc:
+        except kafka_loop.RetriableCommitError as exc:
             log.warning("commit failed (%s); the jobs are committed with later ones", exc)
             return
-        if outcome is Commit.COMMITTED:
+        if outcome is kafka_loop.Commit.COMMITTED:
             self.stats.commits += 1
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
