@@ -321,9 +321,9 @@ class ClickHouseSink:
                 self.consumer, offsets, held=self._assignment.partitions, logger=log
             )
         except (kafka_loop.RetriableCommitError, kafka_loop.FatalError) as exc:
-            outcome = None
             log.warning("offset commit failed, the batch will be read again: %s", exc)
-        if outcome is not kafka_loop.Commit.COMMITTED:
+            outcome = kafka_loop.Commit.REBALANCED
+        if outcome is kafka_loop.Commit.REBALANCED:
             self.stats.commit_failures += 1
 
     # -- rebalances and progress --

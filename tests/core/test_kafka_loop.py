@@ -119,95 +119,87 @@ def test_input_records_converts_records_and_follows_the_partition_ends(
     assert next_offsets(records) == {(topic, p): 2 for p in range(PARTITIONS)}
 
 
+@pytest.fixture
+def join(settings: Settings, topic: str, unique_name: str) -> Iterator[Callable[..., Member]]:
+    """Members of this test's group on ``topic``, each closed after the test."""
+    joined: list[Member] = []
+
+    def member(**config: object) -> Member:
+        joined.append(Member(settings, unique_name, topic, **config))
+        return joined[-1]
+
+    yield member
+    for member_ in joined:
+        member_.close()
+
+
 def test_a_commit_after_a_revoke_commits_only_the_partitions_still_assigned(
-    settings: Settings, topic: str, unique_name: str
+    settings: Settings, topic: str, unique_name: str, join: Callable[..., Member]
 ) -> None:
-    first = Member(settings, unique_name, topic)
-    second: Member | None = None
-    try:
-        batch: list[InputRecord] = []
-        deadline = time.monotonic() + 60
-        while len(batch) < 2 * PARTITIONS:
-            assert time.monotonic() < deadline
-            batch += first.poll()
-        assert first.assignment.partitions == {(topic, p) for p in range(PARTITIONS)}
-        epoch = first.assignment.epoch
+    first = join()
+    batch: list[InputRecord] = []
+    deadline = time.monotonic() + 60
+    while len(batch) < 2 * PARTITIONS:
+        assert time.monotonic() < deadline
+        batch += first.poll()
+    assert first.assignment.partitions == {(topic, p) for p in range(PARTITIONS)}
+    epoch = first.assignment.epoch
 
-        # A second member joins while the batch is being worked on: the group takes one
-        # partition away from the first.
-        second = Member(settings, unique_name, topic)
-        members = (first, second)
-        poll_until(lambda: bool(second.assignment.partitions), *members)
-        poll_until(lambda: len(first.assignment.partitions) == 1, *members)
-        assert first.assignment.epoch > epoch
-        [(_, kept)] = first.assignment.partitions
-        [(_, taken)] = second.assignment.partitions
-        assert kept != taken
+    # A second member joins while the batch is being worked on: the group takes one partition
+    # away from the first.
+    second = join()
+    poll_until(lambda: bool(second.assignment.partitions), first, second)
+    poll_until(lambda: len(first.assignment.partitions) == 1, first, second)
+    assert first.assignment.epoch > epoch
+    [(_, kept)] = first.assignment.partitions
+    [(_, taken)] = second.assignment.partitions
+    assert kept != taken
 
-        outcome = commit_offsets(
-            first.consumer, next_offsets(batch), held=first.assignment.partitions
-        )
-        assert outcome is Commit.COMMITTED
-        offsets = committed(settings, unique_name, topic)
-        assert offsets[kept] == 2
-        assert offsets[taken] < 0  # its new owner's to commit: nothing committed for it
-    finally:
-        first.close()
-        if second is not None:
-            second.close()
+    outcome = commit_offsets(first.consumer, next_offsets(batch), held=first.assignment.partitions)
+    assert outcome is Commit.COMMITTED
+    offsets = committed(settings, unique_name, topic)
+    assert offsets[kept] == 2
+    assert offsets[taken] < 0  # its new owner's to commit: nothing committed for it
 
 
 def test_a_commit_of_nothing_still_held_commits_nothing(
-    settings: Settings, topic: str, unique_name: str
+    settings: Settings, topic: str, unique_name: str, join: Callable[..., Member]
 ) -> None:
-    member = Member(settings, unique_name, topic)
-    try:
-        poll_until(lambda: bool(member.assignment.partitions), member)
-        outcome = commit_offsets(member.consumer, {(topic, 0): 1}, held=set())
-        assert outcome is Commit.NOTHING
-    finally:
-        member.close()
+    member = join()
+    poll_until(lambda: bool(member.assignment.partitions), member)
+    assert commit_offsets(member.consumer, {(topic, 0): 1}, held=set()) is Commit.NOTHING
     assert all(offset < 0 for offset in committed(settings, unique_name, topic).values())
 
 
 def test_a_commit_after_the_group_moved_on_is_refused_without_failing_the_loop(
-    settings: Settings, topic: str, unique_name: str
+    settings: Settings, topic: str, unique_name: str, join: Callable[..., Member]
 ) -> None:
     """A member that did not poll within ``max.poll.interval.ms`` has left the group: its
     commit is refused (UNKNOWN_MEMBER_ID), which is no failure of the loop."""
-    member = Member(settings, unique_name, topic, **{"max.poll.interval.ms": 6000})
-    try:
-        poll_until(lambda: len(member.assignment.partitions) == PARTITIONS, member)
-        time.sleep(7.5)  # a batch that took too long
-        outcome = commit_offsets(
-            member.consumer, {(topic, 0): 1, (topic, 1): 1}, held=member.assignment.partitions
-        )
-        assert outcome is Commit.REBALANCED
-    finally:
-        member.close()
+    member = join(**{"max.poll.interval.ms": 6000})
+    poll_until(lambda: len(member.assignment.partitions) == PARTITIONS, member)
+    time.sleep(7.5)  # a batch that took too long
+    offsets = {(topic, 0): 1, (topic, 1): 1}
+    outcome = commit_offsets(member.consumer, offsets, held=member.assignment.partitions)
+    assert outcome is Commit.REBALANCED
     assert all(offset < 0 for offset in committed(settings, unique_name, topic).values())
 
 
 def test_a_fatal_consumer_error_ends_the_loop(
-    settings: Settings, topic: str, unique_name: str
+    unique_name: str, join: Callable[..., Member]
 ) -> None:
-    """A static member fenced by a newer instance with the same id: librdkafka's fatal error."""
+    """A static member fenced by a newer instance with the same id: librdkafka reports it as a
+    fatal error (code ``_FATAL``) to the older one."""
     static = {"group.instance.id": f"{unique_name}-member"}
-    older = Member(settings, unique_name, topic, **static)
-    newer: Member | None = None
-    try:
-        poll_until(lambda: bool(older.assignment.partitions), older)
-        newer = Member(settings, unique_name, topic, **static)
-        deadline = time.monotonic() + 60
-        with pytest.raises(FatalError, match="older"):
-            while time.monotonic() < deadline:
-                newer.poll(0.1)
-                for message in older.consumer.consume(100, timeout=0.2):
-                    consumer_error(message, what="older")
-    finally:
-        older.close()
-        if newer is not None:
-            newer.close()
+    older = join(**static)
+    poll_until(lambda: bool(older.assignment.partitions), older)
+    newer = join(**static)
+    deadline = time.monotonic() + 60
+    with pytest.raises(FatalError, match="older"):
+        while time.monotonic() < deadline:
+            newer.poll(0.1)
+            for message in older.consumer.consume(100, timeout=0.2):
+                consumer_error(message, what="older")
 
 
 def test_assignment_and_describe() -> None:
