@@ -70,12 +70,11 @@ import base64
 import contextlib
 import json
 import logging
-import random
 import ssl as ssl_module
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -85,6 +84,7 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from core.backoff import Backoff
 from core.tls import client_context
 from schemas import frames as fr
 from schemas.errors import CloseCode, ErrorCode
@@ -154,14 +154,10 @@ class FileCursorStore:
         temporary.replace(self.path)
 
 
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    initial: float = 0.2
-    maximum: float = 10.0
-
-    def delay(self, attempt: int) -> float:
-        """Full jitter: uniform in [0, min(maximum, initial · 2^attempt)]."""
-        return random.uniform(0, min(self.maximum, self.initial * 2**attempt))
+def default_backoff() -> Backoff:
+    """The client's retry waits: full jitter under 0.2 s doubling up to 10 s (many devices that
+    lost the same server must not come back at the same instant)."""
+    return Backoff(0.2, 10.0, "full")
 
 
 def token_expiry(token: str) -> datetime | None:
@@ -201,7 +197,7 @@ class Client:
         cursor: int = 0,
         cursor_store: CursorStore | None = None,
         ack: bool = True,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff | None = None,
         sync_page: int = fr.MAX_SYNC_LIMIT,
         gap_poll: float = 2.0,
         settle_sync: float = 2.0,
@@ -216,11 +212,12 @@ class Client:
         self.ssl: ssl_module.SSLContext | None = None
         if urllib.parse.urlsplit(url).scheme == "wss":
             self.ssl = ssl or client_context(ca_file)
+        #: Read with ``delay(attempt)`` only: commands retry concurrently, each with its count.
+        self.backoff = backoff or default_backoff()
         self.tenant_id = tenant_id
         self.device_id = device_id
         self.platform = platform
         self.ack_automatically = ack
-        self.backoff = backoff
         self.sync_page = sync_page
         self.gap_poll = gap_poll
         self.settle_sync = settle_sync
@@ -532,7 +529,7 @@ class Client:
             fields["proof"] = proof
         body = json.dumps(fields).encode()
         path = f"/v1/tenants/{self.tenant_id}/devices/{self.device_id}/push-token"
-        for attempt in range(attempts):
+        for attempt in range(1, attempts + 1):
             headers = {
                 "Authorization": f"Bearer {await self._token_text()}",
                 "Content-Type": "application/json",
@@ -541,7 +538,7 @@ class Client:
             try:
                 status, raw = await self._rest("PUT", path, body, headers)
             except OSError:
-                if attempt + 1 == attempts:
+                if attempt == attempts:
                     raise
                 await asyncio.sleep(self.backoff.delay(attempt))
                 continue
@@ -551,7 +548,7 @@ class Client:
             if not isinstance(reply, fr.ErrorFrame):
                 raise ValueError(f"unexpected {reply.type!r} reply (HTTP {status})")
             retryable = reply.code in (ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED)
-            if not retryable or attempt + 1 == attempts:
+            if not retryable or attempt == attempts:
                 raise CommandError(reply)
             wait = (reply.retry_after_ms or 0) / 1000
             await asyncio.sleep(max(wait, self.backoff.delay(attempt)))
@@ -615,14 +612,14 @@ class Client:
             try:
                 reply = await self._request(frame)
             except (ConnectionClosed, OSError, TimeoutError):
-                await self._pause(attempt)
                 attempt += 1
+                await self._pause(attempt)
                 continue
             if isinstance(reply, fr.ErrorFrame):
                 if reply.code in (ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED):
+                    attempt += 1
                     wait = (reply.retry_after_ms or 0) / 1000
                     await asyncio.sleep(max(wait, self.backoff.delay(attempt)))
-                    attempt += 1
                     continue
                 raise CommandError(reply)
             return reply
@@ -659,7 +656,8 @@ class Client:
 
     async def _run(self) -> None:
         """Connect, hello, read frames; reconnect with backoff until closed for good."""
-        attempt = 0
+        # This loop's own count (the policy may be shared): started over at every hello.
+        reconnect = replace(self.backoff, attempts=0)
         while not self.stopped():
             try:
                 async with connect(
@@ -688,7 +686,7 @@ class Client:
                     assert isinstance(hello, fr.HelloOk)
                     self.hello = hello
                     self._socket = socket_
-                    attempt = 0
+                    reconnect.reset()
                     self._connected.set()
                     loop = asyncio.get_running_loop()
                     tasks = [
@@ -729,8 +727,7 @@ class Client:
                 self._stop(ClientClosedError(f"closed by the server with {code}", code))
                 return
             self.reconnects += 1
-            await asyncio.sleep(self.backoff.delay(attempt))
-            attempt += 1
+            await asyncio.sleep(reconnect.next())
 
     async def _refresh(self, expires_at: datetime) -> None:
         """Renew the socket's token at four fifths of its remaining life, again and again (the

@@ -23,18 +23,6 @@ from schemas.topics import KAFKA_PARTITIONER
 
 _kafka_log = logging.getLogger("imstream.kafka")
 
-#: Offset-commit errors that mean "the group moved on" (a rebalance took the partitions): not a
-#: failure of the consumer; the partitions' next owner processes the uncommitted records again.
-REBALANCED_COMMIT_ERRORS = frozenset(
-    {
-        KafkaError.REBALANCE_IN_PROGRESS,
-        KafkaError.ILLEGAL_GENERATION,
-        KafkaError.UNKNOWN_MEMBER_ID,
-        KafkaError._NO_OFFSET,
-        KafkaError._STATE,
-    }
-)
-
 
 def kafka_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     """Base librdkafka configuration; callers add role-specific keys (group.id, acks, …).

@@ -14,7 +14,7 @@ from cassandra.cluster import Session
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from core.connections import kafka_producer_config
-from core.records import InputRecord
+from core.kafka_loop import input_record
 from core.replay import ReplayError
 from core.settings import Settings
 from schemas.topics import Topic, TopicCatalog
@@ -123,19 +123,7 @@ class CqlTarget:
         return (catalog.messages_sequenced, catalog.sync_events, catalog.push_tokens)
 
     def apply(self, messages: Sequence[Message]) -> None:
-        records = []
-        for message in messages:
-            _, timestamp = message.timestamp()
-            records.append(
-                InputRecord(
-                    topic=message.topic() or "",
-                    partition=message.partition() or 0,
-                    offset=message.offset() or 0,
-                    key=message.key(),
-                    value=message.value(),
-                    timestamp_ms=max(timestamp, 0),
-                )
-            )
+        records = [input_record(message) for message in messages]
         try:
             self.sink.apply(records)
         except StopRequestedError as stopped:

@@ -61,6 +61,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from core import kafka_loop
 from core.connections import kafka_config, kafka_consumer_config, kafka_producer_config
 from core.groups import stream_group
 from core.records import Headers, InputRecord, dead_letter
@@ -85,8 +86,6 @@ from streams.users import PushPolicy
 
 log = logging.getLogger(__name__)
 
-#: Exit code of a worker that stopped on an error it cannot recover from (EX_SOFTWARE).
-EXIT_FATAL = 70
 READY_MESSAGE = "stream worker ready"
 #: How long a blocking Kafka call (init, send offsets, commit, abort) may take before we give up.
 KAFKA_CALL_TIMEOUT = 60.0
@@ -99,10 +98,6 @@ DELETE_RETENTION_MS = 86_400_000
 
 class Processor(Protocol):
     def process(self, batch: Sequence[InputRecord], state: StateReader) -> BatchResult: ...
-
-
-class FatalError(Exception):
-    """The loop cannot go on; the process must restart from the last committed transaction."""
 
 
 def encode_state(value: dict[str, Any] | None) -> bytes | None:
@@ -211,7 +206,7 @@ class ProcessorLoop:
         self.partitions: set[int] = set()
         self._last_checkpoint = time.monotonic()
         self._topic_ids: dict[str, str] = {}
-        self._epoch = 0
+        self._assignment = kafka_loop.Assignment()
         self._log = logging.getLogger(f"{__name__}.{config.name}")
         #: The codes of records Kafka refused in the current transaction (delivery reports).
         self._refusals: list[int] = []
@@ -259,23 +254,27 @@ class ProcessorLoop:
     # -- rebalance callbacks (called by librdkafka inside consume/poll, between transactions) --
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._epoch += 1
+        self._assignment.assign(partitions)
         numbers = {tp.partition for tp in partitions} - self.partitions
         if numbers:
             self._restore(numbers)
         self._log.info(
-            "assigned %s; %d state values in the store", _describe(partitions), self.store.size()
+            "assigned %s; %d state values in the store",
+            kafka_loop.describe(partitions),
+            self.store.size(),
         )
         self.ready.set()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._epoch += 1
-        kept = {tp.partition for tp in consumer.assignment()} - {tp.partition for tp in partitions}
+        kept = {partition for _topic, partition in self._assignment.partitions}
+        kept -= {partition for _topic, partition in self._assignment.revoke(partitions)}
         gone = self.partitions - kept
         # The store keeps their values (only the keys of assigned partitions are ever read): if
         # they come back, the restore reads only what another worker wrote meanwhile.
         self.partitions -= gone
-        self._log.info("revoked %s; state partitions %s", _describe(partitions), sorted(gone))
+        self._log.info(
+            "revoked %s; state partitions %s", kafka_loop.describe(partitions), sorted(gone)
+        )
 
     def _restore_from(self, partitions: set[int]) -> dict[tuple[str, int], int]:
         """Where each state partition's restore starts: its checkpoint when the store can trust
@@ -391,7 +390,7 @@ class ProcessorLoop:
         try:
             while pending:
                 if self.stop.is_set():
-                    raise FatalError("stopped during restore")
+                    raise kafka_loop.FatalError("stopped during restore")
                 read: dict[str, list[tuple[bytes, bytes | None]]] = defaultdict(list)
                 for message in restorer.consume(10_000, timeout=0.1):
                     error = message.error()
@@ -401,7 +400,7 @@ class ProcessorLoop:
                             pending.discard(tp)
                             ends[tp] = message.offset() or 0
                             continue
-                        raise FatalError(f"restoring {message.topic()}: {error}")
+                        raise kafka_loop.FatalError(f"restoring {message.topic()}: {error}")
                     read[by_topic[tp[0]]].append((message.key() or b"", message.value()))
                     count += 1
                 for table, records in read.items():
@@ -487,7 +486,7 @@ class ProcessorLoop:
                         pending.discard(tp)
                         self._global_positions[tp] = message.offset() or 0
                         continue
-                    raise FatalError(f"reading {message.topic()}: {error}")
+                    raise kafka_loop.FatalError(f"reading {message.topic()}: {error}")
                 read[by_topic[tp[0]]].append((message.key() or b"", message.value()))
                 self._global_positions[tp] = (message.offset() or 0) + 1
                 count += 1
@@ -496,7 +495,7 @@ class ProcessorLoop:
             if not wait or not pending:
                 return count
             if self.stop.is_set():
-                raise FatalError("stopped while reading the global tables")
+                raise kafka_loop.FatalError("stopped while reading the global tables")
 
     def _checkpoint(self) -> None:
         """Record, per state partition, the offset the store is at or past: its high watermark,
@@ -531,11 +530,11 @@ class ProcessorLoop:
         self._call(self.producer.init_transactions, "init_transactions", KAFKA_CALL_TIMEOUT)
         if self.config.globals:
             self._open_globals()
-        self.consumer.subscribe(
+        kafka_loop.subscribe(
+            self.consumer,
             [topic.name for topic in self.config.inputs],
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_revoke,
+            self._on_assign,
+            self._on_revoke,
         )
         self._log.info(
             "consuming %s as group %s", ", ".join(t.name for t in self.config.inputs), self.group_id
@@ -547,7 +546,7 @@ class ProcessorLoop:
         #: the earliest, with every record that came meanwhile (one transaction per batch).
         last_batch = 0.0
         while not self.stop.is_set():
-            epoch = self._epoch
+            epoch = self._assignment.epoch
             messages = self.consumer.consume(1, timeout=0.2)
             if messages and streams.batch_size > 1:
                 wait = last_batch + streams.commit_interval_seconds - time.monotonic()
@@ -555,7 +554,7 @@ class ProcessorLoop:
                 messages += self.consumer.consume(streams.batch_size - 1, timeout=max(wait, 0.0))
             if messages:
                 last_batch = time.monotonic()
-            if self._epoch != epoch:
+            if self._assignment.epoch != epoch:
                 # A rebalance ran inside consume: every position went back to its committed
                 # offset, so these records will come again; process none of them now.
                 continue
@@ -580,25 +579,10 @@ class ProcessorLoop:
                         self._log.info("pruned %d %s older than %s", pruned, table, retention)
 
     def _records(self, messages: list[Message]) -> list[InputRecord]:
-        records = []
-        for message in messages:
-            error = message.error()
-            if error is not None:
-                if error.fatal():
-                    raise FatalError(f"consumer: {error}")
-                self._log.warning("consumer: %s", error)
-                self.stats.last_error = str(error)
-                continue
-            records.append(
-                InputRecord(
-                    topic=message.topic() or "",
-                    partition=message.partition() or 0,
-                    offset=message.offset() or 0,
-                    key=message.key(),
-                    value=message.value(),
-                )
-            )
-        return records
+        return kafka_loop.input_records(messages, logger=self._log, on_error=self._consumer_error)
+
+    def _consumer_error(self, error: KafkaError) -> None:
+        self.stats.last_error = str(error)
 
     def _process(self, records: list[InputRecord]) -> None:
         if self._one_at_a_time:
@@ -701,12 +685,11 @@ class ProcessorLoop:
                     write.partition,
                     None,
                 )
-            offsets: dict[tuple[str, int], int] = {}
-            for record in records:
-                tp = (record.topic, record.partition)
-                offsets[tp] = max(offsets.get(tp, -1), record.offset + 1)
+            # Commit policy: the offsets go into the transaction (exactly once with the outputs),
+            # not through the kit's commit_offsets; a batch read across a rebalance is dropped
+            # before it gets here (the epoch check in _run), so all of it is still held.
             producer.send_offsets_to_transaction(
-                [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                [TopicPartition(t, p, o) for (t, p), o in kafka_loop.next_offsets(records).items()],
                 self.consumer.consumer_group_metadata(),
                 KAFKA_CALL_TIMEOUT,
             )
@@ -714,7 +697,7 @@ class ProcessorLoop:
         except KafkaException as exc:
             error = exc.args[0]
             if not isinstance(error, KafkaError) or not error.txn_requires_abort():
-                raise FatalError(f"transaction: {exc}") from exc
+                raise kafka_loop.FatalError(f"transaction: {exc}") from exc
             self._log.warning("transaction aborted, the inputs will be read again: %s", error)
             self.stats.aborted += 1
             self.stats.last_error = str(error)
@@ -807,7 +790,7 @@ class ProcessorLoop:
                 if isinstance(error, KafkaError) and error.retriable():
                     self._log.warning("%s: %s; retrying", what, error)
                     continue
-                raise FatalError(f"{what}: {exc}") from exc
+                raise kafka_loop.FatalError(f"{what}: {exc}") from exc
 
     def _report(self, before: LoopStats, seconds: float) -> None:
         done = self.stats.records - before.records
@@ -823,17 +806,6 @@ class ProcessorLoop:
             self.stats.aborted - before.aborted,
             self.store.size(),
         )
-
-
-def _describe(partitions: Sequence[TopicPartition]) -> str:
-    """``topic[0,1,2]`` per topic, for the log."""
-    by_topic: dict[str, list[int]] = defaultdict(list)
-    for tp in partitions:
-        by_topic[tp.topic].append(tp.partition)
-    return (
-        ", ".join(f"{topic}{sorted(numbers)}" for topic, numbers in sorted(by_topic.items()))
-        or "nothing"
-    )
 
 
 def default_instance_id() -> str:

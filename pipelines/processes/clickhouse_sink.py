@@ -16,6 +16,7 @@ from analytics.queries import Analytics
 from core.connections import (
     clickhouse_client,
 )
+from core.kafka_loop import EXIT_FATAL, FatalError
 from core.principals import staff_authenticator
 from core.readiness import ReadyFile
 from core.settings import Settings
@@ -23,10 +24,8 @@ from pipelines.processes import consumer_groups
 from schemas.topics import topic_catalog
 from sinks.clickhouse.schema import SchemaNameError
 from sinks.clickhouse.sink import (
-    EXIT_FATAL,
     EXIT_UNAVAILABLE,
     ClickHouseSink,
-    FatalError,
     analytics_tls,
 )
 from sinks.clickhouse.store import ClickHouseStore, QueryPool, query_client_settings

@@ -6,6 +6,7 @@ import logging
 import signal
 import threading
 
+from core.kafka_loop import EXIT_FATAL, FatalError
 from core.readiness import ReadyFile
 from core.settings import Settings
 from sinks.cql.crypto import (
@@ -14,7 +15,7 @@ from sinks.cql.crypto import (
 )
 from sinks.cql.migrate import MigrationError, check_keyspace_name
 from sinks.cql.serving import serving_keyspace
-from sinks.cql.sink import EXIT_CONFIG, EXIT_FATAL, CqlSink, FatalError, connect, migrate_with_retry
+from sinks.cql.sink import EXIT_CONFIG, CqlSink, connect, migrate_with_retry
 
 log = logging.getLogger(__name__)
 

@@ -6,11 +6,12 @@ import asyncio
 import logging
 import signal
 
+from core.kafka_loop import EXIT_FATAL, FatalError
 from core.readiness import ReadyFile
 from core.settings import Settings
 from sinks.push.errors import PushConfigError
 from sinks.push.reliability import PushDispatcher
-from sinks.push.sink import EXIT_CONFIG, EXIT_FATAL, FatalError, PushSink
+from sinks.push.sink import EXIT_CONFIG, PushSink
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,10 @@ import signal
 import threading
 from collections.abc import Sequence
 
+from core.kafka_loop import EXIT_FATAL
 from core.readiness import ReadyFile
 from core.settings import Settings
-from streams.runtime import EXIT_FATAL, READY_MESSAGE, ProcessorLoop, build_loops
+from streams.runtime import READY_MESSAGE, ProcessorLoop, build_loops
 
 log = logging.getLogger(__name__)
 

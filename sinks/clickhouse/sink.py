@@ -46,12 +46,13 @@ from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
     Consumer,
     IsolationLevel,
-    KafkaException,
     Message,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from core import kafka_loop
+from core.backoff import Backoff
 from core.connections import (
     kafka_config,
     kafka_consumer_config,
@@ -72,10 +73,9 @@ from sinks.clickhouse.store import ClickHouseStore
 
 log = logging.getLogger(__name__)
 
-#: Exit codes: ClickHouse or the analytics port unavailable (EX_UNAVAILABLE), Kafka fatal
-#: (EX_SOFTWARE, as the stream worker).
+#: Exit code of ClickHouse or the analytics port unavailable (EX_UNAVAILABLE); a fatal Kafka
+#: error is ``EXIT_FATAL``, as in every loop.
 EXIT_UNAVAILABLE = 69
-EXIT_FATAL = 70
 READY_MESSAGE = "clickhouse sink ready"
 PROGRESS_INTERVAL = 10.0
 #: How long consume waits for the first record of a batch before the loop looks around.
@@ -90,16 +90,9 @@ _LATEST: OffsetSpec = OffsetSpec.latest()  # type: ignore[no-untyped-call]
 _EARLIEST: OffsetSpec = OffsetSpec.earliest()  # type: ignore[no-untyped-call]
 
 
-class FatalError(Exception):
-    """The consumer cannot go on (a fatal Kafka error); the process exits and is restarted."""
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Retry delays for inserts and dead letters: ``initial``, doubling up to ``maximum``."""
-
-    initial: float = 0.5
-    maximum: float = 30.0
+def retry_backoff() -> Backoff:
+    """The waits between schema and insert attempts: 0.5 s, doubling up to 30 s."""
+    return Backoff(0.5, 30.0)
 
 
 @dataclass
@@ -132,7 +125,7 @@ class ClickHouseSink:
         *,
         catalog: TopicCatalog | None = None,
         group_id: str | None = None,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff | None = None,
         ready_file: ReadyFile | None = None,
     ) -> None:
         self.settings = settings
@@ -142,13 +135,15 @@ class ClickHouseSink:
         self.stop = stop
         self.catalog = catalog or topic_catalog(settings)
         self.group_id = group_id or clickhouse_sink_group(settings)
-        self.backoff = backoff
+        #: The sink's own (``next``/``reset``): one retry loop runs at a time, on its thread.
+        self.backoff = backoff or retry_backoff()
         self.decoder = AuditDecoder(self.catalog)
         self.topics = [topic.name for topic in audited_topics(self.catalog)]
         self.stats = SinkStats()
         self.ready = threading.Event()
         self.running = False
         self._pending: list[tuple[KafkaRecord, Audited]] = []
+        self._assignment = kafka_loop.Assignment()
         self._admin: AdminClient | None = None
         #: Held while a batch is inserted and committed: a rebuild's swap holds it to see the
         #: tables between two batches (``analytics.jobs``).
@@ -169,12 +164,7 @@ class ClickHouseSink:
                 return self.stats
             if on_started is not None:
                 on_started()
-            self.consumer.subscribe(
-                self.topics,
-                on_assign=self._on_assign,
-                on_revoke=self._on_revoke,
-                on_lost=self._on_revoke,
-            )
+            kafka_loop.subscribe(self.consumer, self.topics, self._on_assign, self._on_revoke)
             log.info(
                 "consuming %d topics as group %s into %s",
                 len(self.topics),
@@ -190,7 +180,7 @@ class ClickHouseSink:
     def _apply_schema(self) -> bool:
         """Create or update the schema, retrying while ClickHouse is unavailable; False if the
         sink was stopped first."""
-        delay = self.backoff.initial
+        self.backoff.reset()
         while True:
             try:
                 self.store.apply_schema(self.catalog)
@@ -198,6 +188,7 @@ class ClickHouseSink:
             except Exception as error:  # e.g. the server is not up yet: wait for it
                 if self.stop.is_set():
                     return False
+                delay = self.backoff.next()
                 log.warning(
                     "could not apply the ClickHouse schema to %s, retrying in %.1fs: %s",
                     self.store.database,
@@ -205,7 +196,6 @@ class ClickHouseSink:
                     error,
                 )
                 self.stop.wait(delay)
-                delay = min(delay * 2, self.backoff.maximum)
 
     def _loop(self, until_caught_up: bool) -> None:
         last_report = time.monotonic()
@@ -250,11 +240,7 @@ class ClickHouseSink:
                 deadline = now + window
 
     def _record(self, message: Message) -> KafkaRecord | None:
-        error = message.error()
-        if error is not None:
-            if error.fatal():
-                raise FatalError(f"consumer: {error}")
-            log.warning("consumer: %s", error)
+        if kafka_loop.consumer_error(message, logger=log) is not None:
             return None
         return kafka_record(message)
 
@@ -277,7 +263,7 @@ class ClickHouseSink:
         batch is then neither inserted nor committed, and will be read again)."""
         rows = [audited.row for _, audited in batch]
         outcomes = [audited.push_outcome for _, audited in batch if audited.push_outcome]
-        delay = self.backoff.initial
+        self.backoff.reset()
         while True:
             try:
                 self.store.insert_audit(rows)
@@ -296,11 +282,11 @@ class ClickHouseSink:
                         error,
                     )
                     return False
+                delay = self.backoff.next()
                 log.warning(
                     "insert of %d rows failed, retrying in %.1fs: %s", len(rows), delay, error
                 )
                 self.stop.wait(delay)
-                delay = min(delay * 2, self.backoff.maximum)
 
     def _log_poison(self, batch: list[tuple[KafkaRecord, Audited]]) -> None:
         """Poison is audited, not dead-lettered: every topic with a dead-letter topic has a
@@ -317,10 +303,12 @@ class ClickHouseSink:
                 )
 
     def _commit(self, batch: list[tuple[KafkaRecord, Audited]]) -> None:
-        offsets: dict[tuple[str, int], int] = {}
-        for record, _ in batch:
-            key = (record.topic, record.partition)
-            offsets[key] = max(offsets.get(key, -1), record.offset + 1)
+        """Commit the batch's offsets.
+
+        Commit policy: a failed commit is never retried nor fatal — the records are read again
+        and the rows inserted again collapse with these (the table's key), so the audit goes on.
+        """
+        offsets = kafka_loop.next_offsets(record for record, _ in batch)
         # The consumer's position can be past the batch's last record only by transaction
         # markers and aborted records (every record consumed is in the batch): committing it
         # keeps the group's lag at zero on the stream stage's transactional topics.
@@ -329,19 +317,19 @@ class ClickHouseSink:
             key = (tp.topic, tp.partition)
             offsets[key] = max(offsets[key], tp.offset)
         try:
-            self.consumer.commit(
-                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                asynchronous=False,
+            outcome = kafka_loop.commit_offsets(
+                self.consumer, offsets, held=self._assignment.partitions, logger=log
             )
-        except KafkaException as exc:
-            # E.g. the partitions moved to another member: it reads them from the last committed
-            # offsets, and the rows inserted again collapse with these.
-            self.stats.commit_failures += 1
+        except (kafka_loop.RetriableCommitError, kafka_loop.FatalError) as exc:
             log.warning("offset commit failed, the batch will be read again: %s", exc)
+            outcome = kafka_loop.Commit.REBALANCED
+        if outcome is kafka_loop.Commit.REBALANCED:
+            self.stats.commit_failures += 1
 
     # -- rebalances and progress --
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assignment.assign(partitions)
         log.info("assigned %d partitions", len(partitions))
         if not self.ready.is_set():
             self.ready.set()
@@ -353,7 +341,7 @@ class ClickHouseSink:
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Records of partitions taken away are dropped, not inserted: their next owner reads
         # them from the committed offsets (and a copy inserted anyway would collapse).
-        revoked = {(tp.topic, tp.partition) for tp in partitions}
+        revoked = self._assignment.revoke(partitions)
         before = len(self._pending)
         self._pending = [
             entry for entry in self._pending if (entry[0].topic, entry[0].partition) not in revoked

@@ -61,8 +61,9 @@ from cassandra.query import BoundStatement
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from pydantic import ValidationError
 
+from core import kafka_loop
+from core.backoff import Backoff
 from core.connections import (
-    REBALANCED_COMMIT_ERRORS,
     consume_ready,
     cql_cluster,
     kafka_consumer_config,
@@ -95,21 +96,23 @@ from sinks.cql.rules import (
     WritePlanner,
 )
 from sinks.cql.serving import serving_keyspace
-from sinks.cql.writer import Backoff, CqlWriter, PlannedWrite, is_transient, refusal_code
+from sinks.cql.writer import CqlWriter, PlannedWrite, is_transient, refusal_code
 
 log = logging.getLogger(__name__)
 
 READY_MESSAGE = "cql sink ready"
 PROGRESS_INTERVAL = 10.0
-#: Exit codes: a fatal Kafka error (EX_SOFTWARE), a refused migration (EX_CONFIG).
-EXIT_FATAL = 70
+#: Exit code of a refused migration (EX_CONFIG); a fatal Kafka error is ``EXIT_FATAL``.
 EXIT_CONFIG = 78
 #: How long one poll waits for the first record of a batch.
 POLL_SECONDS = 0.5
 
 
-class FatalError(Exception):
-    """The sink cannot go on (Kafka refused something for good); restart it."""
+def retry_backoff(settings: Settings) -> Backoff:
+    """The waits between retries while the cluster does not answer: ``cql_retry_initial_seconds``
+    doubling up to ``cql_retry_max_seconds``, each spread over its upper half."""
+    sinks = settings.sinks
+    return Backoff(sinks.cql_retry_initial_seconds, sinks.cql_retry_max_seconds, "equal")
 
 
 class StopRequestedError(Exception):
@@ -174,7 +177,7 @@ class CqlSink:
         self.writer = CqlWriter(
             session,
             max_in_flight=sinks.cql_max_in_flight,
-            backoff=Backoff(sinks.cql_retry_initial_seconds, sinks.cql_retry_max_seconds),
+            backoff=retry_backoff(settings),
             wait=self._wait_for_retry,
         )
         self.planner = WritePlanner(
@@ -204,9 +207,8 @@ class CqlSink:
         #: Records polled while paused (should librdkafka hand any over): the next batch's start.
         self._carry: list[Message] = []
         self._paused: list[TopicPartition] = []
-        self._assignment: set[tuple[str, int]] = set()
+        self._assignment = kafka_loop.Assignment()
         self._at_end: dict[tuple[str, int], bool] = {}
-        self._epoch = 0
         self._skipped_tombstones = 0
         self._last_progress = time.monotonic()
         self._reported = SinkStats()
@@ -219,11 +221,8 @@ class CqlSink:
         partition is read to its end and committed (tests, one-off backfills)."""
         if stop is not None:
             self._stop = stop
-        self.consumer.subscribe(
-            [topic.name for topic in self.inputs],
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_revoke,
+        kafka_loop.subscribe(
+            self.consumer, [topic.name for topic in self.inputs], self._on_assign, self._on_revoke
         )
         log.info(
             "consuming %s as group %s into keyspace %s",
@@ -259,43 +258,17 @@ class CqlSink:
         return messages
 
     def _records(self, messages: Sequence[Message]) -> list[InputRecord]:
-        records = []
-        for message in messages:
-            error = message.error()
-            tp = (message.topic() or "", message.partition() or 0)
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    self._at_end[tp] = True
-                    continue
-                if error.fatal():
-                    raise FatalError(f"consumer: {error}")
-                log.warning("consumer: %s", error)
-                continue
-            self._at_end[tp] = False
-            records.append(
-                InputRecord(
-                    topic=tp[0],
-                    partition=tp[1],
-                    offset=message.offset() or 0,
-                    key=message.key(),
-                    value=message.value(),
-                )
-            )
-        return records
+        return kafka_loop.input_records(messages, logger=log, ends=self._at_end)
 
     def _caught_up(self) -> bool:
-        return (
-            bool(self._assignment)
-            and not self._carry
-            and all(self._at_end.get(tp, False) for tp in self._assignment)
-        )
+        held = self._assignment.partitions
+        return bool(held) and not self._carry and all(self._at_end.get(tp, False) for tp in held)
 
     # -- one batch --
 
     def _process(self, records: list[InputRecord]) -> None:
-        epoch = self._epoch
         poisoned = self.apply(records)
-        self._commit(records, epoch)
+        self._commit(records)
         self._resume()
         stats = self.stats
         stats.records += len(records)
@@ -375,10 +348,10 @@ class CqlSink:
     ) -> list[BoundStatement]:
         try:
             return plan()
-        except (StopRequestedError, FatalError):
+        except (StopRequestedError, kafka_loop.FatalError):
             raise
         except MasterKeyMismatchError as error:
-            raise FatalError(str(error)) from error
+            raise kafka_loop.FatalError(str(error)) from error
         except Exception as error:  # a value the driver cannot bind, a rule that cannot apply
             log.exception("record %s[%d]@%d failed", record.topic, record.partition, record.offset)
             raise _PoisonError(source, PROCESSING_FAILED, repr(error)) from error
@@ -482,37 +455,29 @@ class CqlSink:
                 attempt += 1
                 self._wait_for_retry(self.writer.backoff.delay(attempt))
 
-    def _commit(self, records: Sequence[InputRecord], epoch: int) -> None:
-        offsets: dict[tuple[str, int], int] = {}
-        for record in records:
-            tp = (record.topic, record.partition)
-            offsets[tp] = max(offsets.get(tp, -1), record.offset + 1)
-        if epoch != self._epoch:
-            # A rebalance ran meanwhile: commit only what is still ours (the rest is replayed
-            # by its new owner, harmlessly).
-            offsets = {tp: offset for tp, offset in offsets.items() if tp in self._assignment}
-        if not offsets:
-            return
-        partitions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+    def _commit(self, records: Sequence[InputRecord]) -> None:
+        """Commit the batch's offsets (of the partitions still ours: a rebalance may have run
+        while it was written, and the rest is replayed by the new owner, harmlessly).
+
+        Commit policy: a retriable failure is retried until it lands (the batch's writes are
+        done, and waiting keeps the group membership), unless the sink is stopping."""
+        offsets = kafka_loop.next_offsets(records)
         attempt = 0
         while True:
             try:
-                self.consumer.commit(offsets=partitions, asynchronous=False)
+                outcome = kafka_loop.commit_offsets(
+                    self.consumer, offsets, held=self._assignment.partitions, logger=log
+                )
+            except kafka_loop.RetriableCommitError as exc:
+                if self._stop.is_set():
+                    raise kafka_loop.FatalError(f"commit: {exc}") from exc
+                attempt += 1
+                log.warning("commit failed (%s); retrying", exc)
+                self._wait_for_retry(self.writer.backoff.delay(attempt))
+                continue
+            if outcome is kafka_loop.Commit.COMMITTED:
                 self.stats.commits += 1
-                return
-            except KafkaException as exc:
-                error = exc.args[0]
-                if isinstance(error, KafkaError) and error.code() in REBALANCED_COMMIT_ERRORS:
-                    log.warning(
-                        "commit refused after a rebalance (%s); the batch is replayed", error
-                    )
-                    return
-                if isinstance(error, KafkaError) and error.retriable() and not self._stop.is_set():
-                    attempt += 1
-                    log.warning("commit failed (%s); retrying", error)
-                    self._wait_for_retry(self.writer.backoff.delay(attempt))
-                    continue
-                raise FatalError(f"commit: {exc}") from exc
+            return
 
     # -- staying in the group while the cluster is away --
 
@@ -547,7 +512,7 @@ class CqlSink:
         paused = {(tp.topic, tp.partition) for tp in self._paused}
         new = [
             TopicPartition(topic, partition)
-            for topic, partition in sorted(self._assignment - paused)
+            for topic, partition in sorted(self._assignment.partitions - paused)
         ]
         if new:
             self.consumer.pause(new)
@@ -557,7 +522,8 @@ class CqlSink:
     def _resume(self) -> None:
         if not self._paused:
             return
-        current = [tp for tp in self._paused if (tp.topic, tp.partition) in self._assignment]
+        held = self._assignment.partitions
+        current = [tp for tp in self._paused if (tp.topic, tp.partition) in held]
         if current:
             self.consumer.resume(current)
         log.info("resumed %d partitions", len(current))
@@ -566,12 +532,11 @@ class CqlSink:
     # -- rebalances (inside consume/poll) --
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._epoch += 1
+        self._assignment.assign(partitions)
         self._carry = []
-        self._assignment = {(tp.topic, tp.partition) for tp in partitions}
         self._at_end = {}
         self._paused = []
-        log.info("assigned %s", _describe(partitions))
+        log.info("assigned %s", kafka_loop.describe(partitions))
         if not self.ready.is_set():
             self.ready.set()
             detail = f"group {self.group_id}, keyspace {self.keyspace}"
@@ -579,12 +544,10 @@ class CqlSink:
             self.ready_file.announce(detail)
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._epoch += 1
+        gone = self._assignment.revoke(partitions)
         self._carry = []
-        gone = {(tp.topic, tp.partition) for tp in partitions}
-        self._assignment -= gone
         self._paused = [tp for tp in self._paused if (tp.topic, tp.partition) not in gone]
-        log.info("revoked %s", _describe(partitions))
+        log.info("revoked %s", kafka_loop.describe(partitions))
 
     # -- progress --
 
@@ -619,11 +582,11 @@ class CqlSink:
 
     def _lag(self) -> str:
         """Records behind the end of the assigned partitions (from cached watermarks)."""
-        if not self._assignment:
+        if not self._assignment.partitions:
             return "-"
         try:
             positions = self.consumer.position(
-                [TopicPartition(t, p) for t, p in sorted(self._assignment)]
+                [TopicPartition(t, p) for t, p in sorted(self._assignment.partitions)]
             )
             lag = 0
             for tp in positions:
@@ -717,16 +680,6 @@ def _seq(event: Event) -> int | None:
     return int(seq) if seq is not None else None
 
 
-def _describe(partitions: Sequence[TopicPartition]) -> str:
-    by_topic: dict[str, list[int]] = {}
-    for tp in partitions:
-        by_topic.setdefault(tp.topic, []).append(tp.partition)
-    return (
-        ", ".join(f"{topic}{sorted(numbers)}" for topic, numbers in sorted(by_topic.items()))
-        or "nothing"
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # The process
 # ---------------------------------------------------------------------------------------------
@@ -741,14 +694,12 @@ def connect(settings: Settings, stop: threading.Event) -> tuple[Any, Session | N
     cluster.reconnection_policy = ExponentialReconnectionPolicy(
         base_delay=min(1.0, sinks.cql_retry_max_seconds), max_delay=sinks.cql_retry_max_seconds
     )
-    backoff = Backoff(sinks.cql_retry_initial_seconds, sinks.cql_retry_max_seconds)
-    attempt = 0
+    backoff = retry_backoff(settings)
     while not stop.is_set():
         try:
             return cluster, cluster.connect()
         except (NoHostAvailable, DriverException, OSError) as error:
-            attempt += 1
-            delay = backoff.delay(attempt)
+            delay = backoff.next()
             log.warning(
                 "the CQL cluster at %s:%d does not answer (%s); retrying in %.1fs",
                 ",".join(settings.cql.contact_points),
@@ -763,9 +714,7 @@ def connect(settings: Settings, stop: threading.Event) -> tuple[Any, Session | N
 def migrate_with_retry(settings: Settings, session: Session, stop: threading.Event) -> bool:
     """Apply pending migrations before consuming (a sink never writes to a missing schema);
     transient failures are waited out. Returns False if stopped first; raises MigrationError."""
-    sinks = settings.sinks
-    backoff = Backoff(sinks.cql_retry_initial_seconds, sinks.cql_retry_max_seconds)
-    attempt = 0
+    backoff = retry_backoff(settings)
     while not stop.is_set():
         try:
             applied = migrate(session, settings.cql.keyspace, settings.cql.replication_factor)
@@ -777,8 +726,7 @@ def migrate_with_retry(settings: Settings, session: Session, stop: threading.Eve
         except Exception as error:
             if not is_transient(error):
                 raise
-            attempt += 1
-            delay = backoff.delay(attempt)
+            delay = backoff.next()
             log.warning("migrating failed (%s); retrying in %.1fs", error, delay)
             stop.wait(delay)
             continue

@@ -12,7 +12,6 @@ that cannot be serialised) is handed back to the caller, which dead-letters its 
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +36,8 @@ from cassandra.protocol import (
 from cassandra.protocol import RequestExecutionException as RequestExecutionMessage
 from cassandra.protocol import RequestValidationException as RequestValidationMessage
 from cassandra.query import Statement
+
+from core.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +72,6 @@ def refusal_code(error: BaseException) -> str:
     if isinstance(error, DriverException):
         return "cql-refused"
     return "cql-write-failed"
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Exponential backoff with jitter: ``initial · 2^(attempt-1)``, capped, times [0.5, 1)."""
-
-    initial: float
-    cap: float
-
-    def delay(self, attempt: int) -> float:
-        base = min(self.cap, self.initial * float(2 ** min(attempt - 1, 30)))
-        return base * (0.5 + random.random() / 2)
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,8 +73,9 @@ from confluent_kafka import (
 )
 from pydantic import ValidationError
 
+from core import kafka_loop
+from core.backoff import Backoff
 from core.connections import (
-    REBALANCED_COMMIT_ERRORS,
     consume_ready,
     kafka_consumer_config,
     kafka_producer_config,
@@ -113,8 +114,7 @@ log = logging.getLogger(__name__)
 
 READY_MESSAGE = "push sink ready"
 PROGRESS_INTERVAL = 10.0
-#: Exit codes: a fatal Kafka error (EX_SOFTWARE), credentials that cannot work (EX_CONFIG).
-EXIT_FATAL = 70
+#: Exit code of credentials that cannot work (EX_CONFIG); a fatal Kafka error is ``EXIT_FATAL``.
 EXIT_CONFIG = 78
 #: How long one poll waits for the first record.
 POLL_SECONDS = 0.5
@@ -133,10 +133,6 @@ APP_NOT_CONFIGURED = "app-not-configured"
 CLAIM_REFUSED = "claim-refused"
 #: Tokens whose last challenge time is remembered (the oldest forgotten beyond it).
 CHALLENGES_TRACKED = 10_000
-
-
-class FatalError(Exception):
-    """The sink cannot go on (Kafka refused something for good); the process is restarted."""
 
 
 @dataclass
@@ -235,7 +231,7 @@ class PushSink:
         self.stats = SinkStats()
         self.ready = asyncio.Event()
         self._progress = _Progress()
-        self._assignment: set[tuple[str, int]] = set()
+        self._assignment = kafka_loop.Assignment()
         self._jobs: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -273,7 +269,7 @@ class PushSink:
             if follower is not None:
                 stop.set()
                 # Its failure, if any, was raised through _serve_jobs already.
-                with contextlib.suppress(FatalError):
+                with contextlib.suppress(kafka_loop.FatalError):
                     await follower
             await self._drain()
             await asyncio.to_thread(self._close_consumers)
@@ -296,7 +292,7 @@ class PushSink:
         topic = self.catalog.push_tokens.name
         metadata = self.token_consumer.list_topics(topic, timeout=30).topics.get(topic)
         if metadata is None or metadata.error is not None:
-            raise FatalError(f"topic {topic} is missing: run `imstream topics apply`")
+            raise kafka_loop.FatalError(f"topic {topic} is missing: run `imstream topics apply`")
         remaining: set[int] = set()
         for partition in metadata.partitions:
             low, high = _watermarks(self.token_consumer, TopicPartition(topic, partition))
@@ -313,12 +309,10 @@ class PushSink:
         records = 0
         while remaining and not stop.is_set():
             for message in self.token_consumer.consume(TOKEN_BATCH, timeout=POLL_SECONDS):
-                error = message.error()
+                error = kafka_loop.consumer_error(message, what="token consumer", logger=log)
                 if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
+                    if kafka_loop.is_partition_end(error):
                         remaining.discard(message.partition() or 0)
-                    elif error.fatal():
-                        raise FatalError(f"token consumer: {error}")
                     continue
                 records += 1
                 key = message.key() or b""
@@ -352,12 +346,8 @@ class PushSink:
                 self.token_consumer.consume, TOKEN_BATCH, POLL_SECONDS
             )
             for message in messages:
-                error = message.error()
+                error = kafka_loop.consumer_error(message, what="token consumer", logger=log)
                 if error is not None:
-                    if error.fatal():
-                        raise FatalError(f"token consumer: {error}")
-                    if error.code() != KafkaError._PARTITION_EOF:
-                        log.warning("token consumer: %s", error)
                     continue
                 event = _token_event(message)
                 if event is None:
@@ -488,18 +478,15 @@ class PushSink:
     # -- jobs --
 
     async def _serve_jobs(self, stop: asyncio.Event, follower: asyncio.Task[None]) -> None:
-        self.job_consumer.subscribe(
-            [self.catalog.push_jobs.name],
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_revoke,
+        kafka_loop.subscribe(
+            self.job_consumer, [self.catalog.push_jobs.name], self._on_assign, self._on_revoke
         )
         limit = self.push.jobs_in_flight
         last_report = time.monotonic()
         while not stop.is_set():
             if follower.done():
                 follower.result()  # the token table stopped following: raise why
-                raise FatalError("the token table stopped following its topic")
+                raise kafka_loop.FatalError("the token table stopped following its topic")
             await asyncio.to_thread(self._commit_ready)
             free = limit - len(self._jobs)
             if free <= 0:
@@ -513,20 +500,9 @@ class PushSink:
                 last_report = time.monotonic()
 
     def _start_job(self, message: Message) -> None:
-        error = message.error()
-        if error is not None:
-            if error.fatal():
-                raise FatalError(f"job consumer: {error}")
-            if error.code() != KafkaError._PARTITION_EOF:
-                log.warning("job consumer: %s", error)
+        if kafka_loop.consumer_error(message, what="job consumer", logger=log) is not None:
             return
-        record = InputRecord(
-            topic=message.topic() or "",
-            partition=message.partition() or 0,
-            offset=message.offset() or 0,
-            key=message.key(),
-            value=message.value(),
-        )
+        record = kafka_loop.input_record(message)
         self._progress.started((record.topic, record.partition), record.offset)
         task = asyncio.create_task(self._job(record))
         self._jobs.add(task)
@@ -725,7 +701,7 @@ class PushSink:
         produced again (the idempotent producer's own retries came to nothing) until it is
         acknowledged or the sink closes — then the job stays uncommitted."""
         remaining = list(outputs)
-        delay = 0.5
+        backoff = Backoff(0.5, 30.0)
         while remaining:
             loop = asyncio.get_running_loop()
             futures = []
@@ -736,6 +712,7 @@ class PushSink:
             errors = await asyncio.gather(*futures)
             failed = [o for o, e in zip(remaining, errors, strict=True) if e is not None]
             if failed:
+                delay = backoff.next()
                 log.warning(
                     "%d of %d records not acknowledged (%s); producing them again in %.1fs",
                     len(failed),
@@ -744,7 +721,6 @@ class PushSink:
                     delay,
                 )
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
             remaining = failed
 
     def _produce(self, output: _Output, *, on_delivery: Any) -> None:
@@ -770,32 +746,23 @@ class PushSink:
     # -- commits and rebalances (on the job consumer's thread) --
 
     def _commit_ready(self) -> None:
-        offsets = self._progress.take_ready(set(self._assignment))
-        self._commit(offsets)
+        self._commit(self._progress.take_ready(set(self._assignment.partitions)))
 
     def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
-        if not offsets:
-            return
+        """Commit policy: a retriable failure is left to the next commit, which covers these
+        offsets too (offsets only grow per partition); the job loop must not stall on it."""
         try:
-            self.job_consumer.commit(
-                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                asynchronous=False,
+            outcome = kafka_loop.commit_offsets(
+                self.job_consumer, offsets, held=self._assignment.partitions, logger=log
             )
+        except kafka_loop.RetriableCommitError as exc:
+            log.warning("commit failed (%s); the jobs are committed with later ones", exc)
+            return
+        if outcome is kafka_loop.Commit.COMMITTED:
             self.stats.commits += 1
-        except KafkaException as exc:
-            error = exc.args[0]
-            if isinstance(error, KafkaError) and error.code() in REBALANCED_COMMIT_ERRORS:
-                log.warning(
-                    "commit refused after a rebalance (%s); those jobs are sent again", error
-                )
-                return
-            if isinstance(error, KafkaError) and error.retriable():
-                log.warning("commit failed (%s); the jobs are committed with later ones", error)
-                return
-            raise FatalError(f"commit: {exc}") from exc
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._assignment |= {(tp.topic, tp.partition) for tp in partitions}
+        self._assignment.assign(partitions)
         log.info("assigned %s", sorted(tp.partition for tp in partitions))
         if not self.ready.is_set() and self._loop is not None:
             self._loop.call_soon_threadsafe(self.ready.set)
@@ -812,7 +779,7 @@ class PushSink:
         # sent again by the next owner.
         self._commit(self._progress.take_ready(gone))
         self._progress.forget(gone)
-        self._assignment -= gone
+        self._assignment.revoke(partitions)
         log.info("revoked %s", sorted(tp.partition for tp in partitions))
 
     async def _drain(self) -> None:

@@ -25,6 +25,7 @@ import httpx
 import pytest
 from clickhouse_connect.driver.client import Client
 
+from core.backoff import Backoff
 from core.groups import clickhouse_sink_group
 from core.settings import Settings
 from pipelines.stack.manager import LocalStack
@@ -39,7 +40,7 @@ from schemas.topics import (
 )
 from sinks.clickhouse.audit import AuditDecoder, KafkaRecord
 from sinks.clickhouse.schema import AUDIT_TABLE, VIEWS
-from sinks.clickhouse.sink import Backoff, ClickHouseSink, SinkStats
+from sinks.clickhouse.sink import ClickHouseSink, SinkStats
 from sinks.clickhouse.store import ClickHouseStore
 from tests.sinks.clickhouse_support import (
     TENANT,
@@ -470,7 +471,7 @@ def test_failed_inserts_are_retried_and_never_committed_past(
     # ClickHouse refuses every insert until the constraint goes.
     store.call(lambda client: client.command(f"ALTER TABLE {table} ADD CONSTRAINT refuse CHECK 0"))
     stop = threading.Event()
-    sink = ClickHouseSink(sink_settings, store, stop, backoff=Backoff(initial=0.05, maximum=0.2))
+    sink = ClickHouseSink(sink_settings, store, stop, backoff=Backoff(0.05, 0.2))
     failure: list[BaseException] = []
 
     def run() -> None:
