@@ -32,6 +32,7 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from core.connections import kafka_config, kafka_consumer_config
+from core.groups import clickhouse_rebuild_group
 from core.replay import PartitionRange, ReplayError, ReplayProgress, replay
 from core.settings import Settings
 from schemas.topics import TopicCatalog
@@ -48,8 +49,6 @@ from sinks.clickhouse.store import ClickHouseStore
 
 log = logging.getLogger(__name__)
 
-#: The consumer group of a rebuild: ``<prefix>imstream-clickhouse-rebuild.<run id>``.
-REBUILD_GROUP = "imstream-clickhouse-rebuild"
 #: Tables a rebuild fills and swaps: the audit, the push outcomes and the message search table
 #: (filled from the audit by its materialized view). The views and the feed refer to tables by
 #: name, so they follow the swap; ``consumer_lag`` holds samples, not records: it stays.
@@ -223,7 +222,7 @@ class OperatorJobs:
     def _rebuild(self, job: Job, since: datetime | None) -> None:
         live = self.store.database
         fresh = self.rebuild_database(job.run_id)
-        group = f"{self.settings.kafka.topic_prefix}{REBUILD_GROUP}.{job.run_id}"
+        group = clickhouse_rebuild_group(self.settings, job.run_id)
         target = self.store.sibling(fresh)
         job.phase = "schema"
         target.apply_schema(self.catalog)

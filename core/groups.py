@@ -13,6 +13,7 @@ from core.settings import Settings
 CQL_SINK = "imstream-cql-sink"
 PUSH_SINK = "imstream-push-sink"
 CLICKHOUSE_SINK = "imstream-clickhouse-sink"
+CLICKHOUSE_REBUILD = "imstream-clickhouse-rebuild"
 
 
 def stream_group(settings: Settings, processor: str) -> str:
@@ -44,3 +45,9 @@ def clickhouse_sink_group(settings: Settings) -> str:
 def clickhouse_group_prefix(settings: Settings) -> str:
     """What the ClickHouse sink's group and its operator jobs' groups (rebuilds) start with."""
     return f"{settings.kafka.topic_prefix}imstream-clickhouse-"
+
+
+def clickhouse_rebuild_group(settings: Settings, run_id: str) -> str:
+    """The group of one ClickHouse rebuild (an operator job):
+    ``<prefix>imstream-clickhouse-rebuild.<run id>``."""
+    return f"{settings.kafka.topic_prefix}{CLICKHOUSE_REBUILD}.{run_id}"

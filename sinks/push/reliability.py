@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Protocol
 
+from core.backoff import Backoff
 from core.push_settings import PushProviderSettings
 from schemas.events import PushProvider
 from sinks.push.apns import ApnsSender
@@ -69,8 +70,8 @@ class RetryPolicy:
     def backoff(self, attempt: int, rng: random.Random) -> float:
         """Full jitter after attempt ``attempt`` (1-based): spreads the retries of many jobs
         that failed together instead of sending them back in one wave."""
-        ceiling = min(self.backoff_cap_seconds, self.backoff_base_seconds * 2 ** (attempt - 1))
-        return rng.uniform(0.0, ceiling)
+        policy = Backoff(self.backoff_base_seconds, self.backoff_cap_seconds, "full", rng)
+        return policy.delay(attempt)
 
 
 class BreakerState(StrEnum):
