@@ -57,6 +57,8 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from schemas.errors import CodedError
+
 _log = logging.getLogger(__name__)
 
 SUPPORTED_ALGORITHMS: Final = frozenset({"HS256", "RS256"})
@@ -86,13 +88,10 @@ class AuthErrorCode(StrEnum):
     TOKEN_REVOKED = "token-revoked"
 
 
-class AuthError(Exception):
+class AuthError(CodedError[AuthErrorCode]):
     """The token does not let this client in; ``code`` is stable, the message is for humans."""
 
-    def __init__(self, code: AuthErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    bracketed = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,6 +47,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from core.connections import kafka_config, kafka_consumer_config
 from core.settings import Settings
+from schemas.errors import CodedError
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +58,10 @@ CHUNK_RECORDS = 2000
 POLL_SECONDS = 0.5
 
 
-class ReplayError(Exception):
+class ReplayError(CodedError[str]):
     """A replay that cannot start or go on: a stable ``code`` and what to fix."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    bracketed = False
 
 
 class ReplayTarget(Protocol):

@@ -58,6 +58,7 @@ from pipelines.operator_actions import (
     operator_name,
     record_operator_action,
 )
+from schemas.errors import CodedError
 from schemas.events import OperatorOutcome
 from schemas.topics import Topic, TopicCatalog, topic_catalog
 from sinks.clickhouse.audit import (
@@ -83,13 +84,10 @@ _CURSOR_VERSION = "v1:"
 _MAX_CURSOR_METADATA = 3500
 
 
-class DlqError(Exception):
+class DlqError(CodedError[str]):
     """An operator-caused problem, with a stable code for the CLI's message."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    bracketed = False
 
 
 @dataclass(frozen=True, slots=True)

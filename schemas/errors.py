@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import IntEnum, StrEnum
-from typing import Any, Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import ValidationError
 from pydantic_core import from_json
@@ -120,6 +120,23 @@ _CLOSE_DESCRIPTIONS: dict[CloseCode, str] = {
         "A newer connection of the same device took over; do not reconnect automatically."
     ),
 }
+
+
+CodeT = TypeVar("CodeT", bound=str)
+
+
+class CodedError(Exception, Generic[CodeT]):
+    """An error with a stable ``code`` (a string enum's member) and a message for humans —
+    the one shape of every refusal imstream names with a code (auth, migrations, the stack,
+    replays, dead letters, quality checks, the HTTP APIs). ``str()`` is ``[code] message``, or
+    the message alone where the caller prints the code apart (``bracketed = False``)."""
+
+    bracketed: ClassVar[bool] = True
+
+    def __init__(self, code: CodeT, message: str) -> None:
+        super().__init__(f"[{code}] {message}" if self.bracketed else message)
+        self.code: CodeT = code
+        self.message = message
 
 
 class SchemaError(ValueError):

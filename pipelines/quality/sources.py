@@ -26,6 +26,7 @@ from analytics.quality_api import (
     run_dataset,
 )
 from pipelines.staff_cli import AnalyticsRefusalError, call_analytics
+from schemas.errors import CodedError
 
 #: CQL reads in flight while sampling.
 CQL_CONCURRENCY = 32
@@ -43,13 +44,8 @@ class QualityErrorCode(StrEnum):
     DOCS_UNWRITABLE = "docs-unwritable"
 
 
-class QualityError(Exception):
+class QualityError(CodedError[QualityErrorCode]):
     """The checks could not run: a stable code and a message saying what to do."""
-
-    def __init__(self, code: QualityErrorCode, message: str) -> None:
-        super().__init__(f"[{code}] {message}")
-        self.code = code
-        self.message = message
 
 
 class AuditReader(Protocol):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from schemas.errors import CodedError
+
 
 class StackErrorCode(StrEnum):
     JAVA_MISSING = "java-missing"
@@ -16,10 +18,5 @@ class StackErrorCode(StrEnum):
     CLICKHOUSE_UNAVAILABLE = "clickhouse-unavailable"
 
 
-class StackError(Exception):
+class StackError(CodedError[StackErrorCode]):
     """A stack operation failed; ``str(error)`` tells the operator what happened and what to do."""
-
-    def __init__(self, code: StackErrorCode, message: str) -> None:
-        super().__init__(f"[{code}] {message}")
-        self.code = code
-        self.message = message

@@ -43,6 +43,7 @@ from cassandra.cluster import NoHostAvailable, Session
 
 from core.connections import cql_cluster
 from core.settings import Settings
+from schemas.errors import CodedError
 from sinks.cql.writer import is_transient
 
 log = logging.getLogger(__name__)
@@ -84,11 +85,8 @@ class MigrationErrorCode(StrEnum):
     """The cluster did not answer."""
 
 
-class MigrationError(Exception):
-    def __init__(self, code: MigrationErrorCode, message: str) -> None:
-        super().__init__(f"[{code}] {message}")
-        self.code = code
-        self.message = message
+class MigrationError(CodedError[MigrationErrorCode]):
+    """The schema cannot be brought up to date: which step, and why."""
 
 
 @dataclass(frozen=True, slots=True)
