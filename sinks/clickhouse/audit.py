@@ -219,24 +219,19 @@ def _decode_inbox(raw: bytes) -> Facts:
     )
 
 
-def _decode_sync(raw: bytes) -> Facts:
-    record = _decode_model(SyncRecord, raw)
-    return replace(
-        event_facts(record.event),
-        tenant_id=record.tenant_id,
-        user_id=record.user_id,
-        sync_id=record.sync_id,
-    )
+def _user_decoder(model: type[SyncRecord] | type[LiveDelivery]) -> Callable[[bytes], Facts]:
+    """The decoder of a user-keyed record carrying one event and the user's sync id."""
 
+    def decode(raw: bytes) -> Facts:
+        record = _decode_model(model, raw)
+        return replace(
+            event_facts(record.event),
+            tenant_id=record.tenant_id,
+            user_id=record.user_id,
+            sync_id=record.sync_id,
+        )
 
-def _decode_live(raw: bytes) -> Facts:
-    record = _decode_model(LiveDelivery, raw)
-    return replace(
-        event_facts(record.event),
-        tenant_id=record.tenant_id,
-        user_id=record.user_id,
-        sync_id=record.sync_id,
-    )
+    return decode
 
 
 def _decode_group(raw: bytes) -> Facts:
@@ -287,8 +282,8 @@ class AuditDecoder:
         self.catalog = catalog
         by_source: dict[str, Decoder] = {
             catalog.user_inbox.name: _decode_inbox,
-            catalog.sync_events.name: _decode_sync,
-            catalog.live_delivery.name: _decode_live,
+            catalog.sync_events.name: _user_decoder(SyncRecord),
+            catalog.live_delivery.name: _user_decoder(LiveDelivery),
             catalog.group_delivery.name: _decode_group,
             catalog.push_jobs.name: _decode_push_job,
             catalog.push_outcomes.name: _decode_push_outcome,

@@ -637,13 +637,8 @@ class PushSink:
 
     def _outcome(self, job: PushJob, outcome: PushOutcome) -> _Output:
         status = outcome.status_code
-        record = PushOutcomeRecord(
-            job_id=job.job_id,
-            tenant_id=job.tenant_id,
-            user_id=job.user_id,
-            conversation_id=job.conversation_id,
-            message_id=job.message_id,
-            job_occurred_at=job.occurred_at,
+        return self._outcome_output(
+            job,
             device_id=outcome.device_id,
             provider=outcome.provider,
             attempt=outcome.attempt,
@@ -652,19 +647,13 @@ class PushSink:
             reason=outcome.reason[:MAX_NAME_CHARS] or None,
             attempted_at=outcome.finished_at - timedelta(milliseconds=outcome.latency_ms),
         )
-        return self._outcome_output(record)
 
     def _skipped(
         self, job: PushJob, target: PushTarget | None, reason: str, now: datetime
     ) -> _Output:
         self.stats.skipped += 1
-        record = PushOutcomeRecord(
-            job_id=job.job_id,
-            tenant_id=job.tenant_id,
-            user_id=job.user_id,
-            conversation_id=job.conversation_id,
-            message_id=job.message_id,
-            job_occurred_at=job.occurred_at,
+        return self._outcome_output(
+            job,
             device_id=target.device_id if target is not None else None,
             provider=target.provider if target is not None else None,
             attempt=0,
@@ -672,9 +661,18 @@ class PushSink:
             reason=reason,
             attempted_at=now,
         )
-        return self._outcome_output(record)
 
-    def _outcome_output(self, record: PushOutcomeRecord) -> _Output:
+    def _outcome_output(self, job: PushJob, **attempt: Any) -> _Output:
+        """The outcome record of one attempt at ``job`` (what was tried, and how it ended)."""
+        record = PushOutcomeRecord(
+            job_id=job.job_id,
+            tenant_id=job.tenant_id,
+            user_id=job.user_id,
+            conversation_id=job.conversation_id,
+            message_id=job.message_id,
+            job_occurred_at=job.occurred_at,
+            **attempt,
+        )
         return _Output(
             self.catalog.push_outcomes.name,
             user_key(record.tenant_id, record.user_id),
