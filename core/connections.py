@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import clickhouse_connect
+from cassandra import DriverException
 from cassandra.auth import PlainTextAuthProvider
-from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
+from cassandra.cluster import (
+    EXEC_PROFILE_DEFAULT,
+    Cluster,
+    ExecutionProfile,
+    NoHostAvailable,
+    Session,
+)
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
@@ -173,6 +182,30 @@ def cql_cluster(
         compression=settings.cql.compression,
         **options,
     )
+
+
+class CqlUnavailableError(Exception):
+    """The CQL cluster did not answer a command's connect; the message names where it looked."""
+
+
+@contextmanager
+def cql_session(settings: Settings) -> Iterator[Session]:
+    """A connected session for one operator command, the cluster shut down after it; raises
+    :class:`CqlUnavailableError` (each command turns it into its own error code)."""
+    cluster = cql_cluster(settings)
+    try:
+        session = cluster.connect()
+    except (NoHostAvailable, DriverException, OSError) as error:
+        cluster.shutdown()
+        raise CqlUnavailableError(
+            f"{', '.join(settings.cql.contact_points)}:{settings.cql.port} did not answer "
+            f"({error}); start the local stack with `imstream stack up`, or point "
+            "IM_CQL__CONTACT_POINTS at a cluster"
+        ) from error
+    try:
+        yield session
+    finally:
+        cluster.shutdown()
 
 
 def cql_ssl_context(settings: Settings) -> ssl.SSLContext:

@@ -25,7 +25,7 @@ import httpx
 import typer
 from cassandra.cluster import Session
 
-from core.connections import cql_cluster
+from core.connections import CqlUnavailableError, cql_session
 from core.groups import cql_sink_group
 from core.principals import StaffRole
 from core.replay import (
@@ -455,19 +455,11 @@ def _replay_into(  # noqa: PLR0917
 @contextmanager
 def _cql(settings: Settings) -> Iterator[Session]:
     logging.getLogger("cassandra").setLevel(logging.ERROR)
-    cluster = cql_cluster(settings)
     try:
-        session = cluster.connect()
-    except Exception as error:  # the driver raises several kinds; all mean "not reachable"
-        raise ReplayError(
-            "cql-unavailable",
-            f"the CQL cluster at {','.join(settings.cql.contact_points)}:{settings.cql.port} does "
-            f"not answer ({error}); start the local stack with `imstream stack up`",
-        ) from error
-    try:
-        yield session
-    finally:
-        cluster.shutdown()
+        with cql_session(settings) as session:
+            yield session
+    except CqlUnavailableError as error:
+        raise ReplayError("cql-unavailable", str(error)) from error
 
 
 # -- rebuild --

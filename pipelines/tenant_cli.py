@@ -16,9 +16,8 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from cassandra.cluster import NoHostAvailable
 
-from core.connections import cql_cluster
+from core.connections import CqlUnavailableError, cql_session
 from pipelines.console import load_settings
 from pipelines.operator_actions import OperatorAuditError, operator_name, record_operator_action
 from schemas.events import OperatorOutcome
@@ -49,16 +48,12 @@ def forget_key_command(
     ):
         typer.echo("nothing done")
         raise typer.Exit(1)
-    cluster = cql_cluster(settings)
     try:
-        try:
-            session = cluster.connect()
-        except NoHostAvailable as error:
-            typer.echo(f"error: [cql-unavailable] the CQL store did not answer: {error}", err=True)
-            raise typer.Exit(1) from error
-        key_id = forget_key(session, settings.cql.keyspace, tenant)
-    finally:
-        cluster.shutdown()
+        with cql_session(settings) as session:
+            key_id = forget_key(session, settings.cql.keyspace, tenant)
+    except CqlUnavailableError as error:
+        typer.echo(f"error: [cql-unavailable] {error}", err=True)
+        raise typer.Exit(1) from error
     if key_id is None:
         typer.echo(f"tenant {tenant} has no data key in {settings.cql.keyspace}: nothing to forget")
     else:
@@ -104,16 +99,12 @@ def rewrap_keys_command(
             err=True,
         )
         raise typer.Exit(2)
-    cluster = cql_cluster(settings)
     try:
-        try:
-            session = cluster.connect()
-        except NoHostAvailable as error:
-            typer.echo(f"error: [cql-unavailable] the CQL store did not answer: {error}", err=True)
-            raise typer.Exit(1) from error
-        result = rewrap_keys(session, settings.cql.keyspace, old, new)
-    finally:
-        cluster.shutdown()
+        with cql_session(settings) as session:
+            result = rewrap_keys(session, settings.cql.keyspace, old, new)
+    except CqlUnavailableError as error:
+        typer.echo(f"error: [cql-unavailable] {error}", err=True)
+        raise typer.Exit(1) from error
     typer.echo(
         f"{result.rewrapped} tenant key(s) re-wrapped from master key {kek_id(old)} to "
         f"{kek_id(new)} in {settings.cql.keyspace}.tenant_keys; {result.current} already under "

@@ -16,7 +16,7 @@ from cassandra import DriverException
 from cassandra.cluster import NoHostAvailable, Session
 
 from analytics.quality_api import MAX_ROWS
-from core.connections import clickhouse_client, cql_cluster
+from core.connections import CqlUnavailableError, clickhouse_client, cql_session
 from core.principals import StaffRole
 from core.settings import Settings
 from core.timeargs import parse_moment
@@ -199,20 +199,16 @@ def check(  # noqa: PLR0917 (a typer command: one parameter per option)
             f"quality check of {tenant or 'every tenant'}, records from "
             f"{options.since.isoformat()} to {options.until.isoformat()}"
         )
-        cluster = cql_cluster(settings)
         try:
-            try:
-                session = cluster.connect()
-            except NoHostAvailable as error:
-                raise cql_unavailable(error) from error
-            cql = CqlSample(
-                session,
-                serving(session, settings.cql.keyspace),
-                settings.sinks.timeline_bucket_size,
-            )
-            report = run_checks(audit, cql, topics, options, target.resolve(), _progress)
-        finally:
-            cluster.shutdown()
+            with cql_session(settings) as session:
+                cql = CqlSample(
+                    session,
+                    serving(session, settings.cql.keyspace),
+                    settings.sinks.timeline_bucket_size,
+                )
+                report = run_checks(audit, cql, topics, options, target.resolve(), _progress)
+        except CqlUnavailableError as error:
+            raise QualityError(QualityErrorCode.CQL_UNAVAILABLE, str(error)) from error
     except QualityError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(EXIT_CANNOT_RUN) from error

@@ -36,12 +36,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
 from cassandra import DriverException
 from cassandra.cluster import NoHostAvailable, Session
 
-from core.connections import cql_cluster
+from core.connections import CqlUnavailableError, cql_session
 from core.settings import Settings
 from schemas.errors import CodedError
 from sinks.cql.writer import is_transient
@@ -427,18 +426,16 @@ def _lease(session: Session, keyspace: str, say: Callable[[str], None]) -> Itera
 # ---------------------------------------------------------------------------------------------
 
 
-def _connect(settings: Settings) -> tuple[Any, Session]:
-    cluster = cql_cluster(settings)
+@contextmanager
+def _session(settings: Settings) -> Iterator[Session]:
+    """A command's session; every driver failure, at connect or later, as ``cql-unavailable``."""
     try:
-        return cluster, cluster.connect()
+        with cql_session(settings) as session:
+            yield session
+    except CqlUnavailableError as error:
+        raise MigrationError(MigrationErrorCode.UNAVAILABLE, str(error)) from error
     except (NoHostAvailable, DriverException) as error:
-        cluster.shutdown()
-        raise MigrationError(
-            MigrationErrorCode.UNAVAILABLE,
-            f"{', '.join(settings.cql.contact_points)}:{settings.cql.port} did not answer "
-            f"({error}); start the local stack with `imstream stack up`, or point "
-            "IM_CQL__CONTACT_POINTS at a cluster",
-        ) from error
+        raise _unavailable(settings, error) from error
 
 
 def _unavailable(settings: Settings, error: BaseException) -> MigrationError:
@@ -456,8 +453,7 @@ def migrate_command(settings: Settings, *, dry_run: bool, echo: Callable[[str], 
     try:
         check_keyspace_name(keyspace)
         files = discover()
-        cluster, session = _connect(settings)
-        try:
+        with _session(settings) as session:
             applied = migrate(
                 session,
                 keyspace,
@@ -466,10 +462,6 @@ def migrate_command(settings: Settings, *, dry_run: bool, echo: Callable[[str], 
                 dry_run=dry_run,
                 echo=echo,
             )
-        except (NoHostAvailable, DriverException) as error:
-            raise _unavailable(settings, error) from error
-        finally:
-            cluster.shutdown()
     except MigrationError as error:
         echo(f"error: {error}")
         return EXIT_ERROR
@@ -496,14 +488,9 @@ def status_command(settings: Settings, *, echo: Callable[[str], None]) -> int:
     try:
         check_keyspace_name(keyspace)
         files = discover()
-        cluster, session = _connect(settings)
-        try:
+        with _session(settings) as session:
             exists = keyspace_exists(session, keyspace)
             state = schema_state(session, keyspace, files)
-        except (NoHostAvailable, DriverException) as error:
-            raise _unavailable(settings, error) from error
-        finally:
-            cluster.shutdown()
     except MigrationError as error:
         echo(f"error: {error}")
         return EXIT_ERROR
