@@ -49,7 +49,7 @@ from confluent_kafka import (
 )
 from pydantic import JsonValue
 
-from core.connections import kafka_config, kafka_producer_config
+from core.connections import kafka_consumer_config, kafka_producer_config
 from core.settings import Settings
 from core.timeargs import parse_moment
 from pipelines.console import StatusLine, load_settings, table_text
@@ -204,19 +204,7 @@ def source_of(catalog: TopicCatalog, dead_letter: Topic) -> Topic:
 
 
 def _consumer(settings: Settings, group_id: str) -> Consumer:
-    return Consumer(
-        kafka_config(
-            settings,
-            **{
-                "group.id": group_id,
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "isolation.level": "read_committed",
-                "auto.offset.reset": "earliest",
-                "enable.partition.eof": True,
-            },
-        )
-    )
+    return Consumer(kafka_consumer_config(settings, group_id, **{"enable.partition.eof": True}))
 
 
 def _reader(settings: Settings) -> Consumer:
