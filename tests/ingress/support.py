@@ -33,11 +33,13 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
+from client.sdk import Client
 from core.auth import issue_token
 from core.connections import kafka_config
 from core.settings import Settings
 from core.tls import client_context
 from pipelines.topics import apply_topics
+from schemas.events import MessageSent
 from schemas.topics import TopicCatalog, partition_for_key, topic_catalog
 
 #: The iOS app (APNs bundle id) the test gateways are configured with (``IM_PUSH__APNS_TOPIC``):
@@ -100,6 +102,21 @@ def create_topics(admin: AdminClient, settings: Settings, prefix: str) -> Settin
     return prefixed
 
 
+def run_imstream(
+    *arguments: str, variables: Mapping[str, str], timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """``imstream <arguments>`` as an operator runs it, with ``variables`` added to this
+    process's environment; finished, its output captured as text."""
+    return subprocess.run(
+        [str(IMSTREAM), *arguments],
+        env={**os.environ, **variables},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def delete_topics(admin: AdminClient, settings: Settings) -> None:
     names = [topic.name for topic in topic_catalog(settings)]
     for future in admin.delete_topics(names, operation_timeout=30).values():
@@ -111,18 +128,11 @@ def migrated_keyspace(settings: Settings, session: Session) -> Iterator[str]:
     """A fresh keyspace migrated by ``imstream db migrate`` (the operator's command); dropped
     on the way out."""
     name = "t_" + uuid.uuid4().hex[:12]
-    environment = {
-        **os.environ,
-        "IM_CQL__KEYSPACE": name,
-        "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
-    }
-    done = subprocess.run(
-        [str(IMSTREAM), "db", "migrate"],
-        env=environment,
-        capture_output=True,
-        text=True,
+    done = run_imstream(
+        "db",
+        "migrate",
+        variables={"IM_CQL__KEYSPACE": name, "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix},
         timeout=120,
-        check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     try:
@@ -423,6 +433,52 @@ async def close_code(socket_: ClientConnection, within: float = 20.0) -> int:
                 await socket_.recv()
         except ConnectionClosed as closed:
             return closed.rcvd.code if closed.rcvd is not None else 1006
+
+
+async def group_message_arrives(
+    sender: ClientConnection, receiver: ClientConnection, member: str, *, name: str, text: str
+) -> None:
+    """``sender`` creates a group with ``member`` and sends ``text`` in it; the receiver (the
+    member's socket) is delivered that message within a minute."""
+    conversation = unique("group")
+    created = await request(
+        sender,
+        {
+            "type": "conversation.create",
+            "id": "c1",
+            "conversation_id": conversation,
+            "kind": "group",
+            "name": name,
+            "members": [member],
+        },
+    )
+    assert created["type"] == "ok", created
+    reply = await request(
+        sender,
+        {
+            "type": "send",
+            "id": "s1",
+            "conversation_id": conversation,
+            "client_msg_id": "m1",
+            "body": {"type": "text", "text": text},
+        },
+    )
+    assert reply["type"] == "accepted", reply
+    async with asyncio.timeout(60):
+        while True:
+            frame = await receive(receiver, within=60)
+            event = frame.get("event", {})
+            if frame["type"] == "event" and event.get("type") == "message.sent":
+                assert event["payload"]["body"]["text"] == text
+                break
+
+
+async def first_message_sent(client: Client) -> MessageSent:
+    """The first ``message.sent`` among an SDK client's events."""
+    async for item in client.events():
+        if isinstance(item.event, MessageSent):
+            return item.event
+    raise AssertionError("the client's events ended")
 
 
 # -- reading Kafka ------------------------------------------------------------

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -23,7 +21,6 @@ from core.auth import issue_token
 from core.settings import Settings
 from pipelines.revoke import publish_revocation, revocation
 from tests.ingress.support import (
-    IMSTREAM,
     TENANT,
     Gateway,
     close_code,
@@ -31,6 +28,7 @@ from tests.ingress.support import (
     open_socket,
     receive,
     request,
+    run_imstream,
     start_gateway,
     unique,
     wait_for,
@@ -100,18 +98,15 @@ async def still_open(socket_: ClientConnection) -> bool:
 
 def revoke_cli(settings: Settings, *arguments: str) -> str:
     """``imstream revoke …`` as an operator runs it; its output."""
-    environment = {
-        **os.environ,
-        "IM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-        "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
-    }
-    done = subprocess.run(
-        [str(IMSTREAM), "revoke", *arguments, "--operator", "ops-erin"],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    done = run_imstream(
+        "revoke",
+        *arguments,
+        "--operator",
+        "ops-erin",
+        variables={
+            "IM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+            "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
+        },
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout

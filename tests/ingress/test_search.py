@@ -24,7 +24,6 @@ import pytest
 from cassandra.cluster import Session
 from clickhouse_connect.driver.client import Client
 
-from analytics.api import AnalyticsServer
 from analytics.queries import Analytics
 from core.pki import Pki, make_pki
 from core.settings import Settings, SinkSettings
@@ -36,7 +35,7 @@ from sinks.clickhouse.sink import analytics_tls
 from sinks.clickhouse.store import ClickHouseStore
 from tests.ingress.conftest import MAIN_GATEWAY
 from tests.ingress.support import TENANT, Gateway, start_gateway, token
-from tests.sinks.staff_support import staff_app
+from tests.sinks.staff_support import serving, staff_app
 
 pytestmark = pytest.mark.stack
 
@@ -115,12 +114,8 @@ def analytics_store(ingress_settings: Settings, clickhouse: Client) -> Iterator[
 @pytest.fixture(scope="module")
 def analytics_url(analytics_store: ClickHouseStore) -> Iterator[str]:
     """The analytics API over the store, on a free port."""
-    server = AnalyticsServer(staff_app(Analytics(analytics_store)), "127.0.0.1", 0)
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
+    with serving(staff_app(Analytics(analytics_store))) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -309,14 +304,8 @@ def https_analytics_url(analytics_store: ClickHouseStore, analytics_pki: Pki) ->
             )
         }
     )
-    server = AnalyticsServer(
-        staff_app(Analytics(analytics_store)), "127.0.0.1", 0, tls=analytics_tls(settings)
-    )
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
+    with serving(staff_app(Analytics(analytics_store)), tls=analytics_tls(settings)) as url:
+        yield url
 
 
 def test_the_ingress_searches_over_https_trusting_the_analytics_ca(

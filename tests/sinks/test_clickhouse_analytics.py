@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from analytics.api import AnalyticsServer
 from analytics.queries import QUERIES, Analytics
 from core.settings import Settings
 from pipelines.stack.manager import LocalStack
@@ -35,7 +34,7 @@ from tests.sinks.clickhouse_support import (
     push_job,
     sent,
 )
-from tests.sinks.staff_support import staff_app, staff_headers
+from tests.sinks.staff_support import serving, staff_app, staff_headers
 
 pytestmark = pytest.mark.stack
 
@@ -317,10 +316,8 @@ def seeded(
 @pytest.fixture
 def endpoint(seeded: ClickHouseStore) -> Iterator[str]:
     """The analytics endpoint as the sink process serves it, on a free port."""
-    server = AnalyticsServer(staff_app(Analytics(seeded)), "127.0.0.1", 0)
-    server.start()
-    yield server.url
-    server.stop()
+    with serving(staff_app(Analytics(seeded))) as url:
+        yield url
 
 
 def get(url: str) -> tuple[int, Any]:
@@ -513,13 +510,11 @@ def test_a_clickhouse_failure_answers_unavailable_and_the_endpoint_keeps_serving
     local_stack: LocalStack, clickhouse: Client
 ) -> None:
     store = ClickHouseStore(clickhouse, "no_such_database_here", owns_client=False)
-    server = AnalyticsServer(staff_app(Analytics(store)), "127.0.0.1", 0)
-    server.start()
     try:
-        status, body = get(f"{server.url}/v1/analytics/messages_per_minute")
-        assert status == 503
-        assert body["code"] == "unavailable"
-        assert get(f"{server.url}/healthz") == (200, {"status": "ok"})
+        with serving(staff_app(Analytics(store))) as url:
+            status, body = get(f"{url}/v1/analytics/messages_per_minute")
+            assert status == 503
+            assert body["code"] == "unavailable"
+            assert get(f"{url}/healthz") == (200, {"status": "ok"})
     finally:
-        server.stop()
         store.close()

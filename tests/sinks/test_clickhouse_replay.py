@@ -14,14 +14,12 @@ from typing import Any
 
 import pytest
 from clickhouse_connect.driver.client import Client
-from confluent_kafka.admin import AdminClient
 
 from analytics.api import AnalyticsServer
 from analytics.jobs import Job, OperatorJobs
 from analytics.operator_api import install_operator_api
 from analytics.queries import Analytics
 from core.auth import issue_token
-from core.connections import kafka_config
 from core.replay import resolve_ranges
 from core.settings import Settings
 from pipelines.stack.manager import LocalStack
@@ -30,7 +28,7 @@ from schemas.topics import topic_catalog
 from sinks.clickhouse.schema import AUDIT_TABLE, SEARCH_TABLE, audited_topics
 from sinks.clickhouse.sink import ClickHouseSink
 from sinks.clickhouse.store import ClickHouseStore
-from tests.sinks.clickhouse_support import catalog_topics, new_prefix, prefixed_settings
+from tests.sinks.clickhouse_support import prefixed_sink, shared_client_store
 from tests.sinks.staff_support import staff_app
 from tests.sinks.test_clickhouse_sink import audit_rows, produce_scenario, raw_count
 
@@ -43,22 +41,13 @@ JOB_TIMEOUT = 90.0
 def sink_settings(
     settings: Settings, local_stack: LocalStack, clickhouse_database: str
 ) -> Iterator[Settings]:
-    prefixed = prefixed_settings(settings, new_prefix("replay"), clickhouse_database)
-    with catalog_topics(prefixed):
+    with prefixed_sink(settings, "replay", clickhouse_database) as prefixed:
         yield prefixed
-    admin = AdminClient(kafka_config(prefixed))
-    groups = {g.group_id for g in admin.list_consumer_groups().result(timeout=30).valid}
-    ours = [g for g in groups if g.startswith(prefixed.kafka.topic_prefix)]
-    if ours:
-        for future in admin.delete_consumer_groups(ours).values():
-            future.result(timeout=30)
 
 
 @pytest.fixture
 def store(clickhouse: Client, clickhouse_database: str) -> Iterator[ClickHouseStore]:
-    store = ClickHouseStore(clickhouse, clickhouse_database, owns_client=False)
-    yield store
-    store.close()
+    yield from shared_client_store(clickhouse, clickhouse_database)
 
 
 @pytest.fixture

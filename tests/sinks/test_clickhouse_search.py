@@ -19,7 +19,6 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from typer.testing import CliRunner
 
-from analytics.api import AnalyticsServer
 from analytics.queries import Analytics
 from analytics.search import Cursor, MessageSearch, SearchRequest
 from core.groups import clickhouse_sink_group
@@ -40,7 +39,7 @@ from tests.sinks.clickhouse_support import (
     prefixed_settings,
     produce,
 )
-from tests.sinks.staff_support import service_headers, staff_app, staff_headers
+from tests.sinks.staff_support import service_headers, serving, staff_app, staff_headers
 
 pytestmark = pytest.mark.stack
 
@@ -149,10 +148,8 @@ def searchable(
 
 @pytest.fixture(scope="module")
 def endpoint(searchable: tuple[Settings, ClickHouseStore]) -> Iterator[str]:
-    server = AnalyticsServer(staff_app(Analytics(searchable[1])), "127.0.0.1", 0)
-    server.start()
-    yield server.url
-    server.stop()
+    with serving(staff_app(Analytics(searchable[1]))) as url:
+        yield url
 
 
 def get(url: str) -> tuple[int, Any]:
@@ -393,14 +390,12 @@ async def test_a_tokenbf_table_gives_the_same_answers(
 def test_a_clickhouse_failure_answers_unavailable(clickhouse: Client) -> None:
     """A store whose database is gone: the search answers 503 ``unavailable``, not a crash."""
     store = ClickHouseStore(clickhouse, "t_search_missing_db", owns_client=False)
-    server = AnalyticsServer(staff_app(Analytics(store)), "127.0.0.1", 0)
-    server.start()
     try:
-        status, body = get(f"{server.url}/v1/search?tenant={TENANT}&q=quick")
-        assert (status, body["code"]) == (503, "unavailable"), body
-        assert "ClickHouse did not answer" in body["message"]
-        status, _ = get(f"{server.url}/healthz")
-        assert status == 200, "the endpoint keeps serving"
+        with serving(staff_app(Analytics(store))) as url:
+            status, body = get(f"{url}/v1/search?tenant={TENANT}&q=quick")
+            assert (status, body["code"]) == (503, "unavailable"), body
+            assert "ClickHouse did not answer" in body["message"]
+            status, _ = get(f"{url}/healthz")
+            assert status == 200, "the endpoint keeps serving"
     finally:
-        server.stop()
         store.close()

@@ -57,6 +57,7 @@ from tests.sinks.clickhouse_support import (
     produce_transaction,
     push_job,
     sent,
+    shared_client_store,
 )
 from tests.sinks.staff_support import staff_headers
 
@@ -82,10 +83,7 @@ def sink_settings(
 
 @pytest.fixture
 def store(clickhouse: Client, clickhouse_database: str) -> Iterator[ClickHouseStore]:
-    """The store over the session's one chDB client (chDB allows one data path per process)."""
-    store = ClickHouseStore(clickhouse, clickhouse_database, owns_client=False)
-    yield store
-    store.close()
+    yield from shared_client_store(clickhouse, clickhouse_database)
 
 
 def run_sink(

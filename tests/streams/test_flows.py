@@ -44,7 +44,6 @@ from schemas.events import (
     MessageRecalled,
     MessageRecalledPayload,
     MessageSent,
-    MessageSentPayload,
     Platform,
     PushJob,
     ReceiptRead,
@@ -63,7 +62,7 @@ from streams.processors import USERS_TABLE, stored_user
 from streams.runtime import decode_state
 from streams.state import MemoryState
 from streams.users import UserState
-from tests.streams.support import TENANT, Worker
+from tests.streams.support import TENANT, Worker, message
 
 WAIT = 90.0
 
@@ -221,16 +220,7 @@ def created(owner: str, conversation_id: str, kind: ConversationKind, *others: s
 
 
 def sent(user: str, conversation_id: str, client_msg_id: str) -> MessageSent:
-    return MessageSent.new(
-        tenant_id=TENANT,
-        actor=actor(user),
-        event_id=message_event_id(TENANT, user, client_msg_id),
-        payload=MessageSentPayload(
-            conversation_id=conversation_id,
-            client_msg_id=client_msg_id,
-            body=TextBody(text=f"text of {client_msg_id}"),
-        ),
-    )
+    return message(user, conversation_id, client_msg_id, text=f"text of {client_msg_id}")
 
 
 def read(user: str, conversation_id: str, seq: int, device: str = "phone") -> ReceiptRead:

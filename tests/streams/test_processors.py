@@ -24,7 +24,6 @@ from schemas.events import (
     CommandRejected,
     ConversationAdvanced,
     ConversationCreated,
-    ConversationCreatedPayload,
     ConversationDeleted,
     ConversationDeletedPayload,
     ConversationKind,
@@ -36,18 +35,15 @@ from schemas.events import (
     InboxRecord,
     LiveDelivery,
     MessageSent,
-    MessageSentPayload,
     NodeLeasePayload,
     NodeLeaseRenewed,
     Platform,
     PushJob,
     QuietHoursSetting,
     SyncRecord,
-    TextBody,
     UserPushSettingsChanged,
     UserPushSettingsChangedPayload,
     encode_event,
-    message_event_id,
     parse_event,
 )
 from schemas.topics import TopicCatalog, conversation_key, topic_catalog, user_key
@@ -62,8 +58,8 @@ from streams.processors import (
     lease_key,
 )
 from streams.state import MemoryState
+from tests.streams.support import TENANT, conversation_created, message
 
-TENANT = "acme"
 CATALOG = topic_catalog(Settings())
 
 
@@ -79,27 +75,11 @@ class Tables(MemoryState):
 
 
 def create_group(conversation_id: str, members: list[str]) -> ConversationCreated:
-    return ConversationCreated.new(
-        tenant_id=TENANT,
-        actor=Actor(user_id=members[0]),
-        event_id=message_event_id(TENANT, members[0], f"create-{conversation_id}"),
-        payload=ConversationCreatedPayload(
-            conversation_id=conversation_id, kind=ConversationKind.GROUP, members=members
-        ),
-    )
+    return conversation_created(conversation_id, members, ConversationKind.GROUP)
 
 
 def send(conversation_id: str, sender: str, client_msg_id: str) -> MessageSent:
-    return MessageSent.new(
-        tenant_id=TENANT,
-        actor=Actor(user_id=sender, device_id=f"{sender}-phone"),
-        event_id=message_event_id(TENANT, sender, client_msg_id),
-        payload=MessageSentPayload(
-            conversation_id=conversation_id,
-            client_msg_id=client_msg_id,
-            body=TextBody(text=f"hello {client_msg_id}"),
-        ),
-    )
+    return message(sender, conversation_id, client_msg_id, text=f"hello {client_msg_id}")
 
 
 def command_records(events: Sequence[Event], catalog: TopicCatalog = CATALOG) -> list[InputRecord]:

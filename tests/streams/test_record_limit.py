@@ -31,9 +31,7 @@ from schemas.events import (
     ConversationMuteChanged,
     ConversationMuteChangedPayload,
     MessageSent,
-    MessageSentPayload,
     SyncRecord,
-    TextBody,
     direct_conversation_id,
     message_event_id,
 )
@@ -78,16 +76,7 @@ def dead_letter_codes(settings: Settings, topic: str) -> list[str]:
 
 def huge_message(sender: str, conversation: str, client_msg_id: str, size: int) -> MessageSent:
     """A message whose text is ``size`` bytes (under the 32 KiB a client may send)."""
-    return MessageSent.new(
-        tenant_id=TENANT,
-        actor=Actor(user_id=sender, device_id=f"{sender}-phone"),
-        event_id=message_event_id(TENANT, sender, client_msg_id),
-        payload=MessageSentPayload(
-            conversation_id=conversation,
-            client_msg_id=client_msg_id,
-            body=TextBody(text="x" * size),
-        ),
-    )
+    return message(sender, conversation, client_msg_id, text="x" * size)
 
 
 def wait_for(
