@@ -59,6 +59,7 @@ from bench.common import (
     with_topic_prefix,
     write_results,
 )
+from bench.harness import add_output_options, parse_targets
 from bench.idle_client import IdlePlan, OpenReport, run_client
 from bench.loadgen import Credentials
 from core.settings import Settings
@@ -117,15 +118,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--ws-path", default=WEBSOCKET_PATH, help="the gateway's WebSocket path (%(default)s)"
     )
-    parser.add_argument(
-        "--output", type=Path, default=RESULTS_PATH, help="results file (%(default)s)"
-    )
-    parser.add_argument("--no-write", action="store_true", help="do not write the results file")
+    add_output_options(parser, RESULTS_PATH)
     args = parser.parse_args(argv)
-    targets = tuple(target.strip() for target in args.targets.split(",") if target.strip())
-    unknown = sorted(set(targets) - set(TARGETS))
-    if unknown:
-        parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
+    targets = parse_targets(parser, args.targets, TARGETS)
     if args.connections < 1 or args.samples < 1 or args.warmup_connections < 0:
         parser.error("--connections and --samples must be at least 1")
     return Options(

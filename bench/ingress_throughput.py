@@ -63,13 +63,14 @@ from bench.common import (
     with_topic_prefix,
     write_results,
 )
+from bench.harness import add_output_options, parse_targets
 from bench.loadgen import Credentials, LoadPlan, LoadResult, Window, identities, run_worker
 from bench.raw_produce import SampleRecord, produce_loop
+from bench.shapes import text_message
 from core.connections import kafka_config
 from core.settings import Settings
 from ingress.gateway import WEBSOCKET_PATH
-from schemas.events import Actor, MessageSent, MessageSentPayload, TextBody, encode_event
-from schemas.events import message_event_id as derive_message_id
+from schemas.events import TextBody, encode_event
 from schemas.topics import conversation_key
 
 TARGETS = ("ingress", "raw", "bare")
@@ -142,15 +143,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--ws-path", default=WEBSOCKET_PATH, help="the gateway's WebSocket path (%(default)s)"
     )
-    parser.add_argument(
-        "--output", type=Path, default=RESULTS_PATH, help="results file (%(default)s)"
-    )
-    parser.add_argument("--no-write", action="store_true", help="do not write the results file")
+    add_output_options(parser, RESULTS_PATH)
     args = parser.parse_args(argv)
-    targets = tuple(target.strip() for target in args.targets.split(",") if target.strip())
-    unknown = sorted(set(targets) - set(TARGETS))
-    if unknown:
-        parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
+    targets = parse_targets(parser, args.targets, TARGETS)
     connections = [int(value) for value in args.connections.split(",") if value.strip()]
     if min([*connections, args.window, args.client_processes, args.repeat], default=0) < 1:
         parser.error("connection counts, --window, --client-processes, --repeat must be >= 1")
@@ -479,15 +474,9 @@ def written_records(settings: Settings, topic: str) -> tuple[int, SampleRecord |
 def built_record(body_bytes: int) -> SampleRecord:
     """A ``message.sent`` as the schemas encode it, when no gateway record is at hand."""
     user_id, _, conversation_id = identities(0)
-    event = MessageSent.new(
-        tenant_id=BENCH_TENANT,
-        actor=Actor(user_id=user_id, device_id="device-0"),
-        event_id=derive_message_id(BENCH_TENANT, user_id, "raw.1"),
-        payload=MessageSentPayload(
-            conversation_id=conversation_id,
-            client_msg_id="raw.1",
-            body=TextBody(text=body_text(body_bytes)),
-        ),
+    body = TextBody(text=body_text(body_bytes))
+    event = text_message(
+        BENCH_TENANT, user_id, conversation_id, "raw.1", body, device_id="device-0"
     )
     return SampleRecord(value=encode_event(event), headers=[], source="built from schemas.events")
 

@@ -35,6 +35,7 @@ from sinks.clickhouse.sink import analytics_tls
 from sinks.clickhouse.store import ClickHouseStore
 from tests.ingress.conftest import MAIN_GATEWAY
 from tests.ingress.support import TENANT, Gateway, start_gateway, token
+from tests.sinks.clickhouse_support import sent
 from tests.sinks.staff_support import serving, staff_app
 
 pytestmark = pytest.mark.stack
@@ -65,17 +66,9 @@ MESSAGES = [
 
 
 def _sent(sender: str, conversation: str, seq: int, text: str, minute: int) -> ev.MessageSent:
-    return ev.MessageSent.new(
-        tenant_id=TENANT,
-        actor=ev.Actor(user_id=sender, device_id=f"{sender}-phone"),
-        event_id=ev.message_event_id(TENANT, sender, f"{conversation}-{seq}"),
-        occurred_at=T0 + timedelta(minutes=minute),
-        payload=ev.MessageSentPayload(
-            conversation_id=conversation,
-            client_msg_id=f"{conversation}-{seq}",
-            body=ev.TextBody(text=text),
-            conversation_seq=seq,
-        ),
+    moment = T0 + timedelta(minutes=minute)
+    return sent(
+        sender, conversation, f"{conversation}-{seq}", moment, seq=seq, tenant=TENANT, text=text
     )
 
 

@@ -243,7 +243,9 @@ def sent(
     *,
     seq: int | None = None,
     tenant: str = TENANT,
+    text: str | None = None,
 ) -> ev.MessageSent:
+    """A text message from the sender's phone; ``text`` defaults to one naming the message."""
     return ev.MessageSent.new(
         tenant_id=tenant,
         actor=ev.Actor(user_id=sender, device_id=f"{sender}-phone"),
@@ -252,7 +254,7 @@ def sent(
         payload=ev.MessageSentPayload(
             conversation_id=conversation_id,
             client_msg_id=client_msg_id,
-            body=ev.TextBody(text=f"message {client_msg_id}"),
+            body=ev.TextBody(text=f"message {client_msg_id}" if text is None else text),
             conversation_seq=seq,
         ),
     )

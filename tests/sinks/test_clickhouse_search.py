@@ -38,6 +38,7 @@ from tests.sinks.clickhouse_support import (
     new_prefix,
     prefixed_settings,
     produce,
+    sent,
 )
 from tests.sinks.staff_support import service_headers, serving, staff_app, staff_headers
 
@@ -50,17 +51,9 @@ T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
 def _sent(
     sender: str, conversation: str, seq: int, text: str, minute: int, *, tenant: str = TENANT
 ) -> ev.MessageSent:
-    return ev.MessageSent.new(
-        tenant_id=tenant,
-        actor=ev.Actor(user_id=sender, device_id=f"{sender}-phone"),
-        event_id=ev.message_event_id(tenant, sender, f"{conversation}-{seq}"),
-        occurred_at=T0 + timedelta(minutes=minute),
-        payload=ev.MessageSentPayload(
-            conversation_id=conversation,
-            client_msg_id=f"{conversation}-{seq}",
-            body=ev.TextBody(text=text),
-            conversation_seq=seq,
-        ),
+    moment = T0 + timedelta(minutes=minute)
+    return sent(
+        sender, conversation, f"{conversation}-{seq}", moment, seq=seq, tenant=tenant, text=text
     )
 
 

@@ -1,0 +1,80 @@
+"""The command line every benchmark shares: where its results go (``--output``, ``--no-write``),
+which targets it runs (``--targets``), and how a finished run is reported and stored.
+
+Each benchmark keeps its own options; these are the ones they all spell the same way, so that
+``--no-write`` or an unknown target reads the same in every ``python -m bench.<name>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import Progress, machine_facts, now_iso, write_results
+from core.settings import Settings
+
+
+def add_output_options(parser: argparse.ArgumentParser, default: Path) -> None:
+    """``--output`` (the results file, ``default``) and ``--no-write`` (print only)."""
+    parser.add_argument("--output", type=Path, default=default, help="results file (%(default)s)")
+    parser.add_argument("--no-write", action="store_true", help="do not write the results file")
+
+
+def parse_targets(
+    parser: argparse.ArgumentParser, targets: str, known: tuple[str, ...]
+) -> tuple[str, ...]:
+    """The comma-separated ``targets``, each one of ``known`` (else the parser's usage error)."""
+    chosen = tuple(target.strip() for target in targets.split(",") if target.strip())
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return chosen
+
+
+def store_results(
+    section: str, document: Mapping[str, Any], args: argparse.Namespace, progress: Progress
+) -> None:
+    """``document`` as ``section`` of ``args.output``, unless ``args.no_write``."""
+    if not args.no_write:
+        write_results(section, document, args.output)
+        progress.done(f"wrote {args.output}")
+
+
+def print_and_store(section: str, document: Mapping[str, Any], args: argparse.Namespace) -> None:
+    """``document`` as JSON on stdout, and as ``section`` of ``args.output`` unless
+    ``args.no_write``."""
+    json.dump(document, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    if not args.no_write:
+        write_results(section, document, args.output)
+
+
+def measure_and_report(
+    section: str,
+    args: argparse.Namespace,
+    measure: Callable[[Progress], Any],
+    *,
+    parameters: Sequence[str],
+    note: str,
+) -> int:
+    """Run ``measure`` between two timestamps, the machine's facts read before it starts (its
+    load average then says how busy it was), and print and store the document with the options
+    named in ``parameters`` (exit code 0)."""
+    progress = Progress()
+    facts = machine_facts(Settings())
+    started_at = now_iso()
+    results = measure(progress)
+    document = {
+        "started_at": started_at,
+        "finished_at": now_iso(),
+        "parameters": {name: getattr(args, name) for name in parameters},
+        "machine": facts,
+        "results": results,
+        "note": note,
+    }
+    print_and_store(section, document, args)
+    return 0
