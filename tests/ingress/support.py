@@ -25,12 +25,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cassandra.cluster import Session
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
 from client.sdk import Client
@@ -398,6 +399,16 @@ async def open_socket(gateway: Gateway, **options: Any) -> ClientConnection:
     return await connect(
         gateway.ws, compression=None, ping_interval=None, open_timeout=20, **options
     )
+
+
+async def assert_upgrade_refused(gateway: Gateway, status: int, code: str) -> None:
+    """The WebSocket upgrade is answered ``status`` with the error ``code`` and a Retry-After."""
+    with pytest.raises(InvalidStatus) as refused:
+        await open_socket(gateway)
+    response = refused.value.response
+    assert response.status_code == status
+    assert json.loads(response.body or b"{}")["code"] == code
+    assert int(response.headers["Retry-After"]) >= 1
 
 
 async def open_device(

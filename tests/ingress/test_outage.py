@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka.admin import AdminClient
-from websockets.exceptions import InvalidStatus
 
 from core.connections import kafka_config
 from core.settings import KafkaSettings, Settings, StackSettings
@@ -23,11 +22,11 @@ from tests.ingress.support import (
     TENANT,
     Gateway,
     JsonObject,
+    assert_upgrade_refused,
     create_topics,
     end_offset,
     free_port,
     open_device,
-    open_socket,
     read_records,
     receive,
     request,
@@ -82,12 +81,7 @@ async def test_a_node_that_never_reached_kafka_lets_no_one_in(dead_broker: Gatew
     status, _, raw = dead_broker.request("GET", "/readyz")
     readiness = json.loads(raw)
     assert (status, readiness["kafka"], readiness["revocations"]) == (503, False, False)
-    with pytest.raises(InvalidStatus) as refused:
-        await open_socket(dead_broker)
-    response = refused.value.response
-    assert response.status_code == 503
-    assert json.loads(response.body or b"{}")["code"] == "unavailable"
-    assert int(response.headers["Retry-After"]) >= 1
+    await assert_upgrade_refused(dead_broker, 503, "unavailable")
 
 
 def test_no_broker_over_rest_is_503_with_retry_after(dead_broker: Gateway) -> None:

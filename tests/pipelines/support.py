@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from client.sdk import Client, Received
 from core.settings import Settings
+from pipelines.demo import DemoOptions, main_demo
 from pipelines.stack import process
 from pipelines.supervisor import Child, ProcessState, Supervisor
 from schemas.events import Event, MessageSent
@@ -163,6 +164,34 @@ class Running:
         for topic, event_id, copies in json.loads(done.stdout):
             counts.setdefault(topic, {})[event_id] = copies
         return counts
+
+
+async def run_small_demo(
+    system: Running, tenant: str, *, push_timeout: float
+) -> tuple[int, list[str], list[str]]:
+    """``imstream demo`` against ``system``, small and seeded: 6 users (4 of them offline), 6
+    conversations of 4, 10 messages/s for 6 s. Its exit code, its report lines and its progress
+    lines."""
+    options = DemoOptions(
+        url=system.url(0),
+        tenant=tenant,
+        users=6,
+        offline_users=4,
+        conversations=6,
+        group_size=4,
+        rate=10.0,
+        duration=6.0,
+        seed=7,
+        analytics_url=f"http://127.0.0.1:{system.analytics_port}",
+        apns_app_id=APNS_TOPIC,
+        push_timeout=push_timeout,
+    )
+    lines: list[str] = []
+    progress: list[str] = []
+    code = await asyncio.to_thread(
+        main_demo, system.settings, options, echo=lines.append, progress=progress.append
+    )
+    return code, lines, progress
 
 
 _READ_AUDIT = """
