@@ -21,7 +21,12 @@ from pipelines.stack.manager import LocalStack
 from schemas import events as ev
 from schemas.topics import TopicCatalog, topic_catalog
 from sinks.clickhouse.audit import AuditDecoder, KafkaRecord
-from sinks.clickhouse.schema import AUDIT_COLUMNS, AUDIT_TABLE, PUSH_OUTCOMES_TABLE
+from sinks.clickhouse.schema import (
+    AUDIT_COLUMNS,
+    AUDIT_TABLE,
+    PUSH_OUTCOME_COLUMNS,
+    PUSH_OUTCOMES_TABLE,
+)
 from sinks.clickhouse.store import ClickHouseStore
 from tests.sinks.clickhouse_support import (
     TENANT,
@@ -267,22 +272,8 @@ def push_outcomes(catalog: TopicCatalog) -> list[tuple[Any, ...]]:
     ]
 
 
-OUTCOME_COLUMNS = [
-    "job_id",
-    "tenant_id",
-    "user_id",
-    "conversation_id",
-    "message_id",
-    "job_occurred_at",
-    "device_id",
-    "provider",
-    "attempt",
-    "outcome",
-    "status_code",
-    "reason",
-    "attempted_at",
-    "recorded_at",
-]
+#: The columns of a stored push outcome: those the sink writes, and when it wrote them.
+OUTCOME_COLUMNS = [*PUSH_OUTCOME_COLUMNS, "recorded_at"]
 
 
 @pytest.fixture
