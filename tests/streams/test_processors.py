@@ -256,16 +256,20 @@ def test_a_large_groups_message_is_one_group_record_and_the_senders_inbox_record
     assert isinstance(group.event, MessageSent) and group.event.payload.conversation_seq == 1
 
 
+#: alice's phone, connected to the node ingress-2.
+ALICE_PHONE = DevicePresencePayload(
+    user_id="alice",
+    device_id="alice-phone",
+    platform=Platform.IOS,
+    node_id="ingress-2",
+    connection_id="conn-1",
+)
+
+
 def presence_record(offset: int) -> InputRecord:
     event = DeviceConnected.new(
         tenant_id=TENANT,
-        payload=DevicePresencePayload(
-            user_id="alice",
-            device_id="alice-phone",
-            platform=Platform.IOS,
-            node_id="ingress-2",
-            connection_id="conn-1",
-        ),
+        payload=ALICE_PHONE,
     )
     return alice_record(CATALOG.presence.name, offset, event)
 
@@ -411,13 +415,7 @@ def test_push_settings_reach_every_device_and_shape_the_push_jobs() -> None:
     # Offline and muted: the message is queued and counted, no push job.
     offline = DeviceDisconnected.new(
         tenant_id=TENANT,
-        payload=DevicePresencePayload(
-            user_id="alice",
-            device_id="alice-phone",
-            platform=Platform.IOS,
-            node_id="ingress-2",
-            connection_id="conn-1",
-        ),
+        payload=ALICE_PHONE,
     )
     gone = alice_record(CATALOG.presence.name, 1, offline)
     silenced = users.process([gone, created, message_1], tables)
