@@ -495,24 +495,31 @@ async def first_message_sent(client: Client) -> MessageSent:
 # -- reading Kafka ------------------------------------------------------------
 
 
-def _consumer(settings: Settings) -> Consumer:
+def reading_consumer(settings: Settings) -> Consumer:
+    """A consumer of a group of its own that commits nothing: it only reads."""
     return Consumer(
         kafka_config(settings, **{"group.id": unique("test"), "enable.auto.commit": False})
     )
 
 
-def end_offset(settings: Settings, topic: str, key: bytes) -> tuple[int, int]:
-    """The partition ``key`` goes to and its end offset now (blocking)."""
-    partitions = topic_catalog(settings).by_name(topic).partitions
-    partition = partition_for_key(key, partitions)
-    consumer = _consumer(settings)
+def high_watermark(settings: Settings, topic: str, partition: int) -> int:
+    """The partition's end offset as the broker sees it now: every record below it is committed
+    (blocking)."""
+    consumer = reading_consumer(settings)
     try:
         _, high = consumer.get_watermark_offsets(
             TopicPartition(topic, partition), timeout=10, cached=False
         )
     finally:
         consumer.close()
-    return partition, int(high)
+    return int(high)
+
+
+def end_offset(settings: Settings, topic: str, key: bytes) -> tuple[int, int]:
+    """The partition ``key`` goes to and its end offset now (blocking)."""
+    partitions = topic_catalog(settings).by_name(topic).partitions
+    partition = partition_for_key(key, partitions)
+    return partition, high_watermark(settings, topic, partition)
 
 
 def read_records(
@@ -526,7 +533,7 @@ def read_records(
 ) -> list[tuple[bytes | None, JsonObject]]:
     """``count`` records of a partition from ``offset`` on, as (key, decoded JSON value); only
     those with ``key`` if one is given (the presence topic also carries the nodes' leases)."""
-    consumer = _consumer(settings)
+    consumer = reading_consumer(settings)
     consumer.assign([TopicPartition(topic, partition, offset)])
     records: list[tuple[bytes | None, JsonObject]] = []
     deadline = time.monotonic() + 20
@@ -547,11 +554,5 @@ def read_to_end(
     settings: Settings, topic: str, partition: int, offset: int
 ) -> list[tuple[bytes | None, JsonObject]]:
     """Every record of a partition from ``offset`` to its current end."""
-    consumer = _consumer(settings)
-    try:
-        _, high = consumer.get_watermark_offsets(
-            TopicPartition(topic, partition), timeout=10, cached=False
-        )
-    finally:
-        consumer.close()
-    return read_records(settings, topic, partition, offset, int(high) - offset)
+    high = high_watermark(settings, topic, partition)
+    return read_records(settings, topic, partition, offset, high - offset)
