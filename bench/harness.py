@@ -14,8 +14,59 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import Progress, machine_facts, now_iso, write_results
+from pydantic import ValidationError
+
+from bench.common import (
+    LOOPBACK,
+    Progress,
+    ServerProcess,
+    free_port,
+    machine_facts,
+    now_iso,
+    write_results,
+)
+from bench.loadgen import Credentials
 from core.settings import Settings
+from ingress.gateway import WEBSOCKET_PATH
+
+#: The tokens the bare WebSocket server (``bench/bare_ws.py``) accepts.
+BARE_CREDENTIALS = Credentials(secret="x" * 32, issuer="bench", audience="bench")
+
+
+def bare_ws_server(log_dir: Path) -> tuple[ServerProcess, str]:
+    """The bare FastAPI WebSocket server (``bench/bare_ws.py``) on a free port, not started yet
+    (its log in ``log_dir``), and its WebSocket URL."""
+    port = free_port()
+    server = ServerProcess(
+        "bare FastAPI WebSocket server",
+        [sys.executable, "-m", "bench.bare_ws", "--port", str(port)],
+        env=None,
+        port=port,
+        log_path=log_dir / "bare.log",
+        ready_paths=("/healthz",),
+    )
+    return server, f"ws://{LOOPBACK}:{port}/ws"
+
+
+def load_settings() -> Settings | None:
+    """``Settings()`` from the environment; None (the error written) if they are invalid."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        sys.stderr.write(f"error: [settings-invalid] {error}\n")
+        return None
+
+
+def add_target_options(parser: argparse.ArgumentParser, known: tuple[str, ...]) -> None:
+    """``--targets`` (some of ``known``, all by default) and ``--ws-path`` (the gateway's)."""
+    parser.add_argument(
+        "--targets",
+        default=",".join(known),
+        help=f"which of {', '.join(known)} to run (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--ws-path", default=WEBSOCKET_PATH, help="the gateway's WebSocket path (%(default)s)"
+    )
 
 
 def add_output_options(parser: argparse.ArgumentParser, default: Path) -> None:
