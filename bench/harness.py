@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import Producer
 from pydantic import ValidationError
 
 from bench.common import (
@@ -67,6 +68,19 @@ def add_target_options(parser: argparse.ArgumentParser, known: tuple[str, ...]) 
     parser.add_argument(
         "--ws-path", default=WEBSOCKET_PATH, help="the gateway's WebSocket path (%(default)s)"
     )
+
+
+def produce_waiting(
+    producer: Producer, topic: str, key: bytes, value: bytes, *, wait: float = 0.05
+) -> None:
+    """Produce one record; while the producer's local queue is full, serve its deliveries for
+    ``wait`` seconds and try again (a load that fills Kafka faster than it acknowledges)."""
+    while True:
+        try:
+            producer.produce(topic, key=key, value=value)
+            return
+        except BufferError:
+            producer.poll(wait)
 
 
 def add_output_options(parser: argparse.ArgumentParser, default: Path) -> None:

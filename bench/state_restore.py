@@ -46,7 +46,7 @@ from bench.common import (
     run_prefix,
     with_topic_prefix,
 )
-from bench.harness import add_output_options, store_results
+from bench.harness import add_output_options, produce_waiting, store_results
 from bench.stream_throughput import Counter, fill, stream_worker
 from core.connections import kafka_producer_config
 from core.settings import Settings
@@ -79,12 +79,7 @@ def fill_state(
 
     def produce(topic: str, key: bytes, value: bytes) -> None:
         nonlocal count
-        while True:
-            try:
-                producer.produce(topic, key=key, value=value)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        produce_waiting(producer, topic, key, value)
         count += 1
         if count % 200_000 == 0:
             producer.poll(0)

@@ -55,7 +55,7 @@ from bench.common import (
     run_prefix,
     with_topic_prefix,
 )
-from bench.harness import add_output_options, store_results
+from bench.harness import add_output_options, produce_waiting, store_results
 from bench.profile import start_recording, summarise
 from bench.shapes import conversation_created, text_message
 from core.connections import kafka_config, kafka_producer_config
@@ -155,16 +155,8 @@ def fill(
     count = 0
     for event in events:
         conversation_id = str(getattr(event.payload, "conversation_id", ""))
-        while True:
-            try:
-                producer.produce(
-                    catalog.messages_in.name,
-                    key=conversation_key(event.tenant_id, conversation_id),
-                    value=encode_event(event),
-                )
-                break
-            except BufferError:
-                producer.poll(0.05)
+        key = conversation_key(event.tenant_id, conversation_id)
+        produce_waiting(producer, catalog.messages_in.name, key, encode_event(event))
         count += 1
         if count % 10_000 == 0:
             producer.poll(0)
@@ -295,12 +287,7 @@ def raw_input(settings: Settings, value: bytes, records: int, progress: Progress
         future.result(timeout=60)
     producer = Producer(kafka_producer_config(settings, **{"enable.idempotence": True}))
     for index in range(records):
-        while True:
-            try:
-                producer.produce(source, key=f"k{index % 500}".encode(), value=value)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        produce_waiting(producer, source, f"k{index % 500}".encode(), value)
     if producer.flush(120) != 0:
         raise BenchError("could not write the raw loops' input")
     progress.done(f"filled {source} with {records:,} records of {len(value)} bytes")

@@ -52,6 +52,26 @@ IMSTREAM = Path(sys.executable).parent / "imstream"
 JsonObject = dict[str, Any]
 
 
+#: The event each client command is published as (and which ``command.rejected`` names).
+COMMAND_EVENT_TYPES = {
+    "send": "message.sent",
+    "recall": "message.recalled",
+    "edit": "message.edited",
+    "read": "receipt.read",
+    "typing": "typing.changed",
+    "mute": "conversation.mute_changed",
+    "push_settings": "user.push_settings_changed",
+    "clear_badge": "badge.cleared",
+    "conversation.create": "conversation.created",
+    "conversation.rename": "conversation.renamed",
+    "conversation.add_member": "conversation.member_added",
+    "conversation.remove_member": "conversation.member_removed",
+    "conversation.change_role": "conversation.member_role_changed",
+    "conversation.leave": "conversation.left",
+    "conversation.delete": "conversation.deleted",
+}
+
+
 def payloads(data: bytes) -> list[str]:
     """The text frames in ``data`` (server frames as the gateway writes them), decoded by wsproto
     as a client would."""
