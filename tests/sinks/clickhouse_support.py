@@ -260,6 +260,22 @@ def sent(
     )
 
 
+def daves_tablet_token(occurred_at: datetime) -> ev.PushTokenRegistered:
+    """dave registers his tablet's FCM token for the development app."""
+    return ev.PushTokenRegistered.new(
+        tenant_id=TENANT,
+        actor=ev.Actor(user_id="dave"),
+        occurred_at=occurred_at,
+        payload=ev.PushTokenRegisteredPayload(
+            user_id="dave",
+            device_id="dave-tablet",
+            provider=ev.PushProvider.FCM,
+            token="t" * 40,
+            app_id="dev.imstream.app",
+        ),
+    )
+
+
 def presence(user: str, occurred_at: datetime, *, tenant: str = TENANT) -> ev.DeviceConnected:
     return ev.DeviceConnected.new(
         tenant_id=tenant,

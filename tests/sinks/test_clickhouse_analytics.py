@@ -32,6 +32,7 @@ from tests.sinks.clickhouse_support import (
     TENANT,
     at,
     created,
+    daves_tablet_token,
     millis,
     new_prefix,
     prefixed_settings,
@@ -181,21 +182,7 @@ def seed(catalog: TopicCatalog) -> Seed:
             payload=ev.ConversationMuteChangedPayload(conversation_id=dm, muted=True),
         ),
     )
-    data.event(
-        catalog.push_tokens.name,
-        ev.PushTokenRegistered.new(
-            tenant_id=TENANT,
-            actor=ev.Actor(user_id="dave"),
-            occurred_at=at("2026-03-02T12:00:00"),
-            payload=ev.PushTokenRegisteredPayload(
-                user_id="dave",
-                device_id="dave-tablet",
-                provider=ev.PushProvider.FCM,
-                token="t" * 40,
-                app_id="dev.imstream.app",
-            ),
-        ),
-    )
+    data.event(catalog.push_tokens.name, daves_tablet_token(at("2026-03-02T12:00:00")))
     # 2026-04-01: frank's device disconnected (a system event: the device's user counts).
     data.event(
         catalog.presence.name,

@@ -49,6 +49,7 @@ from tests.sinks.clickhouse_support import (
     catalog_topics,
     committed_offsets,
     created,
+    daves_tablet_token,
     end_offsets,
     new_prefix,
     prefixed_settings,
@@ -170,18 +171,7 @@ def produce_scenario(settings: Settings, catalog: TopicCatalog) -> Scenario:
         payload=ev.ConversationMuteChangedPayload(conversation_id=group, muted=True),
     )
     connected = presence("carol", now)
-    token = ev.PushTokenRegistered.new(
-        tenant_id=TENANT,
-        actor=ev.Actor(user_id="dave"),
-        occurred_at=now,
-        payload=ev.PushTokenRegisteredPayload(
-            user_id="dave",
-            device_id="dave-tablet",
-            provider=ev.PushProvider.FCM,
-            token="t" * 40,
-            app_id="dev.imstream.app",
-        ),
-    )
+    token = daves_tablet_token(now)
     typing = ev.TypingChanged.new(
         tenant_id=TENANT,
         actor=ev.Actor(user_id="bob"),

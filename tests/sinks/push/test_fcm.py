@@ -126,15 +126,20 @@ async def test_invalid_argument_about_the_payload_keeps_the_token(
     assert report.dead_letter_code == "push-rejected"
 
 
-async def test_explicit_project_id_is_used_in_the_url(
-    fake_fcm: FakeFcm, fcm_credentials: Path
-) -> None:
-    sender = FcmSender(
-        credentials_path=fcm_credentials,
+def other_projects_sender(fake_fcm: FakeFcm, credentials: Path) -> FcmSender:
+    """A sender configured for a project that is not the fake's (nor the credentials')."""
+    return FcmSender(
+        credentials_path=credentials,
         project_id="someone-elses-project",
         endpoint=fake_fcm.endpoint,
         concurrency=1,
     )
+
+
+async def test_explicit_project_id_is_used_in_the_url(
+    fake_fcm: FakeFcm, fcm_credentials: Path
+) -> None:
+    sender = other_projects_sender(fake_fcm, fcm_credentials)
     reply = await send_once(sender, fcm_target())
     assert sender.send_url == f"{fake_fcm.endpoint}/someone-elses-project/messages:send"
     assert reply.kind is OutcomeKind.FAILED
@@ -178,17 +183,8 @@ async def test_a_tenants_project_replaces_the_senders_own(
     fake_fcm: FakeFcm, fcm_credentials: Path
 ) -> None:
     """The target's project (its tenant's, from the settings) is the one the push goes to."""
-    sender = FcmSender(
-        credentials_path=fcm_credentials,
-        project_id="someone-elses-project",
-        endpoint=fake_fcm.endpoint,
-        concurrency=1,
-    )
-    try:
-        target = replace(fcm_target(), project_id=fake_fcm.project_id)
-        reply = await sender.send(make_notification(), target)
-    finally:
-        await sender.close()
+    sender = other_projects_sender(fake_fcm, fcm_credentials)
+    reply = await send_once(sender, replace(fcm_target(), project_id=fake_fcm.project_id))
     assert reply.kind is OutcomeKind.SENT
 
 
