@@ -381,7 +381,10 @@ def token(
     device: str | None = None,
     ttl: timedelta = timedelta(hours=1),
     secret: str | None = None,
+    jti: str | None = None,
 ) -> str:
+    """A client token for ``user`` signed with the settings' key (or ``secret``); ``jti``: the
+    token id a revocation names."""
     return issue_token(
         secret or settings.auth.jwt_secret.get_secret_value(),
         user_id=user,
@@ -390,6 +393,7 @@ def token(
         audience=settings.auth.jwt_audience,
         device_id=device,
         ttl=ttl,
+        token_id=jti,
     )
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import ClientConnection
 
-from core.auth import issue_token
 from core.settings import Settings
 from pipelines.revoke import publish_revocation, revocation
 from tests.ingress.support import (
@@ -33,6 +32,7 @@ from tests.ingress.support import (
     unique,
     wait_for,
 )
+from tests.ingress.support import token as client_token
 
 #: Commands per second no test here reaches.
 UNLIMITED = {"rate_limit_per_second": 100_000.0, "rate_limit_burst": 100_000.0}
@@ -58,16 +58,7 @@ def signed(
     device: str | None = None,
     ttl: timedelta = timedelta(hours=1),
 ) -> str:
-    return issue_token(
-        settings.auth.jwt_secret.get_secret_value(),
-        user_id=user,
-        tenant_id=TENANT,
-        issuer=settings.auth.jwt_issuer,
-        audience=settings.auth.jwt_audience,
-        device_id=device,
-        token_id=jti,
-        ttl=ttl,
-    )
+    return client_token(settings, user, jti=jti, device=device, ttl=ttl)
 
 
 async def connected(node: Gateway, user: str, device: str, token: str) -> ClientConnection:
