@@ -1,8 +1,10 @@
-"""The command line every benchmark shares: where its results go (``--output``, ``--no-write``),
-which targets it runs (``--targets``), and how a finished run is reported and stored.
+"""What the benchmarks share beside ``bench/common.py``: the options they all spell the same way
+(``--output``/``--no-write``, ``--targets``/``--ws-path``), the settings check, the bare WebSocket
+server the gateway is measured against, a produce that waits out a full local queue, and how a
+finished run is printed and stored.
 
-Each benchmark keeps its own options; these are the ones they all spell the same way, so that
-``--no-write`` or an unknown target reads the same in every ``python -m bench.<name>``.
+Each benchmark keeps its own options; these are the ones spelled alike, so that ``--no-write`` or
+an unknown target reads the same in every ``python -m bench.<name>``.
 """
 
 from __future__ import annotations
