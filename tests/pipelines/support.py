@@ -103,30 +103,37 @@ class Running:
     @contextlib.contextmanager
     def stopped(self, name: str, timeout: float = 30.0) -> Iterator[None]:
         """Stop a child with SIGTERM (it drains) and keep it stopped; started again after."""
-        child = self.child(name)
-        with self.lock:
-            assert child.pid is not None, f"{name} is not running"
-            killed = process.stop([child.pid], timeout)
+
+        def stop(pid: int) -> None:
+            killed = process.stop([pid], timeout)
             assert not killed, f"{name} did not stop on SIGTERM within {timeout:g} s"
-            child.pid, child.restart_at = None, None
-        try:
+
+        with self._down(name, stop):
             yield
-        finally:
-            with self.lock:
-                child.restart_at = time.monotonic()  # the supervisor starts it on its next check
 
     @contextlib.contextmanager
     def killed(self, name: str) -> Iterator[None]:
         """SIGKILL a child (it says no goodbye) and keep it down; started again after."""
+
+        def kill(pid: int) -> None:
+            os.kill(pid, signal.SIGKILL)
+            for _ in range(100):
+                process.reap(pid)
+                if not process.is_alive(pid):
+                    break
+                time.sleep(0.1)
+
+        with self._down(name, kill):
+            yield
+
+    @contextlib.contextmanager
+    def _down(self, name: str, take_down: Callable[[int], None]) -> Iterator[None]:
+        """``take_down`` the running child under the lock, so that the supervisor does not
+        restart it meanwhile; it stays down until the block ends, then is started again."""
         child = self.child(name)
         with self.lock:
             assert child.pid is not None, f"{name} is not running"
-            os.kill(child.pid, signal.SIGKILL)
-            for _ in range(100):
-                process.reap(child.pid)
-                if not process.is_alive(child.pid):
-                    break
-                time.sleep(0.1)
+            take_down(child.pid)
             child.pid, child.restart_at = None, None
         try:
             yield
