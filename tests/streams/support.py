@@ -3,6 +3,7 @@ process, producing commands, reading topics back."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -35,6 +36,19 @@ from schemas.topics import TopicCatalog, conversation_key, topic_catalog
 
 TENANT = "acme"
 READY_LINE = "stream worker ready"
+
+
+def worker_environment(settings: Settings, **streams: str) -> dict[str, str]:
+    """The environment of a stream worker on ``settings``' Kafka and topics, with a 6 s session
+    timeout (a killed worker's partitions move on quickly) and ``streams`` settings
+    (``IM_STREAMS__<NAME>``) added."""
+    return {
+        **os.environ,
+        "IM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
+        "IM_STREAMS__SESSION_TIMEOUT_SECONDS": "6",
+        **{f"IM_STREAMS__{name.upper()}": value for name, value in streams.items()},
+    }
 
 
 class Worker:

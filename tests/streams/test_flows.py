@@ -9,7 +9,6 @@ and the user state the worker restores from.
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -62,7 +61,7 @@ from streams.processors import USERS_TABLE, stored_user
 from streams.runtime import decode_state
 from streams.state import MemoryState
 from streams.users import UserState
-from tests.streams.support import TENANT, Worker, message
+from tests.streams.support import TENANT, Worker, message, worker_environment
 
 WAIT = 90.0
 
@@ -71,13 +70,7 @@ WAIT = 90.0
 def flow_worker(
     stream_settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Worker]:
-    environment = {
-        **os.environ,
-        "IM_KAFKA__BOOTSTRAP_SERVERS": stream_settings.kafka.bootstrap_servers,
-        "IM_KAFKA__TOPIC_PREFIX": stream_settings.kafka.topic_prefix,
-        "IM_STREAMS__SESSION_TIMEOUT_SECONDS": "6",
-        "IM_STREAMS__LARGE_GROUP_THRESHOLD": "3",
-    }
+    environment = worker_environment(stream_settings, large_group_threshold="3")
     worker = Worker(environment, Path(tmp_path_factory.mktemp("flows")) / "stream-worker.log")
     worker.start()
     yield worker

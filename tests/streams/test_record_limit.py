@@ -11,7 +11,6 @@ still produce a record over ``IM_STREAMS__MAX_RECORD_BYTES`` is dead-lettered
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from tests.streams.support import (
     read_messages,
     read_records,
     wait_for_sync,
+    worker_environment,
 )
 
 #: About 4,400 such mutes fill the state record to the limit (900,000 bytes).
@@ -166,13 +166,7 @@ def test_an_input_whose_outputs_exceed_the_record_limit_is_dead_lettered(
     # record is over it, as a record over the broker's limit would be.
     limit = 16_384
     worker = Worker(
-        {
-            **os.environ,
-            "IM_KAFKA__BOOTSTRAP_SERVERS": stream_settings.kafka.bootstrap_servers,
-            "IM_KAFKA__TOPIC_PREFIX": stream_settings.kafka.topic_prefix,
-            "IM_STREAMS__SESSION_TIMEOUT_SECONDS": "6",
-            "IM_STREAMS__MAX_RECORD_BYTES": str(limit),
-        },
+        worker_environment(stream_settings, max_record_bytes=str(limit)),
         tmp_path / "stream-worker.log",
     )
     try:
