@@ -50,6 +50,12 @@ def store(clickhouse: Client, clickhouse_database: str) -> Iterator[ClickHouseSt
     yield from shared_client_store(clickhouse, clickhouse_database)
 
 
+def sequenced(rows: list[dict[str, Any]], settings: Settings, event_types: set[str]) -> int:
+    """How many of the audit ``rows`` are of ``event_types`` on the sequenced messages topic."""
+    topic = topic_catalog(settings).messages_sequenced.name
+    return sum(1 for row in rows if row["topic"] == topic and row["event_type"] in event_types)
+
+
 @pytest.fixture
 def live(sink_settings: Settings, store: ClickHouseStore) -> ClickHouseSink:
     """The scenario of the sink tests, audited once by a live sink loop."""
@@ -123,23 +129,15 @@ def test_a_rebuild_reproduces_the_live_tables_and_swaps_them_in(
         searched = clickhouse.query(
             f"SELECT count() FROM {store.database}.{SEARCH_TABLE}"
         ).result_rows[0][0]
-        assert searched == sum(
-            1
-            for row in before
-            if row["topic"] == topic_catalog(sink_settings).messages_sequenced.name
-            and row["event_type"] in {"message.sent", "message.edited", "message.recalled"}
+        assert searched == sequenced(
+            before, sink_settings, {"message.sent", "message.edited", "message.recalled"}
         )
         assert job.counts[f"{SEARCH_TABLE}_rows"] == searched
         # The views read the swapped tables by name.
         views = clickhouse.query(
             f"SELECT sum(messages) FROM {store.database}.messages_per_minute"
         ).result_rows[0][0]
-        assert views == sum(
-            1
-            for row in before
-            if row["topic"] == topic_catalog(sink_settings).messages_sequenced.name
-            and row["event_type"] == "message.sent"
-        )
+        assert views == sequenced(before, sink_settings, {"message.sent"})
     finally:
         clickhouse.command(f"DROP DATABASE IF EXISTS {fresh}")
 
