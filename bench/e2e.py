@@ -105,9 +105,11 @@ from bench.common import (
     write_results,
 )
 from bench.e2e_load import Phase, PhaseResult, WorkerPlan, run_worker
+from bench.harness import add_output_options
 from bench.ingress_throughput import body_text, built_record
 from bench.loadgen import Credentials
 from bench.raw_produce import durable_producer_config
+from bench.shapes import conversation_created, text_message
 from bench.stream_throughput import fill
 from core.connections import cql_cluster, kafka_config, kafka_consumer_config
 from core.lag import group_lag
@@ -116,16 +118,10 @@ from pipelines.processes import BY_NAME, consumer_groups
 from pipelines.stack.manager import LocalStack
 from pipelines.stack.process import lower_priority
 from schemas.events import (
-    Actor,
-    ConversationCreated,
-    ConversationCreatedPayload,
     ConversationKind,
     Event,
-    MessageSent,
-    MessageSentPayload,
     TextBody,
     direct_conversation_id,
-    message_event_id,
 )
 from schemas.topics import TopicCatalog, topic_catalog
 
@@ -235,14 +231,13 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         help="seconds to wait for the worker and the sinks to apply the shape, and again for the "
         "clients to sync it (%(default)s)",
     )
-    parser.add_argument("--output", type=Path, default=RESULTS_PATH)
+    add_output_options(parser, RESULTS_PATH)
     parser.add_argument(
         "--plot",
         type=Path,
         default=None,
         help=f"default {PLOT_PATH} (with --shape N > 1: e2e-latency-shape-N-backlog-B.png)",
     )
-    parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
 
     def rates(text: str) -> list[float]:
@@ -594,26 +589,14 @@ def shaping_events(users: Sequence[str], shape: int, backlog: int, text: str) ->
             peer = f"{user}-s{index}"
             conversation_id = direct_conversation_id(TENANT, user, peer)
             conversations.append((peer, conversation_id))
-            yield ConversationCreated.new(
-                tenant_id=TENANT,
-                actor=Actor(user_id=peer),
-                event_id=message_event_id(TENANT, peer, f"create-{conversation_id}"),
-                payload=ConversationCreatedPayload(
-                    conversation_id=conversation_id,
-                    kind=ConversationKind.DIRECT,
-                    members=[peer, user],
-                ),
+            yield conversation_created(
+                TENANT, conversation_id, [peer, user], ConversationKind.DIRECT
             )
     for number in range(backlog):
         client_msg_id = f"backlog-{number}"
         for peer, conversation_id in conversations:
-            yield MessageSent.new(
-                tenant_id=TENANT,
-                actor=Actor(user_id=peer, device_id=f"{peer}-d"),
-                event_id=message_event_id(TENANT, peer, client_msg_id),
-                payload=MessageSentPayload(
-                    conversation_id=conversation_id, client_msg_id=client_msg_id, body=body
-                ),
+            yield text_message(
+                TENANT, peer, conversation_id, client_msg_id, body, device_id=f"{peer}-d"
             )
 
 

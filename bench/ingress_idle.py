@@ -36,8 +36,6 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from bench.common import (
     BENCH_TENANT,
     LOOPBACK,
@@ -59,10 +57,17 @@ from bench.common import (
     with_topic_prefix,
     write_results,
 )
+from bench.harness import (
+    BARE_CREDENTIALS,
+    add_output_options,
+    add_target_options,
+    bare_ws_server,
+    load_settings,
+    parse_targets,
+)
 from bench.idle_client import IdlePlan, OpenReport, run_client
 from bench.loadgen import Credentials
 from core.settings import Settings
-from ingress.gateway import WEBSOCKET_PATH
 
 TARGETS = ("imstream", "bare", "imstream-deflate")
 #: The bar of issue 3: this many idle connections per process at no more than this many KB each.
@@ -109,23 +114,10 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--samples", type=int, default=5, help="RSS readings, 1 s apart; the median is used"
     )
-    parser.add_argument(
-        "--targets",
-        default=",".join(TARGETS),
-        help="which of imstream, bare, imstream-deflate to run (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--ws-path", default=WEBSOCKET_PATH, help="the gateway's WebSocket path (%(default)s)"
-    )
-    parser.add_argument(
-        "--output", type=Path, default=RESULTS_PATH, help="results file (%(default)s)"
-    )
-    parser.add_argument("--no-write", action="store_true", help="do not write the results file")
+    add_target_options(parser, TARGETS)
+    add_output_options(parser, RESULTS_PATH)
     args = parser.parse_args(argv)
-    targets = tuple(target.strip() for target in args.targets.split(",") if target.strip())
-    unknown = sorted(set(targets) - set(TARGETS))
-    if unknown:
-        parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
+    targets = parse_targets(parser, args.targets, TARGETS)
     if args.connections < 1 or args.samples < 1 or args.warmup_connections < 0:
         parser.error("--connections and --samples must be at least 1")
     return Options(
@@ -306,23 +298,14 @@ def run_imstream(
 
 
 def run_bare(options: Options, progress: Progress, log_dir: Path) -> dict[str, Any]:
-    port = free_port()
-    server = ServerProcess(
-        "bare FastAPI WebSocket server",
-        [sys.executable, "-m", "bench.bare_ws", "--port", str(port)],
-        env=None,
-        port=port,
-        log_path=log_dir / "bare.log",
-        ready_paths=("/healthz",),
-    )
-    credentials = Credentials(secret="x" * 32, issuer="bench", audience="bench")
+    server, url = bare_ws_server(log_dir)
     with server:
         server.start()
         return hold_idle(
             "bare FastAPI/uvicorn/wsproto",
             server,
-            url=f"ws://{LOOPBACK}:{port}/ws",
-            credentials=credentials,
+            url=url,
+            credentials=BARE_CREDENTIALS,
             options=options,
             progress=progress,
             offer_deflate=False,
@@ -333,10 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
     interrupt_on_sigterm()
     progress = Progress()
-    try:
-        settings = Settings()
-    except ValidationError as error:
-        sys.stderr.write(f"error: [settings-invalid] {error}\n")
+    settings = load_settings()
+    if settings is None:
         return 2
     limit = raise_open_file_limit(options.connections + options.warmup_connections + 1024)
     if limit < options.connections + 256:

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
-from pydantic import ValidationError
 
 from bench import profile
 from bench.common import (
@@ -63,13 +62,20 @@ from bench.common import (
     with_topic_prefix,
     write_results,
 )
+from bench.harness import (
+    BARE_CREDENTIALS,
+    add_output_options,
+    add_target_options,
+    bare_ws_server,
+    load_settings,
+    parse_targets,
+)
 from bench.loadgen import Credentials, LoadPlan, LoadResult, Window, identities, run_worker
 from bench.raw_produce import SampleRecord, produce_loop
+from bench.shapes import text_message
 from core.connections import kafka_config
 from core.settings import Settings
-from ingress.gateway import WEBSOCKET_PATH
-from schemas.events import Actor, MessageSent, MessageSentPayload, TextBody, encode_event
-from schemas.events import message_event_id as derive_message_id
+from schemas.events import TextBody, encode_event
 from schemas.topics import conversation_key
 
 TARGETS = ("ingress", "raw", "bare")
@@ -128,29 +134,16 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         help="runs per N (and per raw level); the median run is reported, every rate is kept "
         "(%(default)s)",
     )
-    parser.add_argument(
-        "--targets",
-        default=",".join(TARGETS),
-        help="which of ingress, raw, bare to run (default: %(default)s)",
-    )
+    add_target_options(parser, TARGETS)
     parser.add_argument(
         "--profile-connections",
         type=int,
         default=100,
         help="N of the extra ingress run profiled with py-spy; 0 skips it (%(default)s)",
     )
-    parser.add_argument(
-        "--ws-path", default=WEBSOCKET_PATH, help="the gateway's WebSocket path (%(default)s)"
-    )
-    parser.add_argument(
-        "--output", type=Path, default=RESULTS_PATH, help="results file (%(default)s)"
-    )
-    parser.add_argument("--no-write", action="store_true", help="do not write the results file")
+    add_output_options(parser, RESULTS_PATH)
     args = parser.parse_args(argv)
-    targets = tuple(target.strip() for target in args.targets.split(",") if target.strip())
-    unknown = sorted(set(targets) - set(TARGETS))
-    if unknown:
-        parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
+    targets = parse_targets(parser, args.targets, TARGETS)
     connections = [int(value) for value in args.connections.split(",") if value.strip()]
     if min([*connections, args.window, args.client_processes, args.repeat], default=0) < 1:
         parser.error("connection counts, --window, --client-processes, --repeat must be >= 1")
@@ -479,15 +472,9 @@ def written_records(settings: Settings, topic: str) -> tuple[int, SampleRecord |
 def built_record(body_bytes: int) -> SampleRecord:
     """A ``message.sent`` as the schemas encode it, when no gateway record is at hand."""
     user_id, _, conversation_id = identities(0)
-    event = MessageSent.new(
-        tenant_id=BENCH_TENANT,
-        actor=Actor(user_id=user_id, device_id="device-0"),
-        event_id=derive_message_id(BENCH_TENANT, user_id, "raw.1"),
-        payload=MessageSentPayload(
-            conversation_id=conversation_id,
-            client_msg_id="raw.1",
-            body=TextBody(text=body_text(body_bytes)),
-        ),
+    body = TextBody(text=body_text(body_bytes))
+    event = text_message(
+        BENCH_TENANT, user_id, conversation_id, "raw.1", body, device_id="device-0"
     )
     return SampleRecord(value=encode_event(event), headers=[], source="built from schemas.events")
 
@@ -549,27 +536,18 @@ def run_raw(
 
 
 def run_bare(options: Options, progress: Progress, log_dir: Path) -> list[dict[str, Any]]:
-    port = free_port()
-    server = ServerProcess(
-        "bare FastAPI WebSocket server",
-        [sys.executable, "-m", "bench.bare_ws", "--port", str(port)],
-        env=None,
-        port=port,
-        log_path=log_dir / "bare.log",
-        ready_paths=("/healthz",),
-    )
-    credentials = Credentials(secret="x" * 32, issuer="bench", audience="bench")
+    server, url = bare_ws_server(log_dir)
     runs = []
     with server:
         server.start()
         target = LoadTarget(
             label="bare echo",
-            url=f"ws://{LOOPBACK}:{port}/ws",
+            url=url,
             server_pid=server.pid,
             other_pids={},
         )
         for connections in options.connections:
-            runs.append(repeated_load(target, connections, options, credentials, progress))
+            runs.append(repeated_load(target, connections, options, BARE_CREDENTIALS, progress))
     return runs
 
 
@@ -642,10 +620,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
     interrupt_on_sigterm()
     progress = Progress()
-    try:
-        settings = Settings()
-    except ValidationError as error:
-        sys.stderr.write(f"error: [settings-invalid] {error}\n")
+    settings = load_settings()
+    if settings is None:
         return 2
     raise_open_file_limit(max(options.connections) * 2 + 1024)
     settings = with_topic_prefix(settings, run_prefix("throughput"))

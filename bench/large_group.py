@@ -127,6 +127,7 @@ from bench.e2e import (
     stack_pids,
 )
 from bench.e2e_load import Phase, PhaseResult, WorkerPlan, run_worker
+from bench.harness import add_output_options
 from bench.ingress_throughput import body_text
 from bench.lean_ws import LeanSocket, open_lean
 from bench.loadgen import Credentials
@@ -266,8 +267,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--quick", action="store_true", help="short phases: 15 s with 1:1, 5 s group-only"
     )
-    parser.add_argument("--output", type=Path, default=RESULTS_PATH)
-    parser.add_argument("--no-write", action="store_true", help="print only")
+    add_output_options(parser, RESULTS_PATH)
     args = parser.parse_args(argv)
     try:
         members = [int(part) for part in args.members.split(",") if part.strip()]

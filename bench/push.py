@@ -58,13 +58,10 @@ from bench.common import (
     REPO_ROOT,
     Progress,
     cpu_seconds,
-    machine_facts,
-    now_iso,
     percentiles_ms,
-    write_results,
 )
+from bench.harness import add_output_options, measure_and_report
 from core.push_settings import PushProviderSettings
-from core.settings import Settings
 from schemas.events import PushProvider
 from sinks.push.apns import ApnsSender
 from sinks.push.fcm import FcmSender
@@ -508,40 +505,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--pushes", type=int, default=4000, help="measured per phase")
     parser.add_argument("--warmup", type=int, default=300, help="unmeasured per phase")
     parser.add_argument("--concurrency", type=int, default=64, help="pushes in flight")
-    parser.add_argument("--output", type=Path, default=RESULTS_PATH)
-    parser.add_argument("--no-write", action="store_true", help="print only")
+    add_output_options(parser, RESULTS_PATH)
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
-    progress = Progress()
-    facts = machine_facts(Settings())
-    started_at = now_iso()
-    with tempfile.TemporaryDirectory(prefix="bench-push-") as directory:
-        fakes = Fakes(Path(directory))
-        fakes.start()
-        try:
-            results = asyncio.run(run(options, fakes, progress))
-        finally:
-            fakes.stop()
-    document = {
-        "started_at": started_at,
-        "finished_at": now_iso(),
-        "parameters": {
-            "pushes": options.pushes,
-            "warmup": options.warmup,
-            "concurrency": options.concurrency,
-        },
-        "machine": facts,
-        "results": results,
-        "note": "the fakes are tests/sinks/push/fakes (test code), reused by this benchmark only",
-    }
-    json.dump(document, sys.stdout, indent=2)
-    sys.stdout.write("\n")
-    if not options.no_write:
-        write_results("push", document, options.output)
-    return 0
+
+    def measure(progress: Progress) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="bench-push-") as directory:
+            fakes = Fakes(Path(directory))
+            fakes.start()
+            try:
+                return asyncio.run(run(options, fakes, progress))
+            finally:
+                fakes.stop()
+
+    return measure_and_report(
+        "push",
+        options,
+        measure,
+        parameters=("pushes", "warmup", "concurrency"),
+        note="the fakes are tests/sinks/push/fakes (test code), reused by this benchmark only",
+    )
 
 
 if __name__ == "__main__":

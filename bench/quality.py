@@ -24,7 +24,6 @@ Results go to ``docs/bench/quality.json``. The machine has 2 cores shared with o
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -41,7 +40,8 @@ from cassandra.concurrent import execute_concurrent_with_args
 from analytics.api import AnalyticsServer, analytics_app
 from analytics.quality_api import DATASETS, DatasetParameters
 from analytics.queries import Analytics
-from bench.common import REPO_ROOT, Progress, machine_facts, now_iso, write_results
+from bench.common import REPO_ROOT, Progress
+from bench.harness import add_output_options, measure_and_report
 from core.connections import cql_cluster
 from core.principals import StaffRole, staff_authenticator
 from core.settings import KafkaSettings, Settings
@@ -382,34 +382,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--conversations", type=int, default=500)
     parser.add_argument("--messages-per-conversation", type=int, default=100)
     parser.add_argument("--sample", type=int, default=100, help="CQL sample per source")
-    parser.add_argument("--output", type=Path, default=RESULTS_PATH)
-    parser.add_argument("--no-write", action="store_true", help="print only")
+    add_output_options(parser, RESULTS_PATH)
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
-    progress = Progress()
-    facts = machine_facts(Settings())
-    started_at = now_iso()
-    results = run(options, progress)
-    document = {
-        "started_at": started_at,
-        "finished_at": now_iso(),
-        "parameters": {
-            "conversations": options.conversations,
-            "messages_per_conversation": options.messages_per_conversation,
-            "sample": options.sample,
-        },
-        "machine": facts,
-        "results": results,
-        "note": "see machine.load_average_at_start for how busy the machine was",
-    }
-    json.dump(document, sys.stdout, indent=2)
-    sys.stdout.write("\n")
-    if not options.no_write:
-        write_results("quality", document, options.output)
-    return 0
+    return measure_and_report(
+        "quality",
+        options,
+        lambda progress: run(options, progress),
+        parameters=("conversations", "messages_per_conversation", "sample"),
+        note="see machine.load_average_at_start for how busy the machine was",
+    )
 
 
 if __name__ == "__main__":

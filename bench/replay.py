@@ -51,6 +51,7 @@ from bench.common import (
     with_topic_prefix,
     write_results,
 )
+from bench.harness import produce_waiting
 from core.connections import (
     clickhouse_client,
     cql_cluster,
@@ -103,16 +104,10 @@ def produce(settings: Settings, catalog: TopicCatalog, records: int, conversatio
                 conversation_seq=seqs[conversation],
             ),
         )
-        while True:
-            try:
-                producer.produce(
-                    catalog.messages_sequenced.name,
-                    key=conversation_key(TENANT, conversation),
-                    value=ev.encode_event(event),
-                )
-                break
-            except BufferError:
-                producer.poll(0.1)
+        key = conversation_key(TENANT, conversation)
+        produce_waiting(
+            producer, catalog.messages_sequenced.name, key, ev.encode_event(event), wait=0.1
+        )
         producer.poll(0)
     if producer.flush(120) > 0:
         raise RuntimeError("the benchmark's records were not all acknowledged")

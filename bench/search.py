@@ -52,6 +52,7 @@ from clickhouse_connect.driver.client import Client
 
 from analytics.search import MessageSearch, ScopeRange, SearchRequest
 from bench.common import REPO_ROOT, Progress, machine_facts, now_iso, percentiles_ms
+from bench.harness import add_output_options
 from core.settings import Settings
 from schemas.search import parse_query
 from sinks.clickhouse.schema import SEARCH_TABLE, normalized, search_table_ddl
@@ -385,8 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--output", type=Path, default=OUTPUT)
-    parser.add_argument("--no-write", action="store_true")
+    add_output_options(parser, OUTPUT)
     options = parser.parse_args(argv)
     progress = Progress()
     started = time.monotonic()

@@ -45,8 +45,8 @@ from bench.common import (
     run_main,
     run_prefix,
     with_topic_prefix,
-    write_results,
 )
+from bench.harness import add_output_options, produce_waiting, store_results
 from bench.stream_throughput import Counter, fill, stream_worker
 from core.connections import kafka_producer_config
 from core.settings import Settings
@@ -79,12 +79,7 @@ def fill_state(
 
     def produce(topic: str, key: bytes, value: bytes) -> None:
         nonlocal count
-        while True:
-            try:
-                producer.produce(topic, key=key, value=value)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        produce_waiting(producer, topic, key, value)
         count += 1
         if count % 200_000 == 0:
             producer.poll(0)
@@ -207,8 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=1_000_000, help="users with state")
     parser.add_argument("--views", type=int, default=2, help="conversation views per user")
     parser.add_argument("--traffic-rate", type=float, default=200.0, help="messages/s")
-    parser.add_argument("--output", type=Path, default=RESULTS_PATH)
-    parser.add_argument("--no-write", action="store_true", help="print only")
+    add_output_options(parser, RESULTS_PATH)
     args = parser.parse_args(argv)
     interrupt_on_sigterm()
     progress = Progress()
@@ -271,9 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "worker_log": str(log_dir / "worker.log"),
     }
     progress.done(f"state restore: {starts}")
-    if not args.no_write:
-        write_results("state_restore", document, args.output)
-        progress.done(f"wrote {args.output}")
+    store_results("state_restore", document, args, progress)
     return 0
 
 

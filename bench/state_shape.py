@@ -43,21 +43,18 @@ from bench.common import (
     run_main,
     run_prefix,
     with_topic_prefix,
-    write_results,
 )
+from bench.harness import add_output_options, store_results
+from bench.shapes import conversation_created, text_message
 from bench.stream_throughput import Counter, direct_scenario, fill, stream_worker
 from core.connections import kafka_config
 from core.settings import Settings
 from schemas.events import (
-    Actor,
     ConversationCreated,
-    ConversationCreatedPayload,
     ConversationKind,
     Event,
     MessageSent,
-    MessageSentPayload,
     TextBody,
-    message_event_id,
 )
 from schemas.topics import TopicCatalog
 
@@ -81,26 +78,14 @@ def backlog_groups(users: int, shape: int) -> dict[str, list[str]]:
 def backlog_events(groups: dict[str, list[str]], backlog: int) -> Iterator[Event]:
     """The groups' creation, then ``backlog`` messages in each that nobody reads."""
     for conversation_id, members in groups.items():
-        yield ConversationCreated.new(
-            tenant_id=TENANT,
-            actor=Actor(user_id=members[0]),
-            event_id=message_event_id(TENANT, members[0], f"create-{conversation_id}"),
-            payload=ConversationCreatedPayload(
-                conversation_id=conversation_id, kind=ConversationKind.GROUP, members=members
-            ),
-        )
+        yield conversation_created(TENANT, conversation_id, members, ConversationKind.GROUP)
     body = TextBody(text="x" * 100)
     ids = list(groups)
     for index in range(backlog * len(ids)):
         conversation_id = ids[index % len(ids)]
         sender = groups[conversation_id][index // len(ids) % GROUP_SIZE]
-        yield MessageSent.new(
-            tenant_id=TENANT,
-            actor=Actor(user_id=sender, device_id=f"{sender}-d"),
-            event_id=message_event_id(TENANT, sender, f"b{index}"),
-            payload=MessageSentPayload(
-                conversation_id=conversation_id, client_msg_id=f"b{index}", body=body
-            ),
+        yield text_message(
+            TENANT, sender, conversation_id, f"b{index}", body, device_id=f"{sender}-d"
         )
 
 
@@ -248,8 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backlog", type=int, default=5, help="messages per group (%(default)s)")
     parser.add_argument("--messages", type=int, default=30_000, help="measured 1:1 messages")
     parser.add_argument("--settle", type=float, default=30.0, help="seconds after the warm-up")
-    parser.add_argument("--output", type=Path, default=RESULTS_PATH)
-    parser.add_argument("--no-write", action="store_true", help="print only")
+    add_output_options(parser, RESULTS_PATH)
     args = parser.parse_args(argv)
     if args.users % GROUP_SIZE:
         parser.error(f"--users must be a multiple of {GROUP_SIZE}")
@@ -276,9 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "parameters": vars(args) | {"output": str(args.output)},
         "shapes": results,
     }
-    if not args.no_write:
-        write_results("state_shape", document, args.output)
-        progress.done(f"wrote {args.output}")
+    store_results("state_shape", document, args, progress)
     return 0
 
 

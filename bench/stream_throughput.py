@@ -54,23 +54,19 @@ from bench.common import (
     run_main,
     run_prefix,
     with_topic_prefix,
-    write_results,
 )
+from bench.harness import add_output_options, produce_waiting, store_results
 from bench.profile import start_recording, summarise
+from bench.shapes import conversation_created, text_message
 from core.connections import kafka_config, kafka_producer_config
 from core.settings import Settings
 from schemas.events import (
-    Actor,
-    ConversationCreated,
-    ConversationCreatedPayload,
     ConversationKind,
     Event,
     MessageSent,
-    MessageSentPayload,
     TextBody,
     direct_conversation_id,
     encode_event,
-    message_event_id,
 )
 from schemas.topics import TopicCatalog, conversation_key
 
@@ -98,27 +94,15 @@ class Scenario:
 
     def events(self) -> Iterator[Event]:
         for conversation_id, members in self.conversations.items():
-            yield ConversationCreated.new(
-                tenant_id=TENANT,
-                actor=Actor(user_id=members[0]),
-                event_id=message_event_id(TENANT, members[0], f"create-{conversation_id}"),
-                payload=ConversationCreatedPayload(
-                    conversation_id=conversation_id, kind=self.kind, members=members
-                ),
-            )
+            yield conversation_created(TENANT, conversation_id, members, self.kind)
         ids = list(self.conversations)
         body = TextBody(text="x" * 100)
         for index in range(self.messages):
             conversation_id = ids[index % len(ids)]
             members = self.conversations[conversation_id]
             sender = members[(index // len(ids)) % len(members)]
-            yield MessageSent.new(
-                tenant_id=TENANT,
-                actor=Actor(user_id=sender, device_id=f"{sender}-d"),
-                event_id=message_event_id(TENANT, sender, f"c{index}"),
-                payload=MessageSentPayload(
-                    conversation_id=conversation_id, client_msg_id=f"c{index}", body=body
-                ),
+            yield text_message(
+                TENANT, sender, conversation_id, f"c{index}", body, device_id=f"{sender}-d"
             )
 
 
@@ -171,16 +155,8 @@ def fill(
     count = 0
     for event in events:
         conversation_id = str(getattr(event.payload, "conversation_id", ""))
-        while True:
-            try:
-                producer.produce(
-                    catalog.messages_in.name,
-                    key=conversation_key(event.tenant_id, conversation_id),
-                    value=encode_event(event),
-                )
-                break
-            except BufferError:
-                producer.poll(0.05)
+        key = conversation_key(event.tenant_id, conversation_id)
+        produce_waiting(producer, catalog.messages_in.name, key, encode_event(event))
         count += 1
         if count % 10_000 == 0:
             producer.poll(0)
@@ -311,12 +287,7 @@ def raw_input(settings: Settings, value: bytes, records: int, progress: Progress
         future.result(timeout=60)
     producer = Producer(kafka_producer_config(settings, **{"enable.idempotence": True}))
     for index in range(records):
-        while True:
-            try:
-                producer.produce(source, key=f"k{index % 500}".encode(), value=value)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        produce_waiting(producer, source, f"k{index % 500}".encode(), value)
     if producer.flush(120) != 0:
         raise BenchError("could not write the raw loops' input")
     progress.done(f"filled {source} with {records:,} records of {len(value)} bytes")
@@ -512,8 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--layouts", default="single,split", help="worker layouts to run")
     parser.add_argument("--profile-seconds", type=float, default=8.0, help="0 to skip py-spy")
     parser.add_argument("--timeout", type=float, default=600.0, help="per run, seconds")
-    parser.add_argument("--output", type=Path, default=RESULTS_PATH)
-    parser.add_argument("--no-write", action="store_true", help="print only")
+    add_output_options(parser, RESULTS_PATH)
     args = parser.parse_args(argv)
     interrupt_on_sigterm()
     progress = Progress()
@@ -553,9 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"({result['best_layout']}); ratio to raw {result['ratio_to_raw']}, to raw "
             f"transactional {result['ratio_to_raw_transactional']}"
         )
-    if not args.no_write:
-        write_results("stream_stage", document, args.output)
-        progress.done(f"wrote {args.output}")
+    store_results("stream_stage", document, args, progress)
     return 0
 
 

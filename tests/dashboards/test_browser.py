@@ -21,12 +21,10 @@ import httpx
 import pytest
 
 from dashboards.definitions import load_dashboards
-from pipelines.demo import DemoOptions, main_demo
 from schemas.topics import topic_catalog
 from tests.ingress.support import unique
-from tests.pipelines.support import Running
+from tests.pipelines.support import Running, run_small_demo
 from tests.sinks.clickhouse_support import Outgoing, produce
-from tests.sinks.push.support import APNS_TOPIC
 from tests.sinks.staff_support import staff_headers, staff_token
 
 pytestmark = pytest.mark.stack
@@ -79,25 +77,7 @@ def panel_data(system: Running, dashboard: str, window: dict[str, str]) -> list[
 
 
 async def run_demo(system: Running) -> None:
-    options = DemoOptions(
-        url=system.url(0),
-        tenant=unique("dash"),
-        users=6,
-        offline_users=4,
-        conversations=6,
-        group_size=4,
-        rate=10.0,
-        duration=6.0,
-        seed=7,
-        analytics_url=f"http://127.0.0.1:{system.analytics_port}",
-        apns_app_id=APNS_TOPIC,
-        push_timeout=WITHIN,
-    )
-    lines: list[str] = []
-    progress: list[str] = []
-    code = await asyncio.to_thread(
-        main_demo, system.settings, options, echo=lines.append, progress=progress.append
-    )
+    code, lines, progress = await run_small_demo(system, unique("dash"), push_timeout=WITHIN)
     assert code == 0, "\n".join(lines + progress)
 
 

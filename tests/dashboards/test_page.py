@@ -51,7 +51,7 @@ from tests.sinks.clickhouse_support import (
     produce,
     sent,
 )
-from tests.sinks.staff_support import staff_app, staff_headers
+from tests.sinks.staff_support import serving, staff_app, staff_headers
 from tests.sinks.test_clickhouse_analytics import OUTCOME_COLUMNS, Seed
 
 pytestmark = pytest.mark.stack
@@ -202,10 +202,8 @@ def store(
 @pytest.fixture
 def endpoint(store: ClickHouseStore) -> Iterator[str]:
     """The analytics app as the sink process serves it (dashboards included), on a free port."""
-    server = AnalyticsServer(staff_app(Analytics(store)), "127.0.0.1", 0)
-    server.start()
-    yield server.url
-    server.stop()
+    with serving(staff_app(Analytics(store))) as url:
+        yield url
 
 
 def get(url: str) -> tuple[int, str]:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from tests.ingress.support import (
     start_gateway,
     unique,
 )
-from tests.streams.support import Worker
+from tests.streams.support import Worker, worker_environment
 
 #: The main gateway's settings: a short hello timeout so that its test is quick, and a rate limit
 #: no functional test reaches (tests/ingress/test_limits.py runs a gateway with a tight one).
@@ -102,14 +101,7 @@ def running_pipeline(
     """Ingress nodes (with ``ingress`` settings; ``ca_file`` the CA a test trusts when they
     serve TLS), a stream worker (with ``streams`` settings) and the CQL sink on these topics
     and this keyspace."""
-    environment = {
-        **os.environ,
-        "IM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-        "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
-        "IM_CQL__KEYSPACE": keyspace,
-        "IM_STREAMS__SESSION_TIMEOUT_SECONDS": "6",
-        **{f"IM_STREAMS__{name.upper()}": value for name, value in (streams or {}).items()},
-    }
+    environment = {**worker_environment(settings, **(streams or {})), "IM_CQL__KEYSPACE": keyspace}
     worker = Worker(environment, logs / "stream-worker.log")
     worker.start()
     with (logs / "cql-sink.log").open("wb") as log:

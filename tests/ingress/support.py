@@ -24,19 +24,22 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from cassandra.cluster import Session
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
+from client.sdk import Client
 from core.auth import issue_token
 from core.connections import kafka_config
 from core.settings import Settings
 from core.tls import client_context
 from pipelines.topics import apply_topics
+from schemas.events import MessageSent
 from schemas.topics import TopicCatalog, partition_for_key, topic_catalog
 
 #: The iOS app (APNs bundle id) the test gateways are configured with (``IM_PUSH__APNS_TOPIC``):
@@ -46,6 +49,26 @@ PUSH_APP = "dev.imstream.app"
 TENANT = "acme"
 IMSTREAM = Path(sys.executable).parent / "imstream"
 JsonObject = dict[str, Any]
+
+
+#: The event each client command is published as (and which ``command.rejected`` names).
+COMMAND_EVENT_TYPES = {
+    "send": "message.sent",
+    "recall": "message.recalled",
+    "edit": "message.edited",
+    "read": "receipt.read",
+    "typing": "typing.changed",
+    "mute": "conversation.mute_changed",
+    "push_settings": "user.push_settings_changed",
+    "clear_badge": "badge.cleared",
+    "conversation.create": "conversation.created",
+    "conversation.rename": "conversation.renamed",
+    "conversation.add_member": "conversation.member_added",
+    "conversation.remove_member": "conversation.member_removed",
+    "conversation.change_role": "conversation.member_role_changed",
+    "conversation.leave": "conversation.left",
+    "conversation.delete": "conversation.deleted",
+}
 
 
 def payloads(data: bytes) -> list[str]:
@@ -99,6 +122,21 @@ def create_topics(admin: AdminClient, settings: Settings, prefix: str) -> Settin
     return prefixed
 
 
+def run_imstream(
+    *arguments: str, variables: Mapping[str, str], timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """``imstream <arguments>`` as an operator runs it, with ``variables`` added to this
+    process's environment; finished, its output captured as text."""
+    return subprocess.run(
+        [str(IMSTREAM), *arguments],
+        env={**os.environ, **variables},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def delete_topics(admin: AdminClient, settings: Settings) -> None:
     names = [topic.name for topic in topic_catalog(settings)]
     for future in admin.delete_topics(names, operation_timeout=30).values():
@@ -110,18 +148,11 @@ def migrated_keyspace(settings: Settings, session: Session) -> Iterator[str]:
     """A fresh keyspace migrated by ``imstream db migrate`` (the operator's command); dropped
     on the way out."""
     name = "t_" + uuid.uuid4().hex[:12]
-    environment = {
-        **os.environ,
-        "IM_CQL__KEYSPACE": name,
-        "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
-    }
-    done = subprocess.run(
-        [str(IMSTREAM), "db", "migrate"],
-        env=environment,
-        capture_output=True,
-        text=True,
+    done = run_imstream(
+        "db",
+        "migrate",
+        variables={"IM_CQL__KEYSPACE": name, "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix},
         timeout=120,
-        check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     try:
@@ -348,7 +379,10 @@ def token(
     device: str | None = None,
     ttl: timedelta = timedelta(hours=1),
     secret: str | None = None,
+    jti: str | None = None,
 ) -> str:
+    """A client token for ``user`` signed with the settings' key (or ``secret``); ``jti``: the
+    token id a revocation names."""
     return issue_token(
         secret or settings.auth.jwt_secret.get_secret_value(),
         user_id=user,
@@ -357,6 +391,7 @@ def token(
         audience=settings.auth.jwt_audience,
         device_id=device,
         ttl=ttl,
+        token_id=jti,
     )
 
 
@@ -386,6 +421,16 @@ async def open_socket(gateway: Gateway, **options: Any) -> ClientConnection:
     return await connect(
         gateway.ws, compression=None, ping_interval=None, open_timeout=20, **options
     )
+
+
+async def assert_upgrade_refused(gateway: Gateway, status: int, code: str) -> None:
+    """The WebSocket upgrade is answered ``status`` with the error ``code`` and a Retry-After."""
+    with pytest.raises(InvalidStatus) as refused:
+        await open_socket(gateway)
+    response = refused.value.response
+    assert response.status_code == status
+    assert json.loads(response.body or b"{}")["code"] == code
+    assert int(response.headers["Retry-After"]) >= 1
 
 
 async def open_device(
@@ -423,27 +468,80 @@ async def close_code(socket_: ClientConnection, within: float = 20.0) -> int:
             return closed.rcvd.code if closed.rcvd is not None else 1006
 
 
+async def group_message_arrives(
+    sender: ClientConnection, receiver: ClientConnection, member: str, *, name: str, text: str
+) -> None:
+    """``sender`` creates a group with ``member`` and sends ``text`` in it; the receiver (the
+    member's socket) is delivered that message within a minute."""
+    conversation = unique("group")
+    created = await request(
+        sender,
+        {
+            "type": "conversation.create",
+            "id": "c1",
+            "conversation_id": conversation,
+            "kind": "group",
+            "name": name,
+            "members": [member],
+        },
+    )
+    assert created["type"] == "ok", created
+    reply = await request(
+        sender,
+        {
+            "type": "send",
+            "id": "s1",
+            "conversation_id": conversation,
+            "client_msg_id": "m1",
+            "body": {"type": "text", "text": text},
+        },
+    )
+    assert reply["type"] == "accepted", reply
+    async with asyncio.timeout(60):
+        while True:
+            frame = await receive(receiver, within=60)
+            event = frame.get("event", {})
+            if frame["type"] == "event" and event.get("type") == "message.sent":
+                assert event["payload"]["body"]["text"] == text
+                break
+
+
+async def first_message_sent(client: Client) -> MessageSent:
+    """The first ``message.sent`` among an SDK client's events."""
+    async for item in client.events():
+        if isinstance(item.event, MessageSent):
+            return item.event
+    raise AssertionError("the client's events ended")
+
+
 # -- reading Kafka ------------------------------------------------------------
 
 
-def _consumer(settings: Settings) -> Consumer:
+def reading_consumer(settings: Settings) -> Consumer:
+    """A consumer of a group of its own that commits nothing: it only reads."""
     return Consumer(
         kafka_config(settings, **{"group.id": unique("test"), "enable.auto.commit": False})
     )
 
 
-def end_offset(settings: Settings, topic: str, key: bytes) -> tuple[int, int]:
-    """The partition ``key`` goes to and its end offset now (blocking)."""
-    partitions = topic_catalog(settings).by_name(topic).partitions
-    partition = partition_for_key(key, partitions)
-    consumer = _consumer(settings)
+def high_watermark(settings: Settings, topic: str, partition: int) -> int:
+    """The partition's end offset as the broker sees it now: every record below it is committed
+    (blocking)."""
+    consumer = reading_consumer(settings)
     try:
         _, high = consumer.get_watermark_offsets(
             TopicPartition(topic, partition), timeout=10, cached=False
         )
     finally:
         consumer.close()
-    return partition, int(high)
+    return int(high)
+
+
+def end_offset(settings: Settings, topic: str, key: bytes) -> tuple[int, int]:
+    """The partition ``key`` goes to and its end offset now (blocking)."""
+    partitions = topic_catalog(settings).by_name(topic).partitions
+    partition = partition_for_key(key, partitions)
+    return partition, high_watermark(settings, topic, partition)
 
 
 def read_records(
@@ -457,7 +555,7 @@ def read_records(
 ) -> list[tuple[bytes | None, JsonObject]]:
     """``count`` records of a partition from ``offset`` on, as (key, decoded JSON value); only
     those with ``key`` if one is given (the presence topic also carries the nodes' leases)."""
-    consumer = _consumer(settings)
+    consumer = reading_consumer(settings)
     consumer.assign([TopicPartition(topic, partition, offset)])
     records: list[tuple[bytes | None, JsonObject]] = []
     deadline = time.monotonic() + 20
@@ -478,11 +576,5 @@ def read_to_end(
     settings: Settings, topic: str, partition: int, offset: int
 ) -> list[tuple[bytes | None, JsonObject]]:
     """Every record of a partition from ``offset`` to its current end."""
-    consumer = _consumer(settings)
-    try:
-        _, high = consumer.get_watermark_offsets(
-            TopicPartition(topic, partition), timeout=10, cached=False
-        )
-    finally:
-        consumer.close()
-    return read_records(settings, topic, partition, offset, int(high) - offset)
+    high = high_watermark(settings, topic, partition)
+    return read_records(settings, topic, partition, offset, high - offset)

@@ -41,6 +41,7 @@ from schemas import events as ev
 from schemas import frames as fr
 from schemas.errors import CloseCode, ErrorCode
 from tests.ingress.support import (
+    COMMAND_EVENT_TYPES,
     TENANT,
     Gateway,
     JsonObject,
@@ -449,24 +450,6 @@ async def answer_to(
         meanwhile.append(frame)
 
 
-#: The event a conversation command is published as, which ``command.rejected`` names.
-COMMAND_EVENTS = {
-    "send": "message.sent",
-    "recall": "message.recalled",
-    "edit": "message.edited",
-    "read": "receipt.read",
-    "typing": "typing.changed",
-    "mute": "conversation.mute_changed",
-    "clear_badge": "badge.cleared",
-    "conversation.rename": "conversation.renamed",
-    "conversation.add_member": "conversation.member_added",
-    "conversation.remove_member": "conversation.member_removed",
-    "conversation.change_role": "conversation.member_role_changed",
-    "conversation.leave": "conversation.left",
-    "conversation.delete": "conversation.deleted",
-}
-
-
 async def rejections(
     socket_: ClientConnection,
     world: World,
@@ -478,7 +461,7 @@ async def rejections(
     queue for the frame types in ``written``: all of them for a non-member, else until the queue
     is quiet for a few seconds."""
     found: dict[str, str] = {}
-    by_event = {COMMAND_EVENTS[name]: name for name in written}
+    by_event = {COMMAND_EVENT_TYPES[name]: name for name in written}
     waiting = who is Who.USER
     while not waiting or set(found) < written:
         try:

@@ -19,18 +19,12 @@ from tests.ingress.support import (
     request,
     unique,
 )
+from tests.schemas.samples import send_frame
 
 
 def send(**changes: Any) -> JsonObject:
-    frame: JsonObject = {
-        "type": "send",
-        "id": "req-1",
-        "conversation_id": "c-1",
-        "client_msg_id": "m-1",
-        "body": {"type": "text", "text": "hi"},
-    }
-    frame.update(changes)
-    return {key: value for key, value in frame.items() if value is not None}
+    """A ``send`` frame; a change to None leaves that field out."""
+    return {key: value for key, value in send_frame(**changes).items() if value is not None}
 
 
 def push_settings(

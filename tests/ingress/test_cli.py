@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 
-from tests.ingress.support import IMSTREAM
+from tests.ingress.support import run_imstream
 
 
 def run_ingress(**variables: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(IMSTREAM), "run", "ingress"],
-        env={**os.environ, **variables},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_imstream("run", "ingress", variables=variables)
 
 
 def test_a_port_in_use_is_reported() -> None:

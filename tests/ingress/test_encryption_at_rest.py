@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from cassandra.cluster import Session
+from websockets.asyncio.client import ClientConnection
 
 from core.settings import Settings
 from tests.ingress.conftest import Pipeline, running_pipeline
-from tests.ingress.support import IMSTREAM, open_device, unique
+from tests.ingress.support import open_device, run_imstream, unique
 from tests.ingress.test_read_access import command, group, history, send, stored, texts
 from tests.ingress.test_reads import eventually, read
 
@@ -118,14 +117,32 @@ async def test_bodies_are_sealed_in_the_store_and_read_back_in_clear(
     assert any(value.startswith("imk1.") for value in stored_values)
 
 
-async def test_a_ciphertext_moved_to_another_row_does_not_open(
-    pipeline: Pipeline, cql_session: Session, serving_keyspace: str
-) -> None:
+async def own_group(pipeline: Pipeline) -> tuple[str, ClientConnection, str]:
+    """A tenant of the test's own, ann's phone in it, and a group of ann's with one more member."""
     (gateway,) = pipeline.gateways
     tenant = unique("tenant")
     ann = unique("ann")
     ann_phone, _ = await open_device(gateway, ann, tenant=tenant)
     conversation = await group(ann_phone, [unique("bob")])
+    return tenant, ann_phone, conversation
+
+
+def overwrite_timeline(
+    session: Session, keyspace: str, tenant: str, conversation: str, *, seq: int, event: str
+) -> None:
+    """Write ``event`` over the stored value of message ``seq``, as someone with write access
+    to the store (not the sink) would."""
+    session.execute(
+        f"UPDATE {keyspace}.timeline SET event = %s WHERE tenant_id = %s "
+        f"AND conversation_id = %s AND bucket = 0 AND seq = {seq}",
+        (event, tenant, conversation),
+    )
+
+
+async def test_a_ciphertext_moved_to_another_row_does_not_open(
+    pipeline: Pipeline, cql_session: Session, serving_keyspace: str
+) -> None:
+    tenant, ann_phone, conversation = await own_group(pipeline)
     await send(ann_phone, conversation, "first, private")
     await send(ann_phone, conversation, "second")
     await stored(ann_phone, conversation, 2)
@@ -135,10 +152,8 @@ async def test_a_ciphertext_moved_to_another_row_does_not_open(
         (tenant, conversation),
     ).one()
     # Someone with write access to the store copies message 1's value onto message 2's row.
-    cql_session.execute(
-        f"UPDATE {serving_keyspace}.timeline SET event = %s WHERE tenant_id = %s "
-        "AND conversation_id = %s AND bucket = 0 AND seq = 2",
-        (first.event, tenant, conversation),
+    overwrite_timeline(
+        cql_session, serving_keyspace, tenant, conversation, seq=2, event=first.event
     )
     page = await history(ann_phone, conversation)
     by_seq = {entry["seq"]: entry["event"]["payload"]["body"] for entry in page["entries"]}
@@ -149,20 +164,14 @@ async def test_a_ciphertext_moved_to_another_row_does_not_open(
 async def test_plaintext_rows_written_before_encryption_still_read(
     pipeline: Pipeline, cql_session: Session, serving_keyspace: str
 ) -> None:
-    (gateway,) = pipeline.gateways
-    tenant = unique("tenant")
-    ann = unique("ann")
-    ann_phone, _ = await open_device(gateway, ann, tenant=tenant)
-    conversation = await group(ann_phone, [unique("bob")])
+    tenant, ann_phone, conversation = await own_group(pipeline)
     await send(ann_phone, conversation, "written sealed")
     page = await stored(ann_phone, conversation, 1)
     # The row as the sink wrote it before this change: the event's JSON in clear.
     legacy = dict(page["entries"][0]["event"])
     legacy["payload"] = {**legacy["payload"], "body": {"type": "text", "text": "from before"}}
-    cql_session.execute(
-        f"UPDATE {serving_keyspace}.timeline SET event = %s WHERE tenant_id = %s "
-        "AND conversation_id = %s AND bucket = 0 AND seq = 1",
-        (json.dumps(legacy), tenant, conversation),
+    overwrite_timeline(
+        cql_session, serving_keyspace, tenant, conversation, seq=1, event=json.dumps(legacy)
     )
     assert texts(await history(ann_phone, conversation)) == ["from before"]
 
@@ -185,20 +194,21 @@ async def test_forget_key_withholds_the_tenants_bodies_and_new_messages_get_a_ne
     assert (await previews(bob_phone))[conversation] == "shred me"
 
     done = await asyncio.to_thread(
-        subprocess.run,
-        [str(IMSTREAM), "tenant", "forget-key", "--tenant", tenant, "--yes"],
-        env={
-            **os.environ,
+        run_imstream,
+        "tenant",
+        "forget-key",
+        "--tenant",
+        tenant,
+        "--yes",
+        variables={
             "IM_CQL__KEYSPACE": serving_keyspace,
             "IM_KAFKA__TOPIC_PREFIX": ingress_settings.kafka.topic_prefix,
         },
-        capture_output=True,
         timeout=120,
-        check=False,
     )
-    assert done.returncode == 0, done.stderr.decode()
-    assert f"tenant {tenant}: data key " in done.stdout.decode()
-    assert "deleted" in done.stdout.decode()
+    assert done.returncode == 0, done.stderr
+    assert f"tenant {tenant}: data key " in done.stdout
+    assert "deleted" in done.stdout
 
     async def withheld() -> JsonObject | None:
         page = await history(bob_phone, conversation)

@@ -11,7 +11,6 @@ SASL_SSL port, a wrong password and a client that does not trust the CA are all 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import secrets
@@ -37,10 +36,9 @@ from tests.ingress.support import (
     IMSTREAM,
     create_topics,
     free_port,
+    group_message_arrives,
     migrated_keyspace,
     open_device,
-    receive,
-    request,
     start_gateway,
     unique,
     wait_until,
@@ -249,37 +247,7 @@ async def _carry_a_message(secure_kafka: SecureKafka, tmp_path: Path) -> None:
         ann, ben = unique("ann"), unique("ben")
         sender, _ = await open_device(gateway, ann)
         receiver, _ = await open_device(gateway, ben)
-        group = unique("group")
-        created = await request(
-            sender,
-            {
-                "type": "conversation.create",
-                "id": "c1",
-                "conversation_id": group,
-                "kind": "group",
-                "name": "sasl",
-                "members": [ben],
-            },
-        )
-        assert created["type"] == "ok", created
-        sent = await request(
-            sender,
-            {
-                "type": "send",
-                "id": "s1",
-                "conversation_id": group,
-                "client_msg_id": "m1",
-                "body": {"type": "text", "text": "through SASL_SSL"},
-            },
-        )
-        assert sent["type"] == "accepted", sent
-        async with asyncio.timeout(60):
-            while True:
-                frame = await receive(receiver, within=60)
-                event = frame.get("event", {})
-                if frame["type"] == "event" and event.get("type") == "message.sent":
-                    assert event["payload"]["body"]["text"] == "through SASL_SSL"
-                    break
+        await group_message_arrives(sender, receiver, ben, name="sasl", text="through SASL_SSL")
         await sender.close()
         await receiver.close()
     finally:

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from confluent_kafka import Producer
 from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import InvalidStatus
 
 from core.connections import kafka_producer_config
 from core.settings import Settings
@@ -22,6 +21,7 @@ from schemas.topics import gateway_key
 from tests.ingress.support import (
     TENANT,
     Gateway,
+    assert_upgrade_refused,
     close_code,
     hello,
     open_device,
@@ -125,12 +125,7 @@ async def test_sockets_that_have_not_said_hello_are_bounded_per_address(tight: G
     """Before: any number of unauthenticated sockets per address, each held for the hello
     timeout. Now the one past the limit is answered 429 at the handshake, with the error."""
     waiting = [await open_socket(tight) for _ in range(PENDING)]
-    with pytest.raises(InvalidStatus) as refused:
-        await open_socket(tight)
-    response = refused.value.response
-    assert response.status_code == 429
-    assert json.loads(response.body or b"{}")["code"] == "rate-limited"
-    assert int(response.headers["Retry-After"]) >= 1
+    await assert_upgrade_refused(tight, 429, "rate-limited")
     # A socket that says hello no longer counts: another may open.
     first = waiting[0]
     await first.send(json.dumps(hello(tight.settings, unique("user"), "phone")))

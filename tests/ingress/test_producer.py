@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
-import uuid
 from dataclasses import dataclass
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 
 from core.connections import kafka_config
 from core.settings import Settings
 from ingress.metrics import IngressMetrics
 from ingress.producer import DurableProducer, KafkaUnavailable, RecordMetadata
 from pipelines.stack.manager import LocalStack
-from tests.ingress.support import wait_until
+from tests.ingress.support import free_port, high_watermark, reading_consumer, wait_until
 
 
 @dataclass(frozen=True)
@@ -27,20 +25,11 @@ class Record:
     headers: list[tuple[str, bytes]]
 
 
-def _consumer(settings: Settings) -> Consumer:
-    return Consumer(
-        kafka_config(
-            settings,
-            **{"group.id": f"test-{uuid.uuid4().hex}", "enable.auto.commit": False},
-        )
-    )
-
-
 def read_records(
     settings: Settings, topic: str, partition: int, offset: int, count: int
 ) -> list[Record]:
     """Read ``count`` records of a partition from ``offset`` on (blocking; run it in a thread)."""
-    consumer = _consumer(settings)
+    consumer = reading_consumer(settings)
     consumer.assign([TopicPartition(topic, partition, offset)])
     records: list[Record] = []
     deadline = time.monotonic() + 30
@@ -63,24 +52,6 @@ def read_records(
     finally:
         consumer.close()
     return records
-
-
-def high_watermark(settings: Settings, topic: str, partition: int) -> int:
-    """The partition's end offset as the broker sees it now: every record below it is committed."""
-    consumer = _consumer(settings)
-    try:
-        _low, high = consumer.get_watermark_offsets(
-            TopicPartition(topic, partition), timeout=10, cached=False
-        )
-    finally:
-        consumer.close()
-    return int(high)
-
-
-def unused_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def test_accepted_record_is_committed_and_readable_at_its_offset(
@@ -179,7 +150,7 @@ async def test_unreachable_kafka_raises_unavailable_at_once(settings: Settings) 
     waiting out the message timeout (20 s here) for a write that cannot happen."""
     message_timeout_ms = 20_000
     observed_latencies: list[float] = []
-    dead = kafka_config(settings, **{"bootstrap.servers": f"127.0.0.1:{unused_port()}"})
+    dead = kafka_config(settings, **{"bootstrap.servers": f"127.0.0.1:{free_port()}"})
     producer = DurableProducer(
         dead,
         message_timeout_ms=message_timeout_ms,

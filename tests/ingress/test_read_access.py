@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from cassandra.cluster import Session
+from websockets.asyncio.client import ClientConnection
 
 from core.settings import Settings
 from ingress.reads import Reads
@@ -92,15 +93,25 @@ async def group(owner: Any, members: list[str]) -> str:
     return str(created["conversation_id"])
 
 
-async def test_a_removed_member_reads_the_history_up_to_the_removal_on_any_node(
+async def group_of_three(
     pipeline: Pipeline,
-) -> None:
+) -> tuple[str, ClientConnection, ClientConnection, ClientConnection, str]:
+    """ann's group with bob and cat, ann's and cat's phones on the first node and bob's on the
+    second: bob, the three phones (ann's, bob's, cat's) and the group."""
     node_a, node_b = pipeline.gateways
     ann, bob, cat = unique("ann"), unique("bob"), unique("cat")
     ann_phone, _ = await open_device(node_a, ann)
     cat_phone, _ = await open_device(node_a, cat)
     bob_phone, _ = await open_device(node_b, bob)
     conversation = await group(ann_phone, [bob, cat])
+    return bob, ann_phone, bob_phone, cat_phone, conversation
+
+
+async def test_a_removed_member_reads_the_history_up_to_the_removal_on_any_node(
+    pipeline: Pipeline,
+) -> None:
+    node_a = pipeline.gateways[0]
+    bob, ann_phone, bob_phone, cat_phone, conversation = await group_of_three(pipeline)
     await send(ann_phone, conversation, "before one")
     await send(cat_phone, conversation, "before two")
     await stored(bob_phone, conversation, 2)
@@ -162,12 +173,7 @@ async def test_a_removed_member_reads_the_history_up_to_the_removal_on_any_node(
 async def test_members_of_a_deleted_group_lose_its_history_and_bodies_at_once(
     pipeline: Pipeline,
 ) -> None:
-    node_a, node_b = pipeline.gateways
-    ann, bob, cat = unique("ann"), unique("bob"), unique("cat")
-    ann_phone, _ = await open_device(node_a, ann)
-    cat_phone, _ = await open_device(node_a, cat)
-    bob_phone, _ = await open_device(node_b, bob)
-    conversation = await group(ann_phone, [bob, cat])
+    _, ann_phone, bob_phone, cat_phone, conversation = await group_of_three(pipeline)
     await send(ann_phone, conversation, "the deleted group's secret")
     await stored(bob_phone, conversation, 1)
 

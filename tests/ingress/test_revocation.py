@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -17,24 +15,24 @@ from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import InvalidStatus
 
-from core.auth import issue_token
 from core.settings import Settings
 from pipelines.revoke import publish_revocation, revocation
 from tests.ingress.support import (
-    IMSTREAM,
     TENANT,
     Gateway,
+    assert_upgrade_refused,
     close_code,
     hello,
     open_socket,
     receive,
     request,
+    run_imstream,
     start_gateway,
     unique,
     wait_for,
 )
+from tests.ingress.support import token as client_token
 
 #: Commands per second no test here reaches.
 UNLIMITED = {"rate_limit_per_second": 100_000.0, "rate_limit_burst": 100_000.0}
@@ -60,16 +58,7 @@ def signed(
     device: str | None = None,
     ttl: timedelta = timedelta(hours=1),
 ) -> str:
-    return issue_token(
-        settings.auth.jwt_secret.get_secret_value(),
-        user_id=user,
-        tenant_id=TENANT,
-        issuer=settings.auth.jwt_issuer,
-        audience=settings.auth.jwt_audience,
-        device_id=device,
-        token_id=jti,
-        ttl=ttl,
-    )
+    return client_token(settings, user, jti=jti, device=device, ttl=ttl)
 
 
 async def connected(node: Gateway, user: str, device: str, token: str) -> ClientConnection:
@@ -100,18 +89,15 @@ async def still_open(socket_: ClientConnection) -> bool:
 
 def revoke_cli(settings: Settings, *arguments: str) -> str:
     """``imstream revoke …`` as an operator runs it; its output."""
-    environment = {
-        **os.environ,
-        "IM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-        "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
-    }
-    done = subprocess.run(
-        [str(IMSTREAM), "revoke", *arguments, "--operator", "ops-erin"],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    done = run_imstream(
+        "revoke",
+        *arguments,
+        "--operator",
+        "ops-erin",
+        variables={
+            "IM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+            "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
+        },
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
@@ -269,12 +255,7 @@ async def test_a_node_that_has_not_read_the_revocations_takes_no_connection(
         wait=Gateway.alive,
     )
     try:
-        with pytest.raises(InvalidStatus) as refused:
-            await open_socket(starting)
-        response = refused.value.response
-        assert response.status_code == 503
-        assert json.loads(response.body or b"{}")["code"] == "unavailable"
-        assert int(response.headers["Retry-After"]) >= 1
+        await assert_upgrade_refused(starting, 503, "unavailable")
         token = signed(starting.settings, unique("user"))
         assert rest_status(starting, token) == (503, "unavailable")
         status, _, raw = starting.request("GET", "/readyz")

@@ -22,7 +22,6 @@ import pytest
 from cassandra.cluster import Session
 from clickhouse_connect.driver.client import Client
 
-from analytics.api import AnalyticsServer
 from analytics.queries import Analytics
 from core.pki import Pki, make_pki
 from core.settings import Settings, SinkSettings
@@ -36,7 +35,8 @@ from sinks.clickhouse.sink import analytics_tls
 from sinks.clickhouse.store import ClickHouseStore
 from tests.ingress.conftest import MAIN_GATEWAY
 from tests.ingress.support import TENANT, Gateway, start_gateway, token, unique
-from tests.sinks.staff_support import staff_app
+from tests.sinks.clickhouse_support import sent
+from tests.sinks.staff_support import serving, staff_app
 
 pytestmark = pytest.mark.stack
 
@@ -66,17 +66,9 @@ MESSAGES = [
 
 
 def _sent(sender: str, conversation: str, seq: int, text: str, minute: int) -> ev.MessageSent:
-    return ev.MessageSent.new(
-        tenant_id=TENANT,
-        actor=ev.Actor(user_id=sender, device_id=f"{sender}-phone"),
-        event_id=ev.message_event_id(TENANT, sender, f"{conversation}-{seq}"),
-        occurred_at=T0 + timedelta(minutes=minute),
-        payload=ev.MessageSentPayload(
-            conversation_id=conversation,
-            client_msg_id=f"{conversation}-{seq}",
-            body=ev.TextBody(text=text),
-            conversation_seq=seq,
-        ),
+    moment = T0 + timedelta(minutes=minute)
+    return sent(
+        sender, conversation, f"{conversation}-{seq}", moment, seq=seq, tenant=TENANT, text=text
     )
 
 
@@ -115,12 +107,8 @@ def analytics_store(ingress_settings: Settings, clickhouse: Client) -> Iterator[
 @pytest.fixture(scope="module")
 def analytics_url(analytics_store: ClickHouseStore) -> Iterator[str]:
     """The analytics API over the store, on a free port."""
-    server = AnalyticsServer(staff_app(Analytics(analytics_store)), "127.0.0.1", 0)
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
+    with serving(staff_app(Analytics(analytics_store))) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -309,14 +297,8 @@ def https_analytics_url(analytics_store: ClickHouseStore, analytics_pki: Pki) ->
             )
         }
     )
-    server = AnalyticsServer(
-        staff_app(Analytics(analytics_store)), "127.0.0.1", 0, tls=analytics_tls(settings)
-    )
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
+    with serving(staff_app(Analytics(analytics_store)), tls=analytics_tls(settings)) as url:
+        yield url
 
 
 def test_the_ingress_searches_over_https_trusting_the_analytics_ca(

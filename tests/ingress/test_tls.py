@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import ssl
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,16 +24,16 @@ from core.pki import Pki, make_pki
 from core.settings import Settings
 from core.tls import client_context
 from schemas.errors import CloseCode
-from schemas.events import MessageSent
 from tests.ingress.conftest import running_pipeline
 from tests.ingress.support import (
-    IMSTREAM,
     TENANT,
     Gateway,
     close_code,
+    first_message_sent,
+    group_message_arrives,
     open_device,
-    receive,
     request,
+    run_imstream,
     start_gateway,
     token,
     unique,
@@ -87,14 +85,7 @@ async def test_the_sdk_sends_and_receives_over_wss(tls_pipeline: Gateway, test_c
     ):
         conversation = await sender.create_conversation([ben], kind="direct")
         accepted = await sender.send(conversation, "over TLS 1.3")
-
-        async def first_message() -> MessageSent:
-            async for item in receiver.events():
-                if isinstance(item.event, MessageSent):
-                    return item.event
-            raise AssertionError("the receiver stopped")
-
-        received = await asyncio.wait_for(first_message(), 60)
+        received = await asyncio.wait_for(first_message_sent(receiver), 60)
         assert received.event_id == accepted.event_id
         assert received.payload.body.model_dump()["text"] == "over TLS 1.3"
         # The REST call of the SDK goes to the https twin of the wss URL, with the same trust.
@@ -110,37 +101,7 @@ async def test_a_raw_websocket_client_trusting_the_ca_speaks_tls_13(
     try:
         transport = sender.transport
         assert transport.get_extra_info("ssl_object").version() == "TLSv1.3"
-        conversation = unique("group")
-        created = await request(
-            sender,
-            {
-                "type": "conversation.create",
-                "id": "c1",
-                "conversation_id": conversation,
-                "kind": "group",
-                "name": "tls",
-                "members": [ben],
-            },
-        )
-        assert created["type"] == "ok", created
-        reply = await request(
-            sender,
-            {
-                "type": "send",
-                "id": "s1",
-                "conversation_id": conversation,
-                "client_msg_id": "m1",
-                "body": {"type": "text", "text": "raw over wss"},
-            },
-        )
-        assert reply["type"] == "accepted", reply
-        async with asyncio.timeout(60):
-            while True:
-                frame = await receive(receiver, within=60)
-                event = frame.get("event", {})
-                if frame["type"] == "event" and event.get("type") == "message.sent":
-                    assert event["payload"]["body"]["text"] == "raw over wss"
-                    break
+        await group_message_arrives(sender, receiver, ben, name="tls", text="raw over wss")
     finally:
         await sender.close()
         await receiver.close()
@@ -200,17 +161,13 @@ async def test_a_drain_closes_tls_sockets_with_4010(
 def test_a_certificate_that_cannot_be_loaded_stops_the_node_with_a_message(
     tmp_path: Path, test_ca: Pki
 ) -> None:
-    done = subprocess.run(
-        [str(IMSTREAM), "run", "ingress"],
-        env={
-            **os.environ,
+    done = run_imstream(
+        "run",
+        "ingress",
+        variables={
             "IM_INGRESS__TLS_CERT_PATH": str(test_ca["ingress"].cert_file),
             "IM_INGRESS__TLS_KEY_PATH": str(tmp_path / "missing-key.pem"),
         },
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
     )
     assert done.returncode != 0
     output = done.stdout + done.stderr

@@ -20,6 +20,7 @@ import pytest
 from schemas.events import direct_conversation_id, message_event_id
 from schemas.topics import conversation_key, user_key
 from tests.ingress.support import (
+    COMMAND_EVENT_TYPES,
     TENANT,
     Gateway,
     JsonObject,
@@ -226,7 +227,7 @@ async def test_each_command_is_answered_once_its_event_is_in_kafka(
         read_records, gateway.settings, topic, partition, before, 1
     )
     assert record_key == key
-    assert event["type"] == EVENT_TYPES[command_type]
+    assert event["type"] == COMMAND_EVENT_TYPES[command_type]
     assert event["tenant_id"] == TENANT
     assert event["actor"] == {"user_id": user, "device_id": "phone"}
     assert event["payload"] == case.payload(user, conversation)
@@ -244,25 +245,6 @@ async def test_each_command_is_answered_once_its_event_is_in_kafka(
     else:
         assert reply == {"type": "ok", "id": "req-1", "conversation_id": None}
     await socket_.close()
-
-
-EVENT_TYPES = {
-    "send": "message.sent",
-    "recall": "message.recalled",
-    "edit": "message.edited",
-    "read": "receipt.read",
-    "typing": "typing.changed",
-    "mute": "conversation.mute_changed",
-    "push_settings": "user.push_settings_changed",
-    "clear_badge": "badge.cleared",
-    "conversation.create": "conversation.created",
-    "conversation.rename": "conversation.renamed",
-    "conversation.add_member": "conversation.member_added",
-    "conversation.remove_member": "conversation.member_removed",
-    "conversation.change_role": "conversation.member_role_changed",
-    "conversation.leave": "conversation.left",
-    "conversation.delete": "conversation.deleted",
-}
 
 
 def send(request_id: str, conversation: str, client_msg_id: str, text: str = "hi") -> JsonObject:

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from client.sdk import Client, Received
 from core.settings import Settings
+from pipelines.demo import DemoOptions, main_demo
 from pipelines.stack import process
 from pipelines.supervisor import Child, ProcessState, Supervisor
 from schemas.events import Event, MessageSent
@@ -101,30 +102,37 @@ class Running:
     @contextlib.contextmanager
     def stopped(self, name: str, timeout: float = 30.0) -> Iterator[None]:
         """Stop a child with SIGTERM (it drains) and keep it stopped; started again after."""
-        child = self.child(name)
-        with self.lock:
-            assert child.pid is not None, f"{name} is not running"
-            killed = process.stop([child.pid], timeout)
+
+        def stop(pid: int) -> None:
+            killed = process.stop([pid], timeout)
             assert not killed, f"{name} did not stop on SIGTERM within {timeout:g} s"
-            child.pid, child.restart_at = None, None
-        try:
+
+        with self._down(name, stop):
             yield
-        finally:
-            with self.lock:
-                child.restart_at = time.monotonic()  # the supervisor starts it on its next check
 
     @contextlib.contextmanager
     def killed(self, name: str) -> Iterator[None]:
         """SIGKILL a child (it says no goodbye) and keep it down; started again after."""
+
+        def kill(pid: int) -> None:
+            os.kill(pid, signal.SIGKILL)
+            for _ in range(100):
+                process.reap(pid)
+                if not process.is_alive(pid):
+                    break
+                time.sleep(0.1)
+
+        with self._down(name, kill):
+            yield
+
+    @contextlib.contextmanager
+    def _down(self, name: str, take_down: Callable[[int], None]) -> Iterator[None]:
+        """``take_down`` the running child under the lock, so that the supervisor does not
+        restart it meanwhile; it stays down until the block ends, then is started again."""
         child = self.child(name)
         with self.lock:
             assert child.pid is not None, f"{name} is not running"
-            os.kill(child.pid, signal.SIGKILL)
-            for _ in range(100):
-                process.reap(child.pid)
-                if not process.is_alive(child.pid):
-                    break
-                time.sleep(0.1)
+            take_down(child.pid)
             child.pid, child.restart_at = None, None
         try:
             yield
@@ -162,6 +170,34 @@ class Running:
         for topic, event_id, copies in json.loads(done.stdout):
             counts.setdefault(topic, {})[event_id] = copies
         return counts
+
+
+async def run_small_demo(
+    system: Running, tenant: str, *, push_timeout: float
+) -> tuple[int, list[str], list[str]]:
+    """``imstream demo`` against ``system``, small and seeded: 6 users (4 of them offline), 6
+    conversations of 4, 10 messages/s for 6 s. Its exit code, its report lines and its progress
+    lines."""
+    options = DemoOptions(
+        url=system.url(0),
+        tenant=tenant,
+        users=6,
+        offline_users=4,
+        conversations=6,
+        group_size=4,
+        rate=10.0,
+        duration=6.0,
+        seed=7,
+        analytics_url=f"http://127.0.0.1:{system.analytics_port}",
+        apns_app_id=APNS_TOPIC,
+        push_timeout=push_timeout,
+    )
+    lines: list[str] = []
+    progress: list[str] = []
+    code = await asyncio.to_thread(
+        main_demo, system.settings, options, echo=lines.append, progress=progress.append
+    )
+    return code, lines, progress
 
 
 _READ_AUDIT = """

@@ -9,10 +9,8 @@ import asyncio
 import re
 from collections import Counter
 
-from pipelines.demo import DemoOptions, main_demo
 from tests.ingress.support import unique
-from tests.pipelines.support import FakeCounts, PushFakes, Running
-from tests.sinks.push.support import APNS_TOPIC
+from tests.pipelines.support import FakeCounts, PushFakes, Running, run_small_demo
 
 #: How long ClickHouse may take to hold what the demo read (it read the same API).
 WITHIN = 60.0
@@ -46,25 +44,7 @@ async def test_the_demo_reports_pushes_to_offline_users_as_the_fakes_counted_the
 ) -> None:
     tenant = unique("demo")
     before = push_fakes.counts()
-    options = DemoOptions(
-        url=system.url(0),
-        tenant=tenant,
-        users=6,
-        offline_users=4,
-        conversations=6,
-        group_size=4,
-        rate=10.0,
-        duration=6.0,
-        seed=7,
-        analytics_url=f"http://127.0.0.1:{system.analytics_port}",
-        apns_app_id=APNS_TOPIC,
-        push_timeout=WITHIN,
-    )
-    lines: list[str] = []
-    progress: list[str] = []
-    exit_code = await asyncio.to_thread(
-        main_demo, system.settings, options, echo=lines.append, progress=progress.append
-    )
+    exit_code, lines, progress = await run_small_demo(system, tenant, push_timeout=WITHIN)
     summary = summary_of(lines)
     assert exit_code == 0, "\n".join(lines + progress)
     assert summary["lost"] == "0" and summary["duplicates seen"] == "0", lines

@@ -111,9 +111,15 @@ class Seed:
         return created(conversation_id, kind, members, moment, tenant=self.tenant)
 
     def sent(
-        self, sender: str, conversation_id: str, client_msg_id: str, moment: datetime, **seq: int
+        self,
+        sender: str,
+        conversation_id: str,
+        client_msg_id: str,
+        moment: datetime,
+        *,
+        seq: int | None = None,
     ) -> ev.MessageSent:
-        return sent(sender, conversation_id, client_msg_id, moment, tenant=self.tenant, **seq)
+        return sent(sender, conversation_id, client_msg_id, moment, tenant=self.tenant, seq=seq)
 
     def presence(self, user: str, moment: datetime) -> bytes:
         return ev.encode_event(presence(user, moment, tenant=self.tenant))

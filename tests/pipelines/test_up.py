@@ -31,8 +31,15 @@ from client.sdk import Client
 from core.settings import Settings
 from pipelines.stack import process
 from pipelines.supervisor import ChildSpec, StartupError, StartupErrorCode, Supervisor
-from schemas.events import MessageSent
-from tests.ingress.support import delete_topics, free_port, hello, receive, token, unique
+from tests.ingress.support import (
+    delete_topics,
+    first_message_sent,
+    free_port,
+    hello,
+    receive,
+    token,
+    unique,
+)
 from tests.sinks.staff_support import staff_headers
 
 #: The up line ``imstream up`` prints once every process is ready.
@@ -185,14 +192,7 @@ async def message_gets_through(settings: Settings, ports: list[int]) -> None:
     try:
         conversation = await sender.create_conversation([ben], kind="direct")
         accepted = await sender.send(conversation, "right after up")
-
-        async def delivered() -> MessageSent:
-            async for item in receiver.events():
-                if isinstance(item.event, MessageSent):
-                    return item.event
-            raise AssertionError("the receiver's events ended")
-
-        message = await asyncio.wait_for(delivered(), 60)
+        message = await asyncio.wait_for(first_message_sent(receiver), 60)
         assert message.event_id == accepted.event_id
         assert message.payload.body.model_dump()["text"] == "right after up"
     finally:

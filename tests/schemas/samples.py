@@ -216,6 +216,19 @@ def sample_events() -> dict[str, ev.Event]:
     return {event.type: event for event in samples}
 
 
+def send_frame(**changes: object) -> dict[str, object]:
+    """A client's ``send`` frame as JSON data (text "hi" to c-1), with ``changes`` applied."""
+    frame: dict[str, object] = {
+        "type": "send",
+        "id": "req-1",
+        "conversation_id": "c-1",
+        "client_msg_id": "m-1",
+        "body": {"type": "text", "text": "hi"},
+    }
+    frame.update(changes)
+    return frame
+
+
 def sample_client_frames() -> dict[str, fr.ClientFrame]:
     body = ev.CustomBody(kind="location", data={"lat": 52.5, "lon": 13.4, "tags": ["x", None]})
     frames: list[fr.ClientFrame] = [

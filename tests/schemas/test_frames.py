@@ -9,7 +9,7 @@ import pytest
 from schemas import frames as fr
 from schemas.errors import CloseCode, ErrorCode, SchemaError
 from schemas.events import MAX_BODY_BYTES
-from tests.schemas.samples import sample_client_frames, sample_server_frames
+from tests.schemas.samples import sample_client_frames, sample_server_frames, send_frame
 
 
 def test_samples_cover_every_frame_type() -> None:
@@ -53,15 +53,7 @@ def test_unknown_fields_in_a_frame_are_ignored() -> None:
 
 
 def send_text(**changes: object) -> str:
-    frame: dict[str, object] = {
-        "type": "send",
-        "id": "req-1",
-        "conversation_id": "c-1",
-        "client_msg_id": "m-1",
-        "body": {"type": "text", "text": "hi"},
-    }
-    frame.update(changes)
-    return json.dumps(frame)
+    return json.dumps(send_frame(**changes))
 
 
 BAD_FRAMES: list[tuple[str, str | bytes, ErrorCode, str | None, str | None]] = [

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from clickhouse_connect.driver.client import Client
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
@@ -18,6 +19,7 @@ from core.settings import KafkaSettings, Settings
 from pipelines.topics import apply_topics
 from schemas import events as ev
 from schemas.topics import TopicCatalog, topic_catalog
+from sinks.clickhouse.store import ClickHouseStore
 
 TENANT = "acme"
 
@@ -83,6 +85,29 @@ def catalog_topics(settings: Settings) -> Iterator[TopicCatalog]:
 
 def new_prefix(tag: str) -> str:
     return f"t-{tag}-{uuid.uuid4().hex[:8]}-"
+
+
+@contextmanager
+def prefixed_sink(settings: Settings, tag: str, database: str) -> Iterator[Settings]:
+    """Settings with a prefix of their own and ``database``: every catalog topic, deleted after,
+    and every consumer group under the prefix (a sink's, a redrive's), deleted after too."""
+    prefixed = prefixed_settings(settings, new_prefix(tag), database)
+    with catalog_topics(prefixed):
+        yield prefixed
+    admin = AdminClient(kafka_config(prefixed))
+    groups = {g.group_id for g in admin.list_consumer_groups().result(timeout=30).valid}
+    ours = [g for g in groups if g.startswith(prefixed.kafka.topic_prefix)]
+    if ours:
+        for future in admin.delete_consumer_groups(ours).values():
+            future.result(timeout=30)
+
+
+def shared_client_store(client: Client, database: str) -> Iterator[ClickHouseStore]:
+    """A store over the session's one chDB client (chDB allows one data path per process),
+    closed after: a fixture's body (``yield from``)."""
+    store = ClickHouseStore(client, database, owns_client=False)
+    yield store
+    store.close()
 
 
 def _collector(produced: list[Produced], failures: list[str]) -> Any:
@@ -218,7 +243,9 @@ def sent(
     *,
     seq: int | None = None,
     tenant: str = TENANT,
+    text: str | None = None,
 ) -> ev.MessageSent:
+    """A text message from the sender's phone; ``text`` defaults to one naming the message."""
     return ev.MessageSent.new(
         tenant_id=tenant,
         actor=ev.Actor(user_id=sender, device_id=f"{sender}-phone"),
@@ -227,8 +254,24 @@ def sent(
         payload=ev.MessageSentPayload(
             conversation_id=conversation_id,
             client_msg_id=client_msg_id,
-            body=ev.TextBody(text=f"message {client_msg_id}"),
+            body=ev.TextBody(text=f"message {client_msg_id}" if text is None else text),
             conversation_seq=seq,
+        ),
+    )
+
+
+def daves_tablet_token(occurred_at: datetime) -> ev.PushTokenRegistered:
+    """dave registers his tablet's FCM token for the development app."""
+    return ev.PushTokenRegistered.new(
+        tenant_id=TENANT,
+        actor=ev.Actor(user_id="dave"),
+        occurred_at=occurred_at,
+        payload=ev.PushTokenRegisteredPayload(
+            user_id="dave",
+            device_id="dave-tablet",
+            provider=ev.PushProvider.FCM,
+            token="t" * 40,
+            app_id="dev.imstream.app",
         ),
     )
 

@@ -7,12 +7,15 @@ same settings.
 
 from __future__ import annotations
 
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
 from fastapi import FastAPI
 
-from analytics.api import analytics_app
+from analytics.api import AnalyticsServer, analytics_app
 from analytics.queries import Analytics
 from core.principals import (
     StaffRole,
@@ -28,6 +31,17 @@ def staff_app(analytics: Analytics, settings: Settings | None = None, **options:
     """``analytics_app`` behind the gate, verifying the tokens of ``settings`` (default dev)."""
     settings = settings or Settings()
     return analytics_app(analytics, authenticator=staff_authenticator(settings), **options)
+
+
+@contextmanager
+def serving(app: FastAPI, *, tls: ssl.SSLContext | None = None) -> Iterator[str]:
+    """``app`` on a free local port, as the ClickHouse-owning process serves it: its base URL."""
+    server = AnalyticsServer(app, "127.0.0.1", 0, tls=tls)
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 def staff_token(

@@ -40,7 +40,7 @@ from core.settings import (
 from schemas.events import SYSTEM_TENANT
 from schemas.topics import topic_catalog
 from sinks.clickhouse.store import ClickHouseStore
-from tests.sinks.staff_support import service_headers, staff_app, staff_token
+from tests.sinks.staff_support import service_headers, serving, staff_app, staff_token
 
 TENANT_A, TENANT_B = "tenant-a", "tenant-b"
 BODY_LIMIT = 64 * 1024
@@ -189,10 +189,8 @@ def full_app(store: ClickHouseStore, settings: Settings) -> FastAPI:
 @pytest.fixture
 def served(store: ClickHouseStore, settings: Settings) -> Iterator[tuple[FastAPI, str]]:
     app = full_app(store, settings)
-    server = AnalyticsServer(app, "127.0.0.1", 0)
-    server.start()
-    yield app, server.url
-    server.stop()
+    with serving(app) as url:
+        yield app, url
 
 
 def call(

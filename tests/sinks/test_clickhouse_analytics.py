@@ -12,19 +12,24 @@ from typing import Any
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from analytics.api import AnalyticsServer
 from analytics.queries import QUERIES, Analytics
 from core.settings import Settings
 from pipelines.stack.manager import LocalStack
 from schemas import events as ev
 from schemas.topics import TopicCatalog, topic_catalog
 from sinks.clickhouse.audit import AuditDecoder, KafkaRecord
-from sinks.clickhouse.schema import AUDIT_COLUMNS, AUDIT_TABLE, PUSH_OUTCOMES_TABLE
+from sinks.clickhouse.schema import (
+    AUDIT_COLUMNS,
+    AUDIT_TABLE,
+    PUSH_OUTCOME_COLUMNS,
+    PUSH_OUTCOMES_TABLE,
+)
 from sinks.clickhouse.store import ClickHouseStore
 from tests.sinks.clickhouse_support import (
     TENANT,
     at,
     created,
+    daves_tablet_token,
     millis,
     new_prefix,
     prefixed_settings,
@@ -32,7 +37,7 @@ from tests.sinks.clickhouse_support import (
     push_job,
     sent,
 )
-from tests.sinks.staff_support import staff_app, staff_get
+from tests.sinks.staff_support import serving, staff_app, staff_get
 
 pytestmark = pytest.mark.stack
 
@@ -174,21 +179,7 @@ def seed(catalog: TopicCatalog) -> Seed:
             payload=ev.ConversationMuteChangedPayload(conversation_id=dm, muted=True),
         ),
     )
-    data.event(
-        catalog.push_tokens.name,
-        ev.PushTokenRegistered.new(
-            tenant_id=TENANT,
-            actor=ev.Actor(user_id="dave"),
-            occurred_at=at("2026-03-02T12:00:00"),
-            payload=ev.PushTokenRegisteredPayload(
-                user_id="dave",
-                device_id="dave-tablet",
-                provider=ev.PushProvider.FCM,
-                token="t" * 40,
-                app_id="dev.imstream.app",
-            ),
-        ),
-    )
+    data.event(catalog.push_tokens.name, daves_tablet_token(at("2026-03-02T12:00:00")))
     # 2026-04-01: frank's device disconnected (a system event: the device's user counts).
     data.event(
         catalog.presence.name,
@@ -265,22 +256,8 @@ def push_outcomes(catalog: TopicCatalog) -> list[tuple[Any, ...]]:
     ]
 
 
-OUTCOME_COLUMNS = [
-    "job_id",
-    "tenant_id",
-    "user_id",
-    "conversation_id",
-    "message_id",
-    "job_occurred_at",
-    "device_id",
-    "provider",
-    "attempt",
-    "outcome",
-    "status_code",
-    "reason",
-    "attempted_at",
-    "recorded_at",
-]
+#: The columns of a stored push outcome: those the sink writes, and when it wrote them.
+OUTCOME_COLUMNS = [*PUSH_OUTCOME_COLUMNS, "recorded_at"]
 
 
 @pytest.fixture
@@ -314,10 +291,8 @@ def seeded(
 @pytest.fixture
 def endpoint(seeded: ClickHouseStore) -> Iterator[str]:
     """The analytics endpoint as the sink process serves it, on a free port."""
-    server = AnalyticsServer(staff_app(Analytics(seeded)), "127.0.0.1", 0)
-    server.start()
-    yield server.url
-    server.stop()
+    with serving(staff_app(Analytics(seeded))) as url:
+        yield url
 
 
 def rows(endpoint: str, name: str, **parameters: str) -> list[dict[str, Any]]:
@@ -500,13 +475,11 @@ def test_a_clickhouse_failure_answers_unavailable_and_the_endpoint_keeps_serving
     local_stack: LocalStack, clickhouse: Client
 ) -> None:
     store = ClickHouseStore(clickhouse, "no_such_database_here", owns_client=False)
-    server = AnalyticsServer(staff_app(Analytics(store)), "127.0.0.1", 0)
-    server.start()
     try:
-        status, body = staff_get(f"{server.url}/v1/analytics/messages_per_minute")
-        assert status == 503
-        assert body["code"] == "unavailable"
-        assert staff_get(f"{server.url}/healthz") == (200, {"status": "ok"})
+        with serving(staff_app(Analytics(store))) as url:
+            status, body = staff_get(f"{url}/v1/analytics/messages_per_minute")
+            assert status == 503
+            assert body["code"] == "unavailable"
+            assert staff_get(f"{url}/healthz") == (200, {"status": "ok"})
     finally:
-        server.stop()
         store.close()

@@ -9,9 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 from clickhouse_connect.driver.client import Client
-from confluent_kafka.admin import AdminClient
 
-from core.connections import kafka_config
 from core.records import InputRecord, dead_letter
 from core.settings import Settings
 from pipelines.dlq import redrive
@@ -23,11 +21,10 @@ from sinks.clickhouse.store import ClickHouseStore
 from tests.sinks.clickhouse_support import (
     TENANT,
     Outgoing,
-    catalog_topics,
-    new_prefix,
-    prefixed_settings,
+    prefixed_sink,
     produce,
     sent,
+    shared_client_store,
 )
 from tests.sinks.test_clickhouse_sink import audit_rows
 
@@ -38,22 +35,13 @@ pytestmark = pytest.mark.stack
 def sink_settings(
     settings: Settings, local_stack: LocalStack, clickhouse_database: str
 ) -> Iterator[Settings]:
-    prefixed = prefixed_settings(settings, new_prefix("ops"), clickhouse_database)
-    with catalog_topics(prefixed):
+    with prefixed_sink(settings, "ops", clickhouse_database) as prefixed:
         yield prefixed
-    admin = AdminClient(kafka_config(prefixed))
-    groups = {g.group_id for g in admin.list_consumer_groups().result(timeout=30).valid}
-    ours = [g for g in groups if g.startswith(prefixed.kafka.topic_prefix)]
-    if ours:
-        for future in admin.delete_consumer_groups(ours).values():
-            future.result(timeout=30)
 
 
 @pytest.fixture
 def store(clickhouse: Client, clickhouse_database: str) -> Iterator[ClickHouseStore]:
-    store = ClickHouseStore(clickhouse, clickhouse_database, owns_client=False)
-    yield store
-    store.close()
+    yield from shared_client_store(clickhouse, clickhouse_database)
 
 
 def test_a_redrive_is_audited_as_an_operator_action(

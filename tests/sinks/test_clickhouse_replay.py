@@ -13,14 +13,12 @@ from typing import Any
 import httpx
 import pytest
 from clickhouse_connect.driver.client import Client
-from confluent_kafka.admin import AdminClient
 
 from analytics.api import AnalyticsServer
 from analytics.jobs import Job, OperatorJobs
 from analytics.operator_api import install_operator_api
 from analytics.queries import Analytics
 from core.auth import issue_token
-from core.connections import kafka_config
 from core.replay import resolve_ranges
 from core.settings import Settings
 from pipelines.stack.manager import LocalStack
@@ -29,7 +27,7 @@ from schemas.topics import topic_catalog
 from sinks.clickhouse.schema import AUDIT_TABLE, SEARCH_TABLE, audited_topics
 from sinks.clickhouse.sink import ClickHouseSink
 from sinks.clickhouse.store import ClickHouseStore
-from tests.sinks.clickhouse_support import catalog_topics, new_prefix, prefixed_settings
+from tests.sinks.clickhouse_support import prefixed_sink, shared_client_store
 from tests.sinks.staff_support import staff_app
 from tests.sinks.test_clickhouse_sink import audit_rows, produce_scenario, raw_count
 
@@ -42,22 +40,19 @@ JOB_TIMEOUT = 90.0
 def sink_settings(
     settings: Settings, local_stack: LocalStack, clickhouse_database: str
 ) -> Iterator[Settings]:
-    prefixed = prefixed_settings(settings, new_prefix("replay"), clickhouse_database)
-    with catalog_topics(prefixed):
+    with prefixed_sink(settings, "replay", clickhouse_database) as prefixed:
         yield prefixed
-    admin = AdminClient(kafka_config(prefixed))
-    groups = {g.group_id for g in admin.list_consumer_groups().result(timeout=30).valid}
-    ours = [g for g in groups if g.startswith(prefixed.kafka.topic_prefix)]
-    if ours:
-        for future in admin.delete_consumer_groups(ours).values():
-            future.result(timeout=30)
 
 
 @pytest.fixture
 def store(clickhouse: Client, clickhouse_database: str) -> Iterator[ClickHouseStore]:
-    store = ClickHouseStore(clickhouse, clickhouse_database, owns_client=False)
-    yield store
-    store.close()
+    yield from shared_client_store(clickhouse, clickhouse_database)
+
+
+def sequenced(rows: list[dict[str, Any]], settings: Settings, event_types: set[str]) -> int:
+    """How many of the audit ``rows`` are of ``event_types`` on the sequenced messages topic."""
+    topic = topic_catalog(settings).messages_sequenced.name
+    return sum(1 for row in rows if row["topic"] == topic and row["event_type"] in event_types)
 
 
 @pytest.fixture
@@ -133,23 +128,15 @@ def test_a_rebuild_reproduces_the_live_tables_and_swaps_them_in(
         searched = clickhouse.query(
             f"SELECT count() FROM {store.database}.{SEARCH_TABLE}"
         ).result_rows[0][0]
-        assert searched == sum(
-            1
-            for row in before
-            if row["topic"] == topic_catalog(sink_settings).messages_sequenced.name
-            and row["event_type"] in {"message.sent", "message.edited", "message.recalled"}
+        assert searched == sequenced(
+            before, sink_settings, {"message.sent", "message.edited", "message.recalled"}
         )
         assert job.counts[f"{SEARCH_TABLE}_rows"] == searched
         # The views read the swapped tables by name.
         views = clickhouse.query(
             f"SELECT sum(messages) FROM {store.database}.messages_per_minute"
         ).result_rows[0][0]
-        assert views == sum(
-            1
-            for row in before
-            if row["topic"] == topic_catalog(sink_settings).messages_sequenced.name
-            and row["event_type"] == "message.sent"
-        )
+        assert views == sequenced(before, sink_settings, {"message.sent"})
     finally:
         clickhouse.command(f"DROP DATABASE IF EXISTS {fresh}")
 

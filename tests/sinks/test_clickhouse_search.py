@@ -18,7 +18,6 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from typer.testing import CliRunner
 
-from analytics.api import AnalyticsServer
 from analytics.queries import Analytics
 from analytics.search import Cursor, MessageSearch, SearchRequest
 from core.groups import clickhouse_sink_group
@@ -38,8 +37,9 @@ from tests.sinks.clickhouse_support import (
     new_prefix,
     prefixed_settings,
     produce,
+    sent,
 )
-from tests.sinks.staff_support import service_headers, staff_app, staff_get
+from tests.sinks.staff_support import service_headers, serving, staff_app, staff_get
 
 pytestmark = pytest.mark.stack
 
@@ -50,17 +50,9 @@ T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
 def _sent(
     sender: str, conversation: str, seq: int, text: str, minute: int, *, tenant: str = TENANT
 ) -> ev.MessageSent:
-    return ev.MessageSent.new(
-        tenant_id=tenant,
-        actor=ev.Actor(user_id=sender, device_id=f"{sender}-phone"),
-        event_id=ev.message_event_id(tenant, sender, f"{conversation}-{seq}"),
-        occurred_at=T0 + timedelta(minutes=minute),
-        payload=ev.MessageSentPayload(
-            conversation_id=conversation,
-            client_msg_id=f"{conversation}-{seq}",
-            body=ev.TextBody(text=text),
-            conversation_seq=seq,
-        ),
+    moment = T0 + timedelta(minutes=minute)
+    return sent(
+        sender, conversation, f"{conversation}-{seq}", moment, seq=seq, tenant=tenant, text=text
     )
 
 
@@ -148,10 +140,8 @@ def searchable(
 
 @pytest.fixture(scope="module")
 def endpoint(searchable: tuple[Settings, ClickHouseStore]) -> Iterator[str]:
-    server = AnalyticsServer(staff_app(Analytics(searchable[1])), "127.0.0.1", 0)
-    server.start()
-    yield server.url
-    server.stop()
+    with serving(staff_app(Analytics(searchable[1]))) as url:
+        yield url
 
 
 def search(endpoint: str, q: str, **parameters: str) -> dict[str, Any]:
@@ -382,14 +372,12 @@ async def test_a_tokenbf_table_gives_the_same_answers(
 def test_a_clickhouse_failure_answers_unavailable(clickhouse: Client) -> None:
     """A store whose database is gone: the search answers 503 ``unavailable``, not a crash."""
     store = ClickHouseStore(clickhouse, "t_search_missing_db", owns_client=False)
-    server = AnalyticsServer(staff_app(Analytics(store)), "127.0.0.1", 0)
-    server.start()
     try:
-        status, body = staff_get(f"{server.url}/v1/search?tenant={TENANT}&q=quick")
-        assert (status, body["code"]) == (503, "unavailable"), body
-        assert "ClickHouse did not answer" in body["message"]
-        status, _ = staff_get(f"{server.url}/healthz")
-        assert status == 200, "the endpoint keeps serving"
+        with serving(staff_app(Analytics(store))) as url:
+            status, body = staff_get(f"{url}/v1/search?tenant={TENANT}&q=quick")
+            assert (status, body["code"]) == (503, "unavailable"), body
+            assert "ClickHouse did not answer" in body["message"]
+            status, _ = staff_get(f"{url}/healthz")
+            assert status == 200, "the endpoint keeps serving"
     finally:
-        server.stop()
         store.close()

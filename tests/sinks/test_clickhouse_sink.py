@@ -49,6 +49,7 @@ from tests.sinks.clickhouse_support import (
     catalog_topics,
     committed_offsets,
     created,
+    daves_tablet_token,
     end_offsets,
     new_prefix,
     prefixed_settings,
@@ -57,6 +58,7 @@ from tests.sinks.clickhouse_support import (
     produce_transaction,
     push_job,
     sent,
+    shared_client_store,
 )
 from tests.sinks.staff_support import staff_headers
 
@@ -82,10 +84,7 @@ def sink_settings(
 
 @pytest.fixture
 def store(clickhouse: Client, clickhouse_database: str) -> Iterator[ClickHouseStore]:
-    """The store over the session's one chDB client (chDB allows one data path per process)."""
-    store = ClickHouseStore(clickhouse, clickhouse_database, owns_client=False)
-    yield store
-    store.close()
+    yield from shared_client_store(clickhouse, clickhouse_database)
 
 
 def run_sink(
@@ -172,18 +171,7 @@ def produce_scenario(settings: Settings, catalog: TopicCatalog) -> Scenario:
         payload=ev.ConversationMuteChangedPayload(conversation_id=group, muted=True),
     )
     connected = presence("carol", now)
-    token = ev.PushTokenRegistered.new(
-        tenant_id=TENANT,
-        actor=ev.Actor(user_id="dave"),
-        occurred_at=now,
-        payload=ev.PushTokenRegisteredPayload(
-            user_id="dave",
-            device_id="dave-tablet",
-            provider=ev.PushProvider.FCM,
-            token="t" * 40,
-            app_id="dev.imstream.app",
-        ),
-    )
+    token = daves_tablet_token(now)
     typing = ev.TypingChanged.new(
         tenant_id=TENANT,
         actor=ev.Actor(user_id="bob"),

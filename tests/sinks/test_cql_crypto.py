@@ -182,6 +182,19 @@ def test_a_wrong_master_key_is_refused(cql_session: Session, migrated: str) -> N
     ring(cql_session, migrated).check_master_key()  # the right one passes
 
 
+def imstream(
+    *arguments: str, environment: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess[bytes]:
+    """``imstream <arguments>`` as the operator runs it, finished; its output captured."""
+    return subprocess.run(
+        [str(IMSTREAM), *arguments],
+        env=environment,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def test_the_cql_sink_refuses_to_start_with_a_wrong_master_key(
     settings: Settings, cql_session: Session, migrated: str
 ) -> None:
@@ -191,13 +204,7 @@ def test_the_cql_sink_refuses_to_start_with_a_wrong_master_key(
         "IM_CQL__KEYSPACE": migrated,
         "IM_CRYPTO__MASTER_KEY": base64.b64encode(OTHER_MASTER_KEY).decode(),
     }
-    done = subprocess.run(
-        [str(IMSTREAM), "run", "cql-sink"],
-        env=environment,
-        capture_output=True,
-        timeout=120,
-        check=False,
-    )
+    done = imstream("run", "cql-sink", environment=environment, timeout=120)
     assert done.returncode == EXIT_CONFIG, done.stderr.decode()[-2000:]
     assert b"wrong master key" in done.stderr
 
@@ -233,13 +240,7 @@ def test_the_cql_sink_refuses_to_start_with_the_development_key_outside_dev() ->
         "IM_PROFILE": "prod",
         "IM_AUTH__JWT_SECRET": "a-real-client-secret-for-this-test",
     }
-    done = subprocess.run(
-        [str(IMSTREAM), "run", "cql-sink"],
-        env=environment,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+    done = imstream("run", "cql-sink", environment=environment, timeout=60)
     assert done.returncode == EXIT_CONFIG, done.stderr.decode()[-2000:]
     assert b"IM_CRYPTO__MASTER_KEY" in done.stderr
 
@@ -280,13 +281,7 @@ def test_the_master_key_rotates_by_rewrapping_with_no_sealed_value_rewritten(
         "IM_CRYPTO__MASTER_KEY": base64.b64encode(OTHER_MASTER_KEY).decode(),
         "IM_CRYPTO__PREVIOUS_MASTER_KEY": base64.b64encode(MASTER_KEY).decode(),
     }
-    done = subprocess.run(
-        [str(IMSTREAM), "tenant", "rewrap-keys"],
-        env=environment,
-        capture_output=True,
-        timeout=120,
-        check=False,
-    )
+    done = imstream("tenant", "rewrap-keys", environment=environment, timeout=120)
     assert done.returncode == 1, done.stderr.decode()  # the stray key is neither's
     assert b"1 tenant key(s) re-wrapped" in done.stdout
     assert b"[key-unknown] 1 tenant key(s)" in done.stderr
@@ -299,12 +294,6 @@ def test_the_master_key_rotates_by_rewrapping_with_no_sealed_value_rewritten(
     with pytest.raises(MasterKeyMismatchError):
         ring(cql_session, migrated).find("acme", before.key_id)  # the old one no longer does
     # Again: nothing left to do for acme.
-    again = subprocess.run(
-        [str(IMSTREAM), "tenant", "rewrap-keys"],
-        env=environment,
-        capture_output=True,
-        timeout=120,
-        check=False,
-    )
+    again = imstream("tenant", "rewrap-keys", environment=environment, timeout=120)
     assert b"0 tenant key(s) re-wrapped" in again.stdout
     assert b"1 already under" in again.stdout

@@ -6,7 +6,6 @@ state topics) and deletes every topic of that prefix afterwards.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from core.settings import KafkaSettings, Settings
 from pipelines.stack.manager import LocalStack
 from pipelines.topics import apply_topics
 from schemas.topics import topic_catalog
-from tests.streams.support import Worker
+from tests.streams.support import Worker, worker_environment
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +42,6 @@ def stream_settings(settings: Settings, local_stack: LocalStack) -> Iterator[Set
 
 @pytest.fixture
 def worker(stream_settings: Settings, tmp_path: Path) -> Iterator[Worker]:
-    environment = {
-        **os.environ,
-        "IM_KAFKA__BOOTSTRAP_SERVERS": stream_settings.kafka.bootstrap_servers,
-        "IM_KAFKA__TOPIC_PREFIX": stream_settings.kafka.topic_prefix,
-        "IM_STREAMS__SESSION_TIMEOUT_SECONDS": "6",
-    }
-    process = Worker(environment, tmp_path / "stream-worker.log")
+    process = Worker(worker_environment(stream_settings), tmp_path / "stream-worker.log")
     yield process
     process.stop()

@@ -3,6 +3,7 @@ process, producing commands, reading topics back."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -35,6 +36,19 @@ from schemas.topics import TopicCatalog, conversation_key, topic_catalog
 
 TENANT = "acme"
 READY_LINE = "stream worker ready"
+
+
+def worker_environment(settings: Settings, **streams: str) -> dict[str, str]:
+    """The environment of a stream worker on ``settings``' Kafka and topics, with a 6 s session
+    timeout (a killed worker's partitions move on quickly) and ``streams`` settings
+    (``IM_STREAMS__<NAME>``) added."""
+    return {
+        **os.environ,
+        "IM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
+        "IM_STREAMS__SESSION_TIMEOUT_SECONDS": "6",
+        **{f"IM_STREAMS__{name.upper()}": value for name, value in streams.items()},
+    }
 
 
 class Worker:
@@ -194,18 +208,28 @@ def direct_pairs(count: int) -> list[tuple[str, str, str]]:
     ]
 
 
-def created(sender: str, other: str, conversation_id: str) -> ConversationCreated:
+def conversation_created(
+    conversation_id: str, members: list[str], kind: ConversationKind
+) -> ConversationCreated:
+    """The command creating ``conversation_id``, sent by its first member."""
     return ConversationCreated.new(
         tenant_id=TENANT,
-        actor=Actor(user_id=sender),
-        event_id=message_event_id(TENANT, sender, f"create-{conversation_id}"),
+        actor=Actor(user_id=members[0]),
+        event_id=message_event_id(TENANT, members[0], f"create-{conversation_id}"),
         payload=ConversationCreatedPayload(
-            conversation_id=conversation_id, kind=ConversationKind.DIRECT, members=[sender, other]
+            conversation_id=conversation_id, kind=kind, members=members
         ),
     )
 
 
-def message(sender: str, conversation_id: str, client_msg_id: str) -> MessageSent:
+def created(sender: str, other: str, conversation_id: str) -> ConversationCreated:
+    return conversation_created(conversation_id, [sender, other], ConversationKind.DIRECT)
+
+
+def message(
+    sender: str, conversation_id: str, client_msg_id: str, *, text: str | None = None
+) -> MessageSent:
+    """A text message from the sender's phone; ``text`` defaults to one naming the message."""
     return MessageSent.new(
         tenant_id=TENANT,
         actor=Actor(user_id=sender, device_id=f"{sender}-phone"),
@@ -213,6 +237,6 @@ def message(sender: str, conversation_id: str, client_msg_id: str) -> MessageSen
         payload=MessageSentPayload(
             conversation_id=conversation_id,
             client_msg_id=client_msg_id,
-            body=TextBody(text=f"message {client_msg_id}"),
+            body=TextBody(text=f"message {client_msg_id}" if text is None else text),
         ),
     )

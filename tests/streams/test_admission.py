@@ -8,7 +8,6 @@ tests run ``open`` because their users never sign in.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +39,7 @@ from tests.streams.support import (
     produce_routed,
     read_records,
     wait_for_sync,
+    worker_environment,
 )
 
 PHANTOMS = 998
@@ -47,13 +47,7 @@ PHANTOMS = 998
 
 @pytest.fixture
 def admitting_worker(stream_settings: Settings, tmp_path: Path) -> Iterator[Worker]:
-    environment = {
-        **os.environ,
-        "IM_KAFKA__BOOTSTRAP_SERVERS": stream_settings.kafka.bootstrap_servers,
-        "IM_KAFKA__TOPIC_PREFIX": stream_settings.kafka.topic_prefix,
-        "IM_STREAMS__SESSION_TIMEOUT_SECONDS": "6",
-        "IM_STREAMS__MEMBER_ADMISSION": "known",
-    }
+    environment = worker_environment(stream_settings, member_admission="known")
     process = Worker(environment, tmp_path / "stream-worker.log")
     yield process
     process.stop()

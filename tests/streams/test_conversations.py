@@ -67,6 +67,19 @@ def send(user: str, client_msg_id: str, text: str = "hi") -> MessageSent:
     )
 
 
+def create(
+    conversation_id: str, kind: ConversationKind, members: list[str], **named: str
+) -> ConversationCreated:
+    """The first member's command creating ``conversation_id`` (``named``: a group's name)."""
+    return ConversationCreated.new(
+        tenant_id=TENANT,
+        actor=by(members[0]),
+        payload=ConversationCreatedPayload(
+            conversation_id=conversation_id, kind=kind, members=members, **named
+        ),
+    )
+
+
 def group(owner: str = "alice", *others: str) -> ConversationState:
     members = {owner: Role.OWNER, **dict.fromkeys(others or ("bob", "carol"), Role.MEMBER)}
     return ConversationState(kind=ConversationKind.GROUP, members=members, name="team")
@@ -86,16 +99,7 @@ def test_direct_conversation_id_is_the_same_whoever_creates_it() -> None:
 
 
 def test_creating_a_group_makes_the_creator_owner_and_tells_every_member() -> None:
-    command = ConversationCreated.new(
-        tenant_id=TENANT,
-        actor=by("alice"),
-        payload=ConversationCreatedPayload(
-            conversation_id=CONVERSATION,
-            kind=ConversationKind.GROUP,
-            members=["alice", "bob", "carol"],
-            name="team",
-        ),
-    )
+    command = create(CONVERSATION, ConversationKind.GROUP, ["alice", "bob", "carol"], name="team")
     outcome = decide(None, command)
     assert outcome.state is not None
     assert outcome.state.members == {"alice": Role.OWNER, "bob": Role.MEMBER, "carol": Role.MEMBER}
@@ -104,14 +108,8 @@ def test_creating_a_group_makes_the_creator_owner_and_tells_every_member() -> No
 
 
 def test_creating_a_direct_conversation_twice_is_harmless() -> None:
-    command = ConversationCreated.new(
-        tenant_id=TENANT,
-        actor=by("alice"),
-        payload=ConversationCreatedPayload(
-            conversation_id=direct_conversation_id(TENANT, "alice", "bob"),
-            kind=ConversationKind.DIRECT,
-            members=["alice", "bob"],
-        ),
+    command = create(
+        direct_conversation_id(TENANT, "alice", "bob"), ConversationKind.DIRECT, ["alice", "bob"]
     )
     first = decide(None, command)
     assert first.state is not None
@@ -453,41 +451,19 @@ def test_state_survives_its_json_form() -> None:
 def test_a_group_cannot_take_a_direct_conversations_id() -> None:
     # The squat: mallory creates a group under alice and bob's direct conversation id.
     squatted = direct_conversation_id(TENANT, "alice", "bob")
-    command = ConversationCreated.new(
-        tenant_id=TENANT,
-        actor=by("mallory"),
-        payload=ConversationCreatedPayload(
-            conversation_id=squatted,
-            kind=ConversationKind.GROUP,
-            members=["mallory", "alice", "bob"],
-        ),
-    )
+    command = create(squatted, ConversationKind.GROUP, ["mallory", "alice", "bob"])
     outcome = decide(None, command)
     assert rejected(outcome) is RejectReason.CONVERSATION_ID_RESERVED
     assert outcome.state is None and not outcome.deliveries
     # The pair's own direct conversation is then created as usual.
-    direct = ConversationCreated.new(
-        tenant_id=TENANT,
-        actor=by("alice"),
-        payload=ConversationCreatedPayload(
-            conversation_id=squatted, kind=ConversationKind.DIRECT, members=["alice", "bob"]
-        ),
-    )
+    direct = create(squatted, ConversationKind.DIRECT, ["alice", "bob"])
     created = decide(None, direct)
     assert created.rejection is None and created.state is not None
 
 
 def test_a_direct_conversation_has_only_the_id_its_pair_derives() -> None:
     for conversation_id in (CONVERSATION, direct_conversation_id(TENANT, "alice", "carol")):
-        command = ConversationCreated.new(
-            tenant_id=TENANT,
-            actor=by("alice"),
-            payload=ConversationCreatedPayload(
-                conversation_id=conversation_id,
-                kind=ConversationKind.DIRECT,
-                members=["alice", "bob"],
-            ),
-        )
+        command = create(conversation_id, ConversationKind.DIRECT, ["alice", "bob"])
         assert rejected(decide(None, command)) is RejectReason.CONVERSATION_ID_RESERVED
 
 

@@ -9,7 +9,6 @@ and the user state the worker restores from.
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -44,7 +43,6 @@ from schemas.events import (
     MessageRecalled,
     MessageRecalledPayload,
     MessageSent,
-    MessageSentPayload,
     Platform,
     PushJob,
     ReceiptRead,
@@ -63,7 +61,7 @@ from streams.processors import USERS_TABLE, stored_user
 from streams.runtime import decode_state
 from streams.state import MemoryState
 from streams.users import UserState
-from tests.streams.support import TENANT, Worker
+from tests.streams.support import TENANT, Worker, message, worker_environment
 
 WAIT = 90.0
 
@@ -72,13 +70,7 @@ WAIT = 90.0
 def flow_worker(
     stream_settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Worker]:
-    environment = {
-        **os.environ,
-        "IM_KAFKA__BOOTSTRAP_SERVERS": stream_settings.kafka.bootstrap_servers,
-        "IM_KAFKA__TOPIC_PREFIX": stream_settings.kafka.topic_prefix,
-        "IM_STREAMS__SESSION_TIMEOUT_SECONDS": "6",
-        "IM_STREAMS__LARGE_GROUP_THRESHOLD": "3",
-    }
+    environment = worker_environment(stream_settings, large_group_threshold="3")
     worker = Worker(environment, Path(tmp_path_factory.mktemp("flows")) / "stream-worker.log")
     worker.start()
     yield worker
@@ -221,16 +213,7 @@ def created(owner: str, conversation_id: str, kind: ConversationKind, *others: s
 
 
 def sent(user: str, conversation_id: str, client_msg_id: str) -> MessageSent:
-    return MessageSent.new(
-        tenant_id=TENANT,
-        actor=actor(user),
-        event_id=message_event_id(TENANT, user, client_msg_id),
-        payload=MessageSentPayload(
-            conversation_id=conversation_id,
-            client_msg_id=client_msg_id,
-            body=TextBody(text=f"text of {client_msg_id}"),
-        ),
-    )
+    return message(user, conversation_id, client_msg_id, text=f"text of {client_msg_id}")
 
 
 def read(user: str, conversation_id: str, seq: int, device: str = "phone") -> ReceiptRead:

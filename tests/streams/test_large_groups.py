@@ -24,9 +24,9 @@ from streams.processors import (
     stored_user,
 )
 from streams.state import child_key
+from tests.streams.support import TENANT
 from tests.streams.test_processors import (
     CATALOG,
-    TENANT,
     create_group,
     presence_record,
     send,

@@ -14,7 +14,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from core.records import InputRecord, OutputRecord, StateWrite
 from core.settings import Settings
@@ -24,7 +26,6 @@ from schemas.events import (
     CommandRejected,
     ConversationAdvanced,
     ConversationCreated,
-    ConversationCreatedPayload,
     ConversationDeleted,
     ConversationDeletedPayload,
     ConversationKind,
@@ -36,18 +37,15 @@ from schemas.events import (
     InboxRecord,
     LiveDelivery,
     MessageSent,
-    MessageSentPayload,
     NodeLeasePayload,
     NodeLeaseRenewed,
     Platform,
     PushJob,
     QuietHoursSetting,
     SyncRecord,
-    TextBody,
     UserPushSettingsChanged,
     UserPushSettingsChangedPayload,
     encode_event,
-    message_event_id,
     parse_event,
 )
 from schemas.topics import TopicCatalog, conversation_key, topic_catalog, user_key
@@ -62,8 +60,8 @@ from streams.processors import (
     lease_key,
 )
 from streams.state import MemoryState
+from tests.streams.support import TENANT, conversation_created, message
 
-TENANT = "acme"
 CATALOG = topic_catalog(Settings())
 
 
@@ -79,26 +77,29 @@ class Tables(MemoryState):
 
 
 def create_group(conversation_id: str, members: list[str]) -> ConversationCreated:
-    return ConversationCreated.new(
-        tenant_id=TENANT,
-        actor=Actor(user_id=members[0]),
-        event_id=message_event_id(TENANT, members[0], f"create-{conversation_id}"),
-        payload=ConversationCreatedPayload(
-            conversation_id=conversation_id, kind=ConversationKind.GROUP, members=members
-        ),
-    )
+    return conversation_created(conversation_id, members, ConversationKind.GROUP)
 
 
 def send(conversation_id: str, sender: str, client_msg_id: str) -> MessageSent:
-    return MessageSent.new(
-        tenant_id=TENANT,
-        actor=Actor(user_id=sender, device_id=f"{sender}-phone"),
-        event_id=message_event_id(TENANT, sender, client_msg_id),
-        payload=MessageSentPayload(
-            conversation_id=conversation_id,
-            client_msg_id=client_msg_id,
-            body=TextBody(text=f"hello {client_msg_id}"),
-        ),
+    return message(sender, conversation_id, client_msg_id, text=f"hello {client_msg_id}")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def decoded(outputs: Sequence[OutputRecord], topic: str, model: type[M]) -> list[M]:
+    """The outputs written to ``topic``, decoded as ``model``."""
+    return [model.model_validate_json(o.value or b"") for o in outputs if o.topic == topic]
+
+
+def alice_record(topic: str, offset: int, event: Event) -> InputRecord:
+    """``event`` as read at ``offset`` of ``topic``'s partition 0, keyed by alice."""
+    return InputRecord(
+        topic=topic,
+        partition=0,
+        offset=offset,
+        key=user_key(TENANT, "alice"),
+        value=encode_event(event),
     )
 
 
@@ -130,11 +131,7 @@ def test_messages_are_sequenced_and_fanned_out_with_positions() -> None:
     events += [send("c-1", "bob", f"m{index}") for index in range(3)]
     result = processor.process(command_records(events), tables)
     sequenced = [o for o in result.outputs if o.topic == CATALOG.messages_sequenced.name]
-    inbox = [
-        InboxRecord.model_validate_json(o.value or b"")
-        for o in result.outputs
-        if o.topic == CATALOG.user_inbox.name
-    ]
+    inbox = decoded(result.outputs, CATALOG.user_inbox.name, InboxRecord)
     assert len(sequenced) == 4
     assert len(inbox) == 4 * 3
     alice = [record for record in inbox if record.user_id == "alice"]
@@ -237,11 +234,7 @@ def test_a_large_groups_message_is_one_group_record_and_the_senders_inbox_record
     )
     tables.write(created.writes)
     # Created above the threshold: every member is told, the nodes get the member list.
-    (switch,) = [
-        GroupDelivery.model_validate_json(o.value or b"")
-        for o in created.outputs
-        if o.topic == CATALOG.group_delivery.name
-    ]
+    (switch,) = decoded(created.outputs, CATALOG.group_delivery.name, GroupDelivery)
     assert sorted(switch.members or []) == ["alice", "bob", "carol"]
     inboxes = [o for o in created.outputs if o.topic == CATALOG.user_inbox.name]
     assert {InboxRecord.model_validate_json(o.value or b"").large for o in inboxes} == {True}
@@ -263,24 +256,22 @@ def test_a_large_groups_message_is_one_group_record_and_the_senders_inbox_record
     assert isinstance(group.event, MessageSent) and group.event.payload.conversation_seq == 1
 
 
+#: alice's phone, connected to the node ingress-2.
+ALICE_PHONE = DevicePresencePayload(
+    user_id="alice",
+    device_id="alice-phone",
+    platform=Platform.IOS,
+    node_id="ingress-2",
+    connection_id="conn-1",
+)
+
+
 def presence_record(offset: int) -> InputRecord:
     event = DeviceConnected.new(
         tenant_id=TENANT,
-        payload=DevicePresencePayload(
-            user_id="alice",
-            device_id="alice-phone",
-            platform=Platform.IOS,
-            node_id="ingress-2",
-            connection_id="conn-1",
-        ),
+        payload=ALICE_PHONE,
     )
-    return InputRecord(
-        topic=CATALOG.presence.name,
-        partition=0,
-        offset=offset,
-        key=user_key(TENANT, "alice"),
-        value=encode_event(event),
-    )
+    return alice_record(CATALOG.presence.name, offset, event)
 
 
 def test_user_processor_assigns_sync_ids_routes_live_and_pushes_offline() -> None:
@@ -294,11 +285,7 @@ def test_user_processor_assigns_sync_ids_routes_live_and_pushes_offline() -> Non
     tables = Tables()
     offline = users.process(inbox, tables)
     tables.write(offline.writes)
-    pushes = [
-        PushJob.model_validate_json(o.value or b"")
-        for o in offline.outputs
-        if o.topic == CATALOG.push_jobs.name
-    ]
+    pushes = decoded(offline.outputs, CATALOG.push_jobs.name, PushJob)
     assert [(job.user_id, job.merged_count) for job in pushes] == [("alice", 1)]
     assert not [o for o in offline.outputs if o.topic == CATALOG.live_delivery.name]
 
@@ -312,11 +299,7 @@ def test_user_processor_assigns_sync_ids_routes_live_and_pushes_offline() -> Non
         len(inbox),
     )
     online = users.process(more, tables)
-    (live,) = [
-        LiveDelivery.model_validate_json(o.value or b"")
-        for o in online.outputs
-        if o.topic == CATALOG.live_delivery.name
-    ]
+    (live,) = decoded(online.outputs, CATALOG.live_delivery.name, LiveDelivery)
     assert (live.node_id, live.device_ids, live.user_id) == ("ingress-2", ["alice-phone"], "alice")
     assert not [o for o in online.outputs if o.topic == CATALOG.push_jobs.name]
 
@@ -371,11 +354,9 @@ def test_the_user_processor_keeps_node_leases_per_partition_and_decides_by_recor
     inbox = as_inputs(first.outputs, CATALOG.user_inbox.name, 0)
     lapsed = users.process(inbox, tables)
     tables.write(lapsed.writes)
-    assert [
-        PushJob.model_validate_json(o.value or b"").user_id
-        for o in lapsed.outputs
-        if o.topic == CATALOG.push_jobs.name
-    ] == ["alice"]
+    assert [job.user_id for job in decoded(lapsed.outputs, CATALOG.push_jobs.name, PushJob)] == [
+        "alice"
+    ]
     assert not [o for o in lapsed.outputs if o.topic == CATALOG.live_delivery.name]
 
     renewed = users.process([lease_record(3, sent_at, started)], tables)
@@ -397,13 +378,7 @@ def push_settings_record(offset: int, payload: UserPushSettingsChangedPayload) -
     event = UserPushSettingsChanged.new(
         tenant_id=TENANT, actor=Actor(user_id="alice", device_id="alice-tablet"), payload=payload
     )
-    return InputRecord(
-        topic=CATALOG.user_state_in.name,
-        partition=0,
-        offset=offset,
-        key=user_key(TENANT, "alice"),
-        value=encode_event(event),
-    )
+    return alice_record(CATALOG.user_state_in.name, offset, event)
 
 
 def test_push_settings_reach_every_device_and_shape_the_push_jobs() -> None:
@@ -431,38 +406,18 @@ def test_push_settings_reach_every_device_and_shape_the_push_jobs() -> None:
     )
     tables.write(muted.writes)
     # Every device of the user sees the change: in the sync queue, and live to the online one.
-    (synced,) = [
-        SyncRecord.model_validate_json(o.value or b"")
-        for o in muted.outputs
-        if o.topic == CATALOG.sync_events.name
-    ]
+    (synced,) = decoded(muted.outputs, CATALOG.sync_events.name, SyncRecord)
     assert isinstance(synced.event, UserPushSettingsChanged)
     assert (synced.sync_id, synced.conversation) == (1, None)
-    (live,) = [
-        LiveDelivery.model_validate_json(o.value or b"")
-        for o in muted.outputs
-        if o.topic == CATALOG.live_delivery.name
-    ]
+    (live,) = decoded(muted.outputs, CATALOG.live_delivery.name, LiveDelivery)
     assert (live.sync_id, live.device_ids) == (1, ["alice-phone"])
 
     # Offline and muted: the message is queued and counted, no push job.
     offline = DeviceDisconnected.new(
         tenant_id=TENANT,
-        payload=DevicePresencePayload(
-            user_id="alice",
-            device_id="alice-phone",
-            platform=Platform.IOS,
-            node_id="ingress-2",
-            connection_id="conn-1",
-        ),
+        payload=ALICE_PHONE,
     )
-    gone = InputRecord(
-        topic=CATALOG.presence.name,
-        partition=0,
-        offset=1,
-        key=user_key(TENANT, "alice"),
-        value=encode_event(offline),
-    )
+    gone = alice_record(CATALOG.presence.name, 1, offline)
     silenced = users.process([gone, created, message_1], tables)
     tables.write(silenced.writes)
     assert [o.topic for o in silenced.outputs if o.topic == CATALOG.push_jobs.name] == []
@@ -472,11 +427,7 @@ def test_push_settings_reach_every_device_and_shape_the_push_jobs() -> None:
     preferences = UserPushSettingsChangedPayload(quiet_hours=nights, locale="de-DE")
     tables.write(users.process([push_settings_record(1, preferences)], tables).writes)
     pushed = users.process([message_2], tables)
-    (job,) = [
-        PushJob.model_validate_json(o.value or b"")
-        for o in pushed.outputs
-        if o.topic == CATALOG.push_jobs.name
-    ]
+    (job,) = decoded(pushed.outputs, CATALOG.push_jobs.name, PushJob)
     assert (job.quiet_hours, job.locale, job.merged_count, job.unread_total) == (
         nights,
         "de-DE",
@@ -524,11 +475,7 @@ def run_with_crashes(
         inbox_log.extend(as_inputs(outputs, CATALOG.user_inbox.name, start))
 
     def to_sync(outputs: list[OutputRecord]) -> None:
-        sync_log.extend(
-            SyncRecord.model_validate_json(o.value or b"")
-            for o in outputs
-            if o.topic == CATALOG.sync_events.name
-        )
+        sync_log.extend(decoded(outputs, CATALOG.sync_events.name, SyncRecord))
 
     drive(command_log, conversations, conversation_tables, to_inbox)
     drive(inbox_log, users, user_tables, to_sync)

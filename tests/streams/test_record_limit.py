@@ -11,7 +11,6 @@ still produce a record over ``IM_STREAMS__MAX_RECORD_BYTES`` is dead-lettered
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -31,9 +30,7 @@ from schemas.events import (
     ConversationMuteChanged,
     ConversationMuteChangedPayload,
     MessageSent,
-    MessageSentPayload,
     SyncRecord,
-    TextBody,
     direct_conversation_id,
     message_event_id,
 )
@@ -50,6 +47,7 @@ from tests.streams.support import (
     read_messages,
     read_records,
     wait_for_sync,
+    worker_environment,
 )
 
 #: About 4,400 such mutes fill the state record to the limit (900,000 bytes).
@@ -78,16 +76,7 @@ def dead_letter_codes(settings: Settings, topic: str) -> list[str]:
 
 def huge_message(sender: str, conversation: str, client_msg_id: str, size: int) -> MessageSent:
     """A message whose text is ``size`` bytes (under the 32 KiB a client may send)."""
-    return MessageSent.new(
-        tenant_id=TENANT,
-        actor=Actor(user_id=sender, device_id=f"{sender}-phone"),
-        event_id=message_event_id(TENANT, sender, client_msg_id),
-        payload=MessageSentPayload(
-            conversation_id=conversation,
-            client_msg_id=client_msg_id,
-            body=TextBody(text="x" * size),
-        ),
-    )
+    return message(sender, conversation, client_msg_id, text="x" * size)
 
 
 def wait_for(
@@ -177,13 +166,7 @@ def test_an_input_whose_outputs_exceed_the_record_limit_is_dead_lettered(
     # record is over it, as a record over the broker's limit would be.
     limit = 16_384
     worker = Worker(
-        {
-            **os.environ,
-            "IM_KAFKA__BOOTSTRAP_SERVERS": stream_settings.kafka.bootstrap_servers,
-            "IM_KAFKA__TOPIC_PREFIX": stream_settings.kafka.topic_prefix,
-            "IM_STREAMS__SESSION_TIMEOUT_SECONDS": "6",
-            "IM_STREAMS__MAX_RECORD_BYTES": str(limit),
-        },
+        worker_environment(stream_settings, max_record_bytes=str(limit)),
         tmp_path / "stream-worker.log",
     )
     try:

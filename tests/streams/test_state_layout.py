@@ -43,9 +43,9 @@ from streams.processors import (
 from streams.state import child_key
 from streams.users import MAX_DEVICES, MAX_UNREAD_RANGES, ConversationView, UserState
 from streams.users import apply_presence as presence
+from tests.streams.support import TENANT
 from tests.streams.test_processors import (
     CATALOG,
-    TENANT,
     Tables,
     as_inputs,
     create_group,

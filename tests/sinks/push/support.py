@@ -7,14 +7,15 @@ import secrets
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from core.push_settings import PreviewMode
 from schemas.events import MessageBody, PushJob, PushProvider, TextBody
 from sinks.push.notification import PushNotification, PushTarget, build_notification
-from sinks.push.policy import RecipientPreferences, decide
+from sinks.push.outcome import ProviderReply
+from sinks.push.policy import QuietHours, RecipientPreferences, decide
 from sinks.push.reliability import PushDispatcher, PushSender, RetryPolicy
 
 APNS_TOPIC = "com.example.imstream"
@@ -71,6 +72,25 @@ def make_notification(
         job, preferences or RecipientPreferences(), now=datetime.now(UTC), ttl_seconds=ttl_seconds
     )
     return build_notification(job, decision, preview=preview, locale="en", sender_name="Alice")
+
+
+def quiet_now_notification() -> PushNotification:
+    """The default notification to a recipient whose quiet hours are now (an hour either side)."""
+    now = datetime.now(UTC)
+    around_now = QuietHours(
+        start=(now - timedelta(hours=1)).time(),
+        end=(now + timedelta(hours=1)).time(),
+        time_zone="UTC",
+    )
+    return make_notification(preferences=RecipientPreferences(quiet_hours=around_now))
+
+
+async def send_once(sender: PushSender, target: PushTarget) -> ProviderReply:
+    """The default notification sent to ``target`` by a sender of its own, closed after."""
+    try:
+        return await sender.send(make_notification(), target)
+    finally:
+        await sender.close()
 
 
 def apns_target(token: str | None = None, device_id: str = "iphone-1") -> PushTarget:

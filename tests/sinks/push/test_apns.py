@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,6 @@ from sinks.push.apns import ApnsSender
 from sinks.push.errors import LocalReason, PushConfigError
 from sinks.push.notification import PushTarget
 from sinks.push.outcome import OutcomeKind
-from sinks.push.policy import QuietHours, RecipientPreferences
 from tests.sinks.push.fakes.apns import FakeApns
 from tests.sinks.push.fakes.script import Reply
 from tests.sinks.push.fakes.tls import LocalPki
@@ -30,6 +29,8 @@ from tests.sinks.push.support import (
     make_dispatcher,
     make_job,
     make_notification,
+    quiet_now_notification,
+    send_once,
 )
 
 
@@ -68,13 +69,7 @@ async def test_sent_with_collapse_thread_badge_type_priority_and_expiry(
 async def test_quiet_hours_send_at_priority_5_passive_and_silent(
     apns_sender: ApnsSender, fake_apns: FakeApns
 ) -> None:
-    now = datetime.now(UTC)
-    around_now = QuietHours(
-        start=(now - timedelta(hours=1)).time(),
-        end=(now + timedelta(hours=1)).time(),
-        time_zone="UTC",
-    )
-    notification = make_notification(preferences=RecipientPreferences(quiet_hours=around_now))
+    notification = quiet_now_notification()
     assert notification.quiet
 
     reply = await apns_sender.send(notification, apns_target())
@@ -147,11 +142,7 @@ async def test_wrong_signing_key_is_refused_by_the_fake(
         team_id=apns_key.team_id,
         public_key=apns_key.public_key,
     )
-    sender = _sender(fake_apns, other, pki)
-    try:
-        reply = await sender.send(make_notification(), apns_target())
-    finally:
-        await sender.close()
+    reply = await send_once(_sender(fake_apns, other, pki), apns_target())
     assert reply.kind is OutcomeKind.FAILED
     assert reply.reason == "InvalidProviderToken"
     assert reply.status_code == 403
@@ -166,10 +157,7 @@ async def test_unknown_ca_is_a_connection_error(fake_apns: FakeApns, apns_key: A
         host=fake_apns.address,
         ca_file=None,  # the system's CAs do not know the test CA
     )
-    try:
-        reply = await sender.send(make_notification(), apns_target())
-    finally:
-        await sender.close()
+    reply = await send_once(sender, apns_target())
     assert reply.kind is OutcomeKind.FAILED
     assert reply.reason == LocalReason.CONNECTION_ERROR
     assert reply.retryable

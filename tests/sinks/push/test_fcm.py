@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -14,10 +13,16 @@ from sinks.push.errors import LocalReason, PushConfigError
 from sinks.push.fcm import FcmSender
 from sinks.push.notification import PushNotification
 from sinks.push.outcome import OutcomeKind
-from sinks.push.policy import QuietHours, RecipientPreferences
 from tests.sinks.push.fakes.fcm import FakeFcm
 from tests.sinks.push.fakes.script import Reply
-from tests.sinks.push.support import fcm_target, make_dispatcher, make_job, make_notification
+from tests.sinks.push.support import (
+    fcm_target,
+    make_dispatcher,
+    make_job,
+    make_notification,
+    quiet_now_notification,
+    send_once,
+)
 
 
 async def test_sent_with_collapse_key_channel_and_sync_data(
@@ -71,13 +76,7 @@ async def test_access_token_is_fetched_once_per_thread_and_reused(
 async def test_quiet_hours_send_at_normal_priority_without_sound(
     fcm_sender: FcmSender, fake_fcm: FakeFcm
 ) -> None:
-    now = datetime.now(UTC)
-    around_now = QuietHours(
-        start=(now - timedelta(hours=1)).time(),
-        end=(now + timedelta(hours=1)).time(),
-        time_zone="UTC",
-    )
-    notification = make_notification(preferences=RecipientPreferences(quiet_hours=around_now))
+    notification = quiet_now_notification()
 
     assert (await fcm_sender.send(notification, fcm_target())).kind is OutcomeKind.SENT
 
@@ -127,19 +126,21 @@ async def test_invalid_argument_about_the_payload_keeps_the_token(
     assert report.dead_letter_code == "push-rejected"
 
 
-async def test_explicit_project_id_is_used_in_the_url(
-    fake_fcm: FakeFcm, fcm_credentials: Path
-) -> None:
-    sender = FcmSender(
-        credentials_path=fcm_credentials,
+def other_projects_sender(fake_fcm: FakeFcm, credentials: Path) -> FcmSender:
+    """A sender configured for a project that is not the fake's (nor the credentials')."""
+    return FcmSender(
+        credentials_path=credentials,
         project_id="someone-elses-project",
         endpoint=fake_fcm.endpoint,
         concurrency=1,
     )
-    try:
-        reply = await sender.send(make_notification(), fcm_target())
-    finally:
-        await sender.close()
+
+
+async def test_explicit_project_id_is_used_in_the_url(
+    fake_fcm: FakeFcm, fcm_credentials: Path
+) -> None:
+    sender = other_projects_sender(fake_fcm, fcm_credentials)
+    reply = await send_once(sender, fcm_target())
     assert sender.send_url == f"{fake_fcm.endpoint}/someone-elses-project/messages:send"
     assert reply.kind is OutcomeKind.FAILED
     assert reply.reason == "SENDER_ID_MISMATCH"
@@ -151,10 +152,7 @@ async def test_refused_access_token_is_an_auth_error(
 ) -> None:
     fake_fcm.client_email = "someone-else@example.com"  # the assertion's issuer no longer fits
     sender = FcmSender(credentials_path=fcm_credentials, endpoint=fake_fcm.endpoint, concurrency=1)
-    try:
-        reply = await sender.send(make_notification(), fcm_target())
-    finally:
-        await sender.close()
+    reply = await send_once(sender, fcm_target())
     assert reply.kind is OutcomeKind.FAILED
     assert reply.reason == LocalReason.AUTH_ERROR
     assert not reply.retryable
@@ -185,17 +183,8 @@ async def test_a_tenants_project_replaces_the_senders_own(
     fake_fcm: FakeFcm, fcm_credentials: Path
 ) -> None:
     """The target's project (its tenant's, from the settings) is the one the push goes to."""
-    sender = FcmSender(
-        credentials_path=fcm_credentials,
-        project_id="someone-elses-project",
-        endpoint=fake_fcm.endpoint,
-        concurrency=1,
-    )
-    try:
-        target = replace(fcm_target(), project_id=fake_fcm.project_id)
-        reply = await sender.send(make_notification(), target)
-    finally:
-        await sender.close()
+    sender = other_projects_sender(fake_fcm, fcm_credentials)
+    reply = await send_once(sender, replace(fcm_target(), project_id=fake_fcm.project_id))
     assert reply.kind is OutcomeKind.SENT
 
 

@@ -7,9 +7,10 @@ from datetime import UTC, datetime
 import pytest
 
 from core.push_settings import PreviewMode
-from schemas.events import CustomBody, MediaBody, TextBody
+from schemas.events import CustomBody, MediaBody, PushJob, TextBody
 from sinks.push.notification import (
     PREVIEW_MAX_CHARS,
+    PushNotification,
     build_notification,
     resolve_locale,
 )
@@ -19,11 +20,23 @@ from tests.sinks.push.support import make_job
 ALERT = PushDecision(Delivery.ALERT, None, 600)
 
 
+def from_alice(
+    job: PushJob, preview: PreviewMode, conversation_name: str | None = None
+) -> PushNotification:
+    """``job``'s alert in English, sent by Alice (in ``conversation_name``, for a group)."""
+    return build_notification(
+        job,
+        ALERT,
+        preview=preview,
+        locale="en",
+        sender_name="Alice",
+        conversation_name=conversation_name,
+    )
+
+
 def test_full_preview_shows_sender_and_text() -> None:
     job = make_job(body=TextBody(text="Lunch at noon?"), unread_total=5, conversation_seq=42)
-    notification = build_notification(
-        job, ALERT, preview=PreviewMode.FULL, locale="en", sender_name="Alice"
-    )
+    notification = from_alice(job, PreviewMode.FULL)
     assert notification.title == "Message from Alice"
     assert notification.body == "Lunch at noon?"
     assert notification.badge == 5
@@ -39,25 +52,14 @@ def test_full_preview_shows_sender_and_text() -> None:
 
 
 def test_sender_preview_hides_the_text() -> None:
-    notification = build_notification(
-        make_job(body=TextBody(text="secret")),
-        ALERT,
-        preview=PreviewMode.SENDER,
-        locale="en",
-        sender_name="Alice",
-    )
+    notification = from_alice(make_job(body=TextBody(text="secret")), PreviewMode.SENDER)
     assert notification.title == "Message from Alice"
     assert notification.body is None
 
 
 def test_no_preview_hides_sender_text_and_group() -> None:
-    notification = build_notification(
-        make_job(body=TextBody(text="secret"), merged_count=3),
-        ALERT,
-        preview=PreviewMode.NONE,
-        locale="en",
-        sender_name="Alice",
-        conversation_name="Project X",
+    notification = from_alice(
+        make_job(body=TextBody(text="secret"), merged_count=3), PreviewMode.NONE, "Project X"
     )
     assert notification.title == "3 new messages"
     assert notification.body is None
@@ -66,22 +68,8 @@ def test_no_preview_hides_sender_text_and_group() -> None:
 
 
 def test_group_title_names_the_conversation_and_counts() -> None:
-    one = build_notification(
-        make_job(),
-        ALERT,
-        preview=PreviewMode.FULL,
-        locale="en",
-        sender_name="Alice",
-        conversation_name="Team",
-    )
-    several = build_notification(
-        make_job(merged_count=4),
-        ALERT,
-        preview=PreviewMode.FULL,
-        locale="en",
-        sender_name="Alice",
-        conversation_name="Team",
-    )
+    one = from_alice(make_job(), PreviewMode.FULL, "Team")
+    several = from_alice(make_job(merged_count=4), PreviewMode.FULL, "Team")
     assert one.title == "Alice in Team"
     assert several.title == "4 messages from Alice in Team"
 

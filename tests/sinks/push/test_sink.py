@@ -526,6 +526,26 @@ async def test_a_token_the_same_user_registers_on_a_new_device_moves_to_it(
     assert len(fake_apns.stats.for_token(shared)) == 1
 
 
+def daves_phone_then_mallorys_laptop(settings: Settings, *, mallorys_tenant: str = TENANT) -> str:
+    """A fresh APNs token registered by dave's phone, and a minute later by mallory's laptop
+    (of ``mallorys_tenant``): the token."""
+    shared = apns_token()
+    now = datetime.now(UTC)
+    send_tokens(
+        settings,
+        registered("dave", "phone", ev.PushProvider.APNS, shared, at=now - timedelta(minutes=2)),
+        registered(
+            "mallory",
+            "laptop",
+            ev.PushProvider.APNS,
+            shared,
+            at=now - timedelta(minutes=1),
+            tenant=mallorys_tenant,
+        ),
+    )
+    return shared
+
+
 async def test_another_users_registration_of_a_held_token_is_refused(
     sink_settings: Settings,
     start_sink: Callable[[Settings], Any],
@@ -535,15 +555,7 @@ async def test_another_users_registration_of_a_held_token_is_refused(
     in a log, a screenshot, a hostile app). dave keeps getting his pushes; mallory's claim is
     refused (``claim-refused``) and her messages do not land on dave's phone. Before the sink
     starts and while it runs."""
-    shared = apns_token()
-    now = datetime.now(UTC)
-    send_tokens(
-        sink_settings,
-        registered("dave", "phone", ev.PushProvider.APNS, shared, at=now - timedelta(minutes=2)),
-        registered(
-            "mallory", "laptop", ev.PushProvider.APNS, shared, at=now - timedelta(minutes=1)
-        ),
-    )
+    shared = daves_phone_then_mallorys_laptop(sink_settings)
     running: Running = await start_sink(sink_settings)
     refused = "claim-refused"
 
@@ -677,20 +689,7 @@ async def test_a_token_of_another_tenant_is_neither_detached_nor_reached(
     phone of tenant ``acme`` (both on the deployment's one app). acme's device keeps its token
     and its pushes, nothing is written for it, and rival's messages do not reach the phone: the
     claims are refused in rival."""
-    shared = apns_token()
-    now = datetime.now(UTC)
-    send_tokens(
-        sink_settings,
-        registered("dave", "phone", ev.PushProvider.APNS, shared, at=now - timedelta(minutes=2)),
-        registered(
-            "mallory",
-            "laptop",
-            ev.PushProvider.APNS,
-            shared,
-            at=now - timedelta(minutes=1),
-            tenant="rival",
-        ),
-    )
+    shared = daves_phone_then_mallorys_laptop(sink_settings, mallorys_tenant="rival")
     running: Running = await start_sink(sink_settings)
     send_tokens(
         sink_settings,
