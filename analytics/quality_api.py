@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from functools import partial
 from typing import Annotated, Any
 
 from clickhouse_connect.driver.client import Client
@@ -43,11 +44,12 @@ from analytics.parameters import (
     count,
     once_each,
 )
-from analytics.queries import AnalyticsError, AnalyticsErrorCode
+from analytics.queries import AnalyticsError, AnalyticsErrorCode, by_name, known
+from analytics.unavailable import answered
 from core.timeargs import in_range
 from schemas.events import MessageEdited, MessageRecalled, MessageSent
 from sinks.clickhouse.schema import AUDIT_TABLE, PUSH_OUTCOMES_TABLE, quote_identifier, sql_string
-from sinks.clickhouse.store import ClickHouseStore, QueryBusyError
+from sinks.clickhouse.store import ClickHouseStore
 
 log = logging.getLogger(__name__)
 
@@ -206,79 +208,76 @@ class Dataset:
 
 _T, _I, _F, _TIME = ColumnKind.TEXT, ColumnKind.INTEGER, ColumnKind.FLOAT, ColumnKind.TIME
 
-DATASETS: dict[str, Dataset] = {
-    dataset.name: dataset
-    for dataset in (
-        Dataset(
-            "conversation_log",
-            "Timeline entries (messages, recalls, edits) of the conversation log topic, in Kafka "
-            "order per conversation",
-            (
-                ("tenant_id", _T),
-                ("conversation_id", _T),
-                ("partition", _I),
-                ("offset", _I),
-                ("event_id", _T),
-                ("event_type", _T),
-                ("conversation_seq", _I),
-                ("record_timestamp", _TIME),
-            ),
-            True,
-            _conversation_log,
+DATASETS: dict[str, Dataset] = by_name(
+    Dataset(
+        "conversation_log",
+        "Timeline entries (messages, recalls, edits) of the conversation log topic, in Kafka "
+        "order per conversation",
+        (
+            ("tenant_id", _T),
+            ("conversation_id", _T),
+            ("partition", _I),
+            ("offset", _I),
+            ("event_id", _T),
+            ("event_type", _T),
+            ("conversation_seq", _I),
+            ("record_timestamp", _TIME),
         ),
-        Dataset(
-            "sync_queue",
-            "Sync records of the sync-events topic, in Kafka order per user",
-            (
-                ("tenant_id", _T),
-                ("user_id", _T),
-                ("partition", _I),
-                ("offset", _I),
-                ("sync_id", _I),
-                ("event_type", _T),
-                ("event_id", _T),
-                ("record_timestamp", _TIME),
-            ),
-            True,
-            _sync_queue,
+        True,
+        _conversation_log,
+    ),
+    Dataset(
+        "sync_queue",
+        "Sync records of the sync-events topic, in Kafka order per user",
+        (
+            ("tenant_id", _T),
+            ("user_id", _T),
+            ("partition", _I),
+            ("offset", _I),
+            ("sync_id", _I),
+            ("event_type", _T),
+            ("event_id", _T),
+            ("record_timestamp", _TIME),
         ),
-        Dataset(
-            "recent_conversations",
-            "Conversations with records on the topic, most recently active first",
-            (("tenant_id", _T), ("conversation_id", _T), ("last_record_at", _TIME)),
-            True,
-            _recent_conversations,
+        True,
+        _sync_queue,
+    ),
+    Dataset(
+        "recent_conversations",
+        "Conversations with records on the topic, most recently active first",
+        (("tenant_id", _T), ("conversation_id", _T), ("last_record_at", _TIME)),
+        True,
+        _recent_conversations,
+    ),
+    Dataset(
+        "occurred_at_bounds",
+        "Per topic: records, earliest and latest occurred_at, and how far occurred_at runs "
+        "ahead of the Kafka record timestamp at most (seconds)",
+        (
+            ("topic", _T),
+            ("records", _I),
+            ("earliest_occurred_at", _TIME),
+            ("latest_occurred_at", _TIME),
+            ("max_seconds_ahead_of_record", _F),
         ),
-        Dataset(
-            "occurred_at_bounds",
-            "Per topic: records, earliest and latest occurred_at, and how far occurred_at runs "
-            "ahead of the Kafka record timestamp at most (seconds)",
-            (
-                ("topic", _T),
-                ("records", _I),
-                ("earliest_occurred_at", _TIME),
-                ("latest_occurred_at", _TIME),
-                ("max_seconds_ahead_of_record", _F),
-            ),
-            False,
-            _occurred_at_bounds,
+        False,
+        _occurred_at_bounds,
+    ),
+    Dataset(
+        "push_deliveries",
+        "Per provider: push deliveries (job, device) by the outcome of their last attempt",
+        (
+            ("provider", _T),
+            ("deliveries", _I),
+            ("sent", _I),
+            ("failed", _I),
+            ("throttled", _I),
+            ("invalid_token", _I),
         ),
-        Dataset(
-            "push_deliveries",
-            "Per provider: push deliveries (job, device) by the outcome of their last attempt",
-            (
-                ("provider", _T),
-                ("deliveries", _I),
-                ("sent", _I),
-                ("failed", _I),
-                ("throttled", _I),
-                ("invalid_token", _I),
-            ),
-            False,
-            _push_deliveries,
-        ),
-    )
-}
+        False,
+        _push_deliveries,
+    ),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,13 +323,12 @@ class DatasetRows:
 
 
 def dataset(name: str) -> Dataset:
-    found = DATASETS.get(name)
-    if found is None:
-        raise QualityDataError(
-            AnalyticsErrorCode.UNKNOWN_DATASET,
-            f"no quality dataset named {name!r}; known: {', '.join(DATASETS)}",
-        )
-    return found
+    return known(
+        DATASETS,
+        name,
+        "quality dataset",
+        partial(QualityDataError, AnalyticsErrorCode.UNKNOWN_DATASET),
+    )
 
 
 def check_parameters(data: Dataset, parameters: DatasetParameters) -> DatasetParameters:
@@ -448,17 +446,12 @@ def quality_router() -> APIRouter:
         store: Annotated[ClickHouseStore, Depends(_store)],
     ) -> dict[str, Any]:
         parameters = asked.parameters(data, now=datetime.now(UTC))
-        try:
-            rows = await store.call_async(
-                lambda client: run_dataset(client, store.database, data, parameters)
-            )
-        except QueryBusyError:  # answered 503 busy by the app
-            raise
-        except Exception as error:  # the client's errors have no common base worth naming
-            log.exception("quality dataset %s failed", data.name)
-            raise QualityDataError(
-                AnalyticsErrorCode.UNAVAILABLE, f"ClickHouse did not answer: {error}"
-            ) from error
+        rows = await answered(
+            store.call_async(lambda client: run_dataset(client, store.database, data, parameters)),
+            partial(QualityDataError, AnalyticsErrorCode.UNAVAILABLE),
+            log,
+            f"quality dataset {data.name} failed",
+        )
         return rows.body()
 
     return router

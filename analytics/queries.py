@@ -15,18 +15,29 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from functools import partial
+from typing import Any, Protocol, TypeVar
 
+from analytics.unavailable import answered
 from core.timeargs import parse_moment
 from schemas.errors import ApiError
 from sinks.clickhouse.schema import quote_identifier
-from sinks.clickhouse.store import ClickHouseStore, QueryBusyError
+from sinks.clickhouse.store import ClickHouseStore
 
 log = logging.getLogger(__name__)
+
+
+class _HasName(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+#: Whatever a name table holds (queries, datasets).
+_Named = TypeVar("_Named", bound=_HasName)
 
 #: The most rows one answer holds; more are cut and the answer says ``truncated``.
 MAX_ROWS = 10_000
@@ -128,71 +139,72 @@ def _per_minute(
     )
 
 
-QUERIES: dict[str, NamedQuery] = {
-    query.name: query
-    for query in (
-        _per_minute(
-            "messages_per_minute",
-            "Messages sequenced per minute of sending, by tenant and conversation kind (direct or "
-            "group)",
-            ("tenant_id", "minute", "conversation_kind", "messages"),
-            order_by=("tenant_id", "minute", "conversation_kind"),
-        ),
-        NamedQuery(
-            name="daily_active_users",
-            description="Distinct users who sent a command or connected a device, per UTC day",
-            view="daily_active_users",
-            columns=("tenant_id", "day", "active_users"),
-            period="day",
-            default_window=timedelta(days=30),
-            max_window=timedelta(days=3660),
-            order_by=("tenant_id", "day"),
-        ),
-        NamedQuery(
-            name="monthly_active_users",
-            description="Distinct users who sent a command or connected a device, per UTC "
-            "calendar month",
-            view="monthly_active_users",
-            columns=("tenant_id", "month", "active_users"),
-            period="month",
-            default_window=timedelta(days=366),
-            max_window=timedelta(days=3660),
-            order_by=("tenant_id", "month"),
-        ),
-        _per_minute(
-            "send_to_sequenced_latency",
-            "Milliseconds from a message's occurred_at (accepted by the ingress) to its sequenced "
-            "record's Kafka timestamp, per minute of sending",
-            _LATENCY_COLUMNS,
-        ),
-        _per_minute(
-            "sequenced_to_stored_latency",
-            "Milliseconds from a message's sequenced record's Kafka timestamp to its audit row "
-            "being stored in ClickHouse, per minute of sequencing",
-            _LATENCY_COLUMNS,
-        ),
-        _per_minute(
-            "push_jobs_per_minute",
-            "Push jobs planned per minute (of their latest message), the messages they stand for "
-            "and the users they notify",
-            ("tenant_id", "minute", "jobs", "merged_messages", "users"),
-        ),
-        _per_minute(
-            "push_outcomes_per_minute",
-            "Push delivery attempts per minute by provider and outcome (written by the push "
-            "sender)",
-            ("tenant_id", "minute", "provider", "outcome", "attempts", "jobs"),
-            order_by=("tenant_id", "minute", "provider", "outcome"),
-        ),
-        _per_minute(
-            "dead_letters_per_minute",
-            "Records dead-lettered per minute, by source topic and reason code; a record "
-            "dead-lettered more than once counts once",
-            ("tenant_id", "minute", "source_topic", "error_code", "dead_letters"),
-            order_by=("minute", "source_topic", "error_code", "tenant_id"),
-        ),
-    )
-}
+def by_name(*items: _Named) -> dict[str, _Named]:
+    """A name table: each of ``items`` under its name, in the order given."""
+    return {item.name: item for item in items}
+
+
+QUERIES: dict[str, NamedQuery] = by_name(
+    _per_minute(
+        "messages_per_minute",
+        "Messages sequenced per minute of sending, by tenant and conversation kind (direct or "
+        "group)",
+        ("tenant_id", "minute", "conversation_kind", "messages"),
+        order_by=("tenant_id", "minute", "conversation_kind"),
+    ),
+    NamedQuery(
+        name="daily_active_users",
+        description="Distinct users who sent a command or connected a device, per UTC day",
+        view="daily_active_users",
+        columns=("tenant_id", "day", "active_users"),
+        period="day",
+        default_window=timedelta(days=30),
+        max_window=timedelta(days=3660),
+        order_by=("tenant_id", "day"),
+    ),
+    NamedQuery(
+        name="monthly_active_users",
+        description="Distinct users who sent a command or connected a device, per UTC "
+        "calendar month",
+        view="monthly_active_users",
+        columns=("tenant_id", "month", "active_users"),
+        period="month",
+        default_window=timedelta(days=366),
+        max_window=timedelta(days=3660),
+        order_by=("tenant_id", "month"),
+    ),
+    _per_minute(
+        "send_to_sequenced_latency",
+        "Milliseconds from a message's occurred_at (accepted by the ingress) to its sequenced "
+        "record's Kafka timestamp, per minute of sending",
+        _LATENCY_COLUMNS,
+    ),
+    _per_minute(
+        "sequenced_to_stored_latency",
+        "Milliseconds from a message's sequenced record's Kafka timestamp to its audit row "
+        "being stored in ClickHouse, per minute of sequencing",
+        _LATENCY_COLUMNS,
+    ),
+    _per_minute(
+        "push_jobs_per_minute",
+        "Push jobs planned per minute (of their latest message), the messages they stand for "
+        "and the users they notify",
+        ("tenant_id", "minute", "jobs", "merged_messages", "users"),
+    ),
+    _per_minute(
+        "push_outcomes_per_minute",
+        "Push delivery attempts per minute by provider and outcome (written by the push sender)",
+        ("tenant_id", "minute", "provider", "outcome", "attempts", "jobs"),
+        order_by=("tenant_id", "minute", "provider", "outcome"),
+    ),
+    _per_minute(
+        "dead_letters_per_minute",
+        "Records dead-lettered per minute, by source topic and reason code; a record "
+        "dead-lettered more than once counts once",
+        ("tenant_id", "minute", "source_topic", "error_code", "dead_letters"),
+        order_by=("minute", "source_topic", "error_code", "tenant_id"),
+    ),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,15 +214,22 @@ class QueryParameters:
     end: datetime
 
 
+def known(
+    table: Mapping[str, _Named], name: str, what: str, unknown: Callable[[str], Exception]
+) -> _Named:
+    """The ``what`` named ``name`` (a path parameter) in ``table``; an unknown name raises
+    ``unknown(message)``, the message listing the known ones."""
+    found = table.get(name)
+    if found is None:
+        raise unknown(f"no {what} named {name!r}; known: {', '.join(table)}")
+    return found
+
+
 def named_query(name: str) -> NamedQuery:
     """The query named ``name`` (a path parameter); raises :class:`AnalyticsError`."""
-    query = QUERIES.get(name)
-    if query is None:
-        raise AnalyticsError(
-            AnalyticsErrorCode.UNKNOWN_QUERY,
-            f"no analytics query named {name!r}; known: {', '.join(QUERIES)}",
-        )
-    return query
+    return known(
+        QUERIES, name, "analytics query", partial(AnalyticsError, AnalyticsErrorCode.UNKNOWN_QUERY)
+    )
 
 
 def window(
@@ -280,15 +299,12 @@ class Analytics:
             "start": parameters.start,
             "end": parameters.end,
         }
-        try:
-            result = await self.store.query_async(query.sql(self.store.database), bound)
-        except QueryBusyError:  # answered 503 busy by the app
-            raise
-        except Exception as error:  # the client's errors have no common base worth naming
-            log.exception("analytics query %s failed", query.name)
-            raise AnalyticsError(
-                AnalyticsErrorCode.UNAVAILABLE, f"ClickHouse did not answer: {error}"
-            ) from error
+        result = await answered(
+            self.store.query_async(query.sql(self.store.database), bound),
+            partial(AnalyticsError, AnalyticsErrorCode.UNAVAILABLE),
+            log,
+            f"analytics query {query.name} failed",
+        )
         rows = [
             {column: json_value(value) for column, value in zip(query.columns, row, strict=True)}
             for row in result.result_rows[:MAX_ROWS]

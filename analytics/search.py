@@ -39,10 +39,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Final
 
 from pydantic import BeforeValidator
 
+from analytics.unavailable import answered
 from schemas.search import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
@@ -61,7 +63,7 @@ from sinks.clickhouse.schema import (
     quote_identifier,
     sql_string,
 )
-from sinks.clickhouse.store import ClickHouseStore, QueryBusyError
+from sinks.clickhouse.store import ClickHouseStore
 
 log = logging.getLogger(__name__)
 
@@ -491,17 +493,12 @@ class MessageSearch:
         )
 
     async def _query(self, sql: str, parameters: dict[str, Any]) -> Sequence[Sequence[Any]]:
-        try:
-            result = await self.store.query_async(
-                f"{sql} {self.settings_clause}".rstrip(), parameters
-            )
-        except QueryBusyError:  # answered 503 busy by the app
-            raise
-        except Exception as error:  # the client's errors have no common base worth naming
-            log.exception("a search query failed")
-            raise SearchError(
-                SearchErrorCode.UNAVAILABLE, f"ClickHouse did not answer: {error}"
-            ) from error
+        result = await answered(
+            self.store.query_async(f"{sql} {self.settings_clause}".rstrip(), parameters),
+            partial(SearchError, SearchErrorCode.UNAVAILABLE),
+            log,
+            "a search query failed",
+        )
         return result.result_rows
 
     async def _round(

@@ -118,13 +118,11 @@ class UnacknowledgedError(Exception):
     """Kafka did not take the record: the message says why (timeout, or Kafka's error)."""
 
 
-def produce_acknowledged(
-    settings: Settings, topic: str, key: bytes, value: bytes, *, timeout: float
-) -> tuple[int, int]:
-    """Write one record (``acks=all``, idempotent) and wait for Kafka's acknowledgement: its
-    partition and offset. For the operator tools' single writes (audit records, revocations),
-    which must not report success before Kafka holds them."""
-    producer = Producer(
+def acknowledged_producer(settings: Settings, *, timeout: float) -> Producer:
+    """A producer for the operator tools' writes (``acks=all``, idempotent), giving each record
+    ``timeout`` seconds to be acknowledged, so that a tool never reports success before Kafka
+    holds what it wrote."""
+    return Producer(
         kafka_producer_config(
             settings,
             **{
@@ -134,6 +132,15 @@ def produce_acknowledged(
             },
         )
     )
+
+
+def produce_acknowledged(
+    settings: Settings, topic: str, key: bytes, value: bytes, *, timeout: float
+) -> tuple[int, int]:
+    """Write one record (``acks=all``, idempotent) and wait for Kafka's acknowledgement: its
+    partition and offset. For the operator tools' single writes (audit records, revocations),
+    which must not report success before Kafka holds them."""
+    producer = acknowledged_producer(settings, timeout=timeout)
     outcome: list[tuple[KafkaError | None, Message]] = []
 
     def delivered(failure: KafkaError | None, message: Message) -> None:

@@ -33,7 +33,7 @@ from core.auth import (
     issue_token,
     read_public_key,
 )
-from core.settings import Settings
+from core.settings import ServiceAuthSettings, Settings, StaffAuthSettings
 from schemas.events import SYSTEM_TENANT
 
 #: How long a token the ``imstream`` CLI signs for its operator is good for.
@@ -194,26 +194,38 @@ def issue_staff_token(
             f"with IM_STAFF_AUTH__ALGORITHM={staff.algorithm} the CLI cannot sign a staff token; "
             "set IM_STAFF_AUTH__TOKEN to one from your identity service"
         )
-    return issue_token(
-        settings.real_secret(staff.secret, "IM_STAFF_AUTH__SECRET"),
-        user_id=subject,
-        tenant_id=tenant,
-        issuer=staff.issuer,
-        audience=staff.audience,
-        roles=[role],
-        ttl=ttl,
+    return _signed(
+        settings, staff, "IM_STAFF_AUTH__SECRET", user=subject, tenant=tenant, role=role, ttl=ttl
     )
 
 
 def issue_service_token(settings: Settings, *, tenant: str, user: str) -> str:
     """The ingress's token for one user's search: role ``ingress``, the user's tenant and id."""
-    service = settings.service_auth
+    service, role = settings.service_auth, StaffRole.INGRESS
+    ttl = timedelta(seconds=service.token_ttl_seconds)
+    return _signed(
+        settings, service, "IM_SERVICE_AUTH__SECRET", user=user, tenant=tenant, role=role, ttl=ttl
+    )
+
+
+def _signed(
+    settings: Settings,
+    auth: StaffAuthSettings | ServiceAuthSettings,
+    secret_name: str,
+    *,
+    user: str,
+    tenant: str,
+    role: StaffRole,
+    ttl: timedelta,
+) -> str:
+    """A token for ``user`` of ``tenant`` in ``role``, signed with ``auth``'s secret (named
+    ``secret_name`` in the settings) and naming its issuer and audience."""
     return issue_token(
-        settings.real_secret(service.secret, "IM_SERVICE_AUTH__SECRET"),
+        settings.real_secret(auth.secret, secret_name),
         user_id=user,
         tenant_id=tenant,
-        issuer=service.issuer,
-        audience=service.audience,
-        roles=[StaffRole.INGRESS],
-        ttl=timedelta(seconds=service.token_ttl_seconds),
+        issuer=auth.issuer,
+        audience=auth.audience,
+        roles=[role],
+        ttl=ttl,
     )

@@ -157,7 +157,7 @@ class Reads:
         """The reply to one read; never raises."""
         store = self.store
         if store is None:
-            return _unavailable(frame.id, "the serving store is not connected yet")
+            return unavailable(frame.id, "the serving store is not connected yet")
         try:
             match frame:
                 case fr.Sync():
@@ -170,7 +170,7 @@ class Reads:
                     return await self._who_read(store, principal, frame)
         except StoreUnavailableError as error:
             _log.warning("a %s read failed: %s", frame.type, error)
-            return _unavailable(frame.id, f"the serving store did not answer ({error})")
+            return unavailable(frame.id, f"the serving store did not answer ({error})")
         except Exception:
             _log.exception("unexpected error answering a %s", frame.type)
             return fr.ErrorFrame(id=frame.id, code=ErrorCode.INTERNAL, message="unexpected error")
@@ -382,11 +382,12 @@ def _item(row: ConversationRow) -> fr.ConversationItem:
     )
 
 
-def _unavailable(request_id: str, why: str) -> fr.ErrorFrame:
+def unavailable(request_id: str, why: str, repeat: str = "the read") -> fr.ErrorFrame:
+    """The ``unavailable`` answer to a read (or a search) the client may repeat, and when."""
     return fr.ErrorFrame(
         id=request_id,
         code=ErrorCode.UNAVAILABLE,
-        message=f"{why}; the read is safe to repeat",
+        message=f"{why}; {repeat} is safe to repeat",
         retry_after_ms=RETRY_AFTER_MS,
     )
 

@@ -34,7 +34,7 @@ from core.principals import issue_service_token
 from core.settings import Settings
 from core.tls import client_context
 from ingress.connection import Principal
-from ingress.reads import RETRY_AFTER_MS, Reads
+from ingress.reads import Reads, unavailable
 from schemas import frames as fr
 from schemas.errors import ErrorCode
 from schemas.search import (
@@ -214,9 +214,4 @@ def _invalid(request_id: str, error: SearchError) -> fr.ErrorFrame:
 
 
 def _unavailable(request_id: str, why: str) -> fr.ErrorFrame:
-    return fr.ErrorFrame(
-        id=request_id,
-        code=ErrorCode.UNAVAILABLE,
-        message=f"{why}; the search is safe to repeat",
-        retry_after_ms=RETRY_AFTER_MS,
-    )
+    return unavailable(request_id, why, "the search")

@@ -49,7 +49,7 @@ from confluent_kafka import (
 )
 from pydantic import JsonValue
 
-from core.connections import kafka_consumer_config, kafka_producer_config
+from core.connections import acknowledged_producer, kafka_consumer_config
 from core.settings import Settings
 from core.timeargs import parse_moment
 from pipelines.console import StatusLine, load_settings, table_text
@@ -660,16 +660,7 @@ def _publish(
     progress: Callable[[RedriveProgress], None] | None,
     timeout: float,
 ) -> None:
-    producer = Producer(
-        kafka_producer_config(
-            settings,
-            **{
-                "acks": "all",
-                "enable.idempotence": True,
-                "message.timeout.ms": int(timeout * 1000),
-            },
-        )
-    )
+    producer = acknowledged_producer(settings, timeout=timeout)
     # Settle what needs no publishing (records the cursor passes) before the first record.
     _commit(consumer, topic.name, cursors, timeout)
     stop = stop or threading.Event()

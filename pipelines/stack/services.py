@@ -12,7 +12,7 @@ import socket
 import subprocess
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,6 +135,32 @@ class JavaServer(ABC):
     @abstractmethod
     def command(self, java: Path, classpath: str) -> list[str]: ...
 
+    def java_command(
+        self,
+        java: Path,
+        classpath: str,
+        *,
+        heap: str,
+        gc: Sequence[str],
+        properties: Sequence[str],
+        main: Sequence[str],
+    ) -> list[str]:
+        """The JVM line both servers share (marker, fixed heap, G1, exit on out-of-memory),
+        with each server's own GC tuning, system properties and main class (and arguments)."""
+        return [
+            str(java),
+            self.marker,
+            f"-Xms{heap}",
+            f"-Xmx{heap}",
+            "-XX:+UseG1GC",
+            *gc,
+            "-XX:+ExitOnOutOfMemoryError",
+            *properties,
+            "-cp",
+            classpath,
+            *main,
+        ]
+
     @abstractmethod
     def healthy(self) -> bool:
         """A real request answered: the server is usable, not merely listening."""
@@ -229,7 +255,7 @@ class KafkaServer(JavaServer):
     def bundle(self) -> Bundle:
         version = self.settings.stack.kafka_version
         return Bundle(
-            name="kafka",
+            name=self.name,
             version=version,
             artifacts=(
                 Artifact("org.apache.kafka", "kafka_2.13", version),
@@ -334,22 +360,17 @@ class KafkaServer(JavaServer):
             )
 
     def command(self, java: Path, classpath: str) -> list[str]:
-        heap = self.settings.stack.kafka_heap
-        return [
-            str(java),
-            self.marker,
-            f"-Xms{heap}",
-            f"-Xmx{heap}",
-            "-XX:+UseG1GC",
-            "-XX:MaxGCPauseMillis=20",
-            "-XX:+ExitOnOutOfMemoryError",
-            "-Djava.awt.headless=true",
-            f"-Dlog4j2.configurationFile={(self.home / 'log4j2.properties').resolve()}",
-            "-cp",
+        return self.java_command(
+            java,
             classpath,
-            "kafka.Kafka",
-            str((self.home / "server.properties").resolve()),
-        ]
+            heap=self.settings.stack.kafka_heap,
+            gc=("-XX:MaxGCPauseMillis=20",),
+            properties=(
+                "-Djava.awt.headless=true",
+                f"-Dlog4j2.configurationFile={(self.home / 'log4j2.properties').resolve()}",
+            ),
+            main=("kafka.Kafka", str((self.home / "server.properties").resolve())),
+        )
 
     def healthy(self) -> bool:
         if not port_accepts(self.broker_port):
@@ -370,11 +391,8 @@ class CassandraServer(JavaServer):
     @property
     def bundle(self) -> Bundle:
         version = self.settings.stack.cassandra_version
-        return Bundle(
-            name="cassandra",
-            version=version,
-            artifacts=(Artifact("org.apache.cassandra", "cassandra-all", version),),
-        )
+        server = Artifact("org.apache.cassandra", "cassandra-all", version)
+        return Bundle(name=self.name, version=version, artifacts=(server,))
 
     @property
     def native_port(self) -> int:
@@ -443,28 +461,23 @@ disk_access_mode: mmap_index_only
         (self.home / "logback.xml").write_text(self._logback(), encoding="utf-8")
 
     def command(self, java: Path, classpath: str) -> list[str]:
-        heap = self.settings.stack.cassandra_heap
-        return [
-            str(java),
-            self.marker,
-            f"-Xms{heap}",
-            f"-Xmx{heap}",
-            "-XX:+UseG1GC",
-            "-XX:+ParallelRefProcEnabled",
-            "-XX:MaxTenuringThreshold=1",
-            "-XX:+ExitOnOutOfMemoryError",
-            *CASSANDRA_JDK17_FLAGS,
-            f"-Dcassandra.config=file://{(self.home / 'cassandra.yaml').resolve()}",
-            f"-Dlogback.configurationFile={(self.home / 'logback.xml').resolve()}",
-            f"-Dcassandra.storagedir={self.data_dir.resolve()}",
-            f"-Dcassandra.logdir={self.home.resolve()}",
-            f"-Dcassandra.jmx.local.port={self.settings.stack.cassandra_jmx_port}",
-            "-Dcassandra-foreground=yes",
-            "-Dcassandra.skip_wait_for_gossip_to_settle=0",
-            "-cp",
+        return self.java_command(
+            java,
             classpath,
-            "org.apache.cassandra.service.CassandraDaemon",
-        ]
+            heap=self.settings.stack.cassandra_heap,
+            gc=("-XX:+ParallelRefProcEnabled", "-XX:MaxTenuringThreshold=1"),
+            properties=(
+                *CASSANDRA_JDK17_FLAGS,
+                f"-Dcassandra.config=file://{(self.home / 'cassandra.yaml').resolve()}",
+                f"-Dlogback.configurationFile={(self.home / 'logback.xml').resolve()}",
+                f"-Dcassandra.storagedir={self.data_dir.resolve()}",
+                f"-Dcassandra.logdir={self.home.resolve()}",
+                f"-Dcassandra.jmx.local.port={self.settings.stack.cassandra_jmx_port}",
+                "-Dcassandra-foreground=yes",
+                "-Dcassandra.skip_wait_for_gossip_to_settle=0",
+            ),
+            main=("org.apache.cassandra.service.CassandraDaemon",),
+        )
 
     def healthy(self) -> bool:
         if not port_accepts(self.native_port):
