@@ -17,13 +17,12 @@ from websockets.asyncio.client import ClientConnection
 
 from core.settings import Settings
 from tests.ingress.conftest import Pipeline, running_pipeline
-from tests.ingress.support import open_device, run_imstream, unique
+from tests.ingress.support import JsonObject, open_device, run_imstream, unique
 from tests.ingress.test_read_access import command, group, history, send, stored, texts
 from tests.ingress.test_reads import eventually, read
 
 #: The processes' key cache expiry here: forget-key takes effect within it.
 KEY_CACHE_SECONDS = 2.0
-JsonObject = dict[str, Any]
 
 
 @pytest.fixture(scope="module")

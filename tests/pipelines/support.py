@@ -17,7 +17,6 @@ import urllib.parse
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
 import httpx
@@ -252,12 +251,7 @@ class Device:
         self._collecting = asyncio.get_running_loop().create_task(self._collect())
         return self
 
-    async def __aexit__(
-        self,
-        _type: type[BaseException] | None,
-        _error: BaseException | None,
-        _tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *_: object) -> None:
         await self.client.close()
         if self._collecting is not None:
             self._collecting.cancel()

@@ -58,7 +58,6 @@ from tests.sinks.clickhouse_support import (
     produce_transaction,
     push_job,
     sent,
-    shared_client_store,
 )
 from tests.sinks.staff_support import staff_headers
 
@@ -80,11 +79,6 @@ def sink_settings(
     prefixed = prefixed_settings(settings, new_prefix("ch"), clickhouse_database)
     with catalog_topics(prefixed):
         yield prefixed
-
-
-@pytest.fixture
-def store(clickhouse: Client, clickhouse_database: str) -> Iterator[ClickHouseStore]:
-    yield from shared_client_store(clickhouse, clickhouse_database)
 
 
 def run_sink(

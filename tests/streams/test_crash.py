@@ -20,6 +20,7 @@ import random
 import threading
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 from core.settings import Settings
 from schemas.events import (
@@ -51,6 +52,19 @@ from tests.streams.support import (
 MESSAGES = 10_000
 KILLS = 6
 RETRY_EVERY = 37  # every 37th message is sent a second time, as a client retry would
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What the feeder sent, and where: what the checks read back after the run."""
+
+    settings: Settings
+    catalog: TopicCatalog
+    members: dict[str, list[str]]
+    """The members of each conversation."""
+    sends: list[MessageSent]
+    order: dict[str, int | None]
+    """Each message's seq, by event id, as the worker sequenced it."""
 
 
 def group(index: int, members: list[str]) -> ConversationCreated:
@@ -115,8 +129,9 @@ def test_sigkilled_worker_keeps_every_message_exactly_once(
     messages = [event for event in sequenced if isinstance(event, MessageSent)]
     assert_sequenced_once_in_order(messages, sends)
     order = {event.event_id: event.payload.conversation_seq for event in messages}
-    assert_queues_in_order(stream_settings, catalog, members, sends, order)
-    assert_unread_restored(stream_settings, catalog, members, sends, order)
+    sent = Sent(stream_settings, catalog, members, sends, order)
+    assert_queues_in_order(sent)
+    assert_unread_restored(sent)
 
 
 def assert_sequenced_once_in_order(messages: list[MessageSent], sends: list[MessageSent]) -> None:
@@ -131,23 +146,17 @@ def assert_sequenced_once_in_order(messages: list[MessageSent], sends: list[Mess
         assert numbers == list(range(1, len(numbers) + 1)), conversation_id
 
 
-def assert_queues_in_order(
-    settings: Settings,
-    catalog: TopicCatalog,
-    members: dict[str, list[str]],
-    sends: list[MessageSent],
-    order: dict[str, int | None],
-) -> None:
+def assert_queues_in_order(sent: Sent) -> None:
     """Each member's queue: every message once, in seq order, sync ids strictly increasing."""
     queues: dict[str, list[SyncRecord]] = defaultdict(list)
-    for record in read_records(settings, catalog.sync_events.name):
+    for record in read_records(sent.settings, sent.catalog.sync_events.name):
         sync = SyncRecord.model_validate_json(record.value or b"")
         queues[sync.user_id].append(sync)
-    for conversation_id, users in members.items():
+    for conversation_id, users in sent.members.items():
         wanted = [
-            send.event_id for send in sends if send.payload.conversation_id == conversation_id
+            send.event_id for send in sent.sends if send.payload.conversation_id == conversation_id
         ]
-        wanted.sort(key=lambda event_id: order[event_id] or 0)
+        wanted.sort(key=lambda event_id: sent.order[event_id] or 0)
         for user in users:
             got = [
                 s.event.event_id
@@ -161,21 +170,15 @@ def assert_queues_in_order(
         assert all(a < b for a, b in itertools.pairwise(sync_ids)), user
 
 
-def assert_unread_restored(
-    settings: Settings,
-    catalog: TopicCatalog,
-    members: dict[str, list[str]],
-    sends: list[MessageSent],
-    order: dict[str, int | None],
-) -> None:
+def assert_unread_restored(sent: Sent) -> None:
     """Unread counts in the restored user state equal the messages from others."""
     states = MemoryState()
-    for record in read_records(settings, catalog.user_state.name):
+    for record in read_records(sent.settings, sent.catalog.user_state.name):
         states.put(USERS_TABLE, (record.key or b"").decode(), decode_state(record.value))
-    for conversation_id, users in members.items():
+    for conversation_id, users in sent.members.items():
         log = sorted(
-            (order[send.event_id] or 0, send.actor.user_id if send.actor else "")
-            for send in sends
+            (sent.order[send.event_id] or 0, send.actor.user_id if send.actor else "")
+            for send in sent.sends
             if send.payload.conversation_id == conversation_id
         )
         for user in users:
