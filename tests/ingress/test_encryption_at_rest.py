@@ -29,10 +29,10 @@ KEY_CACHE_SECONDS = 2.0
 def pipeline(
     ingress_settings: Settings, serving_keyspace: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Pipeline]:
-    logs = tmp_path_factory.mktemp("encryption")
     with pytest.MonkeyPatch.context() as patch:
         # Inherited by the CQL sink and the gateway processes.
         patch.setenv("IM_CRYPTO__KEY_CACHE_SECONDS", str(KEY_CACHE_SECONDS))
+        logs = tmp_path_factory.mktemp("encryption")
         with running_pipeline(ingress_settings, serving_keyspace, logs) as running:
             yield running
 

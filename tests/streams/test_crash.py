@@ -17,21 +17,16 @@ from __future__ import annotations
 
 import itertools
 import random
-import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from core.settings import Settings
 from schemas.events import (
-    Actor,
-    ConversationCreated,
-    ConversationCreatedPayload,
     ConversationKind,
     Event,
     MessageSent,
     SyncRecord,
-    message_event_id,
     parse_event,
 )
 from schemas.topics import TopicCatalog, topic_catalog
@@ -41,8 +36,10 @@ from streams.state import MemoryState
 from tests.streams.support import (
     TENANT,
     Worker,
+    conversation_created,
     created,
     direct_pairs,
+    feeding,
     message,
     produce,
     read_records,
@@ -67,17 +64,6 @@ class Sent:
     """Each message's seq, by event id, as the worker sequenced it."""
 
 
-def group(index: int, members: list[str]) -> ConversationCreated:
-    return ConversationCreated.new(
-        tenant_id=TENANT,
-        actor=Actor(user_id=members[0]),
-        event_id=message_event_id(TENANT, members[0], f"create-crash-g{index}"),
-        payload=ConversationCreatedPayload(
-            conversation_id=f"crash-g{index}", kind=ConversationKind.GROUP, members=members
-        ),
-    )
-
-
 def test_sigkilled_worker_keeps_every_message_exactly_once(
     worker: Worker, stream_settings: Settings
 ) -> None:
@@ -85,7 +71,11 @@ def test_sigkilled_worker_keeps_every_message_exactly_once(
     rng = random.Random(20261127)
     pairs = direct_pairs(30)
     members: dict[str, list[str]] = {cid: [a, b] for a, b, cid in pairs}
-    groups = [group(i, [f"g{i}-m{j}" for j in range(6)]) for i in range(4)]
+    group = ConversationKind.GROUP
+    groups = [
+        conversation_created(f"crash-g{i}", [f"g{i}-m{j}" for j in range(6)], group)
+        for i in range(4)
+    ]
     for created_group in groups:
         members[created_group.payload.conversation_id] = list(created_group.payload.members)
     conversations = sorted(members)
@@ -101,12 +91,7 @@ def test_sigkilled_worker_keeps_every_message_exactly_once(
             stream.append(send)  # the same event id again: a client's re-send
     produce(stream_settings, catalog, [*(created(a, b, cid) for a, b, cid in pairs), *groups])
 
-    def feed() -> None:
-        for start in range(0, len(stream), 400):
-            produce(stream_settings, catalog, stream[start : start + 400])
-            time.sleep(0.3)
-
-    feeder = threading.Thread(target=feed)
+    feeder = feeding(stream_settings, catalog, stream, batch=400, pause=0.3)
     worker.start()
     feeder.start()
     for _ in range(KILLS):

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypedDict
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -92,6 +92,16 @@ class ApnsKey:
     key_id: str
     team_id: str
     public_key: ec.EllipticCurvePublicKey
+
+    def credentials(self) -> ApnsCredentials:
+        """What an ``ApnsSender`` signs its tokens with: ``ApnsSender(**key.credentials(), …)``."""
+        return {"signing_key": self.pem, "key_id": self.key_id, "team_id": self.team_id}
+
+
+class ApnsCredentials(TypedDict):
+    signing_key: str
+    key_id: str
+    team_id: str
 
 
 def apns_target(token: str | None = None, device_id: str = "iphone-1") -> PushTarget:
