@@ -140,9 +140,7 @@ def running_pipeline(
 
 @pytest.fixture(scope="module")
 def pipeline(
-    ingress_settings: Settings,
-    serving_keyspace: str,
-    tmp_path_factory: pytest.TempPathFactory,
+    ingress_settings: Settings, serving_keyspace: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
     """Ingress, stream worker and CQL sink on this module's topics and keyspace."""
     logs = tmp_path_factory.mktemp("pipeline")

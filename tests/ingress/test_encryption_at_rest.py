@@ -17,23 +17,22 @@ from websockets.asyncio.client import ClientConnection
 
 from core.settings import Settings
 from tests.ingress.conftest import Pipeline, running_pipeline
-from tests.ingress.support import open_device, run_imstream, unique
+from tests.ingress.support import JsonObject, open_device, run_imstream, unique
 from tests.ingress.test_read_access import command, group, history, send, stored, texts
 from tests.ingress.test_reads import eventually, read
 
 #: The processes' key cache expiry here: forget-key takes effect within it.
 KEY_CACHE_SECONDS = 2.0
-JsonObject = dict[str, Any]
 
 
 @pytest.fixture(scope="module")
 def pipeline(
     ingress_settings: Settings, serving_keyspace: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Pipeline]:
-    logs = tmp_path_factory.mktemp("encryption")
     with pytest.MonkeyPatch.context() as patch:
         # Inherited by the CQL sink and the gateway processes.
         patch.setenv("IM_CRYPTO__KEY_CACHE_SECONDS", str(KEY_CACHE_SECONDS))
+        logs = tmp_path_factory.mktemp("encryption")
         with running_pipeline(ingress_settings, serving_keyspace, logs) as running:
             yield running
 

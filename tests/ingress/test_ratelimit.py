@@ -5,14 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ingress.ratelimit import Limit, ScopedLimiter, TokenBucketLimiter, retry_after_ms
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import FakeClock
 
 
 @pytest.fixture

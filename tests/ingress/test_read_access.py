@@ -24,10 +24,8 @@ from core.settings import Settings
 from ingress.reads import Reads
 from sinks.cql.crypto import open_event
 from tests.ingress.conftest import Pipeline, running_pipeline
-from tests.ingress.support import TENANT, open_device, token, unique
+from tests.ingress.support import TENANT, JsonObject, open_device, token, unique
 from tests.ingress.test_reads import eventually, read
-
-JsonObject = dict[str, Any]
 
 
 @pytest.fixture(scope="module")

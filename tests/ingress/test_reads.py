@@ -32,13 +32,12 @@ from schemas.topics import topic_catalog, user_key
 from tests.ingress.support import (
     TENANT,
     Gateway,
+    JsonObject,
     open_device,
     receive,
     token,
     unique,
 )
-
-JsonObject = dict[str, Any]
 
 
 async def read(socket_: Any, frame: JsonObject) -> JsonObject:

@@ -15,9 +15,8 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
 import httpx
@@ -41,27 +40,19 @@ E = TypeVar("E", bound=Event)
 T = TypeVar("T")
 
 
+@dataclass(eq=False)
 class Running:
     """The supervised system: its children, where the ingress nodes and analytics listen."""
 
-    def __init__(
-        self,
-        supervisor: Supervisor,
-        ports: list[int],
-        settings: Settings,
-        *,
-        analytics_port: int,
-        chdb_path: Path,
-        lock: threading.Lock,
-    ) -> None:
-        self.supervisor = supervisor
-        self.ports = ports
-        self.settings = settings
-        self.analytics_port = analytics_port
-        self.chdb_path = chdb_path
-        #: Held by the supervising thread while it checks the children: a test that stops a
-        #: child on purpose holds it too, so that the stop is not taken for a crash.
-        self.lock = lock
+    supervisor: Supervisor
+    ports: list[int]
+    settings: Settings
+    _: KW_ONLY
+    analytics_port: int
+    chdb_path: Path
+    lock: threading.Lock
+    """Held by the supervising thread while it checks the children: a test that stops a child
+    on purpose holds it too, so that the stop is not taken for a crash."""
 
     def url(self, node: int) -> str:
         return f"ws://127.0.0.1:{self.ports[node]}/v1/ws"
@@ -252,12 +243,7 @@ class Device:
         self._collecting = asyncio.get_running_loop().create_task(self._collect())
         return self
 
-    async def __aexit__(
-        self,
-        _type: type[BaseException] | None,
-        _error: BaseException | None,
-        _tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *_: object) -> None:
         await self.client.close()
         if self._collecting is not None:
             self._collecting.cancel()

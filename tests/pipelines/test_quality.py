@@ -27,7 +27,7 @@ from pipelines.quality.sources import CqlSample, DirectAuditReader
 from pipelines.stack.manager import LocalStack
 from schemas import events as ev
 from schemas.topics import TopicCatalog, topic_catalog
-from sinks.clickhouse.audit import AuditDecoder, KafkaRecord
+from sinks.clickhouse.audit import AuditDecoder
 from sinks.clickhouse.schema import (
     AUDIT_COLUMNS,
     AUDIT_TABLE,
@@ -40,8 +40,8 @@ from sinks.cql.rules import MemberRow, Statements, UserConversationRow, WritePla
 from tests.sinks.clickhouse_support import (
     at,
     created,
-    millis,
     new_prefix,
+    next_record,
     prefixed_settings,
     presence,
     sent,
@@ -125,16 +125,7 @@ class Seed:
         return ev.encode_event(presence(user, moment, tenant=self.tenant))
 
     def audit(self, topic: str, value: bytes, record_time: datetime) -> None:
-        offset = self.offsets.get(topic, 0)
-        self.offsets[topic] = offset + 1
-        record = KafkaRecord(
-            topic=topic,
-            partition=0,
-            offset=offset,
-            key=None,
-            value=value,
-            timestamp_ms=millis(record_time),
-        )
+        record = next_record(self.offsets, topic, value, record_time)
         self.audit_rows.append(AuditDecoder(self.catalog).audit(record).row.values())
 
     def sequenced(self, event: ev.Event, *, in_cql: bool = True, after_ms: int = 50) -> None:

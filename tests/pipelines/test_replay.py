@@ -24,16 +24,13 @@ from pipelines.cli import app
 from pipelines.replay_targets import REPLAYED_FROM_HEADER, CqlTarget, TopicTarget
 from schemas.events import OperatorAction, parse_event
 from schemas.topics import TopicCatalog, topic_catalog
-from sinks.cql.migrate import migrate
 from sinks.cql.serving import serving_keyspace
 from sinks.cql.sink import CqlSink
 from tests.sinks.cql_support import (
     Row,
-    catalog_topics,
     committed_lag,
     cql_local_stack,  # noqa: F401 - the local_stack fixture: Kafka and Cassandra only
-    keyspace_settings,
-    new_prefix,
+    migrated_topics,
     produce,
     snapshot,
 )
@@ -55,26 +52,19 @@ class World:
 @pytest.fixture(scope="module")
 def world(settings: Settings, cql_session: Session) -> Iterator[World]:
     """The CQL sink tests' scenario on a prefix of its own, written once by the live sink."""
-    keyspace = f"t_replay_{uuid.uuid4().hex[:8]}"
-    with catalog_topics(settings, new_prefix("replay")) as prefixed:
-        configured = keyspace_settings(prefixed, keyspace)
-        migrate(cql_session, keyspace, 1)
-        try:
-            catalog = topic_catalog(configured)
-            s = build(catalog).scenario
-            produce(configured, [*s.sequenced, *s.sync, *s.tokens])
-            stop = threading.Event()
-            timer = threading.Timer(60, stop.set)
-            timer.start()
-            CqlSink(configured, cql_session).run(stop, until_caught_up=True)
-            timer.cancel()
-            assert not stop.is_set(), "the live sink did not catch up"
-            records = Counter(topic for topic, _, _ in [*s.sequenced, *s.sync, *s.tokens])
-            yield World(
-                configured, catalog, keyspace, snapshot(cql_session, keyspace), dict(records)
-            )
-        finally:
-            cql_session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=60)
+    with migrated_topics(settings, cql_session, "replay") as configured:
+        keyspace = configured.cql.keyspace
+        catalog = topic_catalog(configured)
+        s = build(catalog).scenario
+        produce(configured, [*s.sequenced, *s.sync, *s.tokens])
+        stop = threading.Event()
+        timer = threading.Timer(60, stop.set)
+        timer.start()
+        CqlSink(configured, cql_session).run(stop, until_caught_up=True)
+        timer.cancel()
+        assert not stop.is_set(), "the live sink did not catch up"
+        records = Counter(topic for topic, _, _ in [*s.sequenced, *s.sync, *s.tokens])
+        yield World(configured, catalog, keyspace, snapshot(cql_session, keyspace), dict(records))
 
 
 def test_replaying_every_input_into_cql_twice_leaves_every_table_as_it_was(

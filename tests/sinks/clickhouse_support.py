@@ -19,7 +19,9 @@ from core.settings import KafkaSettings, Settings
 from pipelines.topics import apply_topics
 from schemas import events as ev
 from schemas.topics import TopicCatalog, topic_catalog
+from sinks.clickhouse.audit import KafkaRecord
 from sinks.clickhouse.store import ClickHouseStore
+from tests.sinks.kafka_support import delete_prefixed_topics
 
 TENANT = "acme"
 
@@ -76,11 +78,7 @@ def catalog_topics(settings: Settings) -> Iterator[TopicCatalog]:
     try:
         yield catalog
     finally:
-        prefix = settings.kafka.topic_prefix
-        names = [name for name in admin.list_topics(timeout=30).topics if name.startswith(prefix)]
-        if names:
-            for future in admin.delete_topics(names).values():
-                future.result(timeout=60)
+        delete_prefixed_topics(admin, settings.kafka.topic_prefix)
 
 
 def new_prefix(tag: str) -> str:
@@ -212,6 +210,28 @@ def at(text: str) -> datetime:
 
 def millis(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
+
+
+def next_record(
+    offsets: dict[str, int],
+    topic: str,
+    value: bytes,
+    record_time: datetime,
+    headers: Sequence[tuple[str, bytes | None]] = (),
+) -> KafkaRecord:
+    """The next record of ``topic`` (partition 0, no key, stamped ``record_time``) as the audit
+    decoder reads it; ``offsets`` counts the records already handed out per topic."""
+    offset = offsets.get(topic, 0)
+    offsets[topic] = offset + 1
+    return KafkaRecord(
+        topic=topic,
+        partition=0,
+        offset=offset,
+        key=None,
+        value=value,
+        timestamp_ms=millis(record_time),
+        headers=headers,
+    )
 
 
 def created(

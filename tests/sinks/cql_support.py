@@ -24,7 +24,9 @@ from pipelines.stack.manager import LocalStack
 from pipelines.topics import apply_topics
 from schemas.topics import topic_catalog
 from sinks.cql.crypto import KeyRing, key_id_of, key_ring, open_value
+from sinks.cql.migrate import migrate
 from sinks.cql.sink import READY_MESSAGE
+from tests.sinks.kafka_support import delete_prefixed_topics
 
 #: The services the CQL sink's tests need: not chDB, whose one data path another process (a
 #: ClickHouse sink, the ClickHouse tests) may hold while these run.
@@ -76,6 +78,10 @@ def prefixed_settings(settings: Settings, prefix: str, keyspace: str | None = No
     return keyspace_settings(updated, keyspace) if keyspace else updated
 
 
+def new_prefix(kind: str) -> str:
+    return f"t-{kind}-{uuid.uuid4().hex[:8]}-"
+
+
 @contextmanager
 def catalog_topics(settings: Settings, prefix: str) -> Iterator[Settings]:
     """Every topic of the catalog under ``prefix``, deleted afterwards."""
@@ -85,14 +91,21 @@ def catalog_topics(settings: Settings, prefix: str) -> Iterator[Settings]:
     try:
         yield prefixed
     finally:
-        names = [name for name in admin.list_topics(timeout=30).topics if name.startswith(prefix)]
-        if names:
-            for future in admin.delete_topics(names).values():
-                future.result(timeout=60)
+        delete_prefixed_topics(admin, prefix)
 
 
-def new_prefix(kind: str) -> str:
-    return f"t-{kind}-{uuid.uuid4().hex[:8]}-"
+@contextmanager
+def migrated_topics(settings: Settings, session: Session, tag: str) -> Iterator[Settings]:
+    """Every catalog topic under a prefix of its own and a keyspace ``t_<tag>_…`` migrated to
+    the current schema, both dropped afterwards: the settings that name the two."""
+    keyspace = f"t_{tag}_{uuid.uuid4().hex[:8]}"
+    with catalog_topics(settings, new_prefix(tag)) as prefixed:
+        configured = keyspace_settings(prefixed, keyspace)
+        migrate(session, keyspace, 1)
+        try:
+            yield configured
+        finally:
+            session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=60)
 
 
 def table_names(session: Session, keyspace: str) -> set[str]:

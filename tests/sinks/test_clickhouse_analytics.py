@@ -17,7 +17,7 @@ from core.settings import Settings
 from pipelines.stack.manager import LocalStack
 from schemas import events as ev
 from schemas.topics import TopicCatalog, topic_catalog
-from sinks.clickhouse.audit import AuditDecoder, KafkaRecord
+from sinks.clickhouse.audit import AuditDecoder
 from sinks.clickhouse.schema import (
     AUDIT_COLUMNS,
     AUDIT_TABLE,
@@ -30,8 +30,8 @@ from tests.sinks.clickhouse_support import (
     at,
     created,
     daves_tablet_token,
-    millis,
     new_prefix,
+    next_record,
     prefixed_settings,
     presence,
     push_job,
@@ -66,18 +66,8 @@ class Seed:
         stored_after_ms: int = 0,
         headers: list[tuple[str, bytes | None]] | None = None,
     ) -> None:
-        offset = self._offsets.get(topic, 0)
-        self._offsets[topic] = offset + 1
         audited = self.decoder.audit(
-            KafkaRecord(
-                topic=topic,
-                partition=0,
-                offset=offset,
-                key=None,
-                value=value,
-                timestamp_ms=millis(record_time),
-                headers=headers or [],
-            )
+            next_record(self._offsets, topic, value, record_time, headers or [])
         )
         stored = record_time + timedelta(milliseconds=stored_after_ms)
         self.rows.append((*audited.row.values(), stored))

@@ -4,7 +4,6 @@ ClickHouse sink on chDB stores its ``operator.action`` event (and the records it
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -13,7 +12,6 @@ from clickhouse_connect.driver.client import Client
 from core.records import InputRecord, dead_letter
 from core.settings import Settings
 from pipelines.dlq import redrive
-from pipelines.stack.manager import LocalStack
 from schemas.events import SYSTEM_TENANT, OperatorAction, encode_event, parse_event
 from schemas.topics import conversation_key, topic_catalog
 from sinks.clickhouse.sink import ClickHouseSink
@@ -21,27 +19,12 @@ from sinks.clickhouse.store import ClickHouseStore
 from tests.sinks.clickhouse_support import (
     TENANT,
     Outgoing,
-    prefixed_sink,
     produce,
     sent,
-    shared_client_store,
 )
 from tests.sinks.test_clickhouse_sink import audit_rows
 
 pytestmark = pytest.mark.stack
-
-
-@pytest.fixture
-def sink_settings(
-    settings: Settings, local_stack: LocalStack, clickhouse_database: str
-) -> Iterator[Settings]:
-    with prefixed_sink(settings, "ops", clickhouse_database) as prefixed:
-        yield prefixed
-
-
-@pytest.fixture
-def store(clickhouse: Client, clickhouse_database: str) -> Iterator[ClickHouseStore]:
-    yield from shared_client_store(clickhouse, clickhouse_database)
 
 
 def test_a_redrive_is_audited_as_an_operator_action(

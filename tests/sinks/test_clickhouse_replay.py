@@ -7,7 +7,6 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -21,32 +20,17 @@ from analytics.queries import Analytics
 from core.auth import issue_token
 from core.replay import resolve_ranges
 from core.settings import Settings
-from pipelines.stack.manager import LocalStack
 from schemas.events import SYSTEM_TENANT
 from schemas.topics import topic_catalog
 from sinks.clickhouse.schema import AUDIT_TABLE, SEARCH_TABLE, audited_topics
 from sinks.clickhouse.sink import ClickHouseSink
 from sinks.clickhouse.store import ClickHouseStore
-from tests.sinks.clickhouse_support import prefixed_sink, shared_client_store
 from tests.sinks.staff_support import staff_app
 from tests.sinks.test_clickhouse_sink import audit_rows, produce_scenario, raw_count
 
 pytestmark = pytest.mark.stack
 
 JOB_TIMEOUT = 90.0
-
-
-@pytest.fixture
-def sink_settings(
-    settings: Settings, local_stack: LocalStack, clickhouse_database: str
-) -> Iterator[Settings]:
-    with prefixed_sink(settings, "replay", clickhouse_database) as prefixed:
-        yield prefixed
-
-
-@pytest.fixture
-def store(clickhouse: Client, clickhouse_database: str) -> Iterator[ClickHouseStore]:
-    yield from shared_client_store(clickhouse, clickhouse_database)
 
 
 def sequenced(rows: list[dict[str, Any]], settings: Settings, event_types: set[str]) -> int:
@@ -62,6 +46,12 @@ def live(sink_settings: Settings, store: ClickHouseStore) -> ClickHouseSink:
     sink = ClickHouseSink(sink_settings, store, threading.Event())
     sink.run(until_caught_up=True)
     return sink
+
+
+@pytest.fixture
+def jobs(sink_settings: Settings, store: ClickHouseStore, live: ClickHouseSink) -> OperatorJobs:
+    """The operator's jobs beside the live sink (a job holds its writes off by its lock)."""
+    return OperatorJobs(sink_settings, store, topic_catalog(sink_settings), live_sink=live)
 
 
 def stored(client: Client, database: str) -> list[dict[str, Any]]:
@@ -82,12 +72,11 @@ def wait(job: Job) -> Job:
 
 
 def test_a_topic_range_replayed_into_the_audit_twice_leaves_it_as_it_was(
-    sink_settings: Settings, store: ClickHouseStore, clickhouse: Client, live: ClickHouseSink
+    sink_settings: Settings, store: ClickHouseStore, clickhouse: Client, jobs: OperatorJobs
 ) -> None:
     before = stored(clickhouse, store.database)
     copies_before = raw_count(clickhouse, store.database)
     catalog = topic_catalog(sink_settings)
-    jobs = OperatorJobs(sink_settings, store, catalog, live_sink=live)
     ranges = [
         r
         for topic in (catalog.messages_sequenced, catalog.messages_in)
@@ -105,10 +94,9 @@ def test_a_topic_range_replayed_into_the_audit_twice_leaves_it_as_it_was(
 
 
 def test_a_rebuild_reproduces_the_live_tables_and_swaps_them_in(
-    sink_settings: Settings, store: ClickHouseStore, clickhouse: Client, live: ClickHouseSink
+    sink_settings: Settings, store: ClickHouseStore, clickhouse: Client, jobs: OperatorJobs
 ) -> None:
     before = stored(clickhouse, store.database)
-    jobs = OperatorJobs(sink_settings, store, topic_catalog(sink_settings), live_sink=live)
     run = uuid.uuid4().hex[:8]
     job = wait(jobs.start_rebuild(run, since=None))
     fresh = jobs.rebuild_database(run)
@@ -142,10 +130,9 @@ def test_a_rebuild_reproduces_the_live_tables_and_swaps_them_in(
 
 
 def test_a_rebuild_from_a_point_in_time_copies_the_older_rows_and_reads_the_rest(
-    sink_settings: Settings, store: ClickHouseStore, clickhouse: Client, live: ClickHouseSink
+    sink_settings: Settings, store: ClickHouseStore, clickhouse: Client, jobs: OperatorJobs
 ) -> None:
     before = stored(clickhouse, store.database)
-    jobs = OperatorJobs(sink_settings, store, topic_catalog(sink_settings), live_sink=live)
     run = uuid.uuid4().hex[:8]
     # The middle record time: the older half is copied, the rest read from the topics again.
     times = sorted({row["record_timestamp"] for row in before})
@@ -168,11 +155,10 @@ def _request(url: str, method: str, token: str | None, body: Any = None) -> tupl
 
 
 def test_the_operator_api_needs_the_operator_role(
-    sink_settings: Settings, store: ClickHouseStore, live: ClickHouseSink
+    sink_settings: Settings, store: ClickHouseStore, jobs: OperatorJobs
 ) -> None:
     catalog = topic_catalog(sink_settings)
     app = staff_app(Analytics(store), sink_settings)
-    jobs = OperatorJobs(sink_settings, store, catalog, live_sink=live)
     install_operator_api(app, jobs)
     server = AnalyticsServer(app, "127.0.0.1", 0)
     server.start()

@@ -58,7 +58,6 @@ from tests.sinks.clickhouse_support import (
     produce_transaction,
     push_job,
     sent,
-    shared_client_store,
 )
 from tests.sinks.staff_support import staff_headers
 
@@ -80,11 +79,6 @@ def sink_settings(
     prefixed = prefixed_settings(settings, new_prefix("ch"), clickhouse_database)
     with catalog_topics(prefixed):
         yield prefixed
-
-
-@pytest.fixture
-def store(clickhouse: Client, clickhouse_database: str) -> Iterator[ClickHouseStore]:
-    yield from shared_client_store(clickhouse, clickhouse_database)
 
 
 def run_sink(
@@ -672,20 +666,23 @@ def push_outcome(
     status_code: int | None = None,
     reason: str | None = None,
 ) -> ev.PushOutcomeRecord:
-    return ev.PushOutcomeRecord(
-        job_id=job.job_id,
-        tenant_id=job.tenant_id,
-        user_id=job.user_id,
-        conversation_id=job.conversation_id,
-        message_id=job.message_id,
-        job_occurred_at=job.occurred_at,
-        device_id=device_id,
-        provider=provider,
-        attempt=attempt,
-        outcome=outcome,
-        status_code=status_code,
-        reason=reason,
-        attempted_at=job.occurred_at + timedelta(seconds=attempt),
+    """The record of ``attempt`` at ``job`` (made a second per attempt after the job): the job's
+    identity, then what was tried and how it ended."""
+    identity = job.model_dump(
+        include={"job_id", "tenant_id", "user_id", "conversation_id", "message_id"}
+    )
+    return ev.PushOutcomeRecord.model_validate(
+        {
+            **identity,
+            "job_occurred_at": job.occurred_at,
+            "device_id": device_id,
+            "provider": provider,
+            "attempt": attempt,
+            "outcome": outcome,
+            "status_code": status_code,
+            "reason": reason,
+            "attempted_at": job.occurred_at + timedelta(seconds=attempt),
+        }
     )
 
 

@@ -32,6 +32,7 @@ from sinks.cql.crypto import (
 )
 from sinks.cql.migrate import migrate
 from sinks.cql.sink import EXIT_CONFIG
+from tests.clock import FakeClock
 from tests.ingress.support import create_topics, delete_topics, unique
 
 IMSTREAM = Path(sys.executable).parent / "imstream"
@@ -41,14 +42,6 @@ EVENT = (
     '{"type":"message.sent","event_id":"m1","tenant_id":"acme","payload":{"conversation_id":"c",'
     '"body":{"type":"text","text":"the launch code is 0000"},"conversation_seq":7}}'
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -64,7 +57,7 @@ def ring(
     master_key: bytes = MASTER_KEY,
     cache_size: int = 16,
     cache_seconds: float = 60.0,
-    clock: Clock | None = None,
+    clock: FakeClock | None = None,
 ) -> KeyRing:
     return KeyRing(
         session,
@@ -72,7 +65,7 @@ def ring(
         master_key,
         cache_size=cache_size,
         cache_seconds=cache_seconds,
-        clock=clock or Clock(),
+        clock=clock or FakeClock(),
     )
 
 
@@ -137,7 +130,7 @@ def test_a_sealed_body_is_bound_to_its_row_and_replays_write_the_same_bytes(
 def test_forget_key_shreds_and_caches_forget_it_within_their_expiry(
     cql_session: Session, migrated: str
 ) -> None:
-    clock = Clock()
+    clock = FakeClock()
     reader = ring(cql_session, migrated, cache_seconds=30.0, clock=clock)
     old = ring(cql_session, migrated).current("acme")
     sealed = seal_text(old, "ctx", "secret")

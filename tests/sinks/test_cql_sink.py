@@ -90,6 +90,7 @@ from tests.sinks.cql_support import (
     committed_lag,
     cql_local_stack,  # noqa: F401 - the local_stack fixture: Kafka and Cassandra only
     keyspace_settings,
+    migrated_topics,
     new_prefix,
     produce,
     read_dead_letters,
@@ -726,36 +727,31 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(settings: Settings, cql_session: Session) -> Iterator[World]:
-    keyspace = f"t_cql_sink_{uuid.uuid4().hex[:8]}"
-    with catalog_topics(settings, new_prefix("cqls")) as prefixed:
-        configured = keyspace_settings(prefixed, keyspace)
-        migrate(cql_session, keyspace, 1)
-        try:
-            catalog = topic_catalog(configured)
-            built = build(catalog)
-            s = built.scenario
-            produce(configured, [*s.sequenced, *s.sync, *s.tokens])
-            group_id = f"t-cql-sink-{uuid.uuid4().hex[:8]}"
-            first = run_sink(configured, cql_session, group_id=group_id)
-            dead_letters = {
-                source: read_dead_letters(
-                    configured,
-                    catalog.dead_letter_of(catalog.by_name(source)).name,
-                    expected=len(values),
-                )
-                for source, values in built.poison.items()
-            }
-            yield World(
+    with migrated_topics(settings, cql_session, "cql_sink") as configured:
+        keyspace = configured.cql.keyspace
+        catalog = topic_catalog(configured)
+        built = build(catalog)
+        s = built.scenario
+        produce(configured, [*s.sequenced, *s.sync, *s.tokens])
+        group_id = f"t-cql-sink-{uuid.uuid4().hex[:8]}"
+        first = run_sink(configured, cql_session, group_id=group_id)
+        dead_letters = {
+            source: read_dead_letters(
                 configured,
-                keyspace,
-                built,
-                group_id,
-                snapshot(cql_session, keyspace),
-                dead_letters,
-                first,
+                catalog.dead_letter_of(catalog.by_name(source)).name,
+                expected=len(values),
             )
-        finally:
-            cql_session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=60)
+            for source, values in built.poison.items()
+        }
+        yield World(
+            configured,
+            keyspace,
+            built,
+            group_id,
+            snapshot(cql_session, keyspace),
+            dead_letters,
+            first,
+        )
 
 
 def rows(session: Session, query: str, *values: Any) -> set[tuple[Any, ...]]:

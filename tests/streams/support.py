@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -117,6 +118,20 @@ def produce(settings: Settings, catalog: TopicCatalog, events: Sequence[Event]) 
         )
         producer.poll(0)
     assert producer.flush(60) == 0
+
+
+def feeding(
+    settings: Settings, catalog: TopicCatalog, events: Sequence[Event], *, batch: int, pause: float
+) -> threading.Thread:
+    """A thread (not started yet) producing ``events`` ``batch`` at a time, ``pause`` seconds
+    apart: input that keeps arriving while a worker is killed and restarted."""
+
+    def feed() -> None:
+        for start in range(0, len(events), batch):
+            produce(settings, catalog, events[start : start + batch])
+            time.sleep(pause)
+
+    return threading.Thread(target=feed)
 
 
 def produce_routed(settings: Settings, events: Sequence[Event]) -> None:

@@ -369,37 +369,25 @@ def test_only_owner_or_admin_renames() -> None:
 
 def test_membership_changes_and_their_rules() -> None:
     state = group()
-    add = ConversationMemberAdded.new(
-        tenant_id=TENANT,
-        actor=by("alice"),
-        payload=ConversationMemberAddedPayload(conversation_id=CONVERSATION, user_id="dave"),
-    )
-    added = decide(state, add)
-    assert added.state is not None and "dave" in added.state.members
-    assert "dave" in {delivery.user_id for delivery in added.deliveries}
+    add = added("dave")
+    joined = decide(state, add)
+    assert joined.state is not None and "dave" in joined.state.members
+    assert "dave" in {delivery.user_id for delivery in joined.deliveries}
     # The new member learns the group's name from the event (the command does not carry it).
-    (sequenced,) = added.sequenced
+    (sequenced,) = joined.sequenced
     assert isinstance(sequenced, ConversationMemberAdded) and sequenced.payload.name == "team"
-    assert {delivery.event.event_id for delivery in added.deliveries} == {add.event_id}
-    assert all(delivery.event == sequenced for delivery in added.deliveries)
-    assert rejected(decide(added.state, add)) is RejectReason.ALREADY_A_MEMBER
+    assert {delivery.event.event_id for delivery in joined.deliveries} == {add.event_id}
+    assert all(delivery.event == sequenced for delivery in joined.deliveries)
+    assert rejected(decide(joined.state, add)) is RejectReason.ALREADY_A_MEMBER
 
-    remove_owner = ConversationMemberRemoved.new(
-        tenant_id=TENANT,
-        actor=by("alice"),
-        payload=ConversationMemberRemovedPayload(conversation_id=CONVERSATION, user_id="alice"),
-    )
-    assert rejected(decide(added.state, remove_owner)) is RejectReason.NOT_ALLOWED
+    remove_owner = removed("alice")
+    assert rejected(decide(joined.state, remove_owner)) is RejectReason.NOT_ALLOWED
 
-    remove = ConversationMemberRemoved.new(
-        tenant_id=TENANT,
-        actor=by("alice"),
-        payload=ConversationMemberRemovedPayload(conversation_id=CONVERSATION, user_id="dave"),
-    )
-    removed = decide(added.state, remove)
-    assert removed.state is not None and "dave" not in removed.state.members
+    remove = removed("dave")
+    left = decide(joined.state, remove)
+    assert left.state is not None and "dave" not in left.state.members
     # The removed member hears about it too.
-    assert "dave" in {delivery.user_id for delivery in removed.deliveries}
+    assert "dave" in {delivery.user_id for delivery in left.deliveries}
 
 
 def test_the_owner_cannot_leave_without_handing_over() -> None:

@@ -17,20 +17,16 @@ from __future__ import annotations
 
 import itertools
 import random
-import threading
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 from core.settings import Settings
 from schemas.events import (
-    Actor,
-    ConversationCreated,
-    ConversationCreatedPayload,
     ConversationKind,
     Event,
     MessageSent,
     SyncRecord,
-    message_event_id,
     parse_event,
 )
 from schemas.topics import TopicCatalog, topic_catalog
@@ -40,8 +36,10 @@ from streams.state import MemoryState
 from tests.streams.support import (
     TENANT,
     Worker,
+    conversation_created,
     created,
     direct_pairs,
+    feeding,
     message,
     produce,
     read_records,
@@ -53,15 +51,17 @@ KILLS = 6
 RETRY_EVERY = 37  # every 37th message is sent a second time, as a client retry would
 
 
-def group(index: int, members: list[str]) -> ConversationCreated:
-    return ConversationCreated.new(
-        tenant_id=TENANT,
-        actor=Actor(user_id=members[0]),
-        event_id=message_event_id(TENANT, members[0], f"create-crash-g{index}"),
-        payload=ConversationCreatedPayload(
-            conversation_id=f"crash-g{index}", kind=ConversationKind.GROUP, members=members
-        ),
-    )
+@dataclass(frozen=True)
+class Sent:
+    """What the feeder sent, and where: what the checks read back after the run."""
+
+    settings: Settings
+    catalog: TopicCatalog
+    members: dict[str, list[str]]
+    """The members of each conversation."""
+    sends: list[MessageSent]
+    order: dict[str, int | None]
+    """Each message's seq, by event id, as the worker sequenced it."""
 
 
 def test_sigkilled_worker_keeps_every_message_exactly_once(
@@ -71,7 +71,11 @@ def test_sigkilled_worker_keeps_every_message_exactly_once(
     rng = random.Random(20261127)
     pairs = direct_pairs(30)
     members: dict[str, list[str]] = {cid: [a, b] for a, b, cid in pairs}
-    groups = [group(i, [f"g{i}-m{j}" for j in range(6)]) for i in range(4)]
+    group = ConversationKind.GROUP
+    groups = [
+        conversation_created(f"crash-g{i}", [f"g{i}-m{j}" for j in range(6)], group)
+        for i in range(4)
+    ]
     for created_group in groups:
         members[created_group.payload.conversation_id] = list(created_group.payload.members)
     conversations = sorted(members)
@@ -87,12 +91,7 @@ def test_sigkilled_worker_keeps_every_message_exactly_once(
             stream.append(send)  # the same event id again: a client's re-send
     produce(stream_settings, catalog, [*(created(a, b, cid) for a, b, cid in pairs), *groups])
 
-    def feed() -> None:
-        for start in range(0, len(stream), 400):
-            produce(stream_settings, catalog, stream[start : start + 400])
-            time.sleep(0.3)
-
-    feeder = threading.Thread(target=feed)
+    feeder = feeding(stream_settings, catalog, stream, batch=400, pause=0.3)
     worker.start()
     feeder.start()
     for _ in range(KILLS):
@@ -115,8 +114,9 @@ def test_sigkilled_worker_keeps_every_message_exactly_once(
     messages = [event for event in sequenced if isinstance(event, MessageSent)]
     assert_sequenced_once_in_order(messages, sends)
     order = {event.event_id: event.payload.conversation_seq for event in messages}
-    assert_queues_in_order(stream_settings, catalog, members, sends, order)
-    assert_unread_restored(stream_settings, catalog, members, sends, order)
+    sent = Sent(stream_settings, catalog, members, sends, order)
+    assert_queues_in_order(sent)
+    assert_unread_restored(sent)
 
 
 def assert_sequenced_once_in_order(messages: list[MessageSent], sends: list[MessageSent]) -> None:
@@ -131,23 +131,17 @@ def assert_sequenced_once_in_order(messages: list[MessageSent], sends: list[Mess
         assert numbers == list(range(1, len(numbers) + 1)), conversation_id
 
 
-def assert_queues_in_order(
-    settings: Settings,
-    catalog: TopicCatalog,
-    members: dict[str, list[str]],
-    sends: list[MessageSent],
-    order: dict[str, int | None],
-) -> None:
+def assert_queues_in_order(sent: Sent) -> None:
     """Each member's queue: every message once, in seq order, sync ids strictly increasing."""
     queues: dict[str, list[SyncRecord]] = defaultdict(list)
-    for record in read_records(settings, catalog.sync_events.name):
+    for record in read_records(sent.settings, sent.catalog.sync_events.name):
         sync = SyncRecord.model_validate_json(record.value or b"")
         queues[sync.user_id].append(sync)
-    for conversation_id, users in members.items():
+    for conversation_id, users in sent.members.items():
         wanted = [
-            send.event_id for send in sends if send.payload.conversation_id == conversation_id
+            send.event_id for send in sent.sends if send.payload.conversation_id == conversation_id
         ]
-        wanted.sort(key=lambda event_id: order[event_id] or 0)
+        wanted.sort(key=lambda event_id: sent.order[event_id] or 0)
         for user in users:
             got = [
                 s.event.event_id
@@ -161,21 +155,15 @@ def assert_queues_in_order(
         assert all(a < b for a, b in itertools.pairwise(sync_ids)), user
 
 
-def assert_unread_restored(
-    settings: Settings,
-    catalog: TopicCatalog,
-    members: dict[str, list[str]],
-    sends: list[MessageSent],
-    order: dict[str, int | None],
-) -> None:
+def assert_unread_restored(sent: Sent) -> None:
     """Unread counts in the restored user state equal the messages from others."""
     states = MemoryState()
-    for record in read_records(settings, catalog.user_state.name):
+    for record in read_records(sent.settings, sent.catalog.user_state.name):
         states.put(USERS_TABLE, (record.key or b"").decode(), decode_state(record.value))
-    for conversation_id, users in members.items():
+    for conversation_id, users in sent.members.items():
         log = sorted(
-            (order[send.event_id] or 0, send.actor.user_id if send.actor else "")
-            for send in sends
+            (sent.order[send.event_id] or 0, send.actor.user_id if send.actor else "")
+            for send in sent.sends
             if send.payload.conversation_id == conversation_id
         )
         for user in users:

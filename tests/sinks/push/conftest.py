@@ -41,9 +41,7 @@ async def apns_sender(
     fake_apns: FakeApns, apns_key: ApnsKey, pki: LocalPki
 ) -> AsyncIterator[ApnsSender]:
     sender = ApnsSender(
-        signing_key=apns_key.pem,
-        key_id=apns_key.key_id,
-        team_id=apns_key.team_id,
+        **apns_key.credentials(),
         default_topic=APNS_TOPIC,
         use_sandbox=True,
         host=fake_apns.address,

@@ -6,8 +6,9 @@ import random
 import secrets
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any, TypedDict
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -22,16 +23,6 @@ APNS_TOPIC = "com.example.imstream"
 #: A second app (a debug build) whose tokens belong to the APNs sandbox.
 APNS_DEBUG_TOPIC = "com.example.imstream.debug"
 FCM_APP = "1:1234567890:android:abcdef"
-
-
-@dataclass(frozen=True, slots=True)
-class ApnsKey:
-    """An APNs signing key as the Apple developer account gives it: the .p8 text and its ids."""
-
-    pem: str
-    key_id: str
-    team_id: str
-    public_key: ec.EllipticCurvePublicKey
 
 
 def make_job(
@@ -93,6 +84,26 @@ async def send_once(sender: PushSender, target: PushTarget) -> ProviderReply:
         await sender.close()
 
 
+@dataclass(frozen=True, slots=True)
+class ApnsKey:
+    """An APNs signing key as the Apple developer account gives it: the .p8 text and its ids."""
+
+    pem: str
+    key_id: str
+    team_id: str
+    public_key: ec.EllipticCurvePublicKey
+
+    def credentials(self) -> ApnsCredentials:
+        """What an ``ApnsSender`` signs its tokens with: ``ApnsSender(**key.credentials(), …)``."""
+        return {"signing_key": self.pem, "key_id": self.key_id, "team_id": self.team_id}
+
+
+class ApnsCredentials(TypedDict):
+    signing_key: str
+    key_id: str
+    team_id: str
+
+
 def apns_target(token: str | None = None, device_id: str = "iphone-1") -> PushTarget:
     return PushTarget(device_id, PushProvider.APNS, token or secrets.token_hex(32), APNS_TOPIC)
 
@@ -103,28 +114,30 @@ def fcm_target(token: str | None = None, device_id: str = "pixel-1") -> PushTarg
     )
 
 
+#: Retries in tens of milliseconds, a few seconds of Retry-After at the most.
+TEST_RETRY = RetryPolicy(
+    max_attempts=3,
+    backoff_base_seconds=0.01,
+    backoff_cap_seconds=0.05,
+    max_retry_after_seconds=5.0,
+)
+
+
 def make_dispatcher(
     senders: Mapping[PushProvider, PushSender],
     *,
     concurrency: int = 8,
-    max_attempts: int = 3,
-    backoff_base_seconds: float = 0.01,
-    backoff_cap_seconds: float = 0.05,
-    max_retry_after_seconds: float = 5.0,
     breaker_failure_threshold: int = 100,
     breaker_cool_down_seconds: float = 0.3,
     request_timeout_seconds: float = 3.0,
+    **retry: Any,
 ) -> PushDispatcher:
-    """A dispatcher with test-sized delays: retries in tens of milliseconds."""
+    """A dispatcher with test-sized delays: :data:`TEST_RETRY`, with the ``RetryPolicy`` fields
+    ``retry`` names changed."""
     return PushDispatcher(
         senders,
         concurrency=concurrency,
-        retry=RetryPolicy(
-            max_attempts=max_attempts,
-            backoff_base_seconds=backoff_base_seconds,
-            backoff_cap_seconds=backoff_cap_seconds,
-            max_retry_after_seconds=max_retry_after_seconds,
-        ),
+        retry=replace(TEST_RETRY, **retry),
         breaker_failure_threshold=breaker_failure_threshold,
         breaker_cool_down_seconds=breaker_cool_down_seconds,
         request_timeout_seconds=request_timeout_seconds,

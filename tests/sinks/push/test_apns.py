@@ -151,9 +151,7 @@ async def test_wrong_signing_key_is_refused_by_the_fake(
 
 async def test_unknown_ca_is_a_connection_error(fake_apns: FakeApns, apns_key: ApnsKey) -> None:
     sender = ApnsSender(
-        signing_key=apns_key.pem,
-        key_id=apns_key.key_id,
-        team_id=apns_key.team_id,
+        **apns_key.credentials(),
         host=fake_apns.address,
         ca_file=None,  # the system's CAs do not know the test CA
     )
@@ -171,9 +169,7 @@ async def test_nothing_listening_is_a_retryable_connection_error(
         probe.bind(("127.0.0.1", 0))
         free_port = probe.getsockname()[1]
     sender = ApnsSender(
-        signing_key=apns_key.pem,
-        key_id=apns_key.key_id,
-        team_id=apns_key.team_id,
+        **apns_key.credentials(),
         host=f"127.0.0.1:{free_port}",
         ca_file=pki.ca_file,
     )
@@ -247,9 +243,7 @@ async def test_each_app_uses_its_apns_environment(
     fake_apns: FakeApns, apns_key: ApnsKey, pki: LocalPki
 ) -> None:
     sender = ApnsSender(
-        signing_key=apns_key.pem,
-        key_id=apns_key.key_id,
-        team_id=apns_key.team_id,
+        **apns_key.credentials(),
         use_sandbox=False,
         app_environments={APNS_DEBUG_TOPIC: ApnsEnvironment.SANDBOX},
         host=fake_apns.address,
@@ -296,9 +290,7 @@ def test_from_settings_reads_the_key_and_explains_what_is_missing(
 
 def _sender(fake: FakeApns, key: ApnsKey, pki: LocalPki) -> ApnsSender:
     return ApnsSender(
-        signing_key=key.pem,
-        key_id=key.key_id,
-        team_id=key.team_id,
+        **key.credentials(),
         host=fake.address,
         ca_file=pki.ca_file,
     )

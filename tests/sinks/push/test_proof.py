@@ -38,15 +38,9 @@ def claim(
 
 
 def challenge_for(event: ev.PushTokenRegistered, proofs: TokenProofs = PROOFS) -> str:
-    payload = event.payload
-    return proofs.issue(
-        tenant_id=event.tenant_id,
-        user_id=payload.user_id,
-        device_id=payload.device_id,
-        provider=payload.provider,
-        token=payload.token,
-        issued_at=event.occurred_at,
-    )
+    """The challenge issued for ``event``'s claim (its device, token and time)."""
+    claim = event.payload.model_dump(include={"user_id", "device_id", "provider", "token"})
+    return proofs.issue(tenant_id=event.tenant_id, issued_at=event.occurred_at, **claim)
 
 
 def test_a_challenge_proves_the_claim_it_was_issued_for() -> None:

@@ -15,7 +15,6 @@ import pytest
 from schemas.events import PushProvider
 from sinks.push.apns import ApnsSender
 from sinks.push.errors import DeadLetterCode, LocalReason, PushConfigError
-from sinks.push.fcm import FcmSender
 from sinks.push.notification import PushTarget
 from sinks.push.outcome import OutcomeKind, parse_retry_after
 from sinks.push.reliability import (
@@ -25,6 +24,7 @@ from sinks.push.reliability import (
     PushSender,
     RetryPolicy,
 )
+from tests.clock import FakeClock
 from tests.sinks.push.fakes.apns import FakeApns
 from tests.sinks.push.fakes.fcm import FakeFcm
 from tests.sinks.push.fakes.script import FakeStats, Reply, Script
@@ -44,30 +44,39 @@ class Provider:
     server_error: Reply
 
 
-@pytest.fixture(params=[PushProvider.APNS, PushProvider.FCM], ids=["apns", "fcm"])
-def provider(request: pytest.FixtureRequest) -> Provider:
-    if request.param is PushProvider.APNS:
-        apns: FakeApns = request.getfixturevalue("fake_apns")
-        apns_sender: ApnsSender = request.getfixturevalue("apns_sender")
-        return Provider(
-            PushProvider.APNS,
-            apns_sender,
-            apns.script,
-            apns.stats,
-            apns_target,
-            throttled=Reply(429, "TooManyRequests", retry_after="1"),
-            server_error=Reply(500, "InternalServerError"),
-        )
-    fcm: FakeFcm = request.getfixturevalue("fake_fcm")
-    fcm_sender: FcmSender = request.getfixturevalue("fcm_sender")
-    return Provider(
-        PushProvider.FCM,
-        fcm_sender,
-        fcm.script,
-        fcm.stats,
+#: Per provider: its fake's and its sender's fixtures, a target, and how the fake says
+#: "throttled" and "server error".
+PROVIDERS: dict[PushProvider, tuple[str, str, Callable[[], PushTarget], Reply, Reply]] = {
+    PushProvider.APNS: (
+        "fake_apns",
+        "apns_sender",
+        apns_target,
+        Reply(429, "TooManyRequests", retry_after="1"),
+        Reply(500, "InternalServerError"),
+    ),
+    PushProvider.FCM: (
+        "fake_fcm",
+        "fcm_sender",
         fcm_target,
-        throttled=Reply(429, "QUOTA_EXCEEDED", retry_after="1"),
-        server_error=Reply(500, "INTERNAL"),
+        Reply(429, "QUOTA_EXCEEDED", retry_after="1"),
+        Reply(500, "INTERNAL"),
+    ),
+}
+
+
+@pytest.fixture(params=list(PROVIDERS), ids=["apns", "fcm"])
+def provider(request: pytest.FixtureRequest) -> Provider:
+    fake_fixture, sender_fixture, target, throttled, server_error = PROVIDERS[request.param]
+    fake: FakeApns | FakeFcm = request.getfixturevalue(fake_fixture)
+    sender: PushSender = request.getfixturevalue(sender_fixture)
+    return Provider(
+        request.param,
+        sender,
+        fake.script,
+        fake.stats,
+        target,
+        throttled=throttled,
+        server_error=server_error,
     )
 
 
@@ -268,16 +277,10 @@ def state_of(breaker: CircuitBreaker) -> BreakerState:
     return breaker.state
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_breaker_counts_consecutive_failures_only() -> None:
-    breaker = CircuitBreaker("apns", failure_threshold=3, cool_down_seconds=10, clock=FakeClock())
+    breaker = CircuitBreaker(
+        "apns", failure_threshold=3, cool_down_seconds=10, clock=FakeClock(100.0)
+    )
     permit = BreakerPermit(probe=False)
     for healthy in (False, False, True, False, False):
         breaker.record(permit, healthy=healthy)
@@ -288,7 +291,7 @@ def test_breaker_counts_consecutive_failures_only() -> None:
 
 
 def test_failed_probe_reopens_for_a_whole_cool_down() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     breaker = CircuitBreaker("fcm", failure_threshold=1, cool_down_seconds=10, clock=clock)
     breaker.record(BreakerPermit(probe=False), healthy=False)
     clock.now += 9.9
@@ -311,7 +314,7 @@ def test_failed_probe_reopens_for_a_whole_cool_down() -> None:
 
 
 def test_answers_from_before_the_breaker_opened_change_nothing() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     breaker = CircuitBreaker("apns", failure_threshold=1, cool_down_seconds=10, clock=clock)
     in_flight = breaker.acquire()
     assert in_flight is not None
@@ -321,7 +324,7 @@ def test_answers_from_before_the_breaker_opened_change_nothing() -> None:
 
 
 def test_abandoned_probe_frees_the_probe_slot() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     breaker = CircuitBreaker("apns", failure_threshold=1, cool_down_seconds=1, clock=clock)
     breaker.record(BreakerPermit(probe=False), healthy=False)
     clock.now += 1

@@ -35,6 +35,18 @@ def removal(user: str, device: str, token: str, at: datetime) -> ev.PushTokenRem
     )
 
 
+def assert_removal(
+    detach: Detach, reason: ev.PushTokenRemovalReason, user: str, occurred_at: datetime
+) -> None:
+    """The removal of ``user``'s "shared" token that ``detach`` writes: for ``reason``, at the
+    time of the registration that caused it, and the same event whoever writes it."""
+    event = detach.removal()
+    assert event.payload.reason is reason
+    assert (event.payload.user_id, event.payload.token) == (user, "shared")
+    assert event.occurred_at == occurred_at
+    assert event.event_id == detach.removal().event_id
+
+
 def test_a_new_token_replaces_the_old_and_a_stale_removal_changes_nothing() -> None:
     table = TokenTable()
     table.apply(registration("bob", "phone", "t1", T0))
@@ -56,12 +68,7 @@ def test_a_moved_token_detaches_the_users_earlier_device_whatever_the_read_order
         (detach,) = table.apply(second)
         assert detach.holder == Holder("acme", "dave", "phone")
         assert [t.device_id for t in table.targets("acme", "dave")] == ["new-phone"]
-        event = detach.removal()
-        assert event.payload.reason is ev.PushTokenRemovalReason.MOVED
-        assert (event.payload.user_id, event.payload.token) == ("dave", "shared")
-        assert event.occurred_at == newer.occurred_at
-        # Whoever writes it writes the same event.
-        assert event.event_id == detach.removal().event_id
+        assert_removal(detach, ev.PushTokenRemovalReason.MOVED, "dave", newer.occurred_at)
 
 
 def test_a_token_of_one_tenant_is_not_touched_by_another_tenants_registration() -> None:
@@ -126,11 +133,9 @@ def test_another_users_claim_is_refused_whatever_the_read_order() -> None:
         assert table.targets("acme", "mallory") == []
         (refused,) = detached
         assert refused.holder == Holder("acme", "mallory", "laptop")
-        event = refused.removal()
-        assert event.payload.reason is ev.PushTokenRemovalReason.CLAIM_REFUSED
-        assert (event.payload.user_id, event.payload.token) == ("mallory", "shared")
-        assert event.occurred_at == claim.occurred_at
-        assert event.event_id == refused.removal().event_id
+        assert_removal(
+            refused, ev.PushTokenRemovalReason.CLAIM_REFUSED, "mallory", claim.occurred_at
+        )
 
 
 def test_every_refused_claim_gets_its_own_removal_and_a_released_token_can_be_claimed() -> None:
