@@ -740,11 +740,7 @@ class Load:
         self.pipes: list[Connection] = []
         self.processes: list[multiprocessing.process.BaseProcess] = []
         settings = system.settings
-        credentials = Credentials(
-            secret=settings.auth.jwt_secret.get_secret_value(),
-            issuer=settings.auth.jwt_issuer,
-            audience=settings.auth.jwt_audience,
-        )
+        credentials = Credentials.of(settings)
         self.catalog = topic_catalog(settings)
         self.admin = AdminClient(kafka_config(settings))
         text = body_text(options.body_bytes)

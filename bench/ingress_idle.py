@@ -269,11 +269,7 @@ def run_imstream(
         port=port,
         log_path=log_dir / ("ingress-deflate.log" if deflate else "ingress.log"),
     )
-    credentials = Credentials(
-        secret=settings.auth.jwt_secret.get_secret_value(),
-        issuer=settings.auth.jwt_issuer,
-        audience=settings.auth.jwt_audience,
-    )
+    credentials = Credentials.of(settings)
     with server:
         server.start()
         result = hold_idle(

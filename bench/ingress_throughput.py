@@ -337,14 +337,6 @@ def _summarise(
 # ---------------------------------------------------------------------------------------------
 
 
-def credentials_of(settings: Settings) -> Credentials:
-    return Credentials(
-        secret=settings.auth.jwt_secret.get_secret_value(),
-        issuer=settings.auth.jwt_issuer,
-        audience=settings.auth.jwt_audience,
-    )
-
-
 def run_ingress(
     settings: Settings, options: Options, progress: Progress, log_dir: Path
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None, dict[str, str]]:
@@ -362,7 +354,7 @@ def run_ingress(
         log_path=log_dir / "ingress.log",
     )
     kafka_pid = kafka_broker_pid(settings)
-    credentials = credentials_of(settings)
+    credentials = Credentials.of(settings)
     runs = []
     profiled = None
     with server:

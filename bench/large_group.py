@@ -132,7 +132,6 @@ from bench.ingress_throughput import body_text
 from bench.lean_ws import LeanSocket, open_lean
 from bench.loadgen import Credentials
 from bench.stream_throughput import fill
-from core.auth import issue_token
 from core.connections import kafka_config
 from core.lag import group_lag
 from core.settings import Settings
@@ -465,14 +464,7 @@ class _DeviceWorker:
 
     def _hello(self, user: str, device: str) -> str:
         plan = self.plan
-        token = issue_token(
-            plan.credentials.secret,
-            user_id=user,
-            tenant_id=plan.tenant_id,
-            issuer=plan.credentials.issuer,
-            audience=plan.credentials.audience,
-            device_id=device,
-        )
+        token = plan.credentials.token(user_id=user, tenant_id=plan.tenant_id, device_id=device)
         hello = Hello(
             id="hello",
             token=token,
@@ -830,11 +822,7 @@ class DeviceFleet:
         progress: Progress,
     ) -> None:
         settings = system.settings
-        credentials = Credentials(
-            secret=settings.auth.jwt_secret.get_secret_value(),
-            issuer=settings.auth.jwt_issuer,
-            audience=settings.auth.jwt_audience,
-        )
+        credentials = Credentials.of(settings)
         context = multiprocessing.get_context("spawn")
         workers = max(1, min(processes, len(receivers)))
         self.counters = context.Array("q", workers + 1, lock=False)
@@ -927,11 +915,7 @@ class DirectTraffic:
             tenant_id=TENANT,
             pairs=tuple((f"{tag}-p{index}a", f"{tag}-p{index}b") for index in range(pairs)),
             groups=(),
-            credentials=Credentials(
-                secret=settings.auth.jwt_secret.get_secret_value(),
-                issuer=settings.auth.jwt_issuer,
-                audience=settings.auth.jwt_audience,
-            ),
+            credentials=Credentials.of(settings),
             body_text=body,
             run_tag=tag,
         )
