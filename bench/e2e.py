@@ -105,7 +105,7 @@ from bench.common import (
     write_results,
 )
 from bench.e2e_load import Phase, PhaseResult, WorkerPlan, run_worker
-from bench.harness import add_output_options
+from bench.harness import add_output_options, options_from
 from bench.ingress_throughput import body_text, built_record
 from bench.loadgen import Credentials
 from bench.raw_produce import durable_producer_config
@@ -262,27 +262,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
             if args.shape == 1
             else PLOT_PATH.with_name(f"e2e-latency-shape-{args.shape}-backlog-{args.backlog}.png")
         )
-    return Options(
+    return options_from(
+        Options,
+        args,
         rates=rates(args.rates),
         group_rates=rates(args.group_rates) if args.group_rates else [],
-        pairs=args.pairs,
-        groups=args.groups,
-        group_size=args.group_size,
-        warmup=args.warmup,
-        duration=args.duration,
-        drain=args.drain,
-        body_bytes=args.body_bytes,
-        client_processes=args.client_processes,
-        p99_bar_ms=args.p99_bar_ms,
-        raw_seconds=args.raw_seconds,
-        sink_nice=args.sink_nice,
-        sink_catch_up=args.sink_catch_up,
-        stop_after_failures=args.stop_after_failures,
-        warm_up_seconds=args.warm_up_seconds,
-        shape=args.shape,
-        backlog=args.backlog,
-        shape_timeout=args.shape_timeout,
-        output=args.output,
         plot=plot_path,
         write=not args.no_write,
     )

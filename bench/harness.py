@@ -10,11 +10,12 @@ an unknown target reads the same in every ``python -m bench.<name>``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from confluent_kafka import Producer
 from pydantic import ValidationError
@@ -31,6 +32,11 @@ from bench.common import (
 from bench.loadgen import Credentials
 from core.settings import Settings
 from ingress.gateway import WEBSOCKET_PATH
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+OptionsT = TypeVar("OptionsT", bound="DataclassInstance")
 
 #: The tokens the bare WebSocket server (``bench/bare_ws.py``) accepts.
 BARE_CREDENTIALS = Credentials(secret="x" * 32, issuer="bench", audience="bench")
@@ -89,6 +95,17 @@ def add_output_options(parser: argparse.ArgumentParser, default: Path) -> None:
     """``--output`` (the results file, ``default``) and ``--no-write`` (print only)."""
     parser.add_argument("--output", type=Path, default=default, help="results file (%(default)s)")
     parser.add_argument("--no-write", action="store_true", help="do not write the results file")
+
+
+def options_from(cls: type[OptionsT], args: argparse.Namespace, **given: Any) -> OptionsT:
+    """A benchmark's options dataclass ``cls`` from the parsed ``args``: each field the value of
+    the option of its name, unless ``given`` (the fields the benchmark works out itself)."""
+    taken = {
+        field.name: getattr(args, field.name)
+        for field in dataclasses.fields(cls)
+        if field.init and field.name not in given
+    }
+    return cls(**taken, **given)
 
 
 def parse_targets(

@@ -63,6 +63,7 @@ from bench.harness import (
     add_target_options,
     bare_ws_server,
     load_settings,
+    options_from,
     parse_targets,
 )
 from bench.idle_client import IdlePlan, OpenReport, run_client
@@ -120,13 +121,10 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     targets = parse_targets(parser, args.targets, TARGETS)
     if args.connections < 1 or args.samples < 1 or args.warmup_connections < 0:
         parser.error("--connections and --samples must be at least 1")
-    return Options(
-        connections=args.connections,
-        warmup_connections=args.warmup_connections,
-        settle=args.settle,
-        samples=args.samples,
+    return options_from(
+        Options,
+        args,
         targets=targets,
-        ws_path=args.ws_path,
         output=None if args.no_write else args.output,
     )
 

@@ -68,6 +68,7 @@ from bench.harness import (
     add_target_options,
     bare_ws_server,
     load_settings,
+    options_from,
     parse_targets,
 )
 from bench.loadgen import Credentials, LoadPlan, LoadResult, Window, identities, run_worker
@@ -149,18 +150,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         parser.error("connection counts, --window, --client-processes, --repeat must be >= 1")
     if args.duration <= 0 or args.warmup < 0:
         parser.error("--duration must be positive and --warmup not negative")
-    return Options(
+    return options_from(
+        Options,
+        args,
         connections=connections,
-        window=args.window,
-        warmup=args.warmup,
-        duration=args.duration,
-        drain=args.drain,
-        body_bytes=args.body_bytes,
-        client_processes=args.client_processes,
-        repeat=args.repeat,
         targets=targets,
-        profile_connections=args.profile_connections,
-        ws_path=args.ws_path,
         output=None if args.no_write else args.output,
     )
 

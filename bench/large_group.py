@@ -127,7 +127,7 @@ from bench.e2e import (
     stack_pids,
 )
 from bench.e2e_load import Phase, PhaseResult, WorkerPlan, run_worker
-from bench.harness import add_output_options
+from bench.harness import add_output_options, options_from
 from bench.ingress_throughput import body_text
 from bench.lean_ws import LeanSocket, open_lean
 from bench.loadgen import Credentials
@@ -282,30 +282,15 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     def pick(value: float | None, full: float, quick: float) -> float:
         return value if value is not None else (quick if args.quick else full)
 
-    return Options(
+    return options_from(
+        Options,
+        args,
         members=members,
-        devices=args.devices,
-        rate=args.rate,
         seconds=pick(args.seconds, 60.0, 15.0),
         window_seconds=pick(args.window_seconds, 10.0, 5.0),
         warm_up_seconds=pick(args.warm_up_seconds, 5.0, 3.0),
         idle_seconds=pick(args.idle_seconds, 5.0, 3.0),
-        drain=args.drain,
-        direct_rate=args.direct_rate,
-        direct_pairs=args.direct_pairs,
-        receiver_processes=args.receiver_processes,
-        body_bytes=args.body_bytes,
-        p99_bar_ms=args.p99_bar_ms,
-        records_constant=args.records_constant,
-        build_timeout=args.build_timeout,
-        settle_timeout=args.settle_timeout,
         sink_catch_up=pick(args.sink_catch_up, 120.0, 60.0),
-        sink_nice=args.sink_nice,
-        count_cap=args.count_cap,
-        crossing=args.crossing,
-        crossing_devices=args.crossing_devices,
-        quick=args.quick,
-        output=args.output,
         write=not args.no_write,
     )
 
