@@ -68,8 +68,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import asdict, dataclass, replace
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -105,7 +105,7 @@ from bench.common import (
     write_results,
 )
 from bench.e2e_load import Phase, PhaseResult, WorkerPlan, run_worker
-from bench.harness import add_output_options, options_from
+from bench.harness import add_output_options, options_document, options_from, stop_workers
 from bench.ingress_throughput import body_text, built_record
 from bench.loadgen import Credentials
 from bench.raw_produce import durable_producer_config
@@ -846,16 +846,7 @@ class Load:
         return summary
 
     def close(self) -> None:
-        for pipe in self.pipes:
-            with suppress(OSError):
-                pipe.send(("stop",))
-        for process in self.processes:
-            process.join(30)
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
-        for pipe in self.pipes:
-            pipe.close()
+        stop_workers(self.pipes, self.processes)
 
 
 def end_offsets(admin: AdminClient, catalog: TopicCatalog) -> dict[tuple[str, int], int]:
@@ -1238,10 +1229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "started_at": started,
         "finished_at": now_iso(),
         "machine": facts,
-        "parameters": {
-            key: (str(value) if isinstance(value, Path) else value)
-            for key, value in asdict(options).items()
-        },
+        "parameters": options_document(options),
         "raw_baseline": raw,
         "shape": shaping,
         "phases": phases,

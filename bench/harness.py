@@ -14,6 +14,9 @@ import dataclasses
 import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -106,6 +109,29 @@ def options_from(cls: type[OptionsT], args: argparse.Namespace, **given: Any) ->
         if field.init and field.name not in given
     }
     return cls(**taken, **given)
+
+
+def options_document(options: DataclassInstance) -> dict[str, Any]:
+    """A benchmark's options as the results' ``parameters``: paths as text, so it is JSON."""
+    return {
+        key: (str(value) if isinstance(value, Path) else value)
+        for key, value in dataclasses.asdict(options).items()
+    }
+
+
+def stop_workers(pipes: Sequence[Connection], processes: Sequence[BaseProcess]) -> None:
+    """Ask each worker process to stop (``("stop",)`` on its pipe), give it 30 s to finish, then
+    terminate it; close the pipes."""
+    for pipe in pipes:
+        with suppress(OSError):
+            pipe.send(("stop",))
+    for process in processes:
+        process.join(30)
+        if process.is_alive():
+            process.terminate()
+            process.join(5)
+    for pipe in pipes:
+        pipe.close()
 
 
 def parse_targets(

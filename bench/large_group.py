@@ -89,7 +89,7 @@ from array import array
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.sharedctypes import SynchronizedArray
 from pathlib import Path
@@ -127,7 +127,7 @@ from bench.e2e import (
     stack_pids,
 )
 from bench.e2e_load import Phase, PhaseResult, WorkerPlan, run_worker
-from bench.harness import add_output_options, options_from
+from bench.harness import add_output_options, options_document, options_from, stop_workers
 from bench.ingress_throughput import body_text
 from bench.lean_ws import LeanSocket, open_lean
 from bench.loadgen import Credentials
@@ -871,16 +871,7 @@ class DeviceFleet:
         return [_receive(pipe, 300, "its deliveries")[1] for pipe in self.pipes[1:]]
 
     def close(self) -> None:
-        for pipe in self.pipes:
-            with contextlib.suppress(OSError):
-                pipe.send(("stop",))
-        for process in self.processes:
-            process.join(30)
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
-        for pipe in self.pipes:
-            pipe.close()
+        stop_workers(self.pipes, self.processes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1879,10 +1870,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "started_at": started,
         "finished_at": now_iso(),
         "machine": facts,
-        "parameters": {
-            key: (str(value) if isinstance(value, Path) else value)
-            for key, value in asdict(options).items()
-        },
+        "parameters": options_document(options),
         "sizes": sizes,
         "threshold_crossing": crossing,
     }
