@@ -102,6 +102,13 @@ def interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _raise)
 
 
+def start_run() -> tuple[Progress, Settings]:
+    """How a benchmark's ``main`` starts once its options are read: SIGTERM interrupts it like
+    Ctrl-C (so its clean-up runs), a progress line, and the settings from the environment."""
+    interrupt_on_sigterm()
+    return Progress(), Settings()
+
+
 def raise_open_file_limit(wanted: int) -> int:
     """Raise this process's soft open-file limit (inherited by its children) towards ``wanted``.
 
@@ -255,6 +262,12 @@ def with_topic_prefix(settings: Settings, prefix: str) -> Settings:
     """The same settings with the catalog's topics under ``prefix``."""
     kafka = settings.kafka.model_copy(update={"topic_prefix": prefix})
     return settings.model_copy(update={"kafka": kafka})
+
+
+def run_settings(settings: Settings, kind: str) -> Settings:
+    """The same settings with the catalog's topics under a prefix of their own (``run_prefix``),
+    so that a run starts from empty topics and leaves no others half-used."""
+    return with_topic_prefix(settings, run_prefix(kind))
 
 
 @contextlib.contextmanager

@@ -94,14 +94,13 @@ from bench.common import (
     bench_topics,
     free_port,
     imstream_command,
-    interrupt_on_sigterm,
     machine_facts,
     now_iso,
     percentiles_ms,
     run_main,
-    run_prefix,
+    run_settings,
     stack_server_pid,
-    with_topic_prefix,
+    start_run,
     write_results,
 )
 from bench.e2e_load import Phase, PhaseResult, WorkerPlan, run_worker
@@ -1165,12 +1164,10 @@ def add_raw_ratios(phases: list[dict[str, Any]], raw: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
-    interrupt_on_sigterm()
-    progress = Progress()
-    base = Settings()
+    progress, base = start_run()
     facts = machine_facts(base)
     started = now_iso()
-    settings = with_topic_prefix(base, run_prefix("e2e"))
+    settings = run_settings(base, "e2e")
     payload = len(built_record(options.body_bytes).value)
     log_dir = Path(tempfile.mkdtemp(prefix="imstream-bench-e2e-"))
     progress.done(f"logs: {log_dir}")

@@ -53,8 +53,7 @@ from bench.common import (
     now_iso,
     prometheus_value,
     raise_open_file_limit,
-    run_prefix,
-    with_topic_prefix,
+    run_settings,
     write_results,
 )
 from bench.harness import (
@@ -321,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "hard limit (ulimit -Hn).\n"
         )
         return 2
-    settings = with_topic_prefix(settings, run_prefix("idle"))
+    settings = run_settings(settings, "idle")
     log_dir = Path(tempfile.mkdtemp(prefix="imstream-bench-"))
     progress.done(f"server logs in {log_dir}")
     facts = machine_facts(settings)

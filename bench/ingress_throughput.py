@@ -58,8 +58,7 @@ from bench.common import (
     now_iso,
     percentiles_ms,
     raise_open_file_limit,
-    run_prefix,
-    with_topic_prefix,
+    run_settings,
     write_results,
 )
 from bench.harness import (
@@ -610,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings is None:
         return 2
     raise_open_file_limit(max(options.connections) * 2 + 1024)
-    settings = with_topic_prefix(settings, run_prefix("throughput"))
+    settings = run_settings(settings, "throughput")
     log_dir = Path(tempfile.mkdtemp(prefix="imstream-bench-"))
     progress.done(f"server logs and raw profile in {log_dir}")
     facts = machine_facts(settings)

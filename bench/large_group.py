@@ -108,14 +108,13 @@ from bench.common import (
     CpuSnapshot,
     Progress,
     bench_topics,
-    interrupt_on_sigterm,
     machine_facts,
     now_iso,
     percentiles_ms,
     raise_open_file_limit,
     run_main,
-    run_prefix,
-    with_topic_prefix,
+    run_settings,
+    start_run,
     write_results,
 )
 from bench.e2e import (
@@ -1586,7 +1585,7 @@ def fresh_system(
     base: Settings, kind: str, options: Options, progress: Progress
 ) -> Iterator[tuple[System, TopicCatalog, Probe]]:
     """A topic catalog, keyspace, state directory and set of processes of their own."""
-    settings = with_topic_prefix(base, run_prefix(kind))
+    settings = run_settings(base, kind)
     log_dir = Path(tempfile.mkdtemp(prefix=f"imstream-bench-{kind}-"))
     state_dir = log_dir / "streams-state"
     progress.done(f"{kind}: logs in {log_dir}")
@@ -1848,11 +1847,9 @@ def send_index(message: SentMessage) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
-    interrupt_on_sigterm()
-    progress = Progress()
+    progress, base = start_run()
     # Every device's socket, on both sides of the loopback, in this machine's processes.
     raise_open_file_limit(4 * options.devices + 8192)
-    base = Settings()
     facts = machine_facts(base)
     started = now_iso()
     sizes: list[dict[str, Any]] = []

@@ -47,8 +47,7 @@ from bench.common import (
     bench_topics,
     machine_facts,
     now_iso,
-    run_prefix,
-    with_topic_prefix,
+    run_settings,
     write_results,
 )
 from bench.harness import produce_waiting
@@ -161,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parser.parse_args(argv)
     progress = Progress()
     base = Settings()
-    settings = with_topic_prefix(base, run_prefix("replay"))
+    settings = run_settings(base, "replay")
     ways: list[dict[str, Any]] = []
     with bench_topics(settings, progress) as catalog:
         progress.done(f"producing {options.records} message.sent records")

@@ -39,12 +39,11 @@ from bench.common import (
     Progress,
     ServerProcess,
     bench_topics,
-    interrupt_on_sigterm,
     machine_facts,
     now_iso,
     run_main,
-    run_prefix,
-    with_topic_prefix,
+    run_settings,
+    start_run,
 )
 from bench.harness import add_output_options, produce_waiting, store_results
 from bench.stream_throughput import Counter, fill, stream_worker
@@ -204,10 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--traffic-rate", type=float, default=200.0, help="messages/s")
     add_output_options(parser, RESULTS_PATH)
     args = parser.parse_args(argv)
-    interrupt_on_sigterm()
-    progress = Progress()
-    base = Settings()
-    settings = with_topic_prefix(base, run_prefix("restore"))
+    progress, base = start_run()
+    settings = run_settings(base, "restore")
     log_dir = Path(tempfile.mkdtemp(prefix="bench-restore-"))
     started_at = now_iso()
     with bench_topics(settings, progress) as catalog:

@@ -36,13 +36,12 @@ from bench.common import (
     CpuMeter,
     Progress,
     bench_topics,
-    interrupt_on_sigterm,
     kafka_broker_pid,
     machine_facts,
     now_iso,
     run_main,
-    run_prefix,
-    with_topic_prefix,
+    run_settings,
+    start_run,
 )
 from bench.harness import add_output_options, store_results
 from bench.shapes import conversation_created, text_message
@@ -151,7 +150,7 @@ def run_shape(
     settle: float,
     progress: Progress,
 ) -> dict[str, Any]:
-    settings = with_topic_prefix(base, run_prefix(f"shape-{shape}"))
+    settings = run_settings(base, f"shape-{shape}")
     log_dir = Path(tempfile.mkdtemp(prefix=f"bench-shape-{shape}-"))
     groups = backlog_groups(users, shape)
     direct = direct_scenario(messages, users // 2)
@@ -237,9 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.users % GROUP_SIZE:
         parser.error(f"--users must be a multiple of {GROUP_SIZE}")
-    interrupt_on_sigterm()
-    progress = Progress()
-    base = Settings()
+    progress, base = start_run()
     started = now_iso()
     results = [
         run_shape(

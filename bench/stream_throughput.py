@@ -47,12 +47,12 @@ from bench.common import (
     ServerProcess,
     bench_topics,
     imstream_command,
-    interrupt_on_sigterm,
     kafka_broker_pid,
     machine_facts,
     now_iso,
     run_main,
-    run_prefix,
+    run_settings,
+    start_run,
     with_topic_prefix,
 )
 from bench.harness import add_output_options, produce_waiting, store_results
@@ -411,7 +411,7 @@ def run_scenario(
     timeout: float,
     raw_records: int,
 ) -> dict[str, Any]:
-    settings = with_topic_prefix(base, run_prefix(f"streams-{scenario.name}"))
+    settings = run_settings(base, f"streams-{scenario.name}")
     log_dir = Path(tempfile.mkdtemp(prefix=f"bench-streams-{scenario.name}-"))
     progress.done(f"{scenario.name}: worker logs in {log_dir}")
     runs = []
@@ -485,9 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="per run, seconds")
     add_output_options(parser, RESULTS_PATH)
     args = parser.parse_args(argv)
-    interrupt_on_sigterm()
-    progress = Progress()
-    base = Settings()
+    progress, base = start_run()
     layouts = [layout for layout in args.layouts.split(",") if layout]
     unknown = set(layouts) - set(LAYOUTS)
     if unknown:
