@@ -104,7 +104,13 @@ from bench.common import (
     write_results,
 )
 from bench.e2e_load import Phase, PhaseResult, WorkerPlan, run_worker
-from bench.harness import add_output_options, options_document, options_from, stop_workers
+from bench.harness import (
+    add_load_options,
+    add_output_options,
+    options_document,
+    options_from,
+    stop_workers,
+)
 from bench.ingress_throughput import body_text, built_record
 from bench.loadgen import Credentials
 from bench.raw_produce import durable_producer_config
@@ -185,11 +191,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--pairs", type=int, default=200, help="1:1 conversations (%(default)s)")
     parser.add_argument("--groups", type=int, default=20, help="groups (%(default)s)")
     parser.add_argument("--group-size", type=int, default=8, help="members (%(default)s)")
-    parser.add_argument("--warmup", type=float, default=5.0, help="seconds before measuring")
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds measured")
-    parser.add_argument("--drain", type=float, default=20.0, help="seconds to wait for stragglers")
-    parser.add_argument("--body-bytes", type=int, default=100, help="text body size")
-    parser.add_argument("--client-processes", type=int, default=2, help="load generators")
+    add_load_options(parser, warmup=5.0, duration=20.0, drain=20.0)
     parser.add_argument("--p99-bar-ms", type=float, default=200.0, help="the latency bar")
     parser.add_argument("--raw-seconds", type=float, default=5.0, help="per raw rate")
     parser.add_argument(

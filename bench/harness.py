@@ -81,6 +81,29 @@ def add_target_options(parser: argparse.ArgumentParser, known: tuple[str, ...]) 
     )
 
 
+def add_load_options(
+    parser: argparse.ArgumentParser, *, warmup: float, duration: float, drain: float
+) -> None:
+    """The options of a timed load from client processes, spelled alike in the benchmarks that
+    drive one: ``--warmup``, ``--duration`` and ``--drain`` (seconds, with these defaults),
+    ``--body-bytes`` and ``--client-processes``."""
+    parser.add_argument(
+        "--warmup", type=float, default=warmup, help="seconds before measuring (%(default)s)"
+    )
+    parser.add_argument(
+        "--duration", type=float, default=duration, help="seconds measured (%(default)s)"
+    )
+    parser.add_argument(
+        "--drain", type=float, default=drain, help="seconds to wait for late ones (%(default)s)"
+    )
+    parser.add_argument(
+        "--body-bytes", type=int, default=100, help="text body size of each send (%(default)s)"
+    )
+    parser.add_argument(
+        "--client-processes", type=int, default=2, help="load generators (%(default)s)"
+    )
+
+
 def produce_waiting(
     producer: Producer, topic: str, key: bytes, value: bytes, *, wait: float = 0.05
 ) -> None:

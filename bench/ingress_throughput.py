@@ -63,6 +63,7 @@ from bench.common import (
 )
 from bench.harness import (
     BARE_CREDENTIALS,
+    add_load_options,
     add_output_options,
     add_target_options,
     bare_ws_server,
@@ -113,20 +114,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--window", type=int, default=8, help="outstanding sends per connection (%(default)s)"
     )
-    parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per run")
-    parser.add_argument(
-        "--drain", type=float, default=10.0, help="seconds to wait for replies after a run"
-    )
-    parser.add_argument(
-        "--body-bytes", type=int, default=100, help="text body size of each send (%(default)s)"
-    )
-    parser.add_argument(
-        "--client-processes",
-        type=int,
-        default=2,
-        help="load generator processes (at most N are used; default %(default)s)",
-    )
+    add_load_options(parser, warmup=3.0, duration=10.0, drain=10.0)
     parser.add_argument(
         "--repeat",
         type=int,
