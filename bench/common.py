@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -204,6 +205,13 @@ class CpuMeter:
         self._pids = dict(pids)
         self._threads_of = threads_of
 
+    @classmethod
+    def with_broker(cls, settings: Settings, pids: Mapping[str, int]) -> CpuMeter:
+        """The processes ``pids`` and, when it runs on this machine, the local stack's Kafka
+        broker (as ``kafka``): what a stream stage costs the broker too."""
+        broker = kafka_broker_pid(settings)
+        return cls({**pids, "kafka": broker} if broker is not None else pids)
+
     def snapshot(self) -> CpuSnapshot:
         processes = {}
         for name, pid in self._pids.items():
@@ -268,6 +276,12 @@ def run_settings(settings: Settings, kind: str) -> Settings:
     """The same settings with the catalog's topics under a prefix of their own (``run_prefix``),
     so that a run starts from empty topics and leaves no others half-used."""
     return with_topic_prefix(settings, run_prefix(kind))
+
+
+def run_space(settings: Settings, kind: str) -> tuple[Settings, Path]:
+    """``run_settings``, and a fresh directory for the run's logs (``bench-<kind>-…`` in the
+    temporary directory; kept after the run, for a look at what went wrong)."""
+    return run_settings(settings, kind), Path(tempfile.mkdtemp(prefix=f"bench-{kind}-"))
 
 
 @contextlib.contextmanager

@@ -22,7 +22,6 @@ table.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import threading
 import time
 import uuid
@@ -42,7 +41,7 @@ from bench.common import (
     machine_facts,
     now_iso,
     run_main,
-    run_settings,
+    run_space,
     start_run,
 )
 from bench.harness import add_output_options, produce_waiting, store_results
@@ -204,8 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_output_options(parser, RESULTS_PATH)
     args = parser.parse_args(argv)
     progress, base = start_run()
-    settings = run_settings(base, "restore")
-    log_dir = Path(tempfile.mkdtemp(prefix="bench-restore-"))
+    settings, log_dir = run_space(base, "restore")
     started_at = now_iso()
     with bench_topics(settings, progress) as catalog:
         records = fill_state(

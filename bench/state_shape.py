@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import random
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
@@ -36,11 +34,10 @@ from bench.common import (
     CpuMeter,
     Progress,
     bench_topics,
-    kafka_broker_pid,
     machine_facts,
     now_iso,
     run_main,
-    run_settings,
+    run_space,
     start_run,
 )
 from bench.harness import add_output_options, store_results
@@ -150,8 +147,7 @@ def run_shape(
     settle: float,
     progress: Progress,
 ) -> dict[str, Any]:
-    settings = run_settings(base, f"shape-{shape}")
-    log_dir = Path(tempfile.mkdtemp(prefix=f"bench-shape-{shape}-"))
+    settings, log_dir = run_space(base, f"shape-{shape}")
     groups = backlog_groups(users, shape)
     direct = direct_scenario(messages, users // 2)
     # Sync entries: one per member per creation and per message.
@@ -179,11 +175,7 @@ def run_shape(
             # state records before the measurement (on 2 vCPUs it competes with the worker).
             time.sleep(settle)
             before = watermarks(settings, catalog)
-            pids = {"stream-worker": worker.pid}
-            broker = kafka_broker_pid(settings)
-            if broker is not None:
-                pids["kafka"] = broker
-            meter = CpuMeter(pids)
+            meter = CpuMeter.with_broker(settings, {"stream-worker": worker.pid})
             cpu_start = meter.snapshot()
             started = time.monotonic()
             sends = (e for e in direct.events() if isinstance(e, MessageSent))

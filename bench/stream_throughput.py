@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import tempfile
 import threading
 import time
 import uuid
@@ -47,11 +46,10 @@ from bench.common import (
     ServerProcess,
     bench_topics,
     imstream_command,
-    kafka_broker_pid,
     machine_facts,
     now_iso,
     run_main,
-    run_settings,
+    run_space,
     start_run,
     with_topic_prefix,
 )
@@ -221,14 +219,10 @@ def run_stage(
         )
         for index, args in enumerate(LAYOUTS[layout])
     ]
-    broker = kafka_broker_pid(settings)
     try:
         for worker in workers:
             worker.start(timeout=120)
-        pids = {worker.name: worker.pid for worker in workers}
-        if broker is not None:
-            pids["kafka"] = broker
-        meter = CpuMeter(pids)
+        meter = CpuMeter.with_broker(settings, {worker.name: worker.pid for worker in workers})
         started = time.monotonic()
         cpu_start = meter.snapshot()
         recorder = None
@@ -411,8 +405,7 @@ def run_scenario(
     timeout: float,
     raw_records: int,
 ) -> dict[str, Any]:
-    settings = run_settings(base, f"streams-{scenario.name}")
-    log_dir = Path(tempfile.mkdtemp(prefix=f"bench-streams-{scenario.name}-"))
+    settings, log_dir = run_space(base, f"streams-{scenario.name}")
     progress.done(f"{scenario.name}: worker logs in {log_dir}")
     runs = []
     raws: list[dict[str, Any]] = []
