@@ -59,7 +59,6 @@ plot ``e2e-latency-shape-<N>-backlog-<B>.png``, so runs of different shapes keep
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import subprocess
@@ -107,6 +106,7 @@ from bench.e2e_load import Phase, PhaseResult, WorkerPlan, run_worker
 from bench.harness import (
     add_load_options,
     add_output_options,
+    bench_parser,
     options_document,
     options_from,
     stop_workers,
@@ -183,9 +183,7 @@ class Options:
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.e2e", description=(__doc__ or "").split("\n\n", 1)[0]
-    )
+    parser = bench_parser("bench.e2e", __doc__)
     parser.add_argument("--rates", default="25,50,100,150,200,300,500,1000")
     parser.add_argument("--group-rates", default="10,25,50")
     parser.add_argument("--pairs", type=int, default=200, help="1:1 conversations (%(default)s)")

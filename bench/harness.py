@@ -69,6 +69,14 @@ def load_settings() -> Settings | None:
         return None
 
 
+def bench_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
+    """The options parser of ``python -m <module>``: its description the first paragraph of the
+    benchmark's docstring ``doc`` (the rest is for the reader of the code)."""
+    return argparse.ArgumentParser(
+        prog=f"python -m {module}", description=(doc or "").split("\n\n", 1)[0] or None
+    )
+
+
 def add_target_options(parser: argparse.ArgumentParser, known: tuple[str, ...]) -> None:
     """``--targets`` (some of ``known``, all by default) and ``--ws-path`` (the gateway's)."""
     parser.add_argument(

@@ -23,7 +23,6 @@ the end; every process started here is stopped. Results: docs/bench/ingress.json
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import statistics
@@ -67,6 +66,7 @@ from bench.harness import (
     add_output_options,
     add_target_options,
     bare_ws_server,
+    bench_parser,
     load_settings,
     options_from,
     parse_targets,
@@ -102,10 +102,7 @@ class Options:
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.ingress_throughput",
-        description=__doc__.split("\n\n", 1)[0] if __doc__ else None,
-    )
+    parser = bench_parser("bench.ingress_throughput", __doc__)
     parser.add_argument(
         "--connections",
         default="1,10,100,500",

@@ -126,7 +126,13 @@ from bench.e2e import (
     stack_pids,
 )
 from bench.e2e_load import Phase, PhaseResult, WorkerPlan, run_worker
-from bench.harness import add_output_options, options_document, options_from, stop_workers
+from bench.harness import (
+    add_output_options,
+    bench_parser,
+    options_document,
+    options_from,
+    stop_workers,
+)
 from bench.ingress_throughput import body_text
 from bench.lean_ws import LeanSocket, open_lean
 from bench.loadgen import Credentials
@@ -213,9 +219,7 @@ class Options:
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.large_group", description=(__doc__ or "").split("\n\n", 1)[0]
-    )
+    parser = bench_parser("bench.large_group", __doc__)
     parser.add_argument(
         "--members", default="100000", help="group sizes, comma-separated (%(default)s)"
     )

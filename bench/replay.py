@@ -26,7 +26,6 @@ Reported per way: records/s, seconds, and the ratio to raw. Results go to
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 import threading
@@ -50,7 +49,7 @@ from bench.common import (
     run_settings,
     write_results,
 )
-from bench.harness import produce_waiting
+from bench.harness import bench_parser, produce_waiting
 from core.connections import (
     clickhouse_client,
     cql_cluster,
@@ -153,7 +152,7 @@ def way(name: str, result: ReplayResult, raw_rate: float) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = bench_parser("bench.replay", __doc__)
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--conversations", type=int, default=200)
     parser.add_argument("--output", type=Path, default=RESULTS)

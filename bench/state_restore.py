@@ -21,7 +21,6 @@ table.
 
 from __future__ import annotations
 
-import argparse
 import threading
 import time
 import uuid
@@ -44,7 +43,7 @@ from bench.common import (
     run_space,
     start_run,
 )
-from bench.harness import add_output_options, produce_waiting, store_results
+from bench.harness import add_output_options, bench_parser, produce_waiting, store_results
 from bench.stream_throughput import Counter, fill, stream_worker
 from core.connections import kafka_producer_config
 from core.settings import Settings
@@ -195,7 +194,7 @@ def timed_start(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser("bench.state_restore", __doc__)
     parser.add_argument("--messages", type=int, default=10_000_000, help="dedupe records")
     parser.add_argument("--users", type=int, default=1_000_000, help="users with state")
     parser.add_argument("--views", type=int, default=2, help="conversation views per user")

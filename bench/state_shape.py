@@ -19,7 +19,6 @@ table.
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 import uuid
@@ -40,7 +39,7 @@ from bench.common import (
     run_space,
     start_run,
 )
-from bench.harness import add_output_options, store_results
+from bench.harness import add_output_options, bench_parser, store_results
 from bench.shapes import conversation_created, text_message
 from bench.stream_throughput import Counter, direct_scenario, fill, stream_worker
 from core.connections import kafka_config
@@ -218,7 +217,7 @@ def run_shape(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser("bench.state_shape", __doc__)
     parser.add_argument("--shapes", default="1,50,500", help="conversations per user")
     parser.add_argument("--users", type=int, default=100, help="users (%(default)s)")
     parser.add_argument("--backlog", type=int, default=5, help="messages per group (%(default)s)")

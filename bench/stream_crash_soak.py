@@ -29,6 +29,7 @@ from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
 
 from bench.common import with_topic_prefix
+from bench.harness import bench_parser
 from core.connections import kafka_config
 from core.settings import Settings
 from pipelines.topics import apply_topics
@@ -141,7 +142,7 @@ def unread_violations(
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser("bench.stream_crash_soak", __doc__)
     parser.add_argument("--messages", type=int, default=10_000)
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--pairs", type=int, default=50)

@@ -24,7 +24,6 @@ Results go to ``docs/bench/streams.json``; docs/performance.md has the table.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import threading
@@ -53,7 +52,7 @@ from bench.common import (
     start_run,
     with_topic_prefix,
 )
-from bench.harness import add_output_options, produce_waiting, store_results
+from bench.harness import add_output_options, bench_parser, produce_waiting, store_results
 from bench.profile import start_recording, summarise
 from bench.shapes import conversation_created, text_message
 from core.connections import kafka_config, kafka_producer_config
@@ -466,7 +465,7 @@ def run_scenario(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser("bench.stream_throughput", __doc__)
     parser.add_argument("--messages", type=int, default=40_000, help="1:1 messages (%(default)s)")
     parser.add_argument("--pairs", type=int, default=500, help="1:1 conversations (%(default)s)")
     parser.add_argument("--group-messages", type=int, default=4_000, help="group messages")
