@@ -313,37 +313,6 @@ def bench_topics(settings: Settings, progress: Progress) -> Iterator[TopicCatalo
             progress.done(f"deleted the {len(names)} topics under {settings.kafka.topic_prefix}")
 
 
-def ingress_env(
-    settings: Settings,
-    *,
-    port: int,
-    node_id: str,
-    internal_port: int | None = None,
-    extra: Mapping[str, str] = {},
-) -> dict[str, str]:
-    """The environment of an ``imstream run ingress`` serving ``settings`` on the loopback, its
-    metrics on ``internal_port`` (a free port if not given)."""
-    env = dict(os.environ)
-    env.update(
-        {
-            "IM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-            "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
-            "IM_KAFKA__REPLICATION_FACTOR": str(settings.kafka.replication_factor),
-            "IM_AUTH__JWT_ALGORITHM": "HS256",
-            "IM_AUTH__JWT_SECRET": settings.auth.jwt_secret.get_secret_value(),
-            "IM_AUTH__JWT_ISSUER": settings.auth.jwt_issuer,
-            "IM_AUTH__JWT_AUDIENCE": settings.auth.jwt_audience,
-            "IM_INGRESS__HOST": LOOPBACK,
-            "IM_INGRESS__PORT": str(port),
-            "IM_INGRESS__INTERNAL_HOST": LOOPBACK,
-            "IM_INGRESS__INTERNAL_PORT": str(internal_port or free_port()),
-            "IM_INGRESS__NODE_ID": node_id,
-        }
-    )
-    env.update(extra)
-    return env
-
-
 def imstream_command(*args: str) -> list[str]:
     """The ``imstream`` console script of the interpreter running the benchmark."""
     script = Path(sys.executable).with_name("imstream")
@@ -464,6 +433,40 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             process.kill()
             return process.wait(10)
+
+
+def ingress_server(
+    settings: Settings,
+    log_path: Path,
+    *,
+    node_id: str,
+    internal_port: int | None = None,
+    extra: Mapping[str, str] = {},
+) -> ServerProcess:
+    """An ``imstream run ingress`` serving ``settings`` on a free loopback port (its ``port``),
+    not started yet; its metrics on ``internal_port`` (a free port if not given), and ``extra``
+    over its environment."""
+    port = free_port()
+    env = dict(os.environ)
+    env.update(
+        {
+            "IM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+            "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
+            "IM_KAFKA__REPLICATION_FACTOR": str(settings.kafka.replication_factor),
+            "IM_AUTH__JWT_ALGORITHM": "HS256",
+            "IM_AUTH__JWT_SECRET": settings.auth.jwt_secret.get_secret_value(),
+            "IM_AUTH__JWT_ISSUER": settings.auth.jwt_issuer,
+            "IM_AUTH__JWT_AUDIENCE": settings.auth.jwt_audience,
+            "IM_INGRESS__HOST": LOOPBACK,
+            "IM_INGRESS__PORT": str(port),
+            "IM_INGRESS__INTERNAL_HOST": LOOPBACK,
+            "IM_INGRESS__INTERNAL_PORT": str(internal_port or free_port()),
+            "IM_INGRESS__NODE_ID": node_id,
+        }
+    )
+    env.update(extra)
+    command = imstream_command("run", "ingress")
+    return ServerProcess("imstream ingress", command, env=env, port=port, log_path=log_path)
 
 
 def prometheus_value(url: str, name: str) -> float | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
@@ -174,6 +175,18 @@ def parse_targets(
     if unknown:
         parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     return chosen
+
+
+def results_head(module: str, started_at: str, machine: Mapping[str, Any]) -> dict[str, Any]:
+    """The first keys of a results document: when the run began and ended, the load average at
+    its end, the command line that ran it, and the ``machine`` facts read before it began."""
+    return {
+        "started_at": started_at,
+        "finished_at": now_iso(),
+        "load_average_at_end": list(os.getloadavg()),
+        "command": f"python -m {module} " + " ".join(sys.argv[1:]),
+        "machine": machine,
+    }
 
 
 def store_results(

@@ -24,7 +24,6 @@ the end; every process started here is stopped. Results: docs/bench/ingress.json
 from __future__ import annotations
 
 import multiprocessing
-import os
 import statistics
 import sys
 import tempfile
@@ -44,8 +43,7 @@ from bench.common import (
     ServerProcess,
     bench_topics,
     free_port,
-    imstream_command,
-    ingress_env,
+    ingress_server,
     interrupt_on_sigterm,
     machine_facts,
     memory_kb,
@@ -64,6 +62,7 @@ from bench.harness import (
     load_settings,
     options_from,
     parse_targets,
+    results_head,
 )
 from bench.idle_client import IdlePlan, OpenReport, run_client
 from bench.loadgen import Credentials
@@ -254,14 +253,13 @@ def hold_idle(
 def run_imstream(
     settings: Settings, options: Options, progress: Progress, log_dir: Path, *, deflate: bool
 ) -> dict[str, Any]:
-    port, internal_port = free_port(), free_port()
+    internal_port = free_port()
     label = "imstream (client offers deflate)" if deflate else "imstream"
-    server = ServerProcess(
-        "imstream ingress",
-        imstream_command("run", "ingress"),
-        env=ingress_env(settings, port=port, node_id="bench-idle-1", internal_port=internal_port),
-        port=port,
-        log_path=log_dir / ("ingress-deflate.log" if deflate else "ingress.log"),
+    server = ingress_server(
+        settings,
+        log_dir / ("ingress-deflate.log" if deflate else "ingress.log"),
+        node_id="bench-idle-1",
+        internal_port=internal_port,
     )
     credentials = Credentials.of(settings)
     with server:
@@ -269,7 +267,7 @@ def run_imstream(
         result = hold_idle(
             label,
             server,
-            url=f"ws://{LOOPBACK}:{port}{options.ws_path}",
+            url=f"ws://{LOOPBACK}:{server.port}{options.ws_path}",
             credentials=credentials,
             options=options,
             progress=progress,
@@ -356,11 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else None
     )
     results = {
-        "started_at": began,
-        "finished_at": now_iso(),
-        "load_average_at_end": list(os.getloadavg()),
-        "command": "python -m bench.ingress_idle " + " ".join(sys.argv[1:]),
-        "machine": facts,
+        **results_head("bench.ingress_idle", began, facts),
         "parameters": {
             "connections": options.connections,
             "warmup_connections": options.warmup_connections,

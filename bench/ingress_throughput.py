@@ -24,7 +24,6 @@ the end; every process started here is stopped. Results: docs/bench/ingress.json
 from __future__ import annotations
 
 import multiprocessing
-import os
 import statistics
 import sys
 import tempfile
@@ -46,11 +45,8 @@ from bench.common import (
     BenchError,
     CpuMeter,
     Progress,
-    ServerProcess,
     bench_topics,
-    free_port,
-    imstream_command,
-    ingress_env,
+    ingress_server,
     interrupt_on_sigterm,
     kafka_broker_pid,
     machine_facts,
@@ -70,6 +66,7 @@ from bench.harness import (
     load_settings,
     options_from,
     parse_targets,
+    results_head,
 )
 from bench.loadgen import Credentials, LoadPlan, LoadResult, Window, identities, run_worker
 from bench.raw_produce import SampleRecord, produce_loop
@@ -319,17 +316,12 @@ def run_ingress(
     settings: Settings, options: Options, progress: Progress, log_dir: Path
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None, dict[str, str]]:
     """Every N against one ``imstream run ingress``, then the profiled run."""
-    port = free_port()
     server_env = {
         "IM_INGRESS__RATE_LIMIT_PER_SECOND": UNLIMITED_RATE,
         "IM_INGRESS__RATE_LIMIT_BURST": UNLIMITED_RATE,
     }
-    server = ServerProcess(
-        "imstream ingress",
-        imstream_command("run", "ingress"),
-        env=ingress_env(settings, port=port, node_id="bench-ingress-1", extra=server_env),
-        port=port,
-        log_path=log_dir / "ingress.log",
+    server = ingress_server(
+        settings, log_dir / "ingress.log", node_id="bench-ingress-1", extra=server_env
     )
     kafka_pid = kafka_broker_pid(settings)
     credentials = Credentials.of(settings)
@@ -337,10 +329,10 @@ def run_ingress(
     profiled = None
     with server:
         server.start()
-        progress.done(f"imstream ingress pid {server.pid} on {LOOPBACK}:{port}")
+        progress.done(f"imstream ingress pid {server.pid} on {LOOPBACK}:{server.port}")
         target = LoadTarget(
             label="ingress",
-            url=f"ws://{LOOPBACK}:{port}{options.ws_path}",
+            url=f"ws://{LOOPBACK}:{server.port}{options.ws_path}",
             server_pid=server.pid,
             other_pids={"kafka broker": kafka_pid} if kafka_pid else {},
         )
@@ -637,11 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     rows = comparisons(options, ingress, raw, bare)
     results = {
-        "started_at": began,
-        "finished_at": now_iso(),
-        "load_average_at_end": list(os.getloadavg()),
-        "command": "python -m bench.ingress_throughput " + " ".join(sys.argv[1:]),
-        "machine": facts,
+        **results_head("bench.ingress_throughput", began, facts),
         "parameters": {
             "connections": options.connections,
             "window_per_connection": options.window,
