@@ -136,6 +136,7 @@ from bench.harness import (
 from bench.ingress_throughput import body_text
 from bench.lean_ws import LeanSocket, open_lean
 from bench.loadgen import Credentials
+from bench.shapes import conversation_created
 from bench.stream_throughput import fill
 from core.connections import kafka_config
 from core.lag import group_lag
@@ -146,8 +147,6 @@ from pipelines.stack.manager import LocalStack
 from schemas.events import (
     MAX_MEMBERS_PER_EVENT,
     Actor,
-    ConversationCreated,
-    ConversationCreatedPayload,
     ConversationKind,
     ConversationMemberAdded,
     ConversationMemberAddedPayload,
@@ -317,17 +316,9 @@ def build_events(tag: str, conversation_id: str, members: int) -> Iterator[Event
     may name, then one ``member_added`` from the owner per further member."""
     owner = member_id(tag, 0)
     first = [member_id(tag, index) for index in range(min(members, MAX_MEMBERS_PER_EVENT))]
-    yield ConversationCreated.new(
-        tenant_id=TENANT,
-        actor=Actor(user_id=owner),
-        event_id=message_event_id(TENANT, owner, f"create-{conversation_id}"),
-        payload=ConversationCreatedPayload(
-            conversation_id=conversation_id,
-            kind=ConversationKind.GROUP,
-            members=first,
-            owner_id=owner,
-            name=f"bench group of {members}",
-        ),
+    name = f"bench group of {members}"
+    yield conversation_created(
+        TENANT, conversation_id, first, ConversationKind.GROUP, owner=True, name=name
     )
     for index in range(len(first), members):
         yield ConversationMemberAdded.new(
