@@ -189,6 +189,20 @@ def results_head(module: str, started_at: str, machine: Mapping[str, Any]) -> di
     }
 
 
+def run_document(
+    started_at: str, machine: Mapping[str, Any], args: argparse.Namespace, **results: Any
+) -> dict[str, Any]:
+    """A results document: when the run began and ended, the ``machine`` facts, the options it
+    ran with (``args``, the results file as text), then ``results``."""
+    return {
+        "started_at": started_at,
+        "finished_at": now_iso(),
+        "machine": machine,
+        "parameters": vars(args) | {"output": str(args.output)},
+        **results,
+    }
+
+
 def store_results(
     section: str, document: Mapping[str, Any], args: argparse.Namespace, progress: Progress
 ) -> None:

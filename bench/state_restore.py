@@ -43,7 +43,13 @@ from bench.common import (
     run_space,
     start_run,
 )
-from bench.harness import add_output_options, bench_parser, produce_waiting, store_results
+from bench.harness import (
+    add_output_options,
+    bench_parser,
+    produce_waiting,
+    run_document,
+    store_results,
+)
 from bench.stream_throughput import Counter, fill, stream_worker
 from core.connections import kafka_producer_config
 from core.settings import Settings
@@ -248,16 +254,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 traffic.stop()
             worker.stop()
             counter.close()
-    document = {
-        "started_at": started_at,
-        "finished_at": now_iso(),
-        "machine": machine_facts(base),
-        "parameters": vars(args) | {"output": str(args.output)},
-        "state_records": records,
-        "store_bytes": sum(f.stat().st_size for f in (log_dir / "state").rglob("*") if f.is_file()),
-        "starts": starts,
-        "worker_log": str(log_dir / "worker.log"),
-    }
+    document = run_document(
+        started_at,
+        machine_facts(base),
+        args,
+        state_records=records,
+        store_bytes=sum(f.stat().st_size for f in (log_dir / "state").rglob("*") if f.is_file()),
+        starts=starts,
+        worker_log=str(log_dir / "worker.log"),
+    )
     progress.done(f"state restore: {starts}")
     store_results("state_restore", document, args, progress)
     return 0

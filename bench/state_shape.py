@@ -39,7 +39,7 @@ from bench.common import (
     run_space,
     start_run,
 )
-from bench.harness import add_output_options, bench_parser, store_results
+from bench.harness import add_output_options, bench_parser, run_document, store_results
 from bench.shapes import conversation_created, text_message
 from bench.stream_throughput import Counter, direct_scenario, fill, stream_worker
 from core.connections import kafka_config
@@ -241,13 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         for shape in args.shapes.split(",")
     ]
-    document = {
-        "started_at": started,
-        "finished_at": now_iso(),
-        "machine": machine_facts(base),
-        "parameters": vars(args) | {"output": str(args.output)},
-        "shapes": results,
-    }
+    document = run_document(started, machine_facts(base), args, shapes=results)
     store_results("state_shape", document, args, progress)
     return 0
 

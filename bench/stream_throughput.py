@@ -52,7 +52,13 @@ from bench.common import (
     start_run,
     with_topic_prefix,
 )
-from bench.harness import add_output_options, bench_parser, produce_waiting, store_results
+from bench.harness import (
+    add_output_options,
+    bench_parser,
+    produce_waiting,
+    run_document,
+    store_results,
+)
 from bench.profile import start_recording, summarise
 from bench.shapes import conversation_created, text_message
 from core.connections import kafka_config, kafka_producer_config
@@ -500,13 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         for scenario in scenarios
     ]
-    document = {
-        "started_at": started,
-        "finished_at": now_iso(),
-        "machine": facts,
-        "parameters": vars(args) | {"output": str(args.output)},
-        "scenarios": results,
-    }
+    document = run_document(started, facts, args, scenarios=results)
     for result in results:
         progress.done(
             f"{result['scenario']}: best {result['best_messages_per_second']:,} messages/s "
