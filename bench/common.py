@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -100,6 +101,13 @@ def interrupt_on_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _raise)
+
+
+def start_run() -> tuple[Progress, Settings]:
+    """How a benchmark's ``main`` starts once its options are read: SIGTERM interrupts it like
+    Ctrl-C (so its clean-up runs), a progress line, and the settings from the environment."""
+    interrupt_on_sigterm()
+    return Progress(), Settings()
 
 
 def raise_open_file_limit(wanted: int) -> int:
@@ -197,6 +205,13 @@ class CpuMeter:
         self._pids = dict(pids)
         self._threads_of = threads_of
 
+    @classmethod
+    def with_broker(cls, settings: Settings, pids: Mapping[str, int]) -> CpuMeter:
+        """The processes ``pids`` and, when it runs on this machine, the local stack's Kafka
+        broker (as ``kafka``): what a stream stage costs the broker too."""
+        broker = kafka_broker_pid(settings)
+        return cls({**pids, "kafka": broker} if broker is not None else pids)
+
     def snapshot(self) -> CpuSnapshot:
         processes = {}
         for name, pid in self._pids.items():
@@ -257,6 +272,18 @@ def with_topic_prefix(settings: Settings, prefix: str) -> Settings:
     return settings.model_copy(update={"kafka": kafka})
 
 
+def run_settings(settings: Settings, kind: str) -> Settings:
+    """The same settings with the catalog's topics under a prefix of their own (``run_prefix``),
+    so that a run starts from empty topics and leaves no others half-used."""
+    return with_topic_prefix(settings, run_prefix(kind))
+
+
+def run_space(settings: Settings, kind: str) -> tuple[Settings, Path]:
+    """``run_settings``, and a fresh directory for the run's logs (``bench-<kind>-…`` in the
+    temporary directory; kept after the run, for a look at what went wrong)."""
+    return run_settings(settings, kind), Path(tempfile.mkdtemp(prefix=f"bench-{kind}-"))
+
+
 @contextlib.contextmanager
 def bench_topics(settings: Settings, progress: Progress) -> Iterator[TopicCatalog]:
     """Create the catalog's topics under the settings' prefix; delete them all on the way out."""
@@ -284,37 +311,6 @@ def bench_topics(settings: Settings, progress: Progress) -> Iterator[TopicCatalo
             progress.done("could not delete topic(s): " + "; ".join(failures))
         else:
             progress.done(f"deleted the {len(names)} topics under {settings.kafka.topic_prefix}")
-
-
-def ingress_env(
-    settings: Settings,
-    *,
-    port: int,
-    node_id: str,
-    internal_port: int | None = None,
-    extra: Mapping[str, str] = {},
-) -> dict[str, str]:
-    """The environment of an ``imstream run ingress`` serving ``settings`` on the loopback, its
-    metrics on ``internal_port`` (a free port if not given)."""
-    env = dict(os.environ)
-    env.update(
-        {
-            "IM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-            "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
-            "IM_KAFKA__REPLICATION_FACTOR": str(settings.kafka.replication_factor),
-            "IM_AUTH__JWT_ALGORITHM": "HS256",
-            "IM_AUTH__JWT_SECRET": settings.auth.jwt_secret.get_secret_value(),
-            "IM_AUTH__JWT_ISSUER": settings.auth.jwt_issuer,
-            "IM_AUTH__JWT_AUDIENCE": settings.auth.jwt_audience,
-            "IM_INGRESS__HOST": LOOPBACK,
-            "IM_INGRESS__PORT": str(port),
-            "IM_INGRESS__INTERNAL_HOST": LOOPBACK,
-            "IM_INGRESS__INTERNAL_PORT": str(internal_port or free_port()),
-            "IM_INGRESS__NODE_ID": node_id,
-        }
-    )
-    env.update(extra)
-    return env
 
 
 def imstream_command(*args: str) -> list[str]:
@@ -437,6 +433,40 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             process.kill()
             return process.wait(10)
+
+
+def ingress_server(
+    settings: Settings,
+    log_path: Path,
+    *,
+    node_id: str,
+    internal_port: int | None = None,
+    extra: Mapping[str, str] = {},
+) -> ServerProcess:
+    """An ``imstream run ingress`` serving ``settings`` on a free loopback port (its ``port``),
+    not started yet; its metrics on ``internal_port`` (a free port if not given), and ``extra``
+    over its environment."""
+    port = free_port()
+    env = dict(os.environ)
+    env.update(
+        {
+            "IM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+            "IM_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
+            "IM_KAFKA__REPLICATION_FACTOR": str(settings.kafka.replication_factor),
+            "IM_AUTH__JWT_ALGORITHM": "HS256",
+            "IM_AUTH__JWT_SECRET": settings.auth.jwt_secret.get_secret_value(),
+            "IM_AUTH__JWT_ISSUER": settings.auth.jwt_issuer,
+            "IM_AUTH__JWT_AUDIENCE": settings.auth.jwt_audience,
+            "IM_INGRESS__HOST": LOOPBACK,
+            "IM_INGRESS__PORT": str(port),
+            "IM_INGRESS__INTERNAL_HOST": LOOPBACK,
+            "IM_INGRESS__INTERNAL_PORT": str(internal_port or free_port()),
+            "IM_INGRESS__NODE_ID": node_id,
+        }
+    )
+    env.update(extra)
+    command = imstream_command("run", "ingress")
+    return ServerProcess("imstream ingress", command, env=env, port=port, log_path=log_path)
 
 
 def prometheus_value(url: str, name: str) -> float | None:

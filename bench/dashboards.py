@@ -24,7 +24,6 @@ audit_events``), the least work any question over all the rows costs. Results go
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import sys
@@ -39,6 +38,7 @@ from clickhouse_connect.driver.client import Client
 
 from analytics.dashboards_page import INTERVALS, MAX_BUCKETS, QUERY_SETTINGS
 from bench.common import REPO_ROOT, Progress, machine_facts, now_iso, write_results
+from bench.harness import bench_parser
 from core.settings import Settings
 from dashboards.definitions import Panel, TimeRange, load_dashboards
 from dashboards.macros import bound_sql
@@ -314,7 +314,7 @@ def run(rows: int, runs: int, keep: Path | None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser("bench.dashboards", __doc__)
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--keep", type=Path, default=None, help="chDB path to fill and keep")

@@ -59,7 +59,6 @@ plot ``e2e-latency-shape-<N>-backlog-<B>.png``, so runs of different shapes keep
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import subprocess
@@ -68,8 +67,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import asdict, dataclass, replace
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -94,18 +93,24 @@ from bench.common import (
     bench_topics,
     free_port,
     imstream_command,
-    interrupt_on_sigterm,
     machine_facts,
     now_iso,
     percentiles_ms,
     run_main,
-    run_prefix,
+    run_settings,
     stack_server_pid,
-    with_topic_prefix,
+    start_run,
     write_results,
 )
 from bench.e2e_load import Phase, PhaseResult, WorkerPlan, run_worker
-from bench.harness import add_output_options
+from bench.harness import (
+    add_load_options,
+    add_output_options,
+    bench_parser,
+    options_document,
+    options_from,
+    stop_workers,
+)
 from bench.ingress_throughput import body_text, built_record
 from bench.loadgen import Credentials
 from bench.raw_produce import durable_producer_config
@@ -178,19 +183,13 @@ class Options:
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.e2e", description=(__doc__ or "").split("\n\n", 1)[0]
-    )
+    parser = bench_parser("bench.e2e", __doc__)
     parser.add_argument("--rates", default="25,50,100,150,200,300,500,1000")
     parser.add_argument("--group-rates", default="10,25,50")
     parser.add_argument("--pairs", type=int, default=200, help="1:1 conversations (%(default)s)")
     parser.add_argument("--groups", type=int, default=20, help="groups (%(default)s)")
     parser.add_argument("--group-size", type=int, default=8, help="members (%(default)s)")
-    parser.add_argument("--warmup", type=float, default=5.0, help="seconds before measuring")
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds measured")
-    parser.add_argument("--drain", type=float, default=20.0, help="seconds to wait for stragglers")
-    parser.add_argument("--body-bytes", type=int, default=100, help="text body size")
-    parser.add_argument("--client-processes", type=int, default=2, help="load generators")
+    add_load_options(parser, warmup=5.0, duration=20.0, drain=20.0)
     parser.add_argument("--p99-bar-ms", type=float, default=200.0, help="the latency bar")
     parser.add_argument("--raw-seconds", type=float, default=5.0, help="per raw rate")
     parser.add_argument(
@@ -262,27 +261,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
             if args.shape == 1
             else PLOT_PATH.with_name(f"e2e-latency-shape-{args.shape}-backlog-{args.backlog}.png")
         )
-    return Options(
+    return options_from(
+        Options,
+        args,
         rates=rates(args.rates),
         group_rates=rates(args.group_rates) if args.group_rates else [],
-        pairs=args.pairs,
-        groups=args.groups,
-        group_size=args.group_size,
-        warmup=args.warmup,
-        duration=args.duration,
-        drain=args.drain,
-        body_bytes=args.body_bytes,
-        client_processes=args.client_processes,
-        p99_bar_ms=args.p99_bar_ms,
-        raw_seconds=args.raw_seconds,
-        sink_nice=args.sink_nice,
-        sink_catch_up=args.sink_catch_up,
-        stop_after_failures=args.stop_after_failures,
-        warm_up_seconds=args.warm_up_seconds,
-        shape=args.shape,
-        backlog=args.backlog,
-        shape_timeout=args.shape_timeout,
-        output=args.output,
         plot=plot_path,
         write=not args.no_write,
     )
@@ -740,11 +723,7 @@ class Load:
         self.pipes: list[Connection] = []
         self.processes: list[multiprocessing.process.BaseProcess] = []
         settings = system.settings
-        credentials = Credentials(
-            secret=settings.auth.jwt_secret.get_secret_value(),
-            issuer=settings.auth.jwt_issuer,
-            audience=settings.auth.jwt_audience,
-        )
+        credentials = Credentials.of(settings)
         self.catalog = topic_catalog(settings)
         self.admin = AdminClient(kafka_config(settings))
         text = body_text(options.body_bytes)
@@ -866,16 +845,7 @@ class Load:
         return summary
 
     def close(self) -> None:
-        for pipe in self.pipes:
-            with suppress(OSError):
-                pipe.send(("stop",))
-        for process in self.processes:
-            process.join(30)
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
-        for pipe in self.pipes:
-            pipe.close()
+        stop_workers(self.pipes, self.processes)
 
 
 def end_offsets(admin: AdminClient, catalog: TopicCatalog) -> dict[tuple[str, int], int]:
@@ -1194,12 +1164,10 @@ def add_raw_ratios(phases: list[dict[str, Any]], raw: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
-    interrupt_on_sigterm()
-    progress = Progress()
-    base = Settings()
+    progress, base = start_run()
     facts = machine_facts(base)
     started = now_iso()
-    settings = with_topic_prefix(base, run_prefix("e2e"))
+    settings = run_settings(base, "e2e")
     payload = len(built_record(options.body_bytes).value)
     log_dir = Path(tempfile.mkdtemp(prefix="imstream-bench-e2e-"))
     progress.done(f"logs: {log_dir}")
@@ -1258,10 +1226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "started_at": started,
         "finished_at": now_iso(),
         "machine": facts,
-        "parameters": {
-            key: (str(value) if isinstance(value, Path) else value)
-            for key, value in asdict(options).items()
-        },
+        "parameters": options_document(options),
         "raw_baseline": raw,
         "shape": shaping,
         "phases": phases,

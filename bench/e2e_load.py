@@ -34,7 +34,6 @@ import uvloop
 
 from bench.loadgen import Credentials
 from client.sdk import Client, CommandError
-from core.auth import issue_token
 from schemas.events import MessageSent
 
 
@@ -122,14 +121,7 @@ class _Worker:
 
     def client(self, user: str, node: int) -> Client:
         plan = self.plan
-        token = issue_token(
-            plan.credentials.secret,
-            user_id=user,
-            tenant_id=plan.tenant_id,
-            issuer=plan.credentials.issuer,
-            audience=plan.credentials.audience,
-            device_id="d1",
-        )
+        token = plan.credentials.token(user_id=user, tenant_id=plan.tenant_id, device_id="d1")
         return Client(
             plan.urls[node % len(plan.urls)],
             tenant_id=plan.tenant_id,

@@ -10,11 +10,16 @@ an unknown target reads the same in every ``python -m bench.<name>``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from confluent_kafka import Producer
 from pydantic import ValidationError
@@ -31,6 +36,11 @@ from bench.common import (
 from bench.loadgen import Credentials
 from core.settings import Settings
 from ingress.gateway import WEBSOCKET_PATH
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+OptionsT = TypeVar("OptionsT", bound="DataclassInstance")
 
 #: The tokens the bare WebSocket server (``bench/bare_ws.py``) accepts.
 BARE_CREDENTIALS = Credentials(secret="x" * 32, issuer="bench", audience="bench")
@@ -60,6 +70,14 @@ def load_settings() -> Settings | None:
         return None
 
 
+def bench_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
+    """The options parser of ``python -m <module>``: its description the first paragraph of the
+    benchmark's docstring ``doc`` (the rest is for the reader of the code)."""
+    return argparse.ArgumentParser(
+        prog=f"python -m {module}", description=(doc or "").split("\n\n", 1)[0] or None
+    )
+
+
 def add_target_options(parser: argparse.ArgumentParser, known: tuple[str, ...]) -> None:
     """``--targets`` (some of ``known``, all by default) and ``--ws-path`` (the gateway's)."""
     parser.add_argument(
@@ -69,6 +87,29 @@ def add_target_options(parser: argparse.ArgumentParser, known: tuple[str, ...]) 
     )
     parser.add_argument(
         "--ws-path", default=WEBSOCKET_PATH, help="the gateway's WebSocket path (%(default)s)"
+    )
+
+
+def add_load_options(
+    parser: argparse.ArgumentParser, *, warmup: float, duration: float, drain: float
+) -> None:
+    """The options of a timed load from client processes, spelled alike in the benchmarks that
+    drive one: ``--warmup``, ``--duration`` and ``--drain`` (seconds, with these defaults),
+    ``--body-bytes`` and ``--client-processes``."""
+    parser.add_argument(
+        "--warmup", type=float, default=warmup, help="seconds before measuring (%(default)s)"
+    )
+    parser.add_argument(
+        "--duration", type=float, default=duration, help="seconds measured (%(default)s)"
+    )
+    parser.add_argument(
+        "--drain", type=float, default=drain, help="seconds to wait for late ones (%(default)s)"
+    )
+    parser.add_argument(
+        "--body-bytes", type=int, default=100, help="text body size of each send (%(default)s)"
+    )
+    parser.add_argument(
+        "--client-processes", type=int, default=2, help="load generators (%(default)s)"
     )
 
 
@@ -91,6 +132,40 @@ def add_output_options(parser: argparse.ArgumentParser, default: Path) -> None:
     parser.add_argument("--no-write", action="store_true", help="do not write the results file")
 
 
+def options_from(cls: type[OptionsT], args: argparse.Namespace, **given: Any) -> OptionsT:
+    """A benchmark's options dataclass ``cls`` from the parsed ``args``: each field the value of
+    the option of its name, unless ``given`` (the fields the benchmark works out itself)."""
+    taken = {
+        field.name: getattr(args, field.name)
+        for field in dataclasses.fields(cls)
+        if field.init and field.name not in given
+    }
+    return cls(**taken, **given)
+
+
+def options_document(options: DataclassInstance) -> dict[str, Any]:
+    """A benchmark's options as the results' ``parameters``: paths as text, so it is JSON."""
+    return {
+        key: (str(value) if isinstance(value, Path) else value)
+        for key, value in dataclasses.asdict(options).items()
+    }
+
+
+def stop_workers(pipes: Sequence[Connection], processes: Sequence[BaseProcess]) -> None:
+    """Ask each worker process to stop (``("stop",)`` on its pipe), give it 30 s to finish, then
+    terminate it; close the pipes."""
+    for pipe in pipes:
+        with suppress(OSError):
+            pipe.send(("stop",))
+    for process in processes:
+        process.join(30)
+        if process.is_alive():
+            process.terminate()
+            process.join(5)
+    for pipe in pipes:
+        pipe.close()
+
+
 def parse_targets(
     parser: argparse.ArgumentParser, targets: str, known: tuple[str, ...]
 ) -> tuple[str, ...]:
@@ -100,6 +175,32 @@ def parse_targets(
     if unknown:
         parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     return chosen
+
+
+def results_head(module: str, started_at: str, machine: Mapping[str, Any]) -> dict[str, Any]:
+    """The first keys of a results document: when the run began and ended, the load average at
+    its end, the command line that ran it, and the ``machine`` facts read before it began."""
+    return {
+        "started_at": started_at,
+        "finished_at": now_iso(),
+        "load_average_at_end": list(os.getloadavg()),
+        "command": f"python -m {module} " + " ".join(sys.argv[1:]),
+        "machine": machine,
+    }
+
+
+def run_document(
+    started_at: str, machine: Mapping[str, Any], args: argparse.Namespace, **results: Any
+) -> dict[str, Any]:
+    """A results document: when the run began and ended, the ``machine`` facts, the options it
+    ran with (``args``, the results file as text), then ``results``."""
+    return {
+        "started_at": started_at,
+        "finished_at": now_iso(),
+        "machine": machine,
+        "parameters": vars(args) | {"output": str(args.output)},
+        **results,
+    }
 
 
 def store_results(

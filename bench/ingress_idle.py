@@ -23,9 +23,7 @@ the end; every process started here is stopped. Results: docs/bench/ingress.json
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
-import os
 import statistics
 import sys
 import tempfile
@@ -45,16 +43,14 @@ from bench.common import (
     ServerProcess,
     bench_topics,
     free_port,
-    imstream_command,
-    ingress_env,
+    ingress_server,
     interrupt_on_sigterm,
     machine_facts,
     memory_kb,
     now_iso,
     prometheus_value,
     raise_open_file_limit,
-    run_prefix,
-    with_topic_prefix,
+    run_settings,
     write_results,
 )
 from bench.harness import (
@@ -62,8 +58,11 @@ from bench.harness import (
     add_output_options,
     add_target_options,
     bare_ws_server,
+    bench_parser,
     load_settings,
+    options_from,
     parse_targets,
+    results_head,
 )
 from bench.idle_client import IdlePlan, OpenReport, run_client
 from bench.loadgen import Credentials
@@ -91,10 +90,7 @@ class Options:
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.ingress_idle",
-        description=__doc__.split("\n\n", 1)[0] if __doc__ else None,
-    )
+    parser = bench_parser("bench.ingress_idle", __doc__)
     parser.add_argument(
         "--connections", type=int, default=10_000, help="idle connections K (%(default)s)"
     )
@@ -120,13 +116,10 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     targets = parse_targets(parser, args.targets, TARGETS)
     if args.connections < 1 or args.samples < 1 or args.warmup_connections < 0:
         parser.error("--connections and --samples must be at least 1")
-    return Options(
-        connections=args.connections,
-        warmup_connections=args.warmup_connections,
-        settle=args.settle,
-        samples=args.samples,
+    return options_from(
+        Options,
+        args,
         targets=targets,
-        ws_path=args.ws_path,
         output=None if args.no_write else args.output,
     )
 
@@ -260,26 +253,21 @@ def hold_idle(
 def run_imstream(
     settings: Settings, options: Options, progress: Progress, log_dir: Path, *, deflate: bool
 ) -> dict[str, Any]:
-    port, internal_port = free_port(), free_port()
+    internal_port = free_port()
     label = "imstream (client offers deflate)" if deflate else "imstream"
-    server = ServerProcess(
-        "imstream ingress",
-        imstream_command("run", "ingress"),
-        env=ingress_env(settings, port=port, node_id="bench-idle-1", internal_port=internal_port),
-        port=port,
-        log_path=log_dir / ("ingress-deflate.log" if deflate else "ingress.log"),
+    server = ingress_server(
+        settings,
+        log_dir / ("ingress-deflate.log" if deflate else "ingress.log"),
+        node_id="bench-idle-1",
+        internal_port=internal_port,
     )
-    credentials = Credentials(
-        secret=settings.auth.jwt_secret.get_secret_value(),
-        issuer=settings.auth.jwt_issuer,
-        audience=settings.auth.jwt_audience,
-    )
+    credentials = Credentials.of(settings)
     with server:
         server.start()
         result = hold_idle(
             label,
             server,
-            url=f"ws://{LOOPBACK}:{port}{options.ws_path}",
+            url=f"ws://{LOOPBACK}:{server.port}{options.ws_path}",
             credentials=credentials,
             options=options,
             progress=progress,
@@ -327,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "hard limit (ulimit -Hn).\n"
         )
         return 2
-    settings = with_topic_prefix(settings, run_prefix("idle"))
+    settings = run_settings(settings, "idle")
     log_dir = Path(tempfile.mkdtemp(prefix="imstream-bench-"))
     progress.done(f"server logs in {log_dir}")
     facts = machine_facts(settings)
@@ -366,11 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else None
     )
     results = {
-        "started_at": began,
-        "finished_at": now_iso(),
-        "load_average_at_end": list(os.getloadavg()),
-        "command": "python -m bench.ingress_idle " + " ".join(sys.argv[1:]),
-        "machine": facts,
+        **results_head("bench.ingress_idle", began, facts),
         "parameters": {
             "connections": options.connections,
             "warmup_connections": options.warmup_connections,

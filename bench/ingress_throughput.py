@@ -23,9 +23,7 @@ the end; every process started here is stopped. Results: docs/bench/ingress.json
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
-import os
 import statistics
 import sys
 import tempfile
@@ -47,28 +45,28 @@ from bench.common import (
     BenchError,
     CpuMeter,
     Progress,
-    ServerProcess,
     bench_topics,
-    free_port,
-    imstream_command,
-    ingress_env,
+    ingress_server,
     interrupt_on_sigterm,
     kafka_broker_pid,
     machine_facts,
     now_iso,
     percentiles_ms,
     raise_open_file_limit,
-    run_prefix,
-    with_topic_prefix,
+    run_settings,
     write_results,
 )
 from bench.harness import (
     BARE_CREDENTIALS,
+    add_load_options,
     add_output_options,
     add_target_options,
     bare_ws_server,
+    bench_parser,
     load_settings,
+    options_from,
     parse_targets,
+    results_head,
 )
 from bench.loadgen import Credentials, LoadPlan, LoadResult, Window, identities, run_worker
 from bench.raw_produce import SampleRecord, produce_loop
@@ -101,10 +99,7 @@ class Options:
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.ingress_throughput",
-        description=__doc__.split("\n\n", 1)[0] if __doc__ else None,
-    )
+    parser = bench_parser("bench.ingress_throughput", __doc__)
     parser.add_argument(
         "--connections",
         default="1,10,100,500",
@@ -113,20 +108,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--window", type=int, default=8, help="outstanding sends per connection (%(default)s)"
     )
-    parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per run")
-    parser.add_argument(
-        "--drain", type=float, default=10.0, help="seconds to wait for replies after a run"
-    )
-    parser.add_argument(
-        "--body-bytes", type=int, default=100, help="text body size of each send (%(default)s)"
-    )
-    parser.add_argument(
-        "--client-processes",
-        type=int,
-        default=2,
-        help="load generator processes (at most N are used; default %(default)s)",
-    )
+    add_load_options(parser, warmup=3.0, duration=10.0, drain=10.0)
     parser.add_argument(
         "--repeat",
         type=int,
@@ -149,18 +131,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         parser.error("connection counts, --window, --client-processes, --repeat must be >= 1")
     if args.duration <= 0 or args.warmup < 0:
         parser.error("--duration must be positive and --warmup not negative")
-    return Options(
+    return options_from(
+        Options,
+        args,
         connections=connections,
-        window=args.window,
-        warmup=args.warmup,
-        duration=args.duration,
-        drain=args.drain,
-        body_bytes=args.body_bytes,
-        client_processes=args.client_processes,
-        repeat=args.repeat,
         targets=targets,
-        profile_connections=args.profile_connections,
-        ws_path=args.ws_path,
         output=None if args.no_write else args.output,
     )
 
@@ -337,40 +312,27 @@ def _summarise(
 # ---------------------------------------------------------------------------------------------
 
 
-def credentials_of(settings: Settings) -> Credentials:
-    return Credentials(
-        secret=settings.auth.jwt_secret.get_secret_value(),
-        issuer=settings.auth.jwt_issuer,
-        audience=settings.auth.jwt_audience,
-    )
-
-
 def run_ingress(
     settings: Settings, options: Options, progress: Progress, log_dir: Path
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None, dict[str, str]]:
     """Every N against one ``imstream run ingress``, then the profiled run."""
-    port = free_port()
     server_env = {
         "IM_INGRESS__RATE_LIMIT_PER_SECOND": UNLIMITED_RATE,
         "IM_INGRESS__RATE_LIMIT_BURST": UNLIMITED_RATE,
     }
-    server = ServerProcess(
-        "imstream ingress",
-        imstream_command("run", "ingress"),
-        env=ingress_env(settings, port=port, node_id="bench-ingress-1", extra=server_env),
-        port=port,
-        log_path=log_dir / "ingress.log",
+    server = ingress_server(
+        settings, log_dir / "ingress.log", node_id="bench-ingress-1", extra=server_env
     )
     kafka_pid = kafka_broker_pid(settings)
-    credentials = credentials_of(settings)
+    credentials = Credentials.of(settings)
     runs = []
     profiled = None
     with server:
         server.start()
-        progress.done(f"imstream ingress pid {server.pid} on {LOOPBACK}:{port}")
+        progress.done(f"imstream ingress pid {server.pid} on {LOOPBACK}:{server.port}")
         target = LoadTarget(
             label="ingress",
-            url=f"ws://{LOOPBACK}:{port}{options.ws_path}",
+            url=f"ws://{LOOPBACK}:{server.port}{options.ws_path}",
             server_pid=server.pid,
             other_pids={"kafka broker": kafka_pid} if kafka_pid else {},
         )
@@ -624,7 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings is None:
         return 2
     raise_open_file_limit(max(options.connections) * 2 + 1024)
-    settings = with_topic_prefix(settings, run_prefix("throughput"))
+    settings = run_settings(settings, "throughput")
     log_dir = Path(tempfile.mkdtemp(prefix="imstream-bench-"))
     progress.done(f"server logs and raw profile in {log_dir}")
     facts = machine_facts(settings)
@@ -667,11 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     rows = comparisons(options, ingress, raw, bare)
     results = {
-        "started_at": began,
-        "finished_at": now_iso(),
-        "load_average_at_end": list(os.getloadavg()),
-        "command": "python -m bench.ingress_throughput " + " ".join(sys.argv[1:]),
-        "machine": facts,
+        **results_head("bench.ingress_throughput", began, facts),
         "parameters": {
             "connections": options.connections,
             "window_per_connection": options.window,

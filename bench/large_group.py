@@ -89,7 +89,7 @@ from array import array
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.sharedctypes import SynchronizedArray
 from pathlib import Path
@@ -108,14 +108,13 @@ from bench.common import (
     CpuSnapshot,
     Progress,
     bench_topics,
-    interrupt_on_sigterm,
     machine_facts,
     now_iso,
     percentiles_ms,
     raise_open_file_limit,
     run_main,
-    run_prefix,
-    with_topic_prefix,
+    run_settings,
+    start_run,
     write_results,
 )
 from bench.e2e import (
@@ -127,12 +126,18 @@ from bench.e2e import (
     stack_pids,
 )
 from bench.e2e_load import Phase, PhaseResult, WorkerPlan, run_worker
-from bench.harness import add_output_options
+from bench.harness import (
+    add_output_options,
+    bench_parser,
+    options_document,
+    options_from,
+    stop_workers,
+)
 from bench.ingress_throughput import body_text
 from bench.lean_ws import LeanSocket, open_lean
 from bench.loadgen import Credentials
+from bench.shapes import conversation_created
 from bench.stream_throughput import fill
-from core.auth import issue_token
 from core.connections import kafka_config
 from core.lag import group_lag
 from core.settings import Settings
@@ -142,8 +147,6 @@ from pipelines.stack.manager import LocalStack
 from schemas.events import (
     MAX_MEMBERS_PER_EVENT,
     Actor,
-    ConversationCreated,
-    ConversationCreatedPayload,
     ConversationKind,
     ConversationMemberAdded,
     ConversationMemberAddedPayload,
@@ -215,9 +218,7 @@ class Options:
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.large_group", description=(__doc__ or "").split("\n\n", 1)[0]
-    )
+    parser = bench_parser("bench.large_group", __doc__)
     parser.add_argument(
         "--members", default="100000", help="group sizes, comma-separated (%(default)s)"
     )
@@ -283,30 +284,15 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     def pick(value: float | None, full: float, quick: float) -> float:
         return value if value is not None else (quick if args.quick else full)
 
-    return Options(
+    return options_from(
+        Options,
+        args,
         members=members,
-        devices=args.devices,
-        rate=args.rate,
         seconds=pick(args.seconds, 60.0, 15.0),
         window_seconds=pick(args.window_seconds, 10.0, 5.0),
         warm_up_seconds=pick(args.warm_up_seconds, 5.0, 3.0),
         idle_seconds=pick(args.idle_seconds, 5.0, 3.0),
-        drain=args.drain,
-        direct_rate=args.direct_rate,
-        direct_pairs=args.direct_pairs,
-        receiver_processes=args.receiver_processes,
-        body_bytes=args.body_bytes,
-        p99_bar_ms=args.p99_bar_ms,
-        records_constant=args.records_constant,
-        build_timeout=args.build_timeout,
-        settle_timeout=args.settle_timeout,
         sink_catch_up=pick(args.sink_catch_up, 120.0, 60.0),
-        sink_nice=args.sink_nice,
-        count_cap=args.count_cap,
-        crossing=args.crossing,
-        crossing_devices=args.crossing_devices,
-        quick=args.quick,
-        output=args.output,
         write=not args.no_write,
     )
 
@@ -330,17 +316,9 @@ def build_events(tag: str, conversation_id: str, members: int) -> Iterator[Event
     may name, then one ``member_added`` from the owner per further member."""
     owner = member_id(tag, 0)
     first = [member_id(tag, index) for index in range(min(members, MAX_MEMBERS_PER_EVENT))]
-    yield ConversationCreated.new(
-        tenant_id=TENANT,
-        actor=Actor(user_id=owner),
-        event_id=message_event_id(TENANT, owner, f"create-{conversation_id}"),
-        payload=ConversationCreatedPayload(
-            conversation_id=conversation_id,
-            kind=ConversationKind.GROUP,
-            members=first,
-            owner_id=owner,
-            name=f"bench group of {members}",
-        ),
+    name = f"bench group of {members}"
+    yield conversation_created(
+        TENANT, conversation_id, first, ConversationKind.GROUP, owner=True, name=name
     )
     for index in range(len(first), members):
         yield ConversationMemberAdded.new(
@@ -465,14 +443,7 @@ class _DeviceWorker:
 
     def _hello(self, user: str, device: str) -> str:
         plan = self.plan
-        token = issue_token(
-            plan.credentials.secret,
-            user_id=user,
-            tenant_id=plan.tenant_id,
-            issuer=plan.credentials.issuer,
-            audience=plan.credentials.audience,
-            device_id=device,
-        )
+        token = plan.credentials.token(user_id=user, tenant_id=plan.tenant_id, device_id=device)
         hello = Hello(
             id="hello",
             token=token,
@@ -830,11 +801,7 @@ class DeviceFleet:
         progress: Progress,
     ) -> None:
         settings = system.settings
-        credentials = Credentials(
-            secret=settings.auth.jwt_secret.get_secret_value(),
-            issuer=settings.auth.jwt_issuer,
-            audience=settings.auth.jwt_audience,
-        )
+        credentials = Credentials.of(settings)
         context = multiprocessing.get_context("spawn")
         workers = max(1, min(processes, len(receivers)))
         self.counters = context.Array("q", workers + 1, lock=False)
@@ -898,16 +865,7 @@ class DeviceFleet:
         return [_receive(pipe, 300, "its deliveries")[1] for pipe in self.pipes[1:]]
 
     def close(self) -> None:
-        for pipe in self.pipes:
-            with contextlib.suppress(OSError):
-                pipe.send(("stop",))
-        for process in self.processes:
-            process.join(30)
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
-        for pipe in self.pipes:
-            pipe.close()
+        stop_workers(self.pipes, self.processes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -927,11 +885,7 @@ class DirectTraffic:
             tenant_id=TENANT,
             pairs=tuple((f"{tag}-p{index}a", f"{tag}-p{index}b") for index in range(pairs)),
             groups=(),
-            credentials=Credentials(
-                secret=settings.auth.jwt_secret.get_secret_value(),
-                issuer=settings.auth.jwt_issuer,
-                audience=settings.auth.jwt_audience,
-            ),
+            credentials=Credentials.of(settings),
             body_text=body,
             run_tag=tag,
         )
@@ -1626,7 +1580,7 @@ def fresh_system(
     base: Settings, kind: str, options: Options, progress: Progress
 ) -> Iterator[tuple[System, TopicCatalog, Probe]]:
     """A topic catalog, keyspace, state directory and set of processes of their own."""
-    settings = with_topic_prefix(base, run_prefix(kind))
+    settings = run_settings(base, kind)
     log_dir = Path(tempfile.mkdtemp(prefix=f"imstream-bench-{kind}-"))
     state_dir = log_dir / "streams-state"
     progress.done(f"{kind}: logs in {log_dir}")
@@ -1888,11 +1842,9 @@ def send_index(message: SentMessage) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
-    interrupt_on_sigterm()
-    progress = Progress()
+    progress, base = start_run()
     # Every device's socket, on both sides of the loopback, in this machine's processes.
     raise_open_file_limit(4 * options.devices + 8192)
-    base = Settings()
     facts = machine_facts(base)
     started = now_iso()
     sizes: list[dict[str, Any]] = []
@@ -1910,10 +1862,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "started_at": started,
         "finished_at": now_iso(),
         "machine": facts,
-        "parameters": {
-            key: (str(value) if isinstance(value, Path) else value)
-            for key, value in asdict(options).items()
-        },
+        "parameters": options_document(options),
         "sizes": sizes,
         "threshold_crossing": crossing,
     }

@@ -28,6 +28,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from core.auth import issue_token
+from core.settings import Settings
 from schemas.events import Platform, TextBody
 from schemas.frames import Hello, HelloOk, Send, encode_client_frame, parse_server_frame
 
@@ -43,6 +44,23 @@ class Credentials:
     secret: str
     issuer: str
     audience: str
+
+    @classmethod
+    def of(cls, settings: Settings) -> Credentials:
+        """The client token settings of the system under test (``IM_AUTH__*``)."""
+        auth = settings.auth
+        return cls(auth.jwt_secret.get_secret_value(), auth.jwt_issuer, auth.jwt_audience)
+
+    def token(self, *, user_id: str, tenant_id: str, device_id: str) -> str:
+        """A token for one user's device, as the identity service would sign it."""
+        return issue_token(
+            self.secret,
+            user_id=user_id,
+            tenant_id=tenant_id,
+            issuer=self.issuer,
+            audience=self.audience,
+            device_id=device_id,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,14 +125,7 @@ async def open_connection(
     """Connect and authenticate connection ``index``; the reply is ``None`` if it was no
     ``hello_ok`` the benchmark understands (the bare calibration server answers tersely)."""
     user_id, device_id, _ = identities(index)
-    token = issue_token(
-        credentials.secret,
-        user_id=user_id,
-        tenant_id=tenant_id,
-        issuer=credentials.issuer,
-        audience=credentials.audience,
-        device_id=device_id,
-    )
+    token = credentials.token(user_id=user_id, tenant_id=tenant_id, device_id=device_id)
     hello = Hello(
         id="hello", token=token, tenant_id=tenant_id, device_id=device_id, platform=Platform.WEB
     )

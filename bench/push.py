@@ -60,7 +60,7 @@ from bench.common import (
     cpu_seconds,
     percentiles_ms,
 )
-from bench.harness import add_output_options, measure_and_report
+from bench.harness import add_output_options, bench_parser, measure_and_report
 from core.push_settings import PushProviderSettings
 from schemas.events import PushProvider
 from sinks.push.apns import ApnsSender
@@ -499,9 +499,7 @@ async def run(options: argparse.Namespace, fakes: Fakes, progress: Progress) -> 
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.push", description=__doc__.split("\n\n")[0] if __doc__ else None
-    )
+    parser = bench_parser("bench.push", __doc__)
     parser.add_argument("--pushes", type=int, default=4000, help="measured per phase")
     parser.add_argument("--warmup", type=int, default=300, help="unmeasured per phase")
     parser.add_argument("--concurrency", type=int, default=64, help="pushes in flight")

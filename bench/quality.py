@@ -41,7 +41,7 @@ from analytics.api import AnalyticsServer, analytics_app
 from analytics.quality_api import DATASETS, DatasetParameters
 from analytics.queries import Analytics
 from bench.common import REPO_ROOT, Progress
-from bench.harness import add_output_options, measure_and_report
+from bench.harness import add_output_options, bench_parser, measure_and_report
 from core.connections import cql_cluster
 from core.principals import StaffRole, staff_authenticator
 from core.settings import KafkaSettings, Settings
@@ -376,9 +376,7 @@ def _datasets(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.quality", description=__doc__.split("\n\n")[0] if __doc__ else None
-    )
+    parser = bench_parser("bench.quality", __doc__)
     parser.add_argument("--conversations", type=int, default=500)
     parser.add_argument("--messages-per-conversation", type=int, default=100)
     parser.add_argument("--sample", type=int, default=100, help="CQL sample per source")

@@ -26,7 +26,6 @@ Reported per way: records/s, seconds, and the ratio to raw. Results go to
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 import threading
@@ -47,11 +46,10 @@ from bench.common import (
     bench_topics,
     machine_facts,
     now_iso,
-    run_prefix,
-    with_topic_prefix,
+    run_settings,
     write_results,
 )
-from bench.harness import produce_waiting
+from bench.harness import bench_parser, produce_waiting
 from core.connections import (
     clickhouse_client,
     cql_cluster,
@@ -154,14 +152,14 @@ def way(name: str, result: ReplayResult, raw_rate: float) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = bench_parser("bench.replay", __doc__)
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--conversations", type=int, default=200)
     parser.add_argument("--output", type=Path, default=RESULTS)
     options = parser.parse_args(argv)
     progress = Progress()
     base = Settings()
-    settings = with_topic_prefix(base, run_prefix("replay"))
+    settings = run_settings(base, "replay")
     ways: list[dict[str, Any]] = []
     with bench_topics(settings, progress) as catalog:
         progress.done(f"producing {options.records} message.sent records")

@@ -140,6 +140,23 @@ FROM numbers({messages})
         f"if(number % 200 = 7, ' {phrase}', ''), "
         f"if(number % {NEEDLE_EVERY} = 11, ' order {NEEDLE}', ''), '.')"
     )
+
+    def later(minutes: int, kind: str, text: str, where: str) -> str:
+        """Events ``minutes`` after the sends of the messages ``where`` picks (edits, recalls):
+        their own event ids, and event seqs ``minutes`` millions past the sends'."""
+        return (
+            common.format(
+                event_id=uuid_of.format(a=2 + 2 * minutes, b=3 + 2 * minutes),
+                kind=kind,
+                seq="0",
+                event_seq=f"intDiv(number, {CONVERSATIONS}) + {minutes * 1_000_000 + 1}",
+                sender="''",
+                after_us=str(minutes * 60_000_000),
+                text=text,
+            )
+            + f" WHERE {where}"
+        )
+
     statements = {
         "messages": common.format(
             event_id="message_id",
@@ -150,26 +167,8 @@ FROM numbers({messages})
             after_us="0",
             text=sent_text,
         ),
-        "edits": common.format(
-            event_id=uuid_of.format(a=4, b=5),
-            kind="'message.edited'",
-            seq="0",
-            event_seq=f"intDiv(number, {CONVERSATIONS}) + 1000001",
-            sender="''",
-            after_us="60000000",
-            text=words_of.format(salt=12),
-        )
-        + " WHERE number % 50 = 3",
-        "recalls": common.format(
-            event_id=uuid_of.format(a=6, b=7),
-            kind="'message.recalled'",
-            seq="0",
-            event_seq=f"intDiv(number, {CONVERSATIONS}) + 2000001",
-            sender="''",
-            after_us="120000000",
-            text="''",
-        )
-        + " WHERE number % 100 = 5",
+        "edits": later(1, "'message.edited'", words_of.format(salt=12), "number % 50 = 3"),
+        "recalls": later(2, "'message.recalled'", "''", "number % 100 = 5"),
     }
     columns = (
         "tenant_id, conversation_id, message_id, event_id, kind, seq, event_seq, sender_id, "

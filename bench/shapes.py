@@ -8,17 +8,26 @@ from schemas import events as ev
 
 
 def conversation_created(
-    tenant: str, conversation_id: str, members: list[str], kind: ev.ConversationKind
+    tenant: str,
+    conversation_id: str,
+    members: list[str],
+    kind: ev.ConversationKind,
+    *,
+    owner: bool = False,
+    name: str | None = None,
 ) -> ev.ConversationCreated:
-    """``conversation_id`` with ``members``, created by the first of them."""
+    """``conversation_id`` with ``members``, created by the first of them (its owner if
+    ``owner``: a group's), named ``name``."""
     creator = members[0]
+    owner_id = creator if owner else None
+    payload = ev.ConversationCreatedPayload(
+        conversation_id=conversation_id, kind=kind, members=members, owner_id=owner_id, name=name
+    )
     return ev.ConversationCreated.new(
         tenant_id=tenant,
         actor=ev.Actor(user_id=creator),
         event_id=ev.message_event_id(tenant, creator, f"create-{conversation_id}"),
-        payload=ev.ConversationCreatedPayload(
-            conversation_id=conversation_id, kind=kind, members=members
-        ),
+        payload=payload,
     )
 
 

@@ -21,8 +21,6 @@ table.
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 import threading
 import time
 import uuid
@@ -39,14 +37,19 @@ from bench.common import (
     Progress,
     ServerProcess,
     bench_topics,
-    interrupt_on_sigterm,
     machine_facts,
     now_iso,
     run_main,
-    run_prefix,
-    with_topic_prefix,
+    run_space,
+    start_run,
 )
-from bench.harness import add_output_options, produce_waiting, store_results
+from bench.harness import (
+    add_output_options,
+    bench_parser,
+    produce_waiting,
+    run_document,
+    store_results,
+)
 from bench.stream_throughput import Counter, fill, stream_worker
 from core.connections import kafka_producer_config
 from core.settings import Settings
@@ -197,18 +200,15 @@ def timed_start(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser("bench.state_restore", __doc__)
     parser.add_argument("--messages", type=int, default=10_000_000, help="dedupe records")
     parser.add_argument("--users", type=int, default=1_000_000, help="users with state")
     parser.add_argument("--views", type=int, default=2, help="conversation views per user")
     parser.add_argument("--traffic-rate", type=float, default=200.0, help="messages/s")
     add_output_options(parser, RESULTS_PATH)
     args = parser.parse_args(argv)
-    interrupt_on_sigterm()
-    progress = Progress()
-    base = Settings()
-    settings = with_topic_prefix(base, run_prefix("restore"))
-    log_dir = Path(tempfile.mkdtemp(prefix="bench-restore-"))
+    progress, base = start_run()
+    settings, log_dir = run_space(base, "restore")
     started_at = now_iso()
     with bench_topics(settings, progress) as catalog:
         records = fill_state(
@@ -254,16 +254,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 traffic.stop()
             worker.stop()
             counter.close()
-    document = {
-        "started_at": started_at,
-        "finished_at": now_iso(),
-        "machine": machine_facts(base),
-        "parameters": vars(args) | {"output": str(args.output)},
-        "state_records": records,
-        "store_bytes": sum(f.stat().st_size for f in (log_dir / "state").rglob("*") if f.is_file()),
-        "starts": starts,
-        "worker_log": str(log_dir / "worker.log"),
-    }
+    document = run_document(
+        started_at,
+        machine_facts(base),
+        args,
+        state_records=records,
+        store_bytes=sum(f.stat().st_size for f in (log_dir / "state").rglob("*") if f.is_file()),
+        starts=starts,
+        worker_log=str(log_dir / "worker.log"),
+    )
     progress.done(f"state restore: {starts}")
     store_results("state_restore", document, args, progress)
     return 0

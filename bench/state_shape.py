@@ -19,13 +19,10 @@ table.
 
 from __future__ import annotations
 
-import argparse
 import random
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
@@ -36,15 +33,13 @@ from bench.common import (
     CpuMeter,
     Progress,
     bench_topics,
-    interrupt_on_sigterm,
-    kafka_broker_pid,
     machine_facts,
     now_iso,
     run_main,
-    run_prefix,
-    with_topic_prefix,
+    run_space,
+    start_run,
 )
-from bench.harness import add_output_options, store_results
+from bench.harness import add_output_options, bench_parser, run_document, store_results
 from bench.shapes import conversation_created, text_message
 from bench.stream_throughput import Counter, direct_scenario, fill, stream_worker
 from core.connections import kafka_config
@@ -151,8 +146,7 @@ def run_shape(
     settle: float,
     progress: Progress,
 ) -> dict[str, Any]:
-    settings = with_topic_prefix(base, run_prefix(f"shape-{shape}"))
-    log_dir = Path(tempfile.mkdtemp(prefix=f"bench-shape-{shape}-"))
+    settings, log_dir = run_space(base, f"shape-{shape}")
     groups = backlog_groups(users, shape)
     direct = direct_scenario(messages, users // 2)
     # Sync entries: one per member per creation and per message.
@@ -180,11 +174,7 @@ def run_shape(
             # state records before the measurement (on 2 vCPUs it competes with the worker).
             time.sleep(settle)
             before = watermarks(settings, catalog)
-            pids = {"stream-worker": worker.pid}
-            broker = kafka_broker_pid(settings)
-            if broker is not None:
-                pids["kafka"] = broker
-            meter = CpuMeter(pids)
+            meter = CpuMeter.with_broker(settings, {"stream-worker": worker.pid})
             cpu_start = meter.snapshot()
             started = time.monotonic()
             sends = (e for e in direct.events() if isinstance(e, MessageSent))
@@ -227,7 +217,7 @@ def run_shape(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser("bench.state_shape", __doc__)
     parser.add_argument("--shapes", default="1,50,500", help="conversations per user")
     parser.add_argument("--users", type=int, default=100, help="users (%(default)s)")
     parser.add_argument("--backlog", type=int, default=5, help="messages per group (%(default)s)")
@@ -237,9 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.users % GROUP_SIZE:
         parser.error(f"--users must be a multiple of {GROUP_SIZE}")
-    interrupt_on_sigterm()
-    progress = Progress()
-    base = Settings()
+    progress, base = start_run()
     started = now_iso()
     results = [
         run_shape(
@@ -253,13 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         for shape in args.shapes.split(",")
     ]
-    document = {
-        "started_at": started,
-        "finished_at": now_iso(),
-        "machine": machine_facts(base),
-        "parameters": vars(args) | {"output": str(args.output)},
-        "shapes": results,
-    }
+    document = run_document(started, machine_facts(base), args, shapes=results)
     store_results("state_shape", document, args, progress)
     return 0
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 import sys
 import tempfile
@@ -29,8 +28,10 @@ from pathlib import Path
 from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
 
+from bench.common import with_topic_prefix
+from bench.harness import bench_parser
 from core.connections import kafka_config
-from core.settings import KafkaSettings, Settings
+from core.settings import Settings
 from pipelines.topics import apply_topics
 from schemas.events import MessageSent, SyncRecord, parse_event
 from schemas.topics import topic_catalog
@@ -45,6 +46,7 @@ from tests.streams.support import (
     produce,
     read_topic,
     wait_for_sync,
+    worker_environment,
 )
 
 log = logging.getLogger("bench.stream_crash_soak")
@@ -140,7 +142,7 @@ def unread_violations(
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser("bench.stream_crash_soak", __doc__)
     parser.add_argument("--messages", type=int, default=10_000)
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--pairs", type=int, default=50)
@@ -156,23 +158,15 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     base = Settings()
     prefix = f"soak-{uuid.uuid4().hex[:8]}-"
-    settings = base.model_copy(
-        update={
-            "kafka": KafkaSettings(
-                bootstrap_servers=base.kafka.bootstrap_servers, topic_prefix=prefix
-            )
-        }
-    )
+    settings = with_topic_prefix(base, prefix)
     admin = AdminClient(kafka_config(settings))
     catalog = topic_catalog(settings)
     apply_topics(admin, catalog)
-    environment = {
-        **os.environ,
-        "IM_KAFKA__TOPIC_PREFIX": prefix,
-        "IM_STREAMS__SESSION_TIMEOUT_SECONDS": "6",
-        "IM_STREAMS__MEMBER_ADMISSION": "open",  # synthetic users never sign in
-        **({"IM_STREAMS__INSTANCE_ID": args.instance_id} if args.instance_id else {}),
-    }
+    environment = worker_environment(
+        settings,
+        member_admission="open",  # synthetic users never sign in
+        **({"instance_id": args.instance_id} if args.instance_id else {}),
+    )
     log_path = Path(tempfile.mkdtemp(prefix="soak-")) / "stream-worker.log"
     worker = Worker(environment, log_path)
     log.info("prefix %s, worker log %s", prefix, log_path)

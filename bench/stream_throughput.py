@@ -24,10 +24,8 @@ Results go to ``docs/bench/streams.json``; docs/performance.md has the table.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
-import tempfile
 import threading
 import time
 import uuid
@@ -47,15 +45,20 @@ from bench.common import (
     ServerProcess,
     bench_topics,
     imstream_command,
-    interrupt_on_sigterm,
-    kafka_broker_pid,
     machine_facts,
     now_iso,
     run_main,
-    run_prefix,
+    run_space,
+    start_run,
     with_topic_prefix,
 )
-from bench.harness import add_output_options, produce_waiting, store_results
+from bench.harness import (
+    add_output_options,
+    bench_parser,
+    produce_waiting,
+    run_document,
+    store_results,
+)
 from bench.profile import start_recording, summarise
 from bench.shapes import conversation_created, text_message
 from core.connections import kafka_config, kafka_producer_config
@@ -221,14 +224,10 @@ def run_stage(
         )
         for index, args in enumerate(LAYOUTS[layout])
     ]
-    broker = kafka_broker_pid(settings)
     try:
         for worker in workers:
             worker.start(timeout=120)
-        pids = {worker.name: worker.pid for worker in workers}
-        if broker is not None:
-            pids["kafka"] = broker
-        meter = CpuMeter(pids)
+        meter = CpuMeter.with_broker(settings, {worker.name: worker.pid for worker in workers})
         started = time.monotonic()
         cpu_start = meter.snapshot()
         recorder = None
@@ -411,8 +410,7 @@ def run_scenario(
     timeout: float,
     raw_records: int,
 ) -> dict[str, Any]:
-    settings = with_topic_prefix(base, run_prefix(f"streams-{scenario.name}"))
-    log_dir = Path(tempfile.mkdtemp(prefix=f"bench-streams-{scenario.name}-"))
+    settings, log_dir = run_space(base, f"streams-{scenario.name}")
     progress.done(f"{scenario.name}: worker logs in {log_dir}")
     runs = []
     raws: list[dict[str, Any]] = []
@@ -473,7 +471,7 @@ def run_scenario(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser("bench.stream_throughput", __doc__)
     parser.add_argument("--messages", type=int, default=40_000, help="1:1 messages (%(default)s)")
     parser.add_argument("--pairs", type=int, default=500, help="1:1 conversations (%(default)s)")
     parser.add_argument("--group-messages", type=int, default=4_000, help="group messages")
@@ -485,9 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="per run, seconds")
     add_output_options(parser, RESULTS_PATH)
     args = parser.parse_args(argv)
-    interrupt_on_sigterm()
-    progress = Progress()
-    base = Settings()
+    progress, base = start_run()
     layouts = [layout for layout in args.layouts.split(",") if layout]
     unknown = set(layouts) - set(LAYOUTS)
     if unknown:
@@ -510,13 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         for scenario in scenarios
     ]
-    document = {
-        "started_at": started,
-        "finished_at": now_iso(),
-        "machine": facts,
-        "parameters": vars(args) | {"output": str(args.output)},
-        "scenarios": results,
-    }
+    document = run_document(started, facts, args, scenarios=results)
     for result in results:
         progress.done(
             f"{result['scenario']}: best {result['best_messages_per_second']:,} messages/s "
