@@ -202,7 +202,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         keyspace = f"bench_replay_{uuid.uuid4().hex[:8]}"
         try:
             migrate(session, keyspace, 1)
-            run("replay → cql", CqlTarget(settings, session, catalog, keyspace, threading.Event()))
+            # The bench keyspace is this run's anchor: its data keys live there too (the sink
+            # reads tenant_keys from the anchor, which this stack may never have migrated).
+            own = settings.model_copy(
+                update={"cql": settings.cql.model_copy(update={"keyspace": keyspace})}
+            )
+            run("replay → cql", CqlTarget(own, session, catalog, keyspace, threading.Event()))
         finally:
             session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=120)
             cluster.shutdown()
