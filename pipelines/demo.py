@@ -38,7 +38,13 @@ from core.auth import issue_token
 from core.principals import StaffRole
 from core.settings import Settings
 from pipelines.staff_cli import StaffCredential, call_analytics
-from schemas.events import MessageSent, PushProvider
+from schemas.events import CommandRejected, ConversationCreated, MessageSent, PushProvider
+
+#: How long a create may be refused for a member the tenant does not know yet (they signed in
+#: a moment ago: their announcement is on its way), and how long its outcome may take.
+ADMISSION_TIMEOUT_SECONDS = 30.0
+#: ``command.rejected``'s reason for a member the tenant does not know (streams/conversations.py).
+UNKNOWN_USER = "unknown-user"
 
 #: Push outcomes that end a job's delivery to a device (``failed`` and ``throttled`` are retried).
 FINAL_OUTCOMES = frozenset({"sent", "invalid_token", "skipped"})
@@ -141,7 +147,7 @@ class DemoResult:
             for (provider, outcome), n in sorted(self.push_outcomes.items())
         )
         return [
-            f"offline users        {self.offline_users} (push tokens, never connected)",
+            f"offline users        {self.offline_users} (signed in once; offline, a push token)",
             f"push jobs expected   {sum(expected.values())} for offline recipients "
             f"({by_provider}; one per user and conversation per {self.collapse_seconds:g} s)",
             f"push jobs planned    {self.push_jobs_planned} (by the stream stage, from analytics)",
@@ -284,12 +290,17 @@ async def run_demo(
         await asyncio.gather(*(client.connect() for client in clients.values()))
         progress(f"{len(clients)} users connected to {options.url}")
 
+        outcomes = _CreateOutcomes()
+
         async def read(user: str, client: Client) -> None:
             async for item in client.events():
                 tracker.on_received(user, item)
+                outcomes.on_received(item)
 
         readers = [asyncio.create_task(read(u, c)) for u, c in clients.items()]
-        conversations = await _create_conversations(options, rng, users, everyone, clients)
+        conversations = await _create_conversations(
+            options, rng, users, everyone, clients, outcomes=outcomes
+        )
         progress(f"{len(conversations)} conversations created")
         await _send_at_rate(
             options, rng, conversations, clients, tracker=tracker, progress=progress
@@ -349,6 +360,8 @@ async def _create_conversations(
     users: list[str],
     everyone: list[str],
     clients: dict[str, Client],
+    *,
+    outcomes: _CreateOutcomes,
 ) -> list[tuple[str, list[str]]]:
     """Direct conversations and groups among every user, each created (and later sent in) by a
     connected member, listed first."""
@@ -366,12 +379,78 @@ async def _create_conversations(
         elif members[0] not in clients:
             members.remove(online[0])
             members.insert(0, online[0])
-        owner = clients[members[0]]
-        conversation_id = await owner.create_conversation(
-            members[1:], kind=kind, name=None if kind == "direct" else f"group {index}"
+        conversation_id = await _create_once_admitted(
+            clients[members[0]],
+            members[1:],
+            kind=kind,
+            name=None if kind == "direct" else f"group {index}",
+            outcomes=outcomes,
         )
         conversations.append((conversation_id, members))
     return conversations
+
+
+class DemoError(Exception):
+    """The demo could not set up its conversations: what was refused, and why."""
+
+
+class _CreateOutcomes:
+    """Whether each create went through (``conversation.created`` reached its creator) or was
+    refused (``command.rejected``), as the creator's events tell."""
+
+    def __init__(self) -> None:
+        self.outcomes: dict[str, asyncio.Future[str | None]] = {}
+        #: Outcomes that came before anyone waited for them (None: created).
+        self.early: dict[str, str | None] = {}
+
+    def waiting(self, conversation_id: str) -> asyncio.Future[str | None]:
+        future = asyncio.get_running_loop().create_future()
+        if conversation_id in self.early:
+            future.set_result(self.early.pop(conversation_id))
+        else:
+            self.outcomes[conversation_id] = future
+        return future
+
+    def on_received(self, item: Received) -> None:
+        event = item.event
+        if isinstance(event, ConversationCreated):
+            conversation_id, reason = event.payload.conversation_id, None
+        elif isinstance(event, CommandRejected) and event.payload.conversation_id is not None:
+            conversation_id, reason = event.payload.conversation_id, event.payload.reason
+        else:
+            return
+        future = self.outcomes.pop(conversation_id, None)
+        if future is None:
+            self.early[conversation_id] = reason
+        elif not future.done():
+            future.set_result(reason)
+
+
+async def _create_once_admitted(
+    owner: Client,
+    members: list[str],
+    *,
+    kind: str,
+    name: str | None,
+    outcomes: _CreateOutcomes,
+) -> str:
+    """Create the conversation, again while a member is not yet known to the tenant: a user who
+    has just signed in is announced a moment later (docs/streams.md "Admission")."""
+    # A direct conversation's id is derived from its members; a group's is chosen once, so a
+    # second attempt is the same conversation.
+    requested = None if kind == "direct" else uuid.uuid4().hex
+    deadline = time.monotonic() + ADMISSION_TIMEOUT_SECONDS
+    while True:
+        conversation_id = await owner.create_conversation(
+            members, kind=kind, name=name, conversation_id=requested
+        )
+        outcome = outcomes.waiting(conversation_id)
+        reason = await asyncio.wait_for(outcome, ADMISSION_TIMEOUT_SECONDS)
+        if reason is None:
+            return conversation_id
+        if reason != UNKNOWN_USER or time.monotonic() > deadline:
+            raise DemoError(f"creating conversation {conversation_id} was refused: {reason}")
+        await asyncio.sleep(0.2)
 
 
 async def _send_at_rate(
@@ -441,11 +520,17 @@ async def _drain(
 async def _register_offline_device(
     options: DemoOptions, user: str, token: str, provider: PushProvider, app_id: str | None
 ) -> None:
-    """The user's one device registers a push token and never connects."""
+    """The user's one device signs in once (so that the tenant knows the user and others may
+    name them as a member: docs/streams.md "Admission"), registers a push token and goes
+    offline for the rest of the run."""
     client = Client(options.url, tenant_id=options.tenant, device_id="phone", token=token)
     # APNs device tokens are 32 bytes in hex; FCM's are opaque strings.
     push_token = uuid.uuid4().hex * 2 if provider is PushProvider.APNS else f"fcm-{uuid.uuid4()}"
-    await client.register_push_token(provider, push_token, app_id)
+    try:
+        await client.connect()
+        await client.register_push_token(provider, push_token, app_id)
+    finally:
+        await client.close()
 
 
 class _PushOutcomes:
