@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import subprocess
 import tempfile
 import threading
@@ -69,6 +70,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
+from datetime import datetime
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -144,6 +146,17 @@ WARM_UP_RATE = 100.0
 SINK_LAG_SETTLED = 100
 #: The share of the target rate a phase must deliver to count as sustained.
 DELIVERED_SHARE = 0.97
+#: A phase is sustained only if every sink caught up within this long of the window's end: a
+#: rate the stores cannot keep up with is not sustained (history and search would drift further
+#: and further behind live delivery).
+SINK_CATCH_UP_BAR_SECONDS = 5.0
+#: The stream worker logs its totals this often in the benchmark (for transactions per second).
+WORKER_PROGRESS_SECONDS = 1.0
+#: The stream worker's progress line: its totals of transactions so far.
+WORKER_TOTALS = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*worker totals: (\d+) transactions, "
+    r"(\d+) batches \((\d+) shared\), interval (\d+) ms"
+)
 #: After shaping, the load users' clients sync their backlog: done once the ingress nodes and the
 #: load generators together use less than this share of one core …
 CLIENTS_IDLE_PCT = 15.0
@@ -282,6 +295,8 @@ class System:
     processes: dict[str, ServerProcess]
     urls: tuple[str, ...]
     keyspace: str
+    #: A CQL session for Cassandra's own counters (``cql_counters``).
+    cql: Any = None
 
     def pids(self) -> dict[str, int]:
         return {name: server.pid for name, server in self.processes.items()}
@@ -295,7 +310,9 @@ class System:
 @contextmanager
 def local_stack(settings: Settings, progress: Progress) -> Iterator[None]:
     """Kafka and Cassandra of the local stack; started if needed, stopped only if started here."""
-    stack = LocalStack(settings)
+    # Kafka and Cassandra only: the run has a chDB path of its own, and a default one held by
+    # `make run` must not make the stack look down (and be stopped on the way out).
+    stack = LocalStack(settings, services=("kafka", "cassandra"))
     was_up = stack.is_up()
     if not was_up:
         progress.done("starting the local stack (Kafka, Cassandra) …")
@@ -345,6 +362,8 @@ def running_system(
         "IM_CLICKHOUSE__CHDB_PATH": str(log_dir / "chdb"),
         "IM_SINKS__ANALYTICS_PORT": str(free_port()),
         "IM_STREAMS__INSTANCE_ID": f"bench-e2e-{os.getpid()}",
+        # Its totals once a second: transactions per second, read back from its log.
+        "IM_STREAMS__PROGRESS_SECONDS": str(WORKER_PROGRESS_SECONDS),
         # Synthetic users, created right after they connect: not held back for the
         # known-users record of their first sign-in (docs/streams.md "Admission").
         "IM_STREAMS__MEMBER_ADMISSION": "open",
@@ -393,7 +412,9 @@ def running_system(
             processes[name] = server
             progress.done(f"{name} is ready (pid {server.pid}, log {server.log_path})")
         urls = tuple(f"ws://{LOOPBACK}:{port}/v1/ws" for port in ports)
-        yield System(settings, processes, urls, keyspace)
+        cluster = cql_cluster(settings)
+        stack.callback(cluster.shutdown)
+        yield System(settings, processes, urls, keyspace, cluster.connect())
         progress.done("stopping the system …")
 
 
@@ -806,8 +827,10 @@ class Load:
         )
         time.sleep(max(0.0, measure_from - time.monotonic()))
         before = meter.snapshot()
+        wall_from = time.time()
         delivered_before = sum(self.counters)
         offsets_before = end_offsets(self.admin, self.catalog)
+        cql_before = cql_counters(system)
         label = f"{kind} at {rate:,.0f}/s"
         while (now := time.monotonic()) < measure_until:
             done = sum(self.counters) - delivered_before
@@ -817,6 +840,8 @@ class Load:
             )
             time.sleep(min(0.5, max(0.0, measure_until - now)))
         after = meter.snapshot()
+        wall_until = time.time()
+        watch = CatchUpWatch(system, time.monotonic() + options.sink_catch_up)
         offsets_after = end_offsets(self.admin, self.catalog)
         lag_at_end = sink_lags(system.settings)
         self.progress.update(f"{label}: waiting for the last deliveries …")
@@ -826,17 +851,23 @@ class Load:
         system.check_alive()
         summary = summarise(kind, rate, options, results, CpuMeter.percent(before, after))
         self.progress.update(f"{label}: waiting for the sinks to catch up …")
-        caught_up = None
-        deadline = time.monotonic() + options.sink_catch_up
-        while time.monotonic() < deadline:
-            if sinks_settled(running_sink_lags(system)):
-                caught_up = round(time.monotonic() - measure_until, 1)
-                break
-            time.sleep(1.0)
+        caught_up = watch.result()
         summary["sinks"] = {
             "lag_records_at_window_end": lag_at_end,
             "caught_up_seconds_after_window": caught_up,
         }
+        if caught_up is None or caught_up > SINK_CATCH_UP_BAR_SECONDS:
+            summary["sustained"] = False
+            summary["why_not_sustained"].append(
+                f"sinks caught up {'not at all' if caught_up is None else f'after {caught_up} s'}"
+                f" (bar: {SINK_CATCH_UP_BAR_SECONDS:g} s after the window)"
+            )
+        messages = summary["delivered_messages_in_window"]
+        # Counted once the sinks wrote the window's messages (and a little of the ramp before).
+        summary["cql"] = cql_per_message(cql_before, cql_counters(system), messages)
+        summary["stream_worker"] = worker_transactions(
+            system.processes["stream-worker"].log_path, wall_from, wall_until
+        )
         # Read back once the sinks are done, so that the reading competes with nothing measured.
         self.progress.update(f"{label}: reading back what the window wrote to Kafka …")
         summary["kafka"] = kafka_per_message(
@@ -939,6 +970,94 @@ def kafka_per_message(
         "bytes": size,
         "topics": {name.removeprefix(prefix): entry for name, entry in sorted(topics.items())},
     }
+
+
+def cql_counters(system: System) -> dict[str, int]:
+    """Cassandra's own counts so far: the writes and reads it coordinated on the run's keyspace
+    (one per table a request touched: a batch of one partition counts once per table) and the
+    native-protocol requests of every client connection."""
+    session = system.cql
+    counts = {"writes": 0, "reads": 0, "requests": 0}
+    for kind, view in (
+        ("writes", "coordinator_write_latency"),
+        ("reads", "coordinator_read_latency"),
+    ):
+        rows = session.execute(
+            f"SELECT count FROM system_views.{view} WHERE keyspace_name = %s", (system.keyspace,)
+        )
+        counts[kind] = sum(row.count for row in rows)
+    counts["requests"] = sum(
+        row.request_count or 0
+        for row in session.execute("SELECT request_count FROM system_views.clients")
+    )
+    return counts
+
+
+def cql_per_message(
+    before: dict[str, int], after: dict[str, int], messages: float
+) -> dict[str, Any]:
+    done = {kind: after[kind] - before[kind] for kind in before}
+    return {
+        **{
+            f"{kind}_per_delivered_message": round(n / messages, 2) if messages else None
+            for kind, n in done.items()
+        },
+        **done,
+    }
+
+
+def worker_totals(log_path: Path) -> list[tuple[float, int, int, int, int]]:
+    """The stream worker's progress lines: (wall time, transactions, batches, shared batches,
+    interval ms) so far, oldest first."""
+    found = []
+    for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        match = WORKER_TOTALS.match(line)
+        if match is not None:
+            stamp = datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            found.append((stamp, int(match[2]), int(match[3]), int(match[4]), int(match[5])))
+    return found
+
+
+def worker_transactions(log_path: Path, start: float, end: float) -> dict[str, Any]:
+    """Transactions per second of the stream worker between two wall-clock times (from its
+    totals logged every ``WORKER_PROGRESS_SECONDS``), and the batches per transaction."""
+    lines = worker_totals(log_path)
+    first = [entry for entry in lines if entry[0] <= start]
+    last = [entry for entry in lines if entry[0] <= end]
+    if not first or not last or last[-1][0] <= first[-1][0]:
+        return {"transactions_per_second": None}
+    (t0, n0, b0, s0, _), (t1, n1, b1, s1, interval) = first[-1], last[-1]
+    transactions = n1 - n0
+    return {
+        "transactions_per_second": round(transactions / (t1 - t0), 1),
+        "batches_per_transaction": round((b1 - b0) / transactions, 2) if transactions else None,
+        "shared_batches": s1 - s0,
+        "interval_ms_at_end": interval,
+    }
+
+
+class CatchUpWatch:
+    """When every sink first caught up after the window's end: sampled from the end on, in the
+    background, while the load generators drain."""
+
+    def __init__(self, system: System, until: float) -> None:
+        self.seconds: float | None = None
+        self._system = system
+        self._from = time.monotonic()
+        self._until = until
+        self._thread = threading.Thread(target=self._watch, name="catch-up", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while time.monotonic() < self._until:
+            if sinks_settled(running_sink_lags(self._system)):
+                self.seconds = round(time.monotonic() - self._from, 1)
+                return
+            time.sleep(0.25)
+
+    def result(self) -> float | None:
+        self._thread.join()
+        return self.seconds
 
 
 def running_sink_lags(system: System) -> dict[str, int | None]:
@@ -1070,6 +1189,11 @@ def line(phase: dict[str, Any]) -> str:
     )
     kafka = phase["kafka"]
     cpu = sum(phase["cpu_us_per_delivered_message_by_kind"].values())
+    by_kind = ", ".join(
+        f"{kind} {value:,}"
+        for kind, value in phase["cpu_us_per_delivered_message_by_kind"].items()
+        if value
+    )
     return (
         f"[shape {phase['shape']}, backlog {phase['backlog']}] "
         f"{phase['kind']} at {phase['target_per_second']:,.0f}/s: accepted "
@@ -1081,7 +1205,10 @@ def line(phase: dict[str, Any]) -> str:
         f"{phase['sinks']['lag_records_at_window_end']}, caught up after "
         f"{phase['sinks']['caught_up_seconds_after_window']} s; per delivered message "
         f"{kafka['records_per_delivered_message']} Kafka records, "
-        f"{kafka['bytes_per_delivered_message']} bytes, {cpu:,} CPU µs (all processes) — {verdict}"
+        f"{kafka['bytes_per_delivered_message']} bytes, "
+        f"{phase['cql']['writes_per_delivered_message']} CQL writes, {cpu:,} CPU µs (all "
+        f"processes: {by_kind}); {phase['stream_worker']['transactions_per_second']} "
+        f"transactions/s — {verdict}"
     )
 
 

@@ -354,19 +354,28 @@ class StreamsSettings(_Group):
     """The stream worker (``imstream run stream-worker``): batching, fan-out and push policy."""
 
     app_id: str = "imstream-streams"
-    #: A stable id per worker replica. The transactional ids (one per processor) and the static
-    #: group membership derive from it, so that a restarted worker aborts its predecessor's open
-    #: transaction and takes its old place in the group at once. Replicas need distinct ids;
+    #: A stable id per worker replica. The transactional id (one per worker: its processors
+    #: commit together) and the static group membership derive from it, so that a restarted
+    #: worker aborts its predecessor's open transaction and takes its old place in the group at
+    #: once. Replicas need distinct ids;
     #: the default is the host name (one replica per host).
     instance_id: str | None = None
     #: Kafka static group membership (``group.instance.id``) for the processors' consumers.
     static_membership: bool = True
     batch_size: Annotated[int, Field(ge=1)] = 1000
-    #: A processor commits at most once per interval (one transaction per batch): a record that
-    #: arrives sooner after the previous commit waits for the rest of the interval, with the
-    #: records that come meanwhile. An idle processor takes the next record at once. Under load
-    #: this caps each processor's transactions per second, which are Kafka's main cost.
+    #: The worker commits at most once per interval (one transaction for whatever batches its
+    #: processors have): a record that arrives sooner after the previous transaction began
+    #: waits for the rest of the interval, with the records that come meanwhile. An idle
+    #: worker takes the next record at once. Under load this caps the transactions per second,
+    #: Kafka's main cost. The interval adapts to the load between this floor and
+    #: ``max_commit_interval_seconds``: it is the last transaction's duration divided by
+    #: ``commit_time_share`` (a slow broker — a busy machine — gets fewer, larger transactions).
     commit_interval_seconds: Annotated[float, Field(ge=0)] = 0.02
+    max_commit_interval_seconds: Annotated[float, Field(ge=0)] = 0.1
+    #: The share of the time the worker may spend in transactions (see above).
+    commit_time_share: Annotated[float, Field(gt=0, le=1)] = 0.25
+    #: How often each processor logs a progress line (records, transactions, interval).
+    progress_seconds: Annotated[float, Field(gt=0)] = 10.0
     session_timeout_seconds: Annotated[float, Field(ge=6)] = 10.0
     transaction_timeout_seconds: Annotated[float, Field(ge=1)] = 30.0
     producer_linger_seconds: Annotated[float, Field(ge=0)] = 0.002

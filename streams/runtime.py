@@ -1,15 +1,17 @@
 """The stream worker: each processor as a Kafka-transactional consume → process → produce loop.
 
-``imstream run stream-worker`` runs two loops, each in its own thread with its own consumer and
-transactional producer: the conversation processor and the user processor. One loop iteration is
-one Kafka transaction:
+``imstream run stream-worker`` runs two loops, each in its own thread with its own consumer: the
+conversation processor and the user processor. They share one transactional producer
+(``streams.transactions``): whatever batches the loops have ready go into one transaction. One
+loop iteration:
 
-1. take a batch of input records (``read_committed``: only committed outputs of earlier stages);
+1. take a batch of input records (``read_committed``: only committed outputs of earlier stages),
+   filling it until the next transaction's start;
 2. hand it to the processor (``streams.processors``), a pure function of the batch and the state;
-3. in one transaction, produce the outputs, the state changes (to the processor's compacted state
-   topics) and the batch's input offsets (``send_offsets_to_transaction`` with the consumer's
-   group metadata, KIP-447);
-4. commit the transaction, and only then apply the state changes to the loop's state store.
+3. in one transaction (with the other loop's batch, if it has one), produce the outputs, the
+   state changes (to the processor's compacted state topics) and the batch's input offsets
+   (``send_offsets_to_transaction`` with the consumer's group metadata, KIP-447);
+4. once it committed, apply the state changes to the loop's state store.
 
 Either all of a batch's effects are in Kafka — outputs, new state and consumed offsets — or none
 is. Delivery guarantee: exactly once for every input, as read by ``read_committed`` consumers
@@ -41,10 +43,9 @@ import socket
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from enum import Enum
 from typing import Any, Protocol
 
 import pydantic_core
@@ -53,16 +54,14 @@ from confluent_kafka import (
     Consumer,
     IsolationLevel,
     KafkaError,
-    KafkaException,
     Message,
-    Producer,
     TopicCollection,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from core import kafka_loop
-from core.connections import kafka_config, kafka_consumer_config, kafka_producer_config
+from core.connections import kafka_config, kafka_consumer_config
 from core.groups import stream_group
 from core.records import Headers, InputRecord, dead_letter
 from core.settings import MemberAdmission, Settings
@@ -82,13 +81,19 @@ from streams.processors import (
 )
 from streams.state import StateReader
 from streams.store import StateStore
+from streams.transactions import (
+    KAFKA_CALL_TIMEOUT,
+    PERMANENT_RECORD_ERRORS,
+    Batch,
+    Produced,
+    Transaction,
+    Transactions,
+)
 from streams.users import PushPolicy
 
 log = logging.getLogger(__name__)
 
 READY_MESSAGE = "stream worker ready"
-#: How long a blocking Kafka call (init, send offsets, commit, abort) may take before we give up.
-KAFKA_CALL_TIMEOUT = 60.0
 PROGRESS_INTERVAL = 10.0
 #: How often a loop records the store's checkpoints (the tail a restart reads is at most this old).
 CHECKPOINT_INTERVAL = 10.0
@@ -136,29 +141,6 @@ class LoopConfig:
     globals: Mapping[str, Topic] = field(default_factory=dict)
 
 
-#: Errors with which Kafka refuses a record for good: sending it again cannot help.
-PERMANENT_RECORD_ERRORS = frozenset(
-    {
-        KafkaError.MSG_SIZE_TOO_LARGE,
-        KafkaError.RECORD_LIST_TOO_LARGE,
-        KafkaError.INVALID_RECORD,
-        KafkaError.INVALID_MSG,
-        KafkaError.INVALID_MSG_SIZE,
-        KafkaError.POLICY_VIOLATION,
-    }
-)
-
-
-class Transaction(Enum):
-    """How a transaction ended."""
-
-    COMMITTED = "committed"
-    #: Kafka asked for an abort; the inputs are read again.
-    ABORTED = "aborted"
-    #: Aborted, and Kafka refused one of its records for good (``PERMANENT_RECORD_ERRORS``).
-    REFUSED = "refused"
-
-
 #: More than any record's key and headers weigh (ids of at most 64 characters; a dead letter's
 #: reason of at most 1,000 bytes): a record whose value is this far under the limit is under it.
 KEY_AND_HEADERS_MARGIN = 16_384
@@ -182,8 +164,10 @@ class ProcessorLoop:
         *,
         instance_id: str,
         catalog: TopicCatalog,
+        transactions: Transactions,
     ) -> None:
         self.settings = settings
+        self.transactions = transactions
         self.catalog = catalog
         self.config = config
         self.processor = processor
@@ -208,36 +192,9 @@ class ProcessorLoop:
         self._topic_ids: dict[str, str] = {}
         self._assignment = kafka_loop.Assignment()
         self._log = logging.getLogger(f"{__name__}.{config.name}")
-        #: The codes of records Kafka refused in the current transaction (delivery reports).
-        self._refusals: list[int] = []
         #: Set while a batch that held a record over the limit or refused by Kafka is processed
         #: one input per transaction (across reads again after a transient abort).
         self._one_at_a_time = False
-        self.producer = Producer(
-            kafka_producer_config(
-                settings,
-                **{
-                    "transactional.id": f"{self.group_id}-{instance_id}",
-                    "transaction.timeout.ms": int(streams.transaction_timeout_seconds * 1000),
-                    "linger.ms": streams.producer_linger_seconds * 1000,
-                    # Adding the offsets right after the batch's partitions gets
-                    # CONCURRENT_TRANSACTIONS until the partitions are added, and a produce to a
-                    # partition the broker has not verified as part of the transaction yet
-                    # (KIP-890) is refused the same way; librdkafka retries each after
-                    # retry.backoff.ms, doubling up to the max. At 100 ms (the default) every
-                    # batch paid it; at 5 ms a 4-partition transaction still took 30 ms (p50)
-                    # on the local broker, at 1 ms 4 to 5 ms.
-                    "retry.backoff.ms": 1,
-                    "retry.backoff.max.ms": 200,
-                    # Only failures are reported (no cost per record): which record Kafka
-                    # refused, should a transaction abort.
-                    "on_delivery": self._on_delivery_error,
-                    "delivery.report.only.error": True,
-                    "enable.idempotence": True,
-                    "acks": "all",
-                },
-            )
-        )
         consumer_config: dict[str, Any] = {
             # range keeps equal partition numbers of co-partitioned inputs on one member.
             "partition.assignment.strategy": "range",
@@ -522,12 +479,11 @@ class ProcessorLoop:
             self.consumer.close()
             if self._globals is not None:
                 self._globals.close()
-            self.producer.flush(10)
             self.store.close()
 
     def _run(self) -> None:
         streams = self.settings.streams
-        self._call(self.producer.init_transactions, "init_transactions", KAFKA_CALL_TIMEOUT)
+        self.transactions.initialise()
         if self.config.globals:
             self._open_globals()
         kafka_loop.subscribe(
@@ -542,29 +498,31 @@ class ProcessorLoop:
         last_progress = time.monotonic()
         last_prune = last_progress
         reported = LoopStats()
-        #: When the last batch was taken: the next one is taken commit_interval_seconds later at
-        #: the earliest, with every record that came meanwhile (one transaction per batch).
-        last_batch = 0.0
+        name = self.config.name
         while not self.stop.is_set():
             epoch = self._assignment.epoch
             messages = self.consumer.consume(1, timeout=0.2)
-            if messages and streams.batch_size > 1:
-                wait = last_batch + streams.commit_interval_seconds - time.monotonic()
-                # With no wait left this takes only what is already fetched.
-                messages += self.consumer.consume(streams.batch_size - 1, timeout=max(wait, 0.0))
-            if messages:
-                last_batch = time.monotonic()
-            if self._assignment.epoch != epoch:
-                # A rebalance ran inside consume: every position went back to its committed
-                # offset, so these records will come again; process none of them now.
-                continue
-            records = self._records(messages)
-            if self._globals is not None:
-                self._read_globals(wait=False)
-            if records:
-                self._process(records)
+            try:
+                if messages and streams.batch_size > 1:
+                    # Fill the batch until the next transaction may begin (past when idle: then
+                    # this takes only what is already fetched); the transaction waits for it.
+                    self.transactions.collecting(name)
+                    wait = self.transactions.next_start() - time.monotonic()
+                    more = streams.batch_size - 1
+                    messages += self.consumer.consume(more, timeout=max(wait, 0.0))
+                if self._assignment.epoch != epoch:
+                    # A rebalance ran inside consume: every position went back to its committed
+                    # offset, so these records will come again; process none of them now.
+                    continue
+                records = self._records(messages)
+                if self._globals is not None:
+                    self._read_globals(wait=False)
+                if records:
+                    self._process(records)
+            finally:
+                self.transactions.not_collecting(name)
             now = time.monotonic()
-            if now - last_progress >= PROGRESS_INTERVAL:
+            if now - last_progress >= streams.progress_seconds:
                 self._report(reported, now - last_progress)
                 reported = LoopStats(**{**self.stats.__dict__, "extra": {}})
                 last_progress = now
@@ -591,7 +549,7 @@ class ProcessorLoop:
         result = self.processor.process(records, self.store)
         states = [encode_state(write.value) for write in result.writes]
         if not self._oversized(result, states):
-            outcome = self._transact(records, result, states)
+            outcome, _ = self._transact(records, result, states)
             if outcome is Transaction.COMMITTED:
                 return
             if outcome is Transaction.ABORTED:
@@ -621,20 +579,21 @@ class ProcessorLoop:
                     "(IM_STREAMS__MAX_RECORD_BYTES)",
                 )
             else:
-                outcome = self._transact([record], result, states)
+                outcome, refusals = self._transact([record], result, states, alone=True)
                 if outcome is Transaction.REFUSED:
                     # The refusal's cause: not the records purged with the aborted transaction.
                     names = sorted(
                         {
                             KafkaError(code).name()
-                            for code in self._refusals
+                            for code in refusals
                             if code in PERMANENT_RECORD_ERRORS
                         }
                     )
                     cause = ", ".join(names) or "a permanent record error"
                     refusal = (OUTPUT_REFUSED, f"Kafka refused its outputs ({cause})")
             if refusal is not None:
-                outcome = self._transact([record], self._dead_letter(record, *refusal), [])
+                dead = self._dead_letter(record, *refusal)
+                outcome, _ = self._transact([record], dead, [], alone=True)
             if outcome is not Transaction.COMMITTED:
                 # It and the rest are read again, still one at a time: right after Kafka refused
                 # a record, the next transaction may abort too (the idempotent producer resets
@@ -664,47 +623,43 @@ class ProcessorLoop:
         )
 
     def _transact(
-        self, records: list[InputRecord], result: BatchResult, states: list[bytes | None]
-    ) -> Transaction:
-        """One transaction: the outputs, the state records and the inputs' offsets; the tables
-        take the writes once it committed. Aborted when Kafka asks; the caller then has the
-        inputs read again."""
-        producer = self.producer
-        self._refusals.clear()
-        self._call(producer.begin_transaction, "begin_transaction")
-        try:
-            for output in result.outputs:
-                self._produce(
-                    output.topic, output.key, output.value, output.partition, output.headers
-                )
-            for write, state in zip(result.writes, states, strict=True):
-                self._produce(
-                    self.config.tables[write.table].name,
-                    write.key.encode(),
-                    state,
-                    write.partition,
-                    None,
-                )
-            # Commit policy: the offsets go into the transaction (exactly once with the outputs),
-            # not through the kit's commit_offsets; a batch read across a rebalance is dropped
-            # before it gets here (the epoch check in _run), so all of it is still held.
-            producer.send_offsets_to_transaction(
-                [TopicPartition(t, p, o) for (t, p), o in kafka_loop.next_offsets(records).items()],
-                self.consumer.consumer_group_metadata(),
-                KAFKA_CALL_TIMEOUT,
-            )
-            self._commit()
-        except KafkaException as exc:
-            error = exc.args[0]
-            if not isinstance(error, KafkaError) or not error.txn_requires_abort():
-                raise kafka_loop.FatalError(f"transaction: {exc}") from exc
-            self._log.warning("transaction aborted, the inputs will be read again: %s", error)
+        self,
+        records: list[InputRecord],
+        result: BatchResult,
+        states: list[bytes | None],
+        *,
+        alone: bool = False,
+    ) -> tuple[Transaction, list[int]]:
+        """The outputs, the state records and the inputs' offsets, in the worker's next
+        transaction (``alone``: in one of their own); the tables take the writes once it
+        committed. Aborted when Kafka asks; the caller then has the inputs read again. Returns
+        the outcome and the error codes of the records Kafka refused in it."""
+        produced = [
+            Produced(output.topic, output.key, output.value, output.partition, output.headers)
+            for output in result.outputs
+        ]
+        tables = self.config.tables
+        produced += [
+            Produced(tables[write.table].name, write.key.encode(), state, write.partition)
+            for write, state in zip(result.writes, states, strict=True)
+        ]
+        # Commit policy: the offsets go into the transaction (exactly once with the outputs),
+        # not through the kit's commit_offsets; a batch read across a rebalance is dropped
+        # before it gets here (the epoch check in _run), so all of it is still held.
+        batch = Batch(
+            owner=self.config.name,
+            records=produced,
+            offsets=[
+                TopicPartition(t, p, o) for (t, p), o in kafka_loop.next_offsets(records).items()
+            ],
+            group_metadata=self.consumer.consumer_group_metadata(),
+            alone=alone,
+        )
+        outcome = self.transactions.run(batch)
+        if outcome is not Transaction.COMMITTED:
             self.stats.aborted += 1
-            self.stats.last_error = str(error)
-            self._call(producer.abort_transaction, "abort_transaction", KAFKA_CALL_TIMEOUT)
-            codes = {error.code(), *self._refusals}
-            refused = not codes.isdisjoint(PERMANENT_RECORD_ERRORS)
-            return Transaction.REFUSED if refused else Transaction.ABORTED
+            self.stats.last_error = f"transaction {outcome.value}"
+            return outcome, batch.refusals
         self.store.apply(result.writes, states)
         stats = self.stats
         stats.records += len(records)
@@ -712,13 +667,7 @@ class ProcessorLoop:
         stats.outputs += len(result.outputs)
         stats.skipped += result.skipped
         stats.dead_lettered += result.dead_lettered
-        return Transaction.COMMITTED
-
-    def _on_delivery_error(self, error: KafkaError | None, _message: Message) -> None:
-        """Delivery reports of failed records only (``delivery.report.only.error``); served
-        while the transaction commits."""
-        if error is not None:
-            self._refusals.append(error.code())
+        return outcome, batch.refusals
 
     def _oversized(self, result: BatchResult, states: list[bytes | None]) -> bool:
         """Whether any output or state record is larger than a record may be."""
@@ -739,38 +688,6 @@ class ProcessorLoop:
             for write, state in zip(result.writes, states, strict=True)
         )
 
-    def _produce(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        partition: int | None,
-        headers: list[tuple[str, bytes]] | None,
-    ) -> None:
-        kwargs: dict[str, Any] = {"key": key, "value": value}
-        if partition is not None:
-            kwargs["partition"] = partition
-        if headers:
-            kwargs["headers"] = headers
-        while True:
-            try:
-                self.producer.produce(topic, **kwargs)
-                return
-            except BufferError:  # the local queue is full: let librdkafka send some
-                self.producer.poll(0.05)
-
-    def _commit(self) -> None:
-        while True:
-            try:
-                self.producer.commit_transaction(KAFKA_CALL_TIMEOUT)
-                return
-            except KafkaException as exc:
-                error = exc.args[0]
-                if isinstance(error, KafkaError) and error.retriable():
-                    self._log.warning("commit_transaction: %s; retrying", error)
-                    continue
-                raise
-
     def _rewind(self, records: list[InputRecord]) -> None:
         first: dict[tuple[str, int], int] = {}
         for record in records:
@@ -779,24 +696,13 @@ class ProcessorLoop:
         for (topic, partition), offset in first.items():
             self.consumer.seek(TopicPartition(topic, partition, offset))
 
-    def _call(self, call: Callable[..., Any], what: str, *args: Any) -> None:
-        """A blocking transactional call: retried while Kafka says retriable, else fatal."""
-        while True:
-            try:
-                call(*args)
-                return
-            except KafkaException as exc:
-                error = exc.args[0]
-                if isinstance(error, KafkaError) and error.retriable():
-                    self._log.warning("%s: %s; retrying", what, error)
-                    continue
-                raise kafka_loop.FatalError(f"{what}: {exc}") from exc
-
     def _report(self, before: LoopStats, seconds: float) -> None:
         done = self.stats.records - before.records
+        shared = self.transactions.stats
         self._log.info(
             "%d records in %d batches (%.0f/s), %d outputs, %d skipped, %d dead-lettered, "
-            "%d aborted; %d state values",
+            "%d aborted; %d state values; worker totals: %d transactions, %d batches (%d shared), "
+            "interval %.0f ms (last transaction %.1f ms)",
             done,
             self.stats.batches - before.batches,
             done / seconds if seconds else 0.0,
@@ -805,6 +711,11 @@ class ProcessorLoop:
             self.stats.dead_lettered - before.dead_lettered,
             self.stats.aborted - before.aborted,
             self.store.size(),
+            shared.transactions,
+            shared.batches,
+            shared.shared,
+            shared.interval * 1000,
+            shared.last_duration * 1000,
         )
 
 
@@ -818,11 +729,17 @@ def build_loops(
     *,
     catalog: TopicCatalog | None = None,
     processors: Sequence[str] = ("conversations", "users"),
-) -> list[ProcessorLoop]:
-    """The worker's loops: the conversation processor and/or the user processor."""
+) -> tuple[list[ProcessorLoop], Transactions]:
+    """The worker's loops (the conversation processor and/or the user processor) and the
+    transactional producer they share. Its transactional id names the processors it commits
+    for: a worker that runs one of them keeps that processor's id of old."""
     catalog = catalog or topic_catalog(settings)
     streams = settings.streams
     instance_id = streams.instance_id or default_instance_id()
+    names = [name for name in ("conversations", "users") if name in processors]
+    transactions = Transactions(
+        settings, f"{stream_group(settings, '+'.join(names))}-{instance_id}"
+    )
     loops = []
     if "conversations" in processors:
         retention = timedelta(days=streams.message_retention_days)
@@ -852,6 +769,7 @@ def build_loops(
                 stop,
                 instance_id=instance_id,
                 catalog=catalog,
+                transactions=transactions,
             )
         )
     if "users" in processors:
@@ -874,6 +792,7 @@ def build_loops(
                 stop,
                 instance_id=instance_id,
                 catalog=catalog,
+                transactions=transactions,
             )
         )
-    return loops
+    return loops, transactions
