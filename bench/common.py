@@ -4,6 +4,7 @@ read of a process's CPU and memory, the facts about the machine, and where the r
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -32,7 +33,9 @@ from core.connections import kafka_config
 from core.readiness import read_announcement
 from core.settings import Settings
 from pipelines.stack import process as stack_process
+from pipelines.stack.errors import StackError
 from pipelines.stack.manager import LocalStack
+from pipelines.stack.services import port_is_free
 from pipelines.topics import apply_topics
 from schemas.topics import TopicCatalog, topic_catalog
 
@@ -42,6 +45,9 @@ LOOPBACK = "127.0.0.1"
 #: The benchmark's tenant; every user and device it makes up belongs to it.
 BENCH_TENANT = "bench"
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+#: The local stack's services a benchmark uses as they run: the systems it starts keep their
+#: ClickHouse data in chDB paths of their own, never the shared one (``settings.chdb_path``).
+STACK_SERVICES = ("kafka", "cassandra")
 
 
 class BenchError(RuntimeError):
@@ -82,11 +88,12 @@ class Progress:
 
 
 def run_main(main: Callable[[], int]) -> NoReturn:
-    """A benchmark's entry point: its exit code; a ``BenchError`` as one line and exit code 1,
-    Ctrl-C (or SIGTERM, see ``interrupt_on_sigterm``) as "interrupted" and 130."""
+    """A benchmark's entry point: its exit code; a ``BenchError`` (or a ``StackError`` from the
+    stack's helpers, which says what to do too) as ``error: …`` and exit code 1, Ctrl-C (or
+    SIGTERM, see ``interrupt_on_sigterm``) as "interrupted" and 130."""
     try:
         sys.exit(main())
-    except BenchError as error:
+    except (BenchError, StackError) as error:
         sys.stderr.write(f"error: {error}\n")
         sys.exit(1)
     except KeyboardInterrupt:
@@ -129,6 +136,143 @@ def free_port() -> int:
         probe.bind((LOOPBACK, 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+# ---------------------------------------------------------------------------------------------
+# What another process can hold: checked up front, so that a benchmark refuses in one line
+# before it starts anything rather than failing half-way (or stopping what is not its own)
+# ---------------------------------------------------------------------------------------------
+
+
+def describe_process(pid: int | None) -> str:
+    """``pid N (its command line)``, as far as this user may see it."""
+    if pid is None:
+        return "another process"
+    try:
+        # One line, however the command was typed (``python -c`` code holds newlines).
+        command = " ".join(" ".join(psutil.Process(pid).cmdline()).split())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return f"pid {pid}"
+    if len(command) > 100:
+        command = command[:97] + "..."
+    return f"pid {pid} ({command})" if command else f"pid {pid}"
+
+
+def port_holder(port: int) -> str | None:
+    """Who listens on TCP ``port`` (``describe_process``), or None when nothing does."""
+    if port_is_free(port):
+        return None
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except psutil.AccessDenied:  # another user's sockets: taken, by someone we cannot name
+        return describe_process(None)
+    pid = next(
+        (
+            connection.pid
+            for connection in connections
+            if connection.status == psutil.CONN_LISTEN
+            and connection.laddr
+            and connection.laddr[1] == port
+        ),
+        None,
+    )
+    return describe_process(pid)
+
+
+def require_port_free(port: int, what: str, instead: str) -> None:
+    """Refuse (``BenchError``) when ``port`` (``what`` the benchmark wants it for) is taken,
+    naming who holds it and what to do ``instead`` of stopping it."""
+    holder = port_holder(port)
+    if holder is not None:
+        raise BenchError(
+            f"port {port} on {LOOPBACK} ({what}) is taken by {holder}: stop it, or {instead}"
+        )
+
+
+def chdb_path_holder(path: Path) -> str | None:
+    """Who holds the chDB data path ``path`` (``describe_process``), or None when it is free.
+
+    chDB opens a path in one process at a time: like a ClickHouse server it keeps an exclusive
+    ``flock`` on ``<path>/status`` (its pid written in it) while it has the path open, and a
+    second process fails with "Cannot lock file …/status" on its first query. Asking that lock
+    tells the same without loading chDB."""
+    try:
+        status = os.open(path / "status", os.O_RDONLY)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        fcntl.flock(status, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        content = os.read(status, 4096).decode(errors="replace")
+        pid = next(
+            (
+                int(value)
+                for key, _, value in (line.partition(":") for line in content.splitlines())
+                if key.strip() == "PID" and value.strip().isdigit()
+            ),
+            None,
+        )
+        return describe_process(pid)
+    else:
+        fcntl.flock(status, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(status)
+
+
+def require_chdb_path_free(path: Path, instead: str) -> None:
+    """Refuse (``BenchError``) when another process holds the chDB data path ``path``, naming
+    it and what to do ``instead`` of stopping it."""
+    holder = chdb_path_holder(path.expanduser().resolve())
+    if holder is not None:
+        raise BenchError(
+            f"the chDB path {path} is taken by {holder}; chDB opens a path in one process at a "
+            f"time: stop that process (`make run` holds the default path), or {instead}"
+        )
+
+
+def ensure_local_stack(settings: Settings, progress: Progress) -> tuple[str, ...]:
+    """The local stack's Kafka and Cassandra, started if they are down; returns the services
+    started here (the others were running).
+
+    Only those two (``STACK_SERVICES``): asked about ClickHouse too, ``LocalStack.is_up`` says
+    "down" while another process (``make run``) holds the shared chDB path, and a benchmark
+    would then "start" the stack and, on the way out, stop the Kafka and Cassandra that process
+    runs on. A port a missing service needs, held by a process that is not the stack's, is
+    refused before anything starts."""
+    stack = LocalStack(settings, services=STACK_SERVICES, progress=progress.update)
+    if stack.is_up():
+        return ()
+    for server in stack.servers:
+        if stack_process.find_pids(server.marker):
+            continue  # running (still starting): ``up`` waits for it
+        for role, port in server.ports().items():
+            require_port_free(
+                port,
+                f"the local stack's {server.name} {role} port",
+                "give the stack free ports in the settings (IM_KAFKA__BOOTSTRAP_SERVERS, "
+                "IM_CQL__PORT, IM_STACK__*_PORT)",
+            )
+    progress.done(f"starting the local stack ({', '.join(STACK_SERVICES)}) …")
+    try:
+        stack.up()
+    except StackError as error:
+        raise BenchError(f"cannot start the local stack: {error}") from error
+    return stack.started
+
+
+@contextlib.contextmanager
+def local_stack(settings: Settings, progress: Progress) -> Iterator[None]:
+    """``ensure_local_stack``; on the way out the services it started are stopped, and only
+    those."""
+    started = ensure_local_stack(settings, progress)
+    try:
+        yield
+    finally:
+        if started:
+            stack = LocalStack(settings, services=STACK_SERVICES)
+            for line in stack.down(only=started):
+                progress.done(f"stack: {line}")
 
 
 # ---------------------------------------------------------------------------------------------

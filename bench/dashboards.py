@@ -37,7 +37,15 @@ import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
 from analytics.dashboards_page import INTERVALS, MAX_BUCKETS, QUERY_SETTINGS
-from bench.common import REPO_ROOT, Progress, machine_facts, now_iso, write_results
+from bench.common import (
+    REPO_ROOT,
+    Progress,
+    machine_facts,
+    now_iso,
+    require_chdb_path_free,
+    run_main,
+    write_results,
+)
 from bench.harness import bench_parser
 from core.settings import Settings
 from dashboards.definitions import Panel, TimeRange, load_dashboards
@@ -320,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, default=None, help="chDB path to fill and keep")
     parser.add_argument("--no-write", action="store_true", help="do not write the results file")
     options = parser.parse_args(argv)
+    if options.keep is not None:
+        require_chdb_path_free(options.keep, "give --keep another directory")
     results = run(options.rows, options.runs, options.keep)
     if not options.no_write:
         write_results("dashboards", results, RESULTS_PATH)
@@ -328,4 +338,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

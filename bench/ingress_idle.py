@@ -50,6 +50,7 @@ from bench.common import (
     now_iso,
     prometheus_value,
     raise_open_file_limit,
+    run_main,
     run_settings,
     write_results,
 )
@@ -386,4 +387,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -53,6 +53,7 @@ from bench.common import (
     now_iso,
     percentiles_ms,
     raise_open_file_limit,
+    run_main,
     run_settings,
     write_results,
 )
@@ -664,4 +665,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -108,6 +108,7 @@ from bench.common import (
     CpuSnapshot,
     Progress,
     bench_topics,
+    ensure_local_stack,
     machine_facts,
     now_iso,
     percentiles_ms,
@@ -142,8 +143,6 @@ from core.connections import kafka_config
 from core.lag import group_lag
 from core.settings import Settings
 from pipelines.processes import consumer_groups
-from pipelines.stack.errors import StackError
-from pipelines.stack.manager import LocalStack
 from schemas.events import (
     MAX_MEMBERS_PER_EVENT,
     Actor,
@@ -1543,22 +1542,6 @@ def quadratic_build_estimate(
 # ---------------------------------------------------------------------------------------------
 
 
-def ensure_stack(settings: Settings, progress: Progress) -> None:
-    """The local stack's Kafka and Cassandra, started if they are down and left running.
-
-    Not bench/e2e.py's ``local_stack``: it asks about ClickHouse too, which is "down" while any
-    other process (a test run) holds the shared chDB path's lock, and it would then start the
-    stack and stop it — under whoever else uses it — on the way out. The systems here need no
-    shared ClickHouse: each has a chDB path of its own."""
-    stack = LocalStack(settings, services=("kafka", "cassandra"))
-    if not stack.is_up():
-        progress.done("starting the local stack's Kafka and Cassandra (left running) …")
-        try:
-            stack.up()
-        except StackError as error:
-            raise BenchError(f"cannot start the local stack: {error}") from error
-
-
 @contextlib.contextmanager
 def scoped_environment(values: Mapping[str, str]) -> Iterator[None]:
     """Set environment variables for the processes started meanwhile (``running_system`` passes
@@ -1843,13 +1826,15 @@ def send_index(message: SentMessage) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
     progress, base = start_run()
+    # Kafka and Cassandra (left running): each system keeps its ClickHouse data in a chDB path
+    # of its own, so the shared one is not asked about (``ensure_local_stack``).
+    ensure_local_stack(base, progress)
     # Every device's socket, on both sides of the loopback, in this machine's processes.
     raise_open_file_limit(4 * options.devices + 8192)
     facts = machine_facts(base)
     started = now_iso()
     sizes: list[dict[str, Any]] = []
     crossing: dict[str, Any] | None = None
-    ensure_stack(base, progress)
     for members in options.members:
         try:
             sizes.append(run_size(base, members, options, progress))

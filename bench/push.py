@@ -36,7 +36,6 @@ import multiprocessing
 import os
 import secrets
 import ssl
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -54,12 +53,7 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import DataReceived, ResponseReceived, StreamEnded, StreamReset
 
-from bench.common import (
-    REPO_ROOT,
-    Progress,
-    cpu_seconds,
-    percentiles_ms,
-)
+from bench.common import REPO_ROOT, Progress, cpu_seconds, percentiles_ms, run_main
 from bench.harness import add_output_options, bench_parser, measure_and_report
 from core.push_settings import PushProviderSettings
 from schemas.events import PushProvider
@@ -529,4 +523,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

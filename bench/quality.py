@@ -24,7 +24,6 @@ Results go to ``docs/bench/quality.json``. The machine has 2 cores shared with o
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 import uuid
@@ -40,7 +39,7 @@ from cassandra.concurrent import execute_concurrent_with_args
 from analytics.api import AnalyticsServer, analytics_app
 from analytics.quality_api import DATASETS, DatasetParameters
 from analytics.queries import Analytics
-from bench.common import REPO_ROOT, Progress
+from bench.common import REPO_ROOT, Progress, run_main
 from bench.harness import add_output_options, bench_parser, measure_and_report
 from core.connections import cql_cluster
 from core.principals import StaffRole, staff_authenticator
@@ -396,4 +395,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -46,6 +46,7 @@ from bench.common import (
     bench_topics,
     machine_facts,
     now_iso,
+    run_main,
     run_settings,
     write_results,
 )
@@ -238,4 +239,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

@@ -51,7 +51,7 @@ import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
 from analytics.search import MessageSearch, ScopeRange, SearchRequest
-from bench.common import REPO_ROOT, Progress, machine_facts, now_iso, percentiles_ms
+from bench.common import REPO_ROOT, Progress, machine_facts, now_iso, percentiles_ms, run_main
 from bench.harness import add_output_options
 from core.settings import Settings
 from schemas.search import parse_query
@@ -406,4 +406,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

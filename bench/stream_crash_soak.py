@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import random
-import sys
 import tempfile
 import threading
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
 
-from bench.common import with_topic_prefix
+from bench.common import run_main, with_topic_prefix
 from bench.harness import bench_parser
 from core.connections import kafka_config
 from core.settings import Settings
@@ -232,4 +231,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)
