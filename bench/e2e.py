@@ -95,6 +95,7 @@ from bench.common import (
     bench_topics,
     free_port,
     imstream_command,
+    local_stack,
     machine_facts,
     now_iso,
     percentiles_ms,
@@ -122,7 +123,6 @@ from core.connections import cql_cluster, kafka_config, kafka_consumer_config
 from core.lag import group_lag
 from core.settings import Settings
 from pipelines.processes import BY_NAME, consumer_groups
-from pipelines.stack.manager import LocalStack
 from pipelines.stack.process import lower_priority
 from schemas.events import (
     ConversationKind,
@@ -305,24 +305,6 @@ class System:
         for name, server in self.processes.items():
             if not server.alive():
                 raise BenchError(f"{name} exited during the run; its log: {server.log_path}")
-
-
-@contextmanager
-def local_stack(settings: Settings, progress: Progress) -> Iterator[None]:
-    """Kafka and Cassandra of the local stack; started if needed, stopped only if started here."""
-    # Kafka and Cassandra only: the run has a chDB path of its own, and a default one held by
-    # `make run` must not make the stack look down (and be stopped on the way out).
-    stack = LocalStack(settings, services=("kafka", "cassandra"))
-    was_up = stack.is_up()
-    if not was_up:
-        progress.done("starting the local stack (Kafka, Cassandra) …")
-        stack.up()
-    try:
-        yield
-    finally:
-        if not was_up:
-            for line in stack.down():
-                progress.done(f"stack: {line}")
 
 
 @contextmanager
