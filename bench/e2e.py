@@ -182,6 +182,7 @@ class Options:
     sink_catch_up: float
     stop_after_failures: int
     warm_up_seconds: float
+    idle_seconds: float
     #: Conversations per load user (1: only its pair's) and unread messages in each added one.
     shape: int
     backlog: int
@@ -222,6 +223,13 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         type=float,
         default=40.0,
         help="an unreported 1:1 phase first, at 100/s (0: none)",
+    )
+    parser.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=15.0,
+        help="after the warm-up, the whole system idle with every client connected: the "
+        "machine's busy share and each process's CPU (0: not measured) (%(default)s)",
     )
     parser.add_argument(
         "--shape",
@@ -1042,6 +1050,30 @@ class CatchUpWatch:
         return self.seconds
 
 
+def measure_idle(
+    system: System, load: Load, seconds: float, progress: Progress
+) -> dict[str, Any] | None:
+    """The whole system with every client connected and nothing sent, once the sinks are
+    done: the machine's busy share (all cores) and each process's share of one core."""
+    if seconds <= 0:
+        return None
+    deadline = time.monotonic() + 120
+    while not sinks_settled(running_sink_lags(system)) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    progress.update(f"idle: {seconds:.0f} s with every client connected …")
+    meter = CpuMeter(
+        {**system.pids(), **stack_pids(system.settings), **load.pids(), "benchmark": os.getpid()}
+    )
+    before = meter.snapshot()
+    time.sleep(seconds)
+    cpu = CpuMeter.percent(before, meter.snapshot())
+    progress.done(
+        f"idle, every client connected: the machine {cpu['machine_busy_pct_of_all_cores']}% "
+        f"busy; per process (% of one core) {cpu['processes_pct_of_one_core']}"
+    )
+    return {"seconds": seconds, **cpu}
+
+
 def running_sink_lags(system: System) -> dict[str, int | None]:
     """``sink_lags`` of the sinks this run started (the push sink does not run here: its lag
     only grows if the worker writes push jobs, as it does for users who are offline)."""
@@ -1315,6 +1347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             load.options = warm
             load.run_phase(999, "direct", WARM_UP_RATE, system)
             load.options = options
+        idle = measure_idle(system, load, options.idle_seconds, progress)
         failures = 0
         for rate in options.rates:
             phase = load.run_phase(len(phases), "direct", rate, system)
@@ -1338,6 +1371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "parameters": options_document(options),
         "raw_baseline": raw,
         "shape": shaping,
+        "idle": idle,
         "phases": phases,
         "highest_sustained_direct_per_second": best,
         "highest_sustained_ratio_to_raw_flat_out": round(
