@@ -371,7 +371,7 @@ class StreamsSettings(_Group):
     #: ``max_commit_interval_seconds``: it is the last transaction's duration divided by
     #: ``commit_time_share`` (a slow broker — a busy machine — gets fewer, larger transactions).
     commit_interval_seconds: Annotated[float, Field(ge=0)] = 0.02
-    max_commit_interval_seconds: Annotated[float, Field(ge=0)] = 0.1
+    max_commit_interval_seconds: Annotated[float, Field(ge=0)] = 0.05
     #: The share of the time the worker may spend in transactions (see above).
     commit_time_share: Annotated[float, Field(gt=0, le=1)] = 0.25
     #: How often each processor logs a progress line (records, transactions, interval).
