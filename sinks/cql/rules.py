@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -180,6 +181,41 @@ class Reads(Protocol):
     def device_token(self, tenant_id: str, user_id: str, device_id: str) -> str | None: ...
 
     def timeline_event(self, tenant_id: str, conversation_id: str, seq: int) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LatestWins:
+    """A statement that writes the same cells every time (none left unset): of two of its writes
+    to the same row, the one with the higher ``USING TIMESTAMP`` leaves the row as both would.
+    The positions of its timestamp and of its primary key among the bound values."""
+
+    timestamp: int
+    key: tuple[int, ...]
+
+
+def moot(
+    writes: Sequence[BoundStatement], latest_wins: Mapping[PreparedStatement, LatestWins]
+) -> dict[int, int]:
+    """The writes of ``writes`` that a later one to the same row makes moot (a lower timestamp,
+    the same cells): their index → the index of the write that wins. Sending only the winners
+    leaves the tables as sending all would (a tie in timestamps keeps every write of the tie)."""
+    rows: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
+    for index, bound in enumerate(writes):
+        rule = latest_wins.get(bound.prepared_statement)
+        if rule is None:
+            continue
+        values = bound.values
+        row = (id(bound.prepared_statement), *(values[i] for i in rule.key))
+        stamp = int.from_bytes(values[rule.timestamp], "big", signed=True)
+        rows.setdefault(row, []).append((stamp, index))
+    mooted: dict[int, int] = {}
+    for entries in rows.values():
+        if len(entries) < 2:
+            continue
+        highest = max(stamp for stamp, _ in entries)
+        winner = next(index for stamp, index in entries if stamp == highest)
+        mooted.update((index, winner) for stamp, index in entries if stamp < highest)
+    return mooted
 
 
 class Statements:
@@ -333,6 +369,15 @@ class Statements:
         )
         #: The statements written and read at ``ACCESS_CONSISTENCY``.
         self.quorum = self.access | {self.command_outcome}
+        #: The statements of which a batch sends only the latest write per row (``moot``): a
+        #: user's head and conversation-list summary, a reader's position, written once per
+        #: message by every busy conversation.
+        self.latest_wins = {
+            self.sync_head: LatestWins(timestamp=0, key=(2, 3)),
+            self.uc_summary: LatestWins(timestamp=0, key=(8, 9, 10)),
+            self.uc_last_message: LatestWins(timestamp=0, key=(5, 6, 7)),
+            self.read_position: LatestWins(timestamp=0, key=(3, 4, 5)),
+        }
 
 
 def _or_unset(value: Any) -> Any:

@@ -50,7 +50,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -94,6 +94,7 @@ from sinks.cql.rules import (
     Statements,
     UserConversationRow,
     WritePlanner,
+    moot,
 )
 from sinks.cql.serving import serving_keyspace
 from sinks.cql.writer import CqlWriter, PlannedWrite, is_transient, refusal_code
@@ -371,7 +372,7 @@ class CqlSink:
     def _execute(self, pending: list[PlannedWrite]) -> None:
         if not pending:
             return
-        for write, error in self.writer.execute(pending):
+        for write, error in self.writer.execute(self._coalesced(pending)):
             if write.record not in self._refused:
                 self._refused[write.record] = (
                     refusal_code(error),
@@ -386,6 +387,21 @@ class CqlSink:
                 )
         self.stats.writes = self.writer.stats.writes
         self.stats.retries = self.writer.stats.retries
+
+    def _coalesced(self, pending: list[PlannedWrite]) -> list[PlannedWrite]:
+        """``pending`` without the writes a later one of them makes moot (``rules.moot``): each
+        rides along with its winner, and is sent only if the winner is refused."""
+        mooted = moot([write.statement for write in pending], self._statements.latest_wins)
+        if not mooted:
+            return pending
+        overridden: dict[int, list[PlannedWrite]] = {}
+        for index, winner in mooted.items():
+            overridden.setdefault(winner, []).append(pending[index])
+        return [
+            replace(write, overrides=tuple(overridden[index])) if index in overridden else write
+            for index, write in enumerate(pending)
+            if index not in mooted
+        ]
 
     def _key_query(self, statement: Any, values: tuple[Any, ...]) -> Any:
         """A query of the key ring: transient failures retried (no pending writes to wait
