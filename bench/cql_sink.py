@@ -7,9 +7,10 @@ Builds ``--messages`` 1:1 messages over ``--pairs`` direct conversations as the 
 writes them: per message one ``message.sent`` (with its seq) on ``im.messages.sequenced`` and the
 two users' sync records (with their conversation summaries) on ``im.sync.events``. Feeds them to
 ``CqlSink.apply`` ``--batch`` records at a time (as one consume hands them over) into a fresh
-keyspace on the configured Cassandra, after an unmeasured warm-up (the key ring, the prepared
-statements, the JIT). Reports, per repeat and their median: CQL requests per message (a batch
-statement counts once; the statements inside it are counted apart), CPU µs per message of this
+keyspace on the configured Cassandra, after ``--warmup`` unmeasured messages (the key ring, the
+prepared statements, the JVM's JIT). Reports, per repeat and their median: CQL requests per
+message (a batch statement counts once; the statements inside it are counted apart), CPU µs per
+message of this
 process (``time.process_time``) and of the Cassandra JVM (psutil ``cpu_times`` of the pid that
 carries the stack's marker, including what it spends within ``--settle`` seconds after the last
 write: memtable flushes, compactions).
@@ -195,6 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=150, help="records per apply")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--settle", type=float, default=2.0)
+    parser.add_argument(
+        "--warmup", type=int, default=1000, help="messages written first, not measured"
+    )
     options = parser.parse_args(argv)
     progress = Progress()
     settings = Settings()
@@ -211,7 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         counter = Counter()
         sink = CqlSink(own, session, keyspace=keyspace, stop=threading.Event())
         counting(session, counter)
-        sink.apply(one_to_one(catalog, 300, options.pairs, 10**7))  # warm-up, not measured
+        warmup = one_to_one(catalog, options.warmup, options.pairs, 10**7)
+        for start in range(0, len(warmup), options.batch):
+            sink.apply(warmup[start : start + options.batch])
         rows = []
         for repeat in range(options.repeats):
             records = one_to_one(catalog, options.messages, options.pairs, repeat * 10**5)

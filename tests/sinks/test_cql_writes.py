@@ -189,11 +189,12 @@ def test_a_batch_writes_each_row_of_a_users_list_and_head_once(
     assert sink.apply(conversation(sink, 3)) == 0
 
     # Per message a timeline entry, its message row and Bob's queue entry; once for the batch
-    # Bob's head, his list's summary and last message (not once per message: 18 statements).
-    assert sink.writer.stats.writes == 3 * 3 + 3
-    # The timeline's, the queue's and Bob's list partitions in a batch each, the head, and
+    # Bob's head and his list's row, summary and last message in one statement (not once per
+    # message, in two: 18 statements).
+    assert sink.writer.stats.writes == 3 * 3 + 2
+    # The timeline's and the queue's partitions in a batch each, Bob's list row, his head, and
     # the three message rows (a partition each).
-    assert sink.writer.stats.requests == 3 + 1 + 3
+    assert sink.writer.stats.requests == 2 + 1 + 1 + 3
     [row] = select(
         cql_session,
         f"SELECT last_seq, unread, last_message_id FROM {migrated}.user_conversations "
