@@ -107,6 +107,12 @@ PROGRESS_INTERVAL = 10.0
 EXIT_CONFIG = 78
 #: How long one poll waits for the first record of a batch.
 POLL_SECONDS = 0.5
+#: How long a batch waits for more records after its first (unless it is full): at low rates
+#: a batch per record would cost a synchronous offset commit and a round of requests per
+#: record; this caps the commits at about 20 a second and groups a busy user's writes, for
+#: at most this much more lag (the sink is off the delivery path; a remove, leave, delete or
+#: recall is answered up to this much later: docs/storage.md "Read access").
+BATCH_LINGER_SECONDS = 0.05
 
 
 def retry_backoff(settings: Settings) -> Backoff:
@@ -253,9 +259,12 @@ class CqlSink:
         batch_size = self.settings.sinks.cql_batch_size
         messages, self._carry = self._carry, []
         if not messages:
-            return consume_ready(self.consumer, batch_size, POLL_SECONDS)
-        if len(messages) < batch_size:
-            messages += self.consumer.consume(batch_size - len(messages), timeout=0)
+            messages = consume_ready(self.consumer, batch_size, POLL_SECONDS)
+            linger = BATCH_LINGER_SECONDS if messages else 0.0
+        else:
+            linger = 0.0
+        if messages and len(messages) < batch_size:
+            messages += self.consumer.consume(batch_size - len(messages), timeout=linger)
         return messages
 
     def _records(self, messages: Sequence[Message]) -> list[InputRecord]:
