@@ -385,7 +385,7 @@ class KafkaServer(JavaServer):
 
 #: The local Cassandra's settings for a small machine it shares with everything else (one node,
 #: two cores). Measured as a whole against Cassandra 5's defaults with ``bench/cql_sink.py`` on
-#: a second Cassandra: median Cassandra CPU per 1:1 message 1,000–1,250 µs against 1,900–2,500
+#: a second Cassandra: median Cassandra CPU per 1:1 message 1,000 to 1,250 µs against 1,900 to 2,500
 #: (noisy on a loaded machine; docs/architecture.md, "The local stack"). Each, and why:
 #:
 #: - the trie memtable (Cassandra 5's newer one) as the default, its cells off heap
