@@ -383,6 +383,47 @@ class KafkaServer(JavaServer):
         return bool(metadata.brokers)
 
 
+#: The local Cassandra's settings for a small machine it shares with everything else (one node,
+#: two cores). Measured as a whole against Cassandra 5's defaults with ``bench/cql_sink.py`` on
+#: a second Cassandra: median Cassandra CPU per 1:1 message 1,000 to 1,250 µs against 1,900 to 2,500
+#: (noisy on a loaded machine; docs/architecture.md, "The local stack"). Each, and why:
+#:
+#: - the trie memtable (Cassandra 5's newer one) as the default, its cells off heap
+#:   (``offheap_objects``): fewer objects for the collector per write;
+#: - ``memtable_flush_writers: 1``, ``concurrent_compactors: 1`` and ``compaction_throughput:
+#:   16MiB/s``: one core's worth of background work at most, in smaller steps, so a flush or a
+#:   compaction never takes both cores from the delivery path;
+#: - ``hinted_handoff_enabled: false``: one node has no replica to keep hints for;
+#: - ``dynamic_snitch: false``: with one replica there is nothing to rank, and its scores are
+#:   recomputed every 100 ms whether busy or idle.
+#:
+#: Kept as they were: ``commitlog_sync: periodic`` (10 s; the sink's writes are replayable from
+#: Kafka), ``trickle_fsync`` off (its default), ``concurrent_reads``/``concurrent_writes`` 8.
+SMALL_BOX_YAML = """memtable:
+  configurations:
+    skiplist:
+      class_name: SkipListMemtable
+    trie:
+      class_name: TrieMemtable
+    default:
+      inherits: trie
+memtable_allocation_type: offheap_objects
+memtable_flush_writers: 1
+concurrent_compactors: 1
+compaction_throughput: 16MiB/s
+hinted_handoff_enabled: false
+dynamic_snitch: false
+"""
+#: G1 as Cassandra's own jvm-server.options tune it: collections bounded at 300 ms rather than
+#: the default 200 (fewer, larger ones: less CPU), less of each pause on remembered sets, and
+#: concurrent marking from 70% of the heap rather than 45%.
+SMALL_BOX_GC = (
+    "-XX:MaxGCPauseMillis=300",
+    "-XX:G1RSetUpdatingPauseTimePercent=5",
+    "-XX:InitiatingHeapOccupancyPercent=70",
+)
+
+
 class CassandraServer(JavaServer):
     """Apache Cassandra 5 (the reference CQL server; ScyllaDB speaks the same protocol)."""
 
@@ -443,7 +484,7 @@ concurrent_writes: 8
 concurrent_counter_writes: 8
 auto_snapshot: false
 disk_access_mode: mmap_index_only
-"""
+{SMALL_BOX_YAML}"""
 
     def _logback(self) -> str:
         return """<configuration scan="false">
@@ -465,7 +506,7 @@ disk_access_mode: mmap_index_only
             java,
             classpath,
             heap=self.settings.stack.cassandra_heap,
-            gc=("-XX:+ParallelRefProcEnabled", "-XX:MaxTenuringThreshold=1"),
+            gc=("-XX:+ParallelRefProcEnabled", "-XX:MaxTenuringThreshold=1", *SMALL_BOX_GC),
             properties=(
                 *CASSANDRA_JDK17_FLAGS,
                 f"-Dcassandra.config=file://{(self.home / 'cassandra.yaml').resolve()}",

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -182,6 +183,41 @@ class Reads(Protocol):
     def timeline_event(self, tenant_id: str, conversation_id: str, seq: int) -> str | None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class LatestWins:
+    """A statement that writes the same cells every time (none left unset): of two of its writes
+    to the same row, the one with the higher ``USING TIMESTAMP`` leaves the row as both would.
+    The positions of its timestamp and of its primary key among the bound values."""
+
+    timestamp: int
+    key: tuple[int, ...]
+
+
+def moot(
+    writes: Sequence[BoundStatement], latest_wins: Mapping[PreparedStatement, LatestWins]
+) -> dict[int, int]:
+    """The writes of ``writes`` that a later one to the same row makes moot (a lower timestamp,
+    the same cells): their index → the index of the write that wins. Sending only the winners
+    leaves the tables as sending all would (a tie in timestamps keeps every write of the tie)."""
+    rows: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
+    for index, bound in enumerate(writes):
+        rule = latest_wins.get(bound.prepared_statement)
+        if rule is None:
+            continue
+        values = bound.values
+        row = (id(bound.prepared_statement), *(values[i] for i in rule.key))
+        stamp = int.from_bytes(values[rule.timestamp], "big", signed=True)
+        rows.setdefault(row, []).append((stamp, index))
+    mooted: dict[int, int] = {}
+    for entries in rows.values():
+        if len(entries) < 2:
+            continue
+        highest = max(stamp for stamp, _ in entries)
+        winner = next(index for stamp, index in entries if stamp == highest)
+        mooted.update((index, winner) for stamp, index in entries if stamp < highest)
+    return mooted
+
+
 class Statements:
     """Every statement of the sink, prepared once against ``keyspace``."""
 
@@ -279,6 +315,12 @@ class Statements:
             "UPDATE {ks}.user_conversations USING TIMESTAMP ? SET last_message_id = ?, "
             f"last_sender_id = ?, last_activity_at = ?, last_preview = ? {uc_where}"
         )
+        self.uc_message = prepare(
+            "UPDATE {ks}.user_conversations USING TIMESTAMP ? SET last_seq = ?, read_seq = ?, "
+            "unread = ?, muted = ?, muted_until = ?, large = ?, updated_at = ?, "
+            "last_message_id = ?, last_sender_id = ?, last_activity_at = ?, last_preview = ? "
+            f"{uc_where}"
+        )
         self.uc_joined = prepare(
             "UPDATE {ks}.user_conversations USING TIMESTAMP ? SET kind = ?, name = ?, role = ?, "
             f"member = true, last_activity_at = ? {uc_where}"
@@ -333,6 +375,16 @@ class Statements:
         )
         #: The statements written and read at ``ACCESS_CONSISTENCY``.
         self.quorum = self.access | {self.command_outcome}
+        #: The statements of which a batch sends only the latest write per row (``moot``): a
+        #: user's head and conversation-list summary, a reader's position, written once per
+        #: message by every busy conversation.
+        self.latest_wins = {
+            self.sync_head: LatestWins(timestamp=0, key=(2, 3)),
+            self.uc_summary: LatestWins(timestamp=0, key=(8, 9, 10)),
+            self.uc_last_message: LatestWins(timestamp=0, key=(5, 6, 7)),
+            self.uc_message: LatestWins(timestamp=0, key=(12, 13, 14)),
+            self.read_position: LatestWins(timestamp=0, key=(3, 4, 5)),
+        }
 
 
 def _or_unset(value: Any) -> Any:
@@ -616,7 +668,7 @@ class WritePlanner:
     def sync(self, record: SyncRecord, raw: bytes) -> list[BoundStatement]:
         tenant, user, sync_id = record.tenant_id, record.user_id, record.sync_id
         event = record.event
-        conversation_id = getattr(event.payload, "conversation_id", None)
+        conversation_id = listed_id = getattr(event.payload, "conversation_id", None)
         if record.conversation is not None:
             conversation_id = record.conversation.conversation_id
         event_json = to_json(from_json(raw)["event"]).decode()
@@ -638,25 +690,28 @@ class WritePlanner:
             self.s.sync_head.bind((sync_id, sync_id, tenant, user)),
         ]
         summary = record.conversation
+        last = self._last_message(record)
         if summary is not None:
-            writes.append(
-                self.s.uc_summary.bind(
-                    (
-                        sync_id,
-                        summary.last_seq,
-                        summary.read_seq,
-                        summary.unread,
-                        summary.muted,
-                        summary.muted_until,
-                        summary.large,
-                        event.occurred_at,
-                        tenant,
-                        user,
-                        summary.conversation_id,
-                    )
-                )
+            cells = (
+                summary.last_seq,
+                summary.read_seq,
+                summary.unread,
+                summary.muted,
+                summary.muted_until,
+                summary.large,
+                event.occurred_at,
             )
-        writes.extend(self._conversation_list(record))
+            row = (tenant, user, summary.conversation_id)
+            if last is not None and summary.conversation_id == listed_id:
+                # A message: the summary and the last message in one statement (one row).
+                writes.append(self.s.uc_message.bind((sync_id, *cells, *last, *row)))
+                last = None
+            else:
+                writes.append(self.s.uc_summary.bind((sync_id, *cells, *row)))
+        if last is not None:
+            writes.append(self.s.uc_last_message.bind((sync_id, *last, tenant, user, listed_id)))
+        else:
+            writes.extend(self._conversation_list(record))
         if isinstance(event, CommandRejected) and event.payload.command_type in ACCESS_EVENT_TYPES:
             # A refused remove, leave, delete or recall: its ingress answers at once.
             writes.append(self._outcome(tenant, event.payload.command_event_id, REJECTED, event))
@@ -679,28 +734,6 @@ class WritePlanner:
             return []
         key = (tenant, user, conversation_id)
         match event:
-            case MessageSent():
-                return [
-                    self.s.uc_last_message.bind(
-                        (
-                            at,
-                            event.event_id,
-                            event.actor.user_id,
-                            event.occurred_at,
-                            self._seal_text(
-                                preview_context(*key), tenant, preview(event.payload.body)
-                            ),
-                            *key,
-                        )
-                    )
-                ]
-            case ConversationAdvanced() if event.payload.entry_type == "message.sent":
-                advanced = event.payload
-                return [
-                    self.s.uc_last_message.bind(
-                        (at, advanced.message_id, advanced.sender_id, event.occurred_at, "", *key)
-                    )
-                ]
             case MessageRecalled() | MessageEdited():
                 return self._list_preview(event, at, key)
             case ConversationCreated():
@@ -742,6 +775,21 @@ class WritePlanner:
             case ConversationDeleted():
                 return [self.s.uc_not_member.bind((at, *key))]
         return []
+
+    def _last_message(self, record: SyncRecord) -> tuple[Any, ...] | None:
+        """The conversation-list cells a message sets for the queue's user (the message's id, its
+        sender, its time, its preview), or None if the record is not a message."""
+        event = record.event
+        match event:
+            case MessageSent():
+                key = (record.tenant_id, record.user_id, event.payload.conversation_id)
+                text = preview(event.payload.body)
+                sealed = self._seal_text(preview_context(*key), record.tenant_id, text)
+                return (event.event_id, event.actor.user_id, event.occurred_at, sealed)
+            case ConversationAdvanced() if event.payload.entry_type == "message.sent":
+                advanced = event.payload
+                return (advanced.message_id, advanced.sender_id, event.occurred_at, "")
+        return None
 
     def _list_preview(
         self, event: MessageRecalled | MessageEdited, at: int, key: tuple[str, str, str]

@@ -50,7 +50,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -94,6 +94,7 @@ from sinks.cql.rules import (
     Statements,
     UserConversationRow,
     WritePlanner,
+    moot,
 )
 from sinks.cql.serving import serving_keyspace
 from sinks.cql.writer import CqlWriter, PlannedWrite, is_transient, refusal_code
@@ -106,6 +107,12 @@ PROGRESS_INTERVAL = 10.0
 EXIT_CONFIG = 78
 #: How long one poll waits for the first record of a batch.
 POLL_SECONDS = 0.5
+#: How long a batch waits for more records after its first (unless it is full): at low rates
+#: a batch per record would cost a synchronous offset commit and a round of requests per
+#: record; this caps the commits at about 20 a second and groups a busy user's writes, for
+#: at most this much more lag (the sink is off the delivery path; a remove, leave, delete or
+#: recall is answered up to this much later: docs/storage.md "Read access").
+BATCH_LINGER_SECONDS = 0.05
 
 
 def retry_backoff(settings: Settings) -> Backoff:
@@ -252,9 +259,12 @@ class CqlSink:
         batch_size = self.settings.sinks.cql_batch_size
         messages, self._carry = self._carry, []
         if not messages:
-            return consume_ready(self.consumer, batch_size, POLL_SECONDS)
-        if len(messages) < batch_size:
-            messages += self.consumer.consume(batch_size - len(messages), timeout=0)
+            messages = consume_ready(self.consumer, batch_size, POLL_SECONDS)
+            linger = BATCH_LINGER_SECONDS if messages else 0.0
+        else:
+            linger = 0.0
+        if messages and len(messages) < batch_size:
+            messages += self.consumer.consume(batch_size - len(messages), timeout=linger)
         return messages
 
     def _records(self, messages: Sequence[Message]) -> list[InputRecord]:
@@ -371,7 +381,7 @@ class CqlSink:
     def _execute(self, pending: list[PlannedWrite]) -> None:
         if not pending:
             return
-        for write, error in self.writer.execute(pending):
+        for write, error in self.writer.execute(self._coalesced(pending)):
             if write.record not in self._refused:
                 self._refused[write.record] = (
                     refusal_code(error),
@@ -386,6 +396,21 @@ class CqlSink:
                 )
         self.stats.writes = self.writer.stats.writes
         self.stats.retries = self.writer.stats.retries
+
+    def _coalesced(self, pending: list[PlannedWrite]) -> list[PlannedWrite]:
+        """``pending`` without the writes a later one of them makes moot (``rules.moot``): each
+        rides along with its winner, and is sent only if the winner is refused."""
+        mooted = moot([write.statement for write in pending], self._statements.latest_wins)
+        if not mooted:
+            return pending
+        overridden: dict[int, list[PlannedWrite]] = {}
+        for index, winner in mooted.items():
+            overridden.setdefault(winner, []).append(pending[index])
+        return [
+            replace(write, overrides=tuple(overridden[index])) if index in overridden else write
+            for index, write in enumerate(pending)
+            if index not in mooted
+        ]
 
     def _key_query(self, statement: Any, values: tuple[Any, ...]) -> Any:
         """A query of the key ring: transient failures retried (no pending writes to wait

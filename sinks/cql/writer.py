@@ -1,12 +1,20 @@
 """Executing the CQL sink's writes: asynchronous, bounded in flight, retried while transient.
 
-Writes are single-statement, single-partition requests (no batches: each statement goes to its
-own partition's replicas, and a batch of different partitions would only add a coordinator hop).
-At most ``max_in_flight`` requests are outstanding (``Session.execute_async``). A write that fails
-for a transient reason — a timeout, ``Unavailable``, ``NoHostAvailable``, a lost connection, an
-overloaded or bootstrapping node — is retried with exponential backoff and jitter, for as long as
-it takes; one that the cluster refuses for good (``InvalidRequest``, ``Unauthorized``, a value
-that cannot be serialised) is handed back to the caller, which dead-letters its record.
+Writes are grouped per partition: the statements of one call for the same partition key go in
+one ``UNLOGGED`` batch (at most ``MAX_GROUP`` statements), which the cluster applies as one
+mutation — one request for the driver, one commit-log entry and one memtable update for the
+node, where separate statements cost each of them once per statement. Writes to different
+partitions stay separate requests, each routed to its own partition's replicas (a batch of
+different partitions would only add a coordinator hop and a batch log). At most
+``max_in_flight`` requests are outstanding (``Session.execute_async``).
+
+A request that fails for a transient reason — a timeout, ``Unavailable``, ``NoHostAvailable``, a
+lost connection, an overloaded or bootstrapping node — is retried with exponential backoff and
+jitter, for as long as it takes. One that the cluster refuses for good (``InvalidRequest``,
+``Unauthorized``, a value that cannot be serialised) is, if a group, sent again one statement at
+a time, to find the write at fault; a single write refused is handed back to the caller, which
+dead-letters its record (and the earlier writes of the same cells it made moot are sent in its
+place: ``PlannedWrite.overrides``).
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from cassandra.protocol import (
 )
 from cassandra.protocol import RequestExecutionException as RequestExecutionMessage
 from cassandra.protocol import RequestValidationException as RequestValidationMessage
-from cassandra.query import Statement
+from cassandra.query import BatchStatement, BatchType, Statement
 
 from core.backoff import Backoff
 
@@ -43,6 +51,9 @@ log = logging.getLogger(__name__)
 
 #: At most one retry warning per this many seconds.
 WARNING_INTERVAL = 10.0
+#: Statements per single-partition batch: a bounded request (the cluster's batch size limits do
+#: not apply to single-partition batches, its mutation size limit does).
+MAX_GROUP = 64
 
 #: Errors worth waiting out: the cluster (or the way to it) is down, slow or busy.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -80,11 +91,59 @@ class PlannedWrite:
 
     statement: Statement
     record: int
+    #: Earlier writes of the same batch to the same cells, which this one makes moot
+    #: (``rules.coalesce``): not sent, unless this one is refused — then they are.
+    overrides: tuple[PlannedWrite, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """One request to the cluster: a single write, or a single-partition batch of writes."""
+
+    statement: Statement
+    writes: tuple[PlannedWrite, ...]
+
+
+def _single(write: PlannedWrite) -> _Request:
+    return _Request(write.statement, (write,))
+
+
+def grouped(writes: Sequence[PlannedWrite]) -> list[_Request]:
+    """``writes`` as requests: one per partition (and consistency level), up to ``MAX_GROUP``
+    statements each."""
+    groups: dict[tuple[Any, ...], list[PlannedWrite]] = {}
+    for write in writes:
+        statement = write.statement
+        # The partition: the keyspace and the serialised partition key (the token-aware
+        # policy computes the same routing key to pick the replica, and caches it).
+        routing_key = statement.routing_key
+        key: tuple[Any, ...] = (
+            (statement.keyspace, routing_key, statement.consistency_level)
+            if routing_key is not None
+            else (id(write),)
+        )
+        groups.setdefault(key, []).append(write)
+    requests: list[_Request] = []
+    for group in groups.values():
+        for start in range(0, len(group), MAX_GROUP):
+            chunk = group[start : start + MAX_GROUP]
+            if len(chunk) == 1:
+                requests.append(_single(chunk[0]))
+                continue
+            consistency = chunk[0].statement.consistency_level
+            batch = BatchStatement(batch_type=BatchType.UNLOGGED, consistency_level=consistency)
+            for write in chunk:
+                batch.add(write.statement)
+            requests.append(_Request(batch, tuple(chunk)))
+    return requests
 
 
 @dataclass
 class WriterStats:
+    #: Statements written.
     writes: int = 0
+    #: Requests sent (a batch counts once), retries and refusals included.
+    requests: int = 0
     retries: int = 0
     retry_rounds: int = 0
     refused: int = 0
@@ -114,28 +173,38 @@ class CqlWriter:
     def execute(self, writes: Sequence[PlannedWrite]) -> list[tuple[PlannedWrite, BaseException]]:
         """Execute every write; returns those refused for good, with their error."""
         refused: list[tuple[PlannedWrite, BaseException]] = []
-        remaining = list(writes)
+        remaining = grouped(writes)
         attempt = 0
         failing_since: float | None = None
         while remaining:
             failures = self._round(remaining)
-            self.stats.writes += len(remaining) - len(failures)
-            transient = [(w, e) for w, e in failures if is_transient(e)]
-            for write, error in failures:
-                if not is_transient(error):
+            failed = {id(request) for request, _ in failures}
+            self.stats.writes += sum(len(r.writes) for r in remaining if id(r) not in failed)
+            transient: list[_Request] = []
+            again: list[_Request] = []
+            for request, error in failures:
+                if is_transient(error):
+                    transient.append(request)
+                elif len(request.writes) > 1:
+                    # A group refused: one statement at a time, to find the write at fault.
+                    again.extend(_single(write) for write in request.writes)
+                else:
+                    write = request.writes[0]
                     refused.append((write, error))
                     self.stats.refused += 1
+                    again.extend(_single(moot) for moot in write.overrides)
             if not transient:
-                if failing_since is not None:
+                if failing_since is not None and not again:
                     log.info(
                         "CQL writes succeed again after %d retry rounds over %.1fs",
                         attempt,
                         time.monotonic() - failing_since,
                     )
-                break
+                remaining = again
+                continue
             attempt += 1
             failing_since = failing_since or time.monotonic()
-            error = transient[0][1]
+            error = next(error for _, error in failures if is_transient(error))
             self.stats.retries += len(transient)
             self.stats.retry_rounds += 1
             self.stats.last_error = f"{type(error).__name__}: {error}"
@@ -150,20 +219,20 @@ class CqlWriter:
                 self._last_warning = now
             log.log(
                 level,
-                "CQL write failed (transient), retrying %d writes in %.1fs (attempt %d): %s",
+                "CQL write failed (transient), retrying %d requests in %.1fs (attempt %d): %s",
                 len(transient),
                 delay,
                 attempt,
                 self.stats.last_error[:300],
             )
             self.wait(delay)
-            remaining = [write for write, _ in transient]
+            remaining = transient + again
         return refused
 
-    def _round(self, writes: Sequence[PlannedWrite]) -> list[tuple[PlannedWrite, BaseException]]:
-        """Send every write, at most ``max_in_flight`` at a time; wait for all of them."""
+    def _round(self, requests: Sequence[_Request]) -> list[tuple[_Request, BaseException]]:
+        """Send every request, at most ``max_in_flight`` at a time; wait for all of them."""
         condition = threading.Condition()
-        failures: list[tuple[PlannedWrite, BaseException]] = []
+        failures: list[tuple[_Request, BaseException]] = []
         in_flight = 0
 
         def succeeded(_rows: Any) -> None:
@@ -172,24 +241,25 @@ class CqlWriter:
                 in_flight -= 1
                 condition.notify()
 
-        def failed(error: BaseException, write: PlannedWrite) -> None:
+        def failed(error: BaseException, request: _Request) -> None:
             nonlocal in_flight
             with condition:
-                failures.append((write, error))
+                failures.append((request, error))
                 in_flight -= 1
                 condition.notify()
 
-        for write in writes:
+        self.stats.requests += len(requests)
+        for request in requests:
             with condition:
                 while in_flight >= self.max_in_flight:
                     condition.wait(1.0)
                 in_flight += 1
             try:
-                future = self.session.execute_async(write.statement)
+                future = self.session.execute_async(request.statement)
             except Exception as error:  # raised at once, e.g. no connection to any host
-                failed(error, write)
+                failed(error, request)
                 continue
-            future.add_callbacks(succeeded, failed, errback_args=(write,))
+            future.add_callbacks(succeeded, failed, errback_args=(request,))
         with condition:
             while in_flight > 0:
                 condition.wait(1.0)
