@@ -4,6 +4,7 @@ refused, and a batch's writes to the same row coalesced into the latest one."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -30,7 +31,14 @@ from schemas.topics import conversation_key, topic_catalog, user_key
 from sinks.cql.migrate import migrate
 from sinks.cql.rules import Statements
 from sinks.cql.sink import CqlSink
-from sinks.cql.writer import CqlWriter, PlannedWrite, refusal_code
+from sinks.cql.writer import (
+    MAX_BATCH_BYTES,
+    MAX_PARTITIONS,
+    CqlWriter,
+    PlannedWrite,
+    grouped,
+    refusal_code,
+)
 from tests.sinks.cql_support import (
     cql_local_stack,  # noqa: F401 - the local_stack fixture: Kafka and Cassandra only
     keyspace_settings,
@@ -85,12 +93,53 @@ def test_writes_to_one_partition_go_in_one_request(
         PlannedWrite(queue_entry(statements, "carol", 1, 3600), 3),
     ]
 
+    # Per partition: bob's three writes in one batch, carol's alone.
+    assert [len(request.writes) for request in grouped(writes)] == [3, 1]
+
     assert writer.execute(writes) == []
 
-    assert writer.stats.requests == 2  # bob's partition in one batch, carol's alone
+    # And partitions with the same replicas (one node: every one) share a request.
+    assert writer.stats.requests == 1
     assert writer.stats.writes == 4
     assert queued(cql_session, migrated, "bob") == [1, 2, 3]
     assert queued(cql_session, migrated, "carol") == [1]
+
+
+def test_a_request_of_several_partitions_stays_under_the_clusters_batch_thresholds(
+    cql_session: Session, migrated: str, writer: CqlWriter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cassandra logs and warns the client about an unlogged batch of more than 10 partitions
+    or 5 KiB: requests stay under both, so no server warning on any cluster."""
+    statements = Statements(cql_session, migrated)
+    users = [f"user{n}" for n in range(25)]
+    small = [
+        PlannedWrite(queue_entry(statements, user, 1, 3600), n) for n, user in enumerate(users)
+    ]
+    big_body = "x" * 1500
+    big = [
+        PlannedWrite(
+            statements.sync_entry.bind(
+                (TENANT, f"big{n}", 0, 1, "message.sent", "e1", "c1", big_body, 3600, 1)
+            ),
+            100 + n,
+        )
+        for n in range(4)
+    ]
+
+    requests = grouped([*small, *big], cql_session.cluster.metadata.get_replicas)
+
+    partitions = [len({w.statement.routing_key for w in request.writes}) for request in requests]
+    sizes = [sum(len(v) for w in r.writes for v in w.statement.values) for r in requests]
+    assert partitions[:2] == [MAX_PARTITIONS, MAX_PARTITIONS]  # full requests first
+    assert all(n <= MAX_PARTITIONS for n in partitions)
+    assert all(size <= MAX_BATCH_BYTES for size, n in zip(sizes, partitions, strict=True) if n > 1)
+    assert sum(partitions) == 29 and len(requests) == 4  # not one per partition
+    with caplog.at_level(logging.WARNING, logger="cassandra"):
+        assert writer.execute([*small, *big]) == []
+    # Cassandra attaches a warning to a response over its thresholds; the driver logs it.
+    assert [r.getMessage() for r in caplog.records if "warning" in r.getMessage().lower()] == []
+    assert writer.stats.requests == len(requests)
+    assert all(queued(cql_session, migrated, user) == [1] for user in users)
 
 
 def test_a_refused_batch_is_sent_again_write_by_write_and_only_the_bad_one_is_refused(
@@ -192,9 +241,10 @@ def test_a_batch_writes_each_row_of_a_users_list_and_head_once(
     # Bob's head and his list's row, summary and last message in one statement (not once per
     # message, in two: 18 statements).
     assert sink.writer.stats.writes == 3 * 3 + 2
-    # The timeline's and the queue's partitions in a batch each, Bob's list row, his head, and
-    # the three message rows (a partition each).
-    assert sink.writer.stats.requests == 2 + 1 + 1 + 3
+    # Seven partitions (the timeline's and the queue's, Bob's list row, his head, and the three
+    # message rows), all on the one node: under 10 partitions and 4 KiB a request, two requests
+    # (one per partition, as before, would be seven).
+    assert sink.writer.stats.requests == 2
     [row] = select(
         cql_session,
         f"SELECT last_seq, unread, last_message_id FROM {migrated}.user_conversations "
