@@ -15,6 +15,10 @@ committed past, and a crash or a replay inserts records again — and the table'
 record's ``(topic, partition, offset)`` plus columns derived from the record alone, collapses
 every copy of a record into one row. Key: ``(topic, partition, offset)``.
 
+Decoding: records of the ingress's topics and of dead-letter topics are validated against their
+whole schema; records of the topics only processors write are read for the audit's columns alone
+(``audit.AuditDecoder``: a tenth of the CPU), the whole schema again when they do not read.
+
 Poison: a record that does not decode is audited anyway (``event_type`` ``undecodable``, raw value
 and reason kept) and logged; the loop goes on. The audit sink never dead-letters: every topic
 with a dead-letter topic has a processing consumer (a stream processor, the CQL sink, the push
@@ -35,6 +39,7 @@ dashboards (``analytics.lag``: a failed sample is logged and skipped).
 
 from __future__ import annotations
 
+import gc
 import logging
 import ssl
 import threading
@@ -129,8 +134,11 @@ class ClickHouseSink:
         group_id: str | None = None,
         backoff: Backoff | None = None,
         ready_file: ReadyFile | None = None,
+        freeze_heap: bool = False,
     ) -> None:
         self.settings = settings
+        #: The sink process's: ``gc.freeze()`` after the first insert (see ``_flush``).
+        self.freeze_heap = freeze_heap
         #: Announced at the first assignment (the process's; an operator job's sink has none).
         self.ready_file = ready_file or ReadyFile(None)
         self.store = store
@@ -257,6 +265,12 @@ class ClickHouseSink:
                 return
             self._commit(batch)
         stats = self.stats
+        if self.freeze_heap and stats.batches == 0:
+            # Everything alive now (modules, schemas, the clients, what the first insert
+            # imported) lives as long as the process: out of the collector's way, its full
+            # collections traverse only the batches' objects (at 4,000 records/s the collector
+            # took 14 µs of CPU per record, 6 µs frozen).
+            gc.freeze()
         stats.records += len(batch)
         stats.batches += 1
         stats.rows_inserted += len(batch)
