@@ -72,7 +72,9 @@ def main(settings: Settings) -> int:
     stop = threading.Event()
     ready_file = ReadyFile(settings.ready_file)
     try:
-        sink = ClickHouseSink(settings, store, stop, catalog=catalog, ready_file=ready_file)
+        sink = ClickHouseSink(
+            settings, store, stop, catalog=catalog, ready_file=ready_file, freeze_heap=True
+        )
         analytics = Analytics(store)
         app = analytics_app(
             analytics,

@@ -15,6 +15,10 @@ committed past, and a crash or a replay inserts records again — and the table'
 record's ``(topic, partition, offset)`` plus columns derived from the record alone, collapses
 every copy of a record into one row. Key: ``(topic, partition, offset)``.
 
+Decoding: records of the ingress's topics and of dead-letter topics are validated against their
+whole schema; records of the topics only processors write are read for the audit's columns alone
+(``audit.AuditDecoder``: a tenth of the CPU), the whole schema again when they do not read.
+
 Poison: a record that does not decode is audited anyway (``event_type`` ``undecodable``, raw value
 and reason kept) and logged; the loop goes on. The audit sink never dead-letters: every topic
 with a dead-letter topic has a processing consumer (a stream processor, the CQL sink, the push
@@ -35,6 +39,7 @@ dashboards (``analytics.lag``: a failed sample is logged and skipped).
 
 from __future__ import annotations
 
+import gc
 import logging
 import ssl
 import threading
@@ -82,9 +87,11 @@ PROGRESS_INTERVAL = 10.0
 IDLE_POLL_SECONDS = 0.2
 #: Records per consume call (a batch may take several calls).
 CONSUME_CHUNK = 10_000
-#: How long a dead letter may take to be acknowledged before it is produced again.
-#: Source records dead-lettered by this process, remembered so that a batch read again (after a
-#: rebalance) does not dead-letter them twice before their dead letters reach the audit.
+#: The sink's fetches: the broker answers when it holds ``fetch.min.bytes`` for the sink or after
+#: ``fetch.wait.max.ms``, so that the sink's ~100 partitions are fetched a few times a second in
+#: large responses rather than hundreds of times in small ones (broker and client CPU), at most
+#: 200 ms added to an audit batch's age (the batch window still bounds the rest).
+FETCH_CONFIG: dict[str, int] = {"fetch.wait.max.ms": 200, "fetch.min.bytes": 1_048_576}
 #: The ends a caught-up check compares positions with (list_offsets specs).
 _LATEST: OffsetSpec = OffsetSpec.latest()  # type: ignore[no-untyped-call]
 _EARLIEST: OffsetSpec = OffsetSpec.earliest()  # type: ignore[no-untyped-call]
@@ -127,8 +134,11 @@ class ClickHouseSink:
         group_id: str | None = None,
         backoff: Backoff | None = None,
         ready_file: ReadyFile | None = None,
+        freeze_heap: bool = False,
     ) -> None:
         self.settings = settings
+        #: The sink process's: ``gc.freeze()`` after the first insert (see ``_flush``).
+        self.freeze_heap = freeze_heap
         #: Announced at the first assignment (the process's; an operator job's sink has none).
         self.ready_file = ready_file or ReadyFile(None)
         self.store = store
@@ -149,7 +159,9 @@ class ClickHouseSink:
         #: tables between two batches (``analytics.jobs``).
         self.write_lock = threading.Lock()
         self.consumer = Consumer(
-            kafka_consumer_config(settings, self.group_id, **sink_session_config(settings))
+            kafka_consumer_config(
+                settings, self.group_id, **sink_session_config(settings), **FETCH_CONFIG
+            )
         )
 
     # -- the loop --
@@ -253,6 +265,12 @@ class ClickHouseSink:
                 return
             self._commit(batch)
         stats = self.stats
+        if self.freeze_heap and stats.batches == 0:
+            # Everything alive now (modules, schemas, the clients, what the first insert
+            # imported) lives as long as the process: out of the collector's way, its full
+            # collections traverse only the batches' objects (at 4,000 records/s the collector
+            # took 14 µs of CPU per record, 6 µs frozen).
+            gc.freeze()
         stats.records += len(batch)
         stats.batches += 1
         stats.rows_inserted += len(batch)

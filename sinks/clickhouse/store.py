@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.insert import InsertContext
 from clickhouse_connect.driver.query import QueryResult
 
 from schemas.topics import TopicCatalog
@@ -125,6 +126,8 @@ class ClickHouseStore:
         self._owns_client = owns_client
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
         self._shares_executor = False
+        #: Per table, made and used on the ClickHouse thread only (``_insert``).
+        self._insert_contexts: dict[str, InsertContext] = {}
 
     def sibling(self, database: str) -> ClickHouseStore:
         """A store of another database over the same client and the same one thread (chDB:
@@ -148,30 +151,47 @@ class ClickHouseStore:
         return await asyncio.wrap_future(self._executor.submit(function, self.client))
 
     def apply_schema(self, catalog: TopicCatalog) -> None:
+        self._insert_contexts.clear()
         self.call(lambda client: apply_schema(client, self.database, catalog))
 
     def insert_audit(self, rows: Sequence[AuditRow]) -> None:
         """One insert of ``rows`` into ``audit_events`` (all or nothing for a MergeTree insert
         of one block)."""
-        data = [row.values() for row in rows]
-        self.call(
-            lambda client: client.insert(
-                AUDIT_TABLE, data, column_names=list(AUDIT_COLUMNS), database=self.database
-            )
-        )
+        self._insert(AUDIT_TABLE, AUDIT_COLUMNS, [row.values() for row in rows])
 
     def insert_push_outcomes(self, rows: Sequence[PushOutcomeRow]) -> None:
         """One insert of ``rows`` into ``push_outcomes``; a copy of a row (a replay) collapses
         with the first on its key ``(tenant_id, job_id, device_id, attempt)``."""
-        data = [row.values() for row in rows]
-        self.call(
-            lambda client: client.insert(
-                PUSH_OUTCOMES_TABLE,
-                data,
-                column_names=list(PUSH_OUTCOME_COLUMNS),
-                database=self.database,
-            )
-        )
+        self._insert(PUSH_OUTCOMES_TABLE, PUSH_OUTCOME_COLUMNS, [row.values() for row in rows])
+
+    def _insert(self, table: str, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
+        """Insert ``rows`` as columns through the table's insert context.
+
+        The context holds the table's column types: made once (one ``DESCRIBE``, about 2 ms of
+        chDB per call) instead of at every insert, and forgotten when the schema is applied again
+        or an insert fails. Column-oriented data spares clickhouse-connect transposing the rows.
+        """
+        if not rows:
+            return
+        data = list(zip(*rows, strict=True))
+
+        def insert(client: Client) -> None:
+            context = self._insert_contexts.get(table)
+            if context is None:
+                context = client.create_insert_context(
+                    table, list(columns), self.database, column_oriented=True
+                )
+                self._insert_contexts[table] = context
+            context.data = data
+            try:
+                client.insert(context=context)
+            except BaseException:
+                del self._insert_contexts[table]
+                raise
+            finally:
+                context.data = None
+
+        self.call(insert)
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> QueryResult:
         """A read, blocking; times come back in UTC."""

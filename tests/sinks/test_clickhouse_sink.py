@@ -780,3 +780,54 @@ def test_push_outcome_records_become_push_outcome_rows_once_and_are_audited(
         else:
             assert (row["event_type"], row["error_code"]) == ("undecodable", "schema-invalid")
     assert stats.undecodable == 1
+
+
+def test_records_of_several_fetches_are_one_insert_flushed_on_the_batch_window(
+    sink_settings: Settings, store: ClickHouseStore, clickhouse: Client
+) -> None:
+    """Two bursts 0.4 s apart, far fewer records than a full batch: one insert, made when the
+    window (2 s from the first record consumed) is up, not at every fetch."""
+    window = 2.0
+    settings = sink_settings.model_copy(
+        update={
+            "sinks": sink_settings.sinks.model_copy(
+                update={"clickhouse_batch_rows": 1000, "clickhouse_batch_seconds": window}
+            )
+        }
+    )
+    catalog = topic_catalog(settings)
+    now = datetime.now(UTC)
+    dm = ev.direct_conversation_id(TENANT, "alice", "bob")
+
+    def burst(first: int) -> list[Outgoing]:
+        return [
+            Outgoing(
+                catalog.messages_sequenced.name,
+                conversation_key(TENANT, dm),
+                ev.encode_event(sent("alice", dm, f"b{index}", now, seq=index + 1)),
+            )
+            for index in range(first, first + 3)
+        ]
+
+    stop = threading.Event()
+    sink = ClickHouseSink(settings, store, stop)
+    thread = threading.Thread(target=sink.run, daemon=True)
+    thread.start()
+    try:
+        assert sink.ready.wait(60), "the sink was never assigned its partitions"
+        started = time.monotonic()
+        produce(settings, burst(0))
+        time.sleep(0.4)
+        produce(settings, burst(3))
+        deadline = started + 30
+        while sink.stats.records < 6:
+            assert time.monotonic() < deadline, "the batch was never inserted"
+            time.sleep(0.02)
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join(30)
+    assert (sink.stats.batches, sink.stats.rows_inserted) == (1, 6)
+    # Not before the window is up; not much after it (the fetch wait and a loaded machine).
+    assert window <= took < window + 3
+    assert len(audit_rows(clickhouse, store.database)) == 6
