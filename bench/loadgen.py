@@ -24,6 +24,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.sharedctypes import SynchronizedArray
 from typing import Any
 
+import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
@@ -35,6 +36,8 @@ from schemas.frames import Hello, HelloOk, Send, encode_client_frame, parse_serv
 #: Stand-ins in the encoded send frame, replaced per send (valid ids, so the template validates).
 _REQUEST_ID_MARK = "R3QU3ST.M4RK"
 _CLIENT_MSG_ID_MARK = "CL13NT.M5G.M4RK"
+#: Replies are read as plain data (msgspec: a fraction of json.loads's CPU per frame).
+decode_json = msgspec.json.Decoder().decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +170,7 @@ async def _drive(
     async def read_replies() -> None:
         try:
             async for message in websocket:
-                frame = json.loads(message)
+                frame = decode_json(message)
                 started = sent_at.pop(frame.get("id"), None)
                 if started is not None:  # else a frame that answers no send (a pushed event)
                     _count_reply(frame, started, monotonic(), window, result)

@@ -79,7 +79,7 @@ from schemas.events import (
     UserId,
     encode_event,
 )
-from schemas.topics import topic_catalog
+from schemas.topics import KeyKind, Topic, conversation_key, event_key, topic_catalog
 from sinks.cql.rules import ACCESS_EVENT_TYPES
 
 _log = logging.getLogger(__name__)
@@ -196,6 +196,9 @@ class Gateway:
         self.push_apps = settings.push.apps_for
         self.max_frame_bytes = ingress.max_frame_bytes
         self.catalog = topic_catalog(settings)
+        #: ``catalog.route``'s topic per event type, found once: route walks every topic (and
+        #: the payload's missing attributes, through pydantic's slow path) for every command.
+        self._inbound: dict[str, Topic] = {}
         self.verifier = token_verifier(settings.auth)
         self.metrics = metrics or IngressMetrics(frame_types=_FRAME_TYPES)
         self.closes = Counter(
@@ -963,8 +966,22 @@ class Gateway:
         await self._publish(event)
 
     async def _publish(self, event: Event) -> None:
-        topic, key = self.catalog.route(event)
+        topic, key = self._route(event)
         await self.producer.publish(topic.name, key, encode_event(event))
+
+    def _route(self, event: Event) -> tuple[Topic, bytes]:
+        """``catalog.route(event)``: the topic depends on the event's type only."""
+        topic = self._inbound.get(event.type)
+        if topic is None:
+            topic, key = self.catalog.route(event)
+            self._inbound[event.type] = topic
+            return topic, key
+        if topic.key is KeyKind.CONVERSATION:
+            # event_key's first case, without asking the payload for fields it lacks.
+            conversation_id: str | None = getattr(event.payload, "conversation_id", None)
+            if conversation_id is not None:
+                return topic, conversation_key(event.tenant_id, conversation_id)
+        return topic, event_key(event, topic.key)
 
 
 def describe(readiness: Readiness) -> dict[str, Any]:

@@ -9,11 +9,13 @@ other nodes that hash to the same partition.
 Delivery guarantee: at most once, best effort. Reading starts at the partition's end when the node
 starts (what was addressed to a previous incarnation has no socket to go to) and no offset is
 ever committed. A device recovers whatever it missed — a restart, a record lost, a full outbound
-queue — by syncing from its cursor. A poison record (not JSON, wrong schema) is logged, counted
-and skipped; it never stops the consumer, and there is no dead-letter topic for an ephemeral one.
+queue — by syncing from its cursor. A poison record (not JSON, no addressing fields: the event
+itself is the worker's, validated when written, and not checked again) is logged, counted and
+skipped; it never stops the consumer, and there is no dead-letter topic for an ephemeral one.
 
 Threading: confluent-kafka's consumer blocks, so it runs in a thread of its own, which also
-decodes the records and encodes the ``event`` frames. The event loop only gets batches of ready
+decodes the records and encodes the ``event`` frames (the stored event's JSON, spliced into the
+frame as it is: the worker validated it). The event loop only gets batches of ready
 frames (``call_soon_threadsafe``) and puts each into the addressed connection's outbound queue.
 """
 
@@ -32,8 +34,8 @@ from prometheus_client import CollectorRegistry, Counter
 
 from core.connections import consume_ready
 from ingress.wsprotocol import text_frame
-from schemas.events import parse_live_delivery
-from schemas.frames import EventFrame
+from schemas.events import read_live_delivery
+from schemas.frames import encode_event_frame
 from schemas.topics import gateway_key, partition_for_key
 
 _log = logging.getLogger(__name__)
@@ -268,7 +270,9 @@ class LiveDeliveryConsumer(TopicReader[LiveFrame]):
             self._metrics.records.labels("other-node").inc()
             return None
         try:
-            delivery = parse_live_delivery(message.value() or b"")
+            # Written and validated by the stream worker: read without validating it again,
+            # and its event passed through as the JSON it is (LiveDeliveryHead).
+            delivery = read_live_delivery(message.value() or b"")
             if delivery.node_id != self._node_id:
                 self._metrics.records.labels("other-node").inc()
                 return None
@@ -281,9 +285,7 @@ class LiveDeliveryConsumer(TopicReader[LiveFrame]):
                     wire=b"",
                     groups=delivery.groups,
                 )
-            wire = text_frame(
-                EventFrame(sync_id=delivery.sync_id, event=delivery.event).model_dump_json()
-            )
+            wire = text_frame(encode_event_frame(delivery.sync_id, delivery.event_json))
         except Exception as error:  # a poison record must never stop live delivery
             self._metrics.records.labels("poison").inc()
             _log.warning(

@@ -84,6 +84,7 @@ class IngressMetrics:
             registry=self.registry,
         )
         self._frames_out: dict[str, Counter] = {}
+        self._frames_in: dict[str, Counter] = {}
         self.errors = Counter(
             "imstream_ingress_errors",
             "Error frames and refused connections, by stable error code.",
@@ -108,18 +109,27 @@ class IngressMetrics:
         )
 
     def frame_in(self, frame_type: str) -> None:
-        self.frames_in.labels(self._known(frame_type)).inc()
+        # The labelled child, looked up once per type, as for frame_out: every frame in runs
+        # it (``labels()`` was 4% of a node's time under a send load).
+        child = self._frames_in.get(frame_type)
+        if child is None:
+            child = self._child(self.frames_in, self._frames_in, frame_type)
+        child.inc()
 
     def frame_out(self, frame_type: str) -> None:
         # The labelled child, looked up once per type: this runs for every frame a large
         # group's fan-out queues (the lookup was a twelfth of the node's time there).
         child = self._frames_out.get(frame_type)
         if child is None:
-            label = self._known(frame_type)
-            child = self.frames_out.labels(label)
-            if label == frame_type:  # only known types: the cache stays bounded
-                self._frames_out[frame_type] = child
+            child = self._child(self.frames_out, self._frames_out, frame_type)
         child.inc()
+
+    def _child(self, counter: Counter, children: dict[str, Counter], frame_type: str) -> Counter:
+        label = self._known(frame_type)
+        child = counter.labels(label)
+        if label == frame_type:  # only known types: the cache stays bounded
+            children[frame_type] = child
+        return child
 
     def error(self, code: str) -> None:
         self.errors.labels(code).inc()

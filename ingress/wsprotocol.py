@@ -49,10 +49,10 @@ WIRE_EXTENSION: Final = "imstream.wire"
 _FIN_TEXT: Final = 0x81  # FIN bit and opcode 1 (text)
 
 
-def text_frame(text: str) -> bytes:
-    """``text`` as one WebSocket text frame from a server (RFC 6455 §5.2: unmasked, unfragmented,
-    no extension: the ingress negotiates no per-message deflate)."""
-    payload = text.encode()
+def text_frame(text: str | bytes) -> bytes:
+    """``text`` (or its UTF-8 bytes) as one WebSocket text frame from a server (RFC 6455 §5.2:
+    unmasked, unfragmented, no extension: the ingress negotiates no per-message deflate)."""
+    payload = text.encode() if isinstance(text, str) else text
     size = len(payload)
     if size < 126:
         return bytes((_FIN_TEXT, size)) + payload

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Generic, Literal, Self, TypeVar, get_args
 
+import msgspec
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -1025,6 +1026,35 @@ def parse_live_delivery(raw: bytes | str) -> LiveDelivery:
 
 def encode_live_delivery(delivery: LiveDelivery) -> bytes:
     return delivery.model_dump_json().encode()
+
+
+class LiveDeliveryHead(msgspec.Struct, frozen=True):
+    """A live-delivery record as the ingress reads it: the addressing decoded, the event left
+    as the JSON the stream worker wrote (``event_json``), to go into the ``event`` frame as it
+    is (``schemas.frames.encode_event_frame``).
+
+    The worker validated the event and the record when it built them, so the node does not
+    validate them again: decoding and re-encoding the event with pydantic was most of what a
+    live frame cost the node. A record that is not JSON or lacks an addressing field still
+    fails to decode (``msgspec.DecodeError``, a ``ValueError``).
+    """
+
+    node_id: str
+    tenant_id: str
+    user_id: str
+    event_json: msgspec.Raw = msgspec.field(name="event")
+    device_ids: list[str] | None = None
+    sync_id: int | None = None
+    groups: dict[str, int] | None = None
+
+
+_LIVE_DELIVERY_HEAD = msgspec.json.Decoder(LiveDeliveryHead)
+
+
+def read_live_delivery(raw: bytes) -> LiveDeliveryHead:
+    """A live-delivery record's addressing and its event's JSON, unvalidated (see
+    :class:`LiveDeliveryHead`); raises ``ValueError`` if it is not such a record."""
+    return _LIVE_DELIVERY_HEAD.decode(raw)
 
 
 class InboxRecord(WireModel):

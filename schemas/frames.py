@@ -14,8 +14,9 @@ from __future__ import annotations
 import zoneinfo
 from datetime import datetime
 from functools import cache
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
+import msgspec
 from pydantic import (
     AfterValidator,
     Field,
@@ -565,3 +566,45 @@ def parse_server_frame(raw: str | bytes) -> ServerFrame:
 def encode_server_frame(frame: ServerFrame) -> str:
     """The frame as the text of one WebSocket message."""
     return _SERVER_FRAME.dump_json(frame).decode()
+
+
+def encode_event_frame(sync_id: int | None, event_json: bytes | memoryview) -> bytes:
+    """``EventFrame(sync_id=sync_id, event=event)`` as JSON, with the event already encoded.
+
+    The ingress passes a stored event's JSON through as it is (``LiveDeliveryHead``): byte for
+    byte what ``encode_server_frame`` makes of the parsed event (tested), without parsing it.
+    """
+    position = b"null" if sync_id is None else str(int(sync_id)).encode()
+    return b"".join((b'{"type":"event","sync_id":', position, b',"event":', event_json, b"}"))
+
+
+class ServerFrameHead(msgspec.Struct, frozen=True):
+    """What a client needs to route a server frame before (or instead of) parsing it: its
+    ``type``, the ``id`` it answers, and an ``event`` frame's ``sync_id`` and event JSON.
+
+    The SDK parses an ``event`` frame's event alone (``parse_event``), a reply in full only
+    when a request waits for it, and nothing more of a reply nobody waits for (the ``ok`` to
+    an ``ack``): frames from the server are trusted, the full validation is for what a caller
+    is handed.
+    """
+
+    type: str
+    id: str | None = None
+    sync_id: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    #: Empty (false) for every frame but ``event`` (msgspec takes no ``Raw | None``).
+    event_json: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw, name="event")
+
+
+_SERVER_FRAME_HEAD = msgspec.json.Decoder(ServerFrameHead)
+_ENCODER = msgspec.json.Encoder()
+
+
+def read_server_frame_head(raw: str | bytes) -> ServerFrameHead:
+    """A server frame's head (:class:`ServerFrameHead`); raises ``ValueError`` for a frame
+    that is not a JSON object with a string ``type``."""
+    return _SERVER_FRAME_HEAD.decode(raw)
+
+
+def encode_json(frame: dict[str, Any]) -> bytes:
+    """A frame built as plain data, as compact JSON bytes (UTF-8 as it is, like pydantic's)."""
+    return _ENCODER.encode(frame)

@@ -189,3 +189,50 @@ async def test_conversation_commands_reach_the_members_as_events(pipeline: Gatew
         assert push.quiet_hours is not None
         assert (push.quiet_hours.start, push.quiet_hours.end) == ("22:00", "07:00")
         assert push.quiet_hours.time_zone == "Europe/Berlin"
+
+
+async def test_acks_are_coalesced_sent_without_waiting_and_reach_the_node(
+    pipeline: Gateway,
+) -> None:
+    ann, ben = unique("ann"), unique("ben")
+    async with (
+        client(pipeline, ann, "phone") as sender,
+        client(pipeline, ben, "phone", ack_interval=0.2) as receiver,
+    ):
+        conversation = await sender.create_conversation([ben], kind="direct")
+        await collect(receiver, 1, kind=ev.ConversationCreated)
+        acks_before = await asyncio.to_thread(
+            pipeline.metric, "imstream_ingress_frames_in_total", type="ack"
+        )
+        errors_before = await asyncio.to_thread(
+            pipeline.metric, "imstream_ingress_frames_out_total", type="error"
+        )
+        for i in range(6):
+            await sender.send(conversation, f"a{i}")
+        got = await collect(receiver, 6)
+        # Pushed live (a sync would also find them, so this is what shows the SDK reads the
+        # event frames it is pushed).
+        assert any(item.live for item in got)
+        # events() acks an event once the loop asks for the next: the first five are held.
+        held = got[-2].sync_id
+        assert held is not None
+
+        async def acks() -> float:
+            return await asyncio.to_thread(
+                pipeline.metric, "imstream_ingress_frames_in_total", type="ack"
+            )
+
+        for _ in range(100):
+            if await acks() > acks_before and receiver._acked_to_server == held:
+                break
+            await asyncio.sleep(0.1)
+        sent = await acks() - acks_before
+        # Coalesced: far fewer acks than events (one per ack_interval at most), each answered
+        # ok (not error) without a request waiting for it.
+        assert 1 <= sent <= 3
+        assert receiver._acked_to_server == held
+        assert not receiver._pending
+        errors = await asyncio.to_thread(
+            pipeline.metric, "imstream_ingress_frames_out_total", type="error"
+        )
+        assert errors == errors_before
