@@ -374,10 +374,6 @@ class StreamsSettings(_Group):
     max_commit_interval_seconds: Annotated[float, Field(ge=0)] = 0.05
     #: The share of the time the worker may spend in transactions (see above).
     commit_time_share: Annotated[float, Field(gt=0, le=1)] = 0.25
-    #: How long the broker may hold a processor's fetch for more data (at most one fetch per
-    #: broker per this long instead of about one per record under a steady trickle; a record
-    #: that arrives on an idle worker waits at most this much longer).
-    fetch_wait_seconds: Annotated[float, Field(ge=0, le=0.5)] = 0.01
     #: How often each processor logs a progress line (records, transactions, interval).
     progress_seconds: Annotated[float, Field(gt=0)] = 10.0
     session_timeout_seconds: Annotated[float, Field(ge=6)] = 10.0

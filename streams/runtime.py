@@ -203,12 +203,6 @@ class ProcessorLoop:
             "max.poll.interval.ms": max(
                 int(streams.session_timeout_seconds * 1000), int(KAFKA_CALL_TIMEOUT * 4 * 1000)
             ),
-            # The loop takes a batch once per transaction interval, so the background fetcher
-            # need not bring records sooner: with librdkafka's defaults (answer as soon as one
-            # byte is there) it sent about one fetch per record at 500 records/s, each a request
-            # the broker pays for; this bounds it to one per fetch_wait_seconds per broker.
-            "fetch.wait.max.ms": int(streams.fetch_wait_seconds * 1000),
-            "fetch.min.bytes": 1_000_000,
         }
         if streams.static_membership:
             consumer_config["group.instance.id"] = f"{instance_id}-{config.name}"
