@@ -373,7 +373,7 @@ class StreamsSettings(_Group):
     commit_interval_seconds: Annotated[float, Field(ge=0)] = 0.02
     max_commit_interval_seconds: Annotated[float, Field(ge=0)] = 0.05
     #: The share of the time the worker may spend in transactions (see above).
-    commit_time_share: Annotated[float, Field(gt=0, le=1)] = 0.25
+    commit_time_share: Annotated[float, Field(gt=0, le=1)] = 0.5
     #: How often each processor logs a progress line (records, transactions, interval).
     progress_seconds: Annotated[float, Field(gt=0)] = 10.0
     session_timeout_seconds: Annotated[float, Field(ge=6)] = 10.0

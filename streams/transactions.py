@@ -20,7 +20,7 @@ which no loop calls while its batch is in a transaction.
 **The interval.** A transaction starts no sooner than ``interval`` after the previous one began;
 the loops fill their batches until then. An idle worker does not wait: its next record's slot is
 already past. The interval is the last transaction's duration divided by
-``IM_STREAMS__COMMIT_TIME_SHARE`` (at 0.25 the worker spends at most about a quarter of its time
+``IM_STREAMS__COMMIT_TIME_SHARE`` (at 0.5 the worker spends at most about half of its time
 committing), between ``IM_STREAMS__COMMIT_INTERVAL_SECONDS`` and
 ``IM_STREAMS__MAX_COMMIT_INTERVAL_SECONDS``. A busy broker answers slower, so the worker commits
 less often and each transaction carries more: the load it adds grows slower than the rate.
