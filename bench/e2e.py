@@ -198,8 +198,8 @@ class Options:
 
 def parse_args(argv: Sequence[str] | None) -> Options:
     parser = bench_parser("bench.e2e", __doc__)
-    parser.add_argument("--rates", default="25,50,100,150,200,300,500,1000")
-    parser.add_argument("--group-rates", default="10,25,50")
+    parser.add_argument("--rates", default="100,200,300,400,500,750,1000")
+    parser.add_argument("--group-rates", default="25,50,100,150")
     parser.add_argument("--pairs", type=int, default=200, help="1:1 conversations (%(default)s)")
     parser.add_argument("--groups", type=int, default=20, help="groups (%(default)s)")
     parser.add_argument("--group-size", type=int, default=8, help="members (%(default)s)")
