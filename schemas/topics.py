@@ -65,9 +65,9 @@ KAFKA_PARTITIONER = "murmur2_random"
 KEY_SEPARATOR = "/"
 DEAD_LETTER_SUFFIX = ".dlq"
 
-#: Partition counts sized for one machine; override per topic through ``topic_catalog``.
-CONVERSATION_PARTITIONS = 6
-USER_PARTITIONS = 6
+#: Partition counts sized for one machine; override per topic through ``topic_catalog``. The
+#: conversation-keyed and user-keyed topics take theirs from the settings
+#: (``IM_KAFKA__CONVERSATION_PARTITIONS``, ``IM_KAFKA__USER_PARTITIONS``, 6 each).
 GATEWAY_PARTITIONS = 4
 DEVICE_PARTITIONS = 3
 DEAD_LETTER_PARTITIONS = 1
@@ -304,6 +304,10 @@ class _KafkaSettings(Protocol):
     def topic_prefix(self) -> str: ...
     @property
     def replication_factor(self) -> int: ...
+    @property
+    def conversation_partitions(self) -> int: ...
+    @property
+    def user_partitions(self) -> int: ...
 
 
 class _AuthSettings(Protocol):
@@ -334,9 +338,13 @@ def topic_catalog(
     settings: CatalogSettings, *, partitions: Mapping[str, int] | None = None
 ) -> TopicCatalog:
     """The catalog for this deployment: names carry ``settings.kafka.topic_prefix`` (prepended as
-    is), replication is ``settings.kafka.replication_factor``, and ``partitions`` overrides the
-    partition count of topics by logical name (e.g. ``{"im.presence": 12}``)."""
+    is), replication is ``settings.kafka.replication_factor``, the conversation-keyed and
+    user-keyed topics have ``settings.kafka.conversation_partitions`` and ``user_partitions``
+    partitions, and ``partitions`` overrides the partition count of topics by logical name (e.g.
+    ``{"im.presence": 12}``)."""
     prefix = settings.kafka.topic_prefix
+    conversation_partitions = settings.kafka.conversation_partitions
+    user_partitions = settings.kafka.user_partitions
     replication = settings.kafka.replication_factor
     # Every token a revocation can match has expired by then (see "Revocations" above), in
     # whole days.
@@ -390,7 +398,7 @@ def topic_catalog(
         messages_in=topic(
             "im.messages.in",
             key=KeyKind.CONVERSATION,
-            partitions=CONVERSATION_PARTITIONS,
+            partitions=conversation_partitions,
             retention=week,
             events=(*message_events, *conversation_events, "receipt.read"),
             ingress=True,
@@ -401,7 +409,7 @@ def topic_catalog(
         user_state_in=topic(
             "im.user-state.in",
             key=KeyKind.USER,
-            partitions=USER_PARTITIONS,
+            partitions=user_partitions,
             retention=week,
             events=("conversation.mute_changed", "badge.cleared", "user.push_settings_changed"),
             ingress=True,
@@ -411,7 +419,7 @@ def topic_catalog(
         typing_in=topic(
             "im.typing.in",
             key=KeyKind.CONVERSATION,
-            partitions=CONVERSATION_PARTITIONS,
+            partitions=conversation_partitions,
             retention=timedelta(hours=1),
             segment=timedelta(hours=1),
             events=("typing.changed",),
@@ -422,7 +430,7 @@ def topic_catalog(
         presence=topic(
             "im.presence",
             key=KeyKind.USER,
-            partitions=USER_PARTITIONS,
+            partitions=user_partitions,
             retention=week,
             events=("device.connected", "device.disconnected", "node.lease_renewed"),
             ingress=True,
@@ -443,7 +451,7 @@ def topic_catalog(
         messages_sequenced=topic(
             "im.messages.sequenced",
             key=KeyKind.CONVERSATION,
-            partitions=CONVERSATION_PARTITIONS,
+            partitions=conversation_partitions,
             retention=month,
             events=(*message_events, *conversation_events, "receipt.read"),
             description="The conversation log: messages with conversation_seq assigned, the "
@@ -453,7 +461,7 @@ def topic_catalog(
         user_inbox=topic(
             "im.user.inbox",
             key=KeyKind.USER,
-            partitions=USER_PARTITIONS,
+            partitions=user_partitions,
             retention=week,
             description="Inbox records: what the conversation processor addresses to each user, "
             "with the conversation's position, before the user processor assigns sync ids",
@@ -461,7 +469,7 @@ def topic_catalog(
         sync_events=topic(
             "im.sync.events",
             key=KeyKind.USER,
-            partitions=USER_PARTITIONS,
+            partitions=user_partitions,
             retention=month,
             description="Each user's sync queue: every event concerning the user, with sync_id",
         ),
@@ -477,7 +485,7 @@ def topic_catalog(
         group_delivery=topic(
             "im.delivery.groups",
             key=KeyKind.CONVERSATION,
-            partitions=CONVERSATION_PARTITIONS,
+            partitions=conversation_partitions,
             retention=timedelta(hours=1),
             segment=timedelta(hours=1),
             dead_letter=False,
@@ -487,14 +495,14 @@ def topic_catalog(
         push_jobs=topic(
             "im.push.jobs",
             key=KeyKind.USER,
-            partitions=USER_PARTITIONS,
+            partitions=user_partitions,
             retention=timedelta(days=1),
             description="Notifications to send through APNs/FCM to users with no online device",
         ),
         push_outcomes=topic(
             "im.push.outcomes",
             key=KeyKind.USER,
-            partitions=USER_PARTITIONS,
+            partitions=user_partitions,
             retention=month,
             dead_letter=False,
             description="One record per push attempt to a device (or why nothing was sent), "
@@ -503,7 +511,7 @@ def topic_catalog(
         conversation_state=topic(
             "im.state.conversations",
             key=KeyKind.CONVERSATION,
-            partitions=CONVERSATION_PARTITIONS,
+            partitions=conversation_partitions,
             retention=None,
             cleanup=CleanupPolicy.COMPACT,
             dead_letter=False,
@@ -514,7 +522,7 @@ def topic_catalog(
         message_state=topic(
             "im.state.messages",
             key=KeyKind.MESSAGE,
-            partitions=CONVERSATION_PARTITIONS,
+            partitions=conversation_partitions,
             retention=timedelta(days=message_retention_days),
             cleanup=CleanupPolicy.COMPACT_DELETE,
             dead_letter=False,
@@ -525,7 +533,7 @@ def topic_catalog(
         user_state=topic(
             "im.state.users",
             key=KeyKind.USER,
-            partitions=USER_PARTITIONS,
+            partitions=user_partitions,
             retention=None,
             cleanup=CleanupPolicy.COMPACT,
             dead_letter=False,
@@ -536,7 +544,7 @@ def topic_catalog(
         known_users=topic(
             "im.users.known",
             key=KeyKind.USER,
-            partitions=USER_PARTITIONS,
+            partitions=user_partitions,
             retention=None,
             cleanup=CleanupPolicy.COMPACT,
             dead_letter=False,

@@ -729,17 +729,26 @@ def build_loops(
     *,
     catalog: TopicCatalog | None = None,
     processors: Sequence[str] = ("conversations", "users"),
-) -> tuple[list[ProcessorLoop], Transactions]:
-    """The worker's loops (the conversation processor and/or the user processor) and the
-    transactional producer they share. Its transactional id names the processors it commits
-    for: a worker that runs one of them keeps that processor's id of old."""
+) -> tuple[list[ProcessorLoop], list[Transactions]]:
+    """The worker's loops (the conversation processor and/or the user processor) and their
+    transactional producers: one per loop (transactional id ``<group>-<instance id>``), or one
+    they share with ``IM_STREAMS__SHARED_TRANSACTION`` (its id names both processors)."""
     catalog = catalog or topic_catalog(settings)
     streams = settings.streams
     instance_id = streams.instance_id or default_instance_id()
     names = [name for name in ("conversations", "users") if name in processors]
-    transactions = Transactions(
-        settings, f"{stream_group(settings, '+'.join(names))}-{instance_id}"
+    together = streams.shared_transaction and len(names) > 1
+    shared = (
+        Transactions(settings, f"{stream_group(settings, '+'.join(names))}-{instance_id}")
+        if together
+        else None
     )
+
+    def transactions_of(name: str) -> Transactions:
+        if shared is not None:
+            return shared
+        return Transactions(settings, f"{stream_group(settings, name)}-{instance_id}")
+
     loops = []
     if "conversations" in processors:
         retention = timedelta(days=streams.message_retention_days)
@@ -769,7 +778,7 @@ def build_loops(
                 stop,
                 instance_id=instance_id,
                 catalog=catalog,
-                transactions=transactions,
+                transactions=transactions_of("conversations"),
             )
         )
     if "users" in processors:
@@ -792,7 +801,7 @@ def build_loops(
                 stop,
                 instance_id=instance_id,
                 catalog=catalog,
-                transactions=transactions,
+                transactions=transactions_of("users"),
             )
         )
-    return loops, transactions
+    return loops, list({id(loop.transactions): loop.transactions for loop in loops}.values())

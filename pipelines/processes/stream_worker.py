@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 def main(settings: Settings, *, processors: Sequence[str] = ("conversations", "users")) -> int:
     """Run the loops until SIGINT/SIGTERM; returns the process exit code."""
     stop = threading.Event()
-    loops, transactions = build_loops(settings, stop, processors=processors)
+    loops, producers = build_loops(settings, stop, processors=processors)
     failures: list[BaseException] = []
 
     def guarded(loop: ProcessorLoop) -> None:
@@ -57,6 +57,7 @@ def main(settings: Settings, *, processors: Sequence[str] = ("conversations", "u
             logging.shutdown()
             os._exit(EXIT_FATAL)
     ready_file.withdraw()
-    transactions.close()
+    for transactions in producers:
+        transactions.close()
     log.info("stream worker stopped")
     return EXIT_FATAL if failures else 0
