@@ -281,6 +281,24 @@ def test_partition_overrides(settings: Settings) -> None:
         topic_catalog(settings, partitions={"no.such.topic": 2})
 
 
+def test_the_keyed_topics_partition_counts_come_from_the_settings(settings: Settings) -> None:
+    default = topic_catalog(settings)
+    small = topic_catalog(with_kafka(settings, conversation_partitions=2, user_partitions=3))
+    for before, after in zip(default, small, strict=True):
+        if before.partitions == default.messages_in.partitions and before.key in {
+            KeyKind.CONVERSATION,
+            KeyKind.USER,
+        }:
+            assert after.partitions == (2 if before.key is KeyKind.CONVERSATION else 3), after.name
+    # Co-partitioned with their inputs: the state topics follow the counts.
+    assert small.message_state.partitions == small.conversation_state.partitions == 2
+    assert (
+        small.user_state.partitions == small.user_inbox.partitions == small.presence.partitions == 3
+    )
+    # Others keep theirs.
+    assert small.live_delivery.partitions == default.live_delivery.partitions
+
+
 def test_murmur2_matches_the_java_client() -> None:
     # Test vectors of org.apache.kafka.common.utils.UtilsTest#testMurmur2.
     vectors = {
