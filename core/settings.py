@@ -371,15 +371,15 @@ class StreamsSettings(_Group):
     #: Kafka static group membership (``group.instance.id``) for the processors' consumers.
     static_membership: bool = True
     batch_size: Annotated[int, Field(ge=1)] = 1000
-    #: The worker commits at most once per interval (one transaction for whatever batches its
-    #: processors have): a record that arrives sooner after the previous transaction began
-    #: waits for the rest of the interval, with the records that come meanwhile. An idle
-    #: worker takes the next record at once. Under load this caps the transactions per second,
-    #: Kafka's main cost. The interval adapts to the load between this floor and
-    #: ``max_commit_interval_seconds``: it is the last transaction's duration divided by
-    #: ``commit_time_share`` (a slow broker — a busy machine — gets fewer, larger transactions).
+    #: A processor commits at most once per interval (one transaction per batch): a record that
+    #: arrives sooner after the previous transaction began waits for the rest of the interval,
+    #: with the records that come meanwhile. An idle processor takes the next record at once.
+    #: Under load this caps the transactions per second, Kafka's main cost. Above this floor the
+    #: interval can adapt up to ``max_commit_interval_seconds`` (equal to the floor by default):
+    #: the last transaction's duration divided by ``commit_time_share`` (a slow broker — a busy
+    #: machine — gets fewer, larger transactions; docs/streams.md says what it measured).
     commit_interval_seconds: Annotated[float, Field(ge=0)] = 0.02
-    max_commit_interval_seconds: Annotated[float, Field(ge=0)] = 0.05
+    max_commit_interval_seconds: Annotated[float, Field(ge=0)] = 0.02
     #: One transaction for both processors' batches (one transactional producer per worker)
     #: instead of one per processor. Fewer transactions — Kafka's main cost — but each loop then
     #: waits for the other's batch, and a shared transaction is longer: on the development

@@ -1,29 +1,30 @@
-"""One Kafka transaction for the worker's processors, at an interval that adapts to the load.
+"""A transactional producer for one or more of the worker's processor loops, and its interval.
 
-Most of what a transaction costs Kafka does not depend on how much it carries: the coordinator's
-round trips, the transaction log's records, one marker per partition written and one per
-consumer group whose offsets it commits. On the development machine that was the largest single
-cost of the whole system (docs/performance.md, "End to end"): two processors, each committing up
-to 50 times a second, kept the broker at 55 to 70% of a core from 50 messages/s on.
+``Transactions`` runs the transactions of the loops given to it. By default each loop has its
+own (one transactional id per processor). With ``IM_STREAMS__SHARED_TRANSACTION`` both loops get
+the same one and commit together: most of what a transaction costs Kafka does not depend on how
+many records it carries (the coordinator's round trips, the transaction log's records, and per
+partition written a verification, a produce request and a marker), so one transaction for both
+processors halves the transactions — at a latency cost (docs/streams.md).
 
-So the worker's loops share one transactional producer (``Transactions``) and commit together.
-Each loop still consumes, processes and keeps its state on its own thread; when it has a batch
-it hands over what the batch writes — the output and state records, its input offsets and its
-consumer's group metadata — and waits. Whichever waiting loop finds no transaction running
-leads: it waits until no other loop is still filling a batch for the same slot (each fills until
-the slot's start at the latest), then puts every batch handed over into one transaction — both
-groups' offsets (``send_offsets_to_transaction`` once per group, KIP-447 fencing for each) with
-all the records — commits it, and hands each loop its outcome. Each loop then applies its own
-state writes, on its own thread, as before; a rebalance still happens only inside ``consume``,
-which no loop calls while its batch is in a transaction.
+When loops share it, each loop still consumes, processes and keeps its state on its own thread;
+when it has a batch it hands over what the batch writes — the output and state records, its
+input offsets and its consumer's group metadata — and waits. Whichever waiting loop finds no
+transaction running leads: it waits until no other loop is still filling a batch for the same
+slot (each fills until the slot's start at the latest), then puts every batch handed over into
+one transaction — each group's offsets (``send_offsets_to_transaction`` once per group, KIP-447
+fencing for each) with all the records — commits it, and hands each loop its outcome. Each loop
+then applies its own state writes, on its own thread; a rebalance still happens only inside
+``consume``, which no loop calls while its batch is in a transaction. A loop alone is simply
+always the leader.
 
 **The interval.** A transaction starts no sooner than ``interval`` after the previous one began;
 the loops fill their batches until then. An idle worker does not wait: its next record's slot is
 already past. The interval is the last transaction's duration divided by
 ``IM_STREAMS__COMMIT_TIME_SHARE`` (at 0.5 the worker spends at most about half of its time
 committing), between ``IM_STREAMS__COMMIT_INTERVAL_SECONDS`` and
-``IM_STREAMS__MAX_COMMIT_INTERVAL_SECONDS``. A busy broker answers slower, so the worker commits
-less often and each transaction carries more: the load it adds grows slower than the rate.
+``IM_STREAMS__MAX_COMMIT_INTERVAL_SECONDS`` (equal to the floor by default). A busy broker
+answers slower, so the loops commit less often and each transaction carries more.
 
 **Attribution.** A transaction Kafka aborts because it refused one of its records for good is
 reported to every batch in it; each loop then processes its batch again one input per
